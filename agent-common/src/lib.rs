@@ -1,0 +1,335 @@
+//! The ABI shared by ward's kernel programs and its user space.
+//!
+//! Every struct here crosses the kernel/user boundary through a BPF map or the ring buffer, so each
+//! is `#[repr(C)]`, has explicit padding and a size assert. A change of layout bumps
+//! [`ABI_VERSION`] and the version suffix of the map that holds it.
+#![no_std]
+
+/// Recorded next to the pinned maps; a loader refuses to adopt maps of another version.
+pub const ABI_VERSION: u32 = 1;
+
+/// Numeric workload identity. The values below 256 are reserved.
+pub type IdentityId = u32;
+/// In a policy key: any remote identity.
+pub const IDENTITY_ANY: IdentityId = 0;
+/// This host's own addresses (and loopback) when no local listener names the workload behind them.
+pub const IDENTITY_HOST: IdentityId = 1;
+/// An address ward knows nothing about.
+pub const IDENTITY_WORLD: IdentityId = 2;
+/// The first identity the allocator hands out for workloads and CIDRs.
+pub const IDENTITY_FIRST_ALLOCATED: IdentityId = 256;
+
+/// In a policy key: the entry that says a local identity is selected (isolated) in a direction.
+/// Its value names the default-deny rules of the selecting policies.
+pub const REMOTE_ISOLATION: IdentityId = u32::MAX;
+
+pub const DIRECTION_INGRESS: u8 = 0;
+pub const DIRECTION_EGRESS: u8 = 1;
+
+/// In a policy key: any protocol (only with `port == PORT_ANY`).
+pub const PROTO_ANY: u8 = 0;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+/// In a policy key: any port.
+pub const PORT_ANY: u16 = 0;
+
+/// Map sizes. The policy map holds two generations at once during an update.
+pub const MAX_POLICY_ENTRIES: u32 = 262_144;
+pub const MAX_POLICY_MAP: u32 = 2 * MAX_POLICY_ENTRIES;
+pub const MAX_CGROUPS: u32 = 65_536;
+pub const MAX_IPCACHE: u32 = 2 * 65_536;
+pub const MAX_IPCACHE_PREFIXES: u32 = 2 * 16_384;
+pub const MAX_SOCKETS: u32 = 262_144;
+pub const MAX_CONNECTING: u32 = 65_536;
+pub const MAX_ACCEPTING: u32 = 65_536;
+pub const MAX_LISTENERS: u32 = 65_536;
+pub const MAX_UDP_FLOWS: u32 = 65_536;
+pub const MAX_EVENT_LIMITS: u32 = 65_536;
+pub const EVENTS_RING_BYTES: u32 = 1 << 22;
+
+/// Per-flow event budget: at most this many verdict events per flow key and window.
+pub const EVENT_BURST: u32 = 8;
+pub const EVENT_WINDOW_NS: u64 = 1_000_000_000;
+
+/// Map names as the kernel and the pin directory see them (at most 15 bytes).
+pub mod map_names {
+    pub const CGROUPS: &str = "ward_cgroup_v1";
+    pub const POLICY: &str = "ward_policy_v1";
+    pub const IPCACHE: &str = "ward_ipcache_v1";
+    pub const IPCACHE_LPM: &str = "ward_iplpm_v1";
+    pub const STATE: &str = "ward_state_v1";
+    pub const SOCKETS: &str = "ward_socks_v1";
+    pub const CONNECTING: &str = "ward_conn_v1";
+    pub const ACCEPTING: &str = "ward_accept_v1";
+    pub const LISTENERS: &str = "ward_listen_v1";
+    pub const UDP_FLOWS: &str = "ward_udpflow_v1";
+    pub const EVENT_LIMITS: &str = "ward_evlimit_v1";
+    pub const EVENTS: &str = "ward_events_v1";
+    pub const COUNTERS: &str = "ward_counters_v1";
+}
+
+/// Kernel program names (the ELF symbols), one per attach point.
+pub mod program_names {
+    pub const CONNECT4: &str = "ward_connect4";
+    pub const CONNECT6: &str = "ward_connect6";
+    pub const SENDMSG4: &str = "ward_sendmsg4";
+    pub const SENDMSG6: &str = "ward_sendmsg6";
+    pub const INGRESS: &str = "ward_ingress";
+    pub const SOCKOPS: &str = "ward_sockops";
+    pub const ALL: [&str; 6] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, INGRESS, SOCKOPS];
+}
+
+/// Value of the cgroup map, keyed by cgroup id (`u64`, the cgroup directory's inode number).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupValue {
+    pub identity: IdentityId,
+    pub _pad: u32,
+}
+
+/// Key of the policy map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub local_identity: IdentityId,
+    /// [`IDENTITY_ANY`], a concrete identity, or [`REMOTE_ISOLATION`].
+    pub remote_identity: IdentityId,
+    /// Host byte order; [`PORT_ANY`] for all ports.
+    pub port: u16,
+    pub protocol: u8,
+    pub direction: u8,
+    /// Low bit of the policy generation this entry belongs to (see [`StateValue`]).
+    pub generation: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the policy map. Each field holds the id of a rule that matches the key, 0 for none;
+/// the kernel merges the values of the exact and wildcard lookups (deny wins, enforce before audit).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub deny_rule: u32,
+    pub allow_rule: u32,
+    pub audit_deny_rule: u32,
+    pub audit_allow_rule: u32,
+    /// [`POLICY_FLAG_MTLS`] when `allow_rule` requires mutual TLS.
+    pub flags: u32,
+}
+
+pub const POLICY_FLAG_MTLS: u32 = 1;
+
+/// Key of the exact IP cache: an IPv6 address, or an IPv4 address mapped (`::ffff:a.b.c.d`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpcacheKey {
+    pub generation: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+/// Data of the LPM IP cache key: generation byte, then the (mapped) address. The prefix length
+/// counts the generation's 8 bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpcacheLpmData {
+    pub generation: u8,
+    pub addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheValue {
+    pub identity: IdentityId,
+}
+
+/// Index 0 of the state array: which generation of the policy and IP cache is in force.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateValue {
+    pub generation: u32,
+    pub abi_version: u32,
+}
+
+/// A local socket's verdict, keyed by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketValue {
+    pub local_identity: IdentityId,
+    pub remote_identity: IdentityId,
+    pub rule: u32,
+    pub verdict: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// A TCP 4-tuple as the receiving side's ingress sees it; addresses mapped to IPv6, ports in
+/// host order. Local means the connecting socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Identity of a local connecting socket, recorded by sockops before its SYN leaves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectingValue {
+    pub identity: IdentityId,
+    pub _pad: u32,
+    pub cookie: u64,
+}
+
+/// A local listener: (netns cookie, port, protocol) → identity of the listening workload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub netns: u64,
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 5],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerValue {
+    pub identity: IdentityId,
+    pub _pad: u32,
+}
+
+/// Cached UDP ingress verdict for a flow, so only its first packet pays for the policy lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpFlowValue {
+    pub generation: u32,
+    pub rule: u32,
+    pub verdict: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Per-flow event budget used by the kernel's rate limiter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EventLimitKey {
+    pub local_identity: IdentityId,
+    pub remote_identity: IdentityId,
+    pub remote_addr: [u8; 16],
+    pub remote_port: u16,
+    pub protocol: u8,
+    pub direction: u8,
+    pub verdict: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventLimitValue {
+    pub window_start_ns: u64,
+    pub count: u32,
+    pub _pad: u32,
+}
+
+pub const VERDICT_ALLOW: u8 = 1;
+pub const VERDICT_DENY: u8 = 2;
+/// Audit: a policy in audit mode would have denied it; it was let through.
+pub const VERDICT_AUDIT: u8 = 3;
+/// Allowed, and to be carried over mutual TLS.
+pub const VERDICT_REDIRECT: u8 = 4;
+
+/// One verdict, sent to user space through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictEvent {
+    pub timestamp_ns: u64,
+    pub cgroup_id: u64,
+    pub cookie: u64,
+    pub local_identity: IdentityId,
+    pub remote_identity: IdentityId,
+    pub rule: u32,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    /// 4 or 6: the family the workload used (a v4-mapped address on a v6 socket reports 6).
+    pub family: u8,
+    pub protocol: u8,
+    pub direction: u8,
+    pub verdict: u8,
+    pub _pad: [u8; 4],
+}
+
+/// Indices into the per-CPU counter array.
+pub mod counters {
+    /// `base(direction, verdict)`: one counter per direction and verdict.
+    pub const fn verdict(direction: u8, verdict: u8) -> u32 {
+        direction as u32 * 8 + verdict as u32
+    }
+    pub const EVENTS_SHED: u32 = 16;
+    pub const EVENTS_LOST: u32 = 17;
+    pub const NO_IDENTITY: u32 = 18;
+    pub const COUNT: u32 = 24;
+}
+
+/// Rule ids: 0 means none; [`rule_ids::FIRST`] and up are allocated by the policy compiler.
+pub mod rule_ids {
+    pub const NONE: u32 = 0;
+    pub const FIRST: u32 = 1;
+}
+
+/// Writes an IPv4 address (network order bytes) as an IPv4-mapped IPv6 address.
+pub const fn map_v4(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<CgroupValue>() == 8);
+    assert!(size_of::<PolicyKey>() == 16);
+    assert!(offset_of!(PolicyKey, generation) == 12);
+    assert!(size_of::<PolicyValue>() == 20);
+    assert!(size_of::<IpcacheKey>() == 20);
+    assert!(size_of::<IpcacheLpmData>() == 17);
+    assert!(size_of::<IpcacheValue>() == 4);
+    assert!(size_of::<StateValue>() == 8);
+    assert!(size_of::<SocketValue>() == 16);
+    assert!(size_of::<FlowKey>() == 40);
+    assert!(offset_of!(FlowKey, local_port) == 32);
+    assert!(size_of::<ConnectingValue>() == 16);
+    assert!(size_of::<ListenerKey>() == 16);
+    assert!(size_of::<ListenerValue>() == 8);
+    assert!(size_of::<UdpFlowValue>() == 16);
+    assert!(size_of::<EventLimitKey>() == 32);
+    assert!(size_of::<EventLimitValue>() == 16);
+    assert!(size_of::<VerdictEvent>() == 80);
+    assert!(offset_of!(VerdictEvent, local_addr) == 40);
+    assert!(offset_of!(VerdictEvent, family) == 72);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type below is `#[repr(C)]`, made only of integers and byte arrays, with its
+    // padding spelled out as fields, so any bit pattern is a valid value.
+    unsafe impl aya::Pod for CgroupValue {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for IpcacheKey {}
+    unsafe impl aya::Pod for IpcacheLpmData {}
+    unsafe impl aya::Pod for IpcacheValue {}
+    unsafe impl aya::Pod for StateValue {}
+    unsafe impl aya::Pod for SocketValue {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for ConnectingValue {}
+    unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for ListenerValue {}
+    unsafe impl aya::Pod for UdpFlowValue {}
+    unsafe impl aya::Pod for EventLimitKey {}
+    unsafe impl aya::Pod for EventLimitValue {}
+    unsafe impl aya::Pod for VerdictEvent {}
+}

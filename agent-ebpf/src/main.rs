@@ -1,0 +1,340 @@
+//! ward's kernel programs: one per attach point, the shared logic in small modules.
+//!
+//! Fail modes: a socket whose cgroup belongs to no workload, or a workload that no policy selects
+//! in a direction, is never touched. For a selected workload the default is deny (fail closed):
+//! a missing policy entry denies, an unknown remote is `IDENTITY_WORLD`.
+#![no_std]
+#![no_main]
+
+mod events;
+mod ipcache;
+mod maps;
+mod policy;
+
+use agent_common::*;
+use aya_ebpf::{
+    bindings::{
+        bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
+    },
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_skb_cgroup_id,
+    },
+    macros::{cgroup_skb, cgroup_sock_addr, sock_ops},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+    EbpfContext,
+};
+
+use crate::maps::{count, ACCEPTING, CONNECTING, LISTENERS, SOCKETS, UDP_FLOWS};
+
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+const AF_INET: u32 = 2;
+const ETH_P_IP: u32 = 0x0800;
+const ETH_P_IPV6: u32 = 0x86DD;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+fn v6_bytes(words: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+/// Egress decision for connect() and sendmsg(): the local identity from the calling task's
+/// cgroup, the remote from the destination. A refusal makes the syscall fail with EPERM at once.
+#[inline(always)]
+fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
+    let sa: *const bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the whole program run.
+    let (protocol, user_port) = unsafe { ((*sa).protocol as u8, (*sa).user_port) };
+    if protocol != PROTO_TCP && protocol != PROTO_UDP {
+        return ALLOW;
+    }
+    // SAFETY: no preconditions.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let Some(local) = maps::cgroup_identity(cgroup_id) else {
+        return ALLOW;
+    };
+    let remote_port = u16::from_be(user_port as u16);
+    let gen = maps::generation();
+    // SAFETY: valid context for these helpers in cgroup_sock_addr programs.
+    let (netns, cookie) = unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), bpf_get_socket_cookie(ctx.as_ptr())) };
+    let remote = ipcache::destination_identity(&remote_addr, remote_port, protocol, netns, gen);
+    let d = policy::decide(local, remote, DIRECTION_EGRESS, protocol, remote_port, gen);
+    if !d.isolated {
+        return ALLOW;
+    }
+    // mTLS redirection belongs to the tunnel; until it is attached the kernel treats the rule as allow.
+    let verdict = if d.verdict == VERDICT_REDIRECT { VERDICT_ALLOW } else { d.verdict };
+    count(counters::verdict(DIRECTION_EGRESS, verdict));
+    if protocol == PROTO_TCP && verdict != VERDICT_DENY {
+        let tag = SocketValue {
+            local_identity: local,
+            remote_identity: remote,
+            rule: d.rule,
+            verdict,
+            direction: DIRECTION_EGRESS,
+            _pad: [0; 2],
+        };
+        let _ = SOCKETS.insert(&cookie, &tag, 0);
+    }
+    events::emit(VerdictEvent {
+        cgroup_id,
+        cookie,
+        local_identity: local,
+        remote_identity: remote,
+        rule: d.rule,
+        remote_port,
+        remote_addr,
+        family,
+        protocol,
+        direction: DIRECTION_EGRESS,
+        verdict,
+        ..Default::default()
+    });
+    if verdict == VERDICT_DENY { REFUSE } else { ALLOW }
+}
+
+#[inline(always)]
+fn v4_destination(ctx: &SockAddrContext) -> [u8; 16] {
+    // SAFETY: valid context.
+    map_v4(unsafe { (*ctx.sock_addr).user_ip4 }.to_ne_bytes())
+}
+
+#[inline(always)]
+fn v6_destination(ctx: &SockAddrContext) -> [u8; 16] {
+    // SAFETY: valid context.
+    v6_bytes(unsafe { (*ctx.sock_addr).user_ip6 })
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn ward_connect4(ctx: SockAddrContext) -> i32 {
+    egress(&ctx, 4, v4_destination(&ctx))
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn ward_connect6(ctx: SockAddrContext) -> i32 {
+    egress(&ctx, 6, v6_destination(&ctx))
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn ward_sendmsg4(ctx: SockAddrContext) -> i32 {
+    egress(&ctx, 4, v4_destination(&ctx))
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn ward_sendmsg6(ctx: SockAddrContext) -> i32 {
+    egress(&ctx, 6, v6_destination(&ctx))
+}
+
+struct Packet {
+    family: u8,
+    protocol: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    src_port: u16,
+    dst_port: u16,
+    tcp_flags: u8,
+}
+
+#[inline(always)]
+fn parse(ctx: &SkBuffContext) -> Result<Packet, i64> {
+    // SAFETY: valid context.
+    let eth_proto = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16) as u32;
+    let (family, protocol, src, dst, l4) = if eth_proto == ETH_P_IP {
+        let vihl: u8 = ctx.load(0)?;
+        let mut s = [0u8; 4];
+        let mut d = [0u8; 4];
+        ctx.load_bytes(12, &mut s)?;
+        ctx.load_bytes(16, &mut d)?;
+        (4u8, ctx.load::<u8>(9)?, map_v4(s), map_v4(d), ((vihl & 0x0f) as usize) * 4)
+    } else if eth_proto == ETH_P_IPV6 {
+        let mut s = [0u8; 16];
+        let mut d = [0u8; 16];
+        ctx.load_bytes(8, &mut s)?;
+        ctx.load_bytes(24, &mut d)?;
+        (6u8, ctx.load::<u8>(6)?, s, d, 40usize)
+    } else {
+        return Err(0);
+    };
+    if protocol != PROTO_TCP && protocol != PROTO_UDP {
+        return Err(0);
+    }
+    let src_port = u16::from_be(ctx.load::<u16>(l4)?);
+    let dst_port = u16::from_be(ctx.load::<u16>(l4 + 2)?);
+    let tcp_flags = if protocol == PROTO_TCP { ctx.load::<u8>(l4 + 13)? } else { 0 };
+    Ok(Packet { family, protocol, src, dst, src_port, dst_port, tcp_flags })
+}
+
+/// Ingress decision on the first packet of a flow: a TCP SYN, or a UDP datagram of a flow whose
+/// verdict for the current policy generation is not cached yet. Established traffic pays one
+/// header read. A dropped SYN never reaches the listener.
+#[cgroup_skb(ingress)]
+pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
+    // SAFETY: valid context for this program type.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    let Some(local) = maps::cgroup_identity(cgroup_id) else {
+        return ALLOW;
+    };
+    let Ok(p) = parse(&ctx) else {
+        return ALLOW;
+    };
+    if p.protocol == PROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN {
+        return ALLOW;
+    }
+    let flow = FlowKey {
+        local_addr: p.src,
+        remote_addr: p.dst,
+        local_port: p.src_port,
+        remote_port: p.dst_port,
+        protocol: p.protocol,
+        _pad: [0; 3],
+    };
+    let gen = maps::generation();
+    if p.protocol == PROTO_UDP {
+        // SAFETY: copied out at once.
+        if let Some(cached) = unsafe { UDP_FLOWS.get(&flow) }.copied() {
+            if cached.generation == gen as u32 {
+                return if cached.verdict == VERDICT_DENY { REFUSE } else { ALLOW };
+            }
+        }
+    }
+    // A peer on this host is named by its connecting socket, recorded before its SYN left; only
+    // peers with their own addresses are named by address.
+    // SAFETY: copied out at once.
+    let remote = match unsafe { CONNECTING.get(&flow) } {
+        Some(c) => c.identity,
+        None => ipcache::address_identity(&p.src, gen),
+    };
+    let d = policy::decide(local, remote, DIRECTION_INGRESS, p.protocol, p.dst_port, gen);
+    if p.protocol == PROTO_UDP {
+        let cached = UdpFlowValue { generation: gen as u32, rule: d.rule, verdict: d.verdict, _pad: [0; 7] };
+        let _ = UDP_FLOWS.insert(&flow, &cached, 0);
+    }
+    if !d.isolated {
+        return ALLOW;
+    }
+    let verdict = if d.verdict == VERDICT_REDIRECT { VERDICT_ALLOW } else { d.verdict };
+    count(counters::verdict(DIRECTION_INGRESS, verdict));
+    if p.protocol == PROTO_TCP && verdict != VERDICT_DENY {
+        let tag = SocketValue {
+            local_identity: local,
+            remote_identity: remote,
+            rule: d.rule,
+            verdict,
+            direction: DIRECTION_INGRESS,
+            _pad: [0; 2],
+        };
+        let _ = ACCEPTING.insert(&flow, &tag, 0);
+    }
+    events::emit(VerdictEvent {
+        cgroup_id,
+        // SAFETY: valid context; on a listener this is the listening socket's cookie.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        local_identity: local,
+        remote_identity: remote,
+        rule: d.rule,
+        local_port: p.dst_port,
+        remote_port: p.src_port,
+        local_addr: p.dst,
+        remote_addr: p.src,
+        family: p.family,
+        protocol: p.protocol,
+        direction: DIRECTION_INGRESS,
+        verdict,
+        ..Default::default()
+    });
+    if verdict == VERDICT_DENY { REFUSE } else { ALLOW }
+}
+
+/// The 4-tuple of a sockops socket as the connecting side sees it.
+#[inline(always)]
+fn sockops_tuple(ctx: &SockOpsContext, connector_is_local: bool) -> FlowKey {
+    let (local_addr, remote_addr) = if ctx.family() == AF_INET {
+        (map_v4(ctx.local_ip4().to_ne_bytes()), map_v4(ctx.remote_ip4().to_ne_bytes()))
+    } else {
+        (v6_bytes(ctx.local_ip6()), v6_bytes(ctx.remote_ip6()))
+    };
+    let local_port = ctx.local_port() as u16;
+    let remote_port = u16::from_be((ctx.remote_port() >> 16) as u16);
+    let (la, ra, lp, rp) = if connector_is_local {
+        (local_addr, remote_addr, local_port, remote_port)
+    } else {
+        (remote_addr, local_addr, remote_port, local_port)
+    };
+    FlowKey { local_addr: la, remote_addr: ra, local_port: lp, remote_port: rp, protocol: PROTO_TCP, _pad: [0; 3] }
+}
+
+/// Tags sockets with workload identity: listeners (for peers that share an address), connecting
+/// sockets before their SYN leaves (for the receiving side's ingress check), and accepted sockets
+/// with the verdict their SYN got. Entries go when the socket closes.
+#[sock_ops]
+pub fn ward_sockops(ctx: SockOpsContext) -> u32 {
+    // SAFETY: valid context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_LISTEN_CB => {
+            // SAFETY: listen() runs in the task's context.
+            let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+            if let Some(identity) = maps::cgroup_identity(cgroup_id) {
+                let key = ListenerKey {
+                    // SAFETY: valid context.
+                    netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+                    port: ctx.local_port() as u16,
+                    protocol: PROTO_TCP,
+                    _pad: [0; 5],
+                };
+                let _ = LISTENERS.insert(&key, &ListenerValue { identity, _pad: 0 }, 0);
+            }
+        }
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            // SAFETY: connect() runs in the task's context.
+            let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+            if let Some(identity) = maps::cgroup_identity(cgroup_id) {
+                let v = ConnectingValue { identity, _pad: 0, cookie };
+                let _ = CONNECTING.insert(&sockops_tuple(&ctx, true), &v, 0);
+                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            }
+        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            let _ = CONNECTING.remove(&sockops_tuple(&ctx, true));
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            let flow = sockops_tuple(&ctx, false);
+            // SAFETY: copied out at once.
+            if let Some(tag) = unsafe { ACCEPTING.get(&flow) }.copied() {
+                let _ = SOCKETS.insert(&cookie, &tag, 0);
+                let _ = ACCEPTING.remove(&flow);
+                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            }
+        }
+        BPF_SOCK_OPS_STATE_CB => {
+            if ctx.arg(1) == BPF_TCP_CLOSE {
+                let _ = SOCKETS.remove(&cookie);
+                let _ = CONNECTING.remove(&sockops_tuple(&ctx, true));
+            }
+        }
+        _ => {}
+    }
+    1
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,81 @@
+//! Every map of ward's kernel side. All are pinned by name so a restarted agent adopts them and the
+//! kernel keeps enforcing while no agent runs.
+use agent_common::{
+ConnectingValue, EventLimitKey, EventLimitValue, FlowKey, IpcacheKey,
+    IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, PolicyKey, PolicyValue, SocketValue,
+    StateValue, UdpFlowValue, CgroupValue, *,
+};
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+
+#[map(name = "ward_cgroup_v1")]
+pub static CGROUPS: HashMap<u64, CgroupValue> = HashMap::pinned(MAX_CGROUPS, BPF_F_NO_PREALLOC);
+
+#[map(name = "ward_policy_v1")]
+pub static POLICY: HashMap<PolicyKey, PolicyValue> =
+    HashMap::pinned(MAX_POLICY_MAP, BPF_F_NO_PREALLOC);
+
+#[map(name = "ward_ipcache_v1")]
+pub static IPCACHE: HashMap<IpcacheKey, IpcacheValue> =
+    HashMap::pinned(MAX_IPCACHE, BPF_F_NO_PREALLOC);
+
+#[map(name = "ward_iplpm_v1")]
+pub static IPCACHE_LPM: LpmTrie<IpcacheLpmData, IpcacheValue> =
+    LpmTrie::pinned(MAX_IPCACHE_PREFIXES, 0);
+
+#[map(name = "ward_state_v1")]
+pub static STATE: Array<StateValue> = Array::pinned(1, 0);
+
+#[map(name = "ward_socks_v1")]
+pub static SOCKETS: LruHashMap<u64, SocketValue> = LruHashMap::pinned(MAX_SOCKETS, 0);
+
+#[map(name = "ward_conn_v1")]
+pub static CONNECTING: LruHashMap<FlowKey, ConnectingValue> =
+    LruHashMap::pinned(MAX_CONNECTING, 0);
+
+#[map(name = "ward_accept_v1")]
+pub static ACCEPTING: LruHashMap<FlowKey, SocketValue> = LruHashMap::pinned(MAX_ACCEPTING, 0);
+
+#[map(name = "ward_listen_v1")]
+pub static LISTENERS: LruHashMap<ListenerKey, ListenerValue> =
+    LruHashMap::pinned(MAX_LISTENERS, 0);
+
+#[map(name = "ward_udpflow_v1")]
+pub static UDP_FLOWS: LruHashMap<FlowKey, UdpFlowValue> = LruHashMap::pinned(MAX_UDP_FLOWS, 0);
+
+#[map(name = "ward_evlimit_v1")]
+pub static EVENT_LIMITS: LruHashMap<EventLimitKey, EventLimitValue> =
+    LruHashMap::pinned(MAX_EVENT_LIMITS, 0);
+
+#[map(name = "ward_events_v1")]
+pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+
+#[map(name = "ward_counters_v1")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot, written only by programs on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+/// The policy generation in force, as the low bit used in map keys.
+#[inline(always)]
+pub fn generation() -> u8 {
+    match STATE.get(0) {
+        Some(s) => (s.generation & 1) as u8,
+        None => 0,
+    }
+}
+
+/// Identity of a local cgroup, if it belongs to a workload.
+#[inline(always)]
+pub fn cgroup_identity(cgroup_id: u64) -> Option<u32> {
+    // SAFETY: the value is copied out before the program can be preempted.
+    unsafe { CGROUPS.get(&cgroup_id) }.map(|v| v.identity)
+}

@@ -1,0 +1,78 @@
+//! The policy decision: a bounded number of O(1) lookups, independent of the number of rules.
+//! User space mirrors this exactly (`Compiled::decide`), so trace and enforcement agree.
+use agent_common::*;
+
+use crate::maps::POLICY;
+
+pub struct Decision {
+    pub verdict: u8,
+    pub rule: u32,
+    /// False when no policy selects the local workload in this direction: it is left alone.
+    pub isolated: bool,
+}
+
+#[inline(always)]
+fn lookup(local: u32, remote: u32, port: u16, protocol: u8, direction: u8, gen: u8) -> Option<PolicyValue> {
+    let key = PolicyKey {
+        local_identity: local,
+        remote_identity: remote,
+        port,
+        protocol,
+        direction,
+        generation: gen,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is copied out at once.
+    unsafe { POLICY.get(&key) }.copied()
+}
+
+#[inline(always)]
+fn merge(acc: &mut PolicyValue, v: &PolicyValue) {
+    if acc.deny_rule == 0 {
+        acc.deny_rule = v.deny_rule;
+    }
+    if acc.allow_rule == 0 && v.allow_rule != 0 {
+        acc.allow_rule = v.allow_rule;
+        acc.flags = v.flags;
+    }
+    if acc.audit_deny_rule == 0 {
+        acc.audit_deny_rule = v.audit_deny_rule;
+    }
+    if acc.audit_allow_rule == 0 {
+        acc.audit_allow_rule = v.audit_allow_rule;
+    }
+}
+
+#[inline(always)]
+pub fn decide(local: u32, remote: u32, direction: u8, protocol: u8, port: u16, gen: u8) -> Decision {
+    let Some(iso) = lookup(local, REMOTE_ISOLATION, PORT_ANY, PROTO_ANY, direction, gen) else {
+        return Decision { verdict: VERDICT_ALLOW, rule: 0, isolated: false };
+    };
+    let mut v = PolicyValue::default();
+    for r in [remote, IDENTITY_ANY] {
+        if let Some(e) = lookup(local, r, port, protocol, direction, gen) {
+            merge(&mut v, &e);
+        }
+        if let Some(e) = lookup(local, r, PORT_ANY, protocol, direction, gen) {
+            merge(&mut v, &e);
+        }
+        if let Some(e) = lookup(local, r, PORT_ANY, PROTO_ANY, direction, gen) {
+            merge(&mut v, &e);
+        }
+    }
+    let (verdict, rule) = if v.deny_rule != 0 {
+        (VERDICT_DENY, v.deny_rule)
+    } else if iso.deny_rule != 0 && v.allow_rule == 0 {
+        (VERDICT_DENY, iso.deny_rule)
+    } else if v.audit_deny_rule != 0 {
+        (VERDICT_AUDIT, v.audit_deny_rule)
+    } else if iso.audit_deny_rule != 0 && v.allow_rule == 0 && v.audit_allow_rule == 0 {
+        (VERDICT_AUDIT, iso.audit_deny_rule)
+    } else if v.allow_rule != 0 {
+        let verdict = if v.flags & POLICY_FLAG_MTLS != 0 { VERDICT_REDIRECT } else { VERDICT_ALLOW };
+        (verdict, v.allow_rule)
+    } else {
+        (VERDICT_ALLOW, v.audit_allow_rule)
+    };
+    Decision { verdict, rule, isolated: true }
+}
