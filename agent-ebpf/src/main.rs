@@ -66,7 +66,7 @@ fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
         return ALLOW;
     };
     let remote_port = u16::from_be(user_port as u16);
-    let gen = maps::generation();
+    let gen = (maps::generation() & 1) as u8;
     // SAFETY: valid context for these helpers in cgroup_sock_addr programs.
     let (netns, cookie) = unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), bpf_get_socket_cookie(ctx.as_ptr())) };
     let remote = ipcache::destination_identity(&remote_addr, remote_port, protocol, netns, gen);
@@ -153,16 +153,12 @@ fn parse(ctx: &SkBuffContext) -> Result<Packet, i64> {
     let eth_proto = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16) as u32;
     let (family, protocol, src, dst, l4) = if eth_proto == ETH_P_IP {
         let vihl: u8 = ctx.load(0)?;
-        let mut s = [0u8; 4];
-        let mut d = [0u8; 4];
-        ctx.load_bytes(12, &mut s)?;
-        ctx.load_bytes(16, &mut d)?;
+        let s: [u8; 4] = ctx.load(12)?;
+        let d: [u8; 4] = ctx.load(16)?;
         (4u8, ctx.load::<u8>(9)?, map_v4(s), map_v4(d), ((vihl & 0x0f) as usize) * 4)
     } else if eth_proto == ETH_P_IPV6 {
-        let mut s = [0u8; 16];
-        let mut d = [0u8; 16];
-        ctx.load_bytes(8, &mut s)?;
-        ctx.load_bytes(24, &mut d)?;
+        let s: [u8; 16] = ctx.load(8)?;
+        let d: [u8; 16] = ctx.load(24)?;
         (6u8, ctx.load::<u8>(6)?, s, d, 40usize)
     } else {
         return Err(0);
@@ -200,11 +196,12 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
         protocol: p.protocol,
         _pad: [0; 3],
     };
-    let gen = maps::generation();
+    let full_gen = maps::generation();
+    let gen = (full_gen & 1) as u8;
     if p.protocol == PROTO_UDP {
         // SAFETY: copied out at once.
         if let Some(cached) = unsafe { UDP_FLOWS.get(&flow) }.copied() {
-            if cached.generation == gen as u32 {
+            if cached.generation == full_gen {
                 return if cached.verdict == VERDICT_DENY { REFUSE } else { ALLOW };
             }
         }
@@ -218,7 +215,7 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
     };
     let d = policy::decide(local, remote, DIRECTION_INGRESS, p.protocol, p.dst_port, gen);
     if p.protocol == PROTO_UDP {
-        let cached = UdpFlowValue { generation: gen as u32, rule: d.rule, verdict: d.verdict, _pad: [0; 7] };
+        let cached = UdpFlowValue { generation: full_gen, rule: d.rule, verdict: d.verdict, _pad: [0; 7] };
         let _ = UDP_FLOWS.insert(&flow, &cached, 0);
     }
     if !d.isolated {
@@ -257,16 +254,64 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
     if verdict == VERDICT_DENY { REFUSE } else { ALLOW }
 }
 
+/// Reads one `bpf_sock_ops` field with a single load at its own offset: the verifier rejects
+/// loads through a context pointer the compiler has moved.
+macro_rules! ops_field {
+    ($ctx:expr, $($field:tt)+) => {
+        // SAFETY: the context pointer is valid for the whole program run.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ctx.ops).$($field)+)) }
+    };
+}
+
+/// The `bpf_sock_ops` fields ward uses, read once at program entry before any branch: the
+/// verifier rejects a load through a context pointer the compiler moved into another block.
+struct Ops {
+    op: u32,
+    family: u32,
+    local_ip4: u32,
+    remote_ip4: u32,
+    local_ip6: [u32; 4],
+    remote_ip6: [u32; 4],
+    local_port: u32,
+    remote_port: u32,
+    new_state: u32,
+}
+
+#[inline(always)]
+fn read_ops(ctx: &SockOpsContext) -> Ops {
+    Ops {
+        op: ops_field!(ctx, op),
+        family: ops_field!(ctx, family),
+        local_ip4: ops_field!(ctx, local_ip4),
+        remote_ip4: ops_field!(ctx, remote_ip4),
+        local_ip6: [
+            ops_field!(ctx, local_ip6[0]),
+            ops_field!(ctx, local_ip6[1]),
+            ops_field!(ctx, local_ip6[2]),
+            ops_field!(ctx, local_ip6[3]),
+        ],
+        remote_ip6: [
+            ops_field!(ctx, remote_ip6[0]),
+            ops_field!(ctx, remote_ip6[1]),
+            ops_field!(ctx, remote_ip6[2]),
+            ops_field!(ctx, remote_ip6[3]),
+        ],
+        local_port: ops_field!(ctx, local_port),
+        remote_port: ops_field!(ctx, remote_port),
+        new_state: ops_field!(ctx, __bindgen_anon_1.args[1]),
+    }
+}
+
 /// The 4-tuple of a sockops socket as the connecting side sees it.
 #[inline(always)]
-fn sockops_tuple(ctx: &SockOpsContext, connector_is_local: bool) -> FlowKey {
-    let (local_addr, remote_addr) = if ctx.family() == AF_INET {
-        (map_v4(ctx.local_ip4().to_ne_bytes()), map_v4(ctx.remote_ip4().to_ne_bytes()))
+fn sockops_tuple(ops: &Ops, connector_is_local: bool) -> FlowKey {
+    let (local_addr, remote_addr) = if ops.family == AF_INET {
+        (map_v4(ops.local_ip4.to_ne_bytes()), map_v4(ops.remote_ip4.to_ne_bytes()))
     } else {
-        (v6_bytes(ctx.local_ip6()), v6_bytes(ctx.remote_ip6()))
+        (v6_bytes(ops.local_ip6), v6_bytes(ops.remote_ip6))
     };
-    let local_port = ctx.local_port() as u16;
-    let remote_port = u16::from_be((ctx.remote_port() >> 16) as u16);
+    let local_port = ops.local_port as u16;
+    let remote_port = u16::from_be((ops.remote_port >> 16) as u16);
     let (la, ra, lp, rp) = if connector_is_local {
         (local_addr, remote_addr, local_port, remote_port)
     } else {
@@ -282,7 +327,8 @@ fn sockops_tuple(ctx: &SockOpsContext, connector_is_local: bool) -> FlowKey {
 pub fn ward_sockops(ctx: SockOpsContext) -> u32 {
     // SAFETY: valid context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    match ctx.op() {
+    let ops = read_ops(&ctx);
+    match ops.op {
         BPF_SOCK_OPS_TCP_LISTEN_CB => {
             // SAFETY: listen() runs in the task's context.
             let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
@@ -290,7 +336,7 @@ pub fn ward_sockops(ctx: SockOpsContext) -> u32 {
                 let key = ListenerKey {
                     // SAFETY: valid context.
                     netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-                    port: ctx.local_port() as u16,
+                    port: ops.local_port as u16,
                     protocol: PROTO_TCP,
                     _pad: [0; 5],
                 };
@@ -302,15 +348,15 @@ pub fn ward_sockops(ctx: SockOpsContext) -> u32 {
             let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
             if let Some(identity) = maps::cgroup_identity(cgroup_id) {
                 let v = ConnectingValue { identity, _pad: 0, cookie };
-                let _ = CONNECTING.insert(&sockops_tuple(&ctx, true), &v, 0);
+                let _ = CONNECTING.insert(&sockops_tuple(&ops, true), &v, 0);
                 let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
             }
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            let _ = CONNECTING.remove(&sockops_tuple(&ctx, true));
+            let _ = CONNECTING.remove(&sockops_tuple(&ops, true));
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            let flow = sockops_tuple(&ctx, false);
+            let flow = sockops_tuple(&ops, false);
             // SAFETY: copied out at once.
             if let Some(tag) = unsafe { ACCEPTING.get(&flow) }.copied() {
                 let _ = SOCKETS.insert(&cookie, &tag, 0);
@@ -319,9 +365,9 @@ pub fn ward_sockops(ctx: SockOpsContext) -> u32 {
             }
         }
         BPF_SOCK_OPS_STATE_CB => {
-            if ctx.arg(1) == BPF_TCP_CLOSE {
+            if ops.new_state == BPF_TCP_CLOSE {
                 let _ = SOCKETS.remove(&cookie);
-                let _ = CONNECTING.remove(&sockops_tuple(&ctx, true));
+                let _ = CONNECTING.remove(&sockops_tuple(&ops, true));
             }
         }
         _ => {}

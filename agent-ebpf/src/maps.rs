@@ -64,11 +64,11 @@ pub fn count(index: u32) {
     }
 }
 
-/// The policy generation in force, as the low bit used in map keys.
+/// The policy generation in force. Map keys carry its low bit.
 #[inline(always)]
-pub fn generation() -> u8 {
+pub fn generation() -> u32 {
     match STATE.get(0) {
-        Some(s) => (s.generation & 1) as u8,
+        Some(s) => s.generation,
         None => 0,
     }
 }

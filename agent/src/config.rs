@@ -1,0 +1,262 @@
+//! The agent's configuration, parsed once into typed values. Every bad value is an error naming the
+//! file, the field and the reason.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ward";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: PathBuf, source: std::io::Error },
+    #[error("{file}: {reason}")]
+    Parse { file: PathBuf, reason: String },
+    #[error("{file}: field `{field}`: {reason}")]
+    Field { file: PathBuf, field: String, reason: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    trust_domain: String,
+    cgroup_root: Option<PathBuf>,
+    pin_dir: Option<PathBuf>,
+    #[serde(default)]
+    policies: Vec<PathBuf>,
+    host_addresses: Option<RawHostAddresses>,
+    #[serde(default)]
+    workloads: Vec<RawWorkload>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawHostAddresses {
+    Keyword(String),
+    List(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawWorkload {
+    name: String,
+    spiffe_id: Option<String>,
+    namespace: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    cgroups: Vec<PathBuf>,
+    #[serde(default)]
+    systemd_units: Vec<String>,
+    #[serde(default)]
+    pod_uids: Vec<String>,
+    #[serde(default)]
+    addresses: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostAddresses {
+    /// Ask the kernel for this host's addresses.
+    Auto,
+    List(Vec<IpAddr>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadConfig {
+    pub name: String,
+    pub spiffe_id: String,
+    pub namespace: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Relative to the cgroup root.
+    pub cgroups: Vec<PathBuf>,
+    pub systemd_units: Vec<String>,
+    pub pod_uids: Vec<String>,
+    pub addresses: Vec<IpAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub file: PathBuf,
+    pub trust_domain: String,
+    /// As written: absolute, or relative to the cgroup v2 mount; `None` is the mount itself.
+    pub cgroup_root: Option<PathBuf>,
+    pub pin_dir: PathBuf,
+    /// Resolved against the configuration file's directory.
+    pub policies: Vec<PathBuf>,
+    pub host_addresses: HostAddresses,
+    pub workloads: Vec<WorkloadConfig>,
+}
+
+impl Config {
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|source| ConfigError::Read { file: file.to_owned(), source })?;
+        Self::parse(file, &text)
+    }
+
+    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_yaml::from_str(text)
+            .map_err(|e| ConfigError::Parse { file: file.to_owned(), reason: e.to_string() })?;
+        let field = |field: String, reason: String| ConfigError::Field {
+            file: file.to_owned(),
+            field,
+            reason,
+        };
+        if !is_dns_label_list(&raw.trust_domain) {
+            return Err(field(
+                "trustDomain".into(),
+                format!("{:?} is not a trust domain (lowercase letters, digits, '-', '.')", raw.trust_domain),
+            ));
+        }
+        let base = file.parent().unwrap_or(Path::new("."));
+        let pin_dir = raw.pin_dir.unwrap_or_else(|| DEFAULT_PIN_DIR.into());
+        if !pin_dir.is_absolute() {
+            return Err(field("pinDir".into(), format!("{} is not an absolute path", pin_dir.display())));
+        }
+        let host_addresses = match raw.host_addresses {
+            None => HostAddresses::Auto,
+            Some(RawHostAddresses::Keyword(k)) if k == "auto" => HostAddresses::Auto,
+            Some(RawHostAddresses::Keyword(k)) => {
+                return Err(field("hostAddresses".into(), format!("{k:?}: expected \"auto\" or a list of addresses")))
+            }
+            Some(RawHostAddresses::List(list)) => HostAddresses::List(
+                list.iter()
+                    .enumerate()
+                    .map(|(i, a)| parse_addr(a).map_err(|r| field(format!("hostAddresses[{i}]"), r)))
+                    .collect::<Result<_, _>>()?,
+            ),
+        };
+        let mut names = BTreeSet::new();
+        let mut workloads = Vec::with_capacity(raw.workloads.len());
+        for (i, w) in raw.workloads.into_iter().enumerate() {
+            let at = |sub: &str| format!("workloads[{i}].{sub}");
+            if w.name.is_empty() || w.name.contains(char::is_whitespace) {
+                return Err(field(at("name"), format!("{:?} must be non-empty without spaces", w.name)));
+            }
+            if !names.insert(w.name.clone()) {
+                return Err(field(at("name"), format!("workload {:?} is defined twice", w.name)));
+            }
+            let spiffe_id = match w.spiffe_id {
+                Some(id) => {
+                    let prefix = format!("spiffe://{}/", raw.trust_domain);
+                    if !id.starts_with(&prefix) || id.len() == prefix.len() {
+                        return Err(field(
+                            at("spiffeId"),
+                            format!("{id:?} is not a SPIFFE ID in trust domain {:?}", raw.trust_domain),
+                        ));
+                    }
+                    id
+                }
+                None => format!("spiffe://{}/workload/{}", raw.trust_domain, w.name),
+            };
+            for (j, c) in w.cgroups.iter().enumerate() {
+                if c.is_absolute() || c.components().any(|p| !matches!(p, std::path::Component::Normal(_))) {
+                    return Err(field(
+                        format!("workloads[{i}].cgroups[{j}]"),
+                        format!("{} must be a relative path below cgroupRoot", c.display()),
+                    ));
+                }
+            }
+            for (j, u) in w.systemd_units.iter().enumerate() {
+                if u.contains('/') || !u.contains('.') {
+                    return Err(field(
+                        format!("workloads[{i}].systemdUnits[{j}]"),
+                        format!("{u:?} is not a unit name such as nginx.service"),
+                    ));
+                }
+            }
+            for (j, u) in w.pod_uids.iter().enumerate() {
+                if u.len() < 8 || !u.chars().all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_') {
+                    return Err(field(format!("workloads[{i}].podUids[{j}]"), format!("{u:?} is not a pod UID")));
+                }
+            }
+            let addresses = w
+                .addresses
+                .iter()
+                .enumerate()
+                .map(|(j, a)| parse_addr(a).map_err(|r| field(format!("workloads[{i}].addresses[{j}]"), r)))
+                .collect::<Result<_, _>>()?;
+            workloads.push(WorkloadConfig {
+                name: w.name,
+                spiffe_id,
+                namespace: w.namespace,
+                labels: w.labels,
+                cgroups: w.cgroups,
+                systemd_units: w.systemd_units,
+                pod_uids: w.pod_uids,
+                addresses,
+            });
+        }
+        Ok(Config {
+            file: file.to_owned(),
+            trust_domain: raw.trust_domain,
+            cgroup_root: raw.cgroup_root,
+            pin_dir,
+            policies: raw.policies.iter().map(|p| base.join(p)).collect(),
+            host_addresses,
+            workloads,
+        })
+    }
+}
+
+fn parse_addr(text: &str) -> Result<IpAddr, String> {
+    text.parse().map_err(|_| format!("{text:?} is not an IP address"))
+}
+
+fn is_dns_label_list(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.').all(|l| {
+            !l.is_empty() && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/ward/ward.yaml"), text)
+    }
+
+    #[test]
+    fn full_config_parses_with_defaults_and_relative_paths() {
+        let c = parse(
+            "trustDomain: example.org\npolicies: [policies/]\nworkloads:\n  - name: web\n    labels: {app: web}\n    cgroups: [demo/web]\n    addresses: [10.0.0.1, 'fd00::1']\n",
+        )
+        .expect("valid config");
+        assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert_eq!(c.policies, vec![PathBuf::from("/etc/ward/policies/")]);
+        assert_eq!(c.host_addresses, HostAddresses::Auto);
+        assert_eq!(c.workloads[0].spiffe_id, "spiffe://example.org/workload/web");
+        assert_eq!(c.workloads[0].addresses.len(), 2);
+    }
+
+    #[test]
+    fn unknown_field_is_an_error_naming_it() {
+        let e = parse("trustDomain: example.org\nworkloads:\n  - name: web\n    cgroup: [x]\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("/etc/ward/ward.yaml") && msg.contains("cgroup"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let cases = [
+            ("trustDomain: Example.org\n", "trustDomain"),
+            ("trustDomain: example.org\npinDir: relative\n", "pinDir"),
+            ("trustDomain: example.org\nhostAddresses: [nope]\n", "hostAddresses[0]"),
+            ("trustDomain: example.org\nworkloads: [{name: a, addresses: [300.1.1.1]}]\n", "workloads[0].addresses[0]"),
+            ("trustDomain: example.org\nworkloads: [{name: a}, {name: a}]\n", "workloads[1].name"),
+            ("trustDomain: example.org\nworkloads: [{name: a, spiffeId: 'spiffe://other.org/x'}]\n", "workloads[0].spiffeId"),
+            ("trustDomain: example.org\nworkloads: [{name: a, cgroups: [../x]}]\n", "workloads[0].cgroups[0]"),
+            ("trustDomain: example.org\nworkloads: [{name: a, systemdUnits: [nginx]}]\n", "workloads[0].systemdUnits[0]"),
+        ];
+        for (text, field) in cases {
+            let msg = parse(text).expect_err(text).to_string();
+            assert!(msg.contains(&format!("`{field}`")), "{text:?} gave {msg}");
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Verdict events from the kernel's ring buffer, logged as one structured line each that names the
+//! workloads, the policy and the rule that decided.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv6Addr},
+    sync::{Arc, RwLock},
+};
+
+use agent_common::{
+    VerdictEvent, DIRECTION_EGRESS, IDENTITY_HOST, IDENTITY_WORLD, PROTO_TCP, PROTO_UDP,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VERDICT_REDIRECT,
+};
+use aya::maps::{MapData, RingBuf};
+use tokio::io::{unix::AsyncFd, Interest};
+
+use crate::policy::{Compiled, RuleInfo, WorkloadInfo};
+
+/// What user space knows to turn numbers in events into names; replaced on every policy apply.
+#[derive(Default)]
+pub struct Names {
+    rules: BTreeMap<u32, RuleInfo>,
+    /// identity → (display name, workload name if it is one)
+    identities: BTreeMap<u32, (String, Option<String>)>,
+}
+
+pub type SharedNames = Arc<RwLock<Names>>;
+
+impl Names {
+    pub fn new(compiled: &Compiled, workloads: &[WorkloadInfo]) -> Self {
+        let mut identities = BTreeMap::new();
+        for (net, id) in &compiled.prefixes {
+            identities.insert(*id, (net.to_string(), None));
+        }
+        for w in workloads {
+            identities.insert(w.identity, (w.spiffe_id.clone(), Some(w.name.clone())));
+        }
+        Names { rules: compiled.rules.clone(), identities }
+    }
+
+    fn identity(&self, id: u32) -> (String, String) {
+        match (id, self.identities.get(&id)) {
+            (_, Some((name, workload))) => (name.clone(), workload.clone().unwrap_or_default()),
+            (IDENTITY_WORLD, None) => ("world".into(), String::new()),
+            (IDENTITY_HOST, None) => ("host".into(), String::new()),
+            (id, None) => (format!("identity:{id}"), String::new()),
+        }
+    }
+}
+
+fn parse(bytes: &[u8]) -> Option<VerdictEvent> {
+    (bytes.len() >= std::mem::size_of::<VerdictEvent>())
+        // SAFETY: long enough, and every bit pattern is a valid `VerdictEvent`.
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<VerdictEvent>()) })
+}
+
+fn address(raw: [u8; 16], family: u8) -> Option<IpAddr> {
+    if raw == [0; 16] {
+        return None;
+    }
+    let v6 = Ipv6Addr::from(raw);
+    Some(match (family, v6.to_ipv4_mapped()) {
+        (4, Some(v4)) => IpAddr::V4(v4),
+        _ => IpAddr::V6(v6),
+    })
+}
+
+fn verdict_name(v: u8) -> &'static str {
+    match v {
+        VERDICT_ALLOW => "allow",
+        VERDICT_DENY => "deny",
+        VERDICT_AUDIT => "audit",
+        VERDICT_REDIRECT => "redirect",
+        _ => "unknown",
+    }
+}
+
+fn log(names: &Names, ev: &VerdictEvent) {
+    let (local, local_workload) = names.identity(ev.local_identity);
+    let (remote, remote_workload) = names.identity(ev.remote_identity);
+    let local_addr = address(ev.local_addr, ev.family);
+    let remote_addr = address(ev.remote_addr, ev.family);
+    let egress = ev.direction == DIRECTION_EGRESS;
+    let (src, src_workload, dst, dst_workload) = if egress {
+        (local, local_workload, remote, remote_workload)
+    } else {
+        (remote, remote_workload, local, local_workload)
+    };
+    let (src_addr, dst_addr, dst_port) = if egress {
+        (local_addr, remote_addr, ev.remote_port)
+    } else {
+        (remote_addr, local_addr, ev.local_port)
+    };
+    let (policy, rule) = match names.rules.get(&ev.rule) {
+        Some(r) => (r.policy.as_str(), r.rule.as_str()),
+        None => ("-", "-"),
+    };
+    let show = |a: Option<IpAddr>| a.map_or_else(|| "-".to_string(), |a| a.to_string());
+    tracing::info!(
+        target: "ward::verdict",
+        verdict = verdict_name(ev.verdict),
+        direction = if egress { "egress" } else { "ingress" },
+        policy,
+        rule,
+        src,
+        src_workload,
+        dst,
+        dst_workload,
+        src_addr = show(src_addr),
+        dst_addr = show(dst_addr),
+        dst_port,
+        protocol = match ev.protocol { PROTO_TCP => "tcp", PROTO_UDP => "udp", _ => "other" },
+        cookie = ev.cookie,
+        "verdict"
+    );
+}
+
+/// Reads the ring buffer until the agent stops.
+pub async fn run(ring: RingBuf<MapData>, names: SharedNames) -> std::io::Result<()> {
+    // SAFETY: the ring buffer owns its fd, which stays open and the same for its whole life.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        let names = names.read().expect("names lock poisoned");
+        while let Some(item) = ring.next() {
+            match parse(&item) {
+                Some(ev) => log(&names, &ev),
+                None => tracing::warn!(len = item.len(), "short verdict event ignored"),
+            }
+        }
+        drop(names);
+        guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    #[test]
+    fn addresses_render_in_the_family_the_workload_used() {
+        let mapped = agent_common::map_v4([127, 0, 0, 1]);
+        assert_eq!(address(mapped, 4), Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        assert_eq!(address(mapped, 6).map(|a| a.to_string()), Some("::ffff:127.0.0.1".into()));
+        assert_eq!(address([0; 16], 4), None);
+    }
+
+    #[test]
+    fn short_records_are_not_parsed() {
+        assert!(parse(&[0u8; 10]).is_none());
+        assert!(parse(&[0u8; std::mem::size_of::<VerdictEvent>()]).is_some());
+    }
+}

@@ -1,0 +1,148 @@
+//! Workload identities: which cgroup belongs to which workload, and the stable numeric id the
+//! kernel maps use for each SPIFFE ID.
+use std::{collections::BTreeMap, path::Path};
+
+use agent_common::IDENTITY_FIRST_ALLOCATED;
+
+use crate::{config::Config, policy::WorkloadInfo};
+
+/// The last workload identity; CIDR identities start above it.
+const IDENTITY_LAST_WORKLOAD: u32 = 0x00FF_FFFF;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("workloads {a:?} and {b:?} share SPIFFE ID {spiffe_id} but not their labels and namespace")]
+    Conflict { a: String, b: String, spiffe_id: String },
+}
+
+/// Numeric identity of a SPIFFE ID: a hash, so the same ID gets the same number on every start and
+/// every node without coordination; collisions are resolved by probing in SPIFFE ID order.
+fn allocate(spiffe_ids: impl IntoIterator<Item = String>) -> BTreeMap<String, u32> {
+    let span = IDENTITY_LAST_WORKLOAD - IDENTITY_FIRST_ALLOCATED + 1;
+    let mut taken = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    let ids: std::collections::BTreeSet<String> = spiffe_ids.into_iter().collect();
+    for id in ids {
+        let mut slot = fnv1a(id.as_bytes()) % span;
+        while taken.contains_key(&slot) {
+            slot = (slot + 1) % span;
+        }
+        taken.insert(slot, ());
+        out.insert(id, IDENTITY_FIRST_ALLOCATED + slot);
+    }
+    out
+}
+
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+}
+
+/// The configured workloads with their identities, in configuration order.
+pub fn workload_infos(config: &Config) -> Result<Vec<WorkloadInfo>, IdentityError> {
+    let ids = allocate(config.workloads.iter().map(|w| w.spiffe_id.clone()));
+    let mut first_of: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, w) in config.workloads.iter().enumerate() {
+        if let Some(&j) = first_of.get(w.spiffe_id.as_str()) {
+            let other = &config.workloads[j];
+            if other.labels != w.labels || other.namespace != w.namespace {
+                return Err(IdentityError::Conflict {
+                    a: other.name.clone(),
+                    b: w.name.clone(),
+                    spiffe_id: w.spiffe_id.clone(),
+                });
+            }
+        } else {
+            first_of.insert(&w.spiffe_id, i);
+        }
+    }
+    Ok(config
+        .workloads
+        .iter()
+        .map(|w| WorkloadInfo {
+            identity: ids[&w.spiffe_id],
+            name: w.name.clone(),
+            spiffe_id: w.spiffe_id.clone(),
+            namespace: w.namespace.clone(),
+            labels: w.labels.clone(),
+            addresses: w.addresses.clone(),
+        })
+        .collect())
+}
+
+/// Which workload a cgroup (path relative to the cgroup root) belongs to: the first workload that
+/// matches it or its nearest matching ancestor, so containers inside a pod belong to the pod.
+pub fn workload_of_cgroup(config: &Config, relative: &Path) -> Option<usize> {
+    let mut candidate = Some(relative);
+    while let Some(path) = candidate {
+        if path.as_os_str().is_empty() {
+            return None;
+        }
+        if let Some(i) = config.workloads.iter().position(|w| matches(w, path)) {
+            return Some(i);
+        }
+        candidate = path.parent();
+    }
+    None
+}
+
+fn matches(w: &crate::config::WorkloadConfig, path: &Path) -> bool {
+    if w.cgroups.iter().any(|c| c == path) {
+        return true;
+    }
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    if w.systemd_units.iter().any(|u| u == name) {
+        return true;
+    }
+    // kubelet names pod cgroups `pod<uid>` (cgroupfs driver) or
+    // `kubepods-<qos>-pod<uid with _>.slice` (systemd driver).
+    w.pod_uids.iter().any(|uid| {
+        let dashed = format!("pod{}", uid.replace('_', "-"));
+        let underscored = format!("pod{}.slice", uid.replace('-', "_"));
+        name == dashed || name.ends_with(&underscored)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::parse(Path::new("/w.yaml"), text).expect("valid config")
+    }
+
+    #[test]
+    fn identities_are_stable_and_distinct() {
+        let a = allocate(["spiffe://x/a".to_string(), "spiffe://x/b".to_string()]);
+        let b = allocate(["spiffe://x/b".to_string(), "spiffe://x/a".to_string(), "spiffe://x/c".to_string()]);
+        assert_eq!(a["spiffe://x/a"], b["spiffe://x/a"]);
+        assert_ne!(a["spiffe://x/a"], a["spiffe://x/b"]);
+        assert!(b.values().all(|&id| (IDENTITY_FIRST_ALLOCATED..=IDENTITY_LAST_WORKLOAD).contains(&id)));
+    }
+
+    #[test]
+    fn cgroups_match_by_path_unit_and_pod_uid_with_descendants() {
+        let c = config(
+            "trustDomain: x\nworkloads:\n  - {name: web, cgroups: [demo/web]}\n  - {name: nginx, systemdUnits: [nginx.service]}\n  - {name: pod, podUids: [3f1c2a4e-aaaa-bbbb-cccc-0123456789ab]}\n",
+        );
+        let of = |p: &str| workload_of_cgroup(&c, Path::new(p));
+        assert_eq!(of("demo/web"), Some(0));
+        assert_eq!(of("demo/web/worker"), Some(0));
+        assert_eq!(of("demo"), None);
+        assert_eq!(of("system.slice/nginx.service"), Some(1));
+        assert_eq!(of("kubepods/besteffort/pod3f1c2a4e-aaaa-bbbb-cccc-0123456789ab/ctr1"), Some(2));
+        assert_eq!(
+            of("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod3f1c2a4e_aaaa_bbbb_cccc_0123456789ab.slice"),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn shared_spiffe_id_with_other_labels_is_refused() {
+        let c = config(
+            "trustDomain: x\nworkloads:\n  - {name: a, spiffeId: 'spiffe://x/s', labels: {app: a}}\n  - {name: b, spiffeId: 'spiffe://x/s', labels: {app: b}}\n",
+        );
+        assert!(matches!(workload_infos(&c), Err(IdentityError::Conflict { .. })));
+    }
+}

@@ -1,0 +1,351 @@
+//! The kernel datapath: loads ward's programs, adopts or creates their pinned maps and links, and
+//! writes identities and compiled policy into the maps without ever opening a hole.
+mod link;
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use agent_common::{
+    map_names, program_names, CgroupValue, IpcacheKey, IpcacheLpmData, IpcacheValue, PolicyKey,
+    PolicyValue, StateValue, ABI_VERSION,
+};
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
+    programs::{
+        links::FdLink, CgroupAttachMode, CgroupSkbAttachType, Program,
+    },
+    Ebpf, EbpfLoader,
+};
+
+use crate::{paths, policy::Compiled};
+
+/// The eBPF object built from `agent-ebpf` by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+
+/// Time for programs that read the previous generation to finish before its entries go. Programs
+/// run for microseconds under RCU; this is orders of magnitude more.
+const GENERATION_SETTLE: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("this ward binary was built without its kernel programs (AYA_BUILD_SKIP was set); rebuild it with `cargo build`")]
+    NoObject,
+    #[error("loading the kernel programs failed: {0}; is this a kernel with BPF, BTF and cgroup BPF (5.15 or later), and does ward run as root?")]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel refused program {name}: {}", summarize(error))]
+    Program { name: &'static str, error: aya::programs::ProgramError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("pinned maps in {dir} were written by ABI version {found}, this agent speaks {ABI_VERSION}; run `ward uninstall --pin-dir {dir}` first")]
+    Abi { dir: PathBuf, found: u32 },
+    #[error("cannot open cgroup {0}: {1}")]
+    Cgroup(PathBuf, std::io::Error),
+    #[error("link {path}: {source}")]
+    Link { path: PathBuf, source: std::io::Error },
+    #[error("pinning link {path}: {source}")]
+    Pin { path: PathBuf, source: aya::pin::PinError },
+    #[error("{0}")]
+    Paths(#[from] paths::PathError),
+}
+
+/// The verifier's log ends with its reason; the thousands of lines before it help nobody reading
+/// an error message (`RUST_LOG=debug` logs the whole of it).
+fn summarize(e: &aya::programs::ProgramError) -> String {
+    let aya::programs::ProgramError::LoadError { io_error, verifier_log } = e else {
+        return e.to_string();
+    };
+    let log = verifier_log.to_string();
+    tracing::debug!(verifier_log = %log, "verifier output");
+    let tail: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = tail[tail.len().saturating_sub(6)..].join(" | ");
+    format!("{io_error}; verifier: {tail}")
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> KernelError {
+    move |source| KernelError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> KernelError {
+    move |error| KernelError::Program { name, error }
+}
+
+/// What one policy apply wrote.
+#[derive(Clone, Copy, Debug)]
+pub struct ApplyStats {
+    pub generation: u32,
+    pub entries: usize,
+    pub addresses: usize,
+    pub prefixes: usize,
+    pub duration: Duration,
+}
+
+/// How the programs came to be attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// Fresh links on the cgroup root.
+    Attached,
+    /// Links pinned by an earlier agent, now running this agent's programs.
+    Adopted,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    cgroups: HashMap<MapData, u64, CgroupValue>,
+    policy: HashMap<MapData, PolicyKey, PolicyValue>,
+    ipcache: HashMap<MapData, IpcacheKey, IpcacheValue>,
+    lpm: LpmTrie<MapData, IpcacheLpmData, IpcacheValue>,
+    state: Array<MapData, StateValue>,
+    generation: u32,
+}
+
+fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, KernelError> {
+    let map = ebpf.take_map(name).ok_or(KernelError::Map {
+        name,
+        source: aya::maps::MapError::InvalidName { name: name.into() },
+    })?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+impl Datapath {
+    /// Loads the programs into the kernel (through the verifier) and opens the pinned maps,
+    /// creating them on first start. Nothing is attached yet.
+    pub fn load(pin_dir: &Path) -> Result<Self, KernelError> {
+        if OBJECT.is_empty() {
+            return Err(KernelError::NoObject);
+        }
+        paths::prepare_pin_dir(pin_dir)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(OBJECT)
+            .map_err(KernelError::Load)?;
+        for name in program_names::ALL {
+            let program = ebpf.program_mut(name).ok_or(KernelError::Program {
+                name,
+                error: aya::programs::ProgramError::UnexpectedProgramType,
+            })?;
+            match program {
+                Program::CgroupSockAddr(p) => p.load(),
+                Program::CgroupSkb(p) => p.load(),
+                Program::SockOps(p) => p.load(),
+                _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
+            }
+            .map_err(prog_err(name))?;
+        }
+        let state: Array<MapData, StateValue> = take(&mut ebpf, map_names::STATE)?;
+        let current = state.get(&0, 0).map_err(map_err(map_names::STATE))?;
+        if current.abi_version != 0 && current.abi_version != ABI_VERSION {
+            return Err(KernelError::Abi { dir: pin_dir.to_owned(), found: current.abi_version });
+        }
+        Ok(Datapath {
+            cgroups: take(&mut ebpf, map_names::CGROUPS)?,
+            policy: take(&mut ebpf, map_names::POLICY)?,
+            ipcache: take(&mut ebpf, map_names::IPCACHE)?,
+            lpm: take(&mut ebpf, map_names::IPCACHE_LPM)?,
+            generation: current.generation,
+            state,
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+        })
+    }
+
+    /// Attaches every program to the cgroup root through a pinned link. Links pinned by an earlier
+    /// agent are kept and switched to this agent's programs in place, so enforcement has no gap.
+    pub fn attach(&mut self, cgroup_root: &Path) -> Result<Attachment, KernelError> {
+        let cgroup = File::open(cgroup_root).map_err(|e| KernelError::Cgroup(cgroup_root.to_owned(), e))?;
+        let links = paths::links_dir(&self.pin_dir);
+        let mut adopted = 0;
+        for name in program_names::ALL {
+            let pin = links.join(name);
+            let program = self.ebpf.program_mut(name).expect("loaded in Datapath::load");
+            if pin.exists() {
+                let link_fd = link::open_pinned(&pin).map_err(|source| KernelError::Link { path: pin.clone(), source })?;
+                let prog_fd = program.fd().map_err(prog_err(name))?;
+                link::update_link(&link_fd, prog_fd.as_fd())
+                    .map_err(|source| KernelError::Link { path: pin.clone(), source })?;
+                adopted += 1;
+                continue;
+            }
+            let mode = CgroupAttachMode::Single;
+            let link: FdLink = match program {
+                Program::CgroupSockAddr(p) => {
+                    let id = p.attach(&cgroup, mode).map_err(prog_err(name))?;
+                    p.take_link(id).map_err(prog_err(name))?.try_into()
+                }
+                Program::CgroupSkb(p) => {
+                    let id = p.attach(&cgroup, CgroupSkbAttachType::Ingress, mode).map_err(prog_err(name))?;
+                    p.take_link(id).map_err(prog_err(name))?.try_into()
+                }
+                Program::SockOps(p) => {
+                    let id = p.attach(&cgroup, mode).map_err(prog_err(name))?;
+                    p.take_link(id).map_err(prog_err(name))?.try_into()
+                }
+                _ => unreachable!("Datapath::load checked the program types"),
+            }
+            .map_err(|e| KernelError::Link { path: pin.clone(), source: std::io::Error::other(e) })?;
+            link.pin(&pin).map_err(|source| KernelError::Pin { path: pin.clone(), source })?;
+        }
+        Ok(if adopted == program_names::ALL.len() { Attachment::Adopted } else { Attachment::Attached })
+    }
+
+    /// Removes the links (which detaches the programs) and the pinned maps.
+    pub fn detach_and_unpin(self) -> std::io::Result<()> {
+        let links = paths::links_dir(&self.pin_dir);
+        for name in program_names::ALL {
+            remove_if_present(&links.join(name))?;
+        }
+        remove_if_present(&links)?;
+        for entry in std::fs::read_dir(&self.pin_dir)? {
+            let path = entry?.path();
+            if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("ward_")) {
+                std::fs::remove_file(path)?;
+            }
+        }
+        match std::fs::remove_dir(&self.pin_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn set_cgroup(&mut self, cgroup_id: u64, identity: u32) -> Result<(), KernelError> {
+        self.cgroups
+            .insert(cgroup_id, CgroupValue { identity, _pad: 0 }, 0)
+            .map_err(map_err(map_names::CGROUPS))
+    }
+
+    pub fn remove_cgroup(&mut self, cgroup_id: u64) -> Result<(), KernelError> {
+        match self.cgroups.remove(&cgroup_id) {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            r => r.map_err(map_err(map_names::CGROUPS)),
+        }
+    }
+
+    /// The cgroup ids the kernel currently maps to identities (adopted state included).
+    pub fn cgroup_ids(&self) -> Vec<u64> {
+        self.cgroups.keys().filter_map(Result::ok).collect()
+    }
+
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, KernelError> {
+        take(&mut self.ebpf, map_names::EVENTS)
+    }
+
+    pub fn take_counters(&mut self) -> Result<PerCpuArray<MapData, u64>, KernelError> {
+        take(&mut self.ebpf, map_names::COUNTERS)
+    }
+
+    /// Installs a compiled policy and the IP cache as the next generation, then switches the
+    /// kernel to it with one write. A connection sees either the old or the new generation in
+    /// full, never a mix; on error the old generation stays in force untouched.
+    pub fn apply(
+        &mut self,
+        compiled: &Compiled,
+        addresses: &BTreeMap<[u8; 16], u32>,
+    ) -> Result<ApplyStats, KernelError> {
+        let started = Instant::now();
+        let next = self.generation.wrapping_add(1);
+        let next_bit = (next & 1) as u8;
+        // Leftovers of an apply that died half-way belong to the inactive generation.
+        self.remove_generation(next_bit)?;
+        if let Err(e) = self.write_generation(next_bit, compiled, addresses) {
+            self.remove_generation(next_bit)?;
+            return Err(e);
+        }
+        self.state
+            .set(0, StateValue { generation: next, abi_version: ABI_VERSION }, 0)
+            .map_err(map_err(map_names::STATE))?;
+        let previous_bit = (self.generation & 1) as u8;
+        self.generation = next;
+        std::thread::sleep(GENERATION_SETTLE);
+        self.remove_generation(previous_bit)?;
+        Ok(ApplyStats {
+            generation: next,
+            entries: compiled.entries.len(),
+            addresses: addresses.len(),
+            prefixes: compiled.prefixes.len(),
+            duration: started.elapsed(),
+        })
+    }
+
+    fn write_generation(
+        &mut self,
+        bit: u8,
+        compiled: &Compiled,
+        addresses: &BTreeMap<[u8; 16], u32>,
+    ) -> Result<(), KernelError> {
+        for (key, value) in &compiled.entries {
+            let key = PolicyKey { generation: bit, ..*key };
+            self.policy.insert(key, *value, 0).map_err(map_err(map_names::POLICY))?;
+        }
+        for (addr, identity) in addresses {
+            let key = IpcacheKey { generation: bit, _pad: [0; 3], addr: *addr };
+            self.ipcache
+                .insert(key, IpcacheValue { identity: *identity }, 0)
+                .map_err(map_err(map_names::IPCACHE))?;
+        }
+        for (net, identity) in &compiled.prefixes {
+            let (addr, len) = mapped_prefix(net);
+            let key = Key::new(8 + len, IpcacheLpmData { generation: bit, addr });
+            self.lpm
+                .insert(&key, IpcacheValue { identity: *identity }, 0)
+                .map_err(map_err(map_names::IPCACHE_LPM))?;
+        }
+        Ok(())
+    }
+
+    fn remove_generation(&mut self, bit: u8) -> Result<(), KernelError> {
+        let stale: Vec<PolicyKey> =
+            self.policy.keys().filter_map(Result::ok).filter(|k| k.generation == bit).collect();
+        for key in stale {
+            ignore_missing(self.policy.remove(&key)).map_err(map_err(map_names::POLICY))?;
+        }
+        let stale: Vec<IpcacheKey> =
+            self.ipcache.keys().filter_map(Result::ok).filter(|k| k.generation == bit).collect();
+        for key in stale {
+            ignore_missing(self.ipcache.remove(&key)).map_err(map_err(map_names::IPCACHE))?;
+        }
+        let stale: Vec<Key<IpcacheLpmData>> =
+            self.lpm.keys().filter_map(Result::ok).filter(|k| k.data().generation == bit).collect();
+        for key in stale {
+            ignore_missing(self.lpm.remove(&key)).map_err(map_err(map_names::IPCACHE_LPM))?;
+        }
+        Ok(())
+    }
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        r => r,
+    }
+}
+
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    let r = if path.is_dir() { std::fs::remove_dir(path) } else { std::fs::remove_file(path) };
+    match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// An address as the kernel keys it: IPv4 mapped into IPv6.
+pub fn mapped(addr: std::net::IpAddr) -> [u8; 16] {
+    match addr {
+        std::net::IpAddr::V4(a) => agent_common::map_v4(a.octets()),
+        std::net::IpAddr::V6(a) => a.octets(),
+    }
+}
+
+fn mapped_prefix(net: &ipnet::IpNet) -> ([u8; 16], u32) {
+    match net {
+        ipnet::IpNet::V4(n) => (mapped(n.network().into()), 96 + u32::from(n.prefix_len())),
+        ipnet::IpNet::V6(n) => (n.network().octets(), u32::from(n.prefix_len())),
+    }
+}

@@ -1,0 +1,89 @@
+//! Every filesystem location the agent depends on: the cgroup v2 mount, the bpffs pin directory and
+//! the layout inside it.
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PathError {
+    #[error("cannot read /proc/self/mountinfo: {0}")]
+    Mountinfo(std::io::Error),
+    #[error("no cgroup v2 filesystem is mounted; mount one with `mount -t cgroup2 none /sys/fs/cgroup` (or boot with systemd.unified_cgroup_hierarchy=1)")]
+    NoCgroup2,
+    #[error("cgroup root {0} does not exist or is not a directory below the cgroup v2 mount {1}")]
+    CgroupRoot(PathBuf, PathBuf),
+    #[error("{0} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    NoBpffs(PathBuf),
+    #[error("cannot create pin directory {0}: {1}")]
+    PinDir(PathBuf, std::io::Error),
+}
+
+/// Mount points of one filesystem type, from `/proc/self/mountinfo`.
+fn mounts_of(fstype: &str) -> Result<Vec<PathBuf>, PathError> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(PathError::Mountinfo)?;
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            let mount_point = pre.split(' ').nth(4)?;
+            (post.split(' ').next()? == fstype).then(|| PathBuf::from(unescape(mount_point)))
+        })
+        .collect())
+}
+
+fn unescape(field: &str) -> String {
+    field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}
+
+/// The cgroup v2 mount: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on hybrid ones.
+pub fn cgroup2_mount() -> Result<PathBuf, PathError> {
+    let mut mounts = mounts_of("cgroup2")?;
+    // Prefer the shortest path: the host's own mount rather than one bound into a container below it.
+    mounts.sort_by_key(|p| p.as_os_str().len());
+    mounts.into_iter().next().ok_or(PathError::NoCgroup2)
+}
+
+/// The cgroup the agent attaches to, as configured (absolute or relative to the mount).
+pub fn cgroup_root(configured: Option<&Path>) -> Result<PathBuf, PathError> {
+    let mount = cgroup2_mount()?;
+    let root = match configured {
+        None => mount.clone(),
+        Some(p) if p.is_absolute() => p.to_owned(),
+        Some(p) => mount.join(p),
+    };
+    if !root.starts_with(&mount) || !root.is_dir() {
+        return Err(PathError::CgroupRoot(root, mount));
+    }
+    Ok(root)
+}
+
+/// Checks that the pin directory is on bpffs and creates it.
+pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), PathError> {
+    let on_bpffs = mounts_of("bpf")?.iter().any(|m| pin_dir.starts_with(m));
+    if !on_bpffs {
+        return Err(PathError::NoBpffs(pin_dir.to_owned()));
+    }
+    for dir in [pin_dir.to_owned(), links_dir(pin_dir)] {
+        std::fs::create_dir_all(&dir).map_err(|e| PathError::PinDir(dir.clone(), e))?;
+    }
+    Ok(())
+}
+
+/// Where the cgroup links of the kernel programs are pinned.
+pub fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
+    }
+
+    #[test]
+    fn this_machine_has_a_cgroup2_mount() {
+        let mount = cgroup2_mount().expect("cgroup2 mounted");
+        assert!(mount.join("cgroup.procs").exists(), "{} is not a cgroup2 root", mount.display());
+    }
+}
