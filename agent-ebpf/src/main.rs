@@ -177,17 +177,17 @@ fn parse(ctx: &SkBuffContext) -> Result<Packet, i64> {
 /// header read. A dropped SYN never reaches the listener.
 #[cgroup_skb(ingress)]
 pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
-    // SAFETY: valid context for this program type.
-    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    let Some(local) = maps::cgroup_identity(cgroup_id) else {
-        return ALLOW;
-    };
     let Ok(p) = parse(&ctx) else {
         return ALLOW;
     };
     if p.protocol == PROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN {
         return ALLOW;
     }
+    // SAFETY: valid context for this program type.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    let Some(local) = maps::cgroup_identity(cgroup_id) else {
+        return ALLOW;
+    };
     let flow = FlowKey {
         local_addr: p.src,
         remote_addr: p.dst,

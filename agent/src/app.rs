@@ -44,6 +44,9 @@ impl Desired {
         let set = policy::load(&config.policies)?;
         let compiled = policy::compile(&set, &workloads, rule_ids)?;
         let addresses = address_identities(&config, &workloads)?;
+        if let Some(rule) = compiled.rules.values().find(|r| r.mtls) {
+            tracing::warn!(policy = %rule.policy, rule = %rule.rule, "mtls: required is recorded but the mTLS tunnel is not available in this version; such connections pass in plain TCP");
+        }
         Ok(Desired { config, workloads, compiled, addresses })
     }
 

@@ -1,0 +1,447 @@
+//! Compilation of a policy set into the kernel's policy map, and the kernel's decision mirrored.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use agent_common::{
+    PolicyKey, PolicyValue, IDENTITY_ANY, IDENTITY_FIRST_ALLOCATED, IDENTITY_WORLD,
+    MAX_POLICY_ENTRIES, POLICY_FLAG_MTLS, PORT_ANY, PROTO_ANY, REMOTE_ISOLATION, VERDICT_ALLOW,
+    VERDICT_AUDIT, VERDICT_DENY, VERDICT_REDIRECT,
+};
+use ipnet::IpNet;
+
+use super::model::{Peer, Policy, PolicySet, PortMatch, Rule};
+use super::ward::DEFAULT_DENY;
+use super::{Decision, Mode, RuleAction, RuleInfo, WorkloadInfo};
+
+/// The first identity of the CIDR range; workload identities lie below it.
+pub const FIRST_CIDR_IDENTITY: u32 = 0x0100_0000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("policy {policy}, rule {rule}: the policy map would need more than {limit} entries")]
+    TooManyEntries {
+        policy: String,
+        rule: String,
+        limit: u32,
+    },
+    #[error("workload {name}: identity {identity:#x} is outside the workload range {IDENTITY_FIRST_ALLOCATED:#x}..{FIRST_CIDR_IDENTITY:#x}")]
+    WorkloadIdentity { name: String, identity: u32 },
+}
+
+/// Hands out rule ids and CIDR identities, and gives the same rule (policy, direction, rule
+/// name) and the same prefix the same id in every compilation, so a recompile changes only
+/// the entries whose meaning changed. Ids are never reused within one allocator.
+#[derive(Clone, Debug)]
+pub struct RuleIds {
+    rules: HashMap<(String, u8, String), u32>,
+    next_rule: u32,
+    cidrs: BTreeMap<IpNet, u32>,
+    next_cidr: u32,
+}
+
+impl Default for RuleIds {
+    fn default() -> Self {
+        RuleIds {
+            rules: HashMap::new(),
+            next_rule: agent_common::rule_ids::FIRST,
+            cidrs: BTreeMap::new(),
+            next_cidr: FIRST_CIDR_IDENTITY,
+        }
+    }
+}
+
+impl RuleIds {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn rule(&mut self, policy: &str, direction: u8, rule: &str) -> u32 {
+        let next = &mut self.next_rule;
+        *self
+            .rules
+            .entry((policy.to_owned(), direction, rule.to_owned()))
+            .or_insert_with(|| {
+                *next += 1;
+                *next - 1
+            })
+    }
+
+    fn cidr(&mut self, net: IpNet) -> u32 {
+        let next = &mut self.next_cidr;
+        *self.cidrs.entry(net).or_insert_with(|| {
+            *next += 1;
+            *next - 1
+        })
+    }
+}
+
+/// The policy map's content for one policy set and set of workloads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    /// Every key has `generation == 0`; the writer sets it.
+    pub entries: BTreeMap<PolicyKey, PolicyValue>,
+    /// The LPM IP cache: the CIDR identity of every CIDR and except prefix of the set. May hold
+    /// `0.0.0.0/0 → IDENTITY_WORLD` so that an IPv6 prefix such as `::/0` never catches IPv4
+    /// addresses once they are mapped to `::ffff:a.b.c.d`.
+    pub prefixes: BTreeMap<IpNet, u32>,
+    /// Every rule of the set, including those that produced no entry.
+    pub rules: BTreeMap<u32, RuleInfo>,
+}
+
+/// One rule's contribution to one map entry, before merging.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Contribution {
+    pub key: PolicyKey,
+    pub slot: Slot,
+    pub rule: u32,
+    pub flags: u32,
+}
+
+/// A field of [`PolicyValue`] that holds a rule id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Slot {
+    Deny,
+    Allow,
+    AuditDeny,
+    AuditAllow,
+}
+
+impl Slot {
+    fn of(mode: Mode, action: RuleAction) -> Slot {
+        match (mode, action) {
+            (Mode::Enforce, RuleAction::Allow) => Slot::Allow,
+            (Mode::Enforce, _) => Slot::Deny,
+            (Mode::Audit, RuleAction::Allow) => Slot::AuditAllow,
+            (Mode::Audit, _) => Slot::AuditDeny,
+        }
+    }
+
+    const ALL: [Slot; 4] = [Slot::Deny, Slot::Allow, Slot::AuditDeny, Slot::AuditAllow];
+
+    fn get(self, value: &PolicyValue) -> u32 {
+        let mut value = *value;
+        *self.field(&mut value)
+    }
+
+    fn field(self, value: &mut PolicyValue) -> &mut u32 {
+        match self {
+            Slot::Deny => &mut value.deny_rule,
+            Slot::Allow => &mut value.allow_rule,
+            Slot::AuditDeny => &mut value.audit_deny_rule,
+            Slot::AuditAllow => &mut value.audit_allow_rule,
+        }
+    }
+}
+
+pub(crate) fn policy_key(
+    local: u32,
+    remote: u32,
+    direction: u8,
+    protocol: u8,
+    port: u16,
+) -> PolicyKey {
+    PolicyKey {
+        local_identity: local,
+        remote_identity: remote,
+        port,
+        protocol,
+        direction,
+        ..PolicyKey::default()
+    }
+}
+
+pub(crate) fn isolation_key(local: u32, direction: u8) -> PolicyKey {
+    policy_key(local, REMOTE_ISOLATION, direction, PROTO_ANY, PORT_ANY)
+}
+
+/// The keys the kernel looks up for a query, in the order it merges them.
+pub(crate) fn lookup_keys(
+    local: u32,
+    remote: u32,
+    direction: u8,
+    protocol: u8,
+    port: u16,
+) -> [PolicyKey; 6] {
+    let ports = [
+        (protocol, port),
+        (protocol, PORT_ANY),
+        (PROTO_ANY, PORT_ANY),
+    ];
+    let key = |i: usize| {
+        let (protocol, port) = ports[i % 3];
+        policy_key(
+            local,
+            if i < 3 { remote } else { IDENTITY_ANY },
+            direction,
+            protocol,
+            port,
+        )
+    };
+    std::array::from_fn(key)
+}
+
+/// Compiles `set` for `workloads`. Fails without partial output if the map would overflow.
+pub fn compile(
+    set: &PolicySet,
+    workloads: &[WorkloadInfo],
+    rule_ids: &mut RuleIds,
+) -> Result<Compiled, CompileError> {
+    compile_observed(set, workloads, rule_ids, &mut |_| {})
+}
+
+/// [`compile`], showing every contribution to `observe` as it is merged.
+pub(crate) fn compile_observed(
+    set: &PolicySet,
+    workloads: &[WorkloadInfo],
+    rule_ids: &mut RuleIds,
+    observe: &mut dyn FnMut(&Contribution),
+) -> Result<Compiled, CompileError> {
+    if let Some(w) = workloads
+        .iter()
+        .find(|w| !(IDENTITY_FIRST_ALLOCATED..FIRST_CIDR_IDENTITY).contains(&w.identity))
+    {
+        return Err(CompileError::WorkloadIdentity {
+            name: w.name.clone(),
+            identity: w.identity,
+        });
+    }
+    let mut compiled = Compiled::default();
+    for net in set.prefixes() {
+        compiled.prefixes.insert(net, rule_ids.cidr(net));
+    }
+    let mapped_v4 = IpNet::V6("::ffff:0:0/96".parse().expect("valid prefix"));
+    let any_v4 = IpNet::V4(ipnet::Ipv4Net::default());
+    if compiled.prefixes.keys().any(|p| p.contains(&mapped_v4))
+        && !compiled.prefixes.contains_key(&any_v4)
+    {
+        compiled.prefixes.insert(any_v4, IDENTITY_WORLD);
+    }
+    for policy in &set.policies {
+        let locals: BTreeSet<u32> = workloads
+            .iter()
+            .filter(|w| policy.selector.matches(w))
+            .map(|w| w.identity)
+            .collect();
+        for (direction, rules) in policy.directions() {
+            let info = |rule: &str, action, mtls| RuleInfo {
+                policy: policy.name.clone(),
+                rule: rule.to_owned(),
+                action,
+                mode: policy.mode,
+                mtls,
+                source: policy.origin.file.clone(),
+                direction,
+            };
+            let default_deny = rule_ids.rule(&policy.name, direction, DEFAULT_DENY);
+            compiled.rules.insert(
+                default_deny,
+                info(DEFAULT_DENY, RuleAction::DefaultDeny, false),
+            );
+            let slot = Slot::of(policy.mode, RuleAction::Deny);
+            for &local in &locals {
+                let contribution = Contribution {
+                    key: isolation_key(local, direction),
+                    slot,
+                    rule: default_deny,
+                    flags: 0,
+                };
+                compiled.merge(&contribution, observe, policy, DEFAULT_DENY)?;
+            }
+            for rule in rules {
+                let id = rule_ids.rule(&policy.name, direction, &rule.name);
+                compiled
+                    .rules
+                    .insert(id, info(&rule.name, rule.action, rule.mtls));
+                if locals.is_empty() {
+                    continue;
+                }
+                let slot = Slot::of(policy.mode, rule.action);
+                let flags = if rule.mtls { POLICY_FLAG_MTLS } else { 0 };
+                let remotes = compiled.remotes(rule, workloads);
+                let ports = port_keys(rule);
+                for &local in &locals {
+                    for &remote in &remotes {
+                        for &(protocol, port) in &ports {
+                            let key = policy_key(local, remote, direction, protocol, port);
+                            compiled.merge(
+                                &Contribution {
+                                    key,
+                                    slot,
+                                    rule: id,
+                                    flags,
+                                },
+                                observe,
+                                policy,
+                                &rule.name,
+                            )?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(compiled)
+}
+
+/// The (protocol, port) pairs of a rule's keys.
+fn port_keys(rule: &Rule) -> BTreeSet<(u8, u16)> {
+    let Some(ports) = &rule.ports else {
+        return BTreeSet::from([(PROTO_ANY, PORT_ANY)]);
+    };
+    let mut keys = BTreeSet::new();
+    for port in ports {
+        match *port {
+            PortMatch::Protocol(protocol) => {
+                keys.insert((protocol, PORT_ANY));
+            }
+            PortMatch::Range {
+                protocol,
+                first,
+                last,
+            } => keys.extend((first..=last).map(|p| (protocol, p))),
+        }
+    }
+    keys
+}
+
+impl Compiled {
+    /// Merges one contribution; of two rules for the same field the lower id stays.
+    fn merge(
+        &mut self,
+        contribution: &Contribution,
+        observe: &mut dyn FnMut(&Contribution),
+        policy: &Policy,
+        rule: &str,
+    ) -> Result<(), CompileError> {
+        observe(contribution);
+        let value = self.entries.entry(contribution.key).or_default();
+        let field = contribution.slot.field(value);
+        if *field == 0 || contribution.rule < *field {
+            *field = contribution.rule;
+            if contribution.slot == Slot::Allow {
+                value.flags = contribution.flags;
+            }
+        }
+        if self.entries.len() > MAX_POLICY_ENTRIES as usize {
+            let (policy, rule) = (policy.name.clone(), rule.to_owned());
+            return Err(CompileError::TooManyEntries {
+                policy,
+                rule,
+                limit: MAX_POLICY_ENTRIES,
+            });
+        }
+        Ok(())
+    }
+
+    /// The remote identities a rule names: workloads by selector or address, and CIDR prefixes.
+    fn remotes(&self, rule: &Rule, workloads: &[WorkloadInfo]) -> BTreeSet<u32> {
+        let Some(peers) = &rule.peers else {
+            return BTreeSet::from([IDENTITY_ANY]);
+        };
+        let mut remotes = BTreeSet::new();
+        for peer in peers {
+            remotes.extend(
+                workloads
+                    .iter()
+                    .filter(|w| peer.selects(w))
+                    .map(|w| w.identity),
+            );
+            if let Peer::Cidr { .. } = peer {
+                let prefixes = self
+                    .prefixes
+                    .iter()
+                    .filter(|(net, id)| **id != IDENTITY_WORLD && peer.covers_prefix(net));
+                remotes.extend(prefixes.map(|(_, id)| *id));
+            }
+        }
+        remotes
+    }
+
+    /// The map fields the kernel would merge for a query: the isolation entry, and the merged
+    /// value of the six lookups.
+    pub fn lookup(
+        &self,
+        local: u32,
+        remote: u32,
+        direction: u8,
+        protocol: u8,
+        port: u16,
+    ) -> (Option<PolicyValue>, PolicyValue) {
+        let isolation = self.entries.get(&isolation_key(local, direction)).copied();
+        let mut merged = PolicyValue::default();
+        for key in lookup_keys(local, remote, direction, protocol, port) {
+            let Some(value) = self.entries.get(&key) else {
+                continue;
+            };
+            for slot in Slot::ALL {
+                let (mine, theirs) = (slot.get(&merged), slot.get(value));
+                if mine == 0 && theirs != 0 {
+                    *slot.field(&mut merged) = theirs;
+                    if slot == Slot::Allow {
+                        merged.flags = value.flags;
+                    }
+                }
+            }
+        }
+        (isolation, merged)
+    }
+
+    /// The verdict the kernel reaches for a query, field by field as it merges the map.
+    pub fn decide(
+        &self,
+        local: u32,
+        remote: u32,
+        direction: u8,
+        protocol: u8,
+        port: u16,
+    ) -> Decision {
+        let (isolation, v) = self.lookup(local, remote, direction, protocol, port);
+        let decision = |verdict, rule| Decision {
+            verdict,
+            rule,
+            isolated: true,
+        };
+        let Some(iso) = isolation else {
+            return Decision {
+                verdict: VERDICT_ALLOW,
+                rule: 0,
+                isolated: false,
+            };
+        };
+        if v.deny_rule != 0 {
+            decision(VERDICT_DENY, v.deny_rule)
+        } else if iso.deny_rule != 0 && v.allow_rule == 0 {
+            decision(VERDICT_DENY, iso.deny_rule)
+        } else if v.audit_deny_rule != 0 {
+            decision(VERDICT_AUDIT, v.audit_deny_rule)
+        } else if iso.audit_deny_rule != 0 && v.allow_rule == 0 && v.audit_allow_rule == 0 {
+            decision(VERDICT_AUDIT, iso.audit_deny_rule)
+        } else if v.allow_rule != 0 && v.flags & POLICY_FLAG_MTLS != 0 {
+            decision(VERDICT_REDIRECT, v.allow_rule)
+        } else if v.allow_rule != 0 {
+            decision(VERDICT_ALLOW, v.allow_rule)
+        } else {
+            decision(VERDICT_ALLOW, v.audit_allow_rule)
+        }
+    }
+
+    /// The identity the kernel gives a remote address: a workload's own address first, then the
+    /// longest prefix of the LPM cache, else the world.
+    pub fn remote_identity(&self, addr: IpAddr, workloads: &[WorkloadInfo]) -> u32 {
+        let addr = addr.to_canonical();
+        if let Some(w) = workloads
+            .iter()
+            .find(|w| w.addresses.iter().any(|a| a.to_canonical() == addr))
+        {
+            return w.identity;
+        }
+        let containing = self.prefixes.iter().filter(|(net, _)| net.contains(&addr));
+        containing
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map_or(IDENTITY_WORLD, |(_, id)| *id)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,553 @@
+//! Reading policy files: finding them, splitting them into documents, and turning every problem
+//! into a diagnostic with its file, line, document and field.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::{
+    self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor,
+};
+use serde_yaml::Value;
+
+use super::diagnostics::{
+    FieldPath, Findings, Location, PolicyError, PolicyErrors, PolicyWarning, Segment,
+};
+use super::model::{Origin, PolicySet};
+use super::{k8s, ward};
+
+/// Loads every policy document of `paths`: files, or directories whose `*.yaml` and `*.yml`
+/// files (not hidden, not in subdirectories) are read in name order. Reports every error found.
+pub fn load(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
+    Report::load(paths).into_result()
+}
+
+/// Parses the documents of one text, named `source` in diagnostics.
+pub fn parse(source: &Path, text: &str) -> Result<PolicySet, PolicyErrors> {
+    let mut report = Report::default();
+    report.add_text(source, text);
+    report.into_result()
+}
+
+/// Everything loading found: the valid policies, the errors and the warnings.
+#[derive(Debug, Default)]
+pub(crate) struct Report {
+    pub set: PolicySet,
+    pub errors: Vec<PolicyError>,
+    /// Where each policy name was first defined.
+    names: HashMap<String, Location>,
+}
+
+impl Report {
+    pub fn load(paths: &[PathBuf]) -> Report {
+        let mut report = Report::default();
+        for file in report.policy_files(paths) {
+            match std::fs::read_to_string(&file) {
+                Ok(text) => report.add_text(&file, &text),
+                Err(e) => report.file_error(&file, format!("cannot read: {e}")),
+            }
+        }
+        report
+    }
+
+    pub fn into_result(self) -> Result<PolicySet, PolicyErrors> {
+        if self.errors.is_empty() {
+            Ok(self.set)
+        } else {
+            Err(PolicyErrors(self.errors))
+        }
+    }
+
+    fn file_error(&mut self, file: &Path, reason: String) {
+        let location = Location {
+            file: file.to_owned(),
+            ..Location::default()
+        };
+        self.errors.push(PolicyError {
+            location,
+            field: String::new(),
+            reason,
+        });
+    }
+
+    fn policy_files(&mut self, paths: &[PathBuf]) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for path in paths {
+            if !path.is_dir() {
+                if path.exists() {
+                    files.push(path.clone());
+                } else {
+                    self.file_error(path, "no such file or directory".into());
+                }
+                continue;
+            }
+            let entries = match std::fs::read_dir(path) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    self.file_error(path, format!("cannot read directory: {e}"));
+                    continue;
+                }
+            };
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(|entry| Some(entry.ok()?.path()))
+                .filter(|p| p.is_file() && is_policy_file_name(p))
+                .collect();
+            found.sort();
+            files.extend(found);
+        }
+        files
+    }
+
+    pub fn add_text(&mut self, file: &Path, text: &str) {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        for (index, document) in split_documents(text).into_iter().enumerate() {
+            let location = Location {
+                file: file.to_owned(),
+                line: Some(document.content_line),
+                document: Some(index + 1),
+                policy: None,
+            };
+            self.add_document(&document, location);
+        }
+    }
+
+    fn add_document(&mut self, document: &Document<'_>, mut location: Location) {
+        let value: Value = match serde_yaml::from_str(document.text) {
+            Ok(value) => value,
+            Err(e) => return self.errors.push(serde_error(&e, location, document)),
+        };
+        let Value::Mapping(map) = &value else {
+            let reason =
+                "a policy document is a mapping with apiVersion, kind, metadata and spec".into();
+            return self.errors.push(PolicyError {
+                location,
+                field: String::new(),
+                reason,
+            });
+        };
+        let text_of = |key: &str| map.get(key).and_then(Value::as_str);
+        let metadata = |key: &str| {
+            map.get("metadata")
+                .and_then(|m| m.get(key))
+                .and_then(Value::as_str)
+        };
+        let (api_version, kind) = (text_of("apiVersion"), text_of("kind"));
+        let is_network_policy = api_version == Some(k8s::API_VERSION) && kind == Some(k8s::KIND);
+        location.policy = metadata("name").map(|name| match is_network_policy {
+            true => k8s::policy_name(metadata("namespace"), name),
+            false => name.to_owned(),
+        });
+        let origin = Origin {
+            file: location.file.clone(),
+            document: location.document.unwrap_or_default(),
+            line: document.content_line,
+        };
+        let mut findings = Findings::default();
+        let policy = match (api_version, kind) {
+            (Some(ward::API_VERSION), Some(ward::KIND)) => {
+                typed(document).map(|doc| ward::convert(doc, origin, &mut findings))
+            }
+            _ if is_network_policy => {
+                typed(document).map(|doc| k8s::convert(doc, origin, &mut findings))
+            }
+            _ => {
+                let (field, found) = match api_version {
+                    Some(ward::API_VERSION) | Some(k8s::API_VERSION) => ("kind", kind),
+                    _ => ("apiVersion", api_version),
+                };
+                let found = found.map_or("nothing".to_owned(), |f| format!("`{f}`"));
+                let reason = format!(
+                    "expected {} {} or {} {}, found {found}",
+                    ward::API_VERSION,
+                    ward::KIND,
+                    k8s::API_VERSION,
+                    k8s::KIND
+                );
+                let path = FieldPath::default().key(field);
+                location.line = locate(document, &path).or(location.line);
+                return self.errors.push(PolicyError {
+                    location,
+                    field: field.into(),
+                    reason,
+                });
+            }
+        };
+        let policy = match policy {
+            Ok(policy) => policy,
+            Err(e) => return self.errors.push(serde_error(&e, location, document)),
+        };
+        let at = |path: &FieldPath| Location {
+            line: locate(document, path).or(location.line),
+            ..location.clone()
+        };
+        for (path, reason) in &findings.errors {
+            self.errors.push(PolicyError {
+                location: at(path),
+                field: path.to_string(),
+                reason: reason.clone(),
+            });
+        }
+        for (path, kind, message) in findings.warnings {
+            let warning = PolicyWarning {
+                location: at(&path),
+                field: path.to_string(),
+                kind,
+                message,
+            };
+            self.set.warnings.push(warning);
+        }
+        let name_path = FieldPath::default().key("metadata").key("name");
+        if let Some(first) = self.names.get(&policy.name) {
+            let reason = format!(
+                "duplicate policy name `{}`; first defined at {first}",
+                policy.name
+            );
+            self.errors.push(PolicyError {
+                location: at(&name_path),
+                field: name_path.to_string(),
+                reason,
+            });
+            return;
+        }
+        self.names.insert(policy.name.clone(), location);
+        if findings.errors.is_empty() {
+            self.set.policies.push(policy);
+        }
+    }
+}
+
+fn is_policy_file_name(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
+}
+
+fn typed<T: DeserializeOwned>(document: &Document<'_>) -> Result<T, serde_yaml::Error> {
+    serde_yaml::from_str(document.text)
+}
+
+/// One YAML document of a file.
+struct Document<'a> {
+    text: &'a str,
+    /// Lines of the file before `text`.
+    line_offset: usize,
+    /// 1-based line of the document's first content.
+    content_line: usize,
+}
+
+/// Splits a file at its `---` and `...` markers. A marker at the start of a line always ends a
+/// document in YAML (not even a block scalar may hold one), so this split is exact and lets each
+/// document fail on its own. Documents without content are left out.
+fn split_documents(text: &str) -> Vec<Document<'_>> {
+    let is_marker = |line: &str, marker: &str| {
+        line.strip_prefix(marker)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
+    };
+    let mut documents = Vec::new();
+    let (mut start, mut start_line, mut content_line) = (0, 0, None);
+    let mut offset = 0;
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    for (number, line) in lines.iter().enumerate() {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let (starts, ends) = (is_marker(bare, "---"), is_marker(bare, "..."));
+        if starts || ends {
+            if let Some(content_line) = content_line.take() {
+                documents.push(Document {
+                    text: &text[start..offset],
+                    line_offset: start_line,
+                    content_line,
+                });
+            }
+            // A `---` line belongs to the document it opens, and may hold content itself.
+            (start, start_line) = if starts {
+                (offset, number)
+            } else {
+                (offset + line.len(), number + 1)
+            };
+        }
+        let content = if starts {
+            &bare[3..]
+        } else if ends {
+            ""
+        } else {
+            bare
+        };
+        let content = content.trim();
+        if content_line.is_none() && !content.is_empty() && !content.starts_with('#') {
+            content_line = Some(number + 1);
+        }
+        offset += line.len();
+    }
+    if let Some(content_line) = content_line {
+        documents.push(Document {
+            text: &text[start..],
+            line_offset: start_line,
+            content_line,
+        });
+    }
+    documents
+}
+
+/// A serde_yaml error as a diagnostic: its message is `path: reason at line L column C`.
+fn serde_error(
+    error: &serde_yaml::Error,
+    mut location: Location,
+    document: &Document<'_>,
+) -> PolicyError {
+    let mut message = error.to_string();
+    if let Some(mark) = error.location() {
+        if let Some(at) = message.rfind(" at line ") {
+            message.truncate(at);
+        }
+        location.line = Some((mark.line() + document.line_offset).max(document.content_line));
+    }
+    let (field, reason) = match message.split_once(": ") {
+        Some((path, reason)) if !path.contains(char::is_whitespace) => {
+            (path.to_owned(), reason.to_owned())
+        }
+        _ => (String::new(), message),
+    };
+    PolicyError {
+        location,
+        field,
+        reason,
+    }
+}
+
+/// The line of a field of a document. serde_yaml keeps no positions for values it has parsed,
+/// but the errors it raises carry one: walk down to the field and fail there.
+fn locate(document: &Document<'_>, path: &FieldPath) -> Option<usize> {
+    let error = Locator(path.segments())
+        .deserialize(serde_yaml::Deserializer::from_str(document.text))
+        .err()?;
+    let found = error.to_string().contains(FOUND);
+    found
+        .then(|| {
+            error
+                .location()
+                .map(|mark| mark.line() + document.line_offset)
+        })
+        .flatten()
+}
+
+const FOUND: &str = "\u{1}field found";
+
+struct Locator<'a>(&'a [Segment]);
+
+impl<'de> DeserializeSeed<'de> for Locator<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl Locator<'_> {
+    fn found<E: de::Error>(self) -> Result<(), E> {
+        Err(E::custom(FOUND))
+    }
+}
+
+/// Reads a mapping key: whether it is the one wanted, or an error at it when it is the last.
+struct KeyLocator<'a> {
+    want: &'a str,
+    last: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for KeyLocator<'_> {
+    type Value = bool;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyLocator<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key")
+    }
+
+    // Failing inside the scalar's own visit is what gives the error the key's position.
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<bool, E> {
+        match key == self.want {
+            true if self.last => Err(E::custom(FOUND)),
+            matched => Ok(matched),
+        }
+    }
+}
+
+impl<'de> Visitor<'de> for Locator<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Some((Segment::Key(want), rest)) = self.0.split_first() else {
+            return self.found();
+        };
+        // The last key is reported at its own line, not at its value's (a block list starts below).
+        while let Some(matched) = map.next_key_seed(KeyLocator {
+            want,
+            last: rest.is_empty(),
+        })? {
+            if matched {
+                return map.next_value_seed(Locator(rest));
+            }
+            map.next_value::<IgnoredAny>()?;
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Some((Segment::Index(want), rest)) = self.0.split_first() else {
+            return self.found();
+        };
+        for _ in 0..*want {
+            if seq.next_element::<IgnoredAny>()?.is_none() {
+                return Ok(());
+            }
+        }
+        seq.next_element_seed(Locator(rest)).map(drop)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        self.found()
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        self.found()
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.found()
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        self.found()
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        self.found()
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.found()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<PolicyError> {
+        match parse(Path::new("p.yaml"), text) {
+            Ok(_) => panic!("expected errors for:\n{text}"),
+            Err(PolicyErrors(errors)) => errors,
+        }
+    }
+
+    #[test]
+    fn splits_documents_with_their_lines() {
+        let text = "# head\n---\na: 1\n---\n\n# only a comment\n--- \n--- {b: 2}\n...\nc: 3\n";
+        let documents = split_documents(text);
+        let summary: Vec<_> = documents
+            .iter()
+            .map(|d| (d.text, d.line_offset, d.content_line))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("---\na: 1\n", 1, 3),
+                ("--- {b: 2}\n", 7, 8),
+                ("c: 3\n", 9, 10)
+            ],
+            "documents of {text:?}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_names_file_line_and_document() {
+        let text = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata: {name: a}\nspec: {selector: {}}\n---\nfoo: [bar\n";
+        let errors = errors(text);
+        assert_eq!(errors.len(), 1, "one error expected: {errors:?}");
+        let location = &errors[0].location;
+        assert_eq!(
+            (location.file.as_path(), location.document),
+            (Path::new("p.yaml"), Some(2)),
+            "{errors:?}"
+        );
+        assert!(
+            location.line.is_some_and(|l| l >= 6),
+            "line points into document 2: {errors:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_kind_and_api_version() {
+        let text = "apiVersion: ward.dev/v1\nkind: Polcy\n---\napiVersion: v2\nkind: Policy\n";
+        let errors = errors(text);
+        let fields: Vec<_> = errors
+            .iter()
+            .map(|e| (e.field.as_str(), e.location.line))
+            .collect();
+        assert_eq!(
+            fields,
+            [("kind", Some(2)), ("apiVersion", Some(4))],
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn missing_path_is_not_located() {
+        let text = "a:\n  b: [1, 2]\n";
+        let document = &split_documents(text)[0];
+        let path = FieldPath::default().key("a").key("b");
+        assert_eq!(
+            locate(document, &path.index(1)),
+            Some(2),
+            "a[1] is on line 2"
+        );
+        assert_eq!(locate(document, &path.index(5)), None, "there is no a.b[5]");
+        assert_eq!(
+            locate(document, &FieldPath::default().key("zzz")),
+            None,
+            "there is no zzz"
+        );
+    }
+
+    #[test]
+    fn directories_load_yaml_files_in_order_and_missing_paths_fail() {
+        let dir = std::env::temp_dir().join(format!("ward-policy-load-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        let policy = |name: &str| {
+            format!("apiVersion: ward.dev/v1\nkind: Policy\nmetadata: {{name: {name}}}\nspec: {{selector: {{}}, ingress: []}}\n")
+        };
+        for (file, name) in [
+            ("b.yml", "second"),
+            ("a.yaml", "first"),
+            (".hidden.yaml", "x"),
+            ("c.txt", "y"),
+        ] {
+            std::fs::write(dir.join(file), policy(name)).expect("write policy");
+        }
+        let set = load(std::slice::from_ref(&dir)).expect("directory loads");
+        assert_eq!(
+            set.names().collect::<Vec<_>>(),
+            ["first", "second"],
+            "yaml files in name order"
+        );
+        let missing = dir.join("missing.yaml");
+        let errors = load(&[dir.clone(), missing.clone()])
+            .expect_err("missing file is an error")
+            .0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].location.file, missing, "{errors:?}");
+        std::fs::remove_dir_all(&dir).expect("remove temp dir");
+    }
+}

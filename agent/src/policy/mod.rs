@@ -1,0 +1,120 @@
+//! Network policy: the YAML languages ward accepts (its own `ward.dev/v1` Policy and Kubernetes
+//! `networking.k8s.io/v1` NetworkPolicy), their validation, and their compilation into the
+//! entries of the kernel's policy map.
+//!
+//! [`load`] turns files into a validated [`PolicySet`] (or every error found), [`compile`] turns
+//! a set plus the node's workloads into [`Compiled`] map entries, and [`Compiled::decide`] answers
+//! a query exactly as the kernel does, so `ward policy trace` and enforcement cannot disagree.
+
+mod compile;
+mod diagnostics;
+mod k8s;
+mod load;
+mod model;
+mod ward;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+pub use compile::{compile, CompileError, Compiled, RuleIds, FIRST_CIDR_IDENTITY};
+pub use diagnostics::{Location, PolicyError, PolicyErrors, PolicyWarning, WarningKind};
+pub use load::{load, parse};
+pub use model::PolicySet;
+
+/// What the policy compiler needs to know about one workload of the node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadInfo {
+    /// Numeric identity, in the workload range (`256..0x0100_0000`).
+    pub identity: u32,
+    pub name: String,
+    pub spiffe_id: String,
+    pub namespace: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// `mode` of a policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Enforce,
+    /// Traffic the policy would drop passes and is reported as audit.
+    Audit,
+}
+
+/// What a rule does when it matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    Allow,
+    Deny,
+    /// The implicit rule of a policy that isolates its workloads in a direction.
+    #[serde(skip_deserializing)]
+    DefaultDeny,
+}
+
+/// Describes one rule id found in the compiled map, so a verdict can name its policy and rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleInfo {
+    pub policy: String,
+    /// The rule's `name`, `ingress[<index>]`/`egress[<index>]`, or `default-deny`.
+    pub rule: String,
+    pub action: RuleAction,
+    pub mode: Mode,
+    pub mtls: bool,
+    pub source: std::path::PathBuf,
+    /// [`agent_common::DIRECTION_INGRESS`] or [`agent_common::DIRECTION_EGRESS`].
+    pub direction: u8,
+}
+
+/// The kernel's answer to one query; see [`Compiled::decide`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// One of `agent_common::VERDICT_*`.
+    pub verdict: u8,
+    /// The deciding rule; 0 when the local workload is not isolated in that direction.
+    pub rule: u32,
+    pub isolated: bool,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        })
+    }
+}
+
+impl std::fmt::Display for RuleAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RuleAction::Allow => "allow",
+            RuleAction::Deny => "deny",
+            RuleAction::DefaultDeny => "default-deny",
+        })
+    }
+}
+
+/// `ingress` or `egress`.
+pub fn direction_name(direction: u8) -> &'static str {
+    if direction == agent_common::DIRECTION_EGRESS {
+        "egress"
+    } else {
+        "ingress"
+    }
+}
+
+/// `allow`, `deny`, `audit` or `redirect`.
+pub fn verdict_name(verdict: u8) -> &'static str {
+    match verdict {
+        agent_common::VERDICT_ALLOW => "allow",
+        agent_common::VERDICT_DENY => "deny",
+        agent_common::VERDICT_AUDIT => "audit",
+        agent_common::VERDICT_REDIRECT => "redirect",
+        _ => "unknown",
+    }
+}

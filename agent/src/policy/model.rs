@@ -1,0 +1,476 @@
+//! The validated form both policy languages are turned into, and how it matches workloads.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use agent_common::{PROTO_TCP, PROTO_UDP};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use super::diagnostics::{FieldPath, Findings};
+use super::{Mode, RuleAction, WorkloadInfo};
+
+/// The label every Kubernetes namespace carries with its own name; the only namespace label ward
+/// knows, since namespaces come from the workload definitions.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+pub const PROTO_SCTP: u8 = 132;
+
+/// Parsed, validated policies in load order (file, then document).
+#[derive(Clone, Debug, Default)]
+pub struct PolicySet {
+    pub(crate) policies: Vec<Policy>,
+    /// Things the documents say that ward accepts but a reviewer should look at.
+    pub warnings: Vec<super::PolicyWarning>,
+}
+
+impl PolicySet {
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// Policy names in load order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.policies.iter().map(|p| p.name.as_str())
+    }
+
+    /// Every distinct CIDR and except prefix, in order.
+    pub(crate) fn prefixes(&self) -> std::collections::BTreeSet<IpNet> {
+        let peers = self
+            .policies
+            .iter()
+            .flat_map(|p| p.rules())
+            .flat_map(|(_, r)| r.peers.iter().flatten());
+        let mut prefixes = std::collections::BTreeSet::new();
+        for peer in peers {
+            if let Peer::Cidr { net, except } = peer {
+                prefixes.insert(*net);
+                prefixes.extend(except.iter().copied());
+            }
+        }
+        prefixes
+    }
+}
+
+/// Where a policy came from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Origin {
+    pub file: PathBuf,
+    pub document: usize,
+    /// First line of the document's content.
+    pub line: usize,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Policy {
+    /// Unique in a set; `namespace/name` for a NetworkPolicy.
+    pub name: String,
+    pub origin: Origin,
+    pub mode: Mode,
+    pub selector: WorkloadSelector,
+    /// `Some` (even empty) isolates the selected workloads in that direction.
+    pub ingress: Option<Vec<Rule>>,
+    pub egress: Option<Vec<Rule>>,
+}
+
+impl Policy {
+    /// The directions this policy isolates, with their rules.
+    pub fn directions(&self) -> impl Iterator<Item = (u8, &[Rule])> {
+        [
+            (agent_common::DIRECTION_INGRESS, &self.ingress),
+            (agent_common::DIRECTION_EGRESS, &self.egress),
+        ]
+        .into_iter()
+        .filter_map(|(direction, rules)| Some((direction, rules.as_deref()?)))
+    }
+
+    pub fn rules(&self) -> impl Iterator<Item = (u8, &Rule)> {
+        self.directions()
+            .flat_map(|(direction, rules)| rules.iter().map(move |r| (direction, r)))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Rule {
+    pub name: String,
+    /// Path of the rule in its document, for diagnostics.
+    pub field: FieldPath,
+    pub action: RuleAction,
+    /// `None`: any peer.
+    pub peers: Option<Vec<Peer>>,
+    /// `None`: every protocol and port.
+    pub ports: Option<Vec<PortMatch>>,
+    pub mtls: bool,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Peer {
+    Workloads(WorkloadSelector),
+    Cidr { net: IpNet, except: Vec<IpNet> },
+}
+
+impl Peer {
+    /// Whether this CIDR peer takes in every address of `prefix`.
+    pub fn covers_prefix(&self, prefix: &IpNet) -> bool {
+        match self {
+            Peer::Cidr { net, except } => {
+                net.contains(prefix) && !except.iter().any(|e| e.contains(prefix))
+            }
+            Peer::Workloads(_) => false,
+        }
+    }
+
+    pub fn covers_address(&self, addr: IpAddr) -> bool {
+        let addr = addr.to_canonical();
+        match self {
+            Peer::Cidr { net, except } => {
+                net.contains(&addr) && !except.iter().any(|e| e.contains(&addr))
+            }
+            Peer::Workloads(_) => false,
+        }
+    }
+
+    /// Whether the peer selects this workload: by its labels and identity, or by one of its
+    /// addresses.
+    pub fn selects(&self, workload: &WorkloadInfo) -> bool {
+        match self {
+            Peer::Workloads(selector) => selector.matches(workload),
+            Peer::Cidr { .. } => workload.addresses.iter().any(|a| self.covers_address(*a)),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum PortMatch {
+    /// Every port of a protocol.
+    Protocol(u8),
+    Range {
+        protocol: u8,
+        first: u16,
+        last: u16,
+    },
+}
+
+/// Selects workloads: every part given must match.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct WorkloadSelector {
+    pub labels: LabelSelector,
+    pub spiffe_id: Option<SpiffeMatch>,
+    pub namespace: NamespaceMatch,
+}
+
+impl WorkloadSelector {
+    pub fn matches(&self, workload: &WorkloadInfo) -> bool {
+        self.labels.matches(&workload.labels)
+            && self
+                .spiffe_id
+                .as_ref()
+                .is_none_or(|s| s.matches(&workload.spiffe_id))
+            && self.namespace.matches(workload.namespace.as_deref())
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub(crate) enum NamespaceMatch {
+    #[default]
+    Any,
+    Exact(String),
+    /// A Kubernetes namespaceSelector, evaluated on the namespace's name label; a workload without
+    /// a namespace matches none.
+    Labels(LabelSelector),
+}
+
+impl NamespaceMatch {
+    fn matches(&self, namespace: Option<&str>) -> bool {
+        match (self, namespace) {
+            (NamespaceMatch::Any, _) => true,
+            (NamespaceMatch::Exact(want), Some(ns)) => want == ns,
+            (NamespaceMatch::Labels(selector), Some(ns)) => selector.matches(&BTreeMap::from([(
+                NAMESPACE_NAME_LABEL.to_owned(),
+                ns.to_owned(),
+            )])),
+            (_, None) => false,
+        }
+    }
+}
+
+/// Kubernetes label selector semantics: `matchLabels` equality and `matchExpressions`, ANDed.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LabelSelector {
+    pub equal: BTreeMap<String, String>,
+    pub expressions: Vec<Expression>,
+}
+
+impl LabelSelector {
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.equal.iter().all(|(k, v)| labels.get(k) == Some(v))
+            && self.expressions.iter().all(|e| e.matches(labels))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub(crate) enum Operator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+/// One entry of `matchExpressions`, as written in both languages.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ExpressionDoc {
+    key: String,
+    operator: Operator,
+    values: Option<Vec<String>>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Expression {
+    key: String,
+    operator: Operator,
+    values: Vec<String>,
+}
+
+impl Expression {
+    fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        let value = labels.get(&self.key);
+        match self.operator {
+            Operator::In => value.is_some_and(|v| self.values.contains(v)),
+            Operator::NotIn => value.is_none_or(|v| !self.values.contains(v)),
+            Operator::Exists => value.is_some(),
+            Operator::DoesNotExist => value.is_none(),
+        }
+    }
+}
+
+/// A label selector from its two parts; `path` is the selector's own path.
+pub(crate) fn label_selector(
+    equal: Option<BTreeMap<String, String>>,
+    expressions: Option<Vec<ExpressionDoc>>,
+    path: &FieldPath,
+    findings: &mut Findings,
+) -> LabelSelector {
+    let mut selector = LabelSelector {
+        equal: equal.unwrap_or_default(),
+        expressions: Vec::new(),
+    };
+    for (i, doc) in expressions.into_iter().flatten().enumerate() {
+        let path = path.key("matchExpressions").index(i);
+        if doc.key.is_empty() {
+            findings.error(&path.key("key"), "key must not be empty");
+        }
+        let values = doc.values.unwrap_or_default();
+        match doc.operator {
+            Operator::In | Operator::NotIn if values.is_empty() => findings.error(
+                &path.key("values"),
+                format!("operator {:?} needs at least one value", doc.operator),
+            ),
+            Operator::Exists | Operator::DoesNotExist if !values.is_empty() => findings.error(
+                &path.key("values"),
+                format!("operator {:?} takes no values", doc.operator),
+            ),
+            _ => {}
+        }
+        selector.expressions.push(Expression {
+            key: doc.key,
+            operator: doc.operator,
+            values,
+        });
+    }
+    selector
+}
+
+/// `spiffeId` in a selector: an exact ID, or every ID below a path written `…/*`.
+#[derive(Clone, Debug)]
+pub(crate) enum SpiffeMatch {
+    Exact(String),
+    /// Keeps the trailing `/`.
+    Prefix(String),
+}
+
+impl SpiffeMatch {
+    pub fn parse(text: &str) -> Result<SpiffeMatch, String> {
+        let Some(rest) = text.strip_prefix("spiffe://") else {
+            return Err(format!(
+                "`{text}` is not a SPIFFE ID: it must start with spiffe://"
+            ));
+        };
+        let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+        if domain.is_empty() {
+            return Err(format!("`{text}` has no trust domain"));
+        }
+        let valid_domain = domain
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-._".contains(c));
+        if !valid_domain {
+            return Err(format!(
+                "`{text}`: trust domain `{domain}` may hold only lowercase letters, digits, `-`, `.`, `_`"
+            ));
+        }
+        if let Some(prefix) = text.strip_suffix('*') {
+            if !prefix.ends_with('/') || prefix[..prefix.len() - 1].contains('*') {
+                return Err(format!(
+                    "`{text}`: `*` is allowed only as the last path segment (`…/*`)"
+                ));
+            }
+            return Ok(SpiffeMatch::Prefix(prefix.to_owned()));
+        }
+        if path.contains('*') {
+            return Err(format!(
+                "`{text}`: `*` is allowed only as the last path segment (`…/*`)"
+            ));
+        }
+        Ok(SpiffeMatch::Exact(text.to_owned()))
+    }
+
+    fn matches(&self, id: &str) -> bool {
+        match self {
+            SpiffeMatch::Exact(want) => want == id,
+            SpiffeMatch::Prefix(prefix) => id.starts_with(prefix.as_str()),
+        }
+    }
+}
+
+/// A CIDR with its exceptions. `lenient` truncates host bits (with a warning) where a strict
+/// parser refuses them, as Kubernetes does.
+pub(crate) fn cidr_peer(
+    cidr: &str,
+    except: &[String],
+    lenient: bool,
+    path: &FieldPath,
+    findings: &mut Findings,
+) -> Option<Peer> {
+    let net = parse_cidr(cidr, lenient, &path.key("cidr"), findings)?;
+    let mut nets = Vec::new();
+    for (i, text) in except.iter().enumerate() {
+        let path = path.key("except").index(i);
+        let Some(e) = parse_cidr(text, lenient, &path, findings) else {
+            continue;
+        };
+        if net.contains(&e) {
+            nets.push(e);
+        } else {
+            findings.error(&path, format!("except {e} does not lie inside cidr {net}"));
+        }
+    }
+    Some(Peer::Cidr { net, except: nets })
+}
+
+fn parse_cidr(
+    text: &str,
+    lenient: bool,
+    path: &FieldPath,
+    findings: &mut Findings,
+) -> Option<IpNet> {
+    let net: IpNet = match text.parse() {
+        Ok(net) => net,
+        Err(_) => {
+            let hint = if text.parse::<IpAddr>().is_ok() {
+                " (add a prefix length, e.g. /32)"
+            } else {
+                ""
+            };
+            findings.error(path, format!("`{text}` is not a CIDR{hint}"));
+            return None;
+        }
+    };
+    let exact = net.trunc();
+    if exact != net {
+        let message = format!("`{text}` has host bits set; it means {exact}");
+        if lenient {
+            findings.warn(path, super::WarningKind::NotEnforced, message);
+        } else {
+            findings.error(path, message);
+            return None;
+        }
+    }
+    Some(exact)
+}
+
+/// `protocol` of a port entry; `allowed` lists the protocol names the language accepts.
+pub(crate) fn parse_protocol(
+    text: Option<&str>,
+    allowed: &[&str],
+    path: &FieldPath,
+    findings: &mut Findings,
+) -> Option<u8> {
+    let Some(text) = text else {
+        return Some(PROTO_TCP);
+    };
+    let upper = text.to_ascii_uppercase();
+    let protocol = match upper.as_str() {
+        "TCP" => PROTO_TCP,
+        "UDP" => PROTO_UDP,
+        "SCTP" => PROTO_SCTP,
+        _ => 0,
+    };
+    if protocol == 0 || !allowed.contains(&upper.as_str()) {
+        findings.error(
+            path,
+            format!("protocol `{text}` is not one of {}", allowed.join(", ")),
+        );
+        return None;
+    }
+    Some(protocol)
+}
+
+/// A numbered port entry: `port` alone, or `port` to `endPort`.
+pub(crate) fn port_range(
+    protocol: u8,
+    port: i64,
+    end_port: Option<i64>,
+    path: &FieldPath,
+    findings: &mut Findings,
+) -> Option<PortMatch> {
+    let check = |value: i64, field: &str, findings: &mut Findings| {
+        let valid = u16::try_from(value).ok().filter(|v| *v != 0);
+        if valid.is_none() {
+            findings.error(
+                &path.key(field),
+                format!("{field} {value} is outside 1-65535"),
+            );
+        }
+        valid
+    };
+    let first = check(port, "port", findings);
+    let last = match end_port {
+        Some(end) => check(end, "endPort", findings),
+        None => first,
+    };
+    let (first, last) = (first?, last?);
+    if last < first {
+        findings.error(
+            &path.key("endPort"),
+            format!("endPort {last} is below port {first}"),
+        );
+        return None;
+    }
+    Some(PortMatch::Range {
+        protocol,
+        first,
+        last,
+    })
+}
+
+/// Names of policies and rules: they appear in verdict lines and logs.
+pub(crate) fn check_name(name: &str, path: &FieldPath, findings: &mut Findings) {
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !valid {
+        findings.error(
+            path,
+            format!(
+                "`{name}` is not a valid name: use letters, digits, `-`, `_`, `.` (starting with a letter or digit, at most 253)"
+            ),
+        );
+    }
+}

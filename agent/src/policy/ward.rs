@@ -1,0 +1,431 @@
+//! ward's own policy language, `apiVersion: ward.dev/v1`, `kind: Policy`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use agent_common::PROTO_TCP;
+use serde::Deserialize;
+
+use super::diagnostics::{FieldPath, Findings};
+use super::model::{
+    check_name, cidr_peer, label_selector, parse_protocol, port_range, ExpressionDoc,
+    NamespaceMatch, Origin, Peer, Policy, PortMatch, Rule, SpiffeMatch, WorkloadSelector,
+};
+use super::{Mode, RuleAction, WarningKind};
+
+pub const API_VERSION: &str = "ward.dev/v1";
+pub const KIND: &str = "Policy";
+/// The name of every policy's implicit rule; no rule may take it.
+pub const DEFAULT_DENY: &str = "default-deny";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct PolicyDoc {
+    #[serde(rename = "apiVersion")]
+    _api_version: String,
+    #[serde(rename = "kind")]
+    _kind: String,
+    metadata: MetadataDoc,
+    spec: SpecDoc,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetadataDoc {
+    name: String,
+    /// Accepted for tooling; ward does not use them.
+    #[serde(default, rename = "labels")]
+    _labels: BTreeMap<String, String>,
+    #[serde(default, rename = "annotations")]
+    _annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpecDoc {
+    mode: Option<Mode>,
+    selector: Option<SelectorDoc>,
+    ingress: Option<Vec<RuleDoc>>,
+    egress: Option<Vec<RuleDoc>>,
+}
+
+/// A workload selector; as a peer it may instead hold a CIDR.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SelectorDoc {
+    labels: Option<BTreeMap<String, String>>,
+    match_expressions: Option<Vec<ExpressionDoc>>,
+    spiffe_id: Option<String>,
+    namespace: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PeerDoc {
+    labels: Option<BTreeMap<String, String>>,
+    match_expressions: Option<Vec<ExpressionDoc>>,
+    spiffe_id: Option<String>,
+    namespace: Option<String>,
+    cidr: Option<String>,
+    except: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleDoc {
+    name: Option<String>,
+    action: Option<RuleAction>,
+    from: Option<Vec<PeerDoc>>,
+    to: Option<Vec<PeerDoc>>,
+    ports: Option<Vec<PortDoc>>,
+    mtls: Option<Mtls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PortDoc {
+    port: Option<i64>,
+    end_port: Option<i64>,
+    protocol: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Mtls {
+    Required,
+    Disabled,
+}
+
+pub(crate) fn convert(doc: PolicyDoc, origin: Origin, findings: &mut Findings) -> Policy {
+    let root = FieldPath::default();
+    let spec = root.key("spec");
+    check_name(
+        &doc.metadata.name,
+        &root.key("metadata").key("name"),
+        findings,
+    );
+    let selector = match doc.spec.selector {
+        Some(selector) => workload_selector(selector, &spec.key("selector"), findings),
+        None => {
+            findings.error(
+                &spec,
+                "selector is missing; `selector: {}` selects every workload",
+            );
+            WorkloadSelector::default()
+        }
+    };
+    let mut rules = |docs: Option<Vec<RuleDoc>>, direction: &str| {
+        let docs = docs?;
+        let mut names = BTreeSet::new();
+        let path = spec.key(direction);
+        let rules = docs
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| rule(d, direction, i, &path, &mut names, findings));
+        Some(rules.collect())
+    };
+    let (ingress, egress) = (
+        rules(doc.spec.ingress, "ingress"),
+        rules(doc.spec.egress, "egress"),
+    );
+    if ingress.is_none() && egress.is_none() {
+        findings.warn(
+            &spec,
+            WarningKind::NoEffect,
+            "neither ingress nor egress: this policy isolates nothing and allows nothing",
+        );
+    }
+    Policy {
+        name: doc.metadata.name,
+        origin,
+        mode: doc.spec.mode.unwrap_or(Mode::Enforce),
+        selector,
+        ingress,
+        egress,
+    }
+}
+
+fn workload_selector(
+    doc: SelectorDoc,
+    path: &FieldPath,
+    findings: &mut Findings,
+) -> WorkloadSelector {
+    let spiffe_id = doc.spiffe_id.and_then(|text| {
+        SpiffeMatch::parse(&text)
+            .map_err(|reason| findings.error(&path.key("spiffeId"), reason))
+            .ok()
+    });
+    WorkloadSelector {
+        labels: label_selector(doc.labels, doc.match_expressions, path, findings),
+        spiffe_id,
+        namespace: doc
+            .namespace
+            .map_or(NamespaceMatch::Any, NamespaceMatch::Exact),
+    }
+}
+
+fn rule(
+    doc: RuleDoc,
+    direction: &str,
+    index: usize,
+    parent: &FieldPath,
+    names: &mut BTreeSet<String>,
+    findings: &mut Findings,
+) -> Rule {
+    let path = parent.index(index);
+    let name = match doc.name {
+        Some(name) => {
+            let name_path = path.key("name");
+            check_name(&name, &name_path, findings);
+            if name == DEFAULT_DENY {
+                findings.error(
+                    &name_path,
+                    format!("`{DEFAULT_DENY}` is the name of the policy's implicit rule"),
+                );
+            }
+            name
+        }
+        None => format!("{direction}[{index}]"),
+    };
+    if !names.insert(name.clone()) {
+        findings.error(
+            &path.key("name"),
+            format!("another {direction} rule of this policy is named `{name}`"),
+        );
+    }
+    let (peer_field, wrong_field) = if direction == "ingress" {
+        ("from", "to")
+    } else {
+        ("to", "from")
+    };
+    let (peers, wrong) = if direction == "ingress" {
+        (doc.from, doc.to)
+    } else {
+        (doc.to, doc.from)
+    };
+    if wrong.is_some() {
+        findings.error(
+            &path.key(wrong_field),
+            format!("{direction} rules name their peers with `{peer_field}`"),
+        );
+    }
+    let peers_path = path.key(peer_field);
+    if peers.as_ref().is_some_and(Vec::is_empty) {
+        findings.error(
+            &peers_path,
+            format!("an empty list matches no peer; leave `{peer_field}` out to match any peer"),
+        );
+    }
+    let peers = peers.map(|docs| {
+        let peers = docs.into_iter().enumerate();
+        peers
+            .filter_map(|(i, d)| peer(d, &peers_path.index(i), findings))
+            .collect()
+    });
+    let ports = doc.ports.map(|docs| {
+        let ports = docs.into_iter().enumerate();
+        ports
+            .filter_map(|(i, d)| port(d, &path.key("ports").index(i), findings))
+            .collect()
+    });
+    let action = doc.action.unwrap_or(RuleAction::Allow);
+    let mtls = doc.mtls == Some(Mtls::Required);
+    if mtls && action == RuleAction::Deny {
+        findings.error(
+            &path.key("mtls"),
+            "mtls: required applies to allow rules only",
+        );
+    }
+    Rule {
+        name,
+        field: path,
+        action,
+        peers,
+        ports,
+        mtls,
+    }
+}
+
+fn peer(doc: PeerDoc, path: &FieldPath, findings: &mut Findings) -> Option<Peer> {
+    let selector = SelectorDoc {
+        labels: doc.labels,
+        match_expressions: doc.match_expressions,
+        spiffe_id: doc.spiffe_id,
+        namespace: doc.namespace,
+    };
+    let has_selector = selector.labels.is_some()
+        || selector.match_expressions.is_some()
+        || selector.spiffe_id.is_some()
+        || selector.namespace.is_some();
+    match doc.cidr {
+        Some(_) if has_selector => {
+            findings.error(path, "a peer is either a cidr or a workload selector (labels, matchExpressions, spiffeId, namespace), not both");
+            None
+        }
+        Some(cidr) => cidr_peer(
+            &cidr,
+            doc.except.as_deref().unwrap_or_default(),
+            false,
+            path,
+            findings,
+        ),
+        None if doc.except.is_some() => {
+            findings.error(&path.key("except"), "except needs a cidr");
+            None
+        }
+        None if !has_selector => {
+            findings.error(
+                path,
+                "an empty peer: give labels, matchExpressions, spiffeId, namespace or cidr",
+            );
+            None
+        }
+        None => Some(Peer::Workloads(workload_selector(selector, path, findings))),
+    }
+}
+
+fn port(doc: PortDoc, path: &FieldPath, findings: &mut Findings) -> Option<PortMatch> {
+    let protocol = parse_protocol(
+        doc.protocol.as_deref(),
+        &["TCP", "UDP"],
+        &path.key("protocol"),
+        findings,
+    );
+    match (doc.port, doc.end_port) {
+        (None, Some(_)) => {
+            findings.error(&path.key("endPort"), "endPort needs port");
+            None
+        }
+        (None, None) => protocol.map(PortMatch::Protocol),
+        (Some(port), end_port) => {
+            // Check the range even when the protocol is wrong, so both errors are reported.
+            let range = port_range(
+                protocol.unwrap_or(PROTO_TCP),
+                port,
+                end_port,
+                path,
+                findings,
+            );
+            protocol.and(range)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::policy::{parse, PolicyError};
+
+    const HEAD: &str = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  name: p\nspec:\n";
+
+    fn errors(text: &str) -> Vec<PolicyError> {
+        match parse(Path::new("bad.yaml"), text) {
+            Ok(_) => panic!("expected an error for:\n{text}"),
+            Err(errors) => errors.0,
+        }
+    }
+
+    /// Each case is a spec whose line marked `# <-` holds the error.
+    #[test]
+    fn each_validation_error_names_file_line_document_and_field() {
+        let cases = [
+            ("  selector: {}\n  ingres: [] # <-", "spec", "unknown field `ingres`"),
+            ("  mode: enforcing # <-\n  selector: {}", "spec.mode", "unknown variant `enforcing`"),
+            ("  selector: {}\n  ingress:\n    - from:\n        - cidr: 10.0.0.0/33 # <-", "spec.ingress[0].from[0].cidr", "not a CIDR"),
+            ("  selector: {}\n  ingress:\n    - from:\n        - cidr: 10.0.0.1/8 # <-", "spec.ingress[0].from[0].cidr", "host bits"),
+            ("  selector: {}\n  ingress:\n    - from:\n        - cidr: 10.0.0.0/8\n          except:\n            - 11.0.0.0/16 # <-", "spec.ingress[0].from[0].except[0]", "does not lie inside"),
+            ("  selector: {}\n  ingress:\n    - ports:\n        - port: 0 # <-", "spec.ingress[0].ports[0].port", "outside 1-65535"),
+            ("  selector: {}\n  ingress:\n    - ports:\n        - port: 70000 # <-", "spec.ingress[0].ports[0].port", "outside 1-65535"),
+            ("  selector: {}\n  ingress:\n    - ports:\n        - port: 80\n        - port: 90\n          endPort: 85 # <-", "spec.ingress[0].ports[1].endPort", "endPort 85 is below port 90"),
+            ("  selector: {}\n  egress:\n    - ports:\n        - endPort: 85 # <-", "spec.egress[0].ports[0].endPort", "endPort needs port"),
+            ("  selector: {}\n  ingress:\n    - ports:\n        - protocol: ICMP # <-", "spec.ingress[0].ports[0].protocol", "not one of TCP, UDP"),
+            ("  selector:\n    matchExpressions:\n      - key: app\n        operator: Equals # <-", "spec.selector.matchExpressions[0].operator", "unknown variant `Equals`"),
+            ("  selector:\n    matchExpressions:\n      - key: app\n        operator: In\n        values: [] # <-", "spec.selector.matchExpressions[0].values", "needs at least one value"),
+            ("  selector:\n    matchExpressions:\n      - key: app\n        operator: Exists\n        values: [a] # <-", "spec.selector.matchExpressions[0].values", "takes no values"),
+            ("  selector: {}\n  ingress:\n    - from:\n        - {} # <-", "spec.ingress[0].from[0]", "an empty peer"),
+            ("  selector: {}\n  ingress:\n    - from:\n        - cidr: 10.0.0.0/8 # <-\n          labels: {app: a}", "spec.ingress[0].from[0]", "not both"),
+            ("  selector: {}\n  ingress:\n    - from:\n        - except: [10.0.0.0/8] # <-", "spec.ingress[0].from[0].except", "except needs a cidr"),
+            ("  selector:\n    spiffeId: example.org/web # <-", "spec.selector.spiffeId", "must start with spiffe://"),
+            ("  selector:\n    spiffeId: spiffe://example.org/ns/*/sa # <-", "spec.selector.spiffeId", "last path segment"),
+            ("  selector: {}\n  ingress:\n    - action: drop # <-", "spec.ingress[0].action", "unknown variant `drop`"),
+            ("  selector: {}\n  ingress:\n    - action: deny\n      mtls: required # <-", "spec.ingress[0].mtls", "allow rules only"),
+            ("  selector: {}\n  ingress:\n    - mtls: maybe # <-", "spec.ingress[0].mtls", "unknown variant `maybe`"),
+            // Unmarked: the error is at the `spec:` line.
+            ("  ingress: []", "spec", "selector is missing"),
+            ("  selector: {}\n  egress:\n    - from: # <-\n        - labels: {app: a}", "spec.egress[0].from", "name their peers with `to`"),
+            ("  selector: {}\n  ingress:\n    - from: [] # <-", "spec.ingress[0].from", "matches no peer"),
+            ("  selector: {}\n  ingress:\n    - name: a\n    - name: a # <-", "spec.ingress[1].name", "another ingress rule"),
+            ("  selector: {}\n  ingress:\n    - name: default-deny # <-", "spec.ingress[0].name", "implicit rule"),
+            ("  selector: {}\n  ingress:\n    - name: has space # <-", "spec.ingress[0].name", "not a valid name"),
+            ("  selector: {}\n  ingress:\n    - ports:\n        - port: http # <-", "spec.ingress[0].ports[0].port", "invalid type"),
+        ];
+        for (spec, field, reason) in cases {
+            // A valid document first, so the failing one is the second.
+            let text = format!(
+                "{HEAD}  selector: {{}}\n---\n{}",
+                HEAD.replace("name: p", "name: q")
+            ) + spec
+                + "\n";
+            let marked = text.lines().position(|l| l.ends_with("# <-"));
+            let line = marked
+                .or_else(|| {
+                    text.lines()
+                        .collect::<Vec<_>>()
+                        .iter()
+                        .rposition(|l| *l == "spec:")
+                })
+                .expect("a spec line")
+                + 1;
+            let errors = errors(&text);
+            let error = &errors[0];
+            assert_eq!(errors.len(), 1, "one error for {field}: {errors:#?}");
+            assert_eq!(error.field, field, "field of {error}");
+            assert!(
+                error.reason.contains(reason),
+                "reason of {error} should contain {reason:?}"
+            );
+            let location = &error.location;
+            assert_eq!(
+                (location.file.as_path(), location.line, location.document),
+                (Path::new("bad.yaml"), Some(line), Some(2)),
+                "{error}"
+            );
+            assert_eq!(location.policy.as_deref(), Some("q"), "{error}");
+            let shown = error.to_string();
+            assert!(
+                shown.starts_with(&format!("bad.yaml:{line}: document 2 (q): {field}: ")),
+                "display: {shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_error_of_every_document_is_reported() {
+        let text = format!(
+            "{HEAD}  selector: {{}}\n  ingress:\n    - ports: [{{port: 0}}, {{port: 5, endPort: 4}}]\n      from: [{{cidr: nope}}]\n---\n{HEAD}  selector: {{}}\n---\n[not, a, mapping]\n"
+        );
+        let errors = errors(&text);
+        let found: Vec<_> = errors
+            .iter()
+            .map(|e| (e.location.document, e.field.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (Some(1), "spec.ingress[0].from[0].cidr"),
+                (Some(1), "spec.ingress[0].ports[0].port"),
+                (Some(1), "spec.ingress[0].ports[1].endPort"),
+                (Some(2), "metadata.name"),
+                (Some(3), ""),
+            ],
+            "{errors:#?}"
+        );
+        assert!(
+            errors[3]
+                .reason
+                .contains("duplicate policy name `p`; first defined at bad.yaml:1"),
+            "{}",
+            errors[3]
+        );
+    }
+}

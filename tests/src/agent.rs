@@ -1,0 +1,315 @@
+//! The `ward` agent under test: its configuration, its process and its log.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
+
+use crate::cgroups::TestCgroups;
+use crate::process::{run, Background, Finished, Lines};
+use crate::verdicts::{find_verdict, Verdict, VerdictQuery};
+
+/// The trust domain of every test configuration.
+pub const TRUST_DOMAIN: &str = "ward.test";
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(20);
+/// A reload is triggered twice (file change and SIGHUP); after the first outcome line, outcomes
+/// that follow within this quiet time belong to the same reload.
+const RELOAD_SETTLE: Duration = Duration::from_millis(750);
+
+/// One entry of the configuration's `workloads`.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    /// Paths relative to the cgroup root.
+    pub cgroups: Vec<String>,
+    pub addresses: Vec<String>,
+}
+
+impl Workload {
+    /// A workload recognised by the cgroup of its own name, labelled `app: <name>`.
+    pub fn new(name: &str) -> Self {
+        Workload {
+            name: name.to_owned(),
+            labels: vec![("app".to_owned(), name.to_owned())],
+            cgroups: vec![name.to_owned()],
+            addresses: Vec::new(),
+        }
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.retain(|(k, _)| k != key);
+        self.labels.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn address(mut self, address: &str) -> Self {
+        self.addresses.push(address.to_owned());
+        self
+    }
+
+    /// The SPIFFE ID ward derives for it (`spiffe://<trustDomain>/workload/<name>`).
+    pub fn spiffe_id(&self) -> String {
+        spiffe_id(&self.name)
+    }
+}
+
+/// The SPIFFE ID ward derives for a workload named `name` without an explicit one.
+pub fn spiffe_id(name: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/workload/{name}")
+}
+
+/// What a reload came to.
+#[derive(Debug)]
+pub struct Reload {
+    pub applied: bool,
+    /// Every `policy applied` / `policy rejected` line the reload produced.
+    pub outcome_lines: Vec<String>,
+}
+
+/// A running `ward run`, stopped with SIGTERM on drop; its pin and configuration directories are
+/// removed after it stops.
+pub struct Ward {
+    process: Background,
+    dir: PathBuf,
+    config_file: PathBuf,
+    policy_file: PathBuf,
+    pin_dir: PathBuf,
+    reloads: usize,
+}
+
+fn quote(text: &str) -> String {
+    serde_json::to_string(text).expect("a string serialises")
+}
+
+fn config_text(cgroups: &TestCgroups, pin_dir: &Path, policy_file: &Path, workloads: &[Workload]) -> String {
+    let mut text = format!(
+        "trustDomain: {}\ncgroupRoot: {}\npinDir: {}\npolicies:\n  - {}\nworkloads:\n",
+        quote(TRUST_DOMAIN),
+        quote(&cgroups.root().to_string_lossy()),
+        quote(&pin_dir.to_string_lossy()),
+        quote(&policy_file.to_string_lossy()),
+    );
+    if workloads.is_empty() {
+        text.push_str("  []\n");
+    }
+    for workload in workloads {
+        let labels: Vec<String> = workload
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{}: {}", quote(k), quote(v)))
+            .collect();
+        let list = |items: &[String]| items.iter().map(|i| quote(i)).collect::<Vec<_>>().join(", ");
+        text.push_str(&format!(
+            "  - name: {}\n    labels: {{{}}}\n    cgroups: [{}]\n",
+            quote(&workload.name),
+            labels.join(", "),
+            list(&workload.cgroups),
+        ));
+        if !workload.addresses.is_empty() {
+            text.push_str(&format!("    addresses: [{}]\n", list(&workload.addresses)));
+        }
+    }
+    text
+}
+
+/// A word on its own, so that `already` is not `ready`.
+fn contains_word(line: &str, word: &str) -> bool {
+    line.match_indices(word).any(|(at, _)| {
+        let before = line[..at].chars().next_back();
+        let after = line[at + word.len()..].chars().next();
+        !before.is_some_and(|c| c.is_alphanumeric() || c == '_')
+            && !after.is_some_and(|c| c.is_alphanumeric() || c == '_')
+    })
+}
+
+fn is_reload_outcome(line: &str) -> bool {
+    line.contains("policy applied") || line.contains("policy rejected")
+}
+
+impl Ward {
+    /// Writes a configuration for `cgroups` with `workloads` and `policy`, starts
+    /// `ward run --config <file> --log-format json` and waits for its `ready` line.
+    pub fn start(cgroups: &TestCgroups, workloads: &[Workload], policy: &str) -> Self {
+        crate::require_privileges();
+        let name = cgroups
+            .root()
+            .file_name()
+            .expect("cgroup root has a name")
+            .to_string_lossy()
+            .into_owned();
+        let dir = std::env::temp_dir().join(&name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let pin_dir = Path::new("/sys/fs/bpf").join(&name);
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        let policy_file = dir.join("policy.yaml");
+        write_file(&policy_file, policy);
+        let config_file = dir.join("ward.yaml");
+        write_file(&config_file, &config_text(cgroups, &pin_dir, &policy_file, workloads));
+
+        let mut command = Command::new(crate::ward_bin());
+        command.arg("run").arg("--config").arg(&config_file).args(["--log-format", "json"]);
+        let process = Background::spawn("ward", command, false);
+        let ward = Ward {
+            process,
+            dir,
+            config_file,
+            policy_file,
+            pin_dir,
+            reloads: 0,
+        };
+        ward.process.wait_for_line(0, READY_TIMEOUT, "saying `ready`", |line| {
+            contains_word(line, "ready")
+        });
+        ward
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.process.lines().snapshot()
+    }
+
+    pub fn log(&self) -> &Lines {
+        self.process.lines()
+    }
+
+    pub fn log_len(&self) -> usize {
+        self.process.lines().len()
+    }
+
+    pub fn policy_file(&self) -> &Path {
+        &self.policy_file
+    }
+
+    pub fn config_file(&self) -> &Path {
+        &self.config_file
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The first log line from index `from` on that satisfies `predicate`; panics with the log
+    /// when none comes within `timeout`.
+    pub fn wait_for_log(
+        &self,
+        from: usize,
+        timeout: Duration,
+        what: &str,
+        predicate: impl FnMut(&str) -> bool,
+    ) -> String {
+        self.process.wait_for_line(from, timeout, what, predicate).1
+    }
+
+    /// The first verdict event matching `query`, waiting up to `timeout` for it.
+    pub fn wait_for_verdict(&self, query: &VerdictQuery<'_>, timeout: Duration) -> Verdict {
+        let found = self
+            .process
+            .lines()
+            .wait_for(0, timeout, |line| find_verdict(&[line], query).is_some());
+        match found {
+            Some((_, line)) => find_verdict(&[line], query).expect("the line just matched"),
+            None => panic!(
+                "ward logged no verdict matching {query:?} within {timeout:?}; log:\n{}",
+                self.process.lines().tail(400)
+            ),
+        }
+    }
+
+    /// Replaces the policy file (atomically, by rename), sends SIGHUP and waits for ward to
+    /// report the outcome.
+    pub fn reload(&mut self, policy: &str) -> Reload {
+        self.reloads += 1;
+        let from = self.log_len();
+        let staging = self.dir.join(format!(".policy-{}.tmp", self.reloads));
+        write_file(&staging, policy);
+        std::fs::rename(&staging, &self.policy_file)
+            .unwrap_or_else(|e| panic!("replace {}: {e}", self.policy_file.display()));
+        self.process.signal(libc::SIGHUP);
+        let (mut index, first) = self.process.wait_for_line(
+            from,
+            RELOAD_TIMEOUT,
+            "saying `policy applied` or `policy rejected` after a reload",
+            is_reload_outcome,
+        );
+        let mut outcome_lines = vec![first];
+        while let Some((next, line)) =
+            self.process.lines().wait_for(index + 1, RELOAD_SETTLE, is_reload_outcome)
+        {
+            outcome_lines.push(line);
+            index = next;
+        }
+        Reload {
+            applied: outcome_lines.iter().all(|line| line.contains("policy applied")),
+            outcome_lines,
+        }
+    }
+
+    /// Like [`Ward::reload`], and panics with the log unless the policy was applied.
+    pub fn reload_applied(&mut self, policy: &str) {
+        let reload = self.reload(policy);
+        assert!(
+            reload.applied,
+            "ward did not apply a valid policy: {:?}\nlog:\n{}",
+            reload.outcome_lines,
+            self.process.lines().tail(200)
+        );
+    }
+
+    /// Stops ward with SIGTERM (SIGKILL after 10 s) and returns how it exited.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.process.stop(libc::SIGTERM, Duration::from_secs(10))
+    }
+
+    pub fn has_exited(&mut self) -> bool {
+        self.process.has_exited()
+    }
+}
+
+impl Drop for Ward {
+    fn drop(&mut self) {
+        self.stop();
+        // ward removes its pins on SIGTERM; these catch what a crash or a kill leaves behind.
+        // Removing a link's pin also detaches the program from the cgroup.
+        for dir in [&self.pin_dir, &self.dir] {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    eprintln!("ward-tests: remove {}: {e}", dir.display());
+                }
+            }
+        }
+    }
+}
+
+fn write_file(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// Runs `ward run --config <file>` on `config` to completion (for configurations ward must
+/// refuse); the file is `<tmp>/<unique name>/ward.yaml`.
+pub fn run_with_config(tag: &str, config: &str) -> (PathBuf, Finished) {
+    crate::require_privileges();
+    let dir = std::env::temp_dir().join(crate::unique_name(tag));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    let config_file = dir.join("ward.yaml");
+    write_file(&config_file, config);
+    let mut command = Command::new(crate::ward_bin());
+    command.arg("run").arg("--config").arg(&config_file);
+    let finished = run("ward run", command, Duration::from_secs(30));
+    let _ = std::fs::remove_dir_all(&dir);
+    (config_file, finished)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contains_word;
+
+    #[test]
+    fn ready_is_a_word_not_part_of_already() {
+        assert!(contains_word(r#"{"fields":{"message":"ready"}}"#, "ready"));
+        assert!(contains_word("ward ready: 6 programs attached", "ready"));
+        assert!(!contains_word("cgroup already tracked", "ready"));
+        assert!(!contains_word("readyness", "ready"));
+    }
+}

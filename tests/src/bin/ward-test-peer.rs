@@ -1,0 +1,269 @@
+//! A tiny network peer for ward's privileged tests, with real sockets and plain-text output.
+//!
+//! ```text
+//! ward-test-peer listen tcp|udp ADDR:PORT [--http]
+//! ward-test-peer connect tcp|udp ADDR:PORT [--count N] [--timeout-ms T] [--send MSG]
+//!                [--connected] [--interval-ms I] [--stop-file PATH]
+//! ```
+//!
+//! `listen` prints `listening <bound address>` once bound (so port 0 works), then one line per
+//! accepted connection (`accepted <peer>`) or datagram (`datagram <peer> <payload>`), and answers
+//! each with a short line. `connect` prints one line per attempt: `ok`, `eperm`, `timeout`,
+//! `refused` or `error <errno>`, and exits 0 whatever the outcomes, so the caller judges them.
+//! With `--stop-file` it keeps going after `--count` attempts until the file exists, which lets a
+//! test hold traffic running across an event of its choosing.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+const USAGE: &str = "usage: ward-test-peer listen tcp|udp ADDR:PORT [--http]\n       \
+    ward-test-peer connect tcp|udp ADDR:PORT [--count N] [--timeout-ms T] [--send MSG] \
+    [--connected] [--interval-ms I] [--stop-file PATH]";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Tcp,
+    Udp,
+}
+
+struct ConnectOptions {
+    count: u64,
+    timeout: Duration,
+    message: String,
+    connected: bool,
+    interval: Duration,
+    stop_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("ward-test-peer: {message}\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let [mode, protocol, addr, rest @ ..] = args else {
+        return Err("missing arguments".into());
+    };
+    let protocol = match protocol.as_str() {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        other => return Err(format!("unknown protocol {other:?}")),
+    };
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|e| format!("bad address {addr:?}: {e}"))?;
+    match mode.as_str() {
+        "listen" => {
+            let http = match rest {
+                [] => false,
+                [flag] if flag == "--http" => true,
+                _ => return Err(format!("unexpected arguments {rest:?}")),
+            };
+            match protocol {
+                Protocol::Tcp => listen_tcp(addr, http),
+                Protocol::Udp => listen_udp(addr),
+            }
+            .map_err(|e| format!("listen on {addr}: {e}"))
+        }
+        "connect" => {
+            let options = parse_connect_options(rest)?;
+            connect(protocol, addr, &options);
+            Ok(())
+        }
+        other => Err(format!("unknown mode {other:?}")),
+    }
+}
+
+fn parse_connect_options(mut rest: &[String]) -> Result<ConnectOptions, String> {
+    let mut options = ConnectOptions {
+        count: 1,
+        timeout: Duration::from_millis(2000),
+        message: "ping".into(),
+        connected: false,
+        interval: Duration::ZERO,
+        stop_file: None,
+    };
+    let number = |flag: &str, value: Option<&String>| -> Result<u64, String> {
+        value
+            .ok_or_else(|| format!("{flag} needs a value"))?
+            .parse()
+            .map_err(|e| format!("{flag}: {e}"))
+    };
+    while let [flag, tail @ ..] = rest {
+        rest = tail;
+        match flag.as_str() {
+            "--connected" => options.connected = true,
+            "--count" => {
+                options.count = number(flag, rest.first())?;
+                rest = &rest[1..];
+            }
+            "--timeout-ms" => {
+                options.timeout = Duration::from_millis(number(flag, rest.first())?);
+                rest = &rest[1..];
+            }
+            "--interval-ms" => {
+                options.interval = Duration::from_millis(number(flag, rest.first())?);
+                rest = &rest[1..];
+            }
+            "--send" => {
+                options.message = rest.first().ok_or("--send needs a value")?.clone();
+                rest = &rest[1..];
+            }
+            "--stop-file" => {
+                options.stop_file = Some(rest.first().ok_or("--stop-file needs a value")?.into());
+                rest = &rest[1..];
+            }
+            other => return Err(format!("unknown option {other:?}")),
+        }
+    }
+    if options.timeout.is_zero() {
+        return Err("--timeout-ms must be positive".into());
+    }
+    Ok(options)
+}
+
+fn listen_tcp(addr: SocketAddr, http: bool) -> io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    say(&format!("listening {}", listener.local_addr()?));
+    loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            // A client that gave up before accept() is not the listener's failure.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+            Err(e) => return Err(e),
+        };
+        say(&format!("accepted {peer}"));
+        // Replies are best effort: a client that only probes (nc -z) closes at once.
+        let _ = if http { answer_http(stream) } else { answer_line(stream) };
+    }
+}
+
+fn answer_line(mut stream: TcpStream) -> io::Result<()> {
+    stream.write_all(b"hello\n")
+}
+
+fn answer_http(stream: TcpStream) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut reader = BufReader::new(&stream);
+    let mut line = String::new();
+    // Read the request head so that curl sees a complete exchange, not a reset.
+    while reader.read_line(&mut line)? > 0 {
+        if line == "\r\n" || line == "\n" {
+            break;
+        }
+        line.clear();
+    }
+    (&stream).write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhello\n")
+}
+
+fn listen_udp(addr: SocketAddr) -> io::Result<()> {
+    let socket = UdpSocket::bind(addr)?;
+    say(&format!("listening {}", socket.local_addr()?));
+    let mut buffer = [0u8; 2048];
+    loop {
+        let (len, peer) = socket.recv_from(&mut buffer)?;
+        let payload = String::from_utf8_lossy(&buffer[..len]);
+        say(&format!("datagram {peer} {}", payload.trim_end()));
+        // A reply the sender cannot receive (its socket gone) must not stop the listener.
+        let _ = socket.send_to(b"pong\n", peer);
+    }
+}
+
+fn connect(protocol: Protocol, addr: SocketAddr, options: &ConnectOptions) {
+    let mut attempts = 0u64;
+    loop {
+        let stop_requested = options.stop_file.as_ref().is_some_and(|f| f.exists());
+        if attempts >= options.count && (options.stop_file.is_none() || stop_requested) {
+            break;
+        }
+        if attempts > 0 && !options.interval.is_zero() {
+            std::thread::sleep(options.interval);
+        }
+        let outcome = match protocol {
+            Protocol::Tcp => attempt_tcp(addr, options),
+            Protocol::Udp if options.connected => attempt_udp_connected(addr, options),
+            Protocol::Udp => attempt_udp_unconnected(addr, options),
+        };
+        say(&outcome);
+        attempts += 1;
+    }
+}
+
+fn describe(error: &io::Error) -> String {
+    match error.raw_os_error() {
+        Some(libc::EPERM) => "eperm".into(),
+        Some(libc::ECONNREFUSED) => "refused".into(),
+        Some(libc::ETIMEDOUT | libc::EAGAIN | libc::EINPROGRESS) => "timeout".into(),
+        Some(errno) => format!("error {errno}"),
+        None if error.kind() == io::ErrorKind::TimedOut => "timeout".into(),
+        None => format!("error {error}"),
+    }
+}
+
+fn attempt_tcp(addr: SocketAddr, options: &ConnectOptions) -> String {
+    match TcpStream::connect_timeout(&addr, options.timeout) {
+        // Reading the greeting is not required: the kernel's verdict is the connect() result.
+        Ok(_stream) => "ok".into(),
+        Err(e) => describe(&e),
+    }
+}
+
+fn unspecified_for(addr: SocketAddr) -> SocketAddr {
+    if addr.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal address")
+    } else {
+        "[::]:0".parse().expect("literal address")
+    }
+}
+
+fn await_reply(socket: &UdpSocket, options: &ConnectOptions) -> String {
+    if let Err(e) = socket.set_read_timeout(Some(options.timeout)) {
+        return describe(&e);
+    }
+    let mut buffer = [0u8; 512];
+    match socket.recv(&mut buffer) {
+        Ok(_) => "ok".into(),
+        Err(e) => describe(&e),
+    }
+}
+
+fn attempt_udp_unconnected(addr: SocketAddr, options: &ConnectOptions) -> String {
+    let socket = match UdpSocket::bind(unspecified_for(addr)) {
+        Ok(socket) => socket,
+        Err(e) => return describe(&e),
+    };
+    match socket.send_to(options.message.as_bytes(), addr) {
+        Ok(_) => await_reply(&socket, options),
+        Err(e) => describe(&e),
+    }
+}
+
+fn attempt_udp_connected(addr: SocketAddr, options: &ConnectOptions) -> String {
+    let socket = match UdpSocket::bind(unspecified_for(addr)) {
+        Ok(socket) => socket,
+        Err(e) => return describe(&e),
+    };
+    if let Err(e) = socket.connect(addr) {
+        return describe(&e);
+    }
+    match socket.send(options.message.as_bytes()) {
+        Ok(_) => await_reply(&socket, options),
+        Err(e) => describe(&e),
+    }
+}
+
+/// One line, flushed at once: the harness reads these lines while the peer runs.
+fn say(line: &str) {
+    let mut stdout = io::stdout().lock();
+    // A closed pipe means the harness is gone; nothing is left to tell.
+    let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+}

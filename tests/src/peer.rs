@@ -1,0 +1,191 @@
+//! Driving the `ward-test-peer` binary: listeners and clients with parsed outcomes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::process::{run, Background, Placement};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    fn arg(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// What one connection attempt of the peer client came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Eperm,
+    Timeout,
+    Refused,
+    Error(String),
+}
+
+impl Outcome {
+    pub fn parse(line: &str) -> Self {
+        match line.trim() {
+            "ok" => Outcome::Ok,
+            "eperm" => Outcome::Eperm,
+            "timeout" => Outcome::Timeout,
+            "refused" => Outcome::Refused,
+            other => Outcome::Error(other.to_owned()),
+        }
+    }
+}
+
+/// The outcomes of one client run, with the time the whole run took.
+#[derive(Debug)]
+pub struct Attempts {
+    pub outcomes: Vec<Outcome>,
+    pub elapsed: Duration,
+    pub stderr: String,
+}
+
+impl Attempts {
+    pub fn count(&self, outcome: &Outcome) -> usize {
+        self.outcomes.iter().filter(|o| *o == outcome).count()
+    }
+
+    /// The single outcome of a one-attempt run.
+    pub fn only(&self) -> &Outcome {
+        match self.outcomes.as_slice() {
+            [one] => one,
+            _ => panic!("expected exactly one attempt, got {self:?}"),
+        }
+    }
+}
+
+/// The peer binary (see `src/bin/ward-test-peer.rs`); build one with [`crate::peer!`].
+#[derive(Clone, Debug)]
+pub struct Peer {
+    bin: PathBuf,
+}
+
+/// A running listener; dropping it kills it.
+pub struct Listener {
+    pub process: Background,
+    pub addr: SocketAddr,
+}
+
+impl Listener {
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// How many connections (TCP) or datagrams (UDP) it has received so far.
+    pub fn received(&self) -> usize {
+        self.process
+            .lines()
+            .snapshot()
+            .iter()
+            .filter(|line| line.starts_with("accepted ") || line.starts_with("datagram "))
+            .count()
+    }
+}
+
+impl Peer {
+    pub fn new(bin: impl Into<PathBuf>) -> Self {
+        Peer { bin: bin.into() }
+    }
+
+    /// Starts a listener on `addr` (port 0 picks a free one) and waits until it is bound.
+    pub fn listen(&self, protocol: Protocol, addr: &str, placement: &Placement) -> Listener {
+        self.listen_with(protocol, addr, placement, &[])
+    }
+
+    /// A TCP listener that answers each connection with a minimal HTTP response, for curl.
+    pub fn listen_http(&self, addr: &str, placement: &Placement) -> Listener {
+        self.listen_with(Protocol::Tcp, addr, placement, &["--http"])
+    }
+
+    fn listen_with(
+        &self,
+        protocol: Protocol,
+        addr: &str,
+        placement: &Placement,
+        extra: &[&str],
+    ) -> Listener {
+        let mut args = vec!["listen", protocol.arg(), addr];
+        args.extend_from_slice(extra);
+        let label = format!("listener {} {addr}", protocol.arg());
+        let process = Background::spawn(&label, placement.command(&self.bin, &args), true);
+        let (_, line) = process.wait_for_line(0, Duration::from_secs(10), "`listening`", |l| {
+            l.starts_with("listening ")
+        });
+        let addr = line["listening ".len()..]
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{label}: bad bound address in {line:?}: {e}"));
+        Listener { process, addr }
+    }
+
+    /// Runs the client to completion: `connect <protocol> <addr> <options...>`.
+    pub fn connect(
+        &self,
+        protocol: Protocol,
+        addr: SocketAddr,
+        placement: &Placement,
+        options: &[&str],
+    ) -> Attempts {
+        let command = placement.command(&self.bin, &self.connect_args(protocol, addr, options));
+        let finished = run(
+            &format!("peer connect {} {addr}", protocol.arg()),
+            command,
+            Duration::from_secs(300),
+        );
+        assert!(
+            finished.status.success(),
+            "peer client failed ({}): {}",
+            finished.status,
+            finished.stderr
+        );
+        Attempts {
+            outcomes: finished.stdout.lines().map(Outcome::parse).collect(),
+            elapsed: finished.elapsed,
+            stderr: finished.stderr,
+        }
+    }
+
+    /// Starts the client without waiting; read its outcomes later with [`outcomes_of`].
+    pub fn connect_background(
+        &self,
+        protocol: Protocol,
+        addr: SocketAddr,
+        placement: &Placement,
+        options: &[&str],
+    ) -> Background {
+        let args = self.connect_args(protocol, addr, options);
+        Background::spawn(
+            &format!("peer connect {} {addr}", protocol.arg()),
+            placement.command(&self.bin, &args),
+            true,
+        )
+    }
+
+    fn connect_args(&self, protocol: Protocol, addr: SocketAddr, options: &[&str]) -> Vec<String> {
+        let mut args = vec!["connect".to_owned(), protocol.arg().to_owned(), addr.to_string()];
+        args.extend(options.iter().map(|o| (*o).to_owned()));
+        args
+    }
+}
+
+/// The outcomes a background client printed (stderr lines, marked, are left out).
+pub fn outcomes_of(client: &Background) -> Vec<Outcome> {
+    client
+        .lines()
+        .snapshot()
+        .iter()
+        .filter(|line| !line.starts_with("stderr: "))
+        .map(|line| Outcome::parse(line))
+        .collect()
+}

@@ -1,0 +1,82 @@
+//! What every privileged test needs before it starts, checked loudly.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
+
+/// Fails the test unless it runs as root with a `ward` binary at hand, and makes sure bpffs is
+/// mounted (as `cargo xtask setup` does) so that ward's pin directory can exist.
+pub fn require_privileges() {
+    require_root();
+    ward_bin();
+    static BPFFS: Once = Once::new();
+    BPFFS.call_once(mount_bpffs_if_absent);
+}
+
+/// Fails the test unless it runs as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "PRIVILEGED TEST NOT RUN: ward's end-to-end tests need root (cgroups, bpffs, network \
+         namespaces, eBPF); run them as root, e.g. `sudo -E cargo test -p ward-tests`"
+    );
+}
+
+/// The `ward` binary under test: `$WARD_BIN`, else `target/debug/ward` of this workspace.
+pub fn ward_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("WARD_BIN") {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "PRIVILEGED TEST NOT RUN: WARD_BIN={} is not a file",
+            path.display()
+        );
+        return path;
+    }
+    // Test executables live in target/<profile>/deps/; the agent binary two levels up.
+    let exe = std::env::current_exe().expect("the test executable's own path");
+    let candidate = exe
+        .ancestors()
+        .find(|dir| dir.file_name().is_some_and(|name| name == "deps"))
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("ward"));
+    match candidate {
+        Some(path) if path.is_file() => path,
+        _ => panic!(
+            "PRIVILEGED TEST NOT RUN: no ward binary; build it (`cargo build -p ward-agent`) or set \
+             WARD_BIN to its absolute path (looked next to {})",
+            exe.display()
+        ),
+    }
+}
+
+/// `ward-test-<tag>-<pid>`, plus a counter when a process asks for the same tag twice, so that
+/// parallel tests and leftover state of an earlier run never collide.
+pub fn unique_name(tag: &str) -> String {
+    static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+    let pid = std::process::id();
+    match SEQUENCE.fetch_add(1, Ordering::Relaxed) {
+        0 => format!("ward-test-{tag}-{pid}"),
+        n => format!("ward-test-{tag}-{pid}-{n}"),
+    }
+}
+
+fn mount_bpffs_if_absent() {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+    let mounted = crate::cgroups::mounts(&mountinfo)
+        .any(|(point, fstype)| fstype == "bpf" && point == std::path::Path::new("/sys/fs/bpf"));
+    if mounted {
+        return;
+    }
+    let status = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status()
+        .expect("run mount");
+    assert!(
+        status.success(),
+        "PRIVILEGED TEST NOT RUN: bpffs is not mounted at /sys/fs/bpf and mounting it failed \
+         ({status}); run `cargo xtask setup`"
+    );
+}

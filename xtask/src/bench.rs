@@ -1,0 +1,412 @@
+//! `cargo xtask bench connect`: connections per second and connect latency over loopback from a
+//! client workload to an allowed port, with no programs attached, with ward enforcing a policy of
+//! N entries, and with nftables holding the same policy, interleaved in one run.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{
+    probe, setup,
+    sys::{self, heading, CgroupTree, Children},
+    ward::Ward,
+};
+
+const SERVER: &str = "127.0.0.1:18080";
+/// Listened on but not allowed: each variant must refuse it, or it is not enforcing.
+const SERVER_DENIED: &str = "127.0.0.1:18081";
+const SERVER_PORT: u16 = 18080;
+/// Filler peers come from 198.18.0.0/15 (RFC 2544, benchmarking); no traffic goes to them.
+const FILLER_PORT: u16 = 20000;
+const FILLER_PORTS_PER_PEER: usize = 1000;
+const NFT_TABLE: &str = "ward_bench";
+
+pub fn run(seconds: f64, sizes: &[usize], work_dir: Option<PathBuf>) -> Result<()> {
+    sys::require_root(
+        "bench connect",
+        "it creates cgroups, loads eBPF programs and nftables",
+    )?;
+    if sizes.is_empty() || seconds <= 0.0 {
+        bail!("need at least one size and a positive --seconds");
+    }
+    setup::run()?;
+    heading("build ward");
+    sys::run(sys::cargo().args(["build", "--release", "-p", "ward-agent", "--bins"]))?;
+    let ward_bin = sys::target_dir().join("release/ward");
+    let work = work_dir.unwrap_or_else(|| sys::target_dir().join("ward-bench"));
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+
+    heading("workloads");
+    let mount = sys::cgroup2_mount()?;
+    let cgroups = CgroupTree::create(&mount, "ward-bench", &["client", "server"])?;
+    let client_cgroup = cgroups.path("client");
+    let nft = NftTable::new()?;
+    fs::write(work.join("ward.yaml"), WARD_CONFIG)?;
+
+    let mut rows = Vec::new();
+    let mut memory = Vec::new();
+    for &size in sizes {
+        heading(&format!("policy size {size}"));
+        let policy = Policy::new(size);
+        fs::write(work.join("policy.yaml"), policy.ward_yaml())?;
+        let level = client_cgroup.strip_prefix(&mount)?.components().count();
+        let nft_rules = policy.nft(&nft_cgroup_path(&mount, &client_cgroup)?, level);
+        fs::write(work.join("policy.nft"), &nft_rules)?;
+
+        let base = measure(&cgroups, seconds, "baseline")?;
+        rows.push(Row {
+            size,
+            variant: "no programs",
+            entries: None,
+            m: base,
+        });
+
+        let log = work.join(format!("ward-{size}.log"));
+        let mut agent = Ward::start(&ward_bin, &work.join("ward.yaml"), &log)?;
+        agent.wait_ready(Duration::from_secs(300))?;
+        let entries = logged_entries(&agent.log_since(0));
+        match entries {
+            Some(n) => println!("ward wrote {n} policy entries"),
+            None => println!("ward's log names no entry count (looked for `entries=N`)"),
+        }
+        let m = measure(&cgroups, seconds, "ward")?;
+        memory.push((size, sys::memory_kib(agent.pid())));
+        if let Some(status) = agent.stop()? {
+            println!("ward exited ({status})");
+        }
+        rows.push(Row {
+            size,
+            variant: "ward",
+            entries,
+            m,
+        });
+
+        nft.load(&work.join("policy.nft"))?;
+        let m = measure(&cgroups, seconds, "nftables");
+        nft.delete()?;
+        rows.push(Row {
+            size,
+            variant: "nftables",
+            entries: Some(policy.entries()),
+            m: m?,
+        });
+    }
+    drop(cgroups);
+
+    heading("results");
+    print!("{}", table(&rows));
+    println!("\nward's memory once the policy was in force (after the measurement):");
+    for (size, kib) in memory {
+        match kib {
+            Some((rss, hwm)) => println!(
+                "  size {size:>7}: RSS {:.1} MiB (peak {:.1} MiB)",
+                rss as f64 / 1024.0,
+                hwm as f64 / 1024.0
+            ),
+            None => println!("  size {size:>7}: ward had exited"),
+        }
+    }
+    println!("\nlogs, policies and rulesets: {}", work.display());
+    Ok(())
+}
+
+const WARD_CONFIG: &str = "\
+trustDomain: bench.example.org
+cgroupRoot: ward-bench
+pinDir: /sys/fs/bpf/ward-bench
+policies: [policy.yaml]
+hostAddresses: auto
+workloads:
+  - name: bench-client
+    labels: {app: bench-client}
+    cgroups: [client]
+  - name: bench-server
+    labels: {app: bench-server}
+    cgroups: [server]
+";
+
+/// The client's egress policy: the server's port, plus filler so the compiled policy has about
+/// `size` entries (an isolation entry, the server's port, one entry per filler peer and port).
+struct Policy {
+    /// Ports allowed per filler peer.
+    filler: Vec<usize>,
+}
+
+impl Policy {
+    fn new(size: usize) -> Self {
+        let mut left = size.saturating_sub(2);
+        let mut filler = Vec::new();
+        while left > 0 {
+            let ports = left.min(FILLER_PORTS_PER_PEER);
+            filler.push(ports);
+            left -= ports;
+        }
+        Self { filler }
+    }
+
+    fn entries(&self) -> usize {
+        2 + self.filler.iter().sum::<usize>()
+    }
+
+    fn peer(i: usize) -> String {
+        format!("198.18.{}.{}", (i + 1) / 256, (i + 1) % 256)
+    }
+
+    fn ward_yaml(&self) -> String {
+        let mut y = format!(
+            "apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  name: bench-client-egress\n\
+             spec:\n  selector:\n    labels: {{app: bench-client}}\n  egress:\n\
+             \x20   - name: to-server\n      to: [{{labels: {{app: bench-server}}}}]\n\
+             \x20     ports: [{{port: {SERVER_PORT}}}]\n"
+        );
+        for (i, ports) in self.filler.iter().enumerate() {
+            let last = FILLER_PORT as usize + ports - 1;
+            let _ = write!(
+                y,
+                "    - name: filler-{i}\n      to: [{{cidr: {}/32}}]\n      \
+                 ports: [{{port: {FILLER_PORT}, endPort: {last}}}]\n",
+                Self::peer(i)
+            );
+        }
+        y
+    }
+
+    /// The same policy as a careful nftables user writes it: one rule selects the client's
+    /// cgroup, one hash-set lookup keyed by address and port decides. Ranges are spelled out as
+    /// elements so the set holds as many entries as ward's map (and stays a hash, not an
+    /// interval set).
+    fn nft(&self, client_cgroup: &str, level: usize) -> String {
+        let mut elements = format!("127.0.0.1 . {SERVER_PORT}");
+        for (i, ports) in self.filler.iter().enumerate() {
+            let peer = Self::peer(i);
+            for port in FILLER_PORT as usize..FILLER_PORT as usize + ports {
+                let _ = write!(elements, ",\n      {peer} . {port}");
+            }
+        }
+        format!(
+            "table inet {NFT_TABLE} {{\n  \
+               set client_egress {{\n    type ipv4_addr . inet_service\n    \
+                 elements = {{ {elements} }}\n  }}\n  \
+               chain output {{\n    type filter hook output priority filter; policy accept;\n    \
+                 socket cgroupv2 level {level} \"{client_cgroup}\" jump client_egress\n  }}\n  \
+               chain client_egress {{\n    ip daddr . tcp dport @client_egress accept\n    \
+                 drop\n  }}\n}}\n"
+        )
+    }
+}
+
+/// nft resolves a cgroupv2 path relative to /sys/fs/cgroup, wherever cgroup2 is mounted (its
+/// `level` counts from the cgroup2 root, though).
+fn nft_cgroup_path(mount: &Path, cgroup: &Path) -> Result<String> {
+    let below_mount = cgroup.strip_prefix(mount)?;
+    let prefix = match mount.strip_prefix("/sys/fs/cgroup") {
+        Ok(p) => p.to_path_buf(),
+        Err(_) => Path::new("../../..").join(mount.strip_prefix("/")?),
+    };
+    Ok(prefix.join(below_mount).to_string_lossy().into_owned())
+}
+
+/// The `nft` table of the nftables variant, deleted on drop.
+struct NftTable;
+
+impl NftTable {
+    fn new() -> Result<Self> {
+        sys::output(Command::new("nft").arg("--version"))
+            .context("nft is needed (`cargo xtask setup` installs it)")?;
+        let table = Self;
+        table.delete()?;
+        Ok(table)
+    }
+
+    fn load(&self, rules: &Path) -> Result<()> {
+        println!("$ nft -f {}", rules.display());
+        sys::output(Command::new("nft").arg("-f").arg(rules)).map(drop)
+    }
+
+    fn delete(&self) -> Result<()> {
+        let tables = sys::output(Command::new("nft").args(["list", "tables"]))?;
+        if tables
+            .lines()
+            .any(|t| t.trim() == format!("table inet {NFT_TABLE}"))
+        {
+            sys::output(Command::new("nft").args(["delete", "table", "inet", NFT_TABLE]))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NftTable {
+    fn drop(&mut self) {
+        if let Err(e) = self.delete() {
+            eprintln!("warning: deleting nftables table {NFT_TABLE}: {e:#}");
+        }
+    }
+}
+
+struct Measurement {
+    conns_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+struct Row {
+    size: usize,
+    variant: &'static str,
+    entries: Option<usize>,
+    m: Measurement,
+}
+
+/// Starts the server (after the variant is in force, so ward sees it start listening), checks
+/// that the denied port is refused, then runs the client loop.
+fn measure(cgroups: &CgroupTree, seconds: f64, variant: &str) -> Result<Measurement> {
+    let mut children = Children::default();
+    let mut server = sys::xtask_in_cgroup(&cgroups.path("server"))?;
+    server
+        .args(["serve", "--listen", SERVER, "--listen", SERVER_DENIED])
+        .stdout(Stdio::piped());
+    let child = children.spawn(&mut server)?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout is piped")).read_line(&mut line)?;
+    if line.trim() != "listening" {
+        bail!("the benchmark server did not start");
+    }
+
+    let client = cgroups.path("client");
+    let denied = sys::xtask_in_cgroup(&client)?
+        .args(["connect", SERVER_DENIED, "--timeout-ms", "500"])
+        .stdout(Stdio::null())
+        .status()?;
+    let enforcing = denied.code() != Some(probe::CONNECTED);
+    if variant == "baseline" && enforcing {
+        bail!("with no programs attached the client cannot reach {SERVER_DENIED} ({denied})");
+    }
+    if variant != "baseline" && !enforcing {
+        bail!("{variant} let the client reach {SERVER_DENIED}: the policy is not in force");
+    }
+
+    print!("{variant:<9} measuring {seconds} s ... ");
+    let mut cmd = sys::xtask_in_cgroup(&client)?;
+    cmd.args(["bench-client", SERVER, "--seconds", &seconds.to_string()])
+        .stdout(Stdio::piped());
+    let child = children.spawn(&mut cmd)?;
+    let limit = Duration::from_secs_f64(seconds + 30.0);
+    if sys::wait_timeout(child, limit)?.is_none() {
+        bail!("{variant}: the client did not finish within {limit:?} (a connect hung?)");
+    }
+    let mut report = String::new();
+    BufReader::new(child.stdout.take().expect("stdout is piped")).read_line(&mut report)?;
+    let m = parse_report(&report).with_context(|| format!("{variant}: client said {report:?}"))?;
+    println!(
+        "{:.0} conns/s, p50 {:.1} µs, p99 {:.1} µs",
+        m.conns_per_sec, m.p50_us, m.p99_us
+    );
+    Ok(m)
+}
+
+fn parse_report(line: &str) -> Result<Measurement> {
+    if let Some(error) = line.trim().strip_prefix("error=") {
+        bail!("a connect to {SERVER} failed: {error}");
+    }
+    let field = |name: &str| -> Result<f64> {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .with_context(|| format!("no {name}"))?
+            .parse()
+            .with_context(|| format!("bad {name}"))
+    };
+    Ok(Measurement {
+        conns_per_sec: field("conns")? / field("seconds")?,
+        p50_us: field("p50_ns")? / 1000.0,
+        p99_us: field("p99_ns")? / 1000.0,
+    })
+}
+
+/// The entry count ward logs once it wrote the policy: the last `...entries=N` field.
+fn logged_entries(log: &str) -> Option<usize> {
+    log.lines()
+        .flat_map(str::split_whitespace)
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| k.ends_with("entries"))
+        .filter_map(|(_, v)| v.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+        .next_back()
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut out = format!(
+        "{:>7}  {:<12} {:>8} {:>10} {:>9} {:>9} {:>11} {:>9}\n",
+        "size", "variant", "entries", "conns/s", "p50 µs", "p99 µs", "Δ conns/s", "Δ p50"
+    );
+    let mut base: Option<&Measurement> = None;
+    for row in rows {
+        if row.variant == "no programs" {
+            base = Some(&row.m);
+        }
+        let delta = |v: f64, b: f64| format!("{:+.1}%", (v / b - 1.0) * 100.0);
+        let (d_rate, d_p50) = match base {
+            Some(b) if !std::ptr::eq(b, &row.m) => (
+                delta(row.m.conns_per_sec, b.conns_per_sec),
+                delta(row.m.p50_us, b.p50_us),
+            ),
+            _ => ("-".into(), "-".into()),
+        };
+        let entries = row.entries.map_or("-".into(), |n| n.to_string());
+        let _ = writeln!(
+            out,
+            "{:>7}  {:<12} {entries:>8} {:>10.0} {:>9.1} {:>9.1} {d_rate:>11} {d_p50:>9}",
+            row.size, row.variant, row.m.conns_per_sec, row.m.p50_us, row.m.p99_us
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_have_the_requested_number_of_entries() {
+        assert_eq!(Policy::new(1).entries(), 2);
+        assert_eq!(Policy::new(1000).entries(), 1000);
+        assert_eq!(Policy::new(100_000).entries(), 100_000);
+        assert_eq!(Policy::new(100_000).filler.len(), 100);
+        let nft = Policy::new(1000).nft("unified/ward-bench/client", 2);
+        assert_eq!(nft.matches("198.18.0.1 . ").count(), 998);
+        assert!(nft.contains("127.0.0.1 . 18080"));
+        assert!(nft.contains("socket cgroupv2 level 2 \"unified/ward-bench/client\""));
+    }
+
+    #[test]
+    fn nft_finds_cgroups_from_sys_fs_cgroup() {
+        let path = |mount: &str| {
+            nft_cgroup_path(
+                Path::new(mount),
+                &Path::new(mount).join("ward-bench/client"),
+            )
+            .unwrap()
+        };
+        assert_eq!(path("/sys/fs/cgroup"), "ward-bench/client");
+        assert_eq!(path("/sys/fs/cgroup/unified"), "unified/ward-bench/client");
+        assert_eq!(path("/cg2"), "../../../cg2/ward-bench/client");
+    }
+
+    #[test]
+    fn client_reports_parse() {
+        let m = parse_report("conns=1000 seconds=0.5 p50_ns=20000 p99_ns=41000\n").unwrap();
+        assert_eq!((m.conns_per_sec, m.p50_us, m.p99_us), (2000.0, 20.0, 41.0));
+        assert!(parse_report("error=Operation not permitted (os error 1)").is_err());
+    }
+
+    #[test]
+    fn entry_counts_come_from_the_log() {
+        let log = "INFO ward: policy applied policies=1 entries=1002\nINFO ward: ready\n";
+        assert_eq!(logged_entries(log), Some(1002));
+        assert_eq!(logged_entries("INFO ward: ready"), None);
+    }
+}

@@ -1,0 +1,265 @@
+//! `cargo xtask demo`: ward on the built-in example in examples/demo. Three workloads (web,
+//! client, intruder) in cgroups of their own; ward enforces examples/demo/policy.yaml, and the
+//! demo makes connections and shows, for each, what the client saw and what ward logged.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    path::Path,
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{
+    probe, setup,
+    sys::{self, heading, CgroupTree, Children},
+    ward::Ward,
+};
+
+const WORKLOADS: [&str; 3] = ["web", "client", "intruder"];
+const WEB: &str = "127.0.0.1:8080";
+const WEB_ADMIN: &str = "127.0.0.1:8081";
+const HOST_SERVICE: &str = "127.0.0.1:9090";
+
+struct Connection {
+    from: &'static str,
+    to: &'static str,
+    addr: &'static str,
+    expect: i32,
+    /// (verdict, policy) pairs ward must log for it.
+    verdicts: &'static [(&'static str, &'static str)],
+    why: &'static str,
+}
+
+const CONNECTIONS: &[Connection] = &[
+    Connection {
+        from: "client",
+        to: "web",
+        addr: WEB,
+        expect: probe::CONNECTED,
+        verdicts: &[("allow", "client-egress"), ("allow", "web-ingress")],
+        why: "client-egress/to-web lets it out, web-ingress/from-client lets it in",
+    },
+    Connection {
+        from: "client",
+        to: "web's admin port",
+        addr: WEB_ADMIN,
+        expect: probe::REFUSED_EPERM,
+        verdicts: &[("deny", "client-egress")],
+        why: "the explicit deny client-egress/no-web-admin beats the allow of to-web",
+    },
+    Connection {
+        from: "client",
+        to: "a host service",
+        addr: HOST_SERVICE,
+        expect: probe::REFUSED_EPERM,
+        verdicts: &[("deny", "client-egress")],
+        why: "client is default-deny for egress and no rule allows this",
+    },
+    Connection {
+        from: "intruder",
+        to: "a host service",
+        addr: HOST_SERVICE,
+        expect: probe::CONNECTED,
+        verdicts: &[("audit", "intruder-watch")],
+        why: "intruder-watch would drop it, but it is in audit mode",
+    },
+    Connection {
+        from: "intruder",
+        to: "web",
+        addr: WEB,
+        expect: probe::TIMED_OUT,
+        verdicts: &[("audit", "intruder-watch"), ("deny", "web-ingress")],
+        why: "audited on the way out, then dropped at web's ingress: web never sees it",
+    },
+];
+
+pub fn run() -> Result<()> {
+    sys::require_root("demo", "it creates cgroups and loads eBPF programs")?;
+    setup::run()?;
+    heading("build ward");
+    sys::run(sys::cargo().args(["build", "--release", "-p", "ward-agent", "--bins"]))?;
+    let ward_bin = sys::target_dir().join("release/ward");
+    let example = sys::workspace_root().join("examples/demo");
+    let work = sys::target_dir().join("ward-demo");
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+
+    heading("workloads");
+    let mount = sys::cgroup2_mount()?;
+    println!("cgroup v2 is mounted at {}", mount.display());
+    // Drop order (reverse of declaration) stops ward, then the listeners, then removes cgroups.
+    let cgroups = CgroupTree::create(&mount, "ward-demo", &WORKLOADS)?;
+    let mut listeners = Children::default();
+
+    let policy = example.join("policy.yaml");
+    heading(&format!("policy ({})", policy.display()));
+    print!(
+        "{}",
+        fs::read_to_string(&policy).with_context(|| format!("reading {}", policy.display()))?
+    );
+
+    heading("start ward");
+    let mut ward = Ward::start(
+        &ward_bin,
+        &example.join("ward.yaml"),
+        &work.join("ward.log"),
+    )?;
+    ward.wait_ready(Duration::from_secs(60))?;
+
+    heading("listeners");
+    let mut web = sys::xtask_in_cgroup(&cgroups.path("web"))?;
+    web.args([
+        "serve",
+        "--listen",
+        WEB,
+        "--listen",
+        WEB_ADMIN,
+        "--greeting",
+        "hello from web",
+    ]);
+    start_listener(&mut listeners, &mut web, "web (in its cgroup)")?;
+    let mut host = Command::new(std::env::current_exe()?);
+    host.args([
+        "serve",
+        "--listen",
+        HOST_SERVICE,
+        "--greeting",
+        "hello from the host",
+    ]);
+    start_listener(&mut listeners, &mut host, "a host service no workload owns")?;
+
+    heading("connections");
+    let mut results = Vec::new();
+    for (i, conn) in CONNECTIONS.iter().enumerate() {
+        println!("\n[{}] {} -> {} ({})", i + 1, conn.from, conn.to, conn.addr);
+        println!("    policy: {}", conn.why);
+        let offset = ward.log_len();
+        let (code, said) = connect_from(&cgroups.path(conn.from), conn.addr)?;
+        println!("    {}: {said}", conn.from);
+        // Verdict events reach the log through a ring buffer and the agent's event task.
+        thread::sleep(Duration::from_millis(300));
+        let logged: Vec<String> = ward
+            .log_since(offset)
+            .lines()
+            .filter(|l| l.contains("verdict="))
+            .map(str::to_owned)
+            .collect();
+        for line in &logged {
+            println!("    ward: {line}");
+        }
+        if logged.is_empty() {
+            println!("    ward: (no verdict line)");
+        }
+        let missing: Vec<String> = conn
+            .verdicts
+            .iter()
+            .filter(|(verdict, policy)| !logged.iter().any(|l| names(l, verdict, policy)))
+            .map(|(verdict, policy)| format!("{verdict} by {policy}"))
+            .collect();
+        let mut problems = Vec::new();
+        if code != conn.expect {
+            problems.push(format!("expected it to {}", outcome(conn.expect)));
+        }
+        if !missing.is_empty() {
+            problems.push(format!("no verdict line for {}", missing.join(", ")));
+        }
+        results.push((conn, code, problems));
+    }
+
+    heading("stop ward");
+    match ward.stop()? {
+        Some(status) => println!("ward exited ({status})"),
+        None => println!("ward had already exited"),
+    }
+    listeners.kill_all();
+    drop(cgroups);
+
+    heading("summary");
+    println!(
+        "  {:<3} {:<9} {:<17} {:<11} {:<11} check",
+        "#", "from", "to", "expected", "got"
+    );
+    for (i, (conn, code, problems)) in results.iter().enumerate() {
+        let check = if problems.is_empty() {
+            "ok".to_owned()
+        } else {
+            problems.join("; ")
+        };
+        let (expected, got) = (outcome(conn.expect), outcome(*code));
+        println!(
+            "  {:<3} {:<9} {:<17} {expected:<11} {got:<11} {check}",
+            i + 1,
+            conn.from,
+            conn.to
+        );
+    }
+    println!("full log of ward: {}", work.join("ward.log").display());
+    let wrong = results
+        .iter()
+        .filter(|(_, _, problems)| !problems.is_empty())
+        .count();
+    if wrong > 0 {
+        bail!(
+            "{wrong} of {} connections did not behave as the policy says",
+            results.len()
+        );
+    }
+    println!(
+        "all {} connections behaved as the policy says",
+        results.len()
+    );
+    Ok(())
+}
+
+fn start_listener(children: &mut Children, cmd: &mut Command, what: &str) -> Result<()> {
+    let child = children.spawn(cmd.stdout(Stdio::piped()))?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout is piped")).read_line(&mut line)?;
+    if line.trim() != "listening" {
+        bail!(
+            "the listener for {what} did not start (`{}`)",
+            sys::show(cmd)
+        );
+    }
+    println!("listening: {what}");
+    Ok(())
+}
+
+/// One connection from a fresh process in `cgroup`: (exit code of `probe::connect`, its report).
+fn connect_from(cgroup: &Path, addr: &str) -> Result<(i32, String)> {
+    let addr: SocketAddr = addr.parse()?;
+    let mut cmd = sys::xtask_in_cgroup(cgroup)?;
+    let out = cmd
+        .args(["connect", &addr.to_string(), "--timeout-ms", "2000"])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running `{}`", sys::show(&cmd)))?;
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    Ok((
+        out.status.code().unwrap_or(-1),
+        if err.is_empty() {
+            said
+        } else {
+            format!("{said} {err}")
+        },
+    ))
+}
+
+fn names(line: &str, verdict: &str, policy: &str) -> bool {
+    let line = line.to_ascii_lowercase();
+    line.contains(&format!("verdict={verdict}")) && line.contains(&format!("policy={policy}"))
+}
+
+fn outcome(code: i32) -> &'static str {
+    match code {
+        probe::CONNECTED => "connect",
+        probe::REFUSED_EPERM => "get EPERM",
+        probe::TIMED_OUT => "time out",
+        _ => "fail",
+    }
+}

@@ -1,0 +1,106 @@
+//! Developer commands for ward: `cargo xtask setup | test | demo | bench`.
+//!
+//! The hidden subcommands are the small programs that `demo` and `bench` run inside workload
+//! cgroups (xtask re-executes itself), so no extra tool has to be installed for them.
+
+mod bench;
+mod demo;
+mod probe;
+mod setup;
+mod sys;
+mod test_suite;
+mod ward;
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Developer commands for ward")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what this machine lacks to build and test ward (idempotent; needs root).
+    Setup,
+    /// Run every check CI runs: setup, fmt, clippy, unit tests, the privileged suite.
+    Test {
+        /// Threads for the privileged suite (default: number of CPUs).
+        #[arg(long)]
+        test_threads: Option<usize>,
+        /// Test name filter, passed to the unit tests and the privileged suite.
+        #[arg(last = true)]
+        filter: Vec<String>,
+    },
+    /// Run ward on a built-in example: three workloads, allowed, denied and audited connections.
+    Demo,
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        bench: BenchCommand,
+    },
+    #[command(hide = true)]
+    Serve(probe::ServeArgs),
+    #[command(hide = true)]
+    Connect {
+        addr: SocketAddr,
+        #[arg(long, default_value = "2000")]
+        timeout_ms: u64,
+    },
+    #[command(hide = true)]
+    BenchClient {
+        addr: SocketAddr,
+        #[arg(long)]
+        seconds: f64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Connections per second and connect latency over loopback: no programs, ward, nftables.
+    Connect {
+        /// Measuring time per variant and size.
+        #[arg(long, default_value = "5")]
+        seconds: f64,
+        /// Policy sizes (entries in the compiled policy), comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,100000")]
+        sizes: Vec<usize>,
+        /// Where to keep the generated configuration, policies and logs.
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::Test {
+            test_threads,
+            filter,
+        } => test_suite::run(test_threads, &filter),
+        Command::Demo => demo::run(),
+        Command::Bench {
+            bench:
+                BenchCommand::Connect {
+                    seconds,
+                    sizes,
+                    work_dir,
+                },
+        } => bench::run(seconds, &sizes, work_dir),
+        Command::Serve(args) => probe::serve(&args),
+        Command::Connect { addr, timeout_ms } => {
+            probe::connect(addr, Duration::from_millis(timeout_ms))
+        }
+        Command::BenchClient { addr, seconds } => probe::bench_client(addr, seconds),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

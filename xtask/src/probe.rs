@@ -1,0 +1,156 @@
+//! The programs the demo and the benchmark run inside workload cgroups (hidden subcommands of
+//! xtask, which re-executes itself after joining the cgroup).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Address to accept TCP connections on (repeatable).
+    #[arg(long, required = true)]
+    listen: Vec<SocketAddr>,
+    /// Written to each connection before it is closed.
+    #[arg(long, default_value = "")]
+    greeting: String,
+}
+
+/// Accepts connections on every address, writes the greeting and closes. Prints `listening`
+/// once every socket is bound, which is what the parent waits for.
+pub fn serve(args: &ServeArgs) -> Result<()> {
+    let listeners = args
+        .listen
+        .iter()
+        .map(|addr| TcpListener::bind(addr).with_context(|| format!("listening on {addr}")))
+        .collect::<Result<Vec<_>>>()?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    let greeting = args.greeting.as_bytes();
+    std::thread::scope(|scope| {
+        for listener in &listeners {
+            scope.spawn(move || {
+                // A client that reset its connection before the accept is not an error here.
+                for mut stream in listener.incoming().flatten() {
+                    let _ = stream.write_all(greeting);
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+pub const CONNECTED: i32 = 0;
+pub const REFUSED_EPERM: i32 = 2;
+pub const TIMED_OUT: i32 = 3;
+pub const OTHER_ERROR: i32 = 4;
+
+/// One connection attempt, reported as one line; the exit code says what happened.
+pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    let result = TcpStream::connect_timeout(&addr, timeout);
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let code = match result {
+        Ok(stream) => {
+            stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+            let mut reply = Vec::new();
+            let _ = stream.take(256).read_to_end(&mut reply);
+            let reply = String::from_utf8_lossy(&reply);
+            println!(
+                "connected in {ms:.1} ms; the server said {:?}",
+                reply.trim()
+            );
+            CONNECTED
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            println!("refused after {ms:.1} ms: {e}");
+            REFUSED_EPERM
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            println!("no answer: gave up after {ms:.0} ms");
+            TIMED_OUT
+        }
+        Err(e) => {
+            println!("failed after {ms:.1} ms: {e}");
+            OTHER_ERROR
+        }
+    };
+    std::process::exit(code)
+}
+
+/// Connects and closes in a loop for `seconds` after a short warm-up, and prints one line:
+/// `conns=N seconds=S p50_ns=X p99_ns=Y` or `error=...` at the first failed connect.
+pub fn bench_client(addr: SocketAddr, seconds: f64) -> Result<()> {
+    let one = || -> std::io::Result<Duration> {
+        let start = Instant::now();
+        let stream = TcpStream::connect(addr)?;
+        let took = start.elapsed();
+        reset_on_close(&stream)?;
+        Ok(took)
+    };
+    let warm_up = Instant::now() + Duration::from_secs_f64((seconds / 10.0).min(0.5));
+    let mut latencies = Vec::with_capacity(1 << 20);
+    let mut measuring_since = None;
+    let end = Instant::now() + Duration::from_secs_f64(seconds + (seconds / 10.0).min(0.5));
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        if now >= warm_up && measuring_since.is_none() {
+            measuring_since = Some(now);
+        }
+        match one() {
+            Ok(took) if measuring_since.is_some() => latencies.push(took.as_nanos() as u64),
+            Ok(_) => {}
+            Err(e) => {
+                println!("error={e}");
+                return Ok(());
+            }
+        }
+    }
+    let elapsed = measuring_since.map_or(0.0, |s| s.elapsed().as_secs_f64());
+    latencies.sort_unstable();
+    let pct = |p: usize| {
+        latencies
+            .get(latencies.len() * p / 100)
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "conns={} seconds={elapsed:.3} p50_ns={} p99_ns={}",
+        latencies.len(),
+        pct(50),
+        pct(99)
+    );
+    Ok(())
+}
+
+/// Linger 0: close sends RST and leaves no TIME_WAIT socket, so a long loop cannot run out of
+/// ephemeral ports.
+fn reset_on_close(stream: &TcpStream) -> std::io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: the fd is open for the stream's lifetime and the option value is a valid `linger`
+    // of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

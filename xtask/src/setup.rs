@@ -1,0 +1,191 @@
+//! `cargo xtask setup`: installs what a fresh machine lacks to build and test ward, and skips
+//! what is already there, so it is cheap to run before every build.
+
+use std::{fs, os::unix::fs::symlink, path::Path, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::sys::{self, heading, output};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// What the tests, the demo, the benchmarks and the kernel VM harness run.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "curl",
+    "netcat-openbsd",
+    "openssl",
+    "iproute2",
+    "nftables",
+    "iperf3",
+    "socat",
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
+    "zstd",
+    "cpio",
+    "xz-utils",
+];
+
+pub fn run() -> Result<()> {
+    sys::require_root("setup", "it installs Debian packages and mounts bpffs")?;
+    heading("setup: nightly toolchain components");
+    nightly_components()?;
+    heading(&format!("setup: bpf-linker {BPF_LINKER_VERSION}"));
+    bpf_linker()?;
+    heading("setup: Debian packages");
+    debian_packages()?;
+    heading("setup: bpffs");
+    bpffs()?;
+    println!("setup: done");
+    Ok(())
+}
+
+/// rust-src because the kernel programs build `core` from source; clippy to lint them.
+const NIGHTLY_COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
+
+fn nightly_components() -> Result<()> {
+    let rustup = || sys::rust_tool("rustup");
+    let toolchains = output(rustup().args(["toolchain", "list"]))
+        .context("rustup is needed: install it from https://rustup.rs")?;
+    if !toolchains.lines().any(|t| t.starts_with("nightly")) {
+        sys::run(rustup().args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let installed =
+        output(rustup().args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    let present = |c: &str| {
+        installed
+            .lines()
+            .any(|l| l.trim() == c || l.starts_with(&format!("{c}-")))
+    };
+    let missing: Vec<&str> = NIGHTLY_COMPONENTS
+        .into_iter()
+        .filter(|c| !present(c))
+        .collect();
+    if missing.is_empty() {
+        println!("nightly {}: present", NIGHTLY_COMPONENTS.join(", "));
+        return Ok(());
+    }
+    sys::run(
+        rustup()
+            .args(["component", "add", "--toolchain", "nightly"])
+            .args(missing),
+    )
+}
+
+fn bpf_linker() -> Result<()> {
+    // Also fails when the binary exists but its libLLVM is gone (a nightly update renames it).
+    let version = output(sys::rust_tool("bpf-linker").arg("--version")).unwrap_or_default();
+    if version.split_whitespace().nth(1) == Some(BPF_LINKER_VERSION) {
+        println!("{}: present", version.trim());
+        return Ok(());
+    }
+    // bpf-linker must link the same LLVM that nightly rustc emits bitcode for. rustup ships that
+    // LLVM only as a versioned shared library, so give the build an LLVM prefix whose lib/ holds
+    // it under the names the build looks for.
+    let sysroot = output(sys::rust_tool("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let sysroot_lib = Path::new(sysroot.trim()).join("lib");
+    let llvm_libs: Vec<String> = fs::read_dir(&sysroot_lib)
+        .with_context(|| format!("listing {}", sysroot_lib.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with("libLLVM.so."))
+        .collect();
+    let [llvm_lib] = llvm_libs.as_slice() else {
+        bail!(
+            "expected one libLLVM.so.* in {}, found {llvm_libs:?}",
+            sysroot_lib.display()
+        );
+    };
+    let major = llvm_major(llvm_lib)?;
+    let prefix = sys::home().join(".local/share/ward/llvm");
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
+    for name in ["libLLVM.so", llvm_lib.as_str()] {
+        let link = prefix_lib.join(name);
+        if link.symlink_metadata().is_ok() {
+            fs::remove_file(&link).with_context(|| format!("replacing {}", link.display()))?;
+        }
+        let target = sysroot_lib.join(llvm_lib);
+        symlink(&target, &link).with_context(|| format!("linking {}", link.display()))?;
+        println!("{} -> {}", link.display(), target.display());
+    }
+    // --force: an installed bpf-linker of this version whose LLVM went away must be rebuilt.
+    sys::run(sys::cargo().env("LLVM_PREFIX", &prefix).args([
+        "+nightly",
+        "install",
+        "bpf-linker",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--no-default-features",
+        "--features",
+        &format!("llvm-{major}"),
+        "--force",
+    ]))
+}
+
+/// `libLLVM.so.22.1-rust-1.97.0-nightly` -> 22
+fn llvm_major(lib: &str) -> Result<u32> {
+    lib.strip_prefix("libLLVM.so.")
+        .and_then(|v| v.split(['.', '-']).next())
+        .and_then(|major| major.parse().ok())
+        .with_context(|| format!("no LLVM major version in {lib:?}"))
+}
+
+fn debian_packages() -> Result<()> {
+    // dpkg-query exits non-zero when it has never heard of a package: parse, don't trust the status.
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Package} ${db:Status-Status}\n"])
+        .args(DEBIAN_PACKAGES)
+        .output()
+        .context("running dpkg-query (is this a Debian machine?)")?;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !listed.lines().any(|l| l == format!("{p} installed")))
+        .collect();
+    if missing.is_empty() {
+        println!("all present: {}", DEBIAN_PACKAGES.join(" "));
+        return Ok(());
+    }
+    println!("missing: {}", missing.join(" "));
+    sys::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .arg("update"),
+    )?;
+    sys::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
+
+fn bpffs() -> Result<()> {
+    let target = Path::new("/sys/fs/bpf");
+    if sys::mounts()?
+        .iter()
+        .any(|m| m.point == target && m.fstype == "bpf")
+    {
+        println!("bpffs: mounted at {}", target.display());
+        return Ok(());
+    }
+    fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
+    sys::run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(target))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llvm_major_comes_from_the_library_name() {
+        assert_eq!(
+            llvm_major("libLLVM.so.22.1-rust-1.97.0-nightly").unwrap(),
+            22
+        );
+        assert_eq!(llvm_major("libLLVM.so.19").unwrap(), 19);
+        assert!(llvm_major("libLLVM-22.so").is_err());
+    }
+}

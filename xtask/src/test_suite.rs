@@ -1,0 +1,132 @@
+//! `cargo xtask test`: every check CI runs, in order, with one summary at the end.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Result};
+
+use crate::{
+    setup,
+    sys::{self, heading},
+};
+
+pub fn run(test_threads: Option<usize>, filter: &[String]) -> Result<()> {
+    sys::require_root(
+        "test",
+        "the privileged suite creates cgroups, network namespaces and loads eBPF programs",
+    )?;
+    setup::run()?;
+    let threads = test_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let mut steps = Steps::default();
+
+    steps.run(
+        "rustfmt",
+        sys::cargo().args(["fmt", "--all", "--", "--check"]),
+    );
+    // agent-ebpf is `no_std`/`no_main` for the BPF target and cannot be built for the host;
+    // it is linted for its own target with the toolchain that builds it.
+    steps.run(
+        "clippy (user space)",
+        sys::cargo().args([
+            "clippy (user space)",
+            "--workspace",
+            "--exclude",
+            "agent-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    );
+    steps.run(
+        "unit tests",
+        sys::cargo().arg("test").arg("--").args(filter),
+    );
+    let built = steps.run(
+        "build ward",
+        sys::cargo().args(["build", "-p", "ward-agent", "--bins"]),
+    );
+    if built {
+        let ward = sys::target_dir().join("debug/ward");
+        steps.run(
+            "privileged tests",
+            sys::cargo()
+                .env("WARD_BIN", &ward)
+                .args(["test", "-p", "ward-tests", "--"])
+                .arg(format!("--test-threads={threads}"))
+                .args(filter),
+        );
+    } else {
+        steps.skip("privileged tests", "ward did not build");
+    }
+
+    heading("summary");
+    for step in &steps.0 {
+        println!(
+            "  {:<20} {:<8} {:>7.1} s",
+            step.name,
+            step.outcome,
+            step.took.as_secs_f64()
+        );
+    }
+    let failed: Vec<&str> = steps
+        .0
+        .iter()
+        .filter(|s| s.outcome != "ok")
+        .map(|s| s.name)
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} steps did not pass: {}",
+            failed.len(),
+            steps.0.len(),
+            failed.join(", ")
+        );
+    }
+    println!("all {} steps passed", steps.0.len());
+    Ok(())
+}
+
+struct Step {
+    name: &'static str,
+    outcome: &'static str,
+    took: Duration,
+}
+
+/// Steps keep going after a failure, so one run reports every broken check.
+#[derive(Default)]
+struct Steps(Vec<Step>);
+
+impl Steps {
+    fn run(&mut self, name: &'static str, cmd: &mut Command) -> bool {
+        heading(name);
+        let start = Instant::now();
+        let result = sys::run(cmd);
+        if let Err(e) = &result {
+            eprintln!("{name}: {e:#}");
+        }
+        let outcome = if result.is_ok() { "ok" } else { "FAILED" };
+        self.0.push(Step {
+            name,
+            outcome,
+            took: start.elapsed(),
+        });
+        result.is_ok()
+    }
+
+    fn skip(&mut self, name: &'static str, why: &str) {
+        heading(name);
+        eprintln!("{name}: not run: {why}");
+        self.0.push(Step {
+            name,
+            outcome: "NOT RUN",
+            took: Duration::ZERO,
+        });
+    }
+}
