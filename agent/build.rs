@@ -14,9 +14,15 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("the agent crate has no parent directory"))?
         .join("agent-ebpf");
-    let root_dir = ebpf_dir.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {ebpf_dir:?}"))?;
+    let root_dir = ebpf_dir
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {ebpf_dir:?}"))?;
     aya_build::build_ebpf(
-        [Package { name: "agent-ebpf", root_dir, ..Default::default() }],
+        [Package {
+            name: "agent-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
         Toolchain::default(),
     )
     .context("building the kernel programs (run `cargo xtask setup` first)")

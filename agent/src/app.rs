@@ -1,5 +1,5 @@
-//! `ward run`: wires configuration, policy, the kernel datapath, the cgroup watcher and the event
-//! log together, and owns reload and shutdown.
+//! `ward run`: wires configuration, policy, the kernel datapath, the cgroup watcher, events, the
+//! admin socket and metrics together, and owns reload and shutdown.
 use std::{
     collections::BTreeMap,
     net::IpAddr,
@@ -8,20 +8,29 @@ use std::{
     time::Duration,
 };
 
-use agent_common::IDENTITY_HOST;
+use agent_common::{
+    map_names, IDENTITY_HOST, MAX_CGROUPS, MAX_IPCACHE, MAX_IPCACHE_PREFIXES, MAX_POLICY_ENTRIES,
+};
 use anyhow::{bail, Context as _};
 use futures_util::StreamExt as _;
 use inotify::{Inotify, WatchMask};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, oneshot},
+};
 
 use crate::{
+    admin,
     cgroups::{self, CgroupTree, CgroupWatcher},
     config::{Config, HostAddresses},
     events::{self, Names, SharedNames},
+    flows::FlowHub,
     identity,
-    kernel::{self, Datapath},
+    kernel::{self, ApplyStats, Attachment, Datapath},
+    metrics::{self, Metrics},
     paths,
     policy::{self, Compiled, RuleIds, WorkloadInfo},
+    status::{PolicyStatus, Status, WorkloadStatus},
 };
 
 pub struct RunOptions {
@@ -47,14 +56,20 @@ impl Desired {
         if let Some(rule) = compiled.rules.values().find(|r| r.mtls) {
             tracing::warn!(policy = %rule.policy, rule = %rule.rule, "mtls: required is recorded but the mTLS tunnel is not available in this version; such connections pass in plain TCP");
         }
-        Ok(Desired { config, workloads, compiled, addresses })
+        Ok(Desired {
+            config,
+            workloads,
+            compiled,
+            addresses,
+        })
     }
 
     /// cgroup id → identity for the cgroups of this node's workloads.
     fn cgroup_identities(&self, tree: &CgroupTree) -> BTreeMap<u64, u32> {
         tree.iter()
             .filter_map(|(id, path)| {
-                identity::workload_of_cgroup(&self.config, path).map(|i| (*id, self.workloads[i].identity))
+                identity::workload_of_cgroup(&self.config, path)
+                    .map(|i| (*id, self.workloads[i].identity))
             })
             .collect()
     }
@@ -62,7 +77,10 @@ impl Desired {
 
 /// The IP cache: workload addresses name their workload; this host's own addresses name the host,
 /// behind which the kernel tells workloads apart by their listening sockets.
-fn address_identities(config: &Config, workloads: &[WorkloadInfo]) -> anyhow::Result<BTreeMap<[u8; 16], u32>> {
+fn address_identities(
+    config: &Config,
+    workloads: &[WorkloadInfo],
+) -> anyhow::Result<BTreeMap<[u8; 16], u32>> {
     let host: Vec<IpAddr> = match &config.host_addresses {
         HostAddresses::List(list) => list.clone(),
         HostAddresses::Auto => nix::ifaddrs::getifaddrs()
@@ -75,10 +93,13 @@ fn address_identities(config: &Config, workloads: &[WorkloadInfo]) -> anyhow::Re
             })
             .collect(),
     };
-    let mut out: BTreeMap<[u8; 16], u32> = host.into_iter().map(|a| (kernel::mapped(a), IDENTITY_HOST)).collect();
+    let mut out: BTreeMap<[u8; 16], u32> = host
+        .into_iter()
+        .map(|a| (kernel::mapped(a), IDENTITY_HOST))
+        .collect();
     for w in workloads {
         for a in &w.addresses {
-            if out.get(&kernel::mapped(*a)).is_some_and(|id| *id == IDENTITY_HOST) {
+            if out.get(&kernel::mapped(*a)) == Some(&IDENTITY_HOST) {
                 tracing::warn!(workload = %w.name, address = %a, "address belongs to this host; the workload is told apart by its listening sockets instead");
                 continue;
             }
@@ -95,26 +116,13 @@ fn preflight() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Keeps the kernel's cgroup map equal to `desired`.
-fn sync_cgroups(dp: &mut Datapath, current: &mut BTreeMap<u64, u32>, desired: BTreeMap<u64, u32>) -> anyhow::Result<()> {
-    for (id, identity) in &desired {
-        if current.get(id) != Some(identity) {
-            dp.set_cgroup(*id, *identity)?;
-            tracing::debug!(cgroup_id = id, identity, "cgroup mapped");
-        }
-    }
-    for id in current.keys().filter(|id| !desired.contains_key(id)) {
-        dp.remove_cgroup(*id)?;
-    }
-    *current = desired;
-    Ok(())
-}
-
 /// Whether a changed file in a watched directory is one the agent reads.
 fn is_policy_or_config(name: Option<&std::ffi::OsStr>, config: &Config) -> bool {
     let Some(name) = name else { return false };
     config.file.file_name() == Some(name)
-        || Path::new(name).extension().is_some_and(|e| e == "yaml" || e == "yml")
+        || Path::new(name)
+            .extension()
+            .is_some_and(|e| e == "yaml" || e == "yml")
 }
 
 /// Watches the configuration file and every policy path for changes.
@@ -139,114 +147,279 @@ fn watch_files(config: &Config) -> std::io::Result<inotify::EventStream<Vec<u8>>
     inotify.into_event_stream(vec![0u8; 16 * 1024])
 }
 
+/// The running agent's state, owned by the main loop.
+struct Agent {
+    config_file: PathBuf,
+    cgroup_root: PathBuf,
+    dp: Datapath,
+    attachment: Attachment,
+    desired: Desired,
+    rule_ids: RuleIds,
+    /// cgroup id → identity as the kernel has it.
+    cgroups: BTreeMap<u64, u32>,
+    names: SharedNames,
+    metrics: Arc<Metrics>,
+    last_apply: ApplyStats,
+    last_error: Option<String>,
+}
+
+impl Agent {
+    /// Keeps the kernel's cgroup map equal to the workloads' cgroups in `tree`.
+    fn sync_cgroups(&mut self, tree: &CgroupTree) -> anyhow::Result<()> {
+        let desired = self.desired.cgroup_identities(tree);
+        for (id, identity) in &desired {
+            if self.cgroups.get(id) != Some(identity) {
+                self.dp.set_cgroup(*id, *identity)?;
+                tracing::debug!(cgroup_id = id, identity, "cgroup mapped");
+            }
+        }
+        for id in self.cgroups.keys().filter(|id| !desired.contains_key(id)) {
+            self.dp.remove_cgroup(*id)?;
+        }
+        self.cgroups = desired;
+        self.metrics
+            .set_map(map_names::CGROUPS, self.cgroups.len(), MAX_CGROUPS);
+        Ok(())
+    }
+
+    fn record_apply(&mut self, stats: ApplyStats) {
+        self.last_apply = stats;
+        self.last_error = None;
+        self.metrics
+            .policy_apply_seconds
+            .observe(stats.duration.as_secs_f64());
+        self.metrics
+            .policy_generation
+            .set(i64::from(stats.generation));
+        self.metrics
+            .set_map(map_names::POLICY, stats.entries, MAX_POLICY_ENTRIES);
+        self.metrics
+            .set_map(map_names::IPCACHE, stats.addresses, MAX_IPCACHE / 2);
+        self.metrics.set_map(
+            map_names::IPCACHE_LPM,
+            stats.prefixes,
+            MAX_IPCACHE_PREFIXES / 2,
+        );
+    }
+
+    fn reject(&mut self, reason: &str, error: String, what: &str) {
+        tracing::error!(reason, error = %error, "{what}; the previous policy stays in force");
+        self.metrics.policy_apply_failures.inc();
+        self.last_error = Some(error);
+    }
+
+    /// Re-reads configuration and policy; applies all of it or nothing.
+    fn reload(&mut self, reason: &str) -> anyhow::Result<()> {
+        let next = match Desired::build(&self.config_file, &mut self.rule_ids) {
+            Ok(next) => next,
+            Err(e) => {
+                self.reject(reason, format!("{e:#}"), "policy rejected");
+                return Ok(());
+            }
+        };
+        let current = &self.desired.config;
+        if next.config.pin_dir != current.pin_dir || next.config.cgroup_root != current.cgroup_root
+        {
+            self.reject(
+                reason,
+                "pinDir and cgroupRoot take effect only at restart".into(),
+                "policy rejected",
+            );
+            return Ok(());
+        }
+        match self.dp.apply(&next.compiled, &next.addresses) {
+            Err(e) => self.reject(reason, e.to_string(), "policy rejected by the kernel"),
+            Ok(stats) => {
+                *self.names.write().expect("names lock poisoned") =
+                    Names::new(&next.compiled, &next.workloads);
+                self.desired = next;
+                self.record_apply(stats);
+                self.sync_cgroups(&cgroups::scan(&self.cgroup_root)?)?;
+                tracing::info!(
+                    reason,
+                    generation = stats.generation,
+                    entries = stats.entries,
+                    duration_ms = stats.duration.as_secs_f64() * 1e3,
+                    "policy applied"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> Status {
+        let uname = nix::sys::utsname::uname().ok();
+        let kernel = uname.map_or_else(
+            || "unknown".into(),
+            |u| u.release().to_string_lossy().into_owned(),
+        );
+        let config = &self.desired.config;
+        let workloads = self
+            .desired
+            .workloads
+            .iter()
+            .map(|w| WorkloadStatus {
+                name: w.name.clone(),
+                spiffe_id: w.spiffe_id.clone(),
+                identity: w.identity,
+                cgroups: self
+                    .cgroups
+                    .values()
+                    .filter(|id| **id == w.identity)
+                    .count(),
+            })
+            .collect();
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            kernel,
+            kernel_features: kernel::features::probe().to_string(),
+            pin_dir: config.pin_dir.display().to_string(),
+            cgroup_root: self.cgroup_root.display().to_string(),
+            attachment: format!("{:?}", self.attachment).to_lowercase(),
+            programs: self.dp.programs(),
+            policy: PolicyStatus {
+                generation: self.last_apply.generation,
+                entries: self.last_apply.entries,
+                rules: self.desired.compiled.rules.len(),
+                files: config
+                    .policies
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect(),
+                last_applied: format!(
+                    "{:.1} ms ago",
+                    self.last_apply.at.elapsed().as_secs_f64() * 1e3
+                ),
+                last_error: self.last_error.clone(),
+            },
+            workloads,
+            control_plane: "none (local mode: configuration and policy files)".into(),
+            maps: self.dp.maps(
+                self.last_apply.entries,
+                self.last_apply.addresses,
+                self.last_apply.prefixes,
+                self.cgroups.len(),
+            ),
+        }
+    }
+
+    /// Reacts to signals, file changes, cgroup changes and admin requests until told to stop.
+    async fn serve(
+        &mut self,
+        mut status_requests: mpsc::Receiver<oneshot::Sender<Status>>,
+    ) -> anyhow::Result<()> {
+        let mut watcher = CgroupWatcher::new(&self.cgroup_root).context("watching cgroups")?;
+        self.sync_cgroups(&cgroups::scan(&self.cgroup_root)?)?;
+        let mut files = watch_files(&self.desired.config).context("watching policy files")?;
+        let mut hangup = signal(SignalKind::hangup())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => self.reload("SIGHUP")?,
+                Some(Ok(event)) = files.next() => {
+                    if is_policy_or_config(event.name.as_deref(), &self.desired.config) {
+                        // Editors write in several steps; settle, then take everything at once.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        while tokio::time::timeout(Duration::from_millis(1), files.next()).await.is_ok() {}
+                        self.reload("file change")?;
+                    }
+                }
+                tree = watcher.changed() => self.sync_cgroups(&tree.context("watching cgroups")?)?,
+                Some(reply) = status_requests.recv() => {
+                    let _ = reply.send(self.status());
+                }
+                _ = terminate.recv() => return Ok(()),
+                _ = interrupt.recv() => return Ok(()),
+            }
+        }
+    }
+}
+
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     preflight()?;
     let mut rule_ids = RuleIds::default();
-    let mut desired = Desired::build(&opts.config, &mut rule_ids)?;
+    let desired = Desired::build(&opts.config, &mut rule_ids)?;
     let config = desired.config.clone();
     let cgroup_root = paths::cgroup_root(config.cgroup_root.as_deref())?;
+    let features = kernel::features::probe();
     tracing::info!(
         config = %config.file.display(),
         cgroup_root = %cgroup_root.display(),
         pin_dir = %config.pin_dir.display(),
+        admin_socket = %config.admin_socket.display(),
         workloads = config.workloads.len(),
         policies = ?config.policies,
+        kernel = %features,
         "starting"
     );
+    let missing = features.missing();
+    if !missing.is_empty() {
+        bail!("this kernel lacks what ward needs: {}; ward needs Linux 5.15 or later with BPF, cgroup BPF and BTF", missing.join(", "));
+    }
     let mut dp = Datapath::load(&config.pin_dir)?;
     let stats = dp.apply(&desired.compiled, &desired.addresses)?;
-    let mut current: BTreeMap<u64, u32> = dp.cgroup_ids().into_iter().map(|id| (id, 0)).collect();
-    sync_cgroups(&mut dp, &mut current, desired.cgroup_identities(&cgroups::scan(&cgroup_root)?))?;
+    let hub = Arc::new(FlowHub::new(config.flow_log.as_deref()).context("opening the flow log")?);
+    let metrics = Arc::new(Metrics::new(Some(dp.take_counters()?)));
+    let names: SharedNames = Arc::new(RwLock::new(Names::new(
+        &desired.compiled,
+        &desired.workloads,
+    )));
+    let mut agent = Agent {
+        config_file: opts.config.clone(),
+        cgroup_root: cgroup_root.clone(),
+        attachment: Attachment::Attached,
+        desired,
+        rule_ids,
+        cgroups: dp.cgroup_ids().into_iter().map(|id| (id, 0)).collect(),
+        names: names.clone(),
+        metrics: metrics.clone(),
+        last_apply: stats,
+        last_error: None,
+        dp,
+    };
+    agent.record_apply(stats);
     // Maps are complete before the programs see the first packet.
-    let attachment = dp.attach(&cgroup_root)?;
-    let names: SharedNames = Arc::new(RwLock::new(Names::new(&desired.compiled, &desired.workloads)));
-    let ring = dp.take_events()?;
-    let event_names = names.clone();
+    agent.sync_cgroups(&cgroups::scan(&cgroup_root)?)?;
+    agent.attachment = agent.dp.attach(&cgroup_root)?;
+
+    let ring = agent.dp.take_events()?;
+    let (event_hub, event_metrics) = (hub.clone(), metrics.clone());
     tokio::spawn(async move {
-        if let Err(e) = events::run(ring, event_names).await {
+        if let Err(e) = events::run(ring, names, event_hub, event_metrics).await {
             tracing::error!(error = %e, "reading verdict events stopped");
         }
     });
+    let (status_tx, status_rx) = mpsc::channel(8);
+    let admin_listener = admin::bind(&config.admin_socket)
+        .with_context(|| format!("binding the admin socket {}", config.admin_socket.display()))?;
+    tokio::spawn(admin::serve(admin_listener, hub, status_tx));
+    if let Some(addr) = config.metrics_address {
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, metrics).await {
+                tracing::error!(%addr, error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
     tracing::info!(
-        attachment = ?attachment,
+        attachment = ?agent.attachment,
         generation = stats.generation,
         entries = stats.entries,
         addresses = stats.addresses,
         prefixes = stats.prefixes,
-        cgroups = current.len(),
+        cgroups = agent.cgroups.len(),
         "ready: enforcing"
     );
 
-    let served = serve(&opts, &config, &cgroup_root, &mut dp, desired, current, &mut rule_ids, &names).await;
+    let served = agent.serve(status_rx).await;
+    let _ = std::fs::remove_file(&config.admin_socket);
     if opts.keep_enforcing {
         tracing::info!(pin_dir = %config.pin_dir.display(), "stopping; programs stay attached and keep enforcing the last policy");
     } else {
-        dp.detach_and_unpin().context("detaching")?;
+        agent.dp.detach_and_unpin().context("detaching")?;
         tracing::info!("stopped; programs detached and pins removed");
     }
     served
-}
-
-/// Reacts to signals, file changes and cgroup changes until told to stop.
-#[allow(clippy::too_many_arguments)] // the agent's whole running state, owned by `run`
-async fn serve(
-    opts: &RunOptions,
-    config: &Config,
-    cgroup_root: &Path,
-    dp: &mut Datapath,
-    mut desired: Desired,
-    mut current: BTreeMap<u64, u32>,
-    rule_ids: &mut RuleIds,
-    names: &SharedNames,
-) -> anyhow::Result<()> {
-    let mut watcher = CgroupWatcher::new(cgroup_root).context("watching cgroups")?;
-    sync_cgroups(dp, &mut current, desired.cgroup_identities(&cgroups::scan(cgroup_root)?))?;
-    let mut files = watch_files(config).context("watching policy files")?;
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    loop {
-        let reason = tokio::select! {
-            _ = hangup.recv() => "SIGHUP",
-            Some(Ok(event)) = files.next() => {
-                if !is_policy_or_config(event.name.as_deref(), config) {
-                    continue;
-                }
-                // Editors write in several steps; settle, then take everything at once.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                while tokio::time::timeout(Duration::from_millis(1), files.next()).await.is_ok() {}
-                "file change"
-            }
-            tree = watcher.changed() => {
-                let tree = tree.context("watching cgroups")?;
-                sync_cgroups(dp, &mut current, desired.cgroup_identities(&tree))?;
-                continue;
-            }
-            _ = terminate.recv() => return Ok(()),
-            _ = interrupt.recv() => return Ok(()),
-        };
-        match Desired::build(&opts.config, rule_ids) {
-            Err(e) => tracing::error!(reason, error = %format!("{e:#}"), "policy rejected; the previous policy stays in force"),
-            Ok(next) if next.config.pin_dir != config.pin_dir || next.config.cgroup_root != config.cgroup_root => {
-                tracing::error!(reason, "policy rejected: pinDir and cgroupRoot take effect only at restart")
-            }
-            Ok(next) => match dp.apply(&next.compiled, &next.addresses) {
-                Err(e) => tracing::error!(reason, error = %e, "policy rejected by the kernel; the previous policy stays in force"),
-                Ok(stats) => {
-                    *names.write().expect("names lock poisoned") = Names::new(&next.compiled, &next.workloads);
-                    desired = next;
-                    sync_cgroups(dp, &mut current, desired.cgroup_identities(&cgroups::scan(cgroup_root)?))?;
-                    tracing::info!(
-                        reason,
-                        generation = stats.generation,
-                        entries = stats.entries,
-                        duration_ms = stats.duration.as_secs_f64() * 1e3,
-                        "policy applied"
-                    );
-                }
-            },
-        }
-    }
 }
 
 /// `ward uninstall`: removes everything an agent left pinned.
@@ -257,7 +430,11 @@ pub fn uninstall(pin_dir: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     let dp = Datapath::load(pin_dir)?;
-    dp.detach_and_unpin().with_context(|| format!("removing {}", pin_dir.display()))?;
-    println!("removed ward's programs, links and maps from {}", pin_dir.display());
+    dp.detach_and_unpin()
+        .with_context(|| format!("removing {}", pin_dir.display()))?;
+    println!(
+        "removed ward's programs, links and maps from {}",
+        pin_dir.display()
+    );
     Ok(())
 }

@@ -47,7 +47,10 @@ impl CgroupWatcher {
     pub fn new(root: &Path) -> std::io::Result<Self> {
         let inotify = Inotify::init()?;
         let events = inotify.into_event_stream(vec![0u8; 64 * 1024])?;
-        let watcher = CgroupWatcher { root: root.to_owned(), events };
+        let watcher = CgroupWatcher {
+            root: root.to_owned(),
+            events,
+        };
         watcher.watch_all()?;
         Ok(watcher)
     }
@@ -95,6 +98,9 @@ mod tests {
         let mut paths: Vec<_> = tree.values().cloned().collect();
         paths.sort();
         std::fs::remove_dir_all(&root).expect("cleanup");
-        assert_eq!(paths, vec![PathBuf::from("a"), PathBuf::from("a/b"), PathBuf::from("c")]);
+        assert_eq!(
+            paths,
+            vec![PathBuf::from("a"), PathBuf::from("a/b"), PathBuf::from("c")]
+        );
     }
 }

@@ -1,12 +1,23 @@
 //! Command line: parses arguments, sets up logging and dispatches.
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{app, config::DEFAULT_PIN_DIR};
+use crate::{
+    admin::{self, Reply, Request},
+    app,
+    config::DEFAULT_PIN_DIR,
+    flows::{FlowFilter, FlowRecord},
+    logging, paths,
+    status::Status,
+};
 
 #[derive(Parser)]
-#[command(name = "ward", version, about = "Workload network policy enforced in the Linux kernel")]
+#[command(
+    name = "ward",
+    version,
+    about = "Workload network policy enforced in the Linux kernel"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -18,10 +29,26 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
+}
+
+/// Where the running agent listens.
+#[derive(Args)]
+struct AdminArgs {
+    /// The agent's admin socket (default: the one of the default pin directory).
+    #[arg(long)]
+    admin_socket: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn path(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| paths::default_admin_socket(DEFAULT_PIN_DIR.as_ref()))
+    }
 }
 
 #[derive(Subcommand)]
@@ -35,6 +62,40 @@ enum Command {
         #[arg(long)]
         keep_enforcing: bool,
     },
+    /// Show the running agent's state: kernel, programs, policy, workloads, map usage.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show verdicts as the kernel makes them: recent ones, then live with --follow.
+    Flows {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        follow: bool,
+        /// Source workload name, SPIFFE ID or address.
+        #[arg(long)]
+        from: Option<String>,
+        /// Destination workload name, SPIFFE ID or address.
+        #[arg(long)]
+        to: Option<String>,
+        /// allow, deny or audit.
+        #[arg(long)]
+        verdict: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the running agent's log level (RUST_LOG syntax).
+    LogLevel {
+        #[command(flatten)]
+        admin: AdminArgs,
+        level: String,
+    },
+
     /// Remove the programs, links and maps an agent left pinned.
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -42,35 +103,129 @@ enum Command {
     },
 }
 
-fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| format!("--log-level {level:?}: {e}"))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn flow_line(r: &FlowRecord) -> String {
+    let name = |workload: &str, id: &str| {
+        if workload.is_empty() {
+            id.to_string()
+        } else {
+            workload.to_string()
+        }
+    };
+    format!(
+        "{:<7} {:<7} {} -> {} {}:{}/{}  policy={} rule={}",
+        r.verdict,
+        r.direction,
+        name(&r.src_workload, &r.src),
+        name(&r.dst_workload, &r.dst),
+        r.dst_addr,
+        r.dst_port,
+        r.protocol,
+        r.policy,
+        r.rule
+    )
+}
+
+async fn client(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Status { admin, json } => {
+            let mut lines = admin::request(&admin.path(), &Request::Status).await?;
+            let line = lines
+                .next_line()
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("the agent closed the connection"))?;
+            if let Ok(reply) = serde_json::from_str::<Reply>(&line) {
+                anyhow::bail!("{}", reply.error.unwrap_or_default());
+            }
+            let status: Status = serde_json::from_str(&line)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{status}");
+            }
+        }
+        Command::Flows {
+            admin,
+            follow,
+            from,
+            to,
+            verdict,
+            json,
+        } => {
+            let request = Request::Flows {
+                follow,
+                filter: FlowFilter { from, to, verdict },
+            };
+            let mut lines = admin::request(&admin.path(), &request).await?;
+            while let Some(line) = lines.next_line().await? {
+                match serde_json::from_str::<FlowRecord>(&line) {
+                    Ok(_) if json => println!("{line}"),
+                    Ok(r) => println!("{}", flow_line(&r)),
+                    Err(_) => {
+                        let reply: Reply = serde_json::from_str(&line)?;
+                        anyhow::bail!("{}", reply.error.unwrap_or_default());
+                    }
+                }
+            }
+        }
+        Command::LogLevel { admin, level } => {
+            let mut lines = admin::request(
+                &admin.path(),
+                &Request::LogLevel {
+                    level: level.clone(),
+                },
+            )
+            .await?;
+            let line = lines
+                .next_line()
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("the agent closed the connection"))?;
+            let reply: Reply = serde_json::from_str(&line)?;
+            if !reply.ok {
+                anyhow::bail!("{}", reply.error.unwrap_or_default());
+            }
+            println!("log level set to {level}");
+        }
+        _ => unreachable!("not a client command"),
     }
     Ok(())
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = init_logging(cli.log_format, &cli.log_level) {
+    let is_agent = matches!(cli.command, Command::Run { .. });
+    if let Err(e) = logging::init(cli.log_format == LogFormat::Json, &cli.log_level) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
     let result = match cli.command {
-        Command::Run { config, keep_enforcing } => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(app::run(app::RunOptions { config, keep_enforcing }))),
+        Command::Run {
+            config,
+            keep_enforcing,
+        } => runtime().and_then(|rt| {
+            rt.block_on(app::run(app::RunOptions {
+                config,
+                keep_enforcing,
+            }))
+        }),
         Command::Uninstall { pin_dir } => app::uninstall(&pin_dir),
+
+        command => runtime().and_then(|rt| rt.block_on(client(command))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(e) if is_agent => {
             tracing::error!(error = %format!("{e:#}"), "ward stopped");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -13,11 +13,18 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ward";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{file}: cannot read: {source}")]
-    Read { file: PathBuf, source: std::io::Error },
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{file}: {reason}")]
     Parse { file: PathBuf, reason: String },
     #[error("{file}: field `{field}`: {reason}")]
-    Field { file: PathBuf, field: String, reason: String },
+    Field {
+        file: PathBuf,
+        field: String,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -29,6 +36,9 @@ struct RawConfig {
     #[serde(default)]
     policies: Vec<PathBuf>,
     host_addresses: Option<RawHostAddresses>,
+    admin_socket: Option<PathBuf>,
+    metrics_address: Option<String>,
+    flow_log: Option<PathBuf>,
     #[serde(default)]
     workloads: Vec<RawWorkload>,
 }
@@ -88,19 +98,29 @@ pub struct Config {
     /// Resolved against the configuration file's directory.
     pub policies: Vec<PathBuf>,
     pub host_addresses: HostAddresses,
+    /// Unix socket of the admin API; default `/run/<pin dir name>/admin.sock`.
+    pub admin_socket: PathBuf,
+    /// Where `/metrics` is served; off unless set.
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// A file that receives every flow record as a JSON line.
+    pub flow_log: Option<PathBuf>,
     pub workloads: Vec<WorkloadConfig>,
 }
 
 impl Config {
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(file)
-            .map_err(|source| ConfigError::Read { file: file.to_owned(), source })?;
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
         Self::parse(file, &text)
     }
 
     pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = serde_yaml::from_str(text)
-            .map_err(|e| ConfigError::Parse { file: file.to_owned(), reason: e.to_string() })?;
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            reason: e.to_string(),
+        })?;
         let field = |field: String, reason: String| ConfigError::Field {
             file: file.to_owned(),
             field,
@@ -109,36 +129,74 @@ impl Config {
         if !is_dns_label_list(&raw.trust_domain) {
             return Err(field(
                 "trustDomain".into(),
-                format!("{:?} is not a trust domain (lowercase letters, digits, '-', '.')", raw.trust_domain),
+                format!(
+                    "{:?} is not a trust domain (lowercase letters, digits, '-', '.')",
+                    raw.trust_domain
+                ),
             ));
         }
         let base = file.parent().unwrap_or(Path::new("."));
         let pin_dir = raw.pin_dir.unwrap_or_else(|| DEFAULT_PIN_DIR.into());
         if !pin_dir.is_absolute() {
-            return Err(field("pinDir".into(), format!("{} is not an absolute path", pin_dir.display())));
+            return Err(field(
+                "pinDir".into(),
+                format!("{} is not an absolute path", pin_dir.display()),
+            ));
         }
         let host_addresses = match raw.host_addresses {
             None => HostAddresses::Auto,
             Some(RawHostAddresses::Keyword(k)) if k == "auto" => HostAddresses::Auto,
             Some(RawHostAddresses::Keyword(k)) => {
-                return Err(field("hostAddresses".into(), format!("{k:?}: expected \"auto\" or a list of addresses")))
+                return Err(field(
+                    "hostAddresses".into(),
+                    format!("{k:?}: expected \"auto\" or a list of addresses"),
+                ))
             }
             Some(RawHostAddresses::List(list)) => HostAddresses::List(
                 list.iter()
                     .enumerate()
-                    .map(|(i, a)| parse_addr(a).map_err(|r| field(format!("hostAddresses[{i}]"), r)))
+                    .map(|(i, a)| {
+                        parse_addr(a).map_err(|r| field(format!("hostAddresses[{i}]"), r))
+                    })
                     .collect::<Result<_, _>>()?,
             ),
         };
+        let admin_socket = match raw.admin_socket {
+            Some(p) if p.is_absolute() => p,
+            Some(p) => {
+                return Err(field(
+                    "adminSocket".into(),
+                    format!("{} is not an absolute path", p.display()),
+                ))
+            }
+            None => crate::paths::default_admin_socket(&pin_dir),
+        };
+        let metrics_address = raw
+            .metrics_address
+            .map(|a| {
+                a.parse().map_err(|_| {
+                    field(
+                        "metricsAddress".into(),
+                        format!("{a:?} is not an address:port"),
+                    )
+                })
+            })
+            .transpose()?;
         let mut names = BTreeSet::new();
         let mut workloads = Vec::with_capacity(raw.workloads.len());
         for (i, w) in raw.workloads.into_iter().enumerate() {
             let at = |sub: &str| format!("workloads[{i}].{sub}");
             if w.name.is_empty() || w.name.contains(char::is_whitespace) {
-                return Err(field(at("name"), format!("{:?} must be non-empty without spaces", w.name)));
+                return Err(field(
+                    at("name"),
+                    format!("{:?} must be non-empty without spaces", w.name),
+                ));
             }
             if !names.insert(w.name.clone()) {
-                return Err(field(at("name"), format!("workload {:?} is defined twice", w.name)));
+                return Err(field(
+                    at("name"),
+                    format!("workload {:?} is defined twice", w.name),
+                ));
             }
             let spiffe_id = match w.spiffe_id {
                 Some(id) => {
@@ -146,7 +204,10 @@ impl Config {
                     if !id.starts_with(&prefix) || id.len() == prefix.len() {
                         return Err(field(
                             at("spiffeId"),
-                            format!("{id:?} is not a SPIFFE ID in trust domain {:?}", raw.trust_domain),
+                            format!(
+                                "{id:?} is not a SPIFFE ID in trust domain {:?}",
+                                raw.trust_domain
+                            ),
                         ));
                     }
                     id
@@ -154,7 +215,10 @@ impl Config {
                 None => format!("spiffe://{}/workload/{}", raw.trust_domain, w.name),
             };
             for (j, c) in w.cgroups.iter().enumerate() {
-                if c.is_absolute() || c.components().any(|p| !matches!(p, std::path::Component::Normal(_))) {
+                if c.is_absolute()
+                    || c.components()
+                        .any(|p| !matches!(p, std::path::Component::Normal(_)))
+                {
                     return Err(field(
                         format!("workloads[{i}].cgroups[{j}]"),
                         format!("{} must be a relative path below cgroupRoot", c.display()),
@@ -170,15 +234,24 @@ impl Config {
                 }
             }
             for (j, u) in w.pod_uids.iter().enumerate() {
-                if u.len() < 8 || !u.chars().all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_') {
-                    return Err(field(format!("workloads[{i}].podUids[{j}]"), format!("{u:?} is not a pod UID")));
+                if u.len() < 8
+                    || !u
+                        .chars()
+                        .all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_')
+                {
+                    return Err(field(
+                        format!("workloads[{i}].podUids[{j}]"),
+                        format!("{u:?} is not a pod UID"),
+                    ));
                 }
             }
             let addresses = w
                 .addresses
                 .iter()
                 .enumerate()
-                .map(|(j, a)| parse_addr(a).map_err(|r| field(format!("workloads[{i}].addresses[{j}]"), r)))
+                .map(|(j, a)| {
+                    parse_addr(a).map_err(|r| field(format!("workloads[{i}].addresses[{j}]"), r))
+                })
                 .collect::<Result<_, _>>()?;
             workloads.push(WorkloadConfig {
                 name: w.name,
@@ -198,19 +271,25 @@ impl Config {
             pin_dir,
             policies: raw.policies.iter().map(|p| base.join(p)).collect(),
             host_addresses,
+            admin_socket,
+            metrics_address,
+            flow_log: raw.flow_log.map(|p| base.join(p)),
             workloads,
         })
     }
 }
 
 fn parse_addr(text: &str) -> Result<IpAddr, String> {
-    text.parse().map_err(|_| format!("{text:?} is not an IP address"))
+    text.parse()
+        .map_err(|_| format!("{text:?} is not an IP address"))
 }
 
 fn is_dns_label_list(s: &str) -> bool {
     !s.is_empty()
         && s.split('.').all(|l| {
-            !l.is_empty() && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            !l.is_empty()
+                && l.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         })
 }
 
@@ -231,15 +310,22 @@ mod tests {
         assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert_eq!(c.policies, vec![PathBuf::from("/etc/ward/policies/")]);
         assert_eq!(c.host_addresses, HostAddresses::Auto);
-        assert_eq!(c.workloads[0].spiffe_id, "spiffe://example.org/workload/web");
+        assert_eq!(
+            c.workloads[0].spiffe_id,
+            "spiffe://example.org/workload/web"
+        );
         assert_eq!(c.workloads[0].addresses.len(), 2);
     }
 
     #[test]
     fn unknown_field_is_an_error_naming_it() {
-        let e = parse("trustDomain: example.org\nworkloads:\n  - name: web\n    cgroup: [x]\n").unwrap_err();
+        let e = parse("trustDomain: example.org\nworkloads:\n  - name: web\n    cgroup: [x]\n")
+            .unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("/etc/ward/ward.yaml") && msg.contains("cgroup"), "{msg}");
+        assert!(
+            msg.contains("/etc/ward/ward.yaml") && msg.contains("cgroup"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -248,6 +334,8 @@ mod tests {
             ("trustDomain: Example.org\n", "trustDomain"),
             ("trustDomain: example.org\npinDir: relative\n", "pinDir"),
             ("trustDomain: example.org\nhostAddresses: [nope]\n", "hostAddresses[0]"),
+            ("trustDomain: example.org\nmetricsAddress: localhost\n", "metricsAddress"),
+            ("trustDomain: example.org\nadminSocket: admin.sock\n", "adminSocket"),
             ("trustDomain: example.org\nworkloads: [{name: a, addresses: [300.1.1.1]}]\n", "workloads[0].addresses[0]"),
             ("trustDomain: example.org\nworkloads: [{name: a}, {name: a}]\n", "workloads[1].name"),
             ("trustDomain: example.org\nworkloads: [{name: a, spiffeId: 'spiffe://other.org/x'}]\n", "workloads[0].spiffeId"),

@@ -8,12 +8,15 @@ use std::{
 
 use agent_common::{
     VerdictEvent, DIRECTION_EGRESS, IDENTITY_HOST, IDENTITY_WORLD, PROTO_TCP, PROTO_UDP,
-    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VERDICT_REDIRECT,
 };
 use aya::maps::{MapData, RingBuf};
 use tokio::io::{unix::AsyncFd, Interest};
 
-use crate::policy::{Compiled, RuleInfo, WorkloadInfo};
+use crate::{
+    flows::{FlowHub, FlowRecord},
+    metrics::{Metrics, VerdictLabels},
+    policy::{self, Compiled, RuleInfo, WorkloadInfo},
+};
 
 /// What user space knows to turn numbers in events into names; replaced on every policy apply.
 #[derive(Default)]
@@ -34,7 +37,10 @@ impl Names {
         for w in workloads {
             identities.insert(w.identity, (w.spiffe_id.clone(), Some(w.name.clone())));
         }
-        Names { rules: compiled.rules.clone(), identities }
+        Names {
+            rules: compiled.rules.clone(),
+            identities,
+        }
     }
 
     fn identity(&self, id: u32) -> (String, String) {
@@ -64,21 +70,10 @@ fn address(raw: [u8; 16], family: u8) -> Option<IpAddr> {
     })
 }
 
-fn verdict_name(v: u8) -> &'static str {
-    match v {
-        VERDICT_ALLOW => "allow",
-        VERDICT_DENY => "deny",
-        VERDICT_AUDIT => "audit",
-        VERDICT_REDIRECT => "redirect",
-        _ => "unknown",
-    }
-}
-
-fn log(names: &Names, ev: &VerdictEvent) {
+fn record(names: &Names, ev: &VerdictEvent) -> FlowRecord {
     let (local, local_workload) = names.identity(ev.local_identity);
     let (remote, remote_workload) = names.identity(ev.remote_identity);
-    let local_addr = address(ev.local_addr, ev.family);
-    let remote_addr = address(ev.remote_addr, ev.family);
+    let show = |raw| address(raw, ev.family).map_or_else(|| "-".to_string(), |a| a.to_string());
     let egress = ev.direction == DIRECTION_EGRESS;
     let (src, src_workload, dst, dst_workload) = if egress {
         (local, local_workload, remote, remote_workload)
@@ -86,36 +81,69 @@ fn log(names: &Names, ev: &VerdictEvent) {
         (remote, remote_workload, local, local_workload)
     };
     let (src_addr, dst_addr, dst_port) = if egress {
-        (local_addr, remote_addr, ev.remote_port)
+        (show(ev.local_addr), show(ev.remote_addr), ev.remote_port)
     } else {
-        (remote_addr, local_addr, ev.local_port)
+        (show(ev.remote_addr), show(ev.local_addr), ev.local_port)
     };
     let (policy, rule) = match names.rules.get(&ev.rule) {
-        Some(r) => (r.policy.as_str(), r.rule.as_str()),
-        None => ("-", "-"),
+        Some(r) => (r.policy.clone(), r.rule.clone()),
+        None => ("-".into(), "-".into()),
     };
-    let show = |a: Option<IpAddr>| a.map_or_else(|| "-".to_string(), |a| a.to_string());
-    tracing::info!(
-        target: "ward::verdict",
-        verdict = verdict_name(ev.verdict),
-        direction = if egress { "egress" } else { "ingress" },
+    FlowRecord {
+        time: humantime_now(),
+        verdict: policy::verdict_name(ev.verdict).into(),
+        direction: policy::direction_name(ev.direction).into(),
         policy,
         rule,
         src,
         src_workload,
         dst,
         dst_workload,
-        src_addr = show(src_addr),
-        dst_addr = show(dst_addr),
+        src_addr,
+        dst_addr,
         dst_port,
-        protocol = match ev.protocol { PROTO_TCP => "tcp", PROTO_UDP => "udp", _ => "other" },
-        cookie = ev.cookie,
+        protocol: match ev.protocol {
+            PROTO_TCP => "tcp",
+            PROTO_UDP => "udp",
+            _ => "other",
+        }
+        .into(),
+    }
+}
+
+fn humantime_now() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}.{:06}", now.as_secs(), now.subsec_micros())
+}
+
+fn log(r: &FlowRecord) {
+    tracing::info!(
+        target: "ward::verdict",
+        verdict = %r.verdict,
+        direction = %r.direction,
+        policy = %r.policy,
+        rule = %r.rule,
+        src = %r.src,
+        src_workload = %r.src_workload,
+        dst = %r.dst,
+        dst_workload = %r.dst_workload,
+        src_addr = %r.src_addr,
+        dst_addr = %r.dst_addr,
+        dst_port = r.dst_port,
+        protocol = %r.protocol,
         "verdict"
     );
 }
 
 /// Reads the ring buffer until the agent stops.
-pub async fn run(ring: RingBuf<MapData>, names: SharedNames) -> std::io::Result<()> {
+pub async fn run(
+    ring: RingBuf<MapData>,
+    names: SharedNames,
+    hub: Arc<FlowHub>,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its fd, which stays open and the same for its whole life.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)?;
@@ -124,10 +152,21 @@ pub async fn run(ring: RingBuf<MapData>, names: SharedNames) -> std::io::Result<
         let ring = guard.get_inner_mut();
         let names = names.read().expect("names lock poisoned");
         while let Some(item) = ring.next() {
-            match parse(&item) {
-                Some(ev) => log(&names, &ev),
-                None => tracing::warn!(len = item.len(), "short verdict event ignored"),
-            }
+            let Some(ev) = parse(&item) else {
+                tracing::warn!(len = item.len(), "short verdict event ignored");
+                continue;
+            };
+            let r = record(&names, &ev);
+            log(&r);
+            metrics
+                .verdict_events
+                .get_or_create(&VerdictLabels {
+                    direction: r.direction.clone(),
+                    verdict: r.verdict.clone(),
+                    policy: r.policy.clone(),
+                })
+                .inc();
+            hub.publish(r);
         }
         drop(names);
         guard.clear_ready();
@@ -144,7 +183,10 @@ mod tests {
     fn addresses_render_in_the_family_the_workload_used() {
         let mapped = agent_common::map_v4([127, 0, 0, 1]);
         assert_eq!(address(mapped, 4), Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-        assert_eq!(address(mapped, 6).map(|a| a.to_string()), Some("::ffff:127.0.0.1".into()));
+        assert_eq!(
+            address(mapped, 6).map(|a| a.to_string()),
+            Some("::ffff:127.0.0.1".into())
+        );
         assert_eq!(address([0; 16], 4), None);
     }
 

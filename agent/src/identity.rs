@@ -11,8 +11,14 @@ const IDENTITY_LAST_WORKLOAD: u32 = 0x00FF_FFFF;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("workloads {a:?} and {b:?} share SPIFFE ID {spiffe_id} but not their labels and namespace")]
-    Conflict { a: String, b: String, spiffe_id: String },
+    #[error(
+        "workloads {a:?} and {b:?} share SPIFFE ID {spiffe_id} but not their labels and namespace"
+    )]
+    Conflict {
+        a: String,
+        b: String,
+        spiffe_id: String,
+    },
 }
 
 /// Numeric identity of a SPIFFE ID: a hash, so the same ID gets the same number on every start and
@@ -34,7 +40,9 @@ fn allocate(spiffe_ids: impl IntoIterator<Item = String>) -> BTreeMap<String, u3
 }
 
 fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// The configured workloads with their identities, in configuration order.
@@ -115,10 +123,16 @@ mod tests {
     #[test]
     fn identities_are_stable_and_distinct() {
         let a = allocate(["spiffe://x/a".to_string(), "spiffe://x/b".to_string()]);
-        let b = allocate(["spiffe://x/b".to_string(), "spiffe://x/a".to_string(), "spiffe://x/c".to_string()]);
+        let b = allocate([
+            "spiffe://x/b".to_string(),
+            "spiffe://x/a".to_string(),
+            "spiffe://x/c".to_string(),
+        ]);
         assert_eq!(a["spiffe://x/a"], b["spiffe://x/a"]);
         assert_ne!(a["spiffe://x/a"], a["spiffe://x/b"]);
-        assert!(b.values().all(|&id| (IDENTITY_FIRST_ALLOCATED..=IDENTITY_LAST_WORKLOAD).contains(&id)));
+        assert!(b
+            .values()
+            .all(|&id| (IDENTITY_FIRST_ALLOCATED..=IDENTITY_LAST_WORKLOAD).contains(&id)));
     }
 
     #[test]
@@ -131,7 +145,10 @@ mod tests {
         assert_eq!(of("demo/web/worker"), Some(0));
         assert_eq!(of("demo"), None);
         assert_eq!(of("system.slice/nginx.service"), Some(1));
-        assert_eq!(of("kubepods/besteffort/pod3f1c2a4e-aaaa-bbbb-cccc-0123456789ab/ctr1"), Some(2));
+        assert_eq!(
+            of("kubepods/besteffort/pod3f1c2a4e-aaaa-bbbb-cccc-0123456789ab/ctr1"),
+            Some(2)
+        );
         assert_eq!(
             of("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod3f1c2a4e_aaaa_bbbb_cccc_0123456789ab.slice"),
             Some(2)
@@ -143,6 +160,9 @@ mod tests {
         let c = config(
             "trustDomain: x\nworkloads:\n  - {name: a, spiffeId: 'spiffe://x/s', labels: {app: a}}\n  - {name: b, spiffeId: 'spiffe://x/s', labels: {app: b}}\n",
         );
-        assert!(matches!(workload_infos(&c), Err(IdentityError::Conflict { .. })));
+        assert!(matches!(
+            workload_infos(&c),
+            Err(IdentityError::Conflict { .. })
+        ));
     }
 }

@@ -1,12 +1,17 @@
+mod admin;
 mod app;
 mod cgroups;
 mod cli;
 mod config;
 mod events;
+mod flows;
 mod identity;
 mod kernel;
+mod logging;
+mod metrics;
 mod paths;
 mod policy;
+mod status;
 
 fn main() -> std::process::ExitCode {
     cli::main()

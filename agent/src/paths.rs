@@ -30,7 +30,11 @@ fn mounts_of(fstype: &str) -> Result<Vec<PathBuf>, PathError> {
 }
 
 fn unescape(field: &str) -> String {
-    field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 /// The cgroup v2 mount: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on hybrid ones.
@@ -67,6 +71,15 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), PathError> {
     Ok(())
 }
 
+/// The admin socket of the agent that owns `pin_dir`: `/run/ward/admin.sock` for the default pin
+/// directory, so several agents on one machine (tests, multi-node setups) never share one.
+pub fn default_admin_socket(pin_dir: &Path) -> PathBuf {
+    let name = pin_dir
+        .file_name()
+        .map_or_else(|| "ward".into(), |n| n.to_string_lossy().into_owned());
+    PathBuf::from("/run").join(name).join("admin.sock")
+}
+
 /// Where the cgroup links of the kernel programs are pinned.
 pub fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
@@ -84,6 +97,10 @@ mod tests {
     #[test]
     fn this_machine_has_a_cgroup2_mount() {
         let mount = cgroup2_mount().expect("cgroup2 mounted");
-        assert!(mount.join("cgroup.procs").exists(), "{} is not a cgroup2 root", mount.display());
+        assert!(
+            mount.join("cgroup.procs").exists(),
+            "{} is not a cgroup2 root",
+            mount.display()
+        );
     }
 }

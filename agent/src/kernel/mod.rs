@@ -1,5 +1,6 @@
 //! The kernel datapath: loads ward's programs, adopts or creates their pinned maps and links, and
 //! writes identities and compiled policy into the maps without ever opening a hole.
+pub mod features;
 mod link;
 
 use std::{
@@ -11,18 +12,35 @@ use std::{
 };
 
 use agent_common::{
-    map_names, program_names, CgroupValue, IpcacheKey, IpcacheLpmData, IpcacheValue, PolicyKey,
-    PolicyValue, StateValue, ABI_VERSION,
+    map_names, program_names, CgroupValue, ConnectingValue, FlowKey, IpcacheKey, IpcacheLpmData,
+    IpcacheValue, ListenerKey, ListenerValue, PolicyKey, PolicyValue, SocketValue, StateValue,
+    UdpFlowValue, ABI_VERSION, MAX_ACCEPTING, MAX_CGROUPS, MAX_CONNECTING, MAX_IPCACHE,
+    MAX_IPCACHE_PREFIXES, MAX_LISTENERS, MAX_POLICY_ENTRIES, MAX_SOCKETS, MAX_UDP_FLOWS,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
     programs::{
-        links::FdLink, CgroupAttachMode, CgroupSkbAttachType, Program,
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSkbAttachType, Program,
     },
     Ebpf, EbpfLoader,
 };
 
-use crate::{paths, policy::Compiled};
+use crate::{
+    paths,
+    policy::Compiled,
+    status::{MapStatus, ProgramStatus},
+};
+
+/// Each program and the attach point its link holds.
+const ATTACH_POINTS: [(&str, &str); 6] = [
+    (program_names::CONNECT4, "cgroup/connect4"),
+    (program_names::CONNECT6, "cgroup/connect6"),
+    (program_names::SENDMSG4, "cgroup/sendmsg4"),
+    (program_names::SENDMSG6, "cgroup/sendmsg6"),
+    (program_names::INGRESS, "cgroup_skb/ingress"),
+    (program_names::SOCKOPS, "sockops"),
+];
 
 /// The eBPF object built from `agent-ebpf` by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
@@ -38,17 +56,29 @@ pub enum KernelError {
     #[error("loading the kernel programs failed: {0}; is this a kernel with BPF, BTF and cgroup BPF (5.15 or later), and does ward run as root?")]
     Load(#[source] aya::EbpfError),
     #[error("the kernel refused program {name}: {}", summarize(error))]
-    Program { name: &'static str, error: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        error: aya::programs::ProgramError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("pinned maps in {dir} were written by ABI version {found}, this agent speaks {ABI_VERSION}; run `ward uninstall --pin-dir {dir}` first")]
     Abi { dir: PathBuf, found: u32 },
     #[error("cannot open cgroup {0}: {1}")]
     Cgroup(PathBuf, std::io::Error),
     #[error("link {path}: {source}")]
-    Link { path: PathBuf, source: std::io::Error },
+    Link {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("pinning link {path}: {source}")]
-    Pin { path: PathBuf, source: aya::pin::PinError },
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
     #[error("{0}")]
     Paths(#[from] paths::PathError),
 }
@@ -56,7 +86,11 @@ pub enum KernelError {
 /// The verifier's log ends with its reason; the thousands of lines before it help nobody reading
 /// an error message (`RUST_LOG=debug` logs the whole of it).
 fn summarize(e: &aya::programs::ProgramError) -> String {
-    let aya::programs::ProgramError::LoadError { io_error, verifier_log } = e else {
+    let aya::programs::ProgramError::LoadError {
+        io_error,
+        verifier_log,
+    } = e
+    else {
         return e.to_string();
     };
     let log = verifier_log.to_string();
@@ -77,6 +111,7 @@ fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> K
 /// What one policy apply wrote.
 #[derive(Clone, Copy, Debug)]
 pub struct ApplyStats {
+    pub at: Instant,
     pub generation: u32,
     pub entries: usize,
     pub addresses: usize,
@@ -143,7 +178,10 @@ impl Datapath {
         let state: Array<MapData, StateValue> = take(&mut ebpf, map_names::STATE)?;
         let current = state.get(&0, 0).map_err(map_err(map_names::STATE))?;
         if current.abi_version != 0 && current.abi_version != ABI_VERSION {
-            return Err(KernelError::Abi { dir: pin_dir.to_owned(), found: current.abi_version });
+            return Err(KernelError::Abi {
+                dir: pin_dir.to_owned(),
+                found: current.abi_version,
+            });
         }
         Ok(Datapath {
             cgroups: take(&mut ebpf, map_names::CGROUPS)?,
@@ -160,17 +198,28 @@ impl Datapath {
     /// Attaches every program to the cgroup root through a pinned link. Links pinned by an earlier
     /// agent are kept and switched to this agent's programs in place, so enforcement has no gap.
     pub fn attach(&mut self, cgroup_root: &Path) -> Result<Attachment, KernelError> {
-        let cgroup = File::open(cgroup_root).map_err(|e| KernelError::Cgroup(cgroup_root.to_owned(), e))?;
+        let cgroup =
+            File::open(cgroup_root).map_err(|e| KernelError::Cgroup(cgroup_root.to_owned(), e))?;
         let links = paths::links_dir(&self.pin_dir);
         let mut adopted = 0;
         for name in program_names::ALL {
             let pin = links.join(name);
-            let program = self.ebpf.program_mut(name).expect("loaded in Datapath::load");
+            let program = self
+                .ebpf
+                .program_mut(name)
+                .expect("loaded in Datapath::load");
             if pin.exists() {
-                let link_fd = link::open_pinned(&pin).map_err(|source| KernelError::Link { path: pin.clone(), source })?;
+                let link_fd = link::open_pinned(&pin).map_err(|source| KernelError::Link {
+                    path: pin.clone(),
+                    source,
+                })?;
                 let prog_fd = program.fd().map_err(prog_err(name))?;
-                link::update_link(&link_fd, prog_fd.as_fd())
-                    .map_err(|source| KernelError::Link { path: pin.clone(), source })?;
+                link::update_link(&link_fd, prog_fd.as_fd()).map_err(|source| {
+                    KernelError::Link {
+                        path: pin.clone(),
+                        source,
+                    }
+                })?;
                 adopted += 1;
                 continue;
             }
@@ -181,7 +230,9 @@ impl Datapath {
                     p.take_link(id).map_err(prog_err(name))?.try_into()
                 }
                 Program::CgroupSkb(p) => {
-                    let id = p.attach(&cgroup, CgroupSkbAttachType::Ingress, mode).map_err(prog_err(name))?;
+                    let id = p
+                        .attach(&cgroup, CgroupSkbAttachType::Ingress, mode)
+                        .map_err(prog_err(name))?;
                     p.take_link(id).map_err(prog_err(name))?.try_into()
                 }
                 Program::SockOps(p) => {
@@ -190,10 +241,108 @@ impl Datapath {
                 }
                 _ => unreachable!("Datapath::load checked the program types"),
             }
-            .map_err(|e| KernelError::Link { path: pin.clone(), source: std::io::Error::other(e) })?;
-            link.pin(&pin).map_err(|source| KernelError::Pin { path: pin.clone(), source })?;
+            .map_err(|e| KernelError::Link {
+                path: pin.clone(),
+                source: std::io::Error::other(e),
+            })?;
+            link.pin(&pin).map_err(|source| KernelError::Pin {
+                path: pin.clone(),
+                source,
+            })?;
         }
-        Ok(if adopted == program_names::ALL.len() { Attachment::Adopted } else { Attachment::Attached })
+        Ok(if adopted == program_names::ALL.len() {
+            Attachment::Adopted
+        } else {
+            Attachment::Attached
+        })
+    }
+
+    /// Each program, its attach point and the program id its pinned link runs.
+    pub fn programs(&self) -> Vec<ProgramStatus> {
+        let links = paths::links_dir(&self.pin_dir);
+        ATTACH_POINTS
+            .iter()
+            .map(|(name, attach_point)| {
+                let pin = links.join(name);
+                let program_id = PinnedLink::from_pin(&pin)
+                    .ok()
+                    .and_then(|l| FdLink::from(l).info().ok())
+                    .map(|info| info.program_id());
+                ProgramStatus {
+                    name: (*name).into(),
+                    attach_point: (*attach_point).into(),
+                    program_id,
+                    link_pinned: pin.exists(),
+                }
+            })
+            .collect()
+    }
+
+    /// Fill levels of every map (entries the agent writes are counted from what it wrote).
+    pub fn maps(
+        &self,
+        policy_entries: usize,
+        addresses: usize,
+        prefixes: usize,
+        cgroups: usize,
+    ) -> Vec<MapStatus> {
+        let count = |name: &'static str| -> usize {
+            let Some(map) = self.ebpf.map(name) else {
+                return 0;
+            };
+            let counted = match name {
+                map_names::SOCKETS => {
+                    HashMap::<_, u64, SocketValue>::try_from(map).map(|m| m.keys().count())
+                }
+                map_names::CONNECTING => {
+                    HashMap::<_, FlowKey, ConnectingValue>::try_from(map).map(|m| m.keys().count())
+                }
+                map_names::ACCEPTING => {
+                    HashMap::<_, FlowKey, SocketValue>::try_from(map).map(|m| m.keys().count())
+                }
+                map_names::LISTENERS => HashMap::<_, ListenerKey, ListenerValue>::try_from(map)
+                    .map(|m| m.keys().count()),
+                map_names::UDP_FLOWS => {
+                    HashMap::<_, FlowKey, UdpFlowValue>::try_from(map).map(|m| m.keys().count())
+                }
+                _ => Ok(0),
+            };
+            counted.unwrap_or(0)
+        };
+        [
+            (map_names::POLICY, policy_entries, MAX_POLICY_ENTRIES),
+            (map_names::IPCACHE, addresses, MAX_IPCACHE / 2),
+            (map_names::IPCACHE_LPM, prefixes, MAX_IPCACHE_PREFIXES / 2),
+            (map_names::CGROUPS, cgroups, MAX_CGROUPS),
+            (map_names::SOCKETS, count(map_names::SOCKETS), MAX_SOCKETS),
+            (
+                map_names::CONNECTING,
+                count(map_names::CONNECTING),
+                MAX_CONNECTING,
+            ),
+            (
+                map_names::ACCEPTING,
+                count(map_names::ACCEPTING),
+                MAX_ACCEPTING,
+            ),
+            (
+                map_names::LISTENERS,
+                count(map_names::LISTENERS),
+                MAX_LISTENERS,
+            ),
+            (
+                map_names::UDP_FLOWS,
+                count(map_names::UDP_FLOWS),
+                MAX_UDP_FLOWS,
+            ),
+        ]
+        .into_iter()
+        .map(|(name, entries, capacity)| MapStatus {
+            name: name.into(),
+            entries,
+            capacity,
+        })
+        .collect()
     }
 
     /// Removes the links (which detaches the programs) and the pinned maps.
@@ -205,7 +354,11 @@ impl Datapath {
         remove_if_present(&links)?;
         for entry in std::fs::read_dir(&self.pin_dir)? {
             let path = entry?.path();
-            if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("ward_")) {
+            if path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("ward_"))
+            {
                 std::fs::remove_file(path)?;
             }
         }
@@ -259,13 +412,21 @@ impl Datapath {
             return Err(e);
         }
         self.state
-            .set(0, StateValue { generation: next, abi_version: ABI_VERSION }, 0)
+            .set(
+                0,
+                StateValue {
+                    generation: next,
+                    abi_version: ABI_VERSION,
+                },
+                0,
+            )
             .map_err(map_err(map_names::STATE))?;
         let previous_bit = (self.generation & 1) as u8;
         self.generation = next;
         std::thread::sleep(GENERATION_SETTLE);
         self.remove_generation(previous_bit)?;
         Ok(ApplyStats {
+            at: Instant::now(),
             generation: next,
             entries: compiled.entries.len(),
             addresses: addresses.len(),
@@ -281,38 +442,77 @@ impl Datapath {
         addresses: &BTreeMap<[u8; 16], u32>,
     ) -> Result<(), KernelError> {
         for (key, value) in &compiled.entries {
-            let key = PolicyKey { generation: bit, ..*key };
-            self.policy.insert(key, *value, 0).map_err(map_err(map_names::POLICY))?;
+            let key = PolicyKey {
+                generation: bit,
+                ..*key
+            };
+            self.policy
+                .insert(key, *value, 0)
+                .map_err(map_err(map_names::POLICY))?;
         }
         for (addr, identity) in addresses {
-            let key = IpcacheKey { generation: bit, _pad: [0; 3], addr: *addr };
+            let key = IpcacheKey {
+                generation: bit,
+                _pad: [0; 3],
+                addr: *addr,
+            };
             self.ipcache
-                .insert(key, IpcacheValue { identity: *identity }, 0)
+                .insert(
+                    key,
+                    IpcacheValue {
+                        identity: *identity,
+                    },
+                    0,
+                )
                 .map_err(map_err(map_names::IPCACHE))?;
         }
         for (net, identity) in &compiled.prefixes {
             let (addr, len) = mapped_prefix(net);
-            let key = Key::new(8 + len, IpcacheLpmData { generation: bit, addr });
+            let key = Key::new(
+                8 + len,
+                IpcacheLpmData {
+                    generation: bit,
+                    addr,
+                },
+            );
             self.lpm
-                .insert(&key, IpcacheValue { identity: *identity }, 0)
+                .insert(
+                    &key,
+                    IpcacheValue {
+                        identity: *identity,
+                    },
+                    0,
+                )
                 .map_err(map_err(map_names::IPCACHE_LPM))?;
         }
         Ok(())
     }
 
     fn remove_generation(&mut self, bit: u8) -> Result<(), KernelError> {
-        let stale: Vec<PolicyKey> =
-            self.policy.keys().filter_map(Result::ok).filter(|k| k.generation == bit).collect();
+        let stale: Vec<PolicyKey> = self
+            .policy
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.generation == bit)
+            .collect();
         for key in stale {
             ignore_missing(self.policy.remove(&key)).map_err(map_err(map_names::POLICY))?;
         }
-        let stale: Vec<IpcacheKey> =
-            self.ipcache.keys().filter_map(Result::ok).filter(|k| k.generation == bit).collect();
+        let stale: Vec<IpcacheKey> = self
+            .ipcache
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.generation == bit)
+            .collect();
         for key in stale {
             ignore_missing(self.ipcache.remove(&key)).map_err(map_err(map_names::IPCACHE))?;
         }
-        let stale: Vec<Key<IpcacheLpmData>> =
-            self.lpm.keys().filter_map(Result::ok).filter(|k| k.data().generation == bit).collect();
+        let stale: Vec<Key<IpcacheLpmData>> = self
+            .lpm
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().generation == bit)
+            .collect();
         for key in stale {
             ignore_missing(self.lpm.remove(&key)).map_err(map_err(map_names::IPCACHE_LPM))?;
         }
@@ -328,7 +528,11 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
 }
 
 fn remove_if_present(path: &Path) -> std::io::Result<()> {
-    let r = if path.is_dir() { std::fs::remove_dir(path) } else { std::fs::remove_file(path) };
+    let r = if path.is_dir() {
+        std::fs::remove_dir(path)
+    } else {
+        std::fs::remove_file(path)
+    };
     match r {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),

@@ -214,6 +214,7 @@ fn rule(
     Rule {
         name: path.to_string().trim_start_matches("spec.").to_owned(),
         field: path.clone(),
+        line: None,
         action: RuleAction::Allow,
         peers,
         ports,

@@ -172,7 +172,7 @@ impl Report {
                 });
             }
         };
-        let policy = match policy {
+        let mut policy = match policy {
             Ok(policy) => policy,
             Err(e) => return self.errors.push(serde_error(&e, location, document)),
         };
@@ -211,6 +211,9 @@ impl Report {
         }
         self.names.insert(policy.name.clone(), location);
         if findings.errors.is_empty() {
+            for rule in policy.rules_mut() {
+                rule.line = locate(document, &rule.field);
+            }
             self.set.policies.push(policy);
         }
     }

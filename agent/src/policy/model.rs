@@ -88,6 +88,13 @@ impl Policy {
         .filter_map(|(direction, rules)| Some((direction, rules.as_deref()?)))
     }
 
+    pub fn rules_mut(&mut self) -> impl Iterator<Item = &mut Rule> {
+        self.ingress
+            .iter_mut()
+            .chain(self.egress.iter_mut())
+            .flatten()
+    }
+
     pub fn rules(&self) -> impl Iterator<Item = (u8, &Rule)> {
         self.directions()
             .flat_map(|(direction, rules)| rules.iter().map(move |r| (direction, r)))
@@ -99,6 +106,8 @@ pub(crate) struct Rule {
     pub name: String,
     /// Path of the rule in its document, for diagnostics.
     pub field: FieldPath,
+    /// Line of the rule in its file, filled in by the loader.
+    pub line: Option<usize>,
     pub action: RuleAction,
     /// `None`: any peer.
     pub peers: Option<Vec<Peer>>,

@@ -238,6 +238,7 @@ fn rule(
     Rule {
         name,
         field: path,
+        line: None,
         action,
         peers,
         ports,

@@ -1,0 +1,387 @@
+//! `ward policy check | trace | diff`: the policy toolchain for people and CI.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::str::FromStr;
+
+use agent_common::{IDENTITY_ANY, IDENTITY_WORLD, PORT_ANY, PROTO_ANY, PROTO_TCP, PROTO_UDP, REMOTE_ISOLATION, VERDICT_DENY, VERDICT_REDIRECT};
+use anyhow::{bail, Context as _};
+use clap::{Subcommand, ValueEnum};
+use serde_json::json;
+
+use super::check::{find_rule, lint, CheckReport, LintOptions};
+use super::compile::{Contribution, Slot};
+use super::load::Report;
+use super::trace::{combine, diff, trace, Change, Endpoint, Leg};
+use super::{direction_name, load, verdict_name, Compiled, Location, PolicyError, PolicySet, WorkloadInfo};
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate policy documents and warn about risky policy; for CI.
+    ///
+    /// Exit status: 0 clean, 1 errors, 2 warnings with --strict.
+    Check {
+        /// Policy files or directories; default: the `policies` of --config.
+        paths: Vec<PathBuf>,
+        /// Agent configuration; its workloads enable the checks that need them (a policy that
+        /// selects nothing, a rule shadowed by a deny).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = CheckFormat::Human)]
+        format: CheckFormat,
+        /// Exit with status 2 when there are warnings.
+        #[arg(long)]
+        strict: bool,
+        /// Warn about audit-mode policies only in files under this path (repeatable); by default
+        /// every audit-mode policy is warned about.
+        #[arg(long = "production-path", value_name = "PATH")]
+        production_paths: Vec<PathBuf>,
+    },
+    /// Whether one endpoint may reach another on a port, and every rule that takes part.
+    ///
+    /// Uses the same compiled map the agent writes to the kernel, and the kernel's decision.
+    Trace {
+        /// Source: a workload name, a workload's SPIFFE ID, or an IP address.
+        #[arg(long)]
+        from: String,
+        /// Destination: a workload name, a workload's SPIFFE ID, or an IP address.
+        #[arg(long)]
+        to: String,
+        /// `<port>/<tcp|udp>`, e.g. 8080/tcp; the protocol defaults to tcp.
+        #[arg(long)]
+        port: PortArg,
+        /// Agent configuration: the workloads, and the policies when no paths are given.
+        #[arg(long)]
+        config: PathBuf,
+        /// Policy files or directories; default: the `policies` of --config.
+        paths: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+        /// Exit with status 1 unless this is the verdict (`allow` includes mTLS redirects).
+        #[arg(long, value_enum)]
+        expect: Option<Expect>,
+    },
+    /// Which connections between workloads (and the address ranges policies name) gain or lose
+    /// access from one policy version to another.
+    Diff {
+        /// Policy file or directory before the change.
+        old: PathBuf,
+        /// Policy file or directory after the change.
+        new: PathBuf,
+        /// Agent configuration: the workloads.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CheckFormat {
+    Human,
+    Json,
+    Sarif,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Expect {
+    Allow,
+    Deny,
+    Audit,
+    Redirect,
+}
+
+/// `--port 8080/tcp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortArg {
+    pub protocol: u8,
+    pub port: u16,
+}
+
+impl FromStr for PortArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (port, protocol) = text.split_once('/').unwrap_or((text, "tcp"));
+        let protocol = match protocol.to_ascii_lowercase().as_str() {
+            "tcp" => PROTO_TCP,
+            "udp" => PROTO_UDP,
+            other => return Err(format!("protocol `{other}` is not tcp or udp")),
+        };
+        match port.parse::<u16>() {
+            Ok(port) if port != 0 => Ok(PortArg { protocol, port }),
+            _ => Err(format!("port `{port}` is not a number from 1 to 65535")),
+        }
+    }
+}
+
+pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        PolicyCommand::Check { paths, config, format, strict, production_paths } => {
+            let workloads = config.as_deref().map(workloads).transpose()?;
+            let paths = policy_paths(paths, config.as_deref())?;
+            let report = check(&paths, workloads.as_ref().map(|(_, w)| w.as_slice()), &production_paths);
+            match format {
+                CheckFormat::Human => print!("{}", report.human()),
+                CheckFormat::Json => println!("{:#}", report.json()),
+                CheckFormat::Sarif => println!("{:#}", report.sarif()),
+            }
+            let code = match (report.errors.is_empty(), report.warnings.is_empty()) {
+                (false, _) => 1,
+                (true, false) if strict => 2,
+                _ => 0,
+            };
+            Ok(ExitCode::from(code))
+        }
+        PolicyCommand::Trace { from, to, port, config, paths, format, expect } => {
+            let (config_paths, workloads) = workloads(&config)?;
+            let set = load_set(if paths.is_empty() { &config_paths } else { &paths })?;
+            let resolve = |text: &str| Endpoint::resolve(text, &workloads).map_err(anyhow::Error::msg);
+            let (from, to) = (resolve(&from)?, resolve(&to)?);
+            if let (Endpoint::Address(_), Endpoint::Address(_)) = (from, to) {
+                bail!("neither {from} nor {to} is a workload of the configuration: no policy of this node applies");
+            }
+            let traced = trace(&set, &workloads, from, to, port.protocol, port.port)?;
+            let view = TraceView { set: &set, workloads: &workloads, compiled: &traced.compiled };
+            let (verdict, _) = combine(&traced.legs);
+            match format {
+                Format::Human => print!("{}", view.human(from, to, port, &traced.legs)),
+                Format::Json => println!("{:#}", view.json(from, to, port, &traced.legs)),
+            }
+            let expected = expect.is_none_or(|e| match e {
+                Expect::Allow => !matches!(verdict_name(verdict), "deny" | "audit"),
+                Expect::Deny => verdict == VERDICT_DENY,
+                Expect::Audit => verdict_name(verdict) == "audit",
+                Expect::Redirect => verdict == VERDICT_REDIRECT,
+            });
+            Ok(if expected { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        PolicyCommand::Diff { old, new, config, format } => {
+            let (_, workloads) = workloads(&config)?;
+            let (old, new) = (load_set(&[old])?, load_set(&[new])?);
+            let changes = diff(&old, &new, &workloads)?;
+            match format {
+                Format::Human => print!("{}", diff_human(&changes)),
+                Format::Json => println!("{:#}", diff_json(&changes)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The configuration's policy paths and workloads.
+fn workloads(config: &std::path::Path) -> anyhow::Result<(Vec<PathBuf>, Vec<WorkloadInfo>)> {
+    let config = crate::config::Config::load(config)?;
+    let workloads = crate::identity::workload_infos(&config)?;
+    Ok((config.policies, workloads))
+}
+
+fn policy_paths(paths: Vec<PathBuf>, config: Option<&std::path::Path>) -> anyhow::Result<Vec<PathBuf>> {
+    match (paths.is_empty(), config) {
+        (false, _) => Ok(paths),
+        (true, Some(config)) => Ok(crate::config::Config::load(config)?.policies),
+        (true, None) => bail!("give policy files or directories, or --config"),
+    }
+}
+
+fn load_set(paths: &[PathBuf]) -> anyhow::Result<PolicySet> {
+    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    load(paths).with_context(|| format!("policy {} is invalid", names.join(", ")))
+}
+
+/// Loads and lints; compile failures (such as an overflowing map) become errors of the report.
+pub(crate) fn check(paths: &[PathBuf], workloads: Option<&[WorkloadInfo]>, production_paths: &[PathBuf]) -> CheckReport {
+    let Report { set, mut errors, .. } = Report::load(paths);
+    let mut warnings = set.warnings.clone();
+    match lint(&set, &LintOptions { workloads, production_paths }) {
+        Ok(found) => warnings.extend(found),
+        Err(e) => {
+            let policy = set.policies.iter().find(|p| e.policy() == Some(p.name.as_str()));
+            let location = policy.map_or_else(Location::default, |p| Location {
+                file: p.origin.file.clone(),
+                line: Some(p.origin.line),
+                document: Some(p.origin.document),
+                policy: Some(p.name.clone()),
+            });
+            errors.push(PolicyError { location, field: String::new(), reason: e.to_string() });
+        }
+    }
+    CheckReport { policies: set.len(), errors, warnings }
+}
+
+fn protocol_name(protocol: u8) -> &'static str {
+    match protocol {
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        PROTO_ANY => "any",
+        _ => "other",
+    }
+}
+
+/// Renders traces, naming identities and rules as the policies do.
+struct TraceView<'a> {
+    set: &'a PolicySet,
+    workloads: &'a [WorkloadInfo],
+    compiled: &'a Compiled,
+}
+
+impl TraceView<'_> {
+    fn identity(&self, id: u32) -> String {
+        match id {
+            IDENTITY_ANY => "any".into(),
+            IDENTITY_WORLD => "world".into(),
+            _ => self.workloads.iter().find(|w| w.identity == id).map(|w| w.name.clone()).unwrap_or_else(|| {
+                let prefix = self.compiled.prefixes.iter().find(|(_, i)| **i == id);
+                prefix.map_or_else(|| format!("identity {id}"), |(net, _)| net.to_string())
+            }),
+        }
+    }
+
+    fn rule(&self, id: u32) -> String {
+        self.compiled.rules.get(&id).map_or_else(|| format!("rule {id}"), |r| format!("{}/{}", r.policy, r.rule))
+    }
+
+    fn source(&self, id: u32) -> String {
+        let Some(info) = self.compiled.rules.get(&id) else { return String::new() };
+        let line = find_rule(self.set, info).and_then(|(p, r)| r.line.or(Some(p.origin.line)));
+        let line = line.or_else(|| self.set.policies.iter().find(|p| p.name == info.policy).map(|p| p.origin.line));
+        format!("{}{}", info.source.display(), line.map(|l| format!(":{l}")).unwrap_or_default())
+    }
+
+    fn slot(contribution: &Contribution) -> &'static str {
+        match (contribution.key.remote_identity == REMOTE_ISOLATION, contribution.slot) {
+            (true, Slot::Deny) => "isolates (enforce)",
+            (true, _) => "isolates (audit)",
+            (false, Slot::Deny) => "deny",
+            (false, Slot::Allow) => "allow",
+            (false, Slot::AuditDeny) => "audit deny",
+            (false, Slot::AuditAllow) => "audit allow",
+        }
+    }
+
+    fn key(&self, contribution: &Contribution) -> String {
+        let key = contribution.key;
+        if key.remote_identity == REMOTE_ISOLATION {
+            return String::new();
+        }
+        let port = match (key.protocol, key.port) {
+            (PROTO_ANY, _) => "any port".to_owned(),
+            (protocol, PORT_ANY) => format!("{}/any", protocol_name(protocol)),
+            (protocol, port) => format!("{}/{port}", protocol_name(protocol)),
+        };
+        format!("peer {}, {port}", self.identity(key.remote_identity))
+    }
+
+    fn human(&self, from: Endpoint<'_>, to: Endpoint<'_>, port: PortArg, legs: &[Leg]) -> String {
+        let (verdict, deciding) = combine(legs);
+        let protocol = protocol_name(port.protocol);
+        let mut out = format!("{from} -> {to} {protocol}/{}: {}\n", port.port, verdict_name(verdict).to_uppercase());
+        out += &match deciding {
+            Some(leg) => format!(
+                "  decided by {} ({} of {}) at {}\n",
+                self.rule(leg.decision.rule),
+                direction_name(leg.direction),
+                leg.local,
+                self.source(leg.decision.rule)
+            ),
+            None => "  no policy isolates either side: untouched\n".to_owned(),
+        };
+        for leg in legs {
+            let (direction, arrow) = (direction_name(leg.direction), if leg.direction == 0 { "<-" } else { "->" });
+            let (local, remote) = (&leg.local, self.identity(leg.remote_identity));
+            out += &format!("  {direction} of {local} ({} {arrow} {remote}): ", leg.local_identity);
+            if !leg.decision.isolated {
+                out += &format!("not isolated for {direction}: allowed\n");
+                continue;
+            }
+            out += &format!("{} by {}\n", verdict_name(leg.decision.verdict), self.rule(leg.decision.rule));
+            for c in &leg.matches {
+                let (rule, slot, key, source) = (self.rule(c.rule), Self::slot(c), self.key(c), self.source(c.rule));
+                out += &format!("    {rule:<32} {slot:<19} {key:<32} {source}\n");
+            }
+        }
+        out
+    }
+
+    fn json(&self, from: Endpoint<'_>, to: Endpoint<'_>, port: PortArg, legs: &[Leg]) -> serde_json::Value {
+        let (verdict, deciding) = combine(legs);
+        let rule = |id: u32| {
+            let info = self.compiled.rules.get(&id);
+            json!({ "id": id, "policy": info.map(|i| &i.policy), "rule": info.map(|i| &i.rule), "source": self.source(id) })
+        };
+        let legs: Vec<_> = legs
+            .iter()
+            .map(|leg| {
+                let matches: Vec<_> = leg
+                    .matches
+                    .iter()
+                    .map(|c| json!({ "rule": rule(c.rule), "effect": Self::slot(c), "key": self.key(c) }))
+                    .collect();
+                json!({
+                    "direction": direction_name(leg.direction),
+                    "workload": leg.local,
+                    "localIdentity": leg.local_identity,
+                    "remoteIdentity": leg.remote_identity,
+                    "remote": self.identity(leg.remote_identity),
+                    "isolated": leg.decision.isolated,
+                    "verdict": verdict_name(leg.decision.verdict),
+                    "rule": leg.decision.isolated.then(|| rule(leg.decision.rule)),
+                    "matches": matches,
+                })
+            })
+            .collect();
+        json!({
+            "from": from.to_string(),
+            "to": to.to_string(),
+            "protocol": protocol_name(port.protocol),
+            "port": port.port,
+            "verdict": verdict_name(verdict),
+            "decidedBy": deciding.map(|leg| rule(leg.decision.rule)),
+            "legs": legs,
+        })
+    }
+}
+
+fn ports_text(change: &Change) -> String {
+    let protocol = protocol_name(change.protocol);
+    match change.ports {
+        None => format!("{protocol}/other ports"),
+        Some((first, last)) if first == last => format!("{protocol}/{first}"),
+        Some((first, last)) => format!("{protocol}/{first}-{last}"),
+    }
+}
+
+fn diff_human(changes: &[Change]) -> String {
+    let mut out = String::new();
+    for c in changes {
+        let sign = if c.gains() { '+' } else if c.loses() { '-' } else { '~' };
+        let (before, after) = (verdict_name(c.before), verdict_name(c.after));
+        out += &format!("{sign} {} -> {} {}: {before} -> {after}\n", c.from, c.to, ports_text(c));
+    }
+    let (gained, lost) = (changes.iter().filter(|c| c.gains()).count(), changes.iter().filter(|c| c.loses()).count());
+    out + &format!("{} changes: {gained} gain access, {lost} lose access\n", changes.len())
+}
+
+fn diff_json(changes: &[Change]) -> serde_json::Value {
+    let changes: Vec<_> = changes
+        .iter()
+        .map(|c| {
+            json!({
+                "from": c.from,
+                "to": c.to,
+                "protocol": protocol_name(c.protocol),
+                "ports": c.ports.map(|(first, last)| json!([first, last])),
+                "before": verdict_name(c.before),
+                "after": verdict_name(c.after),
+                "access": if c.gains() { "gained" } else if c.loses() { "lost" } else { "changed" },
+            })
+        })
+        .collect();
+    json!({ "changes": changes })
+}

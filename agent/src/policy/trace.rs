@@ -1,0 +1,267 @@
+//! Answers "may A reach B on this port, and which rule decides?" and "what does a policy change
+//! open or close?" from the compiled map, through [`Compiled::decide`]: the kernel's own merge.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use agent_common::{
+    DIRECTION_EGRESS, DIRECTION_INGRESS, PORT_ANY, PROTO_ANY, PROTO_TCP, PROTO_UDP, REMOTE_ISOLATION, VERDICT_ALLOW,
+    VERDICT_AUDIT, VERDICT_DENY, VERDICT_REDIRECT,
+};
+use ipnet::IpNet;
+
+use super::compile::{compile_observed, isolation_key, lookup_keys, Contribution};
+use super::{CompileError, Compiled, Decision, PolicySet, RuleIds, WorkloadInfo};
+
+/// One end of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Endpoint<'a> {
+    Workload(&'a WorkloadInfo),
+    /// An address that is no workload's.
+    Address(IpAddr),
+}
+
+impl<'a> Endpoint<'a> {
+    /// A workload name, a workload's SPIFFE ID, or an IP address.
+    pub fn resolve(text: &str, workloads: &'a [WorkloadInfo]) -> Result<Endpoint<'a>, String> {
+        if let Ok(addr) = text.parse::<IpAddr>() {
+            let addr = addr.to_canonical();
+            let owner = workloads.iter().find(|w| w.addresses.iter().any(|a| a.to_canonical() == addr));
+            return Ok(owner.map_or(Endpoint::Address(addr), Endpoint::Workload));
+        }
+        let found = workloads.iter().find(|w| w.name == text).or_else(|| workloads.iter().find(|w| w.spiffe_id == text));
+        found.map(Endpoint::Workload).ok_or_else(|| {
+            format!("`{text}` is not a workload name, a workload's SPIFFE ID, or an IP address")
+        })
+    }
+
+    fn identity(&self, compiled: &Compiled, workloads: &[WorkloadInfo]) -> u32 {
+        match self {
+            Endpoint::Workload(w) => w.identity,
+            Endpoint::Address(addr) => compiled.remote_identity(*addr, workloads),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Workload(w) => f.write_str(&w.name),
+            Endpoint::Address(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
+/// The check of one side of a connection: egress at the source, or ingress at the destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Leg {
+    pub direction: u8,
+    /// The workload whose policy is checked.
+    pub local: String,
+    pub local_identity: u32,
+    pub remote_identity: u32,
+    pub decision: Decision,
+    /// Every rule contribution the kernel's lookups for this leg read.
+    pub matches: Vec<Contribution>,
+}
+
+/// The legs of a connection, in the order the packet meets them: only workloads have policy.
+fn legs(compiled: &Compiled, workloads: &[WorkloadInfo], from: Endpoint<'_>, to: Endpoint<'_>, protocol: u8, port: u16) -> Vec<Leg> {
+    let sides = [(DIRECTION_EGRESS, from, to), (DIRECTION_INGRESS, to, from)];
+    let local_sides = sides.into_iter().filter_map(|(direction, local, remote)| match local {
+        Endpoint::Workload(w) => Some((direction, w, remote)),
+        Endpoint::Address(_) => None,
+    });
+    local_sides
+        .map(|(direction, local, remote)| {
+            let remote_identity = remote.identity(compiled, workloads);
+            Leg {
+                direction,
+                local: local.name.clone(),
+                local_identity: local.identity,
+                remote_identity,
+                decision: compiled.decide(local.identity, remote_identity, direction, protocol, port),
+                matches: Vec::new(),
+            }
+        })
+        .collect()
+}
+
+/// Severity order for combining legs: the strictest leg decides.
+fn severity(verdict: u8) -> u8 {
+    match verdict {
+        VERDICT_DENY => 3,
+        VERDICT_AUDIT => 2,
+        VERDICT_REDIRECT => 1,
+        _ => 0,
+    }
+}
+
+/// The verdict of a whole connection and the leg that decided it (`None`: no leg is isolated).
+pub(crate) fn combine(legs: &[Leg]) -> (u8, Option<&Leg>) {
+    let deciding = legs.iter().filter(|l| l.decision.isolated).rev().max_by_key(|l| severity(l.decision.verdict));
+    (deciding.map_or(VERDICT_ALLOW, |l| l.decision.verdict), deciding)
+}
+
+/// A traced connection.
+#[derive(Debug)]
+pub(crate) struct Trace {
+    pub compiled: Compiled,
+    pub legs: Vec<Leg>,
+}
+
+/// Traces `from → to` on `protocol`/`port`, listing the contributions behind every lookup.
+pub(crate) fn trace(
+    set: &PolicySet,
+    workloads: &[WorkloadInfo],
+    from: Endpoint<'_>,
+    to: Endpoint<'_>,
+    protocol: u8,
+    port: u16,
+) -> Result<Trace, CompileError> {
+    let mut rule_ids = RuleIds::new();
+    let compiled = super::compile(set, workloads, &mut rule_ids)?;
+    let mut legs = legs(&compiled, workloads, from, to, protocol, port);
+    // Which keys a leg reads is known only now; a second compilation with the same ids shows
+    // which rules put something there.
+    let mut wanted: BTreeMap<_, usize> = BTreeMap::new();
+    for (i, leg) in legs.iter().enumerate() {
+        let keys = lookup_keys(leg.local_identity, leg.remote_identity, leg.direction, protocol, port);
+        for key in keys.into_iter().chain([isolation_key(leg.local_identity, leg.direction)]) {
+            wanted.insert(key, i);
+        }
+    }
+    compile_observed(set, workloads, &mut rule_ids, &mut |c| {
+        if let Some(&i) = wanted.get(&c.key) {
+            legs[i].matches.push(*c);
+        }
+    })?;
+    for leg in &mut legs {
+        leg.matches.sort_by_key(|c| (c.key.remote_identity == REMOTE_ISOLATION, c.slot, c.rule));
+        leg.matches.dedup();
+    }
+    Ok(Trace { compiled, legs })
+}
+
+/// A change of verdict between two policy sets for one connection and range of ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Change {
+    pub from: String,
+    pub to: String,
+    pub protocol: u8,
+    /// `None`: every port no rule names.
+    pub ports: Option<(u16, u16)>,
+    pub before: u8,
+    pub after: u8,
+}
+
+impl Change {
+    /// Whether the connection can now be made where it could not before.
+    pub fn gains(&self) -> bool {
+        self.before == VERDICT_DENY
+    }
+
+    pub fn loses(&self) -> bool {
+        self.after == VERDICT_DENY
+    }
+}
+
+/// Every connection between the workloads, and between them and the address ranges the
+/// policies name, whose verdict differs between `old` and `new`.
+pub(crate) fn diff(old: &PolicySet, new: &PolicySet, workloads: &[WorkloadInfo]) -> Result<Vec<Change>, CompileError> {
+    let mut rule_ids = RuleIds::new();
+    let old = super::compile(old, workloads, &mut rule_ids)?;
+    let new = super::compile(new, workloads, &mut rule_ids)?;
+    let mut endpoints: Vec<(String, Endpoint<'_>)> = workloads.iter().map(|w| (w.name.clone(), Endpoint::Workload(w))).collect();
+    endpoints.extend(external_endpoints(&old, &new, workloads));
+    let named_ports = named_ports(&old, &new);
+    let mut changes = Vec::new();
+    for (from_name, from) in &endpoints {
+        for (to_name, to) in &endpoints {
+            if from_name == to_name || matches!((from, to), (Endpoint::Address(_), Endpoint::Address(_))) {
+                continue;
+            }
+            for protocol in [PROTO_TCP, PROTO_UDP] {
+                let named = |e: &Endpoint<'_>, direction| match e {
+                    Endpoint::Workload(w) => named_ports.get(&(w.identity, direction, protocol)),
+                    Endpoint::Address(_) => None,
+                };
+                let mut ports: BTreeSet<u16> = named(from, DIRECTION_EGRESS).into_iter().flatten().copied().collect();
+                ports.extend(named(to, DIRECTION_INGRESS).into_iter().flatten());
+                let other = (1..=u16::MAX).find(|p| !ports.contains(p));
+                let verdict = |compiled: &Compiled, port: u16| combine(&legs(compiled, workloads, *from, *to, protocol, port)).0;
+                let mut last: Option<Change> = None;
+                for port in ports.iter().copied().map(Some).chain([None]) {
+                    let probe = match port.or(other) {
+                        Some(probe) => probe,
+                        None => continue,
+                    };
+                    let (before, after) = (verdict(&old, probe), verdict(&new, probe));
+                    let extends = last.as_ref().is_some_and(|c| {
+                        (c.before, c.after) == (before, after) && port.is_some() && c.ports.is_some_and(|(_, end)| Some(end + 1) == port)
+                    });
+                    match (&mut last, port) {
+                        (Some(change), Some(port)) if extends => change.ports = change.ports.map(|(start, _)| (start, port)),
+                        _ => {
+                            changes.extend(last.take());
+                            if before != after {
+                                let ports = port.map(|p| (p, p));
+                                last = Some(Change { from: from_name.clone(), to: to_name.clone(), protocol, ports, before, after });
+                            }
+                        }
+                    }
+                }
+                changes.extend(last);
+            }
+        }
+    }
+    Ok(changes)
+}
+
+/// The ports map keys name explicitly, per (local identity, direction, protocol).
+fn named_ports(old: &Compiled, new: &Compiled) -> BTreeMap<(u32, u8, u8), BTreeSet<u16>> {
+    let mut ports: BTreeMap<_, BTreeSet<u16>> = BTreeMap::new();
+    for key in old.entries.keys().chain(new.entries.keys()) {
+        if key.port != PORT_ANY && key.protocol != PROTO_ANY {
+            ports.entry((key.local_identity, key.direction, key.protocol)).or_default().insert(key.port);
+        }
+    }
+    ports
+}
+
+/// One address for each range the policies tell apart: the part of every prefix that no more
+/// specific prefix covers, and the rest of the world, per address family.
+fn external_endpoints<'a>(old: &Compiled, new: &Compiled, workloads: &[WorkloadInfo]) -> Vec<(String, Endpoint<'a>)> {
+    let mut prefixes: BTreeSet<IpNet> = old.prefixes.keys().chain(new.prefixes.keys()).copied().collect();
+    let hosts = workloads.iter().flat_map(|w| &w.addresses).map(|a| IpNet::from(a.to_canonical()));
+    let taken: Vec<IpNet> = prefixes.iter().copied().chain(hosts).collect();
+    let mut endpoints = Vec::new();
+    let worlds = [("world (IPv4)", IpNet::V4(Default::default())), ("world (IPv6)", IpNet::V6(Default::default()))];
+    for (name, net) in worlds {
+        if prefixes.insert(net) {
+            endpoints.extend(free_address(net, &taken).map(|a| (name.to_owned(), Endpoint::Address(a))));
+        }
+    }
+    for net in prefixes.iter().filter(|n| !worlds.iter().any(|(_, w)| w == *n)) {
+        let inner: Vec<IpNet> = taken.iter().filter(|t| *t != net).copied().collect();
+        endpoints.extend(free_address(*net, &inner).map(|a| (net.to_string(), Endpoint::Address(a))));
+    }
+    endpoints
+}
+
+/// An address of `net` outside every prefix of `taken` that lies inside `net`.
+fn free_address(net: IpNet, taken: &[IpNet]) -> Option<IpAddr> {
+    let inside: Vec<IpNet> = taken.iter().filter(|t| net.contains(*t)).copied().collect();
+    if inside.is_empty() {
+        return Some(net.network());
+    }
+    if inside.contains(&net) {
+        return None;
+    }
+    let halves = net.subnets(net.prefix_len() + 1).ok()?;
+    halves.into_iter().find_map(|half| free_address(half, &inside))
+}
+
+#[cfg(test)]
+mod tests;
