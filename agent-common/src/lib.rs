@@ -5,8 +5,14 @@
 //! [`ABI_VERSION`] and the version suffix of the map that holds it.
 #![no_std]
 
-/// Recorded next to the pinned maps; a loader refuses to adopt maps of another version.
+/// Recorded in the state map and in every map name (`ward_<map>_v<ABI>`): a layout change bumps it,
+/// so an upgraded agent builds a complete new set of maps beside the old one and switches the
+/// programs over in place (see `docs/operations.md`). The `abi-next` feature builds the next layout
+/// (a larger [`StateValue`]) so upgrade tests run against a real layout change.
+#[cfg(not(feature = "abi-next"))]
 pub const ABI_VERSION: u32 = 1;
+#[cfg(feature = "abi-next")]
+pub const ABI_VERSION: u32 = 2;
 
 /// Numeric workload identity. The values below 256 are reserved.
 pub type IdentityId = u32;
@@ -53,19 +59,28 @@ pub const EVENT_WINDOW_NS: u64 = 1_000_000_000;
 
 /// Map names as the kernel and the pin directory see them (at most 15 bytes).
 pub mod map_names {
-    pub const CGROUPS: &str = "ward_cgroup_v1";
-    pub const POLICY: &str = "ward_policy_v1";
-    pub const IPCACHE: &str = "ward_ipcache_v1";
-    pub const IPCACHE_LPM: &str = "ward_iplpm_v1";
-    pub const STATE: &str = "ward_state_v1";
-    pub const SOCKETS: &str = "ward_socks_v1";
-    pub const CONNECTING: &str = "ward_conn_v1";
-    pub const ACCEPTING: &str = "ward_accept_v1";
-    pub const LISTENERS: &str = "ward_listen_v1";
-    pub const UDP_FLOWS: &str = "ward_udpflow_v1";
-    pub const EVENT_LIMITS: &str = "ward_evlimit_v1";
-    pub const EVENTS: &str = "ward_events_v1";
-    pub const COUNTERS: &str = "ward_counters_v1";
+    macro_rules! names {
+        ($v:literal) => {
+            pub const VERSION_SUFFIX: &str = concat!("_v", $v);
+            pub const CGROUPS: &str = concat!("ward_cgroup_v", $v);
+            pub const POLICY: &str = concat!("ward_policy_v", $v);
+            pub const IPCACHE: &str = concat!("ward_ipcache_v", $v);
+            pub const IPCACHE_LPM: &str = concat!("ward_iplpm_v", $v);
+            pub const STATE: &str = concat!("ward_state_v", $v);
+            pub const SOCKETS: &str = concat!("ward_socks_v", $v);
+            pub const CONNECTING: &str = concat!("ward_conn_v", $v);
+            pub const ACCEPTING: &str = concat!("ward_accept_v", $v);
+            pub const LISTENERS: &str = concat!("ward_listen_v", $v);
+            pub const UDP_FLOWS: &str = concat!("ward_udpflow_v", $v);
+            pub const EVENT_LIMITS: &str = concat!("ward_evlimit_v", $v);
+            pub const EVENTS: &str = concat!("ward_events_v", $v);
+            pub const COUNTERS: &str = concat!("ward_counters_v", $v);
+        };
+    }
+    #[cfg(not(feature = "abi-next"))]
+    names!("1");
+    #[cfg(feature = "abi-next")]
+    names!("2");
 }
 
 /// Kernel program names (the ELF symbols), one per attach point.
@@ -148,6 +163,8 @@ pub struct IpcacheValue {
 pub struct StateValue {
     pub generation: u32,
     pub abi_version: u32,
+    #[cfg(feature = "abi-next")]
+    pub reserved: [u32; 2],
 }
 
 /// A local socket's verdict, keyed by socket cookie.
@@ -296,7 +313,7 @@ const _: () = {
     assert!(size_of::<IpcacheKey>() == 20);
     assert!(size_of::<IpcacheLpmData>() == 17);
     assert!(size_of::<IpcacheValue>() == 4);
-    assert!(size_of::<StateValue>() == 8);
+    assert!(size_of::<StateValue>() == if cfg!(feature = "abi-next") { 16 } else { 8 });
     assert!(size_of::<SocketValue>() == 16);
     assert!(size_of::<FlowKey>() == 40);
     assert!(offset_of!(FlowKey, local_port) == 32);

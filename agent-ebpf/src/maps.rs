@@ -11,50 +11,59 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 
-#[map(name = "ward_cgroup_v1")]
-pub static CGROUPS: HashMap<u64, CgroupValue> = HashMap::pinned(MAX_CGROUPS, BPF_F_NO_PREALLOC);
+/// A map whose kernel name carries the ABI version, so a layout change never reuses old pins.
+macro_rules! versioned_map {
+    ($v1:literal, $v2:literal, $item:item) => {
+        #[cfg_attr(not(feature = "abi-next"), map(name = $v1))]
+        #[cfg_attr(feature = "abi-next", map(name = $v2))]
+        $item
+    };
+}
 
-#[map(name = "ward_policy_v1")]
-pub static POLICY: HashMap<PolicyKey, PolicyValue> =
+versioned_map!("ward_cgroup_v1", "ward_cgroup_v2", pub static CGROUPS: HashMap<u64, CgroupValue> = HashMap::pinned(MAX_CGROUPS, BPF_F_NO_PREALLOC);
+);
+
+versioned_map!("ward_policy_v1", "ward_policy_v2", pub static POLICY: HashMap<PolicyKey, PolicyValue> =
     HashMap::pinned(MAX_POLICY_MAP, BPF_F_NO_PREALLOC);
+);
 
-#[map(name = "ward_ipcache_v1")]
-pub static IPCACHE: HashMap<IpcacheKey, IpcacheValue> =
+versioned_map!("ward_ipcache_v1", "ward_ipcache_v2", pub static IPCACHE: HashMap<IpcacheKey, IpcacheValue> =
     HashMap::pinned(MAX_IPCACHE, BPF_F_NO_PREALLOC);
+);
 
-#[map(name = "ward_iplpm_v1")]
-pub static IPCACHE_LPM: LpmTrie<IpcacheLpmData, IpcacheValue> =
+versioned_map!("ward_iplpm_v1", "ward_iplpm_v2", pub static IPCACHE_LPM: LpmTrie<IpcacheLpmData, IpcacheValue> =
     LpmTrie::pinned(MAX_IPCACHE_PREFIXES, 0);
+);
 
-#[map(name = "ward_state_v1")]
-pub static STATE: Array<StateValue> = Array::pinned(1, 0);
+versioned_map!("ward_state_v1", "ward_state_v2", pub static STATE: Array<StateValue> = Array::pinned(1, 0);
+);
 
-#[map(name = "ward_socks_v1")]
-pub static SOCKETS: LruHashMap<u64, SocketValue> = LruHashMap::pinned(MAX_SOCKETS, 0);
+versioned_map!("ward_socks_v1", "ward_socks_v2", pub static SOCKETS: LruHashMap<u64, SocketValue> = LruHashMap::pinned(MAX_SOCKETS, 0);
+);
 
-#[map(name = "ward_conn_v1")]
-pub static CONNECTING: LruHashMap<FlowKey, ConnectingValue> =
+versioned_map!("ward_conn_v1", "ward_conn_v2", pub static CONNECTING: LruHashMap<FlowKey, ConnectingValue> =
     LruHashMap::pinned(MAX_CONNECTING, 0);
+);
 
-#[map(name = "ward_accept_v1")]
-pub static ACCEPTING: LruHashMap<FlowKey, SocketValue> = LruHashMap::pinned(MAX_ACCEPTING, 0);
+versioned_map!("ward_accept_v1", "ward_accept_v2", pub static ACCEPTING: LruHashMap<FlowKey, SocketValue> = LruHashMap::pinned(MAX_ACCEPTING, 0);
+);
 
-#[map(name = "ward_listen_v1")]
-pub static LISTENERS: LruHashMap<ListenerKey, ListenerValue> =
+versioned_map!("ward_listen_v1", "ward_listen_v2", pub static LISTENERS: LruHashMap<ListenerKey, ListenerValue> =
     LruHashMap::pinned(MAX_LISTENERS, 0);
+);
 
-#[map(name = "ward_udpflow_v1")]
-pub static UDP_FLOWS: LruHashMap<FlowKey, UdpFlowValue> = LruHashMap::pinned(MAX_UDP_FLOWS, 0);
+versioned_map!("ward_udpflow_v1", "ward_udpflow_v2", pub static UDP_FLOWS: LruHashMap<FlowKey, UdpFlowValue> = LruHashMap::pinned(MAX_UDP_FLOWS, 0);
+);
 
-#[map(name = "ward_evlimit_v1")]
-pub static EVENT_LIMITS: LruHashMap<EventLimitKey, EventLimitValue> =
+versioned_map!("ward_evlimit_v1", "ward_evlimit_v2", pub static EVENT_LIMITS: LruHashMap<EventLimitKey, EventLimitValue> =
     LruHashMap::pinned(MAX_EVENT_LIMITS, 0);
+);
 
-#[map(name = "ward_events_v1")]
-pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+versioned_map!("ward_events_v1", "ward_events_v2", pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+);
 
-#[map(name = "ward_counters_v1")]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
+versioned_map!("ward_counters_v1", "ward_counters_v2", pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
+);
 
 #[inline(always)]
 pub fn count(index: u32) {

@@ -12,7 +12,7 @@ use std::{
 };
 
 use agent_common::{
-    map_names, program_names, CgroupValue, ConnectingValue, FlowKey, IpcacheKey, IpcacheLpmData,
+    map_names, program_names, CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue, FlowKey, IpcacheKey, IpcacheLpmData,
     IpcacheValue, ListenerKey, ListenerValue, PolicyKey, PolicyValue, SocketValue, StateValue,
     UdpFlowValue, ABI_VERSION, MAX_ACCEPTING, MAX_CGROUPS, MAX_CONNECTING, MAX_IPCACHE,
     MAX_IPCACHE_PREFIXES, MAX_LISTENERS, MAX_POLICY_ENTRIES, MAX_SOCKETS, MAX_UDP_FLOWS,
@@ -65,8 +65,8 @@ pub enum KernelError {
         name: &'static str,
         source: aya::maps::MapError,
     },
-    #[error("pinned maps in {dir} were written by ABI version {found}, this agent speaks {ABI_VERSION}; run `ward uninstall --pin-dir {dir}` first")]
-    Abi { dir: PathBuf, found: u32 },
+    #[error("pinned map {path} has key/value sizes {found:?} but this agent expects {expected:?}: its layout changed without a new ABI version; run `ward uninstall` first")]
+    Layout { path: PathBuf, found: (u32, u32), expected: (u32, u32) },
     #[error("cannot open cgroup {0}: {1}")]
     Cgroup(PathBuf, std::io::Error),
     #[error("link {path}: {source}")]
@@ -120,12 +120,14 @@ pub struct ApplyStats {
 }
 
 /// How the programs came to be attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Attachment {
     /// Fresh links on the cgroup root.
     Attached,
     /// Links pinned by an earlier agent, now running this agent's programs.
     Adopted,
+    /// Links of an agent with an older map layout, switched to this agent's programs and maps.
+    Upgraded { from: String },
 }
 
 pub struct Datapath {
@@ -158,6 +160,7 @@ impl Datapath {
             return Err(KernelError::NoObject);
         }
         paths::prepare_pin_dir(pin_dir)?;
+        check_pinned_layouts(pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(OBJECT)
@@ -177,12 +180,6 @@ impl Datapath {
         }
         let state: Array<MapData, StateValue> = take(&mut ebpf, map_names::STATE)?;
         let current = state.get(&0, 0).map_err(map_err(map_names::STATE))?;
-        if current.abi_version != 0 && current.abi_version != ABI_VERSION {
-            return Err(KernelError::Abi {
-                dir: pin_dir.to_owned(),
-                found: current.abi_version,
-            });
-        }
         Ok(Datapath {
             cgroups: take(&mut ebpf, map_names::CGROUPS)?,
             policy: take(&mut ebpf, map_names::POLICY)?,
@@ -198,6 +195,10 @@ impl Datapath {
     /// Attaches every program to the cgroup root through a pinned link. Links pinned by an earlier
     /// agent are kept and switched to this agent's programs in place, so enforcement has no gap.
     pub fn attach(&mut self, cgroup_root: &Path) -> Result<Attachment, KernelError> {
+        let older = older_abi(&self.pin_dir);
+        if let Some(suffix) = &older {
+            self.migrate_sockets(suffix)?;
+        }
         let cgroup =
             File::open(cgroup_root).map_err(|e| KernelError::Cgroup(cgroup_root.to_owned(), e))?;
         let links = paths::links_dir(&self.pin_dir);
@@ -250,11 +251,48 @@ impl Datapath {
                 source,
             })?;
         }
-        Ok(if adopted == program_names::ALL.len() {
-            Attachment::Adopted
-        } else {
-            Attachment::Attached
-        })
+        if let Some(suffix) = older {
+            // The programs now read only this ABI's maps; the old ones are unreferenced.
+            remove_pins_except_current(&self.pin_dir)
+                .map_err(|source| KernelError::Link { path: self.pin_dir.clone(), source })?;
+            return Ok(Attachment::Upgraded { from: suffix });
+        }
+        Ok(if adopted == program_names::ALL.len() { Attachment::Adopted } else { Attachment::Attached })
+    }
+
+    /// Copies the socket state the kernel learned while an agent of an older ABI ran (listeners,
+    /// connecting and accepted sockets) into this ABI's maps, so the new programs know them from
+    /// their first run. Maps whose layout changed would need a conversion here.
+    fn migrate_sockets(&mut self, old_suffix: &str) -> Result<(), KernelError> {
+        let copied = self.copy_from_older::<u64, SocketValue>(map_names::SOCKETS, old_suffix)?
+            + self.copy_from_older::<FlowKey, ConnectingValue>(map_names::CONNECTING, old_suffix)?
+            + self.copy_from_older::<FlowKey, SocketValue>(map_names::ACCEPTING, old_suffix)?
+            + self.copy_from_older::<ListenerKey, ListenerValue>(map_names::LISTENERS, old_suffix)?;
+        tracing::info!(from = old_suffix, to = map_names::VERSION_SUFFIX, entries = copied, "migrated socket state from the previous map layout");
+        Ok(())
+    }
+
+    fn copy_from_older<K: aya::Pod, V: aya::Pod>(&mut self, name: &'static str, old_suffix: &str) -> Result<usize, KernelError> {
+        let base = name.strip_suffix(map_names::VERSION_SUFFIX).expect("map names end in the version");
+        let old_path = self.pin_dir.join(format!("{base}{old_suffix}"));
+        let Ok(old) = MapData::from_pin(&old_path) else { return Ok(0) };
+        let sizes = old.info().map(|i| (i.key_size(), i.value_size())).map_err(map_err(name))?;
+        if sizes != (size_of::<K>() as u32, size_of::<V>() as u32) {
+            tracing::warn!(map = %old_path.display(), "layout changed; its entries are re-learned as sockets open");
+            return Ok(0);
+        }
+        let old: HashMap<MapData, K, V> = HashMap::try_from(Map::LruHashMap(old)).map_err(map_err(name))?;
+        let new = self.ebpf.map_mut(name).ok_or(KernelError::Map {
+            name,
+            source: aya::maps::MapError::InvalidName { name: name.into() },
+        })?;
+        let mut new: HashMap<&mut MapData, K, V> = HashMap::try_from(new).map_err(map_err(name))?;
+        let mut copied = 0;
+        for (k, v) in old.iter().filter_map(Result::ok) {
+            new.insert(k, v, 0).map_err(map_err(name))?;
+            copied += 1;
+        }
+        Ok(copied)
     }
 
     /// Each program, its attach point and the program id its pinned link runs.
@@ -518,6 +556,63 @@ impl Datapath {
         }
         Ok(())
     }
+}
+
+/// Key and value sizes of every map this build pins, as the kernel reports them.
+fn layouts() -> [(&'static str, usize, usize); 13] {
+    [
+        (map_names::CGROUPS, size_of::<u64>(), size_of::<CgroupValue>()),
+        (map_names::POLICY, size_of::<PolicyKey>(), size_of::<PolicyValue>()),
+        (map_names::IPCACHE, size_of::<IpcacheKey>(), size_of::<IpcacheValue>()),
+        (map_names::IPCACHE_LPM, size_of::<Key<IpcacheLpmData>>(), size_of::<IpcacheValue>()),
+        (map_names::STATE, size_of::<u32>(), size_of::<StateValue>()),
+        (map_names::SOCKETS, size_of::<u64>(), size_of::<SocketValue>()),
+        (map_names::CONNECTING, size_of::<FlowKey>(), size_of::<ConnectingValue>()),
+        (map_names::ACCEPTING, size_of::<FlowKey>(), size_of::<SocketValue>()),
+        (map_names::LISTENERS, size_of::<ListenerKey>(), size_of::<ListenerValue>()),
+        (map_names::UDP_FLOWS, size_of::<FlowKey>(), size_of::<UdpFlowValue>()),
+        (map_names::EVENT_LIMITS, size_of::<EventLimitKey>(), size_of::<EventLimitValue>()),
+        (map_names::EVENTS, 0, 0),
+        (map_names::COUNTERS, size_of::<u32>(), size_of::<u64>()),
+    ]
+}
+
+/// aya adopts a pinned map by name without looking at its layout; a mismatch would surface as a
+/// verifier error or, worse, as misread entries. Refuse it clearly instead.
+fn check_pinned_layouts(pin_dir: &Path) -> Result<(), KernelError> {
+    for (name, key, value) in layouts() {
+        let path = pin_dir.join(name);
+        let Ok(map) = MapData::from_pin(&path) else { continue };
+        let info = map.info().map_err(map_err(name))?;
+        let found = (info.key_size(), info.value_size());
+        if found != (key as u32, value as u32) {
+            return Err(KernelError::Layout { path, found, expected: (key as u32, value as u32) });
+        }
+    }
+    Ok(())
+}
+
+/// The version suffix of maps an agent of another ABI left pinned, if any.
+fn older_abi(pin_dir: &Path) -> Option<String> {
+    let prefix = map_names::STATE.strip_suffix(map_names::VERSION_SUFFIX)?;
+    std::fs::read_dir(pin_dir).ok()?.filter_map(Result::ok).find_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        let suffix = name.strip_prefix(prefix)?;
+        (suffix != map_names::VERSION_SUFFIX).then(|| suffix.to_string())
+    })
+}
+
+/// Removes every pinned map of another ABI version.
+fn remove_pins_except_current(pin_dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(pin_dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("ward_") && !name.ends_with(map_names::VERSION_SUFFIX) {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {

@@ -4,7 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::str::FromStr;
 
-use agent_common::{IDENTITY_ANY, IDENTITY_WORLD, PORT_ANY, PROTO_ANY, PROTO_TCP, PROTO_UDP, REMOTE_ISOLATION, VERDICT_DENY, VERDICT_REDIRECT};
+use agent_common::{
+    IDENTITY_ANY, IDENTITY_WORLD, PORT_ANY, PROTO_ANY, PROTO_TCP, PROTO_UDP, REMOTE_ISOLATION,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VERDICT_REDIRECT,
+};
 use anyhow::{bail, Context as _};
 use clap::{Subcommand, ValueEnum};
 use serde_json::json;
@@ -13,7 +16,10 @@ use super::check::{find_rule, lint, CheckReport, LintOptions};
 use super::compile::{Contribution, Slot};
 use super::load::Report;
 use super::trace::{combine, diff, trace, Change, Endpoint, Leg};
-use super::{direction_name, load, verdict_name, Compiled, Location, PolicyError, PolicySet, WorkloadInfo};
+use super::{
+    direction_name, load, verdict_name, Compiled, Location, PolicyError, PolicySet, PolicyWarning,
+    WarningKind, WorkloadInfo,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
@@ -123,10 +129,20 @@ impl FromStr for PortArg {
 
 pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
     match command {
-        PolicyCommand::Check { paths, config, format, strict, production_paths } => {
+        PolicyCommand::Check {
+            paths,
+            config,
+            format,
+            strict,
+            production_paths,
+        } => {
             let workloads = config.as_deref().map(workloads).transpose()?;
             let paths = policy_paths(paths, config.as_deref())?;
-            let report = check(&paths, workloads.as_ref().map(|(_, w)| w.as_slice()), &production_paths);
+            let report = check(
+                &paths,
+                workloads.as_ref().map(|(_, w)| w.as_slice()),
+                &production_paths,
+            );
             match format {
                 CheckFormat::Human => print!("{}", report.human()),
                 CheckFormat::Json => println!("{:#}", report.json()),
@@ -139,30 +155,56 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             };
             Ok(ExitCode::from(code))
         }
-        PolicyCommand::Trace { from, to, port, config, paths, format, expect } => {
+        PolicyCommand::Trace {
+            from,
+            to,
+            port,
+            config,
+            paths,
+            format,
+            expect,
+        } => {
             let (config_paths, workloads) = workloads(&config)?;
-            let set = load_set(if paths.is_empty() { &config_paths } else { &paths })?;
-            let resolve = |text: &str| Endpoint::resolve(text, &workloads).map_err(anyhow::Error::msg);
+            let set = load_set(if paths.is_empty() {
+                &config_paths
+            } else {
+                &paths
+            })?;
+            let resolve =
+                |text: &str| Endpoint::resolve(text, &workloads).map_err(anyhow::Error::msg);
             let (from, to) = (resolve(&from)?, resolve(&to)?);
             if let (Endpoint::Address(_), Endpoint::Address(_)) = (from, to) {
                 bail!("neither {from} nor {to} is a workload of the configuration: no policy of this node applies");
             }
             let traced = trace(&set, &workloads, from, to, port.protocol, port.port)?;
-            let view = TraceView { set: &set, workloads: &workloads, compiled: &traced.compiled };
+            let view = TraceView {
+                set: &set,
+                workloads: &workloads,
+                compiled: &traced.compiled,
+            };
             let (verdict, _) = combine(&traced.legs);
             match format {
                 Format::Human => print!("{}", view.human(from, to, port, &traced.legs)),
                 Format::Json => println!("{:#}", view.json(from, to, port, &traced.legs)),
             }
             let expected = expect.is_none_or(|e| match e {
-                Expect::Allow => !matches!(verdict_name(verdict), "deny" | "audit"),
+                Expect::Allow => verdict == VERDICT_ALLOW || verdict == VERDICT_REDIRECT,
                 Expect::Deny => verdict == VERDICT_DENY,
-                Expect::Audit => verdict_name(verdict) == "audit",
+                Expect::Audit => verdict == VERDICT_AUDIT,
                 Expect::Redirect => verdict == VERDICT_REDIRECT,
             });
-            Ok(if expected { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if expected {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
-        PolicyCommand::Diff { old, new, config, format } => {
+        PolicyCommand::Diff {
+            old,
+            new,
+            config,
+            format,
+        } => {
             let (_, workloads) = workloads(&config)?;
             let (old, new) = (load_set(&[old])?, load_set(&[new])?);
             let changes = diff(&old, &new, &workloads)?;
@@ -182,7 +224,10 @@ fn workloads(config: &std::path::Path) -> anyhow::Result<(Vec<PathBuf>, Vec<Work
     Ok((config.policies, workloads))
 }
 
-fn policy_paths(paths: Vec<PathBuf>, config: Option<&std::path::Path>) -> anyhow::Result<Vec<PathBuf>> {
+fn policy_paths(
+    paths: Vec<PathBuf>,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<PathBuf>> {
     match (paths.is_empty(), config) {
         (false, _) => Ok(paths),
         (true, Some(config)) => Ok(crate::config::Config::load(config)?.policies),
@@ -196,23 +241,61 @@ fn load_set(paths: &[PathBuf]) -> anyhow::Result<PolicySet> {
 }
 
 /// Loads and lints; compile failures (such as an overflowing map) become errors of the report.
-pub(crate) fn check(paths: &[PathBuf], workloads: Option<&[WorkloadInfo]>, production_paths: &[PathBuf]) -> CheckReport {
-    let Report { set, mut errors, .. } = Report::load(paths);
+pub(crate) fn check(
+    paths: &[PathBuf],
+    workloads: Option<&[WorkloadInfo]>,
+    production_paths: &[PathBuf],
+) -> CheckReport {
+    let Report {
+        set, mut errors, ..
+    } = Report::load(paths);
     let mut warnings = set.warnings.clone();
-    match lint(&set, &LintOptions { workloads, production_paths }) {
+    if set.is_empty() && errors.is_empty() {
+        // A mistyped path must not let CI pass on nothing.
+        let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        let location = Location {
+            file: paths.first().cloned().unwrap_or_default(),
+            ..Location::default()
+        };
+        let message = format!("no policy documents in {}", names.join(", "));
+        warnings.push(PolicyWarning {
+            location,
+            field: String::new(),
+            kind: WarningKind::NoEffect,
+            message,
+        });
+    }
+    match lint(
+        &set,
+        &LintOptions {
+            workloads,
+            production_paths,
+        },
+    ) {
         Ok(found) => warnings.extend(found),
         Err(e) => {
-            let policy = set.policies.iter().find(|p| e.policy() == Some(p.name.as_str()));
+            let policy = set
+                .policies
+                .iter()
+                .find(|p| e.policy() == Some(p.name.as_str()));
             let location = policy.map_or_else(Location::default, |p| Location {
                 file: p.origin.file.clone(),
                 line: Some(p.origin.line),
                 document: Some(p.origin.document),
                 policy: Some(p.name.clone()),
             });
-            errors.push(PolicyError { location, field: String::new(), reason: e.to_string() });
+            errors.push(PolicyError {
+                location,
+                field: String::new(),
+                reason: e.to_string(),
+            });
         }
     }
-    CheckReport { policies: set.len(), errors, warnings }
+    CheckReport {
+        policies: set.names().map(str::to_owned).collect(),
+        errors,
+        warnings,
+    }
 }
 
 fn protocol_name(protocol: u8) -> &'static str {
@@ -236,26 +319,49 @@ impl TraceView<'_> {
         match id {
             IDENTITY_ANY => "any".into(),
             IDENTITY_WORLD => "world".into(),
-            _ => self.workloads.iter().find(|w| w.identity == id).map(|w| w.name.clone()).unwrap_or_else(|| {
-                let prefix = self.compiled.prefixes.iter().find(|(_, i)| **i == id);
-                prefix.map_or_else(|| format!("identity {id}"), |(net, _)| net.to_string())
-            }),
+            _ => self
+                .workloads
+                .iter()
+                .find(|w| w.identity == id)
+                .map(|w| w.name.clone())
+                .unwrap_or_else(|| {
+                    let prefix = self.compiled.prefixes.iter().find(|(_, i)| **i == id);
+                    prefix.map_or_else(|| format!("identity {id}"), |(net, _)| net.to_string())
+                }),
         }
     }
 
     fn rule(&self, id: u32) -> String {
-        self.compiled.rules.get(&id).map_or_else(|| format!("rule {id}"), |r| format!("{}/{}", r.policy, r.rule))
+        self.compiled.rules.get(&id).map_or_else(
+            || format!("rule {id}"),
+            |r| format!("{}/{}", r.policy, r.rule),
+        )
     }
 
     fn source(&self, id: u32) -> String {
-        let Some(info) = self.compiled.rules.get(&id) else { return String::new() };
+        let Some(info) = self.compiled.rules.get(&id) else {
+            return String::new();
+        };
         let line = find_rule(self.set, info).and_then(|(p, r)| r.line.or(Some(p.origin.line)));
-        let line = line.or_else(|| self.set.policies.iter().find(|p| p.name == info.policy).map(|p| p.origin.line));
-        format!("{}{}", info.source.display(), line.map(|l| format!(":{l}")).unwrap_or_default())
+        let line = line.or_else(|| {
+            self.set
+                .policies
+                .iter()
+                .find(|p| p.name == info.policy)
+                .map(|p| p.origin.line)
+        });
+        format!(
+            "{}{}",
+            info.source.display(),
+            line.map(|l| format!(":{l}")).unwrap_or_default()
+        )
     }
 
     fn slot(contribution: &Contribution) -> &'static str {
-        match (contribution.key.remote_identity == REMOTE_ISOLATION, contribution.slot) {
+        match (
+            contribution.key.remote_identity == REMOTE_ISOLATION,
+            contribution.slot,
+        ) {
             (true, Slot::Deny) => "isolates (enforce)",
             (true, _) => "isolates (audit)",
             (false, Slot::Deny) => "deny",
@@ -281,7 +387,11 @@ impl TraceView<'_> {
     fn human(&self, from: Endpoint<'_>, to: Endpoint<'_>, port: PortArg, legs: &[Leg]) -> String {
         let (verdict, deciding) = combine(legs);
         let protocol = protocol_name(port.protocol);
-        let mut out = format!("{from} -> {to} {protocol}/{}: {}\n", port.port, verdict_name(verdict).to_uppercase());
+        let mut out = format!(
+            "{from} -> {to} {protocol}/{}: {}\n",
+            port.port,
+            verdict_name(verdict).to_uppercase()
+        );
         out += &match deciding {
             Some(leg) => format!(
                 "  decided by {} ({} of {}) at {}\n",
@@ -293,23 +403,42 @@ impl TraceView<'_> {
             None => "  no policy isolates either side: untouched\n".to_owned(),
         };
         for leg in legs {
-            let (direction, arrow) = (direction_name(leg.direction), if leg.direction == 0 { "<-" } else { "->" });
-            let (local, remote) = (&leg.local, self.identity(leg.remote_identity));
-            out += &format!("  {direction} of {local} ({} {arrow} {remote}): ", leg.local_identity);
+            let (direction, peer) = (
+                direction_name(leg.direction),
+                if leg.direction == 0 { "from" } else { "to" },
+            );
+            let (local, local_id) = (&leg.local, leg.local_identity);
+            let (remote, remote_id) = (self.identity(leg.remote_identity), leg.remote_identity);
+            out += &format!("  {direction} of {local} (identity {local_id}) {peer} {remote} (identity {remote_id}): ");
             if !leg.decision.isolated {
                 out += &format!("not isolated for {direction}: allowed\n");
                 continue;
             }
-            out += &format!("{} by {}\n", verdict_name(leg.decision.verdict), self.rule(leg.decision.rule));
+            out += &format!(
+                "{} by {}\n",
+                verdict_name(leg.decision.verdict),
+                self.rule(leg.decision.rule)
+            );
             for c in &leg.matches {
-                let (rule, slot, key, source) = (self.rule(c.rule), Self::slot(c), self.key(c), self.source(c.rule));
+                let (rule, slot, key, source) = (
+                    self.rule(c.rule),
+                    Self::slot(c),
+                    self.key(c),
+                    self.source(c.rule),
+                );
                 out += &format!("    {rule:<32} {slot:<19} {key:<32} {source}\n");
             }
         }
         out
     }
 
-    fn json(&self, from: Endpoint<'_>, to: Endpoint<'_>, port: PortArg, legs: &[Leg]) -> serde_json::Value {
+    fn json(
+        &self,
+        from: Endpoint<'_>,
+        to: Endpoint<'_>,
+        port: PortArg,
+        legs: &[Leg],
+    ) -> serde_json::Value {
         let (verdict, deciding) = combine(legs);
         let rule = |id: u32| {
             let info = self.compiled.rules.get(&id);
@@ -350,22 +479,47 @@ impl TraceView<'_> {
 
 fn ports_text(change: &Change) -> String {
     let protocol = protocol_name(change.protocol);
-    match change.ports {
-        None => format!("{protocol}/other ports"),
-        Some((first, last)) if first == last => format!("{protocol}/{first}"),
-        Some((first, last)) => format!("{protocol}/{first}-{last}"),
+    let ranges = change
+        .ports
+        .iter()
+        .map(|&(first, last)| match first == last {
+            true => first.to_string(),
+            false => format!("{first}-{last}"),
+        });
+    let ranges = ranges.collect::<Vec<_>>().join(",");
+    match (ranges.is_empty(), change.other_ports) {
+        (true, _) => format!("{protocol}/every port"),
+        (false, true) => format!("{protocol}/{ranges} and every other port"),
+        (false, false) => format!("{protocol}/{ranges}"),
     }
 }
 
 fn diff_human(changes: &[Change]) -> String {
     let mut out = String::new();
     for c in changes {
-        let sign = if c.gains() { '+' } else if c.loses() { '-' } else { '~' };
+        let sign = if c.gains() {
+            '+'
+        } else if c.loses() {
+            '-'
+        } else {
+            '~'
+        };
         let (before, after) = (verdict_name(c.before), verdict_name(c.after));
-        out += &format!("{sign} {} -> {} {}: {before} -> {after}\n", c.from, c.to, ports_text(c));
+        out += &format!(
+            "{sign} {} -> {} {}: {before} -> {after}\n",
+            c.from,
+            c.to,
+            ports_text(c)
+        );
     }
-    let (gained, lost) = (changes.iter().filter(|c| c.gains()).count(), changes.iter().filter(|c| c.loses()).count());
-    out + &format!("{} changes: {gained} gain access, {lost} lose access\n", changes.len())
+    let (gained, lost) = (
+        changes.iter().filter(|c| c.gains()).count(),
+        changes.iter().filter(|c| c.loses()).count(),
+    );
+    out + &format!(
+        "{} changes: {gained} gain access, {lost} lose access\n",
+        changes.len()
+    )
 }
 
 fn diff_json(changes: &[Change]) -> serde_json::Value {
@@ -376,7 +530,8 @@ fn diff_json(changes: &[Change]) -> serde_json::Value {
                 "from": c.from,
                 "to": c.to,
                 "protocol": protocol_name(c.protocol),
-                "ports": c.ports.map(|(first, last)| json!([first, last])),
+                "ports": c.ports.iter().map(|(first, last)| json!([first, last])).collect::<Vec<_>>(),
+                "otherPorts": c.other_ports,
                 "before": verdict_name(c.before),
                 "after": verdict_name(c.after),
                 "access": if c.gains() { "gained" } else if c.loses() { "lost" } else { "changed" },
@@ -384,4 +539,174 @@ fn diff_json(changes: &[Change]) -> serde_json::Value {
         })
         .collect();
     json!({ "changes": changes })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// A configuration of the workloads the example policies talk about, in a fresh directory.
+    fn example_config(dir: &Path) -> PathBuf {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies");
+        let workload = |name: &str, namespace: &str, app: &str, address: &str| {
+            format!("  - name: {name}\n    spiffeId: spiffe://example.org/ns/{namespace}/sa/{name}\n    namespace: {namespace}\n    labels: {{app: {app}}}\n    cgroups: [{name}]\n    addresses: [{address}]\n")
+        };
+        let mut config = format!(
+            "trustDomain: example.org\npolicies: [{}]\nhostAddresses: auto\nworkloads:\n",
+            examples.display()
+        );
+        for (name, namespace, app, address) in [
+            ("frontend", "shop", "frontend", "10.200.0.2"),
+            ("api", "shop", "api", "10.200.0.3"),
+            ("postgres", "shop", "postgres", "10.200.0.4"),
+            ("prometheus", "monitoring", "prometheus", "10.200.1.2"),
+            ("backup", "backup", "pg-backup", "10.200.2.2"),
+        ] {
+            config += &workload(name, namespace, app, address);
+        }
+        std::fs::create_dir_all(dir).expect("create temp dir");
+        let file = dir.join("ward.yaml");
+        std::fs::write(&file, config).expect("write config");
+        file
+    }
+
+    fn trace_command(
+        config: &Path,
+        from: &str,
+        to: &str,
+        port: &str,
+        expect: Expect,
+    ) -> PolicyCommand {
+        PolicyCommand::Trace {
+            from: from.into(),
+            to: to.into(),
+            port: port.parse().expect("port"),
+            config: config.to_owned(),
+            paths: Vec::new(),
+            format: Format::Human,
+            expect: Some(expect),
+        }
+    }
+
+    fn status(command: PolicyCommand) -> ExitCode {
+        run(command).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    #[test]
+    fn commands_answer_with_their_exit_status() {
+        let dir = std::env::temp_dir().join(format!("ward-policy-cli-{}", std::process::id()));
+        let config = example_config(&dir);
+        let check = |paths: Vec<PathBuf>, config: Option<PathBuf>, strict| PolicyCommand::Check {
+            paths,
+            config,
+            format: CheckFormat::Human,
+            strict,
+            production_paths: Vec::new(),
+        };
+        assert_eq!(
+            status(check(Vec::new(), Some(config.clone()), true)),
+            ExitCode::SUCCESS,
+            "examples are clean"
+        );
+        let bad = dir.join("bad.yaml");
+        std::fs::write(&bad, "apiVersion: ward.dev/v1\nkind: Policy\nmetadata: {name: b}\nspec: {selector: {}, ingress: [{ports: [{port: 0}]}]}\n").expect("write");
+        assert_eq!(
+            status(check(vec![bad.clone()], None, false)),
+            ExitCode::from(1),
+            "errors exit 1"
+        );
+        std::fs::write(&bad, "apiVersion: ward.dev/v1\nkind: Policy\nmetadata: {name: b}\nspec: {mode: audit, selector: {}, ingress: []}\n").expect("write");
+        assert_eq!(
+            status(check(vec![bad.clone()], None, false)),
+            ExitCode::SUCCESS,
+            "warnings pass without --strict"
+        );
+        assert_eq!(
+            status(check(vec![bad.clone()], None, true)),
+            ExitCode::from(2),
+            "warnings exit 2 with --strict"
+        );
+        let empty = dir.join("empty");
+        std::fs::create_dir_all(&empty).expect("create empty dir");
+        let nothing = status(check(vec![empty], None, true));
+        assert_eq!(
+            nothing,
+            ExitCode::from(2),
+            "no documents at all is a warning"
+        );
+
+        let trace = |from, to, port, expect| status(trace_command(&config, from, to, port, expect));
+        assert_eq!(
+            trace("frontend", "api", "8080/tcp", Expect::Redirect),
+            ExitCode::SUCCESS,
+            "mtls: required"
+        );
+        assert_eq!(
+            trace("frontend", "api", "8080/tcp", Expect::Allow),
+            ExitCode::SUCCESS,
+            "a redirect is allowed"
+        );
+        assert_eq!(
+            trace("frontend", "postgres", "5432", Expect::Deny),
+            ExitCode::SUCCESS,
+            "frontend may only reach api"
+        );
+        assert_eq!(
+            trace("api", "postgres", "5432/tcp", Expect::Allow),
+            ExitCode::SUCCESS,
+            "NetworkPolicy admits api"
+        );
+        assert_eq!(
+            trace(
+                "10.66.1.1",
+                "spiffe://example.org/ns/shop/sa/frontend",
+                "443/tcp",
+                Expect::Deny
+            ),
+            ExitCode::SUCCESS,
+            "legacy network denied"
+        );
+        assert_eq!(
+            trace("198.51.100.1", "frontend", "443/tcp", Expect::Deny),
+            ExitCode::from(1),
+            "the public may reach frontend"
+        );
+        assert!(
+            run(trace_command(&config, "nobody", "api", "80", Expect::Allow)).is_err(),
+            "unknown endpoints are errors"
+        );
+
+        let diff = PolicyCommand::Diff {
+            old: Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies"),
+            new: bad,
+            config: config.clone(),
+            format: Format::Json,
+        };
+        assert_eq!(status(diff), ExitCode::SUCCESS, "diff reports and succeeds");
+        std::fs::remove_dir_all(&dir).expect("remove temp dir");
+    }
+
+    #[test]
+    fn port_arguments() {
+        assert_eq!(
+            "53/udp".parse(),
+            Ok(PortArg {
+                protocol: PROTO_UDP,
+                port: 53
+            })
+        );
+        assert_eq!(
+            "8080".parse(),
+            Ok(PortArg {
+                protocol: PROTO_TCP,
+                port: 8080
+            })
+        );
+        assert!(
+            "0/tcp".parse::<PortArg>().is_err() && "80/icmp".parse::<PortArg>().is_err(),
+            "bad ports are refused"
+        );
+    }
 }

@@ -29,6 +29,16 @@ pub enum CompileError {
     WorkloadIdentity { name: String, identity: u32 },
 }
 
+impl CompileError {
+    /// The policy the error is about, if one.
+    pub fn policy(&self) -> Option<&str> {
+        match self {
+            CompileError::TooManyEntries { policy, .. } => Some(policy),
+            CompileError::WorkloadIdentity { .. } => None,
+        }
+    }
+}
+
 /// Hands out rule ids and CIDR identities, and gives the same rule (policy, direction, rule
 /// name) and the same prefix the same id in every compilation, so a recompile changes only
 /// the entries whose meaning changed. Ids are never reused within one allocator.

@@ -317,3 +317,86 @@ fn port(doc: PortDoc, path: &FieldPath, findings: &mut Findings) -> Option<PortM
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::policy::{parse, PolicyErrors, WarningKind};
+
+    fn network_policy(metadata: &str, spec: &str) -> String {
+        format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n{metadata}\nspec:\n{spec}\n")
+    }
+
+    #[test]
+    fn kubectl_output_is_accepted_as_it_is() {
+        let metadata = "  name: web\n  namespace: shop\n  uid: 6b1c\n  resourceVersion: \"42\"\n  labels: {team: a}\n  annotations: {note: x}";
+        let text = network_policy(metadata, "  podSelector: {}\n  policyTypes: [Ingress]")
+            + "status: {}\n";
+        let set = parse(Path::new("np.yaml"), &text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            set.names().collect::<Vec<_>>(),
+            ["shop/web"],
+            "named <namespace>/<name>"
+        );
+        assert!(set.warnings.is_empty(), "{:?}", set.warnings);
+    }
+
+    #[test]
+    fn invalid_documents_name_the_field() {
+        let cases = [
+            ("  podSelector: {}\n  policyTypes: [Ingress, Sideways]", "spec.policyTypes[1]", "not Ingress or Egress"),
+            ("  podselector: {}", "spec", "unknown field `podselector`"),
+            ("  policyTypes: [Ingress]", "spec", "podSelector is missing"),
+            ("  podSelector: {}\n  ingress:\n    - from:\n        - ipBlock: {cidr: 10.0.0.0/8}\n          podSelector: {}", "spec.ingress[0].from[0]", "cannot be combined"),
+            ("  podSelector: {}\n  ingress:\n    - from:\n        - {}", "spec.ingress[0].from[0]", "empty peer"),
+            ("  podSelector: {}\n  ingress:\n    - ports:\n        - {port: 80, endPort: 79}", "spec.ingress[0].ports[0].endPort", "below port 80"),
+            ("  podSelector: {}\n  ingress:\n    - ports:\n        - {port: http, endPort: 90}", "spec.ingress[0].ports[0].endPort", "named port `http`"),
+            ("  podSelector: {}\n  ingress:\n    - ports:\n        - {port: \"80\"}", "spec.ingress[0].ports[0].port", "quoted"),
+            ("  podSelector: {}\n  egress:\n    - to:\n        - ipBlock: {cidr: 10.0.0.0/8, except: [192.168.0.0/16]}", "spec.egress[0].to[0].ipBlock.except[0]", "does not lie inside"),
+            ("  podSelector:\n    matchExpressions: [{key: a, operator: Exists, values: [b]}]", "spec.podSelector.matchExpressions[0].values", "takes no values"),
+        ];
+        for (spec, field, reason) in cases {
+            let text = network_policy("  name: p", spec);
+            let PolicyErrors(errors) = parse(Path::new("np.yaml"), &text).expect_err(field);
+            assert_eq!(errors.len(), 1, "{errors:#?}");
+            assert_eq!(errors[0].field, field, "{}", errors[0]);
+            assert!(
+                errors[0].reason.contains(reason),
+                "{} should say {reason:?}",
+                errors[0]
+            );
+        }
+    }
+
+    #[test]
+    fn what_ward_cannot_enforce_as_written_is_a_warning() {
+        let spec = "  podSelector: {}\n  policyTypes: [Egress]\n  ingress:\n    - {}\n  egress:\n    - to:\n        - ipBlock: {cidr: 10.0.0.1/8}\n      ports:\n        - {port: http}\n        - {protocol: SCTP, port: 9}";
+        let set = parse(Path::new("np.yaml"), &network_policy("  name: p", spec))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let warnings: Vec<_> = set
+            .warnings
+            .iter()
+            .map(|w| (w.field.as_str(), w.kind))
+            .collect();
+        assert_eq!(
+            warnings,
+            [
+                ("spec.ingress", WarningKind::NoEffect),
+                (
+                    "spec.egress[0].to[0].ipBlock.cidr",
+                    WarningKind::NotEnforced
+                ),
+                ("spec.egress[0].ports[0].port", WarningKind::NotEnforced),
+                ("spec.egress[0].ports[1].protocol", WarningKind::NotEnforced),
+            ],
+            "{:#?}",
+            set.warnings
+        );
+        assert!(
+            set.warnings.iter().all(|w| w.location.line.is_some()),
+            "warnings carry lines: {:#?}",
+            set.warnings
+        );
+    }
+}

@@ -23,6 +23,7 @@ pub fn load(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
 }
 
 /// Parses the documents of one text, named `source` in diagnostics.
+#[cfg(test)]
 pub fn parse(source: &Path, text: &str) -> Result<PolicySet, PolicyErrors> {
     let mut report = Report::default();
     report.add_text(source, text);

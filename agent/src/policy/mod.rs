@@ -6,11 +6,14 @@
 //! a set plus the node's workloads into [`Compiled`] map entries, and [`Compiled::decide`] answers
 //! a query exactly as the kernel does, so `ward policy trace` and enforcement cannot disagree.
 
+mod check;
+pub mod cli;
 mod compile;
 mod diagnostics;
 mod k8s;
 mod load;
 mod model;
+mod trace;
 mod ward;
 
 #[cfg(test)]
@@ -19,9 +22,12 @@ mod tests;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-pub use compile::{compile, CompileError, Compiled, RuleIds, FIRST_CIDR_IDENTITY};
-pub use diagnostics::{Location, PolicyError, PolicyErrors, PolicyWarning, WarningKind};
-pub use load::{load, parse};
+pub use compile::{compile, CompileError, Compiled, RuleIds};
+// A glob, so that names the binary does not use yet (PolicyErrors) stay part of the API.
+pub use diagnostics::*;
+pub use load::load;
+#[cfg(test)]
+pub use load::parse;
 pub use model::PolicySet;
 
 /// What the policy compiler needs to know about one workload of the node.

@@ -25,10 +25,6 @@ pub struct PolicySet {
 }
 
 impl PolicySet {
-    pub fn len(&self) -> usize {
-        self.policies.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.policies.is_empty()
     }

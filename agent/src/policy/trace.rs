@@ -6,8 +6,8 @@ use std::fmt;
 use std::net::IpAddr;
 
 use agent_common::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, PORT_ANY, PROTO_ANY, PROTO_TCP, PROTO_UDP, REMOTE_ISOLATION, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DENY, VERDICT_REDIRECT,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, PORT_ANY, PROTO_ANY, PROTO_TCP, PROTO_UDP,
+    REMOTE_ISOLATION, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VERDICT_REDIRECT,
 };
 use ipnet::IpNet;
 
@@ -27,10 +27,15 @@ impl<'a> Endpoint<'a> {
     pub fn resolve(text: &str, workloads: &'a [WorkloadInfo]) -> Result<Endpoint<'a>, String> {
         if let Ok(addr) = text.parse::<IpAddr>() {
             let addr = addr.to_canonical();
-            let owner = workloads.iter().find(|w| w.addresses.iter().any(|a| a.to_canonical() == addr));
+            let owner = workloads
+                .iter()
+                .find(|w| w.addresses.iter().any(|a| a.to_canonical() == addr));
             return Ok(owner.map_or(Endpoint::Address(addr), Endpoint::Workload));
         }
-        let found = workloads.iter().find(|w| w.name == text).or_else(|| workloads.iter().find(|w| w.spiffe_id == text));
+        let found = workloads
+            .iter()
+            .find(|w| w.name == text)
+            .or_else(|| workloads.iter().find(|w| w.spiffe_id == text));
         found.map(Endpoint::Workload).ok_or_else(|| {
             format!("`{text}` is not a workload name, a workload's SPIFFE ID, or an IP address")
         })
@@ -67,12 +72,21 @@ pub(crate) struct Leg {
 }
 
 /// The legs of a connection, in the order the packet meets them: only workloads have policy.
-fn legs(compiled: &Compiled, workloads: &[WorkloadInfo], from: Endpoint<'_>, to: Endpoint<'_>, protocol: u8, port: u16) -> Vec<Leg> {
+fn legs(
+    compiled: &Compiled,
+    workloads: &[WorkloadInfo],
+    from: Endpoint<'_>,
+    to: Endpoint<'_>,
+    protocol: u8,
+    port: u16,
+) -> Vec<Leg> {
     let sides = [(DIRECTION_EGRESS, from, to), (DIRECTION_INGRESS, to, from)];
-    let local_sides = sides.into_iter().filter_map(|(direction, local, remote)| match local {
-        Endpoint::Workload(w) => Some((direction, w, remote)),
-        Endpoint::Address(_) => None,
-    });
+    let local_sides = sides
+        .into_iter()
+        .filter_map(|(direction, local, remote)| match local {
+            Endpoint::Workload(w) => Some((direction, w, remote)),
+            Endpoint::Address(_) => None,
+        });
     local_sides
         .map(|(direction, local, remote)| {
             let remote_identity = remote.identity(compiled, workloads);
@@ -81,7 +95,13 @@ fn legs(compiled: &Compiled, workloads: &[WorkloadInfo], from: Endpoint<'_>, to:
                 local: local.name.clone(),
                 local_identity: local.identity,
                 remote_identity,
-                decision: compiled.decide(local.identity, remote_identity, direction, protocol, port),
+                decision: compiled.decide(
+                    local.identity,
+                    remote_identity,
+                    direction,
+                    protocol,
+                    port,
+                ),
                 matches: Vec::new(),
             }
         })
@@ -100,8 +120,15 @@ fn severity(verdict: u8) -> u8 {
 
 /// The verdict of a whole connection and the leg that decided it (`None`: no leg is isolated).
 pub(crate) fn combine(legs: &[Leg]) -> (u8, Option<&Leg>) {
-    let deciding = legs.iter().filter(|l| l.decision.isolated).rev().max_by_key(|l| severity(l.decision.verdict));
-    (deciding.map_or(VERDICT_ALLOW, |l| l.decision.verdict), deciding)
+    let deciding = legs
+        .iter()
+        .filter(|l| l.decision.isolated)
+        .rev()
+        .max_by_key(|l| severity(l.decision.verdict));
+    (
+        deciding.map_or(VERDICT_ALLOW, |l| l.decision.verdict),
+        deciding,
+    )
 }
 
 /// A traced connection.
@@ -127,8 +154,17 @@ pub(crate) fn trace(
     // which rules put something there.
     let mut wanted: BTreeMap<_, usize> = BTreeMap::new();
     for (i, leg) in legs.iter().enumerate() {
-        let keys = lookup_keys(leg.local_identity, leg.remote_identity, leg.direction, protocol, port);
-        for key in keys.into_iter().chain([isolation_key(leg.local_identity, leg.direction)]) {
+        let keys = lookup_keys(
+            leg.local_identity,
+            leg.remote_identity,
+            leg.direction,
+            protocol,
+            port,
+        );
+        for key in keys
+            .into_iter()
+            .chain([isolation_key(leg.local_identity, leg.direction)])
+        {
             wanted.insert(key, i);
         }
     }
@@ -138,20 +174,23 @@ pub(crate) fn trace(
         }
     })?;
     for leg in &mut legs {
-        leg.matches.sort_by_key(|c| (c.key.remote_identity == REMOTE_ISOLATION, c.slot, c.rule));
+        leg.matches
+            .sort_by_key(|c| (c.key.remote_identity == REMOTE_ISOLATION, c.slot, c.rule));
         leg.matches.dedup();
     }
     Ok(Trace { compiled, legs })
 }
 
-/// A change of verdict between two policy sets for one connection and range of ports.
+/// A change of verdict between two policy sets for one connection, on some of its ports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Change {
     pub from: String,
     pub to: String,
     pub protocol: u8,
-    /// `None`: every port no rule names.
-    pub ports: Option<(u16, u16)>,
+    /// Port ranges named by some rule; with `other_ports` and no ranges: every port.
+    pub ports: Vec<(u16, u16)>,
+    /// Whether the ports no rule names changed too.
+    pub other_ports: bool,
     pub before: u8,
     pub after: u8,
 }
@@ -169,17 +208,26 @@ impl Change {
 
 /// Every connection between the workloads, and between them and the address ranges the
 /// policies name, whose verdict differs between `old` and `new`.
-pub(crate) fn diff(old: &PolicySet, new: &PolicySet, workloads: &[WorkloadInfo]) -> Result<Vec<Change>, CompileError> {
+pub(crate) fn diff(
+    old: &PolicySet,
+    new: &PolicySet,
+    workloads: &[WorkloadInfo],
+) -> Result<Vec<Change>, CompileError> {
     let mut rule_ids = RuleIds::new();
     let old = super::compile(old, workloads, &mut rule_ids)?;
     let new = super::compile(new, workloads, &mut rule_ids)?;
-    let mut endpoints: Vec<(String, Endpoint<'_>)> = workloads.iter().map(|w| (w.name.clone(), Endpoint::Workload(w))).collect();
+    let mut endpoints: Vec<(String, Endpoint<'_>)> = workloads
+        .iter()
+        .map(|w| (w.name.clone(), Endpoint::Workload(w)))
+        .collect();
     endpoints.extend(external_endpoints(&old, &new, workloads));
     let named_ports = named_ports(&old, &new);
     let mut changes = Vec::new();
     for (from_name, from) in &endpoints {
         for (to_name, to) in &endpoints {
-            if from_name == to_name || matches!((from, to), (Endpoint::Address(_), Endpoint::Address(_))) {
+            if from_name == to_name
+                || matches!((from, to), (Endpoint::Address(_), Endpoint::Address(_)))
+            {
                 continue;
             }
             for protocol in [PROTO_TCP, PROTO_UDP] {
@@ -187,32 +235,61 @@ pub(crate) fn diff(old: &PolicySet, new: &PolicySet, workloads: &[WorkloadInfo])
                     Endpoint::Workload(w) => named_ports.get(&(w.identity, direction, protocol)),
                     Endpoint::Address(_) => None,
                 };
-                let mut ports: BTreeSet<u16> = named(from, DIRECTION_EGRESS).into_iter().flatten().copied().collect();
+                let mut ports: BTreeSet<u16> = named(from, DIRECTION_EGRESS)
+                    .into_iter()
+                    .flatten()
+                    .copied()
+                    .collect();
                 ports.extend(named(to, DIRECTION_INGRESS).into_iter().flatten());
                 let other = (1..=u16::MAX).find(|p| !ports.contains(p));
-                let verdict = |compiled: &Compiled, port: u16| combine(&legs(compiled, workloads, *from, *to, protocol, port)).0;
-                let mut last: Option<Change> = None;
-                for port in ports.iter().copied().map(Some).chain([None]) {
-                    let probe = match port.or(other) {
-                        Some(probe) => probe,
-                        None => continue,
-                    };
+                let verdict = |compiled: &Compiled, port: u16| {
+                    combine(&legs(compiled, workloads, *from, *to, protocol, port)).0
+                };
+                let probes = ports
+                    .iter()
+                    .map(|p| (Some(*p), *p))
+                    .chain(other.map(|o| (None, o)));
+                // One change per (before, after), with the ports it holds.
+                let mut groups: Vec<Change> = Vec::new();
+                for (port, probe) in probes {
                     let (before, after) = (verdict(&old, probe), verdict(&new, probe));
-                    let extends = last.as_ref().is_some_and(|c| {
-                        (c.before, c.after) == (before, after) && port.is_some() && c.ports.is_some_and(|(_, end)| Some(end + 1) == port)
-                    });
-                    match (&mut last, port) {
-                        (Some(change), Some(port)) if extends => change.ports = change.ports.map(|(start, _)| (start, port)),
-                        _ => {
-                            changes.extend(last.take());
-                            if before != after {
-                                let ports = port.map(|p| (p, p));
-                                last = Some(Change { from: from_name.clone(), to: to_name.clone(), protocol, ports, before, after });
-                            }
-                        }
+                    if before == after {
+                        continue;
+                    }
+                    let i = groups
+                        .iter()
+                        .position(|c| (c.before, c.after) == (before, after))
+                        .unwrap_or_else(|| {
+                            let (from, to) = (from_name.clone(), to_name.clone());
+                            groups.push(Change {
+                                from,
+                                to,
+                                protocol,
+                                ports: Vec::new(),
+                                other_ports: false,
+                                before,
+                                after,
+                            });
+                            groups.len() - 1
+                        });
+                    let change = &mut groups[i];
+                    match (port, change.ports.last_mut()) {
+                        (None, _) => change.other_ports = true,
+                        (Some(p), Some((_, end))) if end.checked_add(1) == Some(p) => *end = p,
+                        (Some(p), _) => change.ports.push((p, p)),
                     }
                 }
-                changes.extend(last);
+                for change in &mut groups {
+                    let named: usize = change
+                        .ports
+                        .iter()
+                        .map(|(first, last)| usize::from(last - first) + 1)
+                        .sum();
+                    if change.other_ports && named == ports.len() {
+                        change.ports.clear();
+                    }
+                }
+                changes.extend(groups);
             }
         }
     }
@@ -224,7 +301,10 @@ fn named_ports(old: &Compiled, new: &Compiled) -> BTreeMap<(u32, u8, u8), BTreeS
     let mut ports: BTreeMap<_, BTreeSet<u16>> = BTreeMap::new();
     for key in old.entries.keys().chain(new.entries.keys()) {
         if key.port != PORT_ANY && key.protocol != PROTO_ANY {
-            ports.entry((key.local_identity, key.direction, key.protocol)).or_default().insert(key.port);
+            ports
+                .entry((key.local_identity, key.direction, key.protocol))
+                .or_default()
+                .insert(key.port);
         }
     }
     ports
@@ -232,22 +312,39 @@ fn named_ports(old: &Compiled, new: &Compiled) -> BTreeMap<(u32, u8, u8), BTreeS
 
 /// One address for each range the policies tell apart: the part of every prefix that no more
 /// specific prefix covers, and the rest of the world, per address family.
-fn external_endpoints<'a>(old: &Compiled, new: &Compiled, workloads: &[WorkloadInfo]) -> Vec<(String, Endpoint<'a>)> {
-    let mut prefixes: BTreeSet<IpNet> = old.prefixes.keys().chain(new.prefixes.keys()).copied().collect();
-    let hosts = workloads.iter().flat_map(|w| &w.addresses).map(|a| IpNet::from(a.to_canonical()));
+fn external_endpoints<'a>(
+    old: &Compiled,
+    new: &Compiled,
+    workloads: &[WorkloadInfo],
+) -> Vec<(String, Endpoint<'a>)> {
+    let prefixes: BTreeSet<IpNet> = old
+        .prefixes
+        .keys()
+        .chain(new.prefixes.keys())
+        .copied()
+        .collect();
+    let hosts = workloads
+        .iter()
+        .flat_map(|w| &w.addresses)
+        .map(|a| IpNet::from(a.to_canonical()));
     let taken: Vec<IpNet> = prefixes.iter().copied().chain(hosts).collect();
-    let mut endpoints = Vec::new();
-    let worlds = [("world (IPv4)", IpNet::V4(Default::default())), ("world (IPv6)", IpNet::V6(Default::default()))];
-    for (name, net) in worlds {
-        if prefixes.insert(net) {
-            endpoints.extend(free_address(net, &taken).map(|a| (name.to_owned(), Endpoint::Address(a))));
-        }
-    }
-    for net in prefixes.iter().filter(|n| !worlds.iter().any(|(_, w)| w == *n)) {
-        let inner: Vec<IpNet> = taken.iter().filter(|t| *t != net).copied().collect();
-        endpoints.extend(free_address(*net, &inner).map(|a| (net.to_string(), Endpoint::Address(a))));
-    }
-    endpoints
+    let mut regions: Vec<(String, IpNet)> =
+        prefixes.iter().map(|net| (net.to_string(), *net)).collect();
+    let worlds = [
+        ("world (IPv4)", IpNet::V4(Default::default())),
+        ("world (IPv6)", IpNet::V6(Default::default())),
+    ];
+    regions.extend(
+        worlds
+            .into_iter()
+            .filter(|(_, net)| !prefixes.contains(net))
+            .map(|(name, net)| (name.to_owned(), net)),
+    );
+    let free = |(name, net): (String, IpNet)| {
+        let inner: Vec<IpNet> = taken.iter().filter(|t| **t != net).copied().collect();
+        Some((name, Endpoint::Address(free_address(net, &inner)?)))
+    };
+    regions.into_iter().filter_map(free).collect()
 }
 
 /// An address of `net` outside every prefix of `taken` that lies inside `net`.
@@ -260,7 +357,9 @@ fn free_address(net: IpNet, taken: &[IpNet]) -> Option<IpAddr> {
         return None;
     }
     let halves = net.subnets(net.prefix_len() + 1).ok()?;
-    halves.into_iter().find_map(|half| free_address(half, &inside))
+    halves
+        .into_iter()
+        .find_map(|half| free_address(half, &inside))
 }
 
 #[cfg(test)]

@@ -1,0 +1,260 @@
+use std::path::Path;
+
+use agent_common::*;
+use serde::Deserialize;
+
+use super::*;
+use crate::policy::compile::tests::{policy, set, workload};
+use crate::policy::compile::Slot;
+use crate::policy::parse;
+
+#[derive(Deserialize)]
+struct Conformance {
+    scenarios: Vec<Scenario>,
+}
+
+#[derive(Deserialize)]
+struct Scenario {
+    name: String,
+    port: String,
+    policies: String,
+    reachability: String,
+}
+
+/// Pods a, b, c in namespaces x, y, z, as the conformance file describes them.
+fn pods() -> Vec<WorkloadInfo> {
+    let mut pods = Vec::new();
+    for (n, namespace) in ["x", "y", "z"].into_iter().enumerate() {
+        for (p, name) in ["a", "b", "c"].into_iter().enumerate() {
+            let address = format!("10.0.{n}.{}", p + 1);
+            let mut pod = workload(
+                300 + pods.len() as u32,
+                &format!("{namespace}/{name}"),
+                &[("pod", name)],
+                &[&address],
+            );
+            pod.namespace = Some(namespace.into());
+            pods.push(pod);
+        }
+    }
+    pods
+}
+
+#[test]
+fn trace_follows_the_networkpolicy_conformance_table() {
+    let text = include_str!("../testdata/networkpolicy-conformance.yaml");
+    let conformance: Conformance = serde_yaml::from_str(text).expect("conformance file parses");
+    assert!(
+        conformance.scenarios.len() >= 25,
+        "the table covers the documented semantics"
+    );
+    let pods = pods();
+    for scenario in &conformance.scenarios {
+        let name = &scenario.name;
+        let set =
+            parse(Path::new(name), &scenario.policies).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let port: crate::policy::cli::PortArg = scenario
+            .port
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let rows: Vec<Vec<char>> = scenario
+            .reachability
+            .lines()
+            .map(|line| {
+                line.split_once(':')
+                    .expect("row label")
+                    .1
+                    .chars()
+                    .filter(|c| ".X".contains(*c))
+                    .collect()
+            })
+            .collect();
+        assert!(
+            rows.len() == 9 && rows.iter().all(|r| r.len() == 9),
+            "{name}: a 9x9 matrix"
+        );
+        let mut wrong = Vec::new();
+        for (i, from) in pods.iter().enumerate() {
+            for (j, to) in pods.iter().enumerate() {
+                if i == j {
+                    continue;
+                }
+                let traced = trace(
+                    &set,
+                    &pods,
+                    Endpoint::Workload(from),
+                    Endpoint::Workload(to),
+                    port.protocol,
+                    port.port,
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+                let got = if combine(&traced.legs).0 == VERDICT_DENY {
+                    'X'
+                } else {
+                    '.'
+                };
+                if got != rows[i][j] {
+                    wrong.push(format!(
+                        "{} -> {}: expected {}, traced {got}",
+                        from.name, to.name, rows[i][j]
+                    ));
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "scenario {name:?}:\n{}", wrong.join("\n"));
+    }
+}
+
+fn workloads() -> Vec<WorkloadInfo> {
+    vec![
+        workload(300, "web", &[("app", "web")], &["10.0.0.2"]),
+        workload(301, "client", &[("app", "client")], &["10.0.0.3"]),
+        workload(302, "db", &[("app", "db")], &["10.1.0.4"]),
+    ]
+}
+
+#[test]
+fn trace_lists_every_matching_rule_and_the_deciding_leg() {
+    let yaml = policy(
+        "web",
+        "  selector: {labels: {app: web}}\n  ingress:\n    - name: from-client\n      from: [{labels: {app: client}}]\n      ports: [{port: 8080}]\n    - name: anyone\n      ports: [{protocol: TCP}]",
+    ) + &policy("client-out", "  selector: {labels: {app: client}}\n  egress:\n    - name: no-web\n      action: deny\n      to: [{cidr: 10.0.0.0/24}]");
+    let (set, ws) = (set(&yaml), workloads());
+    let (client, web) = (Endpoint::Workload(&ws[1]), Endpoint::Workload(&ws[0]));
+    let traced = trace(&set, &ws, client, web, PROTO_TCP, 8080).expect("trace");
+    let names = |leg: &Leg| -> Vec<(String, Slot)> {
+        leg.matches
+            .iter()
+            .map(|c| (traced.compiled.rules[&c.rule].rule.clone(), c.slot))
+            .collect()
+    };
+    assert_eq!(traced.legs.len(), 2, "egress of client, ingress of web");
+    assert_eq!(
+        traced.legs[0].decision.verdict, VERDICT_DENY,
+        "client's egress deny"
+    );
+    assert_eq!(
+        names(&traced.legs[0]),
+        [
+            ("no-web".to_owned(), Slot::Deny),
+            ("default-deny".to_owned(), Slot::Deny)
+        ]
+    );
+    let ingress = &traced.legs[1];
+    assert_eq!(
+        ingress.decision.verdict, VERDICT_ALLOW,
+        "web would admit the client"
+    );
+    let expected = [
+        ("from-client".to_owned(), Slot::Allow),
+        ("anyone".to_owned(), Slot::Allow),
+        ("default-deny".to_owned(), Slot::Deny),
+    ];
+    assert_eq!(
+        names(ingress),
+        expected,
+        "both allow rules and the isolation are listed"
+    );
+    let (verdict, deciding) = combine(&traced.legs);
+    assert_eq!(
+        (verdict, deciding.map(|l| l.direction)),
+        (VERDICT_DENY, Some(DIRECTION_EGRESS)),
+        "the deny decides"
+    );
+
+    let outsider = Endpoint::resolve("192.0.2.7", &ws).expect("an address resolves");
+    assert_eq!(
+        outsider,
+        Endpoint::Address("192.0.2.7".parse().expect("address"))
+    );
+    let traced = trace(&set, &ws, outsider, web, PROTO_TCP, 22).expect("trace");
+    assert_eq!(traced.legs.len(), 1, "only the workload side has policy");
+    assert_eq!(combine(&traced.legs).0, VERDICT_ALLOW, "anyone on tcp");
+}
+
+#[test]
+fn endpoints_resolve_by_name_spiffe_id_and_address() {
+    let ws = workloads();
+    let by = |text: &str| Endpoint::resolve(text, &ws).map(|e| e.to_string());
+    assert_eq!(by("db"), Ok("db".into()));
+    assert_eq!(
+        by("spiffe://example.org/ns/demo/sa/client"),
+        Ok("client".into())
+    );
+    assert_eq!(
+        by("10.1.0.4"),
+        Ok("db".into()),
+        "a workload's address is the workload"
+    );
+    assert_eq!(
+        by("::ffff:10.1.0.4"),
+        Ok("db".into()),
+        "mapped addresses too"
+    );
+    assert!(
+        by("nobody").is_err_and(|e| e.contains("`nobody`")),
+        "unknown names are refused"
+    );
+}
+
+#[test]
+fn diff_reports_gained_and_lost_access_with_port_ranges() {
+    let old = set(&policy(
+        "db",
+        "  selector: {labels: {app: db}}\n  ingress:\n    - from: [{labels: {app: web}}]\n      ports: [{port: 5432}]\n    - from: [{labels: {app: client}}]\n      ports: [{port: 9000, endPort: 9002}]",
+    ));
+    let new = set(&policy(
+        "db",
+        "  selector: {labels: {app: db}}\n  ingress:\n    - from: [{labels: {app: web}}, {labels: {app: client}}]\n      ports: [{port: 5432}]\n    - from: [{cidr: 192.168.0.0/16}]",
+    ));
+    let changes = diff(&old, &new, &workloads()).expect("diff");
+    type Summary<'a> = (&'a str, &'a str, u8, Vec<(u16, u16)>, bool, u8, u8);
+    let summary: Vec<Summary<'_>> = changes
+        .iter()
+        .map(|c| {
+            (
+                c.from.as_str(),
+                c.to.as_str(),
+                c.protocol,
+                c.ports.clone(),
+                c.other_ports,
+                c.before,
+                c.after,
+            )
+        })
+        .collect();
+    let (allow, deny, tcp, udp) = (VERDICT_ALLOW, VERDICT_DENY, PROTO_TCP, PROTO_UDP);
+    assert_eq!(
+        summary,
+        [
+            ("client", "db", tcp, vec![(5432, 5432)], false, deny, allow),
+            ("client", "db", tcp, vec![(9000, 9002)], false, allow, deny),
+            ("192.168.0.0/16", "db", tcp, vec![], true, deny, allow),
+            ("192.168.0.0/16", "db", udp, vec![], true, deny, allow),
+        ],
+        "{changes:#?}"
+    );
+    assert!(
+        diff(&new, &new, &workloads()).expect("diff").is_empty(),
+        "no change, no difference"
+    );
+}
+
+#[test]
+fn free_address_avoids_more_specific_prefixes() {
+    let net = |s: &str| s.parse::<IpNet>().expect("prefix");
+    let taken = [
+        net("10.0.0.0/9"),
+        net("10.128.0.0/10"),
+        net("10.192.0.0/32"),
+    ];
+    assert_eq!(
+        free_address(net("10.0.0.0/8"), &taken),
+        Some("10.192.0.1".parse().expect("address"))
+    );
+    assert_eq!(
+        free_address(net("10.0.0.0/8"), &[net("10.0.0.0/9"), net("10.128.0.0/9")]),
+        None,
+        "fully covered"
+    );
+}
