@@ -452,10 +452,7 @@ impl Datapath {
         self.state
             .set(
                 0,
-                StateValue {
-                    generation: next,
-                    abi_version: ABI_VERSION,
-                },
+                StateValue { generation: next, abi_version: ABI_VERSION, ..Default::default() },
                 0,
             )
             .map_err(map_err(map_names::STATE))?;
