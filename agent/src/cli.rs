@@ -96,6 +96,11 @@ enum Command {
         level: String,
     },
 
+    /// Check, trace and diff policy without a kernel.
+    Policy {
+        #[command(subcommand)]
+        command: crate::policy::cli::PolicyCommand,
+    },
     /// Remove the programs, links and maps an agent left pinned.
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -215,6 +220,12 @@ pub fn main() -> ExitCode {
             }))
         }),
         Command::Uninstall { pin_dir } => app::uninstall(&pin_dir),
+        Command::Policy { command } => {
+            return crate::policy::cli::run(command).unwrap_or_else(|e| {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            })
+        }
 
         command => runtime().and_then(|rt| rt.block_on(client(command))),
     };
