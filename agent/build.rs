@@ -17,10 +17,18 @@ fn main() -> anyhow::Result<()> {
     let root_dir = ebpf_dir
         .to_str()
         .ok_or_else(|| anyhow!("non-UTF-8 path {ebpf_dir:?}"))?;
+    // The agent's `abi-next` feature builds the kernel programs with the next map layout too.
+    println!("cargo:rerun-if-env-changed=CARGO_FEATURE_ABI_NEXT");
+    let features: &[&str] = if std::env::var_os("CARGO_FEATURE_ABI_NEXT").is_some() {
+        &["abi-next"]
+    } else {
+        &[]
+    };
     aya_build::build_ebpf(
         [Package {
             name: "agent-ebpf",
             root_dir,
+            features,
             ..Default::default()
         }],
         Toolchain::default(),

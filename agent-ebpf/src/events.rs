@@ -33,7 +33,11 @@ fn within_budget(ev: &VerdictEvent, now: u64) -> bool {
             }
         }
         None => {
-            let fresh = EventLimitValue { window_start_ns: now, count: 1, _pad: 0 };
+            let fresh = EventLimitValue {
+                window_start_ns: now,
+                count: 1,
+                _pad: 0,
+            };
             let _ = EVENT_LIMITS.insert(&key, &fresh, 0);
             true
         }

@@ -14,7 +14,11 @@ pub fn is_loopback(addr: &[u8; 16]) -> bool {
 /// Identity of an address, without looking at listeners.
 #[inline(always)]
 pub fn address_identity(addr: &[u8; 16], gen: u8) -> u32 {
-    let key = IpcacheKey { generation: gen, _pad: [0; 3], addr: *addr };
+    let key = IpcacheKey {
+        generation: gen,
+        _pad: [0; 3],
+        addr: *addr,
+    };
     // SAFETY: copied out at once.
     if let Some(v) = unsafe { IPCACHE.get(&key) } {
         return v.identity;
@@ -22,7 +26,13 @@ pub fn address_identity(addr: &[u8; 16], gen: u8) -> u32 {
     if is_loopback(addr) {
         return IDENTITY_HOST;
     }
-    let key = Key::new(8 + 128, IpcacheLpmData { generation: gen, addr: *addr });
+    let key = Key::new(
+        8 + 128,
+        IpcacheLpmData {
+            generation: gen,
+            addr: *addr,
+        },
+    );
     match IPCACHE_LPM.get(&key) {
         Some(v) => v.identity,
         None => IDENTITY_WORLD,
@@ -37,7 +47,12 @@ pub fn destination_identity(addr: &[u8; 16], port: u16, protocol: u8, netns: u64
     if identity != IDENTITY_HOST {
         return identity;
     }
-    let key = ListenerKey { netns, port, protocol, _pad: [0; 5] };
+    let key = ListenerKey {
+        netns,
+        port,
+        protocol,
+        _pad: [0; 5],
+    };
     // SAFETY: copied out at once.
     match unsafe { LISTENERS.get(&key) } {
         Some(l) => l.identity,

@@ -68,14 +68,23 @@ fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
     let remote_port = u16::from_be(user_port as u16);
     let gen = (maps::generation() & 1) as u8;
     // SAFETY: valid context for these helpers in cgroup_sock_addr programs.
-    let (netns, cookie) = unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), bpf_get_socket_cookie(ctx.as_ptr())) };
+    let (netns, cookie) = unsafe {
+        (
+            bpf_get_netns_cookie(ctx.as_ptr()),
+            bpf_get_socket_cookie(ctx.as_ptr()),
+        )
+    };
     let remote = ipcache::destination_identity(&remote_addr, remote_port, protocol, netns, gen);
     let d = policy::decide(local, remote, DIRECTION_EGRESS, protocol, remote_port, gen);
     if !d.isolated {
         return ALLOW;
     }
     // mTLS redirection belongs to the tunnel; until it is attached the kernel treats the rule as allow.
-    let verdict = if d.verdict == VERDICT_REDIRECT { VERDICT_ALLOW } else { d.verdict };
+    let verdict = if d.verdict == VERDICT_REDIRECT {
+        VERDICT_ALLOW
+    } else {
+        d.verdict
+    };
     count(counters::verdict(DIRECTION_EGRESS, verdict));
     if protocol == PROTO_TCP && verdict != VERDICT_DENY {
         let tag = SocketValue {
@@ -102,7 +111,11 @@ fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
         verdict,
         ..Default::default()
     });
-    if verdict == VERDICT_DENY { REFUSE } else { ALLOW }
+    if verdict == VERDICT_DENY {
+        REFUSE
+    } else {
+        ALLOW
+    }
 }
 
 #[inline(always)]
@@ -155,7 +168,13 @@ fn parse(ctx: &SkBuffContext) -> Result<Packet, i64> {
         let vihl: u8 = ctx.load(0)?;
         let s: [u8; 4] = ctx.load(12)?;
         let d: [u8; 4] = ctx.load(16)?;
-        (4u8, ctx.load::<u8>(9)?, map_v4(s), map_v4(d), ((vihl & 0x0f) as usize) * 4)
+        (
+            4u8,
+            ctx.load::<u8>(9)?,
+            map_v4(s),
+            map_v4(d),
+            ((vihl & 0x0f) as usize) * 4,
+        )
     } else if eth_proto == ETH_P_IPV6 {
         let s: [u8; 16] = ctx.load(8)?;
         let d: [u8; 16] = ctx.load(24)?;
@@ -168,8 +187,20 @@ fn parse(ctx: &SkBuffContext) -> Result<Packet, i64> {
     }
     let src_port = u16::from_be(ctx.load::<u16>(l4)?);
     let dst_port = u16::from_be(ctx.load::<u16>(l4 + 2)?);
-    let tcp_flags = if protocol == PROTO_TCP { ctx.load::<u8>(l4 + 13)? } else { 0 };
-    Ok(Packet { family, protocol, src, dst, src_port, dst_port, tcp_flags })
+    let tcp_flags = if protocol == PROTO_TCP {
+        ctx.load::<u8>(l4 + 13)?
+    } else {
+        0
+    };
+    Ok(Packet {
+        family,
+        protocol,
+        src,
+        dst,
+        src_port,
+        dst_port,
+        tcp_flags,
+    })
 }
 
 /// Ingress decision on the first packet of a flow: a TCP SYN, or a UDP datagram of a flow whose
@@ -202,7 +233,11 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
         // SAFETY: copied out at once.
         if let Some(cached) = unsafe { UDP_FLOWS.get(&flow) }.copied() {
             if cached.generation == full_gen {
-                return if cached.verdict == VERDICT_DENY { REFUSE } else { ALLOW };
+                return if cached.verdict == VERDICT_DENY {
+                    REFUSE
+                } else {
+                    ALLOW
+                };
             }
         }
     }
@@ -213,15 +248,31 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
         Some(c) => c.identity,
         None => ipcache::address_identity(&p.src, gen),
     };
-    let d = policy::decide(local, remote, DIRECTION_INGRESS, p.protocol, p.dst_port, gen);
+    let d = policy::decide(
+        local,
+        remote,
+        DIRECTION_INGRESS,
+        p.protocol,
+        p.dst_port,
+        gen,
+    );
     if p.protocol == PROTO_UDP {
-        let cached = UdpFlowValue { generation: full_gen, rule: d.rule, verdict: d.verdict, _pad: [0; 7] };
+        let cached = UdpFlowValue {
+            generation: full_gen,
+            rule: d.rule,
+            verdict: d.verdict,
+            _pad: [0; 7],
+        };
         let _ = UDP_FLOWS.insert(&flow, &cached, 0);
     }
     if !d.isolated {
         return ALLOW;
     }
-    let verdict = if d.verdict == VERDICT_REDIRECT { VERDICT_ALLOW } else { d.verdict };
+    let verdict = if d.verdict == VERDICT_REDIRECT {
+        VERDICT_ALLOW
+    } else {
+        d.verdict
+    };
     count(counters::verdict(DIRECTION_INGRESS, verdict));
     if p.protocol == PROTO_TCP && verdict != VERDICT_DENY {
         let tag = SocketValue {
@@ -251,7 +302,11 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
         verdict,
         ..Default::default()
     });
-    if verdict == VERDICT_DENY { REFUSE } else { ALLOW }
+    if verdict == VERDICT_DENY {
+        REFUSE
+    } else {
+        ALLOW
+    }
 }
 
 /// Reads one `bpf_sock_ops` field with a single load at its own offset: the verifier rejects
@@ -306,7 +361,10 @@ fn read_ops(ctx: &SockOpsContext) -> Ops {
 #[inline(always)]
 fn sockops_tuple(ops: &Ops, connector_is_local: bool) -> FlowKey {
     let (local_addr, remote_addr) = if ops.family == AF_INET {
-        (map_v4(ops.local_ip4.to_ne_bytes()), map_v4(ops.remote_ip4.to_ne_bytes()))
+        (
+            map_v4(ops.local_ip4.to_ne_bytes()),
+            map_v4(ops.remote_ip4.to_ne_bytes()),
+        )
     } else {
         (v6_bytes(ops.local_ip6), v6_bytes(ops.remote_ip6))
     };
@@ -317,7 +375,14 @@ fn sockops_tuple(ops: &Ops, connector_is_local: bool) -> FlowKey {
     } else {
         (remote_addr, local_addr, remote_port, local_port)
     };
-    FlowKey { local_addr: la, remote_addr: ra, local_port: lp, remote_port: rp, protocol: PROTO_TCP, _pad: [0; 3] }
+    FlowKey {
+        local_addr: la,
+        remote_addr: ra,
+        local_port: lp,
+        remote_port: rp,
+        protocol: PROTO_TCP,
+        _pad: [0; 3],
+    }
 }
 
 /// Tags sockets with workload identity: listeners (for peers that share an address), connecting
@@ -347,7 +412,11 @@ pub fn ward_sockops(ctx: SockOpsContext) -> u32 {
             // SAFETY: connect() runs in the task's context.
             let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
             if let Some(identity) = maps::cgroup_identity(cgroup_id) {
-                let v = ConnectingValue { identity, _pad: 0, cookie };
+                let v = ConnectingValue {
+                    identity,
+                    _pad: 0,
+                    cookie,
+                };
                 let _ = CONNECTING.insert(&sockops_tuple(&ops, true), &v, 0);
                 let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
             }

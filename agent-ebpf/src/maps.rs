@@ -1,9 +1,9 @@
 //! Every map of ward's kernel side. All are pinned by name so a restarted agent adopts them and the
 //! kernel keeps enforcing while no agent runs.
 use agent_common::{
-ConnectingValue, EventLimitKey, EventLimitValue, FlowKey, IpcacheKey,
+    CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue, FlowKey, IpcacheKey,
     IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, PolicyKey, PolicyValue, SocketValue,
-    StateValue, UdpFlowValue, CgroupValue, *,
+    StateValue, UdpFlowValue, *,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -20,49 +20,88 @@ macro_rules! versioned_map {
     };
 }
 
-versioned_map!("ward_cgroup_v1", "ward_cgroup_v2", pub static CGROUPS: HashMap<u64, CgroupValue> = HashMap::pinned(MAX_CGROUPS, BPF_F_NO_PREALLOC);
+versioned_map!(
+    "ward_cgroup_v1",
+    "ward_cgroup_v2",
+    pub static CGROUPS: HashMap<u64, CgroupValue> = HashMap::pinned(MAX_CGROUPS, BPF_F_NO_PREALLOC);
 );
 
-versioned_map!("ward_policy_v1", "ward_policy_v2", pub static POLICY: HashMap<PolicyKey, PolicyValue> =
-    HashMap::pinned(MAX_POLICY_MAP, BPF_F_NO_PREALLOC);
+versioned_map!(
+    "ward_policy_v1",
+    "ward_policy_v2",
+    pub static POLICY: HashMap<PolicyKey, PolicyValue> =
+        HashMap::pinned(MAX_POLICY_MAP, BPF_F_NO_PREALLOC);
 );
 
-versioned_map!("ward_ipcache_v1", "ward_ipcache_v2", pub static IPCACHE: HashMap<IpcacheKey, IpcacheValue> =
-    HashMap::pinned(MAX_IPCACHE, BPF_F_NO_PREALLOC);
+versioned_map!(
+    "ward_ipcache_v1",
+    "ward_ipcache_v2",
+    pub static IPCACHE: HashMap<IpcacheKey, IpcacheValue> =
+        HashMap::pinned(MAX_IPCACHE, BPF_F_NO_PREALLOC);
 );
 
-versioned_map!("ward_iplpm_v1", "ward_iplpm_v2", pub static IPCACHE_LPM: LpmTrie<IpcacheLpmData, IpcacheValue> =
-    LpmTrie::pinned(MAX_IPCACHE_PREFIXES, 0);
+versioned_map!(
+    "ward_iplpm_v1",
+    "ward_iplpm_v2",
+    pub static IPCACHE_LPM: LpmTrie<IpcacheLpmData, IpcacheValue> =
+        LpmTrie::pinned(MAX_IPCACHE_PREFIXES, 0);
 );
 
-versioned_map!("ward_state_v1", "ward_state_v2", pub static STATE: Array<StateValue> = Array::pinned(1, 0);
+versioned_map!(
+    "ward_state_v1",
+    "ward_state_v2",
+    pub static STATE: Array<StateValue> = Array::pinned(1, 0);
 );
 
-versioned_map!("ward_socks_v1", "ward_socks_v2", pub static SOCKETS: LruHashMap<u64, SocketValue> = LruHashMap::pinned(MAX_SOCKETS, 0);
+versioned_map!(
+    "ward_socks_v1",
+    "ward_socks_v2",
+    pub static SOCKETS: LruHashMap<u64, SocketValue> = LruHashMap::pinned(MAX_SOCKETS, 0);
 );
 
-versioned_map!("ward_conn_v1", "ward_conn_v2", pub static CONNECTING: LruHashMap<FlowKey, ConnectingValue> =
-    LruHashMap::pinned(MAX_CONNECTING, 0);
+versioned_map!(
+    "ward_conn_v1",
+    "ward_conn_v2",
+    pub static CONNECTING: LruHashMap<FlowKey, ConnectingValue> =
+        LruHashMap::pinned(MAX_CONNECTING, 0);
 );
 
-versioned_map!("ward_accept_v1", "ward_accept_v2", pub static ACCEPTING: LruHashMap<FlowKey, SocketValue> = LruHashMap::pinned(MAX_ACCEPTING, 0);
+versioned_map!(
+    "ward_accept_v1",
+    "ward_accept_v2",
+    pub static ACCEPTING: LruHashMap<FlowKey, SocketValue> = LruHashMap::pinned(MAX_ACCEPTING, 0);
 );
 
-versioned_map!("ward_listen_v1", "ward_listen_v2", pub static LISTENERS: LruHashMap<ListenerKey, ListenerValue> =
-    LruHashMap::pinned(MAX_LISTENERS, 0);
+versioned_map!(
+    "ward_listen_v1",
+    "ward_listen_v2",
+    pub static LISTENERS: LruHashMap<ListenerKey, ListenerValue> =
+        LruHashMap::pinned(MAX_LISTENERS, 0);
 );
 
-versioned_map!("ward_udpflow_v1", "ward_udpflow_v2", pub static UDP_FLOWS: LruHashMap<FlowKey, UdpFlowValue> = LruHashMap::pinned(MAX_UDP_FLOWS, 0);
+versioned_map!(
+    "ward_udpflow_v1",
+    "ward_udpflow_v2",
+    pub static UDP_FLOWS: LruHashMap<FlowKey, UdpFlowValue> = LruHashMap::pinned(MAX_UDP_FLOWS, 0);
 );
 
-versioned_map!("ward_evlimit_v1", "ward_evlimit_v2", pub static EVENT_LIMITS: LruHashMap<EventLimitKey, EventLimitValue> =
-    LruHashMap::pinned(MAX_EVENT_LIMITS, 0);
+versioned_map!(
+    "ward_evlimit_v1",
+    "ward_evlimit_v2",
+    pub static EVENT_LIMITS: LruHashMap<EventLimitKey, EventLimitValue> =
+        LruHashMap::pinned(MAX_EVENT_LIMITS, 0);
 );
 
-versioned_map!("ward_events_v1", "ward_events_v2", pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+versioned_map!(
+    "ward_events_v1",
+    "ward_events_v2",
+    pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 );
 
-versioned_map!("ward_counters_v1", "ward_counters_v2", pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
+versioned_map!(
+    "ward_counters_v1",
+    "ward_counters_v2",
+    pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
 );
 
 #[inline(always)]

@@ -12,7 +12,14 @@ pub struct Decision {
 }
 
 #[inline(always)]
-fn lookup(local: u32, remote: u32, port: u16, protocol: u8, direction: u8, gen: u8) -> Option<PolicyValue> {
+fn lookup(
+    local: u32,
+    remote: u32,
+    port: u16,
+    protocol: u8,
+    direction: u8,
+    gen: u8,
+) -> Option<PolicyValue> {
     let key = PolicyKey {
         local_identity: local,
         remote_identity: remote,
@@ -44,9 +51,20 @@ fn merge(acc: &mut PolicyValue, v: &PolicyValue) {
 }
 
 #[inline(always)]
-pub fn decide(local: u32, remote: u32, direction: u8, protocol: u8, port: u16, gen: u8) -> Decision {
+pub fn decide(
+    local: u32,
+    remote: u32,
+    direction: u8,
+    protocol: u8,
+    port: u16,
+    gen: u8,
+) -> Decision {
     let Some(iso) = lookup(local, REMOTE_ISOLATION, PORT_ANY, PROTO_ANY, direction, gen) else {
-        return Decision { verdict: VERDICT_ALLOW, rule: 0, isolated: false };
+        return Decision {
+            verdict: VERDICT_ALLOW,
+            rule: 0,
+            isolated: false,
+        };
     };
     let mut v = PolicyValue::default();
     for r in [remote, IDENTITY_ANY] {
@@ -69,10 +87,18 @@ pub fn decide(local: u32, remote: u32, direction: u8, protocol: u8, port: u16, g
     } else if iso.audit_deny_rule != 0 && v.allow_rule == 0 && v.audit_allow_rule == 0 {
         (VERDICT_AUDIT, iso.audit_deny_rule)
     } else if v.allow_rule != 0 {
-        let verdict = if v.flags & POLICY_FLAG_MTLS != 0 { VERDICT_REDIRECT } else { VERDICT_ALLOW };
+        let verdict = if v.flags & POLICY_FLAG_MTLS != 0 {
+            VERDICT_REDIRECT
+        } else {
+            VERDICT_ALLOW
+        };
         (verdict, v.allow_rule)
     } else {
         (VERDICT_ALLOW, v.audit_allow_rule)
     };
-    Decision { verdict, rule, isolated: true }
+    Decision {
+        verdict,
+        rule,
+        isolated: true,
+    }
 }

@@ -83,7 +83,12 @@ fn quote(text: &str) -> String {
     serde_json::to_string(text).expect("a string serialises")
 }
 
-fn config_text(cgroups: &TestCgroups, pin_dir: &Path, policy_file: &Path, workloads: &[Workload]) -> String {
+fn config_text(
+    cgroups: &TestCgroups,
+    pin_dir: &Path,
+    policy_file: &Path,
+    workloads: &[Workload],
+) -> String {
     let mut text = format!(
         "trustDomain: {}\ncgroupRoot: {}\npinDir: {}\npolicies:\n  - {}\nworkloads:\n",
         quote(TRUST_DOMAIN),
@@ -100,7 +105,13 @@ fn config_text(cgroups: &TestCgroups, pin_dir: &Path, policy_file: &Path, worklo
             .iter()
             .map(|(k, v)| format!("{}: {}", quote(k), quote(v)))
             .collect();
-        let list = |items: &[String]| items.iter().map(|i| quote(i)).collect::<Vec<_>>().join(", ");
+        let list = |items: &[String]| {
+            items
+                .iter()
+                .map(|i| quote(i))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         text.push_str(&format!(
             "  - name: {}\n    labels: {{{}}}\n    cgroups: [{}]\n",
             quote(&workload.name),
@@ -132,6 +143,16 @@ impl Ward {
     /// Writes a configuration for `cgroups` with `workloads` and `policy`, starts
     /// `ward run --config <file> --log-format json` and waits for its `ready` line.
     pub fn start(cgroups: &TestCgroups, workloads: &[Workload], policy: &str) -> Self {
+        Ward::start_with_args(cgroups, workloads, policy, &[])
+    }
+
+    /// [`Ward::start`] with extra `ward run` arguments.
+    pub fn start_with_args(
+        cgroups: &TestCgroups,
+        workloads: &[Workload],
+        policy: &str,
+        extra: &[&str],
+    ) -> Self {
         crate::require_privileges();
         let name = cgroups
             .root()
@@ -147,10 +168,18 @@ impl Ward {
         let policy_file = dir.join("policy.yaml");
         write_file(&policy_file, policy);
         let config_file = dir.join("ward.yaml");
-        write_file(&config_file, &config_text(cgroups, &pin_dir, &policy_file, workloads));
+        write_file(
+            &config_file,
+            &config_text(cgroups, &pin_dir, &policy_file, workloads),
+        );
 
         let mut command = Command::new(crate::ward_bin());
-        command.arg("run").arg("--config").arg(&config_file).args(["--log-format", "json"]);
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(&config_file)
+            .args(["--log-format", "json"])
+            .args(extra);
         let process = Background::spawn("ward", command, false);
         let ward = Ward {
             process,
@@ -160,9 +189,10 @@ impl Ward {
             pin_dir,
             reloads: 0,
         };
-        ward.process.wait_for_line(0, READY_TIMEOUT, "saying `ready`", |line| {
-            contains_word(line, "ready")
-        });
+        ward.process
+            .wait_for_line(0, READY_TIMEOUT, "saying `ready`", |line| {
+                contains_word(line, "ready")
+            });
         ward
     }
 
@@ -188,6 +218,12 @@ impl Ward {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// The admin socket ward uses by default: `/run/<pin dir name>/admin.sock`.
+    pub fn admin_socket(&self) -> PathBuf {
+        let name = self.pin_dir.file_name().expect("pin dir has a name");
+        Path::new("/run").join(name).join("admin.sock")
     }
 
     /// The first log line from index `from` on that satisfies `predicate`; panics with the log
@@ -235,13 +271,17 @@ impl Ward {
         );
         let mut outcome_lines = vec![first];
         while let Some((next, line)) =
-            self.process.lines().wait_for(index + 1, RELOAD_SETTLE, is_reload_outcome)
+            self.process
+                .lines()
+                .wait_for(index + 1, RELOAD_SETTLE, is_reload_outcome)
         {
             outcome_lines.push(line);
             index = next;
         }
         Reload {
-            applied: outcome_lines.iter().all(|line| line.contains("policy applied")),
+            applied: outcome_lines
+                .iter()
+                .all(|line| line.contains("policy applied")),
             outcome_lines,
         }
     }
@@ -272,7 +312,13 @@ impl Drop for Ward {
         self.stop();
         // ward removes its pins on SIGTERM; these catch what a crash or a kill leaves behind.
         // Removing a link's pin also detaches the program from the cgroup.
-        for dir in [&self.pin_dir, &self.dir] {
+        // The admin socket's directory, /run/<pin dir name>: ward leaves it behind (empty after a
+        // clean stop, with the socket after a crash). The name is this test's own.
+        let admin_dir = self.admin_socket().parent().map(Path::to_path_buf);
+        for dir in [Some(&self.pin_dir), Some(&self.dir), admin_dir.as_ref()]
+            .into_iter()
+            .flatten()
+        {
             if let Err(e) = std::fs::remove_dir_all(dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     eprintln!("ward-tests: remove {}: {e}", dir.display());

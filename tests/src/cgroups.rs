@@ -43,7 +43,9 @@ pub fn cgroup2_mount() -> PathBuf {
     let mount = mounts(&mountinfo)
         .find(|(_, fstype)| *fstype == "cgroup2")
         .map(|(point, _)| point);
-    mount.expect("PRIVILEGED TEST NOT RUN: no cgroup2 filesystem is mounted (see /proc/self/mountinfo)")
+    mount.expect(
+        "PRIVILEGED TEST NOT RUN: no cgroup2 filesystem is mounted (see /proc/self/mountinfo)",
+    )
 }
 
 /// `<cgroup2 mount>/ward-test-<tag>-<pid>` and the workload cgroups below it.

@@ -36,7 +36,10 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace also deletes the veth ends inside it.
-        match Command::new("ip").args(["netns", "del", &self.name]).output() {
+        match Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output()
+        {
             Ok(output) if output.status.success() => {}
             Ok(output) => eprintln!(
                 "ward-tests: ip netns del {}: {}",
@@ -79,7 +82,16 @@ impl TwoNodes {
         let client = Netns::new(&format!("{tag}-c"));
         let server = Netns::new(&format!("{tag}-s"));
         client.ip(&[
-            "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns", &server.name,
+            "link",
+            "add",
+            "veth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "veth1",
+            "netns",
+            &server.name,
         ]);
         let nodes = TwoNodes {
             client,
@@ -104,7 +116,16 @@ impl TwoNodes {
     }
 
     pub fn v6(&self, host: u8) -> IpAddr {
-        IpAddr::from([0xfd00, 0x231, u16::from(self.subnet), 0, 0, 0, 0, u16::from(host)])
+        IpAddr::from([
+            0xfd00,
+            0x231,
+            u16::from(self.subnet),
+            0,
+            0,
+            0,
+            0,
+            u16::from(host),
+        ])
     }
 
     /// `10.231.<n>.0/24`
@@ -118,7 +139,11 @@ impl TwoNodes {
     }
 
     fn add_address(&self, netns: &Netns, host: u8) {
-        let device = if std::ptr::eq(netns, &self.client) { "veth0" } else { "veth1" };
+        let device = if std::ptr::eq(netns, &self.client) {
+            "veth0"
+        } else {
+            "veth1"
+        };
         let v4 = format!("{}/24", self.v4(host));
         let v6 = format!("{}/64", self.v6(host));
         netns.ip(&["addr", "add", &v4, "dev", device]);

@@ -88,14 +88,55 @@ impl Listener {
             .lines()
             .snapshot()
             .iter()
-            .filter(|line| line.starts_with("accepted ") || line.starts_with("datagram "))
+            .filter(|line| is_receipt(line))
             .count()
+    }
+
+    /// Waits until it has received `count` connections or datagrams in all; panics with its
+    /// output after `timeout`.
+    pub fn wait_received(&self, count: usize, timeout: Duration) {
+        let mut seen = 0;
+        self.process
+            .wait_for_line(0, timeout, &format!("for receipt #{count}"), |line| {
+                seen += usize::from(is_receipt(line));
+                seen >= count
+            });
     }
 }
 
+fn is_receipt(line: &str) -> bool {
+    line.starts_with("accepted ") || line.starts_with("datagram ")
+}
+
 impl Peer {
-    pub fn new(bin: impl Into<PathBuf>) -> Self {
-        Peer { bin: bin.into() }
+    /// The peer at `$WARD_TEST_PEER` if set, else at `built` (the path cargo built it at), else
+    /// next to the running test executable (where a test runner that copies binaries, such as
+    /// the VM harness, puts it).
+    pub fn new(built: impl Into<PathBuf>) -> Self {
+        let built = built.into();
+        if let Some(path) = std::env::var_os("WARD_TEST_PEER") {
+            let bin = PathBuf::from(path);
+            assert!(
+                bin.is_file(),
+                "WARD_TEST_PEER={} is not a file",
+                bin.display()
+            );
+            return Peer { bin };
+        }
+        if built.is_file() {
+            return Peer { bin: built };
+        }
+        let beside = std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.join("ward-test-peer")));
+        match beside {
+            Some(bin) if bin.is_file() => Peer { bin },
+            _ => panic!(
+                "PRIVILEGED TEST NOT RUN: no ward-test-peer binary at {} nor next to the test \
+                 executable; set WARD_TEST_PEER to its path",
+                built.display()
+            ),
+        }
     }
 
     /// Starts a listener on `addr` (port 0 picks a free one) and waits until it is bound.
@@ -173,7 +214,11 @@ impl Peer {
     }
 
     fn connect_args(&self, protocol: Protocol, addr: SocketAddr, options: &[&str]) -> Vec<String> {
-        let mut args = vec!["connect".to_owned(), protocol.arg().to_owned(), addr.to_string()];
+        let mut args = vec![
+            "connect".to_owned(),
+            protocol.arg().to_owned(),
+            addr.to_string(),
+        ];
         args.extend(options.iter().map(|o| (*o).to_owned()));
         args
     }

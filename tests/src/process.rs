@@ -39,7 +39,11 @@ impl Placement {
 
     /// A command that joins the placement before `exec`, so that every socket the program
     /// creates belongs to the cgroup from the start (a socket's cgroup is fixed at creation).
-    pub fn command<S: AsRef<std::ffi::OsStr>>(&self, program: impl AsRef<Path>, args: &[S]) -> Command {
+    pub fn command<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        program: impl AsRef<Path>,
+        args: &[S],
+    ) -> Command {
         let mut command = Command::new(program.as_ref());
         command.args(args);
         let procs = self.cgroup.as_ref().map(|cgroup| {
@@ -107,7 +111,11 @@ impl Lines {
             for line in BufReader::new(stream).lines() {
                 let Ok(line) = line else { break };
                 let (state, changed) = &*lines.inner;
-                state.lock().expect("lines lock").lines.push(format!("{prefix}{line}"));
+                state
+                    .lock()
+                    .expect("lines lock")
+                    .lines
+                    .push(format!("{prefix}{line}"));
                 changed.notify_all();
             }
             let (state, changed) = &*lines.inner;
@@ -151,7 +159,10 @@ impl Lines {
             if guard.open_streams == 0 || now >= deadline {
                 return None;
             }
-            guard = changed.wait_timeout(guard, deadline - now).expect("lines lock").0;
+            guard = changed
+                .wait_timeout(guard, deadline - now)
+                .expect("lines lock")
+                .0;
         }
     }
 

@@ -11,9 +11,32 @@ pub const FIELD_ALIASES: &[(&str, &[&str])] = &[
     ("direction", &["direction", "dir"]),
     ("policy", &["policy", "policy_name"]),
     ("rule", &["rule", "rule_name"]),
-    ("src", &["src", "source", "src_id", "src_identity", "src_spiffe_id", "src_workload"]),
-    ("dst", &["dst", "destination", "dst_id", "dst_identity", "dst_spiffe_id", "dst_workload"]),
-    ("dst_addr", &["dst_addr", "dst_ip", "daddr", "destination_addr"]),
+    (
+        "src",
+        &[
+            "src",
+            "source",
+            "src_id",
+            "src_identity",
+            "src_spiffe_id",
+            "src_workload",
+        ],
+    ),
+    (
+        "dst",
+        &[
+            "dst",
+            "destination",
+            "dst_id",
+            "dst_identity",
+            "dst_spiffe_id",
+            "dst_workload",
+        ],
+    ),
+    (
+        "dst_addr",
+        &["dst_addr", "dst_ip", "daddr", "destination_addr"],
+    ),
     ("dst_port", &["dst_port", "dport", "port"]),
     ("protocol", &["protocol", "proto"]),
 ];
@@ -60,13 +83,16 @@ impl VerdictQuery<'_> {
             (Some(want), Some(got)) => got.contains(want),
             (Some(_), None) => false,
         };
-        self.verdict.is_none_or(|want| verdict.verdict.eq_ignore_ascii_case(want))
+        self.verdict
+            .is_none_or(|want| verdict.verdict.eq_ignore_ascii_case(want))
             && same(self.direction, &verdict.direction)
             && same(self.policy, &verdict.policy)
             && rule_matches(self.rule, verdict)
             && contains(self.src, &verdict.src)
             && contains(self.dst, &verdict.dst)
-            && self.dst_port.is_none_or(|want| verdict.dst_port == Some(want))
+            && self
+                .dst_port
+                .is_none_or(|want| verdict.dst_port == Some(want))
             && same(self.protocol, &verdict.protocol)
     }
 }
@@ -74,7 +100,9 @@ impl VerdictQuery<'_> {
 /// A rule may be logged bare (`allow-web`) or qualified by its policy (`web/allow-web`).
 fn rule_matches(want: Option<&str>, verdict: &Verdict) -> bool {
     let Some(want) = want else { return true };
-    let Some(rule) = &verdict.rule else { return false };
+    let Some(rule) = &verdict.rule else {
+        return false;
+    };
     rule == want
         || rule
             .strip_suffix(want)
@@ -83,7 +111,10 @@ fn rule_matches(want: Option<&str>, verdict: &Verdict) -> bool {
 
 /// Every verdict event among `lines` (lines that are not JSON objects with a verdict are skipped).
 pub fn parse_verdicts<S: AsRef<str>>(lines: &[S]) -> Vec<Verdict> {
-    lines.iter().filter_map(|line| parse_line(line.as_ref())).collect()
+    lines
+        .iter()
+        .filter_map(|line| parse_line(line.as_ref()))
+        .collect()
 }
 
 /// The first verdict event among `lines` that `query` matches.
@@ -99,7 +130,12 @@ fn parse_line(line: &str) -> Option<Verdict> {
     let fields = flatten(&object);
     let get = |name: &str| -> Option<String> {
         let (_, keys) = FIELD_ALIASES.iter().find(|(field, _)| *field == name)?;
-        keys.iter().find_map(|key| fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()))
+        keys.iter().find_map(|key| {
+            fields
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        })
     };
     Some(Verdict {
         verdict: get("verdict")?,
@@ -130,7 +166,9 @@ fn flatten(object: &Map<String, Value>) -> Vec<(String, String)> {
     for value in object.values() {
         if let Value::Object(inner) = value {
             fields.extend(
-                inner.iter().filter_map(|(key, value)| Some((key.clone(), scalar(value)?))),
+                inner
+                    .iter()
+                    .filter_map(|(key, value)| Some((key.clone(), scalar(value)?))),
             );
         }
     }
@@ -174,6 +212,9 @@ mod tests {
             rule: Some("lock"),
             ..Default::default()
         };
-        assert!(find_verdict(&lines, &wrong_rule).is_none(), "`lock` is not `p/block`");
+        assert!(
+            find_verdict(&lines, &wrong_rule).is_none(),
+            "`lock` is not `p/block`"
+        );
     }
 }

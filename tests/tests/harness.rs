@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use ward_tests::{peer, require_root, run, Netns, Outcome, Placement, Protocol, TestCgroups, TwoNodes};
+use ward_tests::{
+    peer, require_root, run, Netns, Outcome, Placement, Protocol, TestCgroups, TwoNodes,
+};
 
 fn addr(text: &str) -> SocketAddr {
     text.parse().expect("a literal socket address")
@@ -16,25 +18,43 @@ fn peer_speaks_tcp_and_udp_over_loopback() {
     require_root();
     let peer = peer!();
     let tcp = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
-    let attempts = peer.connect(Protocol::Tcp, tcp.addr, &Placement::host(), &["--count", "3"]);
+    let attempts = peer.connect(
+        Protocol::Tcp,
+        tcp.addr,
+        &Placement::host(),
+        &["--count", "3"],
+    );
     assert_eq!(attempts.outcomes, vec![Outcome::Ok; 3], "{attempts:?}");
-    tcp.process.wait_for_line(0, Duration::from_secs(5), "for the third connection", |_| {
-        tcp.received() >= 3
-    });
+    tcp.wait_received(3, Duration::from_secs(5));
 
     let udp = peer.listen(Protocol::Udp, "[::1]:0", &Placement::host());
-    let unconnected = peer.connect(Protocol::Udp, udp.addr, &Placement::host(), &["--send", "x"]);
+    let unconnected = peer.connect(
+        Protocol::Udp,
+        udp.addr,
+        &Placement::host(),
+        &["--send", "x"],
+    );
     assert_eq!(unconnected.only(), &Outcome::Ok, "{unconnected:?}");
-    let connected = peer.connect(Protocol::Udp, udp.addr, &Placement::host(), &["--connected"]);
+    let connected = peer.connect(
+        Protocol::Udp,
+        udp.addr,
+        &Placement::host(),
+        &["--connected"],
+    );
     assert_eq!(connected.only(), &Outcome::Ok, "{connected:?}");
-    assert_eq!(udp.received(), 2);
+    udp.wait_received(2, Duration::from_secs(5));
 
     // A closed TCP port refuses; a closed UDP port stays silent to an unconnected socket and
     // refuses a connected one (ICMP port unreachable).
     let closed = addr(&format!("127.0.0.1:{}", free_port()));
     let refused = peer.connect(Protocol::Tcp, closed, &Placement::host(), &[]);
     assert_eq!(refused.only(), &Outcome::Refused);
-    let silent = peer.connect(Protocol::Udp, closed, &Placement::host(), &["--timeout-ms", "300"]);
+    let silent = peer.connect(
+        Protocol::Udp,
+        closed,
+        &Placement::host(),
+        &["--timeout-ms", "300"],
+    );
     assert_eq!(silent.only(), &Outcome::Timeout);
     let udp_refused = peer.connect(Protocol::Udp, closed, &Placement::host(), &["--connected"]);
     assert_eq!(udp_refused.only(), &Outcome::Refused);
@@ -61,13 +81,16 @@ fn placed_processes_run_in_their_cgroup_and_cleanup_removes_it() {
         .strip_prefix(ward_tests::cgroup2_mount())
         .expect("below the mount");
     assert!(
-        finished.stdout.contains(&format!("0::/{}", relative.display())),
+        finished
+            .stdout
+            .contains(&format!("0::/{}", relative.display())),
         "the process ran in {}: {}",
         workload.display(),
         finished.stdout
     );
     // A process still running at drop time is killed and the subtree removed.
-    let sleeper = ward_tests::Background::spawn("sleep", placement.command("sleep", &["600"]), true);
+    let sleeper =
+        ward_tests::Background::spawn("sleep", placement.command("sleep", &["600"]), true);
     drop(cgroups);
     drop(sleeper);
     assert!(!root.exists(), "{} left behind", root.display());
@@ -85,7 +108,11 @@ fn two_nodes_reach_each_other_over_ipv4_and_ipv6_only_inside_their_namespaces() 
     for target in [nodes.v4(1), nodes.v4(2), nodes.v6(1), nodes.v6(2)] {
         let to = SocketAddr::new(target, listener.port());
         let attempts = peer.connect(Protocol::Tcp, to, &client, &[]);
-        assert_eq!(attempts.only(), &Outcome::Ok, "connect to {to}: {attempts:?}");
+        assert_eq!(
+            attempts.only(),
+            &Outcome::Ok,
+            "connect to {to}: {attempts:?}"
+        );
     }
     // The host itself has no route into the test subnet.
     let from_host = peer.connect(
@@ -98,13 +125,18 @@ fn two_nodes_reach_each_other_over_ipv4_and_ipv6_only_inside_their_namespaces() 
     let name = nodes.client.name().to_owned();
     drop(listener);
     drop(nodes);
-    let listed = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    let listed = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
     assert!(
         !String::from_utf8_lossy(&listed.stdout).contains(&name),
         "netns {name} left behind"
     );
     let netns = Netns::new("harness-single");
-    assert!(std::path::Path::new("/run/netns").join(netns.name()).exists());
+    assert!(std::path::Path::new("/run/netns")
+        .join(netns.name())
+        .exists());
 }
 
 #[test]
@@ -137,7 +169,8 @@ fn nc_and_curl_reach_the_peer_listeners() {
         Duration::from_secs(10),
     );
     assert!(nc_udp.status.success(), "nc -u: {nc_udp:?}");
-    udp.process.wait_for_line(0, Duration::from_secs(5), "with the datagram", |line| {
-        line.starts_with("datagram ") && line.ends_with(" hi")
-    });
+    udp.process
+        .wait_for_line(0, Duration::from_secs(5), "with the datagram", |line| {
+            line.starts_with("datagram ") && line.ends_with(" hi")
+        });
 }

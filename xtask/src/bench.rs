@@ -16,7 +16,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::{
     probe, setup,
     sys::{self, heading, CgroupTree, Children},
-    ward::Ward,
+    ward::{self, Ward},
 };
 
 const SERVER: &str = "127.0.0.1:18080";
@@ -37,9 +37,7 @@ pub fn run(seconds: f64, sizes: &[usize], work_dir: Option<PathBuf>) -> Result<(
         bail!("need at least one size and a positive --seconds");
     }
     setup::run()?;
-    heading("build ward");
-    sys::run(sys::cargo().args(["build", "--release", "-p", "ward-agent", "--bins"]))?;
-    let ward_bin = sys::target_dir().join("release/ward");
+    let ward_bin = ward::binary()?;
     let work = work_dir.unwrap_or_else(|| sys::target_dir().join("ward-bench"));
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
 
@@ -102,6 +100,7 @@ pub fn run(seconds: f64, sizes: &[usize], work_dir: Option<PathBuf>) -> Result<(
 
     heading("results");
     print!("{}", table(&rows));
+    println!("slow: connects that waited for a SYN retransmit (>= 100 ms); Δ: against no programs at the same size");
     println!("\nward's memory once the policy was in force (after the measurement):");
     for (size, kib) in memory {
         match kib {
@@ -254,6 +253,8 @@ struct Measurement {
     conns_per_sec: f64,
     p50_us: f64,
     p99_us: f64,
+    /// Connects that waited for a SYN retransmit: the run was disturbed.
+    slow: u64,
 }
 
 struct Row {
@@ -307,6 +308,12 @@ fn measure(cgroups: &CgroupTree, seconds: f64, variant: &str) -> Result<Measurem
         "{:.0} conns/s, p50 {:.1} µs, p99 {:.1} µs",
         m.conns_per_sec, m.p50_us, m.p99_us
     );
+    if m.slow > 0 {
+        println!(
+            "warning: {} connects waited for a SYN retransmit (a busy CPU?)",
+            m.slow
+        );
+    }
     Ok(m)
 }
 
@@ -325,6 +332,7 @@ fn parse_report(line: &str) -> Result<Measurement> {
         conns_per_sec: field("conns")? / field("seconds")?,
         p50_us: field("p50_ns")? / 1000.0,
         p99_us: field("p99_ns")? / 1000.0,
+        slow: field("slow")? as u64,
     })
 }
 
@@ -340,8 +348,8 @@ fn logged_entries(log: &str) -> Option<usize> {
 
 fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:>7}  {:<12} {:>8} {:>10} {:>9} {:>9} {:>11} {:>9}\n",
-        "size", "variant", "entries", "conns/s", "p50 µs", "p99 µs", "Δ conns/s", "Δ p50"
+        "{:>7}  {:<12} {:>8} {:>10} {:>9} {:>9} {:>11} {:>9} {:>6}\n",
+        "size", "variant", "entries", "conns/s", "p50 µs", "p99 µs", "Δ conns/s", "Δ p50", "slow"
     );
     let mut base: Option<&Measurement> = None;
     for row in rows {
@@ -359,8 +367,8 @@ fn table(rows: &[Row]) -> String {
         let entries = row.entries.map_or("-".into(), |n| n.to_string());
         let _ = writeln!(
             out,
-            "{:>7}  {:<12} {entries:>8} {:>10.0} {:>9.1} {:>9.1} {d_rate:>11} {d_p50:>9}",
-            row.size, row.variant, row.m.conns_per_sec, row.m.p50_us, row.m.p99_us
+            "{:>7}  {:<12} {entries:>8} {:>10.0} {:>9.1} {:>9.1} {d_rate:>11} {d_p50:>9} {:>6}",
+            row.size, row.variant, row.m.conns_per_sec, row.m.p50_us, row.m.p99_us, row.m.slow
         );
     }
     out
@@ -398,7 +406,7 @@ mod tests {
 
     #[test]
     fn client_reports_parse() {
-        let m = parse_report("conns=1000 seconds=0.5 p50_ns=20000 p99_ns=41000\n").unwrap();
+        let m = parse_report("conns=1000 seconds=0.5 p50_ns=20000 p99_ns=41000 slow=0\n").unwrap();
         assert_eq!((m.conns_per_sec, m.p50_us, m.p99_us), (2000.0, 20.0, 41.0));
         assert!(parse_report("error=Operation not permitted (os error 1)").is_err());
     }

@@ -17,7 +17,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::{
     probe, setup,
     sys::{self, heading, CgroupTree, Children},
-    ward::Ward,
+    ward::{self, Ward},
 };
 
 const WORKLOADS: [&str; 3] = ["web", "client", "intruder"];
@@ -81,9 +81,7 @@ const CONNECTIONS: &[Connection] = &[
 pub fn run() -> Result<()> {
     sys::require_root("demo", "it creates cgroups and loads eBPF programs")?;
     setup::run()?;
-    heading("build ward");
-    sys::run(sys::cargo().args(["build", "--release", "-p", "ward-agent", "--bins"]))?;
-    let ward_bin = sys::target_dir().join("release/ward");
+    let ward_bin = ward::binary()?;
     let example = sys::workspace_root().join("examples/demo");
     let work = sys::target_dir().join("ward-demo");
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
@@ -149,7 +147,7 @@ pub fn run() -> Result<()> {
             .map(str::to_owned)
             .collect();
         for line in &logged {
-            println!("    ward: {line}");
+            println!("    ward: {}", brief(line));
         }
         if logged.is_empty() {
             println!("    ward: (no verdict line)");
@@ -250,6 +248,32 @@ fn connect_from(cgroup: &Path, addr: &str) -> Result<(i32, String)> {
     ))
 }
 
+/// A verdict line as `DENY egress by client-egress/no-web-admin: client -> web :8081`; the
+/// line as it is if it lacks those fields.
+fn brief(line: &str) -> String {
+    let field = |key: &str| {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            .filter(|v| !v.is_empty())
+    };
+    let peer = |workload: &str, identity: &str| field(workload).or(field(identity)).unwrap_or("?");
+    match (
+        field("verdict"),
+        field("direction"),
+        field("policy"),
+        field("rule"),
+    ) {
+        (Some(verdict), Some(direction), Some(policy), Some(rule)) => format!(
+            "{} {direction} by {policy}/{rule}: {} -> {} :{}",
+            verdict.to_uppercase(),
+            peer("src_workload", "src"),
+            peer("dst_workload", "dst"),
+            field("dst_port").unwrap_or("?"),
+        ),
+        _ => line.to_owned(),
+    }
+}
+
 fn names(line: &str, verdict: &str, policy: &str) -> bool {
     let line = line.to_ascii_lowercase();
     line.contains(&format!("verdict={verdict}")) && line.contains(&format!("policy={policy}"))
@@ -261,5 +285,25 @@ fn outcome(code: i32) -> &'static str {
         probe::REFUSED_EPERM => "get EPERM",
         probe::TIMED_OUT => "time out",
         _ => "fail",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdict_lines_read_as_sentences() {
+        let line =
+            "2026-11-23T10:50:11Z INFO ward::verdict: verdict verdict=audit direction=egress \
+                    policy=intruder-watch rule=default-deny src=spiffe://x/intruder \
+                    src_workload=intruder dst=host dst_workload= dst_port=9090 protocol=tcp";
+        assert_eq!(
+            brief(line),
+            "AUDIT egress by intruder-watch/default-deny: intruder -> host :9090"
+        );
+        assert!(names(line, "audit", "intruder-watch"));
+        assert!(!names(line, "deny", "intruder-watch"));
+        assert_eq!(brief("INFO ward: ready"), "INFO ward: ready");
     }
 }

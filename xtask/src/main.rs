@@ -9,6 +9,7 @@ mod probe;
 mod setup;
 mod sys;
 mod test_suite;
+mod vm;
 mod ward;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
@@ -42,6 +43,8 @@ enum Command {
         #[command(subcommand)]
         bench: BenchCommand,
     },
+    /// The privileged suite on Debian's 6.1 and 6.12 kernels (QEMU) and this machine's kernel.
+    VmTest(vm::Args),
     #[command(hide = true)]
     Serve(probe::ServeArgs),
     #[command(hide = true)]
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
                     work_dir,
                 },
         } => bench::run(seconds, &sizes, work_dir),
+        Command::VmTest(args) => vm::run(&args),
         Command::Serve(args) => probe::serve(&args),
         Command::Connect { addr, timeout_ms } => {
             probe::connect(addr, Duration::from_millis(timeout_ms))

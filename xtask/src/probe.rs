@@ -26,7 +26,18 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
     let listeners = args
         .listen
         .iter()
-        .map(|addr| TcpListener::bind(addr).with_context(|| format!("listening on {addr}")))
+        .map(|addr| {
+            let listener =
+                TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+            // std listens with a backlog of 128: a client in a tight loop fills that whenever
+            // this process is off the CPU for a moment, and each dropped SYN costs it a 1 s
+            // retransmit. listen() again only raises the backlog (capped by somaxconn).
+            // SAFETY: the fd is a bound, listening socket owned by `listener`.
+            if unsafe { libc::listen(listener.as_raw_fd(), 4096) } != 0 {
+                return Err(std::io::Error::last_os_error()).context("raising the backlog");
+            }
+            Ok(listener)
+        })
         .collect::<Result<Vec<_>>>()?;
     println!("listening");
     std::io::stdout().flush()?;
@@ -83,7 +94,8 @@ pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<()> {
 }
 
 /// Connects and closes in a loop for `seconds` after a short warm-up, and prints one line:
-/// `conns=N seconds=S p50_ns=X p99_ns=Y` or `error=...` at the first failed connect.
+/// `conns=N seconds=S p50_ns=X p99_ns=Y slow=Z` (Z: connects that took 100 ms or more, i.e. a
+/// SYN was retransmitted) or `error=...` at the first failed connect.
 pub fn bench_client(addr: SocketAddr, seconds: f64) -> Result<()> {
     let one = || -> std::io::Result<Duration> {
         let start = Instant::now();
@@ -121,8 +133,13 @@ pub fn bench_client(addr: SocketAddr, seconds: f64) -> Result<()> {
             .copied()
             .unwrap_or(0)
     };
+    let slow = latencies
+        .iter()
+        .rev()
+        .take_while(|&&ns| ns >= 100_000_000)
+        .count();
     println!(
-        "conns={} seconds={elapsed:.3} p50_ns={} p99_ns={}",
+        "conns={} seconds={elapsed:.3} p50_ns={} p99_ns={} slow={slow}",
         latencies.len(),
         pct(50),
         pct(99)

@@ -34,11 +34,27 @@ pub fn run(test_threads: Option<usize>, filter: &[String]) -> Result<()> {
     steps.run(
         "clippy (user space)",
         sys::cargo().args([
-            "clippy (user space)",
+            "clippy",
             "--workspace",
             "--exclude",
             "agent-ebpf",
             "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    );
+    steps.run(
+        "clippy (kernel)",
+        sys::cargo().args([
+            "+nightly",
+            "clippy",
+            "-p",
+            "agent-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
             "--",
             "-D",
             "warnings",

@@ -24,6 +24,8 @@ impl Ward {
         let mut cmd = Command::new(bin);
         cmd.args(["run", "--log-format", "text", "--config"])
             .arg(config)
+            // Colour codes would split `key=value` pairs apart in the log file.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file);
@@ -47,7 +49,9 @@ impl Ward {
 
     pub fn log_since(&self, offset: u64) -> String {
         let text = fs::read(&self.log).unwrap_or_default();
-        String::from_utf8_lossy(text.get(offset as usize..).unwrap_or_default()).into_owned()
+        strip_ansi(&String::from_utf8_lossy(
+            text.get(offset as usize..).unwrap_or_default(),
+        ))
     }
 
     /// Waits for the line that says the programs are attached.
@@ -102,6 +106,38 @@ fn says_ready(line: &str) -> bool {
         .any(|word| word == "ready")
 }
 
+/// Removes terminal colour sequences (`ESC [ ... letter`), in case the log has them anyway.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The ward binary to run: `$WARD_BIN` if set (as for the privileged tests), else a fresh
+/// release build.
+pub fn binary() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("WARD_BIN") {
+        println!("using WARD_BIN={}", Path::new(&bin).display());
+        return Ok(PathBuf::from(bin));
+    }
+    sys::heading("build ward");
+    sys::run(sys::cargo().args(["build", "--release", "-p", "ward-agent", "--bins"]))?;
+    Ok(sys::target_dir().join("release/ward"))
+}
+
 pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -118,5 +154,11 @@ mod tests {
         ));
         assert!(says_ready("INFO ready"));
         assert!(!says_ready("INFO programs already attached"));
+    }
+
+    #[test]
+    fn colour_codes_are_stripped() {
+        let line = "\x1b[2mward\x1b[0m \x1b[3mverdict\x1b[0m\x1b[2m=\x1b[0mdeny";
+        assert_eq!(strip_ansi(line), "ward verdict=deny");
     }
 }

@@ -12,10 +12,11 @@ use std::{
 };
 
 use agent_common::{
-    map_names, program_names, CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue, FlowKey, IpcacheKey, IpcacheLpmData,
-    IpcacheValue, ListenerKey, ListenerValue, PolicyKey, PolicyValue, SocketValue, StateValue,
-    UdpFlowValue, ABI_VERSION, MAX_ACCEPTING, MAX_CGROUPS, MAX_CONNECTING, MAX_IPCACHE,
-    MAX_IPCACHE_PREFIXES, MAX_LISTENERS, MAX_POLICY_ENTRIES, MAX_SOCKETS, MAX_UDP_FLOWS,
+    map_names, program_names, CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue,
+    FlowKey, IpcacheKey, IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, PolicyKey,
+    PolicyValue, SocketValue, StateValue, UdpFlowValue, ABI_VERSION, MAX_ACCEPTING, MAX_CGROUPS,
+    MAX_CONNECTING, MAX_IPCACHE, MAX_IPCACHE_PREFIXES, MAX_LISTENERS, MAX_POLICY_ENTRIES,
+    MAX_SOCKETS, MAX_UDP_FLOWS,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
@@ -66,7 +67,11 @@ pub enum KernelError {
         source: aya::maps::MapError,
     },
     #[error("pinned map {path} has key/value sizes {found:?} but this agent expects {expected:?}: its layout changed without a new ABI version; run `ward uninstall` first")]
-    Layout { path: PathBuf, found: (u32, u32), expected: (u32, u32) },
+    Layout {
+        path: PathBuf,
+        found: (u32, u32),
+        expected: (u32, u32),
+    },
     #[error("cannot open cgroup {0}: {1}")]
     Cgroup(PathBuf, std::io::Error),
     #[error("link {path}: {source}")]
@@ -253,11 +258,17 @@ impl Datapath {
         }
         if let Some(suffix) = older {
             // The programs now read only this ABI's maps; the old ones are unreferenced.
-            remove_pins_except_current(&self.pin_dir)
-                .map_err(|source| KernelError::Link { path: self.pin_dir.clone(), source })?;
+            remove_pins_except_current(&self.pin_dir).map_err(|source| KernelError::Link {
+                path: self.pin_dir.clone(),
+                source,
+            })?;
             return Ok(Attachment::Upgraded { from: suffix });
         }
-        Ok(if adopted == program_names::ALL.len() { Attachment::Adopted } else { Attachment::Attached })
+        Ok(if adopted == program_names::ALL.len() {
+            Attachment::Adopted
+        } else {
+            Attachment::Attached
+        })
     }
 
     /// Copies the socket state the kernel learned while an agent of an older ABI ran (listeners,
@@ -265,23 +276,42 @@ impl Datapath {
     /// their first run. Maps whose layout changed would need a conversion here.
     fn migrate_sockets(&mut self, old_suffix: &str) -> Result<(), KernelError> {
         let copied = self.copy_from_older::<u64, SocketValue>(map_names::SOCKETS, old_suffix)?
-            + self.copy_from_older::<FlowKey, ConnectingValue>(map_names::CONNECTING, old_suffix)?
+            + self
+                .copy_from_older::<FlowKey, ConnectingValue>(map_names::CONNECTING, old_suffix)?
             + self.copy_from_older::<FlowKey, SocketValue>(map_names::ACCEPTING, old_suffix)?
-            + self.copy_from_older::<ListenerKey, ListenerValue>(map_names::LISTENERS, old_suffix)?;
-        tracing::info!(from = old_suffix, to = map_names::VERSION_SUFFIX, entries = copied, "migrated socket state from the previous map layout");
+            + self
+                .copy_from_older::<ListenerKey, ListenerValue>(map_names::LISTENERS, old_suffix)?;
+        tracing::info!(
+            from = old_suffix,
+            to = map_names::VERSION_SUFFIX,
+            entries = copied,
+            "migrated socket state from the previous map layout"
+        );
         Ok(())
     }
 
-    fn copy_from_older<K: aya::Pod, V: aya::Pod>(&mut self, name: &'static str, old_suffix: &str) -> Result<usize, KernelError> {
-        let base = name.strip_suffix(map_names::VERSION_SUFFIX).expect("map names end in the version");
+    fn copy_from_older<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        old_suffix: &str,
+    ) -> Result<usize, KernelError> {
+        let base = name
+            .strip_suffix(map_names::VERSION_SUFFIX)
+            .expect("map names end in the version");
         let old_path = self.pin_dir.join(format!("{base}{old_suffix}"));
-        let Ok(old) = MapData::from_pin(&old_path) else { return Ok(0) };
-        let sizes = old.info().map(|i| (i.key_size(), i.value_size())).map_err(map_err(name))?;
+        let Ok(old) = MapData::from_pin(&old_path) else {
+            return Ok(0);
+        };
+        let sizes = old
+            .info()
+            .map(|i| (i.key_size(), i.value_size()))
+            .map_err(map_err(name))?;
         if sizes != (size_of::<K>() as u32, size_of::<V>() as u32) {
             tracing::warn!(map = %old_path.display(), "layout changed; its entries are re-learned as sockets open");
             return Ok(0);
         }
-        let old: HashMap<MapData, K, V> = HashMap::try_from(Map::LruHashMap(old)).map_err(map_err(name))?;
+        let old: HashMap<MapData, K, V> =
+            HashMap::try_from(Map::LruHashMap(old)).map_err(map_err(name))?;
         let new = self.ebpf.map_mut(name).ok_or(KernelError::Map {
             name,
             source: aya::maps::MapError::InvalidName { name: name.into() },
@@ -452,7 +482,11 @@ impl Datapath {
         self.state
             .set(
                 0,
-                StateValue { generation: next, abi_version: ABI_VERSION, ..Default::default() },
+                StateValue {
+                    generation: next,
+                    abi_version: ABI_VERSION,
+                    ..Default::default()
+                },
                 0,
             )
             .map_err(map_err(map_names::STATE))?;
@@ -558,17 +592,57 @@ impl Datapath {
 /// Key and value sizes of every map this build pins, as the kernel reports them.
 fn layouts() -> [(&'static str, usize, usize); 13] {
     [
-        (map_names::CGROUPS, size_of::<u64>(), size_of::<CgroupValue>()),
-        (map_names::POLICY, size_of::<PolicyKey>(), size_of::<PolicyValue>()),
-        (map_names::IPCACHE, size_of::<IpcacheKey>(), size_of::<IpcacheValue>()),
-        (map_names::IPCACHE_LPM, size_of::<Key<IpcacheLpmData>>(), size_of::<IpcacheValue>()),
+        (
+            map_names::CGROUPS,
+            size_of::<u64>(),
+            size_of::<CgroupValue>(),
+        ),
+        (
+            map_names::POLICY,
+            size_of::<PolicyKey>(),
+            size_of::<PolicyValue>(),
+        ),
+        (
+            map_names::IPCACHE,
+            size_of::<IpcacheKey>(),
+            size_of::<IpcacheValue>(),
+        ),
+        (
+            map_names::IPCACHE_LPM,
+            size_of::<Key<IpcacheLpmData>>(),
+            size_of::<IpcacheValue>(),
+        ),
         (map_names::STATE, size_of::<u32>(), size_of::<StateValue>()),
-        (map_names::SOCKETS, size_of::<u64>(), size_of::<SocketValue>()),
-        (map_names::CONNECTING, size_of::<FlowKey>(), size_of::<ConnectingValue>()),
-        (map_names::ACCEPTING, size_of::<FlowKey>(), size_of::<SocketValue>()),
-        (map_names::LISTENERS, size_of::<ListenerKey>(), size_of::<ListenerValue>()),
-        (map_names::UDP_FLOWS, size_of::<FlowKey>(), size_of::<UdpFlowValue>()),
-        (map_names::EVENT_LIMITS, size_of::<EventLimitKey>(), size_of::<EventLimitValue>()),
+        (
+            map_names::SOCKETS,
+            size_of::<u64>(),
+            size_of::<SocketValue>(),
+        ),
+        (
+            map_names::CONNECTING,
+            size_of::<FlowKey>(),
+            size_of::<ConnectingValue>(),
+        ),
+        (
+            map_names::ACCEPTING,
+            size_of::<FlowKey>(),
+            size_of::<SocketValue>(),
+        ),
+        (
+            map_names::LISTENERS,
+            size_of::<ListenerKey>(),
+            size_of::<ListenerValue>(),
+        ),
+        (
+            map_names::UDP_FLOWS,
+            size_of::<FlowKey>(),
+            size_of::<UdpFlowValue>(),
+        ),
+        (
+            map_names::EVENT_LIMITS,
+            size_of::<EventLimitKey>(),
+            size_of::<EventLimitValue>(),
+        ),
         (map_names::EVENTS, 0, 0),
         (map_names::COUNTERS, size_of::<u32>(), size_of::<u64>()),
     ]
@@ -579,11 +653,17 @@ fn layouts() -> [(&'static str, usize, usize); 13] {
 fn check_pinned_layouts(pin_dir: &Path) -> Result<(), KernelError> {
     for (name, key, value) in layouts() {
         let path = pin_dir.join(name);
-        let Ok(map) = MapData::from_pin(&path) else { continue };
+        let Ok(map) = MapData::from_pin(&path) else {
+            continue;
+        };
         let info = map.info().map_err(map_err(name))?;
         let found = (info.key_size(), info.value_size());
         if found != (key as u32, value as u32) {
-            return Err(KernelError::Layout { path, found, expected: (key as u32, value as u32) });
+            return Err(KernelError::Layout {
+                path,
+                found,
+                expected: (key as u32, value as u32),
+            });
         }
     }
     Ok(())
@@ -592,11 +672,14 @@ fn check_pinned_layouts(pin_dir: &Path) -> Result<(), KernelError> {
 /// The version suffix of maps an agent of another ABI left pinned, if any.
 fn older_abi(pin_dir: &Path) -> Option<String> {
     let prefix = map_names::STATE.strip_suffix(map_names::VERSION_SUFFIX)?;
-    std::fs::read_dir(pin_dir).ok()?.filter_map(Result::ok).find_map(|e| {
-        let name = e.file_name().into_string().ok()?;
-        let suffix = name.strip_prefix(prefix)?;
-        (suffix != map_names::VERSION_SUFFIX).then(|| suffix.to_string())
-    })
+    std::fs::read_dir(pin_dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .find_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let suffix = name.strip_prefix(prefix)?;
+            (suffix != map_names::VERSION_SUFFIX).then(|| suffix.to_string())
+        })
 }
 
 /// Removes every pinned map of another ABI version.

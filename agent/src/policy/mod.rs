@@ -25,9 +25,8 @@ use std::net::IpAddr;
 pub use compile::{compile, CompileError, Compiled, RuleIds};
 // A glob, so that names the binary does not use yet (PolicyErrors) stay part of the API.
 pub use diagnostics::*;
-pub use load::load;
-#[cfg(test)]
-pub use load::parse;
+// A glob, so that `parse` (used by tests and fuzz/ only) stays part of the API.
+pub use load::*;
 pub use model::PolicySet;
 
 /// What the policy compiler needs to know about one workload of the node.

@@ -143,7 +143,11 @@ fn listen_tcp(addr: SocketAddr, http: bool) -> io::Result<()> {
         };
         say(&format!("accepted {peer}"));
         // Replies are best effort: a client that only probes (nc -z) closes at once.
-        let _ = if http { answer_http(stream) } else { answer_line(stream) };
+        let _ = if http {
+            answer_http(stream)
+        } else {
+            answer_line(stream)
+        };
     }
 }
 

@@ -1,0 +1,482 @@
+//! What the agent holds from the control plane: the resources of each type with their versions,
+//! how a batch of updates is merged into them, and the copy kept on disk.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::Path,
+};
+
+use serde::{Deserialize, Serialize};
+use ward_proto::{resource::Body, ResourceType, Update};
+
+/// One identity the control plane allocated.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteIdentity {
+    pub spiffe_id: String,
+    /// In the workload range (`256..=0x00FF_FFFF`).
+    pub identity: u32,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// Everything the control plane gave this agent, merged: the complete desired state after an
+/// update, not the difference.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteState {
+    /// (policy name, YAML of one document), sorted by name.
+    pub policies: Vec<(String, String)>,
+    /// Every identity any node reported (this node's own included), sorted by SPIFFE ID.
+    pub identities: Vec<RemoteIdentity>,
+    /// Address → identity for every workload address any node reported, sorted by address.
+    pub ipcache: Vec<(IpAddr, u32)>,
+    /// PEM certificates of the control plane's CA (for verifying peers' certificates).
+    #[serde(default)]
+    pub trust_bundle: String,
+    /// Resource type (`policy`, `identity`, `ipcache`, `trust_bundle`) → version held.
+    pub versions: BTreeMap<String, String>,
+}
+
+/// The same content keyed for merging.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    policies: BTreeMap<String, String>,
+    identities: BTreeMap<String, RemoteIdentity>,
+    ipcache: BTreeMap<IpAddr, u32>,
+    trust_bundle: BTreeMap<String, String>,
+    versions: BTreeMap<ResourceType, String>,
+}
+
+/// Why a batch cannot be merged.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MergeError {
+    /// The server computed the difference from another version than the one held: the two
+    /// disagree about what the agent has, and only a new stream (with a new Hello) resolves it.
+    #[error("update of {kind} is relative to version {base:?}, but this agent holds {held:?}")]
+    BaseMismatch {
+        kind: &'static str,
+        base: String,
+        held: String,
+    },
+    /// The batch itself is malformed; NACKed without asking the agent to apply it.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Held {
+    pub fn from_state(state: &RemoteState) -> Held {
+        Held {
+            policies: state.policies.iter().cloned().collect(),
+            identities: state
+                .identities
+                .iter()
+                .map(|i| (i.spiffe_id.clone(), i.clone()))
+                .collect(),
+            ipcache: state.ipcache.iter().copied().collect(),
+            trust_bundle: if state.trust_bundle.is_empty() {
+                BTreeMap::new()
+            } else {
+                BTreeMap::from([("ca".to_string(), state.trust_bundle.clone())])
+            },
+            versions: state
+                .versions
+                .iter()
+                .filter_map(|(k, v)| Some((ResourceType::from_short_name(k)?, v.clone())))
+                .collect(),
+        }
+    }
+
+    pub fn to_state(&self) -> RemoteState {
+        RemoteState {
+            policies: self
+                .policies
+                .iter()
+                .map(|(n, y)| (n.clone(), y.clone()))
+                .collect(),
+            identities: self.identities.values().cloned().collect(),
+            ipcache: self.ipcache.iter().map(|(a, i)| (*a, *i)).collect(),
+            trust_bundle: self
+                .trust_bundle
+                .values()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(""),
+            versions: self
+                .versions
+                .iter()
+                .map(|(k, v)| (k.short_name().to_string(), v.clone()))
+                .collect(),
+        }
+    }
+
+    pub fn version(&self, kind: ResourceType) -> Option<&str> {
+        self.versions.get(&kind).map(String::as_str)
+    }
+
+    pub fn versions(&self) -> &BTreeMap<ResourceType, String> {
+        &self.versions
+    }
+
+    /// Whether two holds have the same resources, whatever their versions.
+    pub fn same_content(&self, other: &Held) -> bool {
+        self.policies == other.policies
+            && self.identities == other.identities
+            && self.ipcache == other.ipcache
+            && self.trust_bundle == other.trust_bundle
+    }
+
+    fn clear(&mut self, kind: ResourceType) {
+        match kind {
+            ResourceType::Policy => self.policies.clear(),
+            ResourceType::Identity => self.identities.clear(),
+            ResourceType::Ipcache => self.ipcache.clear(),
+            ResourceType::TrustBundle => self.trust_bundle.clear(),
+            ResourceType::Unspecified => {}
+        }
+    }
+
+    fn remove(&mut self, kind: ResourceType, name: &str) -> Result<(), MergeError> {
+        match kind {
+            ResourceType::Policy => {
+                self.policies.remove(name);
+            }
+            ResourceType::Identity => {
+                self.identities.remove(name);
+            }
+            ResourceType::Ipcache => {
+                let address: IpAddr = name.parse().map_err(|_| {
+                    MergeError::Invalid(format!("ipcache: removed name {name:?} is not an address"))
+                })?;
+                self.ipcache.remove(&address);
+            }
+            ResourceType::TrustBundle => {
+                self.trust_bundle.remove(name);
+            }
+            ResourceType::Unspecified => {}
+        }
+        Ok(())
+    }
+
+    fn insert(
+        &mut self,
+        kind: ResourceType,
+        name: String,
+        body: Option<Body>,
+    ) -> Result<(), MergeError> {
+        let invalid = |reason: String| {
+            Err(MergeError::Invalid(format!(
+                "{}: resource {name:?}: {reason}",
+                kind.short_name()
+            )))
+        };
+        match (kind, body) {
+            (ResourceType::Policy, Some(Body::Policy(p))) => {
+                self.policies.insert(name, p.yaml);
+            }
+            (ResourceType::Identity, Some(Body::Identity(i))) => {
+                if i.spiffe_id != name {
+                    return invalid(format!("names SPIFFE ID {:?}", i.spiffe_id));
+                }
+                if !(FIRST_WORKLOAD_IDENTITY..=LAST_WORKLOAD_IDENTITY).contains(&i.identity) {
+                    return invalid(format!(
+                        "identity {} is outside the workload range",
+                        i.identity
+                    ));
+                }
+                let identity = RemoteIdentity {
+                    spiffe_id: i.spiffe_id,
+                    identity: i.identity,
+                    labels: i.labels.into_iter().collect(),
+                    namespace: i.namespace,
+                };
+                self.identities.insert(name, identity);
+            }
+            (ResourceType::Ipcache, Some(Body::Ipcache(entry))) => {
+                let Ok(address) = entry.address.parse::<IpAddr>() else {
+                    return invalid(format!("{:?} is not an address", entry.address));
+                };
+                if !(FIRST_WORKLOAD_IDENTITY..=LAST_WORKLOAD_IDENTITY).contains(&entry.identity) {
+                    return invalid(format!(
+                        "identity {} is outside the workload range",
+                        entry.identity
+                    ));
+                }
+                self.ipcache.insert(address, entry.identity);
+            }
+            (ResourceType::TrustBundle, Some(Body::TrustBundle(bundle))) => {
+                self.trust_bundle.insert(name, bundle.pem);
+            }
+            _ => return invalid("body does not match the resource type".into()),
+        }
+        Ok(())
+    }
+
+    /// This hold with `batch` merged in. The batch is the content of one or more messages (the
+    /// pieces of one type share version, nonce and `replace`).
+    pub fn merged(&self, batch: &[Update]) -> Result<Held, MergeError> {
+        let mut next = self.clone();
+        let mut cleared = BTreeSet::new();
+        for update in batch {
+            let kind = match ResourceType::try_from(update.r#type) {
+                Ok(ResourceType::Unspecified) | Err(_) => {
+                    return Err(MergeError::Invalid(format!(
+                        "unknown resource type {}",
+                        update.r#type
+                    )))
+                }
+                Ok(kind) => kind,
+            };
+            if update.version.is_empty() {
+                return Err(MergeError::Invalid(format!(
+                    "{}: empty version",
+                    kind.short_name()
+                )));
+            }
+            if update.replace {
+                if cleared.insert(kind) {
+                    next.clear(kind);
+                }
+            } else {
+                let held = self.version(kind).unwrap_or_default();
+                if update.base_version != held {
+                    return Err(MergeError::BaseMismatch {
+                        kind: kind.short_name(),
+                        base: update.base_version.clone(),
+                        held: held.into(),
+                    });
+                }
+            }
+            for name in &update.removed {
+                next.remove(kind, name)?;
+            }
+            for resource in &update.resources {
+                if resource.name.is_empty() {
+                    return Err(MergeError::Invalid(format!(
+                        "{}: resource without a name",
+                        kind.short_name()
+                    )));
+                }
+                next.insert(kind, resource.name.clone(), resource.body.clone())?;
+            }
+            next.versions.insert(kind, update.version.clone());
+        }
+        Ok(next)
+    }
+}
+
+const FIRST_WORKLOAD_IDENTITY: u32 = 256;
+const LAST_WORKLOAD_IDENTITY: u32 = 0x00FF_FFFF;
+
+pub const LAST_APPLIED_FILE: &str = "last-applied.json";
+
+/// Writes `state` so that a crash leaves the previous file or the new one.
+pub fn save(state_dir: &Path, state: &RemoteState) -> std::io::Result<()> {
+    let json = serde_json::to_vec(state).map_err(std::io::Error::other)?;
+    super::certs::write_atomic(&state_dir.join(LAST_APPLIED_FILE), &json, 0o600)
+}
+
+pub fn load(state_dir: &Path) -> Option<RemoteState> {
+    let file = state_dir.join(LAST_APPLIED_FILE);
+    let text = match std::fs::read(&file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(file = %file.display(), error = %e, "cannot read the last applied control-plane state");
+            return None;
+        }
+    };
+    match serde_json::from_slice(&text) {
+        Ok(state) => Some(state),
+        Err(e) => {
+            tracing::warn!(file = %file.display(), error = %e, "ignoring a corrupt last applied control-plane state");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ward_proto::{Identity, IpCacheEntry, Policy, Resource};
+
+    fn policy(name: &str, yaml: &str) -> Resource {
+        Resource {
+            name: name.into(),
+            body: Some(Body::Policy(Policy {
+                yaml: yaml.into(),
+                source: String::new(),
+            })),
+        }
+    }
+
+    fn update(
+        kind: ResourceType,
+        version: &str,
+        base: &str,
+        replace: bool,
+        resources: Vec<Resource>,
+        removed: &[&str],
+    ) -> Update {
+        Update {
+            r#type: kind as i32,
+            version: version.into(),
+            nonce: "1".into(),
+            base_version: base.into(),
+            replace,
+            resources,
+            removed: removed.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn replace_then_difference_then_split_pieces() {
+        let held = Held::default();
+        let v1 = held
+            .merged(&[update(
+                ResourceType::Policy,
+                "v1",
+                "",
+                true,
+                vec![policy("a", "1"), policy("b", "1")],
+                &[],
+            )])
+            .expect("full set");
+        let v2 = v1
+            .merged(&[update(
+                ResourceType::Policy,
+                "v2",
+                "v1",
+                false,
+                vec![policy("c", "1")],
+                &["a"],
+            )])
+            .expect("difference");
+        let state = v2.to_state();
+        assert_eq!(
+            state.policies,
+            [("b".into(), "1".into()), ("c".into(), "1".into())]
+        );
+        assert_eq!(state.versions["policy"], "v2");
+        let pieces = [
+            update(
+                ResourceType::Policy,
+                "v3",
+                "",
+                true,
+                vec![policy("x", "1")],
+                &[],
+            ),
+            update(
+                ResourceType::Policy,
+                "v3",
+                "",
+                true,
+                vec![policy("y", "1")],
+                &[],
+            ),
+        ];
+        let v3 = v2.merged(&pieces).expect("replace in two pieces");
+        let names: Vec<String> = v3.to_state().policies.into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            ["x", "y"],
+            "the second piece must not clear the first"
+        );
+    }
+
+    #[test]
+    fn a_difference_from_another_version_is_a_mismatch() {
+        let held = Held::default()
+            .merged(&[update(ResourceType::Policy, "v1", "", true, vec![], &[])])
+            .expect("full set");
+        let err = held
+            .merged(&[update(ResourceType::Policy, "v3", "v2", false, vec![], &[])])
+            .expect_err("base v2 but v1 held");
+        assert!(matches!(err, MergeError::BaseMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn malformed_resources_are_refused_before_the_agent_sees_them() {
+        let bad_address = Resource {
+            name: "nope".into(),
+            body: Some(Body::Ipcache(IpCacheEntry {
+                address: "nope".into(),
+                identity: 300,
+                node: "n".into(),
+            })),
+        };
+        let reserved_identity = Resource {
+            name: "spiffe://x/a".into(),
+            body: Some(Body::Identity(Identity {
+                spiffe_id: "spiffe://x/a".into(),
+                identity: 2,
+                ..Identity::default()
+            })),
+        };
+        let cases = [
+            update(ResourceType::Ipcache, "v", "", true, vec![bad_address], &[]),
+            update(
+                ResourceType::Identity,
+                "v",
+                "",
+                true,
+                vec![reserved_identity],
+                &[],
+            ),
+            update(
+                ResourceType::Identity,
+                "v",
+                "",
+                true,
+                vec![policy("p", "1")],
+                &[],
+            ),
+            update(ResourceType::Policy, "", "", true, vec![], &[]),
+            Update {
+                r#type: 99,
+                ..update(ResourceType::Policy, "v", "", true, vec![], &[])
+            },
+        ];
+        for case in cases {
+            let err = Held::default()
+                .merged(std::slice::from_ref(&case))
+                .expect_err("malformed");
+            assert!(matches!(err, MergeError::Invalid(_)), "{case:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn state_round_trips_through_disk() {
+        let tmp = super::super::tests::temp_dir("state");
+        let ip = Resource {
+            name: "10.0.0.1".into(),
+            body: Some(Body::Ipcache(IpCacheEntry {
+                address: "10.0.0.1".into(),
+                identity: 300,
+                node: "n".into(),
+            })),
+        };
+        let held = Held::default()
+            .merged(&[
+                update(
+                    ResourceType::Policy,
+                    "p1",
+                    "",
+                    true,
+                    vec![policy("a", "kind: Policy")],
+                    &[],
+                ),
+                update(ResourceType::Ipcache, "i1", "", true, vec![ip], &[]),
+            ])
+            .expect("merge");
+        save(&tmp, &held.to_state()).expect("save");
+        let loaded = load(&tmp).expect("saved state loads");
+        assert_eq!(loaded, held.to_state());
+        assert_eq!(Held::from_state(&loaded), held);
+        std::fs::write(tmp.join(LAST_APPLIED_FILE), "{corrupt").expect("corrupt");
+        assert_eq!(load(&tmp), None);
+    }
+}

@@ -1,0 +1,393 @@
+//! The control plane's certificate authority: created once in the state directory, it signs the
+//! control plane's own serving certificate and the nodes' client certificates.
+use std::{net::IpAddr, time::Duration};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use time::OffsetDateTime;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
+
+use crate::state_dir::{StateDir, StateDirError};
+
+/// The DNS name every serving certificate carries, whatever address agents dial; agents verify
+/// it (`serverName` in their configuration) so that only this CA's control plane is trusted.
+pub const SERVER_NAME: &str = "ward-control";
+
+const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Certificates start a little in the past so that a node whose clock is slightly behind accepts
+/// them at once.
+const BACKDATE: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error(transparent)]
+    State(#[from] StateDirError),
+    #[error("{file}: {reason}")]
+    Load { file: String, reason: String },
+    #[error("state directory belongs to trust domain {found:?}, not {wanted:?}; use another --state-dir or --trust-domain {found}")]
+    TrustDomain { found: String, wanted: String },
+    #[error("certificate signing request refused: {0}")]
+    Csr(String),
+    #[error("node name {name:?} refused: {reason}")]
+    NodeName { name: String, reason: String },
+    #[error("signing failed: {0}")]
+    Sign(#[from] rcgen::Error),
+    #[error("client certificate refused: {0}")]
+    PeerCert(String),
+}
+
+pub struct Ca {
+    trust_domain: String,
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    node_cert_lifetime: Duration,
+}
+
+/// A node name: what the SPIFFE ID `spiffe://<trust domain>/node/<name>` and the logs carry.
+pub fn check_node_name(name: &str) -> Result<(), CaError> {
+    let refuse = |reason: &str| {
+        Err(CaError::NodeName {
+            name: name.chars().take(80).collect(),
+            reason: reason.into(),
+        })
+    };
+    if name.is_empty() || name.len() > 253 {
+        return refuse("must have 1 to 253 characters");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    {
+        return refuse("only lowercase letters, digits, '-' and '.' are allowed");
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return refuse("must start with a letter or digit");
+    }
+    Ok(())
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system's random source works");
+    // Positive, and never a leading zero byte that DER would strip.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    SerialNumber::from_slice(&bytes)
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+impl Ca {
+    /// Loads the CA from `state`, creating it on first start.
+    pub fn load_or_create(
+        state: &StateDir,
+        trust_domain: &str,
+        node_cert_lifetime: Duration,
+    ) -> Result<Ca, CaError> {
+        match state.read(&state.trust_domain())? {
+            Some(found) if found.trim() != trust_domain => {
+                return Err(CaError::TrustDomain {
+                    found: found.trim().into(),
+                    wanted: trust_domain.into(),
+                })
+            }
+            Some(_) => {}
+            None => state.write_atomic(
+                &state.trust_domain(),
+                format!("{trust_domain}\n").as_bytes(),
+                0o644,
+            )?,
+        }
+        let load = |file: &std::path::Path, reason: String| CaError::Load {
+            file: file.display().to_string(),
+            reason,
+        };
+        let (cert_pem, key) = match (state.read(&state.ca_cert())?, state.read(&state.ca_key())?) {
+            (Some(cert), Some(key_pem)) => {
+                let key = KeyPair::from_pem(&key_pem)
+                    .map_err(|e| load(&state.ca_key(), format!("not a private key: {e}")))?;
+                (cert, key)
+            }
+            (None, None) => {
+                let key = KeyPair::generate()?;
+                let mut params = CertificateParams::default();
+                let mut dn = DistinguishedName::new();
+                dn.push(
+                    DnType::CommonName,
+                    format!("ward control plane CA ({trust_domain})"),
+                );
+                params.distinguished_name = dn;
+                params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+                params.key_usages = vec![
+                    KeyUsagePurpose::KeyCertSign,
+                    KeyUsagePurpose::CrlSign,
+                    KeyUsagePurpose::DigitalSignature,
+                ];
+                params.subject_alt_names = vec![SanType::URI(
+                    format!("spiffe://{trust_domain}").try_into().map_err(|_| {
+                        CaError::TrustDomain {
+                            found: trust_domain.into(),
+                            wanted: "a trust domain usable in a URI".into(),
+                        }
+                    })?,
+                )];
+                params.not_before = now() - BACKDATE;
+                params.not_after = now() + CA_LIFETIME;
+                params.serial_number = Some(random_serial());
+                let cert = params.self_signed(&key)?;
+                // Key first: a CA certificate without its key would be useless after a crash.
+                state.write_atomic(&state.ca_key(), key.serialize_pem().as_bytes(), 0o600)?;
+                state.write_atomic(&state.ca_cert(), cert.pem().as_bytes(), 0o644)?;
+                tracing::info!(file = %state.ca_cert().display(), trust_domain, "created the control plane's CA");
+                (cert.pem(), key)
+            }
+            (Some(_), None) => {
+                return Err(load(
+                    &state.ca_key(),
+                    "missing, but the CA certificate exists".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(load(
+                    &state.ca_cert(),
+                    "missing, but the CA key exists".into(),
+                ))
+            }
+        };
+        let cert_der = pem_to_der(&cert_pem)
+            .ok_or_else(|| load(&state.ca_cert(), "not a PEM certificate".into()))?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
+            .map_err(|e| load(&state.ca_cert(), e.to_string()))?;
+        Ok(Ca {
+            trust_domain: trust_domain.into(),
+            issuer,
+            cert_pem,
+            cert_der,
+            node_cert_lifetime,
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    pub fn node_cert_lifetime(&self) -> Duration {
+        self.node_cert_lifetime
+    }
+
+    pub fn node_spiffe_id(&self, node: &str) -> String {
+        format!("spiffe://{}/node/{node}", self.trust_domain)
+    }
+
+    /// Signs a client certificate for `node` with the public key of `csr_pem`. Everything but the
+    /// key is the CA's decision: what the request asks for is ignored.
+    pub fn sign_node(&self, node: &str, csr_pem: &str) -> Result<String, CaError> {
+        check_node_name(node)?;
+        if csr_pem.len() > 16 * 1024 {
+            return Err(CaError::Csr("larger than 16 KiB".into()));
+        }
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CaError::Csr(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, node);
+        params.distinguished_name = dn;
+        params.subject_alt_names =
+            vec![SanType::URI(self.node_spiffe_id(node).try_into().map_err(
+                |_| CaError::NodeName {
+                    name: node.into(),
+                    reason: "not usable in a URI".into(),
+                },
+            )?)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = now() - BACKDATE;
+        params.not_after = now() + self.node_cert_lifetime;
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(cert.pem())
+    }
+
+    /// A serving certificate for `names` (DNS names or IP addresses) plus [`SERVER_NAME`].
+    pub fn issue_server_cert(
+        &self,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, SERVER_NAME);
+        params.distinguished_name = dn;
+        let mut sans = vec![SanType::DnsName(SERVER_NAME.try_into()?)];
+        for name in names {
+            let san = match name.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.as_str().try_into()?),
+            };
+            if !sans.contains(&san) {
+                sans.push(san);
+            }
+        }
+        params.subject_alt_names = sans;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = now() - BACKDATE;
+        params.not_after = now() + lifetime;
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok((vec![cert.der().clone(), self.cert_der.clone()], key))
+    }
+
+    /// The node named by a client certificate this CA signed; the chain was verified during the
+    /// TLS handshake.
+    pub fn node_of(&self, leaf: &CertificateDer<'_>) -> Result<PeerNode, CaError> {
+        peer_node(leaf, &self.trust_domain)
+    }
+}
+
+/// The node of a client certificate and when the certificate stops being valid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerNode {
+    pub node: String,
+    pub not_after: std::time::SystemTime,
+}
+
+pub fn peer_node(leaf: &[u8], trust_domain: &str) -> Result<PeerNode, CaError> {
+    let (_, cert) = X509Certificate::from_der(leaf)
+        .map_err(|e| CaError::PeerCert(format!("cannot parse: {e}")))?;
+    let prefix = format!("spiffe://{trust_domain}/node/");
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| CaError::PeerCert(format!("bad subject alternative names: {e}")))?
+        .ok_or_else(|| CaError::PeerCert("no subject alternative name".into()))?;
+    let node = san
+        .value
+        .general_names
+        .iter()
+        .find_map(|n| match n {
+            GeneralName::URI(uri) => uri.strip_prefix(&prefix),
+            _ => None,
+        })
+        .ok_or_else(|| CaError::PeerCert(format!("no URI SAN {prefix}<node>")))?;
+    check_node_name(node)?;
+    let seconds = cert.validity().not_after.timestamp();
+    let not_after =
+        std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).unwrap_or_default());
+    Ok(PeerNode {
+        node: node.into(),
+        not_after,
+    })
+}
+
+pub fn pem_to_der(pem: &str) -> Option<CertificateDer<'static>> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    CertificateDer::from_pem_slice(pem.as_bytes()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn csr() -> (KeyPair, String) {
+        let key = KeyPair::generate().expect("key");
+        let csr = CertificateParams::new(vec!["ignored.example".into()])
+            .expect("params")
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem");
+        (key, csr)
+    }
+
+    fn ca(dir: &std::path::Path, td: &str) -> Ca {
+        let state = StateDir::open(dir).expect("state dir");
+        Ca::load_or_create(&state, td, Duration::from_secs(3600)).expect("CA")
+    }
+
+    #[test]
+    fn node_certificate_names_the_node_and_nothing_the_csr_asked() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let ca = ca(tmp.path(), "example.org");
+        let (_, csr) = csr();
+        let pem = ca.sign_node("node-a", &csr).expect("signed");
+        let der = pem_to_der(&pem).expect("PEM certificate");
+        let peer = ca.node_of(&der).expect("a node certificate");
+        assert_eq!(peer.node, "node-a");
+        let left = peer
+            .not_after
+            .duration_since(std::time::SystemTime::now())
+            .expect("valid in the future");
+        assert!(left <= Duration::from_secs(3600) && left > Duration::from_secs(3500));
+        let (_, parsed) = X509Certificate::from_der(&der).expect("parse");
+        let sans = format!("{:?}", parsed.subject_alternative_name());
+        assert!(!sans.contains("ignored.example"), "{sans}");
+    }
+
+    #[test]
+    fn ca_survives_a_restart_and_refuses_another_trust_domain() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let first = ca(tmp.path(), "example.org").cert_pem().to_owned();
+        let again = ca(tmp.path(), "example.org").cert_pem().to_owned();
+        assert_eq!(first, again, "the CA is created once");
+        let state = StateDir::open(tmp.path()).expect("state dir");
+        let err = Ca::load_or_create(&state, "other.org", Duration::from_secs(60))
+            .err()
+            .expect("another trust domain must be refused");
+        assert!(err.to_string().contains("example.org"), "{err}");
+    }
+
+    #[test]
+    fn bad_csrs_and_node_names_are_refused() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let ca = ca(tmp.path(), "example.org");
+        let (_, good) = csr();
+        assert!(matches!(
+            ca.sign_node("node-a", "garbage"),
+            Err(CaError::Csr(_))
+        ));
+        let mut tampered = good.clone().into_bytes();
+        let middle = tampered.len() / 2;
+        tampered[middle] = if tampered[middle] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(tampered).expect("ascii");
+        assert!(
+            ca.sign_node("node-a", &tampered).is_err(),
+            "a tampered CSR must not verify"
+        );
+        for bad in ["", "Node", "a/b", "../x", "-x", &"a".repeat(300)] {
+            assert!(
+                matches!(ca.sign_node(bad, &good), Err(CaError::NodeName { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn certificate_of_another_trust_domain_names_no_node() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let other = ca(&tmp.path().join("other"), "other.org");
+        let (_, csr) = csr();
+        let der = pem_to_der(&other.sign_node("node-a", &csr).expect("signed")).expect("der");
+        assert!(matches!(
+            peer_node(&der, "example.org"),
+            Err(CaError::PeerCert(_))
+        ));
+    }
+}

@@ -1,0 +1,272 @@
+//! The state every stream serves from: the four resource sets, the workload registry, and which
+//! stream currently speaks for which node.
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+};
+
+use tokio::sync::watch;
+use ward_proto::{resource::Body, Resource, ResourceType, TrustBundle, Workload};
+
+use crate::{
+    registry::{Refusal, Registry, ReportError},
+    resources::{Delta, ResourceSet, Version},
+};
+
+struct Sets {
+    policy: ResourceSet,
+    identity: ResourceSet,
+    ipcache: ResourceSet,
+    trust_bundle: ResourceSet,
+}
+
+impl Sets {
+    fn get(&self, kind: ResourceType) -> Option<&ResourceSet> {
+        match kind {
+            ResourceType::Policy => Some(&self.policy),
+            ResourceType::Identity => Some(&self.identity),
+            ResourceType::Ipcache => Some(&self.ipcache),
+            ResourceType::TrustBundle => Some(&self.trust_bundle),
+            ResourceType::Unspecified => None,
+        }
+    }
+}
+
+struct State {
+    sets: Sets,
+    registry: Registry,
+}
+
+pub struct Hub {
+    state: Mutex<State>,
+    /// Bumped whenever any set's version changes; every stream watches it.
+    changed: watch::Sender<u64>,
+    /// Bumped whenever the registry changes; the persister watches it.
+    registry_changed: watch::Sender<u64>,
+    sessions: Mutex<HashMap<String, (u64, watch::Sender<bool>)>>,
+    next_session: AtomicU64,
+}
+
+/// Ends a stream when a newer stream of the same node registers.
+pub struct SessionGuard<'a> {
+    hub: &'a Hub,
+    node: String,
+    id: u64,
+    pub replaced: watch::Receiver<bool>,
+}
+
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        let mut sessions = self.hub.sessions.lock().expect("sessions lock poisoned");
+        if sessions
+            .get(&self.node)
+            .is_some_and(|(id, _)| *id == self.id)
+        {
+            sessions.remove(&self.node);
+        }
+    }
+}
+
+impl Hub {
+    /// A hub serving `registry` and the trust bundle at once, and no policy until
+    /// [`Hub::set_policies`] is first called.
+    pub fn new(registry: Registry, trust_bundle_pem: &str, epoch: u64) -> Self {
+        let mut sets = Sets {
+            policy: ResourceSet::new(ResourceType::Policy, epoch),
+            identity: ResourceSet::new(ResourceType::Identity, epoch),
+            ipcache: ResourceSet::new(ResourceType::Ipcache, epoch),
+            trust_bundle: ResourceSet::new(ResourceType::TrustBundle, epoch),
+        };
+        sets.identity.replace_all(registry.identity_resources());
+        sets.ipcache.replace_all(registry.ipcache_resources());
+        let bundle = Resource {
+            name: "ca".into(),
+            body: Some(Body::TrustBundle(TrustBundle {
+                pem: trust_bundle_pem.into(),
+            })),
+        };
+        sets.trust_bundle
+            .replace_all(BTreeMap::from([("ca".to_string(), bundle)]));
+        Hub {
+            state: Mutex::new(State { sets, registry }),
+            changed: watch::Sender::new(0),
+            registry_changed: watch::Sender::new(0),
+            sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("hub lock poisoned")
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    pub fn subscribe_registry(&self) -> watch::Receiver<u64> {
+        self.registry_changed.subscribe()
+    }
+
+    fn bump(sender: &watch::Sender<u64>) {
+        sender.send_modify(|g| *g += 1);
+    }
+
+    /// Serves `policies` from now on. Returns the new version if it changed.
+    pub fn set_policies(&self, policies: BTreeMap<String, Resource>) -> Option<Version> {
+        let mut state = self.lock();
+        if !state.sets.policy.replace_all(policies) {
+            return None;
+        }
+        let version = state.sets.policy.version();
+        drop(state);
+        Self::bump(&self.changed);
+        version
+    }
+
+    pub fn version(&self, kind: ResourceType) -> Option<Version> {
+        self.lock().sets.get(kind).and_then(ResourceSet::version)
+    }
+
+    pub fn len(&self, kind: ResourceType) -> usize {
+        self.lock().sets.get(kind).map_or(0, ResourceSet::len)
+    }
+
+    /// Registers what `node` reports; see [`Registry::report`].
+    pub fn report(
+        &self,
+        node: &str,
+        workloads: Vec<Workload>,
+    ) -> Result<Vec<Refusal>, ReportError> {
+        let mut state = self.lock();
+        let (changed, refusals) = state.registry.report(node, workloads)?;
+        if !changed {
+            return Ok(refusals);
+        }
+        let identities = state.registry.identity_resources();
+        let ipcache = state.registry.ipcache_resources();
+        let a = state.sets.identity.replace_all(identities);
+        let b = state.sets.ipcache.replace_all(ipcache);
+        drop(state);
+        Self::bump(&self.registry_changed);
+        if a || b {
+            Self::bump(&self.changed);
+        }
+        Ok(refusals)
+    }
+
+    pub fn registry_json(&self) -> String {
+        self.lock().registry.to_json()
+    }
+
+    /// For each type, what a holder of `held` must receive.
+    pub fn deltas(
+        &self,
+        held: &BTreeMap<ResourceType, Option<String>>,
+    ) -> Vec<(ResourceType, Delta)> {
+        let state = self.lock();
+        ResourceType::ALL
+            .into_iter()
+            .filter_map(|kind| {
+                let set = state.sets.get(kind)?;
+                let delta = set.diff(held.get(&kind).and_then(|v| v.as_deref()))?;
+                Some((kind, delta))
+            })
+            .collect()
+    }
+
+    /// Makes the calling stream the one that speaks for `node`, ending the previous one.
+    pub fn register_session(&self, node: &str) -> SessionGuard<'_> {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(false);
+        let previous = self
+            .sessions
+            .lock()
+            .expect("sessions lock poisoned")
+            .insert(node.into(), (id, tx));
+        if let Some((_, previous)) = previous {
+            let _ = previous.send(true);
+        }
+        SessionGuard {
+            hub: self,
+            node: node.into(),
+            id,
+            replaced: rx,
+        }
+    }
+
+    pub fn sessions(&self) -> usize {
+        self.sessions.lock().expect("sessions lock poisoned").len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> Hub {
+        Hub::new(Registry::new("example.org"), "PEM", 1)
+    }
+
+    #[test]
+    fn a_new_agent_gets_everything_but_policy_until_policy_is_read() {
+        let hub = hub();
+        let kinds: Vec<ResourceType> = hub
+            .deltas(&BTreeMap::new())
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ResourceType::TrustBundle,
+                ResourceType::Identity,
+                ResourceType::Ipcache
+            ]
+        );
+        hub.set_policies(BTreeMap::new())
+            .expect("first set is a change");
+        assert_eq!(hub.deltas(&BTreeMap::new()).len(), 4);
+    }
+
+    #[test]
+    fn reports_change_identities_and_ip_cache_and_wake_streams() {
+        let hub = hub();
+        let mut changes = hub.subscribe();
+        let workload = Workload {
+            name: "web".into(),
+            spiffe_id: "spiffe://example.org/web".into(),
+            addresses: vec!["10.0.0.1".into()],
+            ..Workload::default()
+        };
+        hub.report("a", vec![workload.clone()]).expect("report");
+        assert!(changes.has_changed().expect("hub alive"));
+        changes.mark_unchanged();
+        assert_eq!(hub.len(ResourceType::Ipcache), 1);
+        hub.report("a", vec![workload]).expect("same report");
+        assert!(
+            !changes.has_changed().expect("hub alive"),
+            "nothing changed"
+        );
+    }
+
+    #[test]
+    fn a_newer_stream_of_a_node_replaces_the_older() {
+        let hub = hub();
+        let first = hub.register_session("a");
+        assert!(!*first.replaced.borrow());
+        let second = hub.register_session("a");
+        assert!(*first.replaced.borrow(), "the first stream is told to end");
+        drop(first);
+        assert_eq!(
+            hub.sessions(),
+            1,
+            "dropping the replaced stream keeps the newer one"
+        );
+        drop(second);
+        assert_eq!(hub.sessions(), 0);
+    }
+}

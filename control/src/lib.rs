@@ -1,0 +1,325 @@
+//! ward's control plane: serves policy, identities, the IP cache and the trust bundle to agents
+//! over one mTLS gRPC stream each, and signs node certificates.
+//!
+//! [`run`] wires the parts: the CA and join tokens ([`ca`], [`tokens`]), the policy directory and
+//! its watcher ([`policy_dir`]), the workload registry ([`registry`]), the versioned resource sets
+//! ([`resources`], [`hub`]), the per-agent streams ([`session`]) and TLS ([`tls`]).
+pub mod ca;
+pub mod hub;
+pub mod limits;
+pub mod policy_dir;
+pub mod registry;
+pub mod resources;
+pub mod service;
+pub mod session;
+pub mod state_dir;
+#[cfg(any(test, feature = "testing"))]
+pub mod test_helpers;
+pub mod tls;
+pub mod tokens;
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt as _;
+use inotify::{Inotify, WatchMask};
+
+use crate::{
+    ca::Ca, hub::Hub, registry::Registry, service::ControlService, state_dir::StateDir,
+    tls::ServingCert, tokens::JoinTokens,
+};
+
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_NODE_CERT_LIFETIME: Duration = Duration::from_secs(3600);
+const SERVING_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub policy_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub token_file: Option<PathBuf>,
+    pub trust_domain: String,
+    pub node_cert_lifetime: Duration,
+    /// Extra DNS names or addresses for the serving certificate.
+    pub server_names: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    State(#[from] state_dir::StateDirError),
+    #[error(transparent)]
+    Ca(#[from] ca::CaError),
+    #[error(transparent)]
+    Tokens(#[from] tokens::TokenError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("{file}: not a registry this control plane wrote: {source}")]
+    Registry {
+        file: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("--trust-domain {0:?}: lowercase letters, digits, '-' and '.' only")]
+    TrustDomain(String),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("watching {dir}: {source}")]
+    Watch {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("serving: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system's random source works");
+    u64::from_le_bytes(bytes)
+}
+
+fn check_trust_domain(td: &str) -> Result<(), ControlError> {
+    let ok = !td.is_empty()
+        && td.split('.').all(|l| {
+            !l.is_empty()
+                && l.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ControlError::TrustDomain(td.into()))
+    }
+}
+
+/// Reads the policy directory and serves it if it is valid; logs every problem otherwise.
+fn load_policies(dir: &Path, hub: &Hub, reason: &str) {
+    let started = Instant::now();
+    match policy_dir::read(dir) {
+        Ok(policies) => {
+            let count = policies.len();
+            match hub.set_policies(policies) {
+                Some(version) => tracing::info!(
+                    reason,
+                    policies = count,
+                    %version,
+                    read_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "policy set updated"
+                ),
+                None => tracing::debug!(reason, "policy directory unchanged"),
+            }
+        }
+        Err(errors) => {
+            for e in &errors {
+                tracing::error!(reason, error = %e, "policy refused");
+            }
+            tracing::error!(
+                reason,
+                errors = errors.len(),
+                dir = %dir.display(),
+                "policy directory refused whole; agents keep the policy they have"
+            );
+        }
+    }
+}
+
+type PolicyEvents = inotify::EventStream<Vec<u8>>;
+
+/// Watches the policy directory; failing here fails the start, so a typo in --policy-dir is
+/// seen at once.
+fn watch_policy_dir(dir: &Path) -> Result<PolicyEvents, ControlError> {
+    let watch_err = |source| ControlError::Watch {
+        dir: dir.to_owned(),
+        source,
+    };
+    let inotify = Inotify::init().map_err(watch_err)?;
+    let mask = WatchMask::CLOSE_WRITE
+        | WatchMask::MOVED_TO
+        | WatchMask::MOVED_FROM
+        | WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::ATTRIB;
+    inotify.watches().add(dir, mask).map_err(watch_err)?;
+    inotify
+        .into_event_stream(vec![0u8; 64 * 1024])
+        .map_err(watch_err)
+}
+
+/// Re-reads the policy directory after each burst of changes.
+async fn follow_policies(dir: PathBuf, mut events: PolicyEvents, hub: Arc<Hub>) {
+    while let Some(event) = events.next().await {
+        if let Err(e) = event {
+            tracing::warn!(error = %e, "reading policy directory events");
+        }
+        // Settle: wait for a quiet moment, but never longer than SETTLE_MAX in all.
+        let deadline = tokio::time::Instant::now() + policy_dir::SETTLE_MAX;
+        loop {
+            let quiet = tokio::time::Instant::now() + policy_dir::SETTLE;
+            match tokio::time::timeout_at(quiet.min(deadline), events.next()).await {
+                Ok(Some(_)) if tokio::time::Instant::now() < deadline => continue,
+                _ => break,
+            }
+        }
+        let (dir, hub) = (dir.clone(), hub.clone());
+        let _ = tokio::task::spawn_blocking(move || load_policies(&dir, &hub, "file change")).await;
+    }
+    tracing::error!(dir = %dir.display(), "policy directory watch ended; restart the control plane to follow changes");
+}
+
+/// Writes the registry after each change, coalescing bursts.
+async fn persist_registry(hub: Arc<Hub>, state: StateDir) {
+    let mut changes = hub.subscribe_registry();
+    while changes.changed().await.is_ok() {
+        let json = hub.registry_json();
+        let state = state.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            state.write_atomic(&state.registry(), json.as_bytes(), 0o600)
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "saving the workload registry failed"),
+            Err(e) => tracing::error!(error = %e, "saving the workload registry failed"),
+        }
+    }
+}
+
+/// Runs the control plane until `shutdown` completes. Prints `listening on <addr>` on stdout
+/// once it accepts connections.
+pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<(), ControlError> {
+    check_trust_domain(&opts.trust_domain)?;
+    let state = StateDir::open(&opts.state_dir)?;
+    let ca = Arc::new(Ca::load_or_create(
+        &state,
+        &opts.trust_domain,
+        opts.node_cert_lifetime,
+    )?);
+    let registry = match state.read(&state.registry())? {
+        Some(text) => Registry::from_json(&opts.trust_domain, &text).map_err(|source| {
+            ControlError::Registry {
+                file: state.registry(),
+                source,
+            }
+        })?,
+        None => Registry::new(&opts.trust_domain),
+    };
+    let tokens = Arc::new(JoinTokens::new(opts.token_file.as_deref(), &state)?);
+    let hub = Arc::new(Hub::new(registry, ca.cert_pem(), random_u64()));
+    let events = watch_policy_dir(&opts.policy_dir)?;
+    load_policies(&opts.policy_dir, &hub, "start");
+    let watcher = tokio::spawn(follow_policies(
+        opts.policy_dir.clone(),
+        events,
+        hub.clone(),
+    ));
+    tokio::spawn(persist_registry(hub.clone(), state.clone()));
+
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| ControlError::Listen {
+            addr: opts.listen,
+            source,
+        })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ControlError::Listen {
+            addr: opts.listen,
+            source,
+        })?;
+    let mut names = vec!["localhost".to_string()];
+    if !bound.ip().is_unspecified() {
+        names.push(bound.ip().to_string());
+    }
+    names.extend(opts.server_names.iter().cloned());
+    let serving = ServingCert::issue(&ca, names.clone(), SERVING_CERT_LIFETIME)?;
+    tokio::spawn(serving.clone().keep_fresh(ca.clone()));
+    let config = tls::server_config(&ca, serving)?;
+
+    let service = ward_proto::control_server::ControlServer::new(ControlService::new(
+        hub.clone(),
+        ca.clone(),
+        tokens,
+    ))
+    .max_decoding_message_size(limits::MAX_AGENT_MESSAGE_BYTES)
+    .max_encoding_message_size(limits::MAX_SERVER_MESSAGE_BYTES);
+    tracing::info!(
+        listen = %bound,
+        trust_domain = opts.trust_domain,
+        policy_dir = %opts.policy_dir.display(),
+        state_dir = %opts.state_dir.display(),
+        token_file = ?opts.token_file,
+        node_cert_lifetime_s = opts.node_cert_lifetime.as_secs(),
+        server_names = ?names,
+        identities = hub.len(ward_proto::ResourceType::Identity),
+        addresses = hub.len(ward_proto::ResourceType::Ipcache),
+        "control plane ready"
+    );
+    println!("listening on {bound}");
+    let served = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(Some(16))
+        .concurrency_limit_per_connection(32)
+        .serve_with_incoming_shutdown(service, tls::incoming(listener, config), shutdown)
+        .await;
+    watcher.abort();
+    // The last registry change may still be queued for writing.
+    let _ = state.write_atomic(&state.registry(), hub.registry_json().as_bytes(), 0o600);
+    served?;
+    Ok(())
+}
+
+/// Parses `90s`, `30m`, `1h`, `2d` or a number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 90s, 30m or 1h"))?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("{text:?}: unit must be s, m, h or d")),
+    };
+    if seconds == 0 {
+        return Err(format!("{text:?} must be longer than zero"));
+    }
+    Ok(Duration::from_secs(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+
+    #[test]
+    fn trust_domains_are_checked() {
+        assert!(check_trust_domain("cluster.local").is_ok());
+        assert!(check_trust_domain("Example.org").is_err());
+        assert!(check_trust_domain("a..b").is_err());
+    }
+}

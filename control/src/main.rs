@@ -1,0 +1,128 @@
+//! `ward-control`: the control plane's command line.
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use ward_control::{parse_duration, Options, DEFAULT_TRUST_DOMAIN};
+
+#[derive(Parser)]
+#[command(
+    name = "ward-control",
+    version,
+    about = "ward's control plane: serves policy, identities and the IP cache to ward agents over mTLS gRPC",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Directory of policy files (*.yaml, *.yml), watched for changes.
+    #[arg(long, required = false)]
+    policy_dir: Option<PathBuf>,
+    /// Address to serve gRPC on.
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    listen: std::net::SocketAddr,
+    /// Where the CA, used join tokens and the workload registry are kept (created 0700).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// One-time join tokens, one a line, optionally followed by the node name it is bound to.
+    /// Re-read at every join. Without it, nodes cannot join.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// SPIFFE trust domain of node and workload identities.
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Lifetime of node certificates (e.g. 1h, 30m); agents renew at half of it.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    node_cert_lifetime: std::time::Duration,
+    /// Extra DNS name or address for the serving certificate (repeatable). It always carries
+    /// "ward-control", which agents verify by default.
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Appends a new random join token to a token file and prints it.
+    NewToken {
+        #[arg(long)]
+        token_file: PathBuf,
+        /// Only this node may join with the token.
+        #[arg(long)]
+        node: Option<String>,
+    },
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn new_token(file: &std::path::Path, node: Option<&str>) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Some(node) = node {
+        ward_control::ca::check_node_name(node)?;
+    }
+    let token = ward_control::tokens::generate();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| format!("opening {}", file.display()))?;
+    let line = match node {
+        Some(node) => format!("{token} {node}\n"),
+        None => format!("{token}\n"),
+    };
+    f.write_all(line.as_bytes())
+        .with_context(|| format!("writing {}", file.display()))?;
+    println!("{token}");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::NewToken { token_file, node }) = cli.command {
+        return new_token(&token_file, node.as_deref());
+    }
+    let args = cli.serve;
+    init_logging(&args.log_format);
+    let opts = Options {
+        policy_dir: args.policy_dir.context("--policy-dir is required")?,
+        listen: args.listen,
+        state_dir: args.state_dir.context("--state-dir is required")?,
+        token_file: args.token_file,
+        trust_domain: args.trust_domain,
+        node_cert_lifetime: args.node_cert_lifetime,
+        server_names: args.server_names,
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    ward_control::run(opts, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,445 @@
+//! The workload registry: what every node reported (workload, SPIFFE ID, labels, addresses), the
+//! numeric identity allocated to each SPIFFE ID, and the IDENTITY and IPCACHE resources derived
+//! from them.
+//!
+//! Identities are allocated with the agent's scheme (FNV-1a of the SPIFFE ID into the workload
+//! range, probing upwards on a collision), so an ID gets the same number in local mode and under
+//! the control plane unless two IDs collide. Unlike the agent, the control plane remembers every
+//! allocation, so a number never moves once given, whichever IDs appear later.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use agent_common::IDENTITY_FIRST_ALLOCATED;
+use serde::{Deserialize, Serialize};
+use ward_proto::{resource::Body, Identity, IpCacheEntry, Resource, Workload};
+
+/// The last workload identity; CIDR identities start above it (same as the agent).
+pub const IDENTITY_LAST_WORKLOAD: u32 = 0x00FF_FFFF;
+
+pub const MAX_WORKLOADS_PER_NODE: usize = 10_000;
+pub const MAX_ADDRESSES_PER_WORKLOAD: usize = 64;
+pub const MAX_LABELS_PER_WORKLOAD: usize = 64;
+const MAX_TEXT: usize = 512;
+const MAX_SPIFFE_ID: usize = 2048;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReportError {
+    #[error("{count} workloads reported; at most {MAX_WORKLOADS_PER_NODE} per node")]
+    TooManyWorkloads { count: usize },
+}
+
+/// One workload of a report that was not registered, or registered in part.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub workload: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRecord {
+    pub name: String,
+    pub spiffe_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RegistryFile {
+    identities: BTreeMap<String, u32>,
+    nodes: BTreeMap<String, Vec<WorkloadRecord>>,
+}
+
+#[derive(Debug, Default)]
+pub struct Registry {
+    trust_domain: String,
+    identities: BTreeMap<String, u32>,
+    taken: BTreeSet<u32>,
+    nodes: BTreeMap<String, Vec<WorkloadRecord>>,
+}
+
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+fn text_ok(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_TEXT && !s.chars().any(char::is_control)
+}
+
+impl Registry {
+    pub fn new(trust_domain: &str) -> Self {
+        Registry {
+            trust_domain: trust_domain.into(),
+            ..Registry::default()
+        }
+    }
+
+    pub fn from_json(trust_domain: &str, text: &str) -> Result<Self, serde_json::Error> {
+        let file: RegistryFile = serde_json::from_str(text)?;
+        let mut registry = Registry::new(trust_domain);
+        registry.taken = file.identities.values().copied().collect();
+        registry.identities = file.identities;
+        registry.nodes = file.nodes;
+        Ok(registry)
+    }
+
+    pub fn to_json(&self) -> String {
+        let file = RegistryFile {
+            identities: self.identities.clone(),
+            nodes: self.nodes.clone(),
+        };
+        serde_json::to_string_pretty(&file).expect("the registry serializes")
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = (&str, &[WorkloadRecord])> {
+        self.nodes.iter().map(|(n, w)| (n.as_str(), w.as_slice()))
+    }
+
+    /// The numeric identity of `spiffe_id`, allocating one on first sight.
+    pub fn allocate(&mut self, spiffe_id: &str) -> u32 {
+        if let Some(id) = self.identities.get(spiffe_id) {
+            return *id;
+        }
+        let span = IDENTITY_LAST_WORKLOAD - IDENTITY_FIRST_ALLOCATED + 1;
+        let mut slot = fnv1a(spiffe_id.as_bytes()) % span;
+        while self.taken.contains(&(IDENTITY_FIRST_ALLOCATED + slot)) {
+            slot = (slot + 1) % span;
+        }
+        let id = IDENTITY_FIRST_ALLOCATED + slot;
+        self.taken.insert(id);
+        self.identities.insert(spiffe_id.into(), id);
+        id
+    }
+
+    /// The first registration of a SPIFFE ID other than on `node`; it fixes the labels and
+    /// namespace every other workload with that ID must have.
+    fn owner_elsewhere(&self, node: &str, spiffe_id: &str) -> Option<(&str, &WorkloadRecord)> {
+        self.nodes
+            .iter()
+            .filter(|(n, _)| n.as_str() != node)
+            .flat_map(|(n, ws)| ws.iter().map(move |w| (n.as_str(), w)))
+            .find(|(_, w)| w.spiffe_id == spiffe_id)
+    }
+
+    fn address_owner_elsewhere(&self, node: &str, address: IpAddr) -> Option<&str> {
+        self.nodes
+            .iter()
+            .filter(|(n, _)| n.as_str() != node)
+            .find(|(_, ws)| ws.iter().any(|w| w.addresses.contains(&address)))
+            .map(|(n, _)| n.as_str())
+    }
+
+    /// Replaces what `node` reported before with `workloads`. Workloads that are malformed or
+    /// conflict with another node's are left out (or lose the conflicting addresses) and listed
+    /// in the returned refusals; the rest is registered. Returns whether anything changed.
+    pub fn report(
+        &mut self,
+        node: &str,
+        workloads: Vec<Workload>,
+    ) -> Result<(bool, Vec<Refusal>), ReportError> {
+        if workloads.len() > MAX_WORKLOADS_PER_NODE {
+            return Err(ReportError::TooManyWorkloads {
+                count: workloads.len(),
+            });
+        }
+        let prefix = format!("spiffe://{}/", self.trust_domain);
+        let mut refusals = Vec::new();
+        let mut accepted: Vec<WorkloadRecord> = Vec::with_capacity(workloads.len());
+        let mut seen_addresses = BTreeSet::new();
+        for w in workloads {
+            let name: String = w.name.chars().take(80).collect();
+            let mut refuse = |reason: String| {
+                refusals.push(Refusal {
+                    workload: name.clone(),
+                    reason,
+                })
+            };
+            if !text_ok(&w.name) {
+                refuse("the name must be 1 to 512 printable characters".into());
+                continue;
+            }
+            if accepted.iter().any(|a| a.name == w.name) {
+                refuse("reported twice".into());
+                continue;
+            }
+            if !w.spiffe_id.starts_with(&prefix)
+                || w.spiffe_id.len() == prefix.len()
+                || w.spiffe_id.len() > MAX_SPIFFE_ID
+                || w.spiffe_id
+                    .chars()
+                    .any(|c| c.is_control() || c.is_whitespace())
+            {
+                refuse(format!(
+                    "SPIFFE ID {:?} is not in trust domain {:?}",
+                    w.spiffe_id.chars().take(120).collect::<String>(),
+                    self.trust_domain
+                ));
+                continue;
+            }
+            if w.labels.len() > MAX_LABELS_PER_WORKLOAD
+                || w.labels
+                    .iter()
+                    .any(|(k, v)| !text_ok(k) || v.len() > MAX_TEXT)
+                || w.namespace.as_deref().is_some_and(|n| !text_ok(n))
+            {
+                refuse(format!(
+                    "at most {MAX_LABELS_PER_WORKLOAD} labels of printable text up to {MAX_TEXT} bytes"
+                ));
+                continue;
+            }
+            if w.addresses.len() > MAX_ADDRESSES_PER_WORKLOAD {
+                refuse(format!(
+                    "{} addresses; at most {MAX_ADDRESSES_PER_WORKLOAD}",
+                    w.addresses.len()
+                ));
+                continue;
+            }
+            let labels: BTreeMap<String, String> = w.labels.into_iter().collect();
+            let same_identity =
+                |other: &WorkloadRecord| other.labels == labels && other.namespace == w.namespace;
+            if let Some(other) = accepted.iter().find(|a| a.spiffe_id == w.spiffe_id) {
+                if !same_identity(other) {
+                    refuse(format!(
+                        "shares SPIFFE ID {} with workload {:?} but not its labels and namespace",
+                        w.spiffe_id, other.name
+                    ));
+                    continue;
+                }
+            }
+            if let Some((other_node, other)) = self.owner_elsewhere(node, &w.spiffe_id) {
+                if !same_identity(other) {
+                    refuse(format!(
+                        "SPIFFE ID {} is registered by node {other_node:?} with other labels or namespace",
+                        w.spiffe_id
+                    ));
+                    continue;
+                }
+            }
+            let mut addresses = Vec::with_capacity(w.addresses.len());
+            for text in &w.addresses {
+                let Ok(address) = text.parse::<IpAddr>() else {
+                    refuse(format!(
+                        "{:?} is not an IP address",
+                        text.chars().take(60).collect::<String>()
+                    ));
+                    continue;
+                };
+                if let Some(owner) = self.address_owner_elsewhere(node, address) {
+                    refuse(format!(
+                        "address {address} belongs to a workload of node {owner:?}"
+                    ));
+                    continue;
+                }
+                if !seen_addresses.insert(address) {
+                    refuse(format!("address {address} is reported by two workloads"));
+                    continue;
+                }
+                addresses.push(address);
+            }
+            accepted.push(WorkloadRecord {
+                name: w.name,
+                spiffe_id: w.spiffe_id,
+                namespace: w.namespace,
+                labels,
+                addresses,
+            });
+        }
+        accepted.sort_by(|a, b| a.name.cmp(&b.name));
+        for w in &accepted {
+            self.allocate(&w.spiffe_id);
+        }
+        let changed = self.nodes.get(node) != Some(&accepted);
+        if accepted.is_empty() {
+            self.nodes.remove(node);
+        } else {
+            self.nodes.insert(node.into(), accepted);
+        }
+        Ok((changed, refusals))
+    }
+
+    /// One IDENTITY resource per SPIFFE ID some node reports.
+    pub fn identity_resources(&self) -> BTreeMap<String, Resource> {
+        let mut out = BTreeMap::new();
+        for w in self.nodes.values().flatten() {
+            out.entry(w.spiffe_id.clone()).or_insert_with(|| Resource {
+                name: w.spiffe_id.clone(),
+                body: Some(Body::Identity(Identity {
+                    spiffe_id: w.spiffe_id.clone(),
+                    identity: self.identities[&w.spiffe_id],
+                    labels: w.labels.clone().into_iter().collect(),
+                    namespace: w.namespace.clone(),
+                })),
+            });
+        }
+        out
+    }
+
+    /// One IPCACHE resource per reported workload address.
+    pub fn ipcache_resources(&self) -> BTreeMap<String, Resource> {
+        let mut out = BTreeMap::new();
+        for (node, workloads) in &self.nodes {
+            for w in workloads {
+                for address in &w.addresses {
+                    let name = address.to_string();
+                    out.entry(name.clone()).or_insert_with(|| Resource {
+                        name: name.clone(),
+                        body: Some(Body::Ipcache(IpCacheEntry {
+                            address: name,
+                            identity: self.identities[&w.spiffe_id],
+                            node: node.clone(),
+                        })),
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, app: &str, addresses: &[&str]) -> Workload {
+        Workload {
+            name: name.into(),
+            spiffe_id: format!("spiffe://example.org/ns/demo/sa/{app}"),
+            namespace: Some("demo".into()),
+            labels: [("app".to_string(), app.to_string())].into_iter().collect(),
+            addresses: addresses.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn allocation_matches_the_agents_hash_and_never_moves() {
+        let mut r = Registry::new("example.org");
+        let id = r.allocate("spiffe://x/a");
+        let span = IDENTITY_LAST_WORKLOAD - IDENTITY_FIRST_ALLOCATED + 1;
+        assert_eq!(id, IDENTITY_FIRST_ALLOCATED + fnv1a(b"spiffe://x/a") % span);
+        let restored = Registry::from_json("example.org", &r.to_json()).expect("round trip");
+        let mut restored = restored;
+        assert_eq!(restored.allocate("spiffe://x/a"), id);
+        assert_ne!(restored.allocate("spiffe://x/b"), id);
+    }
+
+    #[test]
+    fn collisions_probe_to_the_next_free_number() {
+        let mut r = Registry::new("example.org");
+        let id = r.allocate("spiffe://x/a");
+        // Force a collision by marking the hash slot of a new ID as taken.
+        let span = IDENTITY_LAST_WORKLOAD - IDENTITY_FIRST_ALLOCATED + 1;
+        let slot_b = IDENTITY_FIRST_ALLOCATED + fnv1a(b"spiffe://x/b") % span;
+        r.taken.insert(slot_b);
+        let b = r.allocate("spiffe://x/b");
+        assert_ne!(b, slot_b);
+        assert_ne!(b, id);
+        assert!((IDENTITY_FIRST_ALLOCATED..=IDENTITY_LAST_WORKLOAD).contains(&b));
+    }
+
+    #[test]
+    fn reports_build_identities_and_the_ip_cache_of_all_nodes() {
+        let mut r = Registry::new("example.org");
+        let (changed, refusals) = r
+            .report("a", vec![workload("web", "web", &["10.0.0.1", "fd00::1"])])
+            .expect("report");
+        assert!(changed && refusals.is_empty(), "{refusals:?}");
+        r.report("b", vec![workload("db", "db", &["10.0.0.2"])])
+            .expect("report");
+        let ids = r.identity_resources();
+        assert_eq!(ids.len(), 2);
+        let cache = r.ipcache_resources();
+        assert_eq!(
+            cache.keys().collect::<Vec<_>>(),
+            ["10.0.0.1", "10.0.0.2", "fd00::1"]
+        );
+        let (changed, _) = r
+            .report("a", vec![workload("web", "web", &["10.0.0.1", "fd00::1"])])
+            .expect("report");
+        assert!(!changed, "the same report changes nothing");
+        r.report("a", vec![]).expect("report");
+        assert_eq!(
+            r.ipcache_resources().len(),
+            1,
+            "node a's addresses are gone"
+        );
+    }
+
+    #[test]
+    fn a_node_cannot_take_another_nodes_address_or_relabel_its_identity() {
+        let mut r = Registry::new("example.org");
+        r.report("a", vec![workload("web", "web", &["10.0.0.1"])])
+            .expect("report");
+        let mut relabelled = workload("evil", "web", &["10.0.0.9"]);
+        relabelled.labels.insert("role".into(), "admin".into());
+        let (_, refusals) = r
+            .report(
+                "b",
+                vec![
+                    workload("thief", "thief", &["10.0.0.1", "10.0.0.3"]),
+                    relabelled,
+                ],
+            )
+            .expect("report");
+        assert_eq!(refusals.len(), 2, "{refusals:?}");
+        assert!(refusals[0]
+            .reason
+            .contains("belongs to a workload of node \"a\""));
+        assert!(refusals[1].reason.contains("registered by node \"a\""));
+        let cache = r.ipcache_resources();
+        let Some(Body::Ipcache(entry)) = &cache["10.0.0.1"].body else {
+            panic!("an IP cache entry")
+        };
+        assert_eq!(entry.node, "a", "the address stays with its first owner");
+        assert!(
+            cache.contains_key("10.0.0.3"),
+            "the thief's own address is kept"
+        );
+        assert!(!cache.contains_key("10.0.0.9"));
+    }
+
+    #[test]
+    fn malformed_workloads_are_refused_one_by_one() {
+        let mut r = Registry::new("example.org");
+        let mut foreign = workload("foreign", "x", &[]);
+        foreign.spiffe_id = "spiffe://other.org/x".into();
+        let bad_address = workload("bad", "bad", &["not-an-ip"]);
+        let many = workload(
+            "many",
+            "many",
+            &vec!["10.1.1.1"; MAX_ADDRESSES_PER_WORKLOAD + 1],
+        );
+        let (_, refusals) = r
+            .report(
+                "a",
+                vec![
+                    foreign,
+                    bad_address,
+                    many,
+                    workload("ok", "ok", &["10.0.0.5"]),
+                ],
+            )
+            .expect("report");
+        assert_eq!(refusals.len(), 3, "{refusals:?}");
+        assert_eq!(
+            r.identity_resources().len(),
+            2,
+            "ok and bad (without its address)"
+        );
+        let too_many = (0..=MAX_WORKLOADS_PER_NODE)
+            .map(|i| workload(&format!("w{i}"), "w", &[]))
+            .collect();
+        assert!(matches!(
+            r.report("a", too_many),
+            Err(ReportError::TooManyWorkloads { .. })
+        ));
+    }
+}

@@ -1,0 +1,185 @@
+//! The gRPC service: Join, Renew and Stream, and who may call which.
+use std::{pin::Pin, sync::Arc, sync::Mutex};
+
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+use ward_proto::{
+    control_server::Control, AgentMessage, JoinRequest, JoinResponse, RenewRequest, RenewResponse,
+    ServerMessage,
+};
+
+use crate::{
+    ca::{Ca, CaError, PeerNode},
+    hub::Hub,
+    limits::{self, TokenBucket},
+    session::Session,
+    tokens::{JoinTokens, TokenError},
+};
+
+pub struct ControlService {
+    hub: Arc<Hub>,
+    ca: Arc<Ca>,
+    tokens: Arc<JoinTokens>,
+    joins: Mutex<TokenBucket>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum JoinError {
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+}
+
+impl From<JoinError> for Status {
+    fn from(e: JoinError) -> Status {
+        match &e {
+            JoinError::Token(TokenError::Read { .. } | TokenError::State(_)) => {
+                Status::internal("the control plane cannot read its token file or state")
+            }
+            JoinError::Token(_) => Status::permission_denied(e.to_string()),
+            JoinError::Ca(CaError::Csr(_) | CaError::NodeName { .. }) => {
+                Status::invalid_argument(e.to_string())
+            }
+            JoinError::Ca(_) => Status::internal("signing failed"),
+        }
+    }
+}
+
+fn remote<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map_or_else(|| "unknown".into(), |a| a.to_string())
+}
+
+impl ControlService {
+    pub fn new(hub: Arc<Hub>, ca: Arc<Ca>, tokens: Arc<JoinTokens>) -> Self {
+        ControlService {
+            hub,
+            ca,
+            tokens,
+            joins: Mutex::new(TokenBucket::new(
+                limits::JOIN_BURST,
+                limits::JOINS_PER_SECOND,
+            )),
+        }
+    }
+
+    /// The node named by the request's client certificate, which the TLS layer has verified.
+    fn peer<T>(&self, request: &Request<T>) -> Result<PeerNode, Status> {
+        let certs = request
+            .peer_certs()
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| {
+                tracing::warn!(
+                    peer = remote(request),
+                    "call refused: no client certificate"
+                );
+                Status::unauthenticated(
+                "a client certificate signed by this control plane's CA is required; join first",
+            )
+            })?;
+        self.ca.node_of(&certs[0]).map_err(|e| {
+            tracing::warn!(peer = remote(request), error = %e, "call refused");
+            Status::permission_denied(e.to_string())
+        })
+    }
+}
+
+type ServerStream = Pin<Box<dyn Stream<Item = Result<ServerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let peer = remote(&request);
+        if !self.joins.lock().expect("join limiter poisoned").try_take() {
+            tracing::warn!(peer, "join refused: too many joins; slow down");
+            return Err(Status::resource_exhausted("too many joins; retry later"));
+        }
+        let JoinRequest {
+            token,
+            node,
+            csr_pem,
+        } = request.into_inner();
+        let node_shown = limits::truncate(&node, 253).to_owned();
+        let ca = self.ca.clone();
+        let tokens = self.tokens.clone();
+        let issued = tokio::task::spawn_blocking(move || {
+            tokens.redeem(&token, &node, || -> Result<String, JoinError> {
+                Ok(ca.sign_node(&node, &csr_pem)?)
+            })
+        })
+        .await
+        .map_err(|_| Status::internal("join task failed"))?;
+        match issued {
+            Ok(cert_pem) => {
+                tracing::info!(
+                    node = node_shown,
+                    peer,
+                    lifetime_s = self.ca.node_cert_lifetime().as_secs(),
+                    "node joined"
+                );
+                Ok(Response::new(JoinResponse {
+                    cert_pem,
+                    ca_pem: self.ca.cert_pem().into(),
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(node = node_shown, peer, error = %e, "join refused");
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn renew(
+        &self,
+        request: Request<RenewRequest>,
+    ) -> Result<Response<RenewResponse>, Status> {
+        let peer = self.peer(&request)?;
+        let ca = self.ca.clone();
+        let node = peer.node.clone();
+        let csr = request.into_inner().csr_pem;
+        let signed = tokio::task::spawn_blocking(move || ca.sign_node(&node, &csr))
+            .await
+            .map_err(|_| Status::internal("renew task failed"))?;
+        match signed {
+            Ok(cert_pem) => {
+                tracing::info!(node = peer.node, "node certificate renewed");
+                Ok(Response::new(RenewResponse {
+                    cert_pem,
+                    ca_pem: self.ca.cert_pem().into(),
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(node = peer.node, error = %e, "renewal refused");
+                Err(Status::invalid_argument(e.to_string()))
+            }
+        }
+    }
+
+    type StreamStream = ServerStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = self.peer(&request)?;
+        let inbound = request.into_inner();
+        let (out, rx) = mpsc::channel(4);
+        let session = Session::new(self.hub.clone(), peer.clone(), out.clone());
+        tokio::spawn(async move {
+            let node = peer.node.clone();
+            match session.run(inbound).await {
+                Ok(()) => tracing::info!(node, "agent disconnected"),
+                Err(status) => {
+                    tracing::info!(node, code = ?status.code(), reason = status.message(), "stream ended");
+                    let _ = out.send(Err(status)).await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}

@@ -1,0 +1,162 @@
+//! The control plane's state directory: every file it keeps, their permissions, and writes that a
+//! crash cannot leave half done.
+use std::{
+    io::Write as _,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateDirError {
+    #[error("state directory {dir}: {source}")]
+    Create {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: cannot write: {source}")]
+    Write {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {reason}")]
+    Corrupt { file: PathBuf, reason: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    /// Creates the directory (mode 0700: it holds the CA's private key) if it does not exist.
+    pub fn open(dir: &Path) -> Result<Self, StateDirError> {
+        let create = |source| StateDirError::Create {
+            dir: dir.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(create)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(create)?;
+        Ok(StateDir {
+            dir: dir.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca-key.pem")
+    }
+
+    /// SHA-256 of every join token already used, one hex digest a line.
+    pub fn used_tokens(&self) -> PathBuf {
+        self.dir.join("used-tokens")
+    }
+
+    /// Workloads reported by the nodes and the identities allocated to them.
+    pub fn registry(&self) -> PathBuf {
+        self.dir.join("registry.json")
+    }
+
+    /// Which trust domain this state belongs to.
+    pub fn trust_domain(&self) -> PathBuf {
+        self.dir.join("trust-domain")
+    }
+
+    /// `None` when the file does not exist.
+    pub fn read(&self, file: &Path) -> Result<Option<String>, StateDirError> {
+        match std::fs::read_to_string(file) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateDirError::Read {
+                file: file.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Replaces `file` with `contents` by writing a sibling and renaming it over, so a reader or
+    /// a crash sees the old file or the new one, never a mix.
+    pub fn write_atomic(
+        &self,
+        file: &Path,
+        contents: &[u8],
+        mode: u32,
+    ) -> Result<(), StateDirError> {
+        write_atomic(file, contents, mode)
+    }
+
+    /// Appends one line and syncs it before returning, so a token recorded as used stays used.
+    pub fn append_line(&self, file: &Path, line: &str) -> Result<(), StateDirError> {
+        let write = |source| StateDirError::Write {
+            file: file.to_owned(),
+            source,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(file)
+            .map_err(write)?;
+        f.write_all(format!("{line}\n").as_bytes()).map_err(write)?;
+        f.sync_all().map_err(write)
+    }
+}
+
+pub fn write_atomic(file: &Path, contents: &[u8], mode: u32) -> Result<(), StateDirError> {
+    let write = |source| StateDirError::Write {
+        file: file.to_owned(),
+        source,
+    };
+    let mut tmp_name = file.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = file.with_file_name(tmp_name);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(write)?;
+    f.write_all(contents).map_err(write)?;
+    f.sync_all().map_err(write)?;
+    std::fs::rename(&tmp, file).map_err(write)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_and_keeps_the_mode() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let state = StateDir::open(&tmp.path().join("s")).expect("state dir");
+        let file = state.ca_key();
+        state
+            .write_atomic(&file, b"one", 0o600)
+            .expect("first write");
+        state
+            .write_atomic(&file, b"two", 0o600)
+            .expect("second write");
+        assert_eq!(state.read(&file).expect("read").as_deref(), Some("two"));
+        let mode = std::fs::metadata(&file).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the CA key must stay private");
+        let dir_mode = std::fs::metadata(state.path())
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(dir_mode, 0o700);
+        assert_eq!(state.read(&state.registry()).expect("read missing"), None);
+    }
+}

@@ -1,0 +1,204 @@
+//! A real `ward-control` process for tests: started on a loopback port with its own policy
+//! directory, state directory and token file, killed when dropped. Used by this crate's
+//! integration tests and by the privileged multi-node tests (which pass the binary's path).
+use std::{
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub struct ControlPlaneOptions {
+    /// The `ward-control` binary.
+    pub binary: PathBuf,
+    /// A directory of the test's own; policy/, state/, tokens and control.log go in it.
+    pub root: PathBuf,
+    /// `127.0.0.1:0` picks a free port; multi-node tests listen on a veth address.
+    pub listen: SocketAddr,
+    pub trust_domain: String,
+    /// `--node-cert-lifetime`, e.g. `1h` or `3s`.
+    pub node_cert_lifetime: String,
+    pub extra_args: Vec<String>,
+}
+
+impl ControlPlaneOptions {
+    pub fn new(binary: impl Into<PathBuf>, root: impl Into<PathBuf>) -> Self {
+        ControlPlaneOptions {
+            binary: binary.into(),
+            root: root.into(),
+            listen: "127.0.0.1:0".parse().expect("loopback address"),
+            trust_domain: "example.org".into(),
+            node_cert_lifetime: "1h".into(),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+pub struct ControlPlane {
+    child: Option<Child>,
+    opts: ControlPlaneOptions,
+    /// Where it listens (the real port when asked for port 0).
+    pub address: SocketAddr,
+}
+
+impl ControlPlane {
+    pub fn policy_dir(&self) -> PathBuf {
+        self.opts.root.join("policy")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.opts.root.join("state")
+    }
+
+    pub fn token_file(&self) -> PathBuf {
+        self.opts.root.join("tokens")
+    }
+
+    /// The CA certificate agents trust (`caFile`).
+    pub fn ca_file(&self) -> PathBuf {
+        self.state_dir().join("ca.pem")
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.opts.root.join("control.log")
+    }
+
+    /// Everything the control plane logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.log_file()).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for a log line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn start(opts: ControlPlaneOptions) -> ControlPlane {
+        std::fs::create_dir_all(opts.root.join("policy")).expect("creating the policy directory");
+        if !opts.root.join("tokens").exists() {
+            std::fs::write(opts.root.join("tokens"), "").expect("creating the token file");
+        }
+        let mut plane = ControlPlane {
+            child: None,
+            address: opts.listen,
+            opts,
+        };
+        plane.spawn();
+        plane
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_file())
+            .expect("opening the control plane's log");
+        let mut child = Command::new(&self.opts.binary)
+            .arg("--policy-dir")
+            .arg(self.policy_dir())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--token-file")
+            .arg(self.token_file())
+            .arg("--listen")
+            .arg(self.address.to_string())
+            .arg("--trust-domain")
+            .arg(&self.opts.trust_domain)
+            .arg("--node-cert-lifetime")
+            .arg(&self.opts.node_cert_lifetime)
+            .args(&self.opts.extra_args)
+            .env("RUST_LOG", "info,ward_control=debug")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.opts.binary.display()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the process never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!(
+                    "ward-control did not start listening within 20 s; its log:\n{}",
+                    self.logs()
+                )
+            });
+        self.address = line
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from ward-control: {line:?}"));
+        self.child = Some(child);
+    }
+
+    /// Kills the process (SIGKILL: nothing is flushed or said goodbye).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same address with the same directories.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Appends a new join token (bound to `node` if given) and returns it.
+    pub fn new_token(&self, node: Option<&str>) -> String {
+        let token = crate::tokens::generate();
+        let line = match node {
+            Some(node) => format!("{token} {node}\n"),
+            None => format!("{token}\n"),
+        };
+        let mut text = std::fs::read_to_string(self.token_file()).unwrap_or_default();
+        text.push_str(&line);
+        write_replacing(&self.token_file(), &text);
+        token
+    }
+
+    /// Writes a policy file the way `git checkout` or `kubectl cp` would: a new file renamed
+    /// over the old one.
+    pub fn write_policy(&self, file: &str, yaml: &str) {
+        write_replacing(&self.policy_dir().join(file), yaml);
+    }
+
+    pub fn remove_policy(&self, file: &str) {
+        std::fs::remove_file(self.policy_dir().join(file))
+            .unwrap_or_else(|e| panic!("removing policy {file}: {e}"));
+    }
+}
+
+fn write_replacing(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("renaming to {}: {e}", path.display()));
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,226 @@
+//! One-time join tokens. The operator lists them in the token file (re-read at every join, so
+//! tokens can be added without a restart): one token a line, optionally followed by the only node
+//! name it may join as. A token works once; the SHA-256 of every used token is kept in the state
+//! directory so that a restart does not make it usable again.
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use crate::state_dir::{StateDir, StateDirError};
+
+/// Shorter tokens could be guessed; they are ignored with a warning.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("joining is disabled: the control plane was started without --token-file")]
+    Disabled,
+    #[error("unknown join token")]
+    Unknown,
+    #[error("join token already used")]
+    Used,
+    #[error("join token is bound to node {bound:?}")]
+    WrongNode { bound: String },
+    #[error("{file}: cannot read the token file: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    State(#[from] StateDirError),
+}
+
+pub struct JoinTokens {
+    file: Option<PathBuf>,
+    state: StateDir,
+    /// SHA-256 (hex) of the used tokens; the lock also makes check-and-record one step.
+    used: Mutex<HashSet<String>>,
+}
+
+fn digest_hex(token: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A random token suitable for the token file.
+pub fn generate() -> String {
+    let mut bytes = [0u8; 24];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system's random source works");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl JoinTokens {
+    pub fn new(file: Option<&Path>, state: &StateDir) -> Result<Self, TokenError> {
+        let used = state
+            .read(&state.used_tokens())?
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect();
+        Ok(JoinTokens {
+            file: file.map(Path::to_owned),
+            state: state.clone(),
+            used: Mutex::new(used),
+        })
+    }
+
+    /// Consumes `token` for `node` if it is listed, unused and not bound to another node; `issue`
+    /// runs in between (holding the lock) so that a token is spent only when a certificate was
+    /// actually issued, and two concurrent joins cannot both spend it.
+    pub fn redeem<T, E: From<TokenError>>(
+        &self,
+        token: &str,
+        node: &str,
+        issue: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let file = self.file.as_ref().ok_or(TokenError::Disabled)?;
+        let text = std::fs::read_to_string(file).map_err(|source| TokenError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let wanted = digest_hex(token.trim());
+        let mut used = self.used.lock().expect("token lock poisoned");
+        let mut bound = None;
+        let mut listed = false;
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut fields = line.split_whitespace();
+            let Some(candidate) = fields.next() else {
+                continue;
+            };
+            if candidate.len() < MIN_TOKEN_LEN {
+                tracing::warn!(file = %file.display(), min = MIN_TOKEN_LEN, "ignoring a join token shorter than the minimum");
+                continue;
+            }
+            // Compare digests rather than tokens, so the comparison's time says nothing about
+            // how much of a guess was right.
+            if digest_hex(candidate) == wanted {
+                listed = true;
+                bound = fields.next().map(str::to_owned);
+                break;
+            }
+        }
+        if used.contains(&wanted) {
+            return Err(TokenError::Used.into());
+        }
+        if !listed || token.trim().len() < MIN_TOKEN_LEN {
+            return Err(TokenError::Unknown.into());
+        }
+        if let Some(bound) = bound.filter(|b| b != node) {
+            return Err(TokenError::WrongNode { bound }.into());
+        }
+        let issued = issue()?;
+        self.state
+            .append_line(&self.state.used_tokens(), &wanted)
+            .map_err(TokenError::from)?;
+        used.insert(wanted);
+        Ok(issued)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        file: PathBuf,
+        state: StateDir,
+    }
+
+    fn fixture(tokens: &str) -> Fixture {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let file = tmp.path().join("tokens");
+        std::fs::write(&file, tokens).expect("token file");
+        let state = StateDir::open(&tmp.path().join("state")).expect("state dir");
+        Fixture {
+            _tmp: tmp,
+            file,
+            state,
+        }
+    }
+
+    fn ok() -> Result<(), TokenError> {
+        Ok(())
+    }
+
+    const T1: &str = "0123456789abcdef0123";
+    const T2: &str = "fedcba9876543210fedc";
+
+    #[test]
+    fn a_token_works_once_even_across_restarts() {
+        let f = fixture(&format!("# tokens\n{T1}\n{T2} node-b\n"));
+        let tokens = JoinTokens::new(Some(&f.file), &f.state).expect("tokens");
+        tokens.redeem(T1, "node-a", ok).expect("first use");
+        assert!(matches!(
+            tokens.redeem(T1, "node-a", ok),
+            Err(TokenError::Used)
+        ));
+        let restarted = JoinTokens::new(Some(&f.file), &f.state).expect("tokens");
+        assert!(matches!(
+            restarted.redeem(T1, "node-c", ok),
+            Err(TokenError::Used)
+        ));
+    }
+
+    #[test]
+    fn a_failed_issue_does_not_spend_the_token() {
+        let f = fixture(&format!("{T1}\n"));
+        let tokens = JoinTokens::new(Some(&f.file), &f.state).expect("tokens");
+        let failed: Result<(), TokenError> =
+            tokens.redeem(T1, "node-a", || Err(TokenError::Unknown));
+        assert!(failed.is_err());
+        tokens.redeem(T1, "node-a", ok).expect("still usable");
+    }
+
+    #[test]
+    fn unknown_short_and_node_bound_tokens_are_refused() {
+        let f = fixture(&format!("short\n{T2} node-b\n"));
+        let tokens = JoinTokens::new(Some(&f.file), &f.state).expect("tokens");
+        assert!(matches!(
+            tokens.redeem("short", "n", ok),
+            Err(TokenError::Unknown)
+        ));
+        assert!(matches!(
+            tokens.redeem("nope-nope-nope-nope", "n", ok),
+            Err(TokenError::Unknown)
+        ));
+        assert!(matches!(
+            tokens.redeem(T2, "node-a", ok),
+            Err(TokenError::WrongNode { .. })
+        ));
+        tokens
+            .redeem(T2, "node-b", ok)
+            .expect("the bound node may use it");
+    }
+
+    #[test]
+    fn tokens_added_later_are_accepted_without_restart() {
+        let f = fixture("");
+        let tokens = JoinTokens::new(Some(&f.file), &f.state).expect("tokens");
+        assert!(tokens.redeem(T1, "n", ok).is_err());
+        std::fs::write(&f.file, format!("{T1}\n")).expect("add a token");
+        tokens.redeem(T1, "n", ok).expect("newly listed token");
+    }
+
+    #[test]
+    fn without_a_token_file_joining_is_disabled() {
+        let f = fixture("");
+        let tokens = JoinTokens::new(None, &f.state).expect("tokens");
+        assert!(matches!(
+            tokens.redeem(T1, "n", ok),
+            Err(TokenError::Disabled)
+        ));
+        assert_eq!(generate().len(), 48);
+    }
+}

@@ -1,0 +1,722 @@
+//! The real `ward-control` binary on loopback, spoken to over real mTLS by the agent's own
+//! control-plane client (compiled here from agent/src/control/) and by a bare protocol client
+//! for what the agent's client would never do.
+
+#[allow(
+    dead_code,
+    reason = "the agent's module is compiled here for its tests; the agent itself uses all of it"
+)]
+#[path = "../../agent/src/control/mod.rs"]
+mod agent_control;
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use agent_control::{ControlPlaneConfig, RemoteState, RemoteUpdate, ReportedWorkload};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use ward_control::test_helpers::{ControlPlane, ControlPlaneOptions};
+use ward_proto::{
+    agent_message::Kind, control_client::ControlClient, resource::Body, Ack, AgentMessage, Hello,
+    JoinRequest, Report, ResourceType, ServerMessage, TypeVersion, Update, Workload,
+};
+
+const WEB: &str = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  name: web\nspec:\n  selector: {labels: {app: web}}\n  ingress: []\n";
+const DB: &str = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  name: db\nspec:\n  selector: {labels: {app: db}}\n  ingress: []\n";
+const WAIT: Duration = Duration::from_secs(10);
+
+fn start_plane(tmp: &Path, lifetime: &str) -> ControlPlane {
+    let mut opts = ControlPlaneOptions::new(env!("CARGO_BIN_EXE_ward-control"), tmp);
+    opts.node_cert_lifetime = lifetime.into();
+    std::fs::create_dir_all(tmp.join("policy")).expect("policy dir");
+    std::fs::write(tmp.join("policy/web.yaml"), WEB).expect("initial policy");
+    ControlPlane::start(opts)
+}
+
+fn agent_config(plane: &ControlPlane, dir: &Path, node: &str) -> ControlPlaneConfig {
+    let token_file = dir.join(format!("{node}.token"));
+    std::fs::write(&token_file, plane.new_token(Some(node))).expect("token file");
+    ControlPlaneConfig {
+        address: plane.address.to_string(),
+        node_name: node.into(),
+        join_token_file: Some(token_file),
+        ca_file: plane.ca_file(),
+        state_dir: dir.join(format!("{node}-state")),
+        server_name: agent_control::DEFAULT_SERVER_NAME.into(),
+    }
+}
+
+fn workload(name: &str, app: &str, address: &str) -> ReportedWorkload {
+    ReportedWorkload {
+        name: name.into(),
+        spiffe_id: format!("spiffe://example.org/ns/demo/sa/{app}"),
+        namespace: Some("demo".into()),
+        labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+        addresses: vec![address.parse().expect("address")],
+    }
+}
+
+/// The agent's control-plane client running as the agent runs it.
+struct Agent {
+    updates: mpsc::Receiver<RemoteUpdate>,
+    reports: watch::Sender<Vec<ReportedWorkload>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Agent {
+    fn start(cfg: ControlPlaneConfig, workloads: Vec<ReportedWorkload>) -> Agent {
+        let (reports, reports_rx) = watch::channel(workloads);
+        let (tx, updates) = mpsc::channel(1);
+        let task = tokio::spawn(async move {
+            agent_control::run(cfg, reports_rx, tx)
+                .await
+                .expect("valid configuration");
+        });
+        Agent {
+            updates,
+            reports,
+            task,
+        }
+    }
+
+    async fn next(&mut self, within: Duration) -> RemoteUpdate {
+        tokio::time::timeout(within, self.updates.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no update within {within:?}"))
+            .expect("client running")
+    }
+
+    /// Applies (ACKs) updates until one satisfies `done`; returns that state.
+    async fn until(&mut self, what: &str, done: impl Fn(&RemoteState) -> bool) -> RemoteState {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let update = tokio::time::timeout(left, self.updates.recv())
+                .await
+                .unwrap_or_else(|_| panic!("never reached: {what}"))
+                .expect("client running");
+            let state = update.state.clone();
+            update
+                .ack
+                .send(Ok(()))
+                .expect("client waits for the answer");
+            if done(&state) {
+                return state;
+            }
+        }
+    }
+
+    async fn quiet(&mut self, for_: Duration) {
+        if let Ok(Some(update)) = tokio::time::timeout(for_, self.updates.recv()).await {
+            panic!(
+                "expected no update, got versions {:?}",
+                update.state.versions
+            );
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn policy_names(state: &RemoteState) -> Vec<&str> {
+    state.policies.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+// ---- a bare protocol client -------------------------------------------------------------
+
+fn tls(plane: &ControlPlane, identity: Option<(&str, &str)>, ca_pem: Option<&str>) -> Endpoint {
+    let ca = std::fs::read_to_string(plane.ca_file()).expect("CA file");
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem.map_or(ca, str::to_owned)))
+        .domain_name("ward-control");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Endpoint::from_shared(format!("https://{}", plane.address))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls config")
+        .connect_timeout(Duration::from_secs(5))
+}
+
+async fn channel(plane: &ControlPlane, identity: Option<(&str, &str)>) -> Channel {
+    tls(plane, identity, None)
+        .connect()
+        .await
+        .expect("TLS connection")
+}
+
+fn csr() -> (String, String) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .expect("params")
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem");
+    (key.serialize_pem(), csr)
+}
+
+async fn join(
+    plane: &ControlPlane,
+    node: &str,
+    token: &str,
+) -> Result<(String, String), tonic::Status> {
+    let (key, csr_pem) = csr();
+    let response = ControlClient::new(channel(plane, None).await)
+        .join(JoinRequest {
+            token: token.into(),
+            node: node.into(),
+            csr_pem,
+        })
+        .await?
+        .into_inner();
+    Ok((response.cert_pem, key))
+}
+
+async fn joined(plane: &ControlPlane, node: &str) -> (String, String) {
+    join(plane, node, &plane.new_token(None))
+        .await
+        .expect("join")
+}
+
+struct RawStream {
+    tx: mpsc::Sender<AgentMessage>,
+    rx: tonic::Streaming<ServerMessage>,
+}
+
+impl RawStream {
+    async fn open(
+        channel: Channel,
+        node: &str,
+        versions: &BTreeMap<i32, String>,
+    ) -> Result<RawStream, tonic::Status> {
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(AgentMessage {
+            kind: Some(Kind::Hello(Hello {
+                node: node.into(),
+                versions: versions
+                    .iter()
+                    .map(|(t, v)| TypeVersion {
+                        r#type: *t,
+                        version: v.clone(),
+                    })
+                    .collect(),
+                agent_version: "test".into(),
+            })),
+        })
+        .await
+        .expect("queue hello");
+        let rx = ControlClient::new(channel)
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(RawStream { tx, rx })
+    }
+
+    async fn batch(&mut self) -> Result<Vec<Update>, tonic::Status> {
+        let mut updates = Vec::new();
+        loop {
+            let message = tokio::time::timeout(WAIT, self.rx.message())
+                .await
+                .expect("a message within the wait")?
+                .ok_or_else(|| tonic::Status::cancelled("stream closed"))?;
+            updates.extend(message.updates);
+            if !message.more {
+                return Ok(updates);
+            }
+        }
+    }
+
+    async fn ack_all(&self, updates: &[Update], versions: &mut BTreeMap<i32, String>) {
+        for u in updates {
+            versions.insert(u.r#type, u.version.clone());
+            self.tx
+                .send(AgentMessage {
+                    kind: Some(Kind::Ack(Ack {
+                        r#type: u.r#type,
+                        version: u.version.clone(),
+                        nonce: u.nonce.clone(),
+                    })),
+                })
+                .await
+                .expect("stream open");
+        }
+    }
+
+    /// The status the server ended the stream with.
+    async fn ended(&mut self) -> tonic::Status {
+        loop {
+            match tokio::time::timeout(WAIT, self.rx.message())
+                .await
+                .expect("stream ends")
+            {
+                Err(status) => return status,
+                Ok(None) => return tonic::Status::ok("closed"),
+                Ok(Some(_)) => continue,
+            }
+        }
+    }
+
+    async fn report(&self, node: &str, workloads: Vec<Workload>) {
+        self.tx
+            .send(AgentMessage {
+                kind: Some(Kind::Report(Report {
+                    node: node.into(),
+                    workloads,
+                })),
+            })
+            .await
+            .expect("stream open");
+    }
+}
+
+fn raw_workload(name: &str, address: &str) -> Workload {
+    Workload {
+        name: name.into(),
+        spiffe_id: format!("spiffe://example.org/ns/demo/sa/{name}"),
+        addresses: vec![address.into()],
+        ..Workload::default()
+    }
+}
+
+// ---- tests ------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn agent_joins_reports_and_receives_a_policy_change_at_once() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), "1h");
+    let cfg = agent_config(&plane, tmp.path(), "node-a");
+    let mut agent = Agent::start(cfg, vec![workload("web", "web", "10.0.0.1")]);
+    let state = agent
+        .until("own workload in the IP cache", |s| !s.ipcache.is_empty())
+        .await;
+    assert_eq!(policy_names(&state), ["web"]);
+    assert!(state.trust_bundle.contains("BEGIN CERTIFICATE"));
+    let web = &state.identities[0];
+    assert_eq!(web.spiffe_id, "spiffe://example.org/ns/demo/sa/web");
+    assert_eq!(
+        state.ipcache,
+        [("10.0.0.1".parse::<IpAddr>().expect("ip"), web.identity)]
+    );
+    assert_eq!(state.versions.len(), 4, "{:?}", state.versions);
+
+    let written = Instant::now();
+    plane.write_policy("db.yaml", DB);
+    let update = agent.next(WAIT).await;
+    let latency = written.elapsed();
+    assert_eq!(policy_names(&update.state), ["db", "web"]);
+    update.ack.send(Ok(())).expect("client waits");
+    // A figure for the reader, not a threshold: timings belong to `cargo xtask bench`.
+    eprintln!(
+        "policy file change reached the agent in {:.1} ms",
+        latency.as_secs_f64() * 1e3
+    );
+
+    plane.remove_policy("web.yaml");
+    let state = agent
+        .until("web removed", |s| policy_names(s) == ["db"])
+        .await;
+    assert_eq!(state.identities.len(), 1, "identities untouched");
+}
+
+#[tokio::test]
+async fn reconnecting_with_versions_receives_only_the_difference() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), "1h");
+    plane.write_policy("db.yaml", DB);
+    assert!(plane.wait_for_log("policies=2", WAIT), "{}", plane.logs());
+    let (cert, key) = joined(&plane, "node-a").await;
+    let mut versions = BTreeMap::new();
+    let mut first = RawStream::open(
+        channel(&plane, Some((&cert, &key))).await,
+        "node-a",
+        &versions,
+    )
+    .await
+    .expect("stream");
+    let all = first.batch().await.expect("first batch");
+    assert!(all.iter().all(|u| u.replace), "a new agent gets whole sets");
+    assert_eq!(all.len(), 4);
+    first.ack_all(&all, &mut versions).await;
+    drop(first);
+
+    plane.write_policy("db.yaml", &DB.replace("app: db", "app: database"));
+    assert!(
+        plane.wait_for_log("reason=\"file change\"", WAIT),
+        "{}",
+        plane.logs()
+    );
+    let mut second = RawStream::open(
+        channel(&plane, Some((&cert, &key))).await,
+        "node-a",
+        &versions,
+    )
+    .await
+    .expect("stream");
+    let diff = second.batch().await.expect("difference");
+    assert_eq!(diff.len(), 1, "only policy changed: {diff:?}");
+    let policy = &diff[0];
+    assert_eq!(policy.r#type, ResourceType::Policy as i32);
+    assert!(!policy.replace);
+    assert_eq!(
+        policy.base_version,
+        versions[&(ResourceType::Policy as i32)]
+    );
+    let names: Vec<&str> = policy.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["db"], "web did not change");
+    assert!(policy.removed.is_empty());
+    second.ack_all(&diff, &mut versions).await;
+    drop(second);
+
+    let mut third = RawStream::open(
+        channel(&plane, Some((&cert, &key))).await,
+        "node-a",
+        &versions,
+    )
+    .await
+    .expect("stream");
+    let nothing = tokio::time::timeout(Duration::from_millis(500), third.rx.message()).await;
+    assert!(
+        nothing.is_err(),
+        "an agent that is up to date receives nothing: {nothing:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_join_token_works_once() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), "1h");
+    let token = plane.new_token(None);
+    join(&plane, "node-a", &token).await.expect("first join");
+    let again = join(&plane, "node-b", &token)
+        .await
+        .expect_err("reused token");
+    assert_eq!(again.code(), tonic::Code::PermissionDenied);
+    assert!(again.message().contains("already used"), "{again:?}");
+    let unknown = join(&plane, "node-c", "not-a-token-not-a-token")
+        .await
+        .expect_err("unknown");
+    assert_eq!(unknown.code(), tonic::Code::PermissionDenied);
+    let bound = plane.new_token(Some("node-d"));
+    let wrong = join(&plane, "node-e", &bound)
+        .await
+        .expect_err("bound to node-d");
+    assert!(wrong.message().contains("node-d"), "{wrong:?}");
+    assert!(plane.logs().contains("join refused"), "{}", plane.logs());
+}
+
+#[tokio::test]
+async fn clients_without_a_valid_certificate_are_refused() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), "1h");
+    let cfg = agent_config(&plane, tmp.path(), "good");
+    let mut agent = Agent::start(cfg, vec![]);
+    agent.until("policy", |s| !s.policies.is_empty()).await;
+
+    // No certificate: TLS lets it through for Join only.
+    let anonymous = RawStream::open(channel(&plane, None).await, "node-a", &BTreeMap::new()).await;
+    let status = anonymous.err().expect("refused");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+
+    // A certificate for the right SPIFFE ID from another CA.
+    let foreign_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let foreign_ca =
+        rcgen::CertifiedIssuer::self_signed(ca_params, foreign_key).expect("foreign CA");
+    let node_key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://example.org/node/evil".try_into().expect("uri"),
+    )];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let forged = params
+        .signed_by(&node_key, &foreign_ca)
+        .expect("forged cert");
+    let endpoint = tls(
+        &plane,
+        Some((&forged.pem(), &node_key.serialize_pem())),
+        None,
+    );
+    let refused = match endpoint.connect().await {
+        Err(e) => format!("{e:?}"),
+        Ok(channel) => format!(
+            "{:?}",
+            RawStream::open(channel, "evil", &BTreeMap::new())
+                .await
+                .err()
+                .expect("refused")
+        ),
+    };
+    assert!(!refused.is_empty());
+    assert!(
+        plane.wait_for_log("not signed by this control plane's CA", WAIT),
+        "{}",
+        plane.logs()
+    );
+
+    // The agent that was connected all along is still served.
+    plane.write_policy("db.yaml", DB);
+    agent
+        .until("db after the attempts", |s| {
+            policy_names(s) == ["db", "web"]
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn an_expired_certificate_ends_the_stream_and_cannot_reconnect() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), "2s");
+    let (cert, key) = joined(&plane, "node-a").await;
+    let mut versions = BTreeMap::new();
+    let mut stream = RawStream::open(
+        channel(&plane, Some((&cert, &key))).await,
+        "node-a",
+        &versions,
+    )
+    .await
+    .expect("valid for 2 s");
+    let all = stream.batch().await.expect("batch");
+    stream.ack_all(&all, &mut versions).await;
+    let status = stream.ended().await;
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("expired"), "{status:?}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let again = match tls(&plane, Some((&cert, &key)), None).connect().await {
+        Err(_) => true,
+        Ok(channel) => RawStream::open(channel, "node-a", &versions).await.is_err(),
+    };
+    assert!(again, "an expired certificate must not open a stream");
+    assert!(plane.wait_for_log("has expired", WAIT), "{}", plane.logs());
+}
+
+#[tokio::test]
+async fn the_agent_renews_its_certificate_before_it_expires() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), "4s");
+    let cfg = agent_config(&plane, tmp.path(), "node-a");
+    let mut agent = Agent::start(cfg.clone(), vec![]);
+    agent.until("policy", |s| !s.policies.is_empty()).await;
+    assert!(
+        plane.wait_for_log("node certificate renewed", WAIT),
+        "{}",
+        plane.logs()
+    );
+    // Well past the first certificate's lifetime the agent is still served on the same join.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    plane.write_policy("db.yaml", DB);
+    agent
+        .until("db with a renewed certificate", |s| {
+            policy_names(s) == ["db", "web"]
+        })
+        .await;
+    assert_eq!(
+        plane.logs().matches("node joined").count(),
+        1,
+        "{}",
+        plane.logs()
+    );
+}
+
+#[tokio::test]
+async fn a_node_cannot_speak_for_another_node() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), "1h");
+    let (cert_a, key_a) = joined(&plane, "node-a").await;
+    let (cert_b, key_b) = joined(&plane, "node-b").await;
+
+    let hello_as_b = RawStream::open(
+        channel(&plane, Some((&cert_a, &key_a))).await,
+        "node-b",
+        &BTreeMap::new(),
+    )
+    .await;
+    let status = match hello_as_b {
+        Err(status) => status,
+        Ok(mut s) => s.ended().await,
+    };
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    let mut versions = BTreeMap::new();
+    let mut a = RawStream::open(
+        channel(&plane, Some((&cert_a, &key_a))).await,
+        "node-a",
+        &versions,
+    )
+    .await
+    .expect("stream");
+    let all = a.batch().await.expect("batch");
+    a.ack_all(&all, &mut versions).await;
+    a.report("node-a", vec![raw_workload("web", "10.0.0.1")])
+        .await;
+    let update = a.batch().await.expect("own workload");
+    a.ack_all(&update, &mut versions).await;
+
+    let mut b = RawStream::open(
+        channel(&plane, Some((&cert_b, &key_b))).await,
+        "node-b",
+        &BTreeMap::new(),
+    )
+    .await
+    .expect("stream");
+    b.batch().await.expect("batch");
+    b.report("node-a", vec![raw_workload("db", "10.0.0.2")])
+        .await;
+    let status = b.ended().await;
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(
+        plane.logs().contains("reported workloads of another node"),
+        "{}",
+        plane.logs()
+    );
+
+    // Node b claiming node a's address keeps its own workload but not the address.
+    let mut b = RawStream::open(
+        channel(&plane, Some((&cert_b, &key_b))).await,
+        "node-b",
+        &BTreeMap::new(),
+    )
+    .await
+    .expect("stream");
+    let mut b_versions = BTreeMap::new();
+    let first = b.batch().await.expect("batch");
+    b.ack_all(&first, &mut b_versions).await;
+    b.report("node-b", vec![raw_workload("thief", "10.0.0.1")])
+        .await;
+    assert!(
+        plane.wait_for_log("belongs to a workload of node", WAIT),
+        "{}",
+        plane.logs()
+    );
+    let update = a.batch().await.expect("node a sees the new identity");
+    for u in update
+        .iter()
+        .filter(|u| u.r#type == ResourceType::Ipcache as i32)
+    {
+        for r in &u.resources {
+            let Some(Body::Ipcache(entry)) = &r.body else {
+                panic!("an IP cache entry")
+            };
+            assert_ne!(
+                entry.address, "10.0.0.1",
+                "the address must stay with node-a: {entry:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_message_ends_only_that_stream() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), "1h");
+    let cfg = agent_config(&plane, tmp.path(), "good");
+    let mut agent = Agent::start(cfg, vec![]);
+    agent.until("policy", |s| !s.policies.is_empty()).await;
+
+    let (cert, key) = joined(&plane, "big").await;
+    let mut big = RawStream::open(
+        channel(&plane, Some((&cert, &key))).await,
+        "big",
+        &BTreeMap::new(),
+    )
+    .await
+    .expect("stream");
+    big.batch().await.expect("batch");
+    let mut huge = raw_workload("huge", "10.9.9.9");
+    huge.labels
+        .insert("padding".into(), "x".repeat(5 * 1024 * 1024));
+    big.report("big", vec![huge]).await;
+    let status = big.ended().await;
+    assert_ne!(status.code(), tonic::Code::Ok, "{status:?}");
+    assert!(plane.wait_for_log("stream ended", WAIT), "{}", plane.logs());
+
+    plane.write_policy("db.yaml", DB);
+    agent
+        .until("db after the oversized message", |s| {
+            policy_names(s) == ["db", "web"]
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn a_nacked_update_is_logged_and_the_next_change_still_arrives() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), "1h");
+    let cfg = agent_config(&plane, tmp.path(), "node-a");
+    let mut agent = Agent::start(cfg.clone(), vec![]);
+    let state = agent.until("policy", |s| !s.policies.is_empty()).await;
+
+    plane.write_policy(
+        "db.yaml",
+        DB.replace("ingress: []", "ingress: [{bogus: 1}]").as_str(),
+    );
+    let bad = agent.next(WAIT).await;
+    assert!(policy_names(&bad.state).contains(&"db"));
+    bad.ack
+        .send(Err("policy db: ingress[0].bogus: unknown field".into()))
+        .expect("client waits");
+    assert!(
+        plane.wait_for_log("unknown field", WAIT),
+        "{}",
+        plane.logs()
+    );
+    agent.quiet(Duration::from_millis(400)).await;
+    let kept = agent_control::load_last_applied(&cfg).expect("saved state");
+    assert_eq!(
+        kept.policies, state.policies,
+        "the NACKed state is not saved"
+    );
+
+    plane.write_policy("db.yaml", DB);
+    let fixed = agent
+        .until("fixed db", |s| policy_names(s) == ["db", "web"])
+        .await;
+    assert!(fixed
+        .policies
+        .iter()
+        .all(|(_, yaml)| !yaml.contains("bogus")));
+}
+
+#[tokio::test]
+async fn state_survives_restarts_of_agent_and_control_plane() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut plane = start_plane(tmp.path(), "1h");
+    let cfg = agent_config(&plane, tmp.path(), "node-a");
+    let mut agent = Agent::start(cfg.clone(), vec![workload("web", "web", "10.0.0.1")]);
+    let applied = agent.until("own workload", |s| !s.ipcache.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(agent);
+
+    plane.kill();
+    let saved = agent_control::load_last_applied(&cfg).expect("last applied state on disk");
+    assert_eq!(saved.policies, applied.policies);
+    assert_eq!(saved.ipcache, applied.ipcache);
+
+    plane.restart();
+    let mut agent = Agent::start(cfg.clone(), vec![workload("web", "web", "10.0.0.1")]);
+    // Same content under a new server epoch: versions move, nothing is re-applied.
+    agent.quiet(Duration::from_millis(800)).await;
+    plane.write_policy("db.yaml", DB);
+    let state = agent
+        .until("db after restarts", |s| policy_names(s) == ["db", "web"])
+        .await;
+    assert_eq!(
+        state.ipcache, applied.ipcache,
+        "the registry survived the restart"
+    );
+    assert_eq!(
+        plane.logs().matches("node joined").count(),
+        1,
+        "the certificate was reused"
+    );
+}

@@ -1,0 +1,1067 @@
+//! ward against real processes: each test builds its own cgroups (and network namespaces), writes
+//! a policy, starts the real `ward` binary and runs real clients under it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ward_tests::{
+    outcomes_of, peer, run, run_with_config, spiffe_id, Background, Finished, Listener, Outcome,
+    Peer, Placement, Protocol, TestCgroups, TwoNodes, VerdictQuery, Ward, Workload,
+};
+
+/// Refusal by the kernel is immediate; a dropped SYN would take a retransmission timeout (1 s).
+const AT_ONCE: Duration = Duration::from_secs(1);
+const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn socket(ip: &str, port: u16) -> SocketAddr {
+    format!("{ip}:{port}")
+        .parse()
+        .expect("a literal socket address")
+}
+
+/// One policy document: `spec_body` is the YAML below `spec:` (already indented by 2).
+fn policy(name: &str, spec_body: &str) -> String {
+    format!("apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  name: {name}\nspec:\n{spec_body}")
+}
+
+/// An egress policy for `app: client` with the given rules (YAML list items indented by 4).
+fn client_egress(name: &str, rules: &str) -> String {
+    policy(
+        name,
+        &format!("  selector:\n    labels: {{app: client}}\n  egress:\n{rules}"),
+    )
+}
+
+fn allow_tcp(rule: &str, port: u16) -> String {
+    format!("    - name: {rule}\n      ports: [{{port: {port}, protocol: TCP}}]\n")
+}
+
+fn deny_tcp(rule: &str, port: u16) -> String {
+    format!(
+        "    - name: {rule}\n      action: deny\n      ports: [{{port: {port}, protocol: TCP}}]\n"
+    )
+}
+
+/// One attempt with the peer client; returns its outcome and how long the whole run took.
+fn attempt(
+    peer: &Peer,
+    protocol: Protocol,
+    to: SocketAddr,
+    at: &Placement,
+    extra: &[&str],
+) -> (Outcome, Duration) {
+    let attempts = peer.connect(protocol, to, at, extra);
+    (attempts.only().clone(), attempts.elapsed)
+}
+
+fn assert_allowed(
+    peer: &Peer,
+    protocol: Protocol,
+    to: SocketAddr,
+    at: &Placement,
+    ward: &Ward,
+    extra: &[&str],
+) {
+    let (outcome, _) = attempt(peer, protocol, to, at, extra);
+    assert_eq!(
+        outcome,
+        Outcome::Ok,
+        "{protocol:?} {extra:?} to {to} must be allowed; ward log:\n{}",
+        ward.log().tail(100)
+    );
+}
+
+fn assert_refused_at_once(
+    peer: &Peer,
+    protocol: Protocol,
+    to: SocketAddr,
+    at: &Placement,
+    ward: &Ward,
+    extra: &[&str],
+) {
+    let (outcome, elapsed) = attempt(peer, protocol, to, at, extra);
+    assert_eq!(
+        outcome,
+        Outcome::Eperm,
+        "{protocol:?} {extra:?} to {to} must be refused with EPERM; ward log:\n{}",
+        ward.log().tail(100)
+    );
+    assert!(
+        elapsed < AT_ONCE,
+        "refusal of {to} took {elapsed:?}, not at once"
+    );
+}
+
+/// A command line tool run in `at`, to completion.
+fn tool(at: &Placement, program: &str, args: &[&str]) -> Finished {
+    run(program, at.command(program, args), Duration::from_secs(30))
+}
+
+fn log_has(ward: &Ward, from: usize, needle: &str) -> bool {
+    ward.lines()[from..]
+        .iter()
+        .any(|line| line.contains(needle))
+}
+
+#[test]
+fn allowed_tcp_egress_passes_and_denied_fails_at_once_with_eperm() {
+    let peer = peer!();
+    let cgroups = TestCgroups::new("tcp4");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let open = peer.listen_http("127.0.0.1:0", &Placement::host());
+    let closed = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let rules = allow_tcp("allow-open", open.port());
+    let ward = Ward::start(
+        &cgroups,
+        &[Workload::new("client")],
+        &client_egress("client-egress", &rules),
+    );
+
+    assert_allowed(&peer, Protocol::Tcp, open.addr, &client, &ward, &[]);
+    assert_refused_at_once(&peer, Protocol::Tcp, closed.addr, &client, &ward, &[]);
+
+    // Real clients see the same.
+    let open_port = open.port().to_string();
+    let closed_port = closed.port().to_string();
+    let nc_open = tool(
+        &client,
+        "nc",
+        &["-v", "-z", "-w", "2", "127.0.0.1", &open_port],
+    );
+    assert!(
+        nc_open.status.success(),
+        "nc to the allowed port: {nc_open:?}"
+    );
+    let nc_closed = tool(
+        &client,
+        "nc",
+        &["-v", "-z", "-w", "2", "127.0.0.1", &closed_port],
+    );
+    assert!(
+        !nc_closed.status.success(),
+        "nc reached the denied port: {nc_closed:?}"
+    );
+    assert!(
+        nc_closed.stderr.contains("Operation not permitted"),
+        "{nc_closed:?}"
+    );
+    assert!(
+        nc_closed.elapsed < AT_ONCE,
+        "nc refusal took {:?}",
+        nc_closed.elapsed
+    );
+
+    let url = format!("http://127.0.0.1:{open_port}/");
+    let curl_open = tool(&client, "curl", &["-sS", "--max-time", "5", &url]);
+    assert!(
+        curl_open.status.success(),
+        "curl to the allowed port: {curl_open:?}"
+    );
+    assert_eq!(curl_open.stdout, "hello\n");
+    let url = format!("http://127.0.0.1:{closed_port}/");
+    let curl_closed = tool(&client, "curl", &["-sS", "--max-time", "5", &url]);
+    // curl exit 7: could not connect.
+    assert_eq!(
+        curl_closed.status.code(),
+        Some(7),
+        "curl to the denied port: {curl_closed:?}"
+    );
+    assert!(
+        curl_closed.elapsed < AT_ONCE,
+        "curl refusal took {:?}",
+        curl_closed.elapsed
+    );
+    assert_eq!(closed.received(), 0, "the denied listener saw a connection");
+}
+
+#[test]
+fn ipv6_and_v4_mapped_tcp_egress_follow_the_policy() {
+    let peer = peer!();
+    let cgroups = TestCgroups::new("tcp6");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let open6 = peer.listen(Protocol::Tcp, "[::1]:0", &Placement::host());
+    let closed6 = peer.listen(Protocol::Tcp, "[::1]:0", &Placement::host());
+    let open4 = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let closed4 = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let rules = allow_tcp("allow-open6", open6.port()) + &allow_tcp("allow-open4", open4.port());
+    let ward = Ward::start(
+        &cgroups,
+        &[Workload::new("client")],
+        &client_egress("client-egress", &rules),
+    );
+
+    assert_allowed(&peer, Protocol::Tcp, open6.addr, &client, &ward, &[]);
+    assert_refused_at_once(&peer, Protocol::Tcp, closed6.addr, &client, &ward, &[]);
+    // An IPv6 socket to a v4-mapped address goes through connect6 with a v4 destination.
+    let mapped = |port| socket("[::ffff:127.0.0.1]", port);
+    assert_allowed(
+        &peer,
+        Protocol::Tcp,
+        mapped(open4.port()),
+        &client,
+        &ward,
+        &[],
+    );
+    assert_refused_at_once(
+        &peer,
+        Protocol::Tcp,
+        mapped(closed4.port()),
+        &client,
+        &ward,
+        &[],
+    );
+
+    let nc = tool(
+        &client,
+        "nc",
+        &[
+            "-v",
+            "-6",
+            "-z",
+            "-w",
+            "2",
+            "::1",
+            &closed6.port().to_string(),
+        ],
+    );
+    assert!(
+        nc.stderr.contains("Operation not permitted"),
+        "nc over IPv6: {nc:?}"
+    );
+    let nc = tool(
+        &client,
+        "nc",
+        &[
+            "-v",
+            "-6",
+            "-z",
+            "-w",
+            "2",
+            "::1",
+            &open6.port().to_string(),
+        ],
+    );
+    assert!(
+        nc.status.success(),
+        "nc over IPv6 to the allowed port: {nc:?}"
+    );
+    assert_eq!(
+        closed6.received() + closed4.received(),
+        0,
+        "a denied listener saw a connection"
+    );
+}
+
+#[test]
+fn udp_egress_is_decided_for_unconnected_and_connected_sockets() {
+    let peer = peer!();
+    let cgroups = TestCgroups::new("udp");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let open4 = peer.listen(Protocol::Udp, "127.0.0.1:0", &Placement::host());
+    let closed4 = peer.listen(Protocol::Udp, "127.0.0.1:0", &Placement::host());
+    let open6 = peer.listen(Protocol::Udp, "[::1]:0", &Placement::host());
+    let closed6 = peer.listen(Protocol::Udp, "[::1]:0", &Placement::host());
+    let rules = format!(
+        "    - name: allow-udp\n      ports: [{{port: {}, protocol: UDP}}, {{port: {}, protocol: UDP}}]\n",
+        open4.port(),
+        open6.port()
+    );
+    let ward = Ward::start(
+        &cgroups,
+        &[Workload::new("client")],
+        &client_egress("client-udp", &rules),
+    );
+
+    for connected in [&[][..], &["--connected"][..]] {
+        assert_allowed(&peer, Protocol::Udp, open4.addr, &client, &ward, connected);
+        assert_refused_at_once(
+            &peer,
+            Protocol::Udp,
+            closed4.addr,
+            &client,
+            &ward,
+            connected,
+        );
+        assert_allowed(&peer, Protocol::Udp, open6.addr, &client, &ward, connected);
+        assert_refused_at_once(
+            &peer,
+            Protocol::Udp,
+            closed6.addr,
+            &client,
+            &ward,
+            connected,
+        );
+    }
+    // sendto a v4-mapped address from an IPv6 socket goes through sendmsg4, connect() through
+    // connect6: both must decide on the v4 address.
+    let mapped = |port| socket("[::ffff:127.0.0.1]", port);
+    for connected in [&[][..], &["--connected"][..]] {
+        assert_allowed(
+            &peer,
+            Protocol::Udp,
+            mapped(open4.port()),
+            &client,
+            &ward,
+            connected,
+        );
+        assert_refused_at_once(
+            &peer,
+            Protocol::Udp,
+            mapped(closed4.port()),
+            &client,
+            &ward,
+            connected,
+        );
+    }
+    let script = format!("echo hi | nc -v -u -w 1 127.0.0.1 {}", closed4.port());
+    let nc = tool(&client, "sh", &["-c", &script]);
+    assert!(
+        nc.stderr.contains("Operation not permitted"),
+        "nc -u to the denied port: {nc:?}"
+    );
+    assert_eq!(
+        closed4.received() + closed6.received(),
+        0,
+        "a denied listener got a datagram"
+    );
+}
+
+/// Workloads `server`, `friend`, `intruder`; the server admits only `friend` on its port.
+fn ingress_setup(tag: &str, protocol: Protocol) -> (TestCgroups, Listener, Ward, Peer) {
+    let peer = peer!();
+    let cgroups = TestCgroups::new(tag);
+    let server = Placement::cgroup(cgroups.create("server"));
+    cgroups.create("friend");
+    cgroups.create("intruder");
+    let listener = peer.listen(protocol, "127.0.0.1:0", &server);
+    let proto = if protocol == Protocol::Tcp {
+        "TCP"
+    } else {
+        "UDP"
+    };
+    let spec = format!(
+        "  selector:\n    labels: {{app: server}}\n  ingress:\n    - name: from-friend\n      \
+         from: [{{labels: {{app: friend}}}}]\n      ports: [{{port: {}, protocol: {proto}}}]\n",
+        listener.port()
+    );
+    let workloads = [
+        Workload::new("server"),
+        Workload::new("friend"),
+        Workload::new("intruder"),
+    ];
+    let ward = Ward::start(&cgroups, &workloads, &policy("server-ingress", &spec));
+    (cgroups, listener, ward, peer)
+}
+
+#[test]
+fn denied_tcp_ingress_never_reaches_the_listener() {
+    let (cgroups, listener, ward, peer) = ingress_setup("ingress-tcp", Protocol::Tcp);
+    let friend = Placement::cgroup(cgroups.path("friend"));
+    let intruder = Placement::cgroup(cgroups.path("intruder"));
+    assert_allowed(&peer, Protocol::Tcp, listener.addr, &friend, &ward, &[]);
+    listener.wait_received(1, Duration::from_secs(5));
+
+    let (outcome, _) = attempt(
+        &peer,
+        Protocol::Tcp,
+        listener.addr,
+        &intruder,
+        &["--timeout-ms", "2500"],
+    );
+    assert_eq!(
+        outcome,
+        Outcome::Timeout,
+        "the intruder's SYN must be dropped, not answered"
+    );
+    let nc = tool(
+        &intruder,
+        "nc",
+        &[
+            "-v",
+            "-z",
+            "-w",
+            "2",
+            "127.0.0.1",
+            &listener.port().to_string(),
+        ],
+    );
+    assert!(
+        !nc.status.success(),
+        "nc from the intruder connected: {nc:?}"
+    );
+    // Give a late SYN retransmission its chance to show up before counting.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        listener.received(),
+        1,
+        "the listener accepted the intruder: {:?}",
+        listener.process.lines().snapshot()
+    );
+    ward.wait_for_verdict(
+        &VerdictQuery {
+            verdict: Some("deny"),
+            direction: Some("ingress"),
+            policy: Some("server-ingress"),
+            src: Some("intruder"),
+            dst_port: Some(listener.port()),
+            ..Default::default()
+        },
+        EVENT_TIMEOUT,
+    );
+}
+
+#[test]
+fn denied_udp_ingress_never_reaches_the_listener() {
+    let (cgroups, listener, ward, peer) = ingress_setup("ingress-udp", Protocol::Udp);
+    let friend = Placement::cgroup(cgroups.path("friend"));
+    let intruder = Placement::cgroup(cgroups.path("intruder"));
+    assert_allowed(&peer, Protocol::Udp, listener.addr, &friend, &ward, &[]);
+    listener.wait_received(1, Duration::from_secs(5));
+    let (outcome, _) = attempt(
+        &peer,
+        Protocol::Udp,
+        listener.addr,
+        &intruder,
+        &["--timeout-ms", "1000", "--send", "intruder"],
+    );
+    assert_eq!(
+        outcome,
+        Outcome::Timeout,
+        "the intruder's datagram must be dropped"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        listener.received(),
+        1,
+        "the listener got the intruder's datagram: {:?}",
+        listener.process.lines().snapshot()
+    );
+}
+
+#[test]
+fn audit_mode_lets_traffic_pass_and_logs_the_verdict() {
+    let peer = peer!();
+    let cgroups = TestCgroups::new("audit");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let blocked = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let unlisted = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let spec = format!(
+        "  mode: audit\n  selector:\n    labels: {{app: client}}\n  egress:\n{}",
+        deny_tcp("audit-block", blocked.port())
+    );
+    let ward = Ward::start(
+        &cgroups,
+        &[Workload::new("client")],
+        &policy("client-audit", &spec),
+    );
+
+    assert_allowed(&peer, Protocol::Tcp, blocked.addr, &client, &ward, &[]);
+    assert_allowed(&peer, Protocol::Tcp, unlisted.addr, &client, &ward, &[]);
+    blocked.wait_received(1, Duration::from_secs(5));
+    // The explicit deny rule, reported, not enforced.
+    ward.wait_for_verdict(
+        &VerdictQuery {
+            verdict: Some("audit"),
+            direction: Some("egress"),
+            policy: Some("client-audit"),
+            rule: Some("audit-block"),
+            dst_port: Some(blocked.port()),
+            ..Default::default()
+        },
+        EVENT_TIMEOUT,
+    );
+    // The policy's default deny, reported likewise.
+    ward.wait_for_verdict(
+        &VerdictQuery {
+            verdict: Some("audit"),
+            policy: Some("client-audit"),
+            dst_port: Some(unlisted.port()),
+            ..Default::default()
+        },
+        EVENT_TIMEOUT,
+    );
+}
+
+#[test]
+fn cidr_peers_with_except_between_network_namespaces() {
+    let peer = peer!();
+    let nodes = TwoNodes::new("cidr");
+    nodes.add_server_host(2);
+    let cgroups = TestCgroups::new("cidr");
+    let client = Placement::cgroup(cgroups.create("client")).in_netns(nodes.client.name());
+    let server = Placement::host().in_netns(nodes.server.name());
+    let listener = peer.listen(Protocol::Tcp, "[::]:0", &server);
+    let port = listener.port();
+    let rules = format!(
+        "    - name: subnet-but-two\n      to:\n        - cidr: {}\n          except: [{}/32]\n        \
+         - cidr: \"{}\"\n          except: [\"{}/128\"]\n      ports: [{{port: {port}}}]\n",
+        nodes.v4_subnet(),
+        nodes.v4(2),
+        nodes.v6_subnet(),
+        nodes.v6(2),
+    );
+    let ward = Ward::start(
+        &cgroups,
+        &[Workload::new("client")],
+        &client_egress("client-cidr", &rules),
+    );
+
+    assert_allowed(
+        &peer,
+        Protocol::Tcp,
+        SocketAddr::new(nodes.v4(1), port),
+        &client,
+        &ward,
+        &[],
+    );
+    assert_refused_at_once(
+        &peer,
+        Protocol::Tcp,
+        SocketAddr::new(nodes.v4(2), port),
+        &client,
+        &ward,
+        &[],
+    );
+    assert_allowed(
+        &peer,
+        Protocol::Tcp,
+        SocketAddr::new(nodes.v6(1), port),
+        &client,
+        &ward,
+        &[],
+    );
+    assert_refused_at_once(
+        &peer,
+        Protocol::Tcp,
+        SocketAddr::new(nodes.v6(2), port),
+        &client,
+        &ward,
+        &[],
+    );
+
+    let port_text = port.to_string();
+    let nc_in = tool(
+        &client,
+        "nc",
+        &["-v", "-z", "-w", "2", &nodes.v4(1).to_string(), &port_text],
+    );
+    assert!(nc_in.status.success(), "nc inside the CIDR: {nc_in:?}");
+    let nc_out = tool(
+        &client,
+        "nc",
+        &["-v", "-z", "-w", "2", &nodes.v4(2).to_string(), &port_text],
+    );
+    assert!(
+        nc_out.stderr.contains("Operation not permitted"),
+        "nc to the exception: {nc_out:?}"
+    );
+    let url = format!("http://[{}]:{port_text}/", nodes.v6(2));
+    let curl = tool(&client, "curl", &["-sS", "--max-time", "5", &url]);
+    assert_eq!(
+        curl.status.code(),
+        Some(7),
+        "curl to the IPv6 exception: {curl:?}"
+    );
+    ward.wait_for_verdict(
+        &VerdictQuery {
+            verdict: Some("deny"),
+            direction: Some("egress"),
+            policy: Some("client-cidr"),
+            dst_port: Some(port),
+            ..Default::default()
+        },
+        EVENT_TIMEOUT,
+    );
+}
+
+#[test]
+fn an_explicit_deny_wins_over_every_allow() {
+    let peer = peer!();
+    let cgroups = TestCgroups::new("deny-wins");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let target = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let other = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let port = target.port();
+    let first = client_egress(
+        "client-mixed",
+        &(allow_tcp("allow-target", port)
+            + &deny_tcp("deny-target", port)
+            + &allow_tcp("allow-other", other.port())),
+    );
+    let second = client_egress("client-also-allows", &allow_tcp("allow-target-too", port));
+    let ward = Ward::start(
+        &cgroups,
+        &[Workload::new("client")],
+        &format!("{first}---\n{second}"),
+    );
+
+    assert_refused_at_once(&peer, Protocol::Tcp, target.addr, &client, &ward, &[]);
+    assert_allowed(&peer, Protocol::Tcp, other.addr, &client, &ward, &[]);
+    let verdict = ward.wait_for_verdict(
+        &VerdictQuery {
+            verdict: Some("deny"),
+            dst_port: Some(port),
+            ..Default::default()
+        },
+        EVENT_TIMEOUT,
+    );
+    assert_eq!(
+        verdict.policy.as_deref(),
+        Some("client-mixed"),
+        "{}",
+        verdict.line
+    );
+    assert!(
+        VerdictQuery {
+            rule: Some("deny-target"),
+            ..Default::default()
+        }
+        .matches(&verdict),
+        "the verdict must name the deny rule: {}",
+        verdict.line
+    );
+}
+
+/// Runs one attempt in `at` every 100 ms until `want` comes, for at most `within`.
+fn poll_until(
+    peer: &Peer,
+    to: SocketAddr,
+    at: &Placement,
+    want: &Outcome,
+    within: Duration,
+) -> Vec<Outcome> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        let (outcome, _) = attempt(peer, Protocol::Tcp, to, at, &["--timeout-ms", "1000"]);
+        let done = &outcome == want;
+        seen.push(outcome);
+        if done {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    seen
+}
+
+#[test]
+fn a_workload_started_after_ward_is_enforced() {
+    let peer = peer!();
+    let cgroups = TestCgroups::new("late");
+    let open = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let closed = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let workload = Workload::new("client");
+    let ward = Ward::start(
+        &cgroups,
+        &[workload],
+        &client_egress("client-egress", &allow_tcp("allow-open", open.port())),
+    );
+
+    // Created only now; a nested cgroup belongs to the workload of its ancestor.
+    for relative in ["client", "client/inner"] {
+        let late = Placement::cgroup(cgroups.create(relative));
+        let seen = poll_until(
+            &peer,
+            closed.addr,
+            &late,
+            &Outcome::Eperm,
+            Duration::from_secs(5),
+        );
+        assert_eq!(
+            seen.last(),
+            Some(&Outcome::Eperm),
+            "cgroup {relative} created after ward was never enforced (outcomes {seen:?}); log:\n{}",
+            ward.log().tail(100)
+        );
+        assert_allowed(&peer, Protocol::Tcp, open.addr, &late, &ward, &[]);
+    }
+}
+
+/// Clients looping against `to` from `at` until `stop_file` exists.
+fn start_load(
+    peer: &Peer,
+    to: SocketAddr,
+    at: &Placement,
+    clients: usize,
+    stop_file: &Path,
+) -> Vec<Background> {
+    let stop = stop_file.to_string_lossy().into_owned();
+    (0..clients)
+        .map(|_| {
+            peer.connect_background(
+                Protocol::Tcp,
+                to,
+                at,
+                &[
+                    "--count",
+                    "150",
+                    "--interval-ms",
+                    "4",
+                    "--timeout-ms",
+                    "5000",
+                    "--stop-file",
+                    &stop,
+                ],
+            )
+        })
+        .collect()
+}
+
+/// Waits for every client to finish and returns all their outcomes.
+fn finish_load(clients: &mut [Background]) -> Vec<Outcome> {
+    let mut outcomes = Vec::new();
+    for client in clients.iter_mut() {
+        let status = client
+            .wait_exit(Duration::from_secs(120))
+            .expect("a load client finishes");
+        assert!(
+            status.success(),
+            "load client failed: {:?}",
+            client.lines().snapshot()
+        );
+        outcomes.extend(outcomes_of(client));
+    }
+    outcomes
+}
+
+fn wait_started(clients: &[Background]) {
+    for client in clients {
+        client.wait_for_line(0, Duration::from_secs(20), "with a first outcome", |_| true);
+    }
+}
+
+struct StopFile(PathBuf);
+
+impl StopFile {
+    fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("{}.stop", ward_tests::unique_name(tag)));
+        let _ = std::fs::remove_file(&path);
+        StopFile(path)
+    }
+
+    fn stop(&self) {
+        std::fs::write(&self.0, "stop").expect("create the stop file");
+    }
+}
+
+impl Drop for StopFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn tally(outcomes: &[Outcome]) -> String {
+    let mut kinds: Vec<(String, usize)> = Vec::new();
+    for outcome in outcomes {
+        let key = format!("{outcome:?}");
+        match kinds.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => *n += 1,
+            None => kinds.push((key, 1)),
+        }
+    }
+    format!("{kinds:?}")
+}
+
+#[test]
+fn reloads_under_a_thousand_concurrent_connections_never_give_a_wrong_verdict() {
+    let peer = peer!();
+    let cgroups = TestCgroups::new("reload-load");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let open = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let closed = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let (o, c) = (open.port(), closed.port());
+    // Equivalent policies, each written differently: same verdicts for both ports.
+    let variants = [
+        client_egress("client-egress", &allow_tcp("allow-open", o)),
+        client_egress(
+            "client-egress",
+            &(allow_tcp("unrelated", 1) + &allow_tcp("allow-open", o)),
+        ),
+        client_egress(
+            "client-egress",
+            &(allow_tcp("allow-open-renamed", o) + &deny_tcp("never-open", c)),
+        ),
+        format!(
+            "{}---\n{}",
+            client_egress("client-egress", &allow_tcp("allow-open", o)),
+            client_egress("client-extra", &allow_tcp("unrelated-udp-free", 2))
+        ),
+    ];
+    let mut ward = Ward::start(&cgroups, &[Workload::new("client")], &variants[0]);
+    let stop = StopFile::new("reload-load");
+    let mut allowed = start_load(&peer, open.addr, &client, 4, &stop.0);
+    let mut denied = start_load(&peer, closed.addr, &client, 4, &stop.0);
+    wait_started(&allowed);
+    wait_started(&denied);
+    for round in 0..8 {
+        ward.reload_applied(&variants[(round + 1) % variants.len()]);
+    }
+    stop.stop();
+    let allowed = finish_load(&mut allowed);
+    let denied = finish_load(&mut denied);
+    assert!(
+        allowed.len() + denied.len() >= 1000,
+        "only {} attempts ran across the reloads",
+        allowed.len() + denied.len()
+    );
+    eprintln!(
+        "reload under load: allowed port {}, denied port {}",
+        tally(&allowed),
+        tally(&denied)
+    );
+    let wrong_allowed = allowed.iter().filter(|o| **o != Outcome::Ok).count();
+    let wrong_denied = denied.iter().filter(|o| **o != Outcome::Eperm).count();
+    assert_eq!(
+        (wrong_allowed, wrong_denied),
+        (0, 0),
+        "wrong verdicts during reloads: allowed port {}, denied port {}; log:\n{}",
+        tally(&allowed),
+        tally(&denied),
+        ward.log().tail(100)
+    );
+    assert_eq!(closed.received(), 0, "the denied listener saw connections");
+}
+
+#[test]
+fn a_broken_policy_reloaded_under_traffic_is_refused_and_the_previous_one_stays() {
+    let peer = peer!();
+    let cgroups = TestCgroups::new("reload-broken");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let open = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let closed = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let good = client_egress("client-egress", &allow_tcp("allow-open", open.port()));
+    let mut ward = Ward::start(&cgroups, &[Workload::new("client")], &good);
+    let stop = StopFile::new("reload-broken");
+    let mut allowed = start_load(&peer, open.addr, &client, 2, &stop.0);
+    let mut denied = start_load(&peer, closed.addr, &client, 2, &stop.0);
+    wait_started(&allowed);
+    wait_started(&denied);
+
+    // Would open the closed port, if ward half-applied it; `portz` is not a field.
+    let broken = client_egress(
+        "client-egress",
+        &format!(
+            "    - name: allow-everything\n      portz: [{{port: {}}}]\n",
+            closed.port()
+        ),
+    );
+    let from = ward.log_len();
+    let reload = ward.reload(&broken);
+    assert!(
+        !reload.applied,
+        "ward applied a broken policy: {:?}",
+        reload.outcome_lines
+    );
+    assert!(
+        log_has(&ward, from, "portz") && log_has(&ward, from, "policy.yaml"),
+        "the rejection must name the file and the field; log:\n{}",
+        ward.log().tail(50)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    stop.stop();
+    let allowed = finish_load(&mut allowed);
+    let denied = finish_load(&mut denied);
+    assert!(
+        allowed.iter().all(|o| *o == Outcome::Ok) && denied.iter().all(|o| *o == Outcome::Eperm),
+        "the previous policy must stay enforced: allowed port {}, denied port {}",
+        tally(&allowed),
+        tally(&denied)
+    );
+    assert_eq!(closed.received(), 0, "the denied listener saw connections");
+
+    // Reloading still works after a refusal.
+    let wider = client_egress(
+        "client-egress",
+        &(allow_tcp("allow-open", open.port()) + &allow_tcp("allow-closed", closed.port())),
+    );
+    ward.reload_applied(&wider);
+    assert_allowed(&peer, Protocol::Tcp, closed.addr, &client, &ward, &[]);
+}
+
+#[test]
+fn verdict_lines_name_the_policy_rule_and_flow() {
+    let peer = peer!();
+    let cgroups = TestCgroups::new("verdicts");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let open = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let unlisted = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let blocked = peer.listen(Protocol::Udp, "127.0.0.1:0", &Placement::host());
+    let rules = allow_tcp("allow-open", open.port())
+        + &format!(
+            "    - name: block-udp\n      action: deny\n      ports: [{{port: {}, protocol: UDP}}]\n",
+            blocked.port()
+        );
+    let ward = Ward::start(
+        &cgroups,
+        &[Workload::new("client")],
+        &client_egress("client-egress", &rules),
+    );
+    let client_id = spiffe_id("client");
+
+    assert_allowed(&peer, Protocol::Tcp, open.addr, &client, &ward, &[]);
+    assert_refused_at_once(&peer, Protocol::Tcp, unlisted.addr, &client, &ward, &[]);
+    assert_refused_at_once(&peer, Protocol::Udp, blocked.addr, &client, &ward, &[]);
+
+    let allow = ward.wait_for_verdict(
+        &VerdictQuery {
+            verdict: Some("allow"),
+            direction: Some("egress"),
+            policy: Some("client-egress"),
+            rule: Some("allow-open"),
+            src: Some(&client_id),
+            dst_port: Some(open.port()),
+            protocol: Some("tcp"),
+            ..Default::default()
+        },
+        EVENT_TIMEOUT,
+    );
+    assert_eq!(
+        allow.dst_addr.as_deref(),
+        Some("127.0.0.1"),
+        "{}",
+        allow.line
+    );
+    let default_deny = ward.wait_for_verdict(
+        &VerdictQuery {
+            verdict: Some("deny"),
+            direction: Some("egress"),
+            policy: Some("client-egress"),
+            src: Some(&client_id),
+            dst_port: Some(unlisted.port()),
+            protocol: Some("tcp"),
+            ..Default::default()
+        },
+        EVENT_TIMEOUT,
+    );
+    let rule = default_deny.rule.as_deref().unwrap_or_default();
+    assert!(
+        !rule.is_empty() && rule != "-",
+        "the default deny must be named: {}",
+        default_deny.line
+    );
+    ward.wait_for_verdict(
+        &VerdictQuery {
+            verdict: Some("deny"),
+            direction: Some("egress"),
+            policy: Some("client-egress"),
+            rule: Some("block-udp"),
+            src: Some(&client_id),
+            dst_port: Some(blocked.port()),
+            protocol: Some("udp"),
+            ..Default::default()
+        },
+        EVENT_TIMEOUT,
+    );
+}
+
+#[test]
+fn a_bad_configuration_is_refused_with_a_message_naming_the_field() {
+    let cgroups = TestCgroups::new("bad-config");
+    let root = cgroups.root().to_string_lossy().into_owned();
+    let cases = [
+        (
+            "cgroupRooot",
+            format!("trustDomain: ward.test\ncgroupRooot: {root}\n"),
+        ),
+        (
+            "labelz",
+            format!("cgroupRoot: {root}\nworkloads:\n  - name: web\n    labelz: {{app: web}}\n"),
+        ),
+    ];
+    for (field, config) in cases {
+        let (file, finished) = run_with_config("bad-config", &config);
+        let output = format!("{}{}", finished.stdout, finished.stderr);
+        assert!(
+            !finished.status.success(),
+            "ward accepted an unknown field {field}: {output}"
+        );
+        assert!(
+            output.contains(field),
+            "the error must name {field}: {output}"
+        );
+        let file_name = file.file_name().expect("a file name").to_string_lossy();
+        assert!(
+            output.contains(&*file_name),
+            "the error must name the file: {output}"
+        );
+        assert!(
+            !output.contains("panicked") && !output.contains("stack backtrace"),
+            "a configuration error is a message, not a crash: {output}"
+        );
+    }
+    assert!(
+        std::fs::read_dir(cgroups.root()).is_ok_and(|mut entries| entries
+            .all(|e| { e.is_ok_and(|e| !e.file_type().is_ok_and(|t| t.is_dir())) })),
+        "a refused configuration must change nothing"
+    );
+}
+
+#[test]
+fn sigterm_detaches_and_keep_enforcing_leaves_the_policy_in_force() {
+    let peer = peer!();
+    let cgroups = TestCgroups::new("shutdown");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let closed = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let policy = client_egress("client-egress", &allow_tcp("allow-none", 1));
+    let mut ward = Ward::start(&cgroups, &[Workload::new("client")], &policy);
+    assert_refused_at_once(&peer, Protocol::Tcp, closed.addr, &client, &ward, &[]);
+    let status = ward.stop();
+    assert!(
+        status.success(),
+        "ward exited with {status} on SIGTERM; log:\n{}",
+        ward.log().tail(50)
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(ward.pin_dir())
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        !ward.admin_socket().exists(),
+        "admin socket {} left after a clean stop",
+        ward.admin_socket().display()
+    );
+    assert!(
+        leftovers.is_empty(),
+        "pins left after a clean stop: {leftovers:?}"
+    );
+    let (outcome, _) = attempt(&peer, Protocol::Tcp, closed.addr, &client, &[]);
+    assert_eq!(
+        outcome,
+        Outcome::Ok,
+        "programs still attached after a clean stop"
+    );
+    drop(ward);
+
+    let mut ward = Ward::start_with_args(
+        &cgroups,
+        &[Workload::new("client")],
+        &policy,
+        &["--keep-enforcing"],
+    );
+    assert_refused_at_once(&peer, Protocol::Tcp, closed.addr, &client, &ward, &[]);
+    let status = ward.stop();
+    assert!(
+        status.success(),
+        "ward --keep-enforcing exited with {status}"
+    );
+    assert_refused_at_once(&peer, Protocol::Tcp, closed.addr, &client, &ward, &[]);
+}
+
+#[test]
+fn sigterm_right_after_ready_still_detaches_cleanly() {
+    let cgroups = TestCgroups::new("early-stop");
+    cgroups.create("client");
+    let policy = client_egress("client-egress", &allow_tcp("allow-none", 1));
+    let mut ward = Ward::start(&cgroups, &[Workload::new("client")], &policy);
+    // `ready` promises a working agent: a stop request from then on is handled, not fatal.
+    let status = ward.stop();
+    assert!(
+        status.success(),
+        "ward exited with {status} on a SIGTERM right after `ready`; log:\n{}",
+        ward.log().tail(50)
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(ward.pin_dir())
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "pins left: {leftovers:?}");
+}

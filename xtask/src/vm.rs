@@ -1,0 +1,540 @@
+//! `cargo xtask vm-test`: the privileged suite on the kernels ward's users run.
+//!
+//! For each Debian kernel of the matrix (6.1, 6.12) it downloads the image package once
+//! (cached under `target/vm-kernels/`), boots it in QEMU with the host's root shared read-only,
+//! runs the privileged test executables inside as root, then records how many instructions the
+//! kernel's verifier processed for each of ward's programs. `host` runs the same on this machine's
+//! kernel. A kernel panic, a hang, a missing result or a run that tested nothing is a failure.
+
+mod guest;
+mod initramfs;
+mod kernel;
+mod report;
+mod verifier;
+
+use std::{
+    fs::{self, File},
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use self::{
+    guest::{Ending, Job, Verdict},
+    kernel::Kernel,
+    report::{Row, TestCounts},
+};
+use crate::sys::{self, heading};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The kernel to test on: a Debian kernel booted in QEMU, this machine's own, or all three.
+    #[arg(long, value_enum, required_unless_present = "verifier_record")]
+    kernel: Option<KernelChoice>,
+    /// Seconds a guest (or the host run) may take before it counts as hung.
+    #[arg(long, default_value = "600")]
+    timeout: u64,
+    /// Run only the quick subset of the suite (one test per area); a filter after `--` wins.
+    #[arg(long)]
+    quick: bool,
+    /// Boot the guests one after another instead of side by side.
+    #[arg(long)]
+    sequential: bool,
+    /// Test the harness itself: boot guests that exit non-zero, panic and hang, and one that
+    /// passes; succeed only if each is judged so.
+    #[arg(long, conflicts_with_all = ["quick", "filter"])]
+    self_test: bool,
+    /// Inside the guest: write the verifier record of a briefly started ward to FILE.
+    #[arg(long, hide = true, value_name = "FILE", conflicts_with = "kernel")]
+    verifier_record: Option<PathBuf>,
+    /// libtest filter and options for the test executables.
+    #[arg(last = true)]
+    filter: Vec<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum KernelChoice {
+    #[value(name = "6.1")]
+    V6_1,
+    #[value(name = "6.12")]
+    V6_12,
+    Host,
+    All,
+}
+
+/// The quick subset: a filter matching one test per area (loopback, cgroups, namespaces, tools)
+/// for a fast look at a kernel under TCG.
+const QUICK_FILTER: &[&str] = &[
+    "peer_speaks_tcp_and_udp_over_loopback",
+    "two_nodes_reach_each_other",
+];
+
+pub fn run(args: &Args) -> Result<()> {
+    if let Some(out) = &args.verifier_record {
+        return verifier::record(out);
+    }
+    let choice = args.kernel.expect("clap requires --kernel");
+    sys::require_root(
+        "vm-test",
+        "the suite creates cgroups and network namespaces and loads eBPF programs",
+    )?;
+    let lines: Vec<kernel::Line> = match choice {
+        KernelChoice::V6_1 => vec![kernel::V6_1],
+        KernelChoice::V6_12 => vec![kernel::V6_12],
+        KernelChoice::Host => vec![],
+        KernelChoice::All => vec![kernel::V6_1, kernel::V6_12],
+    };
+    if !lines.is_empty() {
+        heading("vm-test: host packages");
+        host_packages()?;
+    }
+    let mut kernels = Vec::new();
+    for line in lines {
+        heading(&format!("vm-test: kernel {}", line.label));
+        kernels.push(kernel::prepare(line)?);
+    }
+    let timeout = Duration::from_secs(args.timeout);
+    if args.self_test {
+        if kernels.is_empty() {
+            bail!("--self-test boots guests: choose --kernel 6.1, 6.12 or all");
+        }
+        return self_test(&kernels);
+    }
+
+    heading("vm-test: build");
+    let staged = stage_binaries()?;
+    let filter: Vec<String> = if args.filter.is_empty() && args.quick {
+        QUICK_FILTER.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.filter.clone()
+    };
+
+    let mut rows = Vec::new();
+    if matches!(choice, KernelChoice::Host | KernelChoice::All) {
+        heading("vm-test: host kernel");
+        rows.push(run_on_host(&staged, &filter, timeout)?);
+    }
+    let jobs: Vec<(&Kernel, Job)> = kernels
+        .iter()
+        .map(|kernel| {
+            let prefix = if kernels.len() > 1 && !args.sequential {
+                format!("[{}] ", kernel.line.label)
+            } else {
+                String::new()
+            };
+            let job = Job {
+                kernel,
+                script: suite_script(&staged, &filter, 1, Path::new("/vmtest")),
+                work_dir: sys::target_dir().join("vm-test").join(&kernel.release),
+                timeout,
+                prefix,
+                require_tests: true,
+            };
+            (kernel, job)
+        })
+        .collect();
+    if !jobs.is_empty() {
+        heading(&format!(
+            "vm-test: {} guest(s), {}",
+            jobs.len(),
+            if args.sequential || jobs.len() == 1 {
+                "one after another"
+            } else {
+                "side by side"
+            }
+        ));
+    }
+    let runs: Vec<Result<guest::Run>> = if args.sequential {
+        jobs.iter().map(|(_, job)| guest::run(job)).collect()
+    } else {
+        thread::scope(|scope| {
+            let handles: Vec<_> = jobs
+                .iter()
+                .map(|(_, job)| scope.spawn(|| guest::run(job)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a guest runner panicked"))
+                .collect()
+        })
+    };
+    for ((kernel, _), run) in jobs.iter().zip(runs) {
+        rows.push(match run {
+            Ok(run) => row_of_run(kernel, run),
+            Err(e) => Row {
+                kernel: kernel.line.label.to_owned(),
+                release: kernel.release.clone(),
+                package_version: kernel.version.clone(),
+                counts: TestCounts::default(),
+                outcome: format!("FAILED: {e:#}"),
+                duration: Duration::ZERO,
+                verifier: Err("the guest did not run".to_owned()),
+            },
+        });
+    }
+
+    report::print_summary(&rows);
+    report::print_verifier_table(&rows);
+    let failed: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.outcome != "ok")
+        .map(|r| r.kernel.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!("the suite failed on kernel(s) {}", failed.join(", "));
+    }
+    println!("\nvm-test: passed on {} kernel(s)", rows.len());
+    Ok(())
+}
+
+fn row_of_run(kernel: &Kernel, run: guest::Run) -> Row {
+    let release = fs::read_to_string(run.results.join("kernel-release"))
+        .map(|r| r.trim().to_owned())
+        .unwrap_or_else(|_| format!("{} (not reported)", kernel.release));
+    let verifier = read_verifier_record(&run.results);
+    let mut outcome = outcome(&run.verdict);
+    if !run.verdict.passed() && run.counts.failed == 0 && verifier.is_err() {
+        outcome += "; ward did not load (see the verifier record)";
+    }
+    Row {
+        kernel: kernel.line.label.to_owned(),
+        release,
+        package_version: kernel.version.clone(),
+        counts: run.counts,
+        outcome,
+        duration: run.duration,
+        verifier,
+    }
+}
+
+fn outcome(verdict: &Verdict) -> String {
+    match verdict {
+        Verdict::Pass => "ok".to_owned(),
+        Verdict::Fail(why) => format!("FAILED: {why}"),
+    }
+}
+
+fn read_verifier_record(results: &Path) -> Result<std::collections::BTreeMap<String, u32>, String> {
+    match fs::read_to_string(results.join("verifier.txt")) {
+        Ok(text) => verifier::parse(&text),
+        Err(_) => Err("not written (the run stopped before it)".to_owned()),
+    }
+}
+
+/// What QEMU, the guest's initramfs and the kernel cache need.
+fn host_packages() -> Result<()> {
+    const PACKAGES: [&str; 4] = [
+        "qemu-system-x86",
+        "qemu-system-data",
+        "busybox-static",
+        "kmod",
+    ];
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Package} ${db:Status-Status}\n"])
+        .args(PACKAGES)
+        .output()
+        .context("running dpkg-query (is this a Debian machine?)")?;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let missing: Vec<&str> = PACKAGES
+        .into_iter()
+        .filter(|p| !listed.lines().any(|l| l == format!("{p} installed")))
+        .collect();
+    if missing.is_empty() {
+        println!("present: {}", PACKAGES.join(" "));
+        return Ok(());
+    }
+    let install = || {
+        let mut cmd = Command::new("apt-get");
+        cmd.env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing);
+        cmd
+    };
+    if sys::run(&mut install()).is_err() {
+        sys::run(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .arg("update"),
+        )?;
+        sys::run(&mut install())?;
+    }
+    Ok(())
+}
+
+/// The binaries every kernel of one run tests, copied out of `target/debug` so that a build
+/// running meanwhile cannot change them between kernels.
+struct Staged {
+    ward: PathBuf,
+    xtask: PathBuf,
+    tests: Vec<PathBuf>,
+}
+
+fn stage_binaries() -> Result<Staged> {
+    sys::run(sys::cargo().args(["build", "-p", "ward-agent", "--bins"]))?;
+    let mut cmd = sys::cargo();
+    cmd.args([
+        "test",
+        "-p",
+        "ward-tests",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ]);
+    println!("$ {}", sys::show(&cmd));
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the privileged tests failed ({})", out.status);
+    }
+    let mut executables = test_executables(&String::from_utf8_lossy(&out.stdout));
+    executables.sort();
+    if executables.is_empty() {
+        bail!("cargo test -p ward-tests --no-run built no test executable");
+    }
+
+    let dir = sys::target_dir().join("vm-test/bin");
+    if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("emptying {}", dir.display()))?;
+    }
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let copy = |from: &Path| -> Result<PathBuf> {
+        let to = dir.join(from.file_name().context("binary without a name")?);
+        fs::copy(from, &to)
+            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        Ok(to)
+    };
+    let staged = Staged {
+        ward: copy(&sys::target_dir().join("debug/ward"))?,
+        xtask: copy(&std::env::current_exe().context("locating the xtask binary")?)?,
+        tests: executables.iter().map(|e| copy(e)).collect::<Result<_>>()?,
+    };
+    for test in &staged.tests {
+        println!("test executable: {}", test.display());
+    }
+    Ok(staged)
+}
+
+/// Test executables (`profile.test`) among `cargo --message-format=json` messages.
+fn test_executables(messages: &str) -> Vec<PathBuf> {
+    messages
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["profile"]["test"] == true)
+        .filter_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .collect()
+}
+
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// The guest's (or host's) command: the run's variables, then `vm/run-suite.sh`.
+fn suite_script(staged: &Staged, filter: &[String], threads: usize, results: &Path) -> String {
+    let tests: Vec<String> = staged
+        .tests
+        .iter()
+        .map(|t| t.to_string_lossy().into_owned())
+        .collect();
+    let mut script = String::from("# written by cargo xtask vm-test\n");
+    for (name, value) in [
+        ("WARD_BIN", staged.ward.to_string_lossy().into_owned()),
+        ("XTASK_BIN", staged.xtask.to_string_lossy().into_owned()),
+        ("TEST_EXES", tests.join(" ")),
+        ("TEST_THREADS", threads.to_string()),
+        ("RESULTS", results.to_string_lossy().into_owned()),
+    ] {
+        script += &format!("{name}={}\n", shell_quote(&value));
+    }
+    script += "set --";
+    for arg in filter {
+        script += " ";
+        script += &shell_quote(arg);
+    }
+    script += "\n";
+    script += include_str!("../vm/run-suite.sh");
+    script
+}
+
+/// The same suite on this machine's kernel, with as many test threads as it has CPUs.
+fn run_on_host(staged: &Staged, filter: &[String], timeout: Duration) -> Result<Row> {
+    let start = Instant::now();
+    let work_dir = sys::target_dir().join("vm-test/host");
+    let results = work_dir.join("results");
+    if work_dir.exists() {
+        fs::remove_dir_all(&work_dir)
+            .with_context(|| format!("emptying {}", work_dir.display()))?;
+    }
+    fs::create_dir_all(&results)?;
+    let threads = thread::available_parallelism().map_or(1, |n| n.get());
+    let script = results.join("cmd.sh");
+    fs::write(&script, suite_script(staged, filter, threads, &results))?;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"exec sh "$0" 2>&1"#)
+        .arg(&script)
+        .current_dir(&results)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    println!("$ {}", sys::show(&cmd));
+    let mut children = sys::Children::default();
+    let child = children.spawn(&mut cmd)?;
+    let stdout = child.stdout.take().expect("piped");
+    let log_path = results.join("output.log");
+    let mut log = File::create(&log_path)?;
+    let reader = thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            let line = String::from_utf8_lossy(&line);
+            println!("{line}");
+            let _ = writeln!(log, "{line}");
+        }
+    });
+    let status = sys::wait_timeout(child, timeout)?;
+    if status.is_none() {
+        children.kill_all();
+    }
+    let _ = reader.join();
+    let output = fs::read_to_string(&log_path).unwrap_or_default();
+    let ending = Ending {
+        timed_out: status.is_none(),
+        recorded_rc: status.map(|s| s.code().map_or("signal".to_owned(), |c| c.to_string())),
+        panic_line: None,
+        counts: TestCounts::from_libtest(&output),
+    };
+    let release = fs::read_to_string(results.join("kernel-release"))
+        .map(|r| r.trim().to_owned())
+        .unwrap_or_else(|_| "(not reported)".to_owned());
+    Ok(Row {
+        kernel: "host".to_owned(),
+        release,
+        package_version: "-".to_owned(),
+        counts: ending.counts,
+        outcome: outcome(&guest::judge(&ending, timeout, true)),
+        duration: start.elapsed(),
+        verifier: read_verifier_record(&results),
+    })
+}
+
+/// Broken guests the harness must call failures, and a good one it must call a pass: a harness
+/// that cannot fail proves nothing.
+fn self_test(kernels: &[Kernel]) -> Result<()> {
+    struct Case {
+        name: &'static str,
+        script: String,
+        timeout: Duration,
+        must_pass: bool,
+    }
+    let libtest_ok = "echo 'test vm_self_test::boots ... ok'\n\
+                      echo 'test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s'\n";
+    let good = format!("{libtest_ok}exit 0\n");
+    let cases = [
+        Case {
+            name: "command exits non-zero",
+            script: "echo 'test vm_self_test::broken ... FAILED'\nexit 3\n".to_owned(),
+            timeout: Duration::from_secs(120),
+            must_pass: false,
+        },
+        Case {
+            name: "kernel panics before a result",
+            script: "echo 1 > /proc/sys/kernel/sysrq\necho c > /proc/sysrq-trigger\nsleep 60\n"
+                .to_owned(),
+            timeout: Duration::from_secs(120),
+            must_pass: false,
+        },
+        Case {
+            name: "guest hangs",
+            script: "sleep 100000\n".to_owned(),
+            timeout: Duration::from_secs(30),
+            must_pass: false,
+        },
+        Case {
+            name: "command tests nothing",
+            script: "exit 0\n".to_owned(),
+            timeout: Duration::from_secs(120),
+            must_pass: false,
+        },
+        Case {
+            name: "good command",
+            script: good,
+            timeout: Duration::from_secs(120),
+            must_pass: true,
+        },
+    ];
+    let mut wrong = Vec::new();
+    for kernel in kernels {
+        for case in &cases {
+            heading(&format!(
+                "vm-test self-test on {}: {}",
+                kernel.line.label, case.name
+            ));
+            let run = guest::run(&Job {
+                kernel,
+                script: case.script.clone(),
+                work_dir: sys::target_dir()
+                    .join("vm-test/self-test")
+                    .join(&kernel.release),
+                timeout: case.timeout,
+                prefix: String::new(),
+                require_tests: true,
+            })?;
+            let judged = outcome(&run.verdict);
+            let right = run.verdict.passed() == case.must_pass;
+            println!(
+                "self-test {}: {}: judged {judged} ({})",
+                kernel.line.label,
+                case.name,
+                if right { "as it must" } else { "WRONG" }
+            );
+            if !right {
+                wrong.push(format!("{} / {}: {judged}", kernel.line.label, case.name));
+            }
+        }
+    }
+    if !wrong.is_empty() {
+        bail!("the harness misjudged: {}", wrong.join("; "));
+    }
+    println!(
+        "vm-test self-test: all {} cases judged right",
+        cases.len() * kernels.len()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_executables_are_found_in_cargo_messages() {
+        let messages = r#"{"reason":"compiler-artifact","target":{"kind":["bin"]},"profile":{"test":false},"executable":"/t/debug/ward-test-peer"}
+{"reason":"compiler-artifact","target":{"kind":["test"]},"profile":{"test":true},"executable":"/t/debug/deps/harness-0123"}
+{"reason":"compiler-artifact","target":{"kind":["lib"]},"profile":{"test":false},"executable":null}
+{"reason":"build-finished","success":true}"#;
+        assert_eq!(
+            test_executables(messages),
+            [PathBuf::from("/t/debug/deps/harness-0123")]
+        );
+    }
+
+    #[test]
+    fn the_suite_script_quotes_the_filter() {
+        let staged = Staged {
+            ward: "/t/ward".into(),
+            xtask: "/t/xtask".into(),
+            tests: vec!["/t/a".into(), "/t/b".into()],
+        };
+        let script = suite_script(
+            &staged,
+            &["it's".to_owned(), "--exact".to_owned()],
+            1,
+            Path::new("/vmtest"),
+        );
+        assert!(script.contains("TEST_EXES='/t/a /t/b'\n"), "{script}");
+        assert!(script.contains(r"set -- 'it'\''s' '--exact'"), "{script}");
+        assert!(script.ends_with(include_str!("../vm/run-suite.sh")));
+    }
+}
