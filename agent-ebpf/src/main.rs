@@ -66,6 +66,9 @@ fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
         return ALLOW;
     };
     let remote_port = u16::from_be(user_port as u16);
+    if protocol == PROTO_UDP {
+        record_udp_sender(ctx, local, remote_addr, remote_port);
+    }
     let gen = (maps::generation() & 1) as u8;
     // SAFETY: valid context for these helpers in cgroup_sock_addr programs.
     let (netns, cookie) = unsafe {
@@ -115,6 +118,56 @@ fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
         REFUSE
     } else {
         ALLOW
+    }
+}
+
+/// The UDP counterpart of sockops' `TCP_CONNECT_CB` record: a datagram from a bound socket of a
+/// workload names its sender to the receiving side's ingress check, by source port, because peers
+/// on this host share their addresses. (An unbound socket's first datagram gets its port only
+/// after this hook; the receiver then sees it by address, as *host*.)
+#[inline(always)]
+fn record_udp_sender(
+    ctx: &SockAddrContext,
+    identity: u32,
+    remote_addr: [u8; 16],
+    remote_port: u16,
+) {
+    // SAFETY: `sk` of a sock_addr context is a valid socket for the whole program run.
+    let src_port = unsafe {
+        let sk =
+            core::ptr::read_volatile(core::ptr::addr_of!((*ctx.sock_addr).__bindgen_anon_1.sk));
+        core::ptr::read_volatile(core::ptr::addr_of!((*sk).src_port))
+    } as u16;
+    if src_port == 0 {
+        return;
+    }
+    let key = udp_sender_key(remote_addr, src_port, remote_port);
+    // SAFETY: copied out at once.
+    if unsafe { CONNECTING.get(&key) }.is_some_and(|v| v.identity == identity) {
+        return;
+    }
+    let _ = CONNECTING.insert(
+        &key,
+        &ConnectingValue {
+            identity,
+            _pad: 0,
+            cookie: 0,
+        },
+        0,
+    );
+}
+
+/// UDP senders are keyed without their source address: an unconnected socket's is chosen by the
+/// route after the hook, and on this host it is a shared one anyway.
+#[inline(always)]
+fn udp_sender_key(destination: [u8; 16], src_port: u16, dst_port: u16) -> FlowKey {
+    FlowKey {
+        local_addr: [0; 16],
+        remote_addr: destination,
+        local_port: src_port,
+        remote_port: dst_port,
+        protocol: PROTO_UDP,
+        _pad: [0; 3],
     }
 }
 
@@ -243,10 +296,21 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
     }
     // A peer on this host is named by its connecting socket, recorded before its SYN left; only
     // peers with their own addresses are named by address.
-    // SAFETY: copied out at once.
-    let remote = match unsafe { CONNECTING.get(&flow) } {
-        Some(c) => c.identity,
-        None => ipcache::address_identity(&p.src, gen),
+    let remote = if p.protocol == PROTO_TCP {
+        // SAFETY: copied out at once.
+        match unsafe { CONNECTING.get(&flow) } {
+            Some(c) => c.identity,
+            None => ipcache::address_identity(&p.src, gen),
+        }
+    } else {
+        match ipcache::address_identity(&p.src, gen) {
+            IDENTITY_HOST => {
+                let key = udp_sender_key(p.dst, p.src_port, p.dst_port);
+                // SAFETY: copied out at once.
+                unsafe { CONNECTING.get(&key) }.map_or(IDENTITY_HOST, |c| c.identity)
+            }
+            by_address => by_address,
+        }
     };
     let d = policy::decide(
         local,

@@ -147,6 +147,24 @@ fn watch_files(config: &Config) -> std::io::Result<inotify::EventStream<Vec<u8>>
     inotify.into_event_stream(vec![0u8; 16 * 1024])
 }
 
+/// Signal handlers, installed before anything is attached so a signal at any time after start
+/// takes the orderly way out.
+struct Signals {
+    hangup: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Signals {
+            hangup: signal(SignalKind::hangup())?,
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
 /// The running agent's state, owned by the main loop.
 struct Agent {
     config_file: PathBuf,
@@ -306,14 +324,17 @@ impl Agent {
     /// Reacts to signals, file changes, cgroup changes and admin requests until told to stop.
     async fn serve(
         &mut self,
+        signals: Signals,
         mut status_requests: mpsc::Receiver<oneshot::Sender<Status>>,
     ) -> anyhow::Result<()> {
         let mut watcher = CgroupWatcher::new(&self.cgroup_root).context("watching cgroups")?;
         self.sync_cgroups(&cgroups::scan(&self.cgroup_root)?)?;
         let mut files = watch_files(&self.desired.config).context("watching policy files")?;
-        let mut hangup = signal(SignalKind::hangup())?;
-        let mut terminate = signal(SignalKind::terminate())?;
-        let mut interrupt = signal(SignalKind::interrupt())?;
+        let Signals {
+            mut hangup,
+            mut terminate,
+            mut interrupt,
+        } = signals;
         loop {
             tokio::select! {
                 _ = hangup.recv() => self.reload("SIGHUP")?,
@@ -338,6 +359,7 @@ impl Agent {
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     preflight()?;
+    let signals = Signals::install()?;
     let mut rule_ids = RuleIds::default();
     let desired = Desired::build(&opts.config, &mut rule_ids)?;
     let config = desired.config.clone();
@@ -411,8 +433,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         "ready: enforcing"
     );
 
-    let served = agent.serve(status_rx).await;
+    let served = agent.serve(signals, status_rx).await;
     let _ = std::fs::remove_file(&config.admin_socket);
+    if let Some(dir) = config.admin_socket.parent() {
+        // Only if empty: the directory may be shared with other files.
+        let _ = std::fs::remove_dir(dir);
+    }
     if opts.keep_enforcing {
         tracing::info!(pin_dir = %config.pin_dir.display(), "stopping; programs stay attached and keep enforcing the last policy");
     } else {

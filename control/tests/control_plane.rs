@@ -4,6 +4,7 @@
 
 #[allow(
     dead_code,
+    unused_imports,
     reason = "the agent's module is compiled here for its tests; the agent itself uses all of it"
 )]
 #[path = "../../agent/src/control/mod.rs"]

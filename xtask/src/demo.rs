@@ -146,8 +146,21 @@ pub fn run() -> Result<()> {
             .filter(|l| l.contains("verdict="))
             .map(str::to_owned)
             .collect();
+        // A retransmitted SYN is decided (and logged) again: say so once, with a count.
+        let mut briefs: Vec<(String, usize)> = Vec::new();
         for line in &logged {
-            println!("    ward: {}", brief(line));
+            match briefs.last_mut() {
+                Some((last, n)) if *last == brief(line) => *n += 1,
+                _ => briefs.push((brief(line), 1)),
+            }
+        }
+        for (line, n) in briefs {
+            let times = if n > 1 {
+                format!(" (x{n})")
+            } else {
+                String::new()
+            };
+            println!("    ward: {line}{times}");
         }
         if logged.is_empty() {
             println!("    ward: (no verdict line)");

@@ -15,7 +15,6 @@ use std::{collections::BTreeMap, net::IpAddr, os::unix::fs::PermissionsExt as _,
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use client::{BACKOFF_FIRST, BACKOFF_MAX};
 pub use state::{RemoteIdentity, RemoteState};
 
 /// The DNS name the control plane's serving certificate always carries.
