@@ -81,6 +81,9 @@ async fn handle(
 ) -> std::io::Result<()> {
     let uid = stream.peer_cred()?.uid();
     let (read, mut write) = stream.into_split();
+    // Read the request even when refusing, so the client is never cut off mid-write.
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
     if uid != 0 {
         tracing::warn!(uid, "admin request from a non-root user refused");
         let refusal = Reply {
@@ -89,8 +92,6 @@ async fn handle(
         };
         return write_json(&mut write, &refusal).await;
     }
-    let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
     let request: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {

@@ -291,7 +291,7 @@ fn raw_workload(name: &str, address: &str) -> Workload {
 
 // ---- tests ------------------------------------------------------------------------------
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_joins_reports_and_receives_a_policy_change_at_once() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let plane = start_plane(tmp.path(), "1h");
@@ -327,9 +327,21 @@ async fn agent_joins_reports_and_receives_a_policy_change_at_once() {
         .until("web removed", |s| policy_names(s) == ["db"])
         .await;
     assert_eq!(state.identities.len(), 1, "identities untouched");
+
+    agent
+        .reports
+        .send(vec![
+            workload("web", "web", "10.0.0.1"),
+            workload("db", "db", "10.0.0.2"),
+        ])
+        .expect("client running");
+    let state = agent
+        .until("new workload reported", |s| s.ipcache.len() == 2)
+        .await;
+    assert_eq!(state.identities.len(), 2);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnecting_with_versions_receives_only_the_difference() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let plane = start_plane(tmp.path(), "1h");
@@ -392,7 +404,7 @@ async fn reconnecting_with_versions_receives_only_the_difference() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_token_works_once() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let plane = start_plane(tmp.path(), "1h");
@@ -415,7 +427,7 @@ async fn a_join_token_works_once() {
     assert!(plane.logs().contains("join refused"), "{}", plane.logs());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_without_a_valid_certificate_are_refused() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let plane = start_plane(tmp.path(), "1h");
@@ -474,7 +486,7 @@ async fn clients_without_a_valid_certificate_are_refused() {
         .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_certificate_ends_the_stream_and_cannot_reconnect() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let plane = start_plane(tmp.path(), "2s");
@@ -501,7 +513,7 @@ async fn an_expired_certificate_ends_the_stream_and_cannot_reconnect() {
     assert!(plane.wait_for_log("has expired", WAIT), "{}", plane.logs());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_renews_its_certificate_before_it_expires() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let plane = start_plane(tmp.path(), "4s");
@@ -529,7 +541,7 @@ async fn the_agent_renews_its_certificate_before_it_expires() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cannot_speak_for_another_node() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let plane = start_plane(tmp.path(), "1h");
@@ -616,7 +628,7 @@ async fn a_node_cannot_speak_for_another_node() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_message_ends_only_that_stream() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let plane = start_plane(tmp.path(), "1h");
@@ -649,7 +661,7 @@ async fn an_oversized_message_ends_only_that_stream() {
         .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nacked_update_is_logged_and_the_next_change_still_arrives() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let plane = start_plane(tmp.path(), "1h");
@@ -688,7 +700,7 @@ async fn a_nacked_update_is_logged_and_the_next_change_still_arrives() {
         .all(|(_, yaml)| !yaml.contains("bogus")));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_survives_restarts_of_agent_and_control_plane() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let mut plane = start_plane(tmp.path(), "1h");
@@ -720,4 +732,37 @@ async fn state_survives_restarts_of_agent_and_control_plane() {
         1,
         "the certificate was reused"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_directory_the_server_cannot_parse_is_refused_whole() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), "1h");
+    let cfg = agent_config(&plane, tmp.path(), "node-a");
+    let mut agent = Agent::start(cfg, vec![]);
+    agent.until("policy", |s| policy_names(s) == ["web"]).await;
+
+    plane.write_policy("db.yaml", DB);
+    plane.write_policy(
+        "broken.yaml",
+        "apiVersion: ward.dev/v1\nkind: Policy\nspec: [unclosed\n",
+    );
+    assert!(
+        plane.wait_for_log("policy directory refused whole", WAIT),
+        "{}",
+        plane.logs()
+    );
+    assert!(
+        plane.logs().contains("broken.yaml (document 1)"),
+        "{}",
+        plane.logs()
+    );
+    agent.quiet(Duration::from_millis(400)).await;
+
+    plane.remove_policy("broken.yaml");
+    agent
+        .until("db once the directory is valid", |s| {
+            policy_names(s) == ["db", "web"]
+        })
+        .await;
 }

@@ -153,6 +153,17 @@ impl Ward {
         policy: &str,
         extra: &[&str],
     ) -> Self {
+        Ward::start_with_options(cgroups, workloads, policy, extra, "")
+    }
+
+    /// [`Ward::start_with_args`] with extra top-level configuration lines (YAML).
+    pub fn start_with_options(
+        cgroups: &TestCgroups,
+        workloads: &[Workload],
+        policy: &str,
+        extra: &[&str],
+        config_extra: &str,
+    ) -> Self {
         crate::require_privileges();
         let name = cgroups
             .root()
@@ -170,7 +181,7 @@ impl Ward {
         let config_file = dir.join("ward.yaml");
         write_file(
             &config_file,
-            &config_text(cgroups, &pin_dir, &policy_file, workloads),
+            &(config_text(cgroups, &pin_dir, &policy_file, workloads) + config_extra),
         );
 
         let mut command = Command::new(crate::ward_bin());
@@ -194,6 +205,33 @@ impl Ward {
                 contains_word(line, "ready")
             });
         ward
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.process.pid()
+    }
+
+    /// Kills ward with SIGKILL, as a crash or an OOM kill would: nothing is detached.
+    pub fn kill(&mut self) {
+        self.process.stop(libc::SIGKILL, Duration::from_secs(5));
+    }
+
+    /// Starts `bin` (this build again, or an upgrade) on this ward's configuration and pinned
+    /// state after [`Ward::kill`], and waits for its `ready` line; returns that line.
+    pub fn respawn(&mut self, bin: &Path, extra: &[&str]) -> String {
+        let mut command = Command::new(bin);
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config_file)
+            .args(["--log-format", "json"])
+            .args(extra);
+        self.process = Background::spawn("ward (respawned)", command, false);
+        self.process
+            .wait_for_line(0, READY_TIMEOUT, "saying `ready` after a restart", |line| {
+                contains_word(line, "ready")
+            })
+            .1
     }
 
     pub fn lines(&self) -> Vec<String> {

@@ -1,0 +1,190 @@
+//! Policy snippets, client helpers and background load shared by the privileged test files.
+// Each test file uses its own subset of these helpers.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ward_tests::{
+    outcomes_of, run, Background, Finished, Outcome, Peer, Placement, Protocol, Ward,
+};
+
+/// Refusal by the kernel is immediate; a dropped SYN would take a retransmission timeout (1 s).
+pub const AT_ONCE: Duration = Duration::from_secs(1);
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn socket(ip: &str, port: u16) -> SocketAddr {
+    format!("{ip}:{port}")
+        .parse()
+        .expect("a literal socket address")
+}
+
+/// One policy document: `spec_body` is the YAML below `spec:` (already indented by 2).
+pub fn policy(name: &str, spec_body: &str) -> String {
+    format!("apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  name: {name}\nspec:\n{spec_body}")
+}
+
+/// An egress policy for `app: client` with the given rules (YAML list items indented by 4).
+pub fn client_egress(name: &str, rules: &str) -> String {
+    policy(
+        name,
+        &format!("  selector:\n    labels: {{app: client}}\n  egress:\n{rules}"),
+    )
+}
+
+pub fn allow_tcp(rule: &str, port: u16) -> String {
+    format!("    - name: {rule}\n      ports: [{{port: {port}, protocol: TCP}}]\n")
+}
+
+pub fn deny_tcp(rule: &str, port: u16) -> String {
+    format!(
+        "    - name: {rule}\n      action: deny\n      ports: [{{port: {port}, protocol: TCP}}]\n"
+    )
+}
+
+/// One attempt with the peer client; returns its outcome and how long the whole run took.
+pub fn attempt(
+    peer: &Peer,
+    protocol: Protocol,
+    to: SocketAddr,
+    at: &Placement,
+    extra: &[&str],
+) -> (Outcome, Duration) {
+    let attempts = peer.connect(protocol, to, at, extra);
+    (attempts.only().clone(), attempts.elapsed)
+}
+
+pub fn assert_allowed(
+    peer: &Peer,
+    protocol: Protocol,
+    to: SocketAddr,
+    at: &Placement,
+    ward: &Ward,
+    extra: &[&str],
+) {
+    let (outcome, _) = attempt(peer, protocol, to, at, extra);
+    assert_eq!(
+        outcome,
+        Outcome::Ok,
+        "{protocol:?} {extra:?} to {to} must be allowed; ward log:\n{}",
+        ward.log().tail(100)
+    );
+}
+
+pub fn assert_refused_at_once(
+    peer: &Peer,
+    protocol: Protocol,
+    to: SocketAddr,
+    at: &Placement,
+    ward: &Ward,
+    extra: &[&str],
+) {
+    let (outcome, elapsed) = attempt(peer, protocol, to, at, extra);
+    assert_eq!(
+        outcome,
+        Outcome::Eperm,
+        "{protocol:?} {extra:?} to {to} must be refused with EPERM; ward log:\n{}",
+        ward.log().tail(100)
+    );
+    assert!(
+        elapsed < AT_ONCE,
+        "refusal of {to} took {elapsed:?}, not at once"
+    );
+}
+
+/// A command line tool run in `at`, to completion.
+pub fn tool(at: &Placement, program: &str, args: &[&str]) -> Finished {
+    run(program, at.command(program, args), Duration::from_secs(30))
+}
+
+pub fn log_has(ward: &Ward, from: usize, needle: &str) -> bool {
+    ward.lines()[from..]
+        .iter()
+        .any(|line| line.contains(needle))
+}
+
+/// Clients looping against `to` from `at` until `stop_file` exists.
+pub fn start_load(
+    peer: &Peer,
+    to: SocketAddr,
+    at: &Placement,
+    clients: usize,
+    stop_file: &Path,
+) -> Vec<Background> {
+    let stop = stop_file.to_string_lossy().into_owned();
+    (0..clients)
+        .map(|_| {
+            peer.connect_background(
+                Protocol::Tcp,
+                to,
+                at,
+                &[
+                    "--count",
+                    "150",
+                    "--interval-ms",
+                    "4",
+                    "--timeout-ms",
+                    "5000",
+                    "--stop-file",
+                    &stop,
+                ],
+            )
+        })
+        .collect()
+}
+
+/// Waits for every client to finish and returns all their outcomes.
+pub fn finish_load(clients: &mut [Background]) -> Vec<Outcome> {
+    let mut outcomes = Vec::new();
+    for client in clients.iter_mut() {
+        let status = client
+            .wait_exit(Duration::from_secs(120))
+            .expect("a load client finishes");
+        assert!(
+            status.success(),
+            "load client failed: {:?}",
+            client.lines().snapshot()
+        );
+        outcomes.extend(outcomes_of(client));
+    }
+    outcomes
+}
+
+pub fn wait_started(clients: &[Background]) {
+    for client in clients {
+        client.wait_for_line(0, Duration::from_secs(20), "with a first outcome", |_| true);
+    }
+}
+
+pub struct StopFile(pub PathBuf);
+
+impl StopFile {
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("{}.stop", ward_tests::unique_name(tag)));
+        let _ = std::fs::remove_file(&path);
+        StopFile(path)
+    }
+
+    pub fn stop(&self) {
+        std::fs::write(&self.0, "stop").expect("create the stop file");
+    }
+}
+
+impl Drop for StopFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+pub fn tally(outcomes: &[Outcome]) -> String {
+    let mut kinds: Vec<(String, usize)> = Vec::new();
+    for outcome in outcomes {
+        let key = format!("{outcome:?}");
+        match kinds.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => *n += 1,
+            None => kinds.push((key, 1)),
+        }
+    }
+    format!("{kinds:?}")
+}
