@@ -68,12 +68,21 @@ pub fn run(test_threads: Option<usize>, filter: &[String]) -> Result<()> {
         "build ward",
         sys::cargo().args(["build", "-p", "ward-agent", "--bins"]),
     );
-    if built {
+    // The upgrade test runs a build with the next kernel map layout against this one's pins.
+    let next_dir = sys::target_dir().join("abi-next");
+    let built_next = steps.run(
+        "build ward (abi-next)",
+        sys::cargo()
+            .args(["build", "-p", "ward-agent", "--bins", "--features", "abi-next", "--target-dir"])
+            .arg(&next_dir),
+    );
+    if built && built_next {
         let ward = sys::target_dir().join("debug/ward");
         steps.run(
             "privileged tests",
             sys::cargo()
                 .env("WARD_BIN", &ward)
+                .env("WARD_BIN_ABI_NEXT", next_dir.join("debug/ward"))
                 .args(["test", "-p", "ward-tests", "--"])
                 .arg(format!("--test-threads={threads}"))
                 .args(filter),
