@@ -7,7 +7,7 @@
 //! the control plane unless two IDs collide. Unlike the agent, the control plane remembers every
 //! allocation, so a number never moves once given, whichever IDs appear later.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
 };
 
@@ -55,6 +55,12 @@ pub struct WorkloadRecord {
 struct RegistryFile {
     identities: BTreeMap<String, u32>,
     nodes: BTreeMap<String, Vec<WorkloadRecord>>,
+}
+
+#[derive(Default)]
+struct Others<'a> {
+    identities: HashMap<&'a str, (&'a str, &'a WorkloadRecord)>,
+    addresses: HashMap<IpAddr, &'a str>,
 }
 
 #[derive(Debug, Default)]
@@ -120,22 +126,23 @@ impl Registry {
         id
     }
 
-    /// The first registration of a SPIFFE ID other than on `node`; it fixes the labels and
-    /// namespace every other workload with that ID must have.
-    fn owner_elsewhere(&self, node: &str, spiffe_id: &str) -> Option<(&str, &WorkloadRecord)> {
-        self.nodes
-            .iter()
-            .filter(|(n, _)| n.as_str() != node)
-            .flat_map(|(n, ws)| ws.iter().map(move |w| (n.as_str(), w)))
-            .find(|(_, w)| w.spiffe_id == spiffe_id)
-    }
-
-    fn address_owner_elsewhere(&self, node: &str, address: IpAddr) -> Option<&str> {
-        self.nodes
-            .iter()
-            .filter(|(n, _)| n.as_str() != node)
-            .find(|(_, ws)| ws.iter().any(|w| w.addresses.contains(&address)))
-            .map(|(n, _)| n.as_str())
+    /// Who else holds each SPIFFE ID (its first registration, which fixes the labels and
+    /// namespace every other workload with that ID must have) and each address, built once per
+    /// report so a report costs time linear in the registry, not quadratic.
+    fn others(&self, node: &str) -> Others<'_> {
+        let mut others = Others::default();
+        for (n, workloads) in self.nodes.iter().filter(|(n, _)| n.as_str() != node) {
+            for w in workloads {
+                others
+                    .identities
+                    .entry(w.spiffe_id.as_str())
+                    .or_insert((n.as_str(), w));
+                for address in &w.addresses {
+                    others.addresses.entry(*address).or_insert(n.as_str());
+                }
+            }
+        }
+        others
     }
 
     /// Replaces what `node` reported before with `workloads`. Workloads that are malformed or
@@ -152,6 +159,7 @@ impl Registry {
             });
         }
         let prefix = format!("spiffe://{}/", self.trust_domain);
+        let others = self.others(node);
         let mut refusals = Vec::new();
         let mut accepted: Vec<WorkloadRecord> = Vec::with_capacity(workloads.len());
         let mut seen_addresses = BTreeSet::new();
@@ -215,7 +223,7 @@ impl Registry {
                     continue;
                 }
             }
-            if let Some((other_node, other)) = self.owner_elsewhere(node, &w.spiffe_id) {
+            if let Some((other_node, other)) = others.identities.get(w.spiffe_id.as_str()) {
                 if !same_identity(other) {
                     refuse(format!(
                         "SPIFFE ID {} is registered by node {other_node:?} with other labels or namespace",
@@ -233,7 +241,7 @@ impl Registry {
                     ));
                     continue;
                 };
-                if let Some(owner) = self.address_owner_elsewhere(node, address) {
+                if let Some(owner) = others.addresses.get(&address) {
                     refuse(format!(
                         "address {address} belongs to a workload of node {owner:?}"
                     ));
@@ -253,6 +261,7 @@ impl Registry {
                 addresses,
             });
         }
+        drop(others);
         accepted.sort_by(|a, b| a.name.cmp(&b.name));
         for w in &accepted {
             self.allocate(&w.spiffe_id);

@@ -28,17 +28,38 @@ const FILLER_PORT: u16 = 20000;
 const FILLER_PORTS_PER_PEER: usize = 1000;
 const NFT_TABLE: &str = "ward_bench";
 
-pub fn run(seconds: f64, sizes: &[usize], work_dir: Option<PathBuf>) -> Result<()> {
+#[derive(clap::Args)]
+pub struct ConnectArgs {
+    /// Measuring time per variant, size and round.
+    #[arg(long, default_value = "5")]
+    seconds: f64,
+    /// Policy sizes (entries in the compiled policy), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,100000")]
+    sizes: Vec<usize>,
+    /// Rounds per size: the variants take turns in each round and the table shows medians, so
+    /// a neighbour's burst of CPU use does not decide a comparison.
+    #[arg(long, default_value = "3")]
+    rounds: usize,
+    /// Where to keep the generated configuration, policies and logs.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+pub fn run(args: &ConnectArgs) -> Result<()> {
     sys::require_root(
         "bench connect",
         "it creates cgroups, loads eBPF programs and nftables",
     )?;
-    if sizes.is_empty() || seconds <= 0.0 {
-        bail!("need at least one size and a positive --seconds");
+    if args.sizes.is_empty() || args.seconds <= 0.0 || args.rounds == 0 {
+        bail!("need at least one size, one round and a positive --seconds");
     }
+    let seconds = args.seconds;
     setup::run()?;
     let ward_bin = ward::binary()?;
-    let work = work_dir.unwrap_or_else(|| sys::target_dir().join("ward-bench"));
+    let work = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| sys::target_dir().join("ward-bench"));
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
 
     heading("workloads");
@@ -50,7 +71,7 @@ pub fn run(seconds: f64, sizes: &[usize], work_dir: Option<PathBuf>) -> Result<(
 
     let mut rows = Vec::new();
     let mut memory = Vec::new();
-    for &size in sizes {
+    for &size in &args.sizes {
         heading(&format!("policy size {size}"));
         let policy = Policy::new(size);
         fs::write(work.join("policy.yaml"), policy.ward_yaml())?;
@@ -58,47 +79,59 @@ pub fn run(seconds: f64, sizes: &[usize], work_dir: Option<PathBuf>) -> Result<(
         let nft_rules = policy.nft(&nft_cgroup_path(&mount, &client_cgroup)?, level);
         fs::write(work.join("policy.nft"), &nft_rules)?;
 
-        let base = measure(&cgroups, seconds, "baseline")?;
-        rows.push(Row {
-            size,
-            variant: "no programs",
-            entries: None,
-            m: base,
-        });
+        let (mut base, mut with_ward, mut with_nft) = (Vec::new(), Vec::new(), Vec::new());
+        let mut entries = None;
+        for round in 1..=args.rounds {
+            println!("round {round} of {}", args.rounds);
+            base.push(measure(&cgroups, seconds, "baseline")?);
 
-        let log = work.join(format!("ward-{size}.log"));
-        let mut agent = Ward::start(&ward_bin, &work.join("ward.yaml"), &log)?;
-        agent.wait_ready(Duration::from_secs(300))?;
-        let entries = logged_entries(&agent.log_since(0));
+            let log = work.join(format!("ward-{size}.log"));
+            let mut agent = Ward::start(&ward_bin, &work.join("ward.yaml"), &log)?;
+            agent.wait_ready(Duration::from_secs(300))?;
+            entries = logged_entries(&agent.log_since(0));
+            with_ward.push(measure(&cgroups, seconds, "ward")?);
+            if round == args.rounds {
+                memory.push((size, sys::memory_kib(agent.pid())));
+            }
+            if let Some(status) = agent.stop()? {
+                println!("ward exited ({status})");
+            }
+
+            nft.load(&work.join("policy.nft"))?;
+            let m = measure(&cgroups, seconds, "nftables");
+            nft.delete()?;
+            with_nft.push(m?);
+        }
         match entries {
             Some(n) => println!("ward wrote {n} policy entries"),
             None => println!("ward's log names no entry count (looked for `entries=N`)"),
         }
-        let m = measure(&cgroups, seconds, "ward")?;
-        memory.push((size, sys::memory_kib(agent.pid())));
-        if let Some(status) = agent.stop()? {
-            println!("ward exited ({status})");
-        }
+        let nft_entries = Some(policy.entries());
+        rows.push(Row {
+            size,
+            variant: "no programs",
+            entries: None,
+            m: median(&base),
+        });
         rows.push(Row {
             size,
             variant: "ward",
             entries,
-            m,
+            m: median(&with_ward),
         });
-
-        nft.load(&work.join("policy.nft"))?;
-        let m = measure(&cgroups, seconds, "nftables");
-        nft.delete()?;
         rows.push(Row {
             size,
             variant: "nftables",
-            entries: Some(policy.entries()),
-            m: m?,
+            entries: nft_entries,
+            m: median(&with_nft),
         });
     }
     drop(cgroups);
 
-    heading("results");
+    heading(&format!(
+        "results (median of {} rounds of {seconds} s)",
+        args.rounds
+    ));
     print!("{}", table(&rows));
     println!("slow: connects that waited for a SYN retransmit (>= 100 ms); Δ: against no programs at the same size");
     println!("\nward's memory once the policy was in force (after the measurement):");
@@ -317,6 +350,21 @@ fn measure(cgroups: &CgroupTree, seconds: f64, variant: &str) -> Result<Measurem
     Ok(m)
 }
 
+/// Medians of the rates and latencies; the slow connects of all rounds.
+fn median(runs: &[Measurement]) -> Measurement {
+    let mid = |f: fn(&Measurement) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Measurement {
+        conns_per_sec: mid(|m| m.conns_per_sec),
+        p50_us: mid(|m| m.p50_us),
+        p99_us: mid(|m| m.p99_us),
+        slow: runs.iter().map(|m| m.slow).sum(),
+    }
+}
+
 fn parse_report(line: &str) -> Result<Measurement> {
     if let Some(error) = line.trim().strip_prefix("error=") {
         bail!("a connect to {SERVER} failed: {error}");
@@ -402,6 +450,18 @@ mod tests {
         assert_eq!(path("/sys/fs/cgroup"), "ward-bench/client");
         assert_eq!(path("/sys/fs/cgroup/unified"), "unified/ward-bench/client");
         assert_eq!(path("/cg2"), "../../../cg2/ward-bench/client");
+    }
+
+    #[test]
+    fn rounds_are_summarised_by_their_medians() {
+        let m = |rate, slow| Measurement {
+            conns_per_sec: rate,
+            p50_us: rate / 1000.0,
+            p99_us: 1.0,
+            slow,
+        };
+        let med = median(&[m(3000.0, 1), m(1000.0, 0), m(2000.0, 2)]);
+        assert_eq!((med.conns_per_sec, med.p50_us, med.slow), (2000.0, 2.0, 3));
     }
 
     #[test]

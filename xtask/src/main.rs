@@ -12,7 +12,7 @@ mod test_suite;
 mod vm;
 mod ward;
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 
@@ -64,17 +64,7 @@ enum Command {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Connections per second and connect latency over loopback: no programs, ward, nftables.
-    Connect {
-        /// Measuring time per variant and size.
-        #[arg(long, default_value = "5")]
-        seconds: f64,
-        /// Policy sizes (entries in the compiled policy), comma separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,100000")]
-        sizes: Vec<usize>,
-        /// Where to keep the generated configuration, policies and logs.
-        #[arg(long)]
-        work_dir: Option<PathBuf>,
-    },
+    Connect(bench::ConnectArgs),
 }
 
 fn main() -> ExitCode {
@@ -86,13 +76,8 @@ fn main() -> ExitCode {
         } => test_suite::run(test_threads, &filter),
         Command::Demo => demo::run(),
         Command::Bench {
-            bench:
-                BenchCommand::Connect {
-                    seconds,
-                    sizes,
-                    work_dir,
-                },
-        } => bench::run(seconds, &sizes, work_dir),
+            bench: BenchCommand::Connect(args),
+        } => bench::run(&args),
         Command::VmTest(args) => vm::run(&args),
         Command::Serve(args) => probe::serve(&args),
         Command::Connect { addr, timeout_ms } => {

@@ -73,7 +73,15 @@ pub fn run(test_threads: Option<usize>, filter: &[String]) -> Result<()> {
     let built_next = steps.run(
         "build ward (abi-next)",
         sys::cargo()
-            .args(["build", "-p", "ward-agent", "--bins", "--features", "abi-next", "--target-dir"])
+            .args([
+                "build",
+                "-p",
+                "ward-agent",
+                "--bins",
+                "--features",
+                "abi-next",
+                "--target-dir",
+            ])
             .arg(&next_dir),
     );
     if built && built_next {
