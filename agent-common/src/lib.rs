@@ -167,6 +167,17 @@ pub struct StateValue {
     pub reserved: [u32; 2],
 }
 
+impl StateValue {
+    pub const fn new(generation: u32) -> Self {
+        StateValue {
+            generation,
+            abi_version: ABI_VERSION,
+            #[cfg(feature = "abi-next")]
+            reserved: [0; 2],
+        }
+    }
+}
+
 /// A local socket's verdict, keyed by socket cookie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -16,7 +16,7 @@ fn within_budget(ev: &VerdictEvent, now: u64) -> bool {
         verdict: ev.verdict,
         _pad: [0; 3],
     };
-    match EVENT_LIMITS.get_ptr_mut(&key) {
+    match EVENT_LIMITS.get_ptr_mut(key) {
         Some(limit) => {
             // SAFETY: an LRU map value; concurrent writers can only make the budget a little
             // looser, never unbounded.
@@ -38,7 +38,7 @@ fn within_budget(ev: &VerdictEvent, now: u64) -> bool {
                 count: 1,
                 _pad: 0,
             };
-            let _ = EVENT_LIMITS.insert(&key, &fresh, 0);
+            let _ = EVENT_LIMITS.insert(key, fresh, 0);
             true
         }
     }

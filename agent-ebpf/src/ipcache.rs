@@ -20,7 +20,7 @@ pub fn address_identity(addr: &[u8; 16], gen: u8) -> u32 {
         addr: *addr,
     };
     // SAFETY: copied out at once.
-    if let Some(v) = unsafe { IPCACHE.get(&key) } {
+    if let Some(v) = unsafe { IPCACHE.get(key) } {
         return v.identity;
     }
     if is_loopback(addr) {
@@ -54,7 +54,7 @@ pub fn destination_identity(addr: &[u8; 16], port: u16, protocol: u8, netns: u64
         _pad: [0; 5],
     };
     // SAFETY: copied out at once.
-    match unsafe { LISTENERS.get(&key) } {
+    match unsafe { LISTENERS.get(key) } {
         Some(l) => l.identity,
         None => IDENTITY_HOST,
     }

@@ -98,7 +98,7 @@ fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
             direction: DIRECTION_EGRESS,
             _pad: [0; 2],
         };
-        let _ = SOCKETS.insert(&cookie, &tag, 0);
+        let _ = SOCKETS.insert(cookie, tag, 0);
     }
     events::emit(VerdictEvent {
         cgroup_id,
@@ -143,12 +143,12 @@ fn record_udp_sender(
     }
     let key = udp_sender_key(remote_addr, src_port, remote_port);
     // SAFETY: copied out at once.
-    if unsafe { CONNECTING.get(&key) }.is_some_and(|v| v.identity == identity) {
+    if unsafe { CONNECTING.get(key) }.is_some_and(|v| v.identity == identity) {
         return;
     }
     let _ = CONNECTING.insert(
-        &key,
-        &ConnectingValue {
+        key,
+        ConnectingValue {
             identity,
             _pad: 0,
             cookie: 0,
@@ -284,7 +284,7 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
     let gen = (full_gen & 1) as u8;
     if p.protocol == PROTO_UDP {
         // SAFETY: copied out at once.
-        if let Some(cached) = unsafe { UDP_FLOWS.get(&flow) }.copied() {
+        if let Some(cached) = unsafe { UDP_FLOWS.get(flow) }.copied() {
             if cached.generation == full_gen {
                 return if cached.verdict == VERDICT_DENY {
                     REFUSE
@@ -298,7 +298,7 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
     // peers with their own addresses are named by address.
     let remote = if p.protocol == PROTO_TCP {
         // SAFETY: copied out at once.
-        match unsafe { CONNECTING.get(&flow) } {
+        match unsafe { CONNECTING.get(flow) } {
             Some(c) => c.identity,
             None => ipcache::address_identity(&p.src, gen),
         }
@@ -307,7 +307,7 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
             IDENTITY_HOST => {
                 let key = udp_sender_key(p.dst, p.src_port, p.dst_port);
                 // SAFETY: copied out at once.
-                unsafe { CONNECTING.get(&key) }.map_or(IDENTITY_HOST, |c| c.identity)
+                unsafe { CONNECTING.get(key) }.map_or(IDENTITY_HOST, |c| c.identity)
             }
             by_address => by_address,
         }
@@ -327,7 +327,7 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
             verdict: d.verdict,
             _pad: [0; 7],
         };
-        let _ = UDP_FLOWS.insert(&flow, &cached, 0);
+        let _ = UDP_FLOWS.insert(flow, cached, 0);
     }
     if !d.isolated {
         return ALLOW;
@@ -347,7 +347,7 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
             direction: DIRECTION_INGRESS,
             _pad: [0; 2],
         };
-        let _ = ACCEPTING.insert(&flow, &tag, 0);
+        let _ = ACCEPTING.insert(flow, tag, 0);
     }
     events::emit(VerdictEvent {
         cgroup_id,
@@ -469,7 +469,7 @@ pub fn ward_sockops(ctx: SockOpsContext) -> u32 {
                     protocol: PROTO_TCP,
                     _pad: [0; 5],
                 };
-                let _ = LISTENERS.insert(&key, &ListenerValue { identity, _pad: 0 }, 0);
+                let _ = LISTENERS.insert(key, ListenerValue { identity, _pad: 0 }, 0);
             }
         }
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
@@ -481,27 +481,25 @@ pub fn ward_sockops(ctx: SockOpsContext) -> u32 {
                     _pad: 0,
                     cookie,
                 };
-                let _ = CONNECTING.insert(&sockops_tuple(&ops, true), &v, 0);
+                let _ = CONNECTING.insert(sockops_tuple(&ops, true), v, 0);
                 let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
             }
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            let _ = CONNECTING.remove(&sockops_tuple(&ops, true));
+            let _ = CONNECTING.remove(sockops_tuple(&ops, true));
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let flow = sockops_tuple(&ops, false);
             // SAFETY: copied out at once.
-            if let Some(tag) = unsafe { ACCEPTING.get(&flow) }.copied() {
-                let _ = SOCKETS.insert(&cookie, &tag, 0);
-                let _ = ACCEPTING.remove(&flow);
+            if let Some(tag) = unsafe { ACCEPTING.get(flow) }.copied() {
+                let _ = SOCKETS.insert(cookie, tag, 0);
+                let _ = ACCEPTING.remove(flow);
                 let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
             }
         }
-        BPF_SOCK_OPS_STATE_CB => {
-            if ops.new_state == BPF_TCP_CLOSE {
-                let _ = SOCKETS.remove(&cookie);
-                let _ = CONNECTING.remove(&sockops_tuple(&ops, true));
-            }
+        BPF_SOCK_OPS_STATE_CB if ops.new_state == BPF_TCP_CLOSE => {
+            let _ = SOCKETS.remove(cookie);
+            let _ = CONNECTING.remove(sockops_tuple(&ops, true));
         }
         _ => {}
     }

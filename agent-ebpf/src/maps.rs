@@ -125,5 +125,5 @@ pub fn generation() -> u32 {
 #[inline(always)]
 pub fn cgroup_identity(cgroup_id: u64) -> Option<u32> {
     // SAFETY: the value is copied out before the program can be preempted.
-    unsafe { CGROUPS.get(&cgroup_id) }.map(|v| v.identity)
+    unsafe { CGROUPS.get(cgroup_id) }.map(|v| v.identity)
 }

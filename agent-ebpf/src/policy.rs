@@ -30,7 +30,7 @@ fn lookup(
         _pad: [0; 3],
     };
     // SAFETY: the value is copied out at once.
-    unsafe { POLICY.get(&key) }.copied()
+    unsafe { POLICY.get(key) }.copied()
 }
 
 #[inline(always)]

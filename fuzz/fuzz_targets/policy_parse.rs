@@ -5,7 +5,9 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use agent_common::{DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_WORLD, PROTO_TCP, PROTO_UDP};
+use agent_common::{
+    DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_WORLD, PROTO_TCP, PROTO_UDP,
+};
 use libfuzzer_sys::fuzz_target;
 
 // The policy module as the agent compiles it; only its parsing and compilation run here.
@@ -27,19 +29,23 @@ mod config {
 }
 
 mod identity {
-    pub fn workload_infos(_: &crate::config::Config) -> std::io::Result<Vec<crate::policy::WorkloadInfo>> {
+    pub fn workload_infos(
+        _: &crate::config::Config,
+    ) -> std::io::Result<Vec<crate::policy::WorkloadInfo>> {
         Err(std::io::ErrorKind::Unsupported.into())
     }
 }
 
 fn workloads() -> Vec<policy::WorkloadInfo> {
-    let workload = |identity: u32, name: &str, namespace: &str, app: &str, address: &str| policy::WorkloadInfo {
-        identity,
-        name: name.into(),
-        spiffe_id: format!("spiffe://example.org/ns/{namespace}/sa/{name}"),
-        namespace: Some(namespace.into()),
-        labels: [("app".to_owned(), app.to_owned())].into(),
-        addresses: vec![address.parse().expect("valid address")],
+    let workload = |identity: u32, name: &str, namespace: &str, app: &str, address: &str| {
+        policy::WorkloadInfo {
+            identity,
+            name: name.into(),
+            spiffe_id: format!("spiffe://example.org/ns/{namespace}/sa/{name}"),
+            namespace: Some(namespace.into()),
+            labels: [("app".to_owned(), app.to_owned())].into(),
+            addresses: vec![address.parse().expect("valid address")],
+        }
     };
     vec![
         workload(300, "web", "demo", "web", "10.0.0.2"),
@@ -49,20 +55,42 @@ fn workloads() -> Vec<policy::WorkloadInfo> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(set) = policy::parse(Path::new("fuzz.yaml"), text) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(set) = policy::parse(Path::new("fuzz.yaml"), text) else {
+        return;
+    };
     let workloads = workloads();
-    let Ok(compiled) = policy::compile(&set, &workloads, &mut policy::RuleIds::new()) else { return };
-    let addresses = ["10.0.0.2", "10.1.2.3", "::1", "fd00::9"].map(|a| a.parse::<IpAddr>().expect("valid address"));
-    let mut remotes: Vec<u32> = addresses.iter().map(|a| compiled.remote_identity(*a, &workloads)).collect();
-    remotes.extend(workloads.iter().map(|w| w.identity).chain([IDENTITY_ANY, IDENTITY_WORLD]));
+    let Ok(compiled) = policy::compile(&set, &workloads, &mut policy::RuleIds::new()) else {
+        return;
+    };
+    let addresses = ["10.0.0.2", "10.1.2.3", "::1", "fd00::9"]
+        .map(|a| a.parse::<IpAddr>().expect("valid address"));
+    let mut remotes: Vec<u32> = addresses
+        .iter()
+        .map(|a| compiled.remote_identity(*a, &workloads))
+        .collect();
+    remotes.extend(
+        workloads
+            .iter()
+            .map(|w| w.identity)
+            .chain([IDENTITY_ANY, IDENTITY_WORLD]),
+    );
     for local in &workloads {
         for &remote in &remotes {
             for direction in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
                 for (protocol, port) in [(PROTO_TCP, 80), (PROTO_UDP, 53), (PROTO_TCP, 65535)] {
-                    let decision = compiled.decide(local.identity, remote, direction, protocol, port);
-                    assert!(decision.isolated || decision.rule == 0, "an untouched workload names no rule");
-                    assert!(!decision.isolated || decision.rule != 0, "every verdict on an isolated workload names its rule");
+                    let decision =
+                        compiled.decide(local.identity, remote, direction, protocol, port);
+                    assert!(
+                        decision.isolated || decision.rule == 0,
+                        "an untouched workload names no rule"
+                    );
+                    assert!(
+                        !decision.isolated || decision.rule != 0,
+                        "every verdict on an isolated workload names its rule"
+                    );
                 }
             }
         }

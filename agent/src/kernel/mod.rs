@@ -14,9 +14,9 @@ use std::{
 use agent_common::{
     map_names, program_names, CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue,
     FlowKey, IpcacheKey, IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, PolicyKey,
-    PolicyValue, SocketValue, StateValue, UdpFlowValue, ABI_VERSION, MAX_ACCEPTING, MAX_CGROUPS,
-    MAX_CONNECTING, MAX_IPCACHE, MAX_IPCACHE_PREFIXES, MAX_LISTENERS, MAX_POLICY_ENTRIES,
-    MAX_SOCKETS, MAX_UDP_FLOWS,
+    PolicyValue, SocketValue, StateValue, UdpFlowValue, MAX_ACCEPTING, MAX_CGROUPS, MAX_CONNECTING,
+    MAX_IPCACHE, MAX_IPCACHE_PREFIXES, MAX_LISTENERS, MAX_POLICY_ENTRIES, MAX_SOCKETS,
+    MAX_UDP_FLOWS,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
@@ -480,15 +480,7 @@ impl Datapath {
             return Err(e);
         }
         self.state
-            .set(
-                0,
-                StateValue {
-                    generation: next,
-                    abi_version: ABI_VERSION,
-                    ..Default::default()
-                },
-                0,
-            )
+            .set(0, StateValue::new(next), 0)
             .map_err(map_err(map_names::STATE))?;
         let previous_bit = (self.generation & 1) as u8;
         self.generation = next;
