@@ -84,6 +84,18 @@ pub fn run(test_threads: Option<usize>, filter: &[String]) -> Result<()> {
             ])
             .arg(&next_dir),
     );
+    if built {
+        // Policy as code: the repository's own example policies pass the same check users run.
+        steps.run(
+            "policy check",
+            Command::new(sys::target_dir().join("debug/ward")).args([
+                "policy",
+                "check",
+                "--strict",
+                "examples/policies",
+            ]),
+        );
+    }
     if built && built_next {
         let ward = sys::target_dir().join("debug/ward");
         steps.run(
