@@ -3,6 +3,7 @@
 //! N entries, and with nftables holding the same policy, interleaved in one run.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     fs,
     io::{BufRead as _, BufReader},
@@ -43,6 +44,10 @@ pub struct ConnectArgs {
     /// Where to keep the generated configuration, policies and logs.
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Also report the time ward's kernel programs take per connection. Turns on
+    /// kernel.bpf_stats_enabled during the run, which itself costs a little per program run.
+    #[arg(long)]
+    bpf_stats: bool,
 }
 
 pub fn run(args: &ConnectArgs) -> Result<()> {
@@ -71,6 +76,8 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
 
     let mut rows = Vec::new();
     let mut memory = Vec::new();
+    let mut kernel_time = Vec::new();
+    let _stats = args.bpf_stats.then(BpfStats::enable).transpose()?;
     for &size in &args.sizes {
         heading(&format!("policy size {size}"));
         let policy = Policy::new(size);
@@ -89,7 +96,16 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
             let mut agent = Ward::start(&ward_bin, &work.join("ward.yaml"), &log)?;
             agent.wait_ready(Duration::from_secs(300))?;
             entries = logged_entries(&agent.log_since(0));
-            with_ward.push(measure(&cgroups, seconds, "ward")?);
+            let before = prog_stats(agent.pid());
+            let m = measure(&cgroups, seconds, "ward")?;
+            if args.bpf_stats {
+                let per_conn = per_connection(&before, &prog_stats(agent.pid()), m.total_conns);
+                println!("kernel programs per connection: {per_conn}");
+                if round == args.rounds {
+                    kernel_time.push((size, per_conn));
+                }
+            }
+            with_ward.push(m);
             if round == args.rounds {
                 memory.push((size, sys::memory_kib(agent.pid())));
             }
@@ -143,6 +159,12 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
                 hwm as f64 / 1024.0
             ),
             None => println!("  size {size:>7}: ward had exited"),
+        }
+    }
+    if !kernel_time.is_empty() {
+        println!("\nward's kernel programs per connection (runs x ns per run), last round:");
+        for (size, per_conn) in kernel_time {
+            println!("  size {size:>7}: {per_conn}");
         }
     }
     println!("\nlogs, policies and rulesets: {}", work.display());
@@ -288,6 +310,8 @@ struct Measurement {
     p99_us: f64,
     /// Connects that waited for a SYN retransmit: the run was disturbed.
     slow: u64,
+    /// Connects made, warm-up included.
+    total_conns: u64,
 }
 
 struct Row {
@@ -350,6 +374,84 @@ fn measure(cgroups: &CgroupTree, seconds: f64, variant: &str) -> Result<Measurem
     Ok(m)
 }
 
+/// Turns on the kernel's run-time accounting of BPF programs; restores the setting on drop.
+struct BpfStats(String);
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> Result<Self> {
+        let previous =
+            fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
+        fs::write(BPF_STATS, "1").with_context(|| format!("writing {BPF_STATS}"))?;
+        Ok(Self(previous))
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = fs::write(BPF_STATS, self.0.trim());
+    }
+}
+
+/// (program type, run time in ns, runs) of each program a process holds, from its fdinfo.
+fn prog_stats(pid: u32) -> BTreeMap<u32, (String, u64, u64)> {
+    let mut progs = BTreeMap::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let info = fs::read_to_string(entry.path()).unwrap_or_default();
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(kind), Some(ns), Some(runs)) = (
+            field("prog_id:"),
+            field("prog_type:"),
+            field("run_time_ns:"),
+            field("run_cnt:"),
+        ) {
+            let kind = match kind {
+                8 => "cgroup_skb".to_owned(),
+                13 => "sock_ops".to_owned(),
+                18 => "cgroup_sock_addr".to_owned(),
+                other => format!("type {other}"),
+            };
+            progs.insert(id as u32, (kind, ns, runs));
+        }
+    }
+    progs
+}
+
+/// `sock_ops 11.5 x 198 ns + ... = 5.5 µs`: what each program type costs a connection.
+fn per_connection(
+    before: &BTreeMap<u32, (String, u64, u64)>,
+    after: &BTreeMap<u32, (String, u64, u64)>,
+    conns: u64,
+) -> String {
+    let mut by_kind: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for (id, (kind, ns, runs)) in after {
+        let (_, ns0, runs0) = before.get(id).cloned().unwrap_or_default();
+        let sum = by_kind.entry(kind).or_default();
+        sum.0 += ns - ns0;
+        sum.1 += runs - runs0;
+    }
+    let conns = conns.max(1) as f64;
+    let mut parts = Vec::new();
+    let mut total_ns = 0.0;
+    for (kind, (ns, runs)) in by_kind.into_iter().filter(|(_, (_, runs))| *runs > 0) {
+        parts.push(format!(
+            "{kind} {:.1} x {:.0} ns",
+            runs as f64 / conns,
+            ns as f64 / runs as f64
+        ));
+        total_ns += ns as f64 / conns;
+    }
+    format!("{} = {:.2} µs", parts.join(" + "), total_ns / 1000.0)
+}
+
 /// Medians of the rates and latencies; the slow connects of all rounds.
 fn median(runs: &[Measurement]) -> Measurement {
     let mid = |f: fn(&Measurement) -> f64| {
@@ -362,6 +464,7 @@ fn median(runs: &[Measurement]) -> Measurement {
         p50_us: mid(|m| m.p50_us),
         p99_us: mid(|m| m.p99_us),
         slow: runs.iter().map(|m| m.slow).sum(),
+        total_conns: runs.iter().map(|m| m.total_conns).sum(),
     }
 }
 
@@ -381,6 +484,7 @@ fn parse_report(line: &str) -> Result<Measurement> {
         p50_us: field("p50_ns")? / 1000.0,
         p99_us: field("p99_ns")? / 1000.0,
         slow: field("slow")? as u64,
+        total_conns: field("total")? as u64,
     })
 }
 
@@ -459,14 +563,31 @@ mod tests {
             p50_us: rate / 1000.0,
             p99_us: 1.0,
             slow,
+            total_conns: 1,
         };
         let med = median(&[m(3000.0, 1), m(1000.0, 0), m(2000.0, 2)]);
         assert_eq!((med.conns_per_sec, med.p50_us, med.slow), (2000.0, 2.0, 3));
     }
 
     #[test]
+    fn kernel_time_is_split_by_program_type() {
+        let stats = |ns, runs| {
+            BTreeMap::from([
+                (7, ("sock_ops".to_owned(), ns, runs)),
+                (9, ("cgroup_skb".to_owned(), ns, runs)),
+            ])
+        };
+        assert_eq!(
+            per_connection(&stats(1000, 10), &stats(21_000, 110), 10),
+            "cgroup_skb 10.0 x 200 ns + sock_ops 10.0 x 200 ns = 4.00 µs"
+        );
+    }
+
+    #[test]
     fn client_reports_parse() {
-        let m = parse_report("conns=1000 seconds=0.5 p50_ns=20000 p99_ns=41000 slow=0\n").unwrap();
+        let m =
+            parse_report("conns=1000 seconds=0.5 p50_ns=20000 p99_ns=41000 slow=0 total=1100\n")
+                .unwrap();
         assert_eq!((m.conns_per_sec, m.p50_us, m.p99_us), (2000.0, 20.0, 41.0));
         assert!(parse_report("error=Operation not permitted (os error 1)").is_err());
     }

@@ -94,8 +94,8 @@ pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<()> {
 }
 
 /// Connects and closes in a loop for `seconds` after a short warm-up, and prints one line:
-/// `conns=N seconds=S p50_ns=X p99_ns=Y slow=Z` (Z: connects that took 100 ms or more, i.e. a
-/// SYN was retransmitted) or `error=...` at the first failed connect.
+/// `conns=N seconds=S p50_ns=X p99_ns=Y slow=Z total=T` (Z: connects that took 100 ms or more,
+/// i.e. a SYN was retransmitted; T: with the warm-up) or `error=...` at the first failed connect.
 pub fn bench_client(addr: SocketAddr, seconds: f64) -> Result<()> {
     let one = || -> std::io::Result<Duration> {
         let start = Instant::now();
@@ -107,6 +107,7 @@ pub fn bench_client(addr: SocketAddr, seconds: f64) -> Result<()> {
     let warm_up = Instant::now() + Duration::from_secs_f64((seconds / 10.0).min(0.5));
     let mut latencies = Vec::with_capacity(1 << 20);
     let mut measuring_since = None;
+    let mut total = 0u64;
     let end = Instant::now() + Duration::from_secs_f64(seconds + (seconds / 10.0).min(0.5));
     loop {
         let now = Instant::now();
@@ -116,7 +117,9 @@ pub fn bench_client(addr: SocketAddr, seconds: f64) -> Result<()> {
         if now >= warm_up && measuring_since.is_none() {
             measuring_since = Some(now);
         }
-        match one() {
+        let result = one();
+        total += u64::from(result.is_ok());
+        match result {
             Ok(took) if measuring_since.is_some() => latencies.push(took.as_nanos() as u64),
             Ok(_) => {}
             Err(e) => {
@@ -139,7 +142,7 @@ pub fn bench_client(addr: SocketAddr, seconds: f64) -> Result<()> {
         .take_while(|&&ns| ns >= 100_000_000)
         .count();
     println!(
-        "conns={} seconds={elapsed:.3} p50_ns={} p99_ns={} slow={slow}",
+        "conns={} seconds={elapsed:.3} p50_ns={} p99_ns={} slow={slow} total={total}",
         latencies.len(),
         pct(50),
         pct(99)
