@@ -455,6 +455,21 @@ fn sockops_tuple(ops: &Ops, connector_is_local: bool) -> FlowKey {
 #[sock_ops]
 pub fn ward_sockops(ctx: SockOpsContext) -> u32 {
     // SAFETY: valid context.
+    let op: u32 = ops_field!(ctx, op);
+    // sockops runs for every callback of every socket (RTO and window init, ECN, state changes):
+    // leave at once unless it is one ward acts on.
+    let relevant = match op {
+        BPF_SOCK_OPS_TCP_LISTEN_CB
+        | BPF_SOCK_OPS_TCP_CONNECT_CB
+        | BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => true,
+        BPF_SOCK_OPS_STATE_CB => ops_field!(ctx, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE,
+        _ => false,
+    };
+    if !relevant {
+        return 1;
+    }
+    // SAFETY: valid context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let ops = read_ops(&ctx);
     match ops.op {

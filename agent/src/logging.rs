@@ -14,7 +14,10 @@ fn filter(level: &str) -> Result<EnvFilter, String> {
 
 pub fn init(json: bool, level: &str) -> Result<(), String> {
     let (filter_layer, handle) = reload::Layer::new(filter(level)?);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal; files and pipes get plain `key=value` text.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let fmt = if json {
         fmt.json()
             .flatten_event(true)
