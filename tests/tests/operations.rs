@@ -12,6 +12,13 @@ use ward_tests::{
 mod support;
 use support::*;
 
+/// Runs the `ward` CLI against a running agent's admin socket.
+fn ward_cli(ward: &Ward, args: &[&str]) -> ward_tests::Finished {
+    let mut c = std::process::Command::new(ward_bin());
+    c.args(args).arg("--admin-socket").arg(ward.admin_socket());
+    run("ward", c, Duration::from_secs(10))
+}
+
 /// Clients connecting every 4 ms until `stop` exists (at most ~20 s).
 fn steady_load(peer: &Peer, to: SocketAddr, at: &Placement, stop: &Path) -> Vec<Background> {
     let stop = stop.to_string_lossy().into_owned();
@@ -239,10 +246,7 @@ fn a_flood_of_denied_connections_is_shed_and_the_agent_stays_responsive() {
         .collect();
     // While the flood runs, the agent answers its admin socket promptly.
     std::thread::sleep(Duration::from_millis(300));
-    let mut c = std::process::Command::new(ward_bin());
-    c.args(["status", "--json", "--admin-socket"])
-        .arg(ward.admin_socket());
-    let status = run("ward status", c, Duration::from_secs(10));
+    let status = ward_cli(&ward, &["status", "--json"]);
     assert!(
         status.status.success() && status.elapsed < Duration::from_secs(2),
         "status during the flood: {status:?}"
@@ -354,9 +358,7 @@ fn status_and_flows_in_operations_md_are_what_ward_prints() {
     assert_refused_at_once(&peer, Protocol::Tcp, other, &client, &ward, &[]);
     std::thread::sleep(Duration::from_millis(300));
     let ward_cmd = |args: &[&str]| {
-        let mut c = std::process::Command::new(ward_bin());
-        c.args(args).arg("--admin-socket").arg(ward.admin_socket());
-        let done = run("ward", c, Duration::from_secs(10));
+        let done = ward_cli(&ward, args);
         assert!(done.status.success(), "ward {args:?}: {}", done.stderr);
         done.stdout
     };
