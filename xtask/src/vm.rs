@@ -269,12 +269,29 @@ fn host_packages() -> Result<()> {
 /// running meanwhile cannot change them between kernels.
 struct Staged {
     ward: PathBuf,
+    /// ward built with the next map layout, for the upgrade test.
+    ward_abi_next: PathBuf,
     xtask: PathBuf,
     tests: Vec<PathBuf>,
 }
 
 fn stage_binaries() -> Result<Staged> {
     sys::run(sys::cargo().args(["build", "-p", "ward-agent", "--bins"]))?;
+    // The same build directory as `cargo xtask test`'s, so the two share the work.
+    let abi_next_dir = sys::target_dir().join("abi-next");
+    sys::run(
+        sys::cargo()
+            .args([
+                "build",
+                "-p",
+                "ward-agent",
+                "--bins",
+                "--features",
+                "abi-next",
+            ])
+            .arg("--target-dir")
+            .arg(&abi_next_dir),
+    )?;
     let mut cmd = sys::cargo();
     cmd.args([
         "test",
@@ -310,6 +327,13 @@ fn stage_binaries() -> Result<Staged> {
     };
     let staged = Staged {
         ward: copy(&sys::target_dir().join("debug/ward"))?,
+        ward_abi_next: {
+            let to = dir.join("ward-abi-next");
+            let from = abi_next_dir.join("debug/ward");
+            fs::copy(&from, &to)
+                .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+            to
+        },
         xtask: copy(&std::env::current_exe().context("locating the xtask binary")?)?,
         tests: executables.iter().map(|e| copy(e)).collect::<Result<_>>()?,
     };
@@ -343,6 +367,10 @@ fn suite_script(staged: &Staged, filter: &[String], threads: usize, results: &Pa
     let mut script = String::from("# written by cargo xtask vm-test\n");
     for (name, value) in [
         ("WARD_BIN", staged.ward.to_string_lossy().into_owned()),
+        (
+            "WARD_BIN_ABI_NEXT",
+            staged.ward_abi_next.to_string_lossy().into_owned(),
+        ),
         ("XTASK_BIN", staged.xtask.to_string_lossy().into_owned()),
         ("TEST_EXES", tests.join(" ")),
         ("TEST_THREADS", threads.to_string()),
@@ -524,6 +552,7 @@ mod tests {
     fn the_suite_script_quotes_the_filter() {
         let staged = Staged {
             ward: "/t/ward".into(),
+            ward_abi_next: "/t/ward-abi-next".into(),
             xtask: "/t/xtask".into(),
             tests: vec!["/t/a".into(), "/t/b".into()],
         };
