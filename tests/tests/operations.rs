@@ -370,8 +370,11 @@ fn status_and_flows_in_operations_md_are_what_ward_prints() {
         .to_string_lossy()
         .into_owned();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
+    // The cgroup v2 mount differs between hosts (hybrid: /sys/fs/cgroup/unified).
+    let mount = ward_tests::cgroup2_mount().to_string_lossy().into_owned();
     let stable = |text: String| {
-        text.replace(&unique, "ward-docs")
+        text.replace(&mount, "/sys/fs/cgroup")
+            .replace(&unique, "ward-docs")
             .replace(kernel.trim(), "<kernel>")
     };
     let status = stable(ward_cmd(&["status"]));
