@@ -101,13 +101,13 @@ impl Drop for Ward {
     }
 }
 
-fn says_ready(line: &str) -> bool {
+pub(crate) fn says_ready(line: &str) -> bool {
     line.split(|c: char| !c.is_ascii_alphanumeric())
         .any(|word| word == "ready")
 }
 
 /// Removes terminal colour sequences (`ESC [ ... letter`), in case the log has them anyway.
-fn strip_ansi(text: &str) -> String {
+pub(crate) fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars();
     while let Some(c) = chars.next() {

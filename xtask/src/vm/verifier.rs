@@ -3,6 +3,7 @@
 //! host), as `cargo xtask vm-test --verifier-record FILE`, and writes one `name<TAB>count` line
 //! per program, or one `error<TAB>reason` line when ward could not load them.
 
+use crate::ward::{says_ready, strip_ansi};
 use std::{
     collections::BTreeMap,
     fs,
@@ -109,7 +110,7 @@ fn run_ward_and_count(ward: &Path, config: &Path) -> Result<BTreeMap<String, u32
         match lines.recv_timeout(left) {
             Ok(line) => {
                 let line = strip_ansi(&line);
-                let ready = is_ready(&line);
+                let ready = says_ready(&line);
                 log.push(line);
                 if ready {
                     break;
@@ -142,32 +143,6 @@ fn run_ward_and_count(ward: &Path, config: &Path) -> Result<BTreeMap<String, u32
         bail!("ward was ready but holds no BPF programs");
     }
     Ok(counts)
-}
-
-fn is_ready(line: &str) -> bool {
-    line.split(|c: char| !c.is_alphanumeric())
-        .any(|word| word == "ready")
-}
-
-/// Drops terminal escape sequences (colours) that would garble the record.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters, ended by a letter.
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// ward's error lines if it logged any (they carry the verifier's reason), else its last lines.
@@ -228,8 +203,8 @@ mod tests {
 
     #[test]
     fn the_ready_line_is_a_word_not_a_substring() {
-        assert!(is_ready("2026-01-01T00:00:00Z INFO ready: enforcing"));
-        assert!(!is_ready("INFO pins already present"));
+        assert!(says_ready("2026-01-01T00:00:00Z INFO ready: enforcing"));
+        assert!(!says_ready("INFO pins already present"));
     }
 
     #[test]
