@@ -51,6 +51,7 @@ pub const MAX_ACCEPTING: u32 = 65_536;
 pub const MAX_LISTENERS: u32 = 65_536;
 pub const MAX_UDP_FLOWS: u32 = 65_536;
 pub const MAX_EVENT_LIMITS: u32 = 65_536;
+pub const MAX_OWNERS: u32 = 262_144;
 pub const EVENTS_RING_BYTES: u32 = 1 << 22;
 
 /// Per-flow event budget: at most this many verdict events per flow key and window.
@@ -71,6 +72,7 @@ pub mod map_names {
             pub const CONNECTING: &str = concat!("ward_conn_v", $v);
             pub const ACCEPTING: &str = concat!("ward_accept_v", $v);
             pub const LISTENERS: &str = concat!("ward_listen_v", $v);
+            pub const OWNERS: &str = concat!("ward_owner_v", $v);
             pub const UDP_FLOWS: &str = concat!("ward_udpflow_v", $v);
             pub const EVENT_LIMITS: &str = concat!("ward_evlimit_v", $v);
             pub const EVENTS: &str = concat!("ward_events_v", $v);
@@ -91,7 +93,17 @@ pub mod program_names {
     pub const SENDMSG6: &str = "ward_sendmsg6";
     pub const INGRESS: &str = "ward_ingress";
     pub const SOCKOPS: &str = "ward_sockops";
-    pub const ALL: [&str; 6] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, INGRESS, SOCKOPS];
+    pub const SOCK_CREATE: &str = "ward_sock_create";
+    /// In attach order: a socket's owner is recorded before sockops can ask for it.
+    pub const ALL: [&str; 7] = [
+        SOCK_CREATE,
+        CONNECT4,
+        CONNECT6,
+        SENDMSG4,
+        SENDMSG6,
+        INGRESS,
+        SOCKOPS,
+    ];
 }
 
 /// Value of the cgroup map, keyed by cgroup id (`u64`, the cgroup directory's inode number).
@@ -229,6 +241,16 @@ pub struct ListenerValue {
     pub _pad: u32,
 }
 
+/// The workload a TCP socket was created by, keyed by socket cookie: recorded at `socket()` in
+/// the creating task's context, read by sockops, which cannot ask for a task's cgroup on every
+/// kernel (6.1 has no `bpf_get_current_cgroup_id` in sock_ops).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerValue {
+    pub identity: IdentityId,
+    pub _pad: u32,
+}
+
 /// Cached UDP ingress verdict for a flow, so only its first packet pays for the policy lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -331,6 +353,7 @@ const _: () = {
     assert!(size_of::<ConnectingValue>() == 16);
     assert!(size_of::<ListenerKey>() == 16);
     assert!(size_of::<ListenerValue>() == 8);
+    assert!(size_of::<OwnerValue>() == 8);
     assert!(size_of::<UdpFlowValue>() == 16);
     assert!(size_of::<EventLimitKey>() == 32);
     assert!(size_of::<EventLimitValue>() == 16);
@@ -356,6 +379,7 @@ mod pod {
     unsafe impl aya::Pod for ConnectingValue {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for ListenerValue {}
+    unsafe impl aya::Pod for OwnerValue {}
     unsafe impl aya::Pod for UdpFlowValue {}
     unsafe impl aya::Pod for EventLimitKey {}
     unsafe impl aya::Pod for EventLimitValue {}

@@ -5,18 +5,8 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use crate::maps::{count, EVENTS, EVENT_LIMITS};
 
 #[inline(always)]
-fn within_budget(ev: &VerdictEvent, now: u64) -> bool {
-    let key = EventLimitKey {
-        local_identity: ev.local_identity,
-        remote_identity: ev.remote_identity,
-        remote_addr: ev.remote_addr,
-        remote_port: ev.remote_port,
-        protocol: ev.protocol,
-        direction: ev.direction,
-        verdict: ev.verdict,
-        _pad: [0; 3],
-    };
-    match EVENT_LIMITS.get_ptr_mut(key) {
+fn within_budget(flow: &EventLimitKey, now: u64) -> bool {
+    match EVENT_LIMITS.get_ptr_mut(flow) {
         Some(limit) => {
             // SAFETY: an LRU map value; concurrent writers can only make the budget a little
             // looser, never unbounded.
@@ -38,22 +28,43 @@ fn within_budget(ev: &VerdictEvent, now: u64) -> bool {
                 count: 1,
                 _pad: 0,
             };
-            let _ = EVENT_LIMITS.insert(key, fresh, 0);
+            let _ = EVENT_LIMITS.insert(flow, fresh, 0);
             true
         }
     }
 }
 
+/// Emits one verdict event for `flow` if its budget allows. The event is written in place in the
+/// ring buffer (never built on the stack: the 512-byte stack of older kernels counts every
+/// frame): `flow`'s fields first, then `fill` sets the rest.
 #[inline(always)]
-pub fn emit(mut ev: VerdictEvent) {
+pub fn emit(flow: &EventLimitKey, rule: u32, fill: impl FnOnce(&mut VerdictEvent)) {
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if !within_budget(&ev, now) {
+    if !within_budget(flow, now) {
         count(counters::EVENTS_SHED);
         return;
     }
-    ev.timestamp_ns = now;
-    if EVENTS.output::<VerdictEvent>(&ev, 0).is_err() {
+    let Some(mut entry) = EVENTS.reserve::<VerdictEvent>(0) else {
         count(counters::EVENTS_LOST);
-    }
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved, writable VerdictEvent; zeroing makes every field
+    // (padding included) initialised before a reference is taken.
+    let ev = unsafe {
+        core::ptr::write_bytes(ev, 0, 1);
+        &mut *ev
+    };
+    ev.timestamp_ns = now;
+    ev.local_identity = flow.local_identity;
+    ev.remote_identity = flow.remote_identity;
+    ev.rule = rule;
+    ev.remote_addr = flow.remote_addr;
+    ev.remote_port = flow.remote_port;
+    ev.protocol = flow.protocol;
+    ev.direction = flow.direction;
+    ev.verdict = flow.verdict;
+    fill(ev);
+    entry.submit(0);
 }

@@ -21,12 +21,12 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_skb_cgroup_id,
     },
-    macros::{cgroup_skb, cgroup_sock_addr, sock_ops},
-    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
 
-use crate::maps::{count, ACCEPTING, CONNECTING, LISTENERS, SOCKETS, UDP_FLOWS};
+use crate::maps::{count, ACCEPTING, CONNECTING, LISTENERS, OWNERS, SOCKETS, UDP_FLOWS};
 
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
@@ -100,19 +100,20 @@ fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
         };
         let _ = SOCKETS.insert(cookie, tag, 0);
     }
-    events::emit(VerdictEvent {
-        cgroup_id,
-        cookie,
+    let flow = EventLimitKey {
         local_identity: local,
         remote_identity: remote,
-        rule: d.rule,
-        remote_port,
         remote_addr,
-        family,
+        remote_port,
         protocol,
         direction: DIRECTION_EGRESS,
         verdict,
-        ..Default::default()
+        _pad: [0; 3],
+    };
+    events::emit(&flow, d.rule, |ev| {
+        ev.cgroup_id = cgroup_id;
+        ev.cookie = cookie;
+        ev.family = family;
     });
     if verdict == VERDICT_DENY {
         REFUSE
@@ -203,13 +204,11 @@ pub fn ward_sendmsg6(ctx: SockAddrContext) -> i32 {
     egress(&ctx, 6, v6_destination(&ctx))
 }
 
+/// A parsed packet: its flow as the sender sees it (the sender is "local" in [`FlowKey`]'s
+/// terms, as in the connecting side's record), and what the ingress check needs besides.
 struct Packet {
+    flow: FlowKey,
     family: u8,
-    protocol: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
-    src_port: u16,
-    dst_port: u16,
     tcp_flags: u8,
 }
 
@@ -217,41 +216,34 @@ struct Packet {
 fn parse(ctx: &SkBuffContext) -> Result<Packet, i64> {
     // SAFETY: valid context.
     let eth_proto = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16) as u32;
-    let (family, protocol, src, dst, l4) = if eth_proto == ETH_P_IP {
+    let mut flow = FlowKey::default();
+    let (family, l4) = if eth_proto == ETH_P_IP {
         let vihl: u8 = ctx.load(0)?;
-        let s: [u8; 4] = ctx.load(12)?;
-        let d: [u8; 4] = ctx.load(16)?;
-        (
-            4u8,
-            ctx.load::<u8>(9)?,
-            map_v4(s),
-            map_v4(d),
-            ((vihl & 0x0f) as usize) * 4,
-        )
+        flow.protocol = ctx.load::<u8>(9)?;
+        flow.local_addr = map_v4(ctx.load::<[u8; 4]>(12)?);
+        flow.remote_addr = map_v4(ctx.load::<[u8; 4]>(16)?);
+        (4u8, ((vihl & 0x0f) as usize) * 4)
     } else if eth_proto == ETH_P_IPV6 {
-        let s: [u8; 16] = ctx.load(8)?;
-        let d: [u8; 16] = ctx.load(24)?;
-        (6u8, ctx.load::<u8>(6)?, s, d, 40usize)
+        flow.protocol = ctx.load::<u8>(6)?;
+        flow.local_addr = ctx.load(8)?;
+        flow.remote_addr = ctx.load(24)?;
+        (6u8, 40usize)
     } else {
         return Err(0);
     };
-    if protocol != PROTO_TCP && protocol != PROTO_UDP {
+    if flow.protocol != PROTO_TCP && flow.protocol != PROTO_UDP {
         return Err(0);
     }
-    let src_port = u16::from_be(ctx.load::<u16>(l4)?);
-    let dst_port = u16::from_be(ctx.load::<u16>(l4 + 2)?);
-    let tcp_flags = if protocol == PROTO_TCP {
+    flow.local_port = u16::from_be(ctx.load::<u16>(l4)?);
+    flow.remote_port = u16::from_be(ctx.load::<u16>(l4 + 2)?);
+    let tcp_flags = if flow.protocol == PROTO_TCP {
         ctx.load::<u8>(l4 + 13)?
     } else {
         0
     };
     Ok(Packet {
+        flow,
         family,
-        protocol,
-        src,
-        dst,
-        src_port,
-        dst_port,
         tcp_flags,
     })
 }
@@ -264,7 +256,9 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
     let Ok(p) = parse(&ctx) else {
         return ALLOW;
     };
-    if p.protocol == PROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN {
+    let flow = &p.flow;
+    let protocol = flow.protocol;
+    if protocol == PROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN {
         return ALLOW;
     }
     // SAFETY: valid context for this program type.
@@ -272,17 +266,9 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
     let Some(local) = maps::cgroup_identity(cgroup_id) else {
         return ALLOW;
     };
-    let flow = FlowKey {
-        local_addr: p.src,
-        remote_addr: p.dst,
-        local_port: p.src_port,
-        remote_port: p.dst_port,
-        protocol: p.protocol,
-        _pad: [0; 3],
-    };
     let full_gen = maps::generation();
     let gen = (full_gen & 1) as u8;
-    if p.protocol == PROTO_UDP {
+    if protocol == PROTO_UDP {
         // SAFETY: copied out at once.
         if let Some(cached) = unsafe { UDP_FLOWS.get(flow) }.copied() {
             if cached.generation == full_gen {
@@ -296,16 +282,16 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
     }
     // A peer on this host is named by its connecting socket, recorded before its SYN left; only
     // peers with their own addresses are named by address.
-    let remote = if p.protocol == PROTO_TCP {
+    let remote = if protocol == PROTO_TCP {
         // SAFETY: copied out at once.
         match unsafe { CONNECTING.get(flow) } {
             Some(c) => c.identity,
-            None => ipcache::address_identity(&p.src, gen),
+            None => ipcache::address_identity(&flow.local_addr, gen),
         }
     } else {
-        match ipcache::address_identity(&p.src, gen) {
+        match ipcache::address_identity(&flow.local_addr, gen) {
             IDENTITY_HOST => {
-                let key = udp_sender_key(p.dst, p.src_port, p.dst_port);
+                let key = udp_sender_key(flow.remote_addr, flow.local_port, flow.remote_port);
                 // SAFETY: copied out at once.
                 unsafe { CONNECTING.get(key) }.map_or(IDENTITY_HOST, |c| c.identity)
             }
@@ -316,11 +302,11 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
         local,
         remote,
         DIRECTION_INGRESS,
-        p.protocol,
-        p.dst_port,
+        protocol,
+        flow.remote_port,
         gen,
     );
-    if p.protocol == PROTO_UDP {
+    if protocol == PROTO_UDP {
         let cached = UdpFlowValue {
             generation: full_gen,
             rule: d.rule,
@@ -338,7 +324,7 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
         d.verdict
     };
     count(counters::verdict(DIRECTION_INGRESS, verdict));
-    if p.protocol == PROTO_TCP && verdict != VERDICT_DENY {
+    if protocol == PROTO_TCP && verdict != VERDICT_DENY {
         let tag = SocketValue {
             local_identity: local,
             remote_identity: remote,
@@ -349,28 +335,49 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
         };
         let _ = ACCEPTING.insert(flow, tag, 0);
     }
-    events::emit(VerdictEvent {
-        cgroup_id,
-        // SAFETY: valid context; on a listener this is the listening socket's cookie.
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+    let event_flow = EventLimitKey {
         local_identity: local,
         remote_identity: remote,
-        rule: d.rule,
-        local_port: p.dst_port,
-        remote_port: p.src_port,
-        local_addr: p.dst,
-        remote_addr: p.src,
-        family: p.family,
-        protocol: p.protocol,
+        remote_addr: flow.local_addr,
+        remote_port: flow.local_port,
+        protocol,
         direction: DIRECTION_INGRESS,
         verdict,
-        ..Default::default()
+        _pad: [0; 3],
+    };
+    events::emit(&event_flow, d.rule, |ev| {
+        ev.cgroup_id = cgroup_id;
+        // SAFETY: valid context; on a listener this is the listening socket's cookie.
+        ev.cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        ev.local_port = flow.remote_port;
+        ev.local_addr = flow.remote_addr;
+        ev.family = p.family;
     });
     if verdict == VERDICT_DENY {
         REFUSE
     } else {
         ALLOW
     }
+}
+
+/// Records which workload created a TCP socket, in the creating task's context: sockops reads it
+/// at `listen()` and `connect()`, where not every kernel lets it ask for the task's cgroup. Never
+/// refuses a socket.
+#[cgroup_sock(sock_create)]
+pub fn ward_sock_create(ctx: SockContext) -> i32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let protocol = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.sock).protocol)) };
+    if protocol != u32::from(PROTO_TCP) {
+        return ALLOW;
+    }
+    // SAFETY: socket() runs in the task's context.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if let Some(identity) = maps::cgroup_identity(cgroup_id) {
+        // SAFETY: valid context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = OWNERS.insert(cookie, OwnerValue { identity, _pad: 0 }, 0);
+    }
+    ALLOW
 }
 
 /// Reads one `bpf_sock_ops` field with a single load at its own offset: the verifier rejects
@@ -449,7 +456,7 @@ fn sockops_tuple(ops: &Ops, connector_is_local: bool) -> FlowKey {
     }
 }
 
-/// Tags sockets with workload identity: listeners (for peers that share an address), connecting
+/// Tags sockets with workload identity (their owner, recorded at `socket()`): listeners (for peers that share an address), connecting
 /// sockets before their SYN leaves (for the receiving side's ingress check), and accepted sockets
 /// with the verdict their SYN got. Entries go when the socket closes.
 #[sock_ops]
@@ -474,9 +481,7 @@ pub fn ward_sockops(ctx: SockOpsContext) -> u32 {
     let ops = read_ops(&ctx);
     match ops.op {
         BPF_SOCK_OPS_TCP_LISTEN_CB => {
-            // SAFETY: listen() runs in the task's context.
-            let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-            if let Some(identity) = maps::cgroup_identity(cgroup_id) {
+            if let Some(identity) = maps::socket_owner(cookie) {
                 let key = ListenerKey {
                     // SAFETY: valid context.
                     netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
@@ -485,12 +490,12 @@ pub fn ward_sockops(ctx: SockOpsContext) -> u32 {
                     _pad: [0; 5],
                 };
                 let _ = LISTENERS.insert(key, ListenerValue { identity, _pad: 0 }, 0);
+                // The owner entry goes when the listener closes.
+                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
             }
         }
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
-            // SAFETY: connect() runs in the task's context.
-            let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-            if let Some(identity) = maps::cgroup_identity(cgroup_id) {
+            if let Some(identity) = maps::socket_owner(cookie) {
                 let v = ConnectingValue {
                     identity,
                     _pad: 0,
@@ -514,6 +519,7 @@ pub fn ward_sockops(ctx: SockOpsContext) -> u32 {
         }
         BPF_SOCK_OPS_STATE_CB if ops.new_state == BPF_TCP_CLOSE => {
             let _ = SOCKETS.remove(cookie);
+            let _ = OWNERS.remove(cookie);
             let _ = CONNECTING.remove(sockops_tuple(&ops, true));
         }
         _ => {}

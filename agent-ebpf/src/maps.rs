@@ -2,8 +2,8 @@
 //! kernel keeps enforcing while no agent runs.
 use agent_common::{
     CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue, FlowKey, IpcacheKey,
-    IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, PolicyKey, PolicyValue, SocketValue,
-    StateValue, UdpFlowValue, *,
+    IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, OwnerValue, PolicyKey, PolicyValue,
+    SocketValue, StateValue, UdpFlowValue, *,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -80,6 +80,12 @@ versioned_map!(
 );
 
 versioned_map!(
+    "ward_owner_v1",
+    "ward_owner_v2",
+    pub static OWNERS: LruHashMap<u64, OwnerValue> = LruHashMap::pinned(MAX_OWNERS, 0);
+);
+
+versioned_map!(
     "ward_udpflow_v1",
     "ward_udpflow_v2",
     pub static UDP_FLOWS: LruHashMap<FlowKey, UdpFlowValue> = LruHashMap::pinned(MAX_UDP_FLOWS, 0);
@@ -126,4 +132,11 @@ pub fn generation() -> u32 {
 pub fn cgroup_identity(cgroup_id: u64) -> Option<u32> {
     // SAFETY: the value is copied out before the program can be preempted.
     unsafe { CGROUPS.get(cgroup_id) }.map(|v| v.identity)
+}
+
+/// The workload that created a TCP socket, recorded by `ward_sock_create`.
+#[inline(always)]
+pub fn socket_owner(cookie: u64) -> Option<u32> {
+    // SAFETY: the value is copied out at once.
+    unsafe { OWNERS.get(cookie) }.map(|v| v.identity)
 }

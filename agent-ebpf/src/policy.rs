@@ -11,24 +11,9 @@ pub struct Decision {
     pub isolated: bool,
 }
 
+/// One policy lookup; `key` is reused between lookups so the stack holds a single key.
 #[inline(always)]
-fn lookup(
-    local: u32,
-    remote: u32,
-    port: u16,
-    protocol: u8,
-    direction: u8,
-    gen: u8,
-) -> Option<PolicyValue> {
-    let key = PolicyKey {
-        local_identity: local,
-        remote_identity: remote,
-        port,
-        protocol,
-        direction,
-        generation: gen,
-        _pad: [0; 3],
-    };
+fn lookup(key: &PolicyKey) -> Option<PolicyValue> {
     // SAFETY: the value is copied out at once.
     unsafe { POLICY.get(key) }.copied()
 }
@@ -59,7 +44,16 @@ pub fn decide(
     port: u16,
     gen: u8,
 ) -> Decision {
-    let Some(iso) = lookup(local, REMOTE_ISOLATION, PORT_ANY, PROTO_ANY, direction, gen) else {
+    let mut key = PolicyKey {
+        local_identity: local,
+        remote_identity: REMOTE_ISOLATION,
+        port: PORT_ANY,
+        protocol: PROTO_ANY,
+        direction,
+        generation: gen,
+        _pad: [0; 3],
+    };
+    let Some(iso) = lookup(&key) else {
         return Decision {
             verdict: VERDICT_ALLOW,
             rule: 0,
@@ -68,14 +62,17 @@ pub fn decide(
     };
     let mut v = PolicyValue::default();
     for r in [remote, IDENTITY_ANY] {
-        if let Some(e) = lookup(local, r, port, protocol, direction, gen) {
-            merge(&mut v, &e);
-        }
-        if let Some(e) = lookup(local, r, PORT_ANY, protocol, direction, gen) {
-            merge(&mut v, &e);
-        }
-        if let Some(e) = lookup(local, r, PORT_ANY, PROTO_ANY, direction, gen) {
-            merge(&mut v, &e);
+        key.remote_identity = r;
+        for (p, proto) in [
+            (port, protocol),
+            (PORT_ANY, protocol),
+            (PORT_ANY, PROTO_ANY),
+        ] {
+            key.port = p;
+            key.protocol = proto;
+            if let Some(e) = lookup(&key) {
+                merge(&mut v, &e);
+            }
         }
     }
     let (verdict, rule) = if v.deny_rule != 0 {

@@ -377,7 +377,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     );
     let missing = features.missing();
     if !missing.is_empty() {
-        bail!("this kernel lacks what ward needs: {}; ward needs Linux 5.15 or later with BPF, cgroup BPF and BTF", missing.join(", "));
+        bail!(
+            "this kernel (Linux {}) lacks what ward needs: {}; ward needs Linux {} or later with BPF, cgroup BPF and BTF",
+            features.release,
+            missing.join(", "),
+            kernel::features::MINIMUM_KERNEL
+        );
     }
     let mut dp = Datapath::load(&config.pin_dir)?;
     let stats = dp.apply(&desired.compiled, &desired.addresses)?;

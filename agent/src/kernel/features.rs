@@ -5,10 +5,11 @@ use std::fmt;
 use aya::{
     maps::MapType,
     programs::ProgramType,
-    sys::{is_map_supported, is_program_supported},
+    sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
 };
 
-const PROGRAMS: [(ProgramType, &str); 3] = [
+const PROGRAMS: [(ProgramType, &str); 4] = [
+    (ProgramType::CgroupSock, "program type cgroup_sock"),
     (ProgramType::CgroupSockAddr, "program type cgroup_sock_addr"),
     (ProgramType::CgroupSkb, "program type cgroup_skb"),
     (ProgramType::SockOps, "program type sock_ops"),
@@ -22,6 +23,33 @@ const MAPS: [(MapType, &str); 6] = [
     (MapType::PerCpuArray, "map type percpu_array"),
     (MapType::RingBuf, "map type ringbuf"),
 ];
+
+/// `(program type, helper, "type: helper")` for every helper a program of that type calls.
+macro_rules! helpers {
+    ($($program:ident $name:literal: $($helper:ident),+;)+) => {
+        &[$($((
+            ProgramType::$program,
+            BpfHelper::$helper,
+            concat!($name, ": ", stringify!($helper)),
+        ),)+)+]
+    };
+}
+
+/// Every helper ward's programs call (map lookups and updates aside, which every type has), by
+/// program type: a kernel that lacks one would otherwise refuse the program with a verifier log.
+/// (6.1's sock_ops, for one, cannot call `get_current_cgroup_id`; ward's does not.)
+const HELPERS: &[(ProgramType, BpfHelper, &str)] = helpers! {
+    CgroupSock "cgroup_sock": BPF_FUNC_get_current_cgroup_id, BPF_FUNC_get_socket_cookie;
+    CgroupSockAddr "cgroup_sock_addr": BPF_FUNC_get_current_cgroup_id, BPF_FUNC_get_socket_cookie,
+        BPF_FUNC_get_netns_cookie, BPF_FUNC_ringbuf_reserve, BPF_FUNC_ktime_get_ns;
+    CgroupSkb "cgroup_skb": BPF_FUNC_skb_cgroup_id, BPF_FUNC_skb_load_bytes,
+        BPF_FUNC_get_socket_cookie, BPF_FUNC_ringbuf_reserve, BPF_FUNC_ktime_get_ns;
+    SockOps "sock_ops": BPF_FUNC_get_socket_cookie, BPF_FUNC_get_netns_cookie,
+        BPF_FUNC_sock_ops_cb_flags_set;
+};
+
+/// The oldest kernel ward is tested on (`cargo xtask vm-test --kernel 6.1`).
+pub const MINIMUM_KERNEL: &str = "6.1";
 
 pub struct Features {
     pub release: String,
@@ -41,7 +69,10 @@ pub fn probe() -> Features {
     let maps = MAPS
         .iter()
         .map(|(t, name)| (is_map_supported(*t).unwrap_or(false), *name));
-    for (supported, name) in programs.chain(maps) {
+    let helpers = HELPERS
+        .iter()
+        .map(|(t, helper, name)| (is_helper_supported(*t, *helper).unwrap_or(false), *name));
+    for (supported, name) in programs.chain(maps).chain(helpers) {
         if supported {
             present.push(name)
         } else {
@@ -56,8 +87,8 @@ pub fn probe() -> Features {
 }
 
 impl Features {
-    pub fn missing(&self) -> Vec<&'static str> {
-        self.missing.clone()
+    pub fn missing(&self) -> &[&'static str] {
+        &self.missing
     }
 }
 

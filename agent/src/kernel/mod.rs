@@ -13,10 +13,10 @@ use std::{
 
 use agent_common::{
     map_names, program_names, CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue,
-    FlowKey, IpcacheKey, IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, PolicyKey,
-    PolicyValue, SocketValue, StateValue, UdpFlowValue, MAX_ACCEPTING, MAX_CGROUPS, MAX_CONNECTING,
-    MAX_IPCACHE, MAX_IPCACHE_PREFIXES, MAX_LISTENERS, MAX_POLICY_ENTRIES, MAX_SOCKETS,
-    MAX_UDP_FLOWS,
+    FlowKey, IpcacheKey, IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, OwnerValue,
+    PolicyKey, PolicyValue, SocketValue, StateValue, UdpFlowValue, MAX_ACCEPTING, MAX_CGROUPS,
+    MAX_CONNECTING, MAX_IPCACHE, MAX_IPCACHE_PREFIXES, MAX_LISTENERS, MAX_OWNERS,
+    MAX_POLICY_ENTRIES, MAX_SOCKETS, MAX_UDP_FLOWS,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
@@ -34,7 +34,8 @@ use crate::{
 };
 
 /// Each program and the attach point its link holds.
-const ATTACH_POINTS: [(&str, &str); 6] = [
+const ATTACH_POINTS: [(&str, &str); 7] = [
+    (program_names::SOCK_CREATE, "cgroup/sock_create"),
     (program_names::CONNECT4, "cgroup/connect4"),
     (program_names::CONNECT6, "cgroup/connect6"),
     (program_names::SENDMSG4, "cgroup/sendmsg4"),
@@ -54,7 +55,7 @@ const GENERATION_SETTLE: Duration = Duration::from_millis(20);
 pub enum KernelError {
     #[error("this ward binary was built without its kernel programs (AYA_BUILD_SKIP was set); rebuild it with `cargo build`")]
     NoObject,
-    #[error("loading the kernel programs failed: {0}; is this a kernel with BPF, BTF and cgroup BPF (5.15 or later), and does ward run as root?")]
+    #[error("loading the kernel programs failed: {0}; is this a kernel with BPF, BTF and cgroup BPF (6.1 or later), and does ward run as root?")]
     Load(#[source] aya::EbpfError),
     #[error("the kernel refused program {name}: {}", summarize(error))]
     Program {
@@ -176,6 +177,7 @@ impl Datapath {
                 error: aya::programs::ProgramError::UnexpectedProgramType,
             })?;
             match program {
+                Program::CgroupSock(p) => p.load(),
                 Program::CgroupSockAddr(p) => p.load(),
                 Program::CgroupSkb(p) => p.load(),
                 Program::SockOps(p) => p.load(),
@@ -231,6 +233,10 @@ impl Datapath {
             }
             let mode = CgroupAttachMode::Single;
             let link: FdLink = match program {
+                Program::CgroupSock(p) => {
+                    let id = p.attach(&cgroup, mode).map_err(prog_err(name))?;
+                    p.take_link(id).map_err(prog_err(name))?.try_into()
+                }
                 Program::CgroupSockAddr(p) => {
                     let id = p.attach(&cgroup, mode).map_err(prog_err(name))?;
                     p.take_link(id).map_err(prog_err(name))?.try_into()
@@ -280,7 +286,8 @@ impl Datapath {
                 .copy_from_older::<FlowKey, ConnectingValue>(map_names::CONNECTING, old_suffix)?
             + self.copy_from_older::<FlowKey, SocketValue>(map_names::ACCEPTING, old_suffix)?
             + self
-                .copy_from_older::<ListenerKey, ListenerValue>(map_names::LISTENERS, old_suffix)?;
+                .copy_from_older::<ListenerKey, ListenerValue>(map_names::LISTENERS, old_suffix)?
+            + self.copy_from_older::<u64, OwnerValue>(map_names::OWNERS, old_suffix)?;
         tracing::info!(
             from = old_suffix,
             to = map_names::VERSION_SUFFIX,
@@ -370,6 +377,9 @@ impl Datapath {
                 }
                 map_names::LISTENERS => HashMap::<_, ListenerKey, ListenerValue>::try_from(map)
                     .map(|m| m.keys().count()),
+                map_names::OWNERS => {
+                    HashMap::<_, u64, OwnerValue>::try_from(map).map(|m| m.keys().count())
+                }
                 map_names::UDP_FLOWS => {
                     HashMap::<_, FlowKey, UdpFlowValue>::try_from(map).map(|m| m.keys().count())
                 }
@@ -398,6 +408,7 @@ impl Datapath {
                 count(map_names::LISTENERS),
                 MAX_LISTENERS,
             ),
+            (map_names::OWNERS, count(map_names::OWNERS), MAX_OWNERS),
             (
                 map_names::UDP_FLOWS,
                 count(map_names::UDP_FLOWS),
@@ -582,7 +593,7 @@ impl Datapath {
 }
 
 /// Key and value sizes of every map this build pins, as the kernel reports them.
-fn layouts() -> [(&'static str, usize, usize); 13] {
+fn layouts() -> [(&'static str, usize, usize); 14] {
     [
         (
             map_names::CGROUPS,
@@ -625,6 +636,7 @@ fn layouts() -> [(&'static str, usize, usize); 13] {
             size_of::<ListenerKey>(),
             size_of::<ListenerValue>(),
         ),
+        (map_names::OWNERS, size_of::<u64>(), size_of::<OwnerValue>()),
         (
             map_names::UDP_FLOWS,
             size_of::<FlowKey>(),
