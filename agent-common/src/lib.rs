@@ -93,7 +93,7 @@ pub mod program_names {
     pub const SENDMSG6: &str = "ward_sendmsg6";
     pub const INGRESS: &str = "ward_ingress";
     pub const SOCKOPS: &str = "ward_sockops";
-    pub const SOCK_CREATE: &str = "ward_sock_create";
+    pub const SOCK_CREATE: &str = "ward_sockcreate";
     /// In attach order: a socket's owner is recorded before sockops can ask for it.
     pub const ALL: [&str; 7] = [
         SOCK_CREATE,
@@ -105,6 +105,19 @@ pub mod program_names {
         SOCKOPS,
     ];
 }
+
+// The kernel keeps 15 bytes of a program's name: a longer one would show truncated in
+// `bpftool`, the verifier record and `ward status`.
+const _: () = {
+    let mut i = 0;
+    while i < program_names::ALL.len() {
+        assert!(
+            program_names::ALL[i].len() <= 15,
+            "program name over 15 bytes"
+        );
+        i += 1;
+    }
+};
 
 /// Value of the cgroup map, keyed by cgroup id (`u64`, the cgroup directory's inode number).
 #[repr(C)]

@@ -364,7 +364,7 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
 /// at `listen()` and `connect()`, where not every kernel lets it ask for the task's cgroup. Never
 /// refuses a socket.
 #[cgroup_sock(sock_create)]
-pub fn ward_sock_create(ctx: SockContext) -> i32 {
+pub fn ward_sockcreate(ctx: SockContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let protocol = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.sock).protocol)) };
     if protocol != u32::from(PROTO_TCP) {

@@ -201,7 +201,7 @@ impl Ward {
             reloads: 0,
         };
         ward.process
-            .wait_for_line(0, READY_TIMEOUT, "saying `ready`", |line| {
+            .wait_for_line(0, crate::scaled(READY_TIMEOUT), "saying `ready`", |line| {
                 contains_word(line, "ready")
             });
         ward
@@ -228,9 +228,12 @@ impl Ward {
             .args(extra);
         self.process = Background::spawn("ward (respawned)", command, false);
         self.process
-            .wait_for_line(0, READY_TIMEOUT, "saying `ready` after a restart", |line| {
-                contains_word(line, "ready")
-            })
+            .wait_for_line(
+                0,
+                crate::scaled(READY_TIMEOUT),
+                "saying `ready` after a restart",
+                |line| contains_word(line, "ready"),
+            )
             .1
     }
 
@@ -303,7 +306,7 @@ impl Ward {
         self.process.signal(libc::SIGHUP);
         let (mut index, first) = self.process.wait_for_line(
             from,
-            RELOAD_TIMEOUT,
+            crate::scaled(RELOAD_TIMEOUT),
             "saying `policy applied` or `policy rejected` after a reload",
             is_reload_outcome,
         );

@@ -21,6 +21,21 @@ pub use prerequisites::{require_privileges, require_root, unique_name, ward_bin}
 pub use process::{run, Background, Finished, Placement};
 pub use verdicts::{find_verdict, parse_verdicts, Verdict, VerdictQuery};
 
+/// `d` stretched by `WARD_TEST_TIME_SCALE` (a whole number, default 1): the kernel matrix runs the
+/// suite under CPU emulation, where every process start takes several times as long. Timing
+/// bounds and waits go through this, so a bound means the same thing on every machine.
+pub fn scaled(d: std::time::Duration) -> std::time::Duration {
+    static SCALE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let scale = *SCALE.get_or_init(|| match std::env::var("WARD_TEST_TIME_SCALE") {
+        Err(_) => 1,
+        Ok(v) => match v.parse::<u32>() {
+            Ok(n) if n >= 1 => n,
+            _ => panic!("WARD_TEST_TIME_SCALE={v:?}: expected a whole number of at least 1"),
+        },
+    });
+    d * scale
+}
+
 /// The peer binary of this crate, located through the path cargo gives integration tests.
 ///
 /// A macro because `CARGO_BIN_EXE_*` exists only while the integration test itself compiles.

@@ -55,7 +55,7 @@ fn allowed_tcp_egress_passes_and_denied_fails_at_once_with_eperm() {
         "{nc_closed:?}"
     );
     assert!(
-        nc_closed.elapsed < AT_ONCE,
+        nc_closed.elapsed < at_once(),
         "nc refusal took {:?}",
         nc_closed.elapsed
     );
@@ -76,7 +76,7 @@ fn allowed_tcp_egress_passes_and_denied_fails_at_once_with_eperm() {
         "curl to the denied port: {curl_closed:?}"
     );
     assert!(
-        curl_closed.elapsed < AT_ONCE,
+        curl_closed.elapsed < at_once(),
         "curl refusal took {:?}",
         curl_closed.elapsed
     );
@@ -315,7 +315,7 @@ fn denied_tcp_ingress_never_reaches_the_listener() {
             dst_port: Some(listener.port()),
             ..Default::default()
         },
-        EVENT_TIMEOUT,
+        event_timeout(),
     );
 }
 
@@ -377,7 +377,7 @@ fn audit_mode_lets_traffic_pass_and_logs_the_verdict() {
             dst_port: Some(blocked.port()),
             ..Default::default()
         },
-        EVENT_TIMEOUT,
+        event_timeout(),
     );
     // The policy's default deny, reported likewise.
     ward.wait_for_verdict(
@@ -387,7 +387,7 @@ fn audit_mode_lets_traffic_pass_and_logs_the_verdict() {
             dst_port: Some(unlisted.port()),
             ..Default::default()
         },
-        EVENT_TIMEOUT,
+        event_timeout(),
     );
 }
 
@@ -479,7 +479,7 @@ fn cidr_peers_with_except_between_network_namespaces() {
             dst_port: Some(port),
             ..Default::default()
         },
-        EVENT_TIMEOUT,
+        event_timeout(),
     );
 }
 
@@ -512,7 +512,7 @@ fn an_explicit_deny_wins_over_every_allow() {
             dst_port: Some(port),
             ..Default::default()
         },
-        EVENT_TIMEOUT,
+        event_timeout(),
     );
     assert_eq!(
         verdict.policy.as_deref(),
@@ -574,7 +574,7 @@ fn a_workload_started_after_ward_is_enforced() {
             closed.addr,
             &late,
             &Outcome::Eperm,
-            Duration::from_secs(5),
+            ward_tests::scaled(Duration::from_secs(5)),
         );
         assert_eq!(
             seen.last(),
@@ -737,7 +737,7 @@ fn verdict_lines_name_the_policy_rule_and_flow() {
             protocol: Some("tcp"),
             ..Default::default()
         },
-        EVENT_TIMEOUT,
+        event_timeout(),
     );
     assert_eq!(
         allow.dst_addr.as_deref(),
@@ -755,7 +755,7 @@ fn verdict_lines_name_the_policy_rule_and_flow() {
             protocol: Some("tcp"),
             ..Default::default()
         },
-        EVENT_TIMEOUT,
+        event_timeout(),
     );
     let rule = default_deny.rule.as_deref().unwrap_or_default();
     assert!(
@@ -774,7 +774,7 @@ fn verdict_lines_name_the_policy_rule_and_flow() {
             protocol: Some("udp"),
             ..Default::default()
         },
-        EVENT_TIMEOUT,
+        event_timeout(),
     );
 }
 

@@ -12,7 +12,7 @@ use crate::{
     sys::{self, heading},
 };
 
-pub fn run(test_threads: Option<usize>, filter: &[String]) -> Result<()> {
+pub fn run(test_threads: Option<usize>, vms: bool, filter: &[String]) -> Result<()> {
     sys::require_root(
         "test",
         "the privileged suite creates cgroups, network namespaces and loads eBPF programs",
@@ -109,6 +109,20 @@ pub fn run(test_threads: Option<usize>, filter: &[String]) -> Result<()> {
         );
     } else {
         steps.skip("privileged tests", "ward did not build");
+    }
+    if !vms {
+        steps.skip("kernel matrix", "--skip-vms");
+    } else if built && built_next {
+        // The same suite on the oldest and the newest Debian kernel ward supports, one guest
+        // after the other (side by side, two emulated CPUs on two cores only make timing worse).
+        steps.run(
+            "kernel matrix",
+            Command::new(std::env::current_exe()?)
+                .args(["vm-test", "--kernel", "vms", "--"])
+                .args(filter),
+        );
+    } else {
+        steps.skip("kernel matrix", "ward did not build");
     }
 
     heading("summary");
