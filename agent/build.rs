@@ -17,18 +17,23 @@ fn main() -> anyhow::Result<()> {
     let root_dir = ebpf_dir
         .to_str()
         .ok_or_else(|| anyhow!("non-UTF-8 path {ebpf_dir:?}"))?;
-    // The agent's `abi-next` feature builds the kernel programs with the next map layout too.
-    println!("cargo:rerun-if-env-changed=CARGO_FEATURE_ABI_NEXT");
-    let features: &[&str] = if std::env::var_os("CARGO_FEATURE_ABI_NEXT").is_some() {
-        &["abi-next"]
-    } else {
-        &[]
-    };
+    // The agent's `abi-next` feature builds the kernel programs with the next map layout too;
+    // `verifier-reject` with a program the verifier must refuse (the kernel matrix's self-test).
+    let mut features = Vec::new();
+    for (cargo_env, feature) in [
+        ("CARGO_FEATURE_ABI_NEXT", "abi-next"),
+        ("CARGO_FEATURE_VERIFIER_REJECT", "verifier-reject"),
+    ] {
+        println!("cargo:rerun-if-env-changed={cargo_env}");
+        if std::env::var_os(cargo_env).is_some() {
+            features.push(feature);
+        }
+    }
     aya_build::build_ebpf(
         [Package {
             name: "agent-ebpf",
             root_dir,
-            features,
+            features: &features,
             ..Default::default()
         }],
         Toolchain::default(),

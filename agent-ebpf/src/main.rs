@@ -370,6 +370,15 @@ pub fn ward_sockcreate(ctx: SockContext) -> i32 {
     if protocol != u32::from(PROTO_TCP) {
         return ALLOW;
     }
+    #[cfg(feature = "verifier-reject")]
+    {
+        // A read far past the end of `bpf_sock`: every kernel's verifier refuses it.
+        // SAFETY: never run; the program is refused at load.
+        let past_end = unsafe { core::ptr::read_volatile(ctx.sock.cast::<u8>().add(4000)) };
+        if past_end != 0 {
+            return REFUSE;
+        }
+    }
     // SAFETY: socket() runs in the task's context.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     if let Some(identity) = maps::cgroup_identity(cgroup_id) {

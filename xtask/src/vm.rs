@@ -106,7 +106,8 @@ pub fn run(args: &Args) -> Result<()> {
         if kernels.is_empty() {
             bail!("--self-test boots guests: choose --kernel 6.1, 6.12 or all");
         }
-        return self_test(&kernels);
+        heading("vm-test: build");
+        return self_test(&kernels, stage_binaries()?);
     }
 
     heading("vm-test: build");
@@ -347,6 +348,28 @@ fn stage_binaries() -> Result<Staged> {
     Ok(staged)
 }
 
+/// ward built with `verifier-reject`: one of its kernel programs is refused at load.
+fn build_verifier_reject_ward() -> Result<PathBuf> {
+    let dir = sys::target_dir().join("verifier-reject");
+    sys::run(
+        sys::cargo()
+            .args([
+                "build",
+                "-p",
+                "ward-agent",
+                "--bins",
+                "--features",
+                "verifier-reject",
+            ])
+            .arg("--target-dir")
+            .arg(&dir),
+    )?;
+    let to = sys::target_dir().join("vm-test/bin/ward-verifier-reject");
+    fs::copy(dir.join("debug/ward"), &to)
+        .with_context(|| format!("copying the verifier-reject ward to {}", to.display()))?;
+    Ok(to)
+}
+
 /// Test executables (`profile.test`) among `cargo --message-format=json` messages.
 fn test_executables(messages: &str) -> Vec<PathBuf> {
     messages
@@ -464,13 +487,28 @@ fn run_on_host(staged: &Staged, filter: &[String], timeout: Duration) -> Result<
 
 /// Broken guests the harness must call failures, and a good one it must call a pass: a harness
 /// that cannot fail proves nothing.
-fn self_test(kernels: &[Kernel]) -> Result<()> {
+fn self_test(kernels: &[Kernel], staged: Staged) -> Result<()> {
     struct Case {
         name: &'static str,
         script: String,
         timeout: Duration,
         must_pass: bool,
+        /// Text the output must hold besides the verdict, so a failure counts only for the
+        /// reason the case is about.
+        says: Option<&'static str>,
     }
+    // The real suite's first test with a ward whose programs the verifier refuses.
+    let broken = Staged {
+        ward: build_verifier_reject_ward()?,
+        ..staged
+    };
+    let broken_script = suite_script(
+        &broken,
+        &["allowed_tcp_egress_passes".to_owned()],
+        1,
+        GUEST_TIME_SCALE,
+        Path::new("/vmtest"),
+    );
     let libtest_ok = "echo 'test vm_self_test::boots ... ok'\n\
                       echo 'test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s'\n";
     let good = format!("{libtest_ok}exit 0\n");
@@ -480,6 +518,7 @@ fn self_test(kernels: &[Kernel]) -> Result<()> {
             script: "echo 'test vm_self_test::broken ... FAILED'\nexit 3\n".to_owned(),
             timeout: Duration::from_secs(120),
             must_pass: false,
+            says: None,
         },
         Case {
             name: "kernel panics before a result",
@@ -487,24 +526,35 @@ fn self_test(kernels: &[Kernel]) -> Result<()> {
                 .to_owned(),
             timeout: Duration::from_secs(120),
             must_pass: false,
+            says: None,
         },
         Case {
             name: "guest hangs",
             script: "sleep 100000\n".to_owned(),
             timeout: Duration::from_secs(30),
             must_pass: false,
+            says: None,
         },
         Case {
             name: "command tests nothing",
             script: "exit 0\n".to_owned(),
             timeout: Duration::from_secs(120),
             must_pass: false,
+            says: None,
+        },
+        Case {
+            name: "a program the verifier refuses",
+            script: broken_script,
+            timeout: Duration::from_secs(300),
+            must_pass: false,
+            says: Some("ward_sockcreate"),
         },
         Case {
             name: "good command",
             script: good,
             timeout: Duration::from_secs(120),
             must_pass: true,
+            says: None,
         },
     ];
     let mut wrong = Vec::new();
@@ -525,7 +575,9 @@ fn self_test(kernels: &[Kernel]) -> Result<()> {
                 require_tests: true,
             })?;
             let judged = outcome(&run.verdict);
-            let right = run.verdict.passed() == case.must_pass;
+            let output = fs::read_to_string(run.results.join("output.log")).unwrap_or_default();
+            let right = run.verdict.passed() == case.must_pass
+                && case.says.is_none_or(|text| output.contains(text));
             println!(
                 "self-test {}: {}: judged {judged} ({})",
                 kernel.line.label,
