@@ -51,7 +51,7 @@ pub const MAX_ACCEPTING: u32 = 65_536;
 pub const MAX_LISTENERS: u32 = 65_536;
 pub const MAX_UDP_FLOWS: u32 = 65_536;
 pub const MAX_EVENT_LIMITS: u32 = 65_536;
-pub const MAX_OWNERS: u32 = 262_144;
+pub const MAX_OWNERS: u32 = 65_536;
 pub const EVENTS_RING_BYTES: u32 = 1 << 22;
 
 /// Per-flow event budget: at most this many verdict events per flow key and window.
@@ -93,16 +93,11 @@ pub mod program_names {
     pub const SENDMSG6: &str = "ward_sendmsg6";
     pub const INGRESS: &str = "ward_ingress";
     pub const SOCKOPS: &str = "ward_sockops";
-    pub const SOCK_CREATE: &str = "ward_sockcreate";
+    pub const POST_BIND4: &str = "ward_postbind4";
+    pub const POST_BIND6: &str = "ward_postbind6";
     /// In attach order: a socket's owner is recorded before sockops can ask for it.
-    pub const ALL: [&str; 7] = [
-        SOCK_CREATE,
-        CONNECT4,
-        CONNECT6,
-        SENDMSG4,
-        SENDMSG6,
-        INGRESS,
-        SOCKOPS,
+    pub const ALL: [&str; 8] = [
+        POST_BIND4, POST_BIND6, CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, INGRESS, SOCKOPS,
     ];
 }
 
@@ -254,9 +249,9 @@ pub struct ListenerValue {
     pub _pad: u32,
 }
 
-/// The workload a TCP socket was created by, keyed by socket cookie: recorded at `socket()` in
-/// the creating task's context, read by sockops, which cannot ask for a task's cgroup on every
-/// kernel (6.1 has no `bpf_get_current_cgroup_id` in sock_ops).
+/// The workload that bound a TCP socket, keyed by socket cookie: recorded at `bind()` in the
+/// binding task's context, read by sockops at `listen()`, which cannot ask for a task's cgroup on
+/// every kernel (6.1 has no `bpf_get_current_cgroup_id` in sock_ops).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OwnerValue {

@@ -79,16 +79,14 @@ fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
     };
     let remote = ipcache::destination_identity(&remote_addr, remote_port, protocol, netns, gen);
     let d = policy::decide(local, remote, DIRECTION_EGRESS, protocol, remote_port, gen);
-    if !d.isolated {
-        return ALLOW;
-    }
-    // mTLS redirection belongs to the tunnel; until it is attached the kernel treats the rule as allow.
-    let verdict = if d.verdict == VERDICT_REDIRECT {
+    // mTLS redirection belongs to the tunnel; until it is attached the kernel treats the rule as
+    // allow. A workload no policy isolates is allowed and tagged all the same: sockops learns a
+    // connecting socket's workload from its tag.
+    let verdict = if !d.isolated || d.verdict == VERDICT_REDIRECT {
         VERDICT_ALLOW
     } else {
         d.verdict
     };
-    count(counters::verdict(DIRECTION_EGRESS, verdict));
     if protocol == PROTO_TCP && verdict != VERDICT_DENY {
         let tag = SocketValue {
             local_identity: local,
@@ -100,6 +98,10 @@ fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
         };
         let _ = SOCKETS.insert(cookie, tag, 0);
     }
+    if !d.isolated {
+        return ALLOW;
+    }
+    count(counters::verdict(DIRECTION_EGRESS, verdict));
     let flow = EventLimitKey {
         local_identity: local,
         remote_identity: remote,
@@ -360,11 +362,10 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
     }
 }
 
-/// Records which workload created a TCP socket, in the creating task's context: sockops reads it
-/// at `listen()` and `connect()`, where not every kernel lets it ask for the task's cgroup. Never
-/// refuses a socket.
-#[cgroup_sock(sock_create)]
-pub fn ward_sockcreate(ctx: SockContext) -> i32 {
+/// Records which workload bound a TCP socket, in the binding task's context: sockops reads it at
+/// `listen()`, where not every kernel lets it ask for the task's cgroup. Never refuses a bind.
+#[inline(always)]
+fn record_owner(ctx: &SockContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let protocol = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.sock).protocol)) };
     if protocol != u32::from(PROTO_TCP) {
@@ -379,7 +380,7 @@ pub fn ward_sockcreate(ctx: SockContext) -> i32 {
             return REFUSE;
         }
     }
-    // SAFETY: socket() runs in the task's context.
+    // SAFETY: bind() runs in the task's context.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     if let Some(identity) = maps::cgroup_identity(cgroup_id) {
         // SAFETY: valid context.
@@ -387,6 +388,16 @@ pub fn ward_sockcreate(ctx: SockContext) -> i32 {
         let _ = OWNERS.insert(cookie, OwnerValue { identity, _pad: 0 }, 0);
     }
     ALLOW
+}
+
+#[cgroup_sock(post_bind4)]
+pub fn ward_postbind4(ctx: SockContext) -> i32 {
+    record_owner(&ctx)
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn ward_postbind6(ctx: SockContext) -> i32 {
+    record_owner(&ctx)
 }
 
 /// Reads one `bpf_sock_ops` field with a single load at its own offset: the verifier rejects
@@ -465,7 +476,8 @@ fn sockops_tuple(ops: &Ops, connector_is_local: bool) -> FlowKey {
     }
 }
 
-/// Tags sockets with workload identity (their owner, recorded at `socket()`): listeners (for peers that share an address), connecting
+/// Tags sockets with workload identity (a listener's from its `bind()`, a connecting socket's from
+/// its `connect()`): listeners (for peers that share an address), connecting
 /// sockets before their SYN leaves (for the receiving side's ingress check), and accepted sockets
 /// with the verdict their SYN got. Entries go when the socket closes.
 #[sock_ops]
@@ -504,7 +516,8 @@ pub fn ward_sockops(ctx: SockOpsContext) -> u32 {
             }
         }
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
-            if let Some(identity) = maps::socket_owner(cookie) {
+            // SAFETY: copied out at once.
+            if let Some(identity) = unsafe { SOCKETS.get(cookie) }.map(|t| t.local_identity) {
                 let v = ConnectingValue {
                     identity,
                     _pad: 0,

@@ -134,7 +134,7 @@ pub fn cgroup_identity(cgroup_id: u64) -> Option<u32> {
     unsafe { CGROUPS.get(cgroup_id) }.map(|v| v.identity)
 }
 
-/// The workload that created a TCP socket, recorded by `ward_sockcreate`.
+/// The workload that bound a TCP socket, recorded by `ward_postbind4`/`ward_postbind6`.
 #[inline(always)]
 pub fn socket_owner(cookie: u64) -> Option<u32> {
     // SAFETY: the value is copied out at once.

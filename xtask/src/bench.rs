@@ -415,6 +415,7 @@ fn prog_stats(pid: u32) -> BTreeMap<u32, (String, u64, u64)> {
         ) {
             let kind = match kind {
                 8 => "cgroup_skb".to_owned(),
+                9 => "cgroup_sock".to_owned(),
                 13 => "sock_ops".to_owned(),
                 18 => "cgroup_sock_addr".to_owned(),
                 other => format!("type {other}"),

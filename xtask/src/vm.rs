@@ -547,7 +547,7 @@ fn self_test(kernels: &[Kernel], staged: Staged) -> Result<()> {
             script: broken_script,
             timeout: Duration::from_secs(300),
             must_pass: false,
-            says: Some("ward_sockcreate"),
+            says: Some("ward_postbind4"),
         },
         Case {
             name: "good command",

@@ -34,8 +34,9 @@ use crate::{
 };
 
 /// Each program and the attach point its link holds.
-const ATTACH_POINTS: [(&str, &str); 7] = [
-    (program_names::SOCK_CREATE, "cgroup/sock_create"),
+const ATTACH_POINTS: [(&str, &str); 8] = [
+    (program_names::POST_BIND4, "cgroup/post_bind4"),
+    (program_names::POST_BIND6, "cgroup/post_bind6"),
     (program_names::CONNECT4, "cgroup/connect4"),
     (program_names::CONNECT6, "cgroup/connect6"),
     (program_names::SENDMSG4, "cgroup/sendmsg4"),
