@@ -16,6 +16,9 @@ mod model;
 mod trace;
 mod ward;
 
+// The fuzz target (fuzz/) includes it on its own; the agent only replays the corpus through it.
+#[cfg(test)]
+mod fuzzing;
 #[cfg(test)]
 mod tests;
 

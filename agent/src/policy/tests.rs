@@ -105,6 +105,79 @@ fn every_policy_example_of_the_docs_loads_and_compiles() {
     }
 }
 
+fn fuzz_corpus() -> Vec<(PathBuf, Vec<u8>)> {
+    let dir = repo_root().join("fuzz/corpus/policy_parse");
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let mut files: Vec<(PathBuf, Vec<u8>)> = entries
+        .map(|entry| {
+            let path = entry.expect("a corpus entry").path();
+            let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            (path, data)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_fuzz_corpus_input_passes_the_fuzz_target() {
+    let corpus = fuzz_corpus();
+    assert!(
+        corpus.len() >= 40,
+        "fuzz/corpus/policy_parse holds a real corpus; found {} files",
+        corpus.len()
+    );
+    let mut failed = Vec::new();
+    for (path, data) in &corpus {
+        if std::panic::catch_unwind(|| super::fuzzing::parse_compile_decide(data)).is_err() {
+            failed.push(path.display().to_string());
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "the fuzz target panics on {} corpus input(s) (each panic is printed above):\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
+
+#[test]
+fn the_fuzz_corpus_holds_every_docs_example_and_conformance_scenario() {
+    let corpus: Vec<String> = fuzz_corpus()
+        .into_iter()
+        .filter_map(|(_, data)| String::from_utf8(data).ok())
+        .collect();
+    let docs = std::fs::read_to_string(repo_root().join("docs/policy.md")).expect("docs/policy.md");
+    let table: serde_yaml::Value =
+        serde_yaml::from_str(include_str!("testdata/networkpolicy-conformance.yaml"))
+            .expect("the conformance table parses");
+    let scenarios = table["scenarios"].as_sequence().expect("scenarios");
+    let mut wanted: Vec<(String, String)> = yaml_blocks(&docs)
+        .into_iter()
+        .map(|(line, text)| (format!("docs/policy.md:{line}"), text))
+        .collect();
+    for scenario in scenarios {
+        let policies = scenario["policies"].as_str().expect("policies");
+        if !policies.is_empty() {
+            let name = scenario["name"].as_str().expect("name");
+            wanted.push((
+                format!("conformance scenario {name:?}"),
+                policies.to_owned(),
+            ));
+        }
+    }
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(_, text)| !corpus.iter().any(|c| c.trim() == text.trim()))
+        .map(|(what, _)| what.as_str())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "fuzz/corpus/policy_parse lacks (add each as a file):\n{}",
+        missing.join("\n")
+    );
+}
+
 #[test]
 fn the_example_policies_load_and_compile_together() {
     let dir = repo_root().join("examples/policies");
