@@ -73,6 +73,7 @@ pub fn workload_infos(config: &Config) -> Result<Vec<WorkloadInfo>, IdentityErro
             namespace: w.namespace.clone(),
             labels: w.labels.clone(),
             addresses: w.addresses.clone(),
+            ports: w.ports.clone(),
         })
         .collect())
 }

@@ -5,6 +5,7 @@ use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
 use crate::cgroups::TestCgroups;
+use crate::peer::Protocol;
 use crate::process::{run, Background, Finished, Lines};
 use crate::verdicts::{find_verdict, Verdict, VerdictQuery};
 
@@ -27,6 +28,8 @@ pub struct Workload {
     /// Paths relative to the cgroup root.
     pub cgroups: Vec<String>,
     pub addresses: Vec<String>,
+    /// Named ports: (name, protocol, port).
+    pub ports: Vec<(String, Protocol, u16)>,
 }
 
 impl Workload {
@@ -38,6 +41,7 @@ impl Workload {
             labels: vec![("app".to_owned(), name.to_owned())],
             cgroups: vec![name.to_owned()],
             addresses: Vec::new(),
+            ports: Vec::new(),
         }
     }
 
@@ -54,6 +58,12 @@ impl Workload {
 
     pub fn address(mut self, address: &str) -> Self {
         self.addresses.push(address.to_owned());
+        self
+    }
+
+    /// A named port, as a pod's container port, which NetworkPolicy ports may name.
+    pub fn named_port(mut self, name: &str, protocol: Protocol, port: u16) -> Self {
+        self.ports.push((name.to_owned(), protocol, port));
         self
     }
 
@@ -131,6 +141,23 @@ fn config_text(
         }
         if !workload.addresses.is_empty() {
             text.push_str(&format!("    addresses: [{}]\n", list(&workload.addresses)));
+        }
+        if !workload.ports.is_empty() {
+            let ports: Vec<String> = workload
+                .ports
+                .iter()
+                .map(|(name, protocol, port)| {
+                    let protocol = match protocol {
+                        Protocol::Tcp => "TCP",
+                        Protocol::Udp => "UDP",
+                    };
+                    format!(
+                        "{{name: {}, port: {port}, protocol: {protocol}}}",
+                        quote(name)
+                    )
+                })
+                .collect();
+            text.push_str(&format!("    ports: [{}]\n", ports.join(", ")));
         }
     }
     text

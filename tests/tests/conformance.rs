@@ -2,7 +2,7 @@
 //! networkpolicy-conformance.yaml`), which the unit tests check through `ward policy trace`,
 //! checked through the kernel: every pod a cgroup with its address in a network namespace of its
 //! own, the real `ward` enforcing each scenario's policies, and every pair tried with a real client.
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Instant;
@@ -20,8 +20,28 @@ const QUICK_TIMEOUT_MS: &str = "400";
 const PATIENT_TIMEOUT_MS: &str = "3000";
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Table {
+    /// By pod name, the same in every namespace.
+    container_ports: BTreeMap<String, Vec<ContainerPort>>,
     scenarios: Vec<Scenario>,
+}
+
+#[derive(Deserialize)]
+struct ContainerPort {
+    name: String,
+    port: u16,
+    protocol: Option<String>,
+}
+
+impl ContainerPort {
+    fn protocol(&self) -> Protocol {
+        match self.protocol.as_deref() {
+            None | Some("TCP") => Protocol::Tcp,
+            Some("UDP") => Protocol::Udp,
+            Some(other) => panic!("container port {}: protocol {other:?}", self.name),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -120,12 +140,14 @@ fn the_kernel_follows_the_networkpolicy_conformance_table() {
                 &[&format!("{address}/16")],
             );
             placements.push(Placement::cgroup(cgroups.create(&name)).in_netns(&netns));
-            workloads.push(
-                Workload::new(&name)
-                    .namespace(namespace)
-                    .label("pod", pod)
-                    .address(&address),
-            );
+            let mut workload = Workload::new(&name)
+                .namespace(namespace)
+                .label("pod", pod)
+                .address(&address);
+            for port in table.container_ports.get(*pod).into_iter().flatten() {
+                workload = workload.named_port(&port.name, port.protocol(), port.port);
+            }
+            workloads.push(workload);
             addresses.push(address);
             pods.push(name);
         }

@@ -24,6 +24,11 @@ fn workloads() -> Vec<policy::WorkloadInfo> {
             namespace: Some(namespace.into()),
             labels: [("app".to_owned(), app.to_owned())].into(),
             addresses: vec![address.parse().expect("valid address")],
+            ports: vec![policy::NamedPort {
+                name: "http".into(),
+                protocol: PROTO_TCP,
+                port: 80,
+            }],
         }
     };
     vec![

@@ -307,13 +307,9 @@ fn port(doc: PortDoc, path: &FieldPath, findings: &mut Findings) -> Option<PortM
             );
             None
         }
+        // Resolved per destination pod, against the `ports` of its workload definition.
         (Some(IntOrString::String(name)), None) => {
-            findings.warn(
-                &path.key("port"),
-                WarningKind::NotEnforced,
-                format!("named port `{name}`: ward's workload definitions name no ports, so this entry matches no port"),
-            );
-            None
+            protocol.map(|protocol| PortMatch::Named { protocol, name })
         }
     }
 }
@@ -387,7 +383,6 @@ mod tests {
                     "spec.egress[0].to[0].ipBlock.cidr",
                     WarningKind::NotEnforced
                 ),
-                ("spec.egress[0].ports[0].port", WarningKind::NotEnforced),
                 ("spec.egress[0].ports[1].protocol", WarningKind::NotEnforced),
             ],
             "{:#?}",

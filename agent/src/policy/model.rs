@@ -158,6 +158,26 @@ pub(crate) enum PortMatch {
         first: u16,
         last: u16,
     },
+    /// A NetworkPolicy port given by name: the destination workload's port of that name and
+    /// protocol, if it has one.
+    Named {
+        protocol: u8,
+        name: String,
+    },
+}
+
+impl PortMatch {
+    /// The (protocol, port) a named port stands for at `destination`.
+    pub fn resolve_named(&self, destination: &WorkloadInfo) -> Option<(u8, u16)> {
+        let PortMatch::Named { protocol, name } = self else {
+            return None;
+        };
+        let found = destination
+            .ports
+            .iter()
+            .find(|p| p.name == *name && p.protocol == *protocol);
+        found.map(|p| (p.protocol, p.port))
+    }
 }
 
 /// Selects workloads: every part given must match.

@@ -39,6 +39,7 @@ pub(crate) fn workload(
             .iter()
             .map(|a| a.parse().expect("test address"))
             .collect(),
+        ports: Vec::new(),
     }
 }
 
@@ -622,6 +623,11 @@ fn direct(
         Remote::Workload(w) => peer.selects(w),
         Remote::Address(a) => peer.covers_address(a),
     };
+    let destination = match remote {
+        _ if direction == DIRECTION_INGRESS => Some(local),
+        Remote::Workload(w) => Some(w),
+        Remote::Address(_) => None,
+    };
     let port_matches = |m: &PortMatch| match *m {
         PortMatch::Protocol(p) => p == protocol,
         PortMatch::Range {
@@ -629,6 +635,9 @@ fn direct(
             first,
             last,
         } => p == protocol && (first..=last).contains(&port),
+        PortMatch::Named { .. } => {
+            destination.and_then(|d| m.resolve_named(d)) == Some((protocol, port))
+        }
     };
     let matched = |mode: Mode, action: RuleAction| {
         selecting

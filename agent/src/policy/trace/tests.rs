@@ -6,11 +6,20 @@ use serde::Deserialize;
 use super::*;
 use crate::policy::compile::tests::{policy, set, workload};
 use crate::policy::compile::Slot;
-use crate::policy::parse;
+use crate::policy::{parse, NamedPort};
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Conformance {
+    container_ports: std::collections::BTreeMap<String, Vec<ContainerPort>>,
     scenarios: Vec<Scenario>,
+}
+
+#[derive(Deserialize)]
+struct ContainerPort {
+    name: String,
+    port: u16,
+    protocol: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -22,7 +31,7 @@ struct Scenario {
 }
 
 /// Pods a, b, c in namespaces x, y, z, as the conformance file describes them.
-fn pods() -> Vec<WorkloadInfo> {
+fn pods(conformance: &Conformance) -> Vec<WorkloadInfo> {
     let mut pods = Vec::new();
     for (n, namespace) in ["x", "y", "z"].into_iter().enumerate() {
         for (p, name) in ["a", "b", "c"].into_iter().enumerate() {
@@ -34,6 +43,17 @@ fn pods() -> Vec<WorkloadInfo> {
                 &[&address],
             );
             pod.namespace = Some(namespace.into());
+            let ports = conformance.container_ports.get(name).into_iter().flatten();
+            pod.ports = ports
+                .map(|p| NamedPort {
+                    name: p.name.clone(),
+                    protocol: match p.protocol.as_deref() {
+                        Some("UDP") => PROTO_UDP,
+                        _ => PROTO_TCP,
+                    },
+                    port: p.port,
+                })
+                .collect();
             pods.push(pod);
         }
     }
@@ -45,10 +65,10 @@ fn trace_follows_the_networkpolicy_conformance_table() {
     let text = include_str!("../testdata/networkpolicy-conformance.yaml");
     let conformance: Conformance = serde_yaml::from_str(text).expect("conformance file parses");
     assert!(
-        conformance.scenarios.len() >= 25,
+        conformance.scenarios.len() >= 36,
         "the table covers the documented semantics"
     );
-    let pods = pods();
+    let pods = pods(&conformance);
     for scenario in &conformance.scenarios {
         let name = &scenario.name;
         let set =
