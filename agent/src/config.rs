@@ -42,7 +42,16 @@ struct RawConfig {
     metrics_address: Option<String>,
     flow_log: Option<PathBuf>,
     #[serde(default)]
+    namespaces: BTreeMap<String, RawNamespace>,
+    #[serde(default)]
     workloads: Vec<RawWorkload>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamespace {
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +127,8 @@ pub struct Config {
     pub metrics_address: Option<std::net::SocketAddr>,
     /// A file that receives every flow record as a JSON line.
     pub flow_log: Option<PathBuf>,
+    /// Labels of the Kubernetes namespaces the workloads name, by namespace.
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub workloads: Vec<WorkloadConfig>,
 }
 
@@ -196,6 +207,20 @@ impl Config {
                 })
             })
             .transpose()?;
+        let mut namespaces = BTreeMap::new();
+        for (namespace, ns) in raw.namespaces {
+            let name_label = ns.labels.get(crate::policy::NAMESPACE_NAME_LABEL);
+            if name_label.is_some_and(|value| *value != namespace) {
+                return Err(field(
+                    format!(
+                        "namespaces.{namespace}.labels.{}",
+                        crate::policy::NAMESPACE_NAME_LABEL
+                    ),
+                    "is always the namespace's own name".into(),
+                ));
+            }
+            namespaces.insert(namespace, ns.labels);
+        }
         let mut names = BTreeSet::new();
         let mut workloads = Vec::with_capacity(raw.workloads.len());
         for (i, w) in raw.workloads.into_iter().enumerate() {
@@ -301,6 +326,7 @@ impl Config {
             admin_socket,
             metrics_address,
             flow_log: raw.flow_log.map(|p| base.join(p)),
+            namespaces,
             workloads,
         })
     }
@@ -427,6 +453,7 @@ mod tests {
             ("trustDomain: example.org\nworkloads: [{name: a, spiffeId: 'spiffe://other.org/x'}]\n", "workloads[0].spiffeId"),
             ("trustDomain: example.org\nworkloads: [{name: a, cgroups: [../x]}]\n", "workloads[0].cgroups[0]"),
             ("trustDomain: example.org\nworkloads: [{name: a, systemdUnits: [nginx]}]\n", "workloads[0].systemdUnits[0]"),
+            ("trustDomain: example.org\nnamespaces: {x: {labels: {kubernetes.io/metadata.name: y}}}\n", "namespaces.x.labels.kubernetes.io/metadata.name"),
             ("trustDomain: example.org\nworkloads: [{name: a, ports: [{name: HTTP, port: 80}]}]\n", "workloads[0].ports[0].name"),
             ("trustDomain: example.org\nworkloads: [{name: a, ports: [{name: '8080', port: 80}]}]\n", "workloads[0].ports[0].name"),
             ("trustDomain: example.org\nworkloads: [{name: a, ports: [{name: http, port: 0}]}]\n", "workloads[0].ports[0].port"),

@@ -71,6 +71,12 @@ pub fn workload_infos(config: &Config) -> Result<Vec<WorkloadInfo>, IdentityErro
             name: w.name.clone(),
             spiffe_id: w.spiffe_id.clone(),
             namespace: w.namespace.clone(),
+            namespace_labels: w
+                .namespace
+                .as_ref()
+                .and_then(|ns| config.namespaces.get(ns))
+                .cloned()
+                .unwrap_or_default(),
             labels: w.labels.clone(),
             addresses: w.addresses.clone(),
             ports: w.ports.clone(),

@@ -24,6 +24,8 @@ const PATIENT_TIMEOUT_MS: &str = "3000";
 struct Table {
     /// By pod name, the same in every namespace.
     container_ports: BTreeMap<String, Vec<ContainerPort>>,
+    /// By namespace; ward's configuration gives them as `namespaces.<name>.labels`.
+    namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
     scenarios: Vec<Scenario>,
 }
 
@@ -154,7 +156,20 @@ fn the_kernel_follows_the_networkpolicy_conformance_table() {
     }
     // Every pod listens on every port of the table, once, for all scenarios.
     let ports: BTreeSet<(Protocol, u16)> = table.scenarios.iter().map(Scenario::port).collect();
-    let mut ward = Ward::start(&cgroups, &workloads, &table.scenarios[0].policies);
+    let namespaces: BTreeMap<&str, BTreeMap<&str, &BTreeMap<String, String>>> = table
+        .namespace_labels
+        .iter()
+        .map(|(namespace, labels)| (namespace.as_str(), BTreeMap::from([("labels", labels)])))
+        .collect();
+    let namespaces = serde_yaml::to_string(&BTreeMap::from([("namespaces", namespaces)]))
+        .expect("namespaces serialise");
+    let mut ward = Ward::start_with_options(
+        &cgroups,
+        &workloads,
+        &table.scenarios[0].policies,
+        &[],
+        &namespaces,
+    );
     // Listeners open after ward is attached, so their sockets belong to their pods from the start.
     let listeners: Vec<Vec<((Protocol, u16), Listener)>> = placements
         .iter()

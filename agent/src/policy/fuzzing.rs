@@ -22,6 +22,7 @@ fn workloads() -> Vec<policy::WorkloadInfo> {
             name: name.into(),
             spiffe_id: format!("spiffe://example.org/ns/{namespace}/sa/{name}"),
             namespace: Some(namespace.into()),
+            namespace_labels: [("team".to_owned(), namespace.to_owned())].into(),
             labels: [("app".to_owned(), app.to_owned())].into(),
             addresses: vec![address.parse().expect("valid address")],
             ports: vec![policy::NamedPort {

@@ -30,7 +30,7 @@ pub use compile::{compile, CompileError, Compiled, RuleIds};
 pub use diagnostics::*;
 // A glob, so that `parse` (used by tests and fuzz/ only) stays part of the API.
 pub use load::*;
-pub use model::{PolicySet, PROTO_SCTP};
+pub use model::{PolicySet, NAMESPACE_NAME_LABEL, PROTO_SCTP};
 
 /// What the policy compiler needs to know about one workload of the node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -40,6 +40,9 @@ pub struct WorkloadInfo {
     pub name: String,
     pub spiffe_id: String,
     pub namespace: Option<String>,
+    /// Labels of its namespace from the configuration's `namespaces` (NetworkPolicy
+    /// namespaceSelectors see these plus `kubernetes.io/metadata.name`).
+    pub namespace_labels: BTreeMap<String, String>,
     pub labels: BTreeMap<String, String>,
     pub addresses: Vec<IpAddr>,
     /// Named ports (a pod's container ports), which NetworkPolicy ports may name.

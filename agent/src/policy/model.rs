@@ -195,7 +195,7 @@ impl WorkloadSelector {
                 .spiffe_id
                 .as_ref()
                 .is_none_or(|s| s.matches(&workload.spiffe_id))
-            && self.namespace.matches(workload.namespace.as_deref())
+            && self.namespace.matches(workload)
     }
 }
 
@@ -204,20 +204,21 @@ pub(crate) enum NamespaceMatch {
     #[default]
     Any,
     Exact(String),
-    /// A Kubernetes namespaceSelector, evaluated on the namespace's name label; a workload without
-    /// a namespace matches none.
+    /// A Kubernetes namespaceSelector, evaluated on the namespace's labels and its name label; a
+    /// workload without a namespace matches none.
     Labels(LabelSelector),
 }
 
 impl NamespaceMatch {
-    fn matches(&self, namespace: Option<&str>) -> bool {
-        match (self, namespace) {
+    fn matches(&self, workload: &WorkloadInfo) -> bool {
+        match (self, workload.namespace.as_deref()) {
             (NamespaceMatch::Any, _) => true,
             (NamespaceMatch::Exact(want), Some(ns)) => want == ns,
-            (NamespaceMatch::Labels(selector), Some(ns)) => selector.matches(&BTreeMap::from([(
-                NAMESPACE_NAME_LABEL.to_owned(),
-                ns.to_owned(),
-            )])),
+            (NamespaceMatch::Labels(selector), Some(ns)) => {
+                let mut labels = workload.namespace_labels.clone();
+                labels.insert(NAMESPACE_NAME_LABEL.to_owned(), ns.to_owned());
+                selector.matches(&labels)
+            }
             (_, None) => false,
         }
     }

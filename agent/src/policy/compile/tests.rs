@@ -31,6 +31,7 @@ pub(crate) fn workload(
         name: name.into(),
         spiffe_id: format!("spiffe://example.org/ns/demo/sa/{name}"),
         namespace: Some("demo".into()),
+        namespace_labels: BTreeMap::new(),
         labels: labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -12,6 +12,8 @@ use crate::policy::{parse, NamedPort};
 #[serde(rename_all = "camelCase")]
 struct Conformance {
     container_ports: std::collections::BTreeMap<String, Vec<ContainerPort>>,
+    namespace_labels:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
     scenarios: Vec<Scenario>,
 }
 
@@ -43,6 +45,11 @@ fn pods(conformance: &Conformance) -> Vec<WorkloadInfo> {
                 &[&address],
             );
             pod.namespace = Some(namespace.into());
+            pod.namespace_labels = conformance
+                .namespace_labels
+                .get(namespace)
+                .cloned()
+                .unwrap_or_default();
             let ports = conformance.container_ports.get(name).into_iter().flatten();
             pod.ports = ports
                 .map(|p| NamedPort {
@@ -65,7 +72,7 @@ fn trace_follows_the_networkpolicy_conformance_table() {
     let text = include_str!("../testdata/networkpolicy-conformance.yaml");
     let conformance: Conformance = serde_yaml::from_str(text).expect("conformance file parses");
     assert!(
-        conformance.scenarios.len() >= 36,
+        conformance.scenarios.len() >= 40,
         "the table covers the documented semantics"
     );
     let pods = pods(&conformance);
