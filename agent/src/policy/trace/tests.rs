@@ -265,6 +265,20 @@ fn diff_reports_gained_and_lost_access_with_port_ranges() {
         diff(&new, &new, &workloads()).expect("diff").is_empty(),
         "no change, no difference"
     );
+    // docs/policy.md shows this diff (its TCP lines) as `ward policy diff` prints it.
+    let printed = crate::policy::cli::diff_human(&changes);
+    let docs = crate::policy::tests::policy_docs();
+    let shown = crate::policy::tests::fenced_blocks(&docs, "")
+        .into_iter()
+        .map(|(_, text)| text)
+        .find(|text| text.starts_with("+ client -> db"))
+        .expect("docs/policy.md shows a diff");
+    for line in shown.lines() {
+        assert!(
+            printed.lines().any(|l| l == line),
+            "docs/policy.md shows {line:?}; ward policy diff prints:\n{printed}"
+        );
+    }
 }
 
 #[test]
