@@ -336,15 +336,7 @@ impl Config {
 /// an error names the field below the port (`.name`, `.port`, `.protocol`).
 fn named_port(raw: RawPort) -> Result<NamedPort, (&'static str, String)> {
     let name = raw.name;
-    let valid_name = (1..=15).contains(&name.len())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && name.chars().any(|c| c.is_ascii_lowercase())
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-        && !name.contains("--");
-    if !valid_name {
+    if !crate::policy::is_port_name(&name) {
         return Err((
             ".name",
             format!(

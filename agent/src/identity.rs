@@ -128,6 +128,31 @@ mod tests {
     }
 
     #[test]
+    fn workloads_carry_their_namespace_labels_and_named_ports() {
+        let c = config(
+            "trustDomain: x\nnamespaces: {shop: {labels: {team: a}}}\nworkloads:\n  - {name: api, namespace: shop, ports: [{name: http, port: 8080}]}\n  - {name: db, namespace: store}\n  - {name: host}\n",
+        );
+        let infos = workload_infos(&c).expect("no conflict");
+        let seen: Vec<_> = infos
+            .iter()
+            .map(|w| {
+                let labels: Vec<_> = w.namespace_labels.iter().collect();
+                let ports: Vec<_> = w.ports.iter().map(|p| (p.name.as_str(), p.port)).collect();
+                (w.name.as_str(), format!("{labels:?}"), ports)
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("api", r#"[("team", "a")]"#.to_owned(), vec![("http", 8080)]),
+                ("db", "[]".to_owned(), vec![]),
+                ("host", "[]".to_owned(), vec![]),
+            ],
+            "a namespace the configuration does not list has no labels but its name"
+        );
+    }
+
+    #[test]
     fn identities_are_stable_and_distinct() {
         let a = allocate(["spiffe://x/a".to_string(), "spiffe://x/b".to_string()]);
         let b = allocate([

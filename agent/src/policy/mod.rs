@@ -30,7 +30,7 @@ pub use compile::{compile, CompileError, Compiled, RuleIds};
 pub use diagnostics::*;
 // A glob, so that `parse` (used by tests and fuzz/ only) stays part of the API.
 pub use load::*;
-pub use model::{PolicySet, NAMESPACE_NAME_LABEL, PROTO_SCTP};
+pub use model::{is_port_name, PolicySet, NAMESPACE_NAME_LABEL, PROTO_SCTP};
 
 /// What the policy compiler needs to know about one workload of the node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -16,6 +16,19 @@ use super::{Mode, RuleAction, WorkloadInfo};
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 pub const PROTO_SCTP: u8 = 132;
 
+/// Whether `name` is a valid port name, as Kubernetes checks a container port's (an IANA service
+/// name): 1 to 15 lowercase letters, digits and single inner dashes, with at least one letter.
+pub fn is_port_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name.chars().any(|c| c.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
+}
+
 /// Parsed, validated policies in load order (file, then document).
 #[derive(Clone, Debug, Default)]
 pub struct PolicySet {
