@@ -66,9 +66,6 @@ fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
         return ALLOW;
     };
     let remote_port = u16::from_be(user_port as u16);
-    if protocol == PROTO_UDP {
-        record_udp_sender(ctx, local, remote_addr, remote_port);
-    }
     let gen = (maps::generation() & 1) as u8;
     // SAFETY: valid context for these helpers in cgroup_sock_addr programs.
     let (netns, cookie) = unsafe {
@@ -79,6 +76,10 @@ fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
     };
     let remote = ipcache::destination_identity(&remote_addr, remote_port, protocol, netns, gen);
     let d = policy::decide(local, remote, DIRECTION_EGRESS, protocol, remote_port, gen);
+    // Only a datagram that leaves names its sender (and lets its replies in).
+    if protocol == PROTO_UDP && !(d.isolated && d.verdict == VERDICT_DENY) {
+        record_udp_sender(ctx, local, remote_addr, remote_port);
+    }
     // mTLS redirection belongs to the tunnel; until it is attached the kernel treats the rule as
     // allow. A workload no policy isolates is allowed and tagged all the same: sockops learns a
     // connecting socket's workload from its tag.
@@ -158,6 +159,15 @@ fn record_udp_sender(
         },
         0,
     );
+}
+
+/// Whether a datagram answers one that `local` sent from its destination port to its source,
+/// as [`record_udp_sender`] recorded it.
+#[inline(always)]
+fn is_udp_reply(local: u32, flow: &FlowKey) -> bool {
+    let key = udp_sender_key(flow.local_addr, flow.remote_port, flow.local_port);
+    // SAFETY: copied out at once.
+    unsafe { CONNECTING.get(key) }.is_some_and(|v| v.identity == local)
 }
 
 /// UDP senders are keyed without their source address: an unconnected socket's is chosen by the
@@ -268,6 +278,11 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
     let Some(local) = maps::cgroup_identity(cgroup_id) else {
         return ALLOW;
     };
+    // Replies belong to a flow the workload started, which its egress check decided: as in
+    // Kubernetes, they are never refused by its ingress policy. (A TCP reply is no SYN.)
+    if protocol == PROTO_UDP && is_udp_reply(local, flow) {
+        return ALLOW;
+    }
     let full_gen = maps::generation();
     let gen = (full_gen & 1) as u8;
     if protocol == PROTO_UDP {

@@ -18,7 +18,7 @@ use crate::{
     version,
     about = "Workload network policy enforced in the Linux kernel"
 )]
-struct Cli {
+pub(crate) struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,

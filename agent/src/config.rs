@@ -8,6 +8,8 @@ use std::{
 
 use serde::Deserialize;
 
+use crate::policy::NamedPort;
+
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ward";
 
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +42,16 @@ struct RawConfig {
     metrics_address: Option<String>,
     flow_log: Option<PathBuf>,
     #[serde(default)]
+    namespaces: BTreeMap<String, RawNamespace>,
+    #[serde(default)]
     workloads: Vec<RawWorkload>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamespace {
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,6 +77,16 @@ struct RawWorkload {
     pod_uids: Vec<String>,
     #[serde(default)]
     addresses: Vec<String>,
+    #[serde(default)]
+    ports: Vec<RawPort>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    name: String,
+    port: i64,
+    protocol: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,6 +107,8 @@ pub struct WorkloadConfig {
     pub systemd_units: Vec<String>,
     pub pod_uids: Vec<String>,
     pub addresses: Vec<IpAddr>,
+    /// Named ports, for NetworkPolicy ports given by name.
+    pub ports: Vec<NamedPort>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,6 +127,8 @@ pub struct Config {
     pub metrics_address: Option<std::net::SocketAddr>,
     /// A file that receives every flow record as a JSON line.
     pub flow_log: Option<PathBuf>,
+    /// Labels of the Kubernetes namespaces the workloads name, by namespace.
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub workloads: Vec<WorkloadConfig>,
 }
 
@@ -182,6 +207,20 @@ impl Config {
                 })
             })
             .transpose()?;
+        let mut namespaces = BTreeMap::new();
+        for (namespace, ns) in raw.namespaces {
+            let name_label = ns.labels.get(crate::policy::NAMESPACE_NAME_LABEL);
+            if name_label.is_some_and(|value| *value != namespace) {
+                return Err(field(
+                    format!(
+                        "namespaces.{namespace}.labels.{}",
+                        crate::policy::NAMESPACE_NAME_LABEL
+                    ),
+                    "is always the namespace's own name".into(),
+                ));
+            }
+            namespaces.insert(namespace, ns.labels);
+        }
         let mut names = BTreeSet::new();
         let mut workloads = Vec::with_capacity(raw.workloads.len());
         for (i, w) in raw.workloads.into_iter().enumerate() {
@@ -253,6 +292,18 @@ impl Config {
                     parse_addr(a).map_err(|r| field(format!("workloads[{i}].addresses[{j}]"), r))
                 })
                 .collect::<Result<_, _>>()?;
+            let mut ports: Vec<NamedPort> = Vec::with_capacity(w.ports.len());
+            for (j, p) in w.ports.into_iter().enumerate() {
+                let port =
+                    named_port(p).map_err(|(sub, r)| field(at(&format!("ports[{j}]{sub}")), r))?;
+                if ports.iter().any(|q| q.name == port.name) {
+                    return Err(field(
+                        at(&format!("ports[{j}].name")),
+                        format!("port name {:?} is given twice", port.name),
+                    ));
+                }
+                ports.push(port);
+            }
             workloads.push(WorkloadConfig {
                 name: w.name,
                 spiffe_id,
@@ -262,6 +313,7 @@ impl Config {
                 systemd_units: w.systemd_units,
                 pod_uids: w.pod_uids,
                 addresses,
+                ports,
             });
         }
         Ok(Config {
@@ -274,9 +326,40 @@ impl Config {
             admin_socket,
             metrics_address,
             flow_log: raw.flow_log.map(|p| base.join(p)),
+            namespaces,
             workloads,
         })
     }
+}
+
+/// A named port, checked as Kubernetes checks a container port's name (an IANA service name);
+/// an error names the field below the port (`.name`, `.port`, `.protocol`).
+fn named_port(raw: RawPort) -> Result<NamedPort, (&'static str, String)> {
+    let name = raw.name;
+    if !crate::policy::is_port_name(&name) {
+        return Err((
+            ".name",
+            format!(
+                "{name:?} is not a port name: 1 to 15 lowercase letters, digits and single inner \
+                 dashes, with at least one letter"
+            ),
+        ));
+    }
+    let port = u16::try_from(raw.port).ok().filter(|p| *p != 0).ok_or((
+        ".port",
+        format!("{} is not a port from 1 to 65535", raw.port),
+    ))?;
+    let protocol = match raw.protocol.as_deref().unwrap_or("TCP") {
+        "TCP" => agent_common::PROTO_TCP,
+        "UDP" => agent_common::PROTO_UDP,
+        "SCTP" => crate::policy::PROTO_SCTP,
+        other => return Err((".protocol", format!("{other:?} is not TCP, UDP or SCTP"))),
+    };
+    Ok(NamedPort {
+        name,
+        protocol,
+        port,
+    })
 }
 
 fn parse_addr(text: &str) -> Result<IpAddr, String> {
@@ -315,6 +398,27 @@ mod tests {
             "spiffe://example.org/workload/web"
         );
         assert_eq!(c.workloads[0].addresses.len(), 2);
+        assert!(c.workloads[0].ports.is_empty());
+    }
+
+    #[test]
+    fn named_ports_parse_with_tcp_by_default() {
+        let c = parse(
+            "trustDomain: example.org\nworkloads:\n  - name: web\n    ports: [{name: http, port: 8080}, {name: dns, port: 53, protocol: UDP}]\n",
+        )
+        .expect("valid config");
+        let ports: Vec<_> = c.workloads[0]
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.protocol, p.port))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("http", agent_common::PROTO_TCP, 8080),
+                ("dns", agent_common::PROTO_UDP, 53)
+            ]
+        );
     }
 
     #[test]
@@ -341,6 +445,12 @@ mod tests {
             ("trustDomain: example.org\nworkloads: [{name: a, spiffeId: 'spiffe://other.org/x'}]\n", "workloads[0].spiffeId"),
             ("trustDomain: example.org\nworkloads: [{name: a, cgroups: [../x]}]\n", "workloads[0].cgroups[0]"),
             ("trustDomain: example.org\nworkloads: [{name: a, systemdUnits: [nginx]}]\n", "workloads[0].systemdUnits[0]"),
+            ("trustDomain: example.org\nnamespaces: {x: {labels: {kubernetes.io/metadata.name: y}}}\n", "namespaces.x.labels.kubernetes.io/metadata.name"),
+            ("trustDomain: example.org\nworkloads: [{name: a, ports: [{name: HTTP, port: 80}]}]\n", "workloads[0].ports[0].name"),
+            ("trustDomain: example.org\nworkloads: [{name: a, ports: [{name: '8080', port: 80}]}]\n", "workloads[0].ports[0].name"),
+            ("trustDomain: example.org\nworkloads: [{name: a, ports: [{name: http, port: 0}]}]\n", "workloads[0].ports[0].port"),
+            ("trustDomain: example.org\nworkloads: [{name: a, ports: [{name: http, port: 80, protocol: tcp}]}]\n", "workloads[0].ports[0].protocol"),
+            ("trustDomain: example.org\nworkloads: [{name: a, ports: [{name: http, port: 80}, {name: http, port: 81}]}]\n", "workloads[0].ports[1].name"),
         ];
         for (text, field) in cases {
             let msg = parse(text).expect_err(text).to_string();

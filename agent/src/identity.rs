@@ -71,8 +71,15 @@ pub fn workload_infos(config: &Config) -> Result<Vec<WorkloadInfo>, IdentityErro
             name: w.name.clone(),
             spiffe_id: w.spiffe_id.clone(),
             namespace: w.namespace.clone(),
+            namespace_labels: w
+                .namespace
+                .as_ref()
+                .and_then(|ns| config.namespaces.get(ns))
+                .cloned()
+                .unwrap_or_default(),
             labels: w.labels.clone(),
             addresses: w.addresses.clone(),
+            ports: w.ports.clone(),
         })
         .collect())
 }
@@ -118,6 +125,31 @@ mod tests {
 
     fn config(text: &str) -> Config {
         Config::parse(Path::new("/w.yaml"), text).expect("valid config")
+    }
+
+    #[test]
+    fn workloads_carry_their_namespace_labels_and_named_ports() {
+        let c = config(
+            "trustDomain: x\nnamespaces: {shop: {labels: {team: a}}}\nworkloads:\n  - {name: api, namespace: shop, ports: [{name: http, port: 8080}]}\n  - {name: db, namespace: store}\n  - {name: host}\n",
+        );
+        let infos = workload_infos(&c).expect("no conflict");
+        let seen: Vec<_> = infos
+            .iter()
+            .map(|w| {
+                let labels: Vec<_> = w.namespace_labels.iter().collect();
+                let ports: Vec<_> = w.ports.iter().map(|p| (p.name.as_str(), p.port)).collect();
+                (w.name.as_str(), format!("{labels:?}"), ports)
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("api", r#"[("team", "a")]"#.to_owned(), vec![("http", 8080)]),
+                ("db", "[]".to_owned(), vec![]),
+                ("host", "[]".to_owned(), vec![]),
+            ],
+            "a namespace the configuration does not list has no labels but its name"
+        );
     }
 
     #[test]

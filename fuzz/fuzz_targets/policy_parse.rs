@@ -1,19 +1,17 @@
-//! Any text in, no panic out: parse it as policy documents, compile what loads for a few
-//! workloads, and ask the compiled map a few questions.
+//! Any text in, no panic out: see `agent/src/policy/fuzzing.rs`, which the agent's unit tests
+//! also run on every input of the committed corpus.
 #![no_main]
 
-use std::net::IpAddr;
-use std::path::Path;
-
-use agent_common::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_WORLD, PROTO_TCP, PROTO_UDP,
-};
 use libfuzzer_sys::fuzz_target;
 
-// The policy module as the agent compiles it; only its parsing and compilation run here.
-#[allow(dead_code)]
+// The policy module as the agent compiles it; only its parsing and compilation run here, so
+// what the rest of the agent uses of it (the CLI, the configuration's port names) goes unused.
+#[allow(dead_code, unused_imports)]
 #[path = "../../agent/src/policy/mod.rs"]
 mod policy;
+
+#[path = "../../agent/src/policy/fuzzing.rs"]
+mod fuzzing;
 
 /// Stand-ins for the agent modules `policy::cli` names; the fuzz target never runs the CLI.
 mod config {
@@ -36,63 +34,4 @@ mod identity {
     }
 }
 
-fn workloads() -> Vec<policy::WorkloadInfo> {
-    let workload = |identity: u32, name: &str, namespace: &str, app: &str, address: &str| {
-        policy::WorkloadInfo {
-            identity,
-            name: name.into(),
-            spiffe_id: format!("spiffe://example.org/ns/{namespace}/sa/{name}"),
-            namespace: Some(namespace.into()),
-            labels: [("app".to_owned(), app.to_owned())].into(),
-            addresses: vec![address.parse().expect("valid address")],
-        }
-    };
-    vec![
-        workload(300, "web", "demo", "web", "10.0.0.2"),
-        workload(301, "client", "demo", "client", "10.0.0.3"),
-        workload(302, "db", "x", "db", "fd00::4"),
-    ]
-}
-
-fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    let Ok(set) = policy::parse(Path::new("fuzz.yaml"), text) else {
-        return;
-    };
-    let workloads = workloads();
-    let Ok(compiled) = policy::compile(&set, &workloads, &mut policy::RuleIds::new()) else {
-        return;
-    };
-    let addresses = ["10.0.0.2", "10.1.2.3", "::1", "fd00::9"]
-        .map(|a| a.parse::<IpAddr>().expect("valid address"));
-    let mut remotes: Vec<u32> = addresses
-        .iter()
-        .map(|a| compiled.remote_identity(*a, &workloads))
-        .collect();
-    remotes.extend(
-        workloads
-            .iter()
-            .map(|w| w.identity)
-            .chain([IDENTITY_ANY, IDENTITY_WORLD]),
-    );
-    for local in &workloads {
-        for &remote in &remotes {
-            for direction in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
-                for (protocol, port) in [(PROTO_TCP, 80), (PROTO_UDP, 53), (PROTO_TCP, 65535)] {
-                    let decision =
-                        compiled.decide(local.identity, remote, direction, protocol, port);
-                    assert!(
-                        decision.isolated || decision.rule == 0,
-                        "an untouched workload names no rule"
-                    );
-                    assert!(
-                        !decision.isolated || decision.rule != 0,
-                        "every verdict on an isolated workload names its rule"
-                    );
-                }
-            }
-        }
-    }
-});
+fuzz_target!(|data: &[u8]| fuzzing::parse_compile_decide(data));

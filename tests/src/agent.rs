@@ -5,6 +5,7 @@ use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
 use crate::cgroups::TestCgroups;
+use crate::peer::Protocol;
 use crate::process::{run, Background, Finished, Lines};
 use crate::verdicts::{find_verdict, Verdict, VerdictQuery};
 
@@ -21,10 +22,14 @@ const RELOAD_SETTLE: Duration = Duration::from_millis(750);
 #[derive(Clone, Debug)]
 pub struct Workload {
     pub name: String,
+    /// The Kubernetes namespace of a pod; NetworkPolicy selects only workloads that have one.
+    pub namespace: Option<String>,
     pub labels: Vec<(String, String)>,
     /// Paths relative to the cgroup root.
     pub cgroups: Vec<String>,
     pub addresses: Vec<String>,
+    /// Named ports: (name, protocol, port).
+    pub ports: Vec<(String, Protocol, u16)>,
 }
 
 impl Workload {
@@ -32,9 +37,11 @@ impl Workload {
     pub fn new(name: &str) -> Self {
         Workload {
             name: name.to_owned(),
+            namespace: None,
             labels: vec![("app".to_owned(), name.to_owned())],
             cgroups: vec![name.to_owned()],
             addresses: Vec::new(),
+            ports: Vec::new(),
         }
     }
 
@@ -44,8 +51,19 @@ impl Workload {
         self
     }
 
+    pub fn namespace(mut self, namespace: &str) -> Self {
+        self.namespace = Some(namespace.to_owned());
+        self
+    }
+
     pub fn address(mut self, address: &str) -> Self {
         self.addresses.push(address.to_owned());
+        self
+    }
+
+    /// A named port, as a pod's container port, which NetworkPolicy ports may name.
+    pub fn named_port(mut self, name: &str, protocol: Protocol, port: u16) -> Self {
+        self.ports.push((name.to_owned(), protocol, port));
         self
     }
 
@@ -118,8 +136,28 @@ fn config_text(
             labels.join(", "),
             list(&workload.cgroups),
         ));
+        if let Some(namespace) = &workload.namespace {
+            text.push_str(&format!("    namespace: {}\n", quote(namespace)));
+        }
         if !workload.addresses.is_empty() {
             text.push_str(&format!("    addresses: [{}]\n", list(&workload.addresses)));
+        }
+        if !workload.ports.is_empty() {
+            let ports: Vec<String> = workload
+                .ports
+                .iter()
+                .map(|(name, protocol, port)| {
+                    let protocol = match protocol {
+                        Protocol::Tcp => "TCP",
+                        Protocol::Udp => "UDP",
+                    };
+                    format!(
+                        "{{name: {}, port: {port}, protocol: {protocol}}}",
+                        quote(name)
+                    )
+                })
+                .collect();
+            text.push_str(&format!("    ports: [{}]\n", ports.join(", ")));
         }
     }
     text
@@ -213,7 +251,8 @@ impl Ward {
 
     /// Kills ward with SIGKILL, as a crash or an OOM kill would: nothing is detached.
     pub fn kill(&mut self) {
-        self.process.stop(libc::SIGKILL, Duration::from_secs(5));
+        self.process
+            .stop(libc::SIGKILL, crate::scaled(Duration::from_secs(5)));
     }
 
     /// Starts `bin` (this build again, or an upgrade) on this ward's configuration and pinned
@@ -294,15 +333,21 @@ impl Ward {
         }
     }
 
-    /// Replaces the policy file (atomically, by rename), sends SIGHUP and waits for ward to
-    /// report the outcome.
-    pub fn reload(&mut self, policy: &str) -> Reload {
+    /// Replaces the policy file atomically, by rename; returns the log length before.
+    fn write_policy(&mut self, policy: &str) -> usize {
         self.reloads += 1;
         let from = self.log_len();
         let staging = self.dir.join(format!(".policy-{}.tmp", self.reloads));
         write_file(&staging, policy);
         std::fs::rename(&staging, &self.policy_file)
             .unwrap_or_else(|e| panic!("replace {}: {e}", self.policy_file.display()));
+        from
+    }
+
+    /// Replaces the policy file (atomically, by rename), sends SIGHUP and waits for ward to
+    /// report the outcome.
+    pub fn reload(&mut self, policy: &str) -> Reload {
+        let from = self.write_policy(policy);
         self.process.signal(libc::SIGHUP);
         let (mut index, first) = self.process.wait_for_line(
             from,
@@ -327,6 +372,24 @@ impl Ward {
         }
     }
 
+    /// Replaces the policy file (atomically, by rename) without a signal, so that exactly one
+    /// reload follows, from ward's file watch; panics with the log unless that reload applied it.
+    /// Faster than [`Ward::reload_applied`], which waits for the signal's reload to settle too.
+    pub fn replace_policy(&mut self, policy: &str) {
+        let from = self.write_policy(policy);
+        let (_, line) = self.process.wait_for_line(
+            from,
+            RELOAD_TIMEOUT,
+            "saying `policy applied` or `policy rejected` after the policy file changed",
+            is_reload_outcome,
+        );
+        assert!(
+            line.contains("policy applied"),
+            "ward did not apply a valid policy: {line}\nlog:\n{}",
+            self.process.lines().tail(200)
+        );
+    }
+
     /// Like [`Ward::reload`], and panics with the log unless the policy was applied.
     pub fn reload_applied(&mut self, policy: &str) {
         let reload = self.reload(policy);
@@ -340,7 +403,8 @@ impl Ward {
 
     /// Stops ward with SIGTERM (SIGKILL after 10 s) and returns how it exited.
     pub fn stop(&mut self) -> ExitStatus {
-        self.process.stop(libc::SIGTERM, Duration::from_secs(10))
+        self.process
+            .stop(libc::SIGTERM, crate::scaled(Duration::from_secs(10)))
     }
 
     pub fn has_exited(&mut self) -> bool {
@@ -383,7 +447,7 @@ pub fn run_with_config(tag: &str, config: &str) -> (PathBuf, Finished) {
     write_file(&config_file, config);
     let mut command = Command::new(crate::ward_bin());
     command.arg("run").arg("--config").arg(&config_file);
-    let finished = run("ward run", command, Duration::from_secs(30));
+    let finished = run("ward run", command, crate::scaled(Duration::from_secs(30)));
     let _ = std::fs::remove_dir_all(&dir);
     (config_file, finished)
 }

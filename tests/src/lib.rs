@@ -15,7 +15,7 @@ pub mod verdicts;
 
 pub use agent::{run_with_config, spiffe_id, Reload, Ward, Workload};
 pub use cgroups::{cgroup2_mount, TestCgroups};
-pub use netns::{Netns, TwoNodes};
+pub use netns::{Lan, Netns, TwoNodes};
 pub use peer::{outcomes_of, Attempts, Listener, Outcome, Peer, Protocol};
 pub use prerequisites::{require_privileges, require_root, unique_name, ward_bin};
 pub use process::{run, Background, Finished, Placement};

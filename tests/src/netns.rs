@@ -151,3 +151,55 @@ impl TwoNodes {
         netns.ip(&["-6", "addr", "add", &v6, "dev", device, "nodad"]);
     }
 }
+
+/// One layer-2 segment: a namespace holding a bridge, and hosts in namespaces of their own, each
+/// joined to the bridge by a veth pair (`eth0` on the host's side) and given its addresses.
+pub struct Lan {
+    switch: Netns,
+    hosts: Vec<Netns>,
+}
+
+impl Lan {
+    pub fn new(tag: &str) -> Self {
+        let switch = Netns::new(&format!("{tag}-sw"));
+        switch.ip(&["link", "add", "br0", "type", "bridge"]);
+        switch.ip(&["link", "set", "br0", "up"]);
+        Lan {
+            switch,
+            hosts: Vec::new(),
+        }
+    }
+
+    /// A new host on the segment with `addresses` (each with its prefix length, such as
+    /// `10.0.0.1/16`); returns its namespace's name.
+    pub fn add_host(&mut self, tag: &str, addresses: &[&str]) -> String {
+        let host = Netns::new(tag);
+        let port = format!("h{}", self.hosts.len());
+        host.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            self.switch.name(),
+        ]);
+        self.switch
+            .ip(&["link", "set", &port, "master", "br0", "up"]);
+        for address in addresses {
+            if address.contains(':') {
+                // nodad: usable at once instead of after duplicate address detection.
+                host.ip(&["-6", "addr", "add", address, "dev", "eth0", "nodad"]);
+            } else {
+                host.ip(&["addr", "add", address, "dev", "eth0"]);
+            }
+        }
+        host.ip(&["link", "set", "eth0", "up"]);
+        let name = host.name().to_owned();
+        self.hosts.push(host);
+        name
+    }
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::process::{run, Background, Placement};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -160,9 +160,12 @@ impl Peer {
         args.extend_from_slice(extra);
         let label = format!("listener {} {addr}", protocol.arg());
         let process = Background::spawn(&label, placement.command(&self.bin, &args), true);
-        let (_, line) = process.wait_for_line(0, Duration::from_secs(10), "`listening`", |l| {
-            l.starts_with("listening ")
-        });
+        let (_, line) = process.wait_for_line(
+            0,
+            crate::scaled(Duration::from_secs(10)),
+            "`listening`",
+            |l| l.starts_with("listening "),
+        );
         let addr = line["listening ".len()..]
             .trim()
             .parse()
@@ -182,7 +185,7 @@ impl Peer {
         let finished = run(
             &format!("peer connect {} {addr}", protocol.arg()),
             command,
-            Duration::from_secs(300),
+            crate::scaled(Duration::from_secs(300)),
         );
         assert!(
             finished.status.success(),
@@ -211,6 +214,54 @@ impl Peer {
             placement.command(&self.bin, &args),
             true,
         )
+    }
+
+    /// One attempt to each of `targets` from `placement`, all at once (`--timeout-ms` and the
+    /// other client options in `options`); the outcomes in the order of `targets`.
+    pub fn probe(
+        &self,
+        protocol: Protocol,
+        targets: &[SocketAddr],
+        placement: &Placement,
+        options: &[&str],
+    ) -> Vec<Outcome> {
+        let mut args = vec!["probe".to_owned(), protocol.arg().to_owned()];
+        args.extend(targets.iter().map(SocketAddr::to_string));
+        args.extend(options.iter().map(|o| (*o).to_owned()));
+        let label = format!(
+            "peer probe {} of {} addresses",
+            protocol.arg(),
+            targets.len()
+        );
+        let finished = run(
+            &label,
+            placement.command(&self.bin, &args),
+            Duration::from_secs(60),
+        );
+        assert!(
+            finished.status.success(),
+            "{label} failed ({}): {}",
+            finished.status,
+            finished.stderr
+        );
+        let mut by_target = std::collections::HashMap::new();
+        for line in finished.stdout.lines() {
+            let (addr, outcome) = line
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("{label}: unexpected line {line:?}"));
+            let addr: SocketAddr = addr
+                .parse()
+                .unwrap_or_else(|e| panic!("{label}: bad address in {line:?}: {e}"));
+            by_target.insert(addr, Outcome::parse(outcome));
+        }
+        targets
+            .iter()
+            .map(|t| {
+                by_target
+                    .remove(t)
+                    .unwrap_or_else(|| panic!("{label}: no outcome for {t}: {}", finished.stdout))
+            })
+            .collect()
     }
 
     fn connect_args(&self, protocol: Protocol, addr: SocketAddr, options: &[&str]) -> Vec<String> {

@@ -282,7 +282,7 @@ impl Background {
             return status;
         }
         let _ = self.child.kill();
-        self.wait_exit(Duration::from_secs(10))
+        self.wait_exit(crate::scaled(Duration::from_secs(10)))
             .unwrap_or_else(|| panic!("{} survived SIGKILL", self.label))
     }
 }

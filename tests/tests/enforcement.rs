@@ -268,7 +268,7 @@ fn denied_tcp_ingress_never_reaches_the_listener() {
     let friend = Placement::cgroup(cgroups.path("friend"));
     let intruder = Placement::cgroup(cgroups.path("intruder"));
     assert_allowed(&peer, Protocol::Tcp, listener.addr, &friend, &ward, &[]);
-    listener.wait_received(1, Duration::from_secs(5));
+    listener.wait_received(1, ward_tests::scaled(Duration::from_secs(5)));
 
     let (outcome, _) = attempt(
         &peer,
@@ -325,7 +325,7 @@ fn denied_udp_ingress_never_reaches_the_listener() {
     let friend = Placement::cgroup(cgroups.path("friend"));
     let intruder = Placement::cgroup(cgroups.path("intruder"));
     assert_allowed(&peer, Protocol::Udp, listener.addr, &friend, &ward, &[]);
-    listener.wait_received(1, Duration::from_secs(5));
+    listener.wait_received(1, ward_tests::scaled(Duration::from_secs(5)));
     let (outcome, _) = attempt(
         &peer,
         Protocol::Udp,
@@ -366,7 +366,7 @@ fn audit_mode_lets_traffic_pass_and_logs_the_verdict() {
 
     assert_allowed(&peer, Protocol::Tcp, blocked.addr, &client, &ward, &[]);
     assert_allowed(&peer, Protocol::Tcp, unlisted.addr, &client, &ward, &[]);
-    blocked.wait_received(1, Duration::from_secs(5));
+    blocked.wait_received(1, ward_tests::scaled(Duration::from_secs(5)));
     // The explicit deny rule, reported, not enforced.
     ward.wait_for_verdict(
         &VerdictQuery {

@@ -25,7 +25,7 @@ fn peer_speaks_tcp_and_udp_over_loopback() {
         &["--count", "3"],
     );
     assert_eq!(attempts.outcomes, vec![Outcome::Ok; 3], "{attempts:?}");
-    tcp.wait_received(3, Duration::from_secs(5));
+    tcp.wait_received(3, ward_tests::scaled(Duration::from_secs(5)));
 
     let udp = peer.listen(Protocol::Udp, "[::1]:0", &Placement::host());
     let unconnected = peer.connect(
@@ -42,7 +42,7 @@ fn peer_speaks_tcp_and_udp_over_loopback() {
         &["--connected"],
     );
     assert_eq!(connected.only(), &Outcome::Ok, "{connected:?}");
-    udp.wait_received(2, Duration::from_secs(5));
+    udp.wait_received(2, ward_tests::scaled(Duration::from_secs(5)));
 
     // A closed TCP port refuses; a closed UDP port stays silent to an unconnected socket and
     // refuses a connected one (ICMP port unreachable).
@@ -75,7 +75,7 @@ fn placed_processes_run_in_their_cgroup_and_cleanup_removes_it() {
     let finished = run(
         "cat /proc/self/cgroup",
         placement.command("cat", &["/proc/self/cgroup"]),
-        Duration::from_secs(10),
+        ward_tests::scaled(Duration::from_secs(10)),
     );
     let relative = workload
         .strip_prefix(ward_tests::cgroup2_mount())
@@ -149,14 +149,14 @@ fn nc_and_curl_reach_the_peer_listeners() {
     let curl = run(
         "curl",
         Placement::host().command("curl", &["-sS", "--max-time", "5", &url]),
-        Duration::from_secs(10),
+        ward_tests::scaled(Duration::from_secs(10)),
     );
     assert!(curl.status.success(), "curl: {curl:?}");
     assert_eq!(curl.stdout, "hello\n");
     let nc = run(
         "nc -z",
         Placement::host().command("nc", &["-z", "-w", "2", "127.0.0.1", &port]),
-        Duration::from_secs(10),
+        ward_tests::scaled(Duration::from_secs(10)),
     );
     assert!(nc.status.success(), "nc: {nc:?}");
 
@@ -166,11 +166,13 @@ fn nc_and_curl_reach_the_peer_listeners() {
     let nc_udp = run(
         "nc -u",
         Placement::host().command("sh", &["-c", &script]),
-        Duration::from_secs(10),
+        ward_tests::scaled(Duration::from_secs(10)),
     );
     assert!(nc_udp.status.success(), "nc -u: {nc_udp:?}");
-    udp.process
-        .wait_for_line(0, Duration::from_secs(5), "with the datagram", |line| {
-            line.starts_with("datagram ") && line.ends_with(" hi")
-        });
+    udp.process.wait_for_line(
+        0,
+        ward_tests::scaled(Duration::from_secs(5)),
+        "with the datagram",
+        |line| line.starts_with("datagram ") && line.ends_with(" hi"),
+    );
 }

@@ -16,7 +16,7 @@ use support::*;
 fn ward_cli(ward: &Ward, args: &[&str]) -> ward_tests::Finished {
     let mut c = std::process::Command::new(ward_bin());
     c.args(args).arg("--admin-socket").arg(ward.admin_socket());
-    run("ward", c, Duration::from_secs(10))
+    run("ward", c, ward_tests::scaled(Duration::from_secs(10)))
 }
 
 /// Clients connecting every 4 ms until `stop` exists (at most ~20 s).
@@ -155,7 +155,11 @@ fn the_admin_socket_refuses_non_root_users() {
             .arg(ward_bin())
             .args(["status", "--admin-socket"])
             .arg(&socket);
-        run("ward status", c, Duration::from_secs(10))
+        run(
+            "ward status",
+            c,
+            ward_tests::scaled(Duration::from_secs(10)),
+        )
     };
     let root = status(&[]);
     assert!(root.status.success(), "root was refused: {}", root.stderr);
@@ -271,7 +275,7 @@ fn a_flood_of_denied_connections_is_shed_and_the_agent_stays_responsive() {
             ]);
             c
         },
-        Duration::from_secs(10),
+        ward_tests::scaled(Duration::from_secs(10)),
     );
     let text = scrape.stdout;
     let denied = metric(

@@ -80,7 +80,11 @@ fn traced(ward: &Ward, from: &str, to: &str, port: u16) -> String {
     c.args(["policy", "trace", "--config"])
         .arg(ward.config_file())
         .args(["--from", from, "--to", to, "--port", &format!("{port}/tcp")]);
-    let done = run("ward policy trace", c, Duration::from_secs(10));
+    let done = run(
+        "ward policy trace",
+        c,
+        ward_tests::scaled(Duration::from_secs(10)),
+    );
     assert!(done.status.success(), "trace failed: {}", done.stderr);
     let first = done.stdout.lines().next().unwrap_or_default().to_string();
     first

@@ -494,7 +494,7 @@ fn ports_text(change: &Change) -> String {
     }
 }
 
-fn diff_human(changes: &[Change]) -> String {
+pub(super) fn diff_human(changes: &[Change]) -> String {
     let mut out = String::new();
     for c in changes {
         let sign = if c.gains() {

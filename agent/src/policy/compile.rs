@@ -270,23 +270,23 @@ pub(crate) fn compile_observed(
                 let flags = if rule.mtls { POLICY_FLAG_MTLS } else { 0 };
                 let remotes = compiled.remotes(rule, workloads);
                 let ports = port_keys(rule);
+                let mut keys = Vec::new();
                 for &local in &locals {
                     for &remote in &remotes {
-                        for &(protocol, port) in &ports {
-                            let key = policy_key(local, remote, direction, protocol, port);
-                            compiled.merge(
-                                &Contribution {
-                                    key,
-                                    slot,
-                                    rule: id,
-                                    flags,
-                                },
-                                observe,
-                                policy,
-                                &rule.name,
-                            )?;
-                        }
+                        keys.extend(ports.iter().map(|&(protocol, port)| {
+                            policy_key(local, remote, direction, protocol, port)
+                        }));
                     }
+                    keys.extend(named_port_keys(rule, local, direction, &remotes, workloads));
+                }
+                for key in keys {
+                    let contribution = Contribution {
+                        key,
+                        slot,
+                        rule: id,
+                        flags,
+                    };
+                    compiled.merge(&contribution, observe, policy, &rule.name)?;
                 }
             }
         }
@@ -294,7 +294,59 @@ pub(crate) fn compile_observed(
     Ok(compiled)
 }
 
-/// The (protocol, port) pairs of a rule's keys.
+/// The keys of a rule's named ports for one local workload. A name stands for the port of the
+/// destination: for ingress the local workload, for egress each workload the rule's peers select
+/// (every workload when it names no peers); a destination without that name gets no key, and
+/// neither does an address outside the workloads.
+fn named_port_keys(
+    rule: &Rule,
+    local: u32,
+    direction: u8,
+    remotes: &BTreeSet<u32>,
+    workloads: &[WorkloadInfo],
+) -> Vec<PolicyKey> {
+    let named: Vec<&PortMatch> = rule
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| matches!(p, PortMatch::Named { .. }))
+        .collect();
+    if named.is_empty() {
+        return Vec::new();
+    }
+    let resolved = |destination: &WorkloadInfo| -> BTreeSet<(u8, u16)> {
+        named
+            .iter()
+            .filter_map(|p| p.resolve_named(destination))
+            .collect()
+    };
+    let mut keys = Vec::new();
+    if direction == agent_common::DIRECTION_INGRESS {
+        for destination in workloads.iter().filter(|w| w.identity == local) {
+            for (protocol, port) in resolved(destination) {
+                keys.extend(
+                    remotes
+                        .iter()
+                        .map(|&remote| policy_key(local, remote, direction, protocol, port)),
+                );
+            }
+        }
+    } else {
+        let selected = |w: &WorkloadInfo| {
+            rule.peers
+                .as_ref()
+                .is_none_or(|peers| peers.iter().any(|peer| peer.selects(w)))
+        };
+        for destination in workloads.iter().filter(|w| selected(w)) {
+            keys.extend(resolved(destination).into_iter().map(|(protocol, port)| {
+                policy_key(local, destination.identity, direction, protocol, port)
+            }));
+        }
+    }
+    keys
+}
+
+/// The (protocol, port) pairs of a rule's numbered ports.
 fn port_keys(rule: &Rule) -> BTreeSet<(u8, u16)> {
     let Some(ports) = &rule.ports else {
         return BTreeSet::from([(PROTO_ANY, PORT_ANY)]);
@@ -310,6 +362,7 @@ fn port_keys(rule: &Rule) -> BTreeSet<(u8, u16)> {
                 first,
                 last,
             } => keys.extend((first..=last).map(|p| (protocol, p))),
+            PortMatch::Named { .. } => {}
         }
     }
     keys

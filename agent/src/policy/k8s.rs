@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::diagnostics::{FieldPath, Findings};
 use super::model::{
-    check_name, cidr_peer, label_selector, parse_protocol, port_range, ExpressionDoc,
+    check_name, cidr_peer, is_port_name, label_selector, parse_protocol, port_range, ExpressionDoc,
     LabelSelector, NamespaceMatch, Origin, Peer, Policy, PortMatch, Rule, WorkloadSelector,
     PROTO_SCTP,
 };
@@ -307,13 +307,16 @@ fn port(doc: PortDoc, path: &FieldPath, findings: &mut Findings) -> Option<PortM
             );
             None
         }
-        (Some(IntOrString::String(name)), None) => {
-            findings.warn(
+        (Some(IntOrString::String(name)), None) if !is_port_name(&name) => {
+            findings.error(
                 &path.key("port"),
-                WarningKind::NotEnforced,
-                format!("named port `{name}`: ward's workload definitions name no ports, so this entry matches no port"),
+                format!("`{name}` is not a port name: 1 to 15 lowercase letters, digits and single inner dashes, with at least one letter"),
             );
             None
+        }
+        // Resolved per destination pod, against the `ports` of its workload definition.
+        (Some(IntOrString::String(name)), None) => {
+            protocol.map(|protocol| PortMatch::Named { protocol, name })
         }
     }
 }
@@ -353,6 +356,7 @@ mod tests {
             ("  podSelector: {}\n  ingress:\n    - ports:\n        - {port: 80, endPort: 79}", "spec.ingress[0].ports[0].endPort", "below port 80"),
             ("  podSelector: {}\n  ingress:\n    - ports:\n        - {port: http, endPort: 90}", "spec.ingress[0].ports[0].endPort", "named port `http`"),
             ("  podSelector: {}\n  ingress:\n    - ports:\n        - {port: \"80\"}", "spec.ingress[0].ports[0].port", "quoted"),
+            ("  podSelector: {}\n  ingress:\n    - ports:\n        - {port: Web_Port}", "spec.ingress[0].ports[0].port", "not a port name"),
             ("  podSelector: {}\n  egress:\n    - to:\n        - ipBlock: {cidr: 10.0.0.0/8, except: [192.168.0.0/16]}", "spec.egress[0].to[0].ipBlock.except[0]", "does not lie inside"),
             ("  podSelector:\n    matchExpressions: [{key: a, operator: Exists, values: [b]}]", "spec.podSelector.matchExpressions[0].values", "takes no values"),
         ];
@@ -387,7 +391,6 @@ mod tests {
                     "spec.egress[0].to[0].ipBlock.cidr",
                     WarningKind::NotEnforced
                 ),
-                ("spec.egress[0].ports[0].port", WarningKind::NotEnforced),
                 ("spec.egress[0].ports[1].protocol", WarningKind::NotEnforced),
             ],
             "{:#?}",

@@ -16,6 +16,9 @@ mod model;
 mod trace;
 mod ward;
 
+// The fuzz target (fuzz/) includes it on its own; the agent only replays the corpus through it.
+#[cfg(test)]
+mod fuzzing;
 #[cfg(test)]
 mod tests;
 
@@ -27,7 +30,7 @@ pub use compile::{compile, CompileError, Compiled, RuleIds};
 pub use diagnostics::*;
 // A glob, so that `parse` (used by tests and fuzz/ only) stays part of the API.
 pub use load::*;
-pub use model::PolicySet;
+pub use model::{is_port_name, PolicySet, NAMESPACE_NAME_LABEL, PROTO_SCTP};
 
 /// What the policy compiler needs to know about one workload of the node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -37,8 +40,22 @@ pub struct WorkloadInfo {
     pub name: String,
     pub spiffe_id: String,
     pub namespace: Option<String>,
+    /// Labels of its namespace from the configuration's `namespaces` (NetworkPolicy
+    /// namespaceSelectors see these plus `kubernetes.io/metadata.name`).
+    pub namespace_labels: BTreeMap<String, String>,
     pub labels: BTreeMap<String, String>,
     pub addresses: Vec<IpAddr>,
+    /// Named ports (a pod's container ports), which NetworkPolicy ports may name.
+    pub ports: Vec<NamedPort>,
+}
+
+/// A port a workload names, as a Kubernetes container port does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedPort {
+    pub name: String,
+    /// `agent_common::PROTO_TCP`, `PROTO_UDP` or SCTP (132).
+    pub protocol: u8,
+    pub port: u16,
 }
 
 /// `mode` of a policy.

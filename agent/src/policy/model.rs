@@ -16,6 +16,19 @@ use super::{Mode, RuleAction, WorkloadInfo};
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 pub const PROTO_SCTP: u8 = 132;
 
+/// Whether `name` is a valid port name, as Kubernetes checks a container port's (an IANA service
+/// name): 1 to 15 lowercase letters, digits and single inner dashes, with at least one letter.
+pub fn is_port_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name.chars().any(|c| c.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
+}
+
 /// Parsed, validated policies in load order (file, then document).
 #[derive(Clone, Debug, Default)]
 pub struct PolicySet {
@@ -158,6 +171,26 @@ pub(crate) enum PortMatch {
         first: u16,
         last: u16,
     },
+    /// A NetworkPolicy port given by name: the destination workload's port of that name and
+    /// protocol, if it has one.
+    Named {
+        protocol: u8,
+        name: String,
+    },
+}
+
+impl PortMatch {
+    /// The (protocol, port) a named port stands for at `destination`.
+    pub fn resolve_named(&self, destination: &WorkloadInfo) -> Option<(u8, u16)> {
+        let PortMatch::Named { protocol, name } = self else {
+            return None;
+        };
+        let found = destination
+            .ports
+            .iter()
+            .find(|p| p.name == *name && p.protocol == *protocol);
+        found.map(|p| (p.protocol, p.port))
+    }
 }
 
 /// Selects workloads: every part given must match.
@@ -175,7 +208,7 @@ impl WorkloadSelector {
                 .spiffe_id
                 .as_ref()
                 .is_none_or(|s| s.matches(&workload.spiffe_id))
-            && self.namespace.matches(workload.namespace.as_deref())
+            && self.namespace.matches(workload)
     }
 }
 
@@ -184,20 +217,21 @@ pub(crate) enum NamespaceMatch {
     #[default]
     Any,
     Exact(String),
-    /// A Kubernetes namespaceSelector, evaluated on the namespace's name label; a workload without
-    /// a namespace matches none.
+    /// A Kubernetes namespaceSelector, evaluated on the namespace's labels and its name label; a
+    /// workload without a namespace matches none.
     Labels(LabelSelector),
 }
 
 impl NamespaceMatch {
-    fn matches(&self, namespace: Option<&str>) -> bool {
-        match (self, namespace) {
+    fn matches(&self, workload: &WorkloadInfo) -> bool {
+        match (self, workload.namespace.as_deref()) {
             (NamespaceMatch::Any, _) => true,
             (NamespaceMatch::Exact(want), Some(ns)) => want == ns,
-            (NamespaceMatch::Labels(selector), Some(ns)) => selector.matches(&BTreeMap::from([(
-                NAMESPACE_NAME_LABEL.to_owned(),
-                ns.to_owned(),
-            )])),
+            (NamespaceMatch::Labels(selector), Some(ns)) => {
+                let mut labels = workload.namespace_labels.clone();
+                labels.insert(NAMESPACE_NAME_LABEL.to_owned(), ns.to_owned());
+                selector.matches(&labels)
+            }
             (_, None) => false,
         }
     }

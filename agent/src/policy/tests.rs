@@ -55,19 +55,38 @@ pub(crate) fn example_workloads() -> Vec<WorkloadInfo> {
     workloads
 }
 
-/// The ```yaml blocks of a Markdown text that are policy documents, with their first line.
-fn yaml_blocks(markdown: &str) -> Vec<(usize, String)> {
+/// The fenced blocks of a Markdown text whose opening fence is "```" followed by exactly `info`,
+/// each with the line number of its first line.
+pub(crate) fn fenced_blocks(markdown: &str, info: &str) -> Vec<(usize, String)> {
     let mut blocks = Vec::new();
-    let mut current: Option<(usize, String)> = None;
+    let mut open: Option<(bool, usize, String)> = None;
     for (number, line) in markdown.lines().enumerate() {
-        match &mut current {
-            None if line.trim_end() == "```yaml" => current = Some((number + 2, String::new())),
-            Some(_) if line.starts_with("```") => blocks.extend(current.take()),
-            Some((_, text)) => *text += &format!("{line}\n"),
-            None => {}
+        let trimmed = line.trim_end();
+        match &mut open {
+            None => {
+                if let Some(rest) = trimmed.strip_prefix("```") {
+                    open = Some((rest == info, number + 2, String::new()));
+                }
+            }
+            Some(_) if trimmed.starts_with("```") => {
+                if let Some((true, first, text)) = open.take() {
+                    blocks.push((first, text));
+                }
+            }
+            Some((_, _, text)) => *text += &format!("{line}\n"),
         }
     }
     blocks
+}
+
+pub(crate) fn policy_docs() -> String {
+    let path = repo_root().join("docs/policy.md");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The ```yaml blocks of a Markdown text that are policy documents, with their first line.
+fn yaml_blocks(markdown: &str) -> Vec<(usize, String)> {
+    fenced_blocks(markdown, "yaml")
         .into_iter()
         .filter(|(_, text)| text.starts_with("apiVersion:"))
         .collect()
@@ -75,10 +94,7 @@ fn yaml_blocks(markdown: &str) -> Vec<(usize, String)> {
 
 #[test]
 fn every_policy_example_of_the_docs_loads_and_compiles() {
-    let path = repo_root().join("docs/policy.md");
-    let markdown =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let blocks = yaml_blocks(&markdown);
+    let blocks = yaml_blocks(&policy_docs());
     assert!(
         blocks.len() >= 9,
         "docs/policy.md shows an example per feature; found {}",
@@ -105,6 +121,79 @@ fn every_policy_example_of_the_docs_loads_and_compiles() {
     }
 }
 
+fn fuzz_corpus() -> Vec<(PathBuf, Vec<u8>)> {
+    let dir = repo_root().join("fuzz/corpus/policy_parse");
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let mut files: Vec<(PathBuf, Vec<u8>)> = entries
+        .map(|entry| {
+            let path = entry.expect("a corpus entry").path();
+            let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            (path, data)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_fuzz_corpus_input_passes_the_fuzz_target() {
+    let corpus = fuzz_corpus();
+    assert!(
+        corpus.len() >= 40,
+        "fuzz/corpus/policy_parse holds a real corpus; found {} files",
+        corpus.len()
+    );
+    let mut failed = Vec::new();
+    for (path, data) in &corpus {
+        if std::panic::catch_unwind(|| super::fuzzing::parse_compile_decide(data)).is_err() {
+            failed.push(path.display().to_string());
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "the fuzz target panics on {} corpus input(s) (each panic is printed above):\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
+
+#[test]
+fn the_fuzz_corpus_holds_every_docs_example_and_conformance_scenario() {
+    let corpus: Vec<String> = fuzz_corpus()
+        .into_iter()
+        .filter_map(|(_, data)| String::from_utf8(data).ok())
+        .collect();
+    let docs = policy_docs();
+    let table: serde_yaml::Value =
+        serde_yaml::from_str(include_str!("testdata/networkpolicy-conformance.yaml"))
+            .expect("the conformance table parses");
+    let scenarios = table["scenarios"].as_sequence().expect("scenarios");
+    let mut wanted: Vec<(String, String)> = yaml_blocks(&docs)
+        .into_iter()
+        .map(|(line, text)| (format!("docs/policy.md:{line}"), text))
+        .collect();
+    for scenario in scenarios {
+        let policies = scenario["policies"].as_str().expect("policies");
+        if !policies.is_empty() {
+            let name = scenario["name"].as_str().expect("name");
+            wanted.push((
+                format!("conformance scenario {name:?}"),
+                policies.to_owned(),
+            ));
+        }
+    }
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(_, text)| !corpus.iter().any(|c| c.trim() == text.trim()))
+        .map(|(what, _)| what.as_str())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "fuzz/corpus/policy_parse lacks (add each as a file):\n{}",
+        missing.join("\n")
+    );
+}
+
 #[test]
 fn the_example_policies_load_and_compile_together() {
     let dir = repo_root().join("examples/policies");
@@ -125,4 +214,43 @@ fn the_example_policies_load_and_compile_together() {
         !compiled.entries.is_empty(),
         "the examples select the example workloads"
     );
+}
+
+#[test]
+fn every_ward_command_of_the_docs_parses() {
+    use clap::Parser;
+    let mut commands = 0;
+    for (first, block) in fenced_blocks(&policy_docs(), "sh") {
+        for (offset, text) in block.lines().enumerate() {
+            let text = text.split(" #").next().unwrap_or_default();
+            let command = text.split(" > ").next().unwrap_or_default().trim();
+            if !command.starts_with("ward ") {
+                continue;
+            }
+            commands += 1;
+            if let Err(e) = crate::cli::Cli::try_parse_from(command.split_whitespace()) {
+                panic!(
+                    "docs/policy.md:{}: `{command}` is not a valid command:\n{e}",
+                    first + offset
+                );
+            }
+        }
+    }
+    assert!(
+        commands >= 5,
+        "docs/policy.md shows check and trace commands; found {commands}"
+    );
+}
+
+#[test]
+fn the_docs_validation_error_is_the_one_ward_gives() {
+    let shown = fenced_blocks(&policy_docs(), "")
+        .into_iter()
+        .map(|(_, text)| text)
+        .find(|text| text.contains(": document "))
+        .expect("docs/policy.md shows a validation error");
+    let file = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata: {name: web-egress}\nspec:\n  selector: {labels: {app: web}}\n  egress: []\n---\napiVersion: ward.dev/v1\nkind: Policy\nmetadata: {name: web-ingress}\nspec:\n  selector: {labels: {app: web}}\n  ingress:\n    - ports: [{port: 80}, {port: 90, endPort: 80}]\n";
+    let errors = parse(Path::new("policies/web.yaml"), file).expect_err("endPort below port");
+    let said: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+    assert_eq!(said, [shown.trim()], "docs/policy.md shows another error");
 }

@@ -4,6 +4,7 @@
 //! ward-test-peer listen tcp|udp ADDR:PORT [--http]
 //! ward-test-peer connect tcp|udp ADDR:PORT [--count N] [--timeout-ms T] [--send MSG]
 //!                [--connected] [--interval-ms I] [--stop-file PATH]
+//! ward-test-peer probe tcp|udp ADDR:PORT... [--timeout-ms T]
 //! ```
 //!
 //! `listen` prints `listening <bound address>` once bound (so port 0 works), then one line per
@@ -11,7 +12,8 @@
 //! each with a short line. `connect` prints one line per attempt: `ok`, `eperm`, `timeout`,
 //! `refused` or `error <errno>`, and exits 0 whatever the outcomes, so the caller judges them.
 //! With `--stop-file` it keeps going after `--count` attempts until the file exists, which lets a
-//! test hold traffic running across an event of its choosing.
+//! test hold traffic running across an event of its choosing. `probe` makes one attempt to each
+//! address, all at once, and prints `<address> <outcome>` per address as each ends.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -21,7 +23,8 @@ use std::time::Duration;
 
 const USAGE: &str = "usage: ward-test-peer listen tcp|udp ADDR:PORT [--http]\n       \
     ward-test-peer connect tcp|udp ADDR:PORT [--count N] [--timeout-ms T] [--send MSG] \
-    [--connected] [--interval-ms I] [--stop-file PATH]";
+    [--connected] [--interval-ms I] [--stop-file PATH]\n       \
+    ward-test-peer probe tcp|udp ADDR:PORT... [--timeout-ms T]";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Protocol {
@@ -58,6 +61,9 @@ fn run(args: &[String]) -> Result<(), String> {
         "udp" => Protocol::Udp,
         other => return Err(format!("unknown protocol {other:?}")),
     };
+    if mode == "probe" {
+        return probe(protocol, &args[2..]);
+    }
     let addr: SocketAddr = addr
         .parse()
         .map_err(|e| format!("bad address {addr:?}: {e}"))?;
@@ -131,6 +137,27 @@ fn parse_connect_options(mut rest: &[String]) -> Result<ConnectOptions, String> 
     Ok(options)
 }
 
+/// `probe`: the addresses, then connect options; one attempt to each address, in parallel.
+fn probe(protocol: Protocol, args: &[String]) -> Result<(), String> {
+    let split = args
+        .iter()
+        .position(|a| a.starts_with("--"))
+        .unwrap_or(args.len());
+    let (addrs, rest) = args.split_at(split);
+    let targets: Vec<SocketAddr> = addrs
+        .iter()
+        .map(|a| a.parse().map_err(|e| format!("bad address {a:?}: {e}")))
+        .collect::<Result<_, _>>()?;
+    let options = parse_connect_options(rest)?;
+    std::thread::scope(|scope| {
+        for &target in &targets {
+            let options = &options;
+            scope.spawn(move || say(&format!("{target} {}", attempt(protocol, target, options))));
+        }
+    });
+    Ok(())
+}
+
 fn listen_tcp(addr: SocketAddr, http: bool) -> io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     say(&format!("listening {}", listener.local_addr()?));
@@ -192,13 +219,16 @@ fn connect(protocol: Protocol, addr: SocketAddr, options: &ConnectOptions) {
         if attempts > 0 && !options.interval.is_zero() {
             std::thread::sleep(options.interval);
         }
-        let outcome = match protocol {
-            Protocol::Tcp => attempt_tcp(addr, options),
-            Protocol::Udp if options.connected => attempt_udp_connected(addr, options),
-            Protocol::Udp => attempt_udp_unconnected(addr, options),
-        };
-        say(&outcome);
+        say(&attempt(protocol, addr, options));
         attempts += 1;
+    }
+}
+
+fn attempt(protocol: Protocol, addr: SocketAddr, options: &ConnectOptions) -> String {
+    match protocol {
+        Protocol::Tcp => attempt_tcp(addr, options),
+        Protocol::Udp if options.connected => attempt_udp_connected(addr, options),
+        Protocol::Udp => attempt_udp_unconnected(addr, options),
     }
 }
 

@@ -31,6 +31,7 @@ pub(crate) fn workload(
         name: name.into(),
         spiffe_id: format!("spiffe://example.org/ns/demo/sa/{name}"),
         namespace: Some("demo".into()),
+        namespace_labels: BTreeMap::new(),
         labels: labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -39,6 +40,7 @@ pub(crate) fn workload(
             .iter()
             .map(|a| a.parse().expect("test address"))
             .collect(),
+        ports: Vec::new(),
     }
 }
 
@@ -622,6 +624,11 @@ fn direct(
         Remote::Workload(w) => peer.selects(w),
         Remote::Address(a) => peer.covers_address(a),
     };
+    let destination = match remote {
+        _ if direction == DIRECTION_INGRESS => Some(local),
+        Remote::Workload(w) => Some(w),
+        Remote::Address(_) => None,
+    };
     let port_matches = |m: &PortMatch| match *m {
         PortMatch::Protocol(p) => p == protocol,
         PortMatch::Range {
@@ -629,6 +636,9 @@ fn direct(
             first,
             last,
         } => p == protocol && (first..=last).contains(&port),
+        PortMatch::Named { .. } => {
+            destination.and_then(|d| m.resolve_named(d)) == Some((protocol, port))
+        }
     };
     let matched = |mode: Mode, action: RuleAction| {
         selecting

@@ -6,11 +6,22 @@ use serde::Deserialize;
 use super::*;
 use crate::policy::compile::tests::{policy, set, workload};
 use crate::policy::compile::Slot;
-use crate::policy::parse;
+use crate::policy::{parse, NamedPort};
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Conformance {
+    container_ports: std::collections::BTreeMap<String, Vec<ContainerPort>>,
+    namespace_labels:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
     scenarios: Vec<Scenario>,
+}
+
+#[derive(Deserialize)]
+struct ContainerPort {
+    name: String,
+    port: u16,
+    protocol: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -22,7 +33,7 @@ struct Scenario {
 }
 
 /// Pods a, b, c in namespaces x, y, z, as the conformance file describes them.
-fn pods() -> Vec<WorkloadInfo> {
+fn pods(conformance: &Conformance) -> Vec<WorkloadInfo> {
     let mut pods = Vec::new();
     for (n, namespace) in ["x", "y", "z"].into_iter().enumerate() {
         for (p, name) in ["a", "b", "c"].into_iter().enumerate() {
@@ -34,6 +45,22 @@ fn pods() -> Vec<WorkloadInfo> {
                 &[&address],
             );
             pod.namespace = Some(namespace.into());
+            pod.namespace_labels = conformance
+                .namespace_labels
+                .get(namespace)
+                .cloned()
+                .unwrap_or_default();
+            let ports = conformance.container_ports.get(name).into_iter().flatten();
+            pod.ports = ports
+                .map(|p| NamedPort {
+                    name: p.name.clone(),
+                    protocol: match p.protocol.as_deref() {
+                        Some("UDP") => PROTO_UDP,
+                        _ => PROTO_TCP,
+                    },
+                    port: p.port,
+                })
+                .collect();
             pods.push(pod);
         }
     }
@@ -45,10 +72,10 @@ fn trace_follows_the_networkpolicy_conformance_table() {
     let text = include_str!("../testdata/networkpolicy-conformance.yaml");
     let conformance: Conformance = serde_yaml::from_str(text).expect("conformance file parses");
     assert!(
-        conformance.scenarios.len() >= 25,
+        conformance.scenarios.len() >= 40,
         "the table covers the documented semantics"
     );
-    let pods = pods();
+    let pods = pods(&conformance);
     for scenario in &conformance.scenarios {
         let name = &scenario.name;
         let set =
@@ -238,6 +265,20 @@ fn diff_reports_gained_and_lost_access_with_port_ranges() {
         diff(&new, &new, &workloads()).expect("diff").is_empty(),
         "no change, no difference"
     );
+    // docs/policy.md shows this diff (its TCP lines) as `ward policy diff` prints it.
+    let printed = crate::policy::cli::diff_human(&changes);
+    let docs = crate::policy::tests::policy_docs();
+    let shown = crate::policy::tests::fenced_blocks(&docs, "")
+        .into_iter()
+        .map(|(_, text)| text)
+        .find(|text| text.starts_with("+ client -> db"))
+        .expect("docs/policy.md shows a diff");
+    for line in shown.lines() {
+        assert!(
+            printed.lines().any(|l| l == line),
+            "docs/policy.md shows {line:?}; ward policy diff prints:\n{printed}"
+        );
+    }
 }
 
 #[test]
