@@ -1,0 +1,331 @@
+//! The trust bundle (the CA certificates a peer's chain must lead to), the revoked serial numbers
+//! and the trust domain, with the rustls verifiers that apply all three. The bundle and the
+//! revocations are replaced at runtime; every handshake and every new tunneled stream reads the
+//! current ones.
+use std::{
+    collections::HashSet,
+    sync::{Arc, RwLock},
+    time::SystemTime,
+};
+
+use tokio_rustls::rustls::{
+    self,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    client::verify_server_cert_signed_by_trust_anchor,
+    crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+    server::{
+        danger::{ClientCertVerified, ClientCertVerifier},
+        ParsedCertificate, WebPkiClientVerifier,
+    },
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
+    SignatureScheme,
+};
+
+use crate::{
+    identity::{cert_info, IdentityError, Serial, SpiffeId},
+    tls::provider,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    #[error("trust bundle refused: {reason}")]
+    Bundle { reason: String },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("certificate {serial} ({spiffe_id}) is revoked")]
+    Revoked { serial: Serial, spiffe_id: String },
+    #[error("certificate {serial} ({spiffe_id}) expired")]
+    Expired { serial: Serial, spiffe_id: String },
+    #[error("peer presented {found}, expected {expected}")]
+    UnexpectedPeer { found: SpiffeId, expected: SpiffeId },
+    #[error("peer presented no certificate")]
+    NoCertificate,
+}
+
+struct Bundle {
+    roots: Arc<RootCertStore>,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+}
+
+/// The trust domain, the current trust bundle and the revoked serials.
+pub struct TrustStore {
+    trust_domain: String,
+    bundle: RwLock<Arc<Bundle>>,
+    revoked: RwLock<HashSet<Serial>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl std::fmt::Debug for TrustStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustStore")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+fn bundle(roots: &[CertificateDer<'static>]) -> Result<Bundle, TrustError> {
+    let refuse = |reason: String| TrustError::Bundle { reason };
+    if roots.is_empty() {
+        return Err(refuse("no CA certificate".into()));
+    }
+    let mut store = RootCertStore::empty();
+    for (i, root) in roots.iter().enumerate() {
+        store
+            .add(root.clone())
+            .map_err(|e| refuse(format!("certificate {i}: {e}")))?;
+    }
+    let roots = Arc::new(store);
+    let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| refuse(e.to_string()))?;
+    Ok(Bundle {
+        roots,
+        client_verifier,
+    })
+}
+
+fn rustls_error(error: TrustError) -> rustls::Error {
+    match error {
+        TrustError::Revoked { .. } => rustls::Error::InvalidCertificate(CertificateError::Revoked),
+        TrustError::Expired { .. } => rustls::Error::InvalidCertificate(CertificateError::Expired),
+        other => {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(other))))
+        }
+    }
+}
+
+impl TrustStore {
+    pub fn new(
+        trust_domain: &str,
+        roots: &[CertificateDer<'static>],
+    ) -> Result<Arc<TrustStore>, TrustError> {
+        // The trust domain must be one a SPIFFE ID can name.
+        SpiffeId::parse(&format!("spiffe://{trust_domain}"))?;
+        Ok(Arc::new(TrustStore {
+            trust_domain: trust_domain.into(),
+            bundle: RwLock::new(Arc::new(bundle(roots)?)),
+            revoked: RwLock::default(),
+            algorithms: provider().signature_verification_algorithms,
+        }))
+    }
+
+    /// PEM CA certificates, one or more.
+    pub fn parse_pem_bundle(pem: &str) -> Result<Vec<CertificateDer<'static>>, TrustError> {
+        use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TrustError::Bundle {
+                reason: format!("not PEM certificates: {e}"),
+            })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Replaces the trust bundle for handshakes from now on. A bundle that cannot be used is
+    /// refused and the current one stays.
+    pub fn replace_bundle(&self, roots: &[CertificateDer<'static>]) -> Result<(), TrustError> {
+        let new = bundle(roots)?;
+        *self.bundle.write().expect("trust bundle lock poisoned") = Arc::new(new);
+        tracing::info!(roots = roots.len(), "trust bundle replaced");
+        Ok(())
+    }
+
+    pub fn revoke(&self, serial: Serial) {
+        tracing::info!(%serial, "certificate revoked");
+        self.revoked
+            .write()
+            .expect("revocation lock poisoned")
+            .insert(serial);
+    }
+
+    /// Replaces the whole revocation set (as the control plane sends it).
+    pub fn set_revoked(&self, serials: impl IntoIterator<Item = Serial>) {
+        *self.revoked.write().expect("revocation lock poisoned") = serials.into_iter().collect();
+    }
+
+    pub fn is_revoked(&self, serial: &Serial) -> bool {
+        self.revoked
+            .read()
+            .expect("revocation lock poisoned")
+            .contains(serial)
+    }
+
+    fn current(&self) -> Arc<Bundle> {
+        self.bundle
+            .read()
+            .expect("trust bundle lock poisoned")
+            .clone()
+    }
+
+    /// What the chain verification by webpki does not check: the leaf's SPIFFE ID is in the
+    /// trust domain, and no certificate of the chain is revoked or (for a resumed session, whose
+    /// chain was verified earlier) expired. Returns the peer's SPIFFE ID.
+    pub fn check_peer(&self, chain: &[CertificateDer<'_>]) -> Result<SpiffeId, TrustError> {
+        let (leaf, rest) = chain.split_first().ok_or(TrustError::NoCertificate)?;
+        let info = cert_info(leaf)?;
+        let id = info
+            .spiffe_id
+            .clone()
+            .ok_or_else(|| IdentityError::BadCertificate {
+                reason: "no SPIFFE ID (URI SAN)".into(),
+            })?;
+        id.require_trust_domain(&self.trust_domain)?;
+        let now = SystemTime::now();
+        if now > info.not_after {
+            return Err(TrustError::Expired {
+                serial: info.serial,
+                spiffe_id: id.to_string(),
+            });
+        }
+        let revoked = self.revoked.read().expect("revocation lock poisoned");
+        if revoked.contains(&info.serial) {
+            return Err(TrustError::Revoked {
+                serial: info.serial,
+                spiffe_id: id.to_string(),
+            });
+        }
+        for cert in rest {
+            let ca = cert_info(cert)?;
+            if revoked.contains(&ca.serial) {
+                return Err(TrustError::Revoked {
+                    serial: ca.serial,
+                    spiffe_id: format!("intermediate CA of {id}"),
+                });
+            }
+        }
+        Ok(id)
+    }
+}
+
+/// Verifies a client (the outbound agent, speaking for a source workload): chain to the current
+/// bundle, client-auth usage, validity, then [`TrustStore::check_peer`].
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    trust: Arc<TrustStore>,
+}
+
+impl SpiffeClientVerifier {
+    pub fn new(trust: Arc<TrustStore>) -> Arc<Self> {
+        Arc::new(SpiffeClientVerifier { trust })
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Every workload has one certificate: nothing for the client to choose.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.trust
+            .current()
+            .client_verifier
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let mut chain = vec![end_entity.clone()];
+        chain.extend(intermediates.iter().cloned());
+        self.trust.check_peer(&chain).map_err(rustls_error)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.trust.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.trust.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.trust.algorithms.supported_schemes()
+    }
+}
+
+/// Verifies the server (the destination node's agent, presenting the destination workload's
+/// certificate): chain to the current bundle, server-auth usage, validity,
+/// [`TrustStore::check_peer`], and that the SPIFFE ID is the one expected. The DNS name is not
+/// checked: SVIDs carry none, the SPIFFE ID is what names the peer.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    trust: Arc<TrustStore>,
+    expected: SpiffeId,
+}
+
+impl SpiffeServerVerifier {
+    pub fn new(trust: Arc<TrustStore>, expected: SpiffeId) -> Arc<Self> {
+        Arc::new(SpiffeServerVerifier { trust, expected })
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.trust.current().roots,
+            intermediates,
+            now,
+            self.trust.algorithms.all,
+        )?;
+        let mut chain = vec![end_entity.clone()];
+        chain.extend(intermediates.iter().cloned());
+        let found = self.trust.check_peer(&chain).map_err(rustls_error)?;
+        if found != self.expected {
+            return Err(rustls_error(TrustError::UnexpectedPeer {
+                found,
+                expected: self.expected.clone(),
+            }));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.trust.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.trust.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.trust.algorithms.supported_schemes()
+    }
+}
