@@ -18,7 +18,7 @@ use crate::{
     splice::{splice, Copied},
     svid::SvidStore,
     tls,
-    trust::TrustStore,
+    trust::{describe_tls_error, TrustStore},
 };
 
 /// A refusal by policy: the reason goes into the refusal response and the verdict event.
@@ -269,7 +269,7 @@ impl Inbound {
             (
                 None,
                 Refusal::Handshake {
-                    reason: e.to_string(),
+                    reason: describe_tls_error(&e),
                 },
             )
         })?;

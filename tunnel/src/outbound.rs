@@ -169,10 +169,23 @@ impl Outbound {
     }
 
     /// Forgets every pooled session (their streams go on until they end). For a changed trust
-    /// bundle or revocation list: new connections then handshake again (resuming where they can,
-    /// and verifying the peer's certificate anew either way).
+    /// bundle or revocation list: new connections then handshake again, resuming where they can
+    /// (the resumption tickets stay), and the peer's certificate is verified anew either way.
     pub fn drop_sessions(&self) {
-        self.pool.lock().expect("pool lock poisoned").clear();
+        for slot in self.pool.lock().expect("pool lock poisoned").values() {
+            // A slot whose lock is held is opening a session right now, under the new trust.
+            if let Ok(mut session) = slot.session.try_lock() {
+                *session = None;
+            }
+        }
+    }
+
+    /// Forgets every pool entry of workload `source` (which left the node).
+    pub fn forget_source(&self, source: &SpiffeId) {
+        self.pool
+            .lock()
+            .expect("pool lock poisoned")
+            .retain(|key, _| &key.source != source);
     }
 
     /// Accepts connections redirected to the local outbound listener and carries each.

@@ -85,13 +85,35 @@ fn bundle(roots: &[CertificateDer<'static>]) -> Result<Bundle, TrustError> {
     })
 }
 
+/// Carried whole (see [`describe_tls_error`]) so that the log names the serial or the identity.
 fn rustls_error(error: TrustError) -> rustls::Error {
-    match error {
-        TrustError::Revoked { .. } => rustls::Error::InvalidCertificate(CertificateError::Revoked),
-        TrustError::Expired { .. } => rustls::Error::InvalidCertificate(CertificateError::Expired),
-        other => {
-            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(other))))
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(error))))
+}
+
+/// A handshake failure as the log and the verdict event name it.
+pub fn describe_tls_error(error: &std::io::Error) -> String {
+    let Some(tls) = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
+        return error.to_string();
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+            inner.to_string()
         }
+        rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        ) => format!("{tls}: the certificate is not signed by a CA of the trust bundle"),
+        rustls::Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => format!("{tls}: the certificate has expired"),
+        rustls::Error::PeerIncompatible(_) => format!("{tls}: the peer does not speak TLS 1.3"),
+        rustls::Error::InvalidMessage(_) => format!("{tls}: not TLS (plaintext?)"),
+        rustls::Error::NoCertificatesPresented => {
+            format!("{tls}: a workload certificate is required")
+        }
+        other => other.to_string(),
     }
 }
 
