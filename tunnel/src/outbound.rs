@@ -20,6 +20,9 @@ use tokio_rustls::{
     TlsConnector,
 };
 
+/// HTTP/2 DATA frames up to this size, fewer frames per byte than the 16 KiB default.
+const MAX_FRAME: u32 = 64 * 1024;
+
 use crate::{
     identity::{cert_info, Serial, SpiffeId},
     protocol::{self, REASON_HEADER},
@@ -87,8 +90,8 @@ impl Default for OutboundConfig {
         OutboundConfig {
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
-            stream_window: 256 * 1024,
-            session_window: 8 * 1024 * 1024,
+            stream_window: 1024 * 1024,
+            session_window: 16 * 1024 * 1024,
         }
     }
 }
@@ -394,6 +397,7 @@ impl Outbound {
             let (send_request, connection) = h2::client::Builder::new()
                 .initial_window_size(self.config.stream_window)
                 .initial_connection_window_size(self.config.session_window)
+                .max_frame_size(MAX_FRAME)
                 .handshake::<_, Bytes>(tls)
                 .await
                 .map_err(|e| TunnelError::Session {

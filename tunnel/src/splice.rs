@@ -11,8 +11,8 @@ use tokio::{
     net::{tcp::WriteHalf, TcpStream},
 };
 
-/// Bytes read from the TCP side at once: one TLS record's worth.
-const CHUNK: usize = 16 * 1024;
+/// Bytes read from the TCP side at once, at most.
+const CHUNK: usize = 64 * 1024;
 
 /// What a finished connection carried.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
