@@ -244,20 +244,33 @@ impl Inbound {
         };
         let session = Arc::new(session);
         tracing::debug!(%peer_addr, peer = %session.peer, local = %session.local, "inbound tunnel session open");
-        while let Some(stream) = connection.accept().await {
-            match stream {
-                Ok((request, respond)) => {
-                    tokio::spawn(
-                        self.clone()
-                            .handle_stream(session.clone(), request, respond),
-                    );
-                }
-                Err(e) => {
-                    tracing::debug!(%peer_addr, error = %e, "inbound tunnel session ended");
-                    break;
+        let mut bundle_changes = self.trust.bundle_changes();
+        bundle_changes.mark_unchanged();
+        loop {
+            tokio::select! {
+                stream = connection.accept() => match stream {
+                    Some(Ok((request, respond))) => {
+                        tokio::spawn(
+                            self.clone()
+                                .handle_stream(session.clone(), request, respond),
+                        );
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(%peer_addr, error = %e, "inbound tunnel session ended");
+                        return;
+                    }
+                    None => break,
+                },
+                Ok(()) = bundle_changes.changed() => {
+                    // Verified under the old bundle: no new streams (GOAWAY); the peer opens a
+                    // new session, verified under the new one. Open streams run to their end.
+                    tracing::info!(%peer_addr, peer = %session.peer, "trust bundle replaced; closing the session gracefully");
+                    connection.graceful_shutdown();
                 }
             }
         }
+        // No new streams; the open ones still need the connection driven until they end.
+        let _ = std::future::poll_fn(|cx| connection.poll_closed(cx)).await;
     }
 
     async fn handshake(
@@ -283,7 +296,18 @@ impl Inbound {
             .iter()
             .map(|c| c.clone().into_owned())
             .collect();
-        // Checked again because a resumed session skips the chain verification.
+        // A resumed session skips the chain verification: the bundle may have changed since.
+        if conn.handshake_kind() == Some(tokio_rustls::rustls::HandshakeKind::Resumed) {
+            self.trust.verify_client_chain(&peer_chain).map_err(|e| {
+                (
+                    None,
+                    Refusal::PeerCertificate {
+                        reason: e.to_string(),
+                    },
+                )
+            })?;
+        }
+        // Expiry and revocation, for a resumed session too.
         let peer = self.trust.check_peer(&peer_chain).map_err(|e| {
             (
                 None,

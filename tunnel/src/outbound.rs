@@ -262,8 +262,20 @@ impl Outbound {
         let refused = Arc::new(Mutex::new(None));
         let opened = {
             let refused = refused.clone();
+            let peer_agent = request.peer_agent;
             async move {
-                let response = response.await?;
+                let response = match response.await {
+                    Ok(response) => response,
+                    Err(e) => {
+                        // Before any answer: the session failed (a refused certificate shows
+                        // here in TLS 1.3, where the client finishes its handshake first).
+                        *refused.lock().expect("lock poisoned") = Some(TunnelError::Session {
+                            peer_agent,
+                            reason: e.to_string(),
+                        });
+                        return Err(SpliceError::StreamClosed);
+                    }
+                };
                 if response.status() != protocol::OK {
                     let reason = response
                         .headers()

@@ -41,6 +41,8 @@ pub enum TrustError {
     UnexpectedPeer { found: SpiffeId, expected: SpiffeId },
     #[error("peer presented no certificate")]
     NoCertificate,
+    #[error("certificate chain refused: {reason}")]
+    Chain { reason: String },
 }
 
 struct Bundle {
@@ -54,6 +56,8 @@ pub struct TrustStore {
     bundle: RwLock<Arc<Bundle>>,
     revoked: RwLock<HashSet<Serial>>,
     algorithms: WebPkiSupportedAlgorithms,
+    /// Counts bundle replacements, so that sessions verified under an older bundle can end.
+    bundle_generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for TrustStore {
@@ -92,12 +96,16 @@ fn rustls_error(error: TrustError) -> rustls::Error {
 
 /// A handshake failure as the log and the verdict event name it.
 pub fn describe_tls_error(error: &std::io::Error) -> String {
-    let Some(tls) = error
+    match error
         .get_ref()
         .and_then(|e| e.downcast_ref::<rustls::Error>())
-    else {
-        return error.to_string();
-    };
+    {
+        Some(tls) => describe_rustls_error(tls),
+        None => error.to_string(),
+    }
+}
+
+fn describe_rustls_error(tls: &rustls::Error) -> String {
     match tls {
         rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
             inner.to_string()
@@ -129,6 +137,7 @@ impl TrustStore {
             bundle: RwLock::new(Arc::new(bundle(roots)?)),
             revoked: RwLock::default(),
             algorithms: provider().signature_verification_algorithms,
+            bundle_generation: tokio::sync::watch::Sender::new(0),
         }))
     }
 
@@ -151,7 +160,27 @@ impl TrustStore {
     pub fn replace_bundle(&self, roots: &[CertificateDer<'static>]) -> Result<(), TrustError> {
         let new = bundle(roots)?;
         *self.bundle.write().expect("trust bundle lock poisoned") = Arc::new(new);
+        self.bundle_generation
+            .send_modify(|generation| *generation += 1);
         tracing::info!(roots = roots.len(), "trust bundle replaced");
+        Ok(())
+    }
+
+    /// Changes whenever the bundle is replaced.
+    pub fn bundle_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.bundle_generation.subscribe()
+    }
+
+    /// Verifies a client chain against the current bundle, as the handshake does: for a resumed
+    /// session, whose chain was verified under the bundle of its first handshake.
+    pub fn verify_client_chain(&self, chain: &[CertificateDer<'_>]) -> Result<(), TrustError> {
+        let (leaf, intermediates) = chain.split_first().ok_or(TrustError::NoCertificate)?;
+        self.current()
+            .client_verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map_err(|e| TrustError::Chain {
+                reason: describe_rustls_error(&e),
+            })?;
         Ok(())
     }
 

@@ -41,6 +41,15 @@ async fn attack_with(h: &Harness, svid: ward_tunnel::Svid, source: &str) -> Tunn
         .expect_err("the attacker's tunnel must fail")
 }
 
+/// The source agent's error (its verdict event's reason) names the TLS alert it received.
+fn assert_alert(err: &TunnelError) {
+    assert!(
+        matches!(err, TunnelError::Session { reason, .. } | TunnelError::Handshake { reason, .. }
+            if reason.contains("alert")),
+        "the source side must name the peer's TLS alert, got {err}"
+    );
+}
+
 fn handshake_refusal_containing(what: &'static str) -> impl Fn(&Refusal) -> bool {
     move |r| matches!(r, Refusal::Handshake { reason } if reason.to_lowercase().contains(what))
 }
@@ -51,7 +60,8 @@ async fn certificate_of_another_trust_domain_is_refused() {
     let before = bystander(&h).await;
     // Signed by the trusted CA, but naming a foreign trust domain.
     let evil = "spiffe://evil.org/ns/a/sa/client";
-    attack_with(&h, h.ca.issue(evil, LIFETIME).svid(), evil).await;
+    let err = attack_with(&h, h.ca.issue(evil, LIFETIME).svid(), evil).await;
+    assert_alert(&err);
     let refusal = h
         .authorizer
         .refusal(
@@ -67,7 +77,8 @@ async fn certificate_of_another_trust_domain_is_refused() {
 async fn expired_certificate_is_refused() {
     let h = Harness::new().await;
     let before = bystander(&h).await;
-    attack_with(&h, h.ca.issue_expired(CLIENT).svid(), CLIENT).await;
+    let err = attack_with(&h, h.ca.issue_expired(CLIENT).svid(), CLIENT).await;
+    assert_alert(&err);
     h.authorizer
         .refusal(
             "the expired certificate",
@@ -83,7 +94,8 @@ async fn revoked_certificate_is_refused() {
     let before = bystander(&h).await;
     let issued = h.ca.issue(CLIENT, LIFETIME);
     h.server_trust.revoke(issued.serial.clone());
-    attack_with(&h, issued.svid(), CLIENT).await;
+    let err = attack_with(&h, issued.svid(), CLIENT).await;
+    assert_alert(&err);
     h.authorizer
         .refusal(
             "the revoked certificate",
@@ -147,7 +159,8 @@ async fn certificate_from_another_ca_is_refused() {
     let before = bystander(&h).await;
     let rogue = TestCa::new(TRUST_DOMAIN);
     // Same SPIFFE ID as the allowed client, but from a CA outside the trust bundle.
-    attack_with(&h, rogue.issue(CLIENT, LIFETIME).svid(), CLIENT).await;
+    let err = attack_with(&h, rogue.issue(CLIENT, LIFETIME).svid(), CLIENT).await;
+    assert_alert(&err);
     h.authorizer
         .refusal("the foreign CA", |r| {
             matches!(r, Refusal::Handshake { reason }

@@ -173,3 +173,50 @@ async fn a_source_without_a_certificate_has_its_connection_reset_with_the_reason
     );
     assert!(err.to_string().contains("unknown"), "{err}");
 }
+
+#[tokio::test]
+async fn replacing_the_trust_bundle_ends_sessions_of_the_removed_ca_but_not_open_streams() {
+    let h = Harness::new().await;
+    let (mut long_lived, _carried) = h.connect().await;
+    round_trip(&mut long_lived, b"before the new bundle").await;
+    let new_ca = ward_tunnel::test_helpers::TestCa::new(TRUST_DOMAIN);
+    h.server_trust
+        .replace_bundle(&[new_ca.cert_der()])
+        .expect("new bundle");
+    // The session gets a GOAWAY; the next connection opens a new session, which resumes and
+    // is refused: the client's certificate is from a CA no longer in the bundle.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (refused, carried) = h.connect().await;
+    assert_reset(refused).await;
+    let err = carried.await.expect("task").expect_err("refused");
+    assert!(
+        matches!(&err, TunnelError::Session { .. } | TunnelError::Broken(_)),
+        "{err}"
+    );
+    h.authorizer
+        .refusal("a resumed session from the removed CA", |r| {
+            matches!(r, ward_tunnel::Refusal::PeerCertificate { reason }
+                if reason.contains("not signed by a CA of the trust bundle"))
+        })
+        .await;
+    assert_eq!(
+        h.outbound
+            .stats()
+            .resumed_handshakes
+            .load(Ordering::Relaxed),
+        1,
+        "the refused session was a resumption"
+    );
+    // A stream opened before the change runs to its end.
+    round_trip(&mut long_lived, b"after the new bundle").await;
+    // A workload certified by the new CA is accepted.
+    let svids = ward_tunnel::SvidStore::new();
+    svids.insert(new_ca.issue(CLIENT, LIFETIME).svid());
+    let outbound = ward_tunnel::Outbound::new(
+        svids,
+        h.client_trust.clone(),
+        ward_tunnel::OutboundConfig::default(),
+    );
+    let (mut fresh, _carried) = h.connect_with(&outbound, h.request()).await;
+    round_trip(&mut fresh, b"new CA").await;
+}
