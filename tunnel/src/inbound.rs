@@ -1,7 +1,11 @@
 //! The inbound listener: TLS 1.3 with a client certificate verified against the trust bundle,
 //! HTTP/2, one CONNECT stream per tunneled connection, authorized by the peer's verified SPIFFE
 //! ID (never by its address), then spliced to the local workload.
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream};
@@ -100,6 +104,8 @@ impl Refusal {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
+    /// Authorized and connected: the connection is being carried.
+    Allowed,
     /// The connection was carried and is finished.
     Carried(Copied),
     /// Carried until the stream or the local connection failed.
@@ -130,6 +136,9 @@ pub struct InboundConfig {
     pub connect_timeout: Duration,
     /// Concurrent tunneled connections per TLS session.
     pub max_streams_per_session: u32,
+    /// A session without streams for this long is closed (GOAWAY); the peer resumes it when it
+    /// needs it again.
+    pub idle_timeout: Duration,
     /// HTTP/2 flow-control windows: how much one stream, and one session, may have in flight
     /// unacknowledged. They bound the memory a slow destination can make this side hold.
     pub stream_window: u32,
@@ -143,6 +152,7 @@ impl Default for InboundConfig {
             max_pending_handshakes: 1024,
             connect_timeout: Duration::from_secs(5),
             max_streams_per_session: 4096,
+            idle_timeout: Duration::from_secs(300),
             stream_window: 1024 * 1024,
             session_window: 16 * 1024 * 1024,
         }
@@ -165,6 +175,38 @@ struct Session {
     peer: SpiffeId,
     local: SpiffeId,
     peer_chain: Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
+    /// Streams being carried, and when the last one ended: an idle session is closed.
+    open_streams: std::sync::atomic::AtomicUsize,
+    idle_since: std::sync::Mutex<tokio::time::Instant>,
+}
+
+/// Counts a stream as open while it lives.
+struct OpenStream(Arc<Session>);
+
+impl OpenStream {
+    fn new(session: Arc<Session>) -> OpenStream {
+        session.open_streams.fetch_add(1, Ordering::AcqRel);
+        OpenStream(session)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        if self.0.open_streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().expect("idle lock poisoned") = tokio::time::Instant::now();
+        }
+    }
+}
+
+impl Session {
+    fn idle_for(&self) -> Option<Duration> {
+        (self.open_streams.load(Ordering::Acquire) == 0).then(|| {
+            self.idle_since
+                .lock()
+                .expect("idle lock poisoned")
+                .elapsed()
+        })
+    }
 }
 
 impl Inbound {
@@ -246,13 +288,19 @@ impl Inbound {
         tracing::debug!(%peer_addr, peer = %session.peer, local = %session.local, "inbound tunnel session open");
         let mut bundle_changes = self.trust.bundle_changes();
         bundle_changes.mark_unchanged();
+        let idle_timeout = self.config.idle_timeout;
+        let mut idle_check =
+            tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(10)));
+        idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut closing = false;
         loop {
             tokio::select! {
                 stream = connection.accept() => match stream {
                     Some(Ok((request, respond))) => {
+                        let open = OpenStream::new(session.clone());
                         tokio::spawn(
                             self.clone()
-                                .handle_stream(session.clone(), request, respond),
+                                .handle_stream(open, request, respond),
                         );
                     }
                     Some(Err(e)) => {
@@ -266,6 +314,14 @@ impl Inbound {
                     // new session, verified under the new one. Open streams run to their end.
                     tracing::info!(%peer_addr, peer = %session.peer, "trust bundle replaced; closing the session gracefully");
                     connection.graceful_shutdown();
+                    closing = true;
+                }
+                _ = idle_check.tick(), if !closing => {
+                    if session.idle_for().is_some_and(|idle| idle >= idle_timeout) {
+                        tracing::debug!(%peer_addr, peer = %session.peer, "idle inbound tunnel session closed");
+                        connection.graceful_shutdown();
+                        closing = true;
+                    }
                 }
             }
         }
@@ -350,16 +406,19 @@ impl Inbound {
                 peer,
                 local,
                 peer_chain,
+                open_streams: 0.into(),
+                idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
             },
         ))
     }
 
     async fn handle_stream(
         self: Arc<Self>,
-        session: Arc<Session>,
+        open: OpenStream,
         request: Request<RecvStream>,
         mut respond: SendResponse<Bytes>,
     ) {
+        let session = &open.0;
         let destination = protocol::destination_of(&request).ok();
         let refuse = |refusal: Refusal, respond: &mut SendResponse<Bytes>| {
             let response = Response::builder()
@@ -370,7 +429,7 @@ impl Inbound {
             let _ = respond.send_response(response, true);
             self.refuse(session.peer_addr, Some(&session.peer), destination, refusal);
         };
-        let (destination, workload) = match self.authorize(&session, &request) {
+        let (destination, workload) = match self.authorize(session, &request) {
             Ok(allowed) => allowed,
             Err(refusal) => return refuse(refusal, &mut respond),
         };
@@ -409,6 +468,12 @@ impl Inbound {
             }
         };
         tracing::debug!(peer = %session.peer, %workload, %destination, "inbound tunnel stream open");
+        self.authorizer.record(&InboundEvent {
+            peer_addr: session.peer_addr,
+            peer: Some(session.peer.clone()),
+            destination: Some(destination),
+            verdict: Verdict::Allowed,
+        });
         let body = request.into_body();
         let verdict = match splice(&mut tcp, send, async { Ok(body) }).await {
             Ok(copied) => Verdict::Carried(copied),

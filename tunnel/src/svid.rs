@@ -188,3 +188,65 @@ impl ResolvesServerCert for SvidStore {
         certs.by_id.get(id).map(|svid| svid.certified.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::test_helpers::TestCa;
+
+    #[test]
+    fn store_replaces_per_identity_and_finds_by_server_name() {
+        let ca = TestCa::new("example.org");
+        let store = SvidStore::new();
+        let id = SpiffeId::parse("spiffe://example.org/ns/a/sa/web").expect("id");
+        let first = ca.issue(id.as_str(), Duration::from_secs(3600));
+        assert!(store.insert(first.svid()).is_none());
+        let second = ca.issue(id.as_str(), Duration::from_secs(3600));
+        let replaced = store.insert(second.svid()).expect("the first is replaced");
+        assert_eq!(replaced.serial(), &first.serial);
+        assert_eq!(store.get(&id).expect("current").serial(), &second.serial);
+        assert_eq!(
+            store.identity_for_server_name(&server_name_for(&id)),
+            Some(id.clone())
+        );
+        assert!(store.remove(&id).is_some());
+        assert!(store
+            .identity_for_server_name(&server_name_for(&id))
+            .is_none());
+    }
+
+    #[test]
+    fn renewal_is_due_at_half_the_lifetime_left() {
+        let ca = TestCa::new("example.org");
+        let svid = ca
+            .issue("spiffe://example.org/a", Duration::from_secs(100))
+            .svid();
+        let until = svid
+            .renew_at()
+            .duration_since(SystemTime::now())
+            .expect("renewal lies ahead");
+        assert!(
+            until > Duration::from_secs(45) && until <= Duration::from_secs(50),
+            "{until:?}"
+        );
+    }
+
+    #[test]
+    fn unusable_certificates_are_refused_with_the_reason() {
+        let ca = TestCa::new("example.org");
+        let a = ca.issue("spiffe://example.org/a", Duration::from_secs(3600));
+        let b = ca.issue("spiffe://example.org/b", Duration::from_secs(3600));
+        let err = Svid::from_pem(&a.chain_pem, &b.key_pem).expect_err("key of another");
+        assert!(err.to_string().contains("does not fit"), "{err}");
+        let err = Svid::from_pem("", &a.key_pem).expect_err("no certificate");
+        assert!(err.to_string().contains("empty"), "{err}");
+        let err = Svid::from_pem(ca.cert_pem(), &a.key_pem).expect_err("a CA has no SPIFFE ID");
+        assert!(err.to_string().contains("SPIFFE ID"), "{err}");
+        assert_ne!(
+            server_name_for(&SpiffeId::parse("spiffe://example.org/a").expect("id")),
+            server_name_for(&SpiffeId::parse("spiffe://example.org/b").expect("id"))
+        );
+    }
+}

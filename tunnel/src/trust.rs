@@ -380,3 +380,73 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         self.trust.algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::test_helpers::TestCa;
+
+    fn der(pem: &str) -> Vec<CertificateDer<'static>> {
+        TrustStore::parse_pem_bundle(pem).expect("PEM")
+    }
+
+    #[test]
+    fn peers_are_checked_for_trust_domain_revocation_and_expiry() {
+        let ca = TestCa::new("example.org");
+        let trust = TrustStore::new("example.org", &[ca.cert_der()]).expect("trust");
+        let good = ca.issue("spiffe://example.org/a", Duration::from_secs(3600));
+        assert_eq!(
+            trust
+                .check_peer(&der(&good.chain_pem))
+                .expect("good")
+                .as_str(),
+            "spiffe://example.org/a"
+        );
+        let foreign = ca.issue("spiffe://other.org/a", Duration::from_secs(3600));
+        assert!(matches!(
+            trust.check_peer(&der(&foreign.chain_pem)),
+            Err(TrustError::Identity(IdentityError::WrongTrustDomain { .. }))
+        ));
+        let expired = ca.issue_expired("spiffe://example.org/a");
+        assert!(matches!(
+            trust.check_peer(&der(&expired.chain_pem)),
+            Err(TrustError::Expired { .. })
+        ));
+        trust.revoke(good.serial.clone());
+        let err = trust
+            .check_peer(&der(&good.chain_pem))
+            .expect_err("revoked");
+        assert!(err.to_string().contains(&good.serial.to_string()), "{err}");
+        trust.set_revoked([]);
+        assert!(trust.check_peer(&der(&good.chain_pem)).is_ok());
+        assert!(matches!(
+            trust.check_peer(&[]),
+            Err(TrustError::NoCertificate)
+        ));
+    }
+
+    #[test]
+    fn a_bundle_that_cannot_be_used_is_refused_and_the_current_one_stays() {
+        let ca = TestCa::new("example.org");
+        assert!(TrustStore::new("example.org", &[]).is_err());
+        assert!(TrustStore::new("Bad Domain", &[ca.cert_der()]).is_err());
+        let trust = TrustStore::new("example.org", &[ca.cert_der()]).expect("trust");
+        let err = trust
+            .replace_bundle(&[CertificateDer::from(vec![1u8, 2, 3])])
+            .expect_err("garbage");
+        assert!(err.to_string().contains("certificate 0"), "{err}");
+        let good = ca.issue("spiffe://example.org/a", Duration::from_secs(3600));
+        trust
+            .verify_client_chain(&der(&good.chain_pem))
+            .expect("the previous bundle still verifies");
+        let other = TestCa::new("example.org");
+        trust.replace_bundle(&[other.cert_der()]).expect("replace");
+        let err = trust
+            .verify_client_chain(&der(&good.chain_pem))
+            .expect_err("the old CA is gone");
+        assert!(err.to_string().contains("trust bundle"), "{err}");
+        assert!(TrustStore::parse_pem_bundle("not pem").is_ok_and(|v| v.is_empty()));
+    }
+}

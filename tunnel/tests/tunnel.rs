@@ -220,3 +220,39 @@ async fn replacing_the_trust_bundle_ends_sessions_of_the_removed_ca_but_not_open
     let (mut fresh, _carried) = h.connect_with(&outbound, h.request()).await;
     round_trip(&mut fresh, b"new CA").await;
 }
+
+#[tokio::test]
+async fn an_idle_session_is_closed_and_the_next_connection_resumes() {
+    let h = Harness::with_config(ward_tunnel::InboundConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..ward_tunnel::InboundConfig::default()
+    })
+    .await;
+    let handshakes = |h: &Harness| {
+        let stats = h.outbound.stats();
+        (
+            stats.full_handshakes.load(Ordering::Relaxed),
+            stats.resumed_handshakes.load(Ordering::Relaxed),
+        )
+    };
+    // A session carrying a connection is not idle, however long the connection is quiet.
+    let (mut quiet, carried) = h.connect().await;
+    round_trip(&mut quiet, b"then silence").await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    round_trip(&mut quiet, b"still carried").await;
+    let (mut second, _carried) = h.connect().await;
+    round_trip(&mut second, b"same session").await;
+    assert_eq!(handshakes(&h), (1, 0), "one session so far");
+    drop(second);
+    quiet.shutdown().await.expect("shutdown");
+    carried.await.expect("task").expect("carried to its end");
+    // Now idle: closed by the inbound side; the next connection resumes.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let (mut third, _carried) = h.connect().await;
+    round_trip(&mut third, b"after idle").await;
+    assert_eq!(
+        handshakes(&h),
+        (1, 1),
+        "the idle session was closed and resumed"
+    );
+}
