@@ -250,13 +250,25 @@ impl Outbound {
         local: &mut TcpStream,
         request: &OutboundRequest,
     ) -> Result<Copied, TunnelError> {
-        let mut send_request = self.ready_session(request).await?;
-        let (response, send) = send_request
-            .send_request(protocol::connect_request(request.destination), false)
-            .map_err(|e| TunnelError::Session {
-                peer_agent: request.peer_agent,
-                reason: e.to_string(),
-            })?;
+        let mut retried = false;
+        let (response, send) = loop {
+            let (mut send_request, closed) = self.ready_session(request).await?;
+            match send_request.send_request(protocol::connect_request(request.destination), false) {
+                Ok(opened) => break opened,
+                // The peer closed the session (GOAWAY) since it was found ready; nothing of the
+                // workload's was sent yet, so a new session can take the connection.
+                Err(_) if !retried => {
+                    closed.store(true, Ordering::Release);
+                    retried = true;
+                }
+                Err(e) => {
+                    return Err(TunnelError::Session {
+                        peer_agent: request.peer_agent,
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        };
         self.stats.streams.fetch_add(1, Ordering::Relaxed);
         let destination = request.destination;
         let refused = Arc::new(Mutex::new(None));
@@ -304,7 +316,7 @@ impl Outbound {
     async fn ready_session(
         &self,
         request: &OutboundRequest,
-    ) -> Result<SendRequest<Bytes>, TunnelError> {
+    ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), TunnelError> {
         let slot = self.slot(request)?;
         // Two tries: a pooled session may turn out closed only when asked for a stream.
         for _ in 0..2 {
@@ -320,7 +332,7 @@ impl Outbound {
                 }
             };
             match session.send_request.ready().await {
-                Ok(ready) => return Ok(ready),
+                Ok(ready) => return Ok((ready, session.closed)),
                 Err(e) => {
                     session.closed.store(true, Ordering::Release);
                     tracing::debug!(peer_agent = %request.peer_agent, error = %e, "pooled tunnel session closed; opening another");
