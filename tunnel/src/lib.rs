@@ -3,7 +3,8 @@
 //! SVIDs, as HTTP/2 CONNECT streams (one TLS session carries many connections, as Istio's
 //! HBONE does). `docs/mtls.md` describes the protocol.
 //!
-//! - [`svid`]: this node's workload certificates, replaced at runtime.
+//! - [`svid`]: this node's workload certificates, replaced at runtime; [`renewal`] keeps each
+//!   fresh (signed by the control plane, renewed at half its lifetime).
 //! - [`trust`]: trust bundle, revocations, trust domain, and the rustls verifiers.
 //! - [`outbound`]: carries an accepted local connection to the peer agent (pooled sessions).
 //! - [`inbound`]: the listener that verifies, authorizes and connects to the local workload.
@@ -11,6 +12,7 @@ pub mod identity;
 pub mod inbound;
 pub mod outbound;
 pub mod protocol;
+pub mod renewal;
 mod splice;
 pub mod svid;
 #[cfg(any(test, feature = "testing"))]

@@ -86,6 +86,18 @@ impl TestCa {
         )
     }
 
+    /// Signs the key of `csr_pem` for `spiffe_id`, as the control plane's `SignWorkload` does.
+    pub fn sign_csr(&self, spiffe_id: &str, csr_pem: &str, lifetime: Duration) -> String {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).expect("a valid CSR");
+        let now = OffsetDateTime::now_utc();
+        let mut params = workload_params(spiffe_id, now - Duration::from_secs(60), now + lifetime);
+        params.serial_number = Some(serial());
+        params
+            .signed_by(&csr.public_key, &self.issuer)
+            .expect("workload certificate")
+            .pem()
+    }
+
     pub fn issue_between(
         &self,
         spiffe_id: &str,
@@ -93,20 +105,9 @@ impl TestCa {
         not_after: OffsetDateTime,
     ) -> IssuedSvid {
         let key = KeyPair::generate().expect("workload key");
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(
-            spiffe_id.try_into().expect("a SPIFFE ID is an IA5 string"),
-        )];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.not_before = not_before;
-        params.not_after = not_after;
+        let mut params = workload_params(spiffe_id, not_before, not_after);
         let serial_number = serial();
         params.serial_number = Some(serial_number.clone());
-        params.use_authority_key_identifier_extension = true;
         let cert = params
             .signed_by(&key, &self.issuer)
             .expect("workload certificate");
@@ -116,6 +117,26 @@ impl TestCa {
             serial: Serial::from_bytes(serial_number.as_ref()),
         }
     }
+}
+
+fn workload_params(
+    spiffe_id: &str,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(
+        spiffe_id.try_into().expect("a SPIFFE ID is an IA5 string"),
+    )];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params.use_authority_key_identifier_extension = true;
+    params
 }
 
 /// The PKCS#8 DER of a PEM key, for APIs that take one.
