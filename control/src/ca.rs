@@ -37,6 +37,8 @@ pub enum CaError {
     Sign(#[from] rcgen::Error),
     #[error("client certificate refused: {0}")]
     PeerCert(String),
+    #[error("workload SPIFFE ID {id:?} refused: {reason}")]
+    WorkloadId { id: String, reason: String },
 }
 
 pub struct Ca {
@@ -197,11 +199,7 @@ impl Ca {
     /// key is the CA's decision: what the request asks for is ignored.
     pub fn sign_node(&self, node: &str, csr_pem: &str) -> Result<String, CaError> {
         check_node_name(node)?;
-        if csr_pem.len() > 16 * 1024 {
-            return Err(CaError::Csr("larger than 16 KiB".into()));
-        }
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| CaError::Csr(e.to_string()))?;
+        let csr = parse_csr(csr_pem)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, node);
@@ -221,6 +219,56 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
         Ok(cert.pem())
+    }
+
+    /// An X.509 SVID for the workload `spiffe_id` with the public key of `csr_pem` (ECDSA P-256
+    /// only): the SPIFFE ID as the only URI SAN, client and server use, the node certificates'
+    /// lifetime. Whether the caller may have it (its node reported the workload) is the
+    /// service's check; this one refuses what no workload may be: an ID outside the trust
+    /// domain, the trust domain itself, or a node's ID (which would speak for a node here).
+    /// Returns the PEM certificate and its end of validity.
+    pub fn sign_workload(
+        &self,
+        spiffe_id: &str,
+        csr_pem: &str,
+    ) -> Result<(String, std::time::SystemTime), CaError> {
+        let refuse = |reason: String| CaError::WorkloadId {
+            id: spiffe_id.chars().take(200).collect(),
+            reason,
+        };
+        let id = ward_tunnel::SpiffeId::parse(spiffe_id).map_err(|e| refuse(e.to_string()))?;
+        id.require_trust_domain(&self.trust_domain)
+            .map_err(|e| refuse(e.to_string()))?;
+        if id.path().is_empty() {
+            return Err(refuse("names the trust domain, not a workload".into()));
+        }
+        if id.path().starts_with("/node/") {
+            return Err(refuse("is a node's ID, not a workload's".into()));
+        }
+        let csr = parse_csr(csr_pem)?;
+        if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+            return Err(CaError::Csr("workload keys must be ECDSA P-256".into()));
+        }
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(
+            spiffe_id
+                .try_into()
+                .map_err(|_| refuse("not usable in a URI".into()))?,
+        )];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let not_after = now() + self.node_cert_lifetime;
+        params.not_before = now() - BACKDATE;
+        params.not_after = not_after;
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        let not_after = std::time::UNIX_EPOCH
+            + Duration::from_secs(u64::try_from(not_after.unix_timestamp()).unwrap_or_default());
+        Ok((cert.pem(), not_after))
     }
 
     /// A serving certificate for `names` (DNS names or IP addresses) plus [`SERVER_NAME`].
@@ -295,6 +343,14 @@ pub fn peer_node(leaf: &[u8], trust_domain: &str) -> Result<PeerNode, CaError> {
         node: node.into(),
         not_after,
     })
+}
+
+/// A PKCS#10 request, its signature verified. Only its public key is ever used.
+fn parse_csr(csr_pem: &str) -> Result<CertificateSigningRequestParams, CaError> {
+    if csr_pem.len() > 16 * 1024 {
+        return Err(CaError::Csr("larger than 16 KiB".into()));
+    }
+    CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::Csr(e.to_string()))
 }
 
 pub fn pem_to_der(pem: &str) -> Option<CertificateDer<'static>> {
@@ -377,6 +433,61 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn workload_certificate_carries_the_spiffe_id_and_works_for_the_tunnel() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let ca = ca(tmp.path(), "example.org");
+        let (key, csr) = csr();
+        let id = "spiffe://example.org/ns/demo/sa/web";
+        let (pem, not_after) = ca.sign_workload(id, &csr).expect("signed");
+        let left = not_after
+            .duration_since(std::time::SystemTime::now())
+            .expect("valid in the future");
+        assert!(left <= Duration::from_secs(3600) && left > Duration::from_secs(3500));
+        // The tunnel takes it as it is: SPIFFE ID, key matching, chain to the CA.
+        let svid = ward_tunnel::Svid::from_pem(&pem, &key.serialize_pem()).expect("usable SVID");
+        assert_eq!(svid.spiffe_id().as_str(), id);
+        let trust =
+            ward_tunnel::TrustStore::new("example.org", &[ca.cert_der().clone()]).expect("trust");
+        let der = pem_to_der(&pem).expect("der");
+        assert_eq!(trust.check_peer(&[der]).expect("accepted").as_str(), id);
+    }
+
+    #[test]
+    fn workload_ids_no_workload_may_have_are_refused() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let ca = ca(tmp.path(), "example.org");
+        let (_, csr) = csr();
+        for (bad, why) in [
+            ("spiffe://other.org/ns/demo/sa/web", "trust domain"),
+            ("spiffe://example.org", "trust domain, not a workload"),
+            ("spiffe://example.org/node/node-b", "node's ID"),
+            ("spiffe://example.org/a/../b", "'..'"),
+            ("https://example.org/web", "spiffe://"),
+        ] {
+            match ca.sign_workload(bad, &csr) {
+                Err(CaError::WorkloadId { reason, .. }) => {
+                    assert!(reason.contains(why), "{bad}: {reason} should say {why}")
+                }
+                other => panic!("{bad} must be refused, got {other:?}"),
+            }
+        }
+        let rsa_or_other = KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("ed25519 key");
+        let csr = CertificateParams::new(Vec::<String>::new())
+            .expect("params")
+            .serialize_request(&rsa_or_other)
+            .expect("csr")
+            .pem()
+            .expect("pem");
+        assert!(
+            matches!(
+                ca.sign_workload("spiffe://example.org/ns/demo/sa/web", &csr),
+                Err(CaError::Csr(reason)) if reason.contains("P-256")
+            ),
+            "a non-P-256 key must be refused"
+        );
     }
 
     #[test]

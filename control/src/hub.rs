@@ -158,6 +158,14 @@ impl Hub {
         Ok(refusals)
     }
 
+    /// Whether `node`'s last report holds a workload with `spiffe_id`.
+    pub fn node_reported(&self, node: &str, spiffe_id: &str) -> bool {
+        self.lock()
+            .registry
+            .nodes()
+            .any(|(n, workloads)| n == node && workloads.iter().any(|w| w.spiffe_id == spiffe_id))
+    }
+
     pub fn registry_json(&self) -> String {
         self.lock().registry.to_json()
     }

@@ -6,7 +6,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 use ward_proto::{
     control_server::Control, AgentMessage, JoinRequest, JoinResponse, RenewRequest, RenewResponse,
-    ServerMessage,
+    ServerMessage, SignWorkloadRequest, SignWorkloadResponse,
 };
 
 use crate::{
@@ -154,6 +154,56 @@ impl Control for ControlService {
             Err(e) => {
                 tracing::warn!(node = peer.node, error = %e, "renewal refused");
                 Err(Status::invalid_argument(e.to_string()))
+            }
+        }
+    }
+
+    async fn sign_workload(
+        &self,
+        request: Request<SignWorkloadRequest>,
+    ) -> Result<Response<SignWorkloadResponse>, Status> {
+        let peer = self.peer(&request)?;
+        let SignWorkloadRequest { spiffe_id, csr_pem } = request.into_inner();
+        let shown = limits::truncate(&spiffe_id, 200).to_owned();
+        if !self.hub.node_reported(&peer.node, &spiffe_id) {
+            tracing::warn!(
+                node = peer.node,
+                spiffe_id = shown,
+                "workload certificate refused: not a workload this node reported"
+            );
+            return Err(Status::permission_denied(format!(
+                "node {} has not reported a workload with SPIFFE ID {shown:?}; report it first",
+                peer.node
+            )));
+        }
+        let ca = self.ca.clone();
+        let signed = tokio::task::spawn_blocking(move || ca.sign_workload(&spiffe_id, &csr_pem))
+            .await
+            .map_err(|_| Status::internal("signing task failed"))?;
+        match signed {
+            Ok((cert_chain_pem, not_after)) => {
+                tracing::info!(
+                    node = peer.node,
+                    spiffe_id = shown,
+                    "workload certificate signed"
+                );
+                let not_after_unix = not_after
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+                Ok(Response::new(SignWorkloadResponse {
+                    cert_chain_pem,
+                    ca_pem: self.ca.cert_pem().into(),
+                    not_after_unix,
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(node = peer.node, spiffe_id = shown, error = %e, "workload certificate refused");
+                Err(match e {
+                    CaError::Csr(_) | CaError::WorkloadId { .. } => {
+                        Status::invalid_argument(e.to_string())
+                    }
+                    _ => Status::internal("signing failed"),
+                })
             }
         }
     }

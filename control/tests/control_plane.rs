@@ -22,7 +22,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use ward_control::test_helpers::{ControlPlane, ControlPlaneOptions};
 use ward_proto::{
     agent_message::Kind, control_client::ControlClient, resource::Body, Ack, AgentMessage, Hello,
-    JoinRequest, Report, ResourceType, ServerMessage, TypeVersion, Update, Workload,
+    JoinRequest, Report, ResourceType, ServerMessage, SignWorkloadRequest, TypeVersion, Update,
+    Workload,
 };
 
 const WEB: &str = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  name: web\nspec:\n  selector: {labels: {app: web}}\n  ingress: []\n";
@@ -765,4 +766,109 @@ async fn a_policy_directory_the_server_cannot_parse_is_refused_whole() {
             policy_names(s) == ["db", "web"]
         })
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_certificates_are_signed_only_for_workloads_the_node_reported() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), "1h");
+    let (cert_a, key_a) = joined(&plane, "node-a").await;
+    let (cert_b, key_b) = joined(&plane, "node-b").await;
+    let web = "spiffe://example.org/ns/demo/sa/web";
+    let sign = |cert: String, key: String, spiffe_id: &str| {
+        let spiffe_id = spiffe_id.to_string();
+        let plane = &plane;
+        async move {
+            let (workload_key, csr_pem) = csr();
+            ControlClient::new(channel(plane, Some((&cert, &key))).await)
+                .sign_workload(SignWorkloadRequest { spiffe_id, csr_pem })
+                .await
+                .map(|r| (r.into_inner(), workload_key))
+        }
+    };
+    // Before its report, node a gets nothing.
+    let status = sign(cert_a.clone(), key_a.clone(), web)
+        .await
+        .expect_err("not reported yet");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    let mut versions = BTreeMap::new();
+    let mut a = RawStream::open(
+        channel(&plane, Some((&cert_a, &key_a))).await,
+        "node-a",
+        &versions,
+    )
+    .await
+    .expect("stream");
+    let all = a.batch().await.expect("batch");
+    a.ack_all(&all, &mut versions).await;
+    a.report("node-a", vec![raw_workload("web", "10.0.0.1")])
+        .await;
+    let update = a.batch().await.expect("own workload registered");
+    a.ack_all(&update, &mut versions).await;
+
+    let (signed, workload_key) = sign(cert_a.clone(), key_a.clone(), web)
+        .await
+        .expect("a reported workload is signed");
+    let svid = ward_tunnel::Svid::from_pem(&signed.cert_chain_pem, &workload_key)
+        .expect("the tunnel takes the certificate");
+    assert_eq!(svid.spiffe_id().as_str(), web);
+    let roots = ward_tunnel::TrustStore::parse_pem_bundle(&signed.ca_pem).expect("bundle");
+    let trust = ward_tunnel::TrustStore::new("example.org", &roots).expect("trust");
+    let leaf = ward_tunnel::TrustStore::parse_pem_bundle(&signed.cert_chain_pem).expect("leaf");
+    trust
+        .check_peer(&leaf)
+        .expect("the workload certificate is valid in the trust domain");
+    let left = signed.not_after_unix
+        - i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_secs(),
+        )
+        .expect("seconds");
+    assert!((3500..=3600).contains(&left), "lifetime left: {left} s");
+    assert!(plane.wait_for_log("workload certificate signed", WAIT));
+
+    // Node b did not report web: refused, and logged.
+    let status = sign(cert_b.clone(), key_b.clone(), web)
+        .await
+        .expect_err("another node's workload");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("node-b"), "{status:?}");
+    assert!(
+        plane.wait_for_log("not a workload this node reported", WAIT),
+        "{}",
+        plane.logs()
+    );
+    // A node's own ID is no workload's, even if reported as one.
+    a.report(
+        "node-a",
+        vec![Workload {
+            name: "sneaky".into(),
+            spiffe_id: "spiffe://example.org/node/node-b".into(),
+            addresses: vec!["10.0.0.9".into()],
+            ..Workload::default()
+        }],
+    )
+    .await;
+    a.batch().await.expect("report registered");
+    let status = sign(
+        cert_a.clone(),
+        key_a.clone(),
+        "spiffe://example.org/node/node-b",
+    )
+    .await
+    .expect_err("a node ID");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    // No client certificate: no call.
+    let (_, csr_pem) = csr();
+    let status = ControlClient::new(channel(&plane, None).await)
+        .sign_workload(SignWorkloadRequest {
+            spiffe_id: web.into(),
+            csr_pem,
+        })
+        .await
+        .expect_err("anonymous");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
 }

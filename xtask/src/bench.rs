@@ -50,6 +50,41 @@ pub struct ConnectArgs {
     bpf_stats: bool,
 }
 
+#[derive(clap::Args)]
+pub struct TunnelArgs {
+    /// Measuring time per timed phase.
+    #[arg(long, default_value = "3")]
+    seconds: f64,
+    /// Concurrent tunneled connections for the RSS and CPU measure.
+    #[arg(long, default_value = "1000")]
+    connections: usize,
+    /// MiB sent for the single-stream throughput.
+    #[arg(long, default_value = "512")]
+    mib: usize,
+}
+
+/// `cargo xtask bench tunnel`: the bench target of ward-tunnel (`tunnel/benches/tunnel.rs`),
+/// built optimized, which runs both agents as child processes and prints the table.
+pub fn tunnel(args: &TunnelArgs) -> Result<()> {
+    if args.seconds <= 0.0 || args.connections == 0 || args.mib == 0 {
+        bail!("--seconds, --connections and --mib must be positive");
+    }
+    sys::run(sys::cargo().args([
+        "bench",
+        "-p",
+        "ward-tunnel",
+        "--bench",
+        "tunnel",
+        "--",
+        "--seconds",
+        &args.seconds.to_string(),
+        "--connections",
+        &args.connections.to_string(),
+        "--bytes",
+        &args.mib.to_string(),
+    ]))
+}
+
 pub fn run(args: &ConnectArgs) -> Result<()> {
     sys::require_root(
         "bench connect",

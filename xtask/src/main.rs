@@ -69,6 +69,9 @@ enum Command {
 enum BenchCommand {
     /// Connections per second and connect latency over loopback: no programs, ward, nftables.
     Connect(bench::ConnectArgs),
+    /// The mTLS tunnel against plain TCP on loopback: latency, throughput, connection rate,
+    /// agent RSS and CPU with many connections (no root needed).
+    Tunnel(bench::TunnelArgs),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +86,9 @@ fn main() -> ExitCode {
         Command::Bench {
             bench: BenchCommand::Connect(args),
         } => bench::run(&args),
+        Command::Bench {
+            bench: BenchCommand::Tunnel(args),
+        } => bench::tunnel(&args),
         Command::VmTest(args) => vm::run(&args),
         Command::Serve(args) => probe::serve(&args),
         Command::Connect { addr, timeout_ms } => {
