@@ -16,13 +16,14 @@ use futures_util::StreamExt as _;
 use inotify::{Inotify, WatchMask};
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, watch},
 };
 
 use crate::{
     admin,
     cgroups::{self, CgroupTree, CgroupWatcher},
     config::{Config, HostAddresses},
+    control::{self, RemoteState, RemoteUpdate, ReportedWorkload},
     events::{self, Names, SharedNames},
     flows::FlowHub,
     identity,
@@ -36,32 +37,80 @@ use crate::{
 pub struct RunOptions {
     pub config: PathBuf,
     pub keep_enforcing: bool,
+    /// `--control-plane`: overrides `controlPlane.address`.
+    pub control_plane: Option<String>,
 }
 
-/// Everything derived from one configuration and its policy files.
+/// Reads the configuration file, with the command line's control-plane address over the file's.
+fn load_config(file: &Path, control_plane: Option<&str>) -> anyhow::Result<Config> {
+    let mut config = Config::load(file)?;
+    if let Some(address) = control_plane {
+        config.override_control_plane_address(address)?;
+    }
+    Ok(config)
+}
+
+/// Everything derived from one configuration and its policy files, or, in control-plane mode,
+/// from the configuration and the control plane's state.
 struct Desired {
     config: Config,
+    /// This node's workloads.
     workloads: Vec<WorkloadInfo>,
+    /// Other nodes' workloads (control-plane mode): identities that rules may name as peers.
+    peers: Vec<WorkloadInfo>,
     compiled: Compiled,
     addresses: BTreeMap<[u8; 16], u32>,
 }
 
 impl Desired {
-    fn build(config_file: &Path, rule_ids: &mut RuleIds) -> anyhow::Result<Self> {
-        let config = Config::load(config_file)?;
-        let workloads = identity::workload_infos(&config)?;
-        let set = policy::load(&config.policies)?;
-        let compiled = policy::compile(&set, &workloads, rule_ids)?;
-        let addresses = address_identities(&config, &workloads)?;
+    /// `remote` is the control plane's state to enforce (in control-plane mode; `None` until
+    /// the first update, which means no policy).
+    fn build(
+        config: Config,
+        remote: Option<&RemoteState>,
+        rule_ids: &mut RuleIds,
+    ) -> anyhow::Result<Self> {
+        let mut workloads = identity::workload_infos(&config)?;
+        let mut peers = Vec::new();
+        let set = match (&config.control_plane, remote) {
+            (None, _) => policy::load(&config.policies)?,
+            (Some(_), None) => policy::PolicySet::default(),
+            (Some(_), Some(state)) => {
+                peers = remote_identities(state, &mut workloads);
+                policy::parse_documents(
+                    state
+                        .policies
+                        .iter()
+                        .map(|(name, yaml)| (name.as_str(), yaml.as_str())),
+                )?
+            }
+        };
+        let compiled = policy::compile_with_peers(&set, &workloads, &peers, rule_ids)?;
+        let mut addresses = address_identities(&config, &workloads)?;
+        if let Some(state) = remote {
+            for (address, identity) in &state.ipcache {
+                // This host's own addresses and this node's workloads win.
+                addresses
+                    .entry(kernel::mapped(*address))
+                    .or_insert(*identity);
+            }
+        }
         if let Some(rule) = compiled.rules.values().find(|r| r.mtls) {
             tracing::warn!(policy = %rule.policy, rule = %rule.rule, "mtls: required is recorded but the mTLS tunnel is not available in this version; such connections pass in plain TCP");
         }
         Ok(Desired {
             config,
             workloads,
+            peers,
             compiled,
             addresses,
         })
+    }
+
+    /// Names for verdict lines: this node's workloads, other nodes' by SPIFFE ID.
+    fn names(&self) -> Names {
+        let all: Vec<WorkloadInfo> = self.peers.iter().chain(&self.workloads).cloned().collect();
+        Names::new(&self.compiled, &all)
     }
 
     /// cgroup id → identity for the cgroups of this node's workloads.
@@ -72,6 +121,61 @@ impl Desired {
                     .map(|i| (*id, self.workloads[i].identity))
             })
             .collect()
+    }
+}
+
+/// Gives this node's workloads the control plane's numbers for their SPIFFE IDs (the same as the
+/// local ones unless two IDs collided) and returns every other identity as a peer, with the
+/// addresses the IP cache gives it.
+fn remote_identities(state: &RemoteState, workloads: &mut [WorkloadInfo]) -> Vec<WorkloadInfo> {
+    let mut peers = Vec::new();
+    for remote in &state.identities {
+        let mut local = workloads
+            .iter_mut()
+            .filter(|w| w.spiffe_id == remote.spiffe_id)
+            .peekable();
+        if local.peek().is_some() {
+            for w in local {
+                w.identity = remote.identity;
+            }
+            continue;
+        }
+        peers.push(WorkloadInfo {
+            identity: remote.identity,
+            name: remote.spiffe_id.clone(),
+            spiffe_id: remote.spiffe_id.clone(),
+            namespace: remote.namespace.clone(),
+            labels: remote.labels.clone(),
+            addresses: state
+                .ipcache
+                .iter()
+                .filter(|(_, id)| *id == remote.identity)
+                .map(|(address, _)| *address)
+                .collect(),
+        });
+    }
+    peers
+}
+
+/// What this node reports to the control plane.
+fn reported(workloads: &[WorkloadInfo]) -> Vec<ReportedWorkload> {
+    workloads
+        .iter()
+        .map(|w| ReportedWorkload {
+            name: w.name.clone(),
+            spiffe_id: w.spiffe_id.clone(),
+            namespace: w.namespace.clone(),
+            labels: w.labels.clone(),
+            addresses: w.addresses.clone(),
+        })
+        .collect()
+}
+
+/// The next update from the control plane; never, in local mode.
+async fn next_update(updates: &mut Option<mpsc::Receiver<RemoteUpdate>>) -> Option<RemoteUpdate> {
+    match updates {
+        Some(updates) => updates.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -168,6 +272,12 @@ impl Signals {
 /// The running agent's state, owned by the main loop.
 struct Agent {
     config_file: PathBuf,
+    /// `--control-plane`, applied to every read of the configuration.
+    control_plane_address: Option<String>,
+    /// The control plane's state in force (control-plane mode), kept for reloads.
+    remote: Option<RemoteState>,
+    /// This node's workloads, as the control-plane client reports them.
+    reports: Option<watch::Sender<Vec<ReportedWorkload>>>,
     cgroup_root: PathBuf,
     dp: Datapath,
     attachment: Attachment,
@@ -228,7 +338,9 @@ impl Agent {
 
     /// Re-reads configuration and policy; applies all of it or nothing.
     fn reload(&mut self, reason: &str) -> anyhow::Result<()> {
-        let next = match Desired::build(&self.config_file, &mut self.rule_ids) {
+        let built = load_config(&self.config_file, self.control_plane_address.as_deref())
+            .and_then(|config| Desired::build(config, self.remote.as_ref(), &mut self.rule_ids));
+        let next = match built {
             Ok(next) => next,
             Err(e) => {
                 self.reject(reason, format!("{e:#}"), "policy rejected");
@@ -236,20 +348,63 @@ impl Agent {
             }
         };
         let current = &self.desired.config;
-        if next.config.pin_dir != current.pin_dir || next.config.cgroup_root != current.cgroup_root
+        if next.config.pin_dir != current.pin_dir
+            || next.config.cgroup_root != current.cgroup_root
+            || next.config.control_plane != current.control_plane
         {
             self.reject(
                 reason,
-                "pinDir and cgroupRoot take effect only at restart".into(),
+                "pinDir, cgroupRoot and controlPlane take effect only at restart".into(),
                 "policy rejected",
             );
             return Ok(());
         }
+        // A refusal is logged and counted by `install`; the agent keeps running.
+        let _ = self.install(next, reason)?;
+        if let Some(reports) = &self.reports {
+            let workloads = reported(&self.desired.workloads);
+            reports.send_if_modified(|current| {
+                let changed = *current != workloads;
+                *current = workloads;
+                changed
+            });
+        }
+        Ok(())
+    }
+
+    /// Applies a state from the control plane, all of it or nothing, with the configuration in
+    /// force. `Err` carries the reason for the NACK; the previous state stays.
+    fn apply_remote(&mut self, state: RemoteState) -> anyhow::Result<Result<(), String>> {
+        const REASON: &str = "control plane";
+        let config = self.desired.config.clone();
+        let next = match Desired::build(config, Some(&state), &mut self.rule_ids) {
+            Ok(next) => next,
+            Err(e) => {
+                let error = format!("{e:#}");
+                self.reject(REASON, error.clone(), "policy rejected");
+                return Ok(Err(error));
+            }
+        };
+        let applied = self.install(next, REASON)?;
+        if applied.is_ok() {
+            tracing::info!(versions = ?state.versions, policies = state.policies.len(), identities = state.identities.len(), addresses = state.ipcache.len(), generation = self.last_apply.generation, "control plane state applied");
+            self.remote = Some(state);
+        }
+        Ok(applied)
+    }
+
+    /// Writes `next` to the kernel and makes it the state in force; on a refusal by the kernel
+    /// nothing changes and the reason is returned. `Err` only when the cgroup map cannot be
+    /// brought in line afterwards.
+    fn install(&mut self, next: Desired, reason: &str) -> anyhow::Result<Result<(), String>> {
         match self.dp.apply(&next.compiled, &next.addresses) {
-            Err(e) => self.reject(reason, e.to_string(), "policy rejected by the kernel"),
+            Err(e) => {
+                let error = e.to_string();
+                self.reject(reason, error.clone(), "policy rejected by the kernel");
+                Ok(Err(error))
+            }
             Ok(stats) => {
-                *self.names.write().expect("names lock poisoned") =
-                    Names::new(&next.compiled, &next.workloads);
+                *self.names.write().expect("names lock poisoned") = next.names();
                 self.desired = next;
                 self.record_apply(stats);
                 self.sync_cgroups(&cgroups::scan(&self.cgroup_root)?)?;
@@ -260,9 +415,9 @@ impl Agent {
                     duration_ms = stats.duration.as_secs_f64() * 1e3,
                     "policy applied"
                 );
+                Ok(Ok(()))
             }
         }
-        Ok(())
     }
 
     fn status(&self) -> Status {
@@ -299,11 +454,18 @@ impl Agent {
                 generation: self.last_apply.generation,
                 entries: self.last_apply.entries,
                 rules: self.desired.compiled.rules.len(),
-                files: config
-                    .policies
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect(),
+                files: match &self.remote {
+                    Some(remote) => remote
+                        .policies
+                        .iter()
+                        .map(|(name, _)| format!("control plane: {name}"))
+                        .collect(),
+                    None => config
+                        .policies
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect(),
+                },
                 last_applied: format!(
                     "{:.1} ms ago",
                     self.last_apply.at.elapsed().as_secs_f64() * 1e3
@@ -311,7 +473,24 @@ impl Agent {
                 last_error: self.last_error.clone(),
             },
             workloads,
-            control_plane: "none (local mode: configuration and policy files)".into(),
+            control_plane: match (&config.control_plane, &self.remote) {
+                (None, _) => "none (local mode: configuration and policy files)".into(),
+                (Some(cp), None) => format!(
+                    "{} as node {}: nothing applied yet (no policy)",
+                    cp.address, cp.node_name
+                ),
+                (Some(cp), Some(remote)) => format!(
+                    "{} as node {}: applied {}",
+                    cp.address,
+                    cp.node_name,
+                    remote
+                        .versions
+                        .iter()
+                        .map(|(kind, version)| format!("{kind} {version}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
             maps: self.dp.maps(
                 self.last_apply.entries,
                 self.last_apply.addresses,
@@ -326,6 +505,7 @@ impl Agent {
         &mut self,
         signals: Signals,
         mut status_requests: mpsc::Receiver<oneshot::Sender<Status>>,
+        mut updates: Option<mpsc::Receiver<RemoteUpdate>>,
     ) -> anyhow::Result<()> {
         let mut watcher = CgroupWatcher::new(&self.cgroup_root).context("watching cgroups")?;
         self.sync_cgroups(&cgroups::scan(&self.cgroup_root)?)?;
@@ -350,6 +530,11 @@ impl Agent {
                 Some(reply) = status_requests.recv() => {
                     let _ = reply.send(self.status());
                 }
+                Some(update) = next_update(&mut updates) => {
+                    let result = self.apply_remote(update.state)?;
+                    // Ok is ACKed, Err(reason) NACKed; the client waits for the answer.
+                    let _ = update.ack.send(result);
+                }
                 _ = terminate.recv() => return Ok(()),
                 _ = interrupt.recv() => return Ok(()),
             }
@@ -361,7 +546,25 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     preflight()?;
     let signals = Signals::install()?;
     let mut rule_ids = RuleIds::default();
-    let desired = Desired::build(&opts.config, &mut rule_ids)?;
+    let config = load_config(&opts.config, opts.control_plane.as_deref())?;
+    // In control-plane mode, what was last applied is enforced from the start, so an agent
+    // restarted while the control plane is away keeps its policy.
+    let mut remote = config
+        .control_plane
+        .as_ref()
+        .and_then(control::load_last_applied);
+    let desired = match Desired::build(config.clone(), remote.as_ref(), &mut rule_ids) {
+        Ok(desired) => desired,
+        Err(e) if remote.is_some() => {
+            tracing::error!(error = format!("{e:#}"), "the last applied control-plane state does not compile; starting without policy until the control plane sends one");
+            remote = None;
+            Desired::build(config, None, &mut rule_ids)?
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(state) = &remote {
+        tracing::info!(versions = ?state.versions, policies = state.policies.len(), addresses = state.ipcache.len(), "enforcing the last applied control-plane state");
+    }
     let config = desired.config.clone();
     let cgroup_root = paths::cgroup_root(config.cgroup_root.as_deref())?;
     let features = kernel::features::probe();
@@ -383,12 +586,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let stats = dp.apply(&desired.compiled, &desired.addresses)?;
     let hub = Arc::new(FlowHub::new(config.flow_log.as_deref()).context("opening the flow log")?);
     let metrics = Arc::new(Metrics::new(Some(dp.take_counters()?)));
-    let names: SharedNames = Arc::new(RwLock::new(Names::new(
-        &desired.compiled,
-        &desired.workloads,
-    )));
+    let names: SharedNames = Arc::new(RwLock::new(desired.names()));
     let mut agent = Agent {
         config_file: opts.config.clone(),
+        control_plane_address: opts.control_plane.clone(),
+        remote,
+        reports: None,
         cgroup_root: cgroup_root.clone(),
         attachment: Attachment::Attached,
         desired,
@@ -433,7 +636,21 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         "ready: enforcing"
     );
 
-    let served = agent.serve(signals, status_rx).await;
+    let updates = config.control_plane.clone().map(|cp_config| {
+        let (reports_tx, reports_rx) = watch::channel(reported(&agent.desired.workloads));
+        let (updates_tx, updates_rx) = mpsc::channel::<RemoteUpdate>(1);
+        agent.reports = Some(reports_tx);
+        // Retries everything itself with backoff; returns when the agent stops, or at once on a
+        // bad configuration, which leaves the agent enforcing what it has.
+        tokio::spawn(async move {
+            if let Err(e) = control::run(cp_config, reports_rx, updates_tx).await {
+                tracing::error!(error = %e, "control plane client stopped");
+            }
+        });
+        updates_rx
+    });
+
+    let served = agent.serve(signals, status_rx, updates).await;
     let _ = std::fs::remove_file(&config.admin_socket);
     if let Some(dir) = config.admin_socket.parent() {
         // Only if empty: the directory may be shared with other files.

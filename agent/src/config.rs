@@ -41,6 +41,7 @@ struct RawConfig {
     flow_log: Option<PathBuf>,
     #[serde(default)]
     workloads: Vec<RawWorkload>,
+    control_plane: Option<crate::control::ControlPlaneConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,6 +106,8 @@ pub struct Config {
     /// A file that receives every flow record as a JSON line.
     pub flow_log: Option<PathBuf>,
     pub workloads: Vec<WorkloadConfig>,
+    /// Policy, identities and the IP cache come from this control plane instead of `policies`.
+    pub control_plane: Option<crate::control::ControlPlaneConfig>,
 }
 
 impl Config {
@@ -264,7 +267,23 @@ impl Config {
                 addresses,
             });
         }
+        let control_plane = match raw.control_plane {
+            None => None,
+            Some(_) if !raw.policies.is_empty() => {
+                return Err(field(
+                    "policies".into(),
+                    "must be empty with controlPlane: policy comes from the control plane".into(),
+                ))
+            }
+            Some(mut cp) => {
+                cp.join_token_file = cp.join_token_file.map(|p| base.join(p));
+                cp.ca_file = base.join(&cp.ca_file);
+                check_control_plane(file, &cp)?;
+                Some(cp)
+            }
+        };
         Ok(Config {
+            control_plane,
             file: file.to_owned(),
             trust_domain: raw.trust_domain,
             cgroup_root: raw.cgroup_root,
@@ -276,6 +295,40 @@ impl Config {
             flow_log: raw.flow_log.map(|p| base.join(p)),
             workloads,
         })
+    }
+}
+
+/// Turns the section's own check into an error naming the file and the field.
+fn check_control_plane(
+    file: &Path,
+    cp: &crate::control::ControlPlaneConfig,
+) -> Result<(), ConfigError> {
+    cp.validate().map_err(|e| match e {
+        crate::control::ControlError::Field { field, reason } => ConfigError::Field {
+            file: file.to_owned(),
+            field: format!("controlPlane.{field}"),
+            reason,
+        },
+        other => ConfigError::Parse {
+            file: file.to_owned(),
+            reason: other.to_string(),
+        },
+    })
+}
+
+impl Config {
+    /// `ward run --control-plane ADDR`: the address from the command line, everything else from
+    /// the file's `controlPlane:` section, which must be there.
+    pub fn override_control_plane_address(&mut self, address: &str) -> Result<(), ConfigError> {
+        let Some(cp) = self.control_plane.as_mut() else {
+            return Err(ConfigError::Field {
+                file: self.file.clone(),
+                field: "controlPlane".into(),
+                reason: "--control-plane needs a controlPlane: section (nodeName, caFile, stateDir, joinTokenFile)".into(),
+            });
+        };
+        cp.address = address.to_owned();
+        check_control_plane(&self.file, cp)
     }
 }
 
@@ -318,6 +371,28 @@ mod tests {
     }
 
     #[test]
+    fn control_plane_section_resolves_files_and_takes_the_address_flag() {
+        let mut c = parse(
+            "trustDomain: example.org\ncontrolPlane:\n  address: 10.0.0.1:7443\n  nodeName: node-a\n  caFile: ca.pem\n  joinTokenFile: token\n  stateDir: /var/lib/ward/control\n",
+        )
+        .expect("valid config");
+        let cp = c.control_plane.as_ref().expect("section");
+        assert_eq!(cp.ca_file, PathBuf::from("/etc/ward/ca.pem"));
+        assert_eq!(cp.join_token_file, Some(PathBuf::from("/etc/ward/token")));
+        c.override_control_plane_address("10.9.9.9:7443")
+            .expect("valid address");
+        assert_eq!(
+            c.control_plane.as_ref().expect("section").address,
+            "10.9.9.9:7443"
+        );
+        let e = c.override_control_plane_address("nope").unwrap_err();
+        assert!(e.to_string().contains("controlPlane.address"), "{e}");
+        let mut local = parse("trustDomain: example.org\n").expect("valid config");
+        let e = local.override_control_plane_address("a:1").unwrap_err();
+        assert!(e.to_string().contains("`controlPlane`"), "{e}");
+    }
+
+    #[test]
     fn unknown_field_is_an_error_naming_it() {
         let e = parse("trustDomain: example.org\nworkloads:\n  - name: web\n    cgroup: [x]\n")
             .unwrap_err();
@@ -341,6 +416,9 @@ mod tests {
             ("trustDomain: example.org\nworkloads: [{name: a, spiffeId: 'spiffe://other.org/x'}]\n", "workloads[0].spiffeId"),
             ("trustDomain: example.org\nworkloads: [{name: a, cgroups: [../x]}]\n", "workloads[0].cgroups[0]"),
             ("trustDomain: example.org\nworkloads: [{name: a, systemdUnits: [nginx]}]\n", "workloads[0].systemdUnits[0]"),
+            ("trustDomain: example.org\ncontrolPlane: {address: nope, nodeName: a, caFile: ca.pem, stateDir: /s}\n", "controlPlane.address"),
+            ("trustDomain: example.org\ncontrolPlane: {address: 'a:1', nodeName: a, caFile: ca.pem, stateDir: s}\n", "controlPlane.stateDir"),
+            ("trustDomain: example.org\npolicies: [p/]\ncontrolPlane: {address: 'a:1', nodeName: a, caFile: ca.pem, stateDir: /s}\n", "policies"),
         ];
         for (text, field) in cases {
             let msg = parse(text).expect_err(text).to_string();

@@ -31,6 +31,18 @@ pub fn parse(source: &Path, text: &str) -> Result<PolicySet, PolicyErrors> {
     report.into_result()
 }
 
+/// Parses documents that come one by one with a name each (the control plane's policies: one
+/// document per policy, named by it); diagnostics name the document by `name`.
+pub fn parse_documents<'a>(
+    documents: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<PolicySet, PolicyErrors> {
+    let mut report = Report::default();
+    for (name, text) in documents {
+        report.add_text(Path::new(name), text);
+    }
+    report.into_result()
+}
+
 /// Everything loading found: the valid policies, the errors and the warnings.
 #[derive(Debug, Default)]
 pub(crate) struct Report {
