@@ -766,3 +766,41 @@ async fn a_policy_directory_the_server_cannot_parse_is_refused_whole() {
         })
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_gone_for_longer_than_its_lease_leaves_the_other_agents_ip_cache() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut opts = ControlPlaneOptions::new(env!("CARGO_BIN_EXE_ward-control"), tmp.path());
+    opts.extra_args = vec!["--node-lease".into(), "2s".into()];
+    std::fs::create_dir_all(tmp.path().join("policy")).expect("policy dir");
+    std::fs::write(tmp.path().join("policy/web.yaml"), WEB).expect("initial policy");
+    let plane = ControlPlane::start(opts);
+    let web: IpAddr = "10.0.0.1".parse().expect("address");
+    let db: IpAddr = "10.0.0.2".parse().expect("address");
+    let has = |s: &RemoteState, a: IpAddr| s.ipcache.iter().any(|(x, _)| *x == a);
+
+    let mut a = Agent::start(
+        agent_config(&plane, tmp.path(), "node-a"),
+        vec![workload("web", "web", "10.0.0.1")],
+    );
+    let mut b = Agent::start(
+        agent_config(&plane, tmp.path(), "node-b"),
+        vec![workload("db", "db", "10.0.0.2")],
+    );
+    a.until("both nodes' addresses", |s| has(s, web) && has(s, db))
+        .await;
+    b.until("both nodes' addresses", |s| has(s, web) && has(s, db))
+        .await;
+    // Connected for longer than the lease: still there.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    drop(b);
+    let started = Instant::now();
+    let state = a.until("node-b's address gone", |s| !has(s, db)).await;
+    assert!(has(&state, web), "node-a's own address stays");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "removed before its lease ran out: {:?}",
+        started.elapsed()
+    );
+    assert!(plane.wait_for_log("node removed", WAIT), "{}", plane.logs());
+}
