@@ -128,15 +128,19 @@ impl Desired {
 /// local ones unless two IDs collided) and returns every other identity as a peer, with the
 /// addresses the IP cache gives it.
 fn remote_identities(state: &RemoteState, workloads: &mut [WorkloadInfo]) -> Vec<WorkloadInfo> {
+    let mut local: std::collections::HashMap<String, Vec<usize>> = Default::default();
+    for (i, w) in workloads.iter().enumerate() {
+        local.entry(w.spiffe_id.clone()).or_default().push(i);
+    }
+    let mut addresses: std::collections::HashMap<u32, Vec<IpAddr>> = Default::default();
+    for (address, identity) in &state.ipcache {
+        addresses.entry(*identity).or_default().push(*address);
+    }
     let mut peers = Vec::new();
     for remote in &state.identities {
-        let mut local = workloads
-            .iter_mut()
-            .filter(|w| w.spiffe_id == remote.spiffe_id)
-            .peekable();
-        if local.peek().is_some() {
-            for w in local {
-                w.identity = remote.identity;
+        if let Some(indices) = local.get(&remote.spiffe_id) {
+            for &i in indices {
+                workloads[i].identity = remote.identity;
             }
             continue;
         }
@@ -146,12 +150,7 @@ fn remote_identities(state: &RemoteState, workloads: &mut [WorkloadInfo]) -> Vec
             spiffe_id: remote.spiffe_id.clone(),
             namespace: remote.namespace.clone(),
             labels: remote.labels.clone(),
-            addresses: state
-                .ipcache
-                .iter()
-                .filter(|(_, id)| *id == remote.identity)
-                .map(|(address, _)| *address)
-                .collect(),
+            addresses: addresses.remove(&remote.identity).unwrap_or_default(),
         });
     }
     peers
