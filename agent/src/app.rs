@@ -680,3 +680,102 @@ pub fn uninstall(pin_dir: &Path) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use agent_common::{DIRECTION_EGRESS, PROTO_TCP, VERDICT_ALLOW, VERDICT_DENY};
+
+    use super::*;
+    use crate::control::RemoteState;
+
+    const CONFIG: &str = "trustDomain: x.test\nhostAddresses: [10.0.0.254]\ncontrolPlane: {address: '10.0.0.10:7443', nodeName: node-a, caFile: ca.pem, stateDir: /s}\nworkloads:\n  - {name: client, labels: {app: client}, addresses: [10.0.0.1]}\n";
+    const EGRESS: &str = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  name: client-egress\nspec:\n  selector:\n    labels: {app: client}\n  egress:\n    - to: [{labels: {app: db}}]\n      ports: [{port: 5432}]\n";
+
+    fn config() -> Config {
+        Config::parse(Path::new("/etc/ward/ward.yaml"), CONFIG).expect("valid configuration")
+    }
+
+    fn identity(spiffe_id: &str, identity: u32, app: &str) -> crate::control::RemoteIdentity {
+        crate::control::RemoteIdentity {
+            spiffe_id: spiffe_id.into(),
+            identity,
+            labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+            namespace: None,
+        }
+    }
+
+    fn state(policy: &str) -> RemoteState {
+        let ip = |a: &str| a.parse::<IpAddr>().expect("address");
+        RemoteState {
+            policies: vec![("client-egress".into(), policy.into())],
+            identities: vec![
+                identity("spiffe://x.test/workload/client", 4242, "client"),
+                identity("spiffe://x.test/workload/db", 777, "db"),
+            ],
+            ipcache: vec![
+                (ip("10.0.0.1"), 4242),
+                (ip("10.0.0.2"), 777),
+                (ip("10.0.0.254"), 777),
+            ],
+            ..RemoteState::default()
+        }
+    }
+
+    #[test]
+    fn a_remote_state_gives_identities_peers_and_the_ip_cache() {
+        let desired =
+            Desired::build(config(), Some(&state(EGRESS)), &mut RuleIds::new()).expect("compiles");
+        assert_eq!(
+            desired.workloads[0].identity, 4242,
+            "the control plane's number"
+        );
+        assert_eq!(desired.peers.len(), 1);
+        assert!(
+            desired.peers[0]
+                .addresses
+                .contains(&"10.0.0.2".parse::<IpAddr>().expect("ip")),
+            "a peer has its addresses from the IP cache, for CIDR rules"
+        );
+        let decide = |remote| {
+            desired
+                .compiled
+                .decide(4242, remote, DIRECTION_EGRESS, PROTO_TCP, 5432)
+                .verdict
+        };
+        assert_eq!(decide(777), VERDICT_ALLOW, "db on another node is a peer");
+        assert_eq!(decide(778), VERDICT_DENY);
+        let at = |a: &str| {
+            desired
+                .addresses
+                .get(&kernel::mapped(a.parse().expect("ip")))
+                .copied()
+        };
+        assert_eq!(at("10.0.0.2"), Some(777));
+        assert_eq!(at("10.0.0.1"), Some(4242));
+        assert_eq!(
+            at("10.0.0.254"),
+            Some(IDENTITY_HOST),
+            "this host's address stays the host"
+        );
+    }
+
+    #[test]
+    fn a_remote_policy_that_does_not_compile_is_an_error_naming_it() {
+        let bad = EGRESS.replace("ports:", "bogus: 1\n      ports:");
+        let e = Desired::build(config(), Some(&state(&bad)), &mut RuleIds::new())
+            .err()
+            .expect("refused");
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("client-egress") && text.contains("bogus"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn control_plane_mode_without_a_state_has_no_policy() {
+        let desired = Desired::build(config(), None, &mut RuleIds::new()).expect("builds");
+        assert!(desired.compiled.entries.is_empty());
+        assert!(desired.peers.is_empty());
+    }
+}

@@ -16,6 +16,8 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use state::RemoteState;
+#[cfg(test)]
+pub use state::RemoteIdentity;
 
 /// The DNS name the control plane's serving certificate always carries.
 pub const DEFAULT_SERVER_NAME: &str = "ward-control";
