@@ -804,3 +804,19 @@ async fn a_node_gone_for_longer_than_its_lease_leaves_the_other_agents_ip_cache(
     );
     assert!(plane.wait_for_log("node removed", WAIT), "{}", plane.logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refuses_a_control_plane_its_ca_file_does_not_name() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(&tmp.path().join("real"), "1h");
+    let impostor = start_plane(&tmp.path().join("impostor"), "1h");
+    let mut cfg = agent_config(&plane, tmp.path(), "node-a");
+    cfg.address = impostor.address.to_string();
+    let mut agent = Agent::start(cfg, vec![]);
+    agent.quiet(Duration::from_secs(2)).await;
+    assert!(
+        !impostor.logs().contains("node joined"),
+        "the agent joined a control plane its CA did not sign:\n{}",
+        impostor.logs()
+    );
+}

@@ -320,3 +320,48 @@ fn a_node_gone_for_longer_than_its_lease_leaves_the_other_nodes_ip_cache() {
         cluster.node(A).ward().log().tail(50)
     );
 }
+
+#[test]
+fn a_reused_join_token_is_refused_and_the_other_nodes_carry_on() {
+    let mut setup = Setup::new("mn-token", 3, &[]);
+    setup.cluster.apply_policy(
+        "client.yaml",
+        &client_to("client-egress", "db", Some(setup.first.port())),
+    );
+
+    // Node C loses its certificate (a reinstalled host) and joins again with its used token.
+    let node_c = setup.cluster.node_mut(C);
+    node_c.stop();
+    std::fs::remove_dir_all(node_c.state_dir()).expect("removing node C's state");
+    node_c.start(&[Workload::new("client")]);
+    node_c.ward().wait_for_log(
+        0,
+        Duration::from_secs(20),
+        "saying its join was refused",
+        |line| line.contains("join refused by the control plane") && line.contains("already used"),
+    );
+    assert!(
+        setup
+            .cluster
+            .plane
+            .wait_for_log("join refused", Duration::from_secs(10)),
+        "{}",
+        setup.cluster.plane.logs()
+    );
+
+    // Nodes A and B still follow the control plane.
+    let marks = setup.cluster.log_marks();
+    let version = setup.cluster.write_policy(
+        "client.yaml",
+        &client_to("client-egress", "db", Some(setup.second.port())),
+    );
+    for node in [A, B] {
+        setup
+            .cluster
+            .node(node)
+            .wait_applied(marks[node], &version, Duration::from_secs(20));
+    }
+    setup.assert_only(A, false);
+    // Node C never joined: it enforces no policy, and says why.
+    setup.assert_allowed(C, setup.db(&setup.first));
+}
