@@ -65,8 +65,12 @@ pub fn run(args: &ControlArgs) -> Result<()> {
         "bench control",
         "it creates cgroups and loads eBPF programs",
     )?;
-    if args.nodes == 0 || args.changes == 0 || args.sizes.iter().any(|&s| s >= CHANGED_PORT) {
-        bail!("need a node, a change, and sizes below {CHANGED_PORT}");
+    if args.nodes == 0
+        || args.changes == 0
+        || args.changes * args.sizes.len() > 5000
+        || args.sizes.iter().any(|&s| s >= CHANGED_PORT)
+    {
+        bail!("need a node, 1 to 5000 changes in all, and sizes below {CHANGED_PORT}");
     }
     setup::run()?;
     let ward_bin = ward::binary()?;
@@ -92,11 +96,10 @@ pub fn run(args: &ControlArgs) -> Result<()> {
     let child_refs: Vec<&str> = children.iter().map(String::as_str).collect();
     let cgroups = CgroupTree::create(&mount, "ward-bench-control", &child_refs)?;
     let mut plane = Plane::start(&control_bin, &work)?;
-    write_rules(
-        &plane.policy_dir(),
-        args.sizes.first().copied().unwrap_or(10),
-        0,
-    )?;
+    // Every write changes rule 0's port, so every write is a new policy version.
+    let mut change = 0;
+    let first_size = args.sizes.first().copied().unwrap_or(10);
+    write_rules(&plane.policy_dir(), first_size, change)?;
     let first = plane.settled_version(0)?;
     let mut nodes = Vec::new();
     for name in &node_names {
@@ -110,21 +113,27 @@ pub fn run(args: &ControlArgs) -> Result<()> {
     for &size in &args.sizes {
         heading(&format!("propagation, {size} rules"));
         let mark = plane.log_len();
-        write_rules(&plane.policy_dir(), size, 0)?;
-        let version = plane.settled_version(mark)?;
         let marks: Vec<u64> = nodes.iter().map(|n| n.ward.log_len()).collect();
+        change += 1;
+        write_rules(&plane.policy_dir(), size, change)?;
+        let version = plane.settled_version(mark)?;
         for (node, mark) in nodes.iter().zip(&marks) {
             node.wait_applied(*mark, &version, WAIT)?;
         }
         let mut everywhere = Vec::new();
         let mut per_node = Vec::new();
         let mut apply = Vec::new();
-        for change in 1..=args.changes {
+        let mut at_plane = Vec::new();
+        for _ in 0..args.changes {
             let marks: Vec<u64> = nodes.iter().map(|n| n.ward.log_len()).collect();
             let plane_mark = plane.log_len();
+            change += 1;
             let written = SystemTime::now();
             write_file_of_rule_zero(&plane.policy_dir(), size, change)?;
-            let version = plane.next_version(plane_mark)?;
+            let (version, served) = plane.next_version(plane_mark)?;
+            if let Some(served) = served {
+                at_plane.push(served.duration_since(written).unwrap_or_default());
+            }
             let mut slowest = Duration::ZERO;
             for (node, mark) in nodes.iter().zip(&marks) {
                 let (line, apply_ms) = node.wait_applied(*mark, &version, WAIT)?;
@@ -146,6 +155,7 @@ pub fn run(args: &ControlArgs) -> Result<()> {
             rules: size,
             everywhere,
             per_node,
+            at_plane,
             apply_ms: apply,
         });
     }
@@ -176,9 +186,10 @@ pub fn run(args: &ControlArgs) -> Result<()> {
 
     heading(&format!("full resync of {} rules", args.resync_rules));
     let mark = plane.log_len();
-    write_rules(&plane.policy_dir(), args.resync_rules, 0)?;
-    let version = plane.settled_version(mark)?;
     let marks: Vec<u64> = nodes.iter().map(|n| n.ward.log_len()).collect();
+    change += 1;
+    write_rules(&plane.policy_dir(), args.resync_rules, change)?;
+    let version = plane.settled_version(mark)?;
     for (node, mark) in nodes.iter().zip(&marks) {
         node.wait_applied(*mark, &version, WAIT)?;
     }
@@ -220,6 +231,8 @@ struct Row {
     /// Per change: until the last node had it.
     everywhere: Vec<Duration>,
     per_node: Vec<Duration>,
+    /// Until the control plane logged the new version (its 50 ms debounce included).
+    at_plane: Vec<Duration>,
     /// The agents' kernel map writes (`policy applied duration_ms`).
     apply_ms: Vec<f64>,
 }
@@ -259,16 +272,23 @@ fn report(
         apply.sort();
         let _ = writeln!(
             out,
-            "{:>7}  {:>11.1} ms {:>11.1} ms {:>11.1} ms {:>11.1} ms {:>13.1} ms",
+            "{:>7}  {:>11.1} ms {:>11.1} ms {:>11.1} ms {:>11.1} ms {:>13.1} ms {:>13.1} ms",
             row.rules,
             ms(percentile(&row.everywhere, 50)),
             ms(percentile(&row.everywhere, 99)),
             ms(percentile(&row.per_node, 50)),
             ms(percentile(&row.per_node, 99)),
+            ms(percentile(&row.at_plane, 50)),
             ms(percentile(&apply, 50)),
         );
     }
-    let _ = writeln!(out, "target: p99 under 100 ms for a single change");
+    let _ = writeln!(
+        out,
+        "target: p99 under 100 ms for a single change. ctl plane: file renamed → ward-control \
+         logged the new version (its 50 ms debounce included); kernel write: the agent's \
+         `policy applied duration_ms` (all entries of the new generation, its 20 ms settle, removal \
+         of the old one)"
+    );
     let times: Vec<Duration> = resyncs.iter().map(|r| r.0).collect();
     let _ = writeln!(
         out,
@@ -416,18 +436,19 @@ impl Plane {
         fs::metadata(self.dir.join("control.log")).map_or(0, |m| m.len())
     }
 
-    fn versions_since(&self, mark: u64) -> Vec<String> {
+    /// The policy versions served after log offset `mark`, with when.
+    fn versions_since(&self, mark: u64) -> Vec<(String, Option<SystemTime>)> {
         let log = self.log();
         log.get(mark as usize..)
             .unwrap_or_default()
             .lines()
             .filter(|l| l.contains("policy set updated"))
-            .filter_map(|l| field(l, "version").map(str::to_owned))
+            .filter_map(|l| Some((field(l, "version")?.to_owned(), timestamp(l))))
             .collect()
     }
 
-    /// The first policy version served after log offset `mark`.
-    fn next_version(&self, mark: u64) -> Result<String> {
+    /// The first policy version served after log offset `mark`, with when.
+    fn next_version(&self, mark: u64) -> Result<(String, Option<SystemTime>)> {
         let start = Instant::now();
         loop {
             if let Some(v) = self.versions_since(mark).into_iter().next() {
@@ -457,10 +478,11 @@ impl Plane {
                 quiet_since = Instant::now();
             }
         }
-        Ok(self
+        let (version, _) = self
             .versions_since(mark)
             .pop()
-            .expect("one version at least"))
+            .expect("one version at least");
+        Ok(version)
     }
 
     fn new_token(&self, node: &str) -> Result<String> {

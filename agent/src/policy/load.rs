@@ -18,21 +18,28 @@ use super::{k8s, ward};
 
 /// Loads every policy document of `paths`: files, or directories whose `*.yaml` and `*.yml`
 /// files (not hidden, not in subdirectories) are read in name order. Reports every error found.
+///
+/// For enforcement: rules carry no line (finding a rule's line parses its document once more, so
+/// thousands of rules would take minutes); diagnostics use [`Report::load`].
 pub fn load(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
-    Report::load(paths).into_result()
+    Report::load_with(paths, false).into_result()
 }
 
 /// Parses the documents of one text, named `source` in diagnostics.
 // The agent reads files; texts from elsewhere come from the tests and the fuzz target (fuzz/).
 #[allow(dead_code)]
 pub fn parse(source: &Path, text: &str) -> Result<PolicySet, PolicyErrors> {
-    let mut report = Report::default();
+    let mut report = Report {
+        rule_lines: true,
+        ..Report::default()
+    };
     report.add_text(source, text);
     report.into_result()
 }
 
 /// Parses documents that come one by one with a name each (the control plane's policies: one
-/// document per policy, named by it); diagnostics name the document by `name`.
+/// document per policy, named by it); diagnostics name the document by `name`. Rules carry no
+/// line, as with [`load`].
 pub fn parse_documents<'a>(
     documents: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> Result<PolicySet, PolicyErrors> {
@@ -50,11 +57,21 @@ pub(crate) struct Report {
     pub errors: Vec<PolicyError>,
     /// Where each policy name was first defined.
     names: HashMap<String, Location>,
+    /// Whether to find each rule's line (for diagnostics; one more parse of its document each).
+    rule_lines: bool,
 }
 
 impl Report {
+    /// Every policy of `paths`, each rule with its line, for diagnostics.
     pub fn load(paths: &[PathBuf]) -> Report {
-        let mut report = Report::default();
+        Self::load_with(paths, true)
+    }
+
+    fn load_with(paths: &[PathBuf], rule_lines: bool) -> Report {
+        let mut report = Report {
+            rule_lines,
+            ..Report::default()
+        };
         for file in report.policy_files(paths) {
             match std::fs::read_to_string(&file) {
                 Ok(text) => report.add_text(&file, &text),
@@ -225,8 +242,10 @@ impl Report {
         }
         self.names.insert(policy.name.clone(), location);
         if findings.errors.is_empty() {
-            for rule in policy.rules_mut() {
-                rule.line = locate(document, &rule.field);
+            if self.rule_lines {
+                for rule in policy.rules_mut() {
+                    rule.line = locate(document, &rule.field);
+                }
             }
             self.set.policies.push(policy);
         }
