@@ -69,6 +69,7 @@ impl Desired {
         config: Config,
         remote: Option<&RemoteState>,
         rule_ids: &mut RuleIds,
+        documents: &mut policy::DocumentCache,
     ) -> anyhow::Result<Self> {
         let mut workloads = identity::workload_infos(&config)?;
         let mut peers = Vec::new();
@@ -77,7 +78,8 @@ impl Desired {
             (Some(_), None) => policy::PolicySet::default(),
             (Some(_), Some(state)) => {
                 peers = remote_identities(state, &mut workloads);
-                policy::parse_documents(
+                policy::parse_documents_cached(
+                    documents,
                     state
                         .policies
                         .iter()
@@ -275,6 +277,8 @@ struct Agent {
     control_plane_address: Option<String>,
     /// The control plane's state in force (control-plane mode), kept for reloads.
     remote: Option<RemoteState>,
+    /// The control plane's policy documents as last parsed.
+    documents: policy::DocumentCache,
     /// This node's workloads, as the control-plane client reports them.
     reports: Option<watch::Sender<Vec<ReportedWorkload>>>,
     cgroup_root: PathBuf,
@@ -337,8 +341,12 @@ impl Agent {
 
     /// Re-reads configuration and policy; applies all of it or nothing.
     fn reload(&mut self, reason: &str) -> anyhow::Result<()> {
-        let built = load_config(&self.config_file, self.control_plane_address.as_deref())
-            .and_then(|config| Desired::build(config, self.remote.as_ref(), &mut self.rule_ids));
+        let built = load_config(&self.config_file, self.control_plane_address.as_deref()).and_then(
+            |config| {
+                let remote = self.remote.as_ref();
+                Desired::build(config, remote, &mut self.rule_ids, &mut self.documents)
+            },
+        );
         let next = match built {
             Ok(next) => next,
             Err(e) => {
@@ -376,7 +384,12 @@ impl Agent {
     fn apply_remote(&mut self, state: RemoteState) -> anyhow::Result<Result<(), String>> {
         const REASON: &str = "control plane";
         let config = self.desired.config.clone();
-        let next = match Desired::build(config, Some(&state), &mut self.rule_ids) {
+        let next = match Desired::build(
+            config,
+            Some(&state),
+            &mut self.rule_ids,
+            &mut self.documents,
+        ) {
             Ok(next) => next,
             Err(e) => {
                 let error = format!("{e:#}");
@@ -545,6 +558,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     preflight()?;
     let signals = Signals::install()?;
     let mut rule_ids = RuleIds::default();
+    let mut documents = policy::DocumentCache::default();
     let config = load_config(&opts.config, opts.control_plane.as_deref())?;
     // In control-plane mode, what was last applied is enforced from the start, so an agent
     // restarted while the control plane is away keeps its policy.
@@ -552,12 +566,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .control_plane
         .as_ref()
         .and_then(control::load_last_applied);
-    let desired = match Desired::build(config.clone(), remote.as_ref(), &mut rule_ids) {
+    let desired = match Desired::build(
+        config.clone(),
+        remote.as_ref(),
+        &mut rule_ids,
+        &mut documents,
+    ) {
         Ok(desired) => desired,
         Err(e) if remote.is_some() => {
             tracing::error!(error = format!("{e:#}"), "the last applied control-plane state does not compile; starting without policy until the control plane sends one");
             remote = None;
-            Desired::build(config, None, &mut rule_ids)?
+            Desired::build(config, None, &mut rule_ids, &mut documents)?
         }
         Err(e) => return Err(e),
     };
@@ -590,6 +609,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         config_file: opts.config.clone(),
         control_plane_address: opts.control_plane.clone(),
         remote,
+        documents,
         reports: None,
         cgroup_root: cgroup_root.clone(),
         attachment: Attachment::Attached,
@@ -723,8 +743,13 @@ mod tests {
 
     #[test]
     fn a_remote_state_gives_identities_peers_and_the_ip_cache() {
-        let desired =
-            Desired::build(config(), Some(&state(EGRESS)), &mut RuleIds::new()).expect("compiles");
+        let desired = Desired::build(
+            config(),
+            Some(&state(EGRESS)),
+            &mut RuleIds::new(),
+            &mut Default::default(),
+        )
+        .expect("compiles");
         assert_eq!(
             desired.workloads[0].identity, 4242,
             "the control plane's number"
@@ -762,9 +787,14 @@ mod tests {
     #[test]
     fn a_remote_policy_that_does_not_compile_is_an_error_naming_it() {
         let bad = EGRESS.replace("ports:", "bogus: 1\n      ports:");
-        let e = Desired::build(config(), Some(&state(&bad)), &mut RuleIds::new())
-            .err()
-            .expect("refused");
+        let e = Desired::build(
+            config(),
+            Some(&state(&bad)),
+            &mut RuleIds::new(),
+            &mut Default::default(),
+        )
+        .err()
+        .expect("refused");
         let text = format!("{e:#}");
         assert!(
             text.contains("client-egress") && text.contains("bogus"),
@@ -774,7 +804,8 @@ mod tests {
 
     #[test]
     fn control_plane_mode_without_a_state_has_no_policy() {
-        let desired = Desired::build(config(), None, &mut RuleIds::new()).expect("builds");
+        let desired = Desired::build(config(), None, &mut RuleIds::new(), &mut Default::default())
+            .expect("builds");
         assert!(desired.compiled.entries.is_empty());
         assert!(desired.peers.is_empty());
     }

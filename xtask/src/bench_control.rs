@@ -255,12 +255,13 @@ fn report(
     );
     let _ = writeln!(
         out,
-        "{:>7}  {:>14} {:>14} {:>14} {:>14} {:>16}",
+        "{:>7}  {:>14} {:>14} {:>14} {:>14} {:>16} {:>16}",
         "rules",
         "all nodes p50",
         "all nodes p99",
         "one node p50",
         "one node p99",
+        "ctl plane p50",
         "kernel write p50"
     );
     for row in rows {

@@ -50,6 +50,61 @@ pub fn parse_documents<'a>(
     report.into_result()
 }
 
+/// The documents [`parse_documents_cached`] parsed last time, by name, so that a change to one
+/// policy among thousands parses that one only.
+#[derive(Debug, Default)]
+pub struct DocumentCache {
+    documents: HashMap<String, (String, PolicySet)>,
+}
+
+/// [`parse_documents`], reusing what `cache` holds for documents whose text has not changed.
+pub fn parse_documents_cached<'a>(
+    cache: &mut DocumentCache,
+    documents: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<PolicySet, PolicyErrors> {
+    let mut parsed_now = HashMap::new();
+    let mut set = PolicySet::default();
+    let mut errors = Vec::new();
+    // Policy name → the document that defined it first.
+    let mut names: HashMap<String, String> = HashMap::new();
+    for (name, text) in documents {
+        let parsed = match cache.documents.remove(name) {
+            Some((cached, parsed)) if cached == text => parsed,
+            _ => match parse_documents([(name, text)]) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    errors.extend(e.0);
+                    continue;
+                }
+            },
+        };
+        for policy in &parsed.policies {
+            if let Some(first) = names.insert(policy.name.clone(), name.to_owned()) {
+                errors.push(PolicyError {
+                    location: Location {
+                        file: PathBuf::from(name),
+                        ..Location::default()
+                    },
+                    field: "metadata.name".into(),
+                    reason: format!(
+                        "duplicate policy name `{}`; first defined in {first}",
+                        policy.name
+                    ),
+                });
+            }
+        }
+        set.policies.extend(parsed.policies.iter().cloned());
+        set.warnings.extend(parsed.warnings.iter().cloned());
+        parsed_now.insert(name.to_owned(), (text.to_owned(), parsed));
+    }
+    cache.documents = parsed_now;
+    if errors.is_empty() {
+        Ok(set)
+    } else {
+        Err(PolicyErrors(errors))
+    }
+}
+
 /// Everything loading found: the valid policies, the errors and the warnings.
 #[derive(Debug, Default)]
 pub(crate) struct Report {
@@ -555,6 +610,62 @@ mod tests {
             None,
             "there is no zzz"
         );
+    }
+
+    #[test]
+    fn named_documents_load_without_rule_lines_and_name_their_errors() {
+        let doc = |name: &str, rule: &str| {
+            format!("apiVersion: ward.dev/v1\nkind: Policy\nmetadata: {{name: {name}}}\nspec:\n  selector: {{}}\n  ingress:\n    - {rule}\n")
+        };
+        let good = doc("a", "ports: [{port: 80}]");
+        let set = parse_documents([("a", good.as_str())]).expect("valid");
+        let (_, rule) = set.policies[0].rules().next().expect("one rule");
+        assert_eq!(rule.line, None, "enforcement does not look for lines");
+        let with_lines = parse(Path::new("a"), &good).expect("valid");
+        let (_, rule) = with_lines.policies[0].rules().next().expect("one rule");
+        assert!(rule.line.is_some(), "diagnostics do");
+
+        let bad = doc("b", "bogus: 1");
+        let errors = parse_documents([("a", good.as_str()), ("b", bad.as_str())])
+            .expect_err("b is refused")
+            .to_string();
+        assert!(errors.contains('b') && errors.contains("bogus"), "{errors}");
+    }
+
+    #[test]
+    fn cached_documents_are_reused_only_while_their_text_is_the_same() {
+        let doc = |name: &str, port: u16| {
+            format!("apiVersion: ward.dev/v1\nkind: Policy\nmetadata: {{name: {name}}}\nspec:\n  selector: {{}}\n  ingress:\n    - ports: [{{port: {port}}}]\n")
+        };
+        let port_of = |set: &PolicySet, name: &str| {
+            let policy = set
+                .policies
+                .iter()
+                .find(|p| p.name == name)
+                .expect("policy");
+            format!("{:?}", policy.rules().next().expect("rule").1.ports)
+        };
+        let mut cache = DocumentCache::default();
+        let (a, b) = (doc("a", 80), doc("b", 81));
+        let first = parse_documents_cached(&mut cache, [("a", a.as_str()), ("b", b.as_str())])
+            .expect("valid");
+        assert_eq!(first.names().collect::<Vec<_>>(), ["a", "b"]);
+        let b2 = doc("b", 82);
+        let second = parse_documents_cached(&mut cache, [("a", a.as_str()), ("b", b2.as_str())])
+            .expect("valid");
+        assert_eq!(port_of(&second, "a"), port_of(&first, "a"));
+        assert!(
+            port_of(&second, "b").contains("82"),
+            "{}",
+            port_of(&second, "b")
+        );
+        let twice = doc("a", 83);
+        let e = parse_documents_cached(&mut cache, [("a", a.as_str()), ("c", twice.as_str())])
+            .expect_err("two documents define policy a");
+        assert!(e.to_string().contains("duplicate policy name `a`"), "{e}");
+        let bad = a.replace("ports:", "bogus: 1\n      ports:");
+        let e = parse_documents_cached(&mut cache, [("a", bad.as_str())]).expect_err("bogus");
+        assert!(e.to_string().contains("bogus"), "{e}");
     }
 
     #[test]
