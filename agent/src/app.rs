@@ -383,6 +383,7 @@ impl Agent {
     /// force. `Err` carries the reason for the NACK; the previous state stays.
     fn apply_remote(&mut self, state: RemoteState) -> anyhow::Result<Result<(), String>> {
         const REASON: &str = "control plane";
+        let started = std::time::Instant::now();
         let config = self.desired.config.clone();
         let next = match Desired::build(
             config,
@@ -397,9 +398,19 @@ impl Agent {
                 return Ok(Err(error));
             }
         };
+        let compiled_in = started.elapsed();
         let applied = self.install(next, REASON)?;
         if applied.is_ok() {
-            tracing::info!(versions = ?state.versions, policies = state.policies.len(), identities = state.identities.len(), addresses = state.ipcache.len(), generation = self.last_apply.generation, "control plane state applied");
+            tracing::info!(
+                versions = ?state.versions,
+                policies = state.policies.len(),
+                identities = state.identities.len(),
+                addresses = state.ipcache.len(),
+                generation = self.last_apply.generation,
+                compile_ms = compiled_in.as_secs_f64() * 1e3,
+                total_ms = started.elapsed().as_secs_f64() * 1e3,
+                "control plane state applied"
+            );
             self.remote = Some(state);
         }
         Ok(applied)
