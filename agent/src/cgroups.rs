@@ -55,22 +55,33 @@ impl CgroupWatcher {
         Ok(watcher)
     }
 
-    /// Adds a watch on every directory of the tree; adding an existing watch is a no-op, so this
-    /// also covers directories created between an event and the rescan it triggers.
+    /// Adds a watch on every directory of the tree (adding an existing watch is a no-op) and
+    /// returns the tree. A directory created inside another before that one's watch was added
+    /// raised no event, so the tree is scanned again after the watches are in place until a scan
+    /// finds nothing new: every directory in the returned tree is watched.
     fn watch_all(&self) -> std::io::Result<CgroupTree> {
-        let tree = scan(&self.root)?;
         let mask = WatchMask::CREATE | WatchMask::DELETE | WatchMask::ONLYDIR;
         let mut watches = self.events.watches();
         watches.add(&self.root, mask)?;
-        for relative in tree.values() {
-            match watches.add(self.root.join(relative), mask) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                r => {
-                    r?;
+        let mut watched = CgroupTree::new();
+        loop {
+            let tree = scan(&self.root)?;
+            if tree.keys().all(|id| watched.contains_key(id)) {
+                return Ok(tree);
+            }
+            for (id, relative) in &tree {
+                if watched.contains_key(id) {
+                    continue;
+                }
+                match watches.add(self.root.join(relative), mask) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    r => {
+                        r?;
+                    }
                 }
             }
+            watched = tree;
         }
-        Ok(tree)
     }
 
     /// Waits until the tree changes, then returns it as it is now.
