@@ -51,6 +51,8 @@ impl Setup {
             let workloads = if index == B {
                 vec![db_on(db_address)]
             } else {
+                // The cgroup exists before ward starts, so it is mapped from the first packet on.
+                cluster.node(index).workload("client");
                 vec![Workload::new("client")]
             };
             cluster.node_mut(index).start(&workloads);
