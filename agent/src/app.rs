@@ -16,13 +16,14 @@ use futures_util::StreamExt as _;
 use inotify::{Inotify, WatchMask};
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, watch},
 };
 
 use crate::{
     admin,
     cgroups::{self, CgroupTree, CgroupWatcher},
     config::{Config, HostAddresses},
+    control::{self, RemoteState, RemoteUpdate, ReportedWorkload},
     events::{self, Names, SharedNames},
     flows::FlowHub,
     identity,
@@ -36,32 +37,82 @@ use crate::{
 pub struct RunOptions {
     pub config: PathBuf,
     pub keep_enforcing: bool,
+    /// `--control-plane`: overrides `controlPlane.address`.
+    pub control_plane: Option<String>,
 }
 
-/// Everything derived from one configuration and its policy files.
+/// Reads the configuration file, with the command line's control-plane address over the file's.
+fn load_config(file: &Path, control_plane: Option<&str>) -> anyhow::Result<Config> {
+    let mut config = Config::load(file)?;
+    if let Some(address) = control_plane {
+        config.override_control_plane_address(address)?;
+    }
+    Ok(config)
+}
+
+/// Everything derived from one configuration and its policy files, or, in control-plane mode,
+/// from the configuration and the control plane's state.
 struct Desired {
     config: Config,
+    /// This node's workloads.
     workloads: Vec<WorkloadInfo>,
+    /// Other nodes' workloads (control-plane mode): identities that rules may name as peers.
+    peers: Vec<WorkloadInfo>,
     compiled: Compiled,
     addresses: BTreeMap<[u8; 16], u32>,
 }
 
 impl Desired {
-    fn build(config_file: &Path, rule_ids: &mut RuleIds) -> anyhow::Result<Self> {
-        let config = Config::load(config_file)?;
-        let workloads = identity::workload_infos(&config)?;
-        let set = policy::load(&config.policies)?;
-        let compiled = policy::compile(&set, &workloads, rule_ids)?;
-        let addresses = address_identities(&config, &workloads)?;
+    /// `remote` is the control plane's state to enforce (in control-plane mode; `None` until
+    /// the first update, which means no policy).
+    fn build(
+        config: Config,
+        remote: Option<&RemoteState>,
+        rule_ids: &mut RuleIds,
+        documents: &mut policy::DocumentCache,
+    ) -> anyhow::Result<Self> {
+        let mut workloads = identity::workload_infos(&config)?;
+        let mut peers = Vec::new();
+        let set = match (&config.control_plane, remote) {
+            (None, _) => policy::load(&config.policies)?,
+            (Some(_), None) => policy::PolicySet::default(),
+            (Some(_), Some(state)) => {
+                peers = remote_identities(state, &mut workloads);
+                policy::parse_documents_cached(
+                    documents,
+                    state
+                        .policies
+                        .iter()
+                        .map(|(name, yaml)| (name.as_str(), yaml.as_str())),
+                )?
+            }
+        };
+        let compiled = policy::compile_with_peers(&set, &workloads, &peers, rule_ids)?;
+        let mut addresses = address_identities(&config, &workloads)?;
+        if let Some(state) = remote {
+            for (address, identity) in &state.ipcache {
+                // This host's own addresses and this node's workloads win.
+                addresses
+                    .entry(kernel::mapped(*address))
+                    .or_insert(*identity);
+            }
+        }
         if let Some(rule) = compiled.rules.values().find(|r| r.mtls) {
             tracing::warn!(policy = %rule.policy, rule = %rule.rule, "mtls: required is recorded but the mTLS tunnel is not available in this version; such connections pass in plain TCP");
         }
         Ok(Desired {
             config,
             workloads,
+            peers,
             compiled,
             addresses,
         })
+    }
+
+    /// Names for verdict lines: this node's workloads, other nodes' by SPIFFE ID.
+    fn names(&self) -> Names {
+        let all: Vec<WorkloadInfo> = self.peers.iter().chain(&self.workloads).cloned().collect();
+        Names::new(&self.compiled, &all)
     }
 
     /// cgroup id → identity for the cgroups of this node's workloads.
@@ -72,6 +123,64 @@ impl Desired {
                     .map(|i| (*id, self.workloads[i].identity))
             })
             .collect()
+    }
+}
+
+/// Gives this node's workloads the control plane's numbers for their SPIFFE IDs (the same as the
+/// local ones unless two IDs collided) and returns every other identity as a peer, with the
+/// addresses the IP cache gives it.
+fn remote_identities(state: &RemoteState, workloads: &mut [WorkloadInfo]) -> Vec<WorkloadInfo> {
+    let mut local: std::collections::HashMap<String, Vec<usize>> = Default::default();
+    for (i, w) in workloads.iter().enumerate() {
+        local.entry(w.spiffe_id.clone()).or_default().push(i);
+    }
+    let mut addresses: std::collections::HashMap<u32, Vec<IpAddr>> = Default::default();
+    for (address, identity) in &state.ipcache {
+        addresses.entry(*identity).or_default().push(*address);
+    }
+    let mut peers = Vec::new();
+    for remote in &state.identities {
+        if let Some(indices) = local.get(&remote.spiffe_id) {
+            for &i in indices {
+                workloads[i].identity = remote.identity;
+            }
+            continue;
+        }
+        peers.push(WorkloadInfo {
+            identity: remote.identity,
+            name: remote.spiffe_id.clone(),
+            spiffe_id: remote.spiffe_id.clone(),
+            namespace: remote.namespace.clone(),
+            labels: remote.labels.clone(),
+            // The control plane does not distribute namespace labels or named ports yet: remote
+            // peers match namespaceSelectors only by name, and named ports only locally.
+            namespace_labels: Default::default(),
+            ports: Vec::new(),
+            addresses: addresses.remove(&remote.identity).unwrap_or_default(),
+        });
+    }
+    peers
+}
+
+/// What this node reports to the control plane.
+fn reported(workloads: &[WorkloadInfo]) -> Vec<ReportedWorkload> {
+    workloads
+        .iter()
+        .map(|w| ReportedWorkload {
+            name: w.name.clone(),
+            spiffe_id: w.spiffe_id.clone(),
+            namespace: w.namespace.clone(),
+            labels: w.labels.clone(),
+            addresses: w.addresses.clone(),
+        })
+        .collect()
+}
+
+/// The next update from the control plane; never, in local mode.
+async fn next_update(updates: &mut Option<mpsc::Receiver<RemoteUpdate>>) -> Option<RemoteUpdate> {
+    match updates {
+        Some(updates) => updates.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -168,6 +277,14 @@ impl Signals {
 /// The running agent's state, owned by the main loop.
 struct Agent {
     config_file: PathBuf,
+    /// `--control-plane`, applied to every read of the configuration.
+    control_plane_address: Option<String>,
+    /// The control plane's state in force (control-plane mode), kept for reloads.
+    remote: Option<RemoteState>,
+    /// The control plane's policy documents as last parsed.
+    documents: policy::DocumentCache,
+    /// This node's workloads, as the control-plane client reports them.
+    reports: Option<watch::Sender<Vec<ReportedWorkload>>>,
     cgroup_root: PathBuf,
     dp: Datapath,
     attachment: Attachment,
@@ -228,7 +345,13 @@ impl Agent {
 
     /// Re-reads configuration and policy; applies all of it or nothing.
     fn reload(&mut self, reason: &str) -> anyhow::Result<()> {
-        let next = match Desired::build(&self.config_file, &mut self.rule_ids) {
+        let built = load_config(&self.config_file, self.control_plane_address.as_deref()).and_then(
+            |config| {
+                let remote = self.remote.as_ref();
+                Desired::build(config, remote, &mut self.rule_ids, &mut self.documents)
+            },
+        );
+        let next = match built {
             Ok(next) => next,
             Err(e) => {
                 self.reject(reason, format!("{e:#}"), "policy rejected");
@@ -236,20 +359,79 @@ impl Agent {
             }
         };
         let current = &self.desired.config;
-        if next.config.pin_dir != current.pin_dir || next.config.cgroup_root != current.cgroup_root
+        if next.config.pin_dir != current.pin_dir
+            || next.config.cgroup_root != current.cgroup_root
+            || next.config.control_plane != current.control_plane
         {
             self.reject(
                 reason,
-                "pinDir and cgroupRoot take effect only at restart".into(),
+                "pinDir, cgroupRoot and controlPlane take effect only at restart".into(),
                 "policy rejected",
             );
             return Ok(());
         }
+        // A refusal is logged and counted by `install`; the agent keeps running.
+        let _ = self.install(next, reason)?;
+        if let Some(reports) = &self.reports {
+            let workloads = reported(&self.desired.workloads);
+            reports.send_if_modified(|current| {
+                let changed = *current != workloads;
+                *current = workloads;
+                changed
+            });
+        }
+        Ok(())
+    }
+
+    /// Applies a state from the control plane, all of it or nothing, with the configuration in
+    /// force. `Err` carries the reason for the NACK; the previous state stays.
+    fn apply_remote(&mut self, state: RemoteState) -> anyhow::Result<Result<(), String>> {
+        const REASON: &str = "control plane";
+        let started = std::time::Instant::now();
+        let config = self.desired.config.clone();
+        let next = match Desired::build(
+            config,
+            Some(&state),
+            &mut self.rule_ids,
+            &mut self.documents,
+        ) {
+            Ok(next) => next,
+            Err(e) => {
+                let error = format!("{e:#}");
+                self.reject(REASON, error.clone(), "policy rejected");
+                return Ok(Err(error));
+            }
+        };
+        let compiled_in = started.elapsed();
+        let applied = self.install(next, REASON)?;
+        if applied.is_ok() {
+            tracing::info!(
+                versions = ?state.versions,
+                policies = state.policies.len(),
+                identities = state.identities.len(),
+                addresses = state.ipcache.len(),
+                generation = self.last_apply.generation,
+                compile_ms = compiled_in.as_secs_f64() * 1e3,
+                total_ms = started.elapsed().as_secs_f64() * 1e3,
+                "control plane state applied"
+            );
+            self.remote = Some(state);
+        }
+        Ok(applied)
+    }
+
+    /// Writes `next` to the kernel and makes it the state in force; on a refusal by the kernel
+    /// nothing changes and the reason is returned. `Err` only when the cgroup map cannot be
+    /// brought in line afterwards.
+    fn install(&mut self, next: Desired, reason: &str) -> anyhow::Result<Result<(), String>> {
         match self.dp.apply(&next.compiled, &next.addresses) {
-            Err(e) => self.reject(reason, e.to_string(), "policy rejected by the kernel"),
+            Err(e) => {
+                let error = e.to_string();
+                self.reject(reason, error.clone(), "policy rejected by the kernel");
+                Ok(Err(error))
+            }
             Ok(stats) => {
-                *self.names.write().expect("names lock poisoned") =
-                    Names::new(&next.compiled, &next.workloads);
+                *self.names.write().expect("names lock poisoned") = next.names();
                 self.desired = next;
                 self.record_apply(stats);
                 self.sync_cgroups(&cgroups::scan(&self.cgroup_root)?)?;
@@ -260,9 +442,9 @@ impl Agent {
                     duration_ms = stats.duration.as_secs_f64() * 1e3,
                     "policy applied"
                 );
+                Ok(Ok(()))
             }
         }
-        Ok(())
     }
 
     fn status(&self) -> Status {
@@ -299,11 +481,18 @@ impl Agent {
                 generation: self.last_apply.generation,
                 entries: self.last_apply.entries,
                 rules: self.desired.compiled.rules.len(),
-                files: config
-                    .policies
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect(),
+                files: match &self.remote {
+                    Some(remote) => remote
+                        .policies
+                        .iter()
+                        .map(|(name, _)| format!("control plane: {name}"))
+                        .collect(),
+                    None => config
+                        .policies
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect(),
+                },
                 last_applied: format!(
                     "{:.1} ms ago",
                     self.last_apply.at.elapsed().as_secs_f64() * 1e3
@@ -311,7 +500,24 @@ impl Agent {
                 last_error: self.last_error.clone(),
             },
             workloads,
-            control_plane: "none (local mode: configuration and policy files)".into(),
+            control_plane: match (&config.control_plane, &self.remote) {
+                (None, _) => "none (local mode: configuration and policy files)".into(),
+                (Some(cp), None) => format!(
+                    "{} as node {}: nothing applied yet (no policy)",
+                    cp.address, cp.node_name
+                ),
+                (Some(cp), Some(remote)) => format!(
+                    "{} as node {}: applied {}",
+                    cp.address,
+                    cp.node_name,
+                    remote
+                        .versions
+                        .iter()
+                        .map(|(kind, version)| format!("{kind} {version}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
             maps: self.dp.maps(
                 self.last_apply.entries,
                 self.last_apply.addresses,
@@ -326,6 +532,7 @@ impl Agent {
         &mut self,
         signals: Signals,
         mut status_requests: mpsc::Receiver<oneshot::Sender<Status>>,
+        mut updates: Option<mpsc::Receiver<RemoteUpdate>>,
     ) -> anyhow::Result<()> {
         let mut watcher = CgroupWatcher::new(&self.cgroup_root).context("watching cgroups")?;
         self.sync_cgroups(&cgroups::scan(&self.cgroup_root)?)?;
@@ -350,6 +557,11 @@ impl Agent {
                 Some(reply) = status_requests.recv() => {
                     let _ = reply.send(self.status());
                 }
+                Some(update) = next_update(&mut updates) => {
+                    let result = self.apply_remote(update.state)?;
+                    // Ok is ACKed, Err(reason) NACKed; the client waits for the answer.
+                    let _ = update.ack.send(result);
+                }
                 _ = terminate.recv() => return Ok(()),
                 _ = interrupt.recv() => return Ok(()),
             }
@@ -361,7 +573,31 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     preflight()?;
     let signals = Signals::install()?;
     let mut rule_ids = RuleIds::default();
-    let desired = Desired::build(&opts.config, &mut rule_ids)?;
+    let mut documents = policy::DocumentCache::default();
+    let config = load_config(&opts.config, opts.control_plane.as_deref())?;
+    // In control-plane mode, what was last applied is enforced from the start, so an agent
+    // restarted while the control plane is away keeps its policy.
+    let mut remote = config
+        .control_plane
+        .as_ref()
+        .and_then(control::load_last_applied);
+    let desired = match Desired::build(
+        config.clone(),
+        remote.as_ref(),
+        &mut rule_ids,
+        &mut documents,
+    ) {
+        Ok(desired) => desired,
+        Err(e) if remote.is_some() => {
+            tracing::error!(error = format!("{e:#}"), "the last applied control-plane state does not compile; starting without policy until the control plane sends one");
+            remote = None;
+            Desired::build(config, None, &mut rule_ids, &mut documents)?
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(state) = &remote {
+        tracing::info!(versions = ?state.versions, policies = state.policies.len(), addresses = state.ipcache.len(), "enforcing the last applied control-plane state");
+    }
     let config = desired.config.clone();
     let cgroup_root = paths::cgroup_root(config.cgroup_root.as_deref())?;
     let features = kernel::features::probe();
@@ -388,12 +624,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let stats = dp.apply(&desired.compiled, &desired.addresses)?;
     let hub = Arc::new(FlowHub::new(config.flow_log.as_deref()).context("opening the flow log")?);
     let metrics = Arc::new(Metrics::new(Some(dp.take_counters()?)));
-    let names: SharedNames = Arc::new(RwLock::new(Names::new(
-        &desired.compiled,
-        &desired.workloads,
-    )));
+    let names: SharedNames = Arc::new(RwLock::new(desired.names()));
     let mut agent = Agent {
         config_file: opts.config.clone(),
+        control_plane_address: opts.control_plane.clone(),
+        remote,
+        documents,
+        reports: None,
         cgroup_root: cgroup_root.clone(),
         attachment: Attachment::Attached,
         desired,
@@ -438,7 +675,21 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         "ready: enforcing"
     );
 
-    let served = agent.serve(signals, status_rx).await;
+    let updates = config.control_plane.clone().map(|cp_config| {
+        let (reports_tx, reports_rx) = watch::channel(reported(&agent.desired.workloads));
+        let (updates_tx, updates_rx) = mpsc::channel::<RemoteUpdate>(1);
+        agent.reports = Some(reports_tx);
+        // Retries everything itself with backoff; returns when the agent stops, or at once on a
+        // bad configuration, which leaves the agent enforcing what it has.
+        tokio::spawn(async move {
+            if let Err(e) = control::run(cp_config, reports_rx, updates_tx).await {
+                tracing::error!(error = %e, "control plane client stopped");
+            }
+        });
+        updates_rx
+    });
+
+    let served = agent.serve(signals, status_rx, updates).await;
     let _ = std::fs::remove_file(&config.admin_socket);
     if let Some(dir) = config.admin_socket.parent() {
         // Only if empty: the directory may be shared with other files.
@@ -468,4 +719,114 @@ pub fn uninstall(pin_dir: &Path) -> anyhow::Result<()> {
         pin_dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::{DIRECTION_EGRESS, PROTO_TCP, VERDICT_ALLOW, VERDICT_DENY};
+
+    use super::*;
+    use crate::control::RemoteState;
+
+    const CONFIG: &str = "trustDomain: x.test\nhostAddresses: [10.0.0.254]\ncontrolPlane: {address: '10.0.0.10:7443', nodeName: node-a, caFile: ca.pem, stateDir: /s}\nworkloads:\n  - {name: client, labels: {app: client}, addresses: [10.0.0.1]}\n";
+    const EGRESS: &str = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  name: client-egress\nspec:\n  selector:\n    labels: {app: client}\n  egress:\n    - to: [{labels: {app: db}}]\n      ports: [{port: 5432}]\n";
+
+    fn config() -> Config {
+        Config::parse(Path::new("/etc/ward/ward.yaml"), CONFIG).expect("valid configuration")
+    }
+
+    fn identity(spiffe_id: &str, identity: u32, app: &str) -> crate::control::RemoteIdentity {
+        crate::control::RemoteIdentity {
+            spiffe_id: spiffe_id.into(),
+            identity,
+            labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+            namespace: None,
+        }
+    }
+
+    fn state(policy: &str) -> RemoteState {
+        let ip = |a: &str| a.parse::<IpAddr>().expect("address");
+        RemoteState {
+            policies: vec![("client-egress".into(), policy.into())],
+            identities: vec![
+                identity("spiffe://x.test/workload/client", 4242, "client"),
+                identity("spiffe://x.test/workload/db", 777, "db"),
+            ],
+            ipcache: vec![
+                (ip("10.0.0.1"), 4242),
+                (ip("10.0.0.2"), 777),
+                (ip("10.0.0.254"), 777),
+            ],
+            ..RemoteState::default()
+        }
+    }
+
+    #[test]
+    fn a_remote_state_gives_identities_peers_and_the_ip_cache() {
+        let desired = Desired::build(
+            config(),
+            Some(&state(EGRESS)),
+            &mut RuleIds::new(),
+            &mut Default::default(),
+        )
+        .expect("compiles");
+        assert_eq!(
+            desired.workloads[0].identity, 4242,
+            "the control plane's number"
+        );
+        assert_eq!(desired.peers.len(), 1);
+        assert!(
+            desired.peers[0]
+                .addresses
+                .contains(&"10.0.0.2".parse::<IpAddr>().expect("ip")),
+            "a peer has its addresses from the IP cache, for CIDR rules"
+        );
+        let decide = |remote| {
+            desired
+                .compiled
+                .decide(4242, remote, DIRECTION_EGRESS, PROTO_TCP, 5432)
+                .verdict
+        };
+        assert_eq!(decide(777), VERDICT_ALLOW, "db on another node is a peer");
+        assert_eq!(decide(778), VERDICT_DENY);
+        let at = |a: &str| {
+            desired
+                .addresses
+                .get(&kernel::mapped(a.parse().expect("ip")))
+                .copied()
+        };
+        assert_eq!(at("10.0.0.2"), Some(777));
+        assert_eq!(at("10.0.0.1"), Some(4242));
+        assert_eq!(
+            at("10.0.0.254"),
+            Some(IDENTITY_HOST),
+            "this host's address stays the host"
+        );
+    }
+
+    #[test]
+    fn a_remote_policy_that_does_not_compile_is_an_error_naming_it() {
+        let bad = EGRESS.replace("ports:", "bogus: 1\n      ports:");
+        let e = Desired::build(
+            config(),
+            Some(&state(&bad)),
+            &mut RuleIds::new(),
+            &mut Default::default(),
+        )
+        .err()
+        .expect("refused");
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("client-egress") && text.contains("bogus"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn control_plane_mode_without_a_state_has_no_policy() {
+        let desired = Desired::build(config(), None, &mut RuleIds::new(), &mut Default::default())
+            .expect("builds");
+        assert!(desired.compiled.entries.is_empty());
+        assert!(desired.peers.is_empty());
+    }
 }

@@ -61,6 +61,10 @@ enum Command {
         /// On SIGTERM, leave the programs attached so the kernel keeps enforcing the last policy.
         #[arg(long)]
         keep_enforcing: bool,
+        /// host:port of ward-control; overrides controlPlane.address of the configuration, whose
+        /// controlPlane: section gives the rest (see docs/control-plane.md).
+        #[arg(long, value_name = "ADDR")]
+        control_plane: Option<String>,
     },
     /// Show the running agent's state: kernel, programs, policy, workloads, map usage.
     Status {
@@ -213,10 +217,12 @@ pub fn main() -> ExitCode {
         Command::Run {
             config,
             keep_enforcing,
+            control_plane,
         } => runtime().and_then(|rt| {
             rt.block_on(app::run(app::RunOptions {
                 config,
                 keep_enforcing,
+                control_plane,
             }))
         }),
         Command::Uninstall { pin_dir } => app::uninstall(&pin_dir),

@@ -45,6 +45,7 @@ struct RawConfig {
     namespaces: BTreeMap<String, RawNamespace>,
     #[serde(default)]
     workloads: Vec<RawWorkload>,
+    control_plane: Option<crate::control::ControlPlaneConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +131,8 @@ pub struct Config {
     /// Labels of the Kubernetes namespaces the workloads name, by namespace.
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub workloads: Vec<WorkloadConfig>,
+    /// Policy, identities and the IP cache come from this control plane instead of `policies`.
+    pub control_plane: Option<crate::control::ControlPlaneConfig>,
 }
 
 impl Config {
@@ -316,7 +319,23 @@ impl Config {
                 ports,
             });
         }
+        let control_plane = match raw.control_plane {
+            None => None,
+            Some(_) if !raw.policies.is_empty() => {
+                return Err(field(
+                    "policies".into(),
+                    "must be empty with controlPlane: policy comes from the control plane".into(),
+                ))
+            }
+            Some(mut cp) => {
+                cp.join_token_file = cp.join_token_file.map(|p| base.join(p));
+                cp.ca_file = base.join(&cp.ca_file);
+                check_control_plane(file, &cp)?;
+                Some(cp)
+            }
+        };
         Ok(Config {
+            control_plane,
             file: file.to_owned(),
             trust_domain: raw.trust_domain,
             cgroup_root: raw.cgroup_root,
@@ -360,6 +379,40 @@ fn named_port(raw: RawPort) -> Result<NamedPort, (&'static str, String)> {
         protocol,
         port,
     })
+}
+
+/// Turns the section's own check into an error naming the file and the field.
+fn check_control_plane(
+    file: &Path,
+    cp: &crate::control::ControlPlaneConfig,
+) -> Result<(), ConfigError> {
+    cp.validate().map_err(|e| match e {
+        crate::control::ControlError::Field { field, reason } => ConfigError::Field {
+            file: file.to_owned(),
+            field: format!("controlPlane.{field}"),
+            reason,
+        },
+        other => ConfigError::Parse {
+            file: file.to_owned(),
+            reason: other.to_string(),
+        },
+    })
+}
+
+impl Config {
+    /// `ward run --control-plane ADDR`: the address from the command line, everything else from
+    /// the file's `controlPlane:` section, which must be there.
+    pub fn override_control_plane_address(&mut self, address: &str) -> Result<(), ConfigError> {
+        let Some(cp) = self.control_plane.as_mut() else {
+            return Err(ConfigError::Field {
+                file: self.file.clone(),
+                field: "controlPlane".into(),
+                reason: "--control-plane needs a controlPlane: section (nodeName, caFile, stateDir, joinTokenFile)".into(),
+            });
+        };
+        cp.address = address.to_owned();
+        check_control_plane(&self.file, cp)
+    }
 }
 
 fn parse_addr(text: &str) -> Result<IpAddr, String> {
@@ -422,6 +475,28 @@ mod tests {
     }
 
     #[test]
+    fn control_plane_section_resolves_files_and_takes_the_address_flag() {
+        let mut c = parse(
+            "trustDomain: example.org\ncontrolPlane:\n  address: 10.0.0.1:7443\n  nodeName: node-a\n  caFile: ca.pem\n  joinTokenFile: token\n  stateDir: /var/lib/ward/control\n",
+        )
+        .expect("valid config");
+        let cp = c.control_plane.as_ref().expect("section");
+        assert_eq!(cp.ca_file, PathBuf::from("/etc/ward/ca.pem"));
+        assert_eq!(cp.join_token_file, Some(PathBuf::from("/etc/ward/token")));
+        c.override_control_plane_address("10.9.9.9:7443")
+            .expect("valid address");
+        assert_eq!(
+            c.control_plane.as_ref().expect("section").address,
+            "10.9.9.9:7443"
+        );
+        let e = c.override_control_plane_address("nope").unwrap_err();
+        assert!(e.to_string().contains("controlPlane.address"), "{e}");
+        let mut local = parse("trustDomain: example.org\n").expect("valid config");
+        let e = local.override_control_plane_address("a:1").unwrap_err();
+        assert!(e.to_string().contains("`controlPlane`"), "{e}");
+    }
+
+    #[test]
     fn unknown_field_is_an_error_naming_it() {
         let e = parse("trustDomain: example.org\nworkloads:\n  - name: web\n    cgroup: [x]\n")
             .unwrap_err();
@@ -451,6 +526,9 @@ mod tests {
             ("trustDomain: example.org\nworkloads: [{name: a, ports: [{name: http, port: 0}]}]\n", "workloads[0].ports[0].port"),
             ("trustDomain: example.org\nworkloads: [{name: a, ports: [{name: http, port: 80, protocol: tcp}]}]\n", "workloads[0].ports[0].protocol"),
             ("trustDomain: example.org\nworkloads: [{name: a, ports: [{name: http, port: 80}, {name: http, port: 81}]}]\n", "workloads[0].ports[1].name"),
+            ("trustDomain: example.org\ncontrolPlane: {address: nope, nodeName: a, caFile: ca.pem, stateDir: /s}\n", "controlPlane.address"),
+            ("trustDomain: example.org\ncontrolPlane: {address: 'a:1', nodeName: a, caFile: ca.pem, stateDir: s}\n", "controlPlane.stateDir"),
+            ("trustDomain: example.org\npolicies: [p/]\ncontrolPlane: {address: 'a:1', nodeName: a, caFile: ca.pem, stateDir: /s}\n", "policies"),
         ];
         for (text, field) in cases {
             let msg = parse(text).expect_err(text).to_string();

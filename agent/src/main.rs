@@ -3,6 +3,7 @@ mod app;
 mod cgroups;
 mod cli;
 mod config;
+mod control;
 mod events;
 mod flows;
 mod identity;

@@ -112,7 +112,7 @@ impl Metrics {
         );
         registry.register(
             "policy_apply_failures",
-            "Policy reloads refused (bad policy or kernel error)",
+            "Policy reloads and control-plane updates refused (bad policy or kernel error)",
             m.policy_apply_failures.clone(),
         );
         registry.register(

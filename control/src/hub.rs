@@ -1,11 +1,12 @@
 //! The state every stream serves from: the four resource sets, the workload registry, and which
 //! stream currently speaks for which node.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
         atomic::{AtomicU64, Ordering},
         Mutex,
     },
+    time::{Duration, Instant},
 };
 
 use tokio::sync::watch;
@@ -67,6 +68,9 @@ impl Drop for SessionGuard<'_> {
         {
             sessions.remove(&self.node);
         }
+        drop(sessions);
+        // The lease runs from the end of the node's last stream.
+        self.hub.lock().registry.touch(&self.node, Instant::now());
     }
 }
 
@@ -143,9 +147,15 @@ impl Hub {
     ) -> Result<Vec<Refusal>, ReportError> {
         let mut state = self.lock();
         let (changed, refusals) = state.registry.report(node, workloads)?;
-        if !changed {
-            return Ok(refusals);
+        state.registry.touch(node, Instant::now());
+        if changed {
+            self.registry_changed_locked(state);
         }
+        Ok(refusals)
+    }
+
+    /// Derives IDENTITY and IPCACHE again after the registry changed, and wakes whoever watches.
+    fn registry_changed_locked(&self, mut state: std::sync::MutexGuard<'_, State>) {
         let identities = state.registry.identity_resources();
         let ipcache = state.registry.ipcache_resources();
         let a = state.sets.identity.replace_all(identities);
@@ -155,7 +165,24 @@ impl Hub {
         if a || b {
             Self::bump(&self.changed);
         }
-        Ok(refusals)
+    }
+
+    /// Removes the workloads of nodes without a stream for `lease` or longer; see
+    /// [`Registry::expire`]. Returns the nodes removed.
+    pub fn expire_nodes(&self, lease: Duration) -> Vec<String> {
+        let connected: BTreeSet<String> = self
+            .sessions
+            .lock()
+            .expect("sessions lock poisoned")
+            .keys()
+            .cloned()
+            .collect();
+        let mut state = self.lock();
+        let gone = state.registry.expire(Instant::now(), lease, &connected);
+        if !gone.is_empty() {
+            self.registry_changed_locked(state);
+        }
+        gone
     }
 
     /// Whether `node`'s last report holds a workload with `spiffe_id`.
@@ -189,6 +216,7 @@ impl Hub {
     /// Makes the calling stream the one that speaks for `node`, ending the previous one.
     pub fn register_session(&self, node: &str) -> SessionGuard<'_> {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        self.lock().registry.touch(node, Instant::now());
         let (tx, rx) = watch::channel(false);
         let previous = self
             .sessions
@@ -259,6 +287,37 @@ mod tests {
             !changes.has_changed().expect("hub alive"),
             "nothing changed"
         );
+    }
+
+    #[test]
+    fn nodes_without_a_stream_expire_after_their_lease_and_wake_streams() {
+        let hub = hub();
+        let workload = |name: &str, address: &str| Workload {
+            name: name.into(),
+            spiffe_id: format!("spiffe://example.org/{name}"),
+            addresses: vec![address.into()],
+            ..Workload::default()
+        };
+        hub.report("a", vec![workload("web", "10.0.0.1")])
+            .expect("report");
+        hub.report("b", vec![workload("db", "10.0.0.2")])
+            .expect("report");
+        let session_a = hub.register_session("a");
+        let mut changes = hub.subscribe();
+        changes.mark_unchanged();
+        assert!(hub.expire_nodes(Duration::from_secs(3600)).is_empty());
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(hub.expire_nodes(Duration::from_millis(10)), ["b"]);
+        assert!(changes.has_changed().expect("hub alive"));
+        assert_eq!(hub.len(ResourceType::Ipcache), 1, "a has a stream");
+        drop(session_a);
+        assert!(
+            hub.expire_nodes(Duration::from_millis(10)).is_empty(),
+            "the lease runs from the end of the stream"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(hub.expire_nodes(Duration::from_millis(10)), ["a"]);
+        assert_eq!(hub.len(ResourceType::Ipcache), 0);
     }
 
     #[test]

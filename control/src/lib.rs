@@ -36,6 +36,7 @@ use crate::{
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_NODE_CERT_LIFETIME: Duration = Duration::from_secs(3600);
+pub const DEFAULT_NODE_LEASE: Duration = Duration::from_secs(3600);
 const SERVING_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Clone, Debug)]
@@ -48,6 +49,8 @@ pub struct Options {
     pub node_cert_lifetime: Duration,
     /// Extra DNS names or addresses for the serving certificate.
     pub server_names: Vec<String>,
+    /// A node without a stream for this long is removed with its workloads.
+    pub node_lease: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +179,23 @@ async fn follow_policies(dir: PathBuf, mut events: PolicyEvents, hub: Arc<Hub>) 
     tracing::error!(dir = %dir.display(), "policy directory watch ended; restart the control plane to follow changes");
 }
 
+/// Removes nodes gone for longer than `lease`, checking a few times per lease.
+async fn expire_nodes(hub: Arc<Hub>, lease: Duration) {
+    let period = (lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        for node in hub.expire_nodes(lease) {
+            tracing::info!(
+                node,
+                lease_s = lease.as_secs_f64(),
+                "node removed: no stream for longer than its lease; its workloads leave the IP cache"
+            );
+        }
+    }
+}
+
 /// Writes the registry after each change, coalescing bursts.
 async fn persist_registry(hub: Arc<Hub>, state: StateDir) {
     let mut changes = hub.subscribe_registry();
@@ -223,6 +243,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         hub.clone(),
     ));
     tokio::spawn(persist_registry(hub.clone(), state.clone()));
+    tokio::spawn(expire_nodes(hub.clone(), opts.node_lease));
 
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -259,6 +280,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         state_dir = %opts.state_dir.display(),
         token_file = ?opts.token_file,
         node_cert_lifetime_s = opts.node_cert_lifetime.as_secs(),
+        node_lease_s = opts.node_lease.as_secs_f64(),
         server_names = ?names,
         identities = hub.len(ward_proto::ResourceType::Identity),
         addresses = hub.len(ward_proto::ResourceType::Ipcache),

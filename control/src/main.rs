@@ -40,6 +40,10 @@ struct ServeArgs {
     /// Lifetime of node certificates (e.g. 1h, 30m); agents renew at half of it.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     node_cert_lifetime: std::time::Duration,
+    /// A node without a stream for this long (e.g. 1h, 90s) is removed and its workloads leave
+    /// every agent's IP cache; it re-registers when it connects again.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    node_lease: std::time::Duration,
     /// Extra DNS name or address for the serving certificate (repeatable). It always carries
     /// "ward-control", which agents verify by default.
     #[arg(long = "server-name")]
@@ -114,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
         trust_domain: args.trust_domain,
         node_cert_lifetime: args.node_cert_lifetime,
         server_names: args.server_names,
+        node_lease: args.node_lease,
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

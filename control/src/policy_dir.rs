@@ -115,8 +115,41 @@ fn document_name(text: &str) -> Result<String, String> {
     }
 }
 
+/// [`document_name`] of the documents of the last read, so that a change to one file among many
+/// parses that file only (parsing is most of a read: about 100 ms for 10,000 rules).
+fn cached_document_name(
+    seen: &mut std::collections::HashMap<String, Result<String, String>>,
+    last: &std::collections::HashMap<String, Result<String, String>>,
+    text: &str,
+) -> Result<String, String> {
+    let name = match last.get(text) {
+        Some(name) => name.clone(),
+        None => document_name(text),
+    };
+    seen.insert(text.to_owned(), name.clone());
+    name
+}
+
+type NameCache = std::sync::Mutex<std::collections::HashMap<String, Result<String, String>>>;
+static NAMES: std::sync::OnceLock<NameCache> = std::sync::OnceLock::new();
+
 /// Reads the directory into POLICY resources, or every problem found.
 pub fn read(dir: &Path) -> Result<BTreeMap<String, Resource>, Vec<DocumentError>> {
+    let cache = NAMES.get_or_init(Default::default);
+    let mut last = cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut seen = std::collections::HashMap::new();
+    let read = read_with(dir, &mut seen, &last);
+    *last = seen;
+    read
+}
+
+fn read_with(
+    dir: &Path,
+    seen: &mut std::collections::HashMap<String, Result<String, String>>,
+    last: &std::collections::HashMap<String, Result<String, String>>,
+) -> Result<BTreeMap<String, Resource>, Vec<DocumentError>> {
     let whole = |file: &Path, reason: String| DocumentError {
         file: file.to_owned(),
         document: None,
@@ -166,7 +199,7 @@ pub fn read(dir: &Path) -> Result<BTreeMap<String, Resource>, Vec<DocumentError>
                 reason: String::new(),
             };
             let source = format!("{short}#{}", index + 1);
-            match document_name(document) {
+            match cached_document_name(seen, last, document) {
                 Err(reason) => errors.push(DocumentError { reason, ..at }),
                 Ok(name) => {
                     if let Some(first) = first_seen.get(&name) {

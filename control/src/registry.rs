@@ -9,6 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    time::{Duration, Instant},
 };
 
 use agent_common::IDENTITY_FIRST_ALLOCATED;
@@ -69,6 +70,10 @@ pub struct Registry {
     identities: BTreeMap<String, u32>,
     taken: BTreeSet<u32>,
     nodes: BTreeMap<String, Vec<WorkloadRecord>>,
+    /// When each node last had a stream or reported; not persisted: a node read from the
+    /// registry file counts as seen when this control plane started, so a restart of the control
+    /// plane gives every node a full lease to come back.
+    last_seen: HashMap<String, Instant>,
 }
 
 fn fnv1a(bytes: &[u8]) -> u32 {
@@ -94,6 +99,8 @@ impl Registry {
         let mut registry = Registry::new(trust_domain);
         registry.taken = file.identities.values().copied().collect();
         registry.identities = file.identities;
+        let now = Instant::now();
+        registry.last_seen = file.nodes.keys().map(|n| (n.clone(), now)).collect();
         registry.nodes = file.nodes;
         Ok(registry)
     }
@@ -108,6 +115,38 @@ impl Registry {
 
     pub fn nodes(&self) -> impl Iterator<Item = (&str, &[WorkloadRecord])> {
         self.nodes.iter().map(|(n, w)| (n.as_str(), w.as_slice()))
+    }
+
+    /// Records that `node` is alive (it has a stream, or just reported or disconnected).
+    pub fn touch(&mut self, node: &str, now: Instant) {
+        self.last_seen.insert(node.into(), now);
+    }
+
+    /// Removes the workloads of every node that is not in `connected` and was last seen `lease`
+    /// or longer before `now`, so that a node gone for good leaves the IP cache of the others.
+    /// Allocated identities stay (a number never moves). Returns the nodes removed.
+    pub fn expire(
+        &mut self,
+        now: Instant,
+        lease: Duration,
+        connected: &BTreeSet<String>,
+    ) -> Vec<String> {
+        let gone: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|node| !connected.contains(*node))
+            .filter(|node| {
+                self.last_seen
+                    .get(*node)
+                    .is_none_or(|seen| now.saturating_duration_since(*seen) >= lease)
+            })
+            .cloned()
+            .collect();
+        for node in &gone {
+            self.nodes.remove(node);
+            self.last_seen.remove(node);
+        }
+        gone
     }
 
     /// The numeric identity of `spiffe_id`, allocating one on first sight.
@@ -413,6 +452,44 @@ mod tests {
             "the thief's own address is kept"
         );
         assert!(!cache.contains_key("10.0.0.9"));
+    }
+
+    #[test]
+    fn a_node_unseen_for_its_lease_leaves_the_ip_cache_unless_connected() {
+        let mut r = Registry::new("example.org");
+        let start = Instant::now();
+        let lease = Duration::from_secs(60);
+        r.report("a", vec![workload("web", "web", &["10.0.0.1"])])
+            .expect("report");
+        r.report("b", vec![workload("db", "db", &["10.0.0.2"])])
+            .expect("report");
+        r.touch("a", start);
+        r.touch("b", start);
+        let none = BTreeSet::new();
+        assert!(r.expire(start + lease / 2, lease, &none).is_empty());
+        let connected = BTreeSet::from(["a".to_string()]);
+        assert_eq!(r.expire(start + lease, lease, &connected), ["b"]);
+        assert_eq!(
+            r.ipcache_resources().keys().collect::<Vec<_>>(),
+            ["10.0.0.1"],
+            "node b's address is gone, connected node a's stays however old"
+        );
+        let web = r.allocate("spiffe://example.org/ns/demo/sa/db");
+        assert_eq!(
+            web,
+            IDENTITY_FIRST_ALLOCATED
+                + fnv1a(b"spiffe://example.org/ns/demo/sa/db")
+                    % (IDENTITY_LAST_WORKLOAD - IDENTITY_FIRST_ALLOCATED + 1),
+            "the identity stays allocated"
+        );
+        let restored = Registry::from_json("example.org", &r.to_json()).expect("round trip");
+        let mut restored = restored;
+        assert!(
+            restored
+                .expire(Instant::now(), lease, &BTreeSet::new())
+                .is_empty(),
+            "a restarted control plane gives every node a full lease"
+        );
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub struct ControlPlaneOptions {
     /// `--node-cert-lifetime`, e.g. `1h` or `3s`.
     pub node_cert_lifetime: String,
     pub extra_args: Vec<String>,
+    /// A network namespace (`ip netns` name) to run in, entered with `nsenter --net` (which
+    /// execs, so the process is the control plane itself).
+    pub netns: Option<String>,
 }
 
 impl ControlPlaneOptions {
@@ -31,6 +34,7 @@ impl ControlPlaneOptions {
             trust_domain: "example.org".into(),
             node_cert_lifetime: "1h".into(),
             extra_args: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -101,7 +105,18 @@ impl ControlPlane {
             .append(true)
             .open(self.log_file())
             .expect("opening the control plane's log");
-        let mut child = Command::new(&self.opts.binary)
+        let mut command = match &self.opts.netns {
+            None => Command::new(&self.opts.binary),
+            Some(netns) => {
+                let mut command = Command::new("nsenter");
+                command
+                    .arg(format!("--net=/run/netns/{netns}"))
+                    .arg("--")
+                    .arg(&self.opts.binary);
+                command
+            }
+        };
+        let mut child = command
             .arg("--policy-dir")
             .arg(self.policy_dir())
             .arg("--state-dir")

@@ -872,3 +872,57 @@ async fn workload_certificates_are_signed_only_for_workloads_the_node_reported()
         .expect_err("anonymous");
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_gone_for_longer_than_its_lease_leaves_the_other_agents_ip_cache() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut opts = ControlPlaneOptions::new(env!("CARGO_BIN_EXE_ward-control"), tmp.path());
+    opts.extra_args = vec!["--node-lease".into(), "2s".into()];
+    std::fs::create_dir_all(tmp.path().join("policy")).expect("policy dir");
+    std::fs::write(tmp.path().join("policy/web.yaml"), WEB).expect("initial policy");
+    let plane = ControlPlane::start(opts);
+    let web: IpAddr = "10.0.0.1".parse().expect("address");
+    let db: IpAddr = "10.0.0.2".parse().expect("address");
+    let has = |s: &RemoteState, a: IpAddr| s.ipcache.iter().any(|(x, _)| *x == a);
+
+    let mut a = Agent::start(
+        agent_config(&plane, tmp.path(), "node-a"),
+        vec![workload("web", "web", "10.0.0.1")],
+    );
+    let mut b = Agent::start(
+        agent_config(&plane, tmp.path(), "node-b"),
+        vec![workload("db", "db", "10.0.0.2")],
+    );
+    a.until("both nodes' addresses", |s| has(s, web) && has(s, db))
+        .await;
+    b.until("both nodes' addresses", |s| has(s, web) && has(s, db))
+        .await;
+    // Connected for longer than the lease: still there.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    drop(b);
+    let started = Instant::now();
+    let state = a.until("node-b's address gone", |s| !has(s, db)).await;
+    assert!(has(&state, web), "node-a's own address stays");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "removed before its lease ran out: {:?}",
+        started.elapsed()
+    );
+    assert!(plane.wait_for_log("node removed", WAIT), "{}", plane.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refuses_a_control_plane_its_ca_file_does_not_name() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(&tmp.path().join("real"), "1h");
+    let impostor = start_plane(&tmp.path().join("impostor"), "1h");
+    let mut cfg = agent_config(&plane, tmp.path(), "node-a");
+    cfg.address = impostor.address.to_string();
+    let mut agent = Agent::start(cfg, vec![]);
+    agent.quiet(Duration::from_secs(2)).await;
+    assert!(
+        !impostor.logs().contains("node joined"),
+        "the agent joined a control plane its CA did not sign:\n{}",
+        impostor.logs()
+    );
+}

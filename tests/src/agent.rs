@@ -86,6 +86,20 @@ pub struct Reload {
     pub outcome_lines: Vec<String>,
 }
 
+/// How to start a `ward run`: [`Ward::start`] and its siblings cover the common cases.
+#[derive(Clone, Debug, Default)]
+pub struct WardOptions<'a> {
+    /// The content of the policy file the configuration lists; `None` lists no policy file
+    /// (control-plane mode).
+    pub policy: Option<&'a str>,
+    /// Extra `ward run` arguments.
+    pub args: &'a [&'a str],
+    /// Extra top-level configuration lines (YAML), e.g. a `controlPlane:` section.
+    pub config_extra: String,
+    /// The network namespace (`ip netns` name) ward runs in: a "node" of a multi-node test.
+    pub netns: Option<String>,
+}
+
 /// A running `ward run`, stopped with SIGTERM on drop; its pin and configuration directories are
 /// removed after it stops.
 pub struct Ward {
@@ -95,6 +109,10 @@ pub struct Ward {
     policy_file: PathBuf,
     pin_dir: PathBuf,
     reloads: usize,
+    cgroup_root: PathBuf,
+    has_policy_file: bool,
+    config_extra: String,
+    netns: Option<String>,
 }
 
 fn quote(text: &str) -> String {
@@ -102,18 +120,24 @@ fn quote(text: &str) -> String {
 }
 
 fn config_text(
-    cgroups: &TestCgroups,
+    cgroup_root: &Path,
     pin_dir: &Path,
-    policy_file: &Path,
+    policy_file: Option<&Path>,
     workloads: &[Workload],
 ) -> String {
     let mut text = format!(
-        "trustDomain: {}\ncgroupRoot: {}\npinDir: {}\npolicies:\n  - {}\nworkloads:\n",
+        "trustDomain: {}\ncgroupRoot: {}\npinDir: {}\n",
         quote(TRUST_DOMAIN),
-        quote(&cgroups.root().to_string_lossy()),
+        quote(&cgroup_root.to_string_lossy()),
         quote(&pin_dir.to_string_lossy()),
-        quote(&policy_file.to_string_lossy()),
     );
+    if let Some(policy_file) = policy_file {
+        text.push_str(&format!(
+            "policies:\n  - {}\n",
+            quote(&policy_file.to_string_lossy())
+        ));
+    }
+    text.push_str("workloads:\n");
     if workloads.is_empty() {
         text.push_str("  []\n");
     }
@@ -202,6 +226,21 @@ impl Ward {
         extra: &[&str],
         config_extra: &str,
     ) -> Self {
+        Ward::launch(
+            cgroups,
+            workloads,
+            WardOptions {
+                policy: Some(policy),
+                args: extra,
+                config_extra: config_extra.to_owned(),
+                netns: None,
+            },
+        )
+    }
+
+    /// Writes a configuration for `cgroups` with `workloads` as `options` say, starts
+    /// `ward run --config <file> --log-format json` and waits for its `ready` line.
+    pub fn launch(cgroups: &TestCgroups, workloads: &[Workload], options: WardOptions<'_>) -> Self {
         crate::require_privileges();
         let name = cgroups
             .root()
@@ -215,34 +254,46 @@ impl Ward {
         let pin_dir = Path::new("/sys/fs/bpf").join(&name);
         let _ = std::fs::remove_dir_all(&pin_dir);
         let policy_file = dir.join("policy.yaml");
-        write_file(&policy_file, policy);
+        if let Some(policy) = options.policy {
+            write_file(&policy_file, policy);
+        }
         let config_file = dir.join("ward.yaml");
-        write_file(
+        let listed_policy = options.policy.is_some().then_some(policy_file.as_path());
+        replace_file(
             &config_file,
-            &(config_text(cgroups, &pin_dir, &policy_file, workloads) + config_extra),
+            &(config_text(cgroups.root(), &pin_dir, listed_policy, workloads)
+                + &options.config_extra),
         );
-
-        let mut command = Command::new(crate::ward_bin());
-        command
-            .arg("run")
-            .arg("--config")
-            .arg(&config_file)
-            .args(["--log-format", "json"])
-            .args(extra);
-        let process = Background::spawn("ward", command, false);
+        let command = ward_command(
+            &crate::ward_bin(),
+            &config_file,
+            options.netns.as_deref(),
+            options.args,
+        );
         let ward = Ward {
-            process,
+            process: Background::spawn("ward", command, false),
             dir,
             config_file,
             policy_file,
             pin_dir,
             reloads: 0,
+            cgroup_root: cgroups.root().to_owned(),
+            has_policy_file: options.policy.is_some(),
+            config_extra: options.config_extra,
+            netns: options.netns,
         };
         ward.process
             .wait_for_line(0, crate::scaled(READY_TIMEOUT), "saying `ready`", |line| {
                 contains_word(line, "ready")
             });
         ward
+    }
+
+    fn write_config(&self, workloads: &[Workload]) {
+        let listed_policy = self.has_policy_file.then_some(self.policy_file.as_path());
+        let text = config_text(&self.cgroup_root, &self.pin_dir, listed_policy, workloads)
+            + &self.config_extra;
+        replace_file(&self.config_file, &text);
     }
 
     pub fn pid(&self) -> i32 {
@@ -258,13 +309,7 @@ impl Ward {
     /// Starts `bin` (this build again, or an upgrade) on this ward's configuration and pinned
     /// state after [`Ward::kill`], and waits for its `ready` line; returns that line.
     pub fn respawn(&mut self, bin: &Path, extra: &[&str]) -> String {
-        let mut command = Command::new(bin);
-        command
-            .arg("run")
-            .arg("--config")
-            .arg(&self.config_file)
-            .args(["--log-format", "json"])
-            .args(extra);
+        let command = ward_command(bin, &self.config_file, self.netns.as_deref(), extra);
         self.process = Background::spawn("ward (respawned)", command, false);
         self.process
             .wait_for_line(
@@ -349,6 +394,20 @@ impl Ward {
     pub fn reload(&mut self, policy: &str) -> Reload {
         let from = self.write_policy(policy);
         self.process.signal(libc::SIGHUP);
+        self.reload_outcome(from)
+    }
+
+    /// Rewrites the configuration with `workloads` (the rest as at start), sends SIGHUP and waits
+    /// for ward to report the outcome.
+    pub fn set_workloads(&mut self, workloads: &[Workload]) -> Reload {
+        let from = self.log_len();
+        self.write_config(workloads);
+        self.process.signal(libc::SIGHUP);
+        self.reload_outcome(from)
+    }
+
+    /// The `policy applied` / `policy rejected` lines of one reload, from log line `from` on.
+    fn reload_outcome(&self, from: usize) -> Reload {
         let (mut index, first) = self.process.wait_for_line(
             from,
             crate::scaled(RELOAD_TIMEOUT),
@@ -431,6 +490,30 @@ impl Drop for Ward {
             }
         }
     }
+}
+
+/// `<bin> run --config <file> --log-format json <extra>`, in network namespace `netns` if given.
+fn ward_command(bin: &Path, config_file: &Path, netns: Option<&str>, extra: &[&str]) -> Command {
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "run".into(),
+        "--config".into(),
+        config_file.into(),
+        "--log-format".into(),
+        "json".into(),
+    ];
+    args.extend(extra.iter().map(Into::into));
+    let placement = crate::Placement {
+        cgroup: None,
+        netns: netns.map(str::to_owned),
+    };
+    placement.command(bin, &args)
+}
+
+/// Writes `path` by renaming a new file over it, so ward never reads half a file.
+fn replace_file(path: &Path, text: &str) {
+    let staging = path.with_extension("tmp~");
+    write_file(&staging, text);
+    std::fs::rename(&staging, path).unwrap_or_else(|e| panic!("replace {}: {e}", path.display()));
 }
 
 fn write_file(path: &Path, text: &str) {

@@ -7,17 +7,19 @@
 
 pub mod agent;
 pub mod cgroups;
+pub mod cluster;
 pub mod netns;
 pub mod peer;
 pub mod prerequisites;
 pub mod process;
 pub mod verdicts;
 
-pub use agent::{run_with_config, spiffe_id, Reload, Ward, Workload};
+pub use agent::{run_with_config, spiffe_id, Reload, Ward, WardOptions, Workload};
 pub use cgroups::{cgroup2_mount, TestCgroups};
+pub use cluster::{Cluster, Node};
 pub use netns::{Lan, Netns, TwoNodes};
 pub use peer::{outcomes_of, Attempts, Listener, Outcome, Peer, Protocol};
-pub use prerequisites::{require_privileges, require_root, unique_name, ward_bin};
+pub use prerequisites::{control_bin, require_privileges, require_root, unique_name, ward_bin};
 pub use process::{run, Background, Finished, Placement};
 pub use verdicts::{find_verdict, parse_verdicts, Verdict, VerdictQuery};
 

@@ -26,27 +26,43 @@ pub fn require_root() {
 
 /// The `ward` binary under test: `$WARD_BIN`, else `target/debug/ward` of this workspace.
 pub fn ward_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("WARD_BIN") {
+    workspace_bin("ward", "WARD_BIN", "ward-agent")
+}
+
+/// The `ward-control` binary: `$WARD_CONTROL_BIN`, else `target/debug/ward-control`.
+pub fn control_bin() -> PathBuf {
+    workspace_bin("ward-control", "WARD_CONTROL_BIN", "ward-control")
+}
+
+/// Binary `name` of package `package`: `$<variable>`, else next to the test executable's
+/// profile directory (test executables live in target/<profile>/deps/), else next to the test
+/// executable itself (where a runner that copies binaries, such as the VM harness, puts it).
+fn workspace_bin(name: &str, variable: &str, package: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(variable) {
         let path = PathBuf::from(path);
         assert!(
             path.is_file(),
-            "PRIVILEGED TEST NOT RUN: WARD_BIN={} is not a file",
+            "PRIVILEGED TEST NOT RUN: {variable}={} is not a file",
             path.display()
         );
         return path;
     }
-    // Test executables live in target/<profile>/deps/; the agent binary two levels up.
     let exe = std::env::current_exe().expect("the test executable's own path");
-    let candidate = exe
+    let in_profile = exe
         .ancestors()
-        .find(|dir| dir.file_name().is_some_and(|name| name == "deps"))
+        .find(|dir| dir.file_name().is_some_and(|dir| dir == "deps"))
         .and_then(|deps| deps.parent())
-        .map(|profile| profile.join("ward"));
-    match candidate {
-        Some(path) if path.is_file() => path,
-        _ => panic!(
-            "PRIVILEGED TEST NOT RUN: no ward binary; build it (`cargo build -p ward-agent`) or set \
-             WARD_BIN to its absolute path (looked next to {})",
+        .map(|profile| profile.join(name));
+    let beside = exe.parent().map(|dir| dir.join(name));
+    match [in_profile, beside]
+        .into_iter()
+        .flatten()
+        .find(|p| p.is_file())
+    {
+        Some(path) => path,
+        None => panic!(
+            "PRIVILEGED TEST NOT RUN: no {name} binary; build it (`cargo build -p {package}`) or \
+             set {variable} to its absolute path (looked next to {})",
             exe.display()
         ),
     }

@@ -64,9 +64,10 @@ pub fn run(test_threads: Option<usize>, vms: bool, filter: &[String]) -> Result<
         "unit tests",
         sys::cargo().arg("test").arg("--").args(filter),
     );
+    // The multi-node tests run the real control plane beside the agents.
     let built = steps.run(
-        "build ward",
-        sys::cargo().args(["build", "-p", "ward-agent", "--bins"]),
+        "build ward and ward-control",
+        sys::cargo().args(["build", "-p", "ward-agent", "-p", "ward-control", "--bins"]),
     );
     // The upgrade test runs a build with the next kernel map layout against this one's pins.
     let next_dir = sys::target_dir().join("abi-next");
@@ -102,13 +103,17 @@ pub fn run(test_threads: Option<usize>, vms: bool, filter: &[String]) -> Result<
             "privileged tests",
             sys::cargo()
                 .env("WARD_BIN", &ward)
+                .env(
+                    "WARD_CONTROL_BIN",
+                    sys::target_dir().join("debug/ward-control"),
+                )
                 .env("WARD_BIN_ABI_NEXT", next_dir.join("debug/ward"))
                 .args(["test", "-p", "ward-tests", "--"])
                 .arg(format!("--test-threads={threads}"))
                 .args(filter),
         );
     } else {
-        steps.skip("privileged tests", "ward did not build");
+        steps.skip("privileged tests", "ward or ward-control did not build");
     }
     if !vms {
         steps.skip("kernel matrix", "--skip-vms");

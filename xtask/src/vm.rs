@@ -276,12 +276,14 @@ struct Staged {
     ward: PathBuf,
     /// ward built with the next map layout, for the upgrade test.
     ward_abi_next: PathBuf,
+    /// The control plane, for the multi-node tests.
+    control: PathBuf,
     xtask: PathBuf,
     tests: Vec<PathBuf>,
 }
 
 fn stage_binaries() -> Result<Staged> {
-    sys::run(sys::cargo().args(["build", "-p", "ward-agent", "--bins"]))?;
+    sys::run(sys::cargo().args(["build", "-p", "ward-agent", "-p", "ward-control", "--bins"]))?;
     // The same build directory as `cargo xtask test`'s, so the two share the work.
     let abi_next_dir = sys::target_dir().join("abi-next");
     sys::run(
@@ -339,6 +341,7 @@ fn stage_binaries() -> Result<Staged> {
                 .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
             to
         },
+        control: copy(&sys::target_dir().join("debug/ward-control"))?,
         xtask: copy(&std::env::current_exe().context("locating the xtask binary")?)?,
         tests: executables.iter().map(|e| copy(e)).collect::<Result<_>>()?,
     };
@@ -407,6 +410,10 @@ fn suite_script(
         (
             "WARD_BIN_ABI_NEXT",
             staged.ward_abi_next.to_string_lossy().into_owned(),
+        ),
+        (
+            "WARD_CONTROL_BIN",
+            staged.control.to_string_lossy().into_owned(),
         ),
         ("XTASK_BIN", staged.xtask.to_string_lossy().into_owned()),
         ("TEST_EXES", tests.join(" ")),
@@ -620,6 +627,7 @@ mod tests {
         let staged = Staged {
             ward: "/t/ward".into(),
             ward_abi_next: "/t/ward-abi-next".into(),
+            control: "/t/ward-control".into(),
             xtask: "/t/xtask".into(),
             tests: vec!["/t/a".into(), "/t/b".into()],
         };

@@ -138,6 +138,17 @@ pub fn binary() -> Result<PathBuf> {
     Ok(sys::target_dir().join("release/ward"))
 }
 
+/// The control plane to run: `$WARD_CONTROL_BIN` if set, else a fresh release build.
+pub fn control_binary() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("WARD_CONTROL_BIN") {
+        println!("using WARD_CONTROL_BIN={}", Path::new(&bin).display());
+        return Ok(PathBuf::from(bin));
+    }
+    sys::heading("build ward-control");
+    sys::run(sys::cargo().args(["build", "--release", "-p", "ward-control", "--bins"]))?;
+    Ok(sys::target_dir().join("release/ward-control"))
+}
+
 pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")

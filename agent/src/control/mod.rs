@@ -15,7 +15,9 @@ use std::{collections::BTreeMap, net::IpAddr, os::unix::fs::PermissionsExt as _,
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use state::{RemoteIdentity, RemoteState};
+#[cfg(test)]
+pub use state::RemoteIdentity;
+pub use state::RemoteState;
 
 /// The DNS name the control plane's serving certificate always carries.
 pub const DEFAULT_SERVER_NAME: &str = "ward-control";

@@ -197,13 +197,35 @@ pub fn compile(
     workloads: &[WorkloadInfo],
     rule_ids: &mut RuleIds,
 ) -> Result<Compiled, CompileError> {
-    compile_observed(set, workloads, rule_ids, &mut |_| {})
+    compile_with_peers(set, workloads, &[], rule_ids)
+}
+
+/// [`compile`] for this node's `workloads`, with `peers` (workloads of other nodes, known from
+/// the control plane) as further identities that rules may name as remotes. Peers are never
+/// policy subjects here: their own node enforces their policy.
+pub fn compile_with_peers(
+    set: &PolicySet,
+    workloads: &[WorkloadInfo],
+    peers: &[WorkloadInfo],
+    rule_ids: &mut RuleIds,
+) -> Result<Compiled, CompileError> {
+    compile_inner(set, workloads, peers, rule_ids, &mut |_| {})
 }
 
 /// [`compile`], showing every contribution to `observe` as it is merged.
 pub(crate) fn compile_observed(
     set: &PolicySet,
     workloads: &[WorkloadInfo],
+    rule_ids: &mut RuleIds,
+    observe: &mut dyn FnMut(&Contribution),
+) -> Result<Compiled, CompileError> {
+    compile_inner(set, workloads, &[], rule_ids, observe)
+}
+
+fn compile_inner(
+    set: &PolicySet,
+    workloads: &[WorkloadInfo],
+    peers: &[WorkloadInfo],
     rule_ids: &mut RuleIds,
     observe: &mut dyn FnMut(&Contribution),
 ) -> Result<Compiled, CompileError> {
@@ -268,7 +290,7 @@ pub(crate) fn compile_observed(
                 }
                 let slot = Slot::of(policy.mode, rule.action);
                 let flags = if rule.mtls { POLICY_FLAG_MTLS } else { 0 };
-                let remotes = compiled.remotes(rule, workloads);
+                let remotes = compiled.remotes(rule, workloads, peers);
                 let ports = port_keys(rule);
                 let mut keys = Vec::new();
                 for &local in &locals {
@@ -398,7 +420,12 @@ impl Compiled {
     }
 
     /// The remote identities a rule names: workloads by selector or address, and CIDR prefixes.
-    fn remotes(&self, rule: &Rule, workloads: &[WorkloadInfo]) -> BTreeSet<u32> {
+    fn remotes(
+        &self,
+        rule: &Rule,
+        workloads: &[WorkloadInfo],
+        other_nodes: &[WorkloadInfo],
+    ) -> BTreeSet<u32> {
         let Some(peers) = &rule.peers else {
             return BTreeSet::from([IDENTITY_ANY]);
         };
@@ -407,6 +434,7 @@ impl Compiled {
             remotes.extend(
                 workloads
                     .iter()
+                    .chain(other_nodes)
                     .filter(|w| peer.selects(w))
                     .map(|w| w.identity),
             );

@@ -18,17 +18,91 @@ use super::{k8s, ward};
 
 /// Loads every policy document of `paths`: files, or directories whose `*.yaml` and `*.yml`
 /// files (not hidden, not in subdirectories) are read in name order. Reports every error found.
+///
+/// For enforcement: rules carry no line (finding a rule's line parses its document once more, so
+/// thousands of rules would take minutes); diagnostics use [`Report::load`].
 pub fn load(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
-    Report::load(paths).into_result()
+    Report::load_with(paths, false).into_result()
 }
 
 /// Parses the documents of one text, named `source` in diagnostics.
 // The agent reads files; texts from elsewhere come from the tests and the fuzz target (fuzz/).
 #[allow(dead_code)]
 pub fn parse(source: &Path, text: &str) -> Result<PolicySet, PolicyErrors> {
-    let mut report = Report::default();
+    let mut report = Report {
+        rule_lines: true,
+        ..Report::default()
+    };
     report.add_text(source, text);
     report.into_result()
+}
+
+/// Parses documents that come one by one with a name each (the control plane's policies: one
+/// document per policy, named by it); diagnostics name the document by `name`. Rules carry no
+/// line, as with [`load`].
+pub fn parse_documents<'a>(
+    documents: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<PolicySet, PolicyErrors> {
+    let mut report = Report::default();
+    for (name, text) in documents {
+        report.add_text(Path::new(name), text);
+    }
+    report.into_result()
+}
+
+/// The documents [`parse_documents_cached`] parsed last time, by name, so that a change to one
+/// policy among thousands parses that one only.
+#[derive(Debug, Default)]
+pub struct DocumentCache {
+    documents: HashMap<String, (String, PolicySet)>,
+}
+
+/// [`parse_documents`], reusing what `cache` holds for documents whose text has not changed.
+pub fn parse_documents_cached<'a>(
+    cache: &mut DocumentCache,
+    documents: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<PolicySet, PolicyErrors> {
+    let mut parsed_now = HashMap::new();
+    let mut set = PolicySet::default();
+    let mut errors = Vec::new();
+    // Policy name → the document that defined it first.
+    let mut names: HashMap<String, String> = HashMap::new();
+    for (name, text) in documents {
+        let parsed = match cache.documents.remove(name) {
+            Some((cached, parsed)) if cached == text => parsed,
+            _ => match parse_documents([(name, text)]) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    errors.extend(e.0);
+                    continue;
+                }
+            },
+        };
+        for policy in &parsed.policies {
+            if let Some(first) = names.insert(policy.name.clone(), name.to_owned()) {
+                errors.push(PolicyError {
+                    location: Location {
+                        file: PathBuf::from(name),
+                        ..Location::default()
+                    },
+                    field: "metadata.name".into(),
+                    reason: format!(
+                        "duplicate policy name `{}`; first defined in {first}",
+                        policy.name
+                    ),
+                });
+            }
+        }
+        set.policies.extend(parsed.policies.iter().cloned());
+        set.warnings.extend(parsed.warnings.iter().cloned());
+        parsed_now.insert(name.to_owned(), (text.to_owned(), parsed));
+    }
+    cache.documents = parsed_now;
+    if errors.is_empty() {
+        Ok(set)
+    } else {
+        Err(PolicyErrors(errors))
+    }
 }
 
 /// Everything loading found: the valid policies, the errors and the warnings.
@@ -38,11 +112,21 @@ pub(crate) struct Report {
     pub errors: Vec<PolicyError>,
     /// Where each policy name was first defined.
     names: HashMap<String, Location>,
+    /// Whether to find each rule's line (for diagnostics; one more parse of its document each).
+    rule_lines: bool,
 }
 
 impl Report {
+    /// Every policy of `paths`, each rule with its line, for diagnostics.
     pub fn load(paths: &[PathBuf]) -> Report {
-        let mut report = Report::default();
+        Self::load_with(paths, true)
+    }
+
+    fn load_with(paths: &[PathBuf], rule_lines: bool) -> Report {
+        let mut report = Report {
+            rule_lines,
+            ..Report::default()
+        };
         for file in report.policy_files(paths) {
             match std::fs::read_to_string(&file) {
                 Ok(text) => report.add_text(&file, &text),
@@ -213,8 +297,10 @@ impl Report {
         }
         self.names.insert(policy.name.clone(), location);
         if findings.errors.is_empty() {
-            for rule in policy.rules_mut() {
-                rule.line = locate(document, &rule.field);
+            if self.rule_lines {
+                for rule in policy.rules_mut() {
+                    rule.line = locate(document, &rule.field);
+                }
             }
             self.set.policies.push(policy);
         }
@@ -524,6 +610,62 @@ mod tests {
             None,
             "there is no zzz"
         );
+    }
+
+    #[test]
+    fn named_documents_load_without_rule_lines_and_name_their_errors() {
+        let doc = |name: &str, rule: &str| {
+            format!("apiVersion: ward.dev/v1\nkind: Policy\nmetadata: {{name: {name}}}\nspec:\n  selector: {{}}\n  ingress:\n    - {rule}\n")
+        };
+        let good = doc("a", "ports: [{port: 80}]");
+        let set = parse_documents([("a", good.as_str())]).expect("valid");
+        let (_, rule) = set.policies[0].rules().next().expect("one rule");
+        assert_eq!(rule.line, None, "enforcement does not look for lines");
+        let with_lines = parse(Path::new("a"), &good).expect("valid");
+        let (_, rule) = with_lines.policies[0].rules().next().expect("one rule");
+        assert!(rule.line.is_some(), "diagnostics do");
+
+        let bad = doc("b", "bogus: 1");
+        let errors = parse_documents([("a", good.as_str()), ("b", bad.as_str())])
+            .expect_err("b is refused")
+            .to_string();
+        assert!(errors.contains('b') && errors.contains("bogus"), "{errors}");
+    }
+
+    #[test]
+    fn cached_documents_are_reused_only_while_their_text_is_the_same() {
+        let doc = |name: &str, port: u16| {
+            format!("apiVersion: ward.dev/v1\nkind: Policy\nmetadata: {{name: {name}}}\nspec:\n  selector: {{}}\n  ingress:\n    - ports: [{{port: {port}}}]\n")
+        };
+        let port_of = |set: &PolicySet, name: &str| {
+            let policy = set
+                .policies
+                .iter()
+                .find(|p| p.name == name)
+                .expect("policy");
+            format!("{:?}", policy.rules().next().expect("rule").1.ports)
+        };
+        let mut cache = DocumentCache::default();
+        let (a, b) = (doc("a", 80), doc("b", 81));
+        let first = parse_documents_cached(&mut cache, [("a", a.as_str()), ("b", b.as_str())])
+            .expect("valid");
+        assert_eq!(first.names().collect::<Vec<_>>(), ["a", "b"]);
+        let b2 = doc("b", 82);
+        let second = parse_documents_cached(&mut cache, [("a", a.as_str()), ("b", b2.as_str())])
+            .expect("valid");
+        assert_eq!(port_of(&second, "a"), port_of(&first, "a"));
+        assert!(
+            port_of(&second, "b").contains("82"),
+            "{}",
+            port_of(&second, "b")
+        );
+        let twice = doc("a", 83);
+        let e = parse_documents_cached(&mut cache, [("a", a.as_str()), ("c", twice.as_str())])
+            .expect_err("two documents define policy a");
+        assert!(e.to_string().contains("duplicate policy name `a`"), "{e}");
+        let bad = a.replace("ports:", "bogus: 1\n      ports:");
+        let e = parse_documents_cached(&mut cache, [("a", bad.as_str())]).expect_err("bogus");
+        assert!(e.to_string().contains("bogus"), "{e}");
     }
 
     #[test]

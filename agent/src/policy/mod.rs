@@ -25,7 +25,7 @@ mod tests;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-pub use compile::{compile, CompileError, Compiled, RuleIds};
+pub use compile::{compile, compile_with_peers, CompileError, Compiled, RuleIds};
 // A glob, so that names the binary does not use yet (PolicyErrors) stay part of the API.
 pub use diagnostics::*;
 // A glob, so that `parse` (used by tests and fuzz/ only) stays part of the API.
