@@ -35,6 +35,16 @@ pub fn cargo() -> Command {
     cmd
 }
 
+/// `cargo build` of ward with one cargo feature, in a target directory of its own so the plain
+/// build in `target/debug` stays what it is. The binary lands in `<target_dir>/debug/ward`.
+pub fn build_ward_with_feature(feature: &str, target_dir: &Path) -> Command {
+    let mut cmd = cargo();
+    cmd.args(["build", "-p", "ward-agent", "--bins", "--features", feature])
+        .arg("--target-dir")
+        .arg(target_dir);
+    cmd
+}
+
 /// A tool from `$CARGO_HOME/bin` (rustup's proxies, `cargo install`ed tools), which need not be
 /// on PATH; else whatever PATH finds.
 pub fn rust_tool(name: &str) -> Command {

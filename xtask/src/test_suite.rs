@@ -73,17 +73,7 @@ pub fn run(test_threads: Option<usize>, vms: bool, filter: &[String]) -> Result<
     let next_dir = sys::target_dir().join("abi-next");
     let built_next = steps.run(
         "build ward (abi-next)",
-        sys::cargo()
-            .args([
-                "build",
-                "-p",
-                "ward-agent",
-                "--bins",
-                "--features",
-                "abi-next",
-                "--target-dir",
-            ])
-            .arg(&next_dir),
+        &mut sys::build_ward_with_feature("abi-next", &next_dir),
     );
     if built {
         // Policy as code: the repository's own example policies pass the same check users run.

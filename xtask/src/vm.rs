@@ -286,19 +286,7 @@ fn stage_binaries() -> Result<Staged> {
     sys::run(sys::cargo().args(["build", "-p", "ward-agent", "-p", "ward-control", "--bins"]))?;
     // The same build directory as `cargo xtask test`'s, so the two share the work.
     let abi_next_dir = sys::target_dir().join("abi-next");
-    sys::run(
-        sys::cargo()
-            .args([
-                "build",
-                "-p",
-                "ward-agent",
-                "--bins",
-                "--features",
-                "abi-next",
-            ])
-            .arg("--target-dir")
-            .arg(&abi_next_dir),
-    )?;
+    sys::run(&mut sys::build_ward_with_feature("abi-next", &abi_next_dir))?;
     let mut cmd = sys::cargo();
     cmd.args([
         "test",
@@ -354,19 +342,7 @@ fn stage_binaries() -> Result<Staged> {
 /// ward built with `verifier-reject`: one of its kernel programs is refused at load.
 fn build_verifier_reject_ward() -> Result<PathBuf> {
     let dir = sys::target_dir().join("verifier-reject");
-    sys::run(
-        sys::cargo()
-            .args([
-                "build",
-                "-p",
-                "ward-agent",
-                "--bins",
-                "--features",
-                "verifier-reject",
-            ])
-            .arg("--target-dir")
-            .arg(&dir),
-    )?;
+    sys::run(&mut sys::build_ward_with_feature("verifier-reject", &dir))?;
     let to = sys::target_dir().join("vm-test/bin/ward-verifier-reject");
     fs::copy(dir.join("debug/ward"), &to)
         .with_context(|| format!("copying the verifier-reject ward to {}", to.display()))?;
