@@ -278,6 +278,9 @@ struct Staged {
     ward_abi_next: PathBuf,
     /// The control plane, for the multi-node tests.
     control: PathBuf,
+    /// The tests' peer (listener and client); staged too, so a rebuild on the host while a guest
+    /// runs cannot pull it from under the tests.
+    peer: PathBuf,
     xtask: PathBuf,
     tests: Vec<PathBuf>,
 }
@@ -330,6 +333,7 @@ fn stage_binaries() -> Result<Staged> {
             to
         },
         control: copy(&sys::target_dir().join("debug/ward-control"))?,
+        peer: copy(&sys::target_dir().join("debug/ward-test-peer"))?,
         xtask: copy(&std::env::current_exe().context("locating the xtask binary")?)?,
         tests: executables.iter().map(|e| copy(e)).collect::<Result<_>>()?,
     };
@@ -391,6 +395,7 @@ fn suite_script(
             "WARD_CONTROL_BIN",
             staged.control.to_string_lossy().into_owned(),
         ),
+        ("WARD_TEST_PEER", staged.peer.to_string_lossy().into_owned()),
         ("XTASK_BIN", staged.xtask.to_string_lossy().into_owned()),
         ("TEST_EXES", tests.join(" ")),
         ("TEST_THREADS", threads.to_string()),
@@ -604,6 +609,7 @@ mod tests {
             ward: "/t/ward".into(),
             ward_abi_next: "/t/ward-abi-next".into(),
             control: "/t/ward-control".into(),
+            peer: "/t/ward-test-peer".into(),
             xtask: "/t/xtask".into(),
             tests: vec!["/t/a".into(), "/t/b".into()],
         };
