@@ -166,6 +166,11 @@ impl Lines {
         }
     }
 
+    /// Whether the process closed its output (it exited, as a rule).
+    pub fn ended(&self) -> bool {
+        self.inner.0.lock().expect("lines lock").open_streams == 0
+    }
+
     /// The last `count` lines, one per line, for failure messages.
     pub fn tail(&self, count: usize) -> String {
         let lines = self.snapshot();
@@ -230,8 +235,13 @@ impl Background {
         match self.lines.wait_for(from, timeout, predicate) {
             Some(found) => found,
             None => panic!(
-                "{}: no line {what} within {timeout:?}; output so far:\n{}",
+                "{}: no line {what} {}; output so far:\n{}",
                 self.label,
+                if self.lines.ended() {
+                    "before its output ended (it exited)".to_owned()
+                } else {
+                    format!("within {timeout:?}")
+                },
                 self.lines.tail(400)
             ),
         }
