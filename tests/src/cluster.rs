@@ -119,12 +119,16 @@ impl Node {
                 .ok()
                 .and_then(|v| v[key].as_u64())
         };
-        self.ward()
-            .wait_for_log(from, Duration::from_secs(20), &what, |line| {
+        self.ward().wait_for_log(
+            from,
+            crate::scaled(Duration::from_secs(20)),
+            &what,
+            |line| {
                 line.contains(APPLIED)
                     && count(line, "identities") == Some(identities)
                     && count(line, "addresses") == Some(addresses)
-            })
+            },
+        )
     }
 
     /// Waits for a [`APPLIED`] line from log line `from` on that contains `needle`; returns it.
@@ -280,7 +284,7 @@ impl Cluster {
     }
 
     fn wait_policy_version(&self, from: usize) -> String {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + crate::scaled(Duration::from_secs(10));
         loop {
             let log = self.plane_log_since(from);
             let served = log
@@ -305,7 +309,7 @@ impl Cluster {
     pub fn wait_everywhere(&self, from: &[usize], version: &str) {
         for (node, from) in self.nodes.iter().zip(from) {
             if node.is_running() {
-                node.wait_applied(*from, version, Duration::from_secs(20));
+                node.wait_applied(*from, version, crate::scaled(Duration::from_secs(20)));
             }
         }
     }

@@ -186,7 +186,7 @@ fn enforcement_holds_while_the_control_plane_is_down_and_resyncs_after() {
     setup.cluster.plane.kill();
     setup.cluster.node(A).ward().wait_for_log(
         mark,
-        Duration::from_secs(20),
+        ward_tests::scaled(Duration::from_secs(20)),
         "noticing the control plane is gone",
         |line| line.contains("control plane stream failed"),
     );
@@ -199,7 +199,7 @@ fn enforcement_holds_while_the_control_plane_is_down_and_resyncs_after() {
     setup.cluster.plane.restart();
     setup.cluster.node(A).ward().wait_for_log(
         mark,
-        Duration::from_secs(30),
+        ward_tests::scaled(Duration::from_secs(30)),
         "reconnecting to the restarted control plane",
         |line| line.contains("connected to the control plane"),
     );
@@ -236,7 +236,7 @@ fn an_agent_restarted_while_the_control_plane_is_down_enforces_its_last_applied_
     setup.cluster.plane.restart();
     setup.cluster.node(A).ward().wait_for_log(
         mark,
-        Duration::from_secs(30),
+        ward_tests::scaled(Duration::from_secs(30)),
         "reconnecting to the restarted control plane",
         |line| line.contains("connected to the control plane"),
     );
@@ -264,16 +264,16 @@ fn a_policy_the_agents_refuse_is_nacked_and_the_kernel_keeps_the_old_one() {
     for (node, mark) in setup.cluster.nodes().iter().zip(&marks) {
         node.ward().wait_for_log(
             *mark,
-            Duration::from_secs(20),
+            ward_tests::scaled(Duration::from_secs(20)),
             "refusing the broken policy",
             |line| line.contains("policy rejected") && line.contains("bogus"),
         );
     }
     assert!(
-        setup
-            .cluster
-            .plane
-            .wait_for_log("agent refused an update (NACK)", Duration::from_secs(10)),
+        setup.cluster.plane.wait_for_log(
+            "agent refused an update (NACK)",
+            ward_tests::scaled(Duration::from_secs(10))
+        ),
         "{}",
         setup.cluster.plane.logs()
     );
@@ -338,7 +338,7 @@ fn a_reused_join_token_is_refused_and_the_other_nodes_carry_on() {
     node_c.start(&[Workload::new("client")]);
     node_c.ward().wait_for_log(
         0,
-        Duration::from_secs(20),
+        ward_tests::scaled(Duration::from_secs(20)),
         "saying its join was refused",
         |line| line.contains("join refused by the control plane") && line.contains("already used"),
     );
@@ -346,7 +346,7 @@ fn a_reused_join_token_is_refused_and_the_other_nodes_carry_on() {
         setup
             .cluster
             .plane
-            .wait_for_log("join refused", Duration::from_secs(10)),
+            .wait_for_log("join refused", ward_tests::scaled(Duration::from_secs(10))),
         "{}",
         setup.cluster.plane.logs()
     );
@@ -358,10 +358,11 @@ fn a_reused_join_token_is_refused_and_the_other_nodes_carry_on() {
         &client_to("client-egress", "db", Some(setup.second.port())),
     );
     for node in [A, B] {
-        setup
-            .cluster
-            .node(node)
-            .wait_applied(marks[node], &version, Duration::from_secs(20));
+        setup.cluster.node(node).wait_applied(
+            marks[node],
+            &version,
+            ward_tests::scaled(Duration::from_secs(20)),
+        );
     }
     setup.assert_only(A, false);
     // Node C never joined: it enforces no policy, and says why.
