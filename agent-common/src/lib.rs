@@ -31,6 +31,11 @@ pub const REMOTE_ISOLATION: IdentityId = u32::MAX;
 
 pub const DIRECTION_INGRESS: u8 = 0;
 pub const DIRECTION_EGRESS: u8 = 1;
+/// In a policy key: `local_identity`'s connections to `remote_identity` at `port` must go through
+/// the mTLS tunnel, because the destination's ingress rule `allow_rule` requires it. The key
+/// `(local, REMOTE_ISOLATION, PORT_ANY, PROTO_ANY)` in this direction is present when `local`
+/// has any such demand, so the connect hook pays one lookup when it has none.
+pub const DIRECTION_MTLS: u8 = 2;
 
 /// In a policy key: any protocol (only with `port == PORT_ANY`).
 pub const PROTO_ANY: u8 = 0;
@@ -52,6 +57,7 @@ pub const MAX_LISTENERS: u32 = 65_536;
 pub const MAX_UDP_FLOWS: u32 = 65_536;
 pub const MAX_EVENT_LIMITS: u32 = 65_536;
 pub const MAX_OWNERS: u32 = 65_536;
+pub const MAX_REDIRECTS: u32 = 65_536;
 pub const EVENTS_RING_BYTES: u32 = 1 << 22;
 
 /// Per-flow event budget: at most this many verdict events per flow key and window.
@@ -77,6 +83,9 @@ pub mod map_names {
             pub const EVENT_LIMITS: &str = concat!("ward_evlimit_v", $v);
             pub const EVENTS: &str = concat!("ward_events_v", $v);
             pub const COUNTERS: &str = concat!("ward_counters_v", $v);
+            pub const ORIGINAL_DST: &str = concat!("ward_origdst_v", $v);
+            pub const REDIRECTS: &str = concat!("ward_redir_v", $v);
+            pub const TUNNEL: &str = concat!("ward_tunnel_v", $v);
         };
     }
     #[cfg(not(feature = "abi-next"))]
@@ -223,13 +232,52 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// Identity of a local connecting socket, recorded by sockops before its SYN leaves.
+/// Identity of a local connecting socket, recorded by sockops before its SYN leaves, or by the
+/// agent for the connection its tunnel opens to a local workload ([`CONNECTING_FLAG_TUNNEL`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnectingValue {
     pub identity: IdentityId,
-    pub _pad: u32,
+    pub flags: u32,
     pub cookie: u64,
+}
+
+/// The connection is the agent's delivery of a tunneled connection whose source workload
+/// `identity` was verified by its certificate: an `mtls: required` rule admits it, for this
+/// 4-tuple only.
+pub const CONNECTING_FLAG_TUNNEL: u32 = 1;
+
+/// Index 0 of the tunnel map: where the connect hook redirects connections that must go through
+/// the mTLS tunnel (the agent's outbound listener). Without `enabled` such connections are refused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelConfig {
+    /// As `bpf_sock_addr.user_ip4` holds it (network byte order).
+    pub ip4: u32,
+    /// As `bpf_sock_addr.user_ip6` holds it (network byte order words).
+    pub ip6: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub enabled: u8,
+    pub _pad: u8,
+}
+
+/// A connection redirected to the tunnel: where the workload connected to, and the verdict.
+/// Keyed by socket cookie from the connect hook until sockops moves it to the connection's
+/// 4-tuple (as [`FlowKey`], the workload's end local), where the agent finds it on accept.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OriginalDst {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// 4 or 6: the family of the workload's socket.
+    pub family: u8,
+    pub _pad: u8,
+    pub local_identity: IdentityId,
+    pub remote_identity: IdentityId,
+    /// The rule that requires mTLS.
+    pub rule: u32,
 }
 
 /// A local listener: (netns cookie, port, protocol) → identity of the listening workload.
@@ -297,6 +345,9 @@ pub const VERDICT_DENY: u8 = 2;
 pub const VERDICT_AUDIT: u8 = 3;
 /// Allowed, and to be carried over mutual TLS.
 pub const VERDICT_REDIRECT: u8 = 4;
+/// Refused because the rule requires mutual TLS and the connection cannot have it: on egress this
+/// node runs no tunnel; on ingress the connection did not come through the tunnel (plaintext).
+pub const VERDICT_NO_TUNNEL: u8 = 5;
 
 /// One verdict, sent to user space through the ring buffer.
 #[repr(C)]
@@ -359,6 +410,8 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 40);
     assert!(offset_of!(FlowKey, local_port) == 32);
     assert!(size_of::<ConnectingValue>() == 16);
+    assert!(size_of::<TunnelConfig>() == 24);
+    assert!(size_of::<OriginalDst>() == 32);
     assert!(size_of::<ListenerKey>() == 16);
     assert!(size_of::<ListenerValue>() == 8);
     assert!(size_of::<OwnerValue>() == 8);
@@ -385,6 +438,8 @@ mod pod {
     unsafe impl aya::Pod for SocketValue {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for ConnectingValue {}
+    unsafe impl aya::Pod for TunnelConfig {}
+    unsafe impl aya::Pod for OriginalDst {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for ListenerValue {}
     unsafe impl aya::Pod for OwnerValue {}

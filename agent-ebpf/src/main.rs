@@ -26,7 +26,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 
-use crate::maps::{count, ACCEPTING, CONNECTING, LISTENERS, OWNERS, SOCKETS, UDP_FLOWS};
+use crate::maps::{
+    count, ACCEPTING, CONNECTING, LISTENERS, ORIGINAL_DST, OWNERS, REDIRECTS, SOCKETS, UDP_FLOWS,
+};
 
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
@@ -80,26 +82,51 @@ fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
     if protocol == PROTO_UDP && !(d.isolated && d.verdict == VERDICT_DENY) {
         record_udp_sender(ctx, local, remote_addr, remote_port);
     }
-    // mTLS redirection belongs to the tunnel; until it is attached the kernel treats the rule as
-    // allow. A workload no policy isolates is allowed and tagged all the same: sockops learns a
-    // connecting socket's workload from its tag.
-    let verdict = if !d.isolated || d.verdict == VERDICT_REDIRECT {
-        VERDICT_ALLOW
+    let (mut verdict, mut rule, mut report) = if d.isolated {
+        (d.verdict, d.rule, true)
     } else {
-        d.verdict
+        (VERDICT_ALLOW, d.rule, false)
     };
-    if protocol == PROTO_TCP && verdict != VERDICT_DENY {
+    if protocol == PROTO_UDP {
+        // The tunnel carries TCP; a datagram follows the rule's L4 verdict.
+        if verdict == VERDICT_REDIRECT {
+            verdict = VERDICT_ALLOW;
+        }
+    } else if verdict != VERDICT_DENY && verdict != VERDICT_REDIRECT {
+        // The destination's ingress rule may require mTLS where the source's own does not.
+        if let Some(demand) = policy::mtls_demand(local, remote, protocol, remote_port, gen) {
+            (verdict, rule, report) = (VERDICT_REDIRECT, demand, true);
+        }
+    }
+    if verdict == VERDICT_REDIRECT
+        && !redirect(
+            ctx,
+            family,
+            remote_addr,
+            remote_port,
+            cookie,
+            local,
+            remote,
+            rule,
+        )
+    {
+        verdict = VERDICT_NO_TUNNEL;
+    }
+    let refused = verdict == VERDICT_DENY || verdict == VERDICT_NO_TUNNEL;
+    // A workload no policy isolates is tagged all the same: sockops learns a connecting socket's
+    // workload from its tag.
+    if protocol == PROTO_TCP && !refused {
         let tag = SocketValue {
             local_identity: local,
             remote_identity: remote,
-            rule: d.rule,
+            rule,
             verdict,
             direction: DIRECTION_EGRESS,
             _pad: [0; 2],
         };
         let _ = SOCKETS.insert(cookie, tag, 0);
     }
-    if !d.isolated {
+    if !report {
         return ALLOW;
     }
     count(counters::verdict(DIRECTION_EGRESS, verdict));
@@ -113,16 +140,61 @@ fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
         verdict,
         _pad: [0; 3],
     };
-    events::emit(&flow, d.rule, |ev| {
+    events::emit(&flow, rule, |ev| {
         ev.cgroup_id = cgroup_id;
         ev.cookie = cookie;
         ev.family = family;
     });
-    if verdict == VERDICT_DENY {
+    if refused {
         REFUSE
     } else {
         ALLOW
     }
+}
+
+/// Points a connect() at the agent's outbound tunnel listener and records where it was going,
+/// for sockops to file under the connection's 4-tuple. False when no tunnel runs on this node.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn redirect(
+    ctx: &SockAddrContext,
+    family: u8,
+    addr: [u8; 16],
+    port: u16,
+    cookie: u64,
+    local: u32,
+    remote: u32,
+    rule: u32,
+) -> bool {
+    let Some(t) = maps::tunnel() else {
+        return false;
+    };
+    let original = OriginalDst {
+        addr,
+        port,
+        family,
+        _pad: 0,
+        local_identity: local,
+        remote_identity: remote,
+        rule,
+    };
+    if ORIGINAL_DST.insert(cookie, original, 0).is_err() {
+        return false;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: the context is valid and these fields are writable in connect hooks.
+    unsafe {
+        if family == 4 {
+            (*sa).user_ip4 = t.ip4;
+        } else {
+            (*sa).user_ip6[0] = t.ip6[0];
+            (*sa).user_ip6[1] = t.ip6[1];
+            (*sa).user_ip6[2] = t.ip6[2];
+            (*sa).user_ip6[3] = t.ip6[3];
+        }
+        (*sa).user_port = u32::from(t.port.to_be());
+    }
+    true
 }
 
 /// The UDP counterpart of sockops' `TCP_CONNECT_CB` record: a datagram from a bound socket of a
@@ -154,7 +226,7 @@ fn record_udp_sender(
         key,
         ConnectingValue {
             identity,
-            _pad: 0,
+            flags: 0,
             cookie: 0,
         },
         0,
@@ -299,10 +371,16 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
     }
     // A peer on this host is named by its connecting socket, recorded before its SYN left; only
     // peers with their own addresses are named by address.
+    // The agent's delivery of a tunneled connection is named by the workload its certificate
+    // proved, for the 4-tuple the agent recorded.
+    let mut tunneled = false;
     let remote = if protocol == PROTO_TCP {
         // SAFETY: copied out at once.
         match unsafe { CONNECTING.get(flow) } {
-            Some(c) => c.identity,
+            Some(c) => {
+                tunneled = c.flags & CONNECTING_FLAG_TUNNEL != 0;
+                c.identity
+            }
             None => ipcache::address_identity(&flow.local_addr, gen),
         }
     } else {
@@ -335,13 +413,16 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
     if !d.isolated {
         return ALLOW;
     }
-    let verdict = if d.verdict == VERDICT_REDIRECT {
-        VERDICT_ALLOW
-    } else {
-        d.verdict
+    // A rule that requires mTLS admits only what came through the tunnel (TCP; a datagram follows
+    // the L4 verdict).
+    let verdict = match d.verdict {
+        VERDICT_REDIRECT if protocol == PROTO_TCP && !tunneled => VERDICT_NO_TUNNEL,
+        VERDICT_REDIRECT => VERDICT_ALLOW,
+        v => v,
     };
+    let refused = verdict == VERDICT_DENY || verdict == VERDICT_NO_TUNNEL;
     count(counters::verdict(DIRECTION_INGRESS, verdict));
-    if protocol == PROTO_TCP && verdict != VERDICT_DENY {
+    if protocol == PROTO_TCP && !refused {
         let tag = SocketValue {
             local_identity: local,
             remote_identity: remote,
@@ -370,7 +451,7 @@ pub fn ward_ingress(ctx: SkBuffContext) -> i32 {
         ev.local_addr = flow.remote_addr;
         ev.family = p.family;
     });
-    if verdict == VERDICT_DENY {
+    if refused {
         REFUSE
     } else {
         ALLOW
@@ -532,13 +613,23 @@ pub fn ward_sockops(ctx: SockOpsContext) -> u32 {
         }
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             // SAFETY: copied out at once.
-            if let Some(identity) = unsafe { SOCKETS.get(cookie) }.map(|t| t.local_identity) {
+            if let Some(tag) = unsafe { SOCKETS.get(cookie) }.copied() {
+                let tuple = sockops_tuple(&ops, true);
                 let v = ConnectingValue {
-                    identity,
-                    _pad: 0,
+                    identity: tag.local_identity,
+                    flags: 0,
                     cookie,
                 };
-                let _ = CONNECTING.insert(sockops_tuple(&ops, true), v, 0);
+                let _ = CONNECTING.insert(tuple, v, 0);
+                // A connection redirected to the tunnel: the agent finds where it was going by
+                // the 4-tuple it accepts.
+                if tag.verdict == VERDICT_REDIRECT {
+                    // SAFETY: copied out at once.
+                    if let Some(original) = unsafe { ORIGINAL_DST.get(cookie) }.copied() {
+                        let _ = REDIRECTS.insert(tuple, original, 0);
+                        let _ = ORIGINAL_DST.remove(cookie);
+                    }
+                }
                 let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
             }
         }
@@ -558,6 +649,7 @@ pub fn ward_sockops(ctx: SockOpsContext) -> u32 {
             let _ = SOCKETS.remove(cookie);
             let _ = OWNERS.remove(cookie);
             let _ = CONNECTING.remove(sockops_tuple(&ops, true));
+            let _ = ORIGINAL_DST.remove(cookie);
         }
         _ => {}
     }

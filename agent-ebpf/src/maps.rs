@@ -2,8 +2,8 @@
 //! kernel keeps enforcing while no agent runs.
 use agent_common::{
     CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue, FlowKey, IpcacheKey,
-    IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, OwnerValue, PolicyKey, PolicyValue,
-    SocketValue, StateValue, UdpFlowValue, *,
+    IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, OriginalDst, OwnerValue, PolicyKey,
+    PolicyValue, SocketValue, StateValue, TunnelConfig, UdpFlowValue, *,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -86,6 +86,24 @@ versioned_map!(
 );
 
 versioned_map!(
+    "ward_origdst_v1",
+    "ward_origdst_v2",
+    pub static ORIGINAL_DST: LruHashMap<u64, OriginalDst> = LruHashMap::pinned(MAX_REDIRECTS, 0);
+);
+
+versioned_map!(
+    "ward_redir_v1",
+    "ward_redir_v2",
+    pub static REDIRECTS: LruHashMap<FlowKey, OriginalDst> = LruHashMap::pinned(MAX_REDIRECTS, 0);
+);
+
+versioned_map!(
+    "ward_tunnel_v1",
+    "ward_tunnel_v2",
+    pub static TUNNEL: Array<TunnelConfig> = Array::pinned(1, 0);
+);
+
+versioned_map!(
     "ward_udpflow_v1",
     "ward_udpflow_v2",
     pub static UDP_FLOWS: LruHashMap<FlowKey, UdpFlowValue> = LruHashMap::pinned(MAX_UDP_FLOWS, 0);
@@ -125,6 +143,12 @@ pub fn generation() -> u32 {
         Some(s) => s.generation,
         None => 0,
     }
+}
+
+/// Where connections that must go through the mTLS tunnel are redirected, if a tunnel runs.
+#[inline(always)]
+pub fn tunnel() -> Option<TunnelConfig> {
+    TUNNEL.get(0).copied().filter(|t| t.enabled != 0)
 }
 
 /// Identity of a local cgroup, if it belongs to a workload.

@@ -99,3 +99,33 @@ pub fn decide(
         isolated: true,
     }
 }
+
+/// The rule of a destination's ingress policy that requires `local`'s connections to `remote` at
+/// `port` to go through the mTLS tunnel ([`DIRECTION_MTLS`] entries). One lookup when `local`
+/// has no such demand.
+#[inline(always)]
+pub fn mtls_demand(local: u32, remote: u32, protocol: u8, port: u16, gen: u8) -> Option<u32> {
+    let mut key = PolicyKey {
+        local_identity: local,
+        remote_identity: REMOTE_ISOLATION,
+        port: PORT_ANY,
+        protocol: PROTO_ANY,
+        direction: DIRECTION_MTLS,
+        generation: gen,
+        _pad: [0; 3],
+    };
+    lookup(&key)?;
+    key.remote_identity = remote;
+    for (p, proto) in [
+        (port, protocol),
+        (PORT_ANY, protocol),
+        (PORT_ANY, PROTO_ANY),
+    ] {
+        key.port = p;
+        key.protocol = proto;
+        if let Some(e) = lookup(&key) {
+            return Some(e.allow_rule);
+        }
+    }
+    None
+}

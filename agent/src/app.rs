@@ -32,6 +32,7 @@ use crate::{
     paths,
     policy::{self, Compiled, RuleIds, WorkloadInfo},
     status::{PolicyStatus, Status, WorkloadStatus},
+    tunnel::Tunnel,
 };
 
 pub struct RunOptions {
@@ -58,7 +59,7 @@ struct Desired {
     workloads: Vec<WorkloadInfo>,
     /// Other nodes' workloads (control-plane mode): identities that rules may name as peers.
     peers: Vec<WorkloadInfo>,
-    compiled: Compiled,
+    compiled: Arc<Compiled>,
     addresses: BTreeMap<[u8; 16], u32>,
 }
 
@@ -97,14 +98,16 @@ impl Desired {
                     .or_insert(*identity);
             }
         }
-        if let Some(rule) = compiled.rules.values().find(|r| r.mtls) {
-            tracing::warn!(policy = %rule.policy, rule = %rule.rule, "mtls: required is recorded but the mTLS tunnel is not available in this version; such connections pass in plain TCP");
+        if config.tunnel.is_none() {
+            if let Some(rule) = compiled.rules.values().find(|r| r.mtls) {
+                tracing::warn!(policy = %rule.policy, rule = %rule.rule, "mtls: required, but this agent runs no tunnel (tunnel: in the configuration, with controlPlane:); connections that need it are refused");
+            }
         }
         Ok(Desired {
             config,
             workloads,
             peers,
-            compiled,
+            compiled: Arc::new(compiled),
             addresses,
         })
     }
@@ -296,6 +299,8 @@ struct Agent {
     metrics: Arc<Metrics>,
     last_apply: ApplyStats,
     last_error: Option<String>,
+    /// The mTLS tunnel, when configured.
+    tunnel: Option<Tunnel>,
 }
 
 impl Agent {
@@ -362,16 +367,19 @@ impl Agent {
         if next.config.pin_dir != current.pin_dir
             || next.config.cgroup_root != current.cgroup_root
             || next.config.control_plane != current.control_plane
+            || next.config.tunnel != current.tunnel
         {
             self.reject(
                 reason,
-                "pinDir, cgroupRoot and controlPlane take effect only at restart".into(),
+                "pinDir, cgroupRoot, controlPlane and tunnel take effect only at restart".into(),
                 "policy rejected",
             );
             return Ok(());
         }
         // A refusal is logged and counted by `install`; the agent keeps running.
-        let _ = self.install(next, reason)?;
+        if self.install(next, reason)?.is_ok() {
+            self.refresh_tunnel();
+        }
         if let Some(reports) = &self.reports {
             let workloads = reported(&self.desired.workloads);
             reports.send_if_modified(|current| {
@@ -416,8 +424,21 @@ impl Agent {
                 "control plane state applied"
             );
             self.remote = Some(state);
+            self.refresh_tunnel();
         }
         Ok(applied)
+    }
+
+    /// Gives the tunnel the state in force.
+    fn refresh_tunnel(&mut self) {
+        if let Some(tunnel) = &mut self.tunnel {
+            tunnel.update(
+                &self.desired.workloads,
+                &self.desired.peers,
+                self.desired.compiled.clone(),
+                self.remote.as_ref(),
+            );
+        }
     }
 
     /// Writes `next` to the kernel and makes it the state in force; on a refusal by the kernel
@@ -640,9 +661,26 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         last_apply: stats,
         last_error: None,
+        tunnel: None,
         dp,
     };
     agent.record_apply(stats);
+    // The connect hook knows where the tunnel listens before it is attached.
+    match (&config.tunnel, &config.control_plane) {
+        (Some(settings), Some(cp)) => {
+            let tunnel = Tunnel::start(
+                settings.clone(),
+                cp,
+                &config.trust_domain,
+                &config.pin_dir,
+                hub.clone(),
+            )
+            .await?;
+            agent.tunnel = Some(tunnel);
+            agent.refresh_tunnel();
+        }
+        _ => kernel::tunnel::TunnelMaps::open(&config.pin_dir)?.set_outbound(None)?,
+    }
     // Maps are complete before the programs see the first packet.
     agent.sync_cgroups(&cgroups::scan(&cgroup_root)?)?;
     agent.attachment = agent.dp.attach(&cgroup_root)?;
@@ -675,6 +713,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         "ready: enforcing"
     );
 
+    let tunnel_address = config.tunnel.as_ref().map(|t| t.advertise);
     let updates = config.control_plane.clone().map(|cp_config| {
         let (reports_tx, reports_rx) = watch::channel(reported(&agent.desired.workloads));
         let (updates_tx, updates_rx) = mpsc::channel::<RemoteUpdate>(1);
@@ -682,7 +721,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         // Retries everything itself with backoff; returns when the agent stops, or at once on a
         // bad configuration, which leaves the agent enforcing what it has.
         tokio::spawn(async move {
-            if let Err(e) = control::run(cp_config, reports_rx, updates_tx).await {
+            if let Err(e) = control::run(cp_config, tunnel_address, reports_rx, updates_tx).await {
                 tracing::error!(error = %e, "control plane client stopped");
             }
         });

@@ -46,7 +46,31 @@ struct RawConfig {
     #[serde(default)]
     workloads: Vec<RawWorkload>,
     control_plane: Option<crate::control::ControlPlaneConfig>,
+    tunnel: Option<RawTunnel>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawTunnel {
+    listen: Option<String>,
+    advertise: Option<String>,
+    outbound_port: Option<u16>,
+}
+
+/// `tunnel:`: the mTLS tunnel that carries connections whose rule says `mtls: required`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TunnelSettings {
+    /// Where peers' agents connect (TLS 1.3, mutual), default `0.0.0.0:15008`.
+    pub listen: std::net::SocketAddr,
+    /// What peers dial, announced to the control plane; default `listen` unless that is a
+    /// wildcard address.
+    pub advertise: std::net::SocketAddr,
+    /// Loopback port the connect hook redirects workloads' connections to (127.0.0.1 and ::1).
+    pub outbound_port: u16,
+}
+
+pub const DEFAULT_TUNNEL_PORT: u16 = 15008;
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -133,6 +157,8 @@ pub struct Config {
     pub workloads: Vec<WorkloadConfig>,
     /// Policy, identities and the IP cache come from this control plane instead of `policies`.
     pub control_plane: Option<crate::control::ControlPlaneConfig>,
+    /// The mTLS tunnel (control-plane mode only: workload certificates come from there).
+    pub tunnel: Option<TunnelSettings>,
 }
 
 impl Config {
@@ -334,8 +360,19 @@ impl Config {
                 Some(cp)
             }
         };
+        let tunnel = match raw.tunnel {
+            None => None,
+            Some(_) if control_plane.is_none() => {
+                return Err(field(
+                    "tunnel".into(),
+                    "needs controlPlane: workload certificates come from the control plane".into(),
+                ))
+            }
+            Some(t) => Some(tunnel_settings(t).map_err(|(f, r)| field(format!("tunnel.{f}"), r))?),
+        };
         Ok(Config {
             control_plane,
+            tunnel,
             file: file.to_owned(),
             trust_domain: raw.trust_domain,
             cgroup_root: raw.cgroup_root,
@@ -349,6 +386,39 @@ impl Config {
             workloads,
         })
     }
+}
+
+fn tunnel_settings(raw: RawTunnel) -> Result<TunnelSettings, (&'static str, String)> {
+    let address = |f: &'static str, text: &str| {
+        text.parse::<std::net::SocketAddr>()
+            .map_err(|_| (f, format!("{text:?} is not ip:port")))
+    };
+    let listen = match &raw.listen {
+        Some(text) => address("listen", text)?,
+        None => std::net::SocketAddr::from(([0, 0, 0, 0], DEFAULT_TUNNEL_PORT)),
+    };
+    let advertise = match &raw.advertise {
+        Some(text) => address("advertise", text)?,
+        None if listen.ip().is_unspecified() => {
+            return Err((
+                "advertise",
+                format!("required when listen is {listen}: the address peers' agents dial"),
+            ))
+        }
+        None => listen,
+    };
+    if advertise.ip().is_unspecified() || advertise.port() == 0 {
+        return Err(("advertise", format!("{advertise} cannot be dialled")));
+    }
+    let outbound_port = raw.outbound_port.unwrap_or(DEFAULT_OUTBOUND_PORT);
+    if outbound_port == 0 {
+        return Err(("outboundPort", "must not be 0".into()));
+    }
+    Ok(TunnelSettings {
+        listen,
+        advertise,
+        outbound_port,
+    })
 }
 
 /// A named port, checked as Kubernetes checks a container port's name (an IANA service name);

@@ -8,6 +8,7 @@ use std::{
 
 use agent_common::{
     VerdictEvent, DIRECTION_EGRESS, IDENTITY_HOST, IDENTITY_WORLD, PROTO_TCP, PROTO_UDP,
+    VERDICT_NO_TUNNEL,
 };
 use aya::maps::{MapData, RingBuf};
 use tokio::io::{unix::AsyncFd, Interest};
@@ -90,7 +91,7 @@ fn record(names: &Names, ev: &VerdictEvent) -> FlowRecord {
         None => ("-".into(), "-".into()),
     };
     FlowRecord {
-        time: humantime_now(),
+        time: timestamp(),
         verdict: policy::verdict_name(ev.verdict).into(),
         direction: policy::direction_name(ev.direction).into(),
         policy,
@@ -108,10 +109,16 @@ fn record(names: &Names, ev: &VerdictEvent) -> FlowRecord {
             _ => "other",
         }
         .into(),
+        reason: match ev.verdict {
+            VERDICT_NO_TUNNEL if egress => "mtls required: this node runs no tunnel".into(),
+            VERDICT_NO_TUNNEL => "mtls required: plaintext refused".into(),
+            _ => String::new(),
+        },
     }
 }
 
-fn humantime_now() -> String {
+/// Seconds since the epoch with microseconds, as flow records carry it.
+pub fn timestamp() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -133,6 +140,7 @@ fn log(r: &FlowRecord) {
         dst_addr = %r.dst_addr,
         dst_port = r.dst_port,
         protocol = %r.protocol,
+        reason = %r.reason,
         "verdict"
     );
 }

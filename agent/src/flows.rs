@@ -23,6 +23,9 @@ pub struct FlowRecord {
     pub dst_addr: String,
     pub dst_port: u16,
     pub protocol: String,
+    /// Why, when the verdict alone does not say (a tunnel refusal).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
 }
 
 /// `ward flows` filters; every field that is set must match.
@@ -124,6 +127,7 @@ mod tests {
             dst_addr: "10.0.0.2".into(),
             dst_port: 80,
             protocol: "tcp".into(),
+            reason: String::new(),
         }
     }
 

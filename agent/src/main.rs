@@ -13,6 +13,7 @@ mod metrics;
 mod paths;
 mod policy;
 mod status;
+mod tunnel;
 
 fn main() -> std::process::ExitCode {
     cli::main()

@@ -53,7 +53,18 @@ pub trait Authorizer: Send + Sync + 'static {
 
     /// Every verdict, for flow events and counters; every refusal is also logged.
     fn record(&self, _event: &InboundEvent) {}
+
+    /// Opens the connection to `destination` for an authorized stream of `peer`. The agent
+    /// overrides it to tell its kernel's ingress check which verified workload this connection
+    /// carries, for this connection only.
+    fn connect(&self, _peer: &SpiffeId, destination: SocketAddr) -> DeliveryFuture {
+        Box::pin(TcpStream::connect(destination))
+    }
 }
+
+/// The connection [`Authorizer::connect`] opens.
+pub type DeliveryFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<TcpStream>> + Send>>;
 
 /// Why the inbound listener refused a session or a stream.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -433,9 +444,11 @@ impl Inbound {
             Ok(allowed) => allowed,
             Err(refusal) => return refuse(refusal, &mut respond),
         };
-        let connect =
-            tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(destination))
-                .await;
+        let connect = tokio::time::timeout(
+            self.config.connect_timeout,
+            self.authorizer.connect(&session.peer, destination),
+        )
+        .await;
         let mut tcp = match connect {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {

@@ -21,7 +21,9 @@ pub mod tls;
 pub mod trust;
 
 pub use identity::{IdentityError, Serial, SpiffeId};
-pub use inbound::{Authorizer, Denied, Inbound, InboundConfig, InboundEvent, Refusal};
+pub use inbound::{
+    Authorizer, Denied, DeliveryFuture, Inbound, InboundConfig, InboundEvent, Refusal, Verdict,
+};
 pub use outbound::{
     OriginalDestinations, Outbound, OutboundConfig, OutboundRequest, OutboundStats, TunnelError,
 };

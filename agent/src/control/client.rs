@@ -7,7 +7,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use ward_proto::{
     agent_message::Kind, control_client::ControlClient, Ack, AgentMessage, Hello, JoinRequest,
-    Nack, RenewRequest, Report, ServerMessage, TypeVersion, Update, Workload,
+    Nack, RenewRequest, Report, ServerMessage, SignWorkloadRequest, TypeVersion, Update, Workload,
 };
 
 use super::{
@@ -146,6 +146,41 @@ async fn renew(cfg: &ControlPlaneConfig, channel: Channel) -> Result<NodeCert, C
     Ok(cert)
 }
 
+/// Signs this node's workload certificates through the control plane's `SignWorkload`, over a
+/// channel authenticated by the node certificate the stream keeps fresh.
+pub struct WorkloadSigner {
+    cfg: ControlPlaneConfig,
+}
+
+impl WorkloadSigner {
+    pub fn new(cfg: ControlPlaneConfig) -> Self {
+        WorkloadSigner { cfg }
+    }
+
+    async fn sign_pem(&self, spiffe_id: String, csr_pem: String) -> Result<String, ControlError> {
+        let cert = NodeCert::load(&self.cfg.state_dir)
+            .filter(|c| !c.is_expired())
+            .ok_or_else(|| ControlError::Protocol("the node has not joined yet".into()))?;
+        let channel = endpoint(&self.cfg, Some(&cert))?.connect().await?;
+        let mut request = tonic::Request::new(SignWorkloadRequest { spiffe_id, csr_pem });
+        request.set_timeout(CALL_TIMEOUT);
+        let response = client(channel).sign_workload(request).await?.into_inner();
+        Ok(response.cert_chain_pem)
+    }
+}
+
+impl ward_tunnel::renewal::SvidSigner for WorkloadSigner {
+    async fn sign(
+        &self,
+        spiffe_id: &ward_tunnel::SpiffeId,
+        csr_pem: String,
+    ) -> Result<String, String> {
+        self.sign_pem(spiffe_id.to_string(), csr_pem)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
 fn to_proto(node: &str, workloads: &[ReportedWorkload]) -> AgentMessage {
     AgentMessage {
         kind: Some(Kind::Report(Report {
@@ -175,6 +210,8 @@ enum End {
 /// The agent-side loop: holds state across streams.
 pub struct Client {
     cfg: ControlPlaneConfig,
+    /// Announced in the Hello: where peers reach this node's tunnel.
+    tunnel_address: Option<std::net::SocketAddr>,
     held: Held,
     cert: Option<NodeCert>,
     reports: watch::Receiver<Vec<ReportedWorkload>>,
@@ -185,6 +222,7 @@ pub struct Client {
 impl Client {
     pub fn new(
         cfg: ControlPlaneConfig,
+        tunnel_address: Option<std::net::SocketAddr>,
         reports: watch::Receiver<Vec<ReportedWorkload>>,
         updates: mpsc::Sender<RemoteUpdate>,
     ) -> Client {
@@ -194,6 +232,7 @@ impl Client {
         let cert = NodeCert::load(&cfg.state_dir);
         Client {
             cfg,
+            tunnel_address,
             held,
             cert,
             reports,
@@ -260,6 +299,10 @@ impl Client {
                     })
                     .collect(),
                 agent_version: env!("CARGO_PKG_VERSION").into(),
+                tunnel_address: self
+                    .tunnel_address
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
             })),
         };
         tx.send(hello).await.map_err(|_| ControlError::Closed)?;

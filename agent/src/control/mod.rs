@@ -15,6 +15,7 @@ use std::{collections::BTreeMap, net::IpAddr, os::unix::fs::PermissionsExt as _,
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use client::WorkloadSigner;
 #[cfg(test)]
 pub use state::RemoteIdentity;
 pub use state::RemoteState;
@@ -154,6 +155,7 @@ pub fn load_last_applied(cfg: &ControlPlaneConfig) -> Option<RemoteState> {
 /// retried with capped exponential backoff; only a bad configuration returns an error.
 pub async fn run(
     cfg: ControlPlaneConfig,
+    tunnel_address: Option<std::net::SocketAddr>,
     reports: watch::Receiver<Vec<ReportedWorkload>>,
     updates: mpsc::Sender<RemoteUpdate>,
 ) -> Result<(), ControlError> {
@@ -176,7 +178,9 @@ pub async fn run(
         server_name = cfg.server_name,
         "control plane client starting"
     );
-    client::Client::new(cfg, reports, updates).run().await;
+    client::Client::new(cfg, tunnel_address, reports, updates)
+        .run()
+        .await;
     Ok(())
 }
 

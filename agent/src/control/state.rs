@@ -2,7 +2,7 @@
 //! how a batch of updates is merged into them, and the copy kept on disk.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::Path,
 };
 
@@ -33,9 +33,15 @@ pub struct RemoteState {
     pub identities: Vec<RemoteIdentity>,
     /// Address → identity for every workload address any node reported, sorted by address.
     pub ipcache: Vec<(IpAddr, u32)>,
+    /// Address → the tunnel listener of the node that owns it (nodes that run a tunnel only).
+    #[serde(default)]
+    pub tunnels: Vec<(IpAddr, SocketAddr)>,
     /// PEM certificates of the control plane's CA (for verifying peers' certificates).
     #[serde(default)]
     pub trust_bundle: String,
+    /// Serials of revoked workload certificates, as the control plane wrote them.
+    #[serde(default)]
+    pub revoked_serials: Vec<String>,
     /// Resource type (`policy`, `identity`, `ipcache`, `trust_bundle`) → version held.
     pub versions: BTreeMap<String, String>,
 }
@@ -46,7 +52,9 @@ pub struct Held {
     policies: BTreeMap<String, String>,
     identities: BTreeMap<String, RemoteIdentity>,
     ipcache: BTreeMap<IpAddr, u32>,
-    trust_bundle: BTreeMap<String, String>,
+    tunnels: BTreeMap<IpAddr, SocketAddr>,
+    /// Name → (PEM, revoked serials).
+    trust_bundle: BTreeMap<String, (String, Vec<String>)>,
     versions: BTreeMap<ResourceType, String>,
 }
 
@@ -76,10 +84,14 @@ impl Held {
                 .map(|i| (i.spiffe_id.clone(), i.clone()))
                 .collect(),
             ipcache: state.ipcache.iter().copied().collect(),
+            tunnels: state.tunnels.iter().copied().collect(),
             trust_bundle: if state.trust_bundle.is_empty() {
                 BTreeMap::new()
             } else {
-                BTreeMap::from([("ca".to_string(), state.trust_bundle.clone())])
+                BTreeMap::from([(
+                    "ca".to_string(),
+                    (state.trust_bundle.clone(), state.revoked_serials.clone()),
+                )])
             },
             versions: state
                 .versions
@@ -98,12 +110,17 @@ impl Held {
                 .collect(),
             identities: self.identities.values().cloned().collect(),
             ipcache: self.ipcache.iter().map(|(a, i)| (*a, *i)).collect(),
+            tunnels: self.tunnels.iter().map(|(a, t)| (*a, *t)).collect(),
             trust_bundle: self
                 .trust_bundle
                 .values()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(""),
+                .map(|(pem, _)| pem.as_str())
+                .collect(),
+            revoked_serials: self
+                .trust_bundle
+                .values()
+                .flat_map(|(_, revoked)| revoked.iter().cloned())
+                .collect(),
             versions: self
                 .versions
                 .iter()
@@ -125,6 +142,7 @@ impl Held {
         self.policies == other.policies
             && self.identities == other.identities
             && self.ipcache == other.ipcache
+            && self.tunnels == other.tunnels
             && self.trust_bundle == other.trust_bundle
     }
 
@@ -132,7 +150,10 @@ impl Held {
         match kind {
             ResourceType::Policy => self.policies.clear(),
             ResourceType::Identity => self.identities.clear(),
-            ResourceType::Ipcache => self.ipcache.clear(),
+            ResourceType::Ipcache => {
+                self.ipcache.clear();
+                self.tunnels.clear();
+            }
             ResourceType::TrustBundle => self.trust_bundle.clear(),
             ResourceType::Unspecified => {}
         }
@@ -151,6 +172,7 @@ impl Held {
                     MergeError::Invalid(format!("ipcache: removed name {name:?} is not an address"))
                 })?;
                 self.ipcache.remove(&address);
+                self.tunnels.remove(&address);
             }
             ResourceType::TrustBundle => {
                 self.trust_bundle.remove(name);
@@ -204,10 +226,29 @@ impl Held {
                         entry.identity
                     ));
                 }
+                let tunnel = match entry.tunnel.as_str() {
+                    "" => None,
+                    text => match text.parse::<SocketAddr>() {
+                        Ok(tunnel) => Some(tunnel),
+                        Err(_) => return invalid(format!("tunnel {text:?} is not ip:port")),
+                    },
+                };
                 self.ipcache.insert(address, entry.identity);
+                match tunnel {
+                    Some(tunnel) => self.tunnels.insert(address, tunnel),
+                    None => self.tunnels.remove(&address),
+                };
             }
             (ResourceType::TrustBundle, Some(Body::TrustBundle(bundle))) => {
-                self.trust_bundle.insert(name, bundle.pem);
+                if let Some(bad) = bundle
+                    .revoked_serials
+                    .iter()
+                    .find(|s| ward_tunnel::Serial::from_hex(s).is_err())
+                {
+                    return invalid(format!("revoked serial {bad:?} is not hexadecimal"));
+                }
+                self.trust_bundle
+                    .insert(name, (bundle.pem, bundle.revoked_serials));
             }
             _ => return invalid("body does not match the resource type".into()),
         }
@@ -300,7 +341,7 @@ pub fn load(state_dir: &Path) -> Option<RemoteState> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ward_proto::{Identity, IpCacheEntry, Policy, Resource};
+    use ward_proto::{Identity, IpCacheEntry, Policy, Resource, TrustBundle};
 
     fn policy(name: &str, yaml: &str) -> Resource {
         Resource {
@@ -406,6 +447,23 @@ mod tests {
                 address: "nope".into(),
                 identity: 300,
                 node: "n".into(),
+                tunnel: String::new(),
+            })),
+        };
+        let bad_tunnel = Resource {
+            name: "10.0.0.1".into(),
+            body: Some(Body::Ipcache(IpCacheEntry {
+                address: "10.0.0.1".into(),
+                identity: 300,
+                node: "n".into(),
+                tunnel: "node-b:15008".into(),
+            })),
+        };
+        let bad_serial = Resource {
+            name: "ca".into(),
+            body: Some(Body::TrustBundle(TrustBundle {
+                pem: "pem".into(),
+                revoked_serials: vec!["zz".into()],
             })),
         };
         let reserved_identity = Resource {
@@ -418,6 +476,15 @@ mod tests {
         };
         let cases = [
             update(ResourceType::Ipcache, "v", "", true, vec![bad_address], &[]),
+            update(ResourceType::Ipcache, "v", "", true, vec![bad_tunnel], &[]),
+            update(
+                ResourceType::TrustBundle,
+                "v",
+                "",
+                true,
+                vec![bad_serial],
+                &[],
+            ),
             update(
                 ResourceType::Identity,
                 "v",
@@ -457,6 +524,14 @@ mod tests {
                 address: "10.0.0.1".into(),
                 identity: 300,
                 node: "n".into(),
+                tunnel: "10.0.0.9:15008".into(),
+            })),
+        };
+        let ca = Resource {
+            name: "ca".into(),
+            body: Some(Body::TrustBundle(TrustBundle {
+                pem: "pem".into(),
+                revoked_serials: vec!["0a:1b".into()],
             })),
         };
         let held = Held::default()
@@ -470,8 +545,18 @@ mod tests {
                     &[],
                 ),
                 update(ResourceType::Ipcache, "i1", "", true, vec![ip], &[]),
+                update(ResourceType::TrustBundle, "t1", "", true, vec![ca], &[]),
             ])
             .expect("merge");
+        let state = held.to_state();
+        assert_eq!(
+            state.tunnels,
+            vec![(
+                "10.0.0.1".parse().unwrap(),
+                "10.0.0.9:15008".parse().unwrap()
+            )]
+        );
+        assert_eq!(state.revoked_serials, vec!["0a:1b".to_string()]);
         save(&tmp, &held.to_state()).expect("save");
         let loaded = load(&tmp).expect("saved state loads");
         assert_eq!(loaded, held.to_state());

@@ -2,6 +2,7 @@
 //! writes identities and compiled policy into the maps without ever opening a hole.
 pub mod features;
 mod link;
+pub mod tunnel;
 
 use std::{
     collections::BTreeMap,
@@ -13,10 +14,10 @@ use std::{
 
 use agent_common::{
     map_names, program_names, CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue,
-    FlowKey, IpcacheKey, IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, OwnerValue,
-    PolicyKey, PolicyValue, SocketValue, StateValue, UdpFlowValue, MAX_ACCEPTING, MAX_CGROUPS,
-    MAX_CONNECTING, MAX_IPCACHE, MAX_IPCACHE_PREFIXES, MAX_LISTENERS, MAX_OWNERS,
-    MAX_POLICY_ENTRIES, MAX_SOCKETS, MAX_UDP_FLOWS,
+    FlowKey, IpcacheKey, IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, OriginalDst,
+    OwnerValue, PolicyKey, PolicyValue, SocketValue, StateValue, TunnelConfig, UdpFlowValue,
+    MAX_ACCEPTING, MAX_CGROUPS, MAX_CONNECTING, MAX_IPCACHE, MAX_IPCACHE_PREFIXES, MAX_LISTENERS,
+    MAX_OWNERS, MAX_POLICY_ENTRIES, MAX_SOCKETS, MAX_UDP_FLOWS,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
@@ -594,7 +595,7 @@ impl Datapath {
 }
 
 /// Key and value sizes of every map this build pins, as the kernel reports them.
-fn layouts() -> [(&'static str, usize, usize); 14] {
+fn layouts() -> [(&'static str, usize, usize); 17] {
     [
         (
             map_names::CGROUPS,
@@ -650,6 +651,21 @@ fn layouts() -> [(&'static str, usize, usize); 14] {
         ),
         (map_names::EVENTS, 0, 0),
         (map_names::COUNTERS, size_of::<u32>(), size_of::<u64>()),
+        (
+            map_names::ORIGINAL_DST,
+            size_of::<u64>(),
+            size_of::<OriginalDst>(),
+        ),
+        (
+            map_names::REDIRECTS,
+            size_of::<FlowKey>(),
+            size_of::<OriginalDst>(),
+        ),
+        (
+            map_names::TUNNEL,
+            size_of::<u32>(),
+            size_of::<TunnelConfig>(),
+        ),
     ]
 }
 

@@ -4,9 +4,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use agent_common::{
-    PolicyKey, PolicyValue, IDENTITY_ANY, IDENTITY_FIRST_ALLOCATED, IDENTITY_WORLD,
-    MAX_POLICY_ENTRIES, POLICY_FLAG_MTLS, PORT_ANY, PROTO_ANY, REMOTE_ISOLATION, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DENY, VERDICT_REDIRECT,
+    PolicyKey, PolicyValue, DIRECTION_INGRESS, DIRECTION_MTLS, IDENTITY_ANY,
+    IDENTITY_FIRST_ALLOCATED, IDENTITY_WORLD, MAX_POLICY_ENTRIES, POLICY_FLAG_MTLS, PORT_ANY,
+    PROTO_ANY, REMOTE_ISOLATION, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VERDICT_REDIRECT,
 };
 use ipnet::IpNet;
 
@@ -313,6 +313,9 @@ fn compile_inner(
             }
         }
     }
+    for policy in &set.policies {
+        compiled.mtls_demands(policy, workloads, peers, rule_ids, observe)?;
+    }
     Ok(compiled)
 }
 
@@ -447,6 +450,86 @@ impl Compiled {
             }
         }
         remotes
+    }
+
+    /// The [`DIRECTION_MTLS`] entries of `policy`: each enforced ingress rule that requires mTLS
+    /// makes this node's workloads it admits go through the tunnel to every workload (of any
+    /// node) the policy selects, at the rule's ports. Sources are named by identity; CIDR peers
+    /// never speak through a tunnel, and named ports are not resolved here.
+    fn mtls_demands(
+        &mut self,
+        policy: &Policy,
+        workloads: &[WorkloadInfo],
+        peers: &[WorkloadInfo],
+        rule_ids: &mut RuleIds,
+        observe: &mut dyn FnMut(&Contribution),
+    ) -> Result<(), CompileError> {
+        if policy.mode != Mode::Enforce {
+            return Ok(());
+        }
+        let Some(rules) = policy
+            .directions()
+            .find(|(d, _)| *d == DIRECTION_INGRESS)
+            .map(|(_, r)| r)
+        else {
+            return Ok(());
+        };
+        let destinations: Vec<u32> = workloads
+            .iter()
+            .chain(peers)
+            .filter(|w| policy.selector.matches(w))
+            .map(|w| w.identity)
+            .collect();
+        if destinations.is_empty() {
+            return Ok(());
+        }
+        for rule in rules
+            .iter()
+            .filter(|r| r.mtls && r.action == RuleAction::Allow)
+        {
+            let id = rule_ids.rule(&policy.name, DIRECTION_INGRESS, &rule.name);
+            let admitted = self.remotes(rule, workloads, peers);
+            let sources = workloads
+                .iter()
+                .map(|w| w.identity)
+                .filter(|i| admitted.contains(i) || admitted.contains(&IDENTITY_ANY));
+            let ports = port_keys(rule);
+            for source in sources {
+                let mut keys = vec![isolation_key(source, DIRECTION_MTLS)];
+                for &destination in &destinations {
+                    keys.extend(ports.iter().map(|&(protocol, port)| {
+                        policy_key(source, destination, DIRECTION_MTLS, protocol, port)
+                    }));
+                }
+                for key in keys {
+                    let contribution = Contribution {
+                        key,
+                        slot: Slot::Allow,
+                        rule: id,
+                        flags: POLICY_FLAG_MTLS,
+                    };
+                    self.merge(&contribution, observe, policy, &rule.name)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The rule that makes `local`'s connections to `remote` at `port` go through the tunnel
+    /// because the destination requires it, as the connect hook looks it up.
+    pub fn mtls_demand(&self, local: u32, remote: u32, protocol: u8, port: u16) -> Option<u32> {
+        self.entries.get(&isolation_key(local, DIRECTION_MTLS))?;
+        [
+            (protocol, port),
+            (protocol, PORT_ANY),
+            (PROTO_ANY, PORT_ANY),
+        ]
+        .into_iter()
+        .find_map(|(protocol, port)| {
+            self.entries
+                .get(&policy_key(local, remote, DIRECTION_MTLS, protocol, port))
+                .map(|v| v.allow_rule)
+        })
     }
 
     /// The map fields the kernel would merge for a query: the isolation entry, and the merged

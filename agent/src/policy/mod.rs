@@ -137,6 +137,7 @@ pub fn verdict_name(verdict: u8) -> &'static str {
         agent_common::VERDICT_DENY => "deny",
         agent_common::VERDICT_AUDIT => "audit",
         agent_common::VERDICT_REDIRECT => "redirect",
+        agent_common::VERDICT_NO_TUNNEL => "deny",
         _ => "unknown",
     }
 }

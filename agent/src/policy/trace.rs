@@ -90,18 +90,31 @@ fn legs(
     local_sides
         .map(|(direction, local, remote)| {
             let remote_identity = remote.identity(compiled, workloads);
+            let mut decision =
+                compiled.decide(local.identity, remote_identity, direction, protocol, port);
+            // As the connect hook: the destination's ingress rule may require the tunnel.
+            if direction == DIRECTION_EGRESS
+                && protocol == agent_common::PROTO_TCP
+                && decision.verdict != VERDICT_DENY
+            {
+                if let Some(rule) =
+                    compiled.mtls_demand(local.identity, remote_identity, protocol, port)
+                {
+                    if decision.verdict != VERDICT_REDIRECT {
+                        decision = Decision {
+                            verdict: VERDICT_REDIRECT,
+                            rule,
+                            isolated: true,
+                        };
+                    }
+                }
+            }
             Leg {
                 direction,
                 local: local.name.clone(),
                 local_identity: local.identity,
                 remote_identity,
-                decision: compiled.decide(
-                    local.identity,
-                    remote_identity,
-                    direction,
-                    protocol,
-                    port,
-                ),
+                decision,
                 matches: Vec::new(),
             }
         })

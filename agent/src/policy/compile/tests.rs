@@ -498,6 +498,43 @@ fn mtls_redirects_and_lower_rule_id_keeps_the_field() {
 }
 
 #[test]
+fn an_ingress_rule_that_requires_mtls_makes_its_sources_use_the_tunnel() {
+    let yaml = policy(
+        "web-tls",
+        "  selector: {labels: {app: web}}\n  ingress:\n    - name: tls\n      from: [{labels: {app: client}}]\n      ports: [{port: 443}]\n      mtls: required",
+    );
+    let compiled = compiled(&yaml);
+    let tls = rule_id(&compiled, "web-tls", "tls");
+    assert_eq!(
+        compiled.mtls_demand(CLIENT, WEB, TCP, 443),
+        Some(tls),
+        "the client, not isolated for egress, still goes through the tunnel"
+    );
+    assert_eq!(
+        compiled.mtls_demand(CLIENT, WEB, TCP, 80),
+        None,
+        "other ports stay plain"
+    );
+    assert_eq!(
+        compiled.mtls_demand(WEB, CLIENT, TCP, 443),
+        None,
+        "only towards the destination"
+    );
+    assert!(
+        compiled
+            .entries
+            .contains_key(&super::isolation_key(CLIENT, DIRECTION_MTLS)),
+        "the connect hook's one-lookup gate is there"
+    );
+    assert!(
+        !compiled
+            .entries
+            .contains_key(&super::isolation_key(WEB, DIRECTION_MTLS)),
+        "a workload the rule does not admit pays nothing"
+    );
+}
+
+#[test]
 fn too_many_entries_is_refused_naming_the_rule() {
     let compiled = compile(
         &set(&policy("huge", "  selector: {}\n  ingress:\n    - name: everything\n      from: [{labels: {}}]\n      ports: [{port: 1, endPort: 65535}]")),

@@ -1,0 +1,120 @@
+//! The kernel's side of the mTLS tunnel, as the agent's tunnel sees it: where the connect hook
+//! redirects connections (`ward_tunnel`), where they were going (`ward_redir`), and the marks
+//! that let the agent's delivery of a verified connection past the ingress check (`ward_conn`).
+//! Opened from the pins, so the tunnel's tasks hold their own handles.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+
+use agent_common::{
+    map_names, ConnectingValue, FlowKey, OriginalDst, TunnelConfig, CONNECTING_FLAG_TUNNEL,
+    PROTO_TCP,
+};
+use aya::maps::{Array, HashMap, Map, MapData};
+
+use super::{map_err, mapped, KernelError};
+
+pub struct TunnelMaps {
+    config: Array<MapData, TunnelConfig>,
+    redirects: HashMap<MapData, FlowKey, OriginalDst>,
+    connecting: HashMap<MapData, FlowKey, ConnectingValue>,
+}
+
+fn open(pin_dir: &Path, name: &'static str) -> Result<MapData, KernelError> {
+    MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))
+}
+
+/// The 4-tuple of a TCP connection as the kernel's maps key it (the connecting end local).
+pub fn flow_key(from: SocketAddr, to: SocketAddr) -> FlowKey {
+    FlowKey {
+        local_addr: mapped(from.ip()),
+        remote_addr: mapped(to.ip()),
+        local_port: from.port(),
+        remote_port: to.port(),
+        protocol: PROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+impl TunnelMaps {
+    pub fn open(pin_dir: &Path) -> Result<TunnelMaps, KernelError> {
+        Ok(TunnelMaps {
+            config: Array::try_from(Map::Array(open(pin_dir, map_names::TUNNEL)?))
+                .map_err(map_err(map_names::TUNNEL))?,
+            redirects: HashMap::try_from(Map::LruHashMap(open(pin_dir, map_names::REDIRECTS)?))
+                .map_err(map_err(map_names::REDIRECTS))?,
+            connecting: HashMap::try_from(Map::LruHashMap(open(pin_dir, map_names::CONNECTING)?))
+                .map_err(map_err(map_names::CONNECTING))?,
+        })
+    }
+
+    /// Points the connect hook at the outbound listener on loopback `port`, or (with `None`)
+    /// makes it refuse what needs the tunnel.
+    pub fn set_outbound(&mut self, port: Option<u16>) -> Result<(), KernelError> {
+        let config = match port {
+            Some(port) => TunnelConfig {
+                ip4: u32::from_ne_bytes(Ipv4Addr::LOCALHOST.octets()),
+                ip6: words(Ipv6Addr::LOCALHOST),
+                port,
+                enabled: 1,
+                _pad: 0,
+            },
+            None => TunnelConfig::default(),
+        };
+        self.config
+            .set(0, config, 0)
+            .map_err(map_err(map_names::TUNNEL))
+    }
+
+    /// Where the connection the outbound listener accepted from `workload` (its end) at
+    /// `listener` was going, removed from the map.
+    pub fn take_redirect(
+        &mut self,
+        workload: SocketAddr,
+        listener: SocketAddr,
+    ) -> Option<OriginalDst> {
+        let key = flow_key(workload, listener);
+        let original = self.redirects.get(&key, 0).ok()?;
+        let _ = self.redirects.remove(&key);
+        Some(original)
+    }
+
+    /// Lets the connection from `from` to the local workload at `to` past the ingress check as
+    /// coming from workload `identity`, whose certificate the tunnel verified.
+    pub fn mark_delivery(
+        &mut self,
+        from: SocketAddr,
+        to: SocketAddr,
+        identity: u32,
+    ) -> Result<(), KernelError> {
+        let value = ConnectingValue {
+            identity,
+            flags: CONNECTING_FLAG_TUNNEL,
+            cookie: 0,
+        };
+        self.connecting
+            .insert(flow_key(from, to), value, 0)
+            .map_err(map_err(map_names::CONNECTING))
+    }
+
+    pub fn unmark_delivery(&mut self, from: SocketAddr, to: SocketAddr) {
+        let _ = self.connecting.remove(&flow_key(from, to));
+    }
+}
+
+/// An IPv6 address as `bpf_sock_addr.user_ip6` holds it.
+fn words(a: Ipv6Addr) -> [u32; 4] {
+    let o = a.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]])
+    })
+}
+
+/// The original destination of a redirected connection.
+pub fn original_destination(o: &OriginalDst) -> SocketAddr {
+    let ip = Ipv6Addr::from(o.addr);
+    let ip = match ip.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(ip),
+    };
+    SocketAddr::new(ip, o.port)
+}

@@ -1,0 +1,464 @@
+//! The agent's mTLS tunnel (`tunnel:` in the configuration): runs `ward-tunnel`'s outbound and
+//! inbound listeners for this node's workloads, keeps their certificates fresh through the
+//! control plane, and answers the tunnel's questions from the agent's state: where a redirected
+//! connection was going (the connect hook's map), which local workload an address is, and
+//! whether a verified peer may reach it (the compiled ingress policy). Every refusal becomes a
+//! flow record naming the reason.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    sync::{Arc, Mutex, RwLock},
+};
+
+use agent_common::{DIRECTION_EGRESS, DIRECTION_INGRESS, PROTO_TCP, VERDICT_DENY};
+use anyhow::Context as _;
+use tokio::{net::TcpListener, task::JoinHandle};
+use ward_tunnel::{
+    Authorizer, Copied, DeliveryFuture, Denied, Inbound, InboundConfig, InboundEvent,
+    OriginalDestinations, Outbound, OutboundConfig, OutboundRequest, Serial, SpiffeId, SvidStore,
+    TrustStore, TunnelError, Verdict,
+};
+
+use crate::{
+    config::TunnelSettings,
+    control::{ControlPlaneConfig, RemoteState, WorkloadSigner},
+    flows::{FlowHub, FlowRecord},
+    kernel::tunnel::{original_destination, TunnelMaps},
+    policy::{self, Compiled, WorkloadInfo},
+};
+
+/// What the tunnel's tasks read of the agent's state; replaced whole at every apply.
+#[derive(Default)]
+struct View {
+    compiled: Arc<Compiled>,
+    /// Every workload the agent knows (this node's and the peers'), by SPIFFE ID and number.
+    by_spiffe_id: HashMap<SpiffeId, u32>,
+    by_identity: HashMap<u32, SpiffeId>,
+    /// This node's workloads by address.
+    local: HashMap<IpAddr, SpiffeId>,
+    /// Address → the tunnel of the node that owns it.
+    tunnels: HashMap<IpAddr, SocketAddr>,
+}
+
+/// The tunnel as the main loop owns it.
+pub struct Tunnel {
+    settings: TunnelSettings,
+    view: Arc<RwLock<View>>,
+    svids: Arc<SvidStore>,
+    trust: Arc<TrustStore>,
+    outbound: Arc<Outbound>,
+    signer: Arc<WorkloadSigner>,
+    /// The renewal task of each local workload's certificate.
+    renewals: BTreeMap<SpiffeId, JoinHandle<()>>,
+    /// The trust bundle and revocations in force.
+    bundle: (String, Vec<String>),
+}
+
+/// The answers the tunnel asks of the agent, shared by its tasks.
+struct Glue {
+    view: Arc<RwLock<View>>,
+    maps: Arc<Mutex<TunnelMaps>>,
+    flows: Arc<FlowHub>,
+}
+
+impl Tunnel {
+    /// Binds the listeners, points the connect hook at the outbound one and starts serving.
+    pub async fn start(
+        settings: TunnelSettings,
+        control_plane: &ControlPlaneConfig,
+        trust_domain: &str,
+        pin_dir: &Path,
+        flows: Arc<FlowHub>,
+    ) -> anyhow::Result<Tunnel> {
+        // Until the control plane sends its trust bundle, its CA file is the bundle: the same CA
+        // signs node and workload certificates.
+        let ca_pem = std::fs::read_to_string(&control_plane.ca_file)
+            .with_context(|| format!("reading {}", control_plane.ca_file.display()))?;
+        let roots = TrustStore::parse_pem_bundle(&ca_pem)
+            .with_context(|| format!("{}", control_plane.ca_file.display()))?;
+        let trust = TrustStore::new(trust_domain, &roots).context("tunnel trust")?;
+        let svids = SvidStore::new();
+        let view = Arc::new(RwLock::new(View::default()));
+        let mut maps = TunnelMaps::open(pin_dir)?;
+        let inbound_listener = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("tunnel.listen: binding {}", settings.listen))?;
+        let outbound_v4 = TcpListener::bind(("127.0.0.1", settings.outbound_port))
+            .await
+            .with_context(|| {
+                format!(
+                    "tunnel.outboundPort: binding 127.0.0.1:{}",
+                    settings.outbound_port
+                )
+            })?;
+        let outbound_v6 = match TcpListener::bind(("::1", settings.outbound_port)).await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                tracing::warn!(port = settings.outbound_port, error = %e, "no IPv6 loopback: IPv6 connections that need the tunnel will fail");
+                None
+            }
+        };
+        let glue = Arc::new(Glue {
+            view: view.clone(),
+            maps: Arc::new(Mutex::new(TunnelMaps::open(pin_dir)?)),
+            flows,
+        });
+        let inbound = Inbound::new(
+            svids.clone(),
+            trust.clone(),
+            glue.clone(),
+            InboundConfig::default(),
+        )
+        .context("tunnel inbound")?;
+        tokio::spawn(inbound.serve(inbound_listener));
+        let outbound = Outbound::new(svids.clone(), trust.clone(), OutboundConfig::default());
+        for listener in std::iter::once(outbound_v4).chain(outbound_v6) {
+            tokio::spawn(outbound.clone().serve(listener, glue.clone()));
+        }
+        maps.set_outbound(Some(settings.outbound_port))?;
+        tracing::info!(listen = %settings.listen, advertise = %settings.advertise, outbound_port = settings.outbound_port, "mTLS tunnel serving");
+        Ok(Tunnel {
+            settings,
+            view,
+            svids,
+            trust,
+            outbound,
+            signer: Arc::new(WorkloadSigner::new(control_plane.clone())),
+            renewals: BTreeMap::new(),
+            bundle: (ca_pem, Vec::new()),
+        })
+    }
+
+    /// Takes in a newly applied state: workloads, peers, policy, the IP cache's tunnels, the
+    /// trust bundle and revocations. Starts and stops certificate renewal with the workloads.
+    pub fn update(
+        &mut self,
+        workloads: &[WorkloadInfo],
+        peers: &[WorkloadInfo],
+        compiled: Arc<Compiled>,
+        remote: Option<&RemoteState>,
+    ) {
+        let mut view = View {
+            compiled,
+            ..View::default()
+        };
+        for w in peers.iter().chain(workloads) {
+            if let Ok(id) = SpiffeId::parse(&w.spiffe_id) {
+                view.by_spiffe_id.insert(id.clone(), w.identity);
+                view.by_identity.insert(w.identity, id);
+            }
+        }
+        let mut local_ids = Vec::new();
+        for w in workloads {
+            let Ok(id) = SpiffeId::parse(&w.spiffe_id) else {
+                tracing::warn!(
+                    workload = w.name,
+                    spiffe_id = w.spiffe_id,
+                    "not a valid SPIFFE ID: the tunnel cannot carry this workload's connections"
+                );
+                continue;
+            };
+            for a in &w.addresses {
+                view.local.insert(a.to_canonical(), id.clone());
+                view.tunnels
+                    .insert(a.to_canonical(), self.settings.advertise);
+            }
+            local_ids.push(id);
+        }
+        if let Some(remote) = remote {
+            for (address, tunnel) in &remote.tunnels {
+                view.tunnels
+                    .entry(address.to_canonical())
+                    .or_insert(*tunnel);
+            }
+            self.update_trust(remote);
+        }
+        *self.view.write().expect("tunnel view lock poisoned") = view;
+        self.renewals.retain(|id, task| {
+            let keep = local_ids.contains(id);
+            if !keep {
+                task.abort();
+                self.svids.remove(id);
+                self.outbound.forget_source(id);
+                tracing::info!(spiffe_id = %id, "workload left: its certificate is dropped");
+            }
+            keep
+        });
+        for id in local_ids {
+            let (svids, signer) = (self.svids.clone(), self.signer.clone());
+            self.renewals.entry(id.clone()).or_insert_with(|| {
+                tokio::spawn(ward_tunnel::renewal::keep_fresh(svids, signer, id))
+            });
+        }
+    }
+
+    fn update_trust(&mut self, remote: &RemoteState) {
+        let next = (remote.trust_bundle.clone(), remote.revoked_serials.clone());
+        if next == self.bundle {
+            return;
+        }
+        if !next.0.is_empty() && next.0 != self.bundle.0 {
+            let replaced = TrustStore::parse_pem_bundle(&next.0)
+                .map_err(|e| e.to_string())
+                .and_then(|roots| self.trust.replace_bundle(&roots).map_err(|e| e.to_string()));
+            if let Err(e) = replaced {
+                tracing::error!(
+                    error = e,
+                    "the control plane's trust bundle is unusable; the previous one stays"
+                );
+                return;
+            }
+            tracing::info!("tunnel trust bundle replaced");
+        }
+        let serials: Vec<Serial> = next
+            .1
+            .iter()
+            .filter_map(|s| Serial::from_hex(s).ok())
+            .collect();
+        if next.1 != self.bundle.1 {
+            tracing::info!(revoked = serials.len(), "tunnel revocation list replaced");
+        }
+        self.trust.set_revoked(serials);
+        // New connections handshake again under the new trust; open streams go on, and the
+        // inbound side re-checks revocation on every stream.
+        self.outbound.drop_sessions();
+        self.bundle = next;
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        for task in self.renewals.values() {
+            task.abort();
+        }
+    }
+}
+
+/// The route's source address towards `destination`, as a connect would pick it (no packet).
+fn source_towards(destination: SocketAddr) -> std::io::Result<IpAddr> {
+    let unspecified: SocketAddr = match destination {
+        SocketAddr::V4(_) => ([0, 0, 0, 0], 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let probe = std::net::UdpSocket::bind(unspecified)?;
+    probe.connect(destination)?;
+    Ok(probe.local_addr()?.ip())
+}
+
+impl Glue {
+    fn publish(&self, record: FlowRecord) {
+        tracing::warn!(
+            target: "ward::verdict",
+            verdict = %record.verdict,
+            direction = %record.direction,
+            policy = %record.policy,
+            rule = %record.rule,
+            src = %record.src,
+            dst = %record.dst,
+            dst_addr = %record.dst_addr,
+            dst_port = record.dst_port,
+            reason = %record.reason,
+            "verdict"
+        );
+        self.flows.publish(record);
+    }
+
+    /// A flow record for a tunnel refusal.
+    fn refusal(
+        &self,
+        direction: u8,
+        source: Option<&SpiffeId>,
+        destination: Option<SocketAddr>,
+        rule: u32,
+        reason: String,
+    ) -> FlowRecord {
+        let view = self.view.read().expect("tunnel view lock poisoned");
+        let (policy, rule) = view
+            .compiled
+            .rules
+            .get(&rule)
+            .map_or(("-".into(), "-".into()), |r| {
+                (r.policy.clone(), r.rule.clone())
+            });
+        let dst = destination
+            .and_then(|d| view.local.get(&d.ip().to_canonical()))
+            .map_or_else(|| "-".into(), ToString::to_string);
+        FlowRecord {
+            time: crate::events::timestamp(),
+            verdict: policy::verdict_name(VERDICT_DENY).into(),
+            direction: policy::direction_name(direction).into(),
+            policy,
+            rule,
+            src: source.map_or_else(|| "-".into(), ToString::to_string),
+            src_workload: "-".into(),
+            dst,
+            dst_workload: "-".into(),
+            src_addr: "-".into(),
+            dst_addr: destination.map_or_else(|| "-".into(), |d| d.ip().to_string()),
+            dst_port: destination.map_or(0, |d| d.port()),
+            protocol: "tcp".into(),
+            reason: format!("mtls: {reason}"),
+        }
+    }
+}
+
+impl Authorizer for Glue {
+    fn local_workload(&self, destination: SocketAddr) -> Option<SpiffeId> {
+        let view = self.view.read().expect("tunnel view lock poisoned");
+        view.local.get(&destination.ip().to_canonical()).cloned()
+    }
+
+    fn authorize(
+        &self,
+        peer: &SpiffeId,
+        workload: &SpiffeId,
+        destination: SocketAddr,
+    ) -> Result<(), Denied> {
+        let view = self.view.read().expect("tunnel view lock poisoned");
+        let denied = |reason: String| Err(Denied { reason });
+        let Some(&local) = view.by_spiffe_id.get(workload) else {
+            return denied(format!("{workload} is not a workload of this node"));
+        };
+        let Some(&remote) = view.by_spiffe_id.get(peer) else {
+            return denied(format!("{peer} is no workload the control plane knows"));
+        };
+        let d = view.compiled.decide(
+            local,
+            remote,
+            DIRECTION_INGRESS,
+            PROTO_TCP,
+            destination.port(),
+        );
+        if d.verdict == VERDICT_DENY {
+            let rule = view.compiled.rules.get(&d.rule);
+            return denied(match rule {
+                Some(r) => format!(
+                    "policy {} rule {} denies {peer} to {workload} port {}",
+                    r.policy,
+                    r.rule,
+                    destination.port()
+                ),
+                None => format!(
+                    "{peer} may not reach {workload} port {}",
+                    destination.port()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn record(&self, event: &InboundEvent) {
+        if let Verdict::Refused(refusal) = &event.verdict {
+            let record = self.refusal(
+                DIRECTION_INGRESS,
+                event.peer.as_ref(),
+                event.destination,
+                0,
+                refusal.to_string(),
+            );
+            self.publish(record);
+        }
+    }
+
+    fn connect(&self, peer: &SpiffeId, destination: SocketAddr) -> DeliveryFuture {
+        let identity = self
+            .view
+            .read()
+            .expect("tunnel view lock poisoned")
+            .by_spiffe_id
+            .get(peer)
+            .copied();
+        let prepared = (|| {
+            let identity = identity.ok_or_else(|| {
+                std::io::Error::other(format!("{peer} is no workload the control plane knows"))
+            })?;
+            let socket = match destination {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.bind(SocketAddr::new(source_towards(destination)?, 0))?;
+            let from = socket.local_addr()?;
+            self.maps
+                .lock()
+                .expect("tunnel maps lock poisoned")
+                .mark_delivery(from, destination, identity)
+                .map_err(std::io::Error::other)?;
+            Ok::<_, std::io::Error>((socket, from))
+        })();
+        let maps = self.maps.clone();
+        Box::pin(async move {
+            let (socket, from) = prepared?;
+            let connected = socket.connect(destination).await;
+            // The SYN has been judged (or the connect failed): the mark has served.
+            maps.lock()
+                .expect("tunnel maps lock poisoned")
+                .unmark_delivery(from, destination);
+            connected
+        })
+    }
+}
+
+impl OriginalDestinations for Glue {
+    fn lookup(
+        &self,
+        local: &tokio::net::TcpStream,
+        local_peer: SocketAddr,
+    ) -> Result<OutboundRequest, String> {
+        let listener = local.local_addr().map_err(|e| e.to_string())?;
+        let original = self
+            .maps
+            .lock()
+            .expect("tunnel maps lock poisoned")
+            .take_redirect(local_peer, listener)
+            .ok_or("the connect hook recorded no original destination")?;
+        let destination = original_destination(&original);
+        let (source, destination_id, peer_agent) = {
+            let view = self.view.read().expect("tunnel view lock poisoned");
+            (
+                view.by_identity.get(&original.local_identity).cloned(),
+                view.by_identity.get(&original.remote_identity).cloned(),
+                view.tunnels.get(&destination.ip().to_canonical()).copied(),
+            )
+        };
+        let source = source
+            .ok_or_else(|| format!("source identity {} is unknown", original.local_identity))?;
+        let refuse = |reason: String| {
+            let record = self.refusal(
+                DIRECTION_EGRESS,
+                Some(&source),
+                Some(destination),
+                original.rule,
+                reason.clone(),
+            );
+            self.publish(record);
+            reason
+        };
+        let destination_id = destination_id.ok_or_else(|| {
+            refuse(format!(
+                "{destination} is not a workload the control plane knows"
+            ))
+        })?;
+        let peer_agent = peer_agent
+            .ok_or_else(|| refuse(format!("the node of {destination_id} runs no tunnel")))?;
+        Ok(OutboundRequest {
+            source,
+            destination,
+            destination_id,
+            peer_agent,
+        })
+    }
+
+    fn finished(&self, request: &OutboundRequest, result: &Result<Copied, TunnelError>) {
+        if let Err(e) = result {
+            let record = self.refusal(
+                DIRECTION_EGRESS,
+                Some(&request.source),
+                Some(request.destination),
+                0,
+                e.to_string(),
+            );
+            self.publish(record);
+        }
+    }
+}
