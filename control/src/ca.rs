@@ -488,7 +488,8 @@ mod tests {
     #[test]
     fn workload_certificates_follow_their_own_lifetime_and_name_their_serial() {
         let tmp = tempfile::tempdir().expect("temp dir");
-        let ca = ca(tmp.path(), "example.org").with_workload_cert_lifetime(Duration::from_secs(600));
+        let ca =
+            ca(tmp.path(), "example.org").with_workload_cert_lifetime(Duration::from_secs(600));
         assert_eq!(ca.node_cert_lifetime(), Duration::from_secs(3600));
         let (_, csr) = csr();
         let signed = ca

@@ -539,9 +539,7 @@ mod tests {
             r.ipcache_resources()
                 .values()
                 .map(|res| match &res.body {
-                    Some(Body::Ipcache(e)) => {
-                        (e.address.clone(), e.node.clone(), e.tunnel.clone())
-                    }
+                    Some(Body::Ipcache(e)) => (e.address.clone(), e.node.clone(), e.tunnel.clone()),
                     _ => panic!("an IP cache entry"),
                 })
                 .collect()

@@ -143,7 +143,11 @@ mod tests {
     fn serials_are_canonical_with_or_without_separators() {
         assert_eq!(canonical_serial("4A:0B:FF"), Ok("4a:0b:ff".into()));
         assert_eq!(canonical_serial("4a0bff"), Ok("4a:0b:ff".into()));
-        assert_eq!(canonical_serial(" 00:4a "), Ok("4a".into()), "DER's leading zero");
+        assert_eq!(
+            canonical_serial(" 00:4a "),
+            Ok("4a".into()),
+            "DER's leading zero"
+        );
         assert!(canonical_serial("xyz").is_err());
         assert!(canonical_serial("").is_err());
         assert!(canonical_serial(&"ab".repeat(21)).is_err());

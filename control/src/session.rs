@@ -805,9 +805,7 @@ mod tests {
                 .filter(|u| u.r#type == ResourceType::Ipcache as i32)
                 .flat_map(|u| &u.resources)
                 .map(|r| match &r.body {
-                    Some(Body::Ipcache(e)) => {
-                        (e.address.clone(), e.node.clone(), e.tunnel.clone())
-                    }
+                    Some(Body::Ipcache(e)) => (e.address.clone(), e.node.clone(), e.tunnel.clone()),
                     other => panic!("not an IP cache entry: {other:?}"),
                 })
                 .collect()

@@ -126,7 +126,10 @@ impl RawStream {
     }
 
     /// The next batch, within `within`; `None` if none came.
-    async fn batch_within(&mut self, within: Duration) -> Option<Result<Vec<Update>, tonic::Status>> {
+    async fn batch_within(
+        &mut self,
+        within: Duration,
+    ) -> Option<Result<Vec<Update>, tonic::Status>> {
         let mut updates = Vec::new();
         loop {
             let message = match tokio::time::timeout(within, self.rx.message()).await {
@@ -315,7 +318,10 @@ async fn ip_cache_entries_name_the_node_and_its_tunnel_address() {
         "{status:?}"
     );
     assert!(
-        watcher.batch_within(Duration::from_millis(300)).await.is_none(),
+        watcher
+            .batch_within(Duration::from_millis(300))
+            .await
+            .is_none(),
         "nothing changed for the others"
     );
     drop(sa);
@@ -333,7 +339,10 @@ async fn a_revocation_reaches_a_connected_stream_in_the_trust_bundle() {
     let started = Instant::now();
     let out = revoke(&plane.state_dir(), &["4A:0B:CD:01"]);
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "revoked 4a:0b:cd:01\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "revoked 4a:0b:cd:01\n"
+    );
     let update = stream.batch().await;
     eprintln!(
         "a revocation reached the stream in {:.0} ms",
@@ -395,7 +404,10 @@ async fn a_revocation_reaches_a_connected_stream_in_the_trust_bundle() {
     );
     assert!(plane.logs().contains("revoked:3:"), "{}", plane.logs());
     assert!(
-        stream.batch_within(Duration::from_millis(500)).await.is_none(),
+        stream
+            .batch_within(Duration::from_millis(500))
+            .await
+            .is_none(),
         "nothing is half applied"
     );
     std::fs::write(&file, "ff\n").expect("write");
@@ -410,7 +422,9 @@ async fn workload_certificates_follow_their_lifetime_flag_and_their_serial_is_lo
     let a = Node::join(&plane, "node-a").await;
     let mut stream = a.stream(&plane, "").await.expect("stream");
     stream.batch().await;
-    stream.report("node-a", vec![workload("web", "10.0.0.1")]).await;
+    stream
+        .report("node-a", vec![workload("web", "10.0.0.1")])
+        .await;
     let (_, csr_pem) = csr();
     let signed = ControlClient::new(a.channel(&plane).await)
         .sign_workload(SignWorkloadRequest {
@@ -457,10 +471,14 @@ async fn workload_signing_is_rate_limited_per_node() {
     let b = Node::join(&plane, "node-b").await;
     let mut stream = a.stream(&plane, "").await.expect("stream");
     stream.batch().await;
-    stream.report("node-a", vec![workload("web", "10.0.0.1")]).await;
+    stream
+        .report("node-a", vec![workload("web", "10.0.0.1")])
+        .await;
     let mut b_stream = b.stream(&plane, "").await.expect("stream");
     b_stream.batch().await;
-    b_stream.report("node-b", vec![workload("db", "10.0.0.2")]).await;
+    b_stream
+        .report("node-b", vec![workload("db", "10.0.0.2")])
+        .await;
 
     let (_, csr_pem) = csr();
     let sign = |client: &mut ControlClient<Channel>, id: &str| {
@@ -480,7 +498,11 @@ async fn workload_signing_is_rate_limited_per_node() {
         }
         assert!(signed < 1000, "never limited");
     };
-    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
     assert!(refused.message().contains("node-a"), "{refused:?}");
     assert!(signed >= 64, "the burst is allowed: {signed}");
     assert!(
