@@ -84,7 +84,7 @@ pub enum ControlError {
         dir: PathBuf,
         source: std::io::Error,
     },
-    #[error("refusing to start with an unreadable revocation list (fix or remove the line): {0}")]
+    #[error("revocation list refused, so as not to serve revoked certificates as valid: {0}")]
     Revocation(#[from] revocation::RevocationError),
     #[error("serving: {0}")]
     Serve(#[from] tonic::transport::Error),

@@ -516,3 +516,23 @@ async fn workload_signing_is_rate_limited_per_node() {
         .await
         .expect("node-b has its own bucket");
 }
+
+#[test]
+fn a_malformed_revocation_file_stops_the_start() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let (policy, state) = (tmp.path().join("policy"), tmp.path().join("state"));
+    std::fs::create_dir_all(&policy).expect("policy dir");
+    std::fs::create_dir_all(&state).expect("state dir");
+    std::fs::write(state.join("revoked"), "4a:0b\nnope\n").expect("revoked file");
+    let out = Command::new(BINARY)
+        .arg("--policy-dir")
+        .arg(&policy)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .expect("running ward-control");
+    assert!(!out.status.success(), "{out:?}");
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(error.contains("revoked:2:"), "{error}");
+}
