@@ -47,6 +47,17 @@ pub struct Ca {
     cert_pem: String,
     cert_der: CertificateDer<'static>,
     node_cert_lifetime: Duration,
+    workload_cert_lifetime: Duration,
+}
+
+/// A workload certificate [`Ca::sign_workload`] issued.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignedWorkload {
+    pub cert_pem: String,
+    pub not_after: std::time::SystemTime,
+    /// The serial number in the form `ward-control revoke` takes (lowercase hexadecimal bytes
+    /// separated by ':').
+    pub serial: String,
 }
 
 /// A node name: what the SPIFFE ID `spiffe://<trust domain>/node/<name>` and the logs carry.
@@ -172,7 +183,19 @@ impl Ca {
             cert_pem,
             cert_der,
             node_cert_lifetime,
+            workload_cert_lifetime: crate::DEFAULT_WORKLOAD_CERT_LIFETIME,
         })
+    }
+
+    /// Sets the lifetime of the workload certificates [`Ca::sign_workload`] issues.
+    #[must_use]
+    pub fn with_workload_cert_lifetime(mut self, lifetime: Duration) -> Ca {
+        self.workload_cert_lifetime = lifetime;
+        self
+    }
+
+    pub fn workload_cert_lifetime(&self) -> Duration {
+        self.workload_cert_lifetime
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -222,16 +245,12 @@ impl Ca {
     }
 
     /// An X.509 SVID for the workload `spiffe_id` with the public key of `csr_pem` (ECDSA P-256
-    /// only): the SPIFFE ID as the only URI SAN, client and server use, the node certificates'
+    /// only): the SPIFFE ID as the only URI SAN, client and server use, the workload certificate
     /// lifetime. Whether the caller may have it (its node reported the workload) is the
     /// service's check; this one refuses what no workload may be: an ID outside the trust
     /// domain, the trust domain itself, or a node's ID (which would speak for a node here).
-    /// Returns the PEM certificate and its end of validity.
-    pub fn sign_workload(
-        &self,
-        spiffe_id: &str,
-        csr_pem: &str,
-    ) -> Result<(String, std::time::SystemTime), CaError> {
+    /// Returns the PEM certificate, its end of validity and its serial number.
+    pub fn sign_workload(&self, spiffe_id: &str, csr_pem: &str) -> Result<SignedWorkload, CaError> {
         let refuse = |reason: String| CaError::WorkloadId {
             id: spiffe_id.chars().take(200).collect(),
             reason,
@@ -260,15 +279,24 @@ impl Ca {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        let not_after = now() + self.node_cert_lifetime;
+        let not_after = now() + self.workload_cert_lifetime;
         params.not_before = now() - BACKDATE;
         params.not_after = not_after;
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        // Read back as the tunnel reads it, so the serial logged is the one agents compare.
+        let serial = ward_tunnel::identity::cert_info(cert.der())
+            .map_err(|e| CaError::Csr(format!("the signed certificate does not parse: {e}")))?
+            .serial
+            .to_string();
         let not_after = std::time::UNIX_EPOCH
             + Duration::from_secs(u64::try_from(not_after.unix_timestamp()).unwrap_or_default());
-        Ok((cert.pem(), not_after))
+        Ok(SignedWorkload {
+            cert_pem: cert.pem(),
+            not_after,
+            serial,
+        })
     }
 
     /// A serving certificate for `names` (DNS names or IP addresses) plus [`SERVER_NAME`].
@@ -441,11 +469,13 @@ mod tests {
         let ca = ca(tmp.path(), "example.org");
         let (key, csr) = csr();
         let id = "spiffe://example.org/ns/demo/sa/web";
-        let (pem, not_after) = ca.sign_workload(id, &csr).expect("signed");
-        let left = not_after
+        let signed = ca.sign_workload(id, &csr).expect("signed");
+        let left = signed
+            .not_after
             .duration_since(std::time::SystemTime::now())
             .expect("valid in the future");
         assert!(left <= Duration::from_secs(3600) && left > Duration::from_secs(3500));
+        let pem = signed.cert_pem;
         // The tunnel takes it as it is: SPIFFE ID, key matching, chain to the CA.
         let svid = ward_tunnel::Svid::from_pem(&pem, &key.serialize_pem()).expect("usable SVID");
         assert_eq!(svid.spiffe_id().as_str(), id);
@@ -453,6 +483,45 @@ mod tests {
             ward_tunnel::TrustStore::new("example.org", &[ca.cert_der().clone()]).expect("trust");
         let der = pem_to_der(&pem).expect("der");
         assert_eq!(trust.check_peer(&[der]).expect("accepted").as_str(), id);
+    }
+
+    #[test]
+    fn workload_certificates_follow_their_own_lifetime_and_name_their_serial() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let ca =
+            ca(tmp.path(), "example.org").with_workload_cert_lifetime(Duration::from_secs(600));
+        assert_eq!(ca.node_cert_lifetime(), Duration::from_secs(3600));
+        let (_, csr) = csr();
+        let signed = ca
+            .sign_workload("spiffe://example.org/ns/demo/sa/web", &csr)
+            .expect("signed");
+        let left = signed
+            .not_after
+            .duration_since(std::time::SystemTime::now())
+            .expect("valid in the future");
+        assert!(
+            left <= Duration::from_secs(600) && left > Duration::from_secs(500),
+            "{left:?}"
+        );
+        let der = pem_to_der(&signed.cert_pem).expect("der");
+        let (_, parsed) = X509Certificate::from_der(&der).expect("parse");
+        let hex: String = parsed
+            .raw_serial()
+            .iter()
+            .skip_while(|b| **b == 0)
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        assert_eq!(signed.serial, hex);
+        assert_eq!(
+            crate::revocation::canonical_serial(&signed.serial).as_deref(),
+            Ok(signed.serial.as_str()),
+            "the serial logged is the one `revoke` takes"
+        );
+        let other = ca
+            .sign_workload("spiffe://example.org/ns/demo/sa/web", &csr)
+            .expect("signed");
+        assert_ne!(other.serial, signed.serial);
     }
 
     #[test]

@@ -39,10 +39,33 @@ impl Sets {
 struct State {
     sets: Sets,
     registry: Registry,
+    /// The serials (canonical form) in the TRUST_BUNDLE's `revoked_serials`.
+    revoked: BTreeSet<String>,
+}
+
+/// What [`Hub::set_revoked`] changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevocationChange {
+    pub added: usize,
+    pub removed: usize,
+    pub total: usize,
+    pub version: Option<Version>,
+}
+
+fn trust_bundle(pem: &str, revoked: &BTreeSet<String>) -> BTreeMap<String, Resource> {
+    let bundle = Resource {
+        name: "ca".into(),
+        body: Some(Body::TrustBundle(TrustBundle {
+            pem: pem.into(),
+            revoked_serials: revoked.iter().cloned().collect(),
+        })),
+    };
+    BTreeMap::from([("ca".to_string(), bundle)])
 }
 
 pub struct Hub {
     state: Mutex<State>,
+    trust_bundle_pem: String,
     /// Bumped whenever any set's version changes; every stream watches it.
     changed: watch::Sender<u64>,
     /// Bumped whenever the registry changes; the persister watches it.
@@ -86,16 +109,16 @@ impl Hub {
         };
         sets.identity.replace_all(registry.identity_resources());
         sets.ipcache.replace_all(registry.ipcache_resources());
-        let bundle = Resource {
-            name: "ca".into(),
-            body: Some(Body::TrustBundle(TrustBundle {
-                pem: trust_bundle_pem.into(),
-            })),
-        };
+        let revoked = BTreeSet::new();
         sets.trust_bundle
-            .replace_all(BTreeMap::from([("ca".to_string(), bundle)]));
+            .replace_all(trust_bundle(trust_bundle_pem, &revoked));
         Hub {
-            state: Mutex::new(State { sets, registry }),
+            state: Mutex::new(State {
+                sets,
+                registry,
+                revoked,
+            }),
+            trust_bundle_pem: trust_bundle_pem.into(),
             changed: watch::Sender::new(0),
             registry_changed: watch::Sender::new(0),
             sessions: Mutex::new(HashMap::new()),
@@ -131,6 +154,35 @@ impl Hub {
         version
     }
 
+    /// Serves `revoked` (canonical serials) in the trust bundle from now on. Returns what changed,
+    /// `None` if nothing did.
+    pub fn set_revoked(&self, revoked: BTreeSet<String>) -> Option<RevocationChange> {
+        let mut state = self.lock();
+        if state.revoked == revoked {
+            return None;
+        }
+        let added = revoked.difference(&state.revoked).count();
+        let removed = state.revoked.difference(&revoked).count();
+        let total = revoked.len();
+        let bundle = trust_bundle(&self.trust_bundle_pem, &revoked);
+        state.revoked = revoked;
+        state.sets.trust_bundle.replace_all(bundle);
+        let version = state.sets.trust_bundle.version();
+        drop(state);
+        Self::bump(&self.changed);
+        Some(RevocationChange {
+            added,
+            removed,
+            total,
+            version,
+        })
+    }
+
+    /// The serials the trust bundle lists as revoked.
+    pub fn revoked(&self) -> BTreeSet<String> {
+        self.lock().revoked.clone()
+    }
+
     pub fn version(&self, kind: ResourceType) -> Option<Version> {
         self.lock().sets.get(kind).and_then(ResourceSet::version)
     }
@@ -152,6 +204,18 @@ impl Hub {
             self.registry_changed_locked(state);
         }
         Ok(refusals)
+    }
+
+    /// Records the tunnel address `node` announced in its Hello (checked by the session); a
+    /// change reaches every agent as an IPCACHE update of that node's addresses. Returns whether
+    /// it changed.
+    pub fn set_tunnel(&self, node: &str, tunnel: &str) -> bool {
+        let mut state = self.lock();
+        let changed = state.registry.set_tunnel(node, tunnel);
+        if changed {
+            self.registry_changed_locked(state);
+        }
+        changed
     }
 
     /// Derives IDENTITY and IPCACHE again after the registry changed, and wakes whoever watches.
@@ -318,6 +382,73 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(hub.expire_nodes(Duration::from_millis(10)), ["a"]);
         assert_eq!(hub.len(ResourceType::Ipcache), 0);
+    }
+
+    #[test]
+    fn revocations_are_a_new_trust_bundle_version() {
+        let hub = hub();
+        let before = hub.version(ResourceType::TrustBundle).expect("ready");
+        let mut changes = hub.subscribe();
+        changes.mark_unchanged();
+        let change = hub
+            .set_revoked(BTreeSet::from(["4a:0b".to_string(), "cd".to_string()]))
+            .expect("a change");
+        assert_eq!((change.added, change.removed, change.total), (2, 0, 2));
+        assert!(changes.has_changed().expect("hub alive"));
+        let after = change.version.expect("ready");
+        assert_ne!(after, before);
+        let held = BTreeMap::from([(ResourceType::TrustBundle, Some(before.to_string()))]);
+        let deltas = hub.deltas(&held);
+        let (_, delta) = deltas
+            .iter()
+            .find(|(k, _)| *k == ResourceType::TrustBundle)
+            .expect("the trust bundle changed");
+        let Some(Body::TrustBundle(bundle)) = &delta.resources[0].body else {
+            panic!("a trust bundle")
+        };
+        assert_eq!(bundle.pem, "PEM", "the CA is still there");
+        assert_eq!(bundle.revoked_serials, ["4a:0b", "cd"]);
+        assert_eq!(
+            hub.set_revoked(BTreeSet::from(["4a:0b".to_string(), "cd".to_string()])),
+            None
+        );
+        let change = hub
+            .set_revoked(BTreeSet::from(["ef".to_string()]))
+            .expect("a change");
+        assert_eq!((change.added, change.removed, change.total), (1, 2, 1));
+    }
+
+    #[test]
+    fn a_tunnel_address_change_updates_the_nodes_ip_cache_entries() {
+        let hub = hub();
+        let workload = Workload {
+            name: "web".into(),
+            spiffe_id: "spiffe://example.org/web".into(),
+            addresses: vec!["10.0.0.1".into()],
+            ..Workload::default()
+        };
+        hub.report("a", vec![workload]).expect("report");
+        let before = hub.version(ResourceType::Ipcache).expect("ready");
+        let mut registry = hub.subscribe_registry();
+        registry.mark_unchanged();
+        assert!(hub.set_tunnel("a", "10.0.0.10:4430"));
+        assert!(registry.has_changed().expect("hub alive"), "persisted");
+        assert!(!hub.set_tunnel("a", "10.0.0.10:4430"), "the same again");
+        let held = BTreeMap::from([(ResourceType::Ipcache, Some(before.to_string()))]);
+        let deltas = hub.deltas(&held);
+        let (_, delta) = deltas
+            .iter()
+            .find(|(k, _)| *k == ResourceType::Ipcache)
+            .expect("the IP cache changed");
+        assert!(!delta.replace);
+        let Some(Body::Ipcache(entry)) = &delta.resources[0].body else {
+            panic!("an IP cache entry")
+        };
+        assert_eq!(
+            (entry.node.as_str(), entry.tunnel.as_str()),
+            ("a", "10.0.0.10:4430")
+        );
+        assert!(hub.registry_json().contains("10.0.0.10:4430"));
     }
 
     #[test]

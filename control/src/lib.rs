@@ -10,6 +10,7 @@ pub mod limits;
 pub mod policy_dir;
 pub mod registry;
 pub mod resources;
+pub mod revocation;
 pub mod service;
 pub mod session;
 pub mod state_dir;
@@ -36,6 +37,7 @@ use crate::{
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_NODE_CERT_LIFETIME: Duration = Duration::from_secs(3600);
+pub const DEFAULT_WORKLOAD_CERT_LIFETIME: Duration = Duration::from_secs(3600);
 pub const DEFAULT_NODE_LEASE: Duration = Duration::from_secs(3600);
 const SERVING_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -47,6 +49,8 @@ pub struct Options {
     pub token_file: Option<PathBuf>,
     pub trust_domain: String,
     pub node_cert_lifetime: Duration,
+    /// Lifetime of the workload certificates `SignWorkload` issues.
+    pub workload_cert_lifetime: Duration,
     /// Extra DNS names or addresses for the serving certificate.
     pub server_names: Vec<String>,
     /// A node without a stream for this long is removed with its workloads.
@@ -80,6 +84,8 @@ pub enum ControlError {
         dir: PathBuf,
         source: std::io::Error,
     },
+    #[error("revocation list refused, so as not to serve revoked certificates as valid: {0}")]
+    Revocation(#[from] revocation::RevocationError),
     #[error("serving: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -136,11 +142,11 @@ fn load_policies(dir: &Path, hub: &Hub, reason: &str) {
     }
 }
 
-type PolicyEvents = inotify::EventStream<Vec<u8>>;
+type DirEvents = inotify::EventStream<Vec<u8>>;
 
-/// Watches the policy directory; failing here fails the start, so a typo in --policy-dir is
-/// seen at once.
-fn watch_policy_dir(dir: &Path) -> Result<PolicyEvents, ControlError> {
+/// Watches a directory for files written, moved, created or removed; failing here fails the
+/// start, so a typo in --policy-dir is seen at once.
+fn watch_dir(dir: &Path) -> Result<DirEvents, ControlError> {
     let watch_err = |source| ControlError::Watch {
         dir: dir.to_owned(),
         source,
@@ -158,8 +164,60 @@ fn watch_policy_dir(dir: &Path) -> Result<PolicyEvents, ControlError> {
         .map_err(watch_err)
 }
 
+/// Reads the revocation file and serves it if it is valid; logs the problem otherwise, and the
+/// list in force stays.
+fn load_revocations(file: &Path, hub: &Hub, reason: &str) {
+    match revocation::read(file) {
+        Ok(serials) => match hub.set_revoked(serials) {
+            Some(change) => tracing::info!(
+                reason,
+                added = change.added,
+                removed = change.removed,
+                revoked = change.total,
+                version = %change.version.map(|v| v.to_string()).unwrap_or_default(),
+                "revocation list updated"
+            ),
+            None => tracing::debug!(reason, "revocation list unchanged"),
+        },
+        Err(e) => tracing::error!(
+            reason,
+            error = %e,
+            revoked = hub.revoked().len(),
+            "revocation file refused whole; the previous revocation list stays in force"
+        ),
+    }
+}
+
+/// Re-reads the revocation file after each burst of changes to it (the state directory holds
+/// other files, written often: their events are ignored).
+async fn follow_revocations(file: PathBuf, mut events: DirEvents, hub: Arc<Hub>) {
+    let name = file.file_name().map(std::ffi::OsStr::to_owned);
+    let ours = |event: &std::io::Result<inotify::Event<std::ffi::OsString>>| match event {
+        Ok(event) => event.name.is_some() && event.name == name,
+        // Overflowed or failed: read again to be sure.
+        Err(_) => true,
+    };
+    while let Some(event) = events.next().await {
+        if !ours(&event) {
+            continue;
+        }
+        let deadline = tokio::time::Instant::now() + revocation::SETTLE_MAX;
+        loop {
+            let quiet = tokio::time::Instant::now() + revocation::SETTLE;
+            match tokio::time::timeout_at(quiet.min(deadline), events.next()).await {
+                Ok(Some(_)) if tokio::time::Instant::now() < deadline => continue,
+                _ => break,
+            }
+        }
+        let (file, hub) = (file.clone(), hub.clone());
+        let _ =
+            tokio::task::spawn_blocking(move || load_revocations(&file, &hub, "file change")).await;
+    }
+    tracing::error!(file = %file.display(), "revocation file watch ended; restart the control plane to follow changes");
+}
+
 /// Re-reads the policy directory after each burst of changes.
-async fn follow_policies(dir: PathBuf, mut events: PolicyEvents, hub: Arc<Hub>) {
+async fn follow_policies(dir: PathBuf, mut events: DirEvents, hub: Arc<Hub>) {
     while let Some(event) = events.next().await {
         if let Err(e) = event {
             tracing::warn!(error = %e, "reading policy directory events");
@@ -219,11 +277,10 @@ async fn persist_registry(hub: Arc<Hub>, state: StateDir) {
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<(), ControlError> {
     check_trust_domain(&opts.trust_domain)?;
     let state = StateDir::open(&opts.state_dir)?;
-    let ca = Arc::new(Ca::load_or_create(
-        &state,
-        &opts.trust_domain,
-        opts.node_cert_lifetime,
-    )?);
+    let ca = Arc::new(
+        Ca::load_or_create(&state, &opts.trust_domain, opts.node_cert_lifetime)?
+            .with_workload_cert_lifetime(opts.workload_cert_lifetime),
+    );
     let registry = match state.read(&state.registry())? {
         Some(text) => Registry::from_json(&opts.trust_domain, &text).map_err(|source| {
             ControlError::Registry {
@@ -235,11 +292,23 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     };
     let tokens = Arc::new(JoinTokens::new(opts.token_file.as_deref(), &state)?);
     let hub = Arc::new(Hub::new(registry, ca.cert_pem(), random_u64()));
-    let events = watch_policy_dir(&opts.policy_dir)?;
+    let events = watch_dir(&opts.policy_dir)?;
     load_policies(&opts.policy_dir, &hub, "start");
     let watcher = tokio::spawn(follow_policies(
         opts.policy_dir.clone(),
         events,
+        hub.clone(),
+    ));
+    // Watch before reading, so a revocation written in between is not missed. A malformed file
+    // fails the start: serving no revocations would silently readmit revoked certificates.
+    let state_events = watch_dir(state.path())?;
+    let revoked = revocation::read(&state.revoked())?;
+    if let Some(change) = hub.set_revoked(revoked) {
+        tracing::info!(revoked = change.total, "revocation list read");
+    }
+    let revocation_watcher = tokio::spawn(follow_revocations(
+        state.revoked(),
+        state_events,
         hub.clone(),
     ));
     tokio::spawn(persist_registry(hub.clone(), state.clone()));
@@ -280,6 +349,8 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         state_dir = %opts.state_dir.display(),
         token_file = ?opts.token_file,
         node_cert_lifetime_s = opts.node_cert_lifetime.as_secs(),
+        workload_cert_lifetime_s = opts.workload_cert_lifetime.as_secs(),
+        revoked = hub.revoked().len(),
         node_lease_s = opts.node_lease.as_secs_f64(),
         server_names = ?names,
         identities = hub.len(ward_proto::ResourceType::Identity),
@@ -295,6 +366,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         .serve_with_incoming_shutdown(service, tls::incoming(listener, config), shutdown)
         .await;
     watcher.abort();
+    revocation_watcher.abort();
     // The last registry change may still be queued for writing.
     let _ = state.write_atomic(&state.registry(), hub.registry_json().as_bytes(), 0o600);
     served?;

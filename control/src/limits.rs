@@ -20,6 +20,11 @@ pub const AGENT_MESSAGE_BURST: f64 = 200.0;
 /// Joins per second over all clients, sustained and in a burst; tokens cannot be brute-forced.
 pub const JOINS_PER_SECOND: f64 = 5.0;
 pub const JOIN_BURST: f64 = 20.0;
+/// Workload certificates one node may have signed per second, sustained and in a burst. A burst
+/// covers an agent starting with many workloads at once; beyond it `SignWorkload` answers
+/// RESOURCE_EXHAUSTED and the agent retries later, so one node cannot keep the CA busy.
+pub const WORKLOAD_SIGNS_PER_SECOND: f64 = 8.0;
+pub const WORKLOAD_SIGN_BURST: f64 = 64.0;
 /// Longest NACK error text that is logged.
 pub const MAX_LOGGED_ERROR: usize = 2048;
 /// Longest version string taken from an agent; longer ones count as "holds nothing".

@@ -40,6 +40,11 @@ struct ServeArgs {
     /// Lifetime of node certificates (e.g. 1h, 30m); agents renew at half of it.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     node_cert_lifetime: std::time::Duration,
+    /// Lifetime of workload certificates (e.g. 1h, 10m); agents renew at half of it. A revoked
+    /// certificate is refused by agents at once; this bounds how long a leaked key is useful
+    /// when nobody revokes it.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    workload_cert_lifetime: std::time::Duration,
     /// A node without a stream for this long (e.g. 1h, 90s) is removed and its workloads leave
     /// every agent's IP cache; it re-registers when it connects again.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
@@ -62,6 +67,16 @@ enum Command {
         /// Only this node may join with the token.
         #[arg(long)]
         node: Option<String>,
+    },
+    /// Revokes workload certificates by serial number (hexadecimal, with or without ':', as
+    /// `openssl x509 -serial` or the control plane's "workload certificate signed" log prints
+    /// it). A running control plane sends the new list to every agent within about a second.
+    Revoke {
+        /// The control plane's state directory; the serials are appended to its `revoked` file.
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(required = true, value_name = "SERIAL")]
+        serials: Vec<String>,
     },
 }
 
@@ -102,11 +117,33 @@ fn new_token(file: &std::path::Path, node: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn revoke(state_dir: &std::path::Path, serials: &[String]) -> anyhow::Result<()> {
+    if !state_dir.is_dir() {
+        anyhow::bail!(
+            "{}: not a directory; give the control plane's --state-dir",
+            state_dir.display()
+        );
+    }
+    let file = state_dir.join(ward_control::state_dir::REVOKED_FILE);
+    let done = ward_control::revocation::append(&file, serials)?;
+    for serial in &done.added {
+        println!("revoked {serial}");
+    }
+    for serial in &done.already {
+        println!("already revoked {serial}");
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::NewToken { token_file, node }) = cli.command {
-        return new_token(&token_file, node.as_deref());
+    match cli.command {
+        Some(Command::NewToken { token_file, node }) => {
+            return new_token(&token_file, node.as_deref())
+        }
+        Some(Command::Revoke { state_dir, serials }) => return revoke(&state_dir, &serials),
+        None => {}
     }
     let args = cli.serve;
     init_logging(&args.log_format);
@@ -117,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
         token_file: args.token_file,
         trust_domain: args.trust_domain,
         node_cert_lifetime: args.node_cert_lifetime,
+        workload_cert_lifetime: args.workload_cert_lifetime,
         server_names: args.server_names,
         node_lease: args.node_lease,
     };

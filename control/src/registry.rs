@@ -56,6 +56,9 @@ pub struct WorkloadRecord {
 struct RegistryFile {
     identities: BTreeMap<String, u32>,
     nodes: BTreeMap<String, Vec<WorkloadRecord>>,
+    /// Absent from files written before nodes announced tunnel addresses.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    tunnels: BTreeMap<String, String>,
 }
 
 #[derive(Default)]
@@ -70,6 +73,9 @@ pub struct Registry {
     identities: BTreeMap<String, u32>,
     taken: BTreeSet<u32>,
     nodes: BTreeMap<String, Vec<WorkloadRecord>>,
+    /// The tunnel address (`host:port`) each node announced in its last Hello; nodes without a
+    /// tunnel have no entry.
+    tunnels: BTreeMap<String, String>,
     /// When each node last had a stream or reported; not persisted: a node read from the
     /// registry file counts as seen when this control plane started, so a restart of the control
     /// plane gives every node a full lease to come back.
@@ -100,8 +106,14 @@ impl Registry {
         registry.taken = file.identities.values().copied().collect();
         registry.identities = file.identities;
         let now = Instant::now();
-        registry.last_seen = file.nodes.keys().map(|n| (n.clone(), now)).collect();
+        registry.last_seen = file
+            .nodes
+            .keys()
+            .chain(file.tunnels.keys())
+            .map(|n| (n.clone(), now))
+            .collect();
         registry.nodes = file.nodes;
+        registry.tunnels = file.tunnels;
         Ok(registry)
     }
 
@@ -109,12 +121,31 @@ impl Registry {
         let file = RegistryFile {
             identities: self.identities.clone(),
             nodes: self.nodes.clone(),
+            tunnels: self.tunnels.clone(),
         };
         serde_json::to_string_pretty(&file).expect("the registry serializes")
     }
 
     pub fn nodes(&self) -> impl Iterator<Item = (&str, &[WorkloadRecord])> {
         self.nodes.iter().map(|(n, w)| (n.as_str(), w.as_slice()))
+    }
+
+    /// The tunnel address `node` announced, if any.
+    pub fn tunnel(&self, node: &str) -> Option<&str> {
+        self.tunnels.get(node).map(String::as_str)
+    }
+
+    /// Records the tunnel address `node` announced in its Hello (empty: it runs no tunnel).
+    /// Checking the address is the session's job. Returns whether it changed.
+    pub fn set_tunnel(&mut self, node: &str, tunnel: &str) -> bool {
+        if tunnel.is_empty() {
+            return self.tunnels.remove(node).is_some();
+        }
+        if self.tunnels.get(node).map(String::as_str) == Some(tunnel) {
+            return false;
+        }
+        self.tunnels.insert(node.into(), tunnel.into());
+        true
     }
 
     /// Records that `node` is alive (it has a stream, or just reported or disconnected).
@@ -131,9 +162,9 @@ impl Registry {
         lease: Duration,
         connected: &BTreeSet<String>,
     ) -> Vec<String> {
-        let gone: Vec<String> = self
-            .nodes
-            .keys()
+        let known: BTreeSet<&String> = self.nodes.keys().chain(self.tunnels.keys()).collect();
+        let gone: Vec<String> = known
+            .into_iter()
             .filter(|node| !connected.contains(*node))
             .filter(|node| {
                 self.last_seen
@@ -144,6 +175,7 @@ impl Registry {
             .collect();
         for node in &gone {
             self.nodes.remove(node);
+            self.tunnels.remove(node);
             self.last_seen.remove(node);
         }
         gone
@@ -331,7 +363,8 @@ impl Registry {
         out
     }
 
-    /// One IPCACHE resource per reported workload address.
+    /// One IPCACHE resource per reported workload address, naming the node that reported it and
+    /// that node's tunnel address.
     pub fn ipcache_resources(&self) -> BTreeMap<String, Resource> {
         let mut out = BTreeMap::new();
         for (node, workloads) in &self.nodes {
@@ -344,6 +377,7 @@ impl Registry {
                             address: name,
                             identity: self.identities[&w.spiffe_id],
                             node: node.clone(),
+                            tunnel: self.tunnels.get(node).cloned().unwrap_or_default(),
                         })),
                     });
                 }
@@ -489,6 +523,69 @@ mod tests {
                 .expire(Instant::now(), lease, &BTreeSet::new())
                 .is_empty(),
             "a restarted control plane gives every node a full lease"
+        );
+    }
+
+    #[test]
+    fn ip_cache_entries_carry_their_nodes_tunnel_address() {
+        let mut r = Registry::new("example.org");
+        r.report("a", vec![workload("web", "web", &["10.0.0.1", "fd00::1"])])
+            .expect("report");
+        r.report("b", vec![workload("db", "db", &["10.0.0.2"])])
+            .expect("report");
+        assert!(r.set_tunnel("a", "10.0.0.10:4430"));
+        assert!(!r.set_tunnel("a", "10.0.0.10:4430"));
+        let tunnels = |r: &Registry| -> Vec<(String, String, String)> {
+            r.ipcache_resources()
+                .values()
+                .map(|res| match &res.body {
+                    Some(Body::Ipcache(e)) => (e.address.clone(), e.node.clone(), e.tunnel.clone()),
+                    _ => panic!("an IP cache entry"),
+                })
+                .collect()
+        };
+        assert_eq!(
+            tunnels(&r),
+            [
+                ("10.0.0.1".into(), "a".into(), "10.0.0.10:4430".into()),
+                ("10.0.0.2".into(), "b".into(), String::new()),
+                ("fd00::1".into(), "a".into(), "10.0.0.10:4430".into()),
+            ]
+        );
+        let restored = Registry::from_json("example.org", &r.to_json()).expect("round trip");
+        assert_eq!(tunnels(&restored), tunnels(&r), "persisted");
+        assert_eq!(restored.tunnel("a"), Some("10.0.0.10:4430"));
+        assert!(r.set_tunnel("a", ""), "no tunnel any more");
+        assert_eq!(r.tunnel("a"), None);
+
+        // A node that expires takes its tunnel address along.
+        r.set_tunnel("b", "10.0.0.20:4430");
+        let start = Instant::now();
+        r.touch("a", start);
+        r.touch("b", start);
+        let lease = Duration::from_secs(1);
+        assert_eq!(
+            r.expire(start + lease, lease, &BTreeSet::from(["a".to_string()])),
+            ["b"]
+        );
+        assert_eq!(r.tunnel("b"), None);
+        assert!(!r.to_json().contains("10.0.0.20"));
+    }
+
+    #[test]
+    fn a_registry_written_before_tunnels_still_loads() {
+        let old = r#"{"identities": {"spiffe://example.org/web": 300},
+            "nodes": {"a": [{"name": "web", "spiffeId": "spiffe://example.org/web",
+                             "addresses": ["10.0.0.1"]}]}}"#;
+        let r = Registry::from_json("example.org", old).expect("an older file loads");
+        let cache = r.ipcache_resources();
+        let Some(Body::Ipcache(entry)) = &cache["10.0.0.1"].body else {
+            panic!("an IP cache entry")
+        };
+        assert_eq!((entry.node.as_str(), entry.tunnel.as_str()), ("a", ""));
+        assert!(
+            !r.to_json().contains("tunnels"),
+            "nothing new written without tunnels"
         );
     }
 

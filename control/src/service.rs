@@ -1,5 +1,5 @@
 //! The gRPC service: Join, Renew and Stream, and who may call which.
-use std::{pin::Pin, sync::Arc, sync::Mutex};
+use std::{collections::HashMap, pin::Pin, sync::Arc, sync::Mutex};
 
 use futures_util::Stream;
 use tokio::sync::mpsc;
@@ -22,6 +22,8 @@ pub struct ControlService {
     ca: Arc<Ca>,
     tokens: Arc<JoinTokens>,
     joins: Mutex<TokenBucket>,
+    /// One bucket per node for `SignWorkload`; the nodes are those holding a certificate.
+    workload_signs: Mutex<HashMap<String, TokenBucket>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +65,26 @@ impl ControlService {
                 limits::JOIN_BURST,
                 limits::JOINS_PER_SECOND,
             )),
+            workload_signs: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Takes a token from `node`'s `SignWorkload` bucket.
+    fn may_sign_workload(&self, node: &str) -> bool {
+        let mut buckets = self
+            .workload_signs
+            .lock()
+            .expect("workload signing limiter poisoned");
+        if !buckets.contains_key(node) {
+            buckets.insert(
+                node.to_owned(),
+                TokenBucket::new(
+                    limits::WORKLOAD_SIGN_BURST,
+                    limits::WORKLOAD_SIGNS_PER_SECOND,
+                ),
+            );
+        }
+        buckets.get_mut(node).is_some_and(TokenBucket::try_take)
     }
 
     /// The node named by the request's client certificate, which the TLS layer has verified.
@@ -165,6 +186,20 @@ impl Control for ControlService {
         let peer = self.peer(&request)?;
         let SignWorkloadRequest { spiffe_id, csr_pem } = request.into_inner();
         let shown = limits::truncate(&spiffe_id, 200).to_owned();
+        if !self.may_sign_workload(&peer.node) {
+            tracing::warn!(
+                node = peer.node,
+                spiffe_id = shown,
+                "workload certificate refused: the node asks for more than {} a second",
+                limits::WORKLOAD_SIGNS_PER_SECOND
+            );
+            return Err(Status::resource_exhausted(format!(
+                "node {} asks for too many workload certificates (at most {} a second, burst {}); retry later",
+                peer.node,
+                limits::WORKLOAD_SIGNS_PER_SECOND,
+                limits::WORKLOAD_SIGN_BURST
+            )));
+        }
         if !self.hub.node_reported(&peer.node, &spiffe_id) {
             tracing::warn!(
                 node = peer.node,
@@ -181,17 +216,20 @@ impl Control for ControlService {
             .await
             .map_err(|_| Status::internal("signing task failed"))?;
         match signed {
-            Ok((cert_chain_pem, not_after)) => {
+            Ok(signed) => {
                 tracing::info!(
                     node = peer.node,
                     spiffe_id = shown,
+                    serial = signed.serial,
+                    lifetime_s = self.ca.workload_cert_lifetime().as_secs(),
                     "workload certificate signed"
                 );
-                let not_after_unix = not_after
+                let not_after_unix = signed
+                    .not_after
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
                 Ok(Response::new(SignWorkloadResponse {
-                    cert_chain_pem,
+                    cert_chain_pem: signed.cert_pem,
                     ca_pem: self.ca.cert_pem().into(),
                     not_after_unix,
                 }))

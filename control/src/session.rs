@@ -96,6 +96,22 @@ fn kind_of(raw: i32) -> Result<ResourceType, Status> {
     }
 }
 
+/// Checks `Hello.tunnel_address`: empty (no tunnel), or `ip:port` with an IP literal (IPv6 in
+/// brackets) and a port from 1 to 65535. Anything else refuses the stream.
+pub fn check_tunnel_address(address: &str) -> Result<(), Status> {
+    if address.is_empty() {
+        return Ok(());
+    }
+    match address.parse::<std::net::SocketAddr>() {
+        Ok(parsed) if parsed.port() != 0 => Ok(()),
+        _ => Err(Status::invalid_argument(format!(
+            "Hello.tunnel_address {:?} is not an IP address and port (1-65535), such as \
+             10.0.0.1:4430 or [fd00::1]:4430",
+            limits::truncate(address, 120)
+        ))),
+    }
+}
+
 impl Session {
     pub fn new(
         hub: Arc<Hub>,
@@ -150,6 +166,7 @@ impl Session {
                 limits::truncate(&hello.node, 253)
             )));
         }
+        check_tunnel_address(&hello.tunnel_address)?;
         for held in hello.versions.iter().take(ResourceType::ALL.len()) {
             let kind = kind_of(held.r#type)?;
             let version = (held.version.len() <= limits::MAX_VERSION_LEN
@@ -160,11 +177,19 @@ impl Session {
         tracing::info!(
             node,
             agent_version = limits::truncate(&hello.agent_version, 64),
+            tunnel = hello.tunnel_address,
             held = ?self.acked.iter().map(|(k, v)| (k.short_name(), v.as_deref().unwrap_or("-"))).collect::<Vec<_>>(),
             "agent connected"
         );
         let hub = self.hub.clone();
         let guard = hub.register_session(&node);
+        if hub.set_tunnel(&node, &hello.tunnel_address) {
+            tracing::info!(
+                node,
+                tunnel = hello.tunnel_address,
+                "tunnel address changed; the node's IP cache entries follow"
+            );
+        }
         let mut replaced = guard.replaced.clone();
         let mut changes = self.hub.subscribe();
         let expiry = self
@@ -405,6 +430,14 @@ mod tests {
     }
 
     fn hello(node: &str, versions: &[(ResourceType, &str)]) -> AgentMessage {
+        hello_with_tunnel(node, versions, "")
+    }
+
+    fn hello_with_tunnel(
+        node: &str,
+        versions: &[(ResourceType, &str)],
+        tunnel: &str,
+    ) -> AgentMessage {
         AgentMessage {
             kind: Some(Kind::Hello(Hello {
                 node: node.into(),
@@ -416,6 +449,7 @@ mod tests {
                     })
                     .collect(),
                 agent_version: "test".into(),
+                tunnel_address: tunnel.into(),
             })),
         }
     }
@@ -710,6 +744,105 @@ mod tests {
         hub.set_policies(policies(&[("c", "1")]));
         let next = calm.batch().await;
         assert_eq!(updates(&next)[0].resources[0].name, "c", "and still served");
+    }
+
+    #[test]
+    fn tunnel_addresses_are_ip_and_port_or_nothing() {
+        for good in ["", "10.0.0.1:4430", "[fd00::1]:4430", "127.0.0.1:65535"] {
+            assert!(check_tunnel_address(good).is_ok(), "{good:?}");
+        }
+        for bad in [
+            "10.0.0.1",
+            "10.0.0.1:0",
+            "10.0.0.1:65536",
+            "node-a:4430",
+            "fd00::1:4430",
+            " 10.0.0.1:4430",
+            "10.0.0.1:4430\n",
+        ] {
+            let status = check_tunnel_address(bad).expect_err(bad);
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(
+                status.message().contains("tunnel_address")
+                    && status.message().contains(&format!("{bad:?}")),
+                "{status:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_tunnel_address_refuses_the_stream() {
+        let hub = hub_with_policy();
+        let agent = Agent::start(&hub, "n1", limits::CHUNK_BYTES);
+        agent
+            .send(hello_with_tunnel("n1", &[], "not-an-address"))
+            .await;
+        let status = agent.ended_with().await;
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("not-an-address"), "{status:?}");
+        assert_eq!(hub.sessions(), 0, "never registered");
+    }
+
+    #[tokio::test]
+    async fn a_new_tunnel_address_reaches_other_agents_as_an_ip_cache_difference() {
+        let hub = hub_with_policy();
+        let workload = |name: &str, address: &str| Workload {
+            name: name.into(),
+            spiffe_id: format!("spiffe://example.org/{name}"),
+            addresses: vec![address.into()],
+            ..Workload::default()
+        };
+        hub.report("n2", vec![workload("db", "10.0.0.2")])
+            .expect("report");
+        let mut watcher = Agent::start(&hub, "n1", limits::CHUNK_BYTES);
+        watcher.send(hello("n1", &[])).await;
+        for u in updates(&watcher.batch().await) {
+            watcher.send(ack(u)).await;
+        }
+        let tunnel_of = |batch: &[ServerMessage]| -> Vec<(String, String, String)> {
+            updates(batch)
+                .iter()
+                .filter(|u| u.r#type == ResourceType::Ipcache as i32)
+                .flat_map(|u| &u.resources)
+                .map(|r| match &r.body {
+                    Some(Body::Ipcache(e)) => (e.address.clone(), e.node.clone(), e.tunnel.clone()),
+                    other => panic!("not an IP cache entry: {other:?}"),
+                })
+                .collect()
+        };
+
+        let n2 = Agent::start(&hub, "n2", limits::CHUNK_BYTES);
+        n2.send(hello_with_tunnel("n2", &[], "10.0.0.20:4430"))
+            .await;
+        let batch = watcher.batch().await;
+        assert!(
+            updates(&batch).iter().all(|u| !u.replace),
+            "a difference, not the whole set"
+        );
+        assert_eq!(
+            tunnel_of(&batch),
+            [("10.0.0.2".into(), "n2".into(), "10.0.0.20:4430".into())]
+        );
+        for u in updates(&batch) {
+            watcher.send(ack(u)).await;
+        }
+        drop(n2);
+
+        // Reconnecting with the same address changes nothing; with another, the entries follow.
+        let n2 = Agent::start(&hub, "n2", limits::CHUNK_BYTES);
+        n2.send(hello_with_tunnel("n2", &[], "10.0.0.20:4430"))
+            .await;
+        watcher.nothing_for_a_while().await;
+        drop(n2);
+        let n2 = Agent::start(&hub, "n2", limits::CHUNK_BYTES);
+        n2.send(hello_with_tunnel("n2", &[], "[fd00::20]:4431"))
+            .await;
+        let batch = watcher.batch().await;
+        assert_eq!(
+            tunnel_of(&batch),
+            [("10.0.0.2".into(), "n2".into(), "[fd00::20]:4431".into())]
+        );
+        drop(n2);
     }
 
     #[test]

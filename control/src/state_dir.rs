@@ -27,6 +27,9 @@ pub enum StateDirError {
     Corrupt { file: PathBuf, reason: String },
 }
 
+/// The name of the revocation file in the state directory.
+pub const REVOKED_FILE: &str = "revoked";
+
 #[derive(Clone, Debug)]
 pub struct StateDir {
     dir: PathBuf,
@@ -66,6 +69,11 @@ impl StateDir {
     /// Workloads reported by the nodes and the identities allocated to them.
     pub fn registry(&self) -> PathBuf {
         self.dir.join("registry.json")
+    }
+
+    /// Serials of revoked workload certificates, one a line (see [`crate::revocation`]).
+    pub fn revoked(&self) -> PathBuf {
+        self.dir.join(REVOKED_FILE)
     }
 
     /// Which trust domain this state belongs to.

@@ -212,6 +212,7 @@ impl RawStream {
                     })
                     .collect(),
                 agent_version: "test".into(),
+                tunnel_address: String::new(),
             })),
         })
         .await
