@@ -15,6 +15,8 @@ use crate::{Netns, Placement, TestCgroups, Ward, WardOptions, Workload};
 
 /// The port ward-control listens on, in its own namespace.
 pub const CONTROL_PORT: u16 = 7443;
+/// The port of every node's tunnel listener in these tests.
+pub const TUNNEL_PORT: u16 = 15008;
 /// The log line ward writes once a control-plane state is in the kernel.
 pub const APPLIED: &str = "control plane state applied";
 const NODE_NAMES: [&str; 4] = ["node-a", "node-b", "node-c", "node-d"];
@@ -50,6 +52,16 @@ impl Node {
         self.netns
             .ip(&["addr", "add", &format!("{address}/24"), "dev", "veth0"]);
         address
+    }
+
+    /// Where this node's tunnel listens (once [`Node::enable_tunnel`]).
+    pub fn tunnel_address(&self) -> SocketAddr {
+        SocketAddr::new(self.address(), TUNNEL_PORT)
+    }
+
+    /// Makes the agent, when started, run the mTLS tunnel on its own address.
+    pub fn enable_tunnel(&mut self) {
+        self.config_extra += &format!("tunnel:\n  listen: \"{}\"\n", self.tunnel_address());
     }
 
     /// A process placement in workload cgroup `cgroup` (created) of this node, in its namespace.

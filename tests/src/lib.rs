@@ -6,6 +6,7 @@
 //! binary, no cgroup v2) fails with a message saying why; it never passes by skipping.
 
 pub mod agent;
+pub mod capture;
 pub mod cgroups;
 pub mod cluster;
 pub mod netns;
@@ -15,6 +16,7 @@ pub mod process;
 pub mod verdicts;
 
 pub use agent::{run_with_config, spiffe_id, Reload, Ward, WardOptions, Workload};
+pub use capture::Capture;
 pub use cgroups::{cgroup2_mount, TestCgroups};
 pub use cluster::{Cluster, Node};
 pub use netns::{Lan, Netns, TwoNodes};

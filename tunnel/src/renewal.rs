@@ -79,6 +79,12 @@ pub async fn keep_fresh<S: SvidSigner>(store: Arc<SvidStore>, signer: Arc<S>, id
         tokio::time::sleep(due).await;
         match obtain(signer.as_ref(), &id).await {
             Ok(svid) => {
+                tracing::info!(
+                    spiffe_id = %id,
+                    serial = %svid.serial(),
+                    renew_in = ?svid.renew_at().duration_since(std::time::SystemTime::now()).unwrap_or_default(),
+                    "workload certificate installed"
+                );
                 store.insert(svid);
                 retry = FIRST_RETRY;
             }

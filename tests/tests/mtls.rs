@@ -1,0 +1,362 @@
+//! The mTLS tunnel between nodes: real `ward` agents (one per network namespace) and a real
+//! `ward-control` signing the workloads' certificates; real clients (curl, nc, openssl) in the
+//! workloads' cgroups. Node A runs `client` and `intruder`, node B runs `db` on B's address.
+
+mod support;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+use support::*;
+
+use ward_tests::{
+    capture, cluster::TUNNEL_PORT, peer, Background, Capture, Cluster, Peer, Placement, Workload,
+};
+
+const A: usize = 0;
+const B: usize = 1;
+const MARKER: &str = "WARD-PAYLOAD-MARKER-7f3a9c";
+
+/// `db` admits `client` at `ports`, through the tunnel only.
+fn db_requires_mtls(ports: &[u16]) -> String {
+    let ports: Vec<String> = ports
+        .iter()
+        .map(|p| format!("{{port: {p}, protocol: TCP}}"))
+        .collect();
+    policy(
+        "db-mtls",
+        &format!(
+            "  selector:\n    labels: {{app: db}}\n  ingress:\n    - name: from-client\n      from:\n        - labels: {{app: client}}\n      ports: [{}]\n      mtls: required\n",
+            ports.join(", ")
+        ),
+    )
+}
+
+/// `intruder` sends its own connections to `db` through the tunnel (its own egress rule).
+fn intruder_uses_the_tunnel() -> String {
+    policy(
+        "intruder-tls",
+        "  selector:\n    labels: {app: intruder}\n  egress:\n    - name: to-db\n      to:\n        - labels: {app: db}\n      mtls: required\n",
+    )
+}
+
+struct Setup {
+    cluster: Cluster,
+    peer: Peer,
+    /// `client`'s own address on node A.
+    client_address: IpAddr,
+}
+
+impl Setup {
+    fn new(tag: &str, plane_args: &[&str]) -> Self {
+        let peer = peer!();
+        let mut cluster = Cluster::new(tag, 2, &[], plane_args);
+        cluster.node_mut(A).enable_tunnel();
+        cluster.node_mut(B).enable_tunnel();
+        let client_address = cluster.node_mut(A).add_address();
+        cluster.node(A).workload("client");
+        cluster.node(A).workload("intruder");
+        cluster.node(B).workload("db");
+        let db_address = cluster.node(B).address().to_string();
+        cluster
+            .node_mut(B)
+            .start(&[Workload::new("db").address(&db_address)]);
+        cluster.node_mut(A).start(&[
+            Workload::new("client").address(&client_address.to_string()),
+            Workload::new("intruder"),
+        ]);
+        for node in cluster.nodes() {
+            node.wait_known(0, 3, 2);
+        }
+        for (node, workload) in [(A, "client"), (A, "intruder"), (B, "db")] {
+            let id = ward_tests::spiffe_id(workload);
+            let ward = cluster.node(node).ward();
+            wait_until(&format!("{id}'s certificate"), event_timeout() * 4, || {
+                ward.lines()
+                    .iter()
+                    .any(|l| l.contains("workload certificate installed") && l.contains(&id))
+            });
+        }
+        Setup {
+            cluster,
+            peer,
+            client_address,
+        }
+    }
+
+    fn placement(&self, node: usize, workload: &str) -> Placement {
+        self.cluster.node(node).workload(workload)
+    }
+
+    fn db(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.cluster.node(B).address(), port)
+    }
+
+    fn apply(&self, file: &str, yaml: &str) {
+        let version = self.cluster.apply_policy(file, yaml);
+        self.cluster.wait_everywhere(&[A, B], &version);
+    }
+
+    /// An `nc` listener in `db` that prints what it receives.
+    fn nc_listener(&self, port: u16) -> Background {
+        let db = self.placement(B, "db");
+        let listener = Background::spawn(
+            "nc-listen",
+            db.command("nc", &["-l", "-N", "-p", &port.to_string()]),
+            false,
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        listener
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_client_reaches_a_workload_on_another_node_only_through_the_tunnel() {
+    let setup = Setup::new("mtls-carry", &[]);
+    let db = setup.placement(B, "db");
+    let http = setup.peer.listen_http("0.0.0.0:0", &db);
+    let nc_port = 7301;
+    setup.apply("db.yaml", &db_requires_mtls(&[http.port(), nc_port]));
+    let client = setup.placement(A, "client");
+
+    // curl in the client: connect() succeeds at once and the response comes through the tunnel.
+    let url = format!("http://{}/", setup.db(http.port()));
+    let curl = tool(&client, "curl", &["-sS", "--max-time", "10", &url]);
+    assert!(
+        curl.status.success(),
+        "curl through the tunnel: {curl:?}\nnode A:\n{}\nnode B:\n{}",
+        setup.cluster.node(A).ward().log().tail(60),
+        setup.cluster.node(B).ward().log().tail(60)
+    );
+
+    // nc with a marker, under a capture of the bridge between the nodes.
+    let listener = setup.nc_listener(nc_port);
+    // Node A's port on the bridge: every frame between the nodes crosses it.
+    let capture = Capture::start(setup.cluster.hub.name(), "p0");
+    let script = format!(
+        "printf '%s\\n' '{MARKER}' | nc -N -w 5 {} {nc_port}",
+        setup.cluster.node(B).address()
+    );
+    let sent = tool(&client, "sh", &["-c", &script]);
+    assert!(sent.status.success(), "nc through the tunnel: {sent:?}");
+    wait_until("the marker at db", event_timeout(), || {
+        listener
+            .lines()
+            .snapshot()
+            .iter()
+            .any(|l| l.contains(MARKER))
+    });
+    let frames = capture.finish();
+    assert!(
+        !capture::contains(&frames, MARKER.as_bytes()),
+        "the marker crossed the link in plaintext"
+    );
+    let tunnel = capture::tcp_payloads(&frames, TUNNEL_PORT);
+    assert!(
+        !tunnel.is_empty(),
+        "no tunnel traffic among {} captured frames",
+        frames.len()
+    );
+    assert!(
+        tunnel.iter().all(|p| matches!(p[0], 0x14..=0x17)),
+        "every payload on the tunnel port is a TLS record"
+    );
+    assert!(
+        capture::tcp_payloads(&frames, nc_port).is_empty(),
+        "nothing went to db's port directly"
+    );
+
+    // The same connection in plaintext, from the client's own address but outside the
+    // workload (so nothing redirects it), to db's listener that is still open: db's kernel
+    // refuses it.
+    let plain = format!(
+        "printf x | nc -v -N -w 2 -s {} {} {} 2>&1",
+        setup.client_address,
+        setup.cluster.node(B).address(),
+        http.port()
+    );
+    let refused = tool(&setup.cluster.node(A).host(), "sh", &["-c", &plain]);
+    assert!(
+        !refused.status.success(),
+        "plaintext to an mtls port must fail: {refused:?}"
+    );
+    let b = setup.cluster.node(B).ward();
+    let start = Instant::now();
+    while !log_has(b, 0, "plaintext refused") {
+        assert!(
+            start.elapsed() < event_timeout(),
+            "no plaintext refusal on node B ({refused:?}):\n{}",
+            b.log().tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_identity_the_policy_does_not_allow_is_refused_by_the_receiving_agent() {
+    let setup = Setup::new("mtls-deny", &[]);
+    let port = 7302;
+    setup.apply("db.yaml", &db_requires_mtls(&[port]));
+    setup.apply("intruder.yaml", &intruder_uses_the_tunnel());
+    let _listener = setup.nc_listener(port);
+    let intruder = setup.placement(A, "intruder");
+    let script = format!(
+        "printf x | nc -N -w 5 {} {port}",
+        setup.cluster.node(B).address()
+    );
+    // connect() succeeds (it is redirected to the local agent); then the tunnel is refused and
+    // the connection reset.
+    let _ = tool(&intruder, "sh", &["-c", &script]);
+    let b = setup.cluster.node(B).ward();
+    let a = setup.cluster.node(A).ward();
+    let intruder_id = ward_tests::spiffe_id("intruder");
+    wait_until(
+        "node B's refusal naming the intruder",
+        event_timeout(),
+        || {
+            b.lines()
+                .iter()
+                .any(|l| l.contains("inbound tunnel refused") && l.contains(&intruder_id))
+        },
+    );
+    wait_until(
+        "node A's verdict naming the reason",
+        event_timeout(),
+        || {
+            a.lines()
+                .iter()
+                .any(|l| l.contains("mtls:") && l.contains("denied by policy"))
+        },
+    );
+}
+
+#[test]
+fn certificate_rotation_does_not_break_a_long_lived_connection() {
+    // Certificates live 6 s: renewed every 3 s, several times during the connection.
+    let setup = Setup::new("mtls-rotate", &["--workload-cert-lifetime", "6s"]);
+    let port = 7303;
+    setup.apply("db.yaml", &db_requires_mtls(&[port]));
+    let listener = setup.nc_listener(port);
+    let client = setup.placement(A, "client");
+    let script = format!(
+        "for i in $(seq 1 20); do echo line-$i; sleep 0.5; done | nc -N -w 5 {} {port}",
+        setup.cluster.node(B).address()
+    );
+    let sent = tool(&client, "sh", &["-c", &script]);
+    assert!(sent.status.success(), "the long-lived connection: {sent:?}");
+    wait_until("all 20 lines at db", event_timeout(), || {
+        listener
+            .lines()
+            .snapshot()
+            .iter()
+            .any(|l| l.contains("line-20"))
+    });
+    let received = listener.lines().snapshot();
+    for i in 1..=20 {
+        assert!(
+            received.iter().any(|l| l.trim() == format!("line-{i}")),
+            "line-{i} missing: {received:?}"
+        );
+    }
+    let client_id = ward_tests::spiffe_id("client");
+    let installed = setup
+        .cluster
+        .node(A)
+        .ward()
+        .lines()
+        .iter()
+        .filter(|l| l.contains("workload certificate installed") && l.contains(&client_id))
+        .count();
+    assert!(
+        installed >= 3,
+        "the client's certificate was renewed during the connection ({installed} installed)"
+    );
+}
+
+#[test]
+fn openssl_s_client_with_a_workload_certificate_completes_a_handshake_with_the_inbound_port() {
+    let setup = Setup::new("mtls-openssl", &[]);
+    // A workload certificate for `client`, signed by the control plane's CA, made with openssl.
+    let dir = std::env::temp_dir().join(ward_tests::unique_name("mtls-openssl"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let plane_state = setup.cluster.plane.ca_file();
+    let state = plane_state
+        .parent()
+        .expect("the CA file is in the state dir");
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    std::fs::write(
+        dir.join("ext.cnf"),
+        format!(
+            "subjectAltName=URI:{}\nextendedKeyUsage=clientAuth\n",
+            ward_tests::spiffe_id("client")
+        ),
+    )
+    .expect("ext");
+    let host = Placement::host();
+    for args in [
+        vec![
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &path("key.pem"),
+            "-out",
+            &path("csr.pem"),
+            "-subj",
+            "/O=ward-test",
+        ],
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            &path("csr.pem"),
+            "-CA",
+            &state.join("ca.pem").to_string_lossy(),
+            "-CAkey",
+            &state.join("ca-key.pem").to_string_lossy(),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &path("ext.cnf"),
+            "-out",
+            &path("cert.pem"),
+        ],
+    ] {
+        let made = tool(&host, "openssl", &args);
+        assert!(made.status.success(), "openssl {args:?}: {made:?}");
+    }
+    let db_id = ward_tunnel::SpiffeId::parse(&ward_tests::spiffe_id("db")).expect("an ID");
+    let connect = setup.cluster.node(B).tunnel_address().to_string();
+    let sni = ward_tunnel::server_name_for(&db_id);
+    let ca = state.join("ca.pem").to_string_lossy().into_owned();
+    let s_client = tool(
+        &setup.cluster.node(A).host(),
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "echo | openssl s_client -connect {connect} -servername {sni} -cert {} -key {} -CAfile {ca} -alpn h2 -tls1_3 2>&1",
+                path("cert.pem"),
+                path("key.pem")
+            ),
+        ],
+    );
+    let out = s_client.stdout_lines().join("\n");
+    assert!(out.contains("TLSv1.3"), "not TLS 1.3:\n{out}");
+    assert!(
+        out.contains("Verify return code: 0 (ok)"),
+        "the workload's certificate did not verify:\n{out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
