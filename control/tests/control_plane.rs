@@ -73,7 +73,7 @@ impl Agent {
         let (reports, reports_rx) = watch::channel(workloads);
         let (tx, updates) = mpsc::channel(1);
         let task = tokio::spawn(async move {
-            agent_control::run(cfg, reports_rx, tx)
+            agent_control::run(cfg, None, reports_rx, tx)
                 .await
                 .expect("valid configuration");
         });
@@ -340,6 +340,34 @@ async fn agent_joins_reports_and_receives_a_policy_change_at_once() {
         .until("new workload reported", |s| s.ipcache.len() == 2)
         .await;
     assert_eq!(state.identities.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_signer_obtains_certificates_for_its_own_workloads_only() {
+    use ward_tunnel::renewal::SvidSigner as _;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), "1h");
+    let cfg = agent_config(&plane, tmp.path(), "node-a");
+    let mut agent = Agent::start(cfg.clone(), vec![workload("web", "web", "10.0.0.1")]);
+    agent
+        .until("own workload known", |s| !s.ipcache.is_empty())
+        .await;
+    let signer = agent_control::WorkloadSigner::new(cfg);
+    let web = ward_tunnel::SpiffeId::parse("spiffe://example.org/ns/demo/sa/web").expect("id");
+    let (key, csr) = ward_tunnel::renewal::new_request().expect("csr");
+    let chain = signer.sign(&web, csr).await.expect("web is this node's");
+    let svid = ward_tunnel::Svid::from_pem(&chain, &key.serialize_pem()).expect("a usable SVID");
+    assert_eq!(svid.spiffe_id(), &web);
+    let other = ward_tunnel::SpiffeId::parse("spiffe://example.org/ns/demo/sa/db").expect("id");
+    let (_, csr) = ward_tunnel::renewal::new_request().expect("csr");
+    let refused = signer
+        .sign(&other, csr)
+        .await
+        .expect_err("db was never reported");
+    assert!(
+        refused.contains("PermissionDenied") || refused.contains("permission"),
+        "{refused}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,7 +22,7 @@ pub mod trust;
 
 pub use identity::{IdentityError, Serial, SpiffeId};
 pub use inbound::{
-    Authorizer, Denied, DeliveryFuture, Inbound, InboundConfig, InboundEvent, Refusal, Verdict,
+    Authorizer, DeliveryFuture, Denied, Inbound, InboundConfig, InboundEvent, Refusal, Verdict,
 };
 pub use outbound::{
     OriginalDestinations, Outbound, OutboundConfig, OutboundRequest, OutboundStats, TunnelError,
