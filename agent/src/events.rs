@@ -125,7 +125,8 @@ pub fn timestamp() -> String {
     format!("{}.{:06}", now.as_secs(), now.subsec_micros())
 }
 
-fn log(r: &FlowRecord) {
+/// The verdict log line of a flow record.
+pub fn log(r: &FlowRecord) {
     tracing::info!(
         target: "ward::verdict",
         verdict = %r.verdict,

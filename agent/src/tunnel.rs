@@ -248,19 +248,7 @@ fn source_towards(destination: SocketAddr) -> std::io::Result<IpAddr> {
 
 impl Glue {
     fn publish(&self, record: FlowRecord) {
-        tracing::warn!(
-            target: "ward::verdict",
-            verdict = %record.verdict,
-            direction = %record.direction,
-            policy = %record.policy,
-            rule = %record.rule,
-            src = %record.src,
-            dst = %record.dst,
-            dst_addr = %record.dst_addr,
-            dst_port = record.dst_port,
-            reason = %record.reason,
-            "verdict"
-        );
+        crate::events::log(&record);
         self.flows.publish(record);
     }
 
