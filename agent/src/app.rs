@@ -225,6 +225,15 @@ fn preflight() -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("ward run loads kernel programs and needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN); run it as root, e.g. with sudo");
     }
+    // The tunnel holds two sockets per carried connection: use what the hard limit allows.
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open file limit");
+            }
+        }
+    }
     Ok(())
 }
 

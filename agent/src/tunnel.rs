@@ -80,7 +80,6 @@ impl Tunnel {
         let trust = TrustStore::new(trust_domain, &roots).context("tunnel trust")?;
         let svids = SvidStore::new();
         let view = Arc::new(RwLock::new(View::default()));
-        let mut maps = TunnelMaps::open(pin_dir)?;
         let inbound_listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("tunnel.listen: binding {}", settings.listen))?;
@@ -116,7 +115,10 @@ impl Tunnel {
         for listener in std::iter::once(outbound_v4).chain(outbound_v6) {
             tokio::spawn(outbound.clone().serve(listener, glue.clone()));
         }
-        maps.set_outbound(Some(settings.outbound_port))?;
+        glue.maps
+            .lock()
+            .expect("tunnel maps lock poisoned")
+            .set_outbound(Some(settings.outbound_port))?;
         tracing::info!(listen = %settings.listen, advertise = %settings.advertise, outbound_port = settings.outbound_port, "mTLS tunnel serving");
         Ok(Tunnel {
             settings,

@@ -237,6 +237,68 @@ fn an_identity_the_policy_does_not_allow_is_refused_by_the_receiving_agent() {
 }
 
 #[test]
+fn a_revoked_workload_certificate_is_refused_for_new_connections() {
+    let setup = Setup::new("mtls-revoke", &[]);
+    let port = 7304;
+    setup.apply("db.yaml", &db_requires_mtls(&[port]));
+    let http = setup
+        .peer
+        .listen_http(&format!("0.0.0.0:{port}"), &setup.placement(B, "db"));
+    let client = setup.placement(A, "client");
+    let url = format!("http://{}/", setup.db(http.port()));
+    let before = tool(&client, "curl", &["-sS", "--max-time", "10", &url]);
+    assert!(before.status.success(), "before the revocation: {before:?}");
+
+    // The serial of the client's certificate, as node A logged it.
+    let client_id = ward_tests::spiffe_id("client");
+    let a = setup.cluster.node(A).ward();
+    let line = a
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("workload certificate installed") && l.contains(&client_id))
+        .expect("the client's certificate was installed");
+    let serial = serde_json::from_str::<serde_json::Value>(&line).expect("a JSON log line")
+        ["serial"]
+        .as_str()
+        .expect("a serial")
+        .to_owned();
+    let state_dir = setup.cluster.plane.state_dir();
+    let revoke = tool(
+        &Placement::host(),
+        &ward_tests::control_bin().to_string_lossy(),
+        &[
+            "revoke",
+            "--state-dir",
+            &state_dir.to_string_lossy(),
+            &serial,
+        ],
+    );
+    assert!(revoke.status.success(), "ward-control revoke: {revoke:?}");
+    // Both agents hold the new revocation list.
+    for node in [A, B] {
+        let ward = setup.cluster.node(node).ward();
+        wait_until("the revocation at every agent", event_timeout(), || {
+            log_has(ward, 0, "tunnel revocation list replaced")
+        });
+    }
+    let after = tool(&client, "curl", &["-sS", "--max-time", "10", &url]);
+    assert!(
+        !after.status.success(),
+        "a revoked certificate must not reach db: {after:?}"
+    );
+    let b = setup.cluster.node(B).ward();
+    wait_until(
+        "node B's refusal naming the revocation",
+        event_timeout(),
+        || {
+            b.lines()
+                .iter()
+                .any(|l| l.contains("inbound tunnel refused") && l.contains("revoked"))
+        },
+    );
+}
+
+#[test]
 fn certificate_rotation_does_not_break_a_long_lived_connection() {
     // Certificates live 6 s: renewed every 3 s, several times during the connection.
     let setup = Setup::new("mtls-rotate", &["--workload-cert-lifetime", "6s"]);

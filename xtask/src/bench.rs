@@ -85,6 +85,31 @@ pub fn tunnel(args: &TunnelArgs) -> Result<()> {
     ]))
 }
 
+/// `cargo xtask bench mtls`: the tunnel end to end between two nodes (network namespaces with
+/// real agents, the kernel's redirect and a real control plane) against plain TCP between the same
+/// namespaces (`tests/benches/mtls.rs`), with release builds of ward and ward-control.
+pub fn mtls(args: &TunnelArgs) -> Result<()> {
+    sys::require_root(
+        "bench mtls",
+        "it creates network namespaces and cgroups and loads eBPF programs",
+    )?;
+    if args.seconds <= 0.0 || args.connections == 0 || args.mib == 0 {
+        bail!("--seconds, --connections and --mib must be positive");
+    }
+    setup::run()?;
+    let ward_bin = ward::binary()?;
+    let control_bin = ward::control_binary()?;
+    sys::run(
+        sys::cargo()
+            .env("WARD_BIN", &ward_bin)
+            .env("WARD_CONTROL_BIN", &control_bin)
+            .args(["bench", "-p", "ward-tests", "--bench", "mtls", "--"])
+            .args(["--seconds", &args.seconds.to_string()])
+            .args(["--connections", &args.connections.to_string()])
+            .args(["--mib", &args.mib.to_string()]),
+    )
+}
+
 pub fn run(args: &ConnectArgs) -> Result<()> {
     sys::require_root(
         "bench connect",

@@ -73,6 +73,9 @@ enum BenchCommand {
     /// The mTLS tunnel against plain TCP on loopback: latency, throughput, connection rate,
     /// agent RSS and CPU with many connections (no root needed).
     Tunnel(bench::TunnelArgs),
+    /// The mTLS tunnel end to end between two nodes (network namespaces, real agents and control
+    /// plane, the kernel's redirect) against plain TCP between the same namespaces.
+    Mtls(bench::TunnelArgs),
     /// Control plane: policy propagation to every node's kernel (p50/p99) for 10 and 10,000
     /// rules, a full resync of 100,000 rules, memory at 10,000 identities.
     Control(bench_control::ControlArgs),
@@ -93,6 +96,9 @@ fn main() -> ExitCode {
         Command::Bench {
             bench: BenchCommand::Tunnel(args),
         } => bench::tunnel(&args),
+        Command::Bench {
+            bench: BenchCommand::Mtls(args),
+        } => bench::mtls(&args),
         Command::Bench {
             bench: BenchCommand::Control(args),
         } => bench_control::run(&args),
