@@ -174,7 +174,8 @@ fn orchestrate(options: Options) {
     let mut cluster = Cluster::new("bench-mtls", 2, &[], &[]);
     cluster.node_mut(A).enable_tunnel();
     cluster.node_mut(B).enable_tunnel();
-    let client_address = cluster.node_mut(A).add_address();
+    // Each workload has its node's own address, the source address its connections leave with.
+    let client_address = cluster.node(A).address();
     cluster.node(A).workload("client");
     let db = cluster.node(B).workload("db");
     let b = cluster.node(B).address();
