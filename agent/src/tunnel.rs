@@ -221,6 +221,24 @@ impl Tunnel {
         if next.1 != self.bundle.1 {
             tracing::info!(revoked = serials.len(), "tunnel revocation list replaced");
         }
+        // A revoked certificate of this node's own workloads is replaced at once.
+        for (id, task) in &mut self.renewals {
+            if self
+                .svids
+                .get(id)
+                .is_some_and(|svid| serials.contains(svid.serial()))
+            {
+                tracing::warn!(spiffe_id = %id, "this workload's certificate was revoked; obtaining a new one");
+                task.abort();
+                self.svids.remove(id);
+                self.outbound.forget_source(id);
+                *task = tokio::spawn(ward_tunnel::renewal::keep_fresh(
+                    self.svids.clone(),
+                    self.signer.clone(),
+                    id.clone(),
+                ));
+            }
+        }
         self.trust.set_revoked(serials);
         // New connections handshake again under the new trust; open streams go on, and the
         // inbound side re-checks revocation on every stream.

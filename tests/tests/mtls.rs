@@ -4,6 +4,7 @@
 
 mod support;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use support::*;
 
@@ -106,6 +107,15 @@ impl Setup {
         std::thread::sleep(Duration::from_millis(300));
         listener
     }
+}
+
+/// Whether `ward` refused a peer for its certificate (not for what it did after the handshake:
+/// `openssl s_client` sends no HTTP/2, which is refused too).
+fn refused_a_certificate(ward: &ward_tests::Ward) -> bool {
+    ward.lines().iter().any(|l| {
+        l.contains("inbound tunnel refused")
+            && (l.contains("TLS handshake failed") || l.contains("peer certificate refused"))
+    })
 }
 
 fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
@@ -237,7 +247,7 @@ fn an_identity_the_policy_does_not_allow_is_refused_by_the_receiving_agent() {
 }
 
 #[test]
-fn a_revoked_workload_certificate_is_refused_for_new_connections() {
+fn a_revoked_certificate_is_refused_and_an_agent_replaces_its_own_at_once() {
     let setup = Setup::new("mtls-revoke", &[]);
     let port = 7304;
     setup.apply("db.yaml", &db_requires_mtls(&[port]));
@@ -246,22 +256,43 @@ fn a_revoked_workload_certificate_is_refused_for_new_connections() {
         .listen_http(&format!("0.0.0.0:{port}"), &setup.placement(B, "db"));
     let client = setup.placement(A, "client");
     let url = format!("http://{}/", setup.db(http.port()));
-    let before = tool(&client, "curl", &["-sS", "--max-time", "10", &url]);
-    assert!(before.status.success(), "before the revocation: {before:?}");
+    let curl = |when: &str| {
+        let done = tool(&client, "curl", &["-sS", "--max-time", "10", &url]);
+        assert!(done.status.success(), "{when}: {done:?}");
+    };
+    curl("before the revocation");
 
-    // The serial of the client's certificate, as node A logged it.
+    // A stolen copy: a certificate for `client` outside its agent, accepted until revoked.
+    let stolen = OpensslCert::new(&setup, "client");
+    let b = setup.cluster.node(B).ward();
+    assert!(stolen
+        .s_client(&setup)
+        .contains("Verify return code: 0 (ok)"));
+    assert!(
+        !refused_a_certificate(b),
+        "refused before the revocation:\n{}",
+        b.log().tail(10)
+    );
+
+    // The serial of the certificate node A's agent holds for `client`, as it logged it.
     let client_id = ward_tests::spiffe_id("client");
     let a = setup.cluster.node(A).ward();
-    let line = a
-        .lines()
-        .into_iter()
-        .find(|l| l.contains("workload certificate installed") && l.contains(&client_id))
+    let installed = |a: &ward_tests::Ward| -> Vec<String> {
+        a.lines()
+            .iter()
+            .filter(|l| l.contains("workload certificate installed") && l.contains(&client_id))
+            .filter_map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).ok()?["serial"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect()
+    };
+    let held = installed(a)
+        .last()
+        .cloned()
         .expect("the client's certificate was installed");
-    let serial = serde_json::from_str::<serde_json::Value>(&line).expect("a JSON log line")
-        ["serial"]
-        .as_str()
-        .expect("a serial")
-        .to_owned();
+
     let state_dir = setup.cluster.plane.state_dir();
     let revoke = tool(
         &Placement::host(),
@@ -270,23 +301,20 @@ fn a_revoked_workload_certificate_is_refused_for_new_connections() {
             "revoke",
             "--state-dir",
             &state_dir.to_string_lossy(),
-            &serial,
+            &stolen.serial,
+            &held,
         ],
     );
     assert!(revoke.status.success(), "ward-control revoke: {revoke:?}");
-    // Both agents hold the new revocation list.
     for node in [A, B] {
         let ward = setup.cluster.node(node).ward();
         wait_until("the revocation at every agent", event_timeout(), || {
             log_has(ward, 0, "tunnel revocation list replaced")
         });
     }
-    let after = tool(&client, "curl", &["-sS", "--max-time", "10", &url]);
-    assert!(
-        !after.status.success(),
-        "a revoked certificate must not reach db: {after:?}"
-    );
-    let b = setup.cluster.node(B).ward();
+
+    // The stolen certificate is refused by the receiving agent, naming the revocation.
+    let _ = stolen.s_client(&setup);
     wait_until(
         "node B's refusal naming the revocation",
         event_timeout(),
@@ -296,6 +324,11 @@ fn a_revoked_workload_certificate_is_refused_for_new_connections() {
                 .any(|l| l.contains("inbound tunnel refused") && l.contains("revoked"))
         },
     );
+    // Node A replaced its revoked certificate at once; the client carries on with the new one.
+    wait_until("a new certificate for the client", event_timeout(), || {
+        installed(a).last() != Some(&held)
+    });
+    curl("with the new certificate");
 }
 
 #[test]
@@ -341,84 +374,120 @@ fn certificate_rotation_does_not_break_a_long_lived_connection() {
     );
 }
 
+/// A workload certificate made with openssl and signed with the control plane's CA key: what
+/// a peer holding a valid certificate (or a stolen one) presents.
+struct OpensslCert {
+    dir: PathBuf,
+    serial: String,
+}
+
+impl OpensslCert {
+    fn new(setup: &Setup, workload: &str) -> OpensslCert {
+        let dir = std::env::temp_dir().join(ward_tests::unique_name("mtls-openssl"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let state = setup.cluster.plane.state_dir();
+        std::fs::write(
+            dir.join("ext.cnf"),
+            format!(
+                "subjectAltName=URI:{}\nextendedKeyUsage=clientAuth\n",
+                ward_tests::spiffe_id(workload)
+            ),
+        )
+        .expect("ext");
+        let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+        let (key, csr, cert, ext) = (
+            path("key.pem"),
+            path("csr.pem"),
+            path("cert.pem"),
+            path("ext.cnf"),
+        );
+        let (ca, ca_key) = (
+            state.join("ca.pem").to_string_lossy().into_owned(),
+            state.join("ca-key.pem").to_string_lossy().into_owned(),
+        );
+        let steps: [Vec<&str>; 3] = [
+            vec![
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                "/O=ward-test",
+            ],
+            vec![
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &ext,
+                "-out",
+                &cert,
+            ],
+            vec!["x509", "-noout", "-serial", "-in", &cert],
+        ];
+        let mut serial = String::new();
+        for args in steps {
+            let made = tool(&Placement::host(), "openssl", &args);
+            assert!(made.status.success(), "openssl {args:?}: {made:?}");
+            if let Some(s) = made.stdout.trim().strip_prefix("serial=") {
+                serial = s.to_owned();
+            }
+        }
+        OpensslCert { dir, serial }
+    }
+
+    /// `openssl s_client` from node A to node B's tunnel port, asking for `db`, with this
+    /// certificate; its whole output.
+    fn s_client(&self, setup: &Setup) -> String {
+        let db_id = ward_tunnel::SpiffeId::parse(&ward_tests::spiffe_id("db")).expect("an ID");
+        let ca = setup.cluster.plane.ca_file();
+        let script = format!(
+            "echo | openssl s_client -connect {} -servername {} -cert {} -key {} -CAfile {} -alpn h2 -tls1_3 2>&1",
+            setup.cluster.node(B).tunnel_address(),
+            ward_tunnel::server_name_for(&db_id),
+            self.dir.join("cert.pem").display(),
+            self.dir.join("key.pem").display(),
+            ca.display(),
+        );
+        tool(&setup.cluster.node(A).host(), "sh", &["-c", &script])
+            .stdout_lines()
+            .join("\n")
+    }
+}
+
+impl Drop for OpensslCert {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[test]
 fn openssl_s_client_with_a_workload_certificate_completes_a_handshake_with_the_inbound_port() {
     let setup = Setup::new("mtls-openssl", &[]);
-    // A workload certificate for `client`, signed by the control plane's CA, made with openssl.
-    let dir = std::env::temp_dir().join(ward_tests::unique_name("mtls-openssl"));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let plane_state = setup.cluster.plane.ca_file();
-    let state = plane_state
-        .parent()
-        .expect("the CA file is in the state dir");
-    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
-    std::fs::write(
-        dir.join("ext.cnf"),
-        format!(
-            "subjectAltName=URI:{}\nextendedKeyUsage=clientAuth\n",
-            ward_tests::spiffe_id("client")
-        ),
-    )
-    .expect("ext");
-    let host = Placement::host();
-    for args in [
-        vec![
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &path("key.pem"),
-            "-out",
-            &path("csr.pem"),
-            "-subj",
-            "/O=ward-test",
-        ],
-        vec![
-            "x509",
-            "-req",
-            "-in",
-            &path("csr.pem"),
-            "-CA",
-            &state.join("ca.pem").to_string_lossy(),
-            "-CAkey",
-            &state.join("ca-key.pem").to_string_lossy(),
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            &path("ext.cnf"),
-            "-out",
-            &path("cert.pem"),
-        ],
-    ] {
-        let made = tool(&host, "openssl", &args);
-        assert!(made.status.success(), "openssl {args:?}: {made:?}");
-    }
-    let db_id = ward_tunnel::SpiffeId::parse(&ward_tests::spiffe_id("db")).expect("an ID");
-    let connect = setup.cluster.node(B).tunnel_address().to_string();
-    let sni = ward_tunnel::server_name_for(&db_id);
-    let ca = state.join("ca.pem").to_string_lossy().into_owned();
-    let s_client = tool(
-        &setup.cluster.node(A).host(),
-        "sh",
-        &[
-            "-c",
-            &format!(
-                "echo | openssl s_client -connect {connect} -servername {sni} -cert {} -key {} -CAfile {ca} -alpn h2 -tls1_3 2>&1",
-                path("cert.pem"),
-                path("key.pem")
-            ),
-        ],
-    );
-    let out = s_client.stdout_lines().join("\n");
+    let out = OpensslCert::new(&setup, "client").s_client(&setup);
     assert!(out.contains("TLSv1.3"), "not TLS 1.3:\n{out}");
     assert!(
         out.contains("Verify return code: 0 (ok)"),
-        "the workload's certificate did not verify:\n{out}"
+        "db's certificate did not verify:\n{out}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        !refused_a_certificate(setup.cluster.node(B).ward()),
+        "node B refused a valid workload certificate:\n{}",
+        setup.cluster.node(B).ward().log().tail(20)
+    );
 }

@@ -71,6 +71,8 @@ pub type DeliveryFuture =
 pub enum Refusal {
     #[error("TLS handshake failed: {reason}")]
     Handshake { reason: String },
+    #[error("HTTP/2 handshake failed: {reason}")]
+    Http2Handshake { reason: String },
     #[error("no TLS and HTTP/2 handshake within {timeout:?}")]
     HandshakeTimeout { timeout: Duration },
     #[error("too many handshakes in progress ({limit})")]
@@ -107,6 +109,7 @@ impl Refusal {
             Refusal::Denied { .. } | Refusal::PeerCertificate { .. } => StatusCode::FORBIDDEN,
             Refusal::ConnectFailed { .. } => StatusCode::BAD_GATEWAY,
             Refusal::Handshake { .. }
+            | Refusal::Http2Handshake { .. }
             | Refusal::HandshakeTimeout { .. }
             | Refusal::TooManyHandshakes { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -405,8 +408,8 @@ impl Inbound {
             .map_err(|e| {
                 (
                     Some(peer.clone()),
-                    Refusal::Handshake {
-                        reason: format!("HTTP/2: {e}"),
+                    Refusal::Http2Handshake {
+                        reason: e.to_string(),
                     },
                 )
             })?;
