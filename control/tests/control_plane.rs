@@ -8,6 +8,8 @@
 )]
 #[path = "../../agent/src/control/mod.rs"]
 mod agent_control;
+mod common;
+use common::{channel, csr, join, joined, tls, WAIT, WEB};
 
 use std::{
     collections::BTreeMap,
@@ -18,24 +20,17 @@ use std::{
 
 use agent_control::{ControlPlaneConfig, RemoteState, RemoteUpdate, ReportedWorkload};
 use tokio::sync::{mpsc, watch};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 use ward_control::test_helpers::{ControlPlane, ControlPlaneOptions};
 use ward_proto::{
     agent_message::Kind, control_client::ControlClient, resource::Body, Ack, AgentMessage, Hello,
-    JoinRequest, Report, ResourceType, ServerMessage, SignWorkloadRequest, TypeVersion, Update,
-    Workload,
+    Report, ResourceType, ServerMessage, SignWorkloadRequest, TypeVersion, Update, Workload,
 };
 
-const WEB: &str = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  name: web\nspec:\n  selector: {labels: {app: web}}\n  ingress: []\n";
 const DB: &str = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  name: db\nspec:\n  selector: {labels: {app: db}}\n  ingress: []\n";
-const WAIT: Duration = Duration::from_secs(10);
 
 fn start_plane(tmp: &Path, lifetime: &str) -> ControlPlane {
-    let mut opts = ControlPlaneOptions::new(env!("CARGO_BIN_EXE_ward-control"), tmp);
-    opts.node_cert_lifetime = lifetime.into();
-    std::fs::create_dir_all(tmp.join("policy")).expect("policy dir");
-    std::fs::write(tmp.join("policy/web.yaml"), WEB).expect("initial policy");
-    ControlPlane::start(opts)
+    common::start_plane(tmp, |opts| opts.node_cert_lifetime = lifetime.into())
 }
 
 fn agent_config(plane: &ControlPlane, dir: &Path, node: &str) -> ControlPlaneConfig {
@@ -132,62 +127,6 @@ fn policy_names(state: &RemoteState) -> Vec<&str> {
 }
 
 // ---- a bare protocol client -------------------------------------------------------------
-
-fn tls(plane: &ControlPlane, identity: Option<(&str, &str)>, ca_pem: Option<&str>) -> Endpoint {
-    let ca = std::fs::read_to_string(plane.ca_file()).expect("CA file");
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca_pem.map_or(ca, str::to_owned)))
-        .domain_name("ward-control");
-    if let Some((cert, key)) = identity {
-        tls = tls.identity(Identity::from_pem(cert, key));
-    }
-    Endpoint::from_shared(format!("https://{}", plane.address))
-        .expect("uri")
-        .tls_config(tls)
-        .expect("tls config")
-        .connect_timeout(Duration::from_secs(5))
-}
-
-async fn channel(plane: &ControlPlane, identity: Option<(&str, &str)>) -> Channel {
-    tls(plane, identity, None)
-        .connect()
-        .await
-        .expect("TLS connection")
-}
-
-fn csr() -> (String, String) {
-    let key = rcgen::KeyPair::generate().expect("key");
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-        .expect("params")
-        .serialize_request(&key)
-        .expect("csr")
-        .pem()
-        .expect("pem");
-    (key.serialize_pem(), csr)
-}
-
-async fn join(
-    plane: &ControlPlane,
-    node: &str,
-    token: &str,
-) -> Result<(String, String), tonic::Status> {
-    let (key, csr_pem) = csr();
-    let response = ControlClient::new(channel(plane, None).await)
-        .join(JoinRequest {
-            token: token.into(),
-            node: node.into(),
-            csr_pem,
-        })
-        .await?
-        .into_inner();
-    Ok((response.cert_pem, key))
-}
-
-async fn joined(plane: &ControlPlane, node: &str) -> (String, String) {
-    join(plane, node, &plane.new_token(None))
-        .await
-        .expect("join")
-}
 
 struct RawStream {
     tx: mpsc::Sender<AgentMessage>,

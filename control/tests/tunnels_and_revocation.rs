@@ -9,54 +9,23 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod common;
+use common::{channel, csr, WAIT};
 use tokio::sync::mpsc;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use ward_control::test_helpers::{ControlPlane, ControlPlaneOptions};
+use tonic::transport::Channel;
+use ward_control::test_helpers::ControlPlane;
 use ward_proto::{
     agent_message::Kind, control_client::ControlClient, resource::Body, Ack, AgentMessage, Hello,
     JoinRequest, Report, ResourceType, ServerMessage, SignWorkloadRequest, TypeVersion, Update,
     Workload,
 };
 
-const WEB: &str = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  name: web\nspec:\n  selector: {labels: {app: web}}\n  ingress: []\n";
-const WAIT: Duration = Duration::from_secs(10);
 const BINARY: &str = env!("CARGO_BIN_EXE_ward-control");
 
 fn start_plane(tmp: &Path, extra_args: &[&str]) -> ControlPlane {
-    let mut opts = ControlPlaneOptions::new(BINARY, tmp);
-    opts.extra_args = extra_args.iter().map(|a| (*a).to_string()).collect();
-    std::fs::create_dir_all(tmp.join("policy")).expect("policy dir");
-    std::fs::write(tmp.join("policy/web.yaml"), WEB).expect("initial policy");
-    ControlPlane::start(opts)
-}
-
-async fn channel(plane: &ControlPlane, identity: Option<(&str, &str)>) -> Channel {
-    let ca = std::fs::read_to_string(plane.ca_file()).expect("CA file");
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .domain_name("ward-control");
-    if let Some((cert, key)) = identity {
-        tls = tls.identity(Identity::from_pem(cert, key));
-    }
-    Endpoint::from_shared(format!("https://{}", plane.address))
-        .expect("uri")
-        .tls_config(tls)
-        .expect("tls config")
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .expect("TLS connection")
-}
-
-fn csr() -> (String, String) {
-    let key = rcgen::KeyPair::generate().expect("key");
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-        .expect("params")
-        .serialize_request(&key)
-        .expect("csr")
-        .pem()
-        .expect("pem");
-    (key.serialize_pem(), csr)
+    common::start_plane(tmp, |opts| {
+        opts.extra_args = extra_args.iter().map(|a| (*a).to_string()).collect();
+    })
 }
 
 /// A node certificate and its key.
