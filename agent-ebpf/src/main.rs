@@ -649,7 +649,6 @@ pub fn ward_sockops(ctx: SockOpsContext) -> u32 {
             let _ = SOCKETS.remove(cookie);
             let _ = OWNERS.remove(cookie);
             let _ = CONNECTING.remove(sockops_tuple(&ops, true));
-            let _ = ORIGINAL_DST.remove(cookie);
         }
         _ => {}
     }

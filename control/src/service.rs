@@ -75,16 +75,15 @@ impl ControlService {
             .workload_signs
             .lock()
             .expect("workload signing limiter poisoned");
-        if !buckets.contains_key(node) {
-            buckets.insert(
-                node.to_owned(),
+        buckets
+            .entry(node.to_owned())
+            .or_insert_with(|| {
                 TokenBucket::new(
                     limits::WORKLOAD_SIGN_BURST,
                     limits::WORKLOAD_SIGNS_PER_SECOND,
-                ),
-            );
-        }
-        buckets.get_mut(node).is_some_and(TokenBucket::try_take)
+                )
+            })
+            .try_take()
     }
 
     /// The node named by the request's client certificate, which the TLS layer has verified.

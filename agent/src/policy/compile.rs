@@ -519,17 +519,10 @@ impl Compiled {
     /// because the destination requires it, as the connect hook looks it up.
     pub fn mtls_demand(&self, local: u32, remote: u32, protocol: u8, port: u16) -> Option<u32> {
         self.entries.get(&isolation_key(local, DIRECTION_MTLS))?;
-        [
-            (protocol, port),
-            (protocol, PORT_ANY),
-            (PROTO_ANY, PORT_ANY),
-        ]
-        .into_iter()
-        .find_map(|(protocol, port)| {
-            self.entries
-                .get(&policy_key(local, remote, DIRECTION_MTLS, protocol, port))
-                .map(|v| v.allow_rule)
-        })
+        // The kernel reads only the lookups naming `remote`: a demand names its destination.
+        lookup_keys(local, remote, DIRECTION_MTLS, protocol, port)[..3]
+            .iter()
+            .find_map(|key| self.entries.get(key).map(|v| v.allow_rule))
     }
 
     /// The map fields the kernel would merge for a query: the isolation entry, and the merged
