@@ -272,12 +272,13 @@ impl Glue {
         self.flows.publish(record);
     }
 
-    /// A flow record for a tunnel refusal.
+    /// A flow record for a tunnel refusal. The destination workload is looked up by address
+    /// when not given.
     fn refusal(
         &self,
         direction: u8,
         source: Option<&SpiffeId>,
-        destination: Option<SocketAddr>,
+        (destination, destination_id): (Option<SocketAddr>, Option<&SpiffeId>),
         rule: u32,
         reason: String,
     ) -> FlowRecord {
@@ -289,8 +290,8 @@ impl Glue {
             .map_or(("-".into(), "-".into()), |r| {
                 (r.policy.clone(), r.rule.clone())
             });
-        let dst = destination
-            .and_then(|d| view.local.get(&d.ip().to_canonical()))
+        let dst = destination_id
+            .or_else(|| destination.and_then(|d| view.local.get(&d.ip().to_canonical())))
             .map_or_else(|| "-".into(), ToString::to_string);
         FlowRecord {
             time: crate::events::timestamp(),
@@ -361,7 +362,7 @@ impl Authorizer for Glue {
             let record = self.refusal(
                 DIRECTION_INGRESS,
                 event.peer.as_ref(),
-                event.destination,
+                (event.destination, None),
                 0,
                 refusal.to_string(),
             );
@@ -431,30 +432,28 @@ impl OriginalDestinations for Glue {
         };
         let source = source
             .ok_or_else(|| format!("source identity {} is unknown", original.local_identity))?;
-        let refuse = |reason: String| {
-            let record = self.refusal(
-                DIRECTION_EGRESS,
-                Some(&source),
-                Some(destination),
-                original.rule,
-                reason.clone(),
-            );
-            self.publish(record);
-            reason
+        let refusal = match (&destination_id, peer_agent) {
+            (Some(destination_id), Some(peer_agent)) => {
+                return Ok(OutboundRequest {
+                    source,
+                    destination,
+                    destination_id: destination_id.clone(),
+                    peer_agent,
+                    rule: original.rule,
+                })
+            }
+            (None, _) => format!("{destination} is not a workload the control plane knows"),
+            (Some(id), None) => format!("the node of {id} runs no tunnel"),
         };
-        let destination_id = destination_id.ok_or_else(|| {
-            refuse(format!(
-                "{destination} is not a workload the control plane knows"
-            ))
-        })?;
-        let peer_agent = peer_agent
-            .ok_or_else(|| refuse(format!("the node of {destination_id} runs no tunnel")))?;
-        Ok(OutboundRequest {
-            source,
-            destination,
-            destination_id,
-            peer_agent,
-        })
+        let record = self.refusal(
+            DIRECTION_EGRESS,
+            Some(&source),
+            (Some(destination), destination_id.as_ref()),
+            original.rule,
+            refusal.clone(),
+        );
+        self.publish(record);
+        Err(refusal)
     }
 
     fn finished(&self, request: &OutboundRequest, result: &Result<Copied, TunnelError>) {
@@ -462,8 +461,8 @@ impl OriginalDestinations for Glue {
             let record = self.refusal(
                 DIRECTION_EGRESS,
                 Some(&request.source),
-                Some(request.destination),
-                0,
+                (Some(request.destination), Some(&request.destination_id)),
+                request.rule,
                 e.to_string(),
             );
             self.publish(record);

@@ -235,13 +235,19 @@ fn an_identity_the_policy_does_not_allow_is_refused_by_the_receiving_agent() {
                 .any(|l| l.contains("inbound tunnel refused") && l.contains(&intruder_id))
         },
     );
+    // The source's verdict names the rule that sent the connection through the tunnel, the
+    // destination workload and the receiving agent's reason.
+    let db_id = ward_tests::spiffe_id("db");
     wait_until(
-        "node A's verdict naming the reason",
+        "node A's verdict naming rule and reason",
         event_timeout(),
         || {
-            a.lines()
-                .iter()
-                .any(|l| l.contains("mtls:") && l.contains("denied by policy"))
+            a.lines().iter().any(|l| {
+                l.contains("mtls:")
+                    && l.contains("denied by policy")
+                    && l.contains(r#""rule":"to-db""#)
+                    && l.contains(&db_id)
+            })
         },
     );
 }

@@ -123,6 +123,7 @@ fn agent(args: &[String]) {
                             destination,
                             destination_id: id(SERVER),
                             peer_agent,
+                            rule: 0,
                         };
                         tokio::spawn(outbound.clone().serve(listener, Arc::new(Fixed(request))));
                     }

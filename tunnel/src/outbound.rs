@@ -43,6 +43,9 @@ pub struct OutboundRequest {
     pub destination_id: SpiffeId,
     /// The destination node's agent's inbound listener.
     pub peer_agent: SocketAddr,
+    /// The policy rule that sent the connection through the tunnel (the agent's rule id, 0 for
+    /// none), so that a refusal's verdict names it.
+    pub rule: u32,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -186,6 +186,7 @@ impl Harness {
             destination: self.echo_addr,
             destination_id: id(SERVER),
             peer_agent: self.inbound_addr,
+            rule: 0,
         }
     }
 
