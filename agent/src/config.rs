@@ -567,6 +567,24 @@ mod tests {
     }
 
     #[test]
+    fn tunnel_section_defaults_to_its_ports_and_dials_the_listen_address() {
+        let c = parse(
+            "trustDomain: example.org\ncontrolPlane: {address: 'a:1', nodeName: a, caFile: ca.pem, stateDir: /s}\ntunnel: {listen: '10.0.0.1:15008'}\n",
+        )
+        .expect("valid config");
+        let t = c.tunnel.expect("section");
+        assert_eq!(t.advertise, t.listen);
+        assert_eq!(t.outbound_port, DEFAULT_OUTBOUND_PORT);
+        let c = parse(
+            "trustDomain: example.org\ncontrolPlane: {address: 'a:1', nodeName: a, caFile: ca.pem, stateDir: /s}\ntunnel: {advertise: '10.0.0.1:4430'}\n",
+        )
+        .expect("valid config");
+        let t = c.tunnel.expect("section");
+        assert_eq!(t.listen.port(), DEFAULT_TUNNEL_PORT);
+        assert_eq!(t.advertise.to_string(), "10.0.0.1:4430");
+    }
+
+    #[test]
     fn unknown_field_is_an_error_naming_it() {
         let e = parse("trustDomain: example.org\nworkloads:\n  - name: web\n    cgroup: [x]\n")
             .unwrap_err();
@@ -599,6 +617,10 @@ mod tests {
             ("trustDomain: example.org\ncontrolPlane: {address: nope, nodeName: a, caFile: ca.pem, stateDir: /s}\n", "controlPlane.address"),
             ("trustDomain: example.org\ncontrolPlane: {address: 'a:1', nodeName: a, caFile: ca.pem, stateDir: s}\n", "controlPlane.stateDir"),
             ("trustDomain: example.org\npolicies: [p/]\ncontrolPlane: {address: 'a:1', nodeName: a, caFile: ca.pem, stateDir: /s}\n", "policies"),
+            ("trustDomain: example.org\ntunnel: {listen: '10.0.0.1:15008'}\n", "tunnel"),
+            ("trustDomain: example.org\ncontrolPlane: {address: 'a:1', nodeName: a, caFile: ca.pem, stateDir: /s}\ntunnel: {}\n", "tunnel.advertise"),
+            ("trustDomain: example.org\ncontrolPlane: {address: 'a:1', nodeName: a, caFile: ca.pem, stateDir: /s}\ntunnel: {listen: 'node-a:15008'}\n", "tunnel.listen"),
+            ("trustDomain: example.org\ncontrolPlane: {address: 'a:1', nodeName: a, caFile: ca.pem, stateDir: /s}\ntunnel: {listen: '10.0.0.1:15008', outboundPort: 0}\n", "tunnel.outboundPort"),
         ];
         for (text, field) in cases {
             let msg = parse(text).expect_err(text).to_string();

@@ -84,6 +84,41 @@ fn allowed_tcp_egress_passes_and_denied_fails_at_once_with_eperm() {
 }
 
 #[test]
+fn a_rule_that_requires_mtls_is_refused_where_no_tunnel_runs() {
+    // Local mode has no tunnel (its certificates come from a control plane): fail closed.
+    let peer = peer!();
+    let cgroups = TestCgroups::new("notunnel");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let tls = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let rules = format!(
+        "    - name: tls-only\n      ports: [{{port: {}, protocol: TCP}}]\n      mtls: required\n",
+        tls.port()
+    );
+    let ward = Ward::start(
+        &cgroups,
+        &[Workload::new("client")],
+        &client_egress("client-egress", &rules),
+    );
+    assert_refused_at_once(&peer, Protocol::Tcp, tls.addr, &client, &ward, &[]);
+    assert_eq!(tls.received(), 0, "nothing left in plaintext");
+    let refusal = ward.wait_for_verdict(
+        &VerdictQuery {
+            verdict: Some("deny"),
+            direction: Some("egress"),
+            rule: Some("tls-only"),
+            dst_port: Some(tls.port()),
+            ..Default::default()
+        },
+        event_timeout(),
+    );
+    assert!(
+        refusal.line.contains("this node runs no tunnel"),
+        "{}",
+        refusal.line
+    );
+}
+
+#[test]
 fn ipv6_and_v4_mapped_tcp_egress_follow_the_policy() {
     let peer = peer!();
     let cgroups = TestCgroups::new("tcp6");

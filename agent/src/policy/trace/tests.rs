@@ -200,6 +200,30 @@ fn trace_lists_every_matching_rule_and_the_deciding_leg() {
 }
 
 #[test]
+fn trace_shows_the_redirect_a_destinations_mtls_rule_demands_of_its_source() {
+    let yaml = policy(
+        "web-tls",
+        "  selector: {labels: {app: web}}\n  ingress:\n    - name: tls\n      from: [{labels: {app: client}}]\n      ports: [{port: 443}]\n      mtls: required",
+    );
+    let (set, ws) = (set(&yaml), workloads());
+    let (client, web) = (Endpoint::Workload(&ws[1]), Endpoint::Workload(&ws[0]));
+    let traced = trace(&set, &ws, client, web, PROTO_TCP, 443).expect("trace");
+    let egress = &traced.legs[0];
+    assert_eq!(egress.direction, DIRECTION_EGRESS);
+    assert_eq!(
+        (egress.decision.verdict, egress.decision.isolated),
+        (VERDICT_REDIRECT, true),
+        "client has no egress policy, yet the connect hook redirects it"
+    );
+    assert_eq!(traced.compiled.rules[&egress.decision.rule].rule, "tls");
+    let traced = trace(&set, &ws, client, web, PROTO_UDP, 443).expect("trace");
+    assert!(
+        !traced.legs[0].decision.isolated,
+        "the tunnel carries TCP only"
+    );
+}
+
+#[test]
 fn endpoints_resolve_by_name_spiffe_id_and_address() {
     let ws = workloads();
     let by = |text: &str| Endpoint::resolve(text, &ws).map(|e| e.to_string());
