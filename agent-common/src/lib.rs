@@ -39,8 +39,20 @@ pub const DIRECTION_MTLS: u8 = 2;
 
 /// In a policy key: any protocol (only with `port == PORT_ANY`).
 pub const PROTO_ANY: u8 = 0;
+pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_SCTP: u8 = 132;
+pub const PROTO_UDPLITE: u8 = 136;
+/// In a policy key of [`PROTO_ICMP`] or [`PROTO_ICMPV6`], the port stands for the message type:
+/// `ICMP_TYPE_PORT_BASE + type`, so that type 0 (echo reply) is not [`PORT_ANY`].
+pub const ICMP_TYPE_PORT_BASE: u16 = 0x100;
+
+/// The policy-key port of an ICMP or ICMPv6 message type.
+pub const fn icmp_type_port(icmp_type: u8) -> u16 {
+    ICMP_TYPE_PORT_BASE + icmp_type as u16
+}
 /// In a policy key: any port.
 pub const PORT_ANY: u16 = 0;
 
@@ -86,6 +98,7 @@ pub mod map_names {
             pub const ORIGINAL_DST: &str = concat!("ward_origdst_v", $v);
             pub const REDIRECTS: &str = concat!("ward_redir_v", $v);
             pub const TUNNEL: &str = concat!("ward_tunnel_v", $v);
+            pub const SETTINGS: &str = concat!("ward_setting_v", $v);
         };
     }
     #[cfg(not(feature = "abi-next"))]
@@ -104,9 +117,10 @@ pub mod program_names {
     pub const SOCKOPS: &str = "ward_sockops";
     pub const POST_BIND4: &str = "ward_postbind4";
     pub const POST_BIND6: &str = "ward_postbind6";
+    pub const EGRESS: &str = "ward_egress";
     /// In attach order: a socket's owner is recorded before sockops can ask for it.
-    pub const ALL: [&str; 8] = [
-        POST_BIND4, POST_BIND6, CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, INGRESS, SOCKOPS,
+    pub const ALL: [&str; 9] = [
+        POST_BIND4, POST_BIND6, CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, INGRESS, EGRESS, SOCKOPS,
     ];
 }
 
@@ -207,6 +221,25 @@ impl StateValue {
     }
 }
 
+/// Index 0 of the settings map: how the kernel treats what the agent has not described.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// The cgroup the programs are attached to (its id, the directory's inode number).
+    pub root_cgroup: u64,
+    /// [`UNMAPPED_ALLOW`] or [`UNMAPPED_DENY`]: traffic of a cgroup below the root that neither
+    /// it nor any ancestor maps to a workload.
+    pub unmapped: u8,
+    pub _pad: [u8; 7],
+}
+
+pub const UNMAPPED_ALLOW: u8 = 0;
+pub const UNMAPPED_DENY: u8 = 1;
+
+/// How many cgroup levels the kernel climbs to find the nearest mapped ancestor of a cgroup the
+/// agent has not mapped yet (a container started inside a pod's cgroup).
+pub const MAX_CGROUP_DEPTH: u32 = 16;
+
 /// A local socket's verdict, keyed by socket cookie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -241,6 +274,11 @@ pub struct ConnectingValue {
     pub flags: u32,
     pub cookie: u64,
 }
+
+/// A UDP flow another host's sender started and this workload's ingress admitted (keyed like
+/// the workload's own sends, see the kernel's `udp_sender_key`): its replies pass the workload's
+/// egress check, and it never counts as a reply on ingress.
+pub const CONNECTING_FLAG_ADMITTED: u32 = 2;
 
 /// The connection is the agent's delivery of a tunneled connection whose source workload
 /// `identity` was verified by its certificate: an `mtls: required` rule admits it, for this
@@ -368,7 +406,27 @@ pub struct VerdictEvent {
     pub protocol: u8,
     pub direction: u8,
     pub verdict: u8,
-    pub _pad: [u8; 4],
+    /// Why a packet was refused without a rule ([`reasons`]); `NONE` for policy verdicts.
+    pub reason: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Why the kernel refused a packet of an isolated workload that no rule decides: the fail-closed
+/// cases, each with its own verdict record.
+pub mod reasons {
+    pub const NONE: u8 = 0;
+    /// A protocol policy cannot name (UDP-Lite, raw IP protocols, GRE, ESP...).
+    pub const PROTOCOL: u8 = 1;
+    /// An IPv6 extension-header chain longer than the kernel walks.
+    pub const HEADER_CHAIN: u8 = 2;
+    /// A header length that points past the packet, or a truncated header.
+    pub const MALFORMED: u8 = 3;
+    /// A fragment without the transport header (not the first).
+    pub const FRAGMENT: u8 = 4;
+    /// A cgroup below the root that no workload maps yet (`unmappedCgroups: deny`).
+    pub const UNMAPPED_CGROUP: u8 = 5;
+    /// An ICMP error whose embedded packet belongs to no flow policy allows.
+    pub const ICMP_ERROR: u8 = 6;
 }
 
 /// Indices into the per-CPU counter array.
@@ -419,6 +477,8 @@ const _: () = {
     assert!(size_of::<EventLimitKey>() == 32);
     assert!(size_of::<EventLimitValue>() == 16);
     assert!(size_of::<VerdictEvent>() == 80);
+    assert!(offset_of!(VerdictEvent, reason) == 76);
+    assert!(size_of::<Settings>() == 16);
     assert!(offset_of!(VerdictEvent, local_addr) == 40);
     assert!(offset_of!(VerdictEvent, family) == 72);
 };
@@ -447,4 +507,5 @@ mod pod {
     unsafe impl aya::Pod for EventLimitKey {}
     unsafe impl aya::Pod for EventLimitValue {}
     unsafe impl aya::Pod for VerdictEvent {}
+    unsafe impl aya::Pod for Settings {}
 }
