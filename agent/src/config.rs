@@ -441,7 +441,7 @@ fn named_port(raw: RawPort) -> Result<NamedPort, (&'static str, String)> {
     let protocol = match raw.protocol.as_deref().unwrap_or("TCP") {
         "TCP" => agent_common::PROTO_TCP,
         "UDP" => agent_common::PROTO_UDP,
-        "SCTP" => crate::policy::PROTO_SCTP,
+        "SCTP" => agent_common::PROTO_SCTP,
         other => return Err((".protocol", format!("{other:?} is not TCP, UDP or SCTP"))),
     };
     Ok(NamedPort {

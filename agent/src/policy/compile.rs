@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use agent_common::{
-    PolicyKey, PolicyValue, DIRECTION_INGRESS, DIRECTION_MTLS, IDENTITY_ANY,
+    icmp_type_port, PolicyKey, PolicyValue, DIRECTION_INGRESS, DIRECTION_MTLS, IDENTITY_ANY,
     IDENTITY_FIRST_ALLOCATED, IDENTITY_WORLD, MAX_POLICY_ENTRIES, POLICY_FLAG_MTLS, PORT_ANY,
     PROTO_ANY, REMOTE_ISOLATION, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VERDICT_REDIRECT,
 };
@@ -371,7 +371,8 @@ fn named_port_keys(
     keys
 }
 
-/// The (protocol, port) pairs of a rule's numbered ports.
+/// The (protocol, port) pairs of a rule's numbered ports and ICMP types (an ICMP type's port is
+/// [`icmp_type_port`] of it).
 fn port_keys(rule: &Rule) -> BTreeSet<(u8, u16)> {
     let Some(ports) = &rule.ports else {
         return BTreeSet::from([(PROTO_ANY, PORT_ANY)]);
@@ -387,6 +388,12 @@ fn port_keys(rule: &Rule) -> BTreeSet<(u8, u16)> {
                 first,
                 last,
             } => keys.extend((first..=last).map(|p| (protocol, p))),
+            PortMatch::Icmp {
+                protocol,
+                icmp_type,
+            } => {
+                keys.insert((protocol, icmp_type.map_or(PORT_ANY, icmp_type_port)));
+            }
             PortMatch::Named { .. } => {}
         }
     }

@@ -11,7 +11,6 @@ use super::diagnostics::{FieldPath, Findings};
 use super::model::{
     check_name, cidr_peer, is_port_name, label_selector, parse_protocol, port_range, ExpressionDoc,
     LabelSelector, NamespaceMatch, Origin, Peer, Policy, PortMatch, Rule, WorkloadSelector,
-    PROTO_SCTP,
 };
 use super::{Mode, RuleAction, WarningKind};
 
@@ -270,13 +269,6 @@ fn port(doc: PortDoc, path: &FieldPath, findings: &mut Findings) -> Option<PortM
         &path.key("protocol"),
         findings,
     );
-    if protocol == Some(PROTO_SCTP) {
-        findings.warn(
-            &path.key("protocol"),
-            WarningKind::NotEnforced,
-            "SCTP entries are compiled, but ward's kernel programs decide only TCP and UDP traffic",
-        );
-    }
     match (doc.port, doc.end_port) {
         (None, Some(_)) => {
             findings.error(&path.key("endPort"), "endPort needs port");
@@ -359,6 +351,10 @@ mod tests {
             ("  podSelector: {}\n  ingress:\n    - ports:\n        - {port: Web_Port}", "spec.ingress[0].ports[0].port", "not a port name"),
             ("  podSelector: {}\n  egress:\n    - to:\n        - ipBlock: {cidr: 10.0.0.0/8, except: [192.168.0.0/16]}", "spec.egress[0].to[0].ipBlock.except[0]", "does not lie inside"),
             ("  podSelector:\n    matchExpressions: [{key: a, operator: Exists, values: [b]}]", "spec.podSelector.matchExpressions[0].values", "takes no values"),
+            // NetworkPolicy has no ICMP: ward's own policy names it.
+            ("  podSelector: {}\n  ingress:\n    - ports:\n        - {protocol: ICMP}", "spec.ingress[0].ports[0].protocol", "not one of TCP, UDP, SCTP"),
+            ("  podSelector: {}\n  egress:\n    - ports:\n        - {protocol: ICMPv6, port: 8}", "spec.egress[0].ports[0].protocol", "not one of TCP, UDP, SCTP"),
+            ("  podSelector: {}\n  ingress:\n    - ports:\n        - {protocol: ICMP, icmpType: 8}", "spec.ingress[0].ports[0]", "unknown field `icmpType`"),
         ];
         for (spec, field, reason) in cases {
             let text = network_policy("  name: p", spec);
@@ -391,9 +387,8 @@ mod tests {
                     "spec.egress[0].to[0].ipBlock.cidr",
                     WarningKind::NotEnforced
                 ),
-                ("spec.egress[0].ports[1].protocol", WarningKind::NotEnforced),
             ],
-            "{:#?}",
+            "SCTP is enforced, so it is no warning: {:#?}",
             set.warnings
         );
         assert!(
@@ -401,5 +396,32 @@ mod tests {
             "warnings carry lines: {:#?}",
             set.warnings
         );
+    }
+
+    #[test]
+    fn sctp_ports_compile_to_sctp_keys() {
+        use agent_common::{PORT_ANY, PROTO_SCTP};
+
+        use crate::policy::compile::tests::workload;
+        use crate::policy::{compile, RuleIds};
+
+        let spec = "  podSelector: {}\n  ingress:\n    - ports:\n        - {protocol: SCTP, port: 9}\n        - {protocol: sctp}";
+        let set = parse(
+            Path::new("np.yaml"),
+            &network_policy("  name: p\n  namespace: x", spec),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(set.warnings.is_empty(), "{:#?}", set.warnings);
+        let mut pod = workload(300, "a", &[("app", "a")], &["10.0.0.1"]);
+        pod.namespace = Some("x".into());
+        let compiled = compile(&set, &[pod], &mut RuleIds::new()).expect("compiles");
+        let mut ports: Vec<(u8, u16)> = compiled
+            .entries
+            .keys()
+            .filter(|k| k.protocol == PROTO_SCTP)
+            .map(|k| (k.protocol, k.port))
+            .collect();
+        ports.sort();
+        assert_eq!(ports, [(PROTO_SCTP, PORT_ANY), (PROTO_SCTP, 9)]);
     }
 }

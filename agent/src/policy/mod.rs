@@ -30,7 +30,7 @@ pub use compile::{compile, compile_with_peers, CompileError, Compiled, RuleIds};
 pub use diagnostics::*;
 // A glob, so that `parse` (used by tests and fuzz/ only) stays part of the API.
 pub use load::*;
-pub use model::{is_port_name, PolicySet, NAMESPACE_NAME_LABEL, PROTO_SCTP};
+pub use model::{is_port_name, PolicySet, NAMESPACE_NAME_LABEL};
 
 /// What the policy compiler needs to know about one workload of the node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -53,7 +53,7 @@ pub struct WorkloadInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NamedPort {
     pub name: String,
-    /// `agent_common::PROTO_TCP`, `PROTO_UDP` or SCTP (132).
+    /// `agent_common::PROTO_TCP`, `PROTO_UDP` or `PROTO_SCTP`.
     pub protocol: u8,
     pub port: u16,
 }

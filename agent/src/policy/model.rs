@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use agent_common::{PROTO_TCP, PROTO_UDP};
+use agent_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -14,7 +14,6 @@ use super::{Mode, RuleAction, WorkloadInfo};
 /// The label every Kubernetes namespace carries with its own name; the only namespace label ward
 /// knows, since namespaces come from the workload definitions.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
-pub const PROTO_SCTP: u8 = 132;
 
 /// Whether `name` is a valid port name, as Kubernetes checks a container port's (an IANA service
 /// name): 1 to 15 lowercase letters, digits and single inner dashes, with at least one letter.
@@ -176,6 +175,11 @@ pub(crate) enum PortMatch {
     Named {
         protocol: u8,
         name: String,
+    },
+    /// ICMP or ICMPv6 ([`PROTO_ICMP`], [`PROTO_ICMPV6`]): one message type, or every type.
+    Icmp {
+        protocol: u8,
+        icmp_type: Option<u8>,
     },
 }
 
@@ -431,7 +435,8 @@ fn parse_cidr(
     Some(exact)
 }
 
-/// `protocol` of a port entry; `allowed` lists the protocol names the language accepts.
+/// `protocol` of a port entry, TCP when absent; `allowed` lists the protocol names the language
+/// accepts, matched without regard to case.
 pub(crate) fn parse_protocol(
     text: Option<&str>,
     allowed: &[&str],
@@ -441,14 +446,15 @@ pub(crate) fn parse_protocol(
     let Some(text) = text else {
         return Some(PROTO_TCP);
     };
-    let upper = text.to_ascii_uppercase();
-    let protocol = match upper.as_str() {
+    let protocol = match text.to_ascii_uppercase().as_str() {
         "TCP" => PROTO_TCP,
         "UDP" => PROTO_UDP,
         "SCTP" => PROTO_SCTP,
+        "ICMP" => PROTO_ICMP,
+        "ICMPV6" => PROTO_ICMPV6,
         _ => 0,
     };
-    if protocol == 0 || !allowed.contains(&upper.as_str()) {
+    if protocol == 0 || !allowed.iter().any(|a| a.eq_ignore_ascii_case(text)) {
         findings.error(
             path,
             format!("protocol `{text}` is not one of {}", allowed.join(", ")),
@@ -456,6 +462,20 @@ pub(crate) fn parse_protocol(
         return None;
     }
     Some(protocol)
+}
+
+/// Whether a protocol's port field holds an ICMP message type instead of a port.
+pub(crate) fn is_icmp(protocol: u8) -> bool {
+    protocol == PROTO_ICMP || protocol == PROTO_ICMPV6
+}
+
+/// `icmpType` of an ICMP or ICMPv6 port entry: a message type from 0 to 255.
+pub(crate) fn icmp_type(value: i64, path: &FieldPath, findings: &mut Findings) -> Option<u8> {
+    let valid = u8::try_from(value).ok();
+    if valid.is_none() {
+        findings.error(path, format!("icmpType {value} is outside 0-255"));
+    }
+    valid
 }
 
 /// A numbered port entry: `port` alone, or `port` to `endPort`.

@@ -7,8 +7,9 @@ use serde::Deserialize;
 
 use super::diagnostics::{FieldPath, Findings};
 use super::model::{
-    check_name, cidr_peer, label_selector, parse_protocol, port_range, ExpressionDoc,
-    NamespaceMatch, Origin, Peer, Policy, PortMatch, Rule, SpiffeMatch, WorkloadSelector,
+    check_name, cidr_peer, icmp_type, is_icmp, label_selector, parse_protocol, port_range,
+    ExpressionDoc, NamespaceMatch, Origin, Peer, Policy, PortMatch, Rule, SpiffeMatch,
+    WorkloadSelector,
 };
 use super::{Mode, RuleAction, WarningKind};
 
@@ -86,7 +87,12 @@ struct PortDoc {
     port: Option<i64>,
     end_port: Option<i64>,
     protocol: Option<String>,
+    /// ICMP and ICMPv6 only: the message type (8 echo request, 128 ICMPv6 echo request).
+    icmp_type: Option<i64>,
 }
+
+/// The protocols a `ports` entry of a ward policy may name.
+const PROTOCOLS: &[&str] = &["TCP", "UDP", "SCTP", "ICMP", "ICMPv6"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -287,10 +293,26 @@ fn peer(doc: PeerDoc, path: &FieldPath, findings: &mut Findings) -> Option<Peer>
 fn port(doc: PortDoc, path: &FieldPath, findings: &mut Findings) -> Option<PortMatch> {
     let protocol = parse_protocol(
         doc.protocol.as_deref(),
-        &["TCP", "UDP"],
+        PROTOCOLS,
         &path.key("protocol"),
         findings,
     );
+    if let Some(protocol) = protocol.filter(|p| is_icmp(*p)) {
+        return icmp_port(doc, protocol, path, findings);
+    }
+    if let (Some(value), Some(_)) = (doc.icmp_type, protocol) {
+        let reason = match &doc.protocol {
+            None => "icmpType needs `protocol: ICMP` or `protocol: ICMPv6`".to_owned(),
+            Some(text) => format!("icmpType applies to ICMP and ICMPv6 only, not to {text}"),
+        };
+        findings.error(
+            &path.key("icmpType"),
+            format!("{reason} (icmpType {value})"),
+        );
+    }
+    // With an unknown protocol or a misplaced icmpType, the ports are still checked so that every
+    // error is reported, but the entry is dropped.
+    let protocol = protocol.filter(|_| doc.icmp_type.is_none());
     match (doc.port, doc.end_port) {
         (None, Some(_)) => {
             findings.error(&path.key("endPort"), "endPort needs port");
@@ -298,7 +320,6 @@ fn port(doc: PortDoc, path: &FieldPath, findings: &mut Findings) -> Option<PortM
         }
         (None, None) => protocol.map(PortMatch::Protocol),
         (Some(port), end_port) => {
-            // Check the range even when the protocol is wrong, so both errors are reported.
             let range = port_range(
                 protocol.unwrap_or(PROTO_TCP),
                 port,
@@ -309,6 +330,35 @@ fn port(doc: PortDoc, path: &FieldPath, findings: &mut Findings) -> Option<PortM
             protocol.and(range)
         }
     }
+}
+
+/// An ICMP or ICMPv6 entry: `icmpType` for one message type, nothing for every type; ports do not
+/// apply.
+fn icmp_port(
+    doc: PortDoc,
+    protocol: u8,
+    path: &FieldPath,
+    findings: &mut Findings,
+) -> Option<PortMatch> {
+    let name = doc.protocol.as_deref().unwrap_or_default();
+    let mut valid = true;
+    for (field, given) in [("port", doc.port), ("endPort", doc.end_port)] {
+        if given.is_some() {
+            findings.error(
+                &path.key(field),
+                format!("{field} does not apply to {name}: give icmpType for one message type, or leave it out for every type"),
+            );
+            valid = false;
+        }
+    }
+    let icmp_type = match doc.icmp_type {
+        Some(value) => Some(icmp_type(value, &path.key("icmpType"), findings)?),
+        None => None,
+    };
+    valid.then_some(PortMatch::Icmp {
+        protocol,
+        icmp_type,
+    })
 }
 
 #[cfg(test)]
@@ -339,7 +389,16 @@ mod tests {
             ("  selector: {}\n  ingress:\n    - ports:\n        - port: 70000 # <-", "spec.ingress[0].ports[0].port", "outside 1-65535"),
             ("  selector: {}\n  ingress:\n    - ports:\n        - port: 80\n        - port: 90\n          endPort: 85 # <-", "spec.ingress[0].ports[1].endPort", "endPort 85 is below port 90"),
             ("  selector: {}\n  egress:\n    - ports:\n        - endPort: 85 # <-", "spec.egress[0].ports[0].endPort", "endPort needs port"),
-            ("  selector: {}\n  ingress:\n    - ports:\n        - protocol: ICMP # <-", "spec.ingress[0].ports[0].protocol", "not one of TCP, UDP"),
+            ("  selector: {}\n  ingress:\n    - ports:\n        - protocol: GRE # <-", "spec.ingress[0].ports[0].protocol", "protocol `GRE` is not one of TCP, UDP, SCTP, ICMP, ICMPv6"),
+            ("  selector: {}\n  ingress:\n    - ports:\n        - {protocol: ICMP, port: 8} # <-", "spec.ingress[0].ports[0].port", "port does not apply to ICMP"),
+            ("  selector: {}\n  egress:\n    - ports:\n        - {protocol: icmpv6, endPort: 9} # <-", "spec.egress[0].ports[0].endPort", "endPort does not apply to icmpv6"),
+            ("  selector: {}\n  ingress:\n    - ports:\n        - {protocol: ICMP, icmpType: 256} # <-", "spec.ingress[0].ports[0].icmpType", "icmpType 256 is outside 0-255"),
+            ("  selector: {}\n  ingress:\n    - ports:\n        - {protocol: ICMPv6, icmpType: -1} # <-", "spec.ingress[0].ports[0].icmpType", "icmpType -1 is outside 0-255"),
+            ("  selector: {}\n  ingress:\n    - ports:\n        - {protocol: ICMP, icmpType: echo} # <-", "spec.ingress[0].ports[0].icmpType", "invalid type"),
+            ("  selector: {}\n  ingress:\n    - ports:\n        - {port: 80, icmpType: 8} # <-", "spec.ingress[0].ports[0].icmpType", "icmpType needs `protocol: ICMP`"),
+            ("  selector: {}\n  ingress:\n    - ports:\n        - {protocol: UDP, icmpType: 8} # <-", "spec.ingress[0].ports[0].icmpType", "not to UDP"),
+            ("  selector: {}\n  egress:\n    - ports:\n        - {protocol: SCTP, port: 9, icmpType: 3} # <-", "spec.egress[0].ports[0].icmpType", "not to SCTP"),
+            ("  selector: {}\n  egress:\n    - ports:\n        - {protocol: tcp, icmpType: 3} # <-", "spec.egress[0].ports[0].icmpType", "ICMP and ICMPv6 only, not to tcp"),
             ("  selector:\n    matchExpressions:\n      - key: app\n        operator: Equals # <-", "spec.selector.matchExpressions[0].operator", "unknown variant `Equals`"),
             ("  selector:\n    matchExpressions:\n      - key: app\n        operator: In\n        values: [] # <-", "spec.selector.matchExpressions[0].values", "needs at least one value"),
             ("  selector:\n    matchExpressions:\n      - key: app\n        operator: Exists\n        values: [a] # <-", "spec.selector.matchExpressions[0].values", "takes no values"),
@@ -427,6 +486,39 @@ mod tests {
                 .contains("duplicate policy name `p`; first defined at bad.yaml:1"),
             "{}",
             errors[3]
+        );
+    }
+
+    #[test]
+    fn icmp_and_sctp_ports_parse_case_insensitively() {
+        use agent_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP};
+
+        use crate::policy::model::PortMatch;
+
+        let text = format!(
+            "{HEAD}  selector: {{}}\n  ingress:\n    - ports:\n        - {{protocol: ICMP}}\n        - {{protocol: icmp, icmpType: 8}}\n        - {{protocol: ICMPv6, icmpType: 128}}\n        - {{protocol: icmpV6, icmpType: 0}}\n        - {{protocol: SCTP, port: 9}}\n        - {{protocol: sctp}}\n"
+        );
+        let set = parse(Path::new("p.yaml"), &text).unwrap_or_else(|e| panic!("{e}"));
+        assert!(set.warnings.is_empty(), "{:#?}", set.warnings);
+        let rules = set.policies[0].ingress.as_ref().expect("ingress");
+        let icmp = |protocol, icmp_type| PortMatch::Icmp {
+            protocol,
+            icmp_type,
+        };
+        assert_eq!(
+            rules[0].ports.as_deref().expect("ports"),
+            [
+                icmp(PROTO_ICMP, None),
+                icmp(PROTO_ICMP, Some(8)),
+                icmp(PROTO_ICMPV6, Some(128)),
+                icmp(PROTO_ICMPV6, Some(0)),
+                PortMatch::Range {
+                    protocol: PROTO_SCTP,
+                    first: 9,
+                    last: 9
+                },
+                PortMatch::Protocol(PROTO_SCTP),
+            ]
         );
     }
 }

@@ -408,6 +408,101 @@ fn port_ranges_expand_to_one_entry_per_port() {
 }
 
 #[test]
+fn icmp_types_and_sctp_compile_to_their_protocol_keys() {
+    let compiled = compiled(&policy(
+        "ping",
+        "  selector: {labels: {app: web}}\n  ingress:\n    - name: echo\n      from: [{labels: {app: client}}]\n      ports: [{protocol: ICMP, icmpType: 8}, {protocol: ICMPv6, icmpType: 128}, {protocol: ICMP, icmpType: 0}]\n    - name: any-icmp\n      from: [{labels: {app: db}}]\n      ports: [{protocol: icmp}, {protocol: SCTP, port: 9}, {protocol: SCTP}]",
+    ));
+    let keys = |remote: u32| -> Vec<(u8, u16)> {
+        let keys = compiled.entries.keys();
+        let keys = keys.filter(|k| k.remote_identity == remote && k.direction == IN);
+        keys.map(|k| (k.protocol, k.port)).collect()
+    };
+    assert_eq!(
+        keys(CLIENT),
+        [
+            (PROTO_ICMP, ICMP_TYPE_PORT_BASE),
+            (PROTO_ICMP, ICMP_TYPE_PORT_BASE + 8),
+            (PROTO_ICMPV6, ICMP_TYPE_PORT_BASE + 128),
+        ],
+        "one key per type, echo reply (0) is not PORT_ANY"
+    );
+    assert_eq!(
+        keys(DB),
+        [(PROTO_ICMP, PORT_ANY), (132, PORT_ANY), (132, 9)],
+        "every ICMP type; SCTP is protocol 132"
+    );
+    let (echo, any_icmp) = (
+        rule_id(&compiled, "ping", "echo"),
+        rule_id(&compiled, "ping", "any-icmp"),
+    );
+    let icmp = |t: u8| icmp_type_port(t);
+    assert_eq!(
+        verdict(&compiled, WEB, CLIENT, IN, PROTO_ICMP, icmp(8)),
+        (VERDICT_ALLOW, echo)
+    );
+    assert_eq!(
+        verdict(&compiled, WEB, CLIENT, IN, PROTO_ICMPV6, icmp(128)),
+        (VERDICT_ALLOW, echo)
+    );
+    assert_eq!(
+        verdict(&compiled, WEB, CLIENT, IN, PROTO_ICMP, icmp(13)).0,
+        VERDICT_DENY,
+        "a type the rule does not name"
+    );
+    assert_eq!(
+        verdict(&compiled, WEB, CLIENT, IN, PROTO_ICMPV6, icmp(8)).0,
+        VERDICT_DENY,
+        "ICMP and ICMPv6 are distinct protocols"
+    );
+    assert_eq!(
+        verdict(&compiled, WEB, DB, IN, PROTO_ICMP, icmp(13)),
+        (VERDICT_ALLOW, any_icmp),
+        "every ICMP type"
+    );
+    assert_eq!(
+        verdict(&compiled, WEB, DB, IN, PROTO_ICMPV6, icmp(128)).0,
+        VERDICT_DENY,
+        "{{protocol: ICMP}} is not ICMPv6"
+    );
+    assert_eq!(
+        verdict(&compiled, WEB, DB, IN, PROTO_SCTP, 5000),
+        (VERDICT_ALLOW, any_icmp)
+    );
+    assert_eq!(
+        verdict(&compiled, WEB, DB, IN, PROTO_UDPLITE, 9).0,
+        VERDICT_DENY,
+        "a protocol no rule names is refused"
+    );
+}
+
+#[test]
+fn a_rule_without_ports_matches_icmp_too() {
+    let compiled = compiled(&policy(
+        "open",
+        "  selector: {labels: {app: web}}\n  ingress:\n    - name: from-client\n      from: [{labels: {app: client}}]",
+    ));
+    let rule = rule_id(&compiled, "open", "from-client");
+    for (protocol, port) in [
+        (PROTO_ICMP, icmp_type_port(8)),
+        (PROTO_ICMPV6, icmp_type_port(128)),
+        (PROTO_SCTP, 9),
+        (PROTO_UDPLITE, 9),
+    ] {
+        assert_eq!(
+            verdict(&compiled, WEB, CLIENT, IN, protocol, port),
+            (VERDICT_ALLOW, rule),
+            "protocol {protocol}"
+        );
+    }
+    assert_eq!(
+        verdict(&compiled, WEB, DB, IN, PROTO_ICMP, icmp_type_port(8)).0,
+        VERDICT_DENY,
+        "isolated: ICMP from a peer no rule names is refused"
+    );
+}
+
+#[test]
 fn unselected_workloads_and_directions_are_untouched() {
     let compiled = compiled(&policy(
         "web",
@@ -601,11 +696,16 @@ fn decide_agrees_with_direct_evaluation_on_random_policies() {
                 Remote::Address(a) => compiled.remote_identity(a, &workloads),
             };
             for local in &workloads {
-                for (direction, protocol, port) in [IN, OUT].into_iter().flat_map(|d| {
-                    [TCP, UDP]
-                        .into_iter()
-                        .flat_map(move |p| [80, 81, 82, 443, 8080].map(|port| (d, p, port)))
-                }) {
+                let probes = [TCP, UDP]
+                    .into_iter()
+                    .flat_map(|p| [80, 81, 82, 443, 8080].map(|port| (p, port)))
+                    .chain([0, 8, 128].map(|t| (PROTO_ICMP, icmp_type_port(t))))
+                    .chain([(PROTO_ICMPV6, icmp_type_port(128)), (PROTO_SCTP, 80)]);
+                let probes: Vec<(u8, u16)> = probes.collect();
+                for (direction, protocol, port) in [IN, OUT]
+                    .into_iter()
+                    .flat_map(|d| probes.iter().map(move |&(p, port)| (d, p, port)))
+                {
                     let expected = direct(&set, local, remote, direction, protocol, port);
                     let mut got = compiled
                         .decide(local.identity, remote_id, direction, protocol, port)
@@ -676,6 +776,10 @@ fn direct(
         PortMatch::Named { .. } => {
             destination.and_then(|d| m.resolve_named(d)) == Some((protocol, port))
         }
+        PortMatch::Icmp {
+            protocol: p,
+            icmp_type,
+        } => p == protocol && icmp_type.is_none_or(|t| icmp_type_port(t) == port),
     };
     let matched = |mode: Mode, action: RuleAction| {
         selecting
@@ -748,6 +852,10 @@ fn random_policies(rng: &mut Rng) -> String {
         "{port: 443, protocol: UDP}",
         "{protocol: UDP}",
         "{port: 8080}",
+        "{protocol: ICMP, icmpType: 8}",
+        "{protocol: ICMP}",
+        "{protocol: ICMPv6, icmpType: 128}",
+        "{protocol: SCTP, port: 80}",
     ];
     let mut yaml = String::new();
     for p in 0..1 + rng.below(4) {
