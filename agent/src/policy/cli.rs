@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use std::str::FromStr;
 
 use agent_common::{
-    IDENTITY_ANY, IDENTITY_WORLD, PORT_ANY, PROTO_ANY, PROTO_TCP, PROTO_UDP, REMOTE_ISOLATION,
-    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VERDICT_REDIRECT,
+    icmp_type_port, ICMP_TYPE_PORT_BASE, IDENTITY_ANY, IDENTITY_WORLD, PORT_ANY, PROTO_ANY,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REMOTE_ISOLATION, VERDICT_ALLOW,
+    VERDICT_AUDIT, VERDICT_DENY, VERDICT_REDIRECT,
 };
 use anyhow::{bail, Context as _};
 use clap::{Subcommand, ValueEnum};
@@ -53,7 +54,8 @@ pub enum PolicyCommand {
         /// Destination: a workload name, a workload's SPIFFE ID, or an IP address.
         #[arg(long)]
         to: String,
-        /// `<port>/<tcp|udp>`, e.g. 8080/tcp; the protocol defaults to tcp.
+        /// `<port>/<tcp|udp|sctp>`, e.g. 8080/tcp (the protocol defaults to tcp), or
+        /// `<type>/<icmp|icmpv6>` for an ICMP message type, e.g. 8/icmp (echo request).
         #[arg(long)]
         port: PortArg,
         /// Agent configuration: the workloads, and the policies when no paths are given.
@@ -103,29 +105,91 @@ pub enum Expect {
     Redirect,
 }
 
-/// `--port 8080/tcp`.
+/// `--port 8080/tcp`, or `--port 8/icmp` for an ICMP message type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortArg {
     pub protocol: u8,
+    /// The port of the policy-map key: the port, or for ICMP and ICMPv6
+    /// [`icmp_type_port`] of the message type.
     pub port: u16,
+}
+
+impl PortArg {
+    /// The ICMP or ICMPv6 message type, for those protocols.
+    pub fn icmp_type(&self) -> Option<u8> {
+        icmp_type_of(self.protocol, self.port)
+    }
+}
+
+/// The message type an ICMP or ICMPv6 key port stands for.
+fn icmp_type_of(protocol: u8, port: u16) -> Option<u8> {
+    if protocol != PROTO_ICMP && protocol != PROTO_ICMPV6 {
+        return None;
+    }
+    port.checked_sub(ICMP_TYPE_PORT_BASE)
+        .and_then(|t| u8::try_from(t).ok())
 }
 
 impl FromStr for PortArg {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        let (port, protocol) = text.split_once('/').unwrap_or((text, "tcp"));
+        let (number, protocol) = text.split_once('/').unwrap_or((text, "tcp"));
         let protocol = match protocol.to_ascii_lowercase().as_str() {
             "tcp" => PROTO_TCP,
             "udp" => PROTO_UDP,
-            other => return Err(format!("protocol `{other}` is not tcp or udp")),
+            "sctp" => PROTO_SCTP,
+            "icmp" => PROTO_ICMP,
+            "icmpv6" => PROTO_ICMPV6,
+            other => {
+                return Err(format!(
+                    "protocol `{other}` is not tcp, udp, sctp, icmp or icmpv6"
+                ))
+            }
         };
-        match port.parse::<u16>() {
+        if protocol == PROTO_ICMP || protocol == PROTO_ICMPV6 {
+            return match number.parse::<u8>() {
+                Ok(icmp_type) => Ok(PortArg {
+                    protocol,
+                    port: icmp_type_port(icmp_type),
+                }),
+                Err(_) => Err(format!(
+                    "ICMP type `{number}` is not a number from 0 to 255"
+                )),
+            };
+        }
+        match number.parse::<u16>() {
             Ok(port) if port != 0 => Ok(PortArg { protocol, port }),
-            _ => Err(format!("port `{port}` is not a number from 1 to 65535")),
+            _ => Err(format!("port `{number}` is not a number from 1 to 65535")),
         }
     }
 }
+
+impl std::fmt::Display for PortArg {
+    /// `tcp/8080`, or `icmp type 8`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let protocol = protocol_name(self.protocol);
+        match self.icmp_type() {
+            Some(icmp_type) => write!(f, "{protocol} type {icmp_type}"),
+            None => write!(f, "{protocol}/{}", self.port),
+        }
+    }
+}
+
+/// Whether the replies of an admitted flow of this kind pass both sides whatever their policy:
+/// TCP, UDP and SCTP, and ICMP echo requests.
+fn has_replies(port: PortArg) -> bool {
+    match port.icmp_type() {
+        Some(icmp_type) => {
+            let echo_request = if port.protocol == PROTO_ICMP { 8 } else { 128 };
+            icmp_type == echo_request
+        }
+        None => matches!(port.protocol, PROTO_TCP | PROTO_UDP | PROTO_SCTP),
+    }
+}
+
+/// The line trace prints about replies.
+const REPLIES_PASS: &str = "replies: pass (never refused by either side's policy)";
 
 pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
     match command {
@@ -302,6 +366,9 @@ fn protocol_name(protocol: u8) -> &'static str {
     match protocol {
         PROTO_TCP => "tcp",
         PROTO_UDP => "udp",
+        PROTO_SCTP => "sctp",
+        PROTO_ICMP => "icmp",
+        PROTO_ICMPV6 => "icmpv6",
         PROTO_ANY => "any",
         _ => "other",
     }
@@ -378,18 +445,19 @@ impl TraceView<'_> {
         }
         let port = match (key.protocol, key.port) {
             (PROTO_ANY, _) => "any port".to_owned(),
+            (protocol @ (PROTO_ICMP | PROTO_ICMPV6), PORT_ANY) => {
+                format!("{} any type", protocol_name(protocol))
+            }
             (protocol, PORT_ANY) => format!("{}/any", protocol_name(protocol)),
-            (protocol, port) => format!("{}/{port}", protocol_name(protocol)),
+            (protocol, port) => PortArg { protocol, port }.to_string(),
         };
         format!("peer {}, {port}", self.identity(key.remote_identity))
     }
 
     fn human(&self, from: Endpoint<'_>, to: Endpoint<'_>, port: PortArg, legs: &[Leg]) -> String {
         let (verdict, deciding) = combine(legs);
-        let protocol = protocol_name(port.protocol);
         let mut out = format!(
-            "{from} -> {to} {protocol}/{}: {}\n",
-            port.port,
+            "{from} -> {to} {port}: {}\n",
             verdict_name(verdict).to_uppercase()
         );
         out += &match deciding {
@@ -402,6 +470,9 @@ impl TraceView<'_> {
             ),
             None => "  no policy isolates either side: untouched\n".to_owned(),
         };
+        if verdict != VERDICT_DENY && has_replies(port) {
+            out += &format!("  {REPLIES_PASS}\n");
+        }
         for leg in legs {
             let (direction, peer) = (
                 direction_name(leg.direction),
@@ -469,24 +540,42 @@ impl TraceView<'_> {
             "from": from.to_string(),
             "to": to.to_string(),
             "protocol": protocol_name(port.protocol),
-            "port": port.port,
+            "port": if port.icmp_type().is_some() { None } else { Some(port.port) },
+            "icmpType": port.icmp_type(),
             "verdict": verdict_name(verdict),
+            "replies": (verdict != VERDICT_DENY && has_replies(port)).then_some("pass"),
             "decidedBy": deciding.map(|leg| rule(leg.decision.rule)),
             "legs": legs,
         })
     }
 }
 
-fn ports_text(change: &Change) -> String {
-    let protocol = protocol_name(change.protocol);
-    let ranges = change
+/// A change's port ranges, as ICMP types for ICMP and ICMPv6.
+fn change_ranges(change: &Change) -> Vec<(u16, u16)> {
+    let icmp = |port| icmp_type_of(change.protocol, port).map(u16::from);
+    change
         .ports
         .iter()
-        .map(|&(first, last)| match first == last {
+        .map(|&(first, last)| (icmp(first).unwrap_or(first), icmp(last).unwrap_or(last)))
+        .collect()
+}
+
+fn ports_text(change: &Change) -> String {
+    let protocol = protocol_name(change.protocol);
+    let ranges = change_ranges(change)
+        .into_iter()
+        .map(|(first, last)| match first == last {
             true => first.to_string(),
             false => format!("{first}-{last}"),
         });
     let ranges = ranges.collect::<Vec<_>>().join(",");
+    if matches!(change.protocol, PROTO_ICMP | PROTO_ICMPV6) {
+        return match (ranges.is_empty(), change.other_ports) {
+            (true, _) => format!("{protocol}/every type"),
+            (false, true) => format!("{protocol} type {ranges} and every other type"),
+            (false, false) => format!("{protocol} type {ranges}"),
+        };
+    }
     match (ranges.is_empty(), change.other_ports) {
         (true, _) => format!("{protocol}/every port"),
         (false, true) => format!("{protocol}/{ranges} and every other port"),
@@ -526,16 +615,24 @@ fn diff_json(changes: &[Change]) -> serde_json::Value {
     let changes: Vec<_> = changes
         .iter()
         .map(|c| {
-            json!({
+            let ranges: Vec<_> = change_ranges(c)
+                .into_iter()
+                .map(|(first, last)| json!([first, last]))
+                .collect();
+            let mut change = json!({
                 "from": c.from,
                 "to": c.to,
                 "protocol": protocol_name(c.protocol),
-                "ports": c.ports.iter().map(|(first, last)| json!([first, last])).collect::<Vec<_>>(),
+                "ports": [],
                 "otherPorts": c.other_ports,
                 "before": verdict_name(c.before),
                 "after": verdict_name(c.after),
                 "access": if c.gains() { "gained" } else if c.loses() { "lost" } else { "changed" },
-            })
+            });
+            // ICMP and ICMPv6 changes name message types rather than ports.
+            let icmp = matches!(c.protocol, PROTO_ICMP | PROTO_ICMPV6);
+            change[if icmp { "icmpTypes" } else { "ports" }] = ranges.into();
+            change
         })
         .collect();
     json!({ "changes": changes })
@@ -704,9 +801,107 @@ mod tests {
                 port: 8080
             })
         );
+        let parsed = |text: &str| text.parse::<PortArg>().map(|p| (p.protocol, p.port));
+        assert_eq!(parsed("9/sctp"), Ok((PROTO_SCTP, 9)));
+        assert_eq!(parsed("8/icmp"), Ok((PROTO_ICMP, icmp_type_port(8))));
+        assert_eq!(parsed("0/ICMP"), Ok((PROTO_ICMP, icmp_type_port(0))));
+        assert_eq!(
+            parsed("128/icmpv6"),
+            Ok((PROTO_ICMPV6, icmp_type_port(128)))
+        );
+        for bad in [
+            "0/tcp",
+            "70000/udp",
+            "256/icmp",
+            "-1/icmpv6",
+            "80/gre",
+            "echo/icmp",
+        ] {
+            assert!(parsed(bad).is_err(), "{bad} is refused");
+        }
+        let shown = |text: &str| text.parse::<PortArg>().expect(text).to_string();
+        assert_eq!(
+            [
+                shown("8080"),
+                shown("9/sctp"),
+                shown("8/icmp"),
+                shown("135/icmpv6")
+            ],
+            ["tcp/8080", "sctp/9", "icmp type 8", "icmpv6 type 135"]
+        );
+    }
+
+    #[test]
+    fn trace_shows_icmp_types_and_that_replies_pass() {
+        use crate::policy::compile::tests::{policy, set, workload};
+
+        let yaml = policy(
+            "web",
+            "  selector: {labels: {app: web}}\n  ingress:\n    - name: ping\n      from: [{labels: {app: client}}]\n      ports: [{protocol: ICMP, icmpType: 8}, {port: 8080}]",
+        );
+        let set = set(&yaml);
+        let workloads = [
+            workload(300, "web", &[("app", "web")], &["10.0.0.2"]),
+            workload(301, "client", &[("app", "client")], &["10.0.0.3"]),
+        ];
+        let (web, client) = (
+            Endpoint::Workload(&workloads[0]),
+            Endpoint::Workload(&workloads[1]),
+        );
+        let shown = |port: &str| {
+            let port: PortArg = port.parse().expect("port");
+            let traced =
+                trace(&set, &workloads, client, web, port.protocol, port.port).expect("trace");
+            let view = TraceView {
+                set: &set,
+                workloads: &workloads,
+                compiled: &traced.compiled,
+            };
+            let json = view.json(client, web, port, &traced.legs);
+            (view.human(client, web, port, &traced.legs), json)
+        };
+        let replies = format!("\n  {REPLIES_PASS}\n");
+        let (echo, json) = shown("8/icmp");
         assert!(
-            "0/tcp".parse::<PortArg>().is_err() && "80/icmp".parse::<PortArg>().is_err(),
-            "bad ports are refused"
+            echo.starts_with("client -> web icmp type 8: ALLOW\n"),
+            "{echo}"
+        );
+        assert!(
+            echo.contains(&replies),
+            "an allowed echo's reply passes:\n{echo}"
+        );
+        assert!(
+            echo.contains("web/ping") && echo.contains("peer client, icmp type 8"),
+            "{echo}"
+        );
+        assert_eq!(
+            (
+                &json["protocol"],
+                &json["icmpType"],
+                &json["port"],
+                &json["replies"]
+            ),
+            (&json!("icmp"), &json!(8), &json!(null), &json!("pass"))
+        );
+        let (tcp, json) = shown("8080/tcp");
+        assert!(tcp.starts_with("client -> web tcp/8080: ALLOW\n"), "{tcp}");
+        assert!(tcp.contains(&replies), "{tcp}");
+        assert_eq!(
+            (&json["port"], &json["icmpType"]),
+            (&json!(8080), &json!(null))
+        );
+        let (other_type, json) = shown("13/icmp");
+        assert!(
+            other_type.starts_with("client -> web icmp type 13: DENY\n"),
+            "{other_type}"
+        );
+        assert!(!other_type.contains("replies:"), "{other_type}");
+        assert_eq!(json["replies"], json!(null));
+        let (refused, _) = shown("8/icmpv6");
+        assert!(
+            refused.starts_with("client -> web icmpv6 type 8: DENY\n")
+                && !refused.contains("replies:"),
+            "ICMP and ICMPv6 are distinct: {refused}"
         );
     }
 }

@@ -6,8 +6,9 @@ use std::fmt;
 use std::net::IpAddr;
 
 use agent_common::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, PORT_ANY, PROTO_ANY, PROTO_TCP, PROTO_UDP,
-    REMOTE_ISOLATION, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VERDICT_REDIRECT,
+    icmp_type_port, DIRECTION_EGRESS, DIRECTION_INGRESS, PORT_ANY, PROTO_ANY, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REMOTE_ISOLATION, VERDICT_ALLOW, VERDICT_AUDIT,
+    VERDICT_DENY, VERDICT_REDIRECT,
 };
 use ipnet::IpNet;
 
@@ -243,7 +244,7 @@ pub(crate) fn diff(
             {
                 continue;
             }
-            for protocol in [PROTO_TCP, PROTO_UDP] {
+            for protocol in protocols(from, to) {
                 let named = |e: &Endpoint<'_>, direction| match e {
                     Endpoint::Workload(w) => named_ports.get(&(w.identity, direction, protocol)),
                     Endpoint::Address(_) => None,
@@ -254,7 +255,14 @@ pub(crate) fn diff(
                     .copied()
                     .collect();
                 ports.extend(named(to, DIRECTION_INGRESS).into_iter().flatten());
-                let other = (1..=u16::MAX).find(|p| !ports.contains(p));
+                // ICMP keys name message types: the other ports are the other types.
+                let other = if protocol == PROTO_ICMP || protocol == PROTO_ICMPV6 {
+                    (0..=u8::MAX)
+                        .map(icmp_type_port)
+                        .find(|p| !ports.contains(p))
+                } else {
+                    (1..=u16::MAX).find(|p| !ports.contains(p))
+                };
                 let verdict = |compiled: &Compiled, port: u16| {
                     combine(&legs(compiled, workloads, *from, *to, protocol, port)).0
                 };
@@ -307,6 +315,24 @@ pub(crate) fn diff(
         }
     }
     Ok(changes)
+}
+
+/// The protocols a diff compares between two endpoints: those policy names, ICMP only where an
+/// address end is IPv4 and ICMPv6 only where it is IPv6 (a workload may have both).
+fn protocols(from: &Endpoint<'_>, to: &Endpoint<'_>) -> Vec<u8> {
+    let family = |e: &Endpoint<'_>| match e {
+        Endpoint::Address(addr) => Some(addr.is_ipv4()),
+        Endpoint::Workload(_) => None,
+    };
+    let ipv4 = family(from).or(family(to));
+    let mut protocols = vec![PROTO_TCP, PROTO_UDP, PROTO_SCTP];
+    protocols.extend(
+        [(PROTO_ICMP, true), (PROTO_ICMPV6, false)]
+            .into_iter()
+            .filter(|(_, v4)| ipv4.is_none_or(|ipv4| ipv4 == *v4))
+            .map(|(protocol, _)| protocol),
+    );
+    protocols
 }
 
 /// The ports map keys name explicitly, per (local identity, direction, protocol).

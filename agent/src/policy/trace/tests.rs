@@ -282,6 +282,25 @@ fn diff_reports_gained_and_lost_access_with_port_ranges() {
             ("client", "db", tcp, vec![(9000, 9002)], false, allow, deny),
             ("192.168.0.0/16", "db", tcp, vec![], true, deny, allow),
             ("192.168.0.0/16", "db", udp, vec![], true, deny, allow),
+            (
+                "192.168.0.0/16",
+                "db",
+                PROTO_SCTP,
+                vec![],
+                true,
+                deny,
+                allow
+            ),
+            // An IPv4 range speaks ICMP, not ICMPv6.
+            (
+                "192.168.0.0/16",
+                "db",
+                PROTO_ICMP,
+                vec![],
+                true,
+                deny,
+                allow
+            ),
         ],
         "{changes:#?}"
     );
@@ -303,6 +322,24 @@ fn diff_reports_gained_and_lost_access_with_port_ranges() {
             "docs/policy.md shows {line:?}; ward policy diff prints:\n{printed}"
         );
     }
+}
+
+#[test]
+fn diff_names_icmp_types() {
+    let old = set(&policy(
+        "db",
+        "  selector: {labels: {app: db}}\n  ingress:\n    - from: [{labels: {app: web}}]\n      ports: [{port: 5432}]",
+    ));
+    let new = set(&policy(
+        "db",
+        "  selector: {labels: {app: db}}\n  ingress:\n    - from: [{labels: {app: web}}]\n      ports: [{port: 5432}, {protocol: ICMP, icmpType: 8}, {protocol: ICMPv6}]",
+    ));
+    let changes = diff(&old, &new, &workloads()).expect("diff");
+    let printed = crate::policy::cli::diff_human(&changes);
+    assert_eq!(
+        printed,
+        "+ web -> db icmp type 8: deny -> allow\n+ web -> db icmpv6/every type: deny -> allow\n2 changes: 2 gain access, 0 lose access\n"
+    );
 }
 
 #[test]
