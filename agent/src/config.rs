@@ -47,6 +47,34 @@ struct RawConfig {
     workloads: Vec<RawWorkload>,
     control_plane: Option<crate::control::ControlPlaneConfig>,
     tunnel: Option<RawTunnel>,
+    unmapped_cgroups: Option<String>,
+}
+
+/// `unmappedCgroups:`: what the kernel does with traffic of a cgroup below the cgroup root that
+/// neither it nor any ancestor maps to a workload (a pod's cgroup before the agent has mapped it).
+/// A new child cgroup of a mapped workload is that workload either way: the kernel climbs to the
+/// nearest mapped ancestor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnmappedCgroups {
+    /// Untouched, as if ward were not there.
+    #[default]
+    Allow,
+    /// Refused (fail closed).
+    Deny,
+}
+
+impl UnmappedCgroups {
+    /// The value of the kernel's settings map.
+    #[allow(
+        dead_code,
+        reason = "the agent's settings-map writer (app.rs) takes it up with the fail-closed datapath"
+    )]
+    pub fn kernel_value(self) -> u8 {
+        match self {
+            UnmappedCgroups::Allow => agent_common::UNMAPPED_ALLOW,
+            UnmappedCgroups::Deny => agent_common::UNMAPPED_DENY,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +187,8 @@ pub struct Config {
     pub control_plane: Option<crate::control::ControlPlaneConfig>,
     /// The mTLS tunnel (control-plane mode only: workload certificates come from there).
     pub tunnel: Option<TunnelSettings>,
+    /// Traffic of cgroups below the root that no workload maps; default allow.
+    pub unmapped_cgroups: UnmappedCgroups,
 }
 
 impl Config {
@@ -224,6 +254,16 @@ impl Config {
                 ))
             }
             None => crate::paths::default_admin_socket(&pin_dir),
+        };
+        let unmapped_cgroups = match raw.unmapped_cgroups.as_deref() {
+            None | Some("allow") => UnmappedCgroups::Allow,
+            Some("deny") => UnmappedCgroups::Deny,
+            Some(other) => {
+                return Err(field(
+                    "unmappedCgroups".into(),
+                    format!("{other:?}: expected \"allow\" or \"deny\""),
+                ))
+            }
         };
         let metrics_address = raw
             .metrics_address
@@ -373,6 +413,7 @@ impl Config {
         Ok(Config {
             control_plane,
             tunnel,
+            unmapped_cgroups,
             file: file.to_owned(),
             trust_domain: raw.trust_domain,
             cgroup_root: raw.cgroup_root,
@@ -525,6 +566,30 @@ mod tests {
     }
 
     #[test]
+    fn unmapped_cgroups_default_to_allow_and_map_to_the_kernel_values() {
+        let c = parse("trustDomain: example.org\n").expect("valid config");
+        assert_eq!(c.unmapped_cgroups, UnmappedCgroups::Allow);
+        let c = parse("trustDomain: example.org\nunmappedCgroups: deny\n").expect("valid config");
+        assert_eq!(c.unmapped_cgroups, UnmappedCgroups::Deny);
+        let c = parse("trustDomain: example.org\nunmappedCgroups: allow\n").expect("valid config");
+        assert_eq!(c.unmapped_cgroups, UnmappedCgroups::Allow);
+        assert_eq!(
+            (
+                UnmappedCgroups::Allow.kernel_value(),
+                UnmappedCgroups::Deny.kernel_value()
+            ),
+            (agent_common::UNMAPPED_ALLOW, agent_common::UNMAPPED_DENY)
+        );
+        let e = parse("trustDomain: example.org\nunmappedCgroups: block\n")
+            .expect_err("not a value")
+            .to_string();
+        assert!(
+            e.contains("`unmappedCgroups`") && e.contains("\"allow\" or \"deny\""),
+            "names the field and the allowed values: {e}"
+        );
+    }
+
+    #[test]
     fn named_ports_parse_with_tcp_by_default() {
         let c = parse(
             "trustDomain: example.org\nworkloads:\n  - name: web\n    ports: [{name: http, port: 8080}, {name: dns, port: 53, protocol: UDP}]\n",
@@ -603,6 +668,8 @@ mod tests {
             ("trustDomain: example.org\nhostAddresses: [nope]\n", "hostAddresses[0]"),
             ("trustDomain: example.org\nmetricsAddress: localhost\n", "metricsAddress"),
             ("trustDomain: example.org\nadminSocket: admin.sock\n", "adminSocket"),
+            ("trustDomain: example.org\nunmappedCgroups: refuse\n", "unmappedCgroups"),
+            ("trustDomain: example.org\nunmappedCgroups: Deny\n", "unmappedCgroups"),
             ("trustDomain: example.org\nworkloads: [{name: a, addresses: [300.1.1.1]}]\n", "workloads[0].addresses[0]"),
             ("trustDomain: example.org\nworkloads: [{name: a}, {name: a}]\n", "workloads[1].name"),
             ("trustDomain: example.org\nworkloads: [{name: a, spiffeId: 'spiffe://other.org/x'}]\n", "workloads[0].spiffeId"),
