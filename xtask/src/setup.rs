@@ -18,6 +18,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "iperf3",
     "socat",
+    // The fail-closed tests: hand-made packets (tests/scripts/ward_packets.py), ping, a real DNS
+    // server.
+    "python3",
+    "iputils-ping",
+    "dnsmasq-base",
     "qemu-system-x86",
     "busybox-static",
     "kmod",
