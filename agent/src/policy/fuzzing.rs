@@ -10,7 +10,8 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use agent_common::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_WORLD, PROTO_TCP, PROTO_UDP,
+    icmp_type_port, DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_WORLD, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::policy;
@@ -66,7 +67,14 @@ pub fn parse_compile_decide(data: &[u8]) {
     for local in &workloads {
         for &remote in &remotes {
             for direction in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
-                for (protocol, port) in [(PROTO_TCP, 80), (PROTO_UDP, 53), (PROTO_TCP, 65535)] {
+                for (protocol, port) in [
+                    (PROTO_TCP, 80),
+                    (PROTO_UDP, 53),
+                    (PROTO_TCP, 65535),
+                    (PROTO_SCTP, 80),
+                    (PROTO_ICMP, icmp_type_port(8)),
+                    (PROTO_ICMPV6, icmp_type_port(0)),
+                ] {
                     let decision =
                         compiled.decide(local.identity, remote, direction, protocol, port);
                     assert!(
