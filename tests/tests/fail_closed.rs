@@ -383,10 +383,26 @@ fn an_overlong_or_truncated_ipv6_header_chain_is_refused_for_an_isolated_workloa
                 },
             )
             .is_some()
-                && line.contains("\"reason\"")
+                && has_reason(line)
         },
     );
     eprintln!("refusal logged: {refusal}");
+}
+
+/// Whether a verdict line gives a non-empty `reason` (every verdict line has the field).
+fn has_reason(line: &str) -> bool {
+    let Some(start) = line.find('{') else {
+        return false;
+    };
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(&line[start..]) else {
+        return false;
+    };
+    let reason = value
+        .get("reason")
+        .or_else(|| value.get("fields").and_then(|f| f.get("reason")));
+    reason
+        .and_then(serde_json::Value::as_str)
+        .is_some_and(|r| !r.is_empty())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1212,21 +1228,16 @@ fn sctp_is_decided_like_tcp_where_the_kernel_has_sctp() {
         &client_egress("client-egress", &rules),
     );
     let timeout = scaled(Duration::from_secs(3)).as_secs_f64().to_string();
-    let started = Instant::now();
     let denied = packets_outcome(
         &client,
         &["sctp-connect", "127.0.0.1", &closed_port, &timeout],
     );
-    let denied_after = started.elapsed();
-    assert_eq!(
-        denied,
-        Outcome::Eperm,
-        "SCTP to a port the policy does not allow must be refused with EPERM; ward log:\n{}",
-        ward_tail(&ward)
-    );
+    // EPERM from the connect hook, or an INIT the egress program drops (the connect times out).
     assert!(
-        denied_after < at_once() * 3,
-        "the SCTP refusal took {denied_after:?}"
+        matches!(denied, Outcome::Eperm | Outcome::Timeout),
+        "SCTP to a port the policy does not allow must not connect (EPERM, or its INIT \
+         dropped), got {denied:?}; ward log:\n{}",
+        ward_tail(&ward)
     );
     let allowed = packets_outcome(
         &client,
