@@ -11,8 +11,9 @@ pub fn is_loopback(addr: &[u8; 16]) -> bool {
     (v4_mapped && addr[12] == 127) || (addr[..15] == [0; 15] && addr[15] == 1)
 }
 
-/// Identity of an address, without looking at listeners.
-#[inline(always)]
+/// Identity of an address, without looking at listeners. Its own BPF function: its two keys
+/// stay off its callers' frames.
+#[inline(never)]
 pub fn address_identity(addr: &[u8; 16], gen: u8) -> u32 {
     let key = IpcacheKey {
         generation: gen,

@@ -3,7 +3,7 @@
 use agent_common::{
     CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue, FlowKey, IpcacheKey,
     IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, OriginalDst, OwnerValue, PolicyKey,
-    PolicyValue, SocketValue, StateValue, TunnelConfig, UdpFlowValue, *,
+    PolicyValue, Settings, SocketValue, StateValue, TunnelConfig, UdpFlowValue, *,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -163,4 +163,41 @@ pub fn cgroup_identity(cgroup_id: u64) -> Option<u32> {
 pub fn socket_owner(cookie: u64) -> Option<u32> {
     // SAFETY: the value is copied out at once.
     unsafe { OWNERS.get(cookie) }.map(|v| v.identity)
+}
+
+versioned_map!(
+    "ward_setting_v1",
+    "ward_setting_v2",
+    pub static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+);
+
+/// The workload a cgroup belongs to: its own mapping, else that of its nearest mapped ancestor
+/// (`ancestor(level)` gives the id of the cgroup's ancestor at that level, 0 past its depth), so
+/// a new child of a workload's cgroup is that workload from its first syscall.
+#[inline(always)]
+pub fn workload(cgroup_id: u64, ancestor: impl Fn(i32) -> u64) -> Option<u32> {
+    if let Some(identity) = cgroup_identity(cgroup_id) {
+        return Some(identity);
+    }
+    let mut level = MAX_CGROUP_DEPTH as i32;
+    while level > 0 {
+        let id = ancestor(level);
+        if id != 0 && id != cgroup_id {
+            if let Some(identity) = cgroup_identity(id) {
+                return Some(identity);
+            }
+        }
+        level -= 1;
+    }
+    None
+}
+
+/// Whether traffic of a cgroup that no workload maps is refused (`unmappedCgroups: deny`): any
+/// cgroup below the root the programs are attached to.
+#[inline(always)]
+pub fn unmapped_refused(cgroup_id: u64) -> bool {
+    match SETTINGS.get(0) {
+        Some(s) => s.unmapped == UNMAPPED_DENY && s.root_cgroup != cgroup_id,
+        None => false,
+    }
 }

@@ -35,8 +35,43 @@ fn merge(acc: &mut PolicyValue, v: &PolicyValue) {
     }
 }
 
+/// The policy decision for one flow. The lookups run in a BPF function of their own, with its
+/// own stack frame, so each caller's frame stays small.
 #[inline(always)]
 pub fn decide(
+    local: u32,
+    remote: u32,
+    direction: u8,
+    protocol: u8,
+    port: u16,
+    gen: u8,
+) -> Decision {
+    let what = u32::from(direction) | (u32::from(protocol) << 8) | (u32::from(port) << 16);
+    let packed = decide_packed(local, remote, what, gen);
+    Decision {
+        verdict: packed as u8,
+        isolated: (packed >> 8) & 1 != 0,
+        rule: (packed >> 32) as u32,
+    }
+}
+
+/// [`decide`] with its flow packed (a BPF call takes at most five arguments) and its decision
+/// packed into one register: rule in the high half, `isolated` in bit 8, the verdict below.
+#[inline(never)]
+fn decide_packed(local: u32, remote: u32, what: u32, gen: u8) -> u64 {
+    let d = lookup_decision(
+        local,
+        remote,
+        what as u8,
+        (what >> 8) as u8,
+        (what >> 16) as u16,
+        gen,
+    );
+    (u64::from(d.rule) << 32) | (u64::from(d.isolated) << 8) | u64::from(d.verdict)
+}
+
+#[inline(always)]
+fn lookup_decision(
     local: u32,
     remote: u32,
     direction: u8,
@@ -128,4 +163,28 @@ pub fn mtls_demand(local: u32, remote: u32, protocol: u8, port: u16, gen: u8) ->
         }
     }
     None
+}
+
+/// Whether a policy selects `local` in `direction`: one lookup.
+#[inline(never)]
+pub fn isolated(local: u32, direction: u8, gen: u8) -> bool {
+    let key = PolicyKey {
+        local_identity: local,
+        remote_identity: REMOTE_ISOLATION,
+        port: PORT_ANY,
+        protocol: PROTO_ANY,
+        direction,
+        generation: gen,
+        _pad: [0; 3],
+    };
+    lookup(&key).is_some()
+}
+
+impl Decision {
+    /// Whether the packet or call is refused: an isolated workload's deny. A rule that requires
+    /// mTLS cannot be met by a packet that did not come through the tunnel.
+    #[inline(always)]
+    pub fn refuses(&self) -> bool {
+        self.isolated && (self.verdict == VERDICT_DENY || self.verdict == VERDICT_REDIRECT)
+    }
 }

@@ -465,6 +465,9 @@ impl Agent {
                 self.desired = next;
                 self.record_apply(stats);
                 self.sync_cgroups(&cgroups::scan(&self.cgroup_root)?)?;
+                // After the sync, so that `deny` never meets a workload's cgroup unmapped.
+                let unmapped = self.desired.config.unmapped_cgroups.kernel_value();
+                self.dp.set_settings(&self.cgroup_root, unmapped)?;
                 tracing::info!(
                     reason,
                     generation = stats.generation,
@@ -691,6 +694,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         _ => kernel::tunnel::TunnelMaps::open(&config.pin_dir)?.set_outbound(None)?,
     }
     // Maps are complete before the programs see the first packet.
+    agent
+        .dp
+        .set_settings(&cgroup_root, config.unmapped_cgroups.kernel_value())?;
     agent.sync_cgroups(&cgroups::scan(&cgroup_root)?)?;
     agent.attachment = agent.dp.attach(&cgroup_root)?;
 

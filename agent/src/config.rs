@@ -65,10 +65,6 @@ pub enum UnmappedCgroups {
 
 impl UnmappedCgroups {
     /// The value of the kernel's settings map.
-    #[allow(
-        dead_code,
-        reason = "the agent's settings-map writer (app.rs) takes it up with the fail-closed datapath"
-    )]
     pub fn kernel_value(self) -> u8 {
         match self {
             UnmappedCgroups::Allow => agent_common::UNMAPPED_ALLOW,

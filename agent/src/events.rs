@@ -7,8 +7,8 @@ use std::{
 };
 
 use agent_common::{
-    VerdictEvent, DIRECTION_EGRESS, IDENTITY_HOST, IDENTITY_WORLD, PROTO_TCP, PROTO_UDP,
-    VERDICT_NO_TUNNEL,
+    reasons, VerdictEvent, DIRECTION_EGRESS, ICMP_TYPE_PORT_BASE, IDENTITY_HOST, IDENTITY_WORLD,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTO_UDPLITE, VERDICT_NO_TUNNEL,
 };
 use aya::maps::{MapData, RingBuf};
 use tokio::io::{unix::AsyncFd, Interest};
@@ -102,18 +102,49 @@ fn record(names: &Names, ev: &VerdictEvent) -> FlowRecord {
         dst_workload,
         src_addr,
         dst_addr,
-        dst_port,
-        protocol: match ev.protocol {
-            PROTO_TCP => "tcp",
-            PROTO_UDP => "udp",
-            _ => "other",
-        }
-        .into(),
-        reason: match ev.verdict {
-            VERDICT_NO_TUNNEL if egress => "mtls required: this node runs no tunnel".into(),
-            VERDICT_NO_TUNNEL => "mtls required: plaintext refused".into(),
-            _ => String::new(),
+        dst_port: if is_icmp(ev.protocol) {
+            dst_port.saturating_sub(ICMP_TYPE_PORT_BASE)
+        } else {
+            dst_port
         },
+        protocol: protocol_name(ev.protocol),
+        reason: match (ev.verdict, ev.reason) {
+            (VERDICT_NO_TUNNEL, _) if egress => "mtls required: this node runs no tunnel".into(),
+            (VERDICT_NO_TUNNEL, _) => "mtls required: plaintext refused".into(),
+            (_, reason) => reason_text(reason).into(),
+        },
+    }
+}
+
+fn is_icmp(protocol: u8) -> bool {
+    protocol == PROTO_ICMP || protocol == PROTO_ICMPV6
+}
+
+/// The protocol as flow records name it; the number for one ward has no name for.
+fn protocol_name(protocol: u8) -> String {
+    match protocol {
+        PROTO_TCP => "tcp".into(),
+        PROTO_UDP => "udp".into(),
+        PROTO_SCTP => "sctp".into(),
+        PROTO_ICMP => "icmp".into(),
+        PROTO_ICMPV6 => "icmpv6".into(),
+        PROTO_UDPLITE => "udplite".into(),
+        0 => "unparsed".into(),
+        other => format!("ip-proto-{other}"),
+    }
+}
+
+/// Why the kernel refused a packet no rule decided (fail closed).
+fn reason_text(reason: u8) -> &'static str {
+    match reason {
+        reasons::NONE => "",
+        reasons::PROTOCOL => "fail closed: a protocol no rule can allow",
+        reasons::HEADER_CHAIN => "fail closed: IPv6 extension-header chain too long to walk",
+        reasons::MALFORMED => "fail closed: malformed or truncated header",
+        reasons::FRAGMENT => "fail closed: fragment without a transport header",
+        reasons::UNMAPPED_CGROUP => "fail closed: cgroup not mapped to a workload yet",
+        reasons::ICMP_ERROR => "fail closed: ICMP error about no allowed flow",
+        _ => "fail closed",
     }
 }
 

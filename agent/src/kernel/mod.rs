@@ -15,9 +15,9 @@ use std::{
 use agent_common::{
     map_names, program_names, CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue,
     FlowKey, IpcacheKey, IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, OriginalDst,
-    OwnerValue, PolicyKey, PolicyValue, SocketValue, StateValue, TunnelConfig, UdpFlowValue,
-    MAX_ACCEPTING, MAX_CGROUPS, MAX_CONNECTING, MAX_IPCACHE, MAX_IPCACHE_PREFIXES, MAX_LISTENERS,
-    MAX_OWNERS, MAX_POLICY_ENTRIES, MAX_SOCKETS, MAX_UDP_FLOWS,
+    OwnerValue, PolicyKey, PolicyValue, Settings, SocketValue, StateValue, TunnelConfig,
+    UdpFlowValue, MAX_ACCEPTING, MAX_CGROUPS, MAX_CONNECTING, MAX_IPCACHE, MAX_IPCACHE_PREFIXES,
+    MAX_LISTENERS, MAX_OWNERS, MAX_POLICY_ENTRIES, MAX_SOCKETS, MAX_UDP_FLOWS,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
@@ -35,7 +35,7 @@ use crate::{
 };
 
 /// Each program and the attach point its link holds.
-const ATTACH_POINTS: [(&str, &str); 8] = [
+const ATTACH_POINTS: [(&str, &str); 9] = [
     (program_names::POST_BIND4, "cgroup/post_bind4"),
     (program_names::POST_BIND6, "cgroup/post_bind6"),
     (program_names::CONNECT4, "cgroup/connect4"),
@@ -43,6 +43,7 @@ const ATTACH_POINTS: [(&str, &str); 8] = [
     (program_names::SENDMSG4, "cgroup/sendmsg4"),
     (program_names::SENDMSG6, "cgroup/sendmsg6"),
     (program_names::INGRESS, "cgroup_skb/ingress"),
+    (program_names::EGRESS, "cgroup_skb/egress"),
     (program_names::SOCKOPS, "sockops"),
 ];
 
@@ -146,6 +147,7 @@ pub struct Datapath {
     ipcache: HashMap<MapData, IpcacheKey, IpcacheValue>,
     lpm: LpmTrie<MapData, IpcacheLpmData, IpcacheValue>,
     state: Array<MapData, StateValue>,
+    settings: Array<MapData, Settings>,
     generation: u32,
 }
 
@@ -195,6 +197,7 @@ impl Datapath {
             ipcache: take(&mut ebpf, map_names::IPCACHE)?,
             lpm: take(&mut ebpf, map_names::IPCACHE_LPM)?,
             generation: current.generation,
+            settings: take(&mut ebpf, map_names::SETTINGS)?,
             state,
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -244,9 +247,12 @@ impl Datapath {
                     p.take_link(id).map_err(prog_err(name))?.try_into()
                 }
                 Program::CgroupSkb(p) => {
-                    let id = p
-                        .attach(&cgroup, CgroupSkbAttachType::Ingress, mode)
-                        .map_err(prog_err(name))?;
+                    let direction = if name == program_names::EGRESS {
+                        CgroupSkbAttachType::Egress
+                    } else {
+                        CgroupSkbAttachType::Ingress
+                    };
+                    let id = p.attach(&cgroup, direction, mode).map_err(prog_err(name))?;
                     p.take_link(id).map_err(prog_err(name))?.try_into()
                 }
                 Program::SockOps(p) => {
@@ -449,6 +455,23 @@ impl Datapath {
         }
     }
 
+    /// Tells the kernel the cgroup the programs attach to and what becomes of traffic of a
+    /// cgroup below it that no workload maps (`unmappedCgroups`).
+    pub fn set_settings(&mut self, cgroup_root: &Path, unmapped: u8) -> Result<(), KernelError> {
+        use std::os::unix::fs::MetadataExt;
+        let root_cgroup = std::fs::metadata(cgroup_root)
+            .map_err(|e| KernelError::Cgroup(cgroup_root.to_owned(), e))?
+            .ino();
+        let settings = Settings {
+            root_cgroup,
+            unmapped,
+            _pad: [0; 7],
+        };
+        self.settings
+            .set(0, settings, 0)
+            .map_err(map_err(map_names::SETTINGS))
+    }
+
     pub fn set_cgroup(&mut self, cgroup_id: u64, identity: u32) -> Result<(), KernelError> {
         self.cgroups
             .insert(cgroup_id, CgroupValue { identity, _pad: 0 }, 0)
@@ -595,7 +618,7 @@ impl Datapath {
 }
 
 /// Key and value sizes of every map this build pins, as the kernel reports them.
-fn layouts() -> [(&'static str, usize, usize); 17] {
+fn layouts() -> [(&'static str, usize, usize); 18] {
     [
         (
             map_names::CGROUPS,
@@ -666,6 +689,7 @@ fn layouts() -> [(&'static str, usize, usize); 17] {
             size_of::<u32>(),
             size_of::<TunnelConfig>(),
         ),
+        (map_names::SETTINGS, size_of::<u32>(), size_of::<Settings>()),
     ]
 }
 

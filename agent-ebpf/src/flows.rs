@@ -1,0 +1,90 @@
+//! Flows a workload took part in, recorded so their replies pass, and so a receiver on this host
+//! can name the sender when addresses are shared.
+//!
+//! Records live in the connecting map, keyed like a sender's view of the flow without its own
+//! address (an unconnected socket's is chosen by the route after the hook, and on this host it
+//! is a shared one anyway): `(destination, source port, destination port, protocol)`. For ICMP
+//! echo the source port is the echo identifier.
+use agent_common::*;
+
+use crate::maps::CONNECTING;
+
+#[inline(always)]
+pub fn sender_key(protocol: u8, destination: [u8; 16], src_port: u16, dst_port: u16) -> FlowKey {
+    FlowKey {
+        local_addr: [0; 16],
+        remote_addr: destination,
+        local_port: src_port,
+        remote_port: dst_port,
+        protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// Source and destination port in one argument.
+#[inline(always)]
+pub fn ports(src_port: u16, dst_port: u16) -> u32 {
+    (u32::from(src_port) << 16) | u32::from(dst_port)
+}
+
+/// Records that `identity` sent on the flow to `destination` with `ports` (flags 0), or that
+/// its ingress admitted a flow the remote started ([`CONNECTING_FLAG_ADMITTED`], keyed as the
+/// workload's answer would be). Its own BPF function, so the key is on its own small frame.
+#[inline(never)]
+pub fn record(protocol: u8, destination: &[u8; 16], ports: u32, identity: u32, flags: u32) {
+    let key = sender_key(protocol, *destination, (ports >> 16) as u16, ports as u16);
+    // SAFETY: copied out at once.
+    if unsafe { CONNECTING.get(&key) }.is_some_and(|v| v.identity == identity && v.flags == flags) {
+        return;
+    }
+    let value = ConnectingValue {
+        identity,
+        flags,
+        cookie: 0,
+    };
+    let _ = CONNECTING.insert(&key, &value, 0);
+}
+
+/// The flags of the record [`record`] made for `identity`, -1 when there is none.
+#[inline(never)]
+pub fn recorded(protocol: u8, destination: &[u8; 16], ports: u32, identity: u32) -> i64 {
+    let key = sender_key(protocol, *destination, (ports >> 16) as u16, ports as u16);
+    // SAFETY: copied out at once.
+    match unsafe { CONNECTING.get(&key) } {
+        Some(v) if v.identity == identity => i64::from(v.flags),
+        _ => -1,
+    }
+}
+
+/// The identity that recorded sending on this flow, if any (a peer on this host, named by its
+/// source port because addresses are shared).
+#[inline(never)]
+pub fn sender(protocol: u8, destination: &[u8; 16], ports: u32) -> u32 {
+    let key = sender_key(protocol, *destination, (ports >> 16) as u16, ports as u16);
+    // SAFETY: copied out at once.
+    unsafe { CONNECTING.get(&key) }.map_or(IDENTITY_HOST, |c| c.identity)
+}
+
+/// Whether a packet from `flow`'s sender to `local` answers one `local` sent itself.
+#[inline(always)]
+pub fn is_reply(local: u32, flow: &FlowKey) -> bool {
+    recorded(
+        flow.protocol,
+        &flow.local_addr,
+        ports(flow.remote_port, flow.local_port),
+        local,
+    ) == 0
+}
+
+/// Whether `local` may send to `remote_addr:remote_port` from `src_port` outside its egress
+/// rules: the flow is one its ingress admitted (the answer), or one it started.
+#[inline(always)]
+pub fn may_answer(
+    local: u32,
+    protocol: u8,
+    remote_addr: &[u8; 16],
+    src_port: u16,
+    remote_port: u16,
+) -> bool {
+    recorded(protocol, remote_addr, ports(src_port, remote_port), local) >= 0
+}

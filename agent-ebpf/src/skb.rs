@@ -1,0 +1,557 @@
+//! The packet programs: the ingress check of every flow's first packet, and the egress backstop
+//! for whatever never passed a `connect()`/`sendmsg()` decision (raw sockets, ICMP, SCTP,
+//! UDP-Lite, other IP protocols).
+//!
+//! Fail mode: for a workload isolated in the packet's direction, a packet the parser cannot
+//! finish, or of a protocol no rule can name, is refused with a reason; a workload no policy
+//! selects is never touched.
+use agent_common::*;
+use aya_ebpf::{
+    bindings::bpf_sock,
+    helpers::{
+        bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+    },
+    programs::SkBuffContext,
+    EbpfContext,
+};
+
+use crate::{
+    events, flows, ipcache,
+    maps::{self, count, ACCEPTING, CONNECTING, UDP_FLOWS},
+    packet::{self, Packet, TCP_FLAG_ACK, TCP_FLAG_SYN},
+    policy, v6_bytes, ALLOW, REFUSE,
+};
+
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const AF_INET: u32 = 2;
+
+/// The full socket a packet belongs to (the receiver on ingress, the sender on egress).
+#[inline(always)]
+fn full_socket(ctx: &SkBuffContext) -> Option<*mut bpf_sock> {
+    // SAFETY: valid context; `sk` may be null, which the helper takes.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null socket pointer of the context.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    (!full.is_null()).then_some(full)
+}
+
+/// The workload of the packet's socket, by its cgroup or the nearest mapped ancestor.
+#[inline(always)]
+fn packet_workload(ctx: &SkBuffContext) -> (u64, Option<u32>) {
+    // SAFETY: valid context for these helpers in cgroup_skb programs.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    let identity = maps::workload(cgroup_id, |level| {
+        // SAFETY: as above.
+        unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level) }
+    });
+    (cgroup_id, identity)
+}
+
+/// One verdict record of a packet program. `p`'s sender is the workload on egress. Its own BPF
+/// function (so its own stack frame); `what` packs the rule, direction, verdict and reason
+/// ([`what`]), as a BPF call takes five arguments.
+#[inline(never)]
+fn report(ctx: &SkBuffContext, p: &Packet, local: u32, remote: u32, what: u64) {
+    let rule = (what >> 32) as u32;
+    let direction = (what >> 16) as u8;
+    let verdict = (what >> 8) as u8;
+    let reason = what as u8;
+    count(counters::verdict(direction, verdict));
+    let f = &p.flow;
+    let egress = direction == DIRECTION_EGRESS;
+    let (local_addr, local_port, remote_addr, remote_port) = if egress {
+        (f.local_addr, f.local_port, f.remote_addr, f.remote_port)
+    } else {
+        (f.remote_addr, f.remote_port, f.local_addr, f.local_port)
+    };
+    let (local_port, remote_port) = if packet::is_icmp(f.protocol) {
+        (0, icmp_type_port(p.icmp_type()))
+    } else {
+        (local_port, remote_port)
+    };
+    let event_flow = EventLimitKey {
+        local_identity: local,
+        remote_identity: remote,
+        remote_addr,
+        remote_port,
+        protocol: f.protocol,
+        direction,
+        verdict,
+        _pad: [0; 3],
+    };
+    events::emit(&event_flow, rule, |ev| {
+        // SAFETY: valid context for these helpers in cgroup_skb programs; on a listener the
+        // cookie is the listening socket's.
+        unsafe {
+            ev.cgroup_id = bpf_skb_cgroup_id(ctx.skb.skb);
+            ev.cookie = bpf_get_socket_cookie(ctx.as_ptr());
+        }
+        ev.local_port = local_port;
+        ev.local_addr = local_addr;
+        ev.family = p.family;
+        ev.reason = reason;
+    });
+}
+
+/// [`report`]'s packed rule, direction, verdict and reason.
+#[inline(always)]
+fn what(rule: u32, direction: u8, verdict: u8, reason: u8) -> u64 {
+    (u64::from(rule) << 32)
+        | (u64::from(direction) << 16)
+        | (u64::from(verdict) << 8)
+        | u64::from(reason)
+}
+
+/// A refusal no rule made: the packet cannot be decided (`reason`).
+#[inline(always)]
+fn refuse_undecided(ctx: &SkBuffContext, p: &Packet, direction: u8, local: u32, reason: u8) -> i32 {
+    report(
+        ctx,
+        p,
+        local,
+        IDENTITY_WORLD,
+        what(0, direction, VERDICT_DENY, reason),
+    );
+    REFUSE
+}
+
+/// A refusal of a packet the parser could not finish.
+#[inline(never)]
+fn refuse_unparsed(ctx: &SkBuffContext, direction: u8, local: u32, reason: u8) -> i32 {
+    refuse_undecided(ctx, &Packet::unparsed(), direction, local, reason)
+}
+
+/// The policy port of a packet: its destination port, or its ICMP type.
+#[inline(always)]
+fn policy_port(p: &Packet) -> u16 {
+    if packet::is_icmp(p.flow.protocol) {
+        icmp_type_port(p.icmp_type())
+    } else {
+        p.flow.remote_port
+    }
+}
+
+/// Whether `local` may exchange the packet an ICMP error carries with its peer: the error is
+/// about a packet of `local` (`local_sent`: it sent the packet, else it received it) and that
+/// packet's flow is one policy lets through in either direction (the flow itself or its reply).
+#[inline(never)]
+fn error_belongs_to_allowed_flow(
+    ctx: &SkBuffContext,
+    p: &Packet,
+    local: u32,
+    local_sent: bool,
+    gen: u8,
+) -> bool {
+    let Ok(inner) = packet::parse_quoted(ctx, p.l4 + 8) else {
+        return false;
+    };
+    let f = &inner.flow;
+    // The carried packet went from `local` to the error's sender's side, or the reverse.
+    let (mine, peer, my_port, peer_port) = if local_sent {
+        (f.local_addr, f.remote_addr, f.local_port, f.remote_port)
+    } else {
+        (f.remote_addr, f.local_addr, f.remote_port, f.local_port)
+    };
+    let outer = &p.flow;
+    let my_outer = if local_sent {
+        outer.remote_addr
+    } else {
+        outer.local_addr
+    };
+    if mine != my_outer || (!local_sent && peer != outer.remote_addr) {
+        return false;
+    }
+    let (my_port, peer_port) = if packet::is_icmp(f.protocol) {
+        let t = icmp_type_port(inner.icmp_type());
+        (t, t)
+    } else {
+        (my_port, peer_port)
+    };
+    let remote = ipcache::address_identity(&peer, gen);
+    // The flow `local` started towards the peer's port, or the one the peer started to its own.
+    let (first, second) = if local_sent {
+        (DIRECTION_EGRESS, DIRECTION_INGRESS)
+    } else {
+        (DIRECTION_INGRESS, DIRECTION_EGRESS)
+    };
+    let (first_port, second_port) = if local_sent {
+        (peer_port, my_port)
+    } else {
+        (my_port, peer_port)
+    };
+    !policy::decide(local, remote, first, f.protocol, first_port, gen).refuses()
+        || !policy::decide(local, remote, second, f.protocol, second_port, gen).refuses()
+}
+
+/// Ingress decision on the first packet of a flow: a TCP SYN, or a UDP datagram of a flow whose
+/// verdict for the current policy generation is not cached yet. Established TCP pays one header
+/// read. A dropped SYN never reaches the listener.
+#[inline(always)]
+pub fn ingress(ctx: &SkBuffContext) -> i32 {
+    let parsed = packet::parse(ctx);
+    if let Ok(p) = &parsed {
+        if p.flow.protocol == PROTO_TCP
+            && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN
+        {
+            return ALLOW;
+        }
+    }
+    let (cgroup_id, local) = packet_workload(ctx);
+    let Some(local) = local else {
+        if !maps::unmapped_refused(cgroup_id) {
+            return ALLOW;
+        }
+        return match &parsed {
+            Ok(p) => refuse_undecided(ctx, p, DIRECTION_INGRESS, 0, reasons::UNMAPPED_CGROUP),
+            Err(_) => REFUSE,
+        };
+    };
+    let full_gen = maps::generation();
+    let gen = (full_gen & 1) as u8;
+    let p = match parsed {
+        Ok(p) => p,
+        Err(reason) => {
+            if !policy::isolated(local, DIRECTION_INGRESS, gen) {
+                return ALLOW;
+            }
+            return refuse_unparsed(ctx, DIRECTION_INGRESS, local, reason);
+        }
+    };
+    match p.flow.protocol {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => ingress_ports(ctx, &p, local, full_gen),
+        PROTO_ICMP | PROTO_ICMPV6 => icmp(ctx, &p, DIRECTION_INGRESS, local, gen),
+        _ => {
+            if !policy::isolated(local, DIRECTION_INGRESS, gen) {
+                return ALLOW;
+            }
+            refuse_undecided(ctx, &p, DIRECTION_INGRESS, local, reasons::PROTOCOL)
+        }
+    }
+}
+
+/// The ingress decision of a protocol with ports (TCP, UDP, SCTP). A BPF function of its own
+/// beside [`icmp`], so the two frames never add up.
+#[inline(never)]
+fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> i32 {
+    let gen = (full_gen & 1) as u8;
+    let flow = &p.flow;
+    let protocol = flow.protocol;
+    match protocol {
+        PROTO_UDP => {
+            // Replies belong to a flow the workload started, which its egress check decided: as
+            // in Kubernetes, they are never refused by its ingress policy. A connected socket
+            // receives only from its peer; an unconnected one's sends were recorded.
+            if is_connected_peer(ctx, flow) || flows::is_reply(local, flow) {
+                return ALLOW;
+            }
+            // SAFETY: copied out at once.
+            if let Some(cached) = unsafe { UDP_FLOWS.get(flow) }.copied() {
+                if cached.generation == full_gen {
+                    return if cached.verdict == VERDICT_DENY {
+                        REFUSE
+                    } else {
+                        ALLOW
+                    };
+                }
+            }
+        }
+        PROTO_SCTP => {
+            if flows::is_reply(local, flow) {
+                return ALLOW;
+            }
+        }
+        _ => {}
+    }
+    // A peer on this host is named by its connecting socket, recorded before its SYN left; only
+    // peers with their own addresses are named by address.
+    // The agent's delivery of a tunneled connection is named by the workload its certificate
+    // proved, for the 4-tuple the agent recorded.
+    let mut tunneled = false;
+    let remote = if protocol == PROTO_TCP {
+        // SAFETY: copied out at once.
+        match unsafe { CONNECTING.get(flow) } {
+            Some(c) => {
+                tunneled = c.flags & CONNECTING_FLAG_TUNNEL != 0;
+                c.identity
+            }
+            None => ipcache::address_identity(&flow.local_addr, gen),
+        }
+    } else {
+        match ipcache::address_identity(&flow.local_addr, gen) {
+            IDENTITY_HOST => flows::sender(
+                protocol,
+                &flow.remote_addr,
+                flows::ports(flow.local_port, flow.remote_port),
+            ),
+            by_address => by_address,
+        }
+    };
+    let d = policy::decide(
+        local,
+        remote,
+        DIRECTION_INGRESS,
+        protocol,
+        flow.remote_port,
+        gen,
+    );
+    if protocol == PROTO_UDP {
+        let cached = UdpFlowValue {
+            generation: full_gen,
+            rule: d.rule,
+            verdict: d.verdict,
+            _pad: [0; 7],
+        };
+        let _ = UDP_FLOWS.insert(flow, cached, 0);
+    }
+    let admitted = !(d.isolated && d.verdict == VERDICT_DENY);
+    if protocol != PROTO_TCP && admitted {
+        // The workload may answer what it admitted, whatever its egress policy says.
+        let ports = flows::ports(flow.remote_port, flow.local_port);
+        if flows::recorded(protocol, &flow.local_addr, ports, local) < 0 {
+            flows::record(
+                protocol,
+                &flow.local_addr,
+                ports,
+                local,
+                CONNECTING_FLAG_ADMITTED,
+            );
+        }
+    }
+    if !d.isolated {
+        return ALLOW;
+    }
+    // A rule that requires mTLS admits only what came through the tunnel (TCP; a datagram follows
+    // the L4 verdict).
+    let verdict = match d.verdict {
+        VERDICT_REDIRECT if protocol == PROTO_TCP && !tunneled => VERDICT_NO_TUNNEL,
+        VERDICT_REDIRECT => VERDICT_ALLOW,
+        v => v,
+    };
+    let refused = verdict == VERDICT_DENY || verdict == VERDICT_NO_TUNNEL;
+    if protocol == PROTO_TCP && !refused {
+        let tag = SocketValue {
+            local_identity: local,
+            remote_identity: remote,
+            rule: d.rule,
+            verdict,
+            direction: DIRECTION_INGRESS,
+            _pad: [0; 2],
+        };
+        let _ = ACCEPTING.insert(flow, tag, 0);
+    }
+    report(
+        ctx,
+        &p,
+        local,
+        remote,
+        what(d.rule, DIRECTION_INGRESS, verdict, reasons::NONE),
+    );
+    if refused {
+        REFUSE
+    } else {
+        ALLOW
+    }
+}
+
+/// Whether the receiving socket is connected to the datagram's sender: the workload chose that
+/// peer at `connect()`, where its egress was decided, so this is the flow's reply (the case of
+/// a socket that was never bound, whose port the connect hook could not record).
+#[inline(always)]
+fn is_connected_peer(ctx: &SkBuffContext, flow: &FlowKey) -> bool {
+    let Some(sk) = full_socket(ctx) else {
+        return false;
+    };
+    // SAFETY: a full socket from the helper; each field is read with one load at its offset.
+    let (family, dst_port, dst_ip4, dst_ip6) = unsafe {
+        (
+            core::ptr::read_volatile(core::ptr::addr_of!((*sk).family)),
+            core::ptr::read_volatile(core::ptr::addr_of!((*sk).dst_port)),
+            core::ptr::read_volatile(core::ptr::addr_of!((*sk).dst_ip4)),
+            [
+                core::ptr::read_volatile(core::ptr::addr_of!((*sk).dst_ip6[0])),
+                core::ptr::read_volatile(core::ptr::addr_of!((*sk).dst_ip6[1])),
+                core::ptr::read_volatile(core::ptr::addr_of!((*sk).dst_ip6[2])),
+                core::ptr::read_volatile(core::ptr::addr_of!((*sk).dst_ip6[3])),
+            ],
+        )
+    };
+    if dst_port == 0 || u16::from_be(dst_port) != flow.local_port {
+        return false;
+    }
+    let peer = if family == AF_INET {
+        map_v4(dst_ip4.to_ne_bytes())
+    } else {
+        v6_bytes(dst_ip6)
+    };
+    peer == flow.local_addr
+}
+
+/// ICMP and ICMPv6 for an isolated workload, either direction: neighbour discovery always
+/// passes; errors pass when the packet they carry belongs to a flow policy allows; echo replies
+/// pass as the replies of the requests the workload sent; every other message is decided by
+/// its type (`icmpType` in policy).
+/// Its own BPF function: it has its own stack frame.
+#[inline(never)]
+fn icmp(ctx: &SkBuffContext, p: &Packet, direction: u8, local: u32, gen: u8) -> i32 {
+    let protocol = p.flow.protocol;
+    let icmp_type = p.icmp_type();
+    if packet::is_icmpv6_link_control(protocol, icmp_type)
+        || !policy::isolated(local, direction, gen)
+    {
+        return ALLOW;
+    }
+    let egress = direction == DIRECTION_EGRESS;
+    if packet::is_icmp_error(protocol, icmp_type) {
+        // On egress the workload reports a packet it received; on ingress one it sent.
+        if error_belongs_to_allowed_flow(ctx, p, local, !egress, gen) {
+            return ALLOW;
+        }
+        return refuse_undecided(ctx, p, direction, local, reasons::ICMP_ERROR);
+    }
+    let (request, reply) = packet::echo_types(protocol);
+    let peer_addr = if egress {
+        p.flow.remote_addr
+    } else {
+        p.flow.local_addr
+    };
+    if icmp_type == reply && !egress {
+        let Ok(id) = packet::echo_id(ctx, p) else {
+            return refuse_undecided(ctx, p, direction, local, reasons::MALFORMED);
+        };
+        if flows::recorded(protocol, &peer_addr, flows::ports(id, 0), local) == 0 {
+            return ALLOW;
+        }
+    }
+    let remote = ipcache::address_identity(&peer_addr, gen);
+    let d = policy::decide(local, remote, direction, protocol, policy_port(p), gen);
+    let verdict = match d.verdict {
+        VERDICT_REDIRECT => VERDICT_ALLOW,
+        v => v,
+    };
+    if egress && icmp_type == request && verdict != VERDICT_DENY {
+        if let Ok(id) = packet::echo_id(ctx, p) {
+            flows::record(protocol, &peer_addr, flows::ports(id, 0), local, 0);
+        }
+    }
+    report(
+        ctx,
+        p,
+        local,
+        remote,
+        what(d.rule, direction, verdict, reasons::NONE),
+    );
+    if verdict == VERDICT_DENY {
+        REFUSE
+    } else {
+        ALLOW
+    }
+}
+
+/// The egress backstop. TCP and UDP sockets left through `connect()`/`sendmsg()`, which decided
+/// them: one helper call and two loads, then out. Everything else of an isolated workload is
+/// decided here, packet by packet.
+#[inline(always)]
+pub fn egress(ctx: &SkBuffContext) -> i32 {
+    if let Some(sk) = full_socket(ctx) {
+        // SAFETY: a full socket from the helper.
+        let (kind, protocol) = unsafe {
+            (
+                core::ptr::read_volatile(core::ptr::addr_of!((*sk).type_)),
+                core::ptr::read_volatile(core::ptr::addr_of!((*sk).protocol)),
+            )
+        };
+        if (kind == SOCK_STREAM && protocol == u32::from(PROTO_TCP))
+            || (kind == SOCK_DGRAM && protocol == u32::from(PROTO_UDP))
+        {
+            return ALLOW;
+        }
+    }
+    let (cgroup_id, local) = packet_workload(ctx);
+    let parsed = packet::parse(ctx);
+    let Some(local) = local else {
+        if !maps::unmapped_refused(cgroup_id) {
+            return ALLOW;
+        }
+        return match &parsed {
+            Ok(p) => refuse_undecided(ctx, p, DIRECTION_EGRESS, 0, reasons::UNMAPPED_CGROUP),
+            Err(_) => REFUSE,
+        };
+    };
+    let gen = (maps::generation() & 1) as u8;
+    let p = match parsed {
+        Ok(p) => p,
+        Err(reason) => {
+            if !policy::isolated(local, DIRECTION_EGRESS, gen) {
+                return ALLOW;
+            }
+            return refuse_unparsed(ctx, DIRECTION_EGRESS, local, reason);
+        }
+    };
+    match p.flow.protocol {
+        PROTO_ICMP | PROTO_ICMPV6 => icmp(ctx, &p, DIRECTION_EGRESS, local, gen),
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => egress_ports(ctx, &p, local, gen),
+        _ => {
+            if !policy::isolated(local, DIRECTION_EGRESS, gen) {
+                return ALLOW;
+            }
+            refuse_undecided(ctx, &p, DIRECTION_EGRESS, local, reasons::PROTOCOL)
+        }
+    }
+}
+
+/// The backstop's decision of a protocol with ports. A BPF function of its own beside [`icmp`].
+#[inline(never)]
+fn egress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, gen: u8) -> i32 {
+    let flow = &p.flow;
+    let protocol = flow.protocol;
+    // Hand-made TCP or UDP (a raw socket), or SCTP: decided by the destination's address and port.
+    if protocol != PROTO_TCP
+        && flows::may_answer(
+            local,
+            protocol,
+            &flow.remote_addr,
+            flow.local_port,
+            flow.remote_port,
+        )
+    {
+        return ALLOW;
+    }
+    let remote = ipcache::address_identity(&flow.remote_addr, gen);
+    let d = policy::decide(
+        local,
+        remote,
+        DIRECTION_EGRESS,
+        protocol,
+        flow.remote_port,
+        gen,
+    );
+    if !d.isolated {
+        return ALLOW;
+    }
+    // A rule that requires mTLS cannot be met by a packet that skipped the connect hook.
+    let verdict = match d.verdict {
+        VERDICT_REDIRECT => VERDICT_NO_TUNNEL,
+        v => v,
+    };
+    let refused = verdict == VERDICT_DENY || verdict == VERDICT_NO_TUNNEL;
+    if !refused && protocol == PROTO_SCTP {
+        let ports = flows::ports(flow.local_port, flow.remote_port);
+        flows::record(protocol, &flow.remote_addr, ports, local, 0);
+    }
+    report(
+        ctx,
+        p,
+        local,
+        remote,
+        what(d.rule, DIRECTION_EGRESS, verdict, reasons::NONE),
+    );
+    if refused {
+        REFUSE
+    } else {
+        ALLOW
+    }
+}

@@ -1,0 +1,286 @@
+//! Egress decisions at `connect()` and `sendmsg()`: TCP, connected and unconnected UDP, SCTP. A
+//! refusal makes the call fail with EPERM at once. ICMP sockets are decided per packet by the
+//! `cgroup_skb/egress` backstop; any other protocol is refused for an isolated workload here.
+use agent_common::*;
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_get_socket_cookie,
+    },
+    programs::SockAddrContext,
+    EbpfContext,
+};
+
+use crate::{
+    events, flows, ipcache,
+    maps::{self, count, ORIGINAL_DST, SOCKETS},
+    policy, v6_bytes, ALLOW, REFUSE,
+};
+
+/// The workload of the calling task, by its cgroup or the nearest mapped ancestor.
+#[inline(always)]
+pub fn current_workload() -> (u64, Option<u32>) {
+    // SAFETY: no preconditions in a program that runs in a task's context.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let identity = maps::workload(cgroup_id, |level| {
+        // SAFETY: as above.
+        unsafe { bpf_get_current_ancestor_cgroup_id(level) }
+    });
+    (cgroup_id, identity)
+}
+
+/// Egress decision for connect() and sendmsg(): the local identity from the calling task's
+/// cgroup, the remote from the destination.
+#[inline(always)]
+pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
+    let sa: *const bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the whole program run.
+    let (protocol, user_port) = unsafe { ((*sa).protocol as u8, (*sa).user_port) };
+    if protocol == PROTO_ICMP || protocol == PROTO_ICMPV6 {
+        // Each message is decided by its type, per packet.
+        return ALLOW;
+    }
+    let (cgroup_id, local) = current_workload();
+    let remote_port = u16::from_be(user_port as u16);
+    // SAFETY: valid context for these helpers in cgroup_sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(local) = local else {
+        if !maps::unmapped_refused(cgroup_id) {
+            return ALLOW;
+        }
+        count(counters::verdict(DIRECTION_EGRESS, VERDICT_DENY));
+        report(
+            ctx,
+            cgroup_id,
+            cookie,
+            family,
+            0,
+            IDENTITY_WORLD,
+            protocol,
+            remote_addr,
+            remote_port,
+            VERDICT_DENY,
+            0,
+            reasons::UNMAPPED_CGROUP,
+        );
+        return REFUSE;
+    };
+    let gen = (maps::generation() & 1) as u8;
+    if protocol != PROTO_TCP && protocol != PROTO_UDP && protocol != PROTO_SCTP {
+        // UDP-Lite and the like: no rule can name them.
+        if !policy::isolated(local, DIRECTION_EGRESS, gen) {
+            return ALLOW;
+        }
+        count(counters::verdict(DIRECTION_EGRESS, VERDICT_DENY));
+        report(
+            ctx,
+            cgroup_id,
+            cookie,
+            family,
+            local,
+            IDENTITY_WORLD,
+            protocol,
+            remote_addr,
+            remote_port,
+            VERDICT_DENY,
+            0,
+            reasons::PROTOCOL,
+        );
+        return REFUSE;
+    }
+    // SAFETY: valid context for this helper in cgroup_sock_addr programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let remote = ipcache::destination_identity(&remote_addr, remote_port, protocol, netns, gen);
+    let d = policy::decide(local, remote, DIRECTION_EGRESS, protocol, remote_port, gen);
+    let src_port = source_port(ctx);
+    if protocol == PROTO_UDP
+        && d.isolated
+        && d.verdict == VERDICT_DENY
+        && src_port != 0
+        && flows::may_answer(local, protocol, &remote_addr, src_port, remote_port)
+    {
+        // The answer to a datagram the workload's ingress admitted (or a flow it started).
+        return ALLOW;
+    }
+    // Only a datagram that leaves names its sender (and lets its replies in).
+    if protocol == PROTO_UDP && !(d.isolated && d.verdict == VERDICT_DENY) && src_port != 0 {
+        flows::record(
+            protocol,
+            &remote_addr,
+            flows::ports(src_port, remote_port),
+            local,
+            0,
+        );
+    }
+    let (mut verdict, mut rule, mut report_it) = if d.isolated {
+        (d.verdict, d.rule, true)
+    } else {
+        (VERDICT_ALLOW, d.rule, false)
+    };
+    if protocol != PROTO_TCP {
+        // The tunnel carries TCP; a datagram or an SCTP association follows the rule's L4
+        // verdict.
+        if verdict == VERDICT_REDIRECT {
+            verdict = VERDICT_ALLOW;
+        }
+    } else if verdict != VERDICT_DENY && verdict != VERDICT_REDIRECT {
+        // The destination's ingress rule may require mTLS where the source's own does not.
+        if let Some(demand) = policy::mtls_demand(local, remote, protocol, remote_port, gen) {
+            (verdict, rule, report_it) = (VERDICT_REDIRECT, demand, true);
+        }
+    }
+    if verdict == VERDICT_REDIRECT
+        && !redirect(
+            ctx,
+            family,
+            remote_addr,
+            remote_port,
+            cookie,
+            local,
+            remote,
+            rule,
+        )
+    {
+        verdict = VERDICT_NO_TUNNEL;
+    }
+    let refused = verdict == VERDICT_DENY || verdict == VERDICT_NO_TUNNEL;
+    // A workload no policy isolates is tagged all the same: sockops learns a connecting socket's
+    // workload from its tag.
+    if protocol == PROTO_TCP && !refused {
+        let tag = SocketValue {
+            local_identity: local,
+            remote_identity: remote,
+            rule,
+            verdict,
+            direction: DIRECTION_EGRESS,
+            _pad: [0; 2],
+        };
+        let _ = SOCKETS.insert(cookie, tag, 0);
+    }
+    if !report_it {
+        return ALLOW;
+    }
+    count(counters::verdict(DIRECTION_EGRESS, verdict));
+    report(
+        ctx,
+        cgroup_id,
+        cookie,
+        family,
+        local,
+        remote,
+        protocol,
+        remote_addr,
+        remote_port,
+        verdict,
+        rule,
+        reasons::NONE,
+    );
+    if refused {
+        REFUSE
+    } else {
+        ALLOW
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn report(
+    _ctx: &SockAddrContext,
+    cgroup_id: u64,
+    cookie: u64,
+    family: u8,
+    local: u32,
+    remote: u32,
+    protocol: u8,
+    remote_addr: [u8; 16],
+    remote_port: u16,
+    verdict: u8,
+    rule: u32,
+    reason: u8,
+) {
+    let flow = EventLimitKey {
+        local_identity: local,
+        remote_identity: remote,
+        remote_addr,
+        remote_port,
+        protocol,
+        direction: DIRECTION_EGRESS,
+        verdict,
+        _pad: [0; 3],
+    };
+    events::emit(&flow, rule, |ev| {
+        ev.cgroup_id = cgroup_id;
+        ev.cookie = cookie;
+        ev.family = family;
+        ev.reason = reason;
+    });
+}
+
+/// The socket's bound source port, 0 when it has none yet.
+#[inline(always)]
+fn source_port(ctx: &SockAddrContext) -> u16 {
+    // SAFETY: `sk` of a sock_addr context is a valid socket for the whole program run.
+    (unsafe {
+        let sk =
+            core::ptr::read_volatile(core::ptr::addr_of!((*ctx.sock_addr).__bindgen_anon_1.sk));
+        core::ptr::read_volatile(core::ptr::addr_of!((*sk).src_port))
+    }) as u16
+}
+
+/// Points a connect() at the agent's outbound tunnel listener and records where it was going,
+/// for sockops to file under the connection's 4-tuple. False when no tunnel runs on this node.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn redirect(
+    ctx: &SockAddrContext,
+    family: u8,
+    addr: [u8; 16],
+    port: u16,
+    cookie: u64,
+    local: u32,
+    remote: u32,
+    rule: u32,
+) -> bool {
+    let Some(t) = maps::tunnel() else {
+        return false;
+    };
+    let original = OriginalDst {
+        addr,
+        port,
+        family,
+        _pad: 0,
+        local_identity: local,
+        remote_identity: remote,
+        rule,
+    };
+    if ORIGINAL_DST.insert(cookie, original, 0).is_err() {
+        return false;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: the context is valid and these fields are writable in connect hooks.
+    unsafe {
+        if family == 4 {
+            (*sa).user_ip4 = t.ip4;
+        } else {
+            (*sa).user_ip6[0] = t.ip6[0];
+            (*sa).user_ip6[1] = t.ip6[1];
+            (*sa).user_ip6[2] = t.ip6[2];
+            (*sa).user_ip6[3] = t.ip6[3];
+        }
+        (*sa).user_port = u32::from(t.port.to_be());
+    }
+    true
+}
+
+#[inline(always)]
+pub fn v4_destination(ctx: &SockAddrContext) -> [u8; 16] {
+    // SAFETY: valid context.
+    map_v4(unsafe { (*ctx.sock_addr).user_ip4 }.to_ne_bytes())
+}
+
+#[inline(always)]
+pub fn v6_destination(ctx: &SockAddrContext) -> [u8; 16] {
+    // SAFETY: valid context.
+    v6_bytes(unsafe { (*ctx.sock_addr).user_ip6 })
+}
