@@ -34,7 +34,7 @@ pub fn ports(src_port: u16, dst_port: u16) -> u32 {
 pub fn record(protocol: u8, destination: &[u8; 16], ports: u32, identity: u32, flags: u32) {
     let key = sender_key(protocol, *destination, (ports >> 16) as u16, ports as u16);
     // SAFETY: copied out at once.
-    if unsafe { CONNECTING.get(&key) }.is_some_and(|v| v.identity == identity && v.flags == flags) {
+    if unsafe { CONNECTING.get(key) }.is_some_and(|v| v.identity == identity && v.flags == flags) {
         return;
     }
     let value = ConnectingValue {
@@ -42,7 +42,7 @@ pub fn record(protocol: u8, destination: &[u8; 16], ports: u32, identity: u32, f
         flags,
         cookie: 0,
     };
-    let _ = CONNECTING.insert(&key, &value, 0);
+    let _ = CONNECTING.insert(key, value, 0);
 }
 
 /// The flags of the record [`record`] made for `identity`, -1 when there is none.
@@ -50,7 +50,7 @@ pub fn record(protocol: u8, destination: &[u8; 16], ports: u32, identity: u32, f
 pub fn recorded(protocol: u8, destination: &[u8; 16], ports: u32, identity: u32) -> i64 {
     let key = sender_key(protocol, *destination, (ports >> 16) as u16, ports as u16);
     // SAFETY: copied out at once.
-    match unsafe { CONNECTING.get(&key) } {
+    match unsafe { CONNECTING.get(key) } {
         Some(v) if v.identity == identity => i64::from(v.flags),
         _ => -1,
     }
@@ -62,7 +62,7 @@ pub fn recorded(protocol: u8, destination: &[u8; 16], ports: u32, identity: u32)
 pub fn sender(protocol: u8, destination: &[u8; 16], ports: u32) -> u32 {
     let key = sender_key(protocol, *destination, (ports >> 16) as u16, ports as u16);
     // SAFETY: copied out at once.
-    unsafe { CONNECTING.get(&key) }.map_or(IDENTITY_HOST, |c| c.identity)
+    unsafe { CONNECTING.get(key) }.map_or(IDENTITY_HOST, |c| c.identity)
 }
 
 /// Whether a packet from `flow`'s sender to `local` answers one `local` sent itself.

@@ -259,10 +259,8 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
                 }
             }
         }
-        PROTO_SCTP => {
-            if flows::is_reply(local, flow) {
-                return ALLOW;
-            }
+        PROTO_SCTP if flows::is_reply(local, flow) => {
+            return ALLOW;
         }
         _ => {}
     }
@@ -345,7 +343,7 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
     }
     report(
         ctx,
-        &p,
+        p,
         local,
         remote,
         what(d.rule, DIRECTION_INGRESS, verdict, reasons::NONE),

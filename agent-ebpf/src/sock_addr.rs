@@ -51,7 +51,6 @@ pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
         }
         count(counters::verdict(DIRECTION_EGRESS, VERDICT_DENY));
         report(
-            ctx,
             cgroup_id,
             cookie,
             family,
@@ -74,7 +73,6 @@ pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
         }
         count(counters::verdict(DIRECTION_EGRESS, VERDICT_DENY));
         report(
-            ctx,
             cgroup_id,
             cookie,
             family,
@@ -163,7 +161,6 @@ pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
     }
     count(counters::verdict(DIRECTION_EGRESS, verdict));
     report(
-        ctx,
         cgroup_id,
         cookie,
         family,
@@ -186,7 +183,6 @@ pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn report(
-    _ctx: &SockAddrContext,
     cgroup_id: u64,
     cookie: u64,
     family: u8,
