@@ -7,7 +7,7 @@
 //! echo the source port is the echo identifier.
 use agent_common::*;
 
-use crate::maps::CONNECTING;
+use crate::maps::{self, CONNECTING};
 
 #[inline(always)]
 pub fn sender_key(protocol: u8, destination: [u8; 16], src_port: u16, dst_port: u16) -> FlowKey {
@@ -29,31 +29,42 @@ pub fn ports(src_port: u16, dst_port: u16) -> u32 {
 
 /// Records that `identity` sent on the flow to `destination` with `ports` (flags 0), or that
 /// its ingress admitted a flow the remote started ([`CONNECTING_FLAG_ADMITTED`], keyed as the
-/// workload's answer would be). Its own BPF function, so the key is on its own small frame.
+/// workload's answer would be), under the policy generation in force (in `cookie`: an admission
+/// lasts until the policy changes; the next datagram is admitted again or not). Its own BPF
+/// function, so the key is on its own small frame.
 #[inline(never)]
 pub fn record(protocol: u8, destination: &[u8; 16], ports: u32, identity: u32, flags: u32) {
     let key = sender_key(protocol, *destination, (ports >> 16) as u16, ports as u16);
     // SAFETY: copied out at once.
-    if unsafe { CONNECTING.get(key) }.is_some_and(|v| v.identity == identity && v.flags == flags) {
+    let generation = u64::from(maps::generation());
+    if unsafe { CONNECTING.get(key) }
+        .is_some_and(|v| v.identity == identity && v.flags == flags && v.cookie == generation)
+    {
         return;
     }
     let value = ConnectingValue {
         identity,
         flags,
-        cookie: 0,
+        cookie: generation,
     };
     let _ = CONNECTING.insert(key, value, 0);
 }
 
-/// The flags of the record [`record`] made for `identity`, -1 when there is none.
+/// The flags of the record [`record`] made for `identity`, -1 when there is none (an
+/// admission made under an earlier policy generation counts as none).
 #[inline(never)]
 pub fn recorded(protocol: u8, destination: &[u8; 16], ports: u32, identity: u32) -> i64 {
     let key = sender_key(protocol, *destination, (ports >> 16) as u16, ports as u16);
     // SAFETY: copied out at once.
-    match unsafe { CONNECTING.get(key) } {
-        Some(v) if v.identity == identity => i64::from(v.flags),
-        _ => -1,
+    let Some(v) = (unsafe { CONNECTING.get(key) }).copied() else {
+        return -1;
+    };
+    let stale =
+        v.flags & CONNECTING_FLAG_ADMITTED != 0 && v.cookie != u64::from(maps::generation());
+    if v.identity != identity || stale {
+        return -1;
     }
+    i64::from(v.flags)
 }
 
 /// The identity that recorded sending on this flow, if any (a peer on this host, named by its
@@ -76,10 +87,23 @@ pub fn is_reply(local: u32, flow: &FlowKey) -> bool {
     ) == 0
 }
 
-/// Whether `local` may send to `remote_addr:remote_port` from `src_port` outside its egress
-/// rules: the flow is one its ingress admitted (the answer), or one it started.
+/// Whether a datagram `local` sends to `remote_addr:remote_port` from `src_port` answers a flow
+/// its ingress admitted under the policy in force: it passes whatever its egress rules say.
 #[inline(always)]
-pub fn may_answer(
+pub fn is_answer(
+    local: u32,
+    protocol: u8,
+    remote_addr: &[u8; 16],
+    src_port: u16,
+    remote_port: u16,
+) -> bool {
+    let flags = recorded(protocol, remote_addr, ports(src_port, remote_port), local);
+    flags >= 0 && (flags as u32) & CONNECTING_FLAG_ADMITTED != 0
+}
+
+/// Whether the flow is one `local` already took part in: admitted, or started and allowed.
+#[inline(always)]
+pub fn is_known(
     local: u32,
     protocol: u8,
     remote_addr: &[u8; 16],

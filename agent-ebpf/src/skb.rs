@@ -507,14 +507,10 @@ fn egress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, gen: u8) -> i32 {
     let flow = &p.flow;
     let protocol = flow.protocol;
     // Hand-made TCP or UDP (a raw socket), or SCTP: decided by the destination's address and port.
-    if protocol != PROTO_TCP
-        && flows::may_answer(
-            local,
-            protocol,
-            &flow.remote_addr,
-            flow.local_port,
-            flow.remote_port,
-        )
+    // The answers of admitted UDP flows; the packets of SCTP associations already allowed.
+    let (addr, sport, dport) = (&flow.remote_addr, flow.local_port, flow.remote_port);
+    if (protocol == PROTO_UDP && flows::is_answer(local, protocol, addr, sport, dport))
+        || (protocol == PROTO_SCTP && flows::is_known(local, protocol, addr, sport, dport))
     {
         return ALLOW;
     }

@@ -1,8 +1,17 @@
-//! `bind()`: which workload owns a TCP socket, for sockops to read at `listen()`.
+//! `bind()`: which workload owns a TCP socket, for sockops to read at `listen()`, and which
+//! workload a bound UDP port belongs to, for peers on this host that send to it.
 use agent_common::*;
-use aya_ebpf::{helpers::bpf_get_socket_cookie, programs::SockContext, EbpfContext};
+use aya_ebpf::{
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockContext,
+    EbpfContext,
+};
 
-use crate::{maps::OWNERS, sock_addr::current_workload, ALLOW};
+use crate::{
+    maps::{LISTENERS, OWNERS},
+    sock_addr::current_workload,
+    ALLOW,
+};
 
 /// Records which workload bound a TCP socket, in the binding task's context: sockops reads it at
 /// `listen()`, where not every kernel lets it ask for the task's cgroup. Never refuses a bind.
@@ -10,6 +19,10 @@ use crate::{maps::OWNERS, sock_addr::current_workload, ALLOW};
 pub fn record_owner(ctx: &SockContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let protocol = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.sock).protocol)) };
+    if protocol == u32::from(PROTO_UDP) {
+        record_udp_port(ctx);
+        return ALLOW;
+    }
     if protocol != u32::from(PROTO_TCP) {
         return ALLOW;
     }
@@ -28,4 +41,28 @@ pub fn record_owner(ctx: &SockContext) -> i32 {
         let _ = OWNERS.insert(cookie, OwnerValue { identity, _pad: 0 }, 0);
     }
     ALLOW
+}
+
+/// A bound UDP port names its workload to senders on this host, which share its address (the
+/// TCP counterpart is sockops' listener record). A port bound by no workload drops the record a
+/// workload's earlier socket left there.
+#[inline(always)]
+fn record_udp_port(ctx: &SockContext) {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let port = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.sock).src_port)) };
+    let key = ListenerKey {
+        // SAFETY: valid context for this helper in cgroup_sock programs.
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        port: port as u16,
+        protocol: PROTO_UDP,
+        _pad: [0; 5],
+    };
+    match current_workload() {
+        (_, Some(identity)) => {
+            let _ = LISTENERS.insert(key, ListenerValue { identity, _pad: 0 }, 0);
+        }
+        (_, None) => {
+            let _ = LISTENERS.remove(key);
+        }
+    }
 }

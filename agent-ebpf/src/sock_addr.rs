@@ -96,7 +96,7 @@ pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
         && d.isolated
         && d.verdict == VERDICT_DENY
         && src_port != 0
-        && flows::may_answer(local, protocol, &remote_addr, src_port, remote_port)
+        && flows::is_answer(local, protocol, &remote_addr, src_port, remote_port)
     {
         // The answer to a datagram the workload's ingress admitted (or a flow it started).
         return ALLOW;

@@ -1,5 +1,7 @@
 //! `ward policy trace` and the kernel must never disagree: generated policy sets, every
-//! (source, destination, port) pair tried for real and traced without a kernel.
+//! (source, destination, port, protocol) tried for real and traced without a kernel. A UDP case
+//! counts as allowed only when the destination's answer gets back: replies pass the
+//! destination's egress and the source's ingress, as trace says.
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -51,8 +53,9 @@ fn generate(seed: u64, ports: &[u16]) -> String {
                 let port_list = if rng.chance(25) {
                     String::new()
                 } else {
+                    let protocol = if rng.chance(50) { "TCP" } else { "UDP" };
                     format!(
-                        "      ports: [{{port: {}}}]\n",
+                        "      ports: [{{port: {}, protocol: {protocol}}}]\n",
                         ports[rng.next(ports.len() as u64) as usize]
                     )
                 };
@@ -75,11 +78,18 @@ fn generate(seed: u64, ports: &[u16]) -> String {
     docs.join("---\n")
 }
 
-fn traced(ward: &Ward, from: &str, to: &str, port: u16) -> String {
+fn traced(ward: &Ward, from: &str, to: &str, port: u16, protocol: &str) -> String {
     let mut c = std::process::Command::new(ward_bin());
     c.args(["policy", "trace", "--config"])
         .arg(ward.config_file())
-        .args(["--from", from, "--to", to, "--port", &format!("{port}/tcp")]);
+        .args([
+            "--from",
+            from,
+            "--to",
+            to,
+            "--port",
+            &format!("{port}/{protocol}"),
+        ]);
     let done = run(
         "ward policy trace",
         c,
@@ -120,7 +130,12 @@ fn trace_and_the_kernel_agree_on_generated_policies() {
     // Listeners open after ward attached, so the kernel names each by its workload.
     let listeners: Vec<_> = ports
         .iter()
-        .map(|(d, p)| peer.listen(Protocol::Tcp, &format!("127.0.0.1:{p}"), &placements[*d]))
+        .flat_map(|(d, p)| {
+            [Protocol::Tcp, Protocol::Udp].map(|protocol| {
+                let listener = peer.listen(protocol, &format!("127.0.0.1:{p}"), &placements[*d]);
+                (listener, protocol, *d, *p)
+            })
+        })
         .collect();
     let mut verdicts = std::collections::BTreeMap::<String, usize>::new();
     for seed in 1..=6u64 {
@@ -128,15 +143,19 @@ fn trace_and_the_kernel_agree_on_generated_policies() {
             ward.reload_applied(&generate(seed, &all_ports));
         }
         for (src, from) in NAMES.iter().enumerate() {
-            for (listener, (dst, port)) in listeners.iter().zip(&ports) {
+            for (listener, protocol, dst, port) in &listeners {
                 if src == *dst {
                     continue;
                 }
-                let expected = traced(&ward, from, NAMES[*dst], *port);
+                let name = match protocol {
+                    Protocol::Tcp => "tcp",
+                    Protocol::Udp => "udp",
+                };
+                let expected = traced(&ward, from, NAMES[*dst], *port, name);
                 let to: SocketAddr = listener.addr;
                 let (outcome, _) = attempt(
                     &peer,
-                    Protocol::Tcp,
+                    *protocol,
                     to,
                     &placements[src],
                     &["--timeout-ms", "400"],
@@ -148,17 +167,19 @@ fn trace_and_the_kernel_agree_on_generated_policies() {
                 };
                 assert!(
                     agrees,
-                    "seed {seed}: {from} -> {} port {port}: trace says {expected}, the kernel gave {outcome:?}\npolicy:\n{}",
+                    "seed {seed}: {from} -> {} port {port}/{name}: trace says {expected}, the kernel gave {outcome:?}\npolicy:\n{}",
                     NAMES[*dst],
                     generate(seed, &all_ports)
                 );
-                *verdicts.entry(expected).or_default() += 1;
+                *verdicts.entry(format!("{name} {expected}")).or_default() += 1;
             }
         }
     }
     eprintln!("trace and kernel agreed on every generated case: {verdicts:?}");
-    assert!(
-        verdicts.contains_key("allow") && verdicts.contains_key("deny"),
-        "the generated cases do not cover both verdicts: {verdicts:?}"
-    );
+    for case in ["tcp allow", "tcp deny", "udp allow", "udp deny"] {
+        assert!(
+            verdicts.contains_key(case),
+            "the generated cases do not cover `{case}`: {verdicts:?}"
+        );
+    }
 }

@@ -48,6 +48,10 @@ pub struct ConnectArgs {
     /// kernel.bpf_stats_enabled during the run, which itself costs a little per program run.
     #[arg(long)]
     bpf_stats: bool,
+    /// Another build of ward (e.g. the previous release) measured in the same rounds as the
+    /// variant "ward (other)", so a change is compared before and after in one run.
+    #[arg(long)]
+    compare_with: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -147,6 +151,7 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
         fs::write(work.join("policy.nft"), &nft_rules)?;
 
         let (mut base, mut with_ward, mut with_nft) = (Vec::new(), Vec::new(), Vec::new());
+        let mut with_other = Vec::new();
         let mut entries = None;
         for round in 1..=args.rounds {
             println!("round {round} of {}", args.rounds);
@@ -173,6 +178,16 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
                 println!("ward exited ({status})");
             }
 
+            if let Some(other) = &args.compare_with {
+                let log = work.join(format!("ward-other-{size}.log"));
+                let mut agent = Ward::start(other, &work.join("ward.yaml"), &log)?;
+                agent.wait_ready(Duration::from_secs(300))?;
+                with_other.push(measure(&cgroups, seconds, "ward")?);
+                if let Some(status) = agent.stop()? {
+                    println!("ward (other) exited ({status})");
+                }
+            }
+
             nft.load(&work.join("policy.nft"))?;
             let m = measure(&cgroups, seconds, "nftables");
             nft.delete()?;
@@ -195,6 +210,14 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
             entries,
             m: median(&with_ward),
         });
+        if !with_other.is_empty() {
+            rows.push(Row {
+                size,
+                variant: "ward (other)",
+                entries,
+                m: median(&with_other),
+            });
+        }
         rows.push(Row {
             size,
             variant: "nftables",
@@ -561,7 +584,7 @@ fn logged_entries(log: &str) -> Option<usize> {
 
 fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:>7}  {:<12} {:>8} {:>10} {:>9} {:>9} {:>11} {:>9} {:>6}\n",
+        "{:>7}  {:<13} {:>8} {:>10} {:>9} {:>9} {:>11} {:>9} {:>6}\n",
         "size", "variant", "entries", "conns/s", "p50 µs", "p99 µs", "Δ conns/s", "Δ p50", "slow"
     );
     let mut base: Option<&Measurement> = None;
@@ -580,7 +603,7 @@ fn table(rows: &[Row]) -> String {
         let entries = row.entries.map_or("-".into(), |n| n.to_string());
         let _ = writeln!(
             out,
-            "{:>7}  {:<12} {entries:>8} {:>10.0} {:>9.1} {:>9.1} {d_rate:>11} {d_p50:>9} {:>6}",
+            "{:>7}  {:<13} {entries:>8} {:>10.0} {:>9.1} {:>9.1} {d_rate:>11} {d_p50:>9} {:>6}",
             row.size, row.variant, row.m.conns_per_sec, row.m.p50_us, row.m.p99_us, row.m.slow
         );
     }
