@@ -48,6 +48,52 @@ impl Packet {
     }
 }
 
+/// Whether the packet is TCP without SYN (or with SYN and ACK): a flow the ingress check already
+/// decided, which is most inbound packets. Read straight from the packet's linear data (the
+/// transport header is pulled in before the socket's filter runs), in a few loads; `false` sends
+/// the packet to the full parser, which also sees IPv6 extension headers.
+#[inline(always)]
+pub fn is_established_tcp(ctx: &SkBuffContext) -> bool {
+    // SAFETY: valid context; the verifier turns these into packet pointers.
+    let (start, end) = unsafe {
+        (
+            core::ptr::read_volatile(core::ptr::addr_of!((*ctx.skb.skb).data)) as usize,
+            core::ptr::read_volatile(core::ptr::addr_of!((*ctx.skb.skb).data_end)) as usize,
+        )
+    };
+    if start + 20 > end {
+        return false;
+    }
+    // SAFETY: the verifier-checked bounds above and below keep every read inside the packet.
+    let first = unsafe { *(start as *const u8) };
+    let flags_at = match first >> 4 {
+        4 => {
+            // SAFETY: within the first 20 bytes.
+            if unsafe { *((start + 9) as *const u8) } != PROTO_TCP {
+                return false;
+            }
+            start + usize::from(first & 0x0f) * 4 + 13
+        }
+        6 => {
+            if start + 40 > end {
+                return false;
+            }
+            // SAFETY: within the first 40 bytes.
+            if unsafe { *((start + 6) as *const u8) } != PROTO_TCP {
+                return false;
+            }
+            start + 40 + 13
+        }
+        _ => return false,
+    };
+    if flags_at + 1 > end {
+        return false;
+    }
+    // SAFETY: checked against the end of the packet's linear data just above.
+    let flags = unsafe { *(flags_at as *const u8) };
+    flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN
+}
+
 /// The packet's own headers.
 #[inline(always)]
 pub fn parse(ctx: &SkBuffContext) -> Result<Packet, u8> {

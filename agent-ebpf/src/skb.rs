@@ -192,6 +192,9 @@ fn error_belongs_to_allowed_flow(
 /// read. A dropped SYN never reaches the listener.
 #[inline(always)]
 pub fn ingress(ctx: &SkBuffContext) -> i32 {
+    if packet::is_established_tcp(ctx) {
+        return ALLOW;
+    }
     let parsed = packet::parse(ctx);
     if let Ok(p) = &parsed {
         if p.flow.protocol == PROTO_TCP
@@ -454,19 +457,29 @@ fn icmp(ctx: &SkBuffContext, p: &Packet, direction: u8, local: u32, gen: u8) -> 
 /// decided here, packet by packet.
 #[inline(always)]
 pub fn egress(ctx: &SkBuffContext) -> i32 {
-    if let Some(sk) = full_socket(ctx) {
-        // SAFETY: a full socket from the helper.
-        let (kind, protocol) = unsafe {
-            (
-                core::ptr::read_volatile(core::ptr::addr_of!((*sk).type_)),
-                core::ptr::read_volatile(core::ptr::addr_of!((*sk).protocol)),
-            )
-        };
-        if (kind == SOCK_STREAM && protocol == u32::from(PROTO_TCP))
-            || (kind == SOCK_DGRAM && protocol == u32::from(PROTO_UDP))
-        {
-            return ALLOW;
-        }
+    // SAFETY: valid context; `sk` may be null.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: a non-null socket pointer of the context.
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        // A request or time-wait socket: the kernel's TCP answering a flow that was decided
+        // (a SYN-ACK, the last ACK). Raw sockets are always full sockets.
+        return ALLOW;
+    }
+    // SAFETY: a full socket from the helper.
+    let (kind, protocol) = unsafe {
+        (
+            core::ptr::read_volatile(core::ptr::addr_of!((*sk).type_)),
+            core::ptr::read_volatile(core::ptr::addr_of!((*sk).protocol)),
+        )
+    };
+    if (kind == SOCK_STREAM && protocol == u32::from(PROTO_TCP))
+        || (kind == SOCK_DGRAM && protocol == u32::from(PROTO_UDP))
+    {
+        return ALLOW;
     }
     let (cgroup_id, local) = packet_workload(ctx);
     let parsed = packet::parse(ctx);

@@ -91,7 +91,11 @@ pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let remote = ipcache::destination_identity(&remote_addr, remote_port, protocol, netns, gen);
     let d = policy::decide(local, remote, DIRECTION_EGRESS, protocol, remote_port, gen);
-    let src_port = source_port(ctx);
+    let src_port = if protocol == PROTO_UDP {
+        source_port(ctx)
+    } else {
+        0
+    };
     if protocol == PROTO_UDP
         && d.isolated
         && d.verdict == VERDICT_DENY

@@ -141,6 +141,7 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
     let mut rows = Vec::new();
     let mut memory = Vec::new();
     let mut kernel_time = Vec::new();
+    let mut other_kernel_time = Vec::new();
     let _stats = args.bpf_stats.then(BpfStats::enable).transpose()?;
     for &size in &args.sizes {
         heading(&format!("policy size {size}"));
@@ -182,7 +183,16 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
                 let log = work.join(format!("ward-other-{size}.log"));
                 let mut agent = Ward::start(other, &work.join("ward.yaml"), &log)?;
                 agent.wait_ready(Duration::from_secs(300))?;
-                with_other.push(measure(&cgroups, seconds, "ward")?);
+                let before = prog_stats(agent.pid());
+                let m = measure(&cgroups, seconds, "ward")?;
+                if args.bpf_stats {
+                    let per_conn = per_connection(&before, &prog_stats(agent.pid()), m.total_conns);
+                    println!("kernel programs per connection (other build): {per_conn}");
+                    if round == args.rounds {
+                        other_kernel_time.push((size, per_conn));
+                    }
+                }
+                with_other.push(m);
                 if let Some(status) = agent.stop()? {
                     println!("ward (other) exited ({status})");
                 }
@@ -246,7 +256,10 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
     }
     if !kernel_time.is_empty() {
         println!("\nward's kernel programs per connection (runs x ns per run), last round:");
-        for (size, per_conn) in kernel_time {
+        let other = other_kernel_time
+            .into_iter()
+            .map(|(size, t)| (size, format!("{t} (other build)")));
+        for (size, per_conn) in kernel_time.into_iter().chain(other) {
             println!("  size {size:>7}: {per_conn}");
         }
     }
