@@ -87,28 +87,23 @@ pub fn is_reply(local: u32, flow: &FlowKey) -> bool {
     ) == 0
 }
 
-/// Whether a datagram `local` sends to `remote_addr:remote_port` from `src_port` answers a flow
-/// its ingress admitted under the policy in force: it passes whatever its egress rules say.
+/// The flags of `local`'s record of the flow it sends on from `src_port` to
+/// `remote_addr:remote_port`, -1 when there is none: [`CONNECTING_FLAG_ADMITTED`] when the flow
+/// is one its ingress admitted under the policy in force (its answers pass whatever its egress
+/// rules say), 0 when it started the flow itself and was allowed.
 #[inline(always)]
-pub fn is_answer(
+pub fn sending(
     local: u32,
     protocol: u8,
     remote_addr: &[u8; 16],
     src_port: u16,
     remote_port: u16,
-) -> bool {
-    let flags = recorded(protocol, remote_addr, ports(src_port, remote_port), local);
-    flags >= 0 && (flags as u32) & CONNECTING_FLAG_ADMITTED != 0
+) -> i64 {
+    recorded(protocol, remote_addr, ports(src_port, remote_port), local)
 }
 
-/// Whether the flow is one `local` already took part in: admitted, or started and allowed.
+/// Whether [`sending`]'s flags say the flow answers an admitted one.
 #[inline(always)]
-pub fn is_known(
-    local: u32,
-    protocol: u8,
-    remote_addr: &[u8; 16],
-    src_port: u16,
-    remote_port: u16,
-) -> bool {
-    recorded(protocol, remote_addr, ports(src_port, remote_port), local) >= 0
+pub fn is_answer(flags: i64) -> bool {
+    flags >= 0 && (flags as u32) & CONNECTING_FLAG_ADMITTED != 0
 }

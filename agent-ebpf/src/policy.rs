@@ -11,6 +11,21 @@ pub struct Decision {
     pub isolated: bool,
 }
 
+/// The key whose entry says a policy selects `local` in `direction` (and names its default-deny
+/// rules); the first lookup of every decision.
+#[inline(always)]
+fn isolation_key(local: u32, direction: u8, gen: u8) -> PolicyKey {
+    PolicyKey {
+        local_identity: local,
+        remote_identity: REMOTE_ISOLATION,
+        port: PORT_ANY,
+        protocol: PROTO_ANY,
+        direction,
+        generation: gen,
+        _pad: [0; 3],
+    }
+}
+
 /// One policy lookup; `key` is reused between lookups so the stack holds a single key.
 #[inline(always)]
 fn lookup(key: &PolicyKey) -> Option<PolicyValue> {
@@ -79,15 +94,7 @@ fn lookup_decision(
     port: u16,
     gen: u8,
 ) -> Decision {
-    let mut key = PolicyKey {
-        local_identity: local,
-        remote_identity: REMOTE_ISOLATION,
-        port: PORT_ANY,
-        protocol: PROTO_ANY,
-        direction,
-        generation: gen,
-        _pad: [0; 3],
-    };
+    let mut key = isolation_key(local, direction, gen);
     let Some(iso) = lookup(&key) else {
         return Decision {
             verdict: VERDICT_ALLOW,
@@ -140,15 +147,7 @@ fn lookup_decision(
 /// has no such demand.
 #[inline(always)]
 pub fn mtls_demand(local: u32, remote: u32, protocol: u8, port: u16, gen: u8) -> Option<u32> {
-    let mut key = PolicyKey {
-        local_identity: local,
-        remote_identity: REMOTE_ISOLATION,
-        port: PORT_ANY,
-        protocol: PROTO_ANY,
-        direction: DIRECTION_MTLS,
-        generation: gen,
-        _pad: [0; 3],
-    };
+    let mut key = isolation_key(local, DIRECTION_MTLS, gen);
     lookup(&key)?;
     key.remote_identity = remote;
     for (p, proto) in [
@@ -168,16 +167,7 @@ pub fn mtls_demand(local: u32, remote: u32, protocol: u8, port: u16, gen: u8) ->
 /// Whether a policy selects `local` in `direction`: one lookup.
 #[inline(never)]
 pub fn isolated(local: u32, direction: u8, gen: u8) -> bool {
-    let key = PolicyKey {
-        local_identity: local,
-        remote_identity: REMOTE_ISOLATION,
-        port: PORT_ANY,
-        protocol: PROTO_ANY,
-        direction,
-        generation: gen,
-        _pad: [0; 3],
-    };
-    lookup(&key).is_some()
+    lookup(&isolation_key(local, direction, gen)).is_some()
 }
 
 impl Decision {

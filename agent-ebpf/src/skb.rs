@@ -97,6 +97,19 @@ fn report(ctx: &SkBuffContext, p: &Packet, local: u32, remote: u32, what: u64) {
     });
 }
 
+/// Records a policy verdict and turns it into the program's answer: a deny, or an `mtls:
+/// required` rule the packet cannot meet, refuses it.
+#[inline(always)]
+fn answer(ctx: &SkBuffContext, p: &Packet, local: u32, remote: u32, what: u64) -> i32 {
+    report(ctx, p, local, remote, what);
+    let verdict = (what >> 8) as u8;
+    if verdict == VERDICT_DENY || verdict == VERDICT_NO_TUNNEL {
+        REFUSE
+    } else {
+        ALLOW
+    }
+}
+
 /// [`report`]'s packed rule, direction, verdict and reason.
 #[inline(always)]
 fn what(rule: u32, direction: u8, verdict: u8, reason: u8) -> u64 {
@@ -109,20 +122,59 @@ fn what(rule: u32, direction: u8, verdict: u8, reason: u8) -> u64 {
 /// A refusal no rule made: the packet cannot be decided (`reason`).
 #[inline(always)]
 fn refuse_undecided(ctx: &SkBuffContext, p: &Packet, direction: u8, local: u32, reason: u8) -> i32 {
-    report(
+    answer(
         ctx,
         p,
         local,
         IDENTITY_WORLD,
         what(0, direction, VERDICT_DENY, reason),
-    );
-    REFUSE
+    )
 }
 
 /// A refusal of a packet the parser could not finish.
 #[inline(never)]
 fn refuse_unparsed(ctx: &SkBuffContext, direction: u8, local: u32, reason: u8) -> i32 {
     refuse_undecided(ctx, &Packet::unparsed(), direction, local, reason)
+}
+
+/// What both packet programs do first: find the packet's workload, and settle what no rule
+/// decides: a socket of no workload (untouched, or refused with `unmappedCgroups: deny`) and a
+/// packet the parser could not finish (refused for an isolated workload). `Err` is the verdict;
+/// `Ok` carries the workload and the full policy generation on to the protocol's decision.
+#[inline(always)]
+fn decidable(
+    ctx: &SkBuffContext,
+    direction: u8,
+    parsed: Result<Packet, u8>,
+) -> Result<(Packet, u32, u32), i32> {
+    let (cgroup_id, local) = packet_workload(ctx);
+    let full_gen = maps::generation();
+    let Some(local) = local else {
+        if !maps::unmapped_refused(cgroup_id) {
+            return Err(ALLOW);
+        }
+        return Err(match &parsed {
+            Ok(p) => refuse_undecided(ctx, p, direction, 0, reasons::UNMAPPED_CGROUP),
+            Err(_) => refuse_unparsed(ctx, direction, 0, reasons::UNMAPPED_CGROUP),
+        });
+    };
+    match parsed {
+        Ok(p) => Ok((p, local, full_gen)),
+        Err(reason) if policy::isolated(local, direction, (full_gen & 1) as u8) => {
+            Err(refuse_unparsed(ctx, direction, local, reason))
+        }
+        Err(_) => Err(ALLOW),
+    }
+}
+
+/// A protocol no rule can name (UDP-Lite, GRE, raw IP protocols): refused for an isolated
+/// workload.
+#[inline(always)]
+fn refuse_if_isolated(ctx: &SkBuffContext, p: &Packet, direction: u8, local: u32, gen: u8) -> i32 {
+    if !policy::isolated(local, direction, gen) {
+        return ALLOW;
+    }
+    refuse_undecided(ctx, p, direction, local, reasons::PROTOCOL)
 }
 
 /// The policy port of a packet: its destination port, or its ICMP type.
@@ -203,36 +255,15 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
             return ALLOW;
         }
     }
-    let (cgroup_id, local) = packet_workload(ctx);
-    let Some(local) = local else {
-        if !maps::unmapped_refused(cgroup_id) {
-            return ALLOW;
-        }
-        return match &parsed {
-            Ok(p) => refuse_undecided(ctx, p, DIRECTION_INGRESS, 0, reasons::UNMAPPED_CGROUP),
-            Err(_) => REFUSE,
-        };
+    let (p, local, full_gen) = match decidable(ctx, DIRECTION_INGRESS, parsed) {
+        Ok(decidable) => decidable,
+        Err(verdict) => return verdict,
     };
-    let full_gen = maps::generation();
     let gen = (full_gen & 1) as u8;
-    let p = match parsed {
-        Ok(p) => p,
-        Err(reason) => {
-            if !policy::isolated(local, DIRECTION_INGRESS, gen) {
-                return ALLOW;
-            }
-            return refuse_unparsed(ctx, DIRECTION_INGRESS, local, reason);
-        }
-    };
     match p.flow.protocol {
         PROTO_TCP | PROTO_UDP | PROTO_SCTP => ingress_ports(ctx, &p, local, full_gen),
         PROTO_ICMP | PROTO_ICMPV6 => icmp(ctx, &p, DIRECTION_INGRESS, local, gen),
-        _ => {
-            if !policy::isolated(local, DIRECTION_INGRESS, gen) {
-                return ALLOW;
-            }
-            refuse_undecided(ctx, &p, DIRECTION_INGRESS, local, reasons::PROTOCOL)
-        }
+        _ => refuse_if_isolated(ctx, &p, DIRECTION_INGRESS, local, gen),
     }
 }
 
@@ -344,18 +375,13 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
         };
         let _ = ACCEPTING.insert(flow, tag, 0);
     }
-    report(
+    answer(
         ctx,
         p,
         local,
         remote,
         what(d.rule, DIRECTION_INGRESS, verdict, reasons::NONE),
-    );
-    if refused {
-        REFUSE
-    } else {
-        ALLOW
-    }
+    )
 }
 
 /// Whether the receiving socket is connected to the datagram's sender: the workload chose that
@@ -438,18 +464,13 @@ fn icmp(ctx: &SkBuffContext, p: &Packet, direction: u8, local: u32, gen: u8) -> 
             flows::record(protocol, &peer_addr, flows::ports(id, 0), local, 0);
         }
     }
-    report(
+    answer(
         ctx,
         p,
         local,
         remote,
         what(d.rule, direction, verdict, reasons::NONE),
-    );
-    if verdict == VERDICT_DENY {
-        REFUSE
-    } else {
-        ALLOW
-    }
+    )
 }
 
 /// The egress backstop. TCP and UDP sockets left through `connect()`/`sendmsg()`, which decided
@@ -481,36 +502,16 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     {
         return ALLOW;
     }
-    let (cgroup_id, local) = packet_workload(ctx);
     let parsed = packet::parse(ctx);
-    let Some(local) = local else {
-        if !maps::unmapped_refused(cgroup_id) {
-            return ALLOW;
-        }
-        return match &parsed {
-            Ok(p) => refuse_undecided(ctx, p, DIRECTION_EGRESS, 0, reasons::UNMAPPED_CGROUP),
-            Err(_) => REFUSE,
-        };
+    let (p, local, full_gen) = match decidable(ctx, DIRECTION_EGRESS, parsed) {
+        Ok(decidable) => decidable,
+        Err(verdict) => return verdict,
     };
-    let gen = (maps::generation() & 1) as u8;
-    let p = match parsed {
-        Ok(p) => p,
-        Err(reason) => {
-            if !policy::isolated(local, DIRECTION_EGRESS, gen) {
-                return ALLOW;
-            }
-            return refuse_unparsed(ctx, DIRECTION_EGRESS, local, reason);
-        }
-    };
+    let gen = (full_gen & 1) as u8;
     match p.flow.protocol {
         PROTO_ICMP | PROTO_ICMPV6 => icmp(ctx, &p, DIRECTION_EGRESS, local, gen),
         PROTO_TCP | PROTO_UDP | PROTO_SCTP => egress_ports(ctx, &p, local, gen),
-        _ => {
-            if !policy::isolated(local, DIRECTION_EGRESS, gen) {
-                return ALLOW;
-            }
-            refuse_undecided(ctx, &p, DIRECTION_EGRESS, local, reasons::PROTOCOL)
-        }
+        _ => refuse_if_isolated(ctx, &p, DIRECTION_EGRESS, local, gen),
     }
 }
 
@@ -521,9 +522,14 @@ fn egress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, gen: u8) -> i32 {
     let protocol = flow.protocol;
     // Hand-made TCP or UDP (a raw socket), or SCTP: decided by the destination's address and port.
     // The answers of admitted UDP flows; the packets of SCTP associations already allowed.
-    let (addr, sport, dport) = (&flow.remote_addr, flow.local_port, flow.remote_port);
-    if (protocol == PROTO_UDP && flows::is_answer(local, protocol, addr, sport, dport))
-        || (protocol == PROTO_SCTP && flows::is_known(local, protocol, addr, sport, dport))
+    let flags = flows::sending(
+        local,
+        protocol,
+        &flow.remote_addr,
+        flow.local_port,
+        flow.remote_port,
+    );
+    if (protocol == PROTO_UDP && flows::is_answer(flags)) || (protocol == PROTO_SCTP && flags >= 0)
     {
         return ALLOW;
     }
@@ -549,16 +555,11 @@ fn egress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, gen: u8) -> i32 {
         let ports = flows::ports(flow.local_port, flow.remote_port);
         flows::record(protocol, &flow.remote_addr, ports, local, 0);
     }
-    report(
+    answer(
         ctx,
         p,
         local,
         remote,
         what(d.rule, DIRECTION_EGRESS, verdict, reasons::NONE),
-    );
-    if refused {
-        REFUSE
-    } else {
-        ALLOW
-    }
+    )
 }

@@ -45,25 +45,19 @@ pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
     let remote_port = u16::from_be(user_port as u16);
     // SAFETY: valid context for these helpers in cgroup_sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let call = Call {
+        cgroup_id,
+        cookie,
+        family,
+        protocol,
+        remote_addr,
+        remote_port,
+    };
     let Some(local) = local else {
         if !maps::unmapped_refused(cgroup_id) {
             return ALLOW;
         }
-        count(counters::verdict(DIRECTION_EGRESS, VERDICT_DENY));
-        report(
-            cgroup_id,
-            cookie,
-            family,
-            0,
-            IDENTITY_WORLD,
-            protocol,
-            remote_addr,
-            remote_port,
-            VERDICT_DENY,
-            0,
-            reasons::UNMAPPED_CGROUP,
-        );
-        return REFUSE;
+        return refuse_undecided(&call, 0, reasons::UNMAPPED_CGROUP);
     };
     let gen = (maps::generation() & 1) as u8;
     if protocol != PROTO_TCP && protocol != PROTO_UDP && protocol != PROTO_SCTP {
@@ -71,21 +65,7 @@ pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
         if !policy::isolated(local, DIRECTION_EGRESS, gen) {
             return ALLOW;
         }
-        count(counters::verdict(DIRECTION_EGRESS, VERDICT_DENY));
-        report(
-            cgroup_id,
-            cookie,
-            family,
-            local,
-            IDENTITY_WORLD,
-            protocol,
-            remote_addr,
-            remote_port,
-            VERDICT_DENY,
-            0,
-            reasons::PROTOCOL,
-        );
-        return REFUSE;
+        return refuse_undecided(&call, local, reasons::PROTOCOL);
     }
     // SAFETY: valid context for this helper in cgroup_sock_addr programs.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -100,7 +80,13 @@ pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
         && d.isolated
         && d.verdict == VERDICT_DENY
         && src_port != 0
-        && flows::is_answer(local, protocol, &remote_addr, src_port, remote_port)
+        && flows::is_answer(flows::sending(
+            local,
+            protocol,
+            &remote_addr,
+            src_port,
+            remote_port,
+        ))
     {
         // The answer to a datagram the workload's ingress admitted (or a flow it started).
         return ALLOW;
@@ -164,19 +150,7 @@ pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
         return ALLOW;
     }
     count(counters::verdict(DIRECTION_EGRESS, verdict));
-    report(
-        cgroup_id,
-        cookie,
-        family,
-        local,
-        remote,
-        protocol,
-        remote_addr,
-        remote_port,
-        verdict,
-        rule,
-        reasons::NONE,
-    );
+    report(&call, local, remote, verdict, rule, reasons::NONE);
     if refused {
         REFUSE
     } else {
@@ -184,37 +158,42 @@ pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
     }
 }
 
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn report(
+/// The call being decided, as its verdict record names it.
+struct Call {
     cgroup_id: u64,
     cookie: u64,
     family: u8,
-    local: u32,
-    remote: u32,
     protocol: u8,
     remote_addr: [u8; 16],
     remote_port: u16,
-    verdict: u8,
-    rule: u32,
-    reason: u8,
-) {
+}
+
+#[inline(always)]
+fn report(call: &Call, local: u32, remote: u32, verdict: u8, rule: u32, reason: u8) {
     let flow = EventLimitKey {
         local_identity: local,
         remote_identity: remote,
-        remote_addr,
-        remote_port,
-        protocol,
+        remote_addr: call.remote_addr,
+        remote_port: call.remote_port,
+        protocol: call.protocol,
         direction: DIRECTION_EGRESS,
         verdict,
         _pad: [0; 3],
     };
     events::emit(&flow, rule, |ev| {
-        ev.cgroup_id = cgroup_id;
-        ev.cookie = cookie;
-        ev.family = family;
+        ev.cgroup_id = call.cgroup_id;
+        ev.cookie = call.cookie;
+        ev.family = call.family;
         ev.reason = reason;
     });
+}
+
+/// A refusal no rule made (`reason`): counted, recorded, and `EPERM` for the caller.
+#[inline(always)]
+fn refuse_undecided(call: &Call, local: u32, reason: u8) -> i32 {
+    count(counters::verdict(DIRECTION_EGRESS, VERDICT_DENY));
+    report(call, local, IDENTITY_WORLD, VERDICT_DENY, 0, reason);
+    REFUSE
 }
 
 /// The socket's bound source port, 0 when it has none yet.

@@ -158,44 +158,27 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
             println!("round {round} of {}", args.rounds);
             base.push(measure(&cgroups, seconds, "baseline")?);
 
-            let log = work.join(format!("ward-{size}.log"));
-            let mut agent = Ward::start(&ward_bin, &work.join("ward.yaml"), &log)?;
-            agent.wait_ready(Duration::from_secs(300))?;
-            entries = logged_entries(&agent.log_since(0));
-            let before = prog_stats(agent.pid());
-            let m = measure(&cgroups, seconds, "ward")?;
-            if args.bpf_stats {
-                let per_conn = per_connection(&before, &prog_stats(agent.pid()), m.total_conns);
-                println!("kernel programs per connection: {per_conn}");
+            let run = measure_agent(&ward_bin, &work, &format!("ward-{size}"), &cgroups, seconds)?;
+            entries = run.entries;
+            if let Some(per_conn) = run.kernel_time(args.bpf_stats, "") {
                 if round == args.rounds {
                     kernel_time.push((size, per_conn));
                 }
             }
-            with_ward.push(m);
             if round == args.rounds {
-                memory.push((size, sys::memory_kib(agent.pid())));
+                memory.push((size, run.memory));
             }
-            if let Some(status) = agent.stop()? {
-                println!("ward exited ({status})");
-            }
+            with_ward.push(run.m);
 
             if let Some(other) = &args.compare_with {
-                let log = work.join(format!("ward-other-{size}.log"));
-                let mut agent = Ward::start(other, &work.join("ward.yaml"), &log)?;
-                agent.wait_ready(Duration::from_secs(300))?;
-                let before = prog_stats(agent.pid());
-                let m = measure(&cgroups, seconds, "ward")?;
-                if args.bpf_stats {
-                    let per_conn = per_connection(&before, &prog_stats(agent.pid()), m.total_conns);
-                    println!("kernel programs per connection (other build): {per_conn}");
+                let log = format!("ward-other-{size}");
+                let run = measure_agent(other, &work, &log, &cgroups, seconds)?;
+                if let Some(per_conn) = run.kernel_time(args.bpf_stats, " (other build)") {
                     if round == args.rounds {
                         other_kernel_time.push((size, per_conn));
                     }
                 }
-                with_other.push(m);
-                if let Some(status) = agent.stop()? {
-                    println!("ward (other) exited ({status})");
-                }
+                with_other.push(run.m);
             }
 
             nft.load(&work.join("policy.nft"))?;
@@ -408,6 +391,58 @@ struct Measurement {
     slow: u64,
     /// Connects made, warm-up included.
     total_conns: u64,
+}
+
+/// One agent's measurement: the connection rate with it in force, and what it cost.
+struct AgentRun {
+    m: Measurement,
+    entries: Option<usize>,
+    memory: Option<(u64, u64)>,
+    before: BTreeMap<u32, (String, u64, u64)>,
+    after: BTreeMap<u32, (String, u64, u64)>,
+}
+
+impl AgentRun {
+    /// Its kernel programs' time per connection, when `--bpf-stats` asked for it.
+    fn kernel_time(&self, wanted: bool, label: &str) -> Option<String> {
+        if !wanted {
+            return None;
+        }
+        let per_conn = per_connection(&self.before, &self.after, self.m.total_conns);
+        println!("kernel programs per connection{label}: {per_conn}");
+        Some(format!("{per_conn}{label}"))
+    }
+}
+
+/// Starts `bin` with the benchmark's configuration, measures with it in force, and stops it.
+fn measure_agent(
+    bin: &Path,
+    work: &Path,
+    log: &str,
+    cgroups: &CgroupTree,
+    seconds: f64,
+) -> Result<AgentRun> {
+    let mut agent = Ward::start(
+        bin,
+        &work.join("ward.yaml"),
+        &work.join(format!("{log}.log")),
+    )?;
+    agent.wait_ready(Duration::from_secs(300))?;
+    let entries = logged_entries(&agent.log_since(0));
+    let before = prog_stats(agent.pid());
+    let m = measure(cgroups, seconds, "ward")?;
+    let after = prog_stats(agent.pid());
+    let memory = sys::memory_kib(agent.pid());
+    if let Some(status) = agent.stop()? {
+        println!("{} exited ({status})", bin.display());
+    }
+    Ok(AgentRun {
+        m,
+        entries,
+        memory,
+        before,
+        after,
+    })
 }
 
 struct Row {
