@@ -70,37 +70,15 @@ pub fn decide(
     }
 }
 
-/// [`decide`] with its flow packed (a BPF call takes at most five arguments) and its decision
-/// packed into one register: rule in the high half, `isolated` in bit 8, the verdict below.
+/// [`decide`]'s lookups, with the flow packed (a BPF call takes at most five arguments) and the
+/// decision packed into one register: rule in the high half, `isolated` in bit 8, the verdict
+/// below.
 #[inline(never)]
 fn decide_packed(local: u32, remote: u32, what: u32, gen: u8) -> u64 {
-    let d = lookup_decision(
-        local,
-        remote,
-        what as u8,
-        (what >> 8) as u8,
-        (what >> 16) as u16,
-        gen,
-    );
-    (u64::from(d.rule) << 32) | (u64::from(d.isolated) << 8) | u64::from(d.verdict)
-}
-
-#[inline(always)]
-fn lookup_decision(
-    local: u32,
-    remote: u32,
-    direction: u8,
-    protocol: u8,
-    port: u16,
-    gen: u8,
-) -> Decision {
+    let (direction, protocol, port) = (what as u8, (what >> 8) as u8, (what >> 16) as u16);
     let mut key = isolation_key(local, direction, gen);
     let Some(iso) = lookup(&key) else {
-        return Decision {
-            verdict: VERDICT_ALLOW,
-            rule: 0,
-            isolated: false,
-        };
+        return u64::from(VERDICT_ALLOW);
     };
     let mut v = PolicyValue::default();
     for r in [remote, IDENTITY_ANY] {
@@ -135,11 +113,7 @@ fn lookup_decision(
     } else {
         (VERDICT_ALLOW, v.audit_allow_rule)
     };
-    Decision {
-        verdict,
-        rule,
-        isolated: true,
-    }
+    (u64::from(rule) << 32) | (1 << 8) | u64::from(verdict)
 }
 
 /// The rule of a destination's ingress policy that requires `local`'s connections to `remote` at

@@ -239,10 +239,7 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
     }
     if !kernel_time.is_empty() {
         println!("\nward's kernel programs per connection (runs x ns per run), last round:");
-        let other = other_kernel_time
-            .into_iter()
-            .map(|(size, t)| (size, format!("{t} (other build)")));
-        for (size, per_conn) in kernel_time.into_iter().chain(other) {
+        for (size, per_conn) in kernel_time.into_iter().chain(other_kernel_time) {
             println!("  size {size:>7}: {per_conn}");
         }
     }
