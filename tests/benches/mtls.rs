@@ -11,14 +11,12 @@
 //!
 //! Options: `--seconds S` (per timed phase, default 3), `--connections N` (concurrent tunneled
 //! connections for the agents' RSS and CPU, default 1000), `--mib M` (throughput, default 256).
-#[path = "../../tunnel/benches/load.rs"]
-mod load;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use load::*;
 use ward_tests::{Background, Cluster, Placement, Workload};
+use ward_tunnel::load::*;
 
 const A: usize = 0;
 const B: usize = 1;

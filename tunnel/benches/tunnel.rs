@@ -16,8 +16,7 @@ use std::{
 
 use tokio::net::{TcpListener, TcpStream};
 
-mod load;
-use load::*;
+use ward_tunnel::load::*;
 use ward_tunnel::{
     test_helpers::TestCa, Authorizer, Denied, Inbound, InboundConfig, OriginalDestinations,
     Outbound, OutboundConfig, OutboundRequest, SpiffeId, Svid, SvidStore, TrustStore,

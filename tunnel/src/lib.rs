@@ -10,6 +10,10 @@
 //! - [`inbound`]: the listener that verifies, authorizes and connects to the local workload.
 pub mod identity;
 pub mod inbound;
+/// The load generator and servers of the tunnel benchmarks (`tunnel/benches/tunnel.rs`,
+/// `tests/benches/mtls.rs`).
+#[cfg(feature = "testing")]
+pub mod load;
 pub mod outbound;
 pub mod protocol;
 pub mod renewal;

@@ -2,7 +2,6 @@
 //! single-stream throughput, connection rate, many concurrent connections, and the CPU and RSS of
 //! other processes. Shared by `tunnel/benches/tunnel.rs` (loopback) and `tests/benches/mtls.rs`
 //! (two nodes as network namespaces, through the kernel's redirect).
-#![allow(dead_code, reason = "each benchmark uses what it needs")]
 use std::{
     net::SocketAddr,
     sync::{
