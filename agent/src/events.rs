@@ -7,8 +7,8 @@ use std::{
 };
 
 use agent_common::{
-    reasons, VerdictEvent, DIRECTION_EGRESS, ICMP_TYPE_PORT_BASE, IDENTITY_HOST, IDENTITY_WORLD,
-    PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTO_UDPLITE, VERDICT_NO_TUNNEL,
+    reasons, VerdictEvent, DIRECTION_EGRESS, IDENTITY_HOST, IDENTITY_WORLD, PROTO_ANY,
+    VERDICT_NO_TUNNEL,
 };
 use aya::maps::{MapData, RingBuf};
 use tokio::io::{unix::AsyncFd, Interest};
@@ -102,11 +102,8 @@ fn record(names: &Names, ev: &VerdictEvent) -> FlowRecord {
         dst_workload,
         src_addr,
         dst_addr,
-        dst_port: if is_icmp(ev.protocol) {
-            dst_port.saturating_sub(ICMP_TYPE_PORT_BASE)
-        } else {
-            dst_port
-        },
+        // An ICMP message's "port" is its type.
+        dst_port: policy::icmp_type_of(ev.protocol, dst_port).map_or(dst_port, u16::from),
         protocol: protocol_name(ev.protocol),
         reason: match (ev.verdict, ev.reason) {
             (VERDICT_NO_TUNNEL, _) if egress => "mtls required: this node runs no tunnel".into(),
@@ -116,21 +113,13 @@ fn record(names: &Names, ev: &VerdictEvent) -> FlowRecord {
     }
 }
 
-fn is_icmp(protocol: u8) -> bool {
-    protocol == PROTO_ICMP || protocol == PROTO_ICMPV6
-}
-
-/// The protocol as flow records name it; the number for one ward has no name for.
+/// The protocol as flow records name it: policy's name, or the number of one policy cannot name
+/// (`unparsed` for a packet the kernel could not parse).
 fn protocol_name(protocol: u8) -> String {
-    match protocol {
-        PROTO_TCP => "tcp".into(),
-        PROTO_UDP => "udp".into(),
-        PROTO_SCTP => "sctp".into(),
-        PROTO_ICMP => "icmp".into(),
-        PROTO_ICMPV6 => "icmpv6".into(),
-        PROTO_UDPLITE => "udplite".into(),
-        0 => "unparsed".into(),
-        other => format!("ip-proto-{other}"),
+    match (protocol, policy::protocol_name(protocol)) {
+        (PROTO_ANY, _) => "unparsed".into(),
+        (other, "other") => format!("ip-proto-{other}"),
+        (_, name) => name.into(),
     }
 }
 

@@ -1,13 +1,7 @@
 //! The real `ward-control` binary on loopback, spoken to over real mTLS by the agent's own
-//! control-plane client (compiled here from agent/src/control/) and by a bare protocol client
-//! for what the agent's client would never do.
+//! control-plane client (`ward_agent::control`) and by a bare protocol client for what the
+//! agent's client would never do.
 
-#[allow(
-    unused_imports,
-    reason = "the agent's module is compiled here for its tests; the agent uses every re-export"
-)]
-#[path = "../../agent/src/control/mod.rs"]
-mod agent_control;
 mod common;
 use common::{channel, csr, join, joined, tls, WAIT, WEB};
 
@@ -18,9 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_control::{ControlPlaneConfig, RemoteState, RemoteUpdate, ReportedWorkload};
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
+use ward_agent::control::{ControlPlaneConfig, RemoteState, RemoteUpdate, ReportedWorkload};
 use ward_control::test_helpers::{ControlPlane, ControlPlaneOptions};
 use ward_proto::{
     agent_message::Kind, control_client::ControlClient, resource::Body, Ack, AgentMessage, Hello,
@@ -42,7 +36,7 @@ fn agent_config(plane: &ControlPlane, dir: &Path, node: &str) -> ControlPlaneCon
         join_token_file: Some(token_file),
         ca_file: plane.ca_file(),
         state_dir: dir.join(format!("{node}-state")),
-        server_name: agent_control::DEFAULT_SERVER_NAME.into(),
+        server_name: ward_agent::control::DEFAULT_SERVER_NAME.into(),
     }
 }
 
@@ -68,7 +62,7 @@ impl Agent {
         let (reports, reports_rx) = watch::channel(workloads);
         let (tx, updates) = mpsc::channel(1);
         let task = tokio::spawn(async move {
-            agent_control::run(cfg, None, reports_rx, tx)
+            ward_agent::control::run(cfg, None, reports_rx, tx)
                 .await
                 .expect("valid configuration");
         });
@@ -291,7 +285,7 @@ async fn the_agents_signer_obtains_certificates_for_its_own_workloads_only() {
     agent
         .until("own workload known", |s| !s.ipcache.is_empty())
         .await;
-    let signer = agent_control::WorkloadSigner::new(cfg);
+    let signer = ward_agent::control::WorkloadSigner::new(cfg);
     let web = ward_tunnel::SpiffeId::parse("spiffe://example.org/ns/demo/sa/web").expect("id");
     let (key, csr) = ward_tunnel::renewal::new_request().expect("csr");
     let chain = signer.sign(&web, csr).await.expect("web is this node's");
@@ -652,7 +646,7 @@ async fn a_nacked_update_is_logged_and_the_next_change_still_arrives() {
         plane.logs()
     );
     agent.quiet(Duration::from_millis(400)).await;
-    let kept = agent_control::load_last_applied(&cfg).expect("saved state");
+    let kept = ward_agent::control::load_last_applied(&cfg).expect("saved state");
     assert_eq!(
         kept.policies, state.policies,
         "the NACKed state is not saved"
@@ -679,7 +673,7 @@ async fn state_survives_restarts_of_agent_and_control_plane() {
     drop(agent);
 
     plane.kill();
-    let saved = agent_control::load_last_applied(&cfg).expect("last applied state on disk");
+    let saved = ward_agent::control::load_last_applied(&cfg).expect("last applied state on disk");
     assert_eq!(saved.policies, applied.policies);
     assert_eq!(saved.ipcache, applied.ipcache);
 

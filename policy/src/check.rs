@@ -14,7 +14,7 @@ use super::{
 };
 
 /// What `check` looks for beyond validity.
-pub(crate) struct LintOptions<'a> {
+pub struct LintOptions<'a> {
     /// Without workloads, the checks that need them (selects nothing, shadowed) are skipped.
     pub workloads: Option<&'a [WorkloadInfo]>,
     /// Audit-mode policies from files under these paths are warned about; empty: every file.
@@ -39,7 +39,7 @@ fn rule_warning(policy: &Policy, rule: &Rule, kind: WarningKind, message: String
     }
 }
 
-pub(crate) fn lint(
+pub fn lint(
     set: &PolicySet,
     options: &LintOptions<'_>,
 ) -> Result<Vec<PolicyWarning>, CompileError> {
@@ -113,7 +113,7 @@ fn open_peer(rule: &Rule) -> Option<String> {
     })
 }
 
-pub(crate) fn find_rule<'a>(set: &'a PolicySet, info: &RuleInfo) -> Option<(&'a Policy, &'a Rule)> {
+pub fn find_rule<'a>(set: &'a PolicySet, info: &RuleInfo) -> Option<(&'a Policy, &'a Rule)> {
     let policy = set.policies.iter().find(|p| p.name == info.policy)?;
     let rule = policy
         .rules()
@@ -179,7 +179,7 @@ fn covering_deny(compiled: &Compiled, key: &PolicyKey, slot: Slot) -> Option<u32
 }
 
 /// The outcome of a check run.
-pub(crate) struct CheckReport {
+pub struct CheckReport {
     /// Names of the valid policies.
     pub policies: Vec<String>,
     pub errors: Vec<PolicyError>,
@@ -291,8 +291,8 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use super::*;
-    use crate::policy::compile::tests::{policy, workload};
-    use crate::policy::parse;
+    use crate::parse;
+    use crate::testing::{policy, workload};
 
     fn warnings(
         yaml: &str,

@@ -101,7 +101,7 @@ pub struct Compiled {
 
 /// One rule's contribution to one map entry, before merging.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Contribution {
+pub struct Contribution {
     pub key: PolicyKey,
     pub slot: Slot,
     pub rule: u32,
@@ -110,7 +110,7 @@ pub(crate) struct Contribution {
 
 /// A field of [`PolicyValue`] that holds a rule id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Slot {
+pub enum Slot {
     Deny,
     Allow,
     AuditDeny,
@@ -144,13 +144,7 @@ impl Slot {
     }
 }
 
-pub(crate) fn policy_key(
-    local: u32,
-    remote: u32,
-    direction: u8,
-    protocol: u8,
-    port: u16,
-) -> PolicyKey {
+pub fn policy_key(local: u32, remote: u32, direction: u8, protocol: u8, port: u16) -> PolicyKey {
     PolicyKey {
         local_identity: local,
         remote_identity: remote,
@@ -161,12 +155,12 @@ pub(crate) fn policy_key(
     }
 }
 
-pub(crate) fn isolation_key(local: u32, direction: u8) -> PolicyKey {
+pub fn isolation_key(local: u32, direction: u8) -> PolicyKey {
     policy_key(local, REMOTE_ISOLATION, direction, PROTO_ANY, PORT_ANY)
 }
 
 /// The keys the kernel looks up for a query, in the order it merges them.
-pub(crate) fn lookup_keys(
+pub fn lookup_keys(
     local: u32,
     remote: u32,
     direction: u8,
@@ -213,7 +207,7 @@ pub fn compile_with_peers(
 }
 
 /// [`compile`], showing every contribution to `observe` as it is merged.
-pub(crate) fn compile_observed(
+pub fn compile_observed(
     set: &PolicySet,
     workloads: &[WorkloadInfo],
     rule_ids: &mut RuleIds,
@@ -618,4 +612,4 @@ impl Compiled {
 }
 
 #[cfg(test)]
-pub(crate) mod tests;
+pub mod tests;

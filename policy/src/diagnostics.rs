@@ -136,10 +136,10 @@ fn field_prefix(field: &str) -> String {
 
 /// A field's path inside a document, kept as segments so its line can be found again.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct FieldPath(Vec<Segment>);
+pub struct FieldPath(Vec<Segment>);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Segment {
+pub enum Segment {
     Key(String),
     Index(usize),
 }
@@ -177,7 +177,7 @@ impl fmt::Display for FieldPath {
 
 /// Problems found in one document, before they are given a location.
 #[derive(Debug, Default)]
-pub(crate) struct Findings {
+pub struct Findings {
     pub errors: Vec<(FieldPath, String)>,
     pub warnings: Vec<(FieldPath, WarningKind, String)>,
 }

@@ -2,9 +2,6 @@
 //! documents, compile what loads for a few workloads, and ask the compiled map a few questions.
 //! Any text in, no panic out. The unit tests replay the committed corpus through the same
 //! function, so CI checks every corpus input without cargo-fuzz.
-//!
-//! The fuzz crate includes this file at its root, next to the `policy` module, so it names that
-//! module by `crate::policy` only.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -14,7 +11,7 @@ use agent_common::{
     PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 
-use crate::policy;
+use crate as policy;
 
 fn workloads() -> Vec<policy::WorkloadInfo> {
     let workload = |identity: u32, name: &str, namespace: &str, app: &str, address: &str| {

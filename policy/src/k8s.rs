@@ -25,7 +25,7 @@ pub fn policy_name(namespace: Option<&str>, name: &str) -> String {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct NetworkPolicyDoc {
+pub struct NetworkPolicyDoc {
     #[serde(rename = "apiVersion")]
     _api_version: String,
     #[serde(rename = "kind")]
@@ -98,7 +98,7 @@ enum IntOrString {
     String(String),
 }
 
-pub(crate) fn convert(doc: NetworkPolicyDoc, origin: Origin, findings: &mut Findings) -> Policy {
+pub fn convert(doc: NetworkPolicyDoc, origin: Origin, findings: &mut Findings) -> Policy {
     let root = FieldPath::default();
     let spec = root.key("spec");
     let namespace = doc
@@ -317,7 +317,7 @@ fn port(doc: PortDoc, path: &FieldPath, findings: &mut Findings) -> Option<PortM
 mod tests {
     use std::path::Path;
 
-    use crate::policy::{parse, PolicyErrors, WarningKind};
+    use crate::{parse, PolicyErrors, WarningKind};
 
     fn network_policy(metadata: &str, spec: &str) -> String {
         format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n{metadata}\nspec:\n{spec}\n")
@@ -402,8 +402,8 @@ mod tests {
     fn sctp_ports_compile_to_sctp_keys() {
         use agent_common::{PORT_ANY, PROTO_SCTP};
 
-        use crate::policy::compile::tests::workload;
-        use crate::policy::{compile, RuleIds};
+        use crate::testing::workload;
+        use crate::{compile, RuleIds};
 
         let spec = "  podSelector: {}\n  ingress:\n    - ports:\n        - {protocol: SCTP, port: 9}\n        - {protocol: sctp}";
         let set = parse(

@@ -6,19 +6,21 @@
 //! a set plus the node's workloads into [`Compiled`] map entries, and [`Compiled::decide`] answers
 //! a query exactly as the kernel does, so `ward policy trace` and enforcement cannot disagree.
 
-mod check;
-pub mod cli;
-mod compile;
-mod diagnostics;
+pub mod check;
+pub mod compile;
+pub mod diagnostics;
 mod k8s;
-mod load;
-mod model;
-mod trace;
+pub mod load;
+pub mod model;
+mod port;
+pub mod trace;
 mod ward;
 
-// The fuzz target (fuzz/) includes it on its own; the agent only replays the corpus through it.
-#[cfg(test)]
-mod fuzzing;
+/// What the fuzz target (fuzz/) runs on every input; the unit tests replay the corpus through it.
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 #[cfg(test)]
 mod tests;
 
@@ -31,6 +33,7 @@ pub use diagnostics::*;
 // A glob, so that `parse` (used by tests and fuzz/ only) stays part of the API.
 pub use load::*;
 pub use model::{is_port_name, PolicySet, NAMESPACE_NAME_LABEL};
+pub use port::{icmp_type_of, PortArg};
 
 /// What the policy compiler needs to know about one workload of the node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -139,5 +142,19 @@ pub fn verdict_name(verdict: u8) -> &'static str {
         agent_common::VERDICT_REDIRECT => "redirect",
         agent_common::VERDICT_NO_TUNNEL => "deny",
         _ => "unknown",
+    }
+}
+
+/// A protocol as ward names it in output: `tcp`, `udp`, `sctp`, `icmp`, `icmpv6`, `udplite`, `any`.
+pub fn protocol_name(protocol: u8) -> &'static str {
+    match protocol {
+        agent_common::PROTO_TCP => "tcp",
+        agent_common::PROTO_UDP => "udp",
+        agent_common::PROTO_SCTP => "sctp",
+        agent_common::PROTO_ICMP => "icmp",
+        agent_common::PROTO_ICMPV6 => "icmpv6",
+        agent_common::PROTO_UDPLITE => "udplite",
+        agent_common::PROTO_ANY => "any",
+        _ => "other",
     }
 }

@@ -107,7 +107,7 @@ pub fn parse_documents_cached<'a>(
 
 /// Everything loading found: the valid policies, the errors and the warnings.
 #[derive(Debug, Default)]
-pub(crate) struct Report {
+pub struct Report {
     pub set: PolicySet,
     pub errors: Vec<PolicyError>,
     /// Where each policy name was first defined.

@@ -31,7 +31,7 @@ pub fn is_port_name(name: &str) -> bool {
 /// Parsed, validated policies in load order (file, then document).
 #[derive(Clone, Debug, Default)]
 pub struct PolicySet {
-    pub(crate) policies: Vec<Policy>,
+    pub policies: Vec<Policy>,
     /// Things the documents say that ward accepts but a reviewer should look at.
     pub warnings: Vec<super::PolicyWarning>,
 }
@@ -47,7 +47,7 @@ impl PolicySet {
     }
 
     /// Every distinct CIDR and except prefix, in order.
-    pub(crate) fn prefixes(&self) -> std::collections::BTreeSet<IpNet> {
+    pub fn prefixes(&self) -> std::collections::BTreeSet<IpNet> {
         let peers = self
             .policies
             .iter()
@@ -66,7 +66,7 @@ impl PolicySet {
 
 /// Where a policy came from.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Origin {
+pub struct Origin {
     pub file: PathBuf,
     pub document: usize,
     /// First line of the document's content.
@@ -74,7 +74,7 @@ pub(crate) struct Origin {
 }
 
 #[derive(Clone, Debug)]
-pub(crate) struct Policy {
+pub struct Policy {
     /// Unique in a set; `namespace/name` for a NetworkPolicy.
     pub name: String,
     pub origin: Origin,
@@ -110,7 +110,7 @@ impl Policy {
 }
 
 #[derive(Clone, Debug)]
-pub(crate) struct Rule {
+pub struct Rule {
     pub name: String,
     /// Path of the rule in its document, for diagnostics.
     pub field: FieldPath,
@@ -125,7 +125,7 @@ pub(crate) struct Rule {
 }
 
 #[derive(Clone, Debug)]
-pub(crate) enum Peer {
+pub enum Peer {
     Workloads(WorkloadSelector),
     Cidr { net: IpNet, except: Vec<IpNet> },
 }
@@ -162,7 +162,7 @@ impl Peer {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum PortMatch {
+pub enum PortMatch {
     /// Every port of a protocol.
     Protocol(u8),
     Range {
@@ -199,7 +199,7 @@ impl PortMatch {
 
 /// Selects workloads: every part given must match.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct WorkloadSelector {
+pub struct WorkloadSelector {
     pub labels: LabelSelector,
     pub spiffe_id: Option<SpiffeMatch>,
     pub namespace: NamespaceMatch,
@@ -217,7 +217,7 @@ impl WorkloadSelector {
 }
 
 #[derive(Clone, Debug, Default)]
-pub(crate) enum NamespaceMatch {
+pub enum NamespaceMatch {
     #[default]
     Any,
     Exact(String),
@@ -243,7 +243,7 @@ impl NamespaceMatch {
 
 /// Kubernetes label selector semantics: `matchLabels` equality and `matchExpressions`, ANDed.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct LabelSelector {
+pub struct LabelSelector {
     pub equal: BTreeMap<String, String>,
     pub expressions: Vec<Expression>,
 }
@@ -256,7 +256,7 @@ impl LabelSelector {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-pub(crate) enum Operator {
+pub enum Operator {
     In,
     NotIn,
     Exists,
@@ -266,14 +266,14 @@ pub(crate) enum Operator {
 /// One entry of `matchExpressions`, as written in both languages.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct ExpressionDoc {
+pub struct ExpressionDoc {
     key: String,
     operator: Operator,
     values: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug)]
-pub(crate) struct Expression {
+pub struct Expression {
     key: String,
     operator: Operator,
     values: Vec<String>,
@@ -292,7 +292,7 @@ impl Expression {
 }
 
 /// A label selector from its two parts; `path` is the selector's own path.
-pub(crate) fn label_selector(
+pub fn label_selector(
     equal: Option<BTreeMap<String, String>>,
     expressions: Option<Vec<ExpressionDoc>>,
     path: &FieldPath,
@@ -330,7 +330,7 @@ pub(crate) fn label_selector(
 
 /// `spiffeId` in a selector: an exact ID, or every ID below a path written `…/*`.
 #[derive(Clone, Debug)]
-pub(crate) enum SpiffeMatch {
+pub enum SpiffeMatch {
     Exact(String),
     /// Keeps the trailing `/`.
     Prefix(String),
@@ -381,7 +381,7 @@ impl SpiffeMatch {
 
 /// A CIDR with its exceptions. `lenient` truncates host bits (with a warning) where a strict
 /// parser refuses them, as Kubernetes does.
-pub(crate) fn cidr_peer(
+pub fn cidr_peer(
     cidr: &str,
     except: &[String],
     lenient: bool,
@@ -437,7 +437,7 @@ fn parse_cidr(
 
 /// `protocol` of a port entry, TCP when absent; `allowed` lists the protocol names the language
 /// accepts, matched without regard to case.
-pub(crate) fn parse_protocol(
+pub fn parse_protocol(
     text: Option<&str>,
     allowed: &[&str],
     path: &FieldPath,
@@ -465,12 +465,12 @@ pub(crate) fn parse_protocol(
 }
 
 /// Whether a protocol's port field holds an ICMP message type instead of a port.
-pub(crate) fn is_icmp(protocol: u8) -> bool {
+pub fn is_icmp(protocol: u8) -> bool {
     protocol == PROTO_ICMP || protocol == PROTO_ICMPV6
 }
 
 /// `icmpType` of an ICMP or ICMPv6 port entry: a message type from 0 to 255.
-pub(crate) fn icmp_type(value: i64, path: &FieldPath, findings: &mut Findings) -> Option<u8> {
+pub fn icmp_type(value: i64, path: &FieldPath, findings: &mut Findings) -> Option<u8> {
     let valid = u8::try_from(value).ok();
     if valid.is_none() {
         findings.error(path, format!("icmpType {value} is outside 0-255"));
@@ -479,7 +479,7 @@ pub(crate) fn icmp_type(value: i64, path: &FieldPath, findings: &mut Findings) -
 }
 
 /// A numbered port entry: `port` alone, or `port` to `endPort`.
-pub(crate) fn port_range(
+pub fn port_range(
     protocol: u8,
     port: i64,
     end_port: Option<i64>,
@@ -517,7 +517,7 @@ pub(crate) fn port_range(
 }
 
 /// Names of policies and rules: they appear in verdict lines and logs.
-pub(crate) fn check_name(name: &str, path: &FieldPath, findings: &mut Findings) {
+pub fn check_name(name: &str, path: &FieldPath, findings: &mut Findings) {
     let valid = !name.is_empty()
         && name.len() <= 253
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())

@@ -2,18 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
-use super::compile::tests::workload;
 use super::{compile, load, parse, RuleIds, WorkloadInfo};
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the agent crate is in the workspace")
-        .to_owned()
-}
+use crate::testing::{fenced_blocks, policy_docs, repo_root, workload};
 
 /// Workloads the examples talk about.
-pub(crate) fn example_workloads() -> Vec<WorkloadInfo> {
+pub fn example_workloads() -> Vec<WorkloadInfo> {
     let mut workloads = vec![
         workload(300, "frontend", &[("app", "frontend")], &["10.200.0.2"]),
         workload(
@@ -53,35 +46,6 @@ pub(crate) fn example_workloads() -> Vec<WorkloadInfo> {
         w.spiffe_id = format!("spiffe://example.org/ns/{namespace}/sa/{}", w.name);
     }
     workloads
-}
-
-/// The fenced blocks of a Markdown text whose opening fence is "```" followed by exactly `info`,
-/// each with the line number of its first line.
-pub(crate) fn fenced_blocks(markdown: &str, info: &str) -> Vec<(usize, String)> {
-    let mut blocks = Vec::new();
-    let mut open: Option<(bool, usize, String)> = None;
-    for (number, line) in markdown.lines().enumerate() {
-        let trimmed = line.trim_end();
-        match &mut open {
-            None => {
-                if let Some(rest) = trimmed.strip_prefix("```") {
-                    open = Some((rest == info, number + 2, String::new()));
-                }
-            }
-            Some(_) if trimmed.starts_with("```") => {
-                if let Some((true, first, text)) = open.take() {
-                    blocks.push((first, text));
-                }
-            }
-            Some((_, _, text)) => *text += &format!("{line}\n"),
-        }
-    }
-    blocks
-}
-
-pub(crate) fn policy_docs() -> String {
-    let path = repo_root().join("docs/policy.md");
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// The ```yaml blocks of a Markdown text that are policy documents, with their first line.
@@ -213,32 +177,6 @@ fn the_example_policies_load_and_compile_together() {
     assert!(
         !compiled.entries.is_empty(),
         "the examples select the example workloads"
-    );
-}
-
-#[test]
-fn every_ward_command_of_the_docs_parses() {
-    use clap::Parser;
-    let mut commands = 0;
-    for (first, block) in fenced_blocks(&policy_docs(), "sh") {
-        for (offset, text) in block.lines().enumerate() {
-            let text = text.split(" #").next().unwrap_or_default();
-            let command = text.split(" > ").next().unwrap_or_default().trim();
-            if !command.starts_with("ward ") {
-                continue;
-            }
-            commands += 1;
-            if let Err(e) = crate::cli::Cli::try_parse_from(command.split_whitespace()) {
-                panic!(
-                    "docs/policy.md:{}: `{command}` is not a valid command:\n{e}",
-                    first + offset
-                );
-            }
-        }
-    }
-    assert!(
-        commands >= 5,
-        "docs/policy.md shows check and trace commands; found {commands}"
     );
 }
 

@@ -17,7 +17,7 @@ use super::{CompileError, Compiled, Decision, PolicySet, RuleIds, WorkloadInfo};
 
 /// One end of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Endpoint<'a> {
+pub enum Endpoint<'a> {
     Workload(&'a WorkloadInfo),
     /// An address that is no workload's.
     Address(IpAddr),
@@ -61,7 +61,7 @@ impl fmt::Display for Endpoint<'_> {
 
 /// The check of one side of a connection: egress at the source, or ingress at the destination.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Leg {
+pub struct Leg {
     pub direction: u8,
     /// The workload whose policy is checked.
     pub local: String,
@@ -133,7 +133,7 @@ fn severity(verdict: u8) -> u8 {
 }
 
 /// The verdict of a whole connection and the leg that decided it (`None`: no leg is isolated).
-pub(crate) fn combine(legs: &[Leg]) -> (u8, Option<&Leg>) {
+pub fn combine(legs: &[Leg]) -> (u8, Option<&Leg>) {
     let deciding = legs
         .iter()
         .filter(|l| l.decision.isolated)
@@ -147,13 +147,13 @@ pub(crate) fn combine(legs: &[Leg]) -> (u8, Option<&Leg>) {
 
 /// A traced connection.
 #[derive(Debug)]
-pub(crate) struct Trace {
+pub struct Trace {
     pub compiled: Compiled,
     pub legs: Vec<Leg>,
 }
 
 /// Traces `from → to` on `protocol`/`port`, listing the contributions behind every lookup.
-pub(crate) fn trace(
+pub fn trace(
     set: &PolicySet,
     workloads: &[WorkloadInfo],
     from: Endpoint<'_>,
@@ -197,7 +197,7 @@ pub(crate) fn trace(
 
 /// A change of verdict between two policy sets for one connection, on some of its ports.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Change {
+pub struct Change {
     pub from: String,
     pub to: String,
     pub protocol: u8,
@@ -222,7 +222,7 @@ impl Change {
 
 /// Every connection between the workloads, and between them and the address ranges the
 /// policies name, whose verdict differs between `old` and `new`.
-pub(crate) fn diff(
+pub fn diff(
     old: &PolicySet,
     new: &PolicySet,
     workloads: &[WorkloadInfo],

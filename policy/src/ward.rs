@@ -20,7 +20,7 @@ pub const DEFAULT_DENY: &str = "default-deny";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct PolicyDoc {
+pub struct PolicyDoc {
     #[serde(rename = "apiVersion")]
     _api_version: String,
     #[serde(rename = "kind")]
@@ -101,7 +101,7 @@ enum Mtls {
     Disabled,
 }
 
-pub(crate) fn convert(doc: PolicyDoc, origin: Origin, findings: &mut Findings) -> Policy {
+pub fn convert(doc: PolicyDoc, origin: Origin, findings: &mut Findings) -> Policy {
     let root = FieldPath::default();
     let spec = root.key("spec");
     check_name(
@@ -365,7 +365,7 @@ fn icmp_port(
 mod tests {
     use std::path::Path;
 
-    use crate::policy::{parse, PolicyError};
+    use crate::{parse, PolicyError};
 
     const HEAD: &str = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  name: p\nspec:\n";
 
@@ -493,7 +493,7 @@ mod tests {
     fn icmp_and_sctp_ports_parse_case_insensitively() {
         use agent_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP};
 
-        use crate::policy::model::PortMatch;
+        use crate::model::PortMatch;
 
         let text = format!(
             "{HEAD}  selector: {{}}\n  ingress:\n    - ports:\n        - {{protocol: ICMP}}\n        - {{protocol: icmp, icmpType: 8}}\n        - {{protocol: ICMPv6, icmpType: 128}}\n        - {{protocol: icmpV6, icmpType: 0}}\n        - {{protocol: SCTP, port: 9}}\n        - {{protocol: sctp}}\n"

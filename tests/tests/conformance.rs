@@ -1,4 +1,4 @@
-//! The Kubernetes NetworkPolicy conformance table (`agent/src/policy/testdata/
+//! The Kubernetes NetworkPolicy conformance table (`policy/src/testdata/
 //! networkpolicy-conformance.yaml`), which the unit tests check through `ward policy trace`,
 //! checked through the kernel: every pod a cgroup with its address in a network namespace of its
 //! own, the real `ward` enforcing each scenario's policies, and every pair tried with a real client.
@@ -12,7 +12,7 @@ use ward_tests::{
     peer, Lan, Listener, Outcome, Peer, Placement, Protocol, TestCgroups, Ward, Workload,
 };
 
-const TABLE: &str = "../agent/src/policy/testdata/networkpolicy-conformance.yaml";
+const TABLE: &str = "../policy/src/testdata/networkpolicy-conformance.yaml";
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const PODS: [&str; 3] = ["a", "b", "c"];
 /// Long enough for an allowed connection across the bridge; a refused one either fails at once

@@ -1,4 +1,6 @@
 //! Command line: parses arguments, sets up logging and dispatches.
+
+mod policy;
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -103,7 +105,7 @@ enum Command {
     /// Check, trace and diff policy without a kernel.
     Policy {
         #[command(subcommand)]
-        command: crate::policy::cli::PolicyCommand,
+        command: policy::PolicyCommand,
     },
     /// Remove the programs, links and maps an agent left pinned.
     Uninstall {
@@ -227,7 +229,7 @@ pub fn main() -> ExitCode {
         }),
         Command::Uninstall { pin_dir } => app::uninstall(&pin_dir),
         Command::Policy { command } => {
-            return crate::policy::cli::run(command).unwrap_or_else(|e| {
+            return policy::run(command).unwrap_or_else(|e| {
                 eprintln!("error: {e:#}");
                 ExitCode::FAILURE
             })

@@ -2,24 +2,23 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::str::FromStr;
 
 use agent_common::{
-    icmp_type_port, ICMP_TYPE_PORT_BASE, IDENTITY_ANY, IDENTITY_WORLD, PORT_ANY, PROTO_ANY,
-    PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REMOTE_ISOLATION, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DENY, VERDICT_REDIRECT,
+    IDENTITY_ANY, IDENTITY_WORLD, PORT_ANY, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, REMOTE_ISOLATION, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
+    VERDICT_REDIRECT,
 };
 use anyhow::{bail, Context as _};
 use clap::{Subcommand, ValueEnum};
 use serde_json::json;
 
-use super::check::{find_rule, lint, CheckReport, LintOptions};
-use super::compile::{Contribution, Slot};
-use super::load::Report;
-use super::trace::{combine, diff, trace, Change, Endpoint, Leg};
-use super::{
-    direction_name, load, verdict_name, Compiled, Location, PolicyError, PolicySet, PolicyWarning,
-    WarningKind, WorkloadInfo,
+use ward_policy::check::{find_rule, lint, CheckReport, LintOptions};
+use ward_policy::compile::{Contribution, Slot};
+use ward_policy::load::Report;
+use ward_policy::trace::{combine, diff, trace, Change, Endpoint, Leg};
+use ward_policy::{
+    direction_name, icmp_type_of, load, protocol_name, verdict_name, Compiled, Location,
+    PolicyError, PolicySet, PolicyWarning, PortArg, WarningKind, WorkloadInfo,
 };
 
 #[derive(Debug, Subcommand)]
@@ -103,77 +102,6 @@ pub enum Expect {
     Deny,
     Audit,
     Redirect,
-}
-
-/// `--port 8080/tcp`, or `--port 8/icmp` for an ICMP message type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortArg {
-    pub protocol: u8,
-    /// The port of the policy-map key: the port, or for ICMP and ICMPv6
-    /// [`icmp_type_port`] of the message type.
-    pub port: u16,
-}
-
-impl PortArg {
-    /// The ICMP or ICMPv6 message type, for those protocols.
-    pub fn icmp_type(&self) -> Option<u8> {
-        icmp_type_of(self.protocol, self.port)
-    }
-}
-
-/// The message type an ICMP or ICMPv6 key port stands for.
-fn icmp_type_of(protocol: u8, port: u16) -> Option<u8> {
-    if protocol != PROTO_ICMP && protocol != PROTO_ICMPV6 {
-        return None;
-    }
-    port.checked_sub(ICMP_TYPE_PORT_BASE)
-        .and_then(|t| u8::try_from(t).ok())
-}
-
-impl FromStr for PortArg {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        let (number, protocol) = text.split_once('/').unwrap_or((text, "tcp"));
-        let protocol = match protocol.to_ascii_lowercase().as_str() {
-            "tcp" => PROTO_TCP,
-            "udp" => PROTO_UDP,
-            "sctp" => PROTO_SCTP,
-            "icmp" => PROTO_ICMP,
-            "icmpv6" => PROTO_ICMPV6,
-            other => {
-                return Err(format!(
-                    "protocol `{other}` is not tcp, udp, sctp, icmp or icmpv6"
-                ))
-            }
-        };
-        if protocol == PROTO_ICMP || protocol == PROTO_ICMPV6 {
-            return match number.parse::<u8>() {
-                Ok(icmp_type) => Ok(PortArg {
-                    protocol,
-                    port: icmp_type_port(icmp_type),
-                }),
-                Err(_) => Err(format!(
-                    "ICMP type `{number}` is not a number from 0 to 255"
-                )),
-            };
-        }
-        match number.parse::<u16>() {
-            Ok(port) if port != 0 => Ok(PortArg { protocol, port }),
-            _ => Err(format!("port `{number}` is not a number from 1 to 65535")),
-        }
-    }
-}
-
-impl std::fmt::Display for PortArg {
-    /// `tcp/8080`, or `icmp type 8`.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let protocol = protocol_name(self.protocol);
-        match self.icmp_type() {
-            Some(icmp_type) => write!(f, "{protocol} type {icmp_type}"),
-            None => write!(f, "{protocol}/{}", self.port),
-        }
-    }
 }
 
 /// Whether the replies of an admitted flow of this kind pass both sides whatever their policy:
@@ -359,18 +287,6 @@ pub(crate) fn check(
         policies: set.names().map(str::to_owned).collect(),
         errors,
         warnings,
-    }
-}
-
-fn protocol_name(protocol: u8) -> &'static str {
-    match protocol {
-        PROTO_TCP => "tcp",
-        PROTO_UDP => "udp",
-        PROTO_SCTP => "sctp",
-        PROTO_ICMP => "icmp",
-        PROTO_ICMPV6 => "icmpv6",
-        PROTO_ANY => "any",
-        _ => "other",
     }
 }
 
@@ -642,7 +558,93 @@ fn diff_json(changes: &[Change]) -> serde_json::Value {
 mod tests {
     use std::path::Path;
 
+    use agent_common::icmp_type_port;
+
     use super::*;
+
+    /// The workloads of the diff tests.
+    fn diff_workloads() -> Vec<WorkloadInfo> {
+        use ward_policy::testing::workload;
+        vec![
+            workload(300, "web", &[("app", "web")], &["10.0.0.2"]),
+            workload(301, "client", &[("app", "client")], &["10.0.0.3"]),
+            workload(302, "db", &[("app", "db")], &["10.1.0.4"]),
+        ]
+    }
+
+    #[test]
+    fn diff_prints_what_the_docs_show() {
+        use ward_policy::testing::{fenced_blocks, policy, policy_docs, set};
+        let old = set(&policy(
+            "db",
+            "  selector: {labels: {app: db}}\n  ingress:\n    - from: [{labels: {app: web}}]\n      ports: [{port: 5432}]\n    - from: [{labels: {app: client}}]\n      ports: [{port: 9000, endPort: 9002}]",
+        ));
+        let new = set(&policy(
+            "db",
+            "  selector: {labels: {app: db}}\n  ingress:\n    - from: [{labels: {app: web}}, {labels: {app: client}}]\n      ports: [{port: 5432}]\n    - from: [{cidr: 192.168.0.0/16}]",
+        ));
+        let changes = diff(&old, &new, &diff_workloads()).expect("diff");
+        // docs/policy.md shows this diff (its TCP lines) as `ward policy diff` prints it.
+        let printed = diff_human(&changes);
+        let shown = fenced_blocks(&policy_docs(), "")
+            .into_iter()
+            .map(|(_, text)| text)
+            .find(|text| text.starts_with("+ client -> db"))
+            .expect("docs/policy.md shows a diff");
+        for line in shown.lines() {
+            assert!(
+                printed.lines().any(|l| l == line),
+                "docs/policy.md shows {line:?}; ward policy diff prints:\n{printed}"
+            );
+        }
+    }
+
+    #[test]
+    fn diff_names_icmp_types() {
+        use ward_policy::testing::{policy, set};
+        let old = set(&policy(
+            "db",
+            "  selector: {labels: {app: db}}\n  ingress:\n    - from: [{labels: {app: web}}]\n      ports: [{port: 5432}]",
+        ));
+        let new = set(&policy(
+            "db",
+            "  selector: {labels: {app: db}}\n  ingress:\n    - from: [{labels: {app: web}}]\n      ports: [{port: 5432}, {protocol: ICMP, icmpType: 8}, {protocol: ICMPv6}]",
+        ));
+        let changes = diff(&old, &new, &diff_workloads()).expect("diff");
+        let printed = diff_human(&changes);
+        assert_eq!(
+            printed,
+            "+ web -> db icmp type 8: deny -> allow\n+ web -> db icmpv6/every type: deny -> allow\n2 changes: 2 gain access, 0 lose access\n"
+        );
+    }
+
+    #[test]
+    fn every_ward_command_of_the_docs_parses() {
+        use clap::Parser;
+        let mut commands = 0;
+        for (first, block) in
+            ward_policy::testing::fenced_blocks(&ward_policy::testing::policy_docs(), "sh")
+        {
+            for (offset, text) in block.lines().enumerate() {
+                let text = text.split(" #").next().unwrap_or_default();
+                let command = text.split(" > ").next().unwrap_or_default().trim();
+                if !command.starts_with("ward ") {
+                    continue;
+                }
+                commands += 1;
+                if let Err(e) = crate::cli::Cli::try_parse_from(command.split_whitespace()) {
+                    panic!(
+                        "docs/policy.md:{}: `{command}` is not a valid command:\n{e}",
+                        first + offset
+                    );
+                }
+            }
+        }
+        assert!(
+            commands >= 5,
+            "docs/policy.md shows check and trace commands; found {commands}"
+        );
+    }
 
     /// A configuration of the workloads the example policies talk about, in a fresh directory.
     fn example_config(dir: &Path) -> PathBuf {
@@ -833,7 +835,7 @@ mod tests {
 
     #[test]
     fn trace_shows_icmp_types_and_that_replies_pass() {
-        use crate::policy::compile::tests::{policy, set, workload};
+        use ward_policy::testing::{policy, set, workload};
 
         let yaml = policy(
             "web",

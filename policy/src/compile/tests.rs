@@ -1,48 +1,11 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::Path;
 
 use agent_common::*;
 
 use super::*;
-use crate::policy::model::PolicySet;
-use crate::policy::{direction_name, parse};
-
-pub(crate) fn set(yaml: &str) -> PolicySet {
-    parse(Path::new("test.yaml"), yaml)
-        .unwrap_or_else(|e| panic!("policy does not load:\n{e}\n---\n{yaml}"))
-}
-
-/// A ward policy document named `name` with the given spec lines (indented by two).
-pub(crate) fn policy(name: &str, spec: &str) -> String {
-    format!(
-        "---\napiVersion: ward.dev/v1\nkind: Policy\nmetadata: {{name: {name}}}\nspec:\n{spec}\n"
-    )
-}
-
-pub(crate) fn workload(
-    identity: u32,
-    name: &str,
-    labels: &[(&str, &str)],
-    addresses: &[&str],
-) -> WorkloadInfo {
-    WorkloadInfo {
-        identity,
-        name: name.into(),
-        spiffe_id: format!("spiffe://example.org/ns/demo/sa/{name}"),
-        namespace: Some("demo".into()),
-        namespace_labels: BTreeMap::new(),
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        addresses: addresses
-            .iter()
-            .map(|a| a.parse().expect("test address"))
-            .collect(),
-        ports: Vec::new(),
-    }
-}
+use crate::direction_name;
+use crate::testing::{policy, set, workload};
 
 const WEB: u32 = 300;
 const CLIENT: u32 = 301;

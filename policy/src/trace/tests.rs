@@ -4,9 +4,9 @@ use agent_common::*;
 use serde::Deserialize;
 
 use super::*;
-use crate::policy::compile::tests::{policy, set, workload};
-use crate::policy::compile::Slot;
-use crate::policy::{parse, NamedPort};
+use crate::compile::Slot;
+use crate::testing::{policy, set, workload};
+use crate::{parse, NamedPort};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -80,7 +80,7 @@ fn trace_follows_the_networkpolicy_conformance_table() {
         let name = &scenario.name;
         let set =
             parse(Path::new(name), &scenario.policies).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let port: crate::policy::cli::PortArg = scenario
+        let port: crate::PortArg = scenario
             .port
             .parse()
             .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -307,38 +307,6 @@ fn diff_reports_gained_and_lost_access_with_port_ranges() {
     assert!(
         diff(&new, &new, &workloads()).expect("diff").is_empty(),
         "no change, no difference"
-    );
-    // docs/policy.md shows this diff (its TCP lines) as `ward policy diff` prints it.
-    let printed = crate::policy::cli::diff_human(&changes);
-    let docs = crate::policy::tests::policy_docs();
-    let shown = crate::policy::tests::fenced_blocks(&docs, "")
-        .into_iter()
-        .map(|(_, text)| text)
-        .find(|text| text.starts_with("+ client -> db"))
-        .expect("docs/policy.md shows a diff");
-    for line in shown.lines() {
-        assert!(
-            printed.lines().any(|l| l == line),
-            "docs/policy.md shows {line:?}; ward policy diff prints:\n{printed}"
-        );
-    }
-}
-
-#[test]
-fn diff_names_icmp_types() {
-    let old = set(&policy(
-        "db",
-        "  selector: {labels: {app: db}}\n  ingress:\n    - from: [{labels: {app: web}}]\n      ports: [{port: 5432}]",
-    ));
-    let new = set(&policy(
-        "db",
-        "  selector: {labels: {app: db}}\n  ingress:\n    - from: [{labels: {app: web}}]\n      ports: [{port: 5432}, {protocol: ICMP, icmpType: 8}, {protocol: ICMPv6}]",
-    ));
-    let changes = diff(&old, &new, &workloads()).expect("diff");
-    let printed = crate::policy::cli::diff_human(&changes);
-    assert_eq!(
-        printed,
-        "+ web -> db icmp type 8: deny -> allow\n+ web -> db icmpv6/every type: deny -> allow\n2 changes: 2 gain access, 0 lose access\n"
     );
 }
 
