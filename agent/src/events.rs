@@ -220,6 +220,43 @@ mod tests {
     }
 
     #[test]
+    fn fail_closed_refusals_name_their_protocol_type_and_reason() {
+        let names = Names::default();
+        let refusal = |protocol, remote_port, reason| VerdictEvent {
+            protocol,
+            remote_port,
+            reason,
+            direction: DIRECTION_EGRESS,
+            verdict: agent_common::VERDICT_DENY,
+            ..Default::default()
+        };
+        let icmp = record(
+            &names,
+            &refusal(
+                agent_common::PROTO_ICMP,
+                agent_common::icmp_type_port(8),
+                reasons::NONE,
+            ),
+        );
+        assert_eq!((icmp.protocol.as_str(), icmp.dst_port), ("icmp", 8));
+        let raw = record(&names, &refusal(253, 0, reasons::PROTOCOL));
+        assert_eq!(raw.protocol, "ip-proto-253");
+        assert_eq!(raw.reason, "fail closed: a protocol no rule can allow");
+        let chain = record(&names, &refusal(PROTO_ANY, 0, reasons::HEADER_CHAIN));
+        assert_eq!(chain.protocol, "unparsed");
+        assert!(
+            chain.reason.contains("extension-header chain"),
+            "{}",
+            chain.reason
+        );
+        let lite = record(
+            &names,
+            &refusal(agent_common::PROTO_UDPLITE, 53, reasons::PROTOCOL),
+        );
+        assert_eq!((lite.protocol.as_str(), lite.dst_port), ("udplite", 53));
+    }
+
+    #[test]
     fn short_records_are_not_parsed() {
         assert!(parse(&[0u8; 10]).is_none());
         assert!(parse(&[0u8; std::mem::size_of::<VerdictEvent>()]).is_some());
