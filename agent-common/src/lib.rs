@@ -94,13 +94,37 @@ pub mod map_names {
             pub const UDP_FLOWS: &str = concat!("ward_udpflow_v", $v);
             pub const EVENT_LIMITS: &str = concat!("ward_evlimit_v", $v);
             pub const EVENTS: &str = concat!("ward_events_v", $v);
-            pub const COUNTERS: &str = concat!("ward_counters_v", $v);
+            pub const COUNTERS: &str = concat!("ward_counter_v", $v);
             pub const ORIGINAL_DST: &str = concat!("ward_origdst_v", $v);
             pub const REDIRECTS: &str = concat!("ward_redir_v", $v);
             pub const TUNNEL: &str = concat!("ward_tunnel_v", $v);
             pub const SETTINGS: &str = concat!("ward_setting_v", $v);
         };
     }
+    /// Every map, for checks over all of them.
+    pub const ALL: [&str; 18] = [
+        CGROUPS,
+        POLICY,
+        IPCACHE,
+        IPCACHE_LPM,
+        STATE,
+        SOCKETS,
+        CONNECTING,
+        ACCEPTING,
+        LISTENERS,
+        OWNERS,
+        UDP_FLOWS,
+        EVENT_LIMITS,
+        EVENTS,
+        COUNTERS,
+        ORIGINAL_DST,
+        REDIRECTS,
+        TUNNEL,
+        SETTINGS,
+    ];
+    /// Pins of maps that earlier versions of this ABI named otherwise (`ward_counters_v1` was
+    /// 16 bytes, so the kernel kept it as `ward_counters_v`): removed once the agent has attached.
+    pub const RETIRED: [&str; 1] = ["ward_counters_v1"];
     #[cfg(not(feature = "abi-next"))]
     names!("1");
     #[cfg(feature = "abi-next")]
@@ -124,18 +148,46 @@ pub mod program_names {
     ];
 }
 
-// The kernel keeps 15 bytes of a program's name: a longer one would show truncated in
-// `bpftool`, the verifier record and `ward status`.
+/// The kernel keeps 15 bytes of a program's or map's name (`BPF_OBJ_NAME_LEN` less its NUL): a
+/// longer one would show truncated in `bpftool`, the verifier record and `ward status`, and a
+/// map's would lose its ABI version there.
+pub const KERNEL_NAME_MAX: usize = 15;
+
 const _: () = {
     let mut i = 0;
     while i < program_names::ALL.len() {
         assert!(
-            program_names::ALL[i].len() <= 15,
+            program_names::ALL[i].len() <= KERNEL_NAME_MAX,
             "program name over 15 bytes"
         );
         i += 1;
     }
+    let mut i = 0;
+    while i < map_names::ALL.len() {
+        assert!(
+            map_names::ALL[i].len() <= KERNEL_NAME_MAX,
+            "map name over 15 bytes"
+        );
+        i += 1;
+    }
 };
+
+/// Whether two names are the same, at compile time: the kernel crate asserts with it that each
+/// map's ELF name is the one in [`map_names`].
+pub const fn same_name(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
 
 /// Value of the cgroup map, keyed by cgroup id (`u64`, the cgroup directory's inode number).
 #[repr(C)]

@@ -1,6 +1,5 @@
 //! Verdict events to user space, rate-limited per flow so a flood cannot drown the agent.
 use agent_common::*;
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 
 use crate::maps::{count, EVENTS, EVENT_LIMITS};
 
@@ -39,8 +38,7 @@ fn within_budget(flow: &EventLimitKey, now: u64) -> bool {
 /// frame): `flow`'s fields first, then `fill` sets the rest.
 #[inline(always)]
 pub fn emit(flow: &EventLimitKey, rule: u32, fill: impl FnOnce(&mut VerdictEvent)) {
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::context::now_ns();
     if !within_budget(flow, now) {
         count(counters::EVENTS_SHED);
         return;

@@ -12,11 +12,25 @@ use aya_ebpf::{
 };
 
 /// A map whose kernel name carries the ABI version, so a layout change never reuses old pins.
+/// The attribute needs literals: the build fails unless they are the `agent_common::map_names`
+/// constant of the same name (which holds them to the kernel's 15 bytes).
 macro_rules! versioned_map {
-    ($v1:literal, $v2:literal, $item:item) => {
+    ($v1:literal, $v2:literal, pub static $name:ident: $ty:ty = $init:expr;) => {
         #[cfg_attr(not(feature = "abi-next"), map(name = $v1))]
         #[cfg_attr(feature = "abi-next", map(name = $v2))]
-        $item
+        pub static $name: $ty = $init;
+        const _: () = assert!(
+            same_name(
+                map_names::$name,
+                if cfg!(feature = "abi-next") { $v2 } else { $v1 }
+            ),
+            concat!(
+                "the kernel name of ",
+                stringify!($name),
+                " is not map_names::",
+                stringify!($name)
+            )
+        );
     };
 }
 
@@ -123,8 +137,8 @@ versioned_map!(
 );
 
 versioned_map!(
-    "ward_counters_v1",
-    "ward_counters_v2",
+    "ward_counter_v1",
+    "ward_counter_v2",
     pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
 );
 

@@ -7,6 +7,8 @@
 use agent_common::*;
 use aya_ebpf::programs::SkBuffContext;
 
+use crate::context;
+
 /// How many IPv6 extension headers the walk reads before it gives up on a chain.
 pub const MAX_EXTENSION_HEADERS: usize = 8;
 
@@ -54,22 +56,15 @@ impl Packet {
 /// the packet to the full parser, which also sees IPv6 extension headers.
 #[inline(always)]
 pub fn is_established_tcp(ctx: &SkBuffContext) -> bool {
-    // SAFETY: valid context; the verifier turns these into packet pointers.
-    let (start, end) = unsafe {
-        (
-            core::ptr::read_volatile(core::ptr::addr_of!((*ctx.skb.skb).data)) as usize,
-            core::ptr::read_volatile(core::ptr::addr_of!((*ctx.skb.skb).data_end)) as usize,
-        )
-    };
+    let (start, end) = context::packet_bounds(ctx);
     if start + 20 > end {
         return false;
     }
-    // SAFETY: the verifier-checked bounds above and below keep every read inside the packet.
-    let first = unsafe { *(start as *const u8) };
+    // The bounds checked above and below keep every read inside the packet.
+    let first = context::packet_byte(start);
     let flags_at = match first >> 4 {
         4 => {
-            // SAFETY: within the first 20 bytes.
-            if unsafe { *((start + 9) as *const u8) } != PROTO_TCP {
+            if context::packet_byte(start + 9) != PROTO_TCP {
                 return false;
             }
             start + usize::from(first & 0x0f) * 4 + 13
@@ -78,8 +73,7 @@ pub fn is_established_tcp(ctx: &SkBuffContext) -> bool {
             if start + 40 > end {
                 return false;
             }
-            // SAFETY: within the first 40 bytes.
-            if unsafe { *((start + 6) as *const u8) } != PROTO_TCP {
+            if context::packet_byte(start + 6) != PROTO_TCP {
                 return false;
             }
             start + 40 + 13
@@ -89,8 +83,7 @@ pub fn is_established_tcp(ctx: &SkBuffContext) -> bool {
     if flags_at + 1 > end {
         return false;
     }
-    // SAFETY: checked against the end of the packet's linear data just above.
-    let flags = unsafe { *(flags_at as *const u8) };
+    let flags = context::packet_byte(flags_at);
     flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN
 }
 

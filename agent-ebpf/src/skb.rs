@@ -6,16 +6,10 @@
 //! finish, or of a protocol no rule can name, is refused with a reason; a workload no policy
 //! selects is never touched.
 use agent_common::*;
-use aya_ebpf::{
-    bindings::bpf_sock,
-    helpers::{
-        bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
-    },
-    programs::SkBuffContext,
-    EbpfContext,
-};
+use aya_ebpf::programs::SkBuffContext;
 
 use crate::{
+    context::{self, full_socket},
     events, flows, ipcache,
     maps::{self, count, ACCEPTING, CONNECTING, UDP_FLOWS},
     packet::{self, Packet, TCP_FLAG_ACK, TCP_FLAG_SYN},
@@ -26,28 +20,11 @@ const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const AF_INET: u32 = 2;
 
-/// The full socket a packet belongs to (the receiver on ingress, the sender on egress).
-#[inline(always)]
-fn full_socket(ctx: &SkBuffContext) -> Option<*mut bpf_sock> {
-    // SAFETY: valid context; `sk` may be null, which the helper takes.
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return None;
-    }
-    // SAFETY: a non-null socket pointer of the context.
-    let full = unsafe { bpf_sk_fullsock(sk) };
-    (!full.is_null()).then_some(full)
-}
-
 /// The workload of the packet's socket, by its cgroup or the nearest mapped ancestor.
 #[inline(always)]
 fn packet_workload(ctx: &SkBuffContext) -> (u64, Option<u32>) {
-    // SAFETY: valid context for these helpers in cgroup_skb programs.
-    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    let identity = maps::workload(cgroup_id, |level| {
-        // SAFETY: as above.
-        unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level) }
-    });
+    let cgroup_id = context::skb_cgroup(ctx);
+    let identity = maps::workload(cgroup_id, |level| context::skb_ancestor_cgroup(ctx, level));
     (cgroup_id, identity)
 }
 
@@ -84,12 +61,9 @@ fn report(ctx: &SkBuffContext, p: &Packet, local: u32, remote: u32, what: u64) {
         _pad: [0; 3],
     };
     events::emit(&event_flow, rule, |ev| {
-        // SAFETY: valid context for these helpers in cgroup_skb programs; on a listener the
-        // cookie is the listening socket's.
-        unsafe {
-            ev.cgroup_id = bpf_skb_cgroup_id(ctx.skb.skb);
-            ev.cookie = bpf_get_socket_cookie(ctx.as_ptr());
-        }
+        // On a listener the cookie is the listening socket's.
+        ev.cgroup_id = context::skb_cgroup(ctx);
+        ev.cookie = context::socket_cookie(ctx);
         ev.local_port = local_port;
         ev.local_addr = local_addr;
         ev.family = p.family;
@@ -392,20 +366,7 @@ fn is_connected_peer(ctx: &SkBuffContext, flow: &FlowKey) -> bool {
     let Some(sk) = full_socket(ctx) else {
         return false;
     };
-    // SAFETY: a full socket from the helper; each field is read with one load at its offset.
-    let (family, dst_port, dst_ip4, dst_ip6) = unsafe {
-        (
-            core::ptr::read_volatile(core::ptr::addr_of!((*sk).family)),
-            core::ptr::read_volatile(core::ptr::addr_of!((*sk).dst_port)),
-            core::ptr::read_volatile(core::ptr::addr_of!((*sk).dst_ip4)),
-            [
-                core::ptr::read_volatile(core::ptr::addr_of!((*sk).dst_ip6[0])),
-                core::ptr::read_volatile(core::ptr::addr_of!((*sk).dst_ip6[1])),
-                core::ptr::read_volatile(core::ptr::addr_of!((*sk).dst_ip6[2])),
-                core::ptr::read_volatile(core::ptr::addr_of!((*sk).dst_ip6[3])),
-            ],
-        )
-    };
+    let (family, dst_port, dst_ip4, dst_ip6) = sk.peer();
     if dst_port == 0 || u16::from_be(dst_port) != flow.local_port {
         return false;
     }
@@ -478,25 +439,12 @@ fn icmp(ctx: &SkBuffContext, p: &Packet, direction: u8, local: u32, gen: u8) -> 
 /// decided here, packet by packet.
 #[inline(always)]
 pub fn egress(ctx: &SkBuffContext) -> i32 {
-    // SAFETY: valid context; `sk` may be null.
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
+    let Some(sk) = full_socket(ctx) else {
+        // No socket, or a request or time-wait one: the kernel's TCP answering a flow that was
+        // decided (a SYN-ACK, the last ACK). Raw sockets are always full sockets.
         return ALLOW;
-    }
-    // SAFETY: a non-null socket pointer of the context.
-    let sk = unsafe { bpf_sk_fullsock(sk) };
-    if sk.is_null() {
-        // A request or time-wait socket: the kernel's TCP answering a flow that was decided
-        // (a SYN-ACK, the last ACK). Raw sockets are always full sockets.
-        return ALLOW;
-    }
-    // SAFETY: a full socket from the helper.
-    let (kind, protocol) = unsafe {
-        (
-            core::ptr::read_volatile(core::ptr::addr_of!((*sk).type_)),
-            core::ptr::read_volatile(core::ptr::addr_of!((*sk).protocol)),
-        )
     };
+    let (kind, protocol) = sk.kind_and_protocol();
     if (kind == SOCK_STREAM && protocol == u32::from(PROTO_TCP))
         || (kind == SOCK_DGRAM && protocol == u32::from(PROTO_UDP))
     {

@@ -1,13 +1,10 @@
 //! `bind()`: which workload owns a TCP socket, for sockops to read at `listen()`, and which
 //! workload a bound UDP port belongs to, for peers on this host that send to it.
 use agent_common::*;
-use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    programs::SockContext,
-    EbpfContext,
-};
+use aya_ebpf::programs::SockContext;
 
 use crate::{
+    context,
     maps::{LISTENERS, OWNERS},
     sock_addr::current_workload,
     ALLOW,
@@ -17,8 +14,7 @@ use crate::{
 /// `listen()`, where not every kernel lets it ask for the task's cgroup. Never refuses a bind.
 #[inline(always)]
 pub fn record_owner(ctx: &SockContext) -> i32 {
-    // SAFETY: the context pointer is valid for the whole program run.
-    let protocol = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.sock).protocol)) };
+    let protocol = context::bound_protocol(ctx);
     if protocol == u32::from(PROTO_UDP) {
         record_udp_port(ctx);
         return ALLOW;
@@ -36,8 +32,7 @@ pub fn record_owner(ctx: &SockContext) -> i32 {
         }
     }
     if let (_, Some(identity)) = current_workload() {
-        // SAFETY: valid context.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let cookie = context::socket_cookie(ctx);
         let _ = OWNERS.insert(cookie, OwnerValue { identity, _pad: 0 }, 0);
     }
     ALLOW
@@ -48,11 +43,9 @@ pub fn record_owner(ctx: &SockContext) -> i32 {
 /// workload's earlier socket left there.
 #[inline(always)]
 fn record_udp_port(ctx: &SockContext) {
-    // SAFETY: the context pointer is valid for the whole program run.
-    let port = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.sock).src_port)) };
+    let port = context::bound_port(ctx);
     let key = ListenerKey {
-        // SAFETY: valid context for this helper in cgroup_sock programs.
-        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        netns: context::netns_cookie(ctx),
         port: port as u16,
         protocol: PROTO_UDP,
         _pad: [0; 5],

@@ -2,18 +2,10 @@
 //! refusal makes the call fail with EPERM at once. ICMP sockets are decided per packet by the
 //! `cgroup_skb/egress` backstop; any other protocol is refused for an isolated workload here.
 use agent_common::*;
-use aya_ebpf::{
-    bindings::bpf_sock_addr,
-    helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-        bpf_get_socket_cookie,
-    },
-    programs::SockAddrContext,
-    EbpfContext,
-};
+use aya_ebpf::programs::SockAddrContext;
 
 use crate::{
-    events, flows, ipcache,
+    context, events, flows, ipcache,
     maps::{self, count, ORIGINAL_DST, SOCKETS},
     policy, v6_bytes, ALLOW, REFUSE,
 };
@@ -21,12 +13,8 @@ use crate::{
 /// The workload of the calling task, by its cgroup or the nearest mapped ancestor.
 #[inline(always)]
 pub fn current_workload() -> (u64, Option<u32>) {
-    // SAFETY: no preconditions in a program that runs in a task's context.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let identity = maps::workload(cgroup_id, |level| {
-        // SAFETY: as above.
-        unsafe { bpf_get_current_ancestor_cgroup_id(level) }
-    });
+    let cgroup_id = context::task_cgroup();
+    let identity = maps::workload(cgroup_id, context::task_ancestor_cgroup);
     (cgroup_id, identity)
 }
 
@@ -34,17 +22,14 @@ pub fn current_workload() -> (u64, Option<u32>) {
 /// cgroup, the remote from the destination.
 #[inline(always)]
 pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
-    let sa: *const bpf_sock_addr = ctx.sock_addr;
-    // SAFETY: the context pointer is valid for the whole program run.
-    let (protocol, user_port) = unsafe { ((*sa).protocol as u8, (*sa).user_port) };
+    let (protocol, user_port) = context::call_protocol_and_port(ctx);
     if protocol == PROTO_ICMP || protocol == PROTO_ICMPV6 {
         // Each message is decided by its type, per packet.
         return ALLOW;
     }
     let (cgroup_id, local) = current_workload();
     let remote_port = u16::from_be(user_port as u16);
-    // SAFETY: valid context for these helpers in cgroup_sock_addr programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = context::socket_cookie(ctx);
     let call = Call {
         cgroup_id,
         cookie,
@@ -67,12 +52,11 @@ pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
         }
         return refuse_undecided(&call, local, reasons::PROTOCOL);
     }
-    // SAFETY: valid context for this helper in cgroup_sock_addr programs.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let netns = context::netns_cookie(ctx);
     let remote = ipcache::destination_identity(&remote_addr, remote_port, protocol, netns, gen);
     let d = policy::decide(local, remote, DIRECTION_EGRESS, protocol, remote_port, gen);
     let src_port = if protocol == PROTO_UDP {
-        source_port(ctx)
+        context::call_source_port(ctx)
     } else {
         0
     };
@@ -196,17 +180,6 @@ fn refuse_undecided(call: &Call, local: u32, reason: u8) -> i32 {
     REFUSE
 }
 
-/// The socket's bound source port, 0 when it has none yet.
-#[inline(always)]
-fn source_port(ctx: &SockAddrContext) -> u16 {
-    // SAFETY: `sk` of a sock_addr context is a valid socket for the whole program run.
-    (unsafe {
-        let sk =
-            core::ptr::read_volatile(core::ptr::addr_of!((*ctx.sock_addr).__bindgen_anon_1.sk));
-        core::ptr::read_volatile(core::ptr::addr_of!((*sk).src_port))
-    }) as u16
-}
-
 /// Points a connect() at the agent's outbound tunnel listener and records where it was going,
 /// for sockops to file under the connection's 4-tuple. False when no tunnel runs on this node.
 #[inline(always)]
@@ -236,30 +209,16 @@ fn redirect(
     if ORIGINAL_DST.insert(cookie, original, 0).is_err() {
         return false;
     }
-    let sa = ctx.sock_addr;
-    // SAFETY: the context is valid and these fields are writable in connect hooks.
-    unsafe {
-        if family == 4 {
-            (*sa).user_ip4 = t.ip4;
-        } else {
-            (*sa).user_ip6[0] = t.ip6[0];
-            (*sa).user_ip6[1] = t.ip6[1];
-            (*sa).user_ip6[2] = t.ip6[2];
-            (*sa).user_ip6[3] = t.ip6[3];
-        }
-        (*sa).user_port = u32::from(t.port.to_be());
-    }
+    context::redirect_call(ctx, family, t.ip4, t.ip6, t.port);
     true
 }
 
 #[inline(always)]
 pub fn v4_destination(ctx: &SockAddrContext) -> [u8; 16] {
-    // SAFETY: valid context.
-    map_v4(unsafe { (*ctx.sock_addr).user_ip4 }.to_ne_bytes())
+    map_v4(context::call_destination_v4(ctx).to_ne_bytes())
 }
 
 #[inline(always)]
 pub fn v6_destination(ctx: &SockAddrContext) -> [u8; 16] {
-    // SAFETY: valid context.
-    v6_bytes(unsafe { (*ctx.sock_addr).user_ip6 })
+    v6_bytes(context::call_destination_v6(ctx))
 }

@@ -7,26 +7,16 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
-    EbpfContext,
 };
 
 use crate::{
+    context::{self, field},
     maps::{self, ACCEPTING, CONNECTING, LISTENERS, ORIGINAL_DST, OWNERS, REDIRECTS, SOCKETS},
     v6_bytes,
 };
 
 const AF_INET: u32 = 2;
-
-/// Reads one `bpf_sock_ops` field with a single load at its own offset: the verifier rejects
-/// loads through a context pointer the compiler has moved.
-macro_rules! ops_field {
-    ($ctx:expr, $($field:tt)+) => {
-        // SAFETY: the context pointer is valid for the whole program run.
-        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ctx.ops).$($field)+)) }
-    };
-}
 
 /// The `bpf_sock_ops` fields ward uses, read once at program entry before any branch: the
 /// verifier rejects a load through a context pointer the compiler moved into another block.
@@ -45,25 +35,25 @@ struct Ops {
 #[inline(always)]
 fn read_ops(ctx: &SockOpsContext) -> Ops {
     Ops {
-        op: ops_field!(ctx, op),
-        family: ops_field!(ctx, family),
-        local_ip4: ops_field!(ctx, local_ip4),
-        remote_ip4: ops_field!(ctx, remote_ip4),
+        op: field!(ctx.ops, op),
+        family: field!(ctx.ops, family),
+        local_ip4: field!(ctx.ops, local_ip4),
+        remote_ip4: field!(ctx.ops, remote_ip4),
         local_ip6: [
-            ops_field!(ctx, local_ip6[0]),
-            ops_field!(ctx, local_ip6[1]),
-            ops_field!(ctx, local_ip6[2]),
-            ops_field!(ctx, local_ip6[3]),
+            field!(ctx.ops, local_ip6[0]),
+            field!(ctx.ops, local_ip6[1]),
+            field!(ctx.ops, local_ip6[2]),
+            field!(ctx.ops, local_ip6[3]),
         ],
         remote_ip6: [
-            ops_field!(ctx, remote_ip6[0]),
-            ops_field!(ctx, remote_ip6[1]),
-            ops_field!(ctx, remote_ip6[2]),
-            ops_field!(ctx, remote_ip6[3]),
+            field!(ctx.ops, remote_ip6[0]),
+            field!(ctx.ops, remote_ip6[1]),
+            field!(ctx.ops, remote_ip6[2]),
+            field!(ctx.ops, remote_ip6[3]),
         ],
-        local_port: ops_field!(ctx, local_port),
-        remote_port: ops_field!(ctx, remote_port),
-        new_state: ops_field!(ctx, __bindgen_anon_1.args[1]),
+        local_port: field!(ctx.ops, local_port),
+        remote_port: field!(ctx.ops, remote_port),
+        new_state: field!(ctx.ops, __bindgen_anon_1.args[1]),
     }
 }
 
@@ -101,7 +91,7 @@ fn sockops_tuple(ops: &Ops, connector_is_local: bool) -> FlowKey {
 /// with the verdict their SYN got. Entries go when the socket closes.
 pub fn sockops(ctx: SockOpsContext) -> u32 {
     // SAFETY: valid context.
-    let op: u32 = ops_field!(ctx, op);
+    let op: u32 = field!(ctx.ops, op);
     // sockops runs for every callback of every socket (RTO and window init, ECN, state changes):
     // leave at once unless it is one ward acts on.
     let relevant = match op {
@@ -109,21 +99,19 @@ pub fn sockops(ctx: SockOpsContext) -> u32 {
         | BPF_SOCK_OPS_TCP_CONNECT_CB
         | BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
         | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => true,
-        BPF_SOCK_OPS_STATE_CB => ops_field!(ctx, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_STATE_CB => field!(ctx.ops, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE,
         _ => false,
     };
     if !relevant {
         return 1;
     }
-    // SAFETY: valid context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = context::socket_cookie(&ctx);
     let ops = read_ops(&ctx);
     match ops.op {
         BPF_SOCK_OPS_TCP_LISTEN_CB => {
             if let Some(identity) = maps::socket_owner(cookie) {
                 let key = ListenerKey {
-                    // SAFETY: valid context.
-                    netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+                    netns: context::netns_cookie(&ctx),
                     port: ops.local_port as u16,
                     protocol: PROTO_TCP,
                     _pad: [0; 5],

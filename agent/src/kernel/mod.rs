@@ -270,12 +270,12 @@ impl Datapath {
                 source,
             })?;
         }
+        // The programs now read only this ABI's maps; older and retired ones are unreferenced.
+        remove_stale_pins(&self.pin_dir).map_err(|source| KernelError::Link {
+            path: self.pin_dir.clone(),
+            source,
+        })?;
         if let Some(suffix) = older {
-            // The programs now read only this ABI's maps; the old ones are unreferenced.
-            remove_pins_except_current(&self.pin_dir).map_err(|source| KernelError::Link {
-                path: self.pin_dir.clone(),
-                source,
-            })?;
             return Ok(Attachment::Upgraded { from: suffix });
         }
         Ok(if adopted == program_names::ALL.len() {
@@ -727,13 +727,15 @@ fn older_abi(pin_dir: &Path) -> Option<String> {
         })
 }
 
-/// Removes every pinned map of another ABI version.
-fn remove_pins_except_current(pin_dir: &Path) -> std::io::Result<()> {
+/// Removes every pinned map of another ABI version, and those this ABI once named otherwise.
+fn remove_stale_pins(pin_dir: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(pin_dir)? {
         let entry = entry?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with("ward_") && !name.ends_with(map_names::VERSION_SUFFIX) {
+        let stale = !name.ends_with(map_names::VERSION_SUFFIX)
+            || map_names::RETIRED.contains(&name.as_ref());
+        if name.starts_with("ward_") && stale {
             std::fs::remove_file(entry.path())?;
         }
     }

@@ -1,0 +1,189 @@
+//! Access to what the kernel hands a program: its context's fields, the sockets it points to, and
+//! the helpers that take it. The unsafe reads of ward's kernel side live here, each with its
+//! reason; the programs call these as plain functions.
+//!
+//! Every field is read with one volatile load at its own offset: the verifier rejects a load
+//! through a context pointer the compiler has moved or widened.
+use aya_ebpf::{
+    bindings::{bpf_sock, bpf_sock_addr},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id,
+        bpf_skb_cgroup_id,
+    },
+    programs::{SkBuffContext, SockAddrContext, SockContext},
+    EbpfContext,
+};
+
+/// One field of a structure the kernel passed in, read with a single load.
+macro_rules! field {
+    ($ptr:expr, $($field:tt)+) => {
+        // SAFETY: `$ptr` is a context or a socket the kernel gave this program run, valid for the
+        // whole run; the verifier checks the offset.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ptr).$($field)+)) }
+    };
+}
+pub(crate) use field;
+
+/// The socket cookie of the context's socket.
+#[inline(always)]
+pub fn socket_cookie<C: EbpfContext>(ctx: &C) -> u64 {
+    // SAFETY: every program type ward attaches may call this helper with its context.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// The cookie of the network namespace of the context's socket.
+#[inline(always)]
+pub fn netns_cookie<C: EbpfContext>(ctx: &C) -> u64 {
+    // SAFETY: as above.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The calling task's cgroup, and its ancestor at `level` (0 past its depth): programs that run
+/// in a task's context (connect, sendmsg, bind).
+#[inline(always)]
+pub fn task_cgroup() -> u64 {
+    // SAFETY: no preconditions in a program that runs in a task's context.
+    unsafe { bpf_get_current_cgroup_id() }
+}
+
+#[inline(always)]
+pub fn task_ancestor_cgroup(level: i32) -> u64 {
+    // SAFETY: as above.
+    unsafe { bpf_get_current_ancestor_cgroup_id(level) }
+}
+
+/// The cgroup of a packet's socket, and its ancestor at `level`.
+#[inline(always)]
+pub fn skb_cgroup(ctx: &SkBuffContext) -> u64 {
+    // SAFETY: valid context for this helper in cgroup_skb programs.
+    unsafe { bpf_skb_cgroup_id(ctx.skb.skb) }
+}
+
+#[inline(always)]
+pub fn skb_ancestor_cgroup(ctx: &SkBuffContext, level: i32) -> u64 {
+    // SAFETY: as above.
+    unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level) }
+}
+
+/// The start and end of the packet's linear data, as the verifier's packet pointers.
+#[inline(always)]
+pub fn packet_bounds(ctx: &SkBuffContext) -> (usize, usize) {
+    (
+        field!(ctx.skb.skb, data) as usize,
+        field!(ctx.skb.skb, data_end) as usize,
+    )
+}
+
+/// One byte of the packet's linear data. The caller has checked `at < end` of
+/// [`packet_bounds`] in the same function, so that the verifier knows it.
+#[inline(always)]
+pub fn packet_byte(at: usize) -> u8 {
+    // SAFETY: inside the bounds the caller checked against the packet's end.
+    unsafe { *(at as *const u8) }
+}
+
+/// A full socket (not a request or time-wait one), as `bpf_sk_fullsock` returns it.
+#[derive(Clone, Copy)]
+pub struct FullSocket(*mut bpf_sock);
+
+/// The full socket a packet belongs to (the receiver on ingress, the sender on egress).
+#[inline(always)]
+pub fn full_socket(ctx: &SkBuffContext) -> Option<FullSocket> {
+    // SAFETY: valid context; `sk` may be null, checked below.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null socket pointer of the context.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    (!full.is_null()).then_some(FullSocket(full))
+}
+
+impl FullSocket {
+    /// `SOCK_STREAM`, `SOCK_DGRAM`, ... and the IP protocol.
+    #[inline(always)]
+    pub fn kind_and_protocol(self) -> (u32, u32) {
+        (field!(self.0, type_), field!(self.0, protocol))
+    }
+
+    /// The family and the address and port (network order) it is connected to.
+    #[inline(always)]
+    pub fn peer(self) -> (u32, u16, u32, [u32; 4]) {
+        (
+            field!(self.0, family),
+            field!(self.0, dst_port),
+            field!(self.0, dst_ip4),
+            [
+                field!(self.0, dst_ip6[0]),
+                field!(self.0, dst_ip6[1]),
+                field!(self.0, dst_ip6[2]),
+                field!(self.0, dst_ip6[3]),
+            ],
+        )
+    }
+}
+
+/// The IP protocol of a `bind()`, and the port bound (host order).
+#[inline(always)]
+pub fn bound_protocol(ctx: &SockContext) -> u32 {
+    field!(ctx.sock, protocol)
+}
+
+#[inline(always)]
+pub fn bound_port(ctx: &SockContext) -> u32 {
+    field!(ctx.sock, src_port)
+}
+
+/// The IP protocol of a `connect()`/`sendmsg()`, and the destination port (network order).
+/// Plain loads, which the verifier takes for these fields.
+#[inline(always)]
+pub fn call_protocol_and_port(ctx: &SockAddrContext) -> (u8, u32) {
+    let sa: *const bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the whole program run.
+    unsafe { ((*sa).protocol as u8, (*sa).user_port) }
+}
+
+#[inline(always)]
+pub fn call_destination_v4(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: as above.
+    unsafe { (*ctx.sock_addr).user_ip4 }
+}
+
+#[inline(always)]
+pub fn call_destination_v6(ctx: &SockAddrContext) -> [u32; 4] {
+    // SAFETY: as above.
+    unsafe { (*ctx.sock_addr).user_ip6 }
+}
+
+/// The local port of the calling socket (host order; 0 before it is bound).
+#[inline(always)]
+pub fn call_source_port(ctx: &SockAddrContext) -> u16 {
+    let sk = field!(ctx.sock_addr, __bindgen_anon_1.sk);
+    field!(sk, src_port) as u16
+}
+
+/// Points a `connect()` at another destination (address in network order as the kernel keeps
+/// it, port in host order).
+#[inline(always)]
+pub fn redirect_call(ctx: &SockAddrContext, family: u8, ip4: u32, ip6: [u32; 4], port: u16) {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context is valid and these fields are writable in connect hooks.
+    unsafe {
+        if family == 4 {
+            (*sa).user_ip4 = ip4;
+        } else {
+            (*sa).user_ip6[0] = ip6[0];
+            (*sa).user_ip6[1] = ip6[1];
+            (*sa).user_ip6[2] = ip6[2];
+            (*sa).user_ip6[3] = ip6[3];
+        }
+        (*sa).user_port = u32::from(port.to_be());
+    }
+}
