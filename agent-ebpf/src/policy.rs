@@ -33,6 +33,25 @@ fn lookup(key: &PolicyKey) -> Option<PolicyValue> {
     unsafe { POLICY.get(key) }.copied()
 }
 
+/// The ports a rule may name for a flow to `port` over `protocol`, most specific first: the port,
+/// any port of the protocol, any protocol.
+#[inline(always)]
+fn port_keys(port: u16, protocol: u8) -> [(u16, u8); 3] {
+    [
+        (port, protocol),
+        (PORT_ANY, protocol),
+        (PORT_ANY, PROTO_ANY),
+    ]
+}
+
+/// [`lookup`] of `key` at one of [`port_keys`].
+#[inline(always)]
+fn lookup_at(key: &mut PolicyKey, (port, protocol): (u16, u8)) -> Option<PolicyValue> {
+    key.port = port;
+    key.protocol = protocol;
+    lookup(key)
+}
+
 #[inline(always)]
 fn merge(acc: &mut PolicyValue, v: &PolicyValue) {
     if acc.deny_rule == 0 {
@@ -83,14 +102,8 @@ fn decide_packed(local: u32, remote: u32, what: u32, gen: u8) -> u64 {
     let mut v = PolicyValue::default();
     for r in [remote, IDENTITY_ANY] {
         key.remote_identity = r;
-        for (p, proto) in [
-            (port, protocol),
-            (PORT_ANY, protocol),
-            (PORT_ANY, PROTO_ANY),
-        ] {
-            key.port = p;
-            key.protocol = proto;
-            if let Some(e) = lookup(&key) {
+        for at in port_keys(port, protocol) {
+            if let Some(e) = lookup_at(&mut key, at) {
                 merge(&mut v, &e);
             }
         }
@@ -124,18 +137,10 @@ pub fn mtls_demand(local: u32, remote: u32, protocol: u8, port: u16, gen: u8) ->
     let mut key = isolation_key(local, DIRECTION_MTLS, gen);
     lookup(&key)?;
     key.remote_identity = remote;
-    for (p, proto) in [
-        (port, protocol),
-        (PORT_ANY, protocol),
-        (PORT_ANY, PROTO_ANY),
-    ] {
-        key.port = p;
-        key.protocol = proto;
-        if let Some(e) = lookup(&key) {
-            return Some(e.allow_rule);
-        }
-    }
-    None
+    port_keys(port, protocol)
+        .into_iter()
+        .find_map(|at| lookup_at(&mut key, at))
+        .map(|e| e.allow_rule)
 }
 
 /// Whether a policy selects `local` in `direction`: one lookup.

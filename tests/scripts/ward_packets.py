@@ -67,6 +67,16 @@ def say(line):
     sys.stdout.flush()
 
 
+def reported(attempt):
+    """Runs attempt() and says how it went: "ok" (or what it returned), "timeout", or the error."""
+    try:
+        say(attempt() or "ok")
+    except socket.timeout:
+        say("timeout")
+    except OSError as error:
+        say(outcome(error))
+
+
 def outcome(error):
     if error.errno == errno.EPERM:
         return "eperm"
@@ -318,31 +328,27 @@ def sockopt(protocol, dst_text, port, option, timeout):
     # Next header (the kernel fills it in), length 0 (8 bytes), PadN of 4.
     sock.setsockopt(socket.IPPROTO_IPV6, name, bytes([0, 0, 1, 4, 0, 0, 0, 0]))
     sock.settimeout(timeout)
-    try:
+
+    def attempt():
         if protocol == "tcp":
             sock.connect((dst_text, port))
         else:
             sock.sendto(b"sockopt-" + option.encode(), (dst_text, port))
             sock.recv(512)
-        say("ok")
-    except socket.timeout:
-        say("timeout")
-    except OSError as error:
-        say(outcome(error))
+
+    reported(attempt)
 
 
 def udp_connected(dst_text, port, timeout):
     sock = socket.socket(family_of(dst_text), socket.SOCK_DGRAM)
     sock.settimeout(timeout)
-    try:
+
+    def attempt():
         sock.connect((dst_text, port))
         sock.send(b"connected, never bound")
         sock.recv(512)
-        say("ok")
-    except socket.timeout:
-        say("timeout")
-    except OSError as error:
-        say(outcome(error))
+
+    reported(attempt)
 
 
 def sink(address, port):
@@ -367,7 +373,8 @@ def sink(address, port):
 def bulk(dst_text, port, count, timeout):
     sock = socket.socket(family_of(dst_text), socket.SOCK_STREAM)
     sock.settimeout(timeout)
-    try:
+
+    def attempt():
         sock.connect((dst_text, port))
         block = b"w" * 65536
         left = count
@@ -381,11 +388,9 @@ def bulk(dst_text, port, count, timeout):
             if not chunk:
                 break
             answer += chunk
-        say("ok " + answer.decode().strip())
-    except socket.timeout:
-        say("timeout")
-    except OSError as error:
-        say(outcome(error))
+        return "ok " + answer.decode().strip()
+
+    reported(attempt)
 
 
 def sctp_socket(family):
@@ -414,13 +419,7 @@ def sctp_listen(address, port):
 def sctp_connect(dst_text, port, timeout):
     sock = sctp_socket(family_of(dst_text))
     sock.settimeout(timeout)
-    try:
-        sock.connect((dst_text, port))
-        say("ok")
-    except socket.timeout:
-        say("timeout")
-    except OSError as error:
-        say(outcome(error))
+    reported(lambda: sock.connect((dst_text, port)))
 
 
 def ports(text):

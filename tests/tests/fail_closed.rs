@@ -153,6 +153,19 @@ impl Ingress6 {
         self.nodes.v6(1).to_string()
     }
 
+    /// Waits for the verdict record of an ingress denial at `port`.
+    fn wait_for_ingress_denial(&self, port: u16) {
+        self.ward.wait_for_verdict(
+            &VerdictQuery {
+                verdict: Some("deny"),
+                direction: Some("ingress"),
+                dst_port: Some(port),
+                ..Default::default()
+            },
+            event_timeout(),
+        );
+    }
+
     /// Sends every layout as a TCP SYN to both TCP ports and as a datagram to both UDP ports;
     /// returns, for each TCP port, the layouts whose SYN the listener answered.
     fn send_layouts(&self, layouts: &[&str]) -> Vec<(u16, String, String)> {
@@ -272,15 +285,7 @@ fn option_header_socket_is_decided_by_policy(tag: &str, option: &str) {
         lines_of(&setup.closed_tcp.process),
         lines_of(&setup.closed_udp.process)
     );
-    setup.ward.wait_for_verdict(
-        &VerdictQuery {
-            verdict: Some("deny"),
-            direction: Some("ingress"),
-            dst_port: Some(setup.closed_tcp.port()),
-            ..Default::default()
-        },
-        event_timeout(),
-    );
+    setup.wait_for_ingress_denial(setup.closed_tcp.port());
 }
 
 #[test]
@@ -338,15 +343,7 @@ fn hand_made_ipv6_extension_header_layouts_are_decided_by_policy() {
          {missing_udp:?} (answers: {results:?}); ward log:\n{}",
         ward_tail(&setup.ward)
     );
-    setup.ward.wait_for_verdict(
-        &VerdictQuery {
-            verdict: Some("deny"),
-            direction: Some("ingress"),
-            dst_port: Some(setup.closed_udp.port()),
-            ..Default::default()
-        },
-        event_timeout(),
-    );
+    setup.wait_for_ingress_denial(setup.closed_udp.port());
 }
 
 #[test]

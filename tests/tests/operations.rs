@@ -164,17 +164,16 @@ fn the_admin_socket_refuses_non_root_users() {
     let root = status(&[]);
     assert!(root.status.success(), "root was refused: {}", root.stderr);
     let nobody = ["--reuid=65534", "--regid=65534", "--clear-groups"];
-    let denied = status(&nobody);
-    assert!(
-        !denied.status.success(),
-        "a non-root user got the status: {}",
-        denied.stdout
-    );
-    assert!(
-        denied.stderr.contains("Permission denied"),
-        "{}",
-        denied.stderr
-    );
+    let denied_with = |reason: &str| {
+        let denied = status(&nobody);
+        assert!(
+            !denied.status.success(),
+            "a non-root user got the status: {}",
+            denied.stdout
+        );
+        assert!(denied.stderr.contains(reason), "{}", denied.stderr);
+    };
+    denied_with("Permission denied");
     // Even with the file permissions opened up, the agent checks the peer's credentials itself.
     let perm = |p: &Path, mode| {
         std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode))
@@ -182,17 +181,7 @@ fn the_admin_socket_refuses_non_root_users() {
     };
     perm(socket.parent().expect("run dir"), 0o755);
     perm(&socket, 0o777);
-    let denied = status(&nobody);
-    assert!(
-        !denied.status.success(),
-        "a non-root user got the status: {}",
-        denied.stdout
-    );
-    assert!(
-        denied.stderr.contains("serves root only"),
-        "{}",
-        denied.stderr
-    );
+    denied_with("serves root only");
     assert!(
         ward.lines()
             .iter()

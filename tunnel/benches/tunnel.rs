@@ -314,25 +314,19 @@ async fn run(options: Options) {
         format!("{tunnel_rate:.0}"),
         format!("{:.0} %", tunnel_rate / plain_rate * 100.0),
     );
-    row(
-        "agent RSS, idle: outbound + inbound",
-        "-".into(),
-        format!("{:.1} MiB", (idle_rss.0 + idle_rss.1) as f64 / 1024.0),
-        format!(
-            "{:.1} + {:.1}",
-            idle_rss.0 as f64 / 1024.0,
-            idle_rss.1 as f64 / 1024.0
-        ),
-    );
-    row(
+    let rss_row = |what: &str, (out, inb): (u64, u64)| {
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        row(
+            what,
+            "-".into(),
+            format!("{:.1} MiB", mib(out + inb)),
+            format!("{:.1} + {:.1}", mib(out), mib(inb)),
+        );
+    };
+    rss_row("agent RSS, idle: outbound + inbound", idle_rss);
+    rss_row(
         &format!("agent RSS, {n} open tunneled connections: out + in"),
-        "-".into(),
-        format!("{:.1} MiB", (rss.0 + rss.1) as f64 / 1024.0),
-        format!(
-            "{:.1} + {:.1}",
-            rss.0 as f64 / 1024.0,
-            rss.1 as f64 / 1024.0
-        ),
+        rss,
     );
     let trips = (n * rounds) as f64;
     row(

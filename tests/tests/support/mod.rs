@@ -61,6 +61,26 @@ pub fn attempt(
     (attempts.only().clone(), attempts.elapsed)
 }
 
+/// `attempt`, asserting its outcome; returns how long it took.
+fn assert_outcome(
+    expected: Outcome,
+    peer: &Peer,
+    protocol: Protocol,
+    to: SocketAddr,
+    at: &Placement,
+    ward: &Ward,
+    extra: &[&str],
+) -> Duration {
+    let (outcome, elapsed) = attempt(peer, protocol, to, at, extra);
+    assert_eq!(
+        outcome,
+        expected,
+        "{protocol:?} {extra:?} to {to} must give {expected:?}; ward log:\n{}",
+        ward.log().tail(100)
+    );
+    elapsed
+}
+
 pub fn assert_allowed(
     peer: &Peer,
     protocol: Protocol,
@@ -69,13 +89,7 @@ pub fn assert_allowed(
     ward: &Ward,
     extra: &[&str],
 ) {
-    let (outcome, _) = attempt(peer, protocol, to, at, extra);
-    assert_eq!(
-        outcome,
-        Outcome::Ok,
-        "{protocol:?} {extra:?} to {to} must be allowed; ward log:\n{}",
-        ward.log().tail(100)
-    );
+    assert_outcome(Outcome::Ok, peer, protocol, to, at, ward, extra);
 }
 
 pub fn assert_refused_at_once(
@@ -86,13 +100,7 @@ pub fn assert_refused_at_once(
     ward: &Ward,
     extra: &[&str],
 ) {
-    let (outcome, elapsed) = attempt(peer, protocol, to, at, extra);
-    assert_eq!(
-        outcome,
-        Outcome::Eperm,
-        "{protocol:?} {extra:?} to {to} must be refused with EPERM; ward log:\n{}",
-        ward.log().tail(100)
-    );
+    let elapsed = assert_outcome(Outcome::Eperm, peer, protocol, to, at, ward, extra);
     assert!(
         elapsed < at_once(),
         "refusal of {to} took {elapsed:?}, not at once"
