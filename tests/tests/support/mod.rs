@@ -61,21 +61,17 @@ pub fn attempt(
     (attempts.only().clone(), attempts.elapsed)
 }
 
-/// `attempt`, asserting its outcome; returns how long it took.
-fn assert_outcome(
+/// Asserts the outcome of an [`attempt`] at `what`; returns how long it took.
+fn expect(
     expected: Outcome,
-    peer: &Peer,
-    protocol: Protocol,
-    to: SocketAddr,
-    at: &Placement,
+    (outcome, elapsed): (Outcome, Duration),
+    what: &str,
     ward: &Ward,
-    extra: &[&str],
 ) -> Duration {
-    let (outcome, elapsed) = attempt(peer, protocol, to, at, extra);
     assert_eq!(
         outcome,
         expected,
-        "{protocol:?} {extra:?} to {to} must give {expected:?}; ward log:\n{}",
+        "{what} must give {expected:?}; ward log:\n{}",
         ward.log().tail(100)
     );
     elapsed
@@ -89,7 +85,13 @@ pub fn assert_allowed(
     ward: &Ward,
     extra: &[&str],
 ) {
-    assert_outcome(Outcome::Ok, peer, protocol, to, at, ward, extra);
+    let what = format!("{protocol:?} {extra:?} to {to}");
+    expect(
+        Outcome::Ok,
+        attempt(peer, protocol, to, at, extra),
+        &what,
+        ward,
+    );
 }
 
 pub fn assert_refused_at_once(
@@ -100,7 +102,13 @@ pub fn assert_refused_at_once(
     ward: &Ward,
     extra: &[&str],
 ) {
-    let elapsed = assert_outcome(Outcome::Eperm, peer, protocol, to, at, ward, extra);
+    let what = format!("{protocol:?} {extra:?} to {to}");
+    let elapsed = expect(
+        Outcome::Eperm,
+        attempt(peer, protocol, to, at, extra),
+        &what,
+        ward,
+    );
     assert!(
         elapsed < at_once(),
         "refusal of {to} took {elapsed:?}, not at once"
