@@ -279,4 +279,48 @@ mod tests {
         let reason = &failed.error.reason;
         assert!(reason.contains("outside the workload range"), "{reason}");
     }
+
+    #[test]
+    fn a_registry_that_outgrows_the_set_makes_it_fail_to_compile() {
+        use crate::registry::Registry;
+        let web = |i: usize| ward_proto::Workload {
+            name: format!("w{i}"),
+            spiffe_id: format!("spiffe://example.org/w{i}"),
+            labels: [(
+                "app".to_string(),
+                if i == 0 { "web" } else { "db" }.to_string(),
+            )]
+            .into(),
+            ..ward_proto::Workload::default()
+        };
+        let ports: Vec<String> = (1..=100).map(|p| format!("{{port: {p}}}")).collect();
+        let yaml = WEB
+            .replace("selector: {}", "selector: {labels: {app: web}}")
+            .replace(
+                "ingress: []",
+                &format!(
+                    "ingress: [{{from: [{{labels: {{}}}}], ports: [{}]}}]",
+                    ports.join(", ")
+                ),
+            );
+        let set = ward_policy::parse_documents([("web", yaml.as_str())]).expect("valid");
+        let mut registry = Registry::new("example.org");
+        registry.report("a", vec![web(0)]).expect("report");
+        registry
+            .report("b", (1..100).map(web).collect())
+            .expect("report");
+        compile(&set, &registry.workload_infos()).expect("100 peers x 100 ports fit");
+        registry
+            .report("b", (1..3000).map(web).collect())
+            .expect("report");
+        let failed = compile(&set, &registry.workload_infos()).expect_err("too many entries");
+        assert_eq!(failed.node, "a", "{}", failed.error);
+        assert!(
+            failed.error.to_string().contains(
+                "(web): policy web, rule ingress[0]: the policy map would need more than"
+            ),
+            "{}",
+            failed.error
+        );
+    }
 }
