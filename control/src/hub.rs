@@ -208,9 +208,23 @@ impl Hub {
         (state.policies.clone(), state.registry.workload_infos())
     }
 
-    /// Every node's workloads as the policy compiler sees them.
-    pub fn workload_infos(&self) -> BTreeMap<String, Vec<ward_policy::WorkloadInfo>> {
-        self.lock().registry.workload_infos()
+    /// Every node's workloads as the policy compiler sees them, and the registry's generation
+    /// (see [`Hub::registry_generation`]).
+    pub fn workload_infos(&self) -> (BTreeMap<String, Vec<ward_policy::WorkloadInfo>>, u64) {
+        let state = self.lock();
+        let generation = *self.registry_changed.borrow();
+        (state.registry.workload_infos(), generation)
+    }
+
+    /// Wakes whoever follows registry changes (the check of the served policy set, the
+    /// persister) as if the registry had changed.
+    pub fn recheck_registry(&self) {
+        Self::bump(&self.registry_changed);
+    }
+
+    /// Counts the registry's changes.
+    pub fn registry_generation(&self) -> u64 {
+        *self.registry_changed.borrow()
     }
 
     /// Registers what `node` reports; see [`Registry::report`].

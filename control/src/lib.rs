@@ -116,8 +116,9 @@ fn check_trust_domain(td: &str) -> Result<(), ControlError> {
 /// registry; logs every problem otherwise, and the previous set stays served.
 fn load_policies(dir: &Path, hub: &Hub, reason: &str) {
     let started = Instant::now();
-    let read = policy_set::read(dir).and_then(|read| {
-        match policy_set::compile(&read.set, &hub.workload_infos()) {
+    let (workloads, generation) = hub.workload_infos();
+    let read =
+        policy_set::read(dir).and_then(|read| match policy_set::compile(&read.set, &workloads) {
             Ok(()) => Ok(read),
             Err(failed) => {
                 let NodeError { node, error } = *failed;
@@ -128,8 +129,7 @@ fn load_policies(dir: &Path, hub: &Hub, reason: &str) {
                 );
                 Err(vec![error])
             }
-        }
-    });
+        });
     match read {
         Ok(read) => {
             for warning in &read.set.warnings {
@@ -145,6 +145,11 @@ fn load_policies(dir: &Path, hub: &Hub, reason: &str) {
                     "policy set updated"
                 ),
                 None => tracing::debug!(reason, "policy directory unchanged"),
+            }
+            if hub.registry_generation() != generation {
+                // The registry changed while the set compiled, and its check may have seen the
+                // previous set: check this one.
+                hub.recheck_registry();
             }
         }
         Err(errors) => {
