@@ -14,7 +14,8 @@ pub const ABI_VERSION: u32 = 1;
 #[cfg(feature = "abi-next")]
 pub const ABI_VERSION: u32 = 2;
 
-/// Numeric workload identity. The values below 256 are reserved.
+/// Numeric workload identity. The values below 256 are reserved; `ward_policy::identity` holds
+/// the ranges of the allocated ones (workloads, then CIDRs).
 pub type IdentityId = u32;
 /// In a policy key: any remote identity.
 pub const IDENTITY_ANY: IdentityId = 0;
@@ -22,8 +23,6 @@ pub const IDENTITY_ANY: IdentityId = 0;
 pub const IDENTITY_HOST: IdentityId = 1;
 /// An address ward knows nothing about.
 pub const IDENTITY_WORLD: IdentityId = 2;
-/// The first identity the allocator hands out for workloads and CIDRs.
-pub const IDENTITY_FIRST_ALLOCATED: IdentityId = 256;
 
 /// In a policy key: the entry that says a local identity is selected (isolated) in a direction.
 /// Its value names the default-deny rules of the selecting policies.

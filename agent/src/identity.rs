@@ -2,12 +2,10 @@
 //! kernel maps use for each SPIFFE ID.
 use std::{collections::BTreeMap, path::Path};
 
-use agent_common::IDENTITY_FIRST_ALLOCATED;
-
-use crate::{config::Config, policy::WorkloadInfo};
-
-/// The last workload identity; CIDR identities start above it.
-const IDENTITY_LAST_WORKLOAD: u32 = 0x00FF_FFFF;
+use crate::{
+    config::Config,
+    policy::{identity::allocate_all, WorkloadInfo},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -21,33 +19,9 @@ pub enum IdentityError {
     },
 }
 
-/// Numeric identity of a SPIFFE ID: a hash, so the same ID gets the same number on every start and
-/// every node without coordination; collisions are resolved by probing in SPIFFE ID order.
-fn allocate(spiffe_ids: impl IntoIterator<Item = String>) -> BTreeMap<String, u32> {
-    let span = IDENTITY_LAST_WORKLOAD - IDENTITY_FIRST_ALLOCATED + 1;
-    let mut taken = BTreeMap::new();
-    let mut out = BTreeMap::new();
-    let ids: std::collections::BTreeSet<String> = spiffe_ids.into_iter().collect();
-    for id in ids {
-        let mut slot = fnv1a(id.as_bytes()) % span;
-        while taken.contains_key(&slot) {
-            slot = (slot + 1) % span;
-        }
-        taken.insert(slot, ());
-        out.insert(id, IDENTITY_FIRST_ALLOCATED + slot);
-    }
-    out
-}
-
-fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
-    })
-}
-
 /// The configured workloads with their identities, in configuration order.
 pub fn workload_infos(config: &Config) -> Result<Vec<WorkloadInfo>, IdentityError> {
-    let ids = allocate(config.workloads.iter().map(|w| w.spiffe_id.clone()));
+    let ids = allocate_all(config.workloads.iter().map(|w| w.spiffe_id.clone()));
     let mut first_of: BTreeMap<&str, usize> = BTreeMap::new();
     for (i, w) in config.workloads.iter().enumerate() {
         if let Some(&j) = first_of.get(w.spiffe_id.as_str()) {
@@ -150,21 +124,6 @@ mod tests {
             ],
             "a namespace the configuration does not list has no labels but its name"
         );
-    }
-
-    #[test]
-    fn identities_are_stable_and_distinct() {
-        let a = allocate(["spiffe://x/a".to_string(), "spiffe://x/b".to_string()]);
-        let b = allocate([
-            "spiffe://x/b".to_string(),
-            "spiffe://x/a".to_string(),
-            "spiffe://x/c".to_string(),
-        ]);
-        assert_eq!(a["spiffe://x/a"], b["spiffe://x/a"]);
-        assert_ne!(a["spiffe://x/a"], a["spiffe://x/b"]);
-        assert!(b
-            .values()
-            .all(|&id| (IDENTITY_FIRST_ALLOCATED..=IDENTITY_LAST_WORKLOAD).contains(&id)));
     }
 
     #[test]

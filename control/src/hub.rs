@@ -4,7 +4,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Mutex,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use ward_proto::{resource::Body, Resource, ResourceType, TrustBundle, Workload};
 
 use crate::{
+    policy_set::ReadSet,
     registry::{Refusal, Registry, ReportError},
     resources::{Delta, ResourceSet, Version},
 };
@@ -38,6 +39,8 @@ impl Sets {
 
 struct State {
     sets: Sets,
+    /// The policies the POLICY set serves.
+    policies: Arc<ward_policy::PolicySet>,
     registry: Registry,
     /// The serials (canonical form) in the TRUST_BUNDLE's `revoked_serials`.
     revoked: BTreeSet<String>,
@@ -115,6 +118,7 @@ impl Hub {
         Hub {
             state: Mutex::new(State {
                 sets,
+                policies: Arc::default(),
                 registry,
                 revoked,
             }),
@@ -142,10 +146,12 @@ impl Hub {
         sender.send_modify(|g| *g += 1);
     }
 
-    /// Serves `policies` from now on. Returns the new version if it changed.
-    pub fn set_policies(&self, policies: BTreeMap<String, Resource>) -> Option<Version> {
+    /// Serves `policies` from now on (checked by the caller: see [`crate::policy_set`]). Returns
+    /// the new version if it changed.
+    pub fn set_policies(&self, policies: ReadSet) -> Option<Version> {
         let mut state = self.lock();
-        if !state.sets.policy.replace_all(policies) {
+        state.policies = Arc::new(policies.set);
+        if !state.sets.policy.replace_all(policies.resources) {
             return None;
         }
         let version = state.sets.policy.version();
@@ -189,6 +195,36 @@ impl Hub {
 
     pub fn len(&self, kind: ResourceType) -> usize {
         self.lock().sets.get(kind).map_or(0, ResourceSet::len)
+    }
+
+    /// The policies served now, and every node's workloads as the policy compiler sees them.
+    pub fn policies_and_workloads(
+        &self,
+    ) -> (
+        Arc<ward_policy::PolicySet>,
+        BTreeMap<String, Vec<ward_policy::WorkloadInfo>>,
+    ) {
+        let state = self.lock();
+        (state.policies.clone(), state.registry.workload_infos())
+    }
+
+    /// Every node's workloads as the policy compiler sees them, and the registry's generation
+    /// (see [`Hub::registry_generation`]).
+    pub fn workload_infos(&self) -> (BTreeMap<String, Vec<ward_policy::WorkloadInfo>>, u64) {
+        let state = self.lock();
+        let generation = *self.registry_changed.borrow();
+        (state.registry.workload_infos(), generation)
+    }
+
+    /// Wakes whoever follows registry changes (the check of the served policy set, the
+    /// persister) as if the registry had changed.
+    pub fn recheck_registry(&self) {
+        Self::bump(&self.registry_changed);
+    }
+
+    /// Counts the registry's changes.
+    pub fn registry_generation(&self) -> u64 {
+        *self.registry_changed.borrow()
     }
 
     /// Registers what `node` reports; see [`Registry::report`].
@@ -327,7 +363,7 @@ mod tests {
                 ResourceType::Ipcache
             ]
         );
-        hub.set_policies(BTreeMap::new())
+        hub.set_policies(ReadSet::default())
             .expect("first set is a change");
         assert_eq!(hub.deltas(&BTreeMap::new()).len(), 4);
     }

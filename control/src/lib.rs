@@ -1,13 +1,14 @@
 //! ward's control plane: serves policy, identities, the IP cache and the trust bundle to agents
 //! over one mTLS gRPC stream each, and signs node certificates.
 //!
-//! [`run`] wires the parts: the CA and join tokens ([`ca`], [`tokens`]), the policy directory and
-//! its watcher ([`policy_dir`]), the workload registry ([`registry`]), the versioned resource sets
-//! ([`resources`], [`hub`]), the per-agent streams ([`session`]) and TLS ([`tls`]).
+//! [`run`] wires the parts: the CA and join tokens ([`ca`], [`tokens`]), the policy set read from
+//! the policy directory and compiled before it is served ([`policy_set`]) and the directory's
+//! watcher, the workload registry ([`registry`]), the versioned resource sets ([`resources`],
+//! [`hub`]), the per-agent streams ([`session`]) and TLS ([`tls`]).
 pub mod ca;
 pub mod hub;
 pub mod limits;
-pub mod policy_dir;
+pub mod policy_set;
 pub mod registry;
 pub mod resources;
 pub mod revocation;
@@ -31,8 +32,8 @@ use futures_util::StreamExt as _;
 use inotify::{Inotify, WatchMask};
 
 use crate::{
-    ca::Ca, hub::Hub, registry::Registry, service::ControlService, state_dir::StateDir,
-    tls::ServingCert, tokens::JoinTokens,
+    ca::Ca, hub::Hub, policy_set::NodeError, registry::Registry, service::ControlService,
+    state_dir::StateDir, tls::ServingCert, tokens::JoinTokens,
 };
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -111,13 +112,31 @@ fn check_trust_domain(td: &str) -> Result<(), ControlError> {
     }
 }
 
-/// Reads the policy directory and serves it if it is valid; logs every problem otherwise.
+/// Reads the policy directory and serves it if it is valid and compiles for every node of the
+/// registry; logs every problem otherwise, and the previous set stays served.
 fn load_policies(dir: &Path, hub: &Hub, reason: &str) {
     let started = Instant::now();
-    match policy_dir::read(dir) {
-        Ok(policies) => {
-            let count = policies.len();
-            match hub.set_policies(policies) {
+    let (workloads, generation) = hub.workload_infos();
+    let read =
+        policy_set::read(dir).and_then(|read| match policy_set::compile(&read.set, &workloads) {
+            Ok(()) => Ok(read),
+            Err(failed) => {
+                let NodeError { node, error } = *failed;
+                tracing::error!(
+                    reason,
+                    node,
+                    "policy does not compile for the registered workloads"
+                );
+                Err(vec![error])
+            }
+        });
+    match read {
+        Ok(read) => {
+            for warning in &read.set.warnings {
+                tracing::warn!(reason, %warning, "policy warning");
+            }
+            let count = read.resources.len();
+            match hub.set_policies(read) {
                 Some(version) => tracing::info!(
                     reason,
                     policies = count,
@@ -126,6 +145,11 @@ fn load_policies(dir: &Path, hub: &Hub, reason: &str) {
                     "policy set updated"
                 ),
                 None => tracing::debug!(reason, "policy directory unchanged"),
+            }
+            if hub.registry_generation() != generation {
+                // The registry changed while the set compiled, and its check may have seen the
+                // previous set: check this one.
+                hub.recheck_registry();
             }
         }
         Err(errors) => {
@@ -136,8 +160,45 @@ fn load_policies(dir: &Path, hub: &Hub, reason: &str) {
                 reason,
                 errors = errors.len(),
                 dir = %dir.display(),
-                "policy directory refused whole; agents keep the policy they have"
+                "policy directory refused whole; the previous policy set stays served"
             );
+        }
+    }
+}
+
+/// Compiles the served policy set again whenever the registry changes (coalescing bursts). A set
+/// that no longer compiles for some node stays served: the registry reports what runs, and the
+/// agent of that node refuses the update it cannot apply (NACK) and keeps enforcing what it has.
+/// Each new error is logged once, and so is the set compiling again.
+async fn recheck_policies(hub: Arc<Hub>) {
+    let mut changes = hub.subscribe_registry();
+    let mut failing: Option<String> = None;
+    while changes.changed().await.is_ok() {
+        let hub = hub.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            let (set, nodes) = hub.policies_and_workloads();
+            policy_set::compile(&set, &nodes)
+        })
+        .await;
+        match checked {
+            Ok(Ok(())) => {
+                if failing.take().is_some() {
+                    tracing::info!("the served policy set compiles again for every node");
+                }
+            }
+            Ok(Err(failed)) => {
+                let NodeError { node, error } = *failed;
+                let text = format!("{node}: {error}");
+                if failing.as_ref() != Some(&text) {
+                    tracing::error!(
+                        node,
+                        %error,
+                        "after a registry change the served policy set does not compile for this node; it stays served, and the node's agent refuses it and keeps what it enforces"
+                    );
+                    failing = Some(text);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "compiling the served policy set failed"),
         }
     }
 }
@@ -223,9 +284,9 @@ async fn follow_policies(dir: PathBuf, mut events: DirEvents, hub: Arc<Hub>) {
             tracing::warn!(error = %e, "reading policy directory events");
         }
         // Settle: wait for a quiet moment, but never longer than SETTLE_MAX in all.
-        let deadline = tokio::time::Instant::now() + policy_dir::SETTLE_MAX;
+        let deadline = tokio::time::Instant::now() + policy_set::SETTLE_MAX;
         loop {
-            let quiet = tokio::time::Instant::now() + policy_dir::SETTLE;
+            let quiet = tokio::time::Instant::now() + policy_set::SETTLE;
             match tokio::time::timeout_at(quiet.min(deadline), events.next()).await {
                 Ok(Some(_)) if tokio::time::Instant::now() < deadline => continue,
                 _ => break,
@@ -312,6 +373,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         hub.clone(),
     ));
     tokio::spawn(persist_registry(hub.clone(), state.clone()));
+    tokio::spawn(recheck_policies(hub.clone()));
     tokio::spawn(expire_nodes(hub.clone(), opts.node_lease));
 
     let listener = tokio::net::TcpListener::bind(opts.listen)

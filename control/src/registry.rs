@@ -2,9 +2,8 @@
 //! numeric identity allocated to each SPIFFE ID, and the IDENTITY and IPCACHE resources derived
 //! from them.
 //!
-//! Identities are allocated with the agent's scheme (FNV-1a of the SPIFFE ID into the workload
-//! range, probing upwards on a collision), so an ID gets the same number in local mode and under
-//! the control plane unless two IDs collide. Unlike the agent, the control plane remembers every
+//! Identities are allocated with the agent's scheme ([`ward_policy::identity::allocate`]), so an
+//! ID gets the same number in local mode and under the control plane unless two IDs collide. Unlike the agent, the control plane remembers every
 //! allocation, so a number never moves once given, whichever IDs appear later.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -12,12 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::IDENTITY_FIRST_ALLOCATED;
 use serde::{Deserialize, Serialize};
+use ward_policy::identity;
 use ward_proto::{resource::Body, Identity, IpCacheEntry, Resource, Workload};
-
-/// The last workload identity; CIDR identities start above it (same as the agent).
-pub const IDENTITY_LAST_WORKLOAD: u32 = 0x00FF_FFFF;
 
 pub const MAX_WORKLOADS_PER_NODE: usize = 10_000;
 pub const MAX_ADDRESSES_PER_WORKLOAD: usize = 64;
@@ -80,12 +76,6 @@ pub struct Registry {
     /// registry file counts as seen when this control plane started, so a restart of the control
     /// plane gives every node a full lease to come back.
     last_seen: HashMap<String, Instant>,
-}
-
-fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
-    })
 }
 
 fn text_ok(s: &str) -> bool {
@@ -186,12 +176,7 @@ impl Registry {
         if let Some(id) = self.identities.get(spiffe_id) {
             return *id;
         }
-        let span = IDENTITY_LAST_WORKLOAD - IDENTITY_FIRST_ALLOCATED + 1;
-        let mut slot = fnv1a(spiffe_id.as_bytes()) % span;
-        while self.taken.contains(&(IDENTITY_FIRST_ALLOCATED + slot)) {
-            slot = (slot + 1) % span;
-        }
-        let id = IDENTITY_FIRST_ALLOCATED + slot;
+        let id = identity::allocate(spiffe_id, |id| self.taken.contains(&id));
         self.taken.insert(id);
         self.identities.insert(spiffe_id.into(), id);
         id
@@ -346,6 +331,25 @@ impl Registry {
         Ok((changed, refusals))
     }
 
+    /// Each node's workloads as the policy compiler sees them, with their identities. The
+    /// registry knows no namespace labels or named ports: agents add those of their own
+    /// workloads from their configuration.
+    pub fn workload_infos(&self) -> BTreeMap<String, Vec<ward_policy::WorkloadInfo>> {
+        let info = |w: &WorkloadRecord| ward_policy::WorkloadInfo {
+            identity: self.identities[&w.spiffe_id],
+            name: w.name.clone(),
+            spiffe_id: w.spiffe_id.clone(),
+            namespace: w.namespace.clone(),
+            labels: w.labels.clone(),
+            addresses: w.addresses.clone(),
+            ..ward_policy::WorkloadInfo::default()
+        };
+        let nodes = self.nodes.iter();
+        nodes
+            .map(|(node, workloads)| (node.clone(), workloads.iter().map(info).collect()))
+            .collect()
+    }
+
     /// One IDENTITY resource per SPIFFE ID some node reports.
     pub fn identity_resources(&self) -> BTreeMap<String, Resource> {
         let mut out = BTreeMap::new();
@@ -405,8 +409,7 @@ mod tests {
     fn allocation_matches_the_agents_hash_and_never_moves() {
         let mut r = Registry::new("example.org");
         let id = r.allocate("spiffe://x/a");
-        let span = IDENTITY_LAST_WORKLOAD - IDENTITY_FIRST_ALLOCATED + 1;
-        assert_eq!(id, IDENTITY_FIRST_ALLOCATED + fnv1a(b"spiffe://x/a") % span);
+        assert_eq!(id, identity::preferred("spiffe://x/a"));
         let restored = Registry::from_json("example.org", &r.to_json()).expect("round trip");
         let mut restored = restored;
         assert_eq!(restored.allocate("spiffe://x/a"), id);
@@ -418,13 +421,12 @@ mod tests {
         let mut r = Registry::new("example.org");
         let id = r.allocate("spiffe://x/a");
         // Force a collision by marking the hash slot of a new ID as taken.
-        let span = IDENTITY_LAST_WORKLOAD - IDENTITY_FIRST_ALLOCATED + 1;
-        let slot_b = IDENTITY_FIRST_ALLOCATED + fnv1a(b"spiffe://x/b") % span;
+        let slot_b = identity::preferred("spiffe://x/b");
         r.taken.insert(slot_b);
         let b = r.allocate("spiffe://x/b");
         assert_ne!(b, slot_b);
         assert_ne!(b, id);
-        assert!((IDENTITY_FIRST_ALLOCATED..=IDENTITY_LAST_WORKLOAD).contains(&b));
+        assert!(identity::is_workload(b));
     }
 
     #[test]
@@ -511,9 +513,7 @@ mod tests {
         let web = r.allocate("spiffe://example.org/ns/demo/sa/db");
         assert_eq!(
             web,
-            IDENTITY_FIRST_ALLOCATED
-                + fnv1a(b"spiffe://example.org/ns/demo/sa/db")
-                    % (IDENTITY_LAST_WORKLOAD - IDENTITY_FIRST_ALLOCATED + 1),
+            identity::preferred("spiffe://example.org/ns/demo/sa/db"),
             "the identity stays allocated"
         );
         let restored = Registry::from_json("example.org", &r.to_json()).expect("round trip");

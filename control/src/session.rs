@@ -406,8 +406,9 @@ mod tests {
         resource::Body, Ack, Hello, Nack, Policy, Report, Resource, TypeVersion, Workload,
     };
 
-    fn policies(items: &[(&str, &str)]) -> BTreeMap<String, Resource> {
-        items
+    /// POLICY resources whose text the session does not look at.
+    fn policies(items: &[(&str, &str)]) -> crate::policy_set::ReadSet {
+        let resources = items
             .iter()
             .map(|(n, y)| {
                 let r = Resource {
@@ -419,7 +420,11 @@ mod tests {
                 };
                 ((*n).to_string(), r)
             })
-            .collect()
+            .collect();
+        crate::policy_set::ReadSet {
+            resources,
+            ..Default::default()
+        }
     }
 
     fn peer(node: &str) -> PeerNode {

@@ -631,17 +631,20 @@ async fn a_nacked_update_is_logged_and_the_next_change_still_arrives() {
     let mut agent = Agent::start(cfg.clone(), vec![]);
     let state = agent.until("policy", |s| !s.policies.is_empty()).await;
 
-    plane.write_policy(
-        "db.yaml",
-        DB.replace("ingress: []", "ingress: [{bogus: 1}]").as_str(),
-    );
-    let bad = agent.next(WAIT).await;
-    assert!(policy_names(&bad.state).contains(&"db"));
-    bad.ack
-        .send(Err("policy db: ingress[0].bogus: unknown field".into()))
+    // The control plane serves only sets that compile for the workloads it knows; an agent
+    // may still be unable to apply one (its configuration names ports and namespace labels the
+    // control plane does not know, its map is smaller), and refuses it.
+    plane.write_policy("db.yaml", DB);
+    let refused = agent.next(WAIT).await;
+    assert!(policy_names(&refused.state).contains(&"db"));
+    refused
+        .ack
+        .send(Err(
+            "policy db: the policy map would need more than 65536 entries".into(),
+        ))
         .expect("client waits");
     assert!(
-        plane.wait_for_log("unknown field", WAIT),
+        plane.wait_for_log("would need more than 65536 entries", WAIT),
         "{}",
         plane.logs()
     );
@@ -652,14 +655,102 @@ async fn a_nacked_update_is_logged_and_the_next_change_still_arrives() {
         "the NACKed state is not saved"
     );
 
-    plane.write_policy("db.yaml", DB);
+    plane.write_policy("db.yaml", &DB.replace("ingress: []", "egress: []"));
     let fixed = agent
-        .until("fixed db", |s| policy_names(s) == ["db", "web"])
+        .until("changed db", |s| policy_names(s) == ["db", "web"])
         .await;
     assert!(fixed
         .policies
         .iter()
-        .all(|(_, yaml)| !yaml.contains("bogus")));
+        .any(|(_, yaml)| yaml.contains("egress")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_fails_the_check_is_refused_before_any_agent_sees_it() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), "1h");
+    let cfg = agent_config(&plane, tmp.path(), "node-a");
+    let mut agent = Agent::start(cfg, vec![workload("web", "web", "10.0.0.1")]);
+    let served = agent
+        .until("web and its workload", |s| {
+            policy_names(s) == ["web"] && !s.ipcache.is_empty()
+        })
+        .await;
+
+    // Valid YAML of a valid kind, with an unknown field and a bad port: only the policy
+    // library finds these.
+    plane.write_policy(
+        "db.yaml",
+        &DB.replace(
+            "ingress: []",
+            "ingress:\n    - from: [{labels: {app: web}}]\n      bogus: 1\n      ports: [{port: 70000}]",
+        ),
+    );
+    assert!(
+        plane.wait_for_log("policy directory refused whole", WAIT),
+        "{}",
+        plane.logs()
+    );
+    let check = ward_policy::load::Report::load(&[plane.policy_dir()]);
+    assert!(!check.errors.is_empty(), "the check refuses db.yaml too");
+    for error in &check.errors {
+        let diagnostic = error.to_string();
+        assert!(diagnostic.contains("db.yaml:"), "{diagnostic}");
+        assert!(
+            plane.logs().contains(&diagnostic),
+            "the log carries the check's diagnostic {diagnostic:?}:\n{}",
+            plane.logs()
+        );
+    }
+    agent.quiet(Duration::from_millis(400)).await;
+
+    // The served version did not move: a new stream holding it receives no policy.
+    let cfg = agent_config(&plane, tmp.path(), "node-b");
+    let mut second = Agent::start(cfg, vec![]);
+    let state = second.until("first state", |_| true).await;
+    assert_eq!(
+        state.versions.get("policy"),
+        served.versions.get("policy"),
+        "{:?} / {:?}",
+        state.versions,
+        served.versions
+    );
+    assert_eq!(policy_names(&state), ["web"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_are_served_as_the_check_reads_them() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), "1h");
+    let cfg = agent_config(&plane, tmp.path(), "node-a");
+    let mut agent = Agent::start(cfg, vec![]);
+    agent.until("policy", |s| policy_names(s) == ["web"]).await;
+
+    // A document opened by its own `---` line and written as a flow mapping, then one whose
+    // flow mapping starts on the `---` line itself.
+    plane.write_policy(
+        "flow.yaml",
+        "# flow style\n---\n{apiVersion: ward.dev/v1, kind: Policy,\n metadata: {name: flow},\n spec: {selector: {labels: {app: web}}, ingress: []}}\n--- {apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: np, namespace: demo}, spec: {podSelector: {}}}\n",
+    );
+    let check = ward_policy::load::Report::load(&[plane.policy_dir()]);
+    assert!(check.errors.is_empty(), "{:?}", check.errors);
+    let mut checked: Vec<&str> = check.set.names().collect();
+    checked.sort();
+    assert_eq!(checked, ["demo/np", "flow", "web"]);
+    let state = agent
+        .until("every document the check keeps", |s| {
+            policy_names(s) == checked
+        })
+        .await;
+    // The agent reads the served texts with the library, one document each.
+    let documents = state
+        .policies
+        .iter()
+        .map(|(name, yaml)| (name.as_str(), yaml.as_str()));
+    let parsed = ward_policy::parse_documents(documents).expect("served documents parse");
+    let mut names: Vec<&str> = parsed.names().collect();
+    names.sort();
+    assert_eq!(names, checked);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -716,7 +807,9 @@ async fn a_policy_directory_the_server_cannot_parse_is_refused_whole() {
         plane.logs()
     );
     assert!(
-        plane.logs().contains("broken.yaml (document 1)"),
+        plane
+            .logs()
+            .contains("broken.yaml:4: document 1: did not find expected"),
         "{}",
         plane.logs()
     );

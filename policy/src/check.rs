@@ -286,6 +286,19 @@ fn uri(location: &Location) -> String {
     path.strip_prefix("./").unwrap_or(&path).to_owned()
 }
 
+/// A compile error as a diagnostic: located at the policy it is about, if one.
+pub fn compile_error(set: &PolicySet, error: &CompileError) -> PolicyError {
+    let policy = set
+        .policies
+        .iter()
+        .find(|p| error.policy() == Some(p.name.as_str()));
+    PolicyError {
+        location: policy.map_or_else(Location::default, |p| location(p, None)),
+        field: String::new(),
+        reason: error.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::{Path, PathBuf};

@@ -5,17 +5,15 @@ use std::net::IpAddr;
 
 use agent_common::{
     icmp_type_port, PolicyKey, PolicyValue, DIRECTION_INGRESS, DIRECTION_MTLS, IDENTITY_ANY,
-    IDENTITY_FIRST_ALLOCATED, IDENTITY_WORLD, MAX_POLICY_ENTRIES, POLICY_FLAG_MTLS, PORT_ANY,
-    PROTO_ANY, REMOTE_ISOLATION, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VERDICT_REDIRECT,
+    IDENTITY_WORLD, MAX_POLICY_ENTRIES, POLICY_FLAG_MTLS, PORT_ANY, PROTO_ANY, REMOTE_ISOLATION,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VERDICT_REDIRECT,
 };
 use ipnet::IpNet;
 
+use super::identity::{self, FIRST_CIDR, FIRST_WORKLOAD, LAST_WORKLOAD};
 use super::model::{Peer, Policy, PolicySet, PortMatch, Rule};
 use super::ward::DEFAULT_DENY;
 use super::{Decision, Mode, RuleAction, RuleInfo, WorkloadInfo};
-
-/// The first identity of the CIDR range; workload identities lie below it.
-pub const FIRST_CIDR_IDENTITY: u32 = 0x0100_0000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
@@ -25,7 +23,7 @@ pub enum CompileError {
         rule: String,
         limit: u32,
     },
-    #[error("workload {name}: identity {identity:#x} is outside the workload range {IDENTITY_FIRST_ALLOCATED:#x}..{FIRST_CIDR_IDENTITY:#x}")]
+    #[error("workload {name}: identity {identity:#x} is outside the workload range {FIRST_WORKLOAD:#x}..={LAST_WORKLOAD:#x}")]
     WorkloadIdentity { name: String, identity: u32 },
 }
 
@@ -56,7 +54,7 @@ impl Default for RuleIds {
             rules: HashMap::new(),
             next_rule: agent_common::rule_ids::FIRST,
             cidrs: BTreeMap::new(),
-            next_cidr: FIRST_CIDR_IDENTITY,
+            next_cidr: FIRST_CIDR,
         }
     }
 }
@@ -225,7 +223,7 @@ fn compile_inner(
 ) -> Result<Compiled, CompileError> {
     if let Some(w) = workloads
         .iter()
-        .find(|w| !(IDENTITY_FIRST_ALLOCATED..FIRST_CIDR_IDENTITY).contains(&w.identity))
+        .find(|w| !identity::is_workload(w.identity))
     {
         return Err(CompileError::WorkloadIdentity {
             name: w.name.clone(),

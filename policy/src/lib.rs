@@ -9,6 +9,7 @@
 pub mod check;
 pub mod compile;
 pub mod diagnostics;
+pub mod identity;
 mod k8s;
 pub mod load;
 pub mod model;
@@ -38,7 +39,7 @@ pub use port::{icmp_type_of, PortArg};
 /// What the policy compiler needs to know about one workload of the node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WorkloadInfo {
-    /// Numeric identity, in the workload range (`256..0x0100_0000`).
+    /// Numeric identity, in the workload range ([`identity::WORKLOADS`]).
     pub identity: u32,
     pub name: String,
     pub spiffe_id: String,

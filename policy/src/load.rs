@@ -532,6 +532,21 @@ impl<'de> Visitor<'de> for Locator<'_> {
     }
 }
 
+/// The files [`Report::load`] reads for `paths`, in the order it reads them; a path that
+/// cannot be read is an error of `report`. For readers that look at each file (its size) before
+/// giving its text to [`Report::add_text`].
+pub fn policy_files(report: &mut Report, paths: &[PathBuf]) -> Vec<PathBuf> {
+    report.policy_files(paths)
+}
+
+/// The documents of a file's text as [`Report::add_text`] splits and numbers them (from 1;
+/// documents without content are left out), each with its text.
+pub fn documents(text: &str) -> Vec<(usize, &str)> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let documents = split_documents(text).into_iter().enumerate();
+    documents.map(|(i, d)| (i + 1, d.text)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

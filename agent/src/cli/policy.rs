@@ -12,13 +12,13 @@ use anyhow::{bail, Context as _};
 use clap::{Subcommand, ValueEnum};
 use serde_json::json;
 
-use ward_policy::check::{find_rule, lint, CheckReport, LintOptions};
+use ward_policy::check::{compile_error, find_rule, lint, CheckReport, LintOptions};
 use ward_policy::compile::{Contribution, Slot};
 use ward_policy::load::Report;
 use ward_policy::trace::{combine, diff, trace, Change, Endpoint, Leg};
 use ward_policy::{
-    direction_name, icmp_type_of, load, protocol_name, verdict_name, Compiled, Location,
-    PolicyError, PolicySet, PolicyWarning, PortArg, WarningKind, WorkloadInfo,
+    direction_name, icmp_type_of, load, protocol_name, verdict_name, Compiled, Location, PolicySet,
+    PolicyWarning, PortArg, WarningKind, WorkloadInfo,
 };
 
 #[derive(Debug, Subcommand)]
@@ -265,23 +265,7 @@ pub(crate) fn check(
         },
     ) {
         Ok(found) => warnings.extend(found),
-        Err(e) => {
-            let policy = set
-                .policies
-                .iter()
-                .find(|p| e.policy() == Some(p.name.as_str()));
-            let location = policy.map_or_else(Location::default, |p| Location {
-                file: p.origin.file.clone(),
-                line: Some(p.origin.line),
-                document: Some(p.origin.document),
-                policy: Some(p.name.clone()),
-            });
-            errors.push(PolicyError {
-                location,
-                field: String::new(),
-                reason: e.to_string(),
-            });
-        }
+        Err(e) => errors.push(compile_error(&set, &e)),
     }
     CheckReport {
         policies: set.names().map(str::to_owned).collect(),

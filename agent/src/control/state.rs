@@ -202,7 +202,7 @@ impl Held {
                 if i.spiffe_id != name {
                     return invalid(format!("names SPIFFE ID {:?}", i.spiffe_id));
                 }
-                if !(FIRST_WORKLOAD_IDENTITY..=LAST_WORKLOAD_IDENTITY).contains(&i.identity) {
+                if !crate::policy::identity::is_workload(i.identity) {
                     return invalid(format!(
                         "identity {} is outside the workload range",
                         i.identity
@@ -220,7 +220,7 @@ impl Held {
                 let Ok(address) = entry.address.parse::<IpAddr>() else {
                     return invalid(format!("{:?} is not an address", entry.address));
                 };
-                if !(FIRST_WORKLOAD_IDENTITY..=LAST_WORKLOAD_IDENTITY).contains(&entry.identity) {
+                if !crate::policy::identity::is_workload(entry.identity) {
                     return invalid(format!(
                         "identity {} is outside the workload range",
                         entry.identity
@@ -307,9 +307,6 @@ impl Held {
         Ok(next)
     }
 }
-
-const FIRST_WORKLOAD_IDENTITY: u32 = 256;
-const LAST_WORKLOAD_IDENTITY: u32 = 0x00FF_FFFF;
 
 pub const LAST_APPLIED_FILE: &str = "last-applied.json";
 

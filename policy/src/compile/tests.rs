@@ -256,7 +256,7 @@ fn cidr_peers_select_prefixes_and_workload_addresses_outside_excepts() {
     .map(id)
     .to_vec();
     assert!(
-        ids.iter().all(|i| *i >= FIRST_CIDR_IDENTITY),
+        ids.iter().all(|i| *i >= crate::identity::FIRST_CIDR),
         "CIDR identities in their range: {ids:?}"
     );
     assert_eq!(
@@ -610,7 +610,7 @@ fn too_many_entries_is_refused_naming_the_rule() {
 #[test]
 fn workload_identity_outside_its_range_is_refused() {
     let mut ws = workloads();
-    ws[0].identity = FIRST_CIDR_IDENTITY;
+    ws[0].identity = crate::identity::FIRST_CIDR;
     let result = compile(
         &set(&policy("p", "  selector: {}\n  ingress: []")),
         &ws,
