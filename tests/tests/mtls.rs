@@ -497,3 +497,97 @@ fn openssl_s_client_with_a_workload_certificate_completes_a_handshake_with_the_i
         setup.cluster.node(B).ward().log().tail(20)
     );
 }
+
+/// About 100,000 policy entries on each node, none of them on the stream's path: `db` (node B)
+/// admits `client` and `intruder` (node A) admits `client` on 50,000 ports, TCP and UDP.
+fn bulk_policy() -> String {
+    let admits = |name: &str, app: &str| {
+        policy(
+            name,
+            &format!(
+                "  selector:\n    labels: {{app: {app}}}\n  ingress:\n    - name: bulk\n      from:\n        - labels: {{app: client}}\n      ports:\n        - {{port: 10000, endPort: 59999, protocol: TCP}}\n        - {{port: 10000, endPort: 59999, protocol: UDP}}\n"
+            ),
+        )
+    };
+    format!(
+        "{}---\n{}",
+        admits("db-bulk", "db"),
+        admits("intruder-bulk", "intruder")
+    )
+}
+
+/// A number field of a JSON log line.
+fn number(line: &str, key: &str) -> f64 {
+    let value: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+    value[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no number {key} in {line}"))
+}
+
+#[test]
+fn a_tunneled_stream_does_not_wait_for_a_large_policy_apply() {
+    let setup = Setup::new("mtls-stream", &[]);
+    let port = 7305;
+    setup.apply("db.yaml", &db_requires_mtls(&[port]));
+    let db = setup.placement(B, "db");
+    let _listener = setup.peer.listen_stream(&format!("0.0.0.0:{port}"), &db);
+    let stop = setup.cluster.node(A).state_dir().join("stop-stream");
+    let stream = setup
+        .peer
+        .stream(setup.db(port), &setup.placement(A, "client"), &stop);
+    stream.wait_for_line(0, event_timeout(), "`connected`", |l| l == "connected");
+    // Streaming before the apply too, so the longest gap covers the whole of it.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let marks = setup.cluster.log_marks();
+    let version = setup.cluster.apply_policy("bulk.yaml", &bulk_policy());
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&stop, "").expect("stop file");
+    let (_, summary) = stream.wait_for_line(0, event_timeout(), "the stream's summary", |l| {
+        l.starts_with("streamed ") || l.starts_with("ended ")
+    });
+    assert!(
+        summary.starts_with("streamed "),
+        "the tunneled stream stopped during the apply: {summary}\nnode A:\n{}\nnode B:\n{}",
+        setup.cluster.node(A).ward().log().tail(40),
+        setup.cluster.node(B).ward().log().tail(40)
+    );
+    let max_gap_ms: f64 = summary
+        .split_once("max_gap_ms=")
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no max_gap_ms in {summary:?}"));
+
+    // Each node's apply of the new version, as its agent logged it.
+    let mut applies = Vec::new();
+    for (node, mark) in [A, B].into_iter().zip(&marks[..]) {
+        let ward = setup.cluster.node(node).ward();
+        let lines = ward.lines();
+        let state = setup
+            .cluster
+            .node(node)
+            .wait_applied(*mark, &version, event_timeout());
+        let applied = lines[*mark..]
+            .iter()
+            .find(|l| l.contains("policy applied") && l.contains("control plane"))
+            .unwrap_or_else(|| panic!("no `policy applied` line on node {node}"));
+        let entries = number(applied, "entries");
+        assert!(
+            entries >= 100_000.0,
+            "node {node} applied {entries} entries, not a large policy"
+        );
+        let (duration_ms, total_ms) = (number(applied, "duration_ms"), number(&state, "total_ms"));
+        println!(
+            "node {node}: {entries} entries written in {duration_ms:.1} ms, compiled and applied in {total_ms:.1} ms"
+        );
+        applies.push(duration_ms);
+    }
+    let shortest = applies.iter().copied().fold(f64::INFINITY, f64::min);
+    println!(
+        "longest gap between reads of the tunneled stream: {max_gap_ms:.1} ms; shortest map write: {shortest:.1} ms; {summary}"
+    );
+    assert!(
+        max_gap_ms < shortest,
+        "the stream stalled for {max_gap_ms:.1} ms, as long as a map write ({shortest:.1} ms): it waited for it"
+    );
+}
