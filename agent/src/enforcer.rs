@@ -9,8 +9,9 @@
 //! the rest of the agent (reload commands from signals, status requests from the admin socket,
 //! updates from the control-plane client, each answered on a oneshot). The runtime that serves
 //! the tunnel's connections, the admin socket, metrics and events never runs an apply and never
-//! waits for one: a caller that needs the enforcer's answer awaits a channel. One thread owning
-//! all kernel writes also keeps applies in order without locks.
+//! waits for one: a caller that needs the enforcer's answer awaits a channel. The generation
+//! writer's sleep blocks only this thread, whose inputs wait for the apply anyway. One thread
+//! owning all kernel writes also keeps applies in order without locks.
 
 use std::{
     collections::BTreeMap,

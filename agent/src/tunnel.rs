@@ -41,7 +41,7 @@ struct View {
     tunnels: HashMap<IpAddr, SocketAddr>,
 }
 
-/// The tunnel as the main loop owns it.
+/// The tunnel as the enforcer owns it.
 pub struct Tunnel {
     settings: TunnelSettings,
     view: Arc<RwLock<View>>,
