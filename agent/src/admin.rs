@@ -30,7 +30,7 @@ pub struct Reply {
     pub error: Option<String>,
 }
 
-/// The agent's main loop answers status requests; it owns the datapath.
+/// The enforcer answers status requests; it owns the datapath.
 pub type StatusRequests = mpsc::Sender<oneshot::Sender<Status>>;
 
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {

@@ -7,6 +7,8 @@ mod cgroups;
 pub mod cli;
 mod config;
 pub mod control;
+mod desired;
+mod enforcer;
 mod events;
 mod flows;
 mod identity;

@@ -41,7 +41,7 @@ struct View {
     tunnels: HashMap<IpAddr, SocketAddr>,
 }
 
-/// The tunnel as the main loop owns it.
+/// The tunnel as the enforcer owns it.
 pub struct Tunnel {
     settings: TunnelSettings,
     view: Arc<RwLock<View>>,
@@ -53,6 +53,9 @@ pub struct Tunnel {
     renewals: BTreeMap<SpiffeId, JoinHandle<()>>,
     /// The trust bundle and revocations in force.
     bundle: (String, Vec<String>),
+    /// The runtime the tunnel serves on, where renewals run too: [`Tunnel::update`] is called
+    /// from the enforcer's thread.
+    runtime: tokio::runtime::Handle,
 }
 
 /// The answers the tunnel asks of the agent, shared by its tasks.
@@ -129,6 +132,7 @@ impl Tunnel {
             signer: Arc::new(WorkloadSigner::new(control_plane.clone())),
             renewals: BTreeMap::new(),
             bundle: (ca_pem, Vec::new()),
+            runtime: tokio::runtime::Handle::current(),
         })
     }
 
@@ -190,7 +194,8 @@ impl Tunnel {
         for id in local_ids {
             let (svids, signer) = (self.svids.clone(), self.signer.clone());
             self.renewals.entry(id.clone()).or_insert_with(|| {
-                tokio::spawn(ward_tunnel::renewal::keep_fresh(svids, signer, id))
+                self.runtime
+                    .spawn(ward_tunnel::renewal::keep_fresh(svids, signer, id))
             });
         }
     }
@@ -232,7 +237,7 @@ impl Tunnel {
                 task.abort();
                 self.svids.remove(id);
                 self.outbound.forget_source(id);
-                *task = tokio::spawn(ward_tunnel::renewal::keep_fresh(
+                *task = self.runtime.spawn(ward_tunnel::renewal::keep_fresh(
                     self.svids.clone(),
                     self.signer.clone(),
                     id.clone(),

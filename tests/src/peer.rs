@@ -1,7 +1,7 @@
 //! Driving the `ward-test-peer` binary: listeners and clients with parsed outcomes.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::process::{run, Background, Placement};
@@ -147,6 +147,29 @@ impl Peer {
     /// A TCP listener that answers each connection with a minimal HTTP response, for curl.
     pub fn listen_http(&self, addr: &str, placement: &Placement) -> Listener {
         self.listen_with(Protocol::Tcp, addr, placement, &["--http"])
+    }
+
+    /// A TCP listener that writes a small chunk to each connection every millisecond.
+    pub fn listen_stream(&self, addr: &str, placement: &Placement) -> Listener {
+        self.listen_with(Protocol::Tcp, addr, placement, &["--stream"])
+    }
+
+    /// Reads the stream of a [`Peer::listen_stream`] listener at `addr` until `stop_file`
+    /// exists; it prints `connected` once connected and then, when stopped,
+    /// `streamed reads=N bytes=B max_gap_ms=G` (G: the longest time between two reads).
+    pub fn stream(&self, addr: SocketAddr, placement: &Placement, stop_file: &Path) -> Background {
+        let args = [
+            "stream".to_owned(),
+            "tcp".to_owned(),
+            addr.to_string(),
+            "--stop-file".to_owned(),
+            stop_file.display().to_string(),
+        ];
+        Background::spawn(
+            &format!("peer stream {addr}"),
+            placement.command(&self.bin, &args),
+            true,
+        )
     }
 
     fn listen_with(

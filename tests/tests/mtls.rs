@@ -497,3 +497,156 @@ fn openssl_s_client_with_a_workload_certificate_completes_a_handshake_with_the_i
         setup.cluster.node(B).ward().log().tail(20)
     );
 }
+
+/// About 100,000 policy entries on each node, none of them on the stream's path: `db` (node B)
+/// admits `client` and `intruder` (node A) admits `client` on 50,000 ports, TCP and UDP.
+fn bulk_policy() -> String {
+    let admits = |name: &str, app: &str| {
+        policy(
+            name,
+            &format!(
+                "  selector:\n    labels: {{app: {app}}}\n  ingress:\n    - name: bulk\n      from:\n        - labels: {{app: client}}\n      ports:\n        - {{port: 10000, endPort: 59999, protocol: TCP}}\n        - {{port: 10000, endPort: 59999, protocol: UDP}}\n"
+            ),
+        )
+    };
+    format!(
+        "{}---\n{}",
+        admits("db-bulk", "db"),
+        admits("intruder-bulk", "intruder")
+    )
+}
+
+/// A number field of a JSON log line.
+fn number(line: &str, key: &str) -> f64 {
+    let value: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+    value[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no number {key} in {line}"))
+}
+
+/// CPU time (user and system, in clock ticks) of each thread of process `pid`, by thread id, with
+/// the thread's name.
+fn thread_cpu(pid: i32) -> std::collections::BTreeMap<u32, (String, u64)> {
+    let tasks = format!("/proc/{pid}/task");
+    std::fs::read_dir(&tasks)
+        .unwrap_or_else(|e| panic!("{tasks}: {e}"))
+        .filter_map(|entry| {
+            let tid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("{tasks}/{tid}/stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(") ")?;
+            let name = head.split_once(" (")?.1.to_owned();
+            let fields: Vec<&str> = rest.split(' ').collect();
+            // After the name: state is field 3, utime 14 and stime 15.
+            let ticks =
+                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            Some((tid, (name, ticks)))
+        })
+        .collect()
+}
+
+/// The thread that used the most CPU time between two [`thread_cpu`] readings, of those whose
+/// name `matches`: its name and the time in ms.
+fn busiest_thread(
+    before: &std::collections::BTreeMap<u32, (String, u64)>,
+    after: &std::collections::BTreeMap<u32, (String, u64)>,
+    matches: impl Fn(&str) -> bool,
+) -> (String, f64) {
+    // SAFETY: sysconf only reads a system constant.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    after
+        .iter()
+        .filter(|(_, (name, _))| matches(name))
+        .map(|(tid, (name, ticks))| {
+            let used = ticks - before.get(tid).map_or(0, |(_, t)| *t);
+            (name.clone(), used as f64 * 1e3 / ticks_per_second)
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or_default()
+}
+
+/// A stream through the tunnel (a chunk every millisecond from `db` on node B to `client` on
+/// node A) while both agents apply about 100,000 policy entries from the control plane: the
+/// stream never stops, its longest gap between reads is shorter than either apply's map writes,
+/// and the apply's CPU time is spent on a thread of its own, not on the runtime that carries the
+/// tunnel's connections.
+#[test]
+fn a_tunneled_stream_does_not_wait_for_a_large_policy_apply() {
+    let setup = Setup::new("mtls-stream", &[]);
+    let port = 7305;
+    setup.apply("db.yaml", &db_requires_mtls(&[port]));
+    let db = setup.placement(B, "db");
+    let _listener = setup.peer.listen_stream(&format!("0.0.0.0:{port}"), &db);
+    let stop = setup.cluster.node(A).state_dir().join("stop-stream");
+    let stream = setup
+        .peer
+        .stream(setup.db(port), &setup.placement(A, "client"), &stop);
+    stream.wait_for_line(0, event_timeout(), "`connected`", |l| l == "connected");
+    // Streaming before the apply too, so the longest gap covers the whole of it.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let pids = [A, B].map(|node| setup.cluster.node(node).ward().pid());
+    let cpu_before = pids.map(thread_cpu);
+    let marks = setup.cluster.log_marks();
+    let version = setup.cluster.apply_policy("bulk.yaml", &bulk_policy());
+    let cpu_after = pids.map(thread_cpu);
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&stop, "").expect("stop file");
+    let (_, summary) = stream.wait_for_line(0, event_timeout(), "the stream's summary", |l| {
+        l.starts_with("streamed ") || l.starts_with("ended ")
+    });
+    assert!(
+        summary.starts_with("streamed "),
+        "the tunneled stream stopped during the apply: {summary}\nnode A:\n{}\nnode B:\n{}",
+        setup.cluster.node(A).ward().log().tail(40),
+        setup.cluster.node(B).ward().log().tail(40)
+    );
+    let max_gap_ms: f64 = summary
+        .split_once("max_gap_ms=")
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no max_gap_ms in {summary:?}"));
+
+    // Each node's apply of the new version, as its agent logged it.
+    let mut applies = Vec::new();
+    for (node, mark) in [A, B].into_iter().zip(&marks[..]) {
+        let ward = setup.cluster.node(node).ward();
+        let lines = ward.lines();
+        let state = setup
+            .cluster
+            .node(node)
+            .wait_applied(*mark, &version, event_timeout());
+        let applied = lines[*mark..]
+            .iter()
+            .find(|l| l.contains("policy applied") && l.contains("control plane"))
+            .unwrap_or_else(|| panic!("no `policy applied` line on node {node}"));
+        let entries = number(applied, "entries");
+        assert!(
+            entries >= 100_000.0,
+            "node {node} applied {entries} entries, not a large policy"
+        );
+        let (duration_ms, total_ms) = (number(applied, "duration_ms"), number(&state, "total_ms"));
+        // Compiling and writing take CPU time on the thread that does them, which is not one of
+        // the runtime that carries connections (its threads carry the stream and the update).
+        // tokio names its worker and blocking threads `tokio-rt-worker` (`tokio-runtime-w` before).
+        let (_, runtime_ms) = busiest_thread(&cpu_before[node], &cpu_after[node], |name| {
+            name.starts_with("tokio-r")
+        });
+        let (busiest, busiest_ms) = busiest_thread(&cpu_before[node], &cpu_after[node], |_| true);
+        println!(
+            "node {node}: {entries} entries written in {duration_ms:.1} ms, compiled and applied in {total_ms:.1} ms; CPU meanwhile: {busiest_ms:.0} ms on thread {busiest}, at most {runtime_ms:.0} ms on a thread of the connections' runtime"
+        );
+        assert!(
+            !busiest.starts_with("tokio-r"),
+            "node {node}: the apply ran on a thread of the connections' runtime ({busiest}, {busiest_ms:.0} ms CPU)"
+        );
+        applies.push(duration_ms);
+    }
+    let shortest = applies.iter().copied().fold(f64::INFINITY, f64::min);
+    println!(
+        "longest gap between reads of the tunneled stream: {max_gap_ms:.1} ms; shortest map write: {shortest:.1} ms; {summary}"
+    );
+    assert!(
+        max_gap_ms < shortest,
+        "the stream stalled for {max_gap_ms:.1} ms, as long as a map write ({shortest:.1} ms): it waited for it"
+    );
+}

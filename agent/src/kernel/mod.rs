@@ -1,15 +1,18 @@
 //! The kernel datapath: loads ward's programs, adopts or creates their pinned maps and links, and
 //! writes identities and compiled policy into the maps without ever opening a hole.
 pub mod features;
+mod generations;
 mod link;
 pub mod tunnel;
+
+pub use generations::ApplyStats;
+use generations::Generations;
 
 use std::{
     collections::BTreeMap,
     fs::File,
     os::fd::AsFd,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
 };
 
 use agent_common::{
@@ -20,7 +23,7 @@ use agent_common::{
     MAX_LISTENERS, MAX_OWNERS, MAX_POLICY_ENTRIES, MAX_SOCKETS, MAX_UDP_FLOWS,
 };
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSkbAttachType, Program,
@@ -49,10 +52,6 @@ const ATTACH_POINTS: [(&str, &str); 9] = [
 
 /// The eBPF object built from `agent-ebpf` by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
-
-/// Time for programs that read the previous generation to finish before its entries go. Programs
-/// run for microseconds under RCU; this is orders of magnitude more.
-const GENERATION_SETTLE: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -117,17 +116,6 @@ fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> K
     move |error| KernelError::Program { name, error }
 }
 
-/// What one policy apply wrote.
-#[derive(Clone, Copy, Debug)]
-pub struct ApplyStats {
-    pub at: Instant,
-    pub generation: u32,
-    pub entries: usize,
-    pub addresses: usize,
-    pub prefixes: usize,
-    pub duration: Duration,
-}
-
 /// How the programs came to be attached.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Attachment {
@@ -143,12 +131,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     cgroups: HashMap<MapData, u64, CgroupValue>,
-    policy: HashMap<MapData, PolicyKey, PolicyValue>,
-    ipcache: HashMap<MapData, IpcacheKey, IpcacheValue>,
-    lpm: LpmTrie<MapData, IpcacheLpmData, IpcacheValue>,
-    state: Array<MapData, StateValue>,
     settings: Array<MapData, Settings>,
-    generation: u32,
+    generations: Generations,
 }
 
 fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(
@@ -189,16 +173,10 @@ impl Datapath {
             }
             .map_err(prog_err(name))?;
         }
-        let state: Array<MapData, StateValue> = take(&mut ebpf, map_names::STATE)?;
-        let current = state.get(&0, 0).map_err(map_err(map_names::STATE))?;
         Ok(Datapath {
             cgroups: take(&mut ebpf, map_names::CGROUPS)?,
-            policy: take(&mut ebpf, map_names::POLICY)?,
-            ipcache: take(&mut ebpf, map_names::IPCACHE)?,
-            lpm: take(&mut ebpf, map_names::IPCACHE_LPM)?,
-            generation: current.generation,
+            generations: Generations::open(&mut ebpf)?,
             settings: take(&mut ebpf, map_names::SETTINGS)?,
-            state,
             ebpf,
             pin_dir: pin_dir.to_owned(),
         })
@@ -498,122 +476,14 @@ impl Datapath {
         take(&mut self.ebpf, map_names::COUNTERS)
     }
 
-    /// Installs a compiled policy and the IP cache as the next generation, then switches the
-    /// kernel to it with one write. A connection sees either the old or the new generation in
-    /// full, never a mix; on error the old generation stays in force untouched.
+    /// Installs a compiled policy and the IP cache as the next generation and switches the kernel
+    /// to it; see [`Generations::apply`].
     pub fn apply(
         &mut self,
         compiled: &Compiled,
         addresses: &BTreeMap<[u8; 16], u32>,
     ) -> Result<ApplyStats, KernelError> {
-        let started = Instant::now();
-        let next = self.generation.wrapping_add(1);
-        let next_bit = (next & 1) as u8;
-        // Leftovers of an apply that died half-way belong to the inactive generation.
-        self.remove_generation(next_bit)?;
-        if let Err(e) = self.write_generation(next_bit, compiled, addresses) {
-            self.remove_generation(next_bit)?;
-            return Err(e);
-        }
-        self.state
-            .set(0, StateValue::new(next), 0)
-            .map_err(map_err(map_names::STATE))?;
-        let previous_bit = (self.generation & 1) as u8;
-        self.generation = next;
-        std::thread::sleep(GENERATION_SETTLE);
-        self.remove_generation(previous_bit)?;
-        Ok(ApplyStats {
-            at: Instant::now(),
-            generation: next,
-            entries: compiled.entries.len(),
-            addresses: addresses.len(),
-            prefixes: compiled.prefixes.len(),
-            duration: started.elapsed(),
-        })
-    }
-
-    fn write_generation(
-        &mut self,
-        bit: u8,
-        compiled: &Compiled,
-        addresses: &BTreeMap<[u8; 16], u32>,
-    ) -> Result<(), KernelError> {
-        for (key, value) in &compiled.entries {
-            let key = PolicyKey {
-                generation: bit,
-                ..*key
-            };
-            self.policy
-                .insert(key, *value, 0)
-                .map_err(map_err(map_names::POLICY))?;
-        }
-        for (addr, identity) in addresses {
-            let key = IpcacheKey {
-                generation: bit,
-                _pad: [0; 3],
-                addr: *addr,
-            };
-            self.ipcache
-                .insert(
-                    key,
-                    IpcacheValue {
-                        identity: *identity,
-                    },
-                    0,
-                )
-                .map_err(map_err(map_names::IPCACHE))?;
-        }
-        for (net, identity) in &compiled.prefixes {
-            let (addr, len) = mapped_prefix(net);
-            let key = Key::new(
-                8 + len,
-                IpcacheLpmData {
-                    generation: bit,
-                    addr,
-                },
-            );
-            self.lpm
-                .insert(
-                    &key,
-                    IpcacheValue {
-                        identity: *identity,
-                    },
-                    0,
-                )
-                .map_err(map_err(map_names::IPCACHE_LPM))?;
-        }
-        Ok(())
-    }
-
-    fn remove_generation(&mut self, bit: u8) -> Result<(), KernelError> {
-        let stale: Vec<PolicyKey> = self
-            .policy
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.generation == bit)
-            .collect();
-        for key in stale {
-            ignore_missing(self.policy.remove(&key)).map_err(map_err(map_names::POLICY))?;
-        }
-        let stale: Vec<IpcacheKey> = self
-            .ipcache
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.generation == bit)
-            .collect();
-        for key in stale {
-            ignore_missing(self.ipcache.remove(&key)).map_err(map_err(map_names::IPCACHE))?;
-        }
-        let stale: Vec<Key<IpcacheLpmData>> = self
-            .lpm
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.data().generation == bit)
-            .collect();
-        for key in stale {
-            ignore_missing(self.lpm.remove(&key)).map_err(map_err(map_names::IPCACHE_LPM))?;
-        }
-        Ok(())
+        self.generations.apply(compiled, addresses)
     }
 }
 
@@ -742,13 +612,6 @@ fn remove_stale_pins(pin_dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
-    match r {
-        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        r => r,
-    }
-}
-
 fn remove_if_present(path: &Path) -> std::io::Result<()> {
     let r = if path.is_dir() {
         std::fs::remove_dir(path)
@@ -766,12 +629,5 @@ pub fn mapped(addr: std::net::IpAddr) -> [u8; 16] {
     match addr {
         std::net::IpAddr::V4(a) => agent_common::map_v4(a.octets()),
         std::net::IpAddr::V6(a) => a.octets(),
-    }
-}
-
-fn mapped_prefix(net: &ipnet::IpNet) -> ([u8; 16], u32) {
-    match net {
-        ipnet::IpNet::V4(n) => (mapped(n.network().into()), 96 + u32::from(n.prefix_len())),
-        ipnet::IpNet::V6(n) => (n.network().octets(), u32::from(n.prefix_len())),
     }
 }

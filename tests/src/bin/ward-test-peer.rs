@@ -1,10 +1,11 @@
 //! A tiny network peer for ward's privileged tests, with real sockets and plain-text output.
 //!
 //! ```text
-//! ward-test-peer listen tcp|udp ADDR:PORT [--http]
+//! ward-test-peer listen tcp|udp ADDR:PORT [--http | --stream]
 //! ward-test-peer connect tcp|udp ADDR:PORT [--count N] [--timeout-ms T] [--send MSG]
 //!                [--connected] [--interval-ms I] [--stop-file PATH]
 //! ward-test-peer probe tcp|udp ADDR:PORT... [--timeout-ms T]
+//! ward-test-peer stream tcp ADDR:PORT --stop-file PATH
 //! ```
 //!
 //! `listen` prints `listening <bound address>` once bound (so port 0 works), then one line per
@@ -14,17 +15,31 @@
 //! With `--stop-file` it keeps going after `--count` attempts until the file exists, which lets a
 //! test hold traffic running across an event of its choosing. `probe` makes one attempt to each
 //! address, all at once, and prints `<address> <outcome>` per address as each ends.
+//!
+//! `listen tcp --stream` writes a small chunk to each accepted connection every millisecond until
+//! it closes. `stream` connects to such a listener, prints `connected`, reads until the stop file
+//! exists and then prints `streamed reads=N bytes=B max_gap_ms=G`, where G is the longest time
+//! between two reads; if the stream ends or fails first it prints `ended <reason>` and fails.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-const USAGE: &str = "usage: ward-test-peer listen tcp|udp ADDR:PORT [--http]\n       \
+const USAGE: &str = "usage: ward-test-peer listen tcp|udp ADDR:PORT [--http | --stream]\n       \
     ward-test-peer connect tcp|udp ADDR:PORT [--count N] [--timeout-ms T] [--send MSG] \
     [--connected] [--interval-ms I] [--stop-file PATH]\n       \
-    ward-test-peer probe tcp|udp ADDR:PORT... [--timeout-ms T]";
+    ward-test-peer probe tcp|udp ADDR:PORT... [--timeout-ms T]\n       \
+    ward-test-peer stream tcp ADDR:PORT --stop-file PATH";
+
+/// What a listener does with each accepted TCP connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Line,
+    Http,
+    Stream,
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Protocol {
@@ -69,13 +84,14 @@ fn run(args: &[String]) -> Result<(), String> {
         .map_err(|e| format!("bad address {addr:?}: {e}"))?;
     match mode.as_str() {
         "listen" => {
-            let http = match rest {
-                [] => false,
-                [flag] if flag == "--http" => true,
+            let answer = match rest {
+                [] => Answer::Line,
+                [flag] if flag == "--http" => Answer::Http,
+                [flag] if flag == "--stream" && protocol == Protocol::Tcp => Answer::Stream,
                 _ => return Err(format!("unexpected arguments {rest:?}")),
             };
             match protocol {
-                Protocol::Tcp => listen_tcp(addr, http),
+                Protocol::Tcp => listen_tcp(addr, answer),
                 Protocol::Udp => listen_udp(addr),
             }
             .map_err(|e| format!("listen on {addr}: {e}"))
@@ -84,6 +100,15 @@ fn run(args: &[String]) -> Result<(), String> {
             let options = parse_connect_options(rest)?;
             connect(protocol, addr, &options);
             Ok(())
+        }
+        "stream" => {
+            let [flag, stop_file] = rest else {
+                return Err(format!("stream needs --stop-file PATH, not {rest:?}"));
+            };
+            if protocol != Protocol::Tcp || flag != "--stop-file" {
+                return Err("stream: tcp ADDR:PORT --stop-file PATH".into());
+            }
+            read_stream(addr, Path::new(stop_file))
         }
         other => Err(format!("unknown mode {other:?}")),
     }
@@ -158,7 +183,7 @@ fn probe(protocol: Protocol, args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn listen_tcp(addr: SocketAddr, http: bool) -> io::Result<()> {
+fn listen_tcp(addr: SocketAddr, answer: Answer) -> io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     say(&format!("listening {}", listener.local_addr()?));
     loop {
@@ -170,12 +195,67 @@ fn listen_tcp(addr: SocketAddr, http: bool) -> io::Result<()> {
         };
         say(&format!("accepted {peer}"));
         // Replies are best effort: a client that only probes (nc -z) closes at once.
-        let _ = if http {
-            answer_http(stream)
-        } else {
-            answer_line(stream)
+        let _ = match answer {
+            Answer::Line => answer_line(stream),
+            Answer::Http => answer_http(stream),
+            Answer::Stream => {
+                std::thread::spawn(move || write_stream(stream));
+                Ok(())
+            }
         };
     }
+}
+
+/// A chunk every millisecond until the connection closes.
+fn write_stream(mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    while stream.write_all(b"ward-stream-chunk").is_ok() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// `stream`: reads until `stop_file` exists, timing the gaps between reads.
+fn read_stream(addr: SocketAddr, stop_file: &Path) -> Result<(), String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect to {addr}: {}", describe(&e)))?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .map_err(|e| e.to_string())?;
+    say("connected");
+    let mut buffer = [0u8; 4096];
+    let (mut reads, mut bytes) = (0u64, 0u64);
+    let mut last = Instant::now();
+    let mut max_gap = Duration::ZERO;
+    loop {
+        if stop_file.exists() {
+            let max_gap_ms = max_gap.as_secs_f64() * 1e3;
+            say(&format!(
+                "streamed reads={reads} bytes={bytes} max_gap_ms={max_gap_ms:.1}"
+            ));
+            return Ok(());
+        }
+        match stream.read(&mut buffer) {
+            Ok(0) => return ended("closed by the other end", reads),
+            Ok(n) => {
+                let now = Instant::now();
+                max_gap = max_gap.max(now - last);
+                last = now;
+                reads += 1;
+                bytes += n as u64;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return ended(&describe(&e), reads),
+        }
+    }
+}
+
+fn ended(reason: &str, reads: u64) -> Result<(), String> {
+    say(&format!("ended {reason} after {reads} reads"));
+    Err(format!("the stream ended: {reason}"))
 }
 
 fn answer_line(mut stream: TcpStream) -> io::Result<()> {

@@ -1,0 +1,297 @@
+//! The desired state: what one configuration and its policy files, or, in control-plane mode,
+//! the configuration and the control plane's state, say the kernel should enforce. Building it
+//! compiles the policy; nothing here touches the kernel.
+use std::{collections::BTreeMap, net::IpAddr, path::Path, sync::Arc};
+
+use agent_common::IDENTITY_HOST;
+use anyhow::Context as _;
+
+use crate::{
+    cgroups::CgroupTree,
+    config::{Config, HostAddresses},
+    control::{RemoteState, ReportedWorkload},
+    events::Names,
+    identity, kernel,
+    policy::{self, Compiled, RuleIds, WorkloadInfo},
+};
+
+/// Reads the configuration file, with the command line's control-plane address over the file's.
+pub fn load_config(file: &Path, control_plane: Option<&str>) -> anyhow::Result<Config> {
+    let mut config = Config::load(file)?;
+    if let Some(address) = control_plane {
+        config.override_control_plane_address(address)?;
+    }
+    Ok(config)
+}
+
+/// Everything derived from one configuration and its policy files, or, in control-plane mode,
+/// from the configuration and the control plane's state.
+pub struct Desired {
+    pub config: Config,
+    /// This node's workloads.
+    pub workloads: Vec<WorkloadInfo>,
+    /// Other nodes' workloads (control-plane mode): identities that rules may name as peers.
+    pub peers: Vec<WorkloadInfo>,
+    pub compiled: Arc<Compiled>,
+    pub addresses: BTreeMap<[u8; 16], u32>,
+}
+
+impl Desired {
+    /// `remote` is the control plane's state to enforce (in control-plane mode; `None` until
+    /// the first update, which means no policy).
+    pub fn build(
+        config: Config,
+        remote: Option<&RemoteState>,
+        rule_ids: &mut RuleIds,
+        documents: &mut policy::DocumentCache,
+    ) -> anyhow::Result<Self> {
+        let mut workloads = identity::workload_infos(&config)?;
+        let mut peers = Vec::new();
+        let set = match (&config.control_plane, remote) {
+            (None, _) => policy::load(&config.policies)?,
+            (Some(_), None) => policy::PolicySet::default(),
+            (Some(_), Some(state)) => {
+                peers = remote_identities(state, &mut workloads);
+                policy::parse_documents_cached(
+                    documents,
+                    state
+                        .policies
+                        .iter()
+                        .map(|(name, yaml)| (name.as_str(), yaml.as_str())),
+                )?
+            }
+        };
+        let compiled = policy::compile_with_peers(&set, &workloads, &peers, rule_ids)?;
+        let mut addresses = address_identities(&config, &workloads)?;
+        if let Some(state) = remote {
+            for (address, identity) in &state.ipcache {
+                // This host's own addresses and this node's workloads win.
+                addresses
+                    .entry(kernel::mapped(*address))
+                    .or_insert(*identity);
+            }
+        }
+        if config.tunnel.is_none() {
+            if let Some(rule) = compiled.rules.values().find(|r| r.mtls) {
+                tracing::warn!(policy = %rule.policy, rule = %rule.rule, "mtls: required, but this agent runs no tunnel (tunnel: in the configuration, with controlPlane:); connections that need it are refused");
+            }
+        }
+        Ok(Desired {
+            config,
+            workloads,
+            peers,
+            compiled: Arc::new(compiled),
+            addresses,
+        })
+    }
+
+    /// Names for verdict lines: this node's workloads, other nodes' by SPIFFE ID.
+    pub fn names(&self) -> Names {
+        let all: Vec<WorkloadInfo> = self.peers.iter().chain(&self.workloads).cloned().collect();
+        Names::new(&self.compiled, &all)
+    }
+
+    /// cgroup id → identity for the cgroups of this node's workloads.
+    pub fn cgroup_identities(&self, tree: &CgroupTree) -> BTreeMap<u64, u32> {
+        tree.iter()
+            .filter_map(|(id, path)| {
+                identity::workload_of_cgroup(&self.config, path)
+                    .map(|i| (*id, self.workloads[i].identity))
+            })
+            .collect()
+    }
+}
+
+/// Gives this node's workloads the control plane's numbers for their SPIFFE IDs (the same as the
+/// local ones unless two IDs collided) and returns every other identity as a peer, with the
+/// addresses the IP cache gives it.
+fn remote_identities(state: &RemoteState, workloads: &mut [WorkloadInfo]) -> Vec<WorkloadInfo> {
+    let mut local: std::collections::HashMap<String, Vec<usize>> = Default::default();
+    for (i, w) in workloads.iter().enumerate() {
+        local.entry(w.spiffe_id.clone()).or_default().push(i);
+    }
+    let mut addresses: std::collections::HashMap<u32, Vec<IpAddr>> = Default::default();
+    for (address, identity) in &state.ipcache {
+        addresses.entry(*identity).or_default().push(*address);
+    }
+    let mut peers = Vec::new();
+    for remote in &state.identities {
+        if let Some(indices) = local.get(&remote.spiffe_id) {
+            for &i in indices {
+                workloads[i].identity = remote.identity;
+            }
+            continue;
+        }
+        peers.push(WorkloadInfo {
+            identity: remote.identity,
+            name: remote.spiffe_id.clone(),
+            spiffe_id: remote.spiffe_id.clone(),
+            namespace: remote.namespace.clone(),
+            labels: remote.labels.clone(),
+            // The control plane does not distribute namespace labels or named ports yet: remote
+            // peers match namespaceSelectors only by name, and named ports only locally.
+            namespace_labels: Default::default(),
+            ports: Vec::new(),
+            addresses: addresses.remove(&remote.identity).unwrap_or_default(),
+        });
+    }
+    peers
+}
+
+/// What this node reports to the control plane.
+pub fn reported(workloads: &[WorkloadInfo]) -> Vec<ReportedWorkload> {
+    workloads
+        .iter()
+        .map(|w| ReportedWorkload {
+            name: w.name.clone(),
+            spiffe_id: w.spiffe_id.clone(),
+            namespace: w.namespace.clone(),
+            labels: w.labels.clone(),
+            addresses: w.addresses.clone(),
+        })
+        .collect()
+}
+
+/// The IP cache: workload addresses name their workload; this host's own addresses name the host,
+/// behind which the kernel tells workloads apart by their listening sockets.
+fn address_identities(
+    config: &Config,
+    workloads: &[WorkloadInfo],
+) -> anyhow::Result<BTreeMap<[u8; 16], u32>> {
+    let host: Vec<IpAddr> = match &config.host_addresses {
+        HostAddresses::List(list) => list.clone(),
+        HostAddresses::Auto => nix::ifaddrs::getifaddrs()
+            .context("listing this host's addresses")?
+            .filter_map(|ifa| {
+                let a = ifa.address?;
+                a.as_sockaddr_in()
+                    .map(|s| IpAddr::V4(s.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+            })
+            .collect(),
+    };
+    let mut out: BTreeMap<[u8; 16], u32> = host
+        .into_iter()
+        .map(|a| (kernel::mapped(a), IDENTITY_HOST))
+        .collect();
+    for w in workloads {
+        for a in &w.addresses {
+            if out.get(&kernel::mapped(*a)) == Some(&IDENTITY_HOST) {
+                tracing::warn!(workload = %w.name, address = %a, "address belongs to this host; the workload is told apart by its listening sockets instead");
+                continue;
+            }
+            out.insert(kernel::mapped(*a), w.identity);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::{DIRECTION_EGRESS, PROTO_TCP, VERDICT_ALLOW, VERDICT_DENY};
+
+    use super::*;
+    use crate::control::RemoteState;
+
+    const CONFIG: &str = "trustDomain: x.test\nhostAddresses: [10.0.0.254]\ncontrolPlane: {address: '10.0.0.10:7443', nodeName: node-a, caFile: ca.pem, stateDir: /s}\nworkloads:\n  - {name: client, labels: {app: client}, addresses: [10.0.0.1]}\n";
+    const EGRESS: &str = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  name: client-egress\nspec:\n  selector:\n    labels: {app: client}\n  egress:\n    - to: [{labels: {app: db}}]\n      ports: [{port: 5432}]\n";
+
+    fn config() -> Config {
+        Config::parse(Path::new("/etc/ward/ward.yaml"), CONFIG).expect("valid configuration")
+    }
+
+    fn identity(spiffe_id: &str, identity: u32, app: &str) -> crate::control::RemoteIdentity {
+        crate::control::RemoteIdentity {
+            spiffe_id: spiffe_id.into(),
+            identity,
+            labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+            namespace: None,
+        }
+    }
+
+    fn state(policy: &str) -> RemoteState {
+        let ip = |a: &str| a.parse::<IpAddr>().expect("address");
+        RemoteState {
+            policies: vec![("client-egress".into(), policy.into())],
+            identities: vec![
+                identity("spiffe://x.test/workload/client", 4242, "client"),
+                identity("spiffe://x.test/workload/db", 777, "db"),
+            ],
+            ipcache: vec![
+                (ip("10.0.0.1"), 4242),
+                (ip("10.0.0.2"), 777),
+                (ip("10.0.0.254"), 777),
+            ],
+            ..RemoteState::default()
+        }
+    }
+
+    #[test]
+    fn a_remote_state_gives_identities_peers_and_the_ip_cache() {
+        let desired = Desired::build(
+            config(),
+            Some(&state(EGRESS)),
+            &mut RuleIds::new(),
+            &mut Default::default(),
+        )
+        .expect("compiles");
+        assert_eq!(
+            desired.workloads[0].identity, 4242,
+            "the control plane's number"
+        );
+        assert_eq!(desired.peers.len(), 1);
+        assert!(
+            desired.peers[0]
+                .addresses
+                .contains(&"10.0.0.2".parse::<IpAddr>().expect("ip")),
+            "a peer has its addresses from the IP cache, for CIDR rules"
+        );
+        let decide = |remote| {
+            desired
+                .compiled
+                .decide(4242, remote, DIRECTION_EGRESS, PROTO_TCP, 5432)
+                .verdict
+        };
+        assert_eq!(decide(777), VERDICT_ALLOW, "db on another node is a peer");
+        assert_eq!(decide(778), VERDICT_DENY);
+        let at = |a: &str| {
+            desired
+                .addresses
+                .get(&kernel::mapped(a.parse().expect("ip")))
+                .copied()
+        };
+        assert_eq!(at("10.0.0.2"), Some(777));
+        assert_eq!(at("10.0.0.1"), Some(4242));
+        assert_eq!(
+            at("10.0.0.254"),
+            Some(IDENTITY_HOST),
+            "this host's address stays the host"
+        );
+    }
+
+    #[test]
+    fn a_remote_policy_that_does_not_compile_is_an_error_naming_it() {
+        let bad = EGRESS.replace("ports:", "bogus: 1\n      ports:");
+        let e = Desired::build(
+            config(),
+            Some(&state(&bad)),
+            &mut RuleIds::new(),
+            &mut Default::default(),
+        )
+        .err()
+        .expect("refused");
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("client-egress") && text.contains("bogus"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn control_plane_mode_without_a_state_has_no_policy() {
+        let desired = Desired::build(config(), None, &mut RuleIds::new(), &mut Default::default())
+            .expect("builds");
+        assert!(desired.compiled.entries.is_empty());
+        assert!(desired.peers.is_empty());
+    }
+}

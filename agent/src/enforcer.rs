@@ -1,0 +1,568 @@
+//! The enforcer: owns the kernel datapath and the state in force, and keeps the two equal. It
+//! reloads configuration and policy, applies the control plane's states (ACK or NACK), maps
+//! workload cgroups and answers status requests.
+//!
+//! Compiling policy and writing maps take from milliseconds to seconds (a 100,000-entry apply
+//! writes and deletes every entry once and sleeps while the kernel switches generations). So the
+//! enforcer's loop runs on its own OS thread, `ward-state`, with a current-thread tokio runtime
+//! of its own for its inputs: the cgroup and file watchers it creates there, and channels from
+//! the rest of the agent (reload commands from signals, status requests from the admin socket,
+//! updates from the control-plane client, each answered on a oneshot). The runtime that serves
+//! the tunnel's connections, the admin socket, metrics and events never runs an apply and never
+//! waits for one: a caller that needs the enforcer's answer awaits a channel. The generation
+//! writer's sleep blocks only this thread, whose inputs wait for the apply anyway. One thread
+//! owning all kernel writes also keeps applies in order without locks.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use agent_common::{map_names, MAX_CGROUPS, MAX_IPCACHE, MAX_IPCACHE_PREFIXES, MAX_POLICY_ENTRIES};
+use anyhow::{bail, Context as _};
+use aya::maps::{MapData, RingBuf};
+use futures_util::StreamExt as _;
+use inotify::{Inotify, WatchMask};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{
+    cgroups::{self, CgroupTree, CgroupWatcher},
+    config::Config,
+    control::{self, RemoteState, RemoteUpdate, ReportedWorkload},
+    desired::{load_config, reported, Desired},
+    events::SharedNames,
+    kernel::{self, ApplyStats, Attachment, Datapath},
+    metrics::Metrics,
+    paths,
+    policy::{self, RuleIds},
+    status::{PolicyStatus, Status, WorkloadStatus},
+    tunnel::Tunnel,
+};
+
+/// The next update from the control plane; never, in local mode.
+async fn next_update(updates: &mut Option<mpsc::Receiver<RemoteUpdate>>) -> Option<RemoteUpdate> {
+    match updates {
+        Some(updates) => updates.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether a changed file in a watched directory is one the agent reads.
+fn is_policy_or_config(name: Option<&std::ffi::OsStr>, config: &Config) -> bool {
+    let Some(name) = name else { return false };
+    config.file.file_name() == Some(name)
+        || Path::new(name)
+            .extension()
+            .is_some_and(|e| e == "yaml" || e == "yml")
+}
+
+/// Watches the configuration file and every policy path for changes.
+fn watch_files(config: &Config) -> std::io::Result<inotify::EventStream<Vec<u8>>> {
+    let inotify = Inotify::init()?;
+    let mask = WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE | WatchMask::DELETE;
+    let mut dirs: Vec<PathBuf> = config
+        .policies
+        .iter()
+        .chain(std::iter::once(&config.file))
+        .map(|p| match p.parent() {
+            _ if p.is_dir() => p.clone(),
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+            _ => PathBuf::from("."),
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    for dir in dirs {
+        inotify.watches().add(&dir, mask)?;
+    }
+    inotify.into_event_stream(vec![0u8; 16 * 1024])
+}
+
+/// What the enforcer is asked to do besides its own inputs.
+pub enum Command {
+    /// Re-read configuration and policy (the reason is logged).
+    Reload(&'static str),
+}
+
+/// The enforcer's inputs from the rest of the agent. Dropping the command sender stops it.
+pub struct Inputs {
+    pub commands: mpsc::Receiver<Command>,
+    pub status_requests: mpsc::Receiver<oneshot::Sender<Status>>,
+    /// Control-plane mode: the client's updates, each ACKed or NACKed.
+    pub updates: Option<mpsc::Receiver<RemoteUpdate>>,
+}
+
+/// The running agent's state, owned by the enforcer's loop.
+pub struct Enforcer {
+    config_file: PathBuf,
+    /// `--control-plane`, applied to every read of the configuration.
+    control_plane_address: Option<String>,
+    /// The control plane's state in force (control-plane mode), kept for reloads.
+    remote: Option<RemoteState>,
+    /// The control plane's policy documents as last parsed.
+    documents: policy::DocumentCache,
+    /// This node's workloads, as the control-plane client reports them.
+    reports: Option<watch::Sender<Vec<ReportedWorkload>>>,
+    cgroup_root: PathBuf,
+    dp: Datapath,
+    attachment: Attachment,
+    desired: Desired,
+    rule_ids: RuleIds,
+    /// cgroup id → identity as the kernel has it.
+    cgroups: BTreeMap<u64, u32>,
+    names: SharedNames,
+    metrics: Arc<Metrics>,
+    last_apply: ApplyStats,
+    last_error: Option<String>,
+    /// The mTLS tunnel, when configured.
+    tunnel: Option<Tunnel>,
+}
+
+impl Enforcer {
+    /// Start-up up to the first apply: reads the configuration, builds the desired state (in
+    /// control-plane mode from the state last applied), loads the programs and writes the first
+    /// generation. Blocking; nothing is attached yet.
+    pub fn start(
+        config_file: PathBuf,
+        control_plane_address: Option<String>,
+    ) -> anyhow::Result<Self> {
+        let mut rule_ids = RuleIds::default();
+        let mut documents = policy::DocumentCache::default();
+        let config = load_config(&config_file, control_plane_address.as_deref())?;
+        // In control-plane mode, what was last applied is enforced from the start, so an agent
+        // restarted while the control plane is away keeps its policy.
+        let mut remote = config
+            .control_plane
+            .as_ref()
+            .and_then(control::load_last_applied);
+        let desired = match Desired::build(
+            config.clone(),
+            remote.as_ref(),
+            &mut rule_ids,
+            &mut documents,
+        ) {
+            Ok(desired) => desired,
+            Err(e) if remote.is_some() => {
+                tracing::error!(error = format!("{e:#}"), "the last applied control-plane state does not compile; starting without policy until the control plane sends one");
+                remote = None;
+                Desired::build(config, None, &mut rule_ids, &mut documents)?
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(state) = &remote {
+            tracing::info!(versions = ?state.versions, policies = state.policies.len(), addresses = state.ipcache.len(), "enforcing the last applied control-plane state");
+        }
+        let config = &desired.config;
+        let cgroup_root = paths::cgroup_root(config.cgroup_root.as_deref())?;
+        let features = kernel::features::probe();
+        tracing::info!(
+            config = %config.file.display(),
+            cgroup_root = %cgroup_root.display(),
+            pin_dir = %config.pin_dir.display(),
+            admin_socket = %config.admin_socket.display(),
+            workloads = config.workloads.len(),
+            policies = ?config.policies,
+            kernel = %features,
+            "starting"
+        );
+        let missing = features.missing();
+        if !missing.is_empty() {
+            bail!(
+                "this kernel (Linux {}) lacks what ward needs: {}; ward needs Linux {} or later with BPF, cgroup BPF and BTF",
+                features.release,
+                missing.join(", "),
+                kernel::features::MINIMUM_KERNEL
+            );
+        }
+        let mut dp = Datapath::load(&config.pin_dir)?;
+        let stats = dp.apply(&desired.compiled, &desired.addresses)?;
+        let metrics = Arc::new(Metrics::new(Some(dp.take_counters()?)));
+        let mut enforcer = Enforcer {
+            config_file,
+            control_plane_address,
+            remote,
+            documents,
+            reports: None,
+            cgroup_root,
+            attachment: Attachment::Attached,
+            names: Arc::new(RwLock::new(desired.names())),
+            desired,
+            rule_ids,
+            cgroups: dp.cgroup_ids().into_iter().map(|id| (id, 0)).collect(),
+            metrics,
+            last_apply: stats,
+            last_error: None,
+            tunnel: None,
+            dp,
+        };
+        enforcer.record_apply(stats);
+        Ok(enforcer)
+    }
+
+    /// The rest of start-up: gives the connect hook the tunnel (or none), completes the maps and
+    /// attaches the programs. Returns the verdict events' ring. Blocking.
+    pub fn attach(&mut self, tunnel: Option<Tunnel>) -> anyhow::Result<RingBuf<MapData>> {
+        // The connect hook knows where the tunnel listens before it is attached.
+        match tunnel {
+            Some(tunnel) => {
+                self.tunnel = Some(tunnel);
+                self.refresh_tunnel();
+            }
+            None => kernel::tunnel::TunnelMaps::open(&self.desired.config.pin_dir)?
+                .set_outbound(None)?,
+        }
+        // Maps are complete before the programs see the first packet.
+        let unmapped = self.desired.config.unmapped_cgroups.kernel_value();
+        self.dp.set_settings(&self.cgroup_root, unmapped)?;
+        self.sync_cgroups(&cgroups::scan(&self.cgroup_root)?)?;
+        self.attachment = self.dp.attach(&self.cgroup_root)?;
+        Ok(self.dp.take_events()?)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.desired.config
+    }
+
+    /// Names for verdict lines, replaced at every apply.
+    pub fn names(&self) -> SharedNames {
+        self.names.clone()
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// This node's workloads as the control-plane client reports them, kept current.
+    pub fn reports(&mut self) -> watch::Receiver<Vec<ReportedWorkload>> {
+        let (reports_tx, reports_rx) = watch::channel(reported(&self.desired.workloads));
+        self.reports = Some(reports_tx);
+        reports_rx
+    }
+
+    pub fn log_ready(&self) {
+        let stats = self.last_apply;
+        tracing::info!(
+            attachment = ?self.attachment,
+            generation = stats.generation,
+            entries = stats.entries,
+            addresses = stats.addresses,
+            prefixes = stats.prefixes,
+            cgroups = self.cgroups.len(),
+            "ready: enforcing"
+        );
+    }
+
+    /// Stops enforcing: removes the links (detaching the programs) and the pinned maps.
+    pub fn detach_and_unpin(self) -> std::io::Result<()> {
+        self.dp.detach_and_unpin()
+    }
+
+    /// Keeps the kernel's cgroup map equal to the workloads' cgroups in `tree`.
+    fn sync_cgroups(&mut self, tree: &CgroupTree) -> anyhow::Result<()> {
+        let desired = self.desired.cgroup_identities(tree);
+        for (id, identity) in &desired {
+            if self.cgroups.get(id) != Some(identity) {
+                self.dp.set_cgroup(*id, *identity)?;
+                tracing::debug!(cgroup_id = id, identity, "cgroup mapped");
+            }
+        }
+        for id in self.cgroups.keys().filter(|id| !desired.contains_key(id)) {
+            self.dp.remove_cgroup(*id)?;
+        }
+        self.cgroups = desired;
+        self.metrics
+            .set_map(map_names::CGROUPS, self.cgroups.len(), MAX_CGROUPS);
+        Ok(())
+    }
+
+    fn record_apply(&mut self, stats: ApplyStats) {
+        self.last_apply = stats;
+        self.last_error = None;
+        self.metrics
+            .policy_apply_seconds
+            .observe(stats.duration.as_secs_f64());
+        self.metrics
+            .policy_generation
+            .set(i64::from(stats.generation));
+        self.metrics
+            .set_map(map_names::POLICY, stats.entries, MAX_POLICY_ENTRIES);
+        self.metrics
+            .set_map(map_names::IPCACHE, stats.addresses, MAX_IPCACHE / 2);
+        self.metrics.set_map(
+            map_names::IPCACHE_LPM,
+            stats.prefixes,
+            MAX_IPCACHE_PREFIXES / 2,
+        );
+    }
+
+    fn reject(&mut self, reason: &str, error: String, what: &str) {
+        tracing::error!(reason, error = %error, "{what}; the previous policy stays in force");
+        self.metrics.policy_apply_failures.inc();
+        self.last_error = Some(error);
+    }
+
+    /// Re-reads configuration and policy; applies all of it or nothing.
+    fn reload(&mut self, reason: &str) -> anyhow::Result<()> {
+        let built = load_config(&self.config_file, self.control_plane_address.as_deref()).and_then(
+            |config| {
+                let remote = self.remote.as_ref();
+                Desired::build(config, remote, &mut self.rule_ids, &mut self.documents)
+            },
+        );
+        let next = match built {
+            Ok(next) => next,
+            Err(e) => {
+                self.reject(reason, format!("{e:#}"), "policy rejected");
+                return Ok(());
+            }
+        };
+        let current = &self.desired.config;
+        if next.config.pin_dir != current.pin_dir
+            || next.config.cgroup_root != current.cgroup_root
+            || next.config.control_plane != current.control_plane
+            || next.config.tunnel != current.tunnel
+        {
+            self.reject(
+                reason,
+                "pinDir, cgroupRoot, controlPlane and tunnel take effect only at restart".into(),
+                "policy rejected",
+            );
+            return Ok(());
+        }
+        // A refusal is logged and counted by `install`; the agent keeps running.
+        if self.install(next, reason)?.is_ok() {
+            self.refresh_tunnel();
+        }
+        if let Some(reports) = &self.reports {
+            let workloads = reported(&self.desired.workloads);
+            reports.send_if_modified(|current| {
+                let changed = *current != workloads;
+                *current = workloads;
+                changed
+            });
+        }
+        Ok(())
+    }
+
+    /// Applies a state from the control plane, all of it or nothing, with the configuration in
+    /// force. `Err` carries the reason for the NACK; the previous state stays.
+    fn apply_remote(&mut self, state: RemoteState) -> anyhow::Result<Result<(), String>> {
+        const REASON: &str = "control plane";
+        let started = std::time::Instant::now();
+        let config = self.desired.config.clone();
+        let next = match Desired::build(
+            config,
+            Some(&state),
+            &mut self.rule_ids,
+            &mut self.documents,
+        ) {
+            Ok(next) => next,
+            Err(e) => {
+                let error = format!("{e:#}");
+                self.reject(REASON, error.clone(), "policy rejected");
+                return Ok(Err(error));
+            }
+        };
+        let compiled_in = started.elapsed();
+        let applied = self.install(next, REASON)?;
+        if applied.is_ok() {
+            tracing::info!(
+                versions = ?state.versions,
+                policies = state.policies.len(),
+                identities = state.identities.len(),
+                addresses = state.ipcache.len(),
+                generation = self.last_apply.generation,
+                compile_ms = compiled_in.as_secs_f64() * 1e3,
+                total_ms = started.elapsed().as_secs_f64() * 1e3,
+                "control plane state applied"
+            );
+            self.remote = Some(state);
+            self.refresh_tunnel();
+        }
+        Ok(applied)
+    }
+
+    /// Gives the tunnel the state in force.
+    fn refresh_tunnel(&mut self) {
+        if let Some(tunnel) = &mut self.tunnel {
+            tunnel.update(
+                &self.desired.workloads,
+                &self.desired.peers,
+                self.desired.compiled.clone(),
+                self.remote.as_ref(),
+            );
+        }
+    }
+
+    /// Writes `next` to the kernel and makes it the state in force; on a refusal by the kernel
+    /// nothing changes and the reason is returned. `Err` only when the cgroup map cannot be
+    /// brought in line afterwards.
+    fn install(&mut self, next: Desired, reason: &str) -> anyhow::Result<Result<(), String>> {
+        match self.dp.apply(&next.compiled, &next.addresses) {
+            Err(e) => {
+                let error = e.to_string();
+                self.reject(reason, error.clone(), "policy rejected by the kernel");
+                Ok(Err(error))
+            }
+            Ok(stats) => {
+                *self.names.write().expect("names lock poisoned") = next.names();
+                self.desired = next;
+                self.record_apply(stats);
+                self.sync_cgroups(&cgroups::scan(&self.cgroup_root)?)?;
+                // After the sync, so that `deny` never meets a workload's cgroup unmapped.
+                let unmapped = self.desired.config.unmapped_cgroups.kernel_value();
+                self.dp.set_settings(&self.cgroup_root, unmapped)?;
+                tracing::info!(
+                    reason,
+                    generation = stats.generation,
+                    entries = stats.entries,
+                    duration_ms = stats.duration.as_secs_f64() * 1e3,
+                    "policy applied"
+                );
+                Ok(Ok(()))
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let uname = nix::sys::utsname::uname().ok();
+        let kernel = uname.map_or_else(
+            || "unknown".into(),
+            |u| u.release().to_string_lossy().into_owned(),
+        );
+        let config = &self.desired.config;
+        let workloads = self
+            .desired
+            .workloads
+            .iter()
+            .map(|w| WorkloadStatus {
+                name: w.name.clone(),
+                spiffe_id: w.spiffe_id.clone(),
+                identity: w.identity,
+                cgroups: self
+                    .cgroups
+                    .values()
+                    .filter(|id| **id == w.identity)
+                    .count(),
+            })
+            .collect();
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            kernel,
+            kernel_features: kernel::features::probe().to_string(),
+            pin_dir: config.pin_dir.display().to_string(),
+            cgroup_root: self.cgroup_root.display().to_string(),
+            attachment: format!("{:?}", self.attachment).to_lowercase(),
+            programs: self.dp.programs(),
+            policy: PolicyStatus {
+                generation: self.last_apply.generation,
+                entries: self.last_apply.entries,
+                rules: self.desired.compiled.rules.len(),
+                files: match &self.remote {
+                    Some(remote) => remote
+                        .policies
+                        .iter()
+                        .map(|(name, _)| format!("control plane: {name}"))
+                        .collect(),
+                    None => config
+                        .policies
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect(),
+                },
+                last_applied: format!(
+                    "{:.1} ms ago",
+                    self.last_apply.at.elapsed().as_secs_f64() * 1e3
+                ),
+                last_error: self.last_error.clone(),
+            },
+            workloads,
+            control_plane: match (&config.control_plane, &self.remote) {
+                (None, _) => "none (local mode: configuration and policy files)".into(),
+                (Some(cp), None) => format!(
+                    "{} as node {}: nothing applied yet (no policy)",
+                    cp.address, cp.node_name
+                ),
+                (Some(cp), Some(remote)) => format!(
+                    "{} as node {}: applied {}",
+                    cp.address,
+                    cp.node_name,
+                    remote
+                        .versions
+                        .iter()
+                        .map(|(kind, version)| format!("{kind} {version}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
+            maps: self.dp.maps(
+                self.last_apply.entries,
+                self.last_apply.addresses,
+                self.last_apply.prefixes,
+                self.cgroups.len(),
+            ),
+        }
+    }
+
+    /// Runs the loop on its own thread, `ward-state`, until the command sender is dropped or the
+    /// loop fails; the enforcer comes back with how the loop ended, for shutdown.
+    pub fn spawn(
+        mut self,
+        inputs: Inputs,
+    ) -> std::io::Result<oneshot::Receiver<(Enforcer, anyhow::Result<()>)>> {
+        let (done_tx, done_rx) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("ward-state".into())
+            .spawn(move || {
+                let served = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the enforcer's runtime")
+                    .and_then(|runtime| runtime.block_on(self.serve(inputs)));
+                let _ = done_tx.send((self, served));
+            })?;
+        Ok(done_rx)
+    }
+
+    /// Reacts to commands, file changes, cgroup changes, admin requests and control-plane
+    /// updates until the command sender is dropped.
+    async fn serve(&mut self, inputs: Inputs) -> anyhow::Result<()> {
+        let Inputs {
+            mut commands,
+            mut status_requests,
+            mut updates,
+        } = inputs;
+        let mut watcher = CgroupWatcher::new(&self.cgroup_root).context("watching cgroups")?;
+        self.sync_cgroups(&cgroups::scan(&self.cgroup_root)?)?;
+        let mut files = watch_files(&self.desired.config).context("watching policy files")?;
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(Command::Reload(reason)) => self.reload(reason)?,
+                    // The agent is stopping.
+                    None => return Ok(()),
+                },
+                Some(Ok(event)) = files.next() => {
+                    if is_policy_or_config(event.name.as_deref(), &self.desired.config) {
+                        // Editors write in several steps; settle, then take everything at once.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        while tokio::time::timeout(Duration::from_millis(1), files.next()).await.is_ok() {}
+                        self.reload("file change")?;
+                    }
+                }
+                tree = watcher.changed() => self.sync_cgroups(&tree.context("watching cgroups")?)?,
+                Some(reply) = status_requests.recv() => {
+                    let _ = reply.send(self.status());
+                }
+                Some(update) = next_update(&mut updates) => {
+                    let result = self.apply_remote(update.state)?;
+                    // Ok is ACKed, Err(reason) NACKed; the client waits for the answer.
+                    let _ = update.ack.send(result);
+                }
+            }
+        }
+    }
+}
