@@ -192,11 +192,7 @@ impl Report {
     fn add_document(&mut self, document: &Document<'_>, mut location: Location) {
         let tree = match yaml::parse(document.text) {
             Ok(tree) => tree,
-            Err(e) => {
-                return self
-                    .errors
-                    .push(yaml_error(e, FieldPath::default(), location, document))
-            }
+            Err(e) => return self.errors.push(yaml_error(e, location, document)),
         };
         if !matches!(tree.value, Value::Map(_)) {
             let reason =
@@ -254,11 +250,7 @@ impl Report {
         };
         let mut policy = match policy {
             Ok(policy) => policy,
-            Err(e) => {
-                return self
-                    .errors
-                    .push(yaml_error(e.error, e.path, location, document))
-            }
+            Err(e) => return self.errors.push(yaml_error(e, location, document)),
         };
         let at = |path: &FieldPath| Location {
             line: locate(&tree, document, path).or(location.line),
@@ -375,19 +367,14 @@ fn split_documents(text: &str) -> Vec<Document<'_>> {
     documents
 }
 
-/// A YAML error of a document as a diagnostic about `field`.
-fn yaml_error(
-    error: yaml::Error,
-    field: FieldPath,
-    mut location: Location,
-    document: &Document<'_>,
-) -> PolicyError {
+/// A YAML error of a document as a diagnostic.
+fn yaml_error(error: yaml::Error, mut location: Location, document: &Document<'_>) -> PolicyError {
     if let Some(line) = error.line {
         location.line = Some((line + document.line_offset).max(document.content_line));
     }
     PolicyError {
         location,
-        field: field.to_string(),
+        field: error.path.to_string(),
         reason: error.message,
     }
 }

@@ -9,9 +9,11 @@ use serde_saphyr::{DefaultMessageFormatter, MessageFormatter, Spanned};
 
 use crate::diagnostics::{FieldPath, Segment};
 
-/// A YAML error: what is wrong and, when known, where (1-based, within the text parsed).
+/// A YAML error: what is wrong, the field it is about (empty for the document as a whole, e.g. a
+/// syntax error) and, when known, where (1-based, within the text parsed).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Error {
+    pub path: FieldPath,
     pub line: Option<usize>,
     pub column: Option<usize>,
     pub message: String,
@@ -23,6 +25,9 @@ impl fmt::Display for Error {
             (Some(line), Some(column)) => write!(f, "line {line} column {column}: ")?,
             (Some(line), None) => write!(f, "line {line}: ")?,
             _ => {}
+        }
+        if !self.path.segments().is_empty() {
+            write!(f, "{}: ", self.path)?;
         }
         f.write_str(&self.message)
     }
@@ -45,39 +50,32 @@ fn options() -> serde_saphyr::Options {
     }
 }
 
-/// A typed value of one YAML document.
+/// A typed value of one YAML document; an error names the field it is about.
 pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<T, Error> {
-    serde_saphyr::from_str_with_options(text, options()).map_err(|e| error(&e, None))
+    serde_saphyr::from_str_with_options(text, options())
+        .map_err(|e| explain(&e, parse(text).ok().as_ref()))
 }
 
 /// The tree of one YAML document, each node with its position.
 pub fn parse(text: &str) -> Result<Node, Error> {
-    from_str(text)
+    serde_saphyr::from_str_with_options(text, options()).map_err(|e| explain(&e, None))
 }
 
-/// A typed value of a document already parsed into `tree`; errors are explained with the tree:
-/// the path of the field they are about and the value found there.
-pub fn typed<T: DeserializeOwned>(text: &str, tree: &Node) -> Result<T, FieldError> {
-    serde_saphyr::from_str_with_options(text, options()).map_err(|e| {
-        let at = position(&e);
-        let found = at.and_then(|at| tree.path_at(at, FieldPath::default()));
-        let (path, node) = match found {
-            Some((path, node)) => (path, Some(node)),
-            None => (FieldPath::default(), None),
-        };
-        FieldError {
-            path,
-            error: error(&e, node),
-        }
-    })
+/// [`from_str`] for a document already parsed into `tree`, which explains the errors.
+pub fn typed<T: DeserializeOwned>(text: &str, tree: &Node) -> Result<T, Error> {
+    serde_saphyr::from_str_with_options(text, options()).map_err(|e| explain(&e, Some(tree)))
 }
 
-/// An error of [`typed`]: the error and the path of the field it is about (empty when it is
-/// about no field, e.g. a syntax error).
-#[derive(Clone, Debug)]
-pub struct FieldError {
-    pub path: FieldPath,
-    pub error: Error,
+/// `e` with the field it is about and the value found there, from `tree`: the node at the error's
+/// position.
+fn explain(e: &serde_saphyr::Error, tree: Option<&Node>) -> Error {
+    let found = position(e)
+        .zip(tree)
+        .and_then(|(at, tree)| tree.path_at(at, FieldPath::default()));
+    let (path, node) = found.unzip();
+    let mut error = error(e, node);
+    error.path = path.unwrap_or_default();
+    error
 }
 
 fn position(e: &serde_saphyr::Error) -> Option<(usize, usize)> {
@@ -104,6 +102,7 @@ fn error(e: &serde_saphyr::Error, node: Option<&Node>) -> Error {
         _ => DefaultMessageFormatter.format_message(e).into_owned(),
     };
     Error {
+        path: FieldPath::default(),
         line,
         column,
         message,
@@ -385,12 +384,13 @@ mod tests {
         for (text, field, line, message) in cases {
             let tree = parse(text).expect("parses");
             let e = typed::<Doc>(text, &tree).expect_err(text);
+            assert_eq!(e, from_str::<Doc>(text).expect_err(text), "one explanation");
             assert_eq!(
-                (e.path.to_string().as_str(), e.error.line),
+                (e.path.to_string().as_str(), e.line),
                 (field, Some(line)),
                 "{text:?}: {e:?}"
             );
-            assert!(e.error.message.starts_with(message), "{text:?}: {e:?}");
+            assert!(e.message.starts_with(message), "{text:?}: {e:?}");
         }
     }
 
