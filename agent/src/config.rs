@@ -669,7 +669,7 @@ mod tests {
     #[test]
     fn parse_errors_name_their_line_and_field() {
         let cases = [
-            ("trustDomain: example.org\nworkloads:\n  - name: web\n    cgroup: [x]\n", "/etc/ward/ward.yaml:4: workloads[0].cgroup: invalid type: sequence, expected a string"),
+            ("trustDomain: example.org\nworkloads:\n  - name: [web]\n", "/etc/ward/ward.yaml:3: workloads[0].name: invalid type: sequence, expected a string"),
             ("trustDomain: example.org\n\npinDirr: /x\n", "/etc/ward/ward.yaml:3: unknown field `pinDirr`"),
             ("trustDomain: example.org\npolicies: [a\n", "/etc/ward/ward.yaml:2"),
         ];
