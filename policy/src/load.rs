@@ -415,6 +415,21 @@ mod tests {
     }
 
     #[test]
+    fn a_document_may_start_on_its_marker_line() {
+        let text = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata: {name: a}\nspec: {selector: {}}\n--- {apiVersion: ward.dev/v1, kind: Policy, metadata: {name: b},\n  spec: {selector: {}, ingress: [{ports: [{port: 0}]}]}}\n";
+        let errors = errors(text);
+        let found: Vec<_> = errors
+            .iter()
+            .map(|e| (e.location.document, e.location.line, e.field.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [(Some(2), Some(6), "spec.ingress[0].ports[0].port")],
+            "{errors:?}"
+        );
+    }
+
+    #[test]
     fn syntax_error_names_file_line_and_document() {
         let text = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata: {name: a}\nspec: {selector: {}}\n---\nfoo: [bar\n";
         let errors = errors(text);
