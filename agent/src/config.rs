@@ -19,8 +19,13 @@ pub enum ConfigError {
         file: PathBuf,
         source: std::io::Error,
     },
-    #[error("{file}: {reason}")]
-    Parse { file: PathBuf, reason: String },
+    /// Not YAML, or not a configuration; `line` is where the text goes wrong, when known.
+    #[error("{}{}: {reason}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Parse {
+        file: PathBuf,
+        line: Option<usize>,
+        reason: String,
+    },
     #[error("{file}: field `{field}`: {reason}")]
     Field {
         file: PathBuf,
@@ -197,9 +202,13 @@ impl Config {
     }
 
     pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+        let raw: RawConfig = ward_policy::yaml::from_str(text).map_err(|e| ConfigError::Parse {
             file: file.to_owned(),
-            reason: e.to_string(),
+            line: e.line,
+            reason: match e.path.segments() {
+                [] => e.message,
+                _ => format!("{}: {}", e.path, e.message),
+            },
         })?;
         let field = |field: String, reason: String| ConfigError::Field {
             file: file.to_owned(),
@@ -501,6 +510,7 @@ fn check_control_plane(
         },
         other => ConfigError::Parse {
             file: file.to_owned(),
+            line: None,
             reason: other.to_string(),
         },
     })
@@ -654,6 +664,19 @@ mod tests {
             msg.contains("/etc/ward/ward.yaml") && msg.contains("cgroup"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn parse_errors_name_their_line_and_field() {
+        let cases = [
+            ("trustDomain: example.org\nworkloads:\n  - name: [web]\n", "/etc/ward/ward.yaml:3: workloads[0].name: invalid type: sequence, expected a string"),
+            ("trustDomain: example.org\n\npinDirr: /x\n", "/etc/ward/ward.yaml:3: unknown field `pinDirr`"),
+            ("trustDomain: example.org\npolicies: [a\n", "/etc/ward/ward.yaml:2"),
+        ];
+        for (text, start) in cases {
+            let msg = parse(text).expect_err(text).to_string();
+            assert!(msg.starts_with(start), "{text:?}: {msg}");
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod model;
 mod port;
 pub mod trace;
 mod ward;
+pub mod yaml;
 
 /// What the fuzz target (fuzz/) runs on every input; the unit tests replay the corpus through it.
 #[cfg(any(test, feature = "fuzzing"))]

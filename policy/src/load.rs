@@ -2,25 +2,17 @@
 //! into a diagnostic with its file, line, document and field.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::de::{
-    self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor,
-};
-use serde_yaml::Value;
-
-use super::diagnostics::{
-    FieldPath, Findings, Location, PolicyError, PolicyErrors, PolicyWarning, Segment,
-};
+use super::diagnostics::{FieldPath, Findings, Location, PolicyError, PolicyErrors, PolicyWarning};
 use super::model::{Origin, PolicySet};
+use super::yaml::{self, Node, Value};
 use super::{k8s, ward};
 
 /// Loads every policy document of `paths`: files, or directories whose `*.yaml` and `*.yml`
 /// files (not hidden, not in subdirectories) are read in name order. Reports every error found.
 ///
-/// For enforcement: rules carry no line (finding a rule's line parses its document once more, so
-/// thousands of rules would take minutes); diagnostics use [`Report::load`].
+/// For enforcement: rules carry no line; diagnostics use [`Report::load`].
 pub fn load(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
     Report::load_with(paths, false).into_result()
 }
@@ -112,7 +104,7 @@ pub struct Report {
     pub errors: Vec<PolicyError>,
     /// Where each policy name was first defined.
     names: HashMap<String, Location>,
-    /// Whether to find each rule's line (for diagnostics; one more parse of its document each).
+    /// Whether to give each rule its line (for diagnostics).
     rule_lines: bool,
 }
 
@@ -198,11 +190,11 @@ impl Report {
     }
 
     fn add_document(&mut self, document: &Document<'_>, mut location: Location) {
-        let value: Value = match serde_yaml::from_str(document.text) {
-            Ok(value) => value,
-            Err(e) => return self.errors.push(serde_error(&e, location, document)),
+        let tree = match yaml::parse(document.text) {
+            Ok(tree) => tree,
+            Err(e) => return self.errors.push(yaml_error(e, location, document)),
         };
-        let Value::Mapping(map) = &value else {
+        if !matches!(tree.value, Value::Map(_)) {
             let reason =
                 "a policy document is a mapping with apiVersion, kind, metadata and spec".into();
             return self.errors.push(PolicyError {
@@ -210,12 +202,12 @@ impl Report {
                 field: String::new(),
                 reason,
             });
-        };
-        let text_of = |key: &str| map.get(key).and_then(Value::as_str);
+        }
+        let text_of = |key: &str| tree.get(key).and_then(Node::as_str);
         let metadata = |key: &str| {
-            map.get("metadata")
+            tree.get("metadata")
                 .and_then(|m| m.get(key))
-                .and_then(Value::as_str)
+                .and_then(Node::as_str)
         };
         let (api_version, kind) = (text_of("apiVersion"), text_of("kind"));
         let is_network_policy = api_version == Some(k8s::API_VERSION) && kind == Some(k8s::KIND);
@@ -230,12 +222,10 @@ impl Report {
         };
         let mut findings = Findings::default();
         let policy = match (api_version, kind) {
-            (Some(ward::API_VERSION), Some(ward::KIND)) => {
-                typed(document).map(|doc| ward::convert(doc, origin, &mut findings))
-            }
-            _ if is_network_policy => {
-                typed(document).map(|doc| k8s::convert(doc, origin, &mut findings))
-            }
+            (Some(ward::API_VERSION), Some(ward::KIND)) => yaml::typed(document.text, &tree)
+                .map(|doc| ward::convert(doc, origin, &mut findings)),
+            _ if is_network_policy => yaml::typed(document.text, &tree)
+                .map(|doc| k8s::convert(doc, origin, &mut findings)),
             _ => {
                 let (field, found) = match api_version {
                     Some(ward::API_VERSION) | Some(k8s::API_VERSION) => ("kind", kind),
@@ -250,7 +240,7 @@ impl Report {
                     k8s::KIND
                 );
                 let path = FieldPath::default().key(field);
-                location.line = locate(document, &path).or(location.line);
+                location.line = locate(&tree, document, &path).or(location.line);
                 return self.errors.push(PolicyError {
                     location,
                     field: field.into(),
@@ -260,10 +250,10 @@ impl Report {
         };
         let mut policy = match policy {
             Ok(policy) => policy,
-            Err(e) => return self.errors.push(serde_error(&e, location, document)),
+            Err(e) => return self.errors.push(yaml_error(e, location, document)),
         };
         let at = |path: &FieldPath| Location {
-            line: locate(document, path).or(location.line),
+            line: locate(&tree, document, path).or(location.line),
             ..location.clone()
         };
         for (path, reason) in &findings.errors {
@@ -299,7 +289,7 @@ impl Report {
         if findings.errors.is_empty() {
             if self.rule_lines {
                 for rule in policy.rules_mut() {
-                    rule.line = locate(document, &rule.field);
+                    rule.line = locate(&tree, document, &rule.field);
                 }
             }
             self.set.policies.push(policy);
@@ -313,10 +303,6 @@ fn is_policy_file_name(path: &Path) -> bool {
         .and_then(|n| n.to_str())
         .unwrap_or_default();
     !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
-}
-
-fn typed<T: DeserializeOwned>(document: &Document<'_>) -> Result<T, serde_yaml::Error> {
-    serde_yaml::from_str(document.text)
 }
 
 /// One YAML document of a file.
@@ -381,155 +367,21 @@ fn split_documents(text: &str) -> Vec<Document<'_>> {
     documents
 }
 
-/// A serde_yaml error as a diagnostic: its message is `path: reason at line L column C`.
-fn serde_error(
-    error: &serde_yaml::Error,
-    mut location: Location,
-    document: &Document<'_>,
-) -> PolicyError {
-    let mut message = error.to_string();
-    if let Some(mark) = error.location() {
-        if let Some(at) = message.rfind(" at line ") {
-            message.truncate(at);
-        }
-        location.line = Some((mark.line() + document.line_offset).max(document.content_line));
+/// A YAML error of a document as a diagnostic.
+fn yaml_error(error: yaml::Error, mut location: Location, document: &Document<'_>) -> PolicyError {
+    if let Some(line) = error.line {
+        location.line = Some((line + document.line_offset).max(document.content_line));
     }
-    let (field, reason) = match message.split_once(": ") {
-        Some((path, reason)) if !path.contains(char::is_whitespace) => {
-            (path.to_owned(), reason.to_owned())
-        }
-        _ => (String::new(), message),
-    };
     PolicyError {
         location,
-        field,
-        reason,
+        field: error.path.to_string(),
+        reason: error.message,
     }
 }
 
-/// The line of a field of a document. serde_yaml keeps no positions for values it has parsed,
-/// but the errors it raises carry one: walk down to the field and fail there.
-fn locate(document: &Document<'_>, path: &FieldPath) -> Option<usize> {
-    let error = Locator(path.segments())
-        .deserialize(serde_yaml::Deserializer::from_str(document.text))
-        .err()?;
-    let found = error.to_string().contains(FOUND);
-    found
-        .then(|| {
-            error
-                .location()
-                .map(|mark| mark.line() + document.line_offset)
-        })
-        .flatten()
-}
-
-const FOUND: &str = "\u{1}field found";
-
-struct Locator<'a>(&'a [Segment]);
-
-impl<'de> DeserializeSeed<'de> for Locator<'_> {
-    type Value = ();
-
-    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl Locator<'_> {
-    fn found<E: de::Error>(self) -> Result<(), E> {
-        Err(E::custom(FOUND))
-    }
-}
-
-/// Reads a mapping key: whether it is the one wanted, or an error at it when it is the last.
-struct KeyLocator<'a> {
-    want: &'a str,
-    last: bool,
-}
-
-impl<'de> DeserializeSeed<'de> for KeyLocator<'_> {
-    type Value = bool;
-
-    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
-        deserializer.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for KeyLocator<'_> {
-    type Value = bool;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a key")
-    }
-
-    // Failing inside the scalar's own visit is what gives the error the key's position.
-    fn visit_str<E: de::Error>(self, key: &str) -> Result<bool, E> {
-        match key == self.want {
-            true if self.last => Err(E::custom(FOUND)),
-            matched => Ok(matched),
-        }
-    }
-}
-
-impl<'de> Visitor<'de> for Locator<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any value")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let Some((Segment::Key(want), rest)) = self.0.split_first() else {
-            return self.found();
-        };
-        // The last key is reported at its own line, not at its value's (a block list starts below).
-        while let Some(matched) = map.next_key_seed(KeyLocator {
-            want,
-            last: rest.is_empty(),
-        })? {
-            if matched {
-                return map.next_value_seed(Locator(rest));
-            }
-            map.next_value::<IgnoredAny>()?;
-        }
-        Ok(())
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let Some((Segment::Index(want), rest)) = self.0.split_first() else {
-            return self.found();
-        };
-        for _ in 0..*want {
-            if seq.next_element::<IgnoredAny>()?.is_none() {
-                return Ok(());
-            }
-        }
-        seq.next_element_seed(Locator(rest)).map(drop)
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        self.found()
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        self.found()
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        self.found()
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        self.found()
-    }
-
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        self.found()
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        self.found()
-    }
+/// The line in its file of a field of a document, from the document's tree.
+fn locate(tree: &Node, document: &Document<'_>, path: &FieldPath) -> Option<usize> {
+    tree.line_of(path).map(|line| line + document.line_offset)
 }
 
 /// The files [`Report::load`] reads for `paths`, in the order it reads them; a path that
@@ -578,6 +430,21 @@ mod tests {
     }
 
     #[test]
+    fn a_document_may_start_on_its_marker_line() {
+        let text = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata: {name: a}\nspec: {selector: {}}\n--- {apiVersion: ward.dev/v1, kind: Policy, metadata: {name: b},\n  spec: {selector: {}, ingress: [{ports: [{port: 0}]}]}}\n";
+        let errors = errors(text);
+        let found: Vec<_> = errors
+            .iter()
+            .map(|e| (e.location.document, e.location.line, e.field.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [(Some(2), Some(6), "spec.ingress[0].ports[0].port")],
+            "{errors:?}"
+        );
+    }
+
+    #[test]
     fn syntax_error_names_file_line_and_document() {
         let text = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata: {name: a}\nspec: {selector: {}}\n---\nfoo: [bar\n";
         let errors = errors(text);
@@ -613,15 +480,20 @@ mod tests {
     fn missing_path_is_not_located() {
         let text = "a:\n  b: [1, 2]\n";
         let document = &split_documents(text)[0];
+        let tree = yaml::parse(document.text).expect("parses");
         let path = FieldPath::default().key("a").key("b");
         assert_eq!(
-            locate(document, &path.index(1)),
+            locate(&tree, document, &path.index(1)),
             Some(2),
             "a[1] is on line 2"
         );
-        assert_eq!(locate(document, &path.index(5)), None, "there is no a.b[5]");
         assert_eq!(
-            locate(document, &FieldPath::default().key("zzz")),
+            locate(&tree, document, &path.index(5)),
+            None,
+            "there is no a.b[5]"
+        );
+        assert_eq!(
+            locate(&tree, document, &FieldPath::default().key("zzz")),
             None,
             "there is no zzz"
         );

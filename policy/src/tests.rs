@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use super::{compile, load, parse, RuleIds, WorkloadInfo};
 use crate::testing::{fenced_blocks, policy_docs, repo_root, workload};
+use crate::yaml::{Node, Value};
 
 /// Workloads the examples talk about.
 pub fn example_workloads() -> Vec<WorkloadInfo> {
@@ -128,18 +129,20 @@ fn the_fuzz_corpus_holds_every_docs_example_and_conformance_scenario() {
         .filter_map(|(_, data)| String::from_utf8(data).ok())
         .collect();
     let docs = policy_docs();
-    let table: serde_yaml::Value =
-        serde_yaml::from_str(include_str!("testdata/networkpolicy-conformance.yaml"))
-            .expect("the conformance table parses");
-    let scenarios = table["scenarios"].as_sequence().expect("scenarios");
+    let table = crate::yaml::parse(include_str!("testdata/networkpolicy-conformance.yaml"))
+        .expect("the conformance table parses");
+    let Some(Value::Seq(scenarios)) = table.get("scenarios").map(|s| &s.value) else {
+        panic!("the conformance table has scenarios");
+    };
     let mut wanted: Vec<(String, String)> = yaml_blocks(&docs)
         .into_iter()
         .map(|(line, text)| (format!("docs/policy.md:{line}"), text))
         .collect();
     for scenario in scenarios {
-        let policies = scenario["policies"].as_str().expect("policies");
+        let field = |key: &str| scenario.get(key).and_then(Node::as_str).expect(key);
+        let policies = field("policies");
         if !policies.is_empty() {
-            let name = scenario["name"].as_str().expect("name");
+            let name = field("name");
             wanted.push((
                 format!("conformance scenario {name:?}"),
                 policies.to_owned(),

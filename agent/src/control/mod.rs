@@ -203,7 +203,8 @@ pub(crate) mod tests {
     }
 
     fn parse(text: &str) -> Result<ControlPlaneConfig, String> {
-        let cfg: ControlPlaneConfig = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+        let cfg: ControlPlaneConfig =
+            ward_policy::yaml::from_str(text).map_err(|e| e.to_string())?;
         cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
     }

@@ -70,7 +70,7 @@ fn pods(conformance: &Conformance) -> Vec<WorkloadInfo> {
 #[test]
 fn trace_follows_the_networkpolicy_conformance_table() {
     let text = include_str!("../testdata/networkpolicy-conformance.yaml");
-    let conformance: Conformance = serde_yaml::from_str(text).expect("conformance file parses");
+    let conformance: Conformance = crate::yaml::from_str(text).expect("conformance file parses");
     assert!(
         conformance.scenarios.len() >= 40,
         "the table covers the documented semantics"
