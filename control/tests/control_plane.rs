@@ -809,7 +809,7 @@ async fn a_policy_directory_the_server_cannot_parse_is_refused_whole() {
     assert!(
         plane
             .logs()
-            .contains("broken.yaml:4: document 1: did not find expected"),
+            .contains("broken.yaml:3: document 1: unclosed bracket"),
         "{}",
         plane.logs()
     );
