@@ -190,14 +190,14 @@ impl ControlPlane {
         };
         let mut text = std::fs::read_to_string(self.token_file()).unwrap_or_default();
         text.push_str(&line);
-        write_replacing(&self.token_file(), &text);
+        write_replacing(&self.token_file(), &text, 0o600);
         token
     }
 
     /// Writes a policy file the way `git checkout` or `kubectl cp` would: a new file renamed
     /// over the old one.
     pub fn write_policy(&self, file: &str, yaml: &str) {
-        write_replacing(&self.policy_dir().join(file), yaml);
+        write_replacing(&self.policy_dir().join(file), yaml, 0o644);
     }
 
     pub fn remove_policy(&self, file: &str) {
@@ -206,10 +206,9 @@ impl ControlPlane {
     }
 }
 
-fn write_replacing(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp~");
-    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
-    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("renaming to {}: {e}", path.display()));
+fn write_replacing(path: &Path, text: &str, mode: u32) {
+    ward_host::atomic::write(path, text.as_bytes(), mode)
+        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
 
 impl Drop for ControlPlane {
