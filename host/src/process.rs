@@ -30,11 +30,12 @@ pub enum ProcessError {
         label: String,
         source: std::io::Error,
     },
-    #[error("{label} exited ({status:?}) before printing a line {what}; its output:\n{tail}")]
+    #[error(
+        "{label} printed no line {what} before its output ended (it exited); its output:\n{tail}"
+    )]
     ExitedEarly {
         label: String,
         what: String,
-        status: Option<ExitStatus>,
         tail: String,
     },
     #[error("{label} printed no line {what} within {timeout:?}; its output:\n{tail}")]
@@ -241,7 +242,7 @@ impl Process {
     /// Waits for a line matching `predicate` from index `from` on; the error, when none comes
     /// within `timeout` or the process ends first, carries the last lines of its output.
     pub fn wait_for_line(
-        &mut self,
+        &self,
         from: usize,
         timeout: Duration,
         what: &str,
@@ -252,12 +253,9 @@ impl Process {
         }
         let tail = self.lines.tail(400);
         if self.lines.ended() {
-            // The output closes as the process exits; give it a moment to be reaped.
-            let status = self.wait_exit(Duration::from_secs(1))?;
             return Err(ProcessError::ExitedEarly {
                 label: self.label.clone(),
                 what: what.to_owned(),
-                status,
                 tail,
             });
         }
