@@ -54,6 +54,8 @@ pub enum ProcessError {
 pub struct Capture {
     /// Copies every line to this file, stdout and stderr interleaved as they come.
     pub log_file: Option<PathBuf>,
+    /// Appends to the log file rather than starting it afresh (a process restarted in a test).
+    pub append: bool,
     /// Keeps stderr lines with a `stderr: ` prefix.
     pub mark_stderr: bool,
 }
@@ -66,8 +68,13 @@ impl Capture {
     pub fn log_file(path: impl Into<PathBuf>) -> Self {
         Capture {
             log_file: Some(path.into()),
-            mark_stderr: false,
+            ..Capture::default()
         }
+    }
+
+    pub fn appending(mut self) -> Self {
+        self.append = true;
+        self
     }
 
     pub fn mark_stderr(mut self) -> Self {
@@ -192,13 +199,20 @@ impl Process {
         capture: Capture,
     ) -> Result<Self, ProcessError> {
         let log = match &capture.log_file {
-            Some(file) => Some(Arc::new(Mutex::new(File::create(file).map_err(
-                |source| ProcessError::Log {
-                    label: label.to_owned(),
-                    file: file.clone(),
-                    source,
-                },
-            )?))),
+            Some(file) => {
+                let opened = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .append(capture.append)
+                    .truncate(!capture.append)
+                    .open(file)
+                    .map_err(|source| ProcessError::Log {
+                        label: label.to_owned(),
+                        file: file.clone(),
+                        source,
+                    })?;
+                Some(Arc::new(Mutex::new(opened)))
+            }
             None => None,
         };
         command

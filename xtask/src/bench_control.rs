@@ -397,7 +397,7 @@ impl Plane {
             sys::show(&cmd),
             dir.join("control.log").display()
         );
-        let mut process = Process::spawn(
+        let process = Process::spawn(
             "ward-control",
             cmd,
             Capture::log_file(dir.join("control.log")),
