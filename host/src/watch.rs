@@ -64,6 +64,14 @@ pub struct Watcher {
     dirs: HashMap<WatchDescriptor, WatchedDir>,
     settle: Duration,
     settle_max: Duration,
+    /// A change seen and not reported yet: report it once quiet, or at the deadline.
+    settling: Option<Settling>,
+}
+
+#[derive(Clone, Copy)]
+struct Settling {
+    quiet_at: Instant,
+    deadline: Instant,
 }
 
 const MASK: WatchMask = WatchMask::CLOSE_WRITE
@@ -87,6 +95,7 @@ impl Watcher {
             dirs: HashMap::new(),
             settle: SETTLE,
             settle_max: SETTLE_MAX,
+            settling: None,
         })
     }
 
@@ -151,26 +160,44 @@ impl Watcher {
 
     /// Waits for a change to something watched, then until the paths have been quiet for the
     /// settling time (or the maximum has passed). An overflowed event queue counts as a change.
+    ///
+    /// Cancel-safe, for `tokio::select!`: a change seen before the future was dropped is still
+    /// reported by the next call.
     pub async fn changed(&mut self) -> Result<(), WatchError> {
-        {
-            if self.events.is_none() {
-                let inotify = self.inotify.take().expect("inotify before its stream");
-                self.events = Some(
-                    inotify
-                        .into_event_stream(vec![0u8; 64 * 1024])
-                        .map_err(WatchError::Events)?,
-                );
-            }
-            while !self.next_is_relevant().await? {}
-            let deadline = Instant::now() + self.settle_max;
-            let mut quiet = Instant::now() + self.settle;
-            loop {
-                let wake = quiet.min(deadline);
-                match tokio::time::timeout_at(wake, self.next_is_relevant()).await {
-                    Ok(Ok(true)) => quiet = Instant::now() + self.settle,
-                    Ok(Ok(false)) => {}
-                    Ok(Err(e)) => return Err(e),
-                    Err(_elapsed) => return Ok(()),
+        if self.events.is_none() {
+            let inotify = self.inotify.take().expect("inotify before its stream");
+            self.events = Some(
+                inotify
+                    .into_event_stream(vec![0u8; 64 * 1024])
+                    .map_err(WatchError::Events)?,
+            );
+        }
+        loop {
+            match self.settling {
+                None => {
+                    if self.next_is_relevant().await? {
+                        let now = Instant::now();
+                        self.settling = Some(Settling {
+                            quiet_at: now + self.settle,
+                            deadline: now + self.settle_max,
+                        });
+                    }
+                }
+                Some(Settling { quiet_at, deadline }) => {
+                    match tokio::time::timeout_at(quiet_at.min(deadline), self.next_is_relevant())
+                        .await
+                    {
+                        Ok(Ok(true)) => {
+                            let quiet_at = Instant::now() + self.settle;
+                            self.settling = Some(Settling { quiet_at, deadline });
+                        }
+                        Ok(Ok(false)) => {}
+                        Ok(Err(e)) => return Err(e),
+                        Err(_elapsed) => {
+                            self.settling = None;
+                            return Ok(());
+                        }
+                    }
                 }
             }
         }
@@ -427,6 +454,22 @@ mod tests {
         expect_change(&mut watcher, "a trickle that never pauses").await;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         writer.join().expect("writer");
+    }
+
+    #[tokio::test]
+    async fn a_change_seen_by_a_cancelled_wait_is_reported_by_the_next() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("ward.yaml");
+        let mut watcher =
+            file_watcher(&file).with_settle(Duration::from_millis(300), Duration::from_secs(1));
+        std::fs::write(&file, "a").expect("write");
+        // As in a `select!` whose other branch fires while the watcher settles.
+        let cancelled = tokio::time::timeout(Duration::from_millis(100), watcher.changed()).await;
+        assert!(
+            cancelled.is_err(),
+            "reported before settling: {cancelled:?}"
+        );
+        expect_change(&mut watcher, "the change the cancelled wait saw").await;
     }
 
     #[test]
