@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ward_host::watch::{every_entry, EntryFilter, WatchError, Watcher};
+use ward_host::watch::{every_entry, WatchError, Watcher};
 
 use crate::{
     ca::Ca, hub::Hub, registry::Registry, service::ControlService, state_dir::StateDir,
@@ -138,11 +138,18 @@ fn load_policies(dir: &Path, hub: &Hub, reason: &str) {
     }
 }
 
-/// Watches a path for changes; failing here fails the start, so a typo in --policy-dir is seen
-/// at once.
-fn watch(path: &Path, dir_reads: EntryFilter) -> Result<Watcher, ControlError> {
+/// Watches every entry of the policy directory; failing here fails the start, so a typo in
+/// --policy-dir is seen at once.
+fn watch_policy_dir(dir: &Path) -> Result<Watcher, ControlError> {
     let mut watcher = Watcher::new()?;
-    watcher.watch_path(path, dir_reads)?;
+    watcher.watch_dir(dir, every_entry)?;
+    Ok(watcher)
+}
+
+/// Watches the revocation file (which need not exist yet).
+fn watch_revocations(file: &Path) -> Result<Watcher, ControlError> {
+    let mut watcher = Watcher::new()?;
+    watcher.watch_file(file)?;
     Ok(watcher)
 }
 
@@ -264,7 +271,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     };
     let tokens = Arc::new(JoinTokens::new(opts.token_file.as_deref(), &state)?);
     let hub = Arc::new(Hub::new(registry, ca.cert_pem(), random_u64()));
-    let policy_watcher = watch(&opts.policy_dir, every_entry)?;
+    let policy_watcher = watch_policy_dir(&opts.policy_dir)?;
     load_policies(&opts.policy_dir, &hub, "start");
     let watcher = tokio::spawn(follow_policies(
         opts.policy_dir.clone(),
@@ -273,7 +280,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     ));
     // Watch before reading, so a revocation written in between is not missed. A malformed file
     // fails the start: serving no revocations would silently readmit revoked certificates.
-    let revocation_changes = watch(&state.revoked(), every_entry)?;
+    let revocation_changes = watch_revocations(&state.revoked())?;
     let revoked = revocation::read(&state.revoked())?;
     if let Some(change) = hub.set_revoked(revoked) {
         tracing::info!(revoked = change.total, "revocation list read");
