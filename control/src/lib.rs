@@ -390,6 +390,15 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_policy_directory_is_an_error_naming_it() {
+        let err = watch_policy_dir(Path::new("/nonexistent/ward-policy")).expect_err("missing");
+        assert!(
+            err.to_string().contains("/nonexistent/ward-policy"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn trust_domains_are_checked() {
         assert!(check_trust_domain("cluster.local").is_ok());
         assert!(check_trust_domain("Example.org").is_err());

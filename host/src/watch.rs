@@ -74,6 +74,17 @@ struct Settling {
     deadline: Instant,
 }
 
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dirs: Vec<&Path> = self.dirs.values().map(|d| d.path.as_path()).collect();
+        f.debug_struct("Watcher")
+            .field("dirs", &dirs)
+            .field("settle", &self.settle)
+            .field("settle_max", &self.settle_max)
+            .finish_non_exhaustive()
+    }
+}
+
 const MASK: WatchMask = WatchMask::CLOSE_WRITE
     .union(WatchMask::MOVED_TO)
     .union(WatchMask::MOVED_FROM)
