@@ -2,10 +2,12 @@
 //! the layout inside it.
 use std::path::{Path, PathBuf};
 
+use ward_host::mountinfo;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PathError {
-    #[error("cannot read /proc/self/mountinfo: {0}")]
-    Mountinfo(std::io::Error),
+    #[error(transparent)]
+    Mountinfo(#[from] ward_host::mountinfo::MountinfoError),
     #[error("no cgroup v2 filesystem is mounted; mount one with `mount -t cgroup2 none /sys/fs/cgroup` (or boot with systemd.unified_cgroup_hierarchy=1)")]
     NoCgroup2,
     #[error("cgroup root {0} does not exist or is not a directory below the cgroup v2 mount {1}")]
@@ -16,33 +18,12 @@ pub enum PathError {
     PinDir(PathBuf, std::io::Error),
 }
 
-/// Mount points of one filesystem type, from `/proc/self/mountinfo`.
-fn mounts_of(fstype: &str) -> Result<Vec<PathBuf>, PathError> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(PathError::Mountinfo)?;
-    Ok(text
-        .lines()
-        .filter_map(|line| {
-            let (pre, post) = line.split_once(" - ")?;
-            let mount_point = pre.split(' ').nth(4)?;
-            (post.split(' ').next()? == fstype).then(|| PathBuf::from(unescape(mount_point)))
-        })
-        .collect())
-}
-
-fn unescape(field: &str) -> String {
-    field
-        .replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-}
-
 /// The cgroup v2 mount: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on hybrid ones.
 pub fn cgroup2_mount() -> Result<PathBuf, PathError> {
-    let mut mounts = mounts_of("cgroup2")?;
-    // Prefer the shortest path: the host's own mount rather than one bound into a container below it.
-    mounts.sort_by_key(|p| p.as_os_str().len());
-    mounts.into_iter().next().ok_or(PathError::NoCgroup2)
+    let mounts = mountinfo::read()?;
+    mountinfo::cgroup2_root(&mounts)
+        .map(Path::to_owned)
+        .ok_or(PathError::NoCgroup2)
 }
 
 /// The cgroup the agent attaches to, as configured (absolute or relative to the mount).
@@ -61,8 +42,7 @@ pub fn cgroup_root(configured: Option<&Path>) -> Result<PathBuf, PathError> {
 
 /// Checks that the pin directory is on bpffs and creates it.
 pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), PathError> {
-    let on_bpffs = mounts_of("bpf")?.iter().any(|m| pin_dir.starts_with(m));
-    if !on_bpffs {
+    if !mountinfo::is_on(&mountinfo::read()?, pin_dir, "bpf") {
         return Err(PathError::NoBpffs(pin_dir.to_owned()));
     }
     for dir in [pin_dir.to_owned(), links_dir(pin_dir)] {
@@ -88,11 +68,6 @@ pub fn links_dir(pin_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_decoded() {
-        assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
-    }
 
     #[test]
     fn this_machine_has_a_cgroup2_mount() {

@@ -28,8 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_util::StreamExt as _;
-use inotify::{Inotify, WatchMask};
+use ward_host::watch::{every_entry, WatchError, Watcher};
 
 use crate::{
     ca::Ca, hub::Hub, policy_set::NodeError, registry::Registry, service::ControlService,
@@ -80,11 +79,8 @@ pub enum ControlError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("watching {dir}: {source}")]
-    Watch {
-        dir: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Watch(#[from] WatchError),
     #[error("revocation list refused, so as not to serve revoked certificates as valid: {0}")]
     Revocation(#[from] revocation::RevocationError),
     #[error("serving: {0}")]
@@ -203,26 +199,19 @@ async fn recheck_policies(hub: Arc<Hub>) {
     }
 }
 
-type DirEvents = inotify::EventStream<Vec<u8>>;
+/// Watches every entry of the policy directory; failing here fails the start, so a typo in
+/// --policy-dir is seen at once.
+fn watch_policy_dir(dir: &Path) -> Result<Watcher, ControlError> {
+    let mut watcher = Watcher::new()?;
+    watcher.watch_dir(dir, every_entry)?;
+    Ok(watcher)
+}
 
-/// Watches a directory for files written, moved, created or removed; failing here fails the
-/// start, so a typo in --policy-dir is seen at once.
-fn watch_dir(dir: &Path) -> Result<DirEvents, ControlError> {
-    let watch_err = |source| ControlError::Watch {
-        dir: dir.to_owned(),
-        source,
-    };
-    let inotify = Inotify::init().map_err(watch_err)?;
-    let mask = WatchMask::CLOSE_WRITE
-        | WatchMask::MOVED_TO
-        | WatchMask::MOVED_FROM
-        | WatchMask::CREATE
-        | WatchMask::DELETE
-        | WatchMask::ATTRIB;
-    inotify.watches().add(dir, mask).map_err(watch_err)?;
-    inotify
-        .into_event_stream(vec![0u8; 64 * 1024])
-        .map_err(watch_err)
+/// Watches the revocation file (which need not exist yet).
+fn watch_revocations(file: &Path) -> Result<Watcher, ControlError> {
+    let mut watcher = Watcher::new()?;
+    watcher.watch_file(file)?;
+    Ok(watcher)
 }
 
 /// Reads the revocation file and serves it if it is valid; logs the problem otherwise, and the
@@ -250,52 +239,42 @@ fn load_revocations(file: &Path, hub: &Hub, reason: &str) {
 }
 
 /// Re-reads the revocation file after each burst of changes to it (the state directory holds
-/// other files, written often: their events are ignored).
-async fn follow_revocations(file: PathBuf, mut events: DirEvents, hub: Arc<Hub>) {
-    let name = file.file_name().map(std::ffi::OsStr::to_owned);
-    let ours = |event: &std::io::Result<inotify::Event<std::ffi::OsString>>| match event {
-        Ok(event) => event.name.is_some() && event.name == name,
-        // Overflowed or failed: read again to be sure.
-        Err(_) => true,
-    };
-    while let Some(event) = events.next().await {
-        if !ours(&event) {
-            continue;
-        }
-        let deadline = tokio::time::Instant::now() + revocation::SETTLE_MAX;
-        loop {
-            let quiet = tokio::time::Instant::now() + revocation::SETTLE;
-            match tokio::time::timeout_at(quiet.min(deadline), events.next()).await {
-                Ok(Some(_)) if tokio::time::Instant::now() < deadline => continue,
-                _ => break,
+/// other files, written often: their changes are not the watcher's to report).
+async fn follow_revocations(file: PathBuf, mut watcher: Watcher, hub: Arc<Hub>) {
+    loop {
+        match watcher.changed().await {
+            Ok(()) => {}
+            // The queue overflowed or reading failed: read again to be sure, once.
+            Err(e @ WatchError::Events(_)) => {
+                tracing::warn!(error = %e, "reading revocation file events")
+            }
+            Err(e) => {
+                tracing::error!(file = %file.display(), error = %e, "revocation file watch ended; restart the control plane to follow changes");
+                return;
             }
         }
         let (file, hub) = (file.clone(), hub.clone());
         let _ =
             tokio::task::spawn_blocking(move || load_revocations(&file, &hub, "file change")).await;
     }
-    tracing::error!(file = %file.display(), "revocation file watch ended; restart the control plane to follow changes");
 }
 
 /// Re-reads the policy directory after each burst of changes.
-async fn follow_policies(dir: PathBuf, mut events: DirEvents, hub: Arc<Hub>) {
-    while let Some(event) = events.next().await {
-        if let Err(e) = event {
-            tracing::warn!(error = %e, "reading policy directory events");
-        }
-        // Settle: wait for a quiet moment, but never longer than SETTLE_MAX in all.
-        let deadline = tokio::time::Instant::now() + policy_set::SETTLE_MAX;
-        loop {
-            let quiet = tokio::time::Instant::now() + policy_set::SETTLE;
-            match tokio::time::timeout_at(quiet.min(deadline), events.next()).await {
-                Ok(Some(_)) if tokio::time::Instant::now() < deadline => continue,
-                _ => break,
+async fn follow_policies(dir: PathBuf, mut watcher: Watcher, hub: Arc<Hub>) {
+    loop {
+        match watcher.changed().await {
+            Ok(()) => {}
+            Err(e @ WatchError::Events(_)) => {
+                tracing::warn!(error = %e, "reading policy directory events")
+            }
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "policy directory watch ended; restart the control plane to follow changes");
+                return;
             }
         }
         let (dir, hub) = (dir.clone(), hub.clone());
         let _ = tokio::task::spawn_blocking(move || load_policies(&dir, &hub, "file change")).await;
     }
-    tracing::error!(dir = %dir.display(), "policy directory watch ended; restart the control plane to follow changes");
 }
 
 /// Removes nodes gone for longer than `lease`, checking a few times per lease.
@@ -353,23 +332,23 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     };
     let tokens = Arc::new(JoinTokens::new(opts.token_file.as_deref(), &state)?);
     let hub = Arc::new(Hub::new(registry, ca.cert_pem(), random_u64()));
-    let events = watch_dir(&opts.policy_dir)?;
+    let policy_watcher = watch_policy_dir(&opts.policy_dir)?;
     load_policies(&opts.policy_dir, &hub, "start");
     let watcher = tokio::spawn(follow_policies(
         opts.policy_dir.clone(),
-        events,
+        policy_watcher,
         hub.clone(),
     ));
     // Watch before reading, so a revocation written in between is not missed. A malformed file
     // fails the start: serving no revocations would silently readmit revoked certificates.
-    let state_events = watch_dir(state.path())?;
+    let revocation_changes = watch_revocations(&state.revoked())?;
     let revoked = revocation::read(&state.revoked())?;
     if let Some(change) = hub.set_revoked(revoked) {
         tracing::info!(revoked = change.total, "revocation list read");
     }
     let revocation_watcher = tokio::spawn(follow_revocations(
         state.revoked(),
-        state_events,
+        revocation_changes,
         hub.clone(),
     ));
     tokio::spawn(persist_registry(hub.clone(), state.clone()));
@@ -470,6 +449,15 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("1w").is_err());
         assert!(parse_duration("h").is_err());
+    }
+
+    #[test]
+    fn a_missing_policy_directory_is_an_error_naming_it() {
+        let err = watch_policy_dir(Path::new("/nonexistent/ward-policy")).expect_err("missing");
+        assert!(
+            err.to_string().contains("/nonexistent/ward-policy"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -3,12 +3,10 @@
 //! of the registry before it is served, one POLICY resource per document.
 //!
 //! A set with any error is refused whole and the previous set stays served. What the control
-//! plane adds to the loader is control-specific: limits on what it reads and serves, and the
-//! settle times of the directory watcher.
+//! plane adds to the loader is control-specific: limits on what it reads and serves.
 use std::{
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use ward_policy::{
@@ -21,12 +19,6 @@ pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
 pub const MAX_TOTAL_BYTES: u64 = 256 * 1024 * 1024;
 /// One document is one resource, sent in one message.
 pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
-
-/// Editors and `git checkout` write in several steps: the directory is read once it has been quiet
-/// this long...
-pub const SETTLE: Duration = Duration::from_millis(50);
-/// ...or after this long at most, so a steady trickle of writes cannot hold changes back.
-pub const SETTLE_MAX: Duration = Duration::from_millis(500);
 
 /// A valid policy directory: its policies, and the POLICY resources that serve them.
 #[derive(Debug, Default)]

@@ -9,15 +9,9 @@ use std::{
     io::Write as _,
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use ward_tunnel::{IdentityError, Serial};
-
-/// Writes to the file are read once it has been quiet this long...
-pub const SETTLE: Duration = Duration::from_millis(50);
-/// ...or after this long at most.
-pub const SETTLE_MAX: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RevocationError {

@@ -93,15 +93,18 @@ impl StateDir {
         }
     }
 
-    /// Replaces `file` with `contents` by writing a sibling and renaming it over, so a reader or
-    /// a crash sees the old file or the new one, never a mix.
+    /// Replaces `file` with `contents` so a reader or a crash sees the old file or the new one,
+    /// never a mix (see [`ward_host::atomic::write`]).
     pub fn write_atomic(
         &self,
         file: &Path,
         contents: &[u8],
         mode: u32,
     ) -> Result<(), StateDirError> {
-        write_atomic(file, contents, mode)
+        ward_host::atomic::write(file, contents, mode).map_err(|source| StateDirError::Write {
+            file: file.to_owned(),
+            source,
+        })
     }
 
     /// Appends one line and syncs it before returning, so a token recorded as used stays used.
@@ -119,26 +122,6 @@ impl StateDir {
         f.write_all(format!("{line}\n").as_bytes()).map_err(write)?;
         f.sync_all().map_err(write)
     }
-}
-
-pub fn write_atomic(file: &Path, contents: &[u8], mode: u32) -> Result<(), StateDirError> {
-    let write = |source| StateDirError::Write {
-        file: file.to_owned(),
-        source,
-    };
-    let mut tmp_name = file.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = file.with_file_name(tmp_name);
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(write)?;
-    f.write_all(contents).map_err(write)?;
-    f.sync_all().map_err(write)?;
-    std::fs::rename(&tmp, file).map_err(write)
 }
 
 #[cfg(test)]

@@ -2,12 +2,13 @@
 //! directory, state directory and token file, killed when dropped. Used by this crate's
 //! integration tests and by the privileged multi-node tests (which pass the binary's path).
 use std::{
-    io::{BufRead as _, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
+
+use ward_host::process::{Capture, Process};
 
 pub struct ControlPlaneOptions {
     /// The `ward-control` binary.
@@ -40,7 +41,7 @@ impl ControlPlaneOptions {
 }
 
 pub struct ControlPlane {
-    child: Option<Child>,
+    process: Option<Process>,
     opts: ControlPlaneOptions,
     /// Where it listens (the real port when asked for port 0).
     pub address: SocketAddr,
@@ -91,7 +92,7 @@ impl ControlPlane {
             std::fs::write(opts.root.join("tokens"), "").expect("creating the token file");
         }
         let mut plane = ControlPlane {
-            child: None,
+            process: None,
             address: opts.listen,
             opts,
         };
@@ -100,11 +101,6 @@ impl ControlPlane {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_file())
-            .expect("opening the control plane's log");
         let mut command = match &self.opts.netns {
             None => Command::new(&self.opts.binary),
             Some(netns) => {
@@ -116,7 +112,7 @@ impl ControlPlane {
                 command
             }
         };
-        let mut child = command
+        command
             .arg("--policy-dir")
             .arg(self.policy_dir())
             .arg("--state-dir")
@@ -130,43 +126,30 @@ impl ControlPlane {
             .arg("--node-cert-lifetime")
             .arg(&self.opts.node_cert_lifetime)
             .args(&self.opts.extra_args)
-            .env("RUST_LOG", "info,ward_control=debug")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", self.opts.binary.display()));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
-            }
-            // Keep draining so the process never blocks on a full pipe.
-            for _ in lines {}
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!(
-                    "ward-control did not start listening within 20 s; its log:\n{}",
-                    self.logs()
-                )
-            });
+            .env("RUST_LOG", "info,ward_control=debug");
+        // A restart appends, so a test sees what both runs logged.
+        let capture = Capture::log_file(self.log_file()).appending();
+        let process =
+            Process::spawn("ward-control", command, capture).unwrap_or_else(|e| panic!("{e}"));
+        let (_, line) = process
+            .wait_for_line(
+                0,
+                Duration::from_secs(20),
+                "saying `listening on <address>`",
+                |line| line.starts_with("listening on "),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
         self.address = line
             .strip_prefix("listening on ")
             .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line from ward-control: {line:?}"));
-        self.child = Some(child);
+            .unwrap_or_else(|| panic!("unexpected line from ward-control: {line:?}"));
+        self.process = Some(process);
     }
 
     /// Kills the process (SIGKILL: nothing is flushed or said goodbye).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // Dropping the process kills and reaps it.
+        self.process = None;
     }
 
     /// Starts it again on the same address with the same directories.
@@ -176,9 +159,7 @@ impl ControlPlane {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.process.as_mut().is_some_and(|p| !p.has_exited())
     }
 
     /// Appends a new join token (bound to `node` if given) and returns it.
@@ -190,14 +171,14 @@ impl ControlPlane {
         };
         let mut text = std::fs::read_to_string(self.token_file()).unwrap_or_default();
         text.push_str(&line);
-        write_replacing(&self.token_file(), &text);
+        write_replacing(&self.token_file(), &text, 0o600);
         token
     }
 
     /// Writes a policy file the way `git checkout` or `kubectl cp` would: a new file renamed
     /// over the old one.
     pub fn write_policy(&self, file: &str, yaml: &str) {
-        write_replacing(&self.policy_dir().join(file), yaml);
+        write_replacing(&self.policy_dir().join(file), yaml, 0o644);
     }
 
     pub fn remove_policy(&self, file: &str) {
@@ -206,10 +187,9 @@ impl ControlPlane {
     }
 }
 
-fn write_replacing(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp~");
-    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
-    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("renaming to {}: {e}", path.display()));
+fn write_replacing(path: &Path, text: &str, mode: u32) {
+    ward_host::atomic::write(path, text.as_bytes(), mode)
+        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
 
 impl Drop for ControlPlane {

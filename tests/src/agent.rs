@@ -511,9 +511,8 @@ fn ward_command(bin: &Path, config_file: &Path, netns: Option<&str>, extra: &[&s
 
 /// Writes `path` by renaming a new file over it, so ward never reads half a file.
 fn replace_file(path: &Path, text: &str) {
-    let staging = path.with_extension("tmp~");
-    write_file(&staging, text);
-    std::fs::rename(&staging, path).unwrap_or_else(|e| panic!("replace {}: {e}", path.display()));
+    ward_host::atomic::write(path, text.as_bytes(), 0o644)
+        .unwrap_or_else(|e| panic!("replace {}: {e}", path.display()));
 }
 
 fn write_file(path: &Path, text: &str) {

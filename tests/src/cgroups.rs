@@ -3,46 +3,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Mount points and filesystem types listed in a `/proc/<pid>/mountinfo` text.
-pub fn mounts(mountinfo: &str) -> impl Iterator<Item = (PathBuf, &str)> {
-    mountinfo.lines().filter_map(|line| {
-        let (before, after) = line.split_once(" - ")?;
-        let mount_point = before.split(' ').nth(4)?;
-        let fstype = after.split(' ').next()?;
-        Some((PathBuf::from(unescape_mount_path(mount_point)), fstype))
-    })
-}
-
-/// mountinfo writes space, tab, newline and backslash in paths as `\ooo` octal escapes.
-fn unescape_mount_path(raw: &str) -> String {
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|digits| {
-            let text = std::str::from_utf8(digits).ok()?;
-            u8::from_str_radix(text, 8).ok()
-        });
-        match (bytes[i], octal) {
-            (b'\\', Some(byte)) => {
-                out.push(byte);
-                i += 4;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+use ward_host::mountinfo;
 
 /// The cgroup v2 mount point: /sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified on hybrid.
 pub fn cgroup2_mount() -> PathBuf {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
-    let mount = mounts(&mountinfo)
-        .find(|(_, fstype)| *fstype == "cgroup2")
-        .map(|(point, _)| point);
+    let mounts = mountinfo::read().unwrap_or_else(|e| panic!("{e}"));
+    let mount = mountinfo::cgroup2_root(&mounts).map(Path::to_owned);
     mount.expect(
         "PRIVILEGED TEST NOT RUN: no cgroup2 filesystem is mounted (see /proc/self/mountinfo)",
     )
@@ -122,24 +88,5 @@ fn remove_bottom_up(dir: &Path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             eprintln!("ward-tests: could not remove cgroup {}: {e}", dir.display());
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_yields_points_and_types_with_escapes_decoded() {
-        let text = "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
-                    50 31 0:40 / /mnt/with\\040space rw shared:5 - tmpfs tmpfs rw\n";
-        let found: Vec<_> = mounts(text).collect();
-        assert_eq!(
-            found,
-            vec![
-                (PathBuf::from("/sys/fs/cgroup/unified"), "cgroup2"),
-                (PathBuf::from("/mnt/with space"), "tmpfs"),
-            ]
-        );
     }
 }

@@ -80,9 +80,9 @@ pub fn unique_name(tag: &str) -> String {
 }
 
 fn mount_bpffs_if_absent() {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
-    let mounted = crate::cgroups::mounts(&mountinfo)
-        .any(|(point, fstype)| fstype == "bpf" && point == std::path::Path::new("/sys/fs/bpf"));
+    let mounts = ward_host::mountinfo::read().unwrap_or_else(|e| panic!("{e}"));
+    let mounted = ward_host::mountinfo::mount_points(&mounts, "bpf")
+        .any(|point| point == std::path::Path::new("/sys/fs/bpf"));
     if mounted {
         return;
     }

@@ -2,15 +2,16 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+pub use ward_host::process::Lines;
+use ward_host::process::{Capture, Process};
 
 /// Where a process runs: a cgroup (so ward sees it as a workload) and a network namespace.
 #[derive(Clone, Debug, Default)]
@@ -91,136 +92,31 @@ fn join_cgroup(procs: &CString) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Output lines shared between reader threads and the test.
-#[derive(Clone, Default)]
-pub struct Lines {
-    inner: Arc<(Mutex<LineState>, Condvar)>,
-}
-
-#[derive(Default)]
-struct LineState {
-    lines: Vec<String>,
-    open_streams: usize,
-}
-
-impl Lines {
-    fn attach<R: Read + Send + 'static>(&self, stream: R, prefix: &'static str) -> JoinHandle<()> {
-        self.inner.0.lock().expect("lines lock").open_streams += 1;
-        let lines = self.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { break };
-                let (state, changed) = &*lines.inner;
-                state
-                    .lock()
-                    .expect("lines lock")
-                    .lines
-                    .push(format!("{prefix}{line}"));
-                changed.notify_all();
-            }
-            let (state, changed) = &*lines.inner;
-            state.lock().expect("lines lock").open_streams -= 1;
-            changed.notify_all();
-        })
-    }
-
-    pub fn snapshot(&self) -> Vec<String> {
-        self.inner.0.lock().expect("lines lock").lines.clone()
-    }
-
-    pub fn len(&self) -> usize {
-        self.inner.0.lock().expect("lines lock").lines.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The first line at or after index `from` that satisfies `predicate`, with its index; `None`
-    /// after `timeout`, or sooner once every stream has ended without such a line.
-    pub fn wait_for(
-        &self,
-        from: usize,
-        timeout: Duration,
-        mut predicate: impl FnMut(&str) -> bool,
-    ) -> Option<(usize, String)> {
-        let deadline = Instant::now() + timeout;
-        let (state, changed) = &*self.inner;
-        let mut guard = state.lock().expect("lines lock");
-        let mut checked = from;
-        loop {
-            while checked < guard.lines.len() {
-                if predicate(&guard.lines[checked]) {
-                    return Some((checked, guard.lines[checked].clone()));
-                }
-                checked += 1;
-            }
-            let now = Instant::now();
-            if guard.open_streams == 0 || now >= deadline {
-                return None;
-            }
-            guard = changed
-                .wait_timeout(guard, deadline - now)
-                .expect("lines lock")
-                .0;
-        }
-    }
-
-    /// Whether the process closed its output (it exited, as a rule).
-    pub fn ended(&self) -> bool {
-        self.inner.0.lock().expect("lines lock").open_streams == 0
-    }
-
-    /// The last `count` lines, one per line, for failure messages.
-    pub fn tail(&self, count: usize) -> String {
-        let lines = self.snapshot();
-        let start = lines.len().saturating_sub(count);
-        lines[start..].join("\n")
-    }
-}
-
-/// A long-running process (a listener, an agent, a client loop) killed when dropped.
+/// A long-running process (a listener, an agent, a client loop) killed when dropped: the
+/// [`Process`] of ward-host, failing the test with a message where it returns an error.
 pub struct Background {
-    label: String,
-    child: Child,
-    lines: Lines,
-    readers: Vec<JoinHandle<()>>,
-    status: Option<ExitStatus>,
+    process: Process,
 }
 
 impl Background {
     /// Spawns `command` with stdout and stderr captured; stderr lines are kept with a
     /// `stderr: ` prefix only when `mark_stderr` is set.
-    pub fn spawn(label: &str, mut command: Command, mark_stderr: bool) -> Self {
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {label} ({command:?}): {e}"));
-        let lines = Lines::default();
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let readers = vec![
-            lines.attach(stdout, ""),
-            lines.attach(stderr, if mark_stderr { "stderr: " } else { "" }),
-        ];
-        Background {
-            label: label.to_owned(),
-            child,
-            lines,
-            readers,
-            status: None,
-        }
+    pub fn spawn(label: &str, command: Command, mark_stderr: bool) -> Self {
+        let capture = if mark_stderr {
+            Capture::lines().mark_stderr()
+        } else {
+            Capture::lines()
+        };
+        let process = Process::spawn(label, command, capture).unwrap_or_else(|e| panic!("{e}"));
+        Background { process }
     }
 
     pub fn pid(&self) -> i32 {
-        i32::try_from(self.child.id()).expect("pid fits i32")
+        i32::try_from(self.process.pid()).expect("pid fits i32")
     }
 
     pub fn lines(&self) -> &Lines {
-        &self.lines
+        self.process.lines()
     }
 
     /// Waits for a line matching `predicate` from index `from` on; panics with the captured
@@ -232,77 +128,32 @@ impl Background {
         what: &str,
         predicate: impl FnMut(&str) -> bool,
     ) -> (usize, String) {
-        match self.lines.wait_for(from, timeout, predicate) {
-            Some(found) => found,
-            None => panic!(
-                "{}: no line {what} {}; output so far:\n{}",
-                self.label,
-                if self.lines.ended() {
-                    "before its output ended (it exited)".to_owned()
-                } else {
-                    format!("within {timeout:?}")
-                },
-                self.lines.tail(400)
-            ),
-        }
+        self.process
+            .wait_for_line(from, timeout, what, predicate)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn signal(&self, signal: i32) {
-        if self.status.is_some() {
-            return;
-        }
-        // SAFETY: kill with a pid of our own, still unreaped, child.
-        unsafe {
-            libc::kill(self.pid(), signal);
-        }
+        self.process.signal(signal);
     }
 
     /// The exit status once the process has ended, waiting at most `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.status {
-                return Some(status);
-            }
-            match self.child.try_wait() {
-                Ok(Some(status)) => {
-                    self.status = Some(status);
-                    for reader in self.readers.drain(..) {
-                        let _ = reader.join();
-                    }
-                }
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Ok(None) => return None,
-                Err(e) => panic!("wait for {}: {e}", self.label),
-            }
-        }
+        self.process
+            .wait_exit(timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Whether the process has exited (reaping it if so).
     pub fn has_exited(&mut self) -> bool {
-        self.wait_exit(Duration::ZERO).is_some()
+        self.process.has_exited()
     }
 
     /// Signals the process to stop (`signal`), then kills it after `grace`.
     pub fn stop(&mut self, signal: i32, grace: Duration) -> ExitStatus {
-        self.signal(signal);
-        if let Some(status) = self.wait_exit(grace) {
-            return status;
-        }
-        let _ = self.child.kill();
-        self.wait_exit(crate::scaled(Duration::from_secs(10)))
-            .unwrap_or_else(|| panic!("{} survived SIGKILL", self.label))
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        if self.status.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.process
+            .stop(signal, grace)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 }
 

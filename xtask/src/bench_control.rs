@@ -13,14 +13,14 @@
 use std::{
     fmt::Write as _,
     fs,
-    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context as _, Result};
+use ward_host::process::{Capture, Process};
 
 use crate::{
     setup,
@@ -373,7 +373,7 @@ fn median_f64(mut values: Vec<f64>) -> f64 {
 
 /// The running `ward-control`, stopped on drop.
 struct Plane {
-    child: Option<Child>,
+    process: Option<Process>,
     bin: PathBuf,
     dir: PathBuf,
     address: String,
@@ -384,7 +384,6 @@ impl Plane {
         let dir = work.join("plane");
         fs::create_dir_all(dir.join("policy"))?;
         fs::write(dir.join("tokens"), "")?;
-        let log = fs::File::create(dir.join("control.log"))?;
         let mut cmd = Command::new(bin);
         cmd.arg("--policy-dir")
             .arg(dir.join("policy"))
@@ -392,37 +391,34 @@ impl Plane {
             .arg(dir.join("state"))
             .arg("--token-file")
             .arg(dir.join("tokens"))
-            .args(["--listen", "127.0.0.1:0", "--trust-domain", TRUST_DOMAIN])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log);
+            .args(["--listen", "127.0.0.1:0", "--trust-domain", TRUST_DOMAIN]);
         println!(
-            "$ {} 2>{}",
+            "$ {} >{} 2>&1",
             sys::show(&cmd),
             dir.join("control.log").display()
         );
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout is piped")).read_line(&mut line)?;
-        let Some(address) = line.trim().strip_prefix("listening on ") else {
-            let _ = child.kill();
-            bail!(
-                "ward-control did not start: {line:?}; its log:\n{}",
-                fs::read_to_string(dir.join("control.log")).unwrap_or_default()
-            );
-        };
+        let process = Process::spawn(
+            "ward-control",
+            cmd,
+            Capture::log_file(dir.join("control.log")),
+        )?;
+        let (_, line) = process.wait_for_line(
+            0,
+            Duration::from_secs(30),
+            "saying `listening on <address>`",
+            |line| line.starts_with("listening on "),
+        )?;
+        let address = line.trim_start_matches("listening on ").trim();
         Ok(Plane {
             address: address.to_owned(),
-            child: Some(child),
+            process: Some(process),
             bin: bin.to_owned(),
             dir,
         })
     }
 
     fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        self.process.as_ref().map_or(0, Process::pid)
     }
 
     fn policy_dir(&self) -> PathBuf {
@@ -434,7 +430,7 @@ impl Plane {
     }
 
     fn log_len(&self) -> u64 {
-        fs::metadata(self.dir.join("control.log")).map_or(0, |m| m.len())
+        ward_host::process::file_len(&self.dir.join("control.log"))
     }
 
     /// The policy versions served after log offset `mark`, with when.
@@ -496,8 +492,8 @@ impl Plane {
     }
 
     fn stop(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            sys::terminate(&mut child, Duration::from_secs(10))?;
+        if let Some(mut process) = self.process.take() {
+            process.stop(libc::SIGTERM, Duration::from_secs(10))?;
         }
         Ok(())
     }

@@ -169,9 +169,8 @@ fn debian_packages() -> Result<()> {
 
 fn bpffs() -> Result<()> {
     let target = Path::new("/sys/fs/bpf");
-    if sys::mounts()?
-        .iter()
-        .any(|m| m.point == target && m.fstype == "bpf")
+    if ward_host::mountinfo::mount_points(&ward_host::mountinfo::read()?, "bpf")
+        .any(|m| m == target)
     {
         println!("bpffs: mounted at {}", target.display());
         return Ok(());

@@ -11,6 +11,8 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
+pub use ward_host::process::wait_timeout;
+use ward_host::{mountinfo, process};
 
 pub fn workspace_root() -> PathBuf {
     let xtask_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -138,54 +140,10 @@ pub fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-pub struct Mount {
-    pub point: PathBuf,
-    pub fstype: String,
-}
-
-pub fn mounts() -> Result<Vec<Mount>> {
-    let text =
-        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    Ok(text
-        .lines()
-        .filter_map(|line| {
-            // Fields: id parent major:minor root mount-point options [optional...] - fstype ...
-            let (left, right) = line.split_once(" - ")?;
-            let point = left.split(' ').nth(4)?;
-            Some(Mount {
-                point: unescape_mount(point).into(),
-                fstype: right.split(' ').next()?.into(),
-            })
-        })
-        .collect())
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mount(field: &str) -> String {
-    let mut out = String::new();
-    let mut rest = field;
-    while let Some(i) = rest.find('\\') {
-        out.push_str(&rest[..i]);
-        match rest
-            .get(i + 1..i + 4)
-            .and_then(|o| u8::from_str_radix(o, 8).ok())
-        {
-            Some(byte) => {
-                out.push(byte as char);
-                rest = &rest[i + 4..];
-            }
-            None => {
-                out.push('\\');
-                rest = &rest[i + 1..];
-            }
-        }
-    }
-    out + rest
-}
-
 /// The cgroup v2 mount: /sys/fs/cgroup on most hosts, /sys/fs/cgroup/unified on hybrid ones.
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    mounts()?.into_iter().find(|m| m.fstype == "cgroup2").map(|m| m.point).ok_or_else(|| {
+    let mounts = mountinfo::read()?;
+    mountinfo::cgroup2_root(&mounts).map(Path::to_owned).ok_or_else(|| {
         anyhow!("no cgroup v2 mount in /proc/self/mountinfo; mount one: `mount -t cgroup2 none /sys/fs/cgroup`")
     })
 }
@@ -326,35 +284,16 @@ impl Drop for Children {
     }
 }
 
-pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// SIGTERM, then SIGKILL if the process is still there after `grace`.
 pub fn terminate(child: &mut Child, grace: Duration) -> Result<ExitStatus> {
-    if let Some(status) = child.try_wait()? {
-        return Ok(status);
+    let (status, killed) = process::terminate(child, libc::SIGTERM, grace)?;
+    if killed {
+        eprintln!(
+            "warning: pid {} ignored SIGTERM for {grace:?}; killed it",
+            child.id()
+        );
     }
-    // SAFETY: kill has no memory-safety preconditions; the pid is our own unreaped child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    if let Some(status) = wait_timeout(child, grace)? {
-        return Ok(status);
-    }
-    eprintln!(
-        "warning: pid {} ignored SIGTERM for {grace:?}; killing it",
-        child.id()
-    );
-    child.kill()?;
-    Ok(child.wait()?)
+    Ok(status)
 }
 
 /// (VmRSS, VmHWM) of a process in KiB.
@@ -375,13 +314,6 @@ pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mount_points_are_unescaped() {
-        assert_eq!(unescape_mount(r"/mnt/a\040b\134c"), r"/mnt/a b\c");
-        assert_eq!(unescape_mount(r"/plain"), "/plain");
-        assert_eq!(unescape_mount(r"/odd\x"), r"/odd\x");
-    }
 
     #[test]
     fn shown_commands_quote_what_the_shell_would_split() {

@@ -1,8 +1,6 @@
 //! The node's key and certificate: a new key for every request, the CSR sent with it, the files
 //! in the control-plane state directory, and when to renew.
 use std::{
-    io::Write as _,
-    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -101,35 +99,17 @@ impl NodeCert {
     /// Key first, then certificate: a crash in between leaves a key without its certificate,
     /// which [`NodeCert::load`] ignores, never a certificate without its key.
     pub fn save(&self, state_dir: &Path) -> Result<(), CertError> {
-        write_atomic(&state_dir.join(KEY_FILE), self.key_pem.as_bytes(), 0o600).map_err(
-            |source| CertError::Io {
+        ward_host::atomic::write(&state_dir.join(KEY_FILE), self.key_pem.as_bytes(), 0o600)
+            .map_err(|source| CertError::Io {
                 file: state_dir.join(KEY_FILE),
                 source,
-            },
-        )?;
-        write_atomic(&state_dir.join(CERT_FILE), self.cert_pem.as_bytes(), 0o644).map_err(
-            |source| CertError::Io {
+            })?;
+        ward_host::atomic::write(&state_dir.join(CERT_FILE), self.cert_pem.as_bytes(), 0o644)
+            .map_err(|source| CertError::Io {
                 file: state_dir.join(CERT_FILE),
                 source,
-            },
-        )
+            })
     }
-}
-
-/// Replaces `file` by writing a sibling and renaming it over.
-pub fn write_atomic(file: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    let mut tmp_name = file.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = file.with_file_name(tmp_name);
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, file)
 }
 
 #[cfg(test)]

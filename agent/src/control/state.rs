@@ -313,7 +313,7 @@ pub const LAST_APPLIED_FILE: &str = "last-applied.json";
 /// Writes `state` so that a crash leaves the previous file or the new one.
 pub fn save(state_dir: &Path, state: &RemoteState) -> std::io::Result<()> {
     let json = serde_json::to_vec(state).map_err(std::io::Error::other)?;
-    super::certs::write_atomic(&state_dir.join(LAST_APPLIED_FILE), &json, 0o600)
+    ward_host::atomic::write(&state_dir.join(LAST_APPLIED_FILE), &json, 0o600)
 }
 
 pub fn load(state_dir: &Path) -> Option<RemoteState> {

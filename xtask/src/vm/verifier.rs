@@ -3,7 +3,6 @@
 //! host), as `cargo xtask vm-test --verifier-record FILE`, and writes one `name<TAB>count` line
 //! per program, or one `error<TAB>reason` line when ward could not load them.
 
-use crate::ward::{says_ready, strip_ansi};
 use std::{
     collections::BTreeMap,
     fs,
@@ -14,6 +13,7 @@ use std::{
     thread,
     time::{Duration, Instant},
 };
+use ward_host::process::{says_ready, strip_ansi};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
@@ -200,20 +200,6 @@ pub fn parse(text: &str) -> Result<BTreeMap<String, u32>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_ready_line_is_a_word_not_a_substring() {
-        assert!(says_ready("2026-01-01T00:00:00Z INFO ready: enforcing"));
-        assert!(!says_ready("INFO pins already present"));
-    }
-
-    #[test]
-    fn colours_are_stripped() {
-        assert_eq!(
-            strip_ansi("\u{1b}[2mward::cli\u{1b}[0m\u{1b}[2m:\u{1b}[0m ward stopped"),
-            "ward::cli: ward stopped"
-        );
-    }
 
     #[test]
     fn records_round_trip_and_errors_say_why() {

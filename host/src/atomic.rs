@@ -1,0 +1,120 @@
+//! Replacing a file so that a reader or a crash sees the old contents or the new, never a mix.
+use std::{
+    fs::{File, OpenOptions, Permissions},
+    io::Write as _,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+/// Writes `contents` to a hidden temporary file in `file`'s directory, syncs it, gives it `mode`
+/// (exactly, whatever the umask), renames it over `file` and syncs the directory, so the rename
+/// itself survives a crash. The temporary file is removed if any step fails.
+///
+/// The temporary name starts with `.` and ends with `.tmp`, so watchers of `*.yaml` files and
+/// readers of a directory that skip hidden files never see it.
+pub fn write(file: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    let tmp = temporary_sibling(file)?;
+    let written = write_synced(&tmp, contents, mode).and_then(|()| std::fs::rename(&tmp, file));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    sync_dir(file.parent().filter(|p| !p.as_os_str().is_empty()))
+}
+
+fn temporary_sibling(file: &Path) -> std::io::Result<PathBuf> {
+    static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+    let name = file.file_name().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} names no file", file.display()),
+        )
+    })?;
+    let mut tmp = std::ffi::OsString::from(".");
+    tmp.push(name);
+    tmp.push(format!(
+        ".{}-{}.tmp",
+        std::process::id(),
+        SEQUENCE.fetch_add(1, Ordering::Relaxed)
+    ));
+    Ok(file.with_file_name(tmp))
+}
+
+fn write_synced(tmp: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(mode)
+        .open(tmp)?;
+    f.set_permissions(Permissions::from_mode(mode))?;
+    f.write_all(contents)?;
+    f.sync_all()
+}
+
+fn sync_dir(dir: Option<&Path>) -> std::io::Result<()> {
+    File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode_of(path: &Path) -> u32 {
+        std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn replaces_the_file_with_the_mode_asked_for_and_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("key.pem");
+        write(&file, b"one", 0o644).expect("first write");
+        assert_eq!(mode_of(&file), 0o644);
+        write(&file, b"two", 0o600).expect("second write");
+        assert_eq!(std::fs::read(&file).expect("read"), b"two");
+        assert_eq!(
+            mode_of(&file),
+            0o600,
+            "the mode of the new file, not the old"
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["key.pem"]);
+    }
+
+    #[test]
+    fn the_mode_is_exact_whatever_the_umask() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("shared");
+        write(&file, b"x", 0o666).expect("write");
+        assert_eq!(mode_of(&file), 0o666);
+    }
+
+    #[test]
+    fn a_failed_write_names_the_problem_and_keeps_the_old_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("data");
+        write(&file, b"old", 0o600).expect("write");
+        // A directory in the way of the rename.
+        let blocked = dir.path().join("blocked");
+        std::fs::create_dir(blocked.join("x").parent().expect("dir")).expect("mkdir");
+        std::fs::write(blocked.join("x"), b"").expect("fill");
+        assert!(write(&blocked, b"new", 0o600).is_err());
+        assert_eq!(std::fs::read(&file).expect("read"), b"old");
+        let leftovers = std::fs::read_dir(dir.path())
+            .expect("list")
+            .filter(|e| {
+                e.as_ref()
+                    .expect("entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".tmp")
+            })
+            .count();
+        assert_eq!(leftovers, 0, "the temporary file is removed on failure");
+        assert!(write(Path::new("/"), b"x", 0o600).is_err(), "no file name");
+    }
+}
