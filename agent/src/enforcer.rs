@@ -15,17 +15,15 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, RwLock},
-    time::Duration,
 };
 
 use agent_common::{map_names, MAX_CGROUPS, MAX_IPCACHE, MAX_IPCACHE_PREFIXES, MAX_POLICY_ENTRIES};
 use anyhow::{bail, Context as _};
 use aya::maps::{MapData, RingBuf};
-use futures_util::StreamExt as _;
-use inotify::{Inotify, WatchMask};
 use tokio::sync::{mpsc, oneshot, watch};
+use ward_host::watch::{WatchError, Watcher};
 
 use crate::{
     cgroups::{self, CgroupTree, CgroupWatcher},
@@ -49,35 +47,15 @@ async fn next_update(updates: &mut Option<mpsc::Receiver<RemoteUpdate>>) -> Opti
     }
 }
 
-/// Whether a changed file in a watched directory is one the agent reads.
-fn is_policy_or_config(name: Option<&std::ffi::OsStr>, config: &Config) -> bool {
-    let Some(name) = name else { return false };
-    config.file.file_name() == Some(name)
-        || Path::new(name)
-            .extension()
-            .is_some_and(|e| e == "yaml" || e == "yml")
-}
-
-/// Watches the configuration file and every policy path for changes.
-fn watch_files(config: &Config) -> std::io::Result<inotify::EventStream<Vec<u8>>> {
-    let inotify = Inotify::init()?;
-    let mask = WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE | WatchMask::DELETE;
-    let mut dirs: Vec<PathBuf> = config
-        .policies
-        .iter()
-        .chain(std::iter::once(&config.file))
-        .map(|p| match p.parent() {
-            _ if p.is_dir() => p.clone(),
-            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
-            _ => PathBuf::from("."),
-        })
-        .collect();
-    dirs.sort();
-    dirs.dedup();
-    for dir in dirs {
-        inotify.watches().add(&dir, mask)?;
+/// Watches the configuration file and every policy path (a file, or a directory's policy files):
+/// writes, replacements, moves in and out, and a ConfigMap volume's `..data` swap.
+fn watch_files(config: &Config) -> Result<Watcher, WatchError> {
+    let mut watcher = Watcher::new()?;
+    watcher.watch_file(&config.file)?;
+    for path in &config.policies {
+        watcher.watch_path(path, policy::load::is_policy_file)?;
     }
-    inotify.into_event_stream(vec![0u8; 16 * 1024])
+    Ok(watcher)
 }
 
 /// What the enforcer is asked to do besides its own inputs.
@@ -538,6 +516,7 @@ impl Enforcer {
         let mut watcher = CgroupWatcher::new(&self.cgroup_root).context("watching cgroups")?;
         self.sync_cgroups(&cgroups::scan(&self.cgroup_root)?)?;
         let mut files = watch_files(&self.desired.config).context("watching policy files")?;
+        let mut watching = true;
         loop {
             tokio::select! {
                 command = commands.recv() => match command {
@@ -545,14 +524,19 @@ impl Enforcer {
                     // The agent is stopping.
                     None => return Ok(()),
                 },
-                Some(Ok(event)) = files.next() => {
-                    if is_policy_or_config(event.name.as_deref(), &self.desired.config) {
-                        // Editors write in several steps; settle, then take everything at once.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        while tokio::time::timeout(Duration::from_millis(1), files.next()).await.is_ok() {}
+                // Settled: editors write in several steps, taken at once.
+                changed = files.changed(), if watching => match changed {
+                    Ok(()) => self.reload("file change")?,
+                    // The queue overflowed or reading failed: read again to be sure.
+                    Err(e @ WatchError::Events(_)) => {
+                        tracing::warn!(error = %e, "reading policy file events");
                         self.reload("file change")?;
                     }
-                }
+                    Err(e) => {
+                        tracing::error!(error = %e, "policy files are no longer watched; SIGHUP reloads them");
+                        watching = false;
+                    }
+                },
                 tree = watcher.changed() => self.sync_cgroups(&tree.context("watching cgroups")?)?,
                 Some(reply) = status_requests.recv() => {
                     let _ = reply.send(self.status());

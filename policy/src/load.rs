@@ -298,10 +298,13 @@ impl Report {
 }
 
 fn is_policy_file_name(path: &Path) -> bool {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
+    path.file_name().is_some_and(is_policy_file)
+}
+
+/// Whether a directory entry of this name is a policy file: `*.yaml` or `*.yml`, not hidden
+/// (editors' temporary files and a ConfigMap's `..data` are hidden).
+pub fn is_policy_file(name: &std::ffi::OsStr) -> bool {
+    let name = name.to_str().unwrap_or_default();
     !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
 }
 

@@ -2,13 +2,13 @@
 //! a policy, starts the real `ward` binary and runs real clients under it.
 
 mod support;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+use std::{net::SocketAddr, path::Path};
 use support::*;
 
 use ward_tests::{
     peer, run_with_config, spiffe_id, Listener, Outcome, Peer, Placement, Protocol, TestCgroups,
-    TwoNodes, VerdictQuery, Ward, Workload,
+    TwoNodes, VerdictQuery, Ward, WardOptions, Workload,
 };
 
 /// Refusal by the kernel is immediate; a dropped SYN would take a retransmission timeout (1 s).
@@ -922,4 +922,95 @@ fn sigterm_right_after_ready_still_detaches_cleanly() {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(leftovers.is_empty(), "pins left: {leftovers:?}");
+}
+
+/// Lays out `dir` as a Kubernetes ConfigMap volume shows it: `policy.yaml -> ..data/policy.yaml`,
+/// `..data -> ..<version>`; a new version is written beside the old and `..data` renamed over,
+/// as the kubelet does.
+fn configmap_update(dir: &Path, version: &str, policy: &str) {
+    let data = dir.join(format!("..{version}"));
+    std::fs::create_dir_all(&data).expect("configmap version dir");
+    std::fs::write(data.join("policy.yaml"), policy).expect("configmap policy");
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..{version}"), &tmp).expect("..data_tmp");
+    std::fs::rename(&tmp, dir.join("..data")).expect("rename ..data");
+    let link = dir.join("policy.yaml");
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink("..data/policy.yaml", &link).expect("policy.yaml link");
+    }
+}
+
+#[test]
+fn a_configmap_update_and_a_policy_file_moved_away_are_seen_without_a_signal() {
+    let peer = peer!();
+    let cgroups = TestCgroups::new("configmap");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let first = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let second = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let base = std::env::temp_dir().join("ward-test-configmap-volumes");
+    let _ = std::fs::remove_dir_all(&base);
+    let (volume, plain, away) = (base.join("volume"), base.join("plain"), base.join("away"));
+    for dir in [&volume, &plain, &away] {
+        std::fs::create_dir_all(dir).expect("policy dirs");
+    }
+    configmap_update(
+        &volume,
+        "2026_01_01_00_00_00.1",
+        &client_egress("from-configmap", &allow_tcp("allow-first", first.port())),
+    );
+    std::fs::write(
+        plain.join("second.yaml"),
+        client_egress("from-plain-dir", &allow_tcp("allow-second", second.port())),
+    )
+    .expect("plain policy");
+    let ward = Ward::launch(
+        &cgroups,
+        &[Workload::new("client")],
+        WardOptions {
+            policy: None,
+            args: &[],
+            config_extra: format!(
+                "policies:\n  - {}\n  - {}\n",
+                volume.display(),
+                plain.display()
+            ),
+            netns: None,
+        },
+    );
+    assert_allowed(&peer, Protocol::Tcp, first.addr, &client, &ward, &[]);
+    assert_allowed(&peer, Protocol::Tcp, second.addr, &client, &ward, &[]);
+
+    let applied = |from: usize, what: &str| {
+        let line = ward.wait_for_log(
+            from,
+            ward_tests::scaled(Duration::from_secs(10)),
+            what,
+            |l| l.contains("policy applied") || l.contains("policy rejected"),
+        );
+        assert!(
+            line.contains("policy applied") && line.contains("file change"),
+            "{what}: {line}"
+        );
+    };
+    // The kubelet's update: the configmap's policy now allows nothing.
+    let from = ward.log_len();
+    configmap_update(
+        &volume,
+        "2026_01_01_00_01_00.2",
+        &client_egress("from-configmap", "    []\n"),
+    );
+    applied(from, "applying the configmap's new version");
+    assert_refused_at_once(&peer, Protocol::Tcp, first.addr, &client, &ward, &[]);
+    assert_allowed(&peer, Protocol::Tcp, second.addr, &client, &ward, &[]);
+
+    // A policy file moved out of a watched directory is a policy removed.
+    let from = ward.log_len();
+    std::fs::rename(plain.join("second.yaml"), away.join("second.yaml")).expect("move away");
+    applied(
+        from,
+        "applying the move of second.yaml out of the directory",
+    );
+    assert_refused_at_once(&peer, Protocol::Tcp, second.addr, &client, &ward, &[]);
+    let _ = std::fs::remove_dir_all(&base);
 }
