@@ -363,6 +363,15 @@ impl Ward {
         self.process.wait_for_line(from, timeout, what, predicate).1
     }
 
+    /// Panics with the log's tail unless a line so far contains `text`.
+    pub fn assert_logged(&self, text: &str) {
+        assert!(
+            self.lines().iter().any(|l| l.contains(text)),
+            "no log line says {text:?}:\n{}",
+            self.log().tail(20)
+        );
+    }
+
     /// The first verdict event matching `query`, waiting up to `timeout` for it.
     pub fn wait_for_verdict(&self, query: &VerdictQuery<'_>, timeout: Duration) -> Verdict {
         let found = self

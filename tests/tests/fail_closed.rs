@@ -288,6 +288,14 @@ fn option_header_socket_is_decided_by_policy(tag: &str, option: &str) {
     setup.wait_for_ingress_denial(setup.closed_tcp.port());
 }
 
+/// Two nodes and a cgroup root named `tag`, and the `client` workload's place on the client node.
+fn client_on_two_nodes(tag: &str) -> (TwoNodes, TestCgroups, Placement) {
+    let nodes = TwoNodes::new(tag);
+    let cgroups = TestCgroups::new(tag);
+    let client = Placement::cgroup(cgroups.create("client")).in_netns(nodes.client.name());
+    (nodes, cgroups, client)
+}
+
 #[test]
 fn ipv6_destination_options_do_not_skip_the_ingress_check() {
     option_header_socket_is_decided_by_policy("dstopts", "dstopts");
@@ -417,9 +425,7 @@ fn seen_marks(watcher: &Background) -> Vec<String> {
 
 #[test]
 fn raw_sockets_of_an_egress_isolated_workload_cannot_send_around_the_policy() {
-    let nodes = TwoNodes::new("rawegr");
-    let cgroups = TestCgroups::new("rawegr");
-    let client = Placement::cgroup(cgroups.create("client")).in_netns(nodes.client.name());
+    let (nodes, cgroups, client) = client_on_two_nodes("rawegr");
     let outsider = Placement::host().in_netns(nodes.client.name());
     let (watcher, _) = packets_background(
         &Placement::host().in_netns(nodes.server.name()),
@@ -496,9 +502,7 @@ fn raw_sockets_of_an_egress_isolated_workload_cannot_send_around_the_policy() {
 
 #[test]
 fn udp_lite_is_refused_for_isolated_workloads_in_both_directions() {
-    let nodes = TwoNodes::new("udplite");
-    let cgroups = TestCgroups::new("udplite");
-    let client = Placement::cgroup(cgroups.create("client")).in_netns(nodes.client.name());
+    let (nodes, cgroups, client) = client_on_two_nodes("udplite");
     let server = Placement::cgroup(cgroups.create("server")).in_netns(nodes.server.name());
     let outsider = Placement::host().in_netns(nodes.client.name());
     let (outside_lite, outside_port) = packets_background(
@@ -622,9 +626,7 @@ fn ping(at: &Placement, from: IpAddr, to: IpAddr) -> Finished {
 
 #[test]
 fn ping_from_an_egress_isolated_workload_without_an_icmp_rule_fails() {
-    let nodes = TwoNodes::new("noicmp");
-    let cgroups = TestCgroups::new("noicmp");
-    let client = Placement::cgroup(cgroups.create("client")).in_netns(nodes.client.name());
+    let (nodes, cgroups, client) = client_on_two_nodes("noicmp");
     let outsider = Placement::host().in_netns(nodes.client.name());
     let ward = Ward::start(
         &cgroups,
@@ -649,9 +651,7 @@ fn ping_from_an_egress_isolated_workload_without_an_icmp_rule_fails() {
 
 #[test]
 fn ping_passes_with_an_echo_request_rule_even_under_ingress_isolation() {
-    let nodes = TwoNodes::new("icmpok");
-    let cgroups = TestCgroups::new("icmpok");
-    let client = Placement::cgroup(cgroups.create("client")).in_netns(nodes.client.name());
+    let (nodes, cgroups, client) = client_on_two_nodes("icmpok");
     let spec = "  selector:\n    labels: {app: client}\n  ingress: []\n  egress:\n    \
                 - name: echo\n      ports: [{protocol: ICMP, icmpType: 8}, \
                 {protocol: ICMPv6, icmpType: 128}]\n";
@@ -1002,9 +1002,7 @@ impl Drop for TempFile {
 
 #[test]
 fn getent_in_an_ingress_isolated_workload_resolves_through_a_real_dns_server() {
-    let nodes = TwoNodes::new("dns");
-    let cgroups = TestCgroups::new("dns");
-    let client = Placement::cgroup(cgroups.create("client")).in_netns(nodes.client.name());
+    let (nodes, cgroups, client) = client_on_two_nodes("dns");
     let dns_addr = nodes.v4(1).to_string();
     let pid_file = TempFile(std::env::temp_dir().join(format!("{}.pid", unique_name("dnsmasq"))));
     let resolv = TempFile(std::env::temp_dir().join(format!("{}.conf", unique_name("resolv"))));

@@ -135,13 +135,7 @@ fn upgrade_to_a_changed_map_layout_never_gives_a_wrong_verdict() {
         !pins.is_empty() && pins.iter().all(|n| n.ends_with("_v2")),
         "old maps left pinned: {pins:?}"
     );
-    assert!(
-        ward.lines()
-            .iter()
-            .any(|l| l.contains("migrated socket state")),
-        "no migration logged:\n{}",
-        ward.log().tail(20)
-    );
+    ward.assert_logged("migrated socket state");
 }
 
 #[test]
@@ -182,13 +176,7 @@ fn the_admin_socket_refuses_non_root_users() {
     perm(socket.parent().expect("run dir"), 0o755);
     perm(&socket, 0o777);
     denied_with("serves root only");
-    assert!(
-        ward.lines()
-            .iter()
-            .any(|l| l.contains("non-root user refused")),
-        "the refusal was not logged:\n{}",
-        ward.log().tail(20)
-    );
+    ward.assert_logged("non-root user refused");
 }
 
 fn vm_rss_kib(pid: i32) -> u64 {

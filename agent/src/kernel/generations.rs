@@ -13,7 +13,7 @@ use agent_common::{
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData},
-    Ebpf,
+    Ebpf, Pod,
 };
 
 use super::{map_err, mapped, take, KernelError};
@@ -145,24 +145,10 @@ impl Generations {
     }
 
     fn remove_generation(&mut self, bit: u8) -> Result<(), KernelError> {
-        let stale: Vec<PolicyKey> = self
-            .policy
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.generation == bit)
-            .collect();
-        for key in stale {
-            ignore_missing(self.policy.remove(&key)).map_err(map_err(map_names::POLICY))?;
-        }
-        let stale: Vec<IpcacheKey> = self
-            .ipcache
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.generation == bit)
-            .collect();
-        for key in stale {
-            ignore_missing(self.ipcache.remove(&key)).map_err(map_err(map_names::IPCACHE))?;
-        }
+        remove_where(&mut self.policy, map_names::POLICY, |k| k.generation == bit)?;
+        remove_where(&mut self.ipcache, map_names::IPCACHE, |k| {
+            k.generation == bit
+        })?;
         let stale: Vec<Key<IpcacheLpmData>> = self
             .lpm
             .keys()
@@ -174,6 +160,23 @@ impl Generations {
         }
         Ok(())
     }
+}
+
+/// Removes the entries of a hash map whose key is `stale`.
+fn remove_where<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    stale: impl Fn(&K) -> bool,
+) -> Result<(), KernelError> {
+    let keys: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| stale(k))
+        .collect();
+    for key in keys {
+        ignore_missing(map.remove(&key)).map_err(map_err(name))?;
+    }
+    Ok(())
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
