@@ -238,42 +238,29 @@ fn load_revocations(file: &Path, hub: &Hub, reason: &str) {
     }
 }
 
-/// Re-reads the revocation file after each burst of changes to it (the state directory holds
-/// other files, written often: their changes are not the watcher's to report).
-async fn follow_revocations(file: PathBuf, mut watcher: Watcher, hub: Arc<Hub>) {
+/// Runs `load` on `path` after each burst of changes the watcher reports, until the watch ends;
+/// `what` names the watched path in the log ("revocation file", "policy directory").
+async fn follow(
+    what: &'static str,
+    path: PathBuf,
+    mut watcher: Watcher,
+    hub: Arc<Hub>,
+    load: fn(&Path, &Hub, &str),
+) {
     loop {
         match watcher.changed().await {
             Ok(()) => {}
             // The queue overflowed or reading failed: read again to be sure, once.
             Err(e @ WatchError::Events(_)) => {
-                tracing::warn!(error = %e, "reading revocation file events")
+                tracing::warn!(error = %e, "reading {what} events")
             }
             Err(e) => {
-                tracing::error!(file = %file.display(), error = %e, "revocation file watch ended; restart the control plane to follow changes");
+                tracing::error!(path = %path.display(), error = %e, "{what} watch ended; restart the control plane to follow changes");
                 return;
             }
         }
-        let (file, hub) = (file.clone(), hub.clone());
-        let _ =
-            tokio::task::spawn_blocking(move || load_revocations(&file, &hub, "file change")).await;
-    }
-}
-
-/// Re-reads the policy directory after each burst of changes.
-async fn follow_policies(dir: PathBuf, mut watcher: Watcher, hub: Arc<Hub>) {
-    loop {
-        match watcher.changed().await {
-            Ok(()) => {}
-            Err(e @ WatchError::Events(_)) => {
-                tracing::warn!(error = %e, "reading policy directory events")
-            }
-            Err(e) => {
-                tracing::error!(dir = %dir.display(), error = %e, "policy directory watch ended; restart the control plane to follow changes");
-                return;
-            }
-        }
-        let (dir, hub) = (dir.clone(), hub.clone());
-        let _ = tokio::task::spawn_blocking(move || load_policies(&dir, &hub, "file change")).await;
+        let (path, hub) = (path.clone(), hub.clone());
+        let _ = tokio::task::spawn_blocking(move || load(&path, &hub, "file change")).await;
     }
 }
 
@@ -334,10 +321,12 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let hub = Arc::new(Hub::new(registry, ca.cert_pem(), random_u64()));
     let policy_watcher = watch_policy_dir(&opts.policy_dir)?;
     load_policies(&opts.policy_dir, &hub, "start");
-    let watcher = tokio::spawn(follow_policies(
+    let watcher = tokio::spawn(follow(
+        "policy directory",
         opts.policy_dir.clone(),
         policy_watcher,
         hub.clone(),
+        load_policies,
     ));
     // Watch before reading, so a revocation written in between is not missed. A malformed file
     // fails the start: serving no revocations would silently readmit revoked certificates.
@@ -346,10 +335,14 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     if let Some(change) = hub.set_revoked(revoked) {
         tracing::info!(revoked = change.total, "revocation list read");
     }
-    let revocation_watcher = tokio::spawn(follow_revocations(
+    // Only the revocation file is followed: the state directory holds other files, written
+    // often, whose changes are not the watcher's to report.
+    let revocation_watcher = tokio::spawn(follow(
+        "revocation file",
         state.revoked(),
         revocation_changes,
         hub.clone(),
+        load_revocations,
     ));
     tokio::spawn(persist_registry(hub.clone(), state.clone()));
     tokio::spawn(recheck_policies(hub.clone()));

@@ -65,54 +65,49 @@ mod tests {
         std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
     }
 
+    /// Writes `contents` with `mode` and checks the file holds them, with exactly that mode.
+    fn write_and_check(file: &Path, contents: &[u8], mode: u32) {
+        write(file, contents, mode).expect("write");
+        assert_eq!(std::fs::read(file).expect("read"), contents);
+        assert_eq!(mode_of(file), mode, "the mode of the last write");
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
     #[test]
     fn replaces_the_file_with_the_mode_asked_for_and_leaves_no_temporary_file() {
         let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("key.pem");
-        write(&file, b"one", 0o644).expect("first write");
-        assert_eq!(mode_of(&file), 0o644);
-        write(&file, b"two", 0o600).expect("second write");
-        assert_eq!(std::fs::read(&file).expect("read"), b"two");
-        assert_eq!(
-            mode_of(&file),
-            0o600,
-            "the mode of the new file, not the old"
-        );
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .expect("list")
-            .map(|e| e.expect("entry").file_name())
-            .collect();
-        assert_eq!(names, ["key.pem"]);
+        write_and_check(&file, b"one", 0o644);
+        write_and_check(&file, b"two", 0o600);
+        assert_eq!(names_in(dir.path()), ["key.pem"]);
     }
 
     #[test]
     fn the_mode_is_exact_whatever_the_umask() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let file = dir.path().join("shared");
-        write(&file, b"x", 0o666).expect("write");
-        assert_eq!(mode_of(&file), 0o666);
+        write_and_check(&dir.path().join("shared"), b"x", 0o666);
     }
 
     #[test]
     fn a_failed_write_names_the_problem_and_keeps_the_old_file() {
         let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("data");
-        write(&file, b"old", 0o600).expect("write");
+        write_and_check(&file, b"old", 0o600);
         // A directory in the way of the rename.
         let blocked = dir.path().join("blocked");
         std::fs::create_dir(blocked.join("x").parent().expect("dir")).expect("mkdir");
         std::fs::write(blocked.join("x"), b"").expect("fill");
         assert!(write(&blocked, b"new", 0o600).is_err());
         assert_eq!(std::fs::read(&file).expect("read"), b"old");
-        let leftovers = std::fs::read_dir(dir.path())
-            .expect("list")
-            .filter(|e| {
-                e.as_ref()
-                    .expect("entry")
-                    .file_name()
-                    .to_string_lossy()
-                    .ends_with(".tmp")
-            })
+        let leftovers = names_in(dir.path())
+            .iter()
+            .filter(|name| name.ends_with(".tmp"))
             .count();
         assert_eq!(leftovers, 0, "the temporary file is removed on failure");
         assert!(write(Path::new("/"), b"x", 0o600).is_err(), "no file name");

@@ -428,6 +428,15 @@ mod tests {
         command
     }
 
+    /// Stops `p` with SIGTERM and checks which signal ended it.
+    fn stop_ends_by(p: &mut Process, grace: Duration, signal: i32) {
+        let status = p.stop(libc::SIGTERM, grace).expect("stops");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(signal)
+        );
+    }
+
     #[test]
     fn lines_are_captured_copied_to_the_log_and_waited_for() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -447,13 +456,7 @@ mod tests {
             l == "stderr: two"
         })
         .expect("stderr line, marked");
-        let status = p
-            .stop(libc::SIGTERM, Duration::from_secs(5))
-            .expect("stops");
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&status),
-            Some(libc::SIGTERM)
-        );
+        stop_ends_by(&mut p, Duration::from_secs(5), libc::SIGTERM);
         let text = std::fs::read_to_string(&log).expect("log");
         assert!(text.contains("one\n") && text.contains("two\n") && text.contains("INFO ready\n"));
     }
@@ -490,13 +493,7 @@ mod tests {
         .expect("spawn");
         p.wait_for_line(0, Duration::from_secs(10), "trapped", |l| l == "trapped")
             .expect("trap set");
-        let status = p
-            .stop(libc::SIGTERM, Duration::from_millis(200))
-            .expect("stops");
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&status),
-            Some(libc::SIGKILL)
-        );
+        stop_ends_by(&mut p, Duration::from_millis(200), libc::SIGKILL);
     }
 
     #[test]

@@ -327,12 +327,24 @@ mod tests {
         watcher
     }
 
-    #[tokio::test]
-    async fn a_file_written_in_place_is_a_change_and_its_neighbours_are_not() {
+    /// A temporary directory holding `ward.yaml` with `text`, and a watcher of that file.
+    fn watched_file(text: &str) -> (tempfile::TempDir, PathBuf, Watcher) {
         let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("ward.yaml");
-        std::fs::write(&file, "a").expect("write");
-        let mut watcher = file_watcher(&file);
+        std::fs::write(&file, text).expect("write");
+        let watcher = file_watcher(&file);
+        (dir, file, watcher)
+    }
+
+    fn yaml_dir_watcher(dir: &Path) -> Watcher {
+        let mut watcher = Watcher::new().expect("inotify");
+        watcher.watch_dir(dir, is_yaml).expect("watch");
+        watcher
+    }
+
+    #[tokio::test]
+    async fn a_file_written_in_place_is_a_change_and_its_neighbours_are_not() {
+        let (dir, file, mut watcher) = watched_file("a");
         std::fs::write(dir.path().join("other.yaml"), "x").expect("write neighbour");
         expect_no_change(&mut watcher, "a neighbour written").await;
         std::fs::write(&file, "b").expect("write");
@@ -341,10 +353,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_file_moved_in_over_the_watched_one_is_a_change() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let file = dir.path().join("ward.yaml");
-        std::fs::write(&file, "a").expect("write");
-        let mut watcher = file_watcher(&file);
+        let (dir, file, mut watcher) = watched_file("a");
         let outside = tempfile::tempdir_in(dir.path().parent().expect("parent")).expect("dir");
         let new = outside.path().join("new.yaml");
         std::fs::write(&new, "b").expect("write");
@@ -357,8 +366,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let outside = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("allow.yaml"), "a").expect("write");
-        let mut watcher = Watcher::new().expect("inotify");
-        watcher.watch_dir(dir.path(), is_yaml).expect("watch");
+        let mut watcher = yaml_dir_watcher(dir.path());
         std::fs::rename(
             dir.path().join("allow.yaml"),
             outside.path().join("allow.yaml"),
@@ -371,8 +379,7 @@ mod tests {
     async fn a_deleted_file_is_a_change_and_entries_the_filter_refuses_are_not() {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("allow.yaml"), "a").expect("write");
-        let mut watcher = Watcher::new().expect("inotify");
-        watcher.watch_dir(dir.path(), is_yaml).expect("watch");
+        let mut watcher = yaml_dir_watcher(dir.path());
         std::fs::write(dir.path().join("notes.txt"), "x").expect("write");
         std::fs::write(dir.path().join(".allow.yaml.swp"), "x").expect("write");
         expect_no_change(&mut watcher, "files the caller does not read").await;
@@ -414,18 +421,15 @@ mod tests {
     async fn a_configmap_data_swap_changes_a_watched_directory() {
         let dir = tempfile::tempdir().expect("temp dir");
         configmap(dir.path(), "1", &[("allow.yaml", "a")]);
-        let mut watcher = Watcher::new().expect("inotify");
-        watcher.watch_dir(dir.path(), is_yaml).expect("watch");
+        let mut watcher = yaml_dir_watcher(dir.path());
         configmap(dir.path(), "2", &[("allow.yaml", "b")]);
         expect_change(&mut watcher, "the ..data swap").await;
     }
 
     #[tokio::test]
     async fn a_burst_of_writes_is_one_change_after_it_settles() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let file = dir.path().join("ward.yaml");
-        std::fs::write(&file, "0").expect("write");
-        let mut watcher = file_watcher(&file).with_settle(QUICK_SETTLE, Duration::from_secs(10));
+        let (_dir, file, watcher) = watched_file("0");
+        let mut watcher = watcher.with_settle(QUICK_SETTLE, Duration::from_secs(10));
         let writer = {
             let file = file.clone();
             std::thread::spawn(move || {
@@ -447,11 +451,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_steady_trickle_is_reported_after_the_maximum() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let file = dir.path().join("ward.yaml");
-        std::fs::write(&file, "0").expect("write");
+        let (_dir, file, watcher) = watched_file("0");
         let mut watcher =
-            file_watcher(&file).with_settle(Duration::from_millis(200), Duration::from_millis(300));
+            watcher.with_settle(Duration::from_millis(200), Duration::from_millis(300));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = {
             let (file, stop) = (file.clone(), stop.clone());

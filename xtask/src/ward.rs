@@ -79,22 +79,22 @@ impl Drop for Ward {
 /// The ward binary to run: `$WARD_BIN` if set (as for the privileged tests), else a fresh
 /// release build.
 pub fn binary() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("WARD_BIN") {
-        println!("using WARD_BIN={}", Path::new(&bin).display());
-        return Ok(PathBuf::from(bin));
-    }
-    sys::heading("build ward");
-    sys::run(sys::cargo().args(["build", "--release", "-p", "ward-agent", "--bins"]))?;
-    Ok(sys::target_dir().join("release/ward"))
+    release_binary("WARD_BIN", "ward-agent", "ward")
 }
 
 /// The control plane to run: `$WARD_CONTROL_BIN` if set, else a fresh release build.
 pub fn control_binary() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("WARD_CONTROL_BIN") {
-        println!("using WARD_CONTROL_BIN={}", Path::new(&bin).display());
-        return Ok(PathBuf::from(bin));
+    release_binary("WARD_CONTROL_BIN", "ward-control", "ward-control")
+}
+
+/// The binary named by the environment variable `var` if set, else `bin` from a fresh release
+/// build of `package`.
+fn release_binary(var: &str, package: &str, bin: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(var) {
+        println!("using {var}={}", Path::new(&path).display());
+        return Ok(PathBuf::from(path));
     }
-    sys::heading("build ward-control");
-    sys::run(sys::cargo().args(["build", "--release", "-p", "ward-control", "--bins"]))?;
-    Ok(sys::target_dir().join("release/ward-control"))
+    sys::heading(&format!("build {bin}"));
+    sys::run(sys::cargo().args(["build", "--release", "-p", package, "--bins"]))?;
+    Ok(sys::target_dir().join("release").join(bin))
 }
