@@ -39,6 +39,16 @@ fn rule_warning(policy: &Policy, rule: &Rule, kind: WarningKind, message: String
     }
 }
 
+/// A warning about a whole policy, at its `field`.
+fn policy_warning(policy: &Policy, kind: WarningKind, field: &str, message: &str) -> PolicyWarning {
+    PolicyWarning {
+        location: location(policy, None),
+        field: field.to_owned(),
+        kind,
+        message: message.to_owned(),
+    }
+}
+
 pub fn lint(
     set: &PolicySet,
     options: &LintOptions<'_>,
@@ -51,27 +61,23 @@ pub fn lint(
                 .iter()
                 .any(|p| policy.origin.file.starts_with(p));
         if policy.mode == Mode::Audit && in_production {
-            let message = "audit mode: whatever this policy would refuse passes".to_owned();
-            let (kind, field) = (WarningKind::AuditMode, "spec.mode".to_owned());
-            warnings.push(PolicyWarning {
-                location: location(policy, None),
-                field,
-                kind,
-                message,
-            });
+            warnings.push(policy_warning(
+                policy,
+                WarningKind::AuditMode,
+                "spec.mode",
+                "audit mode: whatever this policy would refuse passes",
+            ));
         }
         if options
             .workloads
             .is_some_and(|ws| !ws.iter().any(|w| policy.selector.matches(w)))
         {
-            let message = "selects no workload of the configuration".to_owned();
-            let (kind, field) = (WarningKind::SelectsNothing, "spec".to_owned());
-            warnings.push(PolicyWarning {
-                location: location(policy, None),
-                field,
-                kind,
-                message,
-            });
+            warnings.push(policy_warning(
+                policy,
+                WarningKind::SelectsNothing,
+                "spec",
+                "selects no workload of the configuration",
+            ));
         }
         for (direction, rule) in policy.rules() {
             if let Some(peer) = open_peer(rule) {

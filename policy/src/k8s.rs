@@ -9,8 +9,9 @@ use serde::Deserialize;
 
 use super::diagnostics::{FieldPath, Findings};
 use super::model::{
-    check_name, cidr_peer, is_port_name, label_selector, parse_protocol, port_range, ExpressionDoc,
-    LabelSelector, NamespaceMatch, Origin, Peer, Policy, PortMatch, Rule, WorkloadSelector,
+    check_name, cidr_peer, is_port_name, label_selector, parse_protocol, port_range, rule_peers,
+    ExpressionDoc, LabelSelector, NamespaceMatch, Origin, Peer, Policy, PortMatch, Rule,
+    WorkloadSelector,
 };
 use super::{Mode, RuleAction, WarningKind};
 
@@ -180,22 +181,7 @@ fn rule(
     namespace: &str,
     findings: &mut Findings,
 ) -> Rule {
-    let (peer_field, wrong_field) = if direction == "ingress" {
-        ("from", "to")
-    } else {
-        ("to", "from")
-    };
-    let (peers, wrong) = if direction == "ingress" {
-        (doc.from, doc.to)
-    } else {
-        (doc.to, doc.from)
-    };
-    if wrong.is_some() {
-        findings.error(
-            &path.key(wrong_field),
-            format!("{direction} rules name their peers with `{peer_field}`"),
-        );
-    }
+    let (peers, peer_field) = rule_peers(direction, doc.from, doc.to, path, findings);
     // Absent and empty lists both mean "every peer" and "every port" in NetworkPolicy.
     let peers = peers.filter(|p| !p.is_empty()).map(|docs| {
         let peers = docs.into_iter().enumerate();

@@ -15,6 +15,29 @@ use super::{Mode, RuleAction, WorkloadInfo};
 /// knows, since namespaces come from the workload definitions.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
+/// The peers of a rule of `direction`, which ingress rules write in `from` and egress rules in
+/// `to`, with the name of that field; the other field is an error.
+pub fn rule_peers<T>(
+    direction: &str,
+    from: Option<T>,
+    to: Option<T>,
+    path: &FieldPath,
+    findings: &mut Findings,
+) -> (Option<T>, &'static str) {
+    let (peer_field, wrong_field, peers, wrong) = if direction == "ingress" {
+        ("from", "to", from, to)
+    } else {
+        ("to", "from", to, from)
+    };
+    if wrong.is_some() {
+        findings.error(
+            &path.key(wrong_field),
+            format!("{direction} rules name their peers with `{peer_field}`"),
+        );
+    }
+    (peers, peer_field)
+}
+
 /// Whether `name` is a valid port name, as Kubernetes checks a container port's (an IANA service
 /// name): 1 to 15 lowercase letters, digits and single inner dashes, with at least one letter.
 pub fn is_port_name(name: &str) -> bool {

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::diagnostics::{FieldPath, Findings};
 use super::model::{
     check_name, cidr_peer, icmp_type, is_icmp, label_selector, parse_protocol, port_range,
-    ExpressionDoc, NamespaceMatch, Origin, Peer, Policy, PortMatch, Rule, SpiffeMatch,
+    rule_peers, ExpressionDoc, NamespaceMatch, Origin, Peer, Policy, PortMatch, Rule, SpiffeMatch,
     WorkloadSelector,
 };
 use super::{Mode, RuleAction, WarningKind};
@@ -198,22 +198,7 @@ fn rule(
             format!("another {direction} rule of this policy is named `{name}`"),
         );
     }
-    let (peer_field, wrong_field) = if direction == "ingress" {
-        ("from", "to")
-    } else {
-        ("to", "from")
-    };
-    let (peers, wrong) = if direction == "ingress" {
-        (doc.from, doc.to)
-    } else {
-        (doc.to, doc.from)
-    };
-    if wrong.is_some() {
-        findings.error(
-            &path.key(wrong_field),
-            format!("{direction} rules name their peers with `{peer_field}`"),
-        );
-    }
+    let (peers, peer_field) = rule_peers(direction, doc.from, doc.to, &path, findings);
     let peers_path = path.key(peer_field);
     if peers.as_ref().is_some_and(Vec::is_empty) {
         findings.error(

@@ -4,15 +4,13 @@
 //! own, the real `ward` enforcing each scenario's policies, and every pair tried with a real client.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Instant;
 
-use serde::Deserialize;
+use ward_policy::testing::{conformance_table, ConformanceTable, ContainerPort, Scenario};
 use ward_tests::{
     peer, Lan, Listener, Outcome, Peer, Placement, Protocol, TestCgroups, Ward, Workload,
 };
 
-const TABLE: &str = "../policy/src/testdata/networkpolicy-conformance.yaml";
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const PODS: [&str; 3] = ["a", "b", "c"];
 /// Long enough for an allowed connection across the bridge; a refused one either fails at once
@@ -21,98 +19,63 @@ const QUICK_TIMEOUT_MS: &str = "400";
 /// Mismatches are tried again with this, so that a slow machine never turns allow into deny.
 const PATIENT_TIMEOUT_MS: &str = "3000";
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Table {
-    /// By pod name, the same in every namespace.
-    container_ports: BTreeMap<String, Vec<ContainerPort>>,
-    /// By namespace; ward's configuration gives them as `namespaces.<name>.labels`.
-    namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
-    scenarios: Vec<Scenario>,
-}
-
-#[derive(Deserialize)]
-struct ContainerPort {
-    name: String,
-    port: u16,
-    protocol: Option<String>,
-}
-
-impl ContainerPort {
-    fn protocol(&self) -> Protocol {
-        match self.protocol.as_deref() {
-            None | Some("TCP") => Protocol::Tcp,
-            Some("UDP") => Protocol::Udp,
-            Some(other) => panic!("container port {}: protocol {other:?}", self.name),
-        }
+/// The protocol of a container port of the table.
+fn protocol(port: &ContainerPort) -> Protocol {
+    match port.protocol.as_deref() {
+        None | Some("TCP") => Protocol::Tcp,
+        Some("UDP") => Protocol::Udp,
+        Some(other) => panic!("container port {}: protocol {other:?}", port.name),
     }
 }
 
-#[derive(Deserialize)]
-struct Scenario {
-    name: String,
-    port: String,
-    policies: String,
-    reachability: String,
+/// The protocol and port a scenario tries.
+fn scenario_port(scenario: &Scenario) -> (Protocol, u16) {
+    let parsed = scenario.port.split_once('/').and_then(|(port, protocol)| {
+        let protocol = match protocol {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            _ => return None,
+        };
+        Some((protocol, port.parse().ok()?))
+    });
+    parsed.unwrap_or_else(|| {
+        panic!(
+            "scenario {:?}: port {:?} is not <port>/tcp or <port>/udp",
+            scenario.name, scenario.port
+        )
+    })
 }
 
-impl Scenario {
-    fn port(&self) -> (Protocol, u16) {
-        let parsed = self.port.split_once('/').and_then(|(port, protocol)| {
-            let protocol = match protocol {
-                "tcp" => Protocol::Tcp,
-                "udp" => Protocol::Udp,
-                _ => return None,
-            };
-            Some((protocol, port.parse().ok()?))
-        });
-        parsed.unwrap_or_else(|| {
-            panic!(
-                "scenario {:?}: port {:?} is not <port>/tcp or <port>/udp",
-                self.name, self.port
-            )
+/// `expected[source][destination]`: whether the connection goes through.
+fn expected(scenario: &Scenario, pods: &[String]) -> Vec<Vec<bool>> {
+    let rows: Vec<Vec<bool>> = scenario
+        .reachability
+        .lines()
+        .zip(pods)
+        .map(|(line, pod)| {
+            let (label, cells) = line.split_once(':').unwrap_or_else(|| {
+                panic!("scenario {:?}: row {line:?} has no label", scenario.name)
+            });
+            assert_eq!(
+                label.trim(),
+                pod,
+                "scenario {:?}: rows are in pod order",
+                scenario.name
+            );
+            cells
+                .chars()
+                .filter(|c| ".X".contains(*c))
+                .map(|c| c == '.')
+                .collect()
         })
-    }
-
-    /// `expected[source][destination]`: whether the connection goes through.
-    fn expected(&self, pods: &[String]) -> Vec<Vec<bool>> {
-        let rows: Vec<Vec<bool>> = self
-            .reachability
-            .lines()
-            .zip(pods)
-            .map(|(line, pod)| {
-                let (label, cells) = line.split_once(':').unwrap_or_else(|| {
-                    panic!("scenario {:?}: row {line:?} has no label", self.name)
-                });
-                assert_eq!(
-                    label.trim(),
-                    pod,
-                    "scenario {:?}: rows are in pod order",
-                    self.name
-                );
-                cells
-                    .chars()
-                    .filter(|c| ".X".contains(*c))
-                    .map(|c| c == '.')
-                    .collect()
-            })
-            .collect();
-        assert!(
-            rows.len() == pods.len() && rows.iter().all(|r| r.len() == pods.len()),
-            "scenario {:?}: the reachability matrix is not {n}x{n}",
-            self.name,
-            n = pods.len()
-        );
-        rows
-    }
-}
-
-fn table() -> Table {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(TABLE);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("read the conformance table {}: {e}", path.display()));
-    ward_policy::yaml::from_str(&text)
-        .unwrap_or_else(|e| panic!("the conformance table {}: {e}", path.display()))
+        .collect();
+    assert!(
+        rows.len() == pods.len() && rows.iter().all(|r| r.len() == pods.len()),
+        "scenario {:?}: the reachability matrix is not {n}x{n}",
+        scenario.name,
+        n = pods.len()
+    );
+    rows
 }
 
 fn connects(outcome: &Outcome) -> Option<bool> {
@@ -138,7 +101,7 @@ struct Pods {
 }
 
 impl Pods {
-    fn new(table: &Table, cgroups: &TestCgroups) -> Self {
+    fn new(table: &ConformanceTable, cgroups: &TestCgroups) -> Self {
         let mut lan = Lan::new("conformance");
         let (mut names, mut placements, mut workloads) = (Vec::new(), Vec::new(), Vec::new());
         for (n, namespace) in NAMESPACES.iter().enumerate() {
@@ -156,7 +119,7 @@ impl Pods {
                     .label("pod", pod)
                     .address(&address);
                 for port in table.container_ports.get(*pod).into_iter().flatten() {
-                    workload = workload.named_port(&port.name, port.protocol(), port.port);
+                    workload = workload.named_port(&port.name, protocol(port), port.port);
                 }
                 workloads.push(workload);
                 names.push(name);
@@ -226,7 +189,7 @@ impl Pods {
 }
 
 /// Every namespace's labels as ward's configuration gives them (`namespaces:`).
-fn namespaces_config(table: &Table) -> String {
+fn namespaces_config(table: &ConformanceTable) -> String {
     let namespaces: BTreeMap<&str, BTreeMap<&str, &BTreeMap<String, String>>> = table
         .namespace_labels
         .iter()
@@ -240,7 +203,7 @@ fn namespaces_config(table: &Table) -> String {
 #[test]
 fn the_kernel_follows_the_networkpolicy_conformance_table() {
     let started = Instant::now();
-    let table = table();
+    let table = conformance_table();
     let peer = peer!();
     let cgroups = TestCgroups::new("conformance");
     let mut pods = Pods::new(&table, &cgroups);
@@ -251,7 +214,7 @@ fn the_kernel_follows_the_networkpolicy_conformance_table() {
         &[],
         &namespaces_config(&table),
     );
-    pods.listen(&peer, &table.scenarios.iter().map(Scenario::port).collect());
+    pods.listen(&peer, &table.scenarios.iter().map(scenario_port).collect());
     let all = pods.pairs();
 
     let mut mismatches = Vec::new();
@@ -259,7 +222,7 @@ fn the_kernel_follows_the_networkpolicy_conformance_table() {
         if index > 0 {
             ward.replace_policy(&scenario.policies);
         }
-        let expected = scenario.expected(&pods.names);
+        let expected = expected(scenario, &pods.names);
         let wrong = |pairs: &[(usize, usize)], outcomes: &[Outcome]| -> Vec<(usize, usize)> {
             let agrees =
                 |&(s, d): &(usize, usize), outcome| connects(outcome) == Some(expected[s][d]);
@@ -271,12 +234,12 @@ fn the_kernel_follows_the_networkpolicy_conformance_table() {
         };
         let first = wrong(
             &all,
-            &pods.try_pairs(&peer, scenario.port(), QUICK_TIMEOUT_MS, &all),
+            &pods.try_pairs(&peer, scenario_port(scenario), QUICK_TIMEOUT_MS, &all),
         );
         if first.is_empty() {
             continue;
         }
-        let outcomes = pods.try_pairs(&peer, scenario.port(), PATIENT_TIMEOUT_MS, &first);
+        let outcomes = pods.try_pairs(&peer, scenario_port(scenario), PATIENT_TIMEOUT_MS, &first);
         for (&(s, d), outcome) in first.iter().zip(&outcomes) {
             if wrong(&[(s, d)], std::slice::from_ref(outcome)).is_empty() {
                 continue;

@@ -546,28 +546,11 @@ mod tests {
 
     use super::*;
 
-    /// The workloads of the diff tests.
-    fn diff_workloads() -> Vec<WorkloadInfo> {
-        use ward_policy::testing::workload;
-        vec![
-            workload(300, "web", &[("app", "web")], &["10.0.0.2"]),
-            workload(301, "client", &[("app", "client")], &["10.0.0.3"]),
-            workload(302, "db", &[("app", "db")], &["10.1.0.4"]),
-        ]
-    }
-
     #[test]
     fn diff_prints_what_the_docs_show() {
-        use ward_policy::testing::{fenced_blocks, policy, policy_docs, set};
-        let old = set(&policy(
-            "db",
-            "  selector: {labels: {app: db}}\n  ingress:\n    - from: [{labels: {app: web}}]\n      ports: [{port: 5432}]\n    - from: [{labels: {app: client}}]\n      ports: [{port: 9000, endPort: 9002}]",
-        ));
-        let new = set(&policy(
-            "db",
-            "  selector: {labels: {app: db}}\n  ingress:\n    - from: [{labels: {app: web}}, {labels: {app: client}}]\n      ports: [{port: 5432}]\n    - from: [{cidr: 192.168.0.0/16}]",
-        ));
-        let changes = diff(&old, &new, &diff_workloads()).expect("diff");
+        use ward_policy::testing::{diff_example, fenced_blocks, policy_docs, web_client_db};
+        let (old, new) = diff_example();
+        let changes = diff(&old, &new, &web_client_db()).expect("diff");
         // docs/policy.md shows this diff (its TCP lines) as `ward policy diff` prints it.
         let printed = diff_human(&changes);
         let shown = fenced_blocks(&policy_docs(), "")
@@ -585,16 +568,12 @@ mod tests {
 
     #[test]
     fn diff_names_icmp_types() {
-        use ward_policy::testing::{policy, set};
-        let old = set(&policy(
-            "db",
-            "  selector: {labels: {app: db}}\n  ingress:\n    - from: [{labels: {app: web}}]\n      ports: [{port: 5432}]",
-        ));
-        let new = set(&policy(
-            "db",
-            "  selector: {labels: {app: db}}\n  ingress:\n    - from: [{labels: {app: web}}]\n      ports: [{port: 5432}, {protocol: ICMP, icmpType: 8}, {protocol: ICMPv6}]",
-        ));
-        let changes = diff(&old, &new, &diff_workloads()).expect("diff");
+        use ward_policy::testing::{db_ingress, web_client_db};
+        let old = db_ingress("    - from: [{labels: {app: web}}]\n      ports: [{port: 5432}]");
+        let new = db_ingress(
+            "    - from: [{labels: {app: web}}]\n      ports: [{port: 5432}, {protocol: ICMP, icmpType: 8}, {protocol: ICMPv6}]",
+        );
+        let changes = diff(&old, &new, &web_client_db()).expect("diff");
         let printed = diff_human(&changes);
         assert_eq!(
             printed,

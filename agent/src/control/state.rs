@@ -350,6 +350,30 @@ mod tests {
         }
     }
 
+    /// An ipcache resource named by its address.
+    fn ipcache(address: &str, tunnel: &str) -> Resource {
+        Resource {
+            name: address.into(),
+            body: Some(Body::Ipcache(IpCacheEntry {
+                address: address.into(),
+                identity: 300,
+                node: "n".into(),
+                tunnel: tunnel.into(),
+            })),
+        }
+    }
+
+    /// The trust bundle resource `ca` revoking one serial.
+    fn trust_bundle(revoked_serial: &str) -> Resource {
+        Resource {
+            name: "ca".into(),
+            body: Some(Body::TrustBundle(TrustBundle {
+                pem: "pem".into(),
+                revoked_serials: vec![revoked_serial.into()],
+            })),
+        }
+    }
+
     fn update(
         kind: ResourceType,
         version: &str,
@@ -438,31 +462,9 @@ mod tests {
 
     #[test]
     fn malformed_resources_are_refused_before_the_agent_sees_them() {
-        let bad_address = Resource {
-            name: "nope".into(),
-            body: Some(Body::Ipcache(IpCacheEntry {
-                address: "nope".into(),
-                identity: 300,
-                node: "n".into(),
-                tunnel: String::new(),
-            })),
-        };
-        let bad_tunnel = Resource {
-            name: "10.0.0.1".into(),
-            body: Some(Body::Ipcache(IpCacheEntry {
-                address: "10.0.0.1".into(),
-                identity: 300,
-                node: "n".into(),
-                tunnel: "node-b:15008".into(),
-            })),
-        };
-        let bad_serial = Resource {
-            name: "ca".into(),
-            body: Some(Body::TrustBundle(TrustBundle {
-                pem: "pem".into(),
-                revoked_serials: vec!["zz".into()],
-            })),
-        };
+        let bad_address = ipcache("nope", "");
+        let bad_tunnel = ipcache("10.0.0.1", "node-b:15008");
+        let bad_serial = trust_bundle("zz");
         let reserved_identity = Resource {
             name: "spiffe://x/a".into(),
             body: Some(Body::Identity(Identity {
@@ -471,33 +473,13 @@ mod tests {
                 ..Identity::default()
             })),
         };
+        let full = |kind, resource| update(kind, "v", "", true, vec![resource], &[]);
         let cases = [
-            update(ResourceType::Ipcache, "v", "", true, vec![bad_address], &[]),
-            update(ResourceType::Ipcache, "v", "", true, vec![bad_tunnel], &[]),
-            update(
-                ResourceType::TrustBundle,
-                "v",
-                "",
-                true,
-                vec![bad_serial],
-                &[],
-            ),
-            update(
-                ResourceType::Identity,
-                "v",
-                "",
-                true,
-                vec![reserved_identity],
-                &[],
-            ),
-            update(
-                ResourceType::Identity,
-                "v",
-                "",
-                true,
-                vec![policy("p", "1")],
-                &[],
-            ),
+            full(ResourceType::Ipcache, bad_address),
+            full(ResourceType::Ipcache, bad_tunnel),
+            full(ResourceType::TrustBundle, bad_serial),
+            full(ResourceType::Identity, reserved_identity),
+            full(ResourceType::Identity, policy("p", "1")),
             update(ResourceType::Policy, "", "", true, vec![], &[]),
             Update {
                 r#type: 99,
@@ -515,22 +497,8 @@ mod tests {
     #[test]
     fn state_round_trips_through_disk() {
         let tmp = super::super::tests::temp_dir("state");
-        let ip = Resource {
-            name: "10.0.0.1".into(),
-            body: Some(Body::Ipcache(IpCacheEntry {
-                address: "10.0.0.1".into(),
-                identity: 300,
-                node: "n".into(),
-                tunnel: "10.0.0.9:15008".into(),
-            })),
-        };
-        let ca = Resource {
-            name: "ca".into(),
-            body: Some(Body::TrustBundle(TrustBundle {
-                pem: "pem".into(),
-                revoked_serials: vec!["0a:1b".into()],
-            })),
-        };
+        let ip = ipcache("10.0.0.1", "10.0.0.9:15008");
+        let ca = trust_bundle("0a:1b");
         let held = Held::default()
             .merged(&[
                 update(

@@ -1,39 +1,16 @@
 use std::path::Path;
 
 use agent_common::*;
-use serde::Deserialize;
 
 use super::*;
 use crate::compile::Slot;
-use crate::testing::{policy, set, workload};
+use crate::testing::{
+    conformance_table, diff_example, policy, set, web_client_db, workload, ConformanceTable,
+};
 use crate::{parse, NamedPort};
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Conformance {
-    container_ports: std::collections::BTreeMap<String, Vec<ContainerPort>>,
-    namespace_labels:
-        std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
-    scenarios: Vec<Scenario>,
-}
-
-#[derive(Deserialize)]
-struct ContainerPort {
-    name: String,
-    port: u16,
-    protocol: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Scenario {
-    name: String,
-    port: String,
-    policies: String,
-    reachability: String,
-}
-
 /// Pods a, b, c in namespaces x, y, z, as the conformance file describes them.
-fn pods(conformance: &Conformance) -> Vec<WorkloadInfo> {
+fn pods(conformance: &ConformanceTable) -> Vec<WorkloadInfo> {
     let mut pods = Vec::new();
     for (n, namespace) in ["x", "y", "z"].into_iter().enumerate() {
         for (p, name) in ["a", "b", "c"].into_iter().enumerate() {
@@ -69,8 +46,7 @@ fn pods(conformance: &Conformance) -> Vec<WorkloadInfo> {
 
 #[test]
 fn trace_follows_the_networkpolicy_conformance_table() {
-    let text = include_str!("../testdata/networkpolicy-conformance.yaml");
-    let conformance: Conformance = crate::yaml::from_str(text).expect("conformance file parses");
+    let conformance = conformance_table();
     assert!(
         conformance.scenarios.len() >= 40,
         "the table covers the documented semantics"
@@ -132,21 +108,13 @@ fn trace_follows_the_networkpolicy_conformance_table() {
     }
 }
 
-fn workloads() -> Vec<WorkloadInfo> {
-    vec![
-        workload(300, "web", &[("app", "web")], &["10.0.0.2"]),
-        workload(301, "client", &[("app", "client")], &["10.0.0.3"]),
-        workload(302, "db", &[("app", "db")], &["10.1.0.4"]),
-    ]
-}
-
 #[test]
 fn trace_lists_every_matching_rule_and_the_deciding_leg() {
     let yaml = policy(
         "web",
         "  selector: {labels: {app: web}}\n  ingress:\n    - name: from-client\n      from: [{labels: {app: client}}]\n      ports: [{port: 8080}]\n    - name: anyone\n      ports: [{protocol: TCP}]",
     ) + &policy("client-out", "  selector: {labels: {app: client}}\n  egress:\n    - name: no-web\n      action: deny\n      to: [{cidr: 10.0.0.0/24}]");
-    let (set, ws) = (set(&yaml), workloads());
+    let (set, ws) = (set(&yaml), web_client_db());
     let (client, web) = (Endpoint::Workload(&ws[1]), Endpoint::Workload(&ws[0]));
     let traced = trace(&set, &ws, client, web, PROTO_TCP, 8080).expect("trace");
     let names = |leg: &Leg| -> Vec<(String, Slot)> {
@@ -205,7 +173,7 @@ fn trace_shows_the_redirect_a_destinations_mtls_rule_demands_of_its_source() {
         "web-tls",
         "  selector: {labels: {app: web}}\n  ingress:\n    - name: tls\n      from: [{labels: {app: client}}]\n      ports: [{port: 443}]\n      mtls: required",
     );
-    let (set, ws) = (set(&yaml), workloads());
+    let (set, ws) = (set(&yaml), web_client_db());
     let (client, web) = (Endpoint::Workload(&ws[1]), Endpoint::Workload(&ws[0]));
     let traced = trace(&set, &ws, client, web, PROTO_TCP, 443).expect("trace");
     let egress = &traced.legs[0];
@@ -225,7 +193,7 @@ fn trace_shows_the_redirect_a_destinations_mtls_rule_demands_of_its_source() {
 
 #[test]
 fn endpoints_resolve_by_name_spiffe_id_and_address() {
-    let ws = workloads();
+    let ws = web_client_db();
     let by = |text: &str| Endpoint::resolve(text, &ws).map(|e| e.to_string());
     assert_eq!(by("db"), Ok("db".into()));
     assert_eq!(
@@ -250,15 +218,8 @@ fn endpoints_resolve_by_name_spiffe_id_and_address() {
 
 #[test]
 fn diff_reports_gained_and_lost_access_with_port_ranges() {
-    let old = set(&policy(
-        "db",
-        "  selector: {labels: {app: db}}\n  ingress:\n    - from: [{labels: {app: web}}]\n      ports: [{port: 5432}]\n    - from: [{labels: {app: client}}]\n      ports: [{port: 9000, endPort: 9002}]",
-    ));
-    let new = set(&policy(
-        "db",
-        "  selector: {labels: {app: db}}\n  ingress:\n    - from: [{labels: {app: web}}, {labels: {app: client}}]\n      ports: [{port: 5432}]\n    - from: [{cidr: 192.168.0.0/16}]",
-    ));
-    let changes = diff(&old, &new, &workloads()).expect("diff");
+    let (old, new) = diff_example();
+    let changes = diff(&old, &new, &web_client_db()).expect("diff");
     type Summary<'a> = (&'a str, &'a str, u8, Vec<(u16, u16)>, bool, u8, u8);
     let summary: Vec<Summary<'_>> = changes
         .iter()
@@ -305,7 +266,7 @@ fn diff_reports_gained_and_lost_access_with_port_ranges() {
         "{changes:#?}"
     );
     assert!(
-        diff(&new, &new, &workloads()).expect("diff").is_empty(),
+        diff(&new, &new, &web_client_db()).expect("diff").is_empty(),
         "no change, no difference"
     );
 }
