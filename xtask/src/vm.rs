@@ -37,7 +37,7 @@ pub struct Args {
     #[arg(long, value_enum, required_unless_present = "verifier_record")]
     kernel: Option<KernelChoice>,
     /// Seconds a guest (or the host run) may take before it counts as hung. The suite takes
-    /// about 15 to 20 minutes in an emulated guest on a 2-core machine; this leaves room for a
+    /// about 20 to 25 minutes in an emulated guest on a 2-core machine; this leaves room for a
     /// busy machine without letting a hang hold CI for long.
     #[arg(long, default_value = "1800")]
     timeout: u64,
