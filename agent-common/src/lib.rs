@@ -152,24 +152,23 @@ pub mod program_names {
 /// map's would lose its ABI version there.
 pub const KERNEL_NAME_MAX: usize = 15;
 
-const _: () = {
+/// Whether every name fits [`KERNEL_NAME_MAX`].
+const fn fit_the_kernel(names: &[&str]) -> bool {
     let mut i = 0;
-    while i < program_names::ALL.len() {
-        assert!(
-            program_names::ALL[i].len() <= KERNEL_NAME_MAX,
-            "program name over 15 bytes"
-        );
+    while i < names.len() {
+        if names[i].len() > KERNEL_NAME_MAX {
+            return false;
+        }
         i += 1;
     }
-    let mut i = 0;
-    while i < map_names::ALL.len() {
-        assert!(
-            map_names::ALL[i].len() <= KERNEL_NAME_MAX,
-            "map name over 15 bytes"
-        );
-        i += 1;
-    }
-};
+    true
+}
+
+const _: () = assert!(
+    fit_the_kernel(&program_names::ALL),
+    "program name over 15 bytes"
+);
+const _: () = assert!(fit_the_kernel(&map_names::ALL), "map name over 15 bytes");
 
 /// Whether two names are the same, at compile time: the kernel crate asserts with it that each
 /// map's ELF name is the one in [`map_names`].
