@@ -67,6 +67,8 @@ pub const MAX_ACCEPTING: u32 = 65_536;
 pub const MAX_LISTENERS: u32 = 65_536;
 pub const MAX_UDP_FLOWS: u32 = 65_536;
 pub const MAX_EVENT_LIMITS: u32 = 65_536;
+/// Allowed flows counted per CPU between two reads by the agent (least recently used go first).
+pub const MAX_FLOW_COUNTS: u32 = 8_192;
 pub const MAX_OWNERS: u32 = 65_536;
 pub const MAX_REDIRECTS: u32 = 65_536;
 pub const EVENTS_RING_BYTES: u32 = 1 << 22;
@@ -93,6 +95,7 @@ pub mod map_names {
             pub const UDP_FLOWS: &str = concat!("ward_udpflow_v", $v);
             pub const EVENT_LIMITS: &str = concat!("ward_evlimit_v", $v);
             pub const EVENTS: &str = concat!("ward_events_v", $v);
+            pub const FLOW_COUNTS: &str = concat!("ward_flowcnt_v", $v);
             pub const COUNTERS: &str = concat!("ward_counter_v", $v);
             pub const ORIGINAL_DST: &str = concat!("ward_origdst_v", $v);
             pub const REDIRECTS: &str = concat!("ward_redir_v", $v);
@@ -101,7 +104,7 @@ pub mod map_names {
         };
     }
     /// Every map, for checks over all of them.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         CGROUPS,
         POLICY,
         IPCACHE,
@@ -115,6 +118,7 @@ pub mod map_names {
         UDP_FLOWS,
         EVENT_LIMITS,
         EVENTS,
+        FLOW_COUNTS,
         COUNTERS,
         ORIGINAL_DST,
         REDIRECTS,
@@ -405,14 +409,16 @@ pub struct UdpFlowValue {
     pub _pad: [u8; 7],
 }
 
-/// Per-flow event budget used by the kernel's rate limiter.
+/// Per-flow event budget used by the kernel's rate limiter. `port` is the flow's service port
+/// (the destination's), never an ephemeral one, so a flood from fresh source ports shares one
+/// budget.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct EventLimitKey {
     pub local_identity: IdentityId,
     pub remote_identity: IdentityId,
     pub remote_addr: [u8; 16],
-    pub remote_port: u16,
+    pub port: u16,
     pub protocol: u8,
     pub direction: u8,
     pub verdict: u8,
@@ -425,6 +431,32 @@ pub struct EventLimitValue {
     pub window_start_ns: u64,
     pub count: u32,
     pub _pad: u32,
+}
+
+/// An allowed flow as the kernel counts it, per CPU: no event reaches user space for it; the
+/// agent reads the counts periodically. The ephemeral side's port is 0, so every connection of a
+/// client to a service is one key: on egress `remote_port` is the destination's port, on ingress
+/// `local_port` is the workload's own; for ICMP `remote_port` is the type's port, as in events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowCountKey {
+    pub local_identity: IdentityId,
+    pub remote_identity: IdentityId,
+    pub rule: u32,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u8,
+    pub protocol: u8,
+    pub direction: u8,
+    pub verdict: u8,
+}
+
+/// Whether a verdict is counted in the flow counts rather than sent as an event: the kernel sends
+/// events only for refusals and audits.
+pub const fn is_counted(verdict: u8) -> bool {
+    verdict == VERDICT_ALLOW || verdict == VERDICT_REDIRECT
 }
 
 pub const VERDICT_ALLOW: u8 = 1;
@@ -526,6 +558,7 @@ const _: () = {
     assert!(size_of::<UdpFlowValue>() == 16);
     assert!(size_of::<EventLimitKey>() == 32);
     assert!(size_of::<EventLimitValue>() == 16);
+    assert!(size_of::<FlowCountKey>() == 52);
     assert!(size_of::<VerdictEvent>() == 80);
     assert!(offset_of!(VerdictEvent, reason) == 76);
     assert!(size_of::<Settings>() == 16);
@@ -556,6 +589,7 @@ mod pod {
     unsafe impl aya::Pod for UdpFlowValue {}
     unsafe impl aya::Pod for EventLimitKey {}
     unsafe impl aya::Pod for EventLimitValue {}
+    unsafe impl aya::Pod for FlowCountKey {}
     unsafe impl aya::Pod for VerdictEvent {}
     unsafe impl aya::Pod for Settings {}
 }

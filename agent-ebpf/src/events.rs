@@ -1,7 +1,21 @@
-//! Verdict events to user space, rate-limited per flow so a flood cannot drown the agent.
+//! Verdicts to user space: refusals and audits as events, rate-limited per flow so a flood cannot
+//! drown the agent; allowed flows as per-CPU counts the agent reads periodically, so an allowed
+//! connection never wakes user space.
 use agent_common::*;
 
-use crate::maps::{count, EVENTS, EVENT_LIMITS};
+use crate::maps::{count, EVENTS, EVENT_LIMITS, FLOW_COUNTS};
+
+/// Counts one allowed flow (its first packet or its `connect()`).
+#[inline(always)]
+pub fn tally(flow: &FlowCountKey) {
+    match FLOW_COUNTS.get_ptr_mut(flow) {
+        // SAFETY: this CPU's slot of a per-CPU value; only programs on this CPU write it.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = FLOW_COUNTS.insert(flow, 1, 0);
+        }
+    }
+}
 
 #[inline(always)]
 fn within_budget(flow: &EventLimitKey, now: u64) -> bool {
@@ -35,7 +49,7 @@ fn within_budget(flow: &EventLimitKey, now: u64) -> bool {
 
 /// Emits one verdict event for `flow` if its budget allows. The event is written in place in the
 /// ring buffer (never built on the stack: the 512-byte stack of older kernels counts every
-/// frame): `flow`'s fields first, then `fill` sets the rest.
+/// frame): `flow`'s fields first (its port as the remote port), then `fill` sets the rest.
 #[inline(always)]
 pub fn emit(flow: &EventLimitKey, rule: u32, fill: impl FnOnce(&mut VerdictEvent)) {
     let now = crate::context::now_ns();
@@ -59,7 +73,7 @@ pub fn emit(flow: &EventLimitKey, rule: u32, fill: impl FnOnce(&mut VerdictEvent
     ev.remote_identity = flow.remote_identity;
     ev.rule = rule;
     ev.remote_addr = flow.remote_addr;
-    ev.remote_port = flow.remote_port;
+    ev.remote_port = flow.port;
     ev.protocol = flow.protocol;
     ev.direction = flow.direction;
     ev.verdict = flow.verdict;

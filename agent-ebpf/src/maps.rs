@@ -1,14 +1,14 @@
 //! Every map of ward's kernel side. All are pinned by name so a restarted agent adopts them and the
 //! kernel keeps enforcing while no agent runs.
 use agent_common::{
-    CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue, FlowKey, IpcacheKey,
-    IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, OriginalDst, OwnerValue, PolicyKey,
-    PolicyValue, Settings, SocketValue, StateValue, TunnelConfig, UdpFlowValue, *,
+    CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue, FlowCountKey, FlowKey,
+    IpcacheKey, IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, OriginalDst, OwnerValue,
+    PolicyKey, PolicyValue, Settings, SocketValue, StateValue, TunnelConfig, UdpFlowValue, *,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 
 /// A map whose kernel name carries the ABI version, so a layout change never reuses old pins.
@@ -134,6 +134,13 @@ versioned_map!(
     "ward_events_v1",
     "ward_events_v2",
     pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+);
+
+versioned_map!(
+    "ward_flowcnt_v1",
+    "ward_flowcnt_v2",
+    pub static FLOW_COUNTS: LruPerCpuHashMap<FlowCountKey, u64> =
+        LruPerCpuHashMap::pinned(MAX_FLOW_COUNTS, 0);
 );
 
 versioned_map!(

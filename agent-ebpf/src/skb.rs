@@ -50,11 +50,34 @@ fn report(ctx: &SkBuffContext, p: &Packet, local: u32, remote: u32, what: u64) {
     } else {
         (local_port, remote_port)
     };
+    // The ephemeral side's port stays out of both keys: every connection of a client to a
+    // service is one flow to count, and one budget for events.
+    let (key_local_port, key_remote_port) = if egress || packet::is_icmp(f.protocol) {
+        (0, remote_port)
+    } else {
+        (local_port, 0)
+    };
+    if is_counted(verdict) {
+        events::tally(&FlowCountKey {
+            local_identity: local,
+            remote_identity: remote,
+            rule,
+            local_addr,
+            remote_addr,
+            local_port: key_local_port,
+            remote_port: key_remote_port,
+            family: p.family,
+            protocol: f.protocol,
+            direction,
+            verdict,
+        });
+        return;
+    }
     let event_flow = EventLimitKey {
         local_identity: local,
         remote_identity: remote,
         remote_addr,
-        remote_port,
+        port: key_local_port | key_remote_port,
         protocol: f.protocol,
         direction,
         verdict,
@@ -65,6 +88,7 @@ fn report(ctx: &SkBuffContext, p: &Packet, local: u32, remote: u32, what: u64) {
         ev.cgroup_id = context::skb_cgroup(ctx);
         ev.cookie = context::socket_cookie(ctx);
         ev.local_port = local_port;
+        ev.remote_port = remote_port;
         ev.local_addr = local_addr;
         ev.family = p.family;
         ev.reason = reason;

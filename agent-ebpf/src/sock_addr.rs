@@ -154,11 +154,27 @@ struct Call {
 
 #[inline(always)]
 fn report(call: &Call, local: u32, remote: u32, verdict: u8, rule: u32, reason: u8) {
+    if is_counted(verdict) {
+        events::tally(&FlowCountKey {
+            local_identity: local,
+            remote_identity: remote,
+            rule,
+            local_addr: [0; 16],
+            remote_addr: call.remote_addr,
+            local_port: 0,
+            remote_port: call.remote_port,
+            family: call.family,
+            protocol: call.protocol,
+            direction: DIRECTION_EGRESS,
+            verdict,
+        });
+        return;
+    }
     let flow = EventLimitKey {
         local_identity: local,
         remote_identity: remote,
         remote_addr: call.remote_addr,
-        remote_port: call.remote_port,
+        port: call.remote_port,
         protocol: call.protocol,
         direction: DIRECTION_EGRESS,
         verdict,

@@ -101,14 +101,22 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         ),
         _ => None,
     };
-    let (mut enforcer, ring) = off_runtime(move || {
-        let ring = enforcer.attach(tunnel)?;
-        Ok((enforcer, ring))
+    let (mut enforcer, verdicts) = off_runtime(move || {
+        let verdicts = enforcer.attach(tunnel)?;
+        Ok((enforcer, verdicts))
     })
     .await?;
 
     let metrics = enforcer.metrics();
+    events::count_flows(
+        verdicts.flow_counts,
+        enforcer.names(),
+        hub.clone(),
+        metrics.clone(),
+    )
+    .context("starting the thread that reads allowed-flow counts")?;
     let (names, event_hub, event_metrics) = (enforcer.names(), hub.clone(), metrics.clone());
+    let ring = verdicts.events;
     tokio::spawn(async move {
         if let Err(e) = events::run(ring, names, event_hub, event_metrics).await {
             tracing::error!(error = %e, "reading verdict events stopped");

@@ -21,7 +21,6 @@ use std::{
 
 use agent_common::{map_names, MAX_CGROUPS, MAX_IPCACHE, MAX_IPCACHE_PREFIXES, MAX_POLICY_ENTRIES};
 use anyhow::{bail, Context as _};
-use aya::maps::{MapData, RingBuf};
 use tokio::sync::{mpsc, oneshot, watch};
 use ward_host::watch::{WatchError, Watcher};
 
@@ -31,7 +30,7 @@ use crate::{
     control::{self, RemoteState, RemoteUpdate, ReportedWorkload},
     desired::{load_config, reported, Desired},
     events::SharedNames,
-    kernel::{self, ApplyStats, Attachment, Datapath},
+    kernel::{self, ApplyStats, Attachment, Datapath, VerdictMaps},
     metrics::Metrics,
     paths,
     policy::{self, RuleIds},
@@ -181,7 +180,7 @@ impl Enforcer {
 
     /// The rest of start-up: gives the connect hook the tunnel (or none), completes the maps and
     /// attaches the programs. Returns the verdict events' ring. Blocking.
-    pub fn attach(&mut self, tunnel: Option<Tunnel>) -> anyhow::Result<RingBuf<MapData>> {
+    pub fn attach(&mut self, tunnel: Option<Tunnel>) -> anyhow::Result<VerdictMaps> {
         // The connect hook knows where the tunnel listens before it is attached.
         match tunnel {
             Some(tunnel) => {
@@ -196,7 +195,7 @@ impl Enforcer {
         self.dp.set_settings(&self.cgroup_root, unmapped)?;
         self.sync_cgroups(&cgroups::scan(&self.cgroup_root)?)?;
         self.attachment = self.dp.attach(&self.cgroup_root)?;
-        Ok(self.dp.take_events()?)
+        Ok(self.dp.take_verdicts()?)
     }
 
     /// The configuration in force.

@@ -1,16 +1,19 @@
-//! Verdict events from the kernel's ring buffer, logged as one structured line each that names the
-//! workloads, the policy and the rule that decided.
+//! Verdicts from the kernel, logged as one structured line each that names the workloads, the
+//! policy and the rule that decided: refusals and audits as they come through the ring buffer,
+//! allowed flows from the per-CPU counts the kernel keeps, read every [`COUNT_PERIOD`] (one
+//! record per flow and period, with how many connections or datagram flows it counted).
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv6Addr},
     sync::{Arc, RwLock},
+    time::Duration,
 };
 
 use agent_common::{
-    reasons, VerdictEvent, DIRECTION_EGRESS, IDENTITY_HOST, IDENTITY_WORLD, PROTO_ANY,
-    VERDICT_NO_TUNNEL,
+    reasons, FlowCountKey, VerdictEvent, DIRECTION_EGRESS, IDENTITY_HOST, IDENTITY_WORLD,
+    PROTO_ANY, VERDICT_NO_TUNNEL,
 };
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{MapData, PerCpuHashMap, RingBuf};
 use tokio::io::{unix::AsyncFd, Interest};
 
 use crate::{
@@ -71,7 +74,7 @@ fn address(raw: [u8; 16], family: u8) -> Option<IpAddr> {
     })
 }
 
-fn record(names: &Names, ev: &VerdictEvent) -> FlowRecord {
+fn record(names: &Names, ev: &VerdictEvent, count: u64) -> FlowRecord {
     let (local, local_workload) = names.identity(ev.local_identity);
     let (remote, remote_workload) = names.identity(ev.remote_identity);
     let show = |raw| address(raw, ev.family).map_or_else(|| "-".to_string(), |a| a.to_string());
@@ -110,6 +113,25 @@ fn record(names: &Names, ev: &VerdictEvent) -> FlowRecord {
             (VERDICT_NO_TUNNEL, _) => "mtls required: plaintext refused".into(),
             (_, reason) => reason_text(reason).into(),
         },
+        count,
+    }
+}
+
+/// A counted flow as the event the kernel would have sent for it (its ephemeral port 0).
+fn counted_event(key: &FlowCountKey) -> VerdictEvent {
+    VerdictEvent {
+        local_identity: key.local_identity,
+        remote_identity: key.remote_identity,
+        rule: key.rule,
+        local_port: key.local_port,
+        remote_port: key.remote_port,
+        local_addr: key.local_addr,
+        remote_addr: key.remote_addr,
+        family: key.family,
+        protocol: key.protocol,
+        direction: key.direction,
+        verdict: key.verdict,
+        ..Default::default()
     }
 }
 
@@ -162,8 +184,87 @@ pub fn log(r: &FlowRecord) {
         dst_port = r.dst_port,
         protocol = %r.protocol,
         reason = %r.reason,
+        count = r.count,
         "verdict"
     );
+}
+
+/// One verdict record to the log, the metrics and `ward flows`.
+fn publish(r: FlowRecord, hub: &FlowHub, metrics: &Metrics) {
+    log(&r);
+    metrics
+        .verdict_events
+        .get_or_create(&VerdictLabels {
+            direction: r.direction.clone(),
+            verdict: r.verdict.clone(),
+            policy: r.policy.clone(),
+        })
+        .inc_by(r.count);
+    hub.publish(r);
+}
+
+/// How often the allowed-flow counts are read.
+pub const COUNT_PERIOD: Duration = Duration::from_secs(1);
+
+/// The allowed-flow counts as last read, to report what each flow added since.
+#[derive(Default)]
+struct Tally {
+    seen: BTreeMap<FlowCountKey, u64>,
+}
+
+impl Tally {
+    /// Takes one reading (each flow's total over all CPUs) and returns what each flow added since
+    /// the last. A flow the kernel evicted and counted again starts over, so a total below the last
+    /// one is all new; flows gone from the reading are forgotten.
+    fn update(
+        &mut self,
+        reading: impl IntoIterator<Item = (FlowCountKey, u64)>,
+    ) -> Vec<(FlowCountKey, u64)> {
+        let mut added = Vec::new();
+        let mut now = BTreeMap::new();
+        for (key, total) in reading {
+            let before = self.seen.get(&key).copied().unwrap_or(0);
+            let delta = if total >= before {
+                total - before
+            } else {
+                total
+            };
+            if delta > 0 {
+                added.push((key, delta));
+            }
+            now.insert(key, total);
+        }
+        self.seen = now;
+        added
+    }
+}
+
+/// Reads the allowed-flow counts every [`COUNT_PERIOD`] until the agent stops, on a thread of its
+/// own (each reading is a few syscalls per flow).
+pub fn count_flows(
+    counts: PerCpuHashMap<MapData, FlowCountKey, u64>,
+    names: SharedNames,
+    hub: Arc<FlowHub>,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("ward-flows".into())
+        .spawn(move || {
+            let mut tally = Tally::default();
+            loop {
+                std::thread::sleep(COUNT_PERIOD);
+                let reading = counts.iter().filter_map(|entry| match entry {
+                    Ok((key, per_cpu)) => Some((key, per_cpu.iter().sum::<u64>())),
+                    // A flow evicted between the key and its value: counted again next time.
+                    Err(_) => None,
+                });
+                let added = tally.update(reading);
+                let names = names.read().expect("names lock poisoned");
+                for (key, count) in added {
+                    publish(record(&names, &counted_event(&key), count), &hub, &metrics);
+                }
+            }
+        })
 }
 
 /// Reads the ring buffer until the agent stops.
@@ -185,17 +286,7 @@ pub async fn run(
                 tracing::warn!(len = item.len(), "short verdict event ignored");
                 continue;
             };
-            let r = record(&names, &ev);
-            log(&r);
-            metrics
-                .verdict_events
-                .get_or_create(&VerdictLabels {
-                    direction: r.direction.clone(),
-                    verdict: r.verdict.clone(),
-                    policy: r.policy.clone(),
-                })
-                .inc();
-            hub.publish(r);
+            publish(record(&names, &ev, 1), &hub, &metrics);
         }
         drop(names);
         guard.clear_ready();
@@ -237,12 +328,13 @@ mod tests {
                 agent_common::icmp_type_port(8),
                 reasons::NONE,
             ),
+            1,
         );
         assert_eq!((icmp.protocol.as_str(), icmp.dst_port), ("icmp", 8));
-        let raw = record(&names, &refusal(253, 0, reasons::PROTOCOL));
+        let raw = record(&names, &refusal(253, 0, reasons::PROTOCOL), 1);
         assert_eq!(raw.protocol, "ip-proto-253");
         assert_eq!(raw.reason, "fail closed: a protocol no rule can allow");
-        let chain = record(&names, &refusal(PROTO_ANY, 0, reasons::HEADER_CHAIN));
+        let chain = record(&names, &refusal(PROTO_ANY, 0, reasons::HEADER_CHAIN), 1);
         assert_eq!(chain.protocol, "unparsed");
         assert!(
             chain.reason.contains("extension-header chain"),
@@ -252,8 +344,54 @@ mod tests {
         let lite = record(
             &names,
             &refusal(agent_common::PROTO_UDPLITE, 53, reasons::PROTOCOL),
+            1,
         );
         assert_eq!((lite.protocol.as_str(), lite.dst_port), ("udplite", 53));
+    }
+
+    #[test]
+    fn counted_flows_report_what_they_added_since_the_last_reading() {
+        let flow = |port| FlowCountKey {
+            remote_port: port,
+            verdict: agent_common::VERDICT_ALLOW,
+            ..Default::default()
+        };
+        let mut tally = Tally::default();
+        assert_eq!(tally.update([(flow(80), 3)]), [(flow(80), 3)]);
+        assert_eq!(
+            tally.update([(flow(80), 5), (flow(443), 1)]),
+            [(flow(80), 2), (flow(443), 1)]
+        );
+        // Unchanged: nothing to report. Evicted and counted again: all of it is new.
+        assert_eq!(tally.update([(flow(80), 5), (flow(443), 1)]), []);
+        assert_eq!(tally.update([(flow(80), 2)]), [(flow(80), 2)]);
+        // Forgotten once gone, so its return is new.
+        assert_eq!(tally.update([(flow(443), 1)]), [(flow(443), 1)]);
+    }
+
+    #[test]
+    fn a_counted_flow_is_recorded_like_its_event_with_its_service_port() {
+        let names = Names::default();
+        let ingress = FlowCountKey {
+            local_port: 8080,
+            remote_addr: agent_common::map_v4([10, 0, 0, 7]),
+            family: 4,
+            protocol: agent_common::PROTO_TCP,
+            direction: agent_common::DIRECTION_INGRESS,
+            verdict: agent_common::VERDICT_ALLOW,
+            ..Default::default()
+        };
+        let r = record(&names, &counted_event(&ingress), 12);
+        assert_eq!(
+            (
+                r.verdict.as_str(),
+                r.direction.as_str(),
+                r.src_addr.as_str(),
+                r.dst_port,
+                r.count
+            ),
+            ("allow", "ingress", "10.0.0.7", 8080, 12)
+        );
     }
 
     #[test]

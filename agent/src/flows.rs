@@ -26,6 +26,14 @@ pub struct FlowRecord {
     /// Why, when the verdict alone does not say (a tunnel refusal).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// How many connections (or datagram flows) the record stands for: allowed flows are counted
+    /// in the kernel and reported once per reading; an event is one.
+    #[serde(default = "one")]
+    pub count: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// `ward flows` filters; every field that is set must match.
@@ -128,6 +136,7 @@ mod tests {
             dst_port: 80,
             protocol: "tcp".into(),
             reason: String::new(),
+            count: 1,
         }
     }
 

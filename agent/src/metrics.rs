@@ -82,7 +82,7 @@ impl Metrics {
         );
         registry.register(
             "verdict_events",
-            "Verdict events reported to user space, by policy (rate-limited per flow)",
+            "Verdicts reported to user space, by policy: every allowed flow (counted in the kernel), refusals and audits as events (rate-limited per flow)",
             m.verdict_events.clone(),
         );
         registry.register(

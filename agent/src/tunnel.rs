@@ -313,6 +313,7 @@ impl Glue {
             dst_port: destination.map_or(0, |d| d.port()),
             protocol: "tcp".into(),
             reason: format!("mtls: {reason}"),
+            count: 1,
         }
     }
 }

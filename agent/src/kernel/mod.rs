@@ -17,13 +17,14 @@ use std::{
 
 use agent_common::{
     map_names, program_names, CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue,
-    FlowKey, IpcacheKey, IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, OriginalDst,
-    OwnerValue, PolicyKey, PolicyValue, Settings, SocketValue, StateValue, TunnelConfig,
-    UdpFlowValue, MAX_ACCEPTING, MAX_CGROUPS, MAX_CONNECTING, MAX_IPCACHE, MAX_IPCACHE_PREFIXES,
-    MAX_LISTENERS, MAX_OWNERS, MAX_POLICY_ENTRIES, MAX_SOCKETS, MAX_UDP_FLOWS,
+    FlowCountKey, FlowKey, IpcacheKey, IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue,
+    OriginalDst, OwnerValue, PolicyKey, PolicyValue, Settings, SocketValue, StateValue,
+    TunnelConfig, UdpFlowValue, MAX_ACCEPTING, MAX_CGROUPS, MAX_CONNECTING, MAX_IPCACHE,
+    MAX_IPCACHE_PREFIXES, MAX_LISTENERS, MAX_OWNERS, MAX_POLICY_ENTRIES, MAX_SOCKETS,
+    MAX_UDP_FLOWS,
 };
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSkbAttachType, Program,
@@ -125,6 +126,13 @@ pub enum Attachment {
     Adopted,
     /// Links of an agent with an older map layout, switched to this agent's programs and maps.
     Upgraded { from: String },
+}
+
+/// Where verdicts reach user space: refusals and audits as events, allowed flows as per-CPU
+/// counts.
+pub struct VerdictMaps {
+    pub events: RingBuf<MapData>,
+    pub flow_counts: PerCpuHashMap<MapData, FlowCountKey, u64>,
 }
 
 pub struct Datapath {
@@ -468,8 +476,12 @@ impl Datapath {
         self.cgroups.keys().filter_map(Result::ok).collect()
     }
 
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, KernelError> {
-        take(&mut self.ebpf, map_names::EVENTS)
+    /// The maps verdicts reach user space through: the events ring and the allowed-flow counts.
+    pub fn take_verdicts(&mut self) -> Result<VerdictMaps, KernelError> {
+        Ok(VerdictMaps {
+            events: take(&mut self.ebpf, map_names::EVENTS)?,
+            flow_counts: take(&mut self.ebpf, map_names::FLOW_COUNTS)?,
+        })
     }
 
     pub fn take_counters(&mut self) -> Result<PerCpuArray<MapData, u64>, KernelError> {
@@ -488,7 +500,7 @@ impl Datapath {
 }
 
 /// Key and value sizes of every map this build pins, as the kernel reports them.
-fn layouts() -> [(&'static str, usize, usize); 18] {
+fn layouts() -> [(&'static str, usize, usize); 19] {
     [
         (
             map_names::CGROUPS,
@@ -543,6 +555,11 @@ fn layouts() -> [(&'static str, usize, usize); 18] {
             size_of::<EventLimitValue>(),
         ),
         (map_names::EVENTS, 0, 0),
+        (
+            map_names::FLOW_COUNTS,
+            size_of::<FlowCountKey>(),
+            size_of::<u64>(),
+        ),
         (map_names::COUNTERS, size_of::<u32>(), size_of::<u64>()),
         (
             map_names::ORIGINAL_DST,
