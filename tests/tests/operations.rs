@@ -335,6 +335,10 @@ fn status_and_flows_in_operations_md_are_what_ward_prints() {
     );
     let listener = peer.listen(Protocol::Tcp, &format!("127.0.0.1:{port}"), &web);
     assert_allowed(&peer, Protocol::Tcp, listener.addr, &client, &ward, &[]);
+    // An allowed flow is counted in the kernel and reported at the agent's next reading (every
+    // second); the refusal's event comes at once. Let the first be reported before the second
+    // happens, so the records come in a fixed order.
+    std::thread::sleep(Duration::from_millis(1500));
     let other = socket("127.0.0.1", listener.port().wrapping_add(1));
     assert_refused_at_once(&peer, Protocol::Tcp, other, &client, &ward, &[]);
     std::thread::sleep(Duration::from_millis(300));

@@ -129,8 +129,14 @@ fn flow_line(r: &FlowRecord) -> String {
             workload.to_string()
         }
     };
+    // An allowed flow's record stands for every connection of its reading.
+    let count = if r.count > 1 {
+        format!(" count={}", r.count)
+    } else {
+        String::new()
+    };
     format!(
-        "{:<7} {:<7} {} -> {} {}:{}/{}  policy={} rule={}",
+        "{:<7} {:<7} {} -> {} {}:{}/{}  policy={} rule={}{count}",
         r.verdict,
         r.direction,
         name(&r.src_workload, &r.src),
