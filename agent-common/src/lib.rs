@@ -63,7 +63,6 @@ pub const MAX_IPCACHE: u32 = 2 * 65_536;
 pub const MAX_IPCACHE_PREFIXES: u32 = 2 * 16_384;
 pub const MAX_SOCKETS: u32 = 262_144;
 pub const MAX_CONNECTING: u32 = 65_536;
-pub const MAX_ACCEPTING: u32 = 65_536;
 pub const MAX_LISTENERS: u32 = 65_536;
 pub const MAX_UDP_FLOWS: u32 = 65_536;
 pub const MAX_EVENT_LIMITS: u32 = 65_536;
@@ -89,7 +88,6 @@ pub mod map_names {
             pub const STATE: &str = concat!("ward_state_v", $v);
             pub const SOCKETS: &str = concat!("ward_socks_v", $v);
             pub const CONNECTING: &str = concat!("ward_conn_v", $v);
-            pub const ACCEPTING: &str = concat!("ward_accept_v", $v);
             pub const LISTENERS: &str = concat!("ward_listen_v", $v);
             pub const OWNERS: &str = concat!("ward_owner_v", $v);
             pub const UDP_FLOWS: &str = concat!("ward_udpflow_v", $v);
@@ -104,7 +102,7 @@ pub mod map_names {
         };
     }
     /// Every map, for checks over all of them.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 18] = [
         CGROUPS,
         POLICY,
         IPCACHE,
@@ -112,7 +110,6 @@ pub mod map_names {
         STATE,
         SOCKETS,
         CONNECTING,
-        ACCEPTING,
         LISTENERS,
         OWNERS,
         UDP_FLOWS,
@@ -126,8 +123,9 @@ pub mod map_names {
         SETTINGS,
     ];
     /// Pins of maps that earlier versions of this ABI named otherwise (`ward_counters_v1` was
-    /// 16 bytes, so the kernel kept it as `ward_counters_v`): removed once the agent has attached.
-    pub const RETIRED: [&str; 1] = ["ward_counters_v1"];
+    /// 16 bytes, so the kernel kept it as `ward_counters_v`) or no longer have (`ward_accept_v1`
+    /// tagged accepted sockets that nothing read): removed once the agent has attached.
+    pub const RETIRED: [&str; 2] = ["ward_counters_v1", "ward_accept_v1"];
     #[cfg(not(feature = "abi-next"))]
     names!("1");
     #[cfg(feature = "abi-next")]

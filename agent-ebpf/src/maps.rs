@@ -81,12 +81,6 @@ versioned_map!(
 );
 
 versioned_map!(
-    "ward_accept_v1",
-    "ward_accept_v2",
-    pub static ACCEPTING: LruHashMap<FlowKey, SocketValue> = LruHashMap::pinned(MAX_ACCEPTING, 0);
-);
-
-versioned_map!(
     "ward_listen_v1",
     "ward_listen_v2",
     pub static LISTENERS: LruHashMap<ListenerKey, ListenerValue> =

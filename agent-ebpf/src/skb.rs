@@ -11,7 +11,7 @@ use aya_ebpf::programs::SkBuffContext;
 use crate::{
     context::{self, full_socket},
     events, flows, ipcache,
-    maps::{self, count, ACCEPTING, CONNECTING, UDP_FLOWS},
+    maps::{self, count, CONNECTING, UDP_FLOWS},
     packet::{self, Packet, TCP_FLAG_ACK, TCP_FLAG_SYN},
     policy, v6_bytes, ALLOW, REFUSE,
 };
@@ -361,18 +361,6 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
         VERDICT_REDIRECT => VERDICT_ALLOW,
         v => v,
     };
-    let refused = verdict == VERDICT_DENY || verdict == VERDICT_NO_TUNNEL;
-    if protocol == PROTO_TCP && !refused {
-        let tag = SocketValue {
-            local_identity: local,
-            remote_identity: remote,
-            rule: d.rule,
-            verdict,
-            direction: DIRECTION_INGRESS,
-            _pad: [0; 2],
-        };
-        let _ = ACCEPTING.insert(flow, tag, 0);
-    }
     answer(
         ctx,
         p,

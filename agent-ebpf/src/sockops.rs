@@ -3,16 +3,15 @@
 use agent_common::*;
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
     },
     programs::SockOpsContext,
 };
 
 use crate::{
     context::{self, field},
-    maps::{self, ACCEPTING, CONNECTING, LISTENERS, ORIGINAL_DST, OWNERS, REDIRECTS, SOCKETS},
+    maps::{self, CONNECTING, LISTENERS, ORIGINAL_DST, OWNERS, REDIRECTS, SOCKETS},
     v6_bytes,
 };
 
@@ -85,20 +84,24 @@ fn sockops_tuple(ops: &Ops, connector_is_local: bool) -> FlowKey {
     }
 }
 
-/// Tags sockets with workload identity (a listener's from its `bind()`, a connecting socket's from
-/// its `connect()`): listeners (for peers that share an address), connecting
-/// sockets before their SYN leaves (for the receiving side's ingress check), and accepted sockets
-/// with the verdict their SYN got. Entries go when the socket closes.
+/// Names sockets by workload for the receiving side on this host, at the few callbacks where
+/// that takes a map write: a listener at `listen()` (by port, for peers that share an address), a
+/// connecting socket at `TCP_CONNECT_CB`, before its SYN leaves (by 4-tuple, for the receiver's
+/// ingress check). Each record the hooks made for this (the owner at `bind()`, the tag at
+/// `connect()`) is taken, not left for a close callback; only a connecting socket asks for state
+/// callbacks, until its connection is established or fails, to take its 4-tuple record back.
+/// Every other callback of every socket leaves at once (a connection's establishment too, unless
+/// its socket is one of those: the state-callback flag marks them).
 pub fn sockops(ctx: SockOpsContext) -> u32 {
     // SAFETY: valid context.
     let op: u32 = field!(ctx.ops, op);
     // sockops runs for every callback of every socket (RTO and window init, ECN, state changes):
     // leave at once unless it is one ward acts on.
     let relevant = match op {
-        BPF_SOCK_OPS_TCP_LISTEN_CB
-        | BPF_SOCK_OPS_TCP_CONNECT_CB
-        | BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
-        | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => true,
+        BPF_SOCK_OPS_TCP_LISTEN_CB | BPF_SOCK_OPS_TCP_CONNECT_CB => true,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            field!(ctx.ops, bpf_sock_ops_cb_flags) & BPF_SOCK_OPS_STATE_CB_FLAG != 0
+        }
         BPF_SOCK_OPS_STATE_CB => field!(ctx.ops, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE,
         _ => false,
     };
@@ -109,21 +112,28 @@ pub fn sockops(ctx: SockOpsContext) -> u32 {
     let ops = read_ops(&ctx);
     match ops.op {
         BPF_SOCK_OPS_TCP_LISTEN_CB => {
-            if let Some(identity) = maps::socket_owner(cookie) {
-                let key = ListenerKey {
-                    netns: context::netns_cookie(&ctx),
-                    port: ops.local_port as u16,
-                    protocol: PROTO_TCP,
-                    _pad: [0; 5],
-                };
-                let _ = LISTENERS.insert(key, ListenerValue { identity, _pad: 0 }, 0);
-                // The owner entry goes when the listener closes.
-                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            let key = ListenerKey {
+                netns: context::netns_cookie(&ctx),
+                port: ops.local_port as u16,
+                protocol: PROTO_TCP,
+                _pad: [0; 5],
+            };
+            match maps::socket_owner(cookie) {
+                Some(identity) => {
+                    let _ = LISTENERS.insert(key, ListenerValue { identity, _pad: 0 }, 0);
+                    let _ = OWNERS.remove(cookie);
+                }
+                // A port a process of no workload listens on drops the record a workload's
+                // earlier listener left there, as a UDP bind does.
+                None => {
+                    let _ = LISTENERS.remove(key);
+                }
             }
         }
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             // SAFETY: copied out at once.
             if let Some(tag) = unsafe { SOCKETS.get(cookie) }.copied() {
+                let _ = SOCKETS.remove(cookie);
                 let tuple = sockops_tuple(&ops, true);
                 let v = ConnectingValue {
                     identity: tag.local_identity,
@@ -143,22 +153,15 @@ pub fn sockops(ctx: SockOpsContext) -> u32 {
                 let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
             }
         }
+        // The receiver's SYN check has read the 4-tuple record; no more callbacks for this socket.
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             let _ = CONNECTING.remove(sockops_tuple(&ops, true));
+            let _ = ctx.set_cb_flags(0);
         }
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            let flow = sockops_tuple(&ops, false);
-            // SAFETY: copied out at once.
-            if let Some(tag) = unsafe { ACCEPTING.get(flow) }.copied() {
-                let _ = SOCKETS.insert(cookie, tag, 0);
-                let _ = ACCEPTING.remove(flow);
-                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-            }
-        }
+        // A connection that never got established (refused, reset, timed out).
         BPF_SOCK_OPS_STATE_CB if ops.new_state == BPF_TCP_CLOSE => {
-            let _ = SOCKETS.remove(cookie);
-            let _ = OWNERS.remove(cookie);
             let _ = CONNECTING.remove(sockops_tuple(&ops, true));
+            let _ = OWNERS.remove(cookie);
         }
         _ => {}
     }

@@ -19,9 +19,8 @@ use agent_common::{
     map_names, program_names, CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue,
     FlowCountKey, FlowKey, IpcacheKey, IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue,
     OriginalDst, OwnerValue, PolicyKey, PolicyValue, Settings, SocketValue, StateValue,
-    TunnelConfig, UdpFlowValue, MAX_ACCEPTING, MAX_CGROUPS, MAX_CONNECTING, MAX_IPCACHE,
-    MAX_IPCACHE_PREFIXES, MAX_LISTENERS, MAX_OWNERS, MAX_POLICY_ENTRIES, MAX_SOCKETS,
-    MAX_UDP_FLOWS,
+    TunnelConfig, UdpFlowValue, MAX_CGROUPS, MAX_CONNECTING, MAX_IPCACHE, MAX_IPCACHE_PREFIXES,
+    MAX_LISTENERS, MAX_OWNERS, MAX_POLICY_ENTRIES, MAX_SOCKETS, MAX_UDP_FLOWS,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -272,13 +271,12 @@ impl Datapath {
     }
 
     /// Copies the socket state the kernel learned while an agent of an older ABI ran (listeners,
-    /// connecting and accepted sockets) into this ABI's maps, so the new programs know them from
+    /// connecting sockets and bound ones) into this ABI's maps, so the new programs know them from
     /// their first run. Maps whose layout changed would need a conversion here.
     fn migrate_sockets(&mut self, old_suffix: &str) -> Result<(), KernelError> {
         let copied = self.copy_from_older::<u64, SocketValue>(map_names::SOCKETS, old_suffix)?
             + self
                 .copy_from_older::<FlowKey, ConnectingValue>(map_names::CONNECTING, old_suffix)?
-            + self.copy_from_older::<FlowKey, SocketValue>(map_names::ACCEPTING, old_suffix)?
             + self
                 .copy_from_older::<ListenerKey, ListenerValue>(map_names::LISTENERS, old_suffix)?
             + self.copy_from_older::<u64, OwnerValue>(map_names::OWNERS, old_suffix)?;
@@ -366,9 +364,6 @@ impl Datapath {
                 map_names::CONNECTING => {
                     HashMap::<_, FlowKey, ConnectingValue>::try_from(map).map(|m| m.keys().count())
                 }
-                map_names::ACCEPTING => {
-                    HashMap::<_, FlowKey, SocketValue>::try_from(map).map(|m| m.keys().count())
-                }
                 map_names::LISTENERS => HashMap::<_, ListenerKey, ListenerValue>::try_from(map)
                     .map(|m| m.keys().count()),
                 map_names::OWNERS => {
@@ -391,11 +386,6 @@ impl Datapath {
                 map_names::CONNECTING,
                 count(map_names::CONNECTING),
                 MAX_CONNECTING,
-            ),
-            (
-                map_names::ACCEPTING,
-                count(map_names::ACCEPTING),
-                MAX_ACCEPTING,
             ),
             (
                 map_names::LISTENERS,
@@ -500,7 +490,7 @@ impl Datapath {
 }
 
 /// Key and value sizes of every map this build pins, as the kernel reports them.
-fn layouts() -> [(&'static str, usize, usize); 19] {
+fn layouts() -> [(&'static str, usize, usize); 18] {
     [
         (
             map_names::CGROUPS,
@@ -532,11 +522,6 @@ fn layouts() -> [(&'static str, usize, usize); 19] {
             map_names::CONNECTING,
             size_of::<FlowKey>(),
             size_of::<ConnectingValue>(),
-        ),
-        (
-            map_names::ACCEPTING,
-            size_of::<FlowKey>(),
-            size_of::<SocketValue>(),
         ),
         (
             map_names::LISTENERS,
