@@ -25,6 +25,8 @@ use crate::{
 };
 
 const CGROUP_ROOT: &str = "ward-bench";
+/// A cgroup beside the workloads' that no workload claims.
+const OUTSIDER: &str = "outsider";
 /// The variant with no programs attached, which must let the client reach the denied port.
 const BASELINE: &str = "baseline";
 
@@ -140,7 +142,7 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
 
     heading("workloads");
     let mount = sys::cgroup2_mount()?;
-    let cgroups = CgroupTree::create(&mount, CGROUP_ROOT, &["client", "server"])?;
+    let cgroups = CgroupTree::create(&mount, CGROUP_ROOT, &["client", "server", OUTSIDER])?;
     let client_cgroup = cgroups.path("client");
     let level = client_cgroup.strip_prefix(&mount)?.components().count();
     let nft_client = nft_cgroup_path(&mount, &client_cgroup)?;
@@ -386,18 +388,31 @@ fn measure(
 
     let client = cgroups.path("client");
     let udp: &[&str] = if transport.is_udp() { &["--udp"] } else { &[] };
-    let (code, said) = probe::connect_from(
-        &client,
-        transport.server(DENIED_PORT),
-        transport.is_udp(),
-        Duration::from_millis(500),
-    )?;
-    let enforcing = code != probe::CONNECTED;
-    if variant == BASELINE && enforcing {
-        bail!("{transport}: with no programs attached the client cannot reach {denied}: {said}");
-    }
-    if variant != BASELINE && !enforcing {
-        bail!("{transport}: {variant} let the client reach {denied}: the policy is not in force");
+    // Each side's isolation on its own: the client's egress refuses the denied port, and the
+    // server's ingress refuses it to a process that is no workload (whose egress nothing limits).
+    for (from, isolation) in [
+        ("client", "the client's egress"),
+        (OUTSIDER, "the server's ingress"),
+    ] {
+        let (code, said) = probe::connect_from(
+            &cgroups.path(from),
+            transport.server(DENIED_PORT),
+            transport.is_udp(),
+            Duration::from_millis(500),
+        )?;
+        let enforcing = code != probe::CONNECTED;
+        if variant == BASELINE && enforcing {
+            bail!(
+                "{transport}: with no programs attached the {from} cgroup cannot reach {denied}: \
+                 {said}"
+            );
+        }
+        if variant != BASELINE && !enforcing {
+            bail!(
+                "{transport}: under {variant} the {from} cgroup reached {denied}: {isolation} is \
+                 not in force"
+            );
+        }
     }
 
     print!("{variant:<9} {transport} measuring {seconds} s ... ");
