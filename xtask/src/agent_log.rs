@@ -40,7 +40,9 @@ pub fn logged_entries(log: &str) -> Option<usize> {
         .next_back()
 }
 
-/// One `policy applied` line: the agent wrote a whole generation to the kernel and switched to it.
+/// A line that says a policy generation is in force, logged after the agent wrote the whole
+/// generation to the kernel and switched to it: `ready: enforcing` (the first, at start) or
+/// `policy applied` (a reload).
 #[derive(Debug, PartialEq)]
 pub struct Applied {
     pub at: SystemTime,
@@ -52,7 +54,7 @@ pub struct Applied {
 
 impl Applied {
     pub fn parse(line: &str) -> Option<Self> {
-        if !line.contains("policy applied") {
+        if !line.contains("policy applied") && !line.contains("ready: enforcing") {
             return None;
         }
         Some(Self {
@@ -63,7 +65,7 @@ impl Applied {
         })
     }
 
-    /// Every `policy applied` line of `log`, in order.
+    /// Every such line of `log`, in order.
     pub fn all(log: &str) -> Vec<Self> {
         log.lines().filter_map(Self::parse).collect()
     }

@@ -201,9 +201,9 @@ fn write_policy(file: &Path, policy: &Policy) -> Result<()> {
         .with_context(|| format!("replacing {}", file.display()))
 }
 
-/// Waits for a `policy applied` line after log offset `mark` with a generation other than
-/// `previous` and `entries` entries (so a late repeat of the previous apply is not taken for
-/// this one). A refused reload ends the wait with its log line.
+/// Waits for a line that says a generation is in force ([`Applied`]) after log offset `mark`,
+/// with a generation other than `previous` and `entries` entries (so a late repeat of the
+/// previous apply is not taken for this one). A refused reload ends the wait with its log line.
 fn wait_applied(agent: &Ward, mark: u64, previous: Option<u32>, entries: usize) -> Result<Applied> {
     let start = Instant::now();
     loop {
