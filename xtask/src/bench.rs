@@ -27,12 +27,12 @@ use crate::{
 const CGROUP_ROOT: &str = "ward-bench";
 /// A cgroup beside the workloads' that no workload claims.
 const OUTSIDER: &str = "outsider";
-/// The variant with no programs attached, which must let the client reach the denied port.
+/// The variant with no programs attached, in which every cgroup must reach the denied port.
 const BASELINE: &str = "baseline";
 
 #[derive(clap::Args)]
 pub struct ConnectArgs {
-    /// Measuring time per variant, size and round.
+    /// Measuring time per variant, transport, size and round.
     #[arg(long, default_value = "5")]
     seconds: f64,
     /// Policy sizes (entries in the compiled policy), comma separated.
@@ -42,7 +42,7 @@ pub struct ConnectArgs {
     /// per exchange of one datagram and its echo).
     #[arg(long, value_delimiter = ',', default_value = "tcp4,tcp6,udp4")]
     transports: Vec<Transport>,
-    /// Rounds per size: the variants take turns in each round and the table shows medians, so
+    /// Rounds per transport and size: the variants take turns in each round and the table shows medians, so
     /// a neighbour's burst of CPU use does not decide a comparison.
     #[arg(long, default_value = "3")]
     rounds: usize,

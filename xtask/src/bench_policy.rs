@@ -350,7 +350,8 @@ fn changes_table(rows: &[ChangeRow], changes: usize) -> String {
         out,
         "write: the agent's own `duration_ms` of the kernel map write. RSS max during: the \
          largest of {} VmRSS samples taken every {} ms while the changes ran; peak: VmHWM since \
-         the agent started. Every change was confirmed by the admin socket's status (same \
+         the agent started. p99 is nearest rank: with fewer than 100 changes it is the max. \
+         Every change was confirmed by the admin socket's status (same \
          generation) and a connection to the changed port (passes when added, refused when \
          removed).",
         rows.iter().map(|r| r.rss_during.1).sum::<usize>(),
