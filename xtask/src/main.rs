@@ -78,7 +78,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Connections per second and connect latency over loopback: no programs, ward, nftables.
+    /// Connections per second and connect latency over loopback (TCP4, TCP6, UDP4; the client's
+    /// egress and the server's ingress isolated): no programs, ward, nftables.
     Connect(bench::ConnectArgs),
     /// The mTLS tunnel against plain TCP on loopback: latency, throughput, connection rate,
     /// agent RSS and CPU with many connections (no root needed).
