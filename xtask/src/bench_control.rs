@@ -16,14 +16,16 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{bail, Context as _, Result};
 use ward_host::process::{Capture, Process};
 
 use crate::{
+    agent_log::{field, timestamp},
     setup,
+    stats::{median_f64, ms, percentile},
     sys::{self, heading, CgroupTree},
     ward::{self, Ward},
 };
@@ -348,29 +350,6 @@ fn report(
     out
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// The `p`th percentile (nearest rank) of `values`.
-fn percentile(values: &[Duration], p: usize) -> Duration {
-    if values.is_empty() {
-        return Duration::ZERO;
-    }
-    let mut sorted = values.to_vec();
-    sorted.sort();
-    let rank = (p * sorted.len()).div_ceil(100).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-fn median_f64(mut values: Vec<f64>) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 /// The running `ward-control`, stopped on drop.
 struct Plane {
     process: Option<Process>,
@@ -674,56 +653,9 @@ fn write_policy_file(dir: &Path, file: usize, rules: usize, change: usize) -> Re
     fs::rename(&staging, &path).with_context(|| format!("writing {}", path.display()))
 }
 
-/// The value of ` key=value` in a text log line.
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let at = line.find(&format!(" {key}="))? + key.len() + 2;
-    line[at..].split(' ').next().map(|v| v.trim_matches('"'))
-}
-
-/// The RFC 3339 UTC timestamp (`2026-01-02T03:04:05.123456Z`) that starts a log line.
-fn timestamp(line: &str) -> Option<SystemTime> {
-    let text = line.split_whitespace().next()?.strip_suffix('Z')?;
-    let (date, time) = text.split_once('T')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>());
-    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let (hms, fraction) = time.split_once('.').unwrap_or((time, "0"));
-    let mut t = hms.split(':').map(|p| p.parse::<u64>());
-    let (h, min, s) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
-    let nanos: u64 = format!("{fraction:0<9}").get(..9)?.parse().ok()?;
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
-    let secs = days * 86_400 + h * 3600 + min * 60 + s;
-    Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_nanos(nanos))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn log_timestamps_parse_to_the_same_instant() {
-        let at = timestamp("2026-11-23T12:47:45.317412Z  INFO ward::app: ready").expect("parses");
-        let secs = at.duration_since(UNIX_EPOCH).expect("after 1970");
-        // date -d 2026-11-23T12:47:45Z +%s
-        assert_eq!(secs.as_secs(), 1_795_438_065);
-        assert_eq!(secs.subsec_micros(), 317_412);
-        assert_eq!(timestamp("INFO ready"), None);
-    }
-
-    #[test]
-    fn fields_and_percentiles() {
-        let line = "2026-01-01T00:00:00Z INFO ward_control: policy set updated reason=\"file change\" policies=2 version=ab-3-cd";
-        assert_eq!(field(line, "version"), Some("ab-3-cd"));
-        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile(&v, 50), Duration::from_millis(50));
-        assert_eq!(percentile(&v, 99), Duration::from_millis(99));
-        assert_eq!(percentile(&v, 100), Duration::from_millis(100));
-    }
 
     #[test]
     fn rules_split_into_files_below_the_control_planes_limit() {

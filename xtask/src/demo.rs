@@ -2,15 +2,7 @@
 //! client, intruder) in cgroups of their own; ward enforces examples/demo/policy.yaml, and the
 //! demo makes connections and shows, for each, what the client saw and what ward logged.
 
-use std::{
-    fs,
-    io::{BufRead as _, BufReader},
-    net::SocketAddr,
-    path::Path,
-    process::{Command, Stdio},
-    thread,
-    time::Duration,
-};
+use std::{fs, net::SocketAddr, process::Command, thread, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -24,6 +16,7 @@ const WORKLOADS: [&str; 3] = ["web", "client", "intruder"];
 const WEB: &str = "127.0.0.1:8080";
 const WEB_ADMIN: &str = "127.0.0.1:8081";
 const HOST_SERVICE: &str = "127.0.0.1:9090";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 struct Connection {
     from: &'static str,
@@ -119,7 +112,8 @@ pub fn run() -> Result<()> {
         "--greeting",
         "hello from web",
     ]);
-    start_listener(&mut listeners, &mut web, "web (in its cgroup)")?;
+    probe::start_listener(&mut listeners, &mut web, "web (in its cgroup)")?;
+    println!("listening: web (in its cgroup)");
     let mut host = Command::new(std::env::current_exe()?);
     host.args([
         "serve",
@@ -128,7 +122,8 @@ pub fn run() -> Result<()> {
         "--greeting",
         "hello from the host",
     ]);
-    start_listener(&mut listeners, &mut host, "a host service no workload owns")?;
+    probe::start_listener(&mut listeners, &mut host, "a host service no workload owns")?;
+    println!("listening: a host service no workload owns");
 
     heading("connections");
     let mut results = Vec::new();
@@ -136,7 +131,9 @@ pub fn run() -> Result<()> {
         println!("\n[{}] {} -> {} ({})", i + 1, conn.from, conn.to, conn.addr);
         println!("    policy: {}", conn.why);
         let offset = ward.log_len();
-        let (code, said) = connect_from(&cgroups.path(conn.from), conn.addr)?;
+        let addr: SocketAddr = conn.addr.parse()?;
+        let (code, said) =
+            probe::connect_from(&cgroups.path(conn.from), addr, false, CONNECT_TIMEOUT)?;
         println!("    {}: {said}", conn.from);
         // Verdict events reach the log through a ring buffer and the agent's event task.
         thread::sleep(Duration::from_millis(300));
@@ -224,41 +221,6 @@ pub fn run() -> Result<()> {
         results.len()
     );
     Ok(())
-}
-
-fn start_listener(children: &mut Children, cmd: &mut Command, what: &str) -> Result<()> {
-    let child = children.spawn(cmd.stdout(Stdio::piped()))?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout is piped")).read_line(&mut line)?;
-    if line.trim() != "listening" {
-        bail!(
-            "the listener for {what} did not start (`{}`)",
-            sys::show(cmd)
-        );
-    }
-    println!("listening: {what}");
-    Ok(())
-}
-
-/// One connection from a fresh process in `cgroup`: (exit code of `probe::connect`, its report).
-fn connect_from(cgroup: &Path, addr: &str) -> Result<(i32, String)> {
-    let addr: SocketAddr = addr.parse()?;
-    let mut cmd = sys::xtask_in_cgroup(cgroup)?;
-    let out = cmd
-        .args(["connect", &addr.to_string(), "--timeout-ms", "2000"])
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running `{}`", sys::show(&cmd)))?;
-    let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    Ok((
-        out.status.code().unwrap_or(-1),
-        if err.is_empty() {
-            said
-        } else {
-            format!("{said} {err}")
-        },
-    ))
 }
 
 /// A verdict line as `DENY egress by client-egress/no-web-admin: client -> web :8081`; the

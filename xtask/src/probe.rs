@@ -1,27 +1,36 @@
-//! The programs the demo and the benchmark run inside workload cgroups (hidden subcommands of
-//! xtask, which re-executes itself after joining the cgroup).
+//! The programs the demo and the benchmarks run inside workload cgroups (hidden subcommands of
+//! xtask, which re-executes itself after joining the cgroup), and the parent's side of starting
+//! them.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
+    path::Path,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
+
+use crate::sys::{self, Children};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
     /// Address to accept TCP connections on (repeatable).
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "udp")]
     listen: Vec<SocketAddr>,
+    /// Address to echo UDP datagrams on (repeatable).
+    #[arg(long)]
+    udp: Vec<SocketAddr>,
     /// Written to each connection before it is closed.
     #[arg(long, default_value = "")]
     greeting: String,
 }
 
-/// Accepts connections on every address, writes the greeting and closes. Prints `listening`
-/// once every socket is bound, which is what the parent waits for.
+/// Accepts connections on every TCP address, writes the greeting and closes; sends every UDP
+/// datagram back to its sender. Prints `listening` once every socket is bound, which is what
+/// the parent waits for.
 pub fn serve(args: &ServeArgs) -> Result<()> {
     let listeners = args
         .listen
@@ -39,6 +48,11 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
             Ok(listener)
         })
         .collect::<Result<Vec<_>>>()?;
+    let datagram_sockets = args
+        .udp
+        .iter()
+        .map(|addr| UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}")))
+        .collect::<Result<Vec<_>>>()?;
     println!("listening");
     std::io::stdout().flush()?;
     let greeting = args.greeting.as_bytes();
@@ -51,8 +65,63 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
                 }
             });
         }
+        for socket in &datagram_sockets {
+            scope.spawn(move || {
+                let mut buf = [0u8; 2048];
+                // A sender gone before the echo (ECONNREFUSED on a later call) is not an error.
+                loop {
+                    if let Ok((len, from)) = socket.recv_from(&mut buf) {
+                        let _ = socket.send_to(&buf[..len], from);
+                    }
+                }
+            });
+        }
     });
     Ok(())
+}
+
+/// Runs `cmd` (a `serve` command) among `children` and waits for its `listening` line.
+pub fn start_listener(children: &mut Children, cmd: &mut Command, what: &str) -> Result<()> {
+    let child = children.spawn(cmd.stdout(Stdio::piped()))?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout is piped")).read_line(&mut line)?;
+    if line.trim() != "listening" {
+        bail!(
+            "the listener for {what} did not start (`{}`)",
+            sys::show(cmd)
+        );
+    }
+    Ok(())
+}
+
+/// One attempt from a fresh process in `cgroup` (with `udp`: one datagram and its echo): the
+/// exit code of [`connect`] and what it printed.
+pub fn connect_from(
+    cgroup: &Path,
+    addr: SocketAddr,
+    udp: bool,
+    timeout: Duration,
+) -> Result<(i32, String)> {
+    let mut cmd = sys::xtask_in_cgroup(cgroup)?;
+    cmd.args(["connect", &addr.to_string(), "--timeout-ms"])
+        .arg(timeout.as_millis().to_string());
+    if udp {
+        cmd.arg("--udp");
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running `{}`", sys::show(&cmd)))?;
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    Ok((
+        out.status.code().unwrap_or(-1),
+        if err.is_empty() {
+            said
+        } else {
+            format!("{said} {err}")
+        },
+    ))
 }
 
 pub const CONNECTED: i32 = 0;
@@ -60,9 +129,22 @@ pub const REFUSED_EPERM: i32 = 2;
 pub const TIMED_OUT: i32 = 3;
 pub const OTHER_ERROR: i32 = 4;
 
-/// One connection attempt, reported as one line; the exit code says what happened.
-pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<()> {
+/// One connection attempt (with `udp`: one datagram exchange, see [`udp_exchange`]), reported as
+/// one line; the exit code says what happened.
+pub fn connect(addr: SocketAddr, udp: bool, timeout: Duration) -> Result<()> {
     let start = Instant::now();
+    if udp {
+        let result = udp_exchange(addr, timeout);
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        let code = match result {
+            Ok(_) => {
+                println!("answered in {ms:.1} ms");
+                CONNECTED
+            }
+            Err(e) => report_failure(&e, ms),
+        };
+        std::process::exit(code)
+    }
     let result = TcpStream::connect_timeout(&addr, timeout);
     let ms = start.elapsed().as_secs_f64() * 1000.0;
     let code = match result {
@@ -77,27 +159,63 @@ pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<()> {
             );
             CONNECTED
         }
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            println!("refused after {ms:.1} ms: {e}");
-            REFUSED_EPERM
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-            println!("no answer: gave up after {ms:.0} ms");
-            TIMED_OUT
-        }
-        Err(e) => {
-            println!("failed after {ms:.1} ms: {e}");
-            OTHER_ERROR
-        }
+        Err(e) => report_failure(&e, ms),
     };
     std::process::exit(code)
 }
 
-/// Connects and closes in a loop for `seconds` after a short warm-up, and prints one line:
+/// Prints why an attempt failed after `ms` and returns the exit code that says so.
+fn report_failure(e: &std::io::Error, ms: f64) -> i32 {
+    if e.raw_os_error() == Some(libc::EPERM) {
+        println!("refused after {ms:.1} ms: {e}");
+        REFUSED_EPERM
+    } else if matches!(
+        e.kind(),
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+    ) {
+        println!("no answer: gave up after {ms:.0} ms");
+        TIMED_OUT
+    } else {
+        println!("failed after {ms:.1} ms: {e}");
+        OTHER_ERROR
+    }
+}
+
+/// A UDP "connection": a new socket, bound (so the receiving side can tell which workload sent
+/// its datagram, see docs/datapath.md) and connected to `addr`, sends one datagram and waits up
+/// to `timeout` for the echo. Returns how long that took.
+pub fn udp_exchange(addr: SocketAddr, timeout: Duration) -> std::io::Result<Duration> {
+    let start = Instant::now();
+    let local: SocketAddr = if addr.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(local)?;
+    socket.connect(addr)?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send(b"ward-bench")?;
+    let mut reply = [0u8; 64];
+    socket.recv(&mut reply)?;
+    Ok(start.elapsed())
+}
+
+/// Connects and closes in a loop for `seconds` after a short warm-up (with `udp`: one datagram
+/// exchange on a new socket each time), and prints one line:
 /// `conns=N seconds=S p50_ns=X p99_ns=Y slow=Z total=T` (Z: connects that took 100 ms or more,
 /// i.e. a SYN was retransmitted; T: with the warm-up) or `error=...` at the first failed connect.
-pub fn bench_client(addr: SocketAddr, seconds: f64) -> Result<()> {
+pub fn bench_client(addr: SocketAddr, udp: bool, seconds: f64) -> Result<()> {
     let one = || -> std::io::Result<Duration> {
+        if udp {
+            // On loopback with one datagram in flight nothing is lost: a missing echo is a
+            // refusal or a fault, not noise.
+            return udp_exchange(addr, Duration::from_secs(1)).map_err(|e| match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    std::io::Error::new(e.kind(), "no echo within 1 s")
+                }
+                _ => e,
+            });
+        }
         let start = Instant::now();
         let stream = TcpStream::connect(addr)?;
         let took = start.elapsed();

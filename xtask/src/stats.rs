@@ -1,0 +1,50 @@
+//! The summaries the benchmarks print: percentiles and medians of what they measured.
+
+use std::time::Duration;
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The `p`th percentile (nearest rank) of `values`.
+pub fn percentile(values: &[Duration], p: usize) -> Duration {
+    if values.is_empty() {
+        return Duration::ZERO;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort();
+    let rank = (p * sorted.len()).div_ceil(100).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// The median of `values`, NaN when there are none.
+pub fn median_f64(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&v, 50), Duration::from_millis(50));
+        assert_eq!(percentile(&v, 99), Duration::from_millis(99));
+        assert_eq!(percentile(&v, 100), Duration::from_millis(100));
+        let few = [3, 1, 2].map(Duration::from_millis);
+        assert_eq!(percentile(&few, 50), Duration::from_millis(2));
+        assert_eq!(percentile(&few, 99), Duration::from_millis(3));
+        assert_eq!(percentile(&[], 50), Duration::ZERO);
+    }
+
+    #[test]
+    fn medians_take_the_middle_value() {
+        assert_eq!(median_f64(vec![5.0, 1.0, 3.0]), 3.0);
+        assert!(median_f64(Vec::new()).is_nan());
+    }
+}
