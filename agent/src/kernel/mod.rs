@@ -13,6 +13,7 @@ use std::{
     fs::File,
     os::fd::AsFd,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use agent_common::{
@@ -477,11 +478,12 @@ impl Datapath {
     }
 
     /// Installs a compiled policy and the IP cache as the next generation and switches the kernel
-    /// to it; see [`Generations::apply`].
+    /// to it; see [`Generations::apply`]. Both are kept (shared, not copied) until the next apply,
+    /// which writes only what differs from them.
     pub fn apply(
         &mut self,
-        compiled: &Compiled,
-        addresses: &BTreeMap<[u8; 16], u32>,
+        compiled: &Arc<Compiled>,
+        addresses: &Arc<BTreeMap<[u8; 16], u32>>,
     ) -> Result<ApplyStats, KernelError> {
         self.generations.apply(compiled, addresses)
     }
