@@ -129,15 +129,29 @@ impl Generations {
         let started = Instant::now();
         let target = Arc::new(Content::new(compiled, addresses));
         let next = self.generation.wrapping_add(1);
-        let writes = self.update(bit(next), &target)?;
+        let (standby, previous) = (bit(next), bit(self.generation));
+        let standby_held = self.holds[usize::from(standby)].take();
+        let changes = GenerationChanges::between(standby_held.as_deref(), &target);
+        let writes = self.write(standby, standby_held.is_some(), &changes, &target)?;
         self.state
             .set(0, StateValue::new(next), 0)
             .map_err(map_err(map_names::STATE))?;
         let enforced_after = started.elapsed();
-        let previous = bit(self.generation);
         self.generation = next;
         std::thread::sleep(GENERATION_SETTLE);
-        if let Err(e) = self.update(previous, &target) {
+        // In steady state both bits held the same content: the same changes bring this one up to
+        // date.
+        let previous_held = self.holds[usize::from(previous)].take();
+        let caught_up = match (&previous_held, &standby_held) {
+            (Some(p), Some(s)) if Arc::ptr_eq(p, s) => {
+                self.write(previous, true, &changes, &target)
+            }
+            _ => {
+                let changes = GenerationChanges::between(previous_held.as_deref(), &target);
+                self.write(previous, previous_held.is_some(), &changes, &target)
+            }
+        };
+        if let Err(e) = caught_up {
             tracing::warn!(
                 generation = next,
                 error = %e,
@@ -157,46 +171,68 @@ impl Generations {
         })
     }
 
-    /// Makes generation bit `bit`, which no program reads, hold `target`: the changes from what
-    /// it holds, or everything after removing whatever it holds when that is unknown.
-    fn update(&mut self, bit: u8, target: &Arc<Content>) -> Result<Writes, KernelError> {
-        let slot = usize::from(bit);
-        let writes = match self.holds[slot].take() {
-            Some(held) => self.maps.write_changes(bit, Some(&held), target)?,
-            None => {
-                let cleared = self.maps.remove_generation(bit)?;
-                let writes = self.maps.write_changes(bit, None, target)?;
-                Writes {
-                    removed: cleared + writes.removed,
-                    ..writes
-                }
-            }
+    /// Makes generation bit `bit`, which no program reads and whose entry in `holds` the caller
+    /// took, hold `target`. `known`: the bit holds what `changes` start from; otherwise it is
+    /// emptied first and `changes` must start from nothing. On error the bit stays unknown.
+    fn write(
+        &mut self,
+        bit: u8,
+        known: bool,
+        changes: &GenerationChanges<'_>,
+        target: &Arc<Content>,
+    ) -> Result<Writes, KernelError> {
+        let cleared = if known {
+            0
+        } else {
+            self.maps.remove_generation(bit)?
         };
-        self.holds[slot] = Some(target.clone());
-        Ok(writes)
+        let writes = self.maps.write_changes(bit, changes)?;
+        self.holds[usize::from(bit)] = Some(target.clone());
+        Ok(Writes {
+            written: writes.written,
+            removed: cleared + writes.removed,
+        })
+    }
+}
+
+/// What a generation bit needs to go from one content to another, map by map.
+struct GenerationChanges<'a> {
+    entries: diff::Changes<'a, PolicyKey, PolicyValue>,
+    addresses: diff::Changes<'a, [u8; 16], u32>,
+    prefixes: diff::Changes<'a, ([u8; 16], u32), u32>,
+}
+
+impl<'a> GenerationChanges<'a> {
+    /// From `from` (`None`: an empty generation) to `to`.
+    fn between(from: Option<&'a Content>, to: &'a Content) -> Self {
+        static NO_ENTRIES: BTreeMap<PolicyKey, PolicyValue> = BTreeMap::new();
+        static NO_ADDRESSES: BTreeMap<[u8; 16], u32> = BTreeMap::new();
+        static NO_PREFIXES: BTreeMap<([u8; 16], u32), u32> = BTreeMap::new();
+        let (entries, addresses, prefixes) = match from {
+            Some(from) => (&from.compiled.entries, &*from.addresses, &from.prefixes),
+            None => (&NO_ENTRIES, &NO_ADDRESSES, &NO_PREFIXES),
+        };
+        GenerationChanges {
+            entries: diff::between(entries, &to.compiled.entries),
+            addresses: diff::between(addresses, &to.addresses),
+            prefixes: diff::between(prefixes, &to.prefixes),
+        }
     }
 }
 
 impl GenerationMaps {
-    /// Writes into bit `bit` the changes from `from` (`None`: an empty generation) to `to`.
-    /// Removals come first, so that a bit never holds more entries than the larger of the two
-    /// (the maps are sized for two generations).
+    /// Writes `changes` into bit `bit`. Removals come first, so that a bit never holds more
+    /// entries than the larger of the two contents (the maps are sized for two generations).
     fn write_changes(
         &mut self,
         bit: u8,
-        from: Option<&Content>,
-        to: &Content,
+        changes: &GenerationChanges<'_>,
     ) -> Result<Writes, KernelError> {
-        let (no_entries, no_addresses, no_prefixes) =
-            (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
-        let (entries, addresses, prefixes) = match from {
-            Some(from) => (&from.compiled.entries, &*from.addresses, &from.prefixes),
-            None => (&no_entries, &no_addresses, &no_prefixes),
-        };
-        let entries = diff::between(entries, &to.compiled.entries);
-        let addresses = diff::between(addresses, &to.addresses);
-        let prefixes = diff::between(prefixes, &to.prefixes);
-
+        let GenerationChanges {
+            entries,
+            addresses,
+            prefixes,
+        } = changes;
         for key in &entries.removed {
             ignore_missing(self.policy.remove(&policy_key(bit, key)))
                 .map_err(map_err(map_names::POLICY))?;
