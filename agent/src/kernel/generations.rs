@@ -17,11 +17,11 @@ use agent_common::{
     map_names, IpcacheKey, IpcacheLpmData, IpcacheValue, PolicyKey, PolicyValue, StateValue,
 };
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData},
     Ebpf, Pod,
 };
 
-use super::{map_err, mapped, take, KernelError};
+use super::{ignore_missing, map_err, mapped, take, KernelError};
 use crate::policy::Compiled;
 
 /// Time for programs that read the previous generation to finish before its entries change.
@@ -338,13 +338,6 @@ fn remove_where<K: Pod, V: Pod>(
         ignore_missing(map.remove(key)).map_err(map_err(name))?;
     }
     Ok(keys.len())
-}
-
-fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
-    match r {
-        Err(MapError::KeyNotFound) => Ok(()),
-        r => r,
-    }
 }
 
 fn mapped_prefix(net: &ipnet::IpNet) -> ([u8; 16], u32) {
