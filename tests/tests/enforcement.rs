@@ -777,36 +777,44 @@ fn one_rule_changes_to_a_large_policy_are_applied_by_difference_under_traffic() 
     let cgroups = TestCgroups::new("diff-apply");
     let client = Placement::cgroup(cgroups.create("client"));
     let steady = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
-    let toggled = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
     let closed = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let toggled = [
+        peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host()),
+        peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host()),
+    ];
     let rules = allow_tcp("steady", steady.port()) + &filler_ports();
-    let without = client_egress("client-egress", &rules);
-    let with = client_egress(
-        "client-egress",
-        &(rules.clone() + &allow_tcp("toggled", toggled.port())),
-    );
-    let mut ward = Ward::start(&cgroups, &[Workload::new("client")], &without);
-    assert_refused_at_once(&peer, Protocol::Tcp, toggled.addr, &client, &ward, &[]);
+    let policy_allowing = |which: &[usize]| {
+        let mut allowed = rules.clone();
+        for &i in which {
+            allowed += &allow_tcp(&format!("toggled-{i}"), toggled[i].port());
+        }
+        client_egress("client-egress", &allowed)
+    };
+    let mut ward = Ward::start(&cgroups, &[Workload::new("client")], &policy_allowing(&[]));
 
     let stop = StopFile::new("diff-apply");
     let mut allowed = start_load(&peer, steady.addr, &client, 2, &stop.0);
     let mut denied = start_load(&peer, closed.addr, &client, 2, &stop.0);
     wait_started(&allowed);
     wait_started(&denied);
-    // Each apply writes the other generation bit: six rounds give each bit three changes.
+    // One rule added or removed per step. Each apply writes the other generation bit, so a bit
+    // gets the changes of two steps at a time: the one before (after the settle) and its own.
+    // A bit left behind by a step would lose a rule added there.
+    let steps: [&[usize]; 6] = [&[0], &[0, 1], &[1], &[], &[0], &[0, 1]];
     let mut generations = Vec::new();
-    for round in 0..6 {
-        let add = round % 2 == 0;
-        let applied = apply_by_difference(&mut ward, if add { &with } else { &without }, 4);
+    for allowing in steps {
+        let applied = apply_by_difference(&mut ward, &policy_allowing(allowing), 4);
         assert!(
             applied["entries"].as_u64().is_some_and(|n| n > 3000),
             "the policy under test has the filler's 3,000 entries: {applied}"
         );
         generations.push(applied["generation"].as_u64().expect("a generation"));
-        if add {
-            assert_allowed(&peer, Protocol::Tcp, toggled.addr, &client, &ward, &[]);
-        } else {
-            assert_refused_at_once(&peer, Protocol::Tcp, toggled.addr, &client, &ward, &[]);
+        for (i, listener) in toggled.iter().enumerate() {
+            if allowing.contains(&i) {
+                assert_allowed(&peer, Protocol::Tcp, listener.addr, &client, &ward, &[]);
+            } else {
+                assert_refused_at_once(&peer, Protocol::Tcp, listener.addr, &client, &ward, &[]);
+            }
         }
     }
     stop.stop();
