@@ -33,7 +33,7 @@ pub struct Desired {
     /// Other nodes' workloads (control-plane mode): identities that rules may name as peers.
     pub peers: Vec<WorkloadInfo>,
     pub compiled: Arc<Compiled>,
-    pub addresses: BTreeMap<[u8; 16], u32>,
+    pub addresses: Arc<BTreeMap<[u8; 16], u32>>,
 }
 
 impl Desired {
@@ -81,7 +81,7 @@ impl Desired {
             workloads,
             peers,
             compiled: Arc::new(compiled),
-            addresses,
+            addresses: Arc::new(addresses),
         })
     }
 

@@ -395,7 +395,10 @@ impl Enforcer {
                 tracing::info!(
                     reason,
                     generation = stats.generation,
+                    written = stats.written,
+                    removed = stats.removed,
                     entries = stats.entries,
+                    enforced_ms = stats.enforced_after.as_secs_f64() * 1e3,
                     duration_ms = stats.duration.as_secs_f64() * 1e3,
                     "policy applied"
                 );

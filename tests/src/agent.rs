@@ -443,7 +443,8 @@ impl Ward {
     /// Replaces the policy file (atomically, by rename) without a signal, so that exactly one
     /// reload follows, from ward's file watch; panics with the log unless that reload applied it.
     /// Faster than [`Ward::reload_applied`], which waits for the signal's reload to settle too.
-    pub fn replace_policy(&mut self, policy: &str) {
+    /// Returns the `policy applied` line.
+    pub fn replace_policy(&mut self, policy: &str) -> String {
         let from = self.write_policy(policy);
         let (_, line) = self.process.wait_for_line(
             from,
@@ -456,6 +457,7 @@ impl Ward {
             "ward did not apply a valid policy: {line}\nlog:\n{}",
             self.process.lines().tail(200)
         );
+        line
     }
 
     /// Like [`Ward::reload`], and panics with the log unless the policy was applied.

@@ -737,6 +737,168 @@ fn a_broken_policy_reloaded_under_traffic_is_refused_and_the_previous_one_stays(
     assert_allowed(&peer, Protocol::Tcp, closed.addr, &client, &ward, &[]);
 }
 
+/// 3,000 entries beside the rules under test: a change must not rewrite them.
+fn filler_ports() -> String {
+    "    - name: filler\n      ports: [{port: 20000, endPort: 22999, protocol: TCP}]\n".into()
+}
+
+/// The fields of a `policy applied` line.
+fn applied_fields(line: &str) -> serde_json::Value {
+    let start = line
+        .find('{')
+        .unwrap_or_else(|| panic!("not a JSON log line: {line}"));
+    serde_json::from_str(&line[start..])
+        .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"))
+}
+
+/// Replaces the policy file with `policy` (one reload, from the file watch); panics unless the
+/// apply wrote and removed at least one and at most `most` entries in all. Returns its fields.
+fn apply_by_difference(ward: &mut Ward, policy: &str, most: u64) -> serde_json::Value {
+    let line = ward.replace_policy(policy);
+    let fields = applied_fields(&line);
+    let count = |key: &str| {
+        fields[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no `{key}` count in {line}"))
+    };
+    let changed = count("written") + count("removed");
+    assert!(changed > 0, "a changed policy must change entries: {line}");
+    assert!(
+        changed <= most,
+        "a one-rule change must write only that rule, not the policy's thousands of entries: {line}"
+    );
+    eprintln!("applied by difference: {line}");
+    fields
+}
+
+#[test]
+fn one_rule_changes_to_a_large_policy_are_applied_by_difference_under_traffic() {
+    let peer = peer!();
+    let cgroups = TestCgroups::new("diff-apply");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let steady = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let closed = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let toggled = [
+        peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host()),
+        peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host()),
+    ];
+    let rules = allow_tcp("steady", steady.port()) + &filler_ports();
+    let policy_allowing = |which: &[usize]| {
+        let mut allowed = rules.clone();
+        for &i in which {
+            allowed += &allow_tcp(&format!("toggled-{i}"), toggled[i].port());
+        }
+        client_egress("client-egress", &allowed)
+    };
+    let mut ward = Ward::start(&cgroups, &[Workload::new("client")], &policy_allowing(&[]));
+
+    let stop = StopFile::new("diff-apply");
+    let mut allowed = start_load(&peer, steady.addr, &client, 2, &stop.0);
+    let mut denied = start_load(&peer, closed.addr, &client, 2, &stop.0);
+    wait_started(&allowed);
+    wait_started(&denied);
+    // One rule added or removed per step. Each apply writes the other generation bit, so a bit
+    // gets the changes of two steps at a time: the one before (after the settle) and its own.
+    // A bit left behind by a step would lose a rule added there.
+    let steps: [&[usize]; 6] = [&[0], &[0, 1], &[1], &[], &[0], &[0, 1]];
+    let mut generations = Vec::new();
+    for allowing in steps {
+        let applied = apply_by_difference(&mut ward, &policy_allowing(allowing), 4);
+        assert!(
+            applied["entries"].as_u64().is_some_and(|n| n > 3000),
+            "the policy under test has the filler's 3,000 entries: {applied}"
+        );
+        generations.push(applied["generation"].as_u64().expect("a generation"));
+        for (i, listener) in toggled.iter().enumerate() {
+            if allowing.contains(&i) {
+                assert_allowed(&peer, Protocol::Tcp, listener.addr, &client, &ward, &[]);
+            } else {
+                assert_refused_at_once(&peer, Protocol::Tcp, listener.addr, &client, &ward, &[]);
+            }
+        }
+    }
+    stop.stop();
+    let allowed = finish_load(&mut allowed);
+    let denied = finish_load(&mut denied);
+    assert!(
+        generations.windows(2).all(|w| w[1] == w[0] + 1),
+        "each change is the next generation, so the bits take turns: {generations:?}"
+    );
+    eprintln!(
+        "changes by difference under load: steady port {}, closed port {}",
+        tally(&allowed),
+        tally(&denied)
+    );
+    assert!(
+        allowed.iter().all(|o| *o == Outcome::Ok) && denied.iter().all(|o| *o == Outcome::Eperm),
+        "wrong verdicts during changes by difference: steady port {}, closed port {}; log:\n{}",
+        tally(&allowed),
+        tally(&denied),
+        ward.log().tail(100)
+    );
+    assert_eq!(closed.received(), 0, "the closed listener saw connections");
+}
+
+/// The maps a stopped agent leaves hold its policy in both generation bits; the next agent knows
+/// neither, so it rewrites both in full before it changes anything by difference.
+#[test]
+fn a_restart_with_a_changed_policy_enforces_the_new_one_and_then_applies_by_difference() {
+    let peer = peer!();
+    let cgroups = TestCgroups::new("diff-restart");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let steady = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let first = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let second = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let closed = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let rules = allow_tcp("steady", steady.port()) + &filler_ports();
+    let policy_allowing = |ports: &[&Listener]| {
+        let mut allowed = rules.clone();
+        for (i, listener) in ports.iter().enumerate() {
+            allowed += &allow_tcp(&format!("allow-{i}"), listener.port());
+        }
+        client_egress("client-egress", &allowed)
+    };
+    let workloads = [Workload::new("client")];
+    let keep = ["--keep-enforcing"];
+    let mut ward = Ward::start_with_args(&cgroups, &workloads, &policy_allowing(&[&first]), &keep);
+    assert_allowed(&peer, Protocol::Tcp, first.addr, &client, &ward, &[]);
+    assert_refused_at_once(&peer, Protocol::Tcp, second.addr, &client, &ward, &[]);
+
+    let stop = StopFile::new("diff-restart");
+    let mut allowed = start_load(&peer, steady.addr, &client, 2, &stop.0);
+    let mut denied = start_load(&peer, closed.addr, &client, 2, &stop.0);
+    wait_started(&allowed);
+    wait_started(&denied);
+    let status = ward.stop();
+    assert!(
+        status.success(),
+        "ward --keep-enforcing exited with {status}"
+    );
+    std::fs::write(ward.policy_file(), policy_allowing(&[&second]))
+        .unwrap_or_else(|e| panic!("write {}: {e}", ward.policy_file().display()));
+    ward.respawn(&ward_tests::ward_bin(), &keep);
+    assert_allowed(&peer, Protocol::Tcp, second.addr, &client, &ward, &[]);
+    assert_refused_at_once(&peer, Protocol::Tcp, first.addr, &client, &ward, &[]);
+
+    // Both bits now hold the new policy: one-rule changes into each are a few writes.
+    apply_by_difference(&mut ward, &policy_allowing(&[&second, &first]), 4);
+    assert_allowed(&peer, Protocol::Tcp, first.addr, &client, &ward, &[]);
+    apply_by_difference(&mut ward, &policy_allowing(&[&first]), 4);
+    assert_refused_at_once(&peer, Protocol::Tcp, second.addr, &client, &ward, &[]);
+    assert_allowed(&peer, Protocol::Tcp, first.addr, &client, &ward, &[]);
+    stop.stop();
+    let allowed = finish_load(&mut allowed);
+    let denied = finish_load(&mut denied);
+    assert!(
+        allowed.iter().all(|o| *o == Outcome::Ok) && denied.iter().all(|o| *o == Outcome::Eperm),
+        "wrong verdicts across the restart: steady port {}, closed port {}; log:\n{}",
+        tally(&allowed),
+        tally(&denied),
+        ward.log().tail(100)
+    );
+    assert_eq!(closed.received(), 0, "the closed listener saw connections");
+}
+
 #[test]
 fn verdict_lines_name_the_policy_rule_and_flow() {
     let peer = peer!();

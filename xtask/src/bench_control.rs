@@ -289,8 +289,8 @@ fn report(
         out,
         "target: p99 under 100 ms for a single change. ctl plane: file renamed → ward-control \
          logged the new version (its 50 ms debounce included); kernel write: the agent's \
-         `policy applied duration_ms` (all entries of the new generation, its 20 ms settle, removal \
-         of the old one)"
+         `policy applied duration_ms` (the changed entries into the standby generation, its 20 ms \
+         settle, the same changes into the previous one)"
     );
     let times: Vec<Duration> = resyncs.iter().map(|r| r.0).collect();
     let _ = writeln!(

@@ -1,10 +1,15 @@
-//! The datapath's writer: the policy and IP cache maps hold two generations, one in force and one
-//! being written. An apply writes the next generation in full, switches the kernel to it with one
-//! write to the state map, waits for programs still reading the previous one, then removes it.
-//! Blocking (it sleeps [`GENERATION_SETTLE`]): the agent runs it off the runtime that carries
-//! connections.
+//! The datapath's writer: the policy and IP cache maps hold two generations (the low bit of the
+//! generation number in every key), one in force and one standby, and this module owns both.
+//! An apply writes into the standby bit only what differs from what that bit holds, switches the
+//! kernel to it with one write to the state map, waits for programs still reading the previous
+//! bit, then brings that bit up to date the same way: in steady state both bits hold the policy
+//! in force and a one-rule change costs a few map writes. Blocking (it sleeps
+//! [`GENERATION_SETTLE`]): the agent runs it off the runtime that carries connections.
+mod diff;
+
 use std::{
     collections::BTreeMap,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -16,11 +21,11 @@ use aya::{
     Ebpf, Pod,
 };
 
-use super::{map_err, mapped, take, KernelError};
+use super::{ignore_missing, map_err, mapped, take, KernelError};
 use crate::policy::Compiled;
 
-/// Time for programs that read the previous generation to finish before its entries go. Programs
-/// run for microseconds under RCU; this is orders of magnitude more.
+/// Time for programs that read the previous generation to finish before its entries change.
+/// Programs run for microseconds under RCU; this is orders of magnitude more.
 const GENERATION_SETTLE: Duration = Duration::from_millis(20);
 
 /// What one policy apply wrote.
@@ -31,122 +36,240 @@ pub struct ApplyStats {
     pub entries: usize,
     pub addresses: usize,
     pub prefixes: usize,
+    /// Entries (policy, IP cache and prefixes together) written to the generation that went into
+    /// force: the changes only, or everything when that bit's content was not known.
+    pub written: usize,
+    /// Entries removed from that generation before it went into force.
+    pub removed: usize,
+    /// From the start of the apply to the switch: when the kernel enforces the new policy.
+    pub enforced_after: Duration,
+    /// The whole apply, the settle and the previous generation's update included.
     pub duration: Duration,
 }
 
-/// The maps an apply writes, and the generation in force.
-pub(super) struct Generations {
+/// The content of one generation: a compiled policy and the IP cache, shared with the caller
+/// rather than copied.
+struct Content {
+    compiled: Arc<Compiled>,
+    addresses: Arc<BTreeMap<[u8; 16], u32>>,
+    /// `compiled.prefixes` as the trie keys them (mapped address, length in bits), so that two
+    /// spellings of one prefix are one entry here as in the kernel.
+    prefixes: BTreeMap<([u8; 16], u32), u32>,
+}
+
+impl Content {
+    fn new(compiled: &Arc<Compiled>, addresses: &Arc<BTreeMap<[u8; 16], u32>>) -> Self {
+        Content {
+            compiled: compiled.clone(),
+            addresses: addresses.clone(),
+            prefixes: compiled
+                .prefixes
+                .iter()
+                .map(|(net, identity)| (mapped_prefix(net), *identity))
+                .collect(),
+        }
+    }
+}
+
+/// Map writes of one generation update.
+#[derive(Clone, Copy, Debug, Default)]
+struct Writes {
+    written: usize,
+    removed: usize,
+}
+
+/// The maps that hold both generations.
+struct GenerationMaps {
     policy: HashMap<MapData, PolicyKey, PolicyValue>,
     ipcache: HashMap<MapData, IpcacheKey, IpcacheValue>,
     lpm: LpmTrie<MapData, IpcacheLpmData, IpcacheValue>,
+}
+
+/// The maps an apply writes, the generation in force and what each generation bit holds.
+pub(super) struct Generations {
+    maps: GenerationMaps,
     state: Array<MapData, StateValue>,
     generation: u32,
+    /// Per generation bit, the content its entries are known to equal; `None` when unknown (at
+    /// start, or after a write to it failed). In steady state both name the one content in force.
+    holds: [Option<Arc<Content>>; 2],
 }
 
 impl Generations {
-    /// Takes the maps from the loaded object; the generation in force is the kernel's.
+    /// Takes the maps from the loaded object; the generation in force is the kernel's. What the
+    /// maps hold (an earlier agent's entries) is unknown until the first apply rewrites it.
     pub(super) fn open(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
         let state: Array<MapData, StateValue> = take(ebpf, map_names::STATE)?;
         let current = state.get(&0, 0).map_err(map_err(map_names::STATE))?;
         Ok(Generations {
-            policy: take(ebpf, map_names::POLICY)?,
-            ipcache: take(ebpf, map_names::IPCACHE)?,
-            lpm: take(ebpf, map_names::IPCACHE_LPM)?,
+            maps: GenerationMaps {
+                policy: take(ebpf, map_names::POLICY)?,
+                ipcache: take(ebpf, map_names::IPCACHE)?,
+                lpm: take(ebpf, map_names::IPCACHE_LPM)?,
+            },
             state,
             generation: current.generation,
+            holds: [None, None],
         })
     }
 
     /// Installs a compiled policy and the IP cache as the next generation, then switches the
     /// kernel to it with one write. A connection sees either the old or the new generation in
-    /// full, never a mix; on error the old generation stays in force untouched.
+    /// full, never a mix; on error the generation in force stays, untouched.
+    ///
+    /// The standby bit gets only the changes from what it holds (everything, when that is not
+    /// known); after the switch and [`GENERATION_SETTLE`], the previous bit gets the same
+    /// changes. A failure there is logged, not returned: the new policy is in force, and the next
+    /// apply rewrites that bit in full.
     pub(super) fn apply(
         &mut self,
-        compiled: &Compiled,
-        addresses: &BTreeMap<[u8; 16], u32>,
+        compiled: &Arc<Compiled>,
+        addresses: &Arc<BTreeMap<[u8; 16], u32>>,
     ) -> Result<ApplyStats, KernelError> {
         let started = Instant::now();
+        let target = Arc::new(Content::new(compiled, addresses));
         let next = self.generation.wrapping_add(1);
-        let next_bit = (next & 1) as u8;
-        // Leftovers of an apply that died half-way belong to the inactive generation.
-        self.remove_generation(next_bit)?;
-        if let Err(e) = self.write_generation(next_bit, compiled, addresses) {
-            self.remove_generation(next_bit)?;
-            return Err(e);
-        }
+        let (standby, previous) = (bit(next), bit(self.generation));
+        let standby_held = self.holds[usize::from(standby)].take();
+        let changes = GenerationChanges::between(standby_held.as_deref(), &target);
+        let writes = self.write(standby, standby_held.is_some(), &changes, &target)?;
         self.state
             .set(0, StateValue::new(next), 0)
             .map_err(map_err(map_names::STATE))?;
-        let previous_bit = (self.generation & 1) as u8;
+        let enforced_after = started.elapsed();
         self.generation = next;
         std::thread::sleep(GENERATION_SETTLE);
-        self.remove_generation(previous_bit)?;
+        // In steady state both bits held the same content: the same changes bring this one up to
+        // date.
+        let previous_held = self.holds[usize::from(previous)].take();
+        let caught_up = match (&previous_held, &standby_held) {
+            (Some(p), Some(s)) if Arc::ptr_eq(p, s) => {
+                self.write(previous, true, &changes, &target)
+            }
+            _ => {
+                let changes = GenerationChanges::between(previous_held.as_deref(), &target);
+                self.write(previous, previous_held.is_some(), &changes, &target)
+            }
+        };
+        if let Err(e) = caught_up {
+            tracing::warn!(
+                generation = next,
+                error = %e,
+                "the policy is in force, but updating the previous generation failed; the next apply rewrites it in full"
+            );
+        }
         Ok(ApplyStats {
             at: Instant::now(),
             generation: next,
             entries: compiled.entries.len(),
             addresses: addresses.len(),
             prefixes: compiled.prefixes.len(),
+            written: writes.written,
+            removed: writes.removed,
+            enforced_after,
             duration: started.elapsed(),
         })
     }
 
-    fn write_generation(
+    /// Makes generation bit `bit`, which no program reads and whose entry in `holds` the caller
+    /// took, hold `target`. `known`: the bit holds what `changes` start from; otherwise it is
+    /// emptied first and `changes` must start from nothing. On error the bit stays unknown.
+    fn write(
         &mut self,
         bit: u8,
-        compiled: &Compiled,
-        addresses: &BTreeMap<[u8; 16], u32>,
-    ) -> Result<(), KernelError> {
-        for (key, value) in &compiled.entries {
-            let key = PolicyKey {
-                generation: bit,
-                ..*key
-            };
-            self.policy
-                .insert(key, *value, 0)
+        known: bool,
+        changes: &GenerationChanges<'_>,
+        target: &Arc<Content>,
+    ) -> Result<Writes, KernelError> {
+        let cleared = if known {
+            0
+        } else {
+            self.maps.remove_generation(bit)?
+        };
+        let writes = self.maps.write_changes(bit, changes)?;
+        self.holds[usize::from(bit)] = Some(target.clone());
+        Ok(Writes {
+            written: writes.written,
+            removed: cleared + writes.removed,
+        })
+    }
+}
+
+/// What a generation bit needs to go from one content to another, map by map.
+struct GenerationChanges<'a> {
+    entries: diff::Changes<'a, PolicyKey, PolicyValue>,
+    addresses: diff::Changes<'a, [u8; 16], u32>,
+    prefixes: diff::Changes<'a, ([u8; 16], u32), u32>,
+}
+
+impl<'a> GenerationChanges<'a> {
+    /// From `from` (`None`: an empty generation) to `to`.
+    fn between(from: Option<&'a Content>, to: &'a Content) -> Self {
+        static NO_ENTRIES: BTreeMap<PolicyKey, PolicyValue> = BTreeMap::new();
+        static NO_ADDRESSES: BTreeMap<[u8; 16], u32> = BTreeMap::new();
+        static NO_PREFIXES: BTreeMap<([u8; 16], u32), u32> = BTreeMap::new();
+        let (entries, addresses, prefixes) = match from {
+            Some(from) => (&from.compiled.entries, &*from.addresses, &from.prefixes),
+            None => (&NO_ENTRIES, &NO_ADDRESSES, &NO_PREFIXES),
+        };
+        GenerationChanges {
+            entries: diff::between(entries, &to.compiled.entries),
+            addresses: diff::between(addresses, &to.addresses),
+            prefixes: diff::between(prefixes, &to.prefixes),
+        }
+    }
+}
+
+impl GenerationMaps {
+    /// Writes `changes` into bit `bit`. Removals come first, so that a bit never holds more
+    /// entries than the larger of the two contents (the maps are sized for two generations).
+    fn write_changes(
+        &mut self,
+        bit: u8,
+        changes: &GenerationChanges<'_>,
+    ) -> Result<Writes, KernelError> {
+        let GenerationChanges {
+            entries,
+            addresses,
+            prefixes,
+        } = changes;
+        for key in &entries.removed {
+            ignore_missing(self.policy.remove(&policy_key(bit, key)))
                 .map_err(map_err(map_names::POLICY))?;
         }
-        for (addr, identity) in addresses {
-            let key = IpcacheKey {
-                generation: bit,
-                _pad: [0; 3],
-                addr: *addr,
-            };
-            self.ipcache
-                .insert(
-                    key,
-                    IpcacheValue {
-                        identity: *identity,
-                    },
-                    0,
-                )
+        for addr in &addresses.removed {
+            ignore_missing(self.ipcache.remove(&ipcache_key(bit, addr)))
                 .map_err(map_err(map_names::IPCACHE))?;
         }
-        for (net, identity) in &compiled.prefixes {
-            let (addr, len) = mapped_prefix(net);
-            let key = Key::new(
-                8 + len,
-                IpcacheLpmData {
-                    generation: bit,
-                    addr,
-                },
-            );
-            self.lpm
-                .insert(
-                    &key,
-                    IpcacheValue {
-                        identity: *identity,
-                    },
-                    0,
-                )
+        for prefix in &prefixes.removed {
+            ignore_missing(self.lpm.remove(&lpm_key(bit, prefix)))
                 .map_err(map_err(map_names::IPCACHE_LPM))?;
         }
-        Ok(())
+        for (key, value) in &entries.written {
+            self.policy
+                .insert(policy_key(bit, key), **value, 0)
+                .map_err(map_err(map_names::POLICY))?;
+        }
+        for (addr, identity) in &addresses.written {
+            self.ipcache
+                .insert(ipcache_key(bit, addr), ipcache_value(identity), 0)
+                .map_err(map_err(map_names::IPCACHE))?;
+        }
+        for (prefix, identity) in &prefixes.written {
+            self.lpm
+                .insert(&lpm_key(bit, prefix), ipcache_value(identity), 0)
+                .map_err(map_err(map_names::IPCACHE_LPM))?;
+        }
+        Ok(Writes {
+            written: entries.written.len() + addresses.written.len() + prefixes.written.len(),
+            removed: entries.removed.len() + addresses.removed.len() + prefixes.removed.len(),
+        })
     }
 
-    fn remove_generation(&mut self, bit: u8) -> Result<(), KernelError> {
-        remove_where(&mut self.policy, map_names::POLICY, |k| k.generation == bit)?;
-        remove_where(&mut self.ipcache, map_names::IPCACHE, |k| {
+    /// Removes every entry of generation bit `bit`; returns how many there were.
+    fn remove_generation(&mut self, bit: u8) -> Result<usize, KernelError> {
+        let policy = remove_where(&mut self.policy, map_names::POLICY, |k| k.generation == bit)?;
+        let ipcache = remove_where(&mut self.ipcache, map_names::IPCACHE, |k| {
             k.generation == bit
         })?;
         let stale: Vec<Key<IpcacheLpmData>> = self
@@ -155,35 +278,66 @@ impl Generations {
             .filter_map(Result::ok)
             .filter(|k| k.data().generation == bit)
             .collect();
-        for key in stale {
-            ignore_missing(self.lpm.remove(&key)).map_err(map_err(map_names::IPCACHE_LPM))?;
+        for key in &stale {
+            ignore_missing(self.lpm.remove(key)).map_err(map_err(map_names::IPCACHE_LPM))?;
         }
-        Ok(())
+        Ok(policy + ipcache + stale.len())
     }
 }
 
-/// Removes the entries of a hash map whose key is `stale`.
+/// The generation bit that map keys carry for generation `generation`.
+fn bit(generation: u32) -> u8 {
+    (generation & 1) as u8
+}
+
+fn policy_key(bit: u8, key: &PolicyKey) -> PolicyKey {
+    PolicyKey {
+        generation: bit,
+        ..*key
+    }
+}
+
+fn ipcache_key(bit: u8, addr: &[u8; 16]) -> IpcacheKey {
+    IpcacheKey {
+        generation: bit,
+        _pad: [0; 3],
+        addr: *addr,
+    }
+}
+
+/// `prefix` is a mapped address and its length, as [`mapped_prefix`] gives them.
+fn lpm_key(bit: u8, &(addr, len): &([u8; 16], u32)) -> Key<IpcacheLpmData> {
+    // The trie matches the generation byte too: 8 more bits of prefix.
+    Key::new(
+        8 + len,
+        IpcacheLpmData {
+            generation: bit,
+            addr,
+        },
+    )
+}
+
+fn ipcache_value(identity: &u32) -> IpcacheValue {
+    IpcacheValue {
+        identity: *identity,
+    }
+}
+
+/// Removes the entries of a hash map whose key is `stale`; returns how many it removed.
 fn remove_where<K: Pod, V: Pod>(
     map: &mut HashMap<MapData, K, V>,
     name: &'static str,
     stale: impl Fn(&K) -> bool,
-) -> Result<(), KernelError> {
+) -> Result<usize, KernelError> {
     let keys: Vec<K> = map
         .keys()
         .filter_map(Result::ok)
         .filter(|k| stale(k))
         .collect();
-    for key in keys {
-        ignore_missing(map.remove(&key)).map_err(map_err(name))?;
+    for key in &keys {
+        ignore_missing(map.remove(key)).map_err(map_err(name))?;
     }
-    Ok(())
-}
-
-fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
-    match r {
-        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        r => r,
-    }
+    Ok(keys.len())
 }
 
 fn mapped_prefix(net: &ipnet::IpNet) -> ([u8; 16], u32) {

@@ -13,6 +13,7 @@ use std::{
     fs::File,
     os::fd::AsFd,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use agent_common::{
@@ -110,6 +111,20 @@ fn summarize(e: &aya::programs::ProgramError) -> String {
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> KernelError {
     move |source| KernelError::Map { name, source }
+}
+
+/// A removal of a key the map does not hold succeeds: the key is gone either way. (aya reports
+/// it as the syscall's `ENOENT`.)
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
 }
 
 fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> KernelError {
@@ -455,10 +470,7 @@ impl Datapath {
     }
 
     pub fn remove_cgroup(&mut self, cgroup_id: u64) -> Result<(), KernelError> {
-        match self.cgroups.remove(&cgroup_id) {
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            r => r.map_err(map_err(map_names::CGROUPS)),
-        }
+        ignore_missing(self.cgroups.remove(&cgroup_id)).map_err(map_err(map_names::CGROUPS))
     }
 
     /// The cgroup ids the kernel currently maps to identities (adopted state included).
@@ -479,11 +491,12 @@ impl Datapath {
     }
 
     /// Installs a compiled policy and the IP cache as the next generation and switches the kernel
-    /// to it; see [`Generations::apply`].
+    /// to it; see [`Generations::apply`]. Both are kept (shared, not copied) until the next apply,
+    /// which writes only what differs from them.
     pub fn apply(
         &mut self,
-        compiled: &Compiled,
-        addresses: &BTreeMap<[u8; 16], u32>,
+        compiled: &Arc<Compiled>,
+        addresses: &Arc<BTreeMap<[u8; 16], u32>>,
     ) -> Result<ApplyStats, KernelError> {
         self.generations.apply(compiled, addresses)
     }
@@ -631,5 +644,27 @@ pub fn mapped(addr: std::net::IpAddr) -> [u8; 16] {
     match addr {
         std::net::IpAddr::V4(a) => agent_common::map_v4(a.octets()),
         std::net::IpAddr::V6(a) => a.octets(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::{maps::MapError, sys::SyscallError};
+
+    use super::ignore_missing;
+
+    fn delete_failed(errno: i32) -> Result<(), MapError> {
+        Err(MapError::SyscallError(SyscallError {
+            call: "bpf_map_delete_elem",
+            io_error: std::io::Error::from_raw_os_error(errno),
+        }))
+    }
+
+    #[test]
+    fn removing_a_missing_key_succeeds_and_other_failures_stay_errors() {
+        assert!(ignore_missing(delete_failed(libc::ENOENT)).is_ok());
+        assert!(ignore_missing(Err(MapError::KeyNotFound)).is_ok());
+        assert!(ignore_missing(delete_failed(libc::EPERM)).is_err());
+        assert!(ignore_missing(Ok(())).is_ok());
     }
 }
