@@ -283,6 +283,7 @@ impl Enforcer {
 
     /// Re-reads configuration and policy; applies all of it or nothing.
     fn reload(&mut self, reason: &str) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
         let built = load_config(&self.config_file, self.control_plane_address.as_deref()).and_then(
             |config| {
                 let remote = self.remote.as_ref();
@@ -310,7 +311,7 @@ impl Enforcer {
             return Ok(());
         }
         // A refusal is logged and counted by `install`; the agent keeps running.
-        if self.install(next, reason)?.is_ok() {
+        if self.install(next, reason, started.elapsed())?.is_ok() {
             self.refresh_tunnel();
         }
         if let Some(reports) = &self.reports {
@@ -344,7 +345,7 @@ impl Enforcer {
             }
         };
         let compiled_in = started.elapsed();
-        let applied = self.install(next, REASON)?;
+        let applied = self.install(next, REASON, compiled_in)?;
         if applied.is_ok() {
             tracing::info!(
                 versions = ?state.versions,
@@ -374,10 +375,15 @@ impl Enforcer {
         }
     }
 
-    /// Writes `next` to the kernel and makes it the state in force; on a refusal by the kernel
-    /// nothing changes and the reason is returned. `Err` only when the cgroup map cannot be
-    /// brought in line afterwards.
-    fn install(&mut self, next: Desired, reason: &str) -> anyhow::Result<Result<(), String>> {
+    /// Writes `next` (read and compiled in `compiled_in`) to the kernel and makes it the state in
+    /// force; on a refusal by the kernel nothing changes and the reason is returned. `Err` only
+    /// when the cgroup map cannot be brought in line afterwards.
+    fn install(
+        &mut self,
+        next: Desired,
+        reason: &str,
+        compiled_in: std::time::Duration,
+    ) -> anyhow::Result<Result<(), String>> {
         match self.dp.apply(&next.compiled, &next.addresses) {
             Err(e) => {
                 let error = e.to_string();
@@ -398,6 +404,7 @@ impl Enforcer {
                     written = stats.written,
                     removed = stats.removed,
                     entries = stats.entries,
+                    compile_ms = compiled_in.as_secs_f64() * 1e3,
                     enforced_ms = stats.enforced_after.as_secs_f64() * 1e3,
                     duration_ms = stats.duration.as_secs_f64() * 1e3,
                     "policy applied"

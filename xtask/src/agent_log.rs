@@ -50,6 +50,11 @@ pub struct Applied {
     pub entries: usize,
     /// The kernel map write, as the agent timed it (`duration_ms`).
     pub write_ms: Option<f64>,
+    /// Reading and compiling the policy before the write (`compile_ms`).
+    pub compile_ms: Option<f64>,
+    /// From the start of the write to the switch that put the generation in force
+    /// (`enforced_ms`); the rest of the write brings the other generation up to date.
+    pub enforced_ms: Option<f64>,
 }
 
 impl Applied {
@@ -62,6 +67,8 @@ impl Applied {
             generation: field(line, "generation")?.parse().ok()?,
             entries: field(line, "entries")?.parse().ok()?,
             write_ms: field(line, "duration_ms").and_then(|v| v.parse().ok()),
+            compile_ms: field(line, "compile_ms").and_then(|v| v.parse().ok()),
+            enforced_ms: field(line, "enforced_ms").and_then(|v| v.parse().ok()),
         })
     }
 
