@@ -668,17 +668,7 @@ fn reloads_under_a_thousand_concurrent_connections_never_give_a_wrong_verdict() 
         tally(&allowed),
         tally(&denied)
     );
-    let wrong_allowed = allowed.iter().filter(|o| **o != Outcome::Ok).count();
-    let wrong_denied = denied.iter().filter(|o| **o != Outcome::Eperm).count();
-    assert_eq!(
-        (wrong_allowed, wrong_denied),
-        (0, 0),
-        "wrong verdicts during reloads: allowed port {}, denied port {}; log:\n{}",
-        tally(&allowed),
-        tally(&denied),
-        ward.log().tail(100)
-    );
-    assert_eq!(closed.received(), 0, "the denied listener saw connections");
+    assert_load_verdicts("during reloads", &allowed, &denied, &closed, &ward);
 }
 
 #[test]
@@ -720,13 +710,13 @@ fn a_broken_policy_reloaded_under_traffic_is_refused_and_the_previous_one_stays(
     stop.stop();
     let allowed = finish_load(&mut allowed);
     let denied = finish_load(&mut denied);
-    assert!(
-        allowed.iter().all(|o| *o == Outcome::Ok) && denied.iter().all(|o| *o == Outcome::Eperm),
-        "the previous policy must stay enforced: allowed port {}, denied port {}",
-        tally(&allowed),
-        tally(&denied)
+    assert_load_verdicts(
+        "after a refused reload (the previous policy must stay enforced)",
+        &allowed,
+        &denied,
+        &closed,
+        &ward,
     );
-    assert_eq!(closed.received(), 0, "the denied listener saw connections");
 
     // Reloading still works after a refusal.
     let wider = client_egress(
@@ -829,14 +819,13 @@ fn one_rule_changes_to_a_large_policy_are_applied_by_difference_under_traffic() 
         tally(&allowed),
         tally(&denied)
     );
-    assert!(
-        allowed.iter().all(|o| *o == Outcome::Ok) && denied.iter().all(|o| *o == Outcome::Eperm),
-        "wrong verdicts during changes by difference: steady port {}, closed port {}; log:\n{}",
-        tally(&allowed),
-        tally(&denied),
-        ward.log().tail(100)
+    assert_load_verdicts(
+        "during changes by difference",
+        &allowed,
+        &denied,
+        &closed,
+        &ward,
     );
-    assert_eq!(closed.received(), 0, "the closed listener saw connections");
 }
 
 /// The maps a stopped agent leaves hold its policy in both generation bits; the next agent knows
@@ -889,14 +878,7 @@ fn a_restart_with_a_changed_policy_enforces_the_new_one_and_then_applies_by_diff
     stop.stop();
     let allowed = finish_load(&mut allowed);
     let denied = finish_load(&mut denied);
-    assert!(
-        allowed.iter().all(|o| *o == Outcome::Ok) && denied.iter().all(|o| *o == Outcome::Eperm),
-        "wrong verdicts across the restart: steady port {}, closed port {}; log:\n{}",
-        tally(&allowed),
-        tally(&denied),
-        ward.log().tail(100)
-    );
-    assert_eq!(closed.received(), 0, "the closed listener saw connections");
+    assert_load_verdicts("across the restart", &allowed, &denied, &closed, &ward);
 }
 
 #[test]

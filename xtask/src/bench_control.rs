@@ -25,7 +25,7 @@ use ward_host::process::{Capture, Process};
 use crate::{
     agent_log::{field, timestamp},
     setup,
-    stats::{median_f64, ms, percentile},
+    stats::{median_f64, millis, ms, percentile},
     sys::{self, heading, CgroupTree},
     ward::{self, Ward},
 };
@@ -267,11 +267,7 @@ fn report(
         "kernel write p50"
     );
     for row in rows {
-        let mut apply: Vec<Duration> = row
-            .apply_ms
-            .iter()
-            .map(|m| Duration::from_secs_f64(m / 1e3))
-            .collect();
+        let mut apply = millis(&row.apply_ms);
         apply.sort();
         let _ = writeln!(
             out,

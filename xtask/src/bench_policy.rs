@@ -32,7 +32,7 @@ use crate::{
     agent_log::Applied,
     loopback::{self, Policy, Transport, SERVER_PORT},
     probe, setup,
-    stats::{median_f64, ms, percentile},
+    stats::{median_f64, millis, ms, percentile},
     sys::{self, heading, CgroupTree, Children},
     ward::{self, Ward},
 };
@@ -334,13 +334,7 @@ fn changes_table(rows: &[ChangeRow], changes: usize) -> String {
         "peak (HWM)"
     );
     for row in rows {
-        let durations = |values: &[f64]| -> Vec<Duration> {
-            values
-                .iter()
-                .map(|m| Duration::from_secs_f64(m / 1e3))
-                .collect()
-        };
-        let writes = durations(&row.write_ms);
+        let writes = millis(&row.write_ms);
         let (after, hwm) = row
             .after
             .map_or((f64::NAN, f64::NAN), |(rss, hwm)| (mib(rss), mib(hwm)));
@@ -351,8 +345,8 @@ fn changes_table(rows: &[ChangeRow], changes: usize) -> String {
             ms(percentile(&row.latencies, 50)),
             ms(percentile(&row.latencies, 99)),
             ms(percentile(&row.latencies, 100)),
-            ms(percentile(&durations(&row.compile_ms), 50)),
-            ms(percentile(&durations(&row.enforced_ms), 50)),
+            ms(percentile(&millis(&row.compile_ms), 50)),
+            ms(percentile(&millis(&row.enforced_ms), 50)),
             ms(percentile(&writes, 50)),
             ms(percentile(&writes, 100)),
             mib(row.rss_during.0),

@@ -6,6 +6,14 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// Milliseconds as a program logged them (`duration_ms=12.5`), as durations.
+pub fn millis(values: &[f64]) -> Vec<Duration> {
+    values
+        .iter()
+        .map(|m| Duration::from_secs_f64(m / 1e3))
+        .collect()
+}
+
 /// The `p`th percentile (nearest rank) of `values`.
 pub fn percentile(values: &[Duration], p: usize) -> Duration {
     if values.is_empty() {

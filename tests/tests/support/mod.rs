@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ward_tests::{
-    outcomes_of, run, Background, Finished, Outcome, Peer, Placement, Protocol, Ward,
+    outcomes_of, run, Background, Finished, Listener, Outcome, Peer, Placement, Protocol, Ward,
 };
 
 /// Refusal by the kernel is immediate; a dropped SYN would take a retransmission timeout (1 s).
@@ -197,6 +197,30 @@ impl Drop for StopFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// Asserts that load kept its verdicts `during` something: every attempt on the allowed port
+/// connected, every one on the closed port was refused with `EPERM` and the closed listener saw
+/// nothing.
+pub fn assert_load_verdicts(
+    during: &str,
+    allowed: &[Outcome],
+    denied: &[Outcome],
+    closed: &Listener,
+    ward: &Ward,
+) {
+    assert!(
+        allowed.iter().all(|o| *o == Outcome::Ok) && denied.iter().all(|o| *o == Outcome::Eperm),
+        "wrong verdicts {during}: allowed port {}, closed port {}; log:\n{}",
+        tally(allowed),
+        tally(denied),
+        ward.log().tail(100)
+    );
+    assert_eq!(
+        closed.received(),
+        0,
+        "the closed listener saw connections {during}"
+    );
 }
 
 pub fn tally(outcomes: &[Outcome]) -> String {
