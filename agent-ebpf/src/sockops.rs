@@ -56,9 +56,9 @@ fn read_ops(ctx: &SockOpsContext) -> Ops {
     }
 }
 
-/// The 4-tuple of a sockops socket as the connecting side sees it.
+/// The 4-tuple of a connecting socket, as the receiver's ingress check looks it up.
 #[inline(always)]
-fn sockops_tuple(ops: &Ops, connector_is_local: bool) -> FlowKey {
+fn sockops_tuple(ops: &Ops) -> FlowKey {
     let (local_addr, remote_addr) = if ops.family == AF_INET {
         (
             map_v4(ops.local_ip4.to_ne_bytes()),
@@ -67,18 +67,11 @@ fn sockops_tuple(ops: &Ops, connector_is_local: bool) -> FlowKey {
     } else {
         (v6_bytes(ops.local_ip6), v6_bytes(ops.remote_ip6))
     };
-    let local_port = ops.local_port as u16;
-    let remote_port = u16::from_be((ops.remote_port >> 16) as u16);
-    let (la, ra, lp, rp) = if connector_is_local {
-        (local_addr, remote_addr, local_port, remote_port)
-    } else {
-        (remote_addr, local_addr, remote_port, local_port)
-    };
     FlowKey {
-        local_addr: la,
-        remote_addr: ra,
-        local_port: lp,
-        remote_port: rp,
+        local_addr,
+        remote_addr,
+        local_port: ops.local_port as u16,
+        remote_port: u16::from_be((ops.remote_port >> 16) as u16),
         protocol: PROTO_TCP,
         _pad: [0; 3],
     }
@@ -134,7 +127,7 @@ pub fn sockops(ctx: SockOpsContext) -> u32 {
             // SAFETY: copied out at once.
             if let Some(tag) = unsafe { SOCKETS.get(cookie) }.copied() {
                 let _ = SOCKETS.remove(cookie);
-                let tuple = sockops_tuple(&ops, true);
+                let tuple = sockops_tuple(&ops);
                 let v = ConnectingValue {
                     identity: tag.local_identity,
                     flags: 0,
@@ -155,12 +148,12 @@ pub fn sockops(ctx: SockOpsContext) -> u32 {
         }
         // The receiver's SYN check has read the 4-tuple record; no more callbacks for this socket.
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            let _ = CONNECTING.remove(sockops_tuple(&ops, true));
+            let _ = CONNECTING.remove(sockops_tuple(&ops));
             let _ = ctx.set_cb_flags(0);
         }
         // A connection that never got established (refused, reset, timed out).
         BPF_SOCK_OPS_STATE_CB if ops.new_state == BPF_TCP_CLOSE => {
-            let _ = CONNECTING.remove(sockops_tuple(&ops, true));
+            let _ = CONNECTING.remove(sockops_tuple(&ops));
             let _ = OWNERS.remove(cookie);
         }
         _ => {}
