@@ -39,6 +39,7 @@ pub const FIELD_ALIASES: &[(&str, &[&str])] = &[
     ),
     ("dst_port", &["dst_port", "dport", "port"]),
     ("protocol", &["protocol", "proto"]),
+    ("count", &["count"]),
 ];
 
 /// One verdict event, fields as text (numbers rendered in decimal).
@@ -53,6 +54,9 @@ pub struct Verdict {
     pub dst_addr: Option<String>,
     pub dst_port: Option<u16>,
     pub protocol: Option<String>,
+    /// How many connections the line stands for (allowed flows are counted in the kernel and
+    /// reported once per reading); 1 when the line does not say.
+    pub count: u64,
     pub line: String,
 }
 
@@ -147,6 +151,7 @@ fn parse_line(line: &str) -> Option<Verdict> {
         dst_addr: get("dst_addr"),
         dst_port: get("dst_port").and_then(|port| port.parse().ok()),
         protocol: get("protocol"),
+        count: get("count").and_then(|n| n.parse().ok()).unwrap_or(1),
         line: line.to_owned(),
     })
 }

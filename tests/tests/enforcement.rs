@@ -881,6 +881,106 @@ fn a_restart_with_a_changed_policy_enforces_the_new_one_and_then_applies_by_diff
     assert_load_verdicts("across the restart", &allowed, &denied, &closed, &ward);
 }
 
+/// An allowed connection does not wake the agent: the kernel counts allowed flows, keyed without
+/// the client's ephemeral port, and the agent reports each flow once per reading (every second)
+/// with its count. An event per connection would give twenty lines (or the eight of a flow's event
+/// budget), each standing for one.
+#[test]
+fn allowed_connections_are_counted_in_the_kernel_and_reported_once_per_reading() {
+    let peer = peer!();
+    let cgroups = TestCgroups::new("counted");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let open = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let ward = Ward::start(
+        &cgroups,
+        &[Workload::new("client")],
+        &client_egress("client-egress", &allow_tcp("allow-open", open.port())),
+    );
+    let from = ward.log_len();
+    let attempts = peer.connect(Protocol::Tcp, open.addr, &client, &["--count", "20"]);
+    assert_eq!(attempts.count(&Outcome::Ok), 20, "{attempts:?}");
+    // Two readings after the last connection, every count has been read.
+    std::thread::sleep(Duration::from_millis(2500));
+    let query = VerdictQuery {
+        verdict: Some("allow"),
+        dst_port: Some(open.port()),
+        ..Default::default()
+    };
+    let lines = ward.lines();
+    let allowed: Vec<_> = ward_tests::parse_verdicts(&lines[from..])
+        .into_iter()
+        .filter(|v| query.matches(v))
+        .collect();
+    let counted: u64 = allowed.iter().map(|v| v.count).sum();
+    assert_eq!(
+        counted,
+        20,
+        "the allow lines must stand for every connection; log:\n{}",
+        ward.log().tail(40)
+    );
+    assert!(
+        allowed.len() <= 3,
+        "{} allow lines for 20 connections of one flow: one per reading expected; log:\n{}",
+        allowed.len(),
+        ward.log().tail(40)
+    );
+}
+
+/// A workload's listener names its port to peers on this host. Once it is gone and a process of
+/// no workload listens on that port, that process is the host, not the workload: a client allowed
+/// to the workload (and not to the host) is refused. The process runs in a cgroup below the root
+/// that no workload maps, as a node's own services do when the root is the whole hierarchy
+/// (sockops sees only sockets below the root).
+#[test]
+fn a_port_a_workload_listened_on_is_not_its_name_once_a_host_process_listens_there() {
+    let peer = peer!();
+    let cgroups = TestCgroups::new("relisten");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let web = Placement::cgroup(cgroups.create("web"));
+    let unmapped = Placement::cgroup(cgroups.create("node-service"));
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        probe.local_addr().expect("bound").port()
+    };
+    let spec = format!(
+        "  selector:\n    labels: {{app: client}}\n  egress:\n    - name: to-web\n      \
+         to: [{{labels: {{app: web}}}}]\n      ports: [{{port: {port}}}]\n"
+    );
+    let ward = Ward::start(
+        &cgroups,
+        &[
+            Workload::new("client").label("app", "client"),
+            Workload::new("web").label("app", "web"),
+        ],
+        &policy("client-egress", &spec),
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let workload_listener = peer.listen(Protocol::Tcp, &addr, &web);
+    assert_allowed(
+        &peer,
+        Protocol::Tcp,
+        workload_listener.addr,
+        &client,
+        &ward,
+        &[],
+    );
+    drop(workload_listener);
+    let host_listener = peer.listen(Protocol::Tcp, &addr, &unmapped);
+    assert_refused_at_once(
+        &peer,
+        Protocol::Tcp,
+        host_listener.addr,
+        &client,
+        &ward,
+        &[],
+    );
+    assert_eq!(
+        host_listener.received(),
+        0,
+        "the host's listener saw the client"
+    );
+}
+
 #[test]
 fn verdict_lines_name_the_policy_rule_and_flow() {
     let peer = peer!();
