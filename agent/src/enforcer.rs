@@ -404,6 +404,7 @@ impl Enforcer {
                     written = stats.written,
                     removed = stats.removed,
                     entries = stats.entries,
+                    switched = stats.switched,
                     compile_ms = compiled_in.as_secs_f64() * 1e3,
                     enforced_ms = stats.enforced_after.as_secs_f64() * 1e3,
                     duration_ms = stats.duration.as_secs_f64() * 1e3,
@@ -527,7 +528,10 @@ impl Enforcer {
         let mut files = watch_files(&self.desired.config).context("watching policy files")?;
         let mut watching = true;
         loop {
+            let catch_up = self.dp.catch_up_due();
             tokio::select! {
+                // The generation that went out of force, once no program reads it.
+                () = sleep_until(catch_up), if catch_up.is_some() => self.dp.catch_up(),
                 command = commands.recv() => match command {
                     Some(Command::Reload(reason)) => self.reload(reason)?,
                     // The agent is stopping.
@@ -557,5 +561,13 @@ impl Enforcer {
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `at`; forever when `None` (the caller's `select!` branch is disabled then).
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }

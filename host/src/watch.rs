@@ -18,9 +18,10 @@ use futures_util::StreamExt as _;
 use inotify::{EventMask, EventStream, Inotify, WatchDescriptor, WatchMask};
 use tokio::time::Instant;
 
-/// Editors and `git checkout` write in several steps: a change is reported once the watched paths
-/// have been quiet this long...
-pub const SETTLE: Duration = Duration::from_millis(50);
+/// Editors and `git checkout` write in several steps, microseconds to a few milliseconds apart
+/// (only completed writes are events: close after writing, rename, create, delete): a change is
+/// reported once the watched paths have been quiet this long...
+pub const SETTLE: Duration = Duration::from_millis(20);
 /// ...or after this long at most, so a steady trickle of writes cannot hold changes back.
 pub const SETTLE_MAX: Duration = Duration::from_millis(500);
 

@@ -53,7 +53,7 @@ pub struct Applied {
     /// Reading and compiling the policy before the write (`compile_ms`).
     pub compile_ms: Option<f64>,
     /// From the start of the write to the switch that put the generation in force
-    /// (`enforced_ms`); the rest of the write brings the other generation up to date.
+    /// (`enforced_ms`).
     pub enforced_ms: Option<f64>,
 }
 

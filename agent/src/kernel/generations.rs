@@ -1,10 +1,12 @@
 //! The datapath's writer: the policy and IP cache maps hold two generations (the low bit of the
 //! generation number in every key), one in force and one standby, and this module owns both.
-//! An apply writes into the standby bit only what differs from what that bit holds, switches the
-//! kernel to it with one write to the state map, waits for programs still reading the previous
-//! bit, then brings that bit up to date the same way: in steady state both bits hold the policy
-//! in force and a one-rule change costs a few map writes. Blocking (it sleeps
-//! [`GENERATION_SETTLE`]): the agent runs it off the runtime that carries connections.
+//! An apply writes into the standby bit only what differs from what that bit holds and switches
+//! the kernel to it with one write to the state map; the bit that went out of force is brought up
+//! to date the same way once programs still reading it have finished ([`GENERATION_SETTLE`]
+//! later, in [`Generations::catch_up`]): in steady state both bits hold the policy in force and a
+//! one-rule change costs a few map writes. A policy equal to the one in force switches nothing.
+//! Blocking (the next apply may wait out the previous one's settle): the agent runs it off the
+//! runtime that carries connections.
 mod diff;
 
 use std::{
@@ -43,8 +45,12 @@ pub struct ApplyStats {
     pub removed: usize,
     /// From the start of the apply to the switch: when the kernel enforces the new policy.
     pub enforced_after: Duration,
-    /// The whole apply, the settle and the previous generation's update included.
+    /// The whole apply, up to the switch and the bookkeeping after it; the previous generation
+    /// is caught up later ([`Generations::catch_up`]).
     pub duration: Duration,
+    /// Whether the kernel switched to a new generation: not when the policy and IP cache equal
+    /// those in force.
+    pub switched: bool,
 }
 
 /// The content of one generation: a compiled policy and the IP cache, shared with the caller
@@ -93,6 +99,9 @@ pub(super) struct Generations {
     /// Per generation bit, the content its entries are known to equal; `None` when unknown (at
     /// start, or after a write to it failed). In steady state both name the one content in force.
     holds: [Option<Arc<Content>>; 2],
+    /// After a switch, until [`Generations::catch_up`]: the bit that went out of force, and
+    /// when no program can still be reading it.
+    behind: Option<(u8, Instant)>,
 }
 
 impl Generations {
@@ -110,6 +119,7 @@ impl Generations {
             state,
             generation: current.generation,
             holds: [None, None],
+            behind: None,
         })
     }
 
@@ -118,49 +128,108 @@ impl Generations {
     /// full, never a mix; on error the generation in force stays, untouched.
     ///
     /// The standby bit gets only the changes from what it holds (everything, when that is not
-    /// known); after the switch and [`GENERATION_SETTLE`], the previous bit gets the same
-    /// changes. A failure there is logged, not returned: the new policy is in force, and the next
-    /// apply rewrites that bit in full.
+    /// known). The previous bit is left for [`Generations::catch_up`], which this calls first
+    /// when an earlier switch still needs it (waiting out what remains of that settle). When the
+    /// content equals what the bit in force holds, nothing is written and nothing switches.
     pub(super) fn apply(
         &mut self,
         compiled: &Arc<Compiled>,
         addresses: &Arc<BTreeMap<[u8; 16], u32>>,
     ) -> Result<ApplyStats, KernelError> {
+        self.catch_up();
         let started = Instant::now();
         let target = Arc::new(Content::new(compiled, addresses));
+        let current = bit(self.generation);
         let next = self.generation.wrapping_add(1);
-        let (standby, previous) = (bit(next), bit(self.generation));
+        let standby = bit(next);
+        let in_force = self.holds[usize::from(current)].clone();
         let standby_held = self.holds[usize::from(standby)].take();
+        // In steady state both bits hold the content in force: one walk tells whether anything
+        // changed and what the standby bit needs.
         let changes = GenerationChanges::between(standby_held.as_deref(), &target);
+        let unchanged = match (&in_force, &standby_held) {
+            (Some(f), Some(s)) if Arc::ptr_eq(f, s) => changes.is_empty(),
+            (Some(f), _) => GenerationChanges::between(Some(f), &target).is_empty(),
+            (None, _) => false,
+        };
+        if unchanged {
+            // Equal content: share the new copy, so that the old one can be freed.
+            self.holds[usize::from(standby)] = standby_held;
+            let in_force = in_force.expect("unchanged implies a known content in force");
+            for held in self.holds.iter_mut().flatten() {
+                if Arc::ptr_eq(held, &in_force) {
+                    *held = target.clone();
+                }
+            }
+            let stats = self.stats(
+                compiled,
+                addresses,
+                started,
+                started.elapsed(),
+                Writes::default(),
+                false,
+            );
+            return Ok(stats);
+        }
         let writes = self.write(standby, standby_held.is_some(), &changes, &target)?;
         self.state
             .set(0, StateValue::new(next), 0)
             .map_err(map_err(map_names::STATE))?;
         let enforced_after = started.elapsed();
         self.generation = next;
-        std::thread::sleep(GENERATION_SETTLE);
-        // In steady state both bits held the same content: the same changes bring this one up to
-        // date.
-        let previous_held = self.holds[usize::from(previous)].take();
-        let caught_up = match (&previous_held, &standby_held) {
-            (Some(p), Some(s)) if Arc::ptr_eq(p, s) => {
-                self.write(previous, true, &changes, &target)
-            }
-            _ => {
-                let changes = GenerationChanges::between(previous_held.as_deref(), &target);
-                self.write(previous, previous_held.is_some(), &changes, &target)
-            }
+        self.behind = Some((current, Instant::now() + GENERATION_SETTLE));
+        Ok(self.stats(compiled, addresses, started, enforced_after, writes, true))
+    }
+
+    /// When the bit that went out of force at the last switch can be written: `None` when it is
+    /// up to date (or no switch happened yet).
+    pub(super) fn catch_up_due(&self) -> Option<Instant> {
+        self.behind.map(|(_, due)| due)
+    }
+
+    /// Brings the bit that went out of force at the last switch to the content in force, once no
+    /// program reads it ([`GENERATION_SETTLE`] after the switch; sleeps what remains of that). A
+    /// failure is logged, not returned: the policy is in force, and the next apply rewrites that
+    /// bit in full.
+    pub(super) fn catch_up(&mut self) {
+        let Some((previous, due)) = self.behind.take() else {
+            return;
         };
-        if let Err(e) = caught_up {
-            tracing::warn!(
-                generation = next,
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        let Some(target) = self.holds[usize::from(bit(self.generation))].clone() else {
+            return;
+        };
+        let started = Instant::now();
+        let held = self.holds[usize::from(previous)].take();
+        let changes = GenerationChanges::between(held.as_deref(), &target);
+        match self.write(previous, held.is_some(), &changes, &target) {
+            Ok(writes) => tracing::debug!(
+                generation = self.generation,
+                written = writes.written,
+                removed = writes.removed,
+                duration_ms = started.elapsed().as_secs_f64() * 1e3,
+                "previous generation caught up"
+            ),
+            Err(e) => tracing::warn!(
+                generation = self.generation,
                 error = %e,
                 "the policy is in force, but updating the previous generation failed; the next apply rewrites it in full"
-            );
+            ),
         }
-        Ok(ApplyStats {
+    }
+
+    fn stats(
+        &self,
+        compiled: &Compiled,
+        addresses: &BTreeMap<[u8; 16], u32>,
+        started: Instant,
+        enforced_after: Duration,
+        writes: Writes,
+        switched: bool,
+    ) -> ApplyStats {
+        ApplyStats {
             at: Instant::now(),
-            generation: next,
+            generation: self.generation,
             entries: compiled.entries.len(),
             addresses: addresses.len(),
             prefixes: compiled.prefixes.len(),
@@ -168,7 +237,8 @@ impl Generations {
             removed: writes.removed,
             enforced_after,
             duration: started.elapsed(),
-        })
+            switched,
+        }
     }
 
     /// Makes generation bit `bit`, which no program reads and whose entry in `holds` the caller
@@ -203,6 +273,10 @@ struct GenerationChanges<'a> {
 }
 
 impl<'a> GenerationChanges<'a> {
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.addresses.is_empty() && self.prefixes.is_empty()
+    }
+
     /// From `from` (`None`: an empty generation) to `to`.
     fn between(from: Option<&'a Content>, to: &'a Content) -> Self {
         static NO_ENTRIES: BTreeMap<PolicyKey, PolicyValue> = BTreeMap::new();

@@ -14,6 +14,7 @@ use std::{
     os::fd::AsFd,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Instant,
 };
 
 use agent_common::{
@@ -492,13 +493,24 @@ impl Datapath {
 
     /// Installs a compiled policy and the IP cache as the next generation and switches the kernel
     /// to it; see [`Generations::apply`]. Both are kept (shared, not copied) until the next apply,
-    /// which writes only what differs from them.
+    /// which writes only what differs from them. The generation that went out of force is brought
+    /// up to date by [`Datapath::catch_up`], when [`Datapath::catch_up_due`] says.
     pub fn apply(
         &mut self,
         compiled: &Arc<Compiled>,
         addresses: &Arc<BTreeMap<[u8; 16], u32>>,
     ) -> Result<ApplyStats, KernelError> {
         self.generations.apply(compiled, addresses)
+    }
+
+    /// When the generation that went out of force at the last apply can be brought up to date.
+    pub fn catch_up_due(&self) -> Option<Instant> {
+        self.generations.catch_up_due()
+    }
+
+    /// Brings the generation that went out of force up to date; see [`Generations::catch_up`].
+    pub fn catch_up(&mut self) {
+        self.generations.catch_up();
     }
 }
 

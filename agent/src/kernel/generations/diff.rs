@@ -9,6 +9,12 @@ pub(super) struct Changes<'a, K, V> {
     pub removed: Vec<&'a K>,
 }
 
+impl<K, V> Changes<'_, K, V> {
+    pub fn is_empty(&self) -> bool {
+        self.written.is_empty() && self.removed.is_empty()
+    }
+}
+
 /// The changes from `from` to `to`, in one walk over both (each in key order).
 pub(super) fn between<'a, K: Ord, V: PartialEq>(
     from: &'a BTreeMap<K, V>,
