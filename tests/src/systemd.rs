@@ -12,7 +12,8 @@
 //!   `ProtectKernelTunables=`: /proc/sys and /sys read-only; `ProtectControlGroups=`:
 //!   /sys/fs/cgroup read-only;
 //! - `CapabilityBoundingSet=`, `AmbientCapabilities=`, `NoNewPrivileges=`: through `setpriv`;
-//!   `LimitMEMLOCK=infinity` through `ulimit -l`.
+//!   `LimitMEMLOCK=infinity` through `ulimit -l` where the test may raise it (it says so where
+//!   not; the kernel charges BPF memory to the memory cgroup since 5.11, not to this limit).
 //!
 //! It does not emulate what systemd does around the process: the unit's own cgroup, `Type=`,
 //! `Restart=`, `ExecReload=`, the journal, removal of the runtime directory at stop, and the
@@ -305,7 +306,13 @@ impl Sandbox {
             );
         }
         if unit.get("LimitMEMLOCK") == Some("infinity") {
-            script.push("ulimit -l unlimited".to_owned());
+            // Raising the hard limit needs CAP_SYS_RESOURCE, which a test container may lack;
+            // since Linux 5.11 BPF memory is charged to the memory cgroup, not to this limit.
+            script.push(
+                "ulimit -l unlimited 2>/dev/null || \
+                 echo \"sandbox: LimitMEMLOCK=infinity not emulated: $(ulimit -l) KiB\" >&2"
+                    .to_owned(),
+            );
         } else {
             assert!(
                 unit.get("LimitMEMLOCK").is_none(),

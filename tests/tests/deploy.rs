@@ -276,6 +276,35 @@ impl Drop for Container {
     }
 }
 
+/// podman flags about this machine, not about the pod: resource limits the runtime can set
+/// without `CAP_SYS_RESOURCE` (a test container may lack it; podman's defaults raise NOFILE, and
+/// podman lowers its own NPROC to 32768, which crun and runc inherit), and runc where cgroup v2
+/// is the hybrid layout's `unified` mount (crun refuses hybrid hosts whose v2 has controllers).
+fn podman_flags_for_this_machine() -> Vec<String> {
+    let limit = |resource| {
+        let mut value = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into the struct it is given.
+        let ok = unsafe { libc::getrlimit(resource, &mut value) } == 0;
+        assert!(ok, "getrlimit: {}", std::io::Error::last_os_error());
+        value
+    };
+    let files = limit(libc::RLIMIT_NOFILE);
+    let processes = limit(libc::RLIMIT_NPROC).rlim_max.min(32768);
+    let mut flags = vec![
+        "--ulimit".to_owned(),
+        format!("nofile={}:{}", files.rlim_cur, files.rlim_max),
+        "--ulimit".to_owned(),
+        format!("nproc={processes}:{processes}"),
+    ];
+    if ward_tests::cgroup2_mount() != Path::new("/sys/fs/cgroup") {
+        flags.extend(["--runtime".to_owned(), "runc".to_owned()]);
+    }
+    flags
+}
+
 /// The DaemonSet's ConfigMap `ward.yaml`, pointed at the test's cgroups, pin directory and
 /// workloads; what it leaves alone stays as shipped.
 fn shipped_config(documents: &[Value], cgroups: &TestCgroups, pin_dir: &Path) -> String {
@@ -370,7 +399,9 @@ fn the_image_runs_as_the_daemonset_runs_it_and_enforces_a_workloads_policy() {
         name: name.clone(),
         pin_dir: pin_dir.clone(),
     };
+    let host_flags = podman_flags_for_this_machine();
     let mut args = vec!["run", "--detach", "--name", &name];
+    args.extend(host_flags.iter().map(String::as_str));
     args.extend(run_args.iter().map(String::as_str));
     eprintln!("podman {}", args.join(" "));
     assert_success("podman run", &container.podman(&args));

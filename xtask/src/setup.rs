@@ -34,6 +34,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "musl-tools",
     "buildah",
     "podman",
+    // podman's runtime on hybrid cgroup hosts, where crun refuses to run.
+    "runc",
     "skopeo",
     // The deploy tests: `systemd-analyze verify` of the units, kubernetes-validate in a venv.
     "systemd",
