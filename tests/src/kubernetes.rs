@@ -203,7 +203,8 @@ pub struct Provided<'a> {
 /// propagation, emptyDir as tmpfs, a [`Provided`] volume bound read-only from the test's file or
 /// directory) and the container's arguments after `image`.
 ///
-/// Panics on a pod spec field it does not translate, so a manifest change cannot go untested.
+/// Panics on a volume, profile or host namespace it does not translate, so such a manifest
+/// change cannot go untested.
 pub fn podman_run_args(
     workload: &Value,
     name: &str,

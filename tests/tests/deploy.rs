@@ -423,6 +423,11 @@ fn the_image_runs_as_the_daemonset_runs_it_and_enforces_a_workloads_policy() {
             break finished.stdout;
         }
         assert!(
+            !finished.stderr.contains("state improper"),
+            "the container stopped; logs:\n{}",
+            container.logs()
+        );
+        assert!(
             start.elapsed() < timeout(),
             "`ward status` (the liveness probe) did not succeed in the container within {:?}: \
              {finished:?}\nlogs:\n{}",
