@@ -369,10 +369,10 @@ fn the_image_runs_as_the_daemonset_runs_it_and_enforces_a_workloads_policy() {
     // The admin socket is /run/<pinDir name>/admin.sock: a pin directory named `ward`, as
     // shipped, puts it in the DaemonSet's /run/ward volume.
     let pin_dir = Path::new("/sys/fs/bpf").join(&name).join("ward");
-    let dir = std::env::temp_dir().join(&name);
-    let policies = dir.join("policies");
+    let dir = TestDir::new(&name);
+    let policies = dir.0.join("policies");
     std::fs::create_dir_all(&policies).expect("test directory");
-    let config = dir.join("ward.yaml");
+    let config = dir.0.join("ward.yaml");
     std::fs::write(&config, shipped_config(&documents, &cgroups, &pin_dir)).expect("config");
     std::fs::write(
         policies.join("client.yaml"),
@@ -469,7 +469,6 @@ fn the_image_runs_as_the_daemonset_runs_it_and_enforces_a_workloads_policy() {
         || container.logs().contains("\"verdict\":\"deny\""),
         || container.logs(),
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---- The systemd units ---------------------------------------------------------------------
@@ -543,15 +542,14 @@ fn the_agent_serves_status_and_enforces_under_its_units_sandbox() {
     // Named `ward`, as the default, so the admin socket is /run/ward/admin.sock, the unit's
     // RuntimeDirectory.
     let pin_dir = Path::new("/sys/fs/bpf").join(&name).join("ward");
-    let dir = std::env::temp_dir().join(&name);
-    std::fs::create_dir_all(&dir).expect("test directory");
-    let policy = dir.join("policy.yaml");
+    let dir = TestDir::new(&name);
+    let policy = dir.0.join("policy.yaml");
     std::fs::write(
         &policy,
         client_egress("client-egress", &allow_tcp("allow-open", open.port())),
     )
     .expect("policy");
-    let config = dir.join("ward.yaml");
+    let config = dir.0.join("ward.yaml");
     std::fs::write(
         &config,
         serde_json::json!({
@@ -603,7 +601,24 @@ fn the_agent_serves_status_and_enforces_under_its_units_sandbox() {
     assert_eq!(denied.only(), &Outcome::Eperm, "denied port; log:\n{log}");
     drop(sandbox);
     drop(cleanup);
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A test's files below the temporary directory, removed on drop.
+struct TestDir(PathBuf);
+
+impl TestDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        TestDir(dir)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Removes what an agent started with `--keep-enforcing` left pinned.
@@ -634,15 +649,14 @@ fn ward_control_serves_under_its_units_sandbox() {
             .copied()
             .unwrap_or_else(|| panic!("ExecStart passes {flag}"))
     };
-    let dir = std::env::temp_dir().join(unique_name("control-unit"));
-    std::fs::create_dir_all(&dir).expect("test directory");
-    let policy = dir.join("policy.yaml");
+    let dir = TestDir::new(&unique_name("control-unit"));
+    let policy = dir.0.join("policy.yaml");
     std::fs::write(
         &policy,
         client_egress("client-egress", &allow_tcp("allow-web", 8080)),
     )
     .expect("policy");
-    let tokens = dir.join("tokens");
+    let tokens = dir.0.join("tokens");
     std::fs::write(&tokens, "").expect("token file");
     let policy_at = format!("{}/client.yaml", argument("--policy-dir"));
     // Its own network namespace: ExecStart listens on 0.0.0.0:7443.
@@ -680,5 +694,4 @@ fn ward_control_serves_under_its_units_sandbox() {
     );
     eprintln!("state directory: {kept:?}");
     drop(sandbox);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -84,6 +84,13 @@ pub fn build(debug: bool) -> Result<PathBuf> {
     let revision = output(Command::new("git").args(["rev-parse", "HEAD"]))
         .map(|r| r.trim().to_owned())
         .unwrap_or_else(|_| "unknown".to_owned());
+    let dirty = output(Command::new("git").args(["status", "--porcelain"]))
+        .is_ok_and(|changes| !changes.trim().is_empty());
+    let revision = if dirty {
+        format!("{revision}-dirty")
+    } else {
+        revision
+    };
     let labels = [
         ("org.opencontainers.image.title", "ward".to_owned()),
         (
