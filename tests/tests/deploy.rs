@@ -346,6 +346,9 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool, context: impl Fn() -> 
     }
 }
 
+/// podman with the flags the pod spec stands for (tests/src/kubernetes.rs), plus what this
+/// machine needs of podman ([`podman_flags_for_this_machine`]); the probes as the kubelet runs
+/// them; the policy enforced on a workload in the host's cgroups.
 #[test]
 fn the_image_runs_as_the_daemonset_runs_it_and_enforces_a_workloads_policy() {
     ward_tests::require_privileges();
@@ -522,6 +525,8 @@ fn the_units_pass_systemd_analyze_verify() {
     );
 }
 
+/// The unit's sandbox as tests/src/systemd.rs emulates it (and says what it cannot): read-only
+/// system, the runtime directory, the capability bounding set.
 #[test]
 fn the_agent_serves_status_and_enforces_under_its_units_sandbox() {
     ward_tests::require_privileges();
