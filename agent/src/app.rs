@@ -33,7 +33,7 @@ pub struct RunOptions {
 
 fn preflight() -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
-        bail!("ward run loads kernel programs and needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN); run it as root, e.g. with sudo");
+        bail!("ward run loads kernel programs and needs root (CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON); run it as root, e.g. with sudo");
     }
     // The tunnel holds two sockets per carried connection: use what the hard limit allows.
     use nix::sys::resource::{getrlimit, setrlimit, Resource};

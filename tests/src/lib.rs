@@ -9,10 +9,12 @@ pub mod agent;
 pub mod capture;
 pub mod cgroups;
 pub mod cluster;
+pub mod kubernetes;
 pub mod netns;
 pub mod peer;
 pub mod prerequisites;
 pub mod process;
+pub mod systemd;
 pub mod verdicts;
 
 pub use agent::{run_with_config, spiffe_id, Reload, Ward, WardOptions, Workload};

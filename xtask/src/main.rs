@@ -1,4 +1,4 @@
-//! Developer commands for ward: `cargo xtask setup | test | demo | bench | vm-test`.
+//! Developer commands for ward: `cargo xtask setup | test | demo | bench | vm-test | image`.
 //!
 //! The hidden subcommands are the small programs that `demo` and `bench` run inside workload
 //! cgroups (xtask re-executes itself), so no extra tool has to be installed for them.
@@ -8,6 +8,7 @@ mod bench;
 mod bench_control;
 mod bench_policy;
 mod demo;
+mod image;
 mod loopback;
 mod probe;
 mod setup;
@@ -54,6 +55,9 @@ enum Command {
     },
     /// The privileged suite on Debian's 6.1 and 6.12 kernels (QEMU) and this machine's kernel.
     VmTest(vm::Args),
+    /// The OCI image of ward and ward-control (static binaries, no base image), saved as an OCI
+    /// archive under target/image/ and tagged with the crate version.
+    Image(image::Args),
     #[command(hide = true)]
     Serve(probe::ServeArgs),
     #[command(hide = true)]
@@ -120,6 +124,7 @@ fn main() -> ExitCode {
             bench: BenchCommand::Control(args),
         } => bench_control::run(&args),
         Command::VmTest(args) => vm::run(&args),
+        Command::Image(args) => image::run(&args),
         Command::Serve(args) => probe::serve(&args),
         Command::Connect {
             addr,

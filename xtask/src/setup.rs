@@ -29,7 +29,21 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "zstd",
     "cpio",
     "xz-utils",
+    // cargo xtask image: ring's C parts for the static (musl) build; buildah assembles the image;
+    // the deploy tests inspect it with skopeo and run it with podman.
+    "musl-tools",
+    "buildah",
+    "podman",
+    // podman's runtime on hybrid cgroup hosts, where crun refuses to run.
+    "runc",
+    "skopeo",
+    // The deploy tests: `systemd-analyze verify` of the units, kubernetes-validate in a venv.
+    "systemd",
+    "python3-venv",
 ];
+
+/// The Kubernetes OpenAPI validator the deploy tests check the manifests with, pinned.
+pub const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
 pub fn run() -> Result<()> {
     sys::require_root("setup", "it installs Debian packages and mounts bpffs")?;
@@ -41,6 +55,10 @@ pub fn run() -> Result<()> {
     debian_packages()?;
     heading("setup: bpffs");
     bpffs()?;
+    heading(&format!("setup: Rust target {}", crate::image::TARGET));
+    sys::run(sys::rust_tool("rustup").args(["target", "add", crate::image::TARGET]))?;
+    heading(&format!("setup: {KUBERNETES_VALIDATE}"));
+    kubernetes_validate()?;
     println!("setup: done");
     Ok(())
 }
@@ -165,6 +183,29 @@ fn debian_packages() -> Result<()> {
             .args(["install", "-y", "--no-install-recommends"])
             .args(&missing),
     )
+}
+
+/// The venv the deploy tests find kubernetes-validate in (tests/tests/deploy.rs).
+pub fn validator_venv() -> std::path::PathBuf {
+    sys::home().join(".local/share/ward/venv")
+}
+
+fn kubernetes_validate() -> Result<()> {
+    let venv = validator_venv();
+    let pip = venv.join("bin/pip");
+    let wanted = KUBERNETES_VALIDATE.replace("==", " ");
+    let installed = output(Command::new(&pip).args(["show", "kubernetes-validate"]))
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("Version: ").map(str::to_owned))
+        });
+    if installed.is_some_and(|v| format!("kubernetes-validate {v}") == wanted) {
+        println!("{wanted}: present in {}", venv.display());
+        return Ok(());
+    }
+    sys::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    sys::run(Command::new(&pip).args(["install", "--quiet", KUBERNETES_VALIDATE]))
 }
 
 fn bpffs() -> Result<()> {

@@ -8,7 +8,7 @@ use std::{
 use anyhow::{bail, Result};
 
 use crate::{
-    setup,
+    image, setup,
     sys::{self, heading},
 };
 
@@ -87,11 +87,23 @@ pub fn run(test_threads: Option<usize>, vms: bool, filter: &[String]) -> Result<
             ]),
         );
     }
+    // The deploy tests inspect and run the image. Unoptimised: the musl release build would be
+    // most of the step's time, and those tests are about the image, not the code's speed.
+    // Without it the image tests fail and say so; the others still run.
+    steps.run(
+        "image (debug)",
+        Command::new(std::env::current_exe()?).args(["image", "--debug"]),
+    );
     if built && built_next {
         let ward = sys::target_dir().join("debug/ward");
         steps.run(
             "privileged tests",
             sys::cargo()
+                .env("WARD_IMAGE", image::archive(true))
+                .env(
+                    "WARD_KUBERNETES_VALIDATE",
+                    setup::validator_venv().join("bin/kubernetes-validate"),
+                )
                 .env("WARD_BIN", &ward)
                 .env(
                     "WARD_CONTROL_BIN",

@@ -84,8 +84,8 @@ const QUICK_FILTER: &[&str] = &[
 /// measures CPU per thread (TCG's emulation of the tunnel's TLS swamps it)...
 const HOST_ONLY: &[&str] = &["a_tunneled_stream_does_not_wait_for_a_large_policy_apply"];
 /// ...and the test files of the control plane's distribution between nodes, whose kernel side
-/// the single-node files cover.
-const HOST_ONLY_FILES: &[&str] = &["multinode"];
+/// the single-node files cover, and of deployment (the image, the manifests, the systemd units).
+const HOST_ONLY_FILES: &[&str] = &["multinode", "deploy"];
 
 /// A guest's libtest arguments: the filter, and `--skip` for each of [`HOST_ONLY`].
 fn guest_filter(filter: &[String]) -> Vec<String> {
