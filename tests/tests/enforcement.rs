@@ -788,7 +788,8 @@ fn one_rule_changes_to_a_large_policy_are_applied_by_difference_under_traffic() 
     wait_started(&allowed);
     wait_started(&denied);
     // One rule added or removed per step. Each apply writes the other generation bit, so a bit
-    // gets the changes of two steps at a time: the one before (after the settle) and its own.
+    // gets the changes of two steps at a time: the one before (its catch-up after the settle)
+    // and its own.
     // A bit left behind by a step would lose a rule added there.
     let steps: [&[usize]; 6] = [&[0], &[0, 1], &[1], &[], &[0], &[0, 1]];
     let mut generations = Vec::new();
@@ -806,6 +807,23 @@ fn one_rule_changes_to_a_large_policy_are_applied_by_difference_under_traffic() 
                 assert_refused_at_once(&peer, Protocol::Tcp, listener.addr, &client, &ward, &[]);
             }
         }
+    }
+    // The same rules spelled differently (a comment added): read and compiled again, equal to
+    // what is in force, so nothing is written and the generation stays.
+    let line = ward.replace_policy(&(policy_allowing(&[0, 1]) + "\n# the same rules\n"));
+    let same = applied_fields(&line);
+    assert_eq!(
+        (
+            same["switched"].as_bool(),
+            same["written"].as_u64(),
+            same["removed"].as_u64(),
+            same["generation"].as_u64(),
+        ),
+        (Some(false), Some(0), Some(0), generations.last().copied()),
+        "an unchanged policy must neither write nor switch: {line}"
+    );
+    for listener in &toggled {
+        assert_allowed(&peer, Protocol::Tcp, listener.addr, &client, &ward, &[]);
     }
     stop.stop();
     let allowed = finish_load(&mut allowed);
