@@ -49,7 +49,7 @@ struct RawConfig {
     #[serde(default)]
     namespaces: BTreeMap<String, RawNamespace>,
     #[serde(default)]
-    workloads: Vec<RawWorkload>,
+    workloads: RawWorkloads,
     control_plane: Option<crate::control::ControlPlaneConfig>,
     tunnel: Option<RawTunnel>,
     unmapped_cgroups: Option<String>,
@@ -106,6 +106,44 @@ pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 struct RawNamespace {
     #[serde(default)]
     labels: BTreeMap<String, String>,
+}
+
+/// `workloads:`: a list, or the keyword `fromControlPlane`. Not `#[serde(untagged)]`, which
+/// would hide what is wrong inside a listed workload behind "did not match any variant".
+#[derive(Debug)]
+enum RawWorkloads {
+    Keyword(String),
+    List(Vec<RawWorkload>),
+}
+
+impl<'de> Deserialize<'de> for RawWorkloads {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawWorkloads;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of workloads or \"fromControlPlane\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawWorkloads, E> {
+                Ok(RawWorkloads::Keyword(v.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<RawWorkloads, A::Error> {
+                let list =
+                    Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+                Ok(RawWorkloads::List(list))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl Default for RawWorkloads {
+    fn default() -> Self {
+        RawWorkloads::List(Vec::new())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,6 +222,9 @@ pub struct Config {
     /// Labels of the Kubernetes namespaces the workloads name, by namespace.
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub workloads: Vec<WorkloadConfig>,
+    /// `workloads: fromControlPlane`: this node's pods come from a control plane that reads the
+    /// cluster, and are matched to kubelet's pod cgroups by UID.
+    pub workloads_from_control_plane: bool,
     /// Policy, identities and the IP cache come from this control plane instead of `policies`.
     pub control_plane: Option<crate::control::ControlPlaneConfig>,
     /// The mTLS tunnel (control-plane mode only: workload certificates come from there).
@@ -296,8 +337,28 @@ impl Config {
             namespaces.insert(namespace, ns.labels);
         }
         let mut names = BTreeSet::new();
-        let mut workloads = Vec::with_capacity(raw.workloads.len());
-        for (i, w) in raw.workloads.into_iter().enumerate() {
+        let (raw_workloads, workloads_from_control_plane) = match raw.workloads {
+            RawWorkloads::List(list) => (list, false),
+            RawWorkloads::Keyword(k) if k == "fromControlPlane" => {
+                if raw.control_plane.is_none() {
+                    return Err(field(
+                        "workloads".into(),
+                        "fromControlPlane needs controlPlane: (a control plane that reads a \
+                         Kubernetes cluster)"
+                            .into(),
+                    ));
+                }
+                (Vec::new(), true)
+            }
+            RawWorkloads::Keyword(k) => {
+                return Err(field(
+                    "workloads".into(),
+                    format!("{k:?}: expected \"fromControlPlane\" or a list of workloads"),
+                ))
+            }
+        };
+        let mut workloads = Vec::with_capacity(raw_workloads.len());
+        for (i, w) in raw_workloads.into_iter().enumerate() {
             let at = |sub: &str| format!("workloads[{i}].{sub}");
             if w.name.is_empty() || w.name.contains(char::is_whitespace) {
                 return Err(field(
@@ -430,6 +491,7 @@ impl Config {
             flow_log: raw.flow_log.map(|p| base.join(p)),
             namespaces,
             workloads,
+            workloads_from_control_plane,
         })
     }
 }
@@ -470,31 +532,7 @@ fn tunnel_settings(raw: RawTunnel) -> Result<TunnelSettings, (&'static str, Stri
 /// A named port, checked as Kubernetes checks a container port's name (an IANA service name);
 /// an error names the field below the port (`.name`, `.port`, `.protocol`).
 fn named_port(raw: RawPort) -> Result<NamedPort, (&'static str, String)> {
-    let name = raw.name;
-    if !crate::policy::is_port_name(&name) {
-        return Err((
-            ".name",
-            format!(
-                "{name:?} is not a port name: 1 to 15 lowercase letters, digits and single inner \
-                 dashes, with at least one letter"
-            ),
-        ));
-    }
-    let port = u16::try_from(raw.port).ok().filter(|p| *p != 0).ok_or((
-        ".port",
-        format!("{} is not a port from 1 to 65535", raw.port),
-    ))?;
-    let protocol = match raw.protocol.as_deref().unwrap_or("TCP") {
-        "TCP" => agent_common::PROTO_TCP,
-        "UDP" => agent_common::PROTO_UDP,
-        "SCTP" => agent_common::PROTO_SCTP,
-        other => return Err((".protocol", format!("{other:?} is not TCP, UDP or SCTP"))),
-    };
-    Ok(NamedPort {
-        name,
-        protocol,
-        port,
-    })
+    NamedPort::parse(raw.name, raw.port, raw.protocol.as_deref())
 }
 
 /// Turns the section's own check into an error naming the file and the field.
@@ -613,6 +651,28 @@ mod tests {
                 ("dns", agent_common::PROTO_UDP, 53)
             ]
         );
+    }
+
+    #[test]
+    fn workloads_may_come_from_a_control_plane_only() {
+        let cp =
+            "controlPlane: {address: '10.0.0.1:7443', nodeName: n, caFile: ca.pem, stateDir: /s}\n";
+        let c = parse(&format!(
+            "trustDomain: example.org\nworkloads: fromControlPlane\n{cp}"
+        ))
+        .expect("valid config");
+        assert!(c.workloads_from_control_plane && c.workloads.is_empty());
+        let e = parse("trustDomain: example.org\nworkloads: fromControlPlane\n")
+            .expect_err("no control plane");
+        assert!(
+            e.to_string().contains("workloads") && e.to_string().contains("controlPlane"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "trustDomain: example.org\nworkloads: fromKubelet\n{cp}"
+        ))
+        .expect_err("unknown keyword");
+        assert!(e.to_string().contains("fromKubelet"), "{e}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 
 use crate::{
     cgroups::CgroupTree,
-    config::{Config, HostAddresses},
+    config::{Config, HostAddresses, WorkloadConfig},
     control::{RemoteState, ReportedWorkload},
     events::Names,
     identity, kernel,
@@ -45,6 +45,10 @@ impl Desired {
         rule_ids: &mut RuleIds,
         documents: &mut policy::DocumentCache,
     ) -> anyhow::Result<Self> {
+        let mut config = config;
+        if config.workloads_from_control_plane {
+            add_cluster_workloads(&mut config, remote);
+        }
         let mut workloads = identity::workload_infos(&config)?;
         let mut peers = Vec::new();
         let set = match (&config.control_plane, remote) {
@@ -128,14 +132,37 @@ fn remote_identities(state: &RemoteState, workloads: &mut [WorkloadInfo]) -> Vec
             spiffe_id: remote.spiffe_id.clone(),
             namespace: remote.namespace.clone(),
             labels: remote.labels.clone(),
-            // The control plane does not distribute namespace labels or named ports yet: remote
-            // peers match namespaceSelectors only by name, and named ports only locally.
-            namespace_labels: Default::default(),
+            namespace_labels: remote.namespace_labels.clone(),
+            // Named ports resolve on the node of the workload that names them.
             ports: Vec::new(),
             addresses: addresses.remove(&remote.identity).unwrap_or_default(),
         });
     }
     peers
+}
+
+/// Adds this node's pods, as the control plane read them from the cluster, to the configured
+/// workloads (matched to kubelet's pod cgroups by UID), and their namespaces' labels.
+fn add_cluster_workloads(config: &mut Config, remote: Option<&RemoteState>) {
+    let Some(state) = remote else { return };
+    for w in &state.workloads {
+        if let Some(namespace) = &w.namespace {
+            config
+                .namespaces
+                .insert(namespace.clone(), w.namespace_labels.clone());
+        }
+        config.workloads.push(WorkloadConfig {
+            name: w.name.clone(),
+            spiffe_id: w.spiffe_id.clone(),
+            namespace: w.namespace.clone(),
+            labels: w.labels.clone(),
+            cgroups: Vec::new(),
+            systemd_units: Vec::new(),
+            pod_uids: vec![w.pod_uid.clone()],
+            addresses: w.addresses.clone(),
+            ports: w.ports.clone(),
+        });
+    }
 }
 
 /// What this node reports to the control plane.
@@ -206,6 +233,7 @@ mod tests {
             identity,
             labels: BTreeMap::from([("app".to_string(), app.to_string())]),
             namespace: None,
+            namespace_labels: BTreeMap::new(),
         }
     }
 
@@ -284,6 +312,48 @@ mod tests {
         assert!(
             text.contains("client-egress") && text.contains("bogus"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn the_control_planes_pods_are_this_nodes_workloads_found_by_uid() {
+        let text = CONFIG.replace(
+            "workloads:\n  - {name: client, labels: {app: client}, addresses: [10.0.0.1]}\n",
+            "workloads: fromControlPlane\n",
+        );
+        let config = Config::parse(Path::new("/etc/ward/ward.yaml"), &text).expect("valid");
+        let mut state = state(EGRESS);
+        state.workloads = vec![crate::control::RemoteWorkload {
+            name: "shop/client".into(),
+            pod_uid: "3f1c2a4e-aaaa-bbbb-cccc-0123456789ab".into(),
+            spiffe_id: "spiffe://x.test/workload/client".into(),
+            namespace: Some("shop".into()),
+            namespace_labels: BTreeMap::from([("team".to_string(), "a".to_string())]),
+            labels: BTreeMap::from([("app".to_string(), "client".to_string())]),
+            addresses: vec!["10.0.0.1".parse().expect("ip")],
+            ports: Vec::new(),
+        }];
+        let desired = Desired::build(
+            config,
+            Some(&state),
+            &mut RuleIds::new(),
+            &mut Default::default(),
+        )
+        .expect("compiles");
+        assert_eq!(desired.workloads.len(), 1);
+        assert_eq!(
+            desired.workloads[0].identity, 4242,
+            "the control plane's number"
+        );
+        assert_eq!(desired.workloads[0].namespace_labels["team"], "a");
+        let tree = crate::cgroups::CgroupTree::from([
+            (7, "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod3f1c2a4e_aaaa_bbbb_cccc_0123456789ab.slice/cri-containerd-1.scope".into()),
+            (8, "kubepods/besteffort/pod00000000-aaaa-bbbb-cccc-0123456789ab/c".into()),
+        ]);
+        assert_eq!(
+            desired.cgroup_identities(&tree),
+            BTreeMap::from([(7, 4242)]),
+            "the pod's container, under the systemd driver; not another pod"
         );
     }
 

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use ward_proto::{resource::Body, Resource, ResourceType, TrustBundle, Workload};
 
 use crate::{
-    policy_set::ReadSet,
+    policy_set::{ClusterDocument, ReadSet},
     registry::{Refusal, Registry, ReportError},
     resources::{Delta, ResourceSet, Version},
 };
@@ -32,18 +32,25 @@ impl Sets {
             ResourceType::Identity => Some(&self.identity),
             ResourceType::Ipcache => Some(&self.ipcache),
             ResourceType::TrustBundle => Some(&self.trust_bundle),
-            ResourceType::Unspecified => None,
+            ResourceType::Workload | ResourceType::Unspecified => None,
         }
     }
 }
 
 struct State {
     sets: Sets,
+    /// Set once the control plane reads a cluster ([`Hub::set_cluster_workloads`]): the
+    /// cluster, not the agents' reports, says which workloads run where, and each node has a
+    /// WORKLOAD set of its own (created when first needed, empty until the node has pods).
+    cluster: Option<BTreeMap<String, ResourceSet>>,
+    epoch: u64,
     /// The policies the POLICY set serves.
     policies: Arc<ward_policy::PolicySet>,
     registry: Registry,
     /// The serials (canonical form) in the TRUST_BUNDLE's `revoked_serials`.
     revoked: BTreeSet<String>,
+    /// The policy documents read from the cluster, served with the policy directory's.
+    cluster_documents: Vec<ClusterDocument>,
 }
 
 /// What [`Hub::set_revoked`] changed.
@@ -118,9 +125,12 @@ impl Hub {
         Hub {
             state: Mutex::new(State {
                 sets,
+                cluster: None,
+                epoch,
                 policies: Arc::default(),
                 registry,
                 revoked,
+                cluster_documents: Vec::new(),
             }),
             trust_bundle_pem: trust_bundle_pem.into(),
             changed: watch::Sender::new(0),
@@ -158,6 +168,15 @@ impl Hub {
         drop(state);
         Self::bump(&self.changed);
         version
+    }
+
+    /// The policy documents read from the cluster, which the next read of the policy set adds.
+    pub fn cluster_documents(&self) -> Vec<ClusterDocument> {
+        self.lock().cluster_documents.clone()
+    }
+
+    pub fn set_cluster_documents(&self, documents: Vec<ClusterDocument>) {
+        self.lock().cluster_documents = documents;
     }
 
     /// Serves `revoked` (canonical serials) in the trust bundle from now on. Returns what changed,
@@ -227,17 +246,55 @@ impl Hub {
         *self.registry_changed.borrow()
     }
 
-    /// Registers what `node` reports; see [`Registry::report`].
+    /// Registers what `node` reports; see [`Registry::report`]. A control plane that reads a
+    /// cluster takes the workloads from there and registers no report.
     pub fn report(
         &self,
         node: &str,
         workloads: Vec<Workload>,
     ) -> Result<Vec<Refusal>, ReportError> {
         let mut state = self.lock();
+        if state.cluster.is_some() {
+            state.registry.touch(node, Instant::now());
+            return Ok(Vec::new());
+        }
         let (changed, refusals) = state.registry.report(node, workloads)?;
         state.registry.touch(node, Instant::now());
         if changed {
             self.registry_changed_locked(state);
+        }
+        Ok(refusals)
+    }
+
+    /// Makes `nodes` (node → its pods, as the cluster schedules them) every node's workloads,
+    /// and each node's WORKLOAD set. From the first call on, agents' reports are not registered
+    /// and nodes do not expire (a node's pods leave when the cluster deletes them). Returns the
+    /// workloads refused, by node.
+    pub fn set_cluster_workloads(
+        &self,
+        nodes: BTreeMap<String, Vec<Workload>>,
+    ) -> Result<Vec<(String, Refusal)>, ReportError> {
+        let mut state = self.lock();
+        let (mut changed, refusals) = state.registry.replace_nodes(nodes)?;
+        let epoch = state.epoch;
+        let State {
+            cluster, registry, ..
+        } = &mut *state;
+        let sets = cluster.get_or_insert_with(BTreeMap::new);
+        let known: BTreeSet<String> = registry
+            .nodes()
+            .map(|(n, _)| n.to_string())
+            .chain(sets.keys().cloned())
+            .collect();
+        for node in known {
+            let set = sets
+                .entry(node.clone())
+                .or_insert_with(|| ResourceSet::new(ResourceType::Workload, epoch));
+            changed |= set.replace_all(registry.workload_resources(&node));
+        }
+        if changed {
+            self.registry_changed_locked(state);
+            Self::bump(&self.changed);
         }
         Ok(refusals)
     }
@@ -278,6 +335,9 @@ impl Hub {
             .cloned()
             .collect();
         let mut state = self.lock();
+        if state.cluster.is_some() {
+            return Vec::new();
+        }
         let gone = state.registry.expire(Instant::now(), lease, &connected);
         if !gone.is_empty() {
             self.registry_changed_locked(state);
@@ -297,16 +357,29 @@ impl Hub {
         self.lock().registry.to_json()
     }
 
-    /// For each type, what a holder of `held` must receive.
+    /// For each type, what `node`'s agent, holding `held`, must receive.
     pub fn deltas(
         &self,
+        node: &str,
         held: &BTreeMap<ResourceType, Option<String>>,
     ) -> Vec<(ResourceType, Delta)> {
-        let state = self.lock();
+        let mut state = self.lock();
+        let epoch = state.epoch;
+        if let Some(sets) = &mut state.cluster {
+            // A node without pods yet holds an empty set, so its agent learns it has none.
+            sets.entry(node.to_string()).or_insert_with(|| {
+                let mut set = ResourceSet::new(ResourceType::Workload, epoch);
+                set.replace_all(BTreeMap::new());
+                set
+            });
+        }
         ResourceType::ALL
             .into_iter()
             .filter_map(|kind| {
-                let set = state.sets.get(kind)?;
+                let set = match kind {
+                    ResourceType::Workload => state.cluster.as_ref()?.get(node)?,
+                    kind => state.sets.get(kind)?,
+                };
                 let delta = set.diff(held.get(&kind).and_then(|v| v.as_deref()))?;
                 Some((kind, delta))
             })
@@ -351,7 +424,7 @@ mod tests {
     fn a_new_agent_gets_everything_but_policy_until_policy_is_read() {
         let hub = hub();
         let kinds: Vec<ResourceType> = hub
-            .deltas(&BTreeMap::new())
+            .deltas("a", &BTreeMap::new())
             .into_iter()
             .map(|(k, _)| k)
             .collect();
@@ -365,7 +438,7 @@ mod tests {
         );
         hub.set_policies(ReadSet::default())
             .expect("first set is a change");
-        assert_eq!(hub.deltas(&BTreeMap::new()).len(), 4);
+        assert_eq!(hub.deltas("a", &BTreeMap::new()).len(), 4);
     }
 
     #[test]
@@ -434,7 +507,7 @@ mod tests {
         let after = change.version.expect("ready");
         assert_ne!(after, before);
         let held = BTreeMap::from([(ResourceType::TrustBundle, Some(before.to_string()))]);
-        let deltas = hub.deltas(&held);
+        let deltas = hub.deltas("a", &held);
         let (_, delta) = deltas
             .iter()
             .find(|(k, _)| *k == ResourceType::TrustBundle)
@@ -471,7 +544,7 @@ mod tests {
         assert!(registry.has_changed().expect("hub alive"), "persisted");
         assert!(!hub.set_tunnel("a", "10.0.0.10:4430"), "the same again");
         let held = BTreeMap::from([(ResourceType::Ipcache, Some(before.to_string()))]);
-        let deltas = hub.deltas(&held);
+        let deltas = hub.deltas("a", &held);
         let (_, delta) = deltas
             .iter()
             .find(|(k, _)| *k == ResourceType::Ipcache)
@@ -485,6 +558,53 @@ mod tests {
             ("a", "10.0.0.10:4430")
         );
         assert!(hub.registry_json().contains("10.0.0.10:4430"));
+    }
+
+    #[test]
+    fn a_cluster_gives_each_node_its_own_pods_and_takes_over_from_reports() {
+        let hub = hub();
+        let pod = |name: &str, uid: &str, address: &str| Workload {
+            name: name.into(),
+            spiffe_id: format!("spiffe://example.org/ns/shop/sa/{name}"),
+            addresses: vec![address.into()],
+            pod_uid: uid.into(),
+            ..Workload::default()
+        };
+        assert!(
+            !hub.deltas("a", &BTreeMap::new())
+                .iter()
+                .any(|(k, _)| *k == ResourceType::Workload),
+            "no WORKLOAD type until the cluster is read"
+        );
+        hub.set_cluster_workloads(BTreeMap::from([
+            ("a".to_string(), vec![pod("web", "u1", "10.0.0.1")]),
+            ("b".to_string(), vec![pod("db", "u2", "10.0.0.2")]),
+        ]))
+        .expect("accepted");
+        let workloads_of = |node: &str| -> Vec<String> {
+            hub.deltas(node, &BTreeMap::new())
+                .into_iter()
+                .filter(|(k, _)| *k == ResourceType::Workload)
+                .flat_map(|(_, d)| d.resources.into_iter().map(|r| r.name.clone()))
+                .collect()
+        };
+        assert_eq!(workloads_of("a"), ["u1"]);
+        assert_eq!(workloads_of("b"), ["u2"]);
+        assert!(
+            workloads_of("c").is_empty(),
+            "a node without pods gets an empty set"
+        );
+        assert!(hub
+            .deltas("c", &BTreeMap::new())
+            .iter()
+            .any(|(k, _)| *k == ResourceType::Workload));
+        assert_eq!(hub.len(ResourceType::Ipcache), 2, "every node's pods");
+        // An agent's report changes nothing, and nodes without streams do not expire.
+        hub.report("a", Vec::new()).expect("report");
+        assert_eq!(hub.len(ResourceType::Ipcache), 2);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(hub.expire_nodes(Duration::from_millis(1)).is_empty());
+        assert!(hub.node_reported("a", "spiffe://example.org/ns/shop/sa/web"));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! [`hub`]), the per-agent streams ([`session`]) and TLS ([`tls`]).
 pub mod ca;
 pub mod hub;
+pub mod kubernetes;
 pub mod limits;
 pub mod policy_set;
 pub mod registry;
@@ -55,6 +56,14 @@ pub struct Options {
     pub server_names: Vec<String>,
     /// A node without a stream for this long is removed with its workloads.
     pub node_lease: Duration,
+    /// Read workloads and NetworkPolicies from a Kubernetes cluster.
+    pub kubernetes: Option<KubernetesOptions>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct KubernetesOptions {
+    /// `None`: in-cluster, else `KUBECONFIG` or `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +94,8 @@ pub enum ControlError {
     Revocation(#[from] revocation::RevocationError),
     #[error("serving: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Kubernetes(#[from] kubernetes::KubernetesError),
 }
 
 fn random_u64() -> u64 {
@@ -114,7 +125,9 @@ fn load_policies(dir: &Path, hub: &Hub, reason: &str) {
     let started = Instant::now();
     let (workloads, generation) = hub.workload_infos();
     let read =
-        policy_set::read(dir).and_then(|read| match policy_set::compile(&read.set, &workloads) {
+        policy_set::read(dir, &hub.cluster_documents()).and_then(|read| match policy_set::compile(
+            &read.set, &workloads,
+        ) {
             Ok(()) => Ok(read),
             Err(failed) => {
                 let NodeError { node, error } = *failed;
@@ -344,6 +357,20 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         hub.clone(),
         load_revocations,
     ));
+    if let Some(k) = &opts.kubernetes {
+        let client = kubernetes::client(k.kubeconfig.as_deref()).await?;
+        let (dir, policy_hub) = (opts.policy_dir.clone(), hub.clone());
+        let publish = move |documents| {
+            policy_hub.set_cluster_documents(documents);
+            load_policies(&dir, &policy_hub, "cluster change");
+        };
+        tokio::spawn(kubernetes::follow(
+            client,
+            hub.clone(),
+            opts.trust_domain.clone(),
+            publish,
+        ));
+    }
     tokio::spawn(persist_registry(hub.clone(), state.clone()));
     tokio::spawn(recheck_policies(hub.clone()));
     tokio::spawn(expire_nodes(hub.clone(), opts.node_lease));

@@ -53,6 +53,14 @@ struct ServeArgs {
     /// "ward-control", which agents verify by default.
     #[arg(long = "server-name")]
     server_names: Vec<String>,
+    /// Read workloads (pods) and NetworkPolicies from a Kubernetes cluster: in a pod, its
+    /// service account's; elsewhere --kubeconfig, KUBECONFIG or ~/.kube/config. Agents with
+    /// `workloads: fromControlPlane` enforce their node's pods.
+    #[arg(long)]
+    kubernetes: bool,
+    /// The kubeconfig of the cluster --kubernetes reads.
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -157,6 +165,9 @@ async fn main() -> anyhow::Result<()> {
         workload_cert_lifetime: args.workload_cert_lifetime,
         server_names: args.server_names,
         node_lease: args.node_lease,
+        kubernetes: args.kubernetes.then_some(ward_control::KubernetesOptions {
+            kubeconfig: args.kubeconfig,
+        }),
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

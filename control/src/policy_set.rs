@@ -40,8 +40,17 @@ fn file_error(file: &Path, document: Option<usize>, reason: String) -> PolicyErr
     }
 }
 
-/// Reads the directory into policies and POLICY resources, or every error found.
-pub fn read(dir: &Path) -> Result<ReadSet, Vec<PolicyError>> {
+/// A policy document read from a Kubernetes cluster (a NetworkPolicy object).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterDocument {
+    /// Where it is: `networkpolicies/<namespace>/<name>`; diagnostics name it as they name files.
+    pub source: String,
+    pub yaml: String,
+}
+
+/// Reads the directory, and the documents read from the cluster, into policies and POLICY
+/// resources, or every error found.
+pub fn read(dir: &Path, cluster: &[ClusterDocument]) -> Result<ReadSet, Vec<PolicyError>> {
     let mut report = Report::default();
     let files = ward_policy::load::policy_files(&mut report, &[dir.to_owned()]);
     let mut documents: HashMap<(PathBuf, usize), String> = HashMap::new();
@@ -68,14 +77,15 @@ pub fn read(dir: &Path) -> Result<ReadSet, Vec<PolicyError>> {
                 continue;
             }
         };
-        for (number, document) in ward_policy::load::documents(&text) {
-            if document.len() > MAX_DOCUMENT_BYTES {
-                let reason = format!("larger than {MAX_DOCUMENT_BYTES} bytes");
-                report.errors.push(file_error(&file, Some(number), reason));
-            }
-            documents.insert((file.clone(), number), document.to_owned());
-        }
-        report.add_text(&file, &text);
+        add_text(&mut report, &mut documents, &file, &text);
+    }
+    for document in cluster {
+        add_text(
+            &mut report,
+            &mut documents,
+            Path::new(&document.source),
+            &document.yaml,
+        );
     }
     if !report.errors.is_empty() {
         return Err(report.errors);
@@ -104,6 +114,39 @@ pub fn read(dir: &Path) -> Result<ReadSet, Vec<PolicyError>> {
         set: report.set,
         resources,
     })
+}
+
+/// Checks one document read from the cluster on its own, as `ward policy check` checks a file.
+pub fn check_document(document: &ClusterDocument) -> Result<(), Vec<PolicyError>> {
+    let mut report = Report::default();
+    add_text(
+        &mut report,
+        &mut HashMap::new(),
+        Path::new(&document.source),
+        &document.yaml,
+    );
+    if report.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(report.errors)
+    }
+}
+
+/// Adds the documents of one file's text to the report, keeping each document's text.
+fn add_text(
+    report: &mut Report,
+    documents: &mut HashMap<(PathBuf, usize), String>,
+    file: &Path,
+    text: &str,
+) {
+    for (number, document) in ward_policy::load::documents(text) {
+        if document.len() > MAX_DOCUMENT_BYTES {
+            let reason = format!("larger than {MAX_DOCUMENT_BYTES} bytes");
+            report.errors.push(file_error(file, Some(number), reason));
+        }
+        documents.insert((file.to_owned(), number), document.to_owned());
+    }
+    report.add_text(file, text);
 }
 
 /// A policy set that does not compile for the workloads of a node.
@@ -172,7 +215,7 @@ mod tests {
     }
 
     fn errors(dir: &Path) -> Vec<String> {
-        let errors = read(dir).expect_err("invalid directory");
+        let errors = read(dir, &[]).expect_err("invalid directory");
         errors.iter().map(ToString::to_string).collect()
     }
 
@@ -183,7 +226,7 @@ mod tests {
             (".hidden.yaml", "garbage: ["),
             ("notes.txt", "garbage: ["),
         ]);
-        let read = read(tmp.path()).expect("valid directory");
+        let read = read(tmp.path(), &[]).expect("valid directory");
         assert_eq!(
             read.resources.keys().collect::<Vec<_>>(),
             ["demo/deny", "web"]

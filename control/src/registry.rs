@@ -45,6 +45,15 @@ pub struct WorkloadRecord {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub addresses: Vec<IpAddr>,
+    /// The labels of the workload's namespace (the cluster's; agents' reports carry none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub namespace_labels: BTreeMap<String, String>,
+    /// A pod's UID (workloads read from the cluster).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_uid: String,
+    /// Named container ports (workloads read from the cluster).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ward_policy::NamedPort>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -270,6 +279,14 @@ impl Registry {
             let labels: BTreeMap<String, String> = w.labels.into_iter().collect();
             let same_identity =
                 |other: &WorkloadRecord| other.labels == labels && other.namespace == w.namespace;
+            let mut ports = Vec::with_capacity(w.ports.len());
+            for p in &w.ports {
+                let protocol = (!p.protocol.is_empty()).then_some(p.protocol.as_str());
+                match ward_policy::NamedPort::parse(p.name.clone(), p.port.into(), protocol) {
+                    Ok(port) => ports.push(port),
+                    Err((field, reason)) => refuse(format!("ports {:?}{field}: {reason}", p.name)),
+                }
+            }
             if let Some(other) = accepted.iter().find(|a| a.spiffe_id == w.spiffe_id) {
                 if !same_identity(other) {
                     refuse(format!(
@@ -315,6 +332,9 @@ impl Registry {
                 namespace: w.namespace,
                 labels,
                 addresses,
+                namespace_labels: w.namespace_labels.into_iter().collect(),
+                pod_uid: w.pod_uid,
+                ports,
             });
         }
         drop(others);
@@ -331,9 +351,68 @@ impl Registry {
         Ok((changed, refusals))
     }
 
-    /// Each node's workloads as the policy compiler sees them, with their identities. The
-    /// registry knows no namespace labels or named ports: agents add those of their own
-    /// workloads from their configuration.
+    /// Replaces every node's workloads at once (a control plane that reads the cluster: the
+    /// cluster says where every pod runs). Done at once, not node by node, so an address that
+    /// moved from one node's pod to another's is not refused as the first node's. Returns
+    /// whether anything changed, and each node's refusals.
+    pub fn replace_nodes(
+        &mut self,
+        nodes: BTreeMap<String, Vec<Workload>>,
+    ) -> Result<(bool, Vec<(String, Refusal)>), ReportError> {
+        let before = std::mem::take(&mut self.nodes);
+        let mut refusals = Vec::new();
+        for (node, workloads) in nodes {
+            let (_, refused) = match self.report(&node, workloads) {
+                Ok(done) => done,
+                Err(e) => {
+                    self.nodes = before;
+                    return Err(e);
+                }
+            };
+            refusals.extend(refused.into_iter().map(|r| (node.clone(), r)));
+        }
+        Ok((self.nodes != before, refusals))
+    }
+
+    /// This node's workloads that came from the cluster, as WORKLOAD resources by pod UID.
+    pub fn workload_resources(&self, node: &str) -> BTreeMap<String, Resource> {
+        let Some(workloads) = self.nodes.get(node) else {
+            return BTreeMap::new();
+        };
+        workloads
+            .iter()
+            .filter(|w| !w.pod_uid.is_empty())
+            .map(|w| {
+                let body = Workload {
+                    name: w.name.clone(),
+                    spiffe_id: w.spiffe_id.clone(),
+                    namespace: w.namespace.clone(),
+                    labels: w.labels.clone().into_iter().collect(),
+                    addresses: w.addresses.iter().map(ToString::to_string).collect(),
+                    namespace_labels: w.namespace_labels.clone().into_iter().collect(),
+                    pod_uid: w.pod_uid.clone(),
+                    ports: w
+                        .ports
+                        .iter()
+                        .map(|p| ward_proto::NamedPort {
+                            name: p.name.clone(),
+                            port: p.port.into(),
+                            protocol: ward_policy::protocol_name(p.protocol).to_ascii_uppercase(),
+                        })
+                        .collect(),
+                };
+                let resource = Resource {
+                    name: w.pod_uid.clone(),
+                    body: Some(Body::Workload(body)),
+                };
+                (w.pod_uid.clone(), resource)
+            })
+            .collect()
+    }
+
+    /// Each node's workloads as the policy compiler sees them, with their identities. Agents'
+    /// reports carry no namespace labels or named ports (agents add those of their own workloads
+    /// from their configuration); workloads read from the cluster carry both.
     pub fn workload_infos(&self) -> BTreeMap<String, Vec<ward_policy::WorkloadInfo>> {
         let info = |w: &WorkloadRecord| ward_policy::WorkloadInfo {
             identity: self.identities[&w.spiffe_id],
@@ -342,7 +421,8 @@ impl Registry {
             namespace: w.namespace.clone(),
             labels: w.labels.clone(),
             addresses: w.addresses.clone(),
-            ..ward_policy::WorkloadInfo::default()
+            namespace_labels: w.namespace_labels.clone(),
+            ports: w.ports.clone(),
         };
         let nodes = self.nodes.iter();
         nodes
@@ -361,6 +441,7 @@ impl Registry {
                     identity: self.identities[&w.spiffe_id],
                     labels: w.labels.clone().into_iter().collect(),
                     namespace: w.namespace.clone(),
+                    namespace_labels: w.namespace_labels.clone().into_iter().collect(),
                 })),
             });
         }
@@ -402,7 +483,75 @@ mod tests {
             namespace: Some("demo".into()),
             labels: [("app".to_string(), app.to_string())].into_iter().collect(),
             addresses: addresses.iter().map(|a| a.to_string()).collect(),
+            ..Workload::default()
         }
+    }
+
+    #[test]
+    fn a_cluster_replaces_every_node_at_once_so_an_address_can_move_between_nodes() {
+        let mut r = Registry::new("example.org");
+        let nodes = |a: &str, b: &str| {
+            BTreeMap::from([
+                ("a".to_string(), vec![workload("web", "web", &[a])]),
+                ("b".to_string(), vec![workload("db", "db", &[b])]),
+            ])
+        };
+        let (changed, refused) = r.replace_nodes(nodes("10.0.0.1", "10.0.0.2")).expect("ok");
+        assert!(changed && refused.is_empty(), "{refused:?}");
+        // The two pods' addresses swap in one update: neither is refused as the other node's.
+        let (changed, refused) = r.replace_nodes(nodes("10.0.0.2", "10.0.0.1")).expect("ok");
+        assert!(changed && refused.is_empty(), "{refused:?}");
+        let (changed, _) = r.replace_nodes(nodes("10.0.0.2", "10.0.0.1")).expect("ok");
+        assert!(!changed, "the same again");
+        let (changed, _) = r.replace_nodes(BTreeMap::new()).expect("ok");
+        assert!(changed);
+        assert!(r.ipcache_resources().is_empty(), "every pod gone");
+    }
+
+    #[test]
+    fn workload_resources_carry_the_pods_uid_namespace_labels_and_named_ports() {
+        let mut r = Registry::new("example.org");
+        let mut pod = workload("web", "web", &["10.0.0.1"]);
+        pod.pod_uid = "uid-1".into();
+        pod.namespace_labels = [("team".to_string(), "a".to_string())]
+            .into_iter()
+            .collect();
+        pod.ports = vec![
+            ward_proto::NamedPort {
+                name: "http".into(),
+                port: 8080,
+                protocol: String::new(),
+            },
+            ward_proto::NamedPort {
+                name: "Bad_Name".into(),
+                port: 53,
+                protocol: "UDP".into(),
+            },
+        ];
+        let (_, refused) = r.report("a", vec![pod]).expect("ok");
+        assert_eq!(
+            refused.len(),
+            1,
+            "the bad port is refused, not the pod: {refused:?}"
+        );
+        let resources = r.workload_resources("a");
+        let Some(Body::Workload(w)) = &resources["uid-1"].body else {
+            panic!("a workload")
+        };
+        assert_eq!(w.ports.len(), 1);
+        assert_eq!(
+            (w.ports[0].protocol.as_str(), w.ports[0].port),
+            ("TCP", 8080)
+        );
+        assert_eq!(w.namespace_labels["team"], "a");
+        let infos = r.workload_infos();
+        assert_eq!(infos["a"][0].namespace_labels["team"], "a");
+        assert_eq!(infos["a"][0].ports[0].name, "http");
+        let Some(Body::Identity(i)) = &r.identity_resources()[&w.spiffe_id].body else {
+            panic!("an identity")
+        };
+        assert_eq!(i.namespace_labels["team"], "a");
+        assert!(r.workload_resources("b").is_empty());
     }
 
     #[test]

@@ -55,12 +55,47 @@ pub struct WorkloadInfo {
 }
 
 /// A port a workload names, as a Kubernetes container port does.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NamedPort {
     pub name: String,
     /// `agent_common::PROTO_TCP`, `PROTO_UDP` or `PROTO_SCTP`.
     pub protocol: u8,
     pub port: u16,
+}
+
+impl NamedPort {
+    /// A container port as written (`protocol` `None` is TCP), or the field (`.name`, `.port`,
+    /// `.protocol`) that is wrong and why.
+    pub fn parse(
+        name: String,
+        port: i64,
+        protocol: Option<&str>,
+    ) -> Result<NamedPort, (&'static str, String)> {
+        if !model::is_port_name(&name) {
+            return Err((
+                ".name",
+                format!(
+                    "{name:?} is not a port name: 1 to 15 lowercase letters, digits and single \
+                     inner dashes, with at least one letter"
+                ),
+            ));
+        }
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or((".port", format!("{port} is not a port from 1 to 65535")))?;
+        let protocol = match protocol.unwrap_or("TCP") {
+            "TCP" => agent_common::PROTO_TCP,
+            "UDP" => agent_common::PROTO_UDP,
+            "SCTP" => agent_common::PROTO_SCTP,
+            other => return Err((".protocol", format!("{other:?} is not TCP, UDP or SCTP"))),
+        };
+        Ok(NamedPort {
+            name,
+            protocol,
+            port,
+        })
+    }
 }
 
 /// `mode` of a policy.

@@ -10,10 +10,11 @@ pub use v1::*;
 
 impl ResourceType {
     /// Every type the control plane serves, in the order the agent applies them.
-    pub const ALL: [ResourceType; 4] = [
+    pub const ALL: [ResourceType; 5] = [
         ResourceType::TrustBundle,
         ResourceType::Identity,
         ResourceType::Ipcache,
+        ResourceType::Workload,
         ResourceType::Policy,
     ];
 
@@ -25,6 +26,7 @@ impl ResourceType {
             ResourceType::Identity => "identity",
             ResourceType::Ipcache => "ipcache",
             ResourceType::TrustBundle => "trust_bundle",
+            ResourceType::Workload => "workload",
         }
     }
 

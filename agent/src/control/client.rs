@@ -193,6 +193,7 @@ fn to_proto(node: &str, workloads: &[ReportedWorkload]) -> AgentMessage {
                     namespace: w.namespace.clone(),
                     labels: w.labels.clone().into_iter().collect(),
                     addresses: w.addresses.iter().map(ToString::to_string).collect(),
+                    ..Workload::default()
                 })
                 .collect(),
         })),

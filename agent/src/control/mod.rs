@@ -16,9 +16,9 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use client::WorkloadSigner;
-#[cfg(test)]
-pub use state::RemoteIdentity;
 pub use state::RemoteState;
+#[cfg(test)]
+pub use state::{RemoteIdentity, RemoteWorkload};
 
 /// The DNS name the control plane's serving certificate always carries.
 pub const DEFAULT_SERVER_NAME: &str = "ward-control";

@@ -20,6 +20,29 @@ pub struct RemoteIdentity {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub namespace_labels: BTreeMap<String, String>,
+}
+
+/// One of this node's pods as the control plane reads it from the cluster (`workloads:
+/// fromControlPlane`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteWorkload {
+    /// `<namespace>/<pod name>`.
+    pub name: String,
+    pub pod_uid: String,
+    pub spiffe_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub namespace_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    #[serde(default)]
+    pub ports: Vec<crate::policy::NamedPort>,
 }
 
 /// Everything the control plane gave this agent, merged: the complete desired state after an
@@ -42,7 +65,10 @@ pub struct RemoteState {
     /// Serials of revoked workload certificates, as the control plane wrote them.
     #[serde(default)]
     pub revoked_serials: Vec<String>,
-    /// Resource type (`policy`, `identity`, `ipcache`, `trust_bundle`) → version held.
+    /// This node's pods (WORKLOAD resources: a control plane that reads a cluster), by pod UID.
+    #[serde(default)]
+    pub workloads: Vec<RemoteWorkload>,
+    /// Resource type (`policy`, `identity`, `ipcache`, `trust_bundle`, `workload`) → version held.
     pub versions: BTreeMap<String, String>,
 }
 
@@ -55,6 +81,8 @@ pub struct Held {
     tunnels: BTreeMap<IpAddr, SocketAddr>,
     /// Name → (PEM, revoked serials).
     trust_bundle: BTreeMap<String, (String, Vec<String>)>,
+    /// By pod UID.
+    workloads: BTreeMap<String, RemoteWorkload>,
     versions: BTreeMap<ResourceType, String>,
 }
 
@@ -93,6 +121,11 @@ impl Held {
                     (state.trust_bundle.clone(), state.revoked_serials.clone()),
                 )])
             },
+            workloads: state
+                .workloads
+                .iter()
+                .map(|w| (w.pod_uid.clone(), w.clone()))
+                .collect(),
             versions: state
                 .versions
                 .iter()
@@ -121,6 +154,7 @@ impl Held {
                 .values()
                 .flat_map(|(_, revoked)| revoked.iter().cloned())
                 .collect(),
+            workloads: self.workloads.values().cloned().collect(),
             versions: self
                 .versions
                 .iter()
@@ -144,6 +178,7 @@ impl Held {
             && self.ipcache == other.ipcache
             && self.tunnels == other.tunnels
             && self.trust_bundle == other.trust_bundle
+            && self.workloads == other.workloads
     }
 
     fn clear(&mut self, kind: ResourceType) {
@@ -155,6 +190,7 @@ impl Held {
                 self.tunnels.clear();
             }
             ResourceType::TrustBundle => self.trust_bundle.clear(),
+            ResourceType::Workload => self.workloads.clear(),
             ResourceType::Unspecified => {}
         }
     }
@@ -176,6 +212,9 @@ impl Held {
             }
             ResourceType::TrustBundle => {
                 self.trust_bundle.remove(name);
+            }
+            ResourceType::Workload => {
+                self.workloads.remove(name);
             }
             ResourceType::Unspecified => {}
         }
@@ -213,6 +252,7 @@ impl Held {
                     identity: i.identity,
                     labels: i.labels.into_iter().collect(),
                     namespace: i.namespace,
+                    namespace_labels: i.namespace_labels.into_iter().collect(),
                 };
                 self.identities.insert(name, identity);
             }
@@ -249,6 +289,39 @@ impl Held {
                 }
                 self.trust_bundle
                     .insert(name, (bundle.pem, bundle.revoked_serials));
+            }
+            (ResourceType::Workload, Some(Body::Workload(w))) => {
+                if w.pod_uid != name {
+                    return invalid(format!("names pod UID {:?}", w.pod_uid));
+                }
+                let mut addresses = Vec::with_capacity(w.addresses.len());
+                for text in &w.addresses {
+                    match text.parse::<IpAddr>() {
+                        Ok(address) => addresses.push(address),
+                        Err(_) => return invalid(format!("{text:?} is not an address")),
+                    }
+                }
+                let mut ports = Vec::with_capacity(w.ports.len());
+                for p in w.ports {
+                    let protocol = (!p.protocol.is_empty()).then_some(p.protocol.as_str());
+                    match crate::policy::NamedPort::parse(p.name.clone(), p.port.into(), protocol) {
+                        Ok(port) => ports.push(port),
+                        Err((field, reason)) => {
+                            return invalid(format!("ports {:?}{field}: {reason}", p.name))
+                        }
+                    }
+                }
+                let workload = RemoteWorkload {
+                    name: w.name,
+                    pod_uid: w.pod_uid,
+                    spiffe_id: w.spiffe_id,
+                    namespace: w.namespace,
+                    namespace_labels: w.namespace_labels.into_iter().collect(),
+                    labels: w.labels.into_iter().collect(),
+                    addresses,
+                    ports,
+                };
+                self.workloads.insert(name, workload);
             }
             _ => return invalid("body does not match the resource type".into()),
         }
@@ -447,6 +520,77 @@ mod tests {
             ["x", "y"],
             "the second piece must not clear the first"
         );
+    }
+
+    fn pod(uid: &str, port_name: &str) -> Resource {
+        Resource {
+            name: uid.into(),
+            body: Some(Body::Workload(ward_proto::Workload {
+                name: "shop/web".into(),
+                spiffe_id: "spiffe://x/ns/shop/sa/web".into(),
+                namespace: Some("shop".into()),
+                addresses: vec!["10.0.0.5".into()],
+                namespace_labels: [("team".to_string(), "a".to_string())].into(),
+                pod_uid: uid.into(),
+                ports: vec![ward_proto::NamedPort {
+                    name: port_name.into(),
+                    port: 8080,
+                    protocol: "TCP".into(),
+                }],
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn this_nodes_pods_are_held_by_uid_and_malformed_ones_refused() {
+        let held = Held::default()
+            .merged(&[update(
+                ResourceType::Workload,
+                "w1",
+                "",
+                true,
+                vec![pod("u1", "http")],
+                &[],
+            )])
+            .expect("a pod");
+        let state = held.to_state();
+        assert_eq!(state.workloads.len(), 1);
+        let w = &state.workloads[0];
+        assert_eq!((w.pod_uid.as_str(), w.name.as_str()), ("u1", "shop/web"));
+        assert_eq!(w.namespace_labels["team"], "a");
+        assert_eq!((w.ports[0].name.as_str(), w.ports[0].port), ("http", 8080));
+        assert_eq!(
+            Held::from_state(&state),
+            held,
+            "the saved state reads back the same"
+        );
+        let gone = held
+            .merged(&[update(
+                ResourceType::Workload,
+                "w2",
+                "w1",
+                false,
+                vec![],
+                &["u1"],
+            )])
+            .expect("removed");
+        assert!(gone.to_state().workloads.is_empty());
+        let mut misnamed = pod("u1", "http");
+        misnamed.name = "u2".into();
+        for bad in [pod("u1", "Not A Port"), misnamed] {
+            let err = Held::default()
+                .merged(&[update(
+                    ResourceType::Workload,
+                    "w1",
+                    "",
+                    true,
+                    vec![bad],
+                    &[],
+                )])
+                .expect_err("refused");
+            assert!(matches!(err, MergeError::Invalid(_)), "{err}");
+        }
     }
 
     #[test]

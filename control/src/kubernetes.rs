@@ -1,0 +1,551 @@
+//! Reads a Kubernetes cluster (`ward-control --kubernetes`): one watch each for Namespaces, Pods
+//! and `networking.k8s.io/v1` NetworkPolicies for the whole cluster, with kube-rs's watcher
+//! (which resumes from the last resourceVersion and lists again after `410 Gone`).
+//!
+//! What the cluster says becomes the hub's state: every scheduled pod with addresses is a
+//! workload of its node (identity `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`,
+//! its labels, its namespace's labels, its container ports), served to that node's agent as
+//! WORKLOAD resources and to all as identities and the IP cache; every NetworkPolicy is a POLICY
+//! resource next to the policy directory's.
+//!
+//! Nothing is published before all three kinds are listed once, and a watch that fails keeps what
+//! it had: an API server that answers errors or drops watches never empties what agents enforce.
+//! A relist replaces a kind's objects at once when it completes.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures_util::{stream::BoxStream, StreamExt as _};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod},
+    networking::v1::NetworkPolicy,
+};
+use kube::{
+    runtime::{watcher, WatchStreamExt as _},
+    Api, Client, Resource, ResourceExt as _,
+};
+use ward_proto::{NamedPort, Workload};
+
+use crate::{hub::Hub, policy_set::ClusterDocument};
+
+/// Quiet time after a change before the state is published, so a burst (a Deployment's pods, a
+/// relist) is one update.
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// Labels that controllers put on pods and that differ between the pods of one workload (one per
+/// ReplicaSet, revision or index): left out of the identity so that the pods of a service account
+/// share one, as they must (identities are per SPIFFE ID). Policies cannot select by them.
+pub const VOLATILE_LABELS: [&str; 7] = [
+    "pod-template-hash",
+    "controller-revision-hash",
+    "pod-template-generation",
+    "statefulset.kubernetes.io/pod-name",
+    "apps.kubernetes.io/pod-index",
+    "batch.kubernetes.io/controller-uid",
+    "controller-uid",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubernetesError {
+    #[error("reading the kubeconfig {file}: {source}")]
+    Kubeconfig {
+        file: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("finding the cluster (in-cluster service account or KUBECONFIG): {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    #[error("Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// A client for the cluster in `kubeconfig`, or the one kube-rs infers (the pod's service
+/// account in a cluster, else `KUBECONFIG` or `~/.kube/config`).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubernetesError> {
+    let config = match kubeconfig {
+        Some(file) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(file).map_err(|source| {
+                KubernetesError::Kubeconfig {
+                    file: file.to_owned(),
+                    source,
+                }
+            })?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .map_err(|source| KubernetesError::Kubeconfig {
+                    file: file.to_owned(),
+                    source,
+                })?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// One kind's objects by `namespace/name`, and the relist in progress.
+struct Objects<K> {
+    live: BTreeMap<String, K>,
+    relisting: Option<BTreeMap<String, K>>,
+    listed: bool,
+    /// The last watch error, logged once until the watch works again.
+    failing: Option<String>,
+}
+
+impl<K: Resource> Objects<K> {
+    fn new() -> Self {
+        Objects {
+            live: BTreeMap::new(),
+            relisting: None,
+            listed: false,
+            failing: None,
+        }
+    }
+
+    fn key(object: &K) -> String {
+        match object.meta().namespace.as_deref() {
+            Some(namespace) => format!(
+                "{namespace}/{}",
+                object.meta().name.as_deref().unwrap_or("")
+            ),
+            None => object.meta().name.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Applies one watch event; returns whether the objects in force changed.
+    fn apply(&mut self, what: &str, event: Result<watcher::Event<K>, watcher::Error>) -> bool {
+        let event = match event {
+            Ok(event) => event,
+            Err(e) => {
+                let text = e.to_string();
+                if self.failing.as_ref() != Some(&text) {
+                    tracing::warn!(kind = what, error = %text, "Kubernetes watch failed; retrying, and agents keep what they have");
+                    self.failing = Some(text);
+                }
+                return false;
+            }
+        };
+        if self.failing.take().is_some() {
+            tracing::info!(kind = what, "Kubernetes watch works again");
+        }
+        match event {
+            watcher::Event::Init => {
+                self.relisting = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(object) => {
+                if let Some(relisting) = &mut self.relisting {
+                    relisting.insert(Self::key(&object), object);
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                if let Some(relisting) = self.relisting.take() {
+                    self.live = relisting;
+                }
+                self.listed = true;
+                true
+            }
+            watcher::Event::Apply(object) => {
+                self.live.insert(Self::key(&object), object);
+                true
+            }
+            watcher::Event::Delete(object) => self.live.remove(&Self::key(&object)).is_some(),
+        }
+    }
+}
+
+type WatchEvent<K> = Box<Result<watcher::Event<K>, watcher::Error>>;
+
+enum Change {
+    Namespace(WatchEvent<Namespace>),
+    Pod(WatchEvent<Pod>),
+    NetworkPolicy(WatchEvent<NetworkPolicy>),
+}
+
+fn watch<K>(client: &Client, wrap: fn(WatchEvent<K>) -> Change) -> BoxStream<'static, Change>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
+    watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .map(move |event| wrap(Box::new(event)))
+        .boxed()
+}
+
+/// What the cluster holds, as the watches last reported it.
+struct Cluster {
+    namespaces: Objects<Namespace>,
+    pods: Objects<Pod>,
+    network_policies: Objects<NetworkPolicy>,
+}
+
+impl Cluster {
+    fn listed(&self) -> bool {
+        self.namespaces.listed && self.pods.listed && self.network_policies.listed
+    }
+
+    /// Each node's pods as workloads.
+    fn workloads(&self, trust_domain: &str) -> BTreeMap<String, Vec<Workload>> {
+        let mut nodes: BTreeMap<String, Vec<Workload>> = BTreeMap::new();
+        for pod in self.pods.live.values() {
+            let Some((node, workload)) = pod_workload(pod, trust_domain, |namespace| {
+                self.namespaces
+                    .live
+                    .get(namespace)
+                    .map(|n| n.labels().clone())
+                    .unwrap_or_default()
+            }) else {
+                continue;
+            };
+            nodes.entry(node).or_default().push(workload);
+        }
+        nodes
+    }
+
+    /// Every NetworkPolicy as a policy document.
+    fn documents(&self) -> Vec<ClusterDocument> {
+        self.network_policies
+            .live
+            .iter()
+            .map(|(key, policy)| ClusterDocument {
+                source: format!("networkpolicies/{key}"),
+                yaml: network_policy_document(policy),
+            })
+            .collect()
+    }
+}
+
+/// The pod as a workload of its node; `None` for a pod that is not scheduled yet, has finished
+/// (its addresses may already be another pod's), or shares the node's network (it is the node's).
+fn pod_workload(
+    pod: &Pod,
+    trust_domain: &str,
+    namespace_labels: impl Fn(&str) -> BTreeMap<String, String>,
+) -> Option<(String, Workload)> {
+    let spec = pod.spec.as_ref()?;
+    let node = spec.node_name.clone()?;
+    if spec.host_network == Some(true) {
+        return None;
+    }
+    let status = pod.status.as_ref();
+    if matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    ) {
+        return None;
+    }
+    let namespace = pod.namespace().unwrap_or_else(|| "default".into());
+    let service_account = spec
+        .service_account_name
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let mut addresses: Vec<String> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| ips.iter().map(|ip| ip.ip.clone()).collect())
+        .unwrap_or_default();
+    if addresses.is_empty() {
+        addresses.extend(status.and_then(|s| s.pod_ip.clone()));
+    }
+    let ports = spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            Some(NamedPort {
+                name: p.name.clone()?,
+                port: u32::try_from(p.container_port).ok()?,
+                protocol: p.protocol.clone().unwrap_or_default(),
+            })
+        })
+        .collect();
+    let workload = Workload {
+        name: format!("{namespace}/{}", pod.name_any()),
+        spiffe_id: format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"),
+        labels: pod
+            .labels()
+            .iter()
+            .filter(|(k, _)| !VOLATILE_LABELS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        namespace_labels: namespace_labels(&namespace).into_iter().collect(),
+        namespace: Some(namespace),
+        addresses,
+        pod_uid: pod.uid().unwrap_or_default(),
+        ports,
+    };
+    Some((node, workload))
+}
+
+/// The NetworkPolicy as ward's loader reads one: its spec with only the name and namespace of its
+/// metadata (the rest, managedFields above all, is the API server's bookkeeping).
+fn network_policy_document(policy: &NetworkPolicy) -> String {
+    let document = serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": policy.name_any(),
+            "namespace": policy.namespace().unwrap_or_else(|| "default".into()),
+        },
+        "spec": policy.spec,
+    });
+    serde_json::to_string_pretty(&document).expect("a NetworkPolicy serializes")
+}
+
+/// Follows the cluster until the watches end (never, short of a shutdown): publishes its
+/// workloads to the hub and its NetworkPolicies to `publish_policies` after each settled burst
+/// of changes, once every kind has been listed.
+pub async fn follow(
+    client: Client,
+    hub: Arc<Hub>,
+    trust_domain: String,
+    publish_policies: impl Fn(Vec<ClusterDocument>) + Send + Sync + 'static,
+) {
+    let mut changes = futures_util::stream::select_all([
+        watch::<Namespace>(&client, Change::Namespace),
+        watch::<Pod>(&client, Change::Pod),
+        watch::<NetworkPolicy>(&client, Change::NetworkPolicy),
+    ]);
+    let mut cluster = Cluster {
+        namespaces: Objects::new(),
+        pods: Objects::new(),
+        network_policies: Objects::new(),
+    };
+    let publish_policies = Arc::new(publish_policies);
+    let (mut workloads_dirty, mut policies_dirty) = (false, false);
+    let mut published_documents: Option<Vec<ClusterDocument>> = None;
+    let mut checked = Checked::default();
+    loop {
+        let change = if workloads_dirty || policies_dirty {
+            match tokio::time::timeout(SETTLE, changes.next()).await {
+                Ok(change) => change,
+                Err(_) => {
+                    if cluster.listed() {
+                        if workloads_dirty {
+                            publish_workloads(&hub, cluster.workloads(&trust_domain));
+                        }
+                        let documents = checked.accepted(cluster.documents());
+                        if policies_dirty && published_documents.as_ref() != Some(&documents) {
+                            published_documents = Some(documents.clone());
+                            let publish = publish_policies.clone();
+                            let _ = tokio::task::spawn_blocking(move || publish(documents)).await;
+                        }
+                        (workloads_dirty, policies_dirty) = (false, false);
+                    }
+                    continue;
+                }
+            }
+        } else {
+            changes.next().await
+        };
+        let Some(change) = change else { return };
+        match change {
+            // Namespace labels are part of each pod's workload.
+            Change::Namespace(e) => workloads_dirty |= cluster.namespaces.apply("Namespace", *e),
+            Change::Pod(e) => workloads_dirty |= cluster.pods.apply("Pod", *e),
+            Change::NetworkPolicy(e) => {
+                policies_dirty |= cluster.network_policies.apply("NetworkPolicy", *e)
+            }
+        }
+        if cluster.listed() && published_documents.is_none() {
+            // The first complete listing publishes both, even an empty cluster.
+            (workloads_dirty, policies_dirty) = (true, true);
+        }
+    }
+}
+
+/// The cluster's policy documents that passed the check on their own, so that an object that does
+/// not compile changes nothing: a new one is left out, a changed one keeps its previous version.
+#[derive(Default)]
+struct Checked {
+    /// By source: the last version that passed.
+    accepted: BTreeMap<String, String>,
+    /// By source: the version refused, logged once.
+    refused: BTreeMap<String, String>,
+}
+
+impl Checked {
+    fn accepted(&mut self, documents: Vec<ClusterDocument>) -> Vec<ClusterDocument> {
+        let current: BTreeMap<String, String> =
+            documents.into_iter().map(|d| (d.source, d.yaml)).collect();
+        self.accepted
+            .retain(|source, _| current.contains_key(source));
+        self.refused
+            .retain(|source, _| current.contains_key(source));
+        for (source, yaml) in current {
+            if self.accepted.get(&source) == Some(&yaml) {
+                continue;
+            }
+            let document = ClusterDocument { source, yaml };
+            match crate::policy_set::check_document(&document) {
+                Ok(()) => {
+                    self.refused.remove(&document.source);
+                    self.accepted.insert(document.source, document.yaml);
+                }
+                Err(errors) => {
+                    if self.refused.get(&document.source) != Some(&document.yaml) {
+                        for error in &errors {
+                            tracing::error!(object = document.source, %error, "NetworkPolicy refused");
+                        }
+                        let kept = if self.accepted.contains_key(&document.source) {
+                            "its previous version stays in force"
+                        } else {
+                            "it is not enforced"
+                        };
+                        tracing::error!(
+                            object = document.source,
+                            errors = errors.len(),
+                            "NetworkPolicy refused: {kept}"
+                        );
+                        self.refused.insert(document.source, document.yaml);
+                    }
+                }
+            }
+        }
+        self.accepted
+            .iter()
+            .map(|(source, yaml)| ClusterDocument {
+                source: source.clone(),
+                yaml: yaml.clone(),
+            })
+            .collect()
+    }
+}
+
+fn publish_workloads(hub: &Hub, nodes: BTreeMap<String, Vec<Workload>>) {
+    let pods: usize = nodes.values().map(Vec::len).sum();
+    match hub.set_cluster_workloads(nodes) {
+        Ok(refusals) => {
+            for (node, refusal) in &refusals {
+                tracing::warn!(
+                    node,
+                    pod = refusal.workload,
+                    reason = refusal.reason,
+                    "pod not enforced as a workload"
+                );
+            }
+            tracing::info!(pods, refused = refusals.len(), "cluster workloads updated");
+        }
+        Err(e) => tracing::error!(error = %e, "cluster workloads refused; the previous ones stay"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(value: serde_json::Value) -> Pod {
+        serde_json::from_value(value).expect("a pod")
+    }
+
+    fn web() -> serde_json::Value {
+        serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "uid": "u1",
+                         "labels": {"app": "web", "pod-template-hash": "abc"}},
+            "spec": {"nodeName": "node-a", "containers": [{"name": "c", "ports": [
+                {"name": "http", "containerPort": 8080}, {"containerPort": 9090}]}]},
+            "status": {"phase": "Running", "podIP": "10.1.0.5",
+                       "podIPs": [{"ip": "10.1.0.5"}, {"ip": "fd00::5"}]},
+        })
+    }
+
+    fn team(namespace: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([("team".to_string(), format!("{namespace}-team"))])
+    }
+
+    #[test]
+    fn a_pod_is_a_workload_of_its_node_with_its_service_accounts_identity() {
+        let (node, w) = pod_workload(&pod(web()), "example.org", team).expect("a workload");
+        assert_eq!(node, "node-a");
+        assert_eq!(w.name, "shop/web-1");
+        assert_eq!(w.spiffe_id, "spiffe://example.org/ns/shop/sa/default");
+        assert_eq!(w.pod_uid, "u1");
+        assert_eq!(w.addresses, ["10.1.0.5", "fd00::5"]);
+        assert_eq!(
+            w.labels.into_iter().collect::<Vec<_>>(),
+            [("app".to_string(), "web".to_string())],
+            "pod-template-hash is not part of the identity"
+        );
+        assert_eq!(w.namespace_labels["team"], "shop-team");
+        assert_eq!(w.ports.len(), 1, "only named ports");
+        assert_eq!((w.ports[0].name.as_str(), w.ports[0].port), ("http", 8080));
+    }
+
+    #[test]
+    fn unscheduled_finished_and_host_network_pods_are_no_workloads() {
+        let mut unscheduled = web();
+        unscheduled["spec"]["nodeName"] = serde_json::Value::Null;
+        let mut finished = web();
+        finished["status"]["phase"] = "Succeeded".into();
+        let mut host = web();
+        host["spec"]["hostNetwork"] = true.into();
+        for value in [unscheduled, finished, host] {
+            assert!(pod_workload(&pod(value), "example.org", team).is_none());
+        }
+        let mut no_ips = web();
+        no_ips["status"] = serde_json::json!({"phase": "Pending"});
+        let (_, w) = pod_workload(&pod(no_ips), "example.org", team).expect("scheduled");
+        assert!(
+            w.addresses.is_empty(),
+            "a pod without IPs yet is still its node's workload"
+        );
+    }
+
+    #[test]
+    fn a_refused_object_keeps_its_previous_version_and_a_new_one_stays_out() {
+        let good = ClusterDocument {
+            source: "networkpolicies/shop/a".into(),
+            yaml: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a, namespace: shop}\nspec: {podSelector: {}}\n".into(),
+        };
+        let bad = |source: &str| {
+            ClusterDocument {
+            source: source.into(),
+            yaml: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a, namespace: shop}\nspec: {podSelector: {}, bogus: 1}\n".into(),
+        }
+        };
+        let mut checked = Checked::default();
+        assert_eq!(
+            checked.accepted(vec![good.clone()]),
+            std::slice::from_ref(&good)
+        );
+        let now = checked.accepted(vec![
+            bad("networkpolicies/shop/a"),
+            bad("networkpolicies/shop/b"),
+        ]);
+        assert_eq!(
+            now,
+            [good],
+            "the previous version stays; the new bad one stays out"
+        );
+        assert!(
+            checked.accepted(Vec::new()).is_empty(),
+            "deleted objects go"
+        );
+    }
+
+    #[test]
+    fn a_network_policy_document_keeps_only_its_name_and_namespace_of_the_metadata() {
+        let policy: NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "shop", "uid": "x", "resourceVersion": "5",
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"podSelector": {"matchLabels": {"app": "web"}}},
+        }))
+        .expect("a NetworkPolicy");
+        let text = network_policy_document(&policy);
+        assert!(
+            !text.contains("managedFields") && !text.contains("resourceVersion"),
+            "{text}"
+        );
+        let document = ClusterDocument {
+            source: "networkpolicies/shop/p".into(),
+            yaml: text,
+        };
+        crate::policy_set::check_document(&document).expect("ward reads it");
+    }
+}
