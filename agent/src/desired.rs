@@ -34,6 +34,9 @@ pub struct Desired {
     pub peers: Vec<WorkloadInfo>,
     pub compiled: Arc<Compiled>,
     pub addresses: Arc<BTreeMap<[u8; 16], u32>>,
+    /// UIDs of this node's host-network pods (`workloads: fromControlPlane`): their cgroups are
+    /// the host's.
+    pub host_pods: Vec<String>,
 }
 
 impl Desired {
@@ -46,9 +49,11 @@ impl Desired {
         documents: &mut policy::DocumentCache,
     ) -> anyhow::Result<Self> {
         let mut config = config;
-        if config.workloads_from_control_plane {
-            add_cluster_workloads(&mut config, remote);
-        }
+        let host_pods = if config.workloads_from_control_plane {
+            add_cluster_workloads(&mut config, remote)
+        } else {
+            Vec::new()
+        };
         let mut workloads = identity::workload_infos(&config)?;
         let mut peers = Vec::new();
         let set = match (&config.control_plane, remote) {
@@ -86,6 +91,7 @@ impl Desired {
             peers,
             compiled: Arc::new(compiled),
             addresses: Arc::new(addresses),
+            host_pods,
         })
     }
 
@@ -95,13 +101,17 @@ impl Desired {
         Names::new(&self.compiled, &all)
     }
 
-    /// cgroup id → identity for the cgroups of this node's workloads.
+    /// cgroup id → identity for the cgroups of this node's workloads, and the host's identity
+    /// for those of its host-network pods.
     pub fn cgroup_identities(&self, tree: &CgroupTree) -> BTreeMap<u64, u32> {
         tree.iter()
-            .filter_map(|(id, path)| {
-                identity::workload_of_cgroup(&self.config, path)
-                    .map(|i| (*id, self.workloads[i].identity))
-            })
+            .filter_map(
+                |(id, path)| match identity::workload_of_cgroup(&self.config, path) {
+                    Some(i) => Some((*id, self.workloads[i].identity)),
+                    None => identity::in_pod_cgroup(&self.host_pods, path)
+                        .then_some((*id, IDENTITY_HOST)),
+                },
+            )
             .collect()
     }
 }
@@ -142,10 +152,18 @@ fn remote_identities(state: &RemoteState, workloads: &mut [WorkloadInfo]) -> Vec
 }
 
 /// Adds this node's pods, as the control plane read them from the cluster, to the configured
-/// workloads (matched to kubelet's pod cgroups by UID), and their namespaces' labels.
-fn add_cluster_workloads(config: &mut Config, remote: Option<&RemoteState>) {
-    let Some(state) = remote else { return };
+/// workloads (matched to kubelet's pod cgroups by UID), and their namespaces' labels. Returns
+/// the UIDs of the host-network pods, which are no workloads.
+fn add_cluster_workloads(config: &mut Config, remote: Option<&RemoteState>) -> Vec<String> {
+    let Some(state) = remote else {
+        return Vec::new();
+    };
+    let mut host_pods = Vec::new();
     for w in &state.workloads {
+        if w.host_network {
+            host_pods.push(w.pod_uid.clone());
+            continue;
+        }
         if let Some(namespace) = &w.namespace {
             config
                 .namespaces
@@ -163,6 +181,7 @@ fn add_cluster_workloads(config: &mut Config, remote: Option<&RemoteState>) {
             ports: w.ports.clone(),
         });
     }
+    host_pods
 }
 
 /// What this node reports to the control plane.
@@ -332,7 +351,14 @@ mod tests {
             labels: BTreeMap::from([("app".to_string(), "client".to_string())]),
             addresses: vec!["10.0.0.1".parse().expect("ip")],
             ports: Vec::new(),
+            host_network: false,
         }];
+        state.workloads.push(crate::control::RemoteWorkload {
+            name: "kube-system/proxy".into(),
+            pod_uid: "00000000-1111-2222-3333-444444444444".into(),
+            host_network: true,
+            ..Default::default()
+        });
         let desired = Desired::build(
             config,
             Some(&state),
@@ -349,11 +375,13 @@ mod tests {
         let tree = crate::cgroups::CgroupTree::from([
             (7, "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod3f1c2a4e_aaaa_bbbb_cccc_0123456789ab.slice/cri-containerd-1.scope".into()),
             (8, "kubepods/besteffort/pod00000000-aaaa-bbbb-cccc-0123456789ab/c".into()),
+            (9, "kubepods/besteffort/pod00000000-1111-2222-3333-444444444444/c".into()),
         ]);
         assert_eq!(
             desired.cgroup_identities(&tree),
-            BTreeMap::from([(7, 4242)]),
-            "the pod's container, under the systemd driver; not another pod"
+            BTreeMap::from([(7, 4242), (9, IDENTITY_HOST)]),
+            "the pod's container, under the systemd driver; the host-network pod is the \
+             host's; not another pod"
         );
     }
 

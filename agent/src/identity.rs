@@ -84,12 +84,24 @@ fn matches(w: &crate::config::WorkloadConfig, path: &Path) -> bool {
     if w.systemd_units.iter().any(|u| u == name) {
         return true;
     }
-    // kubelet names pod cgroups `pod<uid>` (cgroupfs driver) or
-    // `kubepods-<qos>-pod<uid with _>.slice` (systemd driver).
-    w.pod_uids.iter().any(|uid| {
-        let dashed = format!("pod{}", uid.replace('_', "-"));
-        let underscored = format!("pod{}.slice", uid.replace('-', "_"));
-        name == dashed || name.ends_with(&underscored)
+    w.pod_uids.iter().any(|uid| is_pod_cgroup(uid, name))
+}
+
+/// Whether a cgroup directory named `name` is kubelet's cgroup of pod `uid`: `pod<uid>`
+/// (cgroupfs driver) or `kubepods-<qos>-pod<uid with _>.slice` (systemd driver).
+fn is_pod_cgroup(uid: &str, name: &str) -> bool {
+    let dashed = format!("pod{}", uid.replace('_', "-"));
+    let underscored = format!("pod{}.slice", uid.replace('-', "_"));
+    name == dashed || name.ends_with(&underscored)
+}
+
+/// Whether a cgroup (path relative to the cgroup root) is, or is below, the cgroup of one of
+/// `pod_uids`.
+pub fn in_pod_cgroup(pod_uids: &[String], relative: &Path) -> bool {
+    relative.ancestors().any(|path| {
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|name| pod_uids.iter().any(|uid| is_pod_cgroup(uid, name)))
     })
 }
 

@@ -43,6 +43,9 @@ struct State {
     /// cluster, not the agents' reports, says which workloads run where, and each node has a
     /// WORKLOAD set of its own (created when first needed, empty until the node has pods).
     cluster: Option<BTreeMap<String, ResourceSet>>,
+    /// Each node's host-network pods (WORKLOAD resources by pod UID): no identity of their own,
+    /// so not in the registry.
+    host_pods: BTreeMap<String, BTreeMap<String, Resource>>,
     epoch: u64,
     /// The policies the POLICY set serves.
     policies: Arc<ward_policy::PolicySet>,
@@ -126,6 +129,7 @@ impl Hub {
             state: Mutex::new(State {
                 sets,
                 cluster: None,
+                host_pods: BTreeMap::new(),
                 epoch,
                 policies: Arc::default(),
                 registry,
@@ -267,30 +271,52 @@ impl Hub {
     }
 
     /// Makes `nodes` (node → its pods, as the cluster schedules them) every node's workloads,
-    /// and each node's WORKLOAD set. From the first call on, agents' reports are not registered
-    /// and nodes do not expire (a node's pods leave when the cluster deletes them). Returns the
-    /// workloads refused, by node.
+    /// and each node's WORKLOAD set. Host-network pods are in the WORKLOAD sets only. From the
+    /// first call on, agents' reports are not registered and nodes do not expire (a node's pods
+    /// leave when the cluster deletes them). Returns the workloads refused, by node.
     pub fn set_cluster_workloads(
         &self,
         nodes: BTreeMap<String, Vec<Workload>>,
     ) -> Result<Vec<(String, Refusal)>, ReportError> {
+        let mut pods = BTreeMap::new();
+        let mut host_pods: BTreeMap<String, BTreeMap<String, Resource>> = BTreeMap::new();
+        for (node, workloads) in nodes {
+            let (host, own): (Vec<Workload>, Vec<Workload>) =
+                workloads.into_iter().partition(|w| w.host_network);
+            for w in host {
+                let resource = Resource {
+                    name: w.pod_uid.clone(),
+                    body: Some(Body::Workload(w)),
+                };
+                let of_node = host_pods.entry(node.clone()).or_default();
+                of_node.insert(resource.name.clone(), resource);
+            }
+            pods.insert(node, own);
+        }
         let mut state = self.lock();
-        let (mut changed, refusals) = state.registry.replace_nodes(nodes)?;
+        let (mut changed, refusals) = state.registry.replace_nodes(pods)?;
         let epoch = state.epoch;
+        state.host_pods = host_pods;
         let State {
-            cluster, registry, ..
+            cluster,
+            registry,
+            host_pods,
+            ..
         } = &mut *state;
         let sets = cluster.get_or_insert_with(BTreeMap::new);
         let known: BTreeSet<String> = registry
             .nodes()
             .map(|(n, _)| n.to_string())
             .chain(sets.keys().cloned())
+            .chain(host_pods.keys().cloned())
             .collect();
         for node in known {
             let set = sets
                 .entry(node.clone())
                 .or_insert_with(|| ResourceSet::new(ResourceType::Workload, epoch));
-            changed |= set.replace_all(registry.workload_resources(&node));
+            let mut resources = registry.workload_resources(&node);
+            resources.extend(host_pods.get(&node).cloned().unwrap_or_default());
+            changed |= set.replace_all(resources);
         }
         if changed {
             self.registry_changed_locked(state);
@@ -576,9 +602,13 @@ mod tests {
                 .any(|(k, _)| *k == ResourceType::Workload),
             "no WORKLOAD type until the cluster is read"
         );
+        let host = Workload {
+            host_network: true,
+            ..pod("proxy", "u3", "10.0.0.3")
+        };
         hub.set_cluster_workloads(BTreeMap::from([
             ("a".to_string(), vec![pod("web", "u1", "10.0.0.1")]),
-            ("b".to_string(), vec![pod("db", "u2", "10.0.0.2")]),
+            ("b".to_string(), vec![pod("db", "u2", "10.0.0.2"), host]),
         ]))
         .expect("accepted");
         let workloads_of = |node: &str| -> Vec<String> {
@@ -589,7 +619,7 @@ mod tests {
                 .collect()
         };
         assert_eq!(workloads_of("a"), ["u1"]);
-        assert_eq!(workloads_of("b"), ["u2"]);
+        assert_eq!(workloads_of("b"), ["u2", "u3"]);
         assert!(
             workloads_of("c").is_empty(),
             "a node without pods gets an empty set"
@@ -598,7 +628,12 @@ mod tests {
             .deltas("c", &BTreeMap::new())
             .iter()
             .any(|(k, _)| *k == ResourceType::Workload));
-        assert_eq!(hub.len(ResourceType::Ipcache), 2, "every node's pods");
+        assert_eq!(
+            hub.len(ResourceType::Ipcache),
+            2,
+            "every node's pods but the host-network one"
+        );
+        assert_eq!(hub.len(ResourceType::Identity), 2);
         // An agent's report changes nothing, and nodes without streams do not expire.
         hub.report("a", Vec::new()).expect("report");
         assert_eq!(hub.len(ResourceType::Ipcache), 2);

@@ -222,8 +222,9 @@ impl Cluster {
     }
 }
 
-/// The pod as a workload of its node; `None` for a pod that is not scheduled yet, has finished
-/// (its addresses may already be another pod's), or shares the node's network (it is the node's).
+/// The pod as a workload of its node; `None` for a pod that is not scheduled yet or has finished
+/// (its addresses may already be another pod's). A pod that uses the node's network is marked
+/// so, without addresses: its node's agent maps its cgroup to the host.
 fn pod_workload(
     pod: &Pod,
     trust_domain: &str,
@@ -231,9 +232,7 @@ fn pod_workload(
 ) -> Option<(String, Workload)> {
     let spec = pod.spec.as_ref()?;
     let node = spec.node_name.clone()?;
-    if spec.host_network == Some(true) {
-        return None;
-    }
+    let host_network = spec.host_network == Some(true);
     let status = pod.status.as_ref();
     if matches!(
         status.and_then(|s| s.phase.as_deref()),
@@ -252,6 +251,10 @@ fn pod_workload(
         .unwrap_or_default();
     if addresses.is_empty() {
         addresses.extend(status.and_then(|s| s.pod_ip.clone()));
+    }
+    if host_network {
+        // The node's own addresses.
+        addresses.clear();
     }
     let ports = spec
         .containers
@@ -279,6 +282,7 @@ fn pod_workload(
         addresses,
         pod_uid: pod.uid().unwrap_or_default(),
         ports,
+        host_network,
     };
     Some((node, workload))
 }
@@ -478,16 +482,21 @@ mod tests {
     }
 
     #[test]
-    fn unscheduled_finished_and_host_network_pods_are_no_workloads() {
+    fn unscheduled_and_finished_pods_are_no_workloads_and_host_network_pods_the_nodes() {
         let mut unscheduled = web();
         unscheduled["spec"]["nodeName"] = serde_json::Value::Null;
         let mut finished = web();
         finished["status"]["phase"] = "Succeeded".into();
-        let mut host = web();
-        host["spec"]["hostNetwork"] = true.into();
-        for value in [unscheduled, finished, host] {
+        for value in [unscheduled, finished] {
             assert!(pod_workload(&pod(value), "example.org", team).is_none());
         }
+        let mut host = web();
+        host["spec"]["hostNetwork"] = true.into();
+        let (_, w) = pod_workload(&pod(host), "example.org", team).expect("the node's");
+        assert!(
+            w.host_network && w.addresses.is_empty(),
+            "the node's addresses are not its own"
+        );
         let mut no_ips = web();
         no_ips["status"] = serde_json::json!({"phase": "Pending"});
         let (_, w) = pod_workload(&pod(no_ips), "example.org", team).expect("scheduled");

@@ -400,6 +400,7 @@ impl Registry {
                             protocol: ward_policy::protocol_name(p.protocol).to_ascii_uppercase(),
                         })
                         .collect(),
+                    host_network: false,
                 };
                 let resource = Resource {
                     name: w.pod_uid.clone(),

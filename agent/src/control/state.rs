@@ -43,6 +43,9 @@ pub struct RemoteWorkload {
     pub addresses: Vec<IpAddr>,
     #[serde(default)]
     pub ports: Vec<crate::policy::NamedPort>,
+    /// Uses the node's network: its cgroup is mapped to the host, it has no identity of its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host_network: bool,
 }
 
 /// Everything the control plane gave this agent, merged: the complete desired state after an
@@ -320,6 +323,7 @@ impl Held {
                     labels: w.labels.into_iter().collect(),
                     addresses,
                     ports,
+                    host_network: w.host_network,
                 };
                 self.workloads.insert(name, workload);
             }
