@@ -76,12 +76,7 @@ async fn respond(
     };
     let body = match request.into_body().collect().await {
         Ok(body) => body.to_bytes(),
-        Err(e) => {
-            return Ok(json_response(
-                400,
-                &status(400, &format!("reading the request body: {e}")),
-            ))
-        }
+        Err(e) => return Ok(bad_request(&format!("reading the request body: {e}"))),
     };
     Ok(route(&shared, method, &target, &query, &body))
 }
@@ -103,7 +98,7 @@ fn route(
         (&Method::GET, None, None) if !resource.is_event() => {
             let selectors = match Selectors::from_query(query) {
                 Ok(selectors) => selectors,
-                Err(message) => return json_response(400, &status(400, &message)),
+                Err(message) => return bad_request(&message),
             };
             if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
                 watch(shared, target, query, selectors)
@@ -118,24 +113,18 @@ fn route(
             }
         }
         (&Method::POST, None, None) if resource.is_event() => match parse_object(body) {
-            Ok(event) => {
-                shared.lock().events.push(event.clone());
-                json_response(201, &event)
-            }
-            Err(response) => response,
+            Ok(event) => record_event(shared, event, 201),
+            Err(message) => bad_request(&message),
         },
         (&Method::PATCH | &Method::PUT, Some(_), None) if resource.is_event() => {
             match parse_object(body) {
-                Ok(event) => {
-                    shared.lock().events.push(event.clone());
-                    json_response(200, &event)
-                }
-                Err(response) => response,
+                Ok(event) => record_event(shared, event, 200),
+                Err(message) => bad_request(&message),
             }
         }
         (&Method::PATCH | &Method::PUT, Some(name), Some("status")) => match parse_object(body) {
             Ok(write) => write_status(shared, target, name, method == Method::PUT, write),
-            Err(response) => response,
+            Err(message) => bad_request(&message),
         },
         _ => not_found(&format!("{method} of {} here", resource.kind)),
     }
@@ -177,18 +166,13 @@ fn watch(
         None | Some("" | "0") => None,
         Some(text) => match text.parse::<u64>() {
             Ok(revision) => Some(revision),
-            Err(_) => {
-                return json_response(
-                    400,
-                    &status(400, &format!("invalid resourceVersion {text:?}")),
-                )
-            }
+            Err(_) => return bad_request(&format!("invalid resourceVersion {text:?}")),
         },
     };
     let timeout = match query.get("timeoutSeconds").map(|t| t.parse::<u64>()) {
         None => None,
         Some(Ok(seconds)) => Some(Duration::from_secs(seconds)),
-        Some(Err(_)) => return json_response(400, &status(400, "invalid timeoutSeconds")),
+        Some(Err(_)) => return bad_request("invalid timeoutSeconds"),
     };
     let params = watch::Params {
         from,
@@ -260,18 +244,22 @@ fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-fn parse_object(body: &[u8]) -> Result<Value, Response<Body>> {
+fn parse_object(body: &[u8]) -> Result<Value, String> {
     match serde_json::from_slice::<Value>(body) {
         Ok(value) if value.is_object() => Ok(value),
-        Ok(_) => Err(json_response(
-            400,
-            &status(400, "the body is not a JSON object"),
-        )),
-        Err(e) => Err(json_response(
-            400,
-            &status(400, &format!("the body is not JSON: {e}")),
-        )),
+        Ok(_) => Err("the body is not a JSON object".into()),
+        Err(e) => Err(format!("the body is not JSON: {e}")),
     }
+}
+
+/// An Event written, kept for the test and answered with itself.
+fn record_event(shared: &Shared, event: Value, code: u16) -> Response<Body> {
+    shared.lock().events.push(event.clone());
+    json_response(code, &event)
+}
+
+fn bad_request(message: &str) -> Response<Body> {
+    json_response(400, &status(400, message))
 }
 
 fn not_found(what: &str) -> Response<Body> {
