@@ -9,6 +9,7 @@ pub mod agent;
 pub mod capture;
 pub mod cgroups;
 pub mod cluster;
+pub mod kube_api;
 pub mod kubernetes;
 pub mod netns;
 pub mod peer;
@@ -21,6 +22,7 @@ pub use agent::{run_with_config, spiffe_id, Reload, Ward, WardOptions, Workload}
 pub use capture::Capture;
 pub use cgroups::{cgroup2_mount, TestCgroups};
 pub use cluster::{Cluster, Node};
+pub use kube_api::KubeApi;
 pub use netns::{Lan, Netns, TwoNodes};
 pub use peer::{outcomes_of, Attempts, Listener, Outcome, Peer, Protocol};
 pub use prerequisites::{control_bin, require_privileges, require_root, unique_name, ward_bin};

@@ -84,8 +84,9 @@ const QUICK_FILTER: &[&str] = &[
 /// measures CPU per thread (TCG's emulation of the tunnel's TLS swamps it)...
 const HOST_ONLY: &[&str] = &["a_tunneled_stream_does_not_wait_for_a_large_policy_apply"];
 /// ...and the test files of the control plane's distribution between nodes, whose kernel side
-/// the single-node files cover, and of deployment (the image, the manifests, the systemd units).
-const HOST_ONLY_FILES: &[&str] = &["multinode", "deploy"];
+/// the single-node files cover, of deployment (the image, the manifests, the systemd units), and
+/// of the stand-in Kubernetes API server against kube-rs (no kernel in it at all).
+const HOST_ONLY_FILES: &[&str] = &["multinode", "deploy", "kube_api"];
 
 /// A guest's libtest arguments: the filter, and `--skip` for each of [`HOST_ONLY`].
 fn guest_filter(filter: &[String]) -> Vec<String> {
@@ -652,6 +653,7 @@ mod tests {
     #[test]
     fn the_multinode_file_runs_on_the_host_only() {
         assert!(!runs_in_guests(Path::new("/t/multinode-0123abcd")));
+        assert!(!runs_in_guests(Path::new("/t/kube_api-0123abcd")));
         assert!(runs_in_guests(Path::new("/t/enforcement-0123abcd")));
     }
 
