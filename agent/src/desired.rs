@@ -155,6 +155,9 @@ fn remote_identities(state: &RemoteState, workloads: &mut [WorkloadInfo]) -> Vec
 /// workloads (matched to kubelet's pod cgroups by UID), and their namespaces' labels. Returns
 /// the UIDs of the host-network pods, which are no workloads.
 fn add_cluster_workloads(config: &mut Config, remote: Option<&RemoteState>) -> Vec<String> {
+    // The configuration may be a previous build's, with the pods of then: a configuration with
+    // `workloads: fromControlPlane` lists none of its own.
+    config.workloads.clear();
     let Some(state) = remote else {
         return Vec::new();
     };
@@ -366,6 +369,18 @@ mod tests {
             &mut Default::default(),
         )
         .expect("compiles");
+        // The next update relabels the pod; it is built from this build's configuration.
+        state.workloads[0]
+            .labels
+            .insert("app".into(), "client-v2".into());
+        let desired = Desired::build(
+            desired.config.clone(),
+            Some(&state),
+            &mut RuleIds::new(),
+            &mut Default::default(),
+        )
+        .expect("the pod is there once, with its new labels");
+        assert_eq!(desired.workloads[0].labels["app"], "client-v2");
         assert_eq!(desired.workloads.len(), 1);
         assert_eq!(
             desired.workloads[0].identity, 4242,

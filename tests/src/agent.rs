@@ -123,7 +123,7 @@ fn config_text(
     cgroup_root: &Path,
     pin_dir: &Path,
     policy_file: Option<&Path>,
-    workloads: &[Workload],
+    workloads: Option<&[Workload]>,
 ) -> String {
     let mut text = format!(
         "trustDomain: {}\ncgroupRoot: {}\npinDir: {}\n",
@@ -137,6 +137,9 @@ fn config_text(
             quote(&policy_file.to_string_lossy())
         ));
     }
+    let Some(workloads) = workloads else {
+        return text;
+    };
     text.push_str("workloads:\n");
     if workloads.is_empty() {
         text.push_str("  []\n");
@@ -241,6 +244,16 @@ impl Ward {
     /// Writes a configuration for `cgroups` with `workloads` as `options` say, starts
     /// `ward run --config <file> --log-format json` and waits for its `ready` line.
     pub fn launch(cgroups: &TestCgroups, workloads: &[Workload], options: WardOptions<'_>) -> Self {
+        Self::launch_with(cgroups, Some(workloads), options)
+    }
+
+    /// [`Ward::launch`]; `workloads` `None` writes no `workloads:` (`options.config_extra`
+    /// says where they come from).
+    pub fn launch_with(
+        cgroups: &TestCgroups,
+        workloads: Option<&[Workload]>,
+        options: WardOptions<'_>,
+    ) -> Self {
         crate::require_privileges();
         let name = cgroups
             .root()
@@ -291,8 +304,12 @@ impl Ward {
 
     fn write_config(&self, workloads: &[Workload]) {
         let listed_policy = self.has_policy_file.then_some(self.policy_file.as_path());
-        let text = config_text(&self.cgroup_root, &self.pin_dir, listed_policy, workloads)
-            + &self.config_extra;
+        let text = config_text(
+            &self.cgroup_root,
+            &self.pin_dir,
+            listed_policy,
+            Some(workloads),
+        ) + &self.config_extra;
         replace_file(&self.config_file, &text);
     }
 
@@ -349,6 +366,25 @@ impl Ward {
     pub fn admin_socket(&self) -> PathBuf {
         let name = self.pin_dir.file_name().expect("pin dir has a name");
         Path::new("/run").join(name).join("admin.sock")
+    }
+
+    /// What `ward status` prints for this agent.
+    pub fn status(&self) -> String {
+        let mut command = std::process::Command::new(crate::ward_bin());
+        command
+            .args(["status", "--admin-socket"])
+            .arg(self.admin_socket());
+        let finished = crate::run(
+            "ward status",
+            command,
+            crate::scaled(Duration::from_secs(10)),
+        );
+        assert!(
+            finished.status.success(),
+            "ward status: {}",
+            finished.stderr
+        );
+        finished.stdout
     }
 
     /// The first log line from index `from` on that satisfies `predicate`; panics with the log

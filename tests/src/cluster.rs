@@ -94,8 +94,13 @@ impl Node {
 
     /// Starts the node's agent in control-plane mode with `workloads` and waits for `ready`.
     pub fn start(&mut self, workloads: &[Workload]) {
+        self.start_with(Some(workloads));
+    }
+
+    /// `None`: the workloads come from the control plane (`config_extra` says so).
+    fn start_with(&mut self, workloads: Option<&[Workload]>) {
         assert!(self.ward.is_none(), "{}: ward already runs", self.name);
-        self.ward = Some(Ward::launch(
+        self.ward = Some(Ward::launch_with(
             &self.cgroups,
             workloads,
             WardOptions {
@@ -166,6 +171,47 @@ impl Cluster {
     /// `nodes` nodes (agents not started) and a control plane serving `policies` (file name,
     /// YAML), started with extra `ward-control` arguments `plane_args`.
     pub fn new(tag: &str, nodes: usize, policies: &[(&str, &str)], plane_args: &[&str]) -> Self {
+        let args: Vec<String> = plane_args.iter().map(|a| (*a).to_owned()).collect();
+        Self::build(tag, nodes, policies, |_, _| args)
+    }
+
+    /// `nodes` nodes (agents not started) and a control plane that reads a cluster from
+    /// `api`, a stand-in for the Kubernetes API server started in the control plane's namespace
+    /// (none can run on these machines: see [`crate::kube_api`]).
+    pub fn kubernetes(tag: &str, nodes: usize) -> (Self, crate::kube_api::KubeApi) {
+        let mut api = None;
+        let cluster = Self::build(tag, nodes, &[], |hub, dir| {
+            let started = hub.run_inside(crate::kube_api::KubeApi::start);
+            let kubeconfig = dir.join("kubeconfig");
+            started.write_kubeconfig(&kubeconfig);
+            api = Some(started);
+            vec![
+                "--kubernetes".into(),
+                "--kubeconfig".into(),
+                kubeconfig.to_string_lossy().into_owned(),
+            ]
+        });
+        (cluster, api.expect("started"))
+    }
+
+    /// Starts the agent of node `index` with `workloads: fromControlPlane` (its workloads are
+    /// the pods the control plane reads from the cluster) and `config` added to its
+    /// configuration.
+    pub fn start_from_cluster(&mut self, index: usize, config: &str) {
+        let node = &mut self.nodes[index];
+        node.config_extra += "workloads: fromControlPlane\n";
+        node.config_extra += config;
+        node.start_with(None);
+    }
+
+    /// The common part: `plane_args` gets the control plane's namespace and directory, before
+    /// the control plane starts.
+    fn build(
+        tag: &str,
+        nodes: usize,
+        policies: &[(&str, &str)],
+        plane_args: impl FnOnce(&Netns, &Path) -> Vec<String>,
+    ) -> Self {
         crate::require_privileges();
         assert!(
             nodes <= NODE_NAMES.len(),
@@ -198,7 +244,7 @@ impl Cluster {
         opts.listen = SocketAddr::from(([10, 232, subnet, 1], CONTROL_PORT));
         opts.trust_domain = crate::agent::TRUST_DOMAIN.into();
         opts.netns = Some(hub.name().to_owned());
-        opts.extra_args = plane_args.iter().map(|a| (*a).to_owned()).collect();
+        opts.extra_args = plane_args(&hub, &dir);
         let plane = ControlPlane::start(opts);
 
         let mut cluster = Cluster {

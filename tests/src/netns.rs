@@ -25,6 +25,26 @@ impl Netns {
         &self.name
     }
 
+    /// Runs `f` on a thread inside the namespace. Threads `f` starts stay there: a server it
+    /// starts listens in this namespace.
+    pub fn run_inside<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        use std::os::fd::AsRawFd as _;
+        let path = format!("/var/run/netns/{}", self.name);
+        let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: moves only this new thread into the namespace.
+                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        panic!("setns {path}: {}", std::io::Error::last_os_error());
+                    }
+                    f()
+                })
+                .join()
+                .expect("the thread in the namespace does not panic")
+        })
+    }
+
     /// Runs `ip -n <name> <args>` and panics with its message when it fails.
     pub fn ip(&self, args: &[&str]) {
         let mut full = vec!["-n", self.name.as_str()];

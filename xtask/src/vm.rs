@@ -85,8 +85,9 @@ const QUICK_FILTER: &[&str] = &[
 const HOST_ONLY: &[&str] = &["a_tunneled_stream_does_not_wait_for_a_large_policy_apply"];
 /// ...and the test files of the control plane's distribution between nodes, whose kernel side
 /// the single-node files cover, of deployment (the image, the manifests, the systemd units), and
-/// of the stand-in Kubernetes API server against kube-rs (no kernel in it at all).
-const HOST_ONLY_FILES: &[&str] = &["multinode", "deploy", "kube_api"];
+/// of the stand-in Kubernetes API server against kube-rs (no kernel in it at all), and of
+/// ward-control reading a cluster (whose kernel side is the control-plane mode's).
+const HOST_ONLY_FILES: &[&str] = &["multinode", "deploy", "kube_api", "kubernetes_cluster"];
 
 /// A guest's libtest arguments: the filter, and `--skip` for each of [`HOST_ONLY`].
 fn guest_filter(filter: &[String]) -> Vec<String> {
