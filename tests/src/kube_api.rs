@@ -217,6 +217,9 @@ impl KubeApi {
     }
 
     /// The next `n` requests, whatever they are, answer HTTP `status` with a `Status` body.
+    ///
+    /// kube's client retries 429, 503 and 504 by itself (`Config::default_retry`, up to 15
+    /// times): a watcher sees only other codes, 500 say, as `WatchStartFailed`/`InitialListFailed`.
     pub fn fail_next(&self, n: usize, status: u16) {
         self.server.shared.lock().failures = Failures {
             remaining: n,

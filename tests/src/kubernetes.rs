@@ -109,10 +109,15 @@ fn list(value: &Value) -> &[Value] {
 /// - capability names the kernel has, written without `CAP_` (`ALL` too);
 /// - a hostPath `type` among the HostPathType values;
 /// - every volumeMount names a volume of the pod;
-/// - an AppArmor `Localhost` profile names its profile.
+/// - an AppArmor `Localhost` profile names its profile;
+/// - the workload's `selector.matchLabels` are among its pod template's labels;
+/// - a `Recreate` Deployment strategy carries no `rollingUpdate`;
+/// - (the kubelet) `runAsNonRoot: true` comes with a non-zero `runAsUser` in the pod's or the
+///   container's security context, since ward's image sets no user the kubelet could check;
+/// - (the kubelet) a probe's named port is one of the container's ports.
 pub fn api_server_violations(workload: &Value) -> Vec<String> {
     let spec = pod_spec(workload);
-    let mut violations = Vec::new();
+    let mut violations = workload_violations(workload);
     let volumes = list(&spec["volumes"]);
     for volume in volumes {
         if let Some(host_path) = volume.get("hostPath") {
@@ -154,6 +159,30 @@ pub fn api_server_violations(workload: &Value) -> Vec<String> {
                 ));
             }
         }
+        let run_as_non_root = context["runAsNonRoot"]
+            .as_bool()
+            .or(spec["securityContext"]["runAsNonRoot"].as_bool());
+        let run_as_user = context["runAsUser"]
+            .as_u64()
+            .or(spec["securityContext"]["runAsUser"].as_u64());
+        if run_as_non_root == Some(true) && run_as_user.is_none_or(|u| u == 0) {
+            violations.push(format!(
+                "container {name}: runAsNonRoot needs a non-zero runAsUser (the image sets no user)"
+            ));
+        }
+        for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+            let probe = &container[probe];
+            let port = ["httpGet", "tcpSocket", "grpc"]
+                .iter()
+                .find_map(|handler| text(&probe[handler]["port"]));
+            if let Some(port) = port {
+                if !list(&container["ports"]).iter().any(|p| p["name"] == port) {
+                    violations.push(format!(
+                        "container {name}: a probe's port {port:?} names no port of the container"
+                    ));
+                }
+            }
+        }
         if context["appArmorProfile"]["type"] == "Localhost"
             && context["appArmorProfile"]["localhostProfile"].is_null()
         {
@@ -186,6 +215,59 @@ pub fn api_server_violations(workload: &Value) -> Vec<String> {
         }
     }
     violations
+}
+
+/// The rules of a workload itself rather than of its pod template.
+fn workload_violations(workload: &Value) -> Vec<String> {
+    let mut violations = Vec::new();
+    let labels = &workload["spec"]["template"]["metadata"]["labels"];
+    if let Some(selector) = workload["spec"]["selector"]["matchLabels"].as_object() {
+        for (key, value) in selector {
+            if labels[key] != *value {
+                violations.push(format!(
+                    "selector {key}={value} does not match the pod template's labels {labels}"
+                ));
+            }
+        }
+    }
+    let strategy = &workload["spec"]["strategy"];
+    if strategy["type"] == "Recreate" && !strategy["rollingUpdate"].is_null() {
+        violations.push("a Recreate strategy carries no rollingUpdate".to_owned());
+    }
+    violations
+}
+
+/// What an RBAC role grants, one `<apiGroup>/<resource>: <verb>` a line (the core group is
+/// empty: `/pods: get`), sorted. A wildcard stays `*`, and `resourceNames` or
+/// `nonResourceURLs` show up as such, so comparing with an expected list catches every widening.
+pub fn rbac_grants(role: &Value) -> Vec<String> {
+    let mut grants = Vec::new();
+    for rule in list(&role["rules"]) {
+        for url in list(&rule["nonResourceURLs"]) {
+            grants.push(format!("nonResourceURL {url}"));
+        }
+        let names = list(&rule["resourceNames"]);
+        for group in list(&rule["apiGroups"]) {
+            for resource in list(&rule["resources"]) {
+                for verb in list(&rule["verbs"]) {
+                    let (group, resource, verb) = (
+                        text(group).unwrap_or("?"),
+                        text(resource).unwrap_or("?"),
+                        text(verb).unwrap_or("?"),
+                    );
+                    let limited = if names.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (resourceNames {})", Value::from(names.to_vec()))
+                    };
+                    grants.push(format!("{group}/{resource}: {verb}{limited}"));
+                }
+            }
+        }
+    }
+    grants.sort();
+    grants.dedup();
+    grants
 }
 
 fn push(args: &mut Vec<String>, items: &[&str]) {

@@ -1,5 +1,6 @@
 //! Deployment as shipped: the OCI image `cargo xtask image` builds, the DaemonSet that runs it
-//! (schema, API-server rules, and the image run with podman the way the manifest runs it), and
+//! (schema, API-server rules, and the image run with podman the way the manifest runs it), the
+//! control plane's Deployment (schema, API-server rules, a least-privilege ClusterRole), and
 //! the systemd units (`systemd-analyze verify`, and each binary run under its unit's sandbox).
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,10 @@ fn repository() -> PathBuf {
 
 fn daemonset_file() -> PathBuf {
     repository().join("deploy/kubernetes/daemonset.yaml")
+}
+
+fn control_plane_file() -> PathBuf {
+    repository().join("deploy/kubernetes/control-plane.yaml")
 }
 
 fn unit_file(name: &str) -> PathBuf {
@@ -160,6 +165,163 @@ fn the_daemonset_runs_the_image_cargo_xtask_image_tags() {
         image.as_str(),
         Some(format!("ghcr.io/ward-dev/ward:{}", env!("CARGO_PKG_VERSION")).as_str()),
         "the DaemonSet's image is not the one `cargo xtask image` tags (xtask/src/image.rs)"
+    );
+}
+
+// ---- The control plane's Deployment --------------------------------------------------------
+
+/// What ward-control does with the API under --kubernetes, and nothing more: read what it
+/// watches, write Events and a Policy's status.
+const CONTROL_PLANE_GRANTS: &[&str] = &[
+    "/events: create",
+    "/events: patch",
+    "/namespaces: get",
+    "/namespaces: list",
+    "/namespaces: watch",
+    "/pods: get",
+    "/pods: list",
+    "/pods: watch",
+    "events.k8s.io/events: create",
+    "events.k8s.io/events: patch",
+    "networking.k8s.io/networkpolicies: get",
+    "networking.k8s.io/networkpolicies: list",
+    "networking.k8s.io/networkpolicies: watch",
+    "ward.dev/policies/status: patch",
+    "ward.dev/policies/status: update",
+    "ward.dev/policies: get",
+    "ward.dev/policies: list",
+    "ward.dev/policies: watch",
+];
+
+#[test]
+fn the_control_plane_obeys_the_api_server_rules_the_schema_leaves_out() {
+    let documents = kubernetes::documents(&control_plane_file());
+    let deployment = kubernetes::find(&documents, "Deployment", "ward-control");
+    let violations = kubernetes::api_server_violations(deployment);
+    assert!(
+        violations.is_empty(),
+        "the API server would refuse the Deployment:\n{}",
+        violations.join("\n")
+    );
+    // The Service reaches the Deployment's pods, on a port the container names.
+    let service = kubernetes::find(&documents, "Service", "ward-control");
+    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    for (key, value) in service["spec"]["selector"].as_object().expect("a selector") {
+        assert_eq!(&pod_labels[key], value, "the Service selects {key}={value}");
+    }
+    let container = kubernetes::container(deployment, "ward-control");
+    let ports = container["ports"].as_array().expect("container ports");
+    for port in service["spec"]["ports"].as_array().expect("service ports") {
+        assert!(
+            ports.iter().any(|p| p["name"] == port["targetPort"]),
+            "the Service's targetPort {} names no port of the container",
+            port["targetPort"]
+        );
+    }
+    // The pod runs as the service account the ClusterRole is bound to.
+    let binding = kubernetes::find(&documents, "ClusterRoleBinding", "ward-control");
+    assert_eq!(binding["roleRef"]["name"], "ward-control");
+    let account = &kubernetes::pod_spec(deployment)["serviceAccountName"];
+    kubernetes::find(
+        &documents,
+        "ServiceAccount",
+        account.as_str().expect("a service account"),
+    );
+    assert_eq!(
+        binding["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": account,
+                             "namespace": deployment["metadata"]["namespace"]}])
+    );
+}
+
+#[test]
+fn the_control_planes_cluster_role_grants_only_what_ward_control_uses() {
+    let documents = kubernetes::documents(&control_plane_file());
+    let role = kubernetes::find(&documents, "ClusterRole", "ward-control");
+    let grants = kubernetes::rbac_grants(role);
+    assert!(
+        !grants
+            .iter()
+            .any(|g| g.contains("secrets") || g.contains('*')),
+        "the ClusterRole grants secrets or a wildcard: {grants:#?}"
+    );
+    assert_eq!(grants, CONTROL_PLANE_GRANTS, "the ClusterRole's grants");
+    assert_eq!(
+        documents
+            .iter()
+            .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+            .count(),
+        1,
+        "one role, the one checked here"
+    );
+}
+
+#[test]
+fn the_cluster_role_check_catches_a_wider_grant() {
+    let documents = kubernetes::documents(&control_plane_file());
+    let mut role = kubernetes::find(&documents, "ClusterRole", "ward-control").clone();
+    let rules = role["rules"].as_array_mut().expect("rules");
+    rules[0]["verbs"]
+        .as_array_mut()
+        .expect("verbs")
+        .push("delete".into());
+    rules.push(serde_json::json!({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}));
+    rules.push(
+        serde_json::json!({"apiGroups": ["*"], "resources": ["pods"], "verbs": ["*"],
+                                  "resourceNames": ["p"]}),
+    );
+    rules.push(serde_json::json!({"nonResourceURLs": ["/metrics"], "verbs": ["get"]}));
+    let grants = kubernetes::rbac_grants(&role);
+    for expected in [
+        "/pods: delete",
+        "/secrets: get",
+        "*/pods: * (resourceNames [\"p\"])",
+        "nonResourceURL \"/metrics\"",
+    ] {
+        assert!(
+            grants.iter().any(|g| g == expected),
+            "expected {expected:?} among {grants:#?}"
+        );
+    }
+}
+
+#[test]
+fn the_api_server_rules_catch_what_the_kubelet_refuses_of_the_control_plane() {
+    let documents = kubernetes::documents(&control_plane_file());
+    let mut deployment = kubernetes::find(&documents, "Deployment", "ward-control").clone();
+    deployment["spec"]["selector"]["matchLabels"]["tier"] = "control".into();
+    deployment["spec"]["strategy"]["rollingUpdate"] = serde_json::json!({"maxSurge": 1});
+    let spec = &mut deployment["spec"]["template"]["spec"];
+    spec["securityContext"]["runAsUser"] = 0.into();
+    spec["containers"][0]["readinessProbe"]["tcpSocket"]["port"] = "http".into();
+    let violations = kubernetes::api_server_violations(&deployment).join("\n");
+    for expected in [
+        "selector tier=\"control\" does not match",
+        "a Recreate strategy carries no rollingUpdate",
+        "runAsNonRoot needs a non-zero runAsUser",
+        "a probe's port \"http\" names no port of the container",
+    ] {
+        assert!(
+            violations.contains(expected),
+            "expected {expected:?} among:\n{violations}"
+        );
+    }
+}
+
+#[test]
+fn the_control_plane_runs_ward_control_from_the_image_cargo_xtask_image_tags() {
+    let documents = kubernetes::documents(&control_plane_file());
+    let deployment = kubernetes::find(&documents, "Deployment", "ward-control");
+    let container = kubernetes::container(deployment, "ward-control");
+    assert_eq!(
+        container["image"].as_str(),
+        Some(format!("ghcr.io/ward-dev/ward:{}", env!("CARGO_PKG_VERSION")).as_str()),
+        "the Deployment's image is not the one `cargo xtask image` tags (xtask/src/image.rs)"
+    );
+    // The image's entrypoint is ward and it sets no PATH: the binary by its path in the image.
+    assert_eq!(
+        container["command"],
+        serde_json::json!(["/usr/local/bin/ward-control"])
     );
 }
 

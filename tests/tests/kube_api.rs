@@ -36,11 +36,17 @@ async fn client_of(api: &KubeApi) -> Client {
 }
 
 /// What the watcher yields, as names: `Init`, `InitApply p`, `InitDone`, `Apply p`, `Delete p`,
-/// or the error.
-async fn next(stream: &mut (impl Stream<Item = watcher::Result<Event<Pod>>> + Unpin)) -> String {
+/// or the error with its HTTP code (`WatchError 410`, `WatchStartFailed 503`).
+async fn next(
+    api: &KubeApi,
+    stream: &mut (impl Stream<Item = watcher::Result<Event<Pod>>> + Unpin),
+) -> String {
     let item = tokio::time::timeout(Duration::from_secs(10), stream.next())
         .await
-        .unwrap_or_else(|_| panic!("the watcher yielded nothing for 10 s"))
+        .unwrap_or_else(|_| {
+            let requests = api.requests();
+            panic!("the watcher yielded nothing for 10 s; requests so far: {requests:#?}")
+        })
         .expect("a watcher never ends");
     match item {
         Ok(Event::Init) => "Init".into(),
@@ -49,16 +55,20 @@ async fn next(stream: &mut (impl Stream<Item = watcher::Result<Event<Pod>>> + Un
         Ok(Event::Apply(p)) => format!("Apply {}", p.name_any()),
         Ok(Event::Delete(p)) => format!("Delete {}", p.name_any()),
         Err(watcher::Error::WatchError(status)) => format!("WatchError {}", status.code),
+        Err(watcher::Error::WatchStartFailed(kube::Error::Api(status))) => {
+            format!("WatchStartFailed {}", status.code)
+        }
         Err(e) => panic!("the watcher failed: {e}"),
     }
 }
 
 async fn expect(
+    api: &KubeApi,
     stream: &mut (impl Stream<Item = watcher::Result<Event<Pod>>> + Unpin),
     expected: &[&str],
 ) {
     for want in expected {
-        assert_eq!(next(stream).await, *want);
+        assert_eq!(next(api, stream).await, *want);
     }
 }
 
@@ -86,6 +96,7 @@ async fn kube_watcher_lists_watches_resumes_and_relists_against_the_stand_in() {
 
     // The initial list, sorted as the stand-in keeps them (namespace, then name).
     expect(
+        &api,
         &mut stream,
         &["Init", "InitApply db", "InitApply web", "InitDone"],
     )
@@ -98,9 +109,9 @@ async fn kube_watcher_lists_watches_resumes_and_relists_against_the_stand_in() {
     );
 
     api.apply(pod("cache", "33333333-3333-3333-3333-333333333333"));
-    expect(&mut stream, &["Apply cache"]).await;
+    expect(&api, &mut stream, &["Apply cache"]).await;
     api.delete("v1", "Pod", Some("apps"), "web");
-    expect(&mut stream, &["Delete web"]).await;
+    expect(&api, &mut stream, &["Delete web"]).await;
     let first_watch = request_index(&api, listed, LIST, "watch=true");
     assert!(
         api.requests()[first_watch].contains("resourceVersion=2"),
@@ -111,7 +122,7 @@ async fn kube_watcher_lists_watches_resumes_and_relists_against_the_stand_in() {
     // An API server restart: the watch ends and resumes from the last revision seen (4).
     api.cut_watches();
     api.apply(pod("queue", "44444444-4444-4444-4444-444444444444"));
-    expect(&mut stream, &["Apply queue"]).await;
+    expect(&api, &mut stream, &["Apply queue"]).await;
     let resumed = request_index(&api, first_watch + 1, LIST, "watch=true");
     assert!(
         api.requests()[resumed].contains("resourceVersion=4"),
@@ -125,6 +136,7 @@ async fn kube_watcher_lists_watches_resumes_and_relists_against_the_stand_in() {
     api.compact();
     api.cut_watches();
     expect(
+        &api,
         &mut stream,
         &[
             "WatchError 410",
@@ -150,11 +162,33 @@ async fn kube_watcher_lists_watches_resumes_and_relists_against_the_stand_in() {
     );
 
     api.apply(pod("late", "55555555-5555-5555-5555-555555555555"));
-    expect(&mut stream, &["Apply late"]).await;
+    expect(&api, &mut stream, &["Apply late"]).await;
     let rewatched = request_index(&api, relisted + 1, LIST, "watch=true");
     assert!(
         api.requests()[rewatched].contains("resourceVersion=6"),
         "{:#?}",
         api.requests()
     );
+
+    // An API server answering errors. 503 (like 429 and 504) kube's client retries by itself
+    // (Config::default_retry): the watcher sees nothing of it, and resumes from 7.
+    api.fail_next(1, 503);
+    api.cut_watches();
+    api.delete("v1", "Pod", Some("apps"), "late");
+    expect(&api, &mut stream, &["Delete late"]).await;
+    let unavailable = request_index(&api, rewatched + 1, LIST, "resourceVersion=7");
+    let retried = request_index(&api, unavailable + 1, LIST, "resourceVersion=7");
+    assert!(
+        api.requests()[retried].contains("watch=true"),
+        "{:#?}",
+        api.requests()
+    );
+    // Any other error reaches the watcher, which tries again from the same revision (8).
+    api.fail_next(1, 500);
+    api.cut_watches();
+    expect(&api, &mut stream, &["WatchStartFailed 500"]).await;
+    api.apply(pod("last", "66666666-6666-6666-6666-666666666666"));
+    expect(&api, &mut stream, &["Apply last"]).await;
+    let failed = request_index(&api, retried + 1, LIST, "resourceVersion=8");
+    request_index(&api, failed + 1, LIST, "resourceVersion=8");
 }
