@@ -315,7 +315,7 @@ fn pods_labels_namespaces_and_network_policies_from_the_api_are_enforced_by_thei
         Outcome::Ok,
         "no policy selects the client",
     );
-    assert_eq!(web.received() + other.received() > 0, true);
+    assert!(web.received() + other.received() > 0);
 }
 
 #[test]
