@@ -27,8 +27,8 @@ use crate::{
 pub struct RunOptions {
     pub config: PathBuf,
     pub keep_enforcing: bool,
-    /// `--control-plane`: overrides `controlPlane.address`.
-    pub control_plane: Option<String>,
+    /// `--control-plane` and `--node-name`, over the configuration's `controlPlane:`.
+    pub control_plane: crate::config::RunFlags,
 }
 
 fn preflight() -> anyhow::Result<()> {

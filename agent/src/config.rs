@@ -188,6 +188,17 @@ pub enum HostAddresses {
     List(Vec<IpAddr>),
 }
 
+/// What `ward run`'s command line adds to the configuration file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunFlags {
+    /// `--control-plane`: host:port of ward-control.
+    pub address: Option<String>,
+    /// `--node-name` / `WARD_NODE_NAME`.
+    pub node_name: Option<String>,
+    /// `--pod-uid` / `WARD_POD_UID`: the agent's own pod.
+    pub pod_uid: Option<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkloadConfig {
     pub name: String,
@@ -225,6 +236,9 @@ pub struct Config {
     /// `workloads: fromControlPlane`: this node's pods come from a control plane that reads the
     /// cluster, and are matched to kubelet's pod cgroups by UID.
     pub workloads_from_control_plane: bool,
+    /// The agent's own pod (`ward run --pod-uid`): its cgroup is the host's, so that
+    /// `unmappedCgroups: deny` never refuses the agent itself.
+    pub own_pod_uid: Option<String>,
     /// Policy, identities and the IP cache come from this control plane instead of `policies`.
     pub control_plane: Option<crate::control::ControlPlaneConfig>,
     /// The mTLS tunnel (control-plane mode only: workload certificates come from there).
@@ -492,6 +506,7 @@ impl Config {
             namespaces,
             workloads,
             workloads_from_control_plane,
+            own_pod_uid: None,
         })
     }
 }
@@ -557,15 +572,35 @@ fn check_control_plane(
 impl Config {
     /// `ward run --control-plane ADDR`: the address from the command line, everything else from
     /// the file's `controlPlane:` section, which must be there.
-    pub fn override_control_plane_address(&mut self, address: &str) -> Result<(), ConfigError> {
+    /// Applies `ward run`'s flags: `--control-plane` and `--node-name` over the file's
+    /// `controlPlane:` (and checks that the node has a name), `--pod-uid`.
+    pub fn apply_run_flags(&mut self, flags: &RunFlags) -> Result<(), ConfigError> {
+        self.own_pod_uid = flags.pod_uid.clone().filter(|uid| !uid.is_empty());
         let Some(cp) = self.control_plane.as_mut() else {
+            if flags.address.is_some() {
+                return Err(ConfigError::Field {
+                    file: self.file.clone(),
+                    field: "controlPlane".into(),
+                    reason: "--control-plane needs a controlPlane: section (caFile, stateDir, joinTokenFile)".into(),
+                });
+            }
+            return Ok(());
+        };
+        if let Some(address) = &flags.address {
+            cp.address = address.clone();
+        }
+        if let Some(name) = &flags.node_name {
+            cp.node_name = name.clone();
+        }
+        if cp.node_name.is_empty() {
             return Err(ConfigError::Field {
                 file: self.file.clone(),
-                field: "controlPlane".into(),
-                reason: "--control-plane needs a controlPlane: section (nodeName, caFile, stateDir, joinTokenFile)".into(),
+                field: "controlPlane.nodeName".into(),
+                reason: "not set: set it here, or give ward run --node-name (WARD_NODE_NAME, e.g. \
+                         spec.nodeName from Kubernetes' downward API)"
+                    .into(),
             });
-        };
-        cp.address = address.to_owned();
+        }
         check_control_plane(&self.file, cp)
     }
 }
@@ -684,17 +719,44 @@ mod tests {
         let cp = c.control_plane.as_ref().expect("section");
         assert_eq!(cp.ca_file, PathBuf::from("/etc/ward/ca.pem"));
         assert_eq!(cp.join_token_file, Some(PathBuf::from("/etc/ward/token")));
-        c.override_control_plane_address("10.9.9.9:7443")
+        let address = |a: &str| RunFlags {
+            address: Some(a.into()),
+            ..RunFlags::default()
+        };
+        c.apply_run_flags(&address("10.9.9.9:7443"))
             .expect("valid address");
         assert_eq!(
             c.control_plane.as_ref().expect("section").address,
             "10.9.9.9:7443"
         );
-        let e = c.override_control_plane_address("nope").unwrap_err();
+        let e = c.apply_run_flags(&address("nope")).unwrap_err();
         assert!(e.to_string().contains("controlPlane.address"), "{e}");
         let mut local = parse("trustDomain: example.org\n").expect("valid config");
-        let e = local.override_control_plane_address("a:1").unwrap_err();
+        local
+            .apply_run_flags(&RunFlags::default())
+            .expect("no flags, local mode");
+        let e = local.apply_run_flags(&address("a:1")).unwrap_err();
         assert!(e.to_string().contains("`controlPlane`"), "{e}");
+    }
+
+    #[test]
+    fn the_node_name_may_come_from_the_command_line_only() {
+        let text = "trustDomain: example.org\ncontrolPlane: {address: 'a:1', caFile: ca.pem, stateDir: /s}\n";
+        let mut c = parse(text).expect("no nodeName yet is not an error");
+        let e = c.apply_run_flags(&RunFlags::default()).unwrap_err();
+        assert!(
+            e.to_string().contains("controlPlane.nodeName")
+                && e.to_string().contains("--node-name"),
+            "{e}"
+        );
+        let named = |n: &str| RunFlags {
+            node_name: Some(n.into()),
+            ..RunFlags::default()
+        };
+        let e = c.apply_run_flags(&named("Node_A")).unwrap_err();
+        assert!(e.to_string().contains("nodeName"), "{e}");
+        c.apply_run_flags(&named("node-a")).expect("named");
+        assert_eq!(c.control_plane.expect("section").node_name, "node-a");
     }
 
     #[test]

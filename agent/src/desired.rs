@@ -8,19 +8,17 @@ use anyhow::Context as _;
 
 use crate::{
     cgroups::CgroupTree,
-    config::{Config, HostAddresses, WorkloadConfig},
+    config::{Config, HostAddresses, RunFlags, WorkloadConfig},
     control::{RemoteState, ReportedWorkload},
     events::Names,
     identity, kernel,
     policy::{self, Compiled, RuleIds, WorkloadInfo},
 };
 
-/// Reads the configuration file, with the command line's control-plane address over the file's.
-pub fn load_config(file: &Path, control_plane: Option<&str>) -> anyhow::Result<Config> {
+/// Reads the configuration file, with the command line's control-plane flags over the file's.
+pub fn load_config(file: &Path, flags: &RunFlags) -> anyhow::Result<Config> {
     let mut config = Config::load(file)?;
-    if let Some(address) = control_plane {
-        config.override_control_plane_address(address)?;
-    }
+    config.apply_run_flags(flags)?;
     Ok(config)
 }
 
@@ -34,8 +32,8 @@ pub struct Desired {
     pub peers: Vec<WorkloadInfo>,
     pub compiled: Arc<Compiled>,
     pub addresses: Arc<BTreeMap<[u8; 16], u32>>,
-    /// UIDs of this node's host-network pods (`workloads: fromControlPlane`): their cgroups are
-    /// the host's.
+    /// UIDs of this node's host-network pods (`workloads: fromControlPlane`) and of the agent's
+    /// own pod: their cgroups are the host's.
     pub host_pods: Vec<String>,
 }
 
@@ -49,11 +47,12 @@ impl Desired {
         documents: &mut policy::DocumentCache,
     ) -> anyhow::Result<Self> {
         let mut config = config;
-        let host_pods = if config.workloads_from_control_plane {
+        let mut host_pods = if config.workloads_from_control_plane {
             add_cluster_workloads(&mut config, remote)
         } else {
             Vec::new()
         };
+        host_pods.extend(config.own_pod_uid.clone());
         let mut workloads = identity::workload_infos(&config)?;
         let mut peers = Vec::new();
         let set = match (&config.control_plane, remote) {

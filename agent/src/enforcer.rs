@@ -26,7 +26,7 @@ use ward_host::watch::{WatchError, Watcher};
 
 use crate::{
     cgroups::{self, CgroupTree, CgroupWatcher},
-    config::Config,
+    config::{Config, RunFlags},
     control::{self, RemoteState, RemoteUpdate, ReportedWorkload},
     desired::{load_config, reported, Desired},
     events::SharedNames,
@@ -75,7 +75,7 @@ pub struct Inputs {
 pub struct Enforcer {
     config_file: PathBuf,
     /// `--control-plane`, applied to every read of the configuration.
-    control_plane_address: Option<String>,
+    run_flags: RunFlags,
     /// The control plane's state in force (control-plane mode), kept for reloads.
     remote: Option<RemoteState>,
     /// The control plane's policy documents as last parsed.
@@ -101,13 +101,10 @@ impl Enforcer {
     /// Start-up up to the first apply: reads the configuration, builds the desired state (in
     /// control-plane mode from the state last applied), loads the programs and writes the first
     /// generation. Blocking; nothing is attached yet.
-    pub fn start(
-        config_file: PathBuf,
-        control_plane_address: Option<String>,
-    ) -> anyhow::Result<Self> {
+    pub fn start(config_file: PathBuf, run_flags: RunFlags) -> anyhow::Result<Self> {
         let mut rule_ids = RuleIds::default();
         let mut documents = policy::DocumentCache::default();
-        let config = load_config(&config_file, control_plane_address.as_deref())?;
+        let config = load_config(&config_file, &run_flags)?;
         // In control-plane mode, what was last applied is enforced from the start, so an agent
         // restarted while the control plane is away keeps its policy.
         let mut remote = config
@@ -158,7 +155,7 @@ impl Enforcer {
         let metrics = Arc::new(Metrics::new(Some(dp.take_counters()?)));
         let mut enforcer = Enforcer {
             config_file,
-            control_plane_address,
+            run_flags,
             remote,
             documents,
             reports: None,
@@ -284,12 +281,10 @@ impl Enforcer {
     /// Re-reads configuration and policy; applies all of it or nothing.
     fn reload(&mut self, reason: &str) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
-        let built = load_config(&self.config_file, self.control_plane_address.as_deref()).and_then(
-            |config| {
-                let remote = self.remote.as_ref();
-                Desired::build(config, remote, &mut self.rule_ids, &mut self.documents)
-            },
-        );
+        let built = load_config(&self.config_file, &self.run_flags).and_then(|config| {
+            let remote = self.remote.as_ref();
+            Desired::build(config, remote, &mut self.rule_ids, &mut self.documents)
+        });
         let next = match built {
             Ok(next) => next,
             Err(e) => {

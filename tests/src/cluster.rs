@@ -94,18 +94,18 @@ impl Node {
 
     /// Starts the node's agent in control-plane mode with `workloads` and waits for `ready`.
     pub fn start(&mut self, workloads: &[Workload]) {
-        self.start_with(Some(workloads));
+        self.start_with(Some(workloads), &[]);
     }
 
     /// `None`: the workloads come from the control plane (`config_extra` says so).
-    fn start_with(&mut self, workloads: Option<&[Workload]>) {
+    fn start_with(&mut self, workloads: Option<&[Workload]>, args: &[&str]) {
         assert!(self.ward.is_none(), "{}: ward already runs", self.name);
         self.ward = Some(Ward::launch_with(
             &self.cgroups,
             workloads,
             WardOptions {
                 policy: None,
-                args: &[],
+                args,
                 config_extra: self.config_extra.clone(),
                 netns: Some(self.netns.name().to_owned()),
             },
@@ -195,13 +195,13 @@ impl Cluster {
     }
 
     /// Starts the agent of node `index` with `workloads: fromControlPlane` (its workloads are
-    /// the pods the control plane reads from the cluster) and `config` added to its
-    /// configuration.
-    pub fn start_from_cluster(&mut self, index: usize, config: &str) {
+    /// the pods the control plane reads from the cluster), `config` added to its configuration
+    /// and `args` to `ward run`.
+    pub fn start_from_cluster(&mut self, index: usize, config: &str, args: &[&str]) {
         let node = &mut self.nodes[index];
         node.config_extra += "workloads: fromControlPlane\n";
         node.config_extra += config;
-        node.start_with(None);
+        node.start_with(None, args);
     }
 
     /// The common part: `plane_args` gets the control plane's namespace and directory, before

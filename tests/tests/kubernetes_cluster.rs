@@ -154,8 +154,8 @@ fn pods_labels_namespaces_and_network_policies_from_the_api_are_enforced_by_thei
         &client_ip.to_string(),
     ));
     api.apply(client_egress(to_app("web")));
-    cluster.start_from_cluster(A, "");
-    cluster.start_from_cluster(B, "");
+    cluster.start_from_cluster(A, "", &[]);
+    cluster.start_from_cluster(B, "", &[]);
     // Three service accounts, three pod addresses.
     for index in [A, B] {
         cluster.node(index).wait_known(0, 3, 3);
@@ -344,8 +344,8 @@ fn a_network_policy_that_does_not_compile_is_refused_and_changes_nothing() {
         &client_ip.to_string(),
     ));
     api.apply(client_egress(to_app("web")));
-    cluster.start_from_cluster(A, "");
-    cluster.start_from_cluster(B, "");
+    cluster.start_from_cluster(A, "", &[]);
+    cluster.start_from_cluster(B, "", &[]);
     for index in [A, B] {
         cluster.node(index).wait_known(0, 2, 2);
     }
@@ -394,6 +394,7 @@ fn with_unmapped_cgroups_denied_a_pod_talks_only_once_its_node_maps_it_and_host_
     const STRANGER_UID: &str = "3f1c2a4e-0000-4000-8000-00000000b002";
     const LATE_UID: &str = "3f1c2a4e-0000-4000-8000-00000000b003";
     const HOST_UID: &str = "3f1c2a4e-0000-4000-8000-00000000b004";
+    const AGENT_UID: &str = "3f1c2a4e-0000-4000-8000-00000000b005";
     let peer = peer!();
     let (mut cluster, api) = Cluster::kubernetes("k8s-start", 2);
     let (node_a, node_b) = (cluster.node(A).name.clone(), cluster.node(B).name.clone());
@@ -410,9 +411,9 @@ fn with_unmapped_cgroups_denied_a_pod_talks_only_once_its_node_maps_it_and_host_
     let mut host_pod = pod("proxy", HOST_UID, &node_b, "proxy", "");
     host_pod["spec"]["hostNetwork"] = true.into();
     api.apply(host_pod);
-    for index in [A, B] {
-        cluster.start_from_cluster(index, "unmappedCgroups: deny\n");
-    }
+    // The agent's own pod, as the DaemonSet gives it (WARD_POD_UID from the downward API).
+    cluster.start_from_cluster(A, "unmappedCgroups: deny\n", &[]);
+    cluster.start_from_cluster(B, "unmappedCgroups: deny\n", &["--pod-uid", AGENT_UID]);
     for index in [A, B] {
         cluster.node(index).wait_known(0, 1, 1);
     }
@@ -423,12 +424,31 @@ fn with_unmapped_cgroups_denied_a_pod_talks_only_once_its_node_maps_it_and_host_
         .workload(&format!("kubepods/besteffort/pod{STRANGER_UID}/c"));
     let (outcome, _) = attempt(&peer, Protocol::Tcp, web.addr, &stranger, &[]);
     assert_eq!(outcome, Outcome::Eperm, "an unmapped pod cgroup is refused");
-    // A host-network pod is the host's: not refused.
+    // A host-network pod is the host's: not refused once its cgroup is mapped (the cgroup is
+    // new; until the agent sees it, it is as unmapped as any).
     let host = cluster
         .node(B)
         .workload(&format!("kubepods/besteffort/pod{HOST_UID}/c"));
-    let (outcome, _) = attempt(&peer, Protocol::Tcp, web.addr, &host, &[]);
-    assert_eq!(outcome, Outcome::Ok, "a host-network pod is not refused");
+    until(
+        &cluster,
+        &peer,
+        web.addr,
+        &host,
+        Outcome::Ok,
+        "a host-network pod",
+    );
+    // Nor is the agent's own pod, which the API has not told it about.
+    let agent = cluster
+        .node(B)
+        .workload(&format!("kubepods/besteffort/pod{AGENT_UID}/c"));
+    until(
+        &cluster,
+        &peer,
+        web.addr,
+        &agent,
+        Outcome::Ok,
+        "the agent's own pod",
+    );
     // Once the API has the pod, its node maps the cgroup that was already there.
     api.apply(pod("stranger", STRANGER_UID, &node_b, "stranger", ""));
     until(

@@ -67,6 +67,14 @@ enum Command {
         /// controlPlane: section gives the rest (see docs/control-plane.md).
         #[arg(long, value_name = "ADDR")]
         control_plane: Option<String>,
+        /// This node's name for the control plane; overrides controlPlane.nodeName. On
+        /// Kubernetes, set WARD_NODE_NAME from the downward API (spec.nodeName).
+        #[arg(long, value_name = "NAME", env = "WARD_NODE_NAME")]
+        node_name: Option<String>,
+        /// The agent's own pod UID (WARD_POD_UID, from the downward API's metadata.uid): its
+        /// cgroup is the host's, so that `unmappedCgroups: deny` never refuses the agent.
+        #[arg(long, value_name = "UID", env = "WARD_POD_UID")]
+        pod_uid: Option<String>,
     },
     /// Show the running agent's state: kernel, programs, policy, workloads, map usage.
     Status {
@@ -226,11 +234,17 @@ pub fn main() -> ExitCode {
             config,
             keep_enforcing,
             control_plane,
+            node_name,
+            pod_uid,
         } => runtime().and_then(|rt| {
             rt.block_on(app::run(app::RunOptions {
                 config,
                 keep_enforcing,
-                control_plane,
+                control_plane: crate::config::RunFlags {
+                    address: control_plane,
+                    node_name,
+                    pod_uid,
+                },
             }))
         }),
         Command::Uninstall { pin_dir } => app::uninstall(&pin_dir),

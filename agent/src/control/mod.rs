@@ -29,7 +29,9 @@ pub const DEFAULT_SERVER_NAME: &str = "ward-control";
 pub struct ControlPlaneConfig {
     /// `host:port` of `ward-control` (or `https://host:port`).
     pub address: String,
-    /// This node's name; its certificate, reports and logs carry it.
+    /// This node's name; its certificate, reports and logs carry it. May be left out when
+    /// `ward run --node-name` (or `WARD_NODE_NAME`, from Kubernetes' downward API) gives it.
+    #[serde(default)]
     pub node_name: String,
     /// A file holding the one-time join token; needed for the first join, and again only if
     /// the node certificate expires.
@@ -114,15 +116,14 @@ impl ControlPlaneConfig {
                 format!("{:?}: only https:// is spoken", self.address),
             );
         }
-        let name_ok = !self.node_name.is_empty()
-            && self.node_name.len() <= 253
-            && self
-                .node_name
-                .starts_with(|c: char| c.is_ascii_alphanumeric())
-            && self
-                .node_name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+        // Empty: given on the command line (checked once the flags are applied).
+        let name = &self.node_name;
+        let name_ok = name.is_empty()
+            || (name.len() <= 253
+                && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'));
         if !name_ok {
             return field(
                 "nodeName",
