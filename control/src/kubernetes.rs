@@ -24,7 +24,10 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 use kube::{
-    runtime::{watcher, WatchStreamExt as _},
+    runtime::{
+        events::{Event, EventType, Recorder, Reporter},
+        watcher, WatchStreamExt as _,
+    },
     Api, Client, Resource, ResourceExt as _,
 };
 use ward_proto::{NamedPort, Workload};
@@ -325,6 +328,7 @@ pub async fn follow(
     let (mut workloads_dirty, mut policies_dirty) = (false, false);
     let mut published_documents: Option<Vec<ClusterDocument>> = None;
     let mut checked = Checked::default();
+    let recorder = Recorder::new(client.clone(), reporter());
     loop {
         let change = if workloads_dirty || policies_dirty {
             match tokio::time::timeout(SETTLE, changes.next()).await {
@@ -334,7 +338,10 @@ pub async fn follow(
                         if workloads_dirty {
                             publish_workloads(&hub, cluster.workloads(&trust_domain));
                         }
-                        let documents = checked.accepted(cluster.documents());
+                        let (documents, refused) = checked.accepted(cluster.documents());
+                        for refusal in refused {
+                            report_refusal(&recorder, &cluster, refusal).await;
+                        }
                         if policies_dirty && published_documents.as_ref() != Some(&documents) {
                             published_documents = Some(documents.clone());
                             let publish = publish_policies.clone();
@@ -364,6 +371,41 @@ pub async fn follow(
     }
 }
 
+/// Who ward-control's Events say reported them: the pod's name when the Deployment gives it.
+fn reporter() -> Reporter {
+    Reporter {
+        controller: "ward-control".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    }
+}
+
+/// An object refused, and why (the check's diagnostics).
+struct Refusal {
+    source: String,
+    note: String,
+}
+
+/// Tells the object's owners why it was refused: a Warning Event on the NetworkPolicy, which
+/// `kubectl describe` shows. A failure to post it is logged, nothing more.
+async fn report_refusal(recorder: &Recorder, cluster: &Cluster, refusal: Refusal) {
+    let key = refusal.source.trim_start_matches("networkpolicies/");
+    let Some(object) = cluster.network_policies.live.get(key) else {
+        return;
+    };
+    // An Event's note holds at most 1 kB.
+    let note: String = refusal.note.chars().take(1000).collect();
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "PolicyRefused".into(),
+        note: Some(note),
+        action: "Enforce".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
+        tracing::warn!(object = refusal.source, error = %e, "posting the refusal as an Event failed");
+    }
+}
+
 /// The cluster's policy documents that passed the check on their own, so that an object that does
 /// not compile changes nothing: a new one is left out, a changed one keeps its previous version.
 #[derive(Default)]
@@ -375,7 +417,12 @@ struct Checked {
 }
 
 impl Checked {
-    fn accepted(&mut self, documents: Vec<ClusterDocument>) -> Vec<ClusterDocument> {
+    /// The documents to serve, and those newly refused (each version once).
+    fn accepted(
+        &mut self,
+        documents: Vec<ClusterDocument>,
+    ) -> (Vec<ClusterDocument>, Vec<Refusal>) {
+        let mut refused = Vec::new();
         let current: BTreeMap<String, String> =
             documents.into_iter().map(|d| (d.source, d.yaml)).collect();
         self.accepted
@@ -407,18 +454,28 @@ impl Checked {
                             errors = errors.len(),
                             "NetworkPolicy refused: {kept}"
                         );
+                        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                        refused.push(Refusal {
+                            source: document.source.clone(),
+                            note: format!(
+                                "ward refused this NetworkPolicy, {kept}: {}",
+                                errors.join("; ")
+                            ),
+                        });
                         self.refused.insert(document.source, document.yaml);
                     }
                 }
             }
         }
-        self.accepted
+        let accepted = self
+            .accepted
             .iter()
             .map(|(source, yaml)| ClusterDocument {
                 source: source.clone(),
                 yaml: yaml.clone(),
             })
-            .collect()
+            .collect();
+        (accepted, refused)
     }
 }
 
@@ -519,23 +576,21 @@ mod tests {
         }
         };
         let mut checked = Checked::default();
+        let (served, _) = checked.accepted(vec![good.clone()]);
+        assert_eq!(served, std::slice::from_ref(&good));
+        let both_bad = || vec![bad("networkpolicies/shop/a"), bad("networkpolicies/shop/b")];
+        let (served, refused) = checked.accepted(both_bad());
         assert_eq!(
-            checked.accepted(vec![good.clone()]),
-            std::slice::from_ref(&good)
-        );
-        let now = checked.accepted(vec![
-            bad("networkpolicies/shop/a"),
-            bad("networkpolicies/shop/b"),
-        ]);
-        assert_eq!(
-            now,
+            served,
             [good],
             "the previous version stays; the new bad one stays out"
         );
-        assert!(
-            checked.accepted(Vec::new()).is_empty(),
-            "deleted objects go"
-        );
+        assert_eq!(refused.len(), 2);
+        assert!(refused[0].note.contains("bogus"), "{}", refused[0].note);
+        let (_, again) = checked.accepted(both_bad());
+        assert!(again.is_empty(), "each refused version is reported once");
+        let (served, _) = checked.accepted(Vec::new());
+        assert!(served.is_empty(), "deleted objects go");
     }
 
     #[test]

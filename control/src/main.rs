@@ -76,6 +76,13 @@ enum Command {
         #[arg(long)]
         node: Option<String>,
     },
+    /// Prints the CA certificate (PEM) agents trust (`controlPlane.caFile`); the control plane
+    /// creates it at its first start.
+    CaCert {
+        /// The control plane's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
     /// Revokes workload certificates by serial number (hexadecimal, with or without ':', as
     /// `openssl x509 -serial` or the control plane's "workload certificate signed" log prints
     /// it). A running control plane sends the new list to every agent within about a second.
@@ -151,6 +158,17 @@ async fn main() -> anyhow::Result<()> {
             return new_token(&token_file, node.as_deref())
         }
         Some(Command::Revoke { state_dir, serials }) => return revoke(&state_dir, &serials),
+        Some(Command::CaCert { state_dir }) => {
+            let file = state_dir.join(ward_control::state_dir::CA_CERT_FILE);
+            let pem = std::fs::read_to_string(&file).with_context(|| {
+                format!(
+                    "reading {}: give the control plane's --state-dir, after its first start",
+                    file.display()
+                )
+            })?;
+            print!("{pem}");
+            return Ok(());
+        }
         None => {}
     }
     let args = cli.serve;

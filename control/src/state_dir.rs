@@ -29,6 +29,8 @@ pub enum StateDirError {
 
 /// The name of the revocation file in the state directory.
 pub const REVOKED_FILE: &str = "revoked";
+/// The CA certificate agents trust (`ward-control ca-cert` prints it).
+pub const CA_CERT_FILE: &str = "ca.pem";
 
 #[derive(Clone, Debug)]
 pub struct StateDir {
@@ -54,7 +56,7 @@ impl StateDir {
     }
 
     pub fn ca_cert(&self) -> PathBuf {
-        self.dir.join("ca.pem")
+        self.dir.join(CA_CERT_FILE)
     }
 
     pub fn ca_key(&self) -> PathBuf {

@@ -275,6 +275,11 @@ fn push(args: &mut Vec<String>, items: &[&str]) {
 }
 
 /// What stands in for a volume the test provides itself (a ConfigMap's content, say).
+/// What the downward API gives a pod `podman_run_args` runs: `spec.nodeName`...
+pub const POD_NODE_NAME: &str = "podman-node";
+/// ...and `metadata.uid`.
+pub const POD_UID: &str = "00000000-0000-4000-8000-0000000000aa";
+
 pub struct Provided<'a> {
     pub volume: &'a str,
     pub host_path: &'a Path,
@@ -282,8 +287,9 @@ pub struct Provided<'a> {
 
 /// `podman run` flags for container `name` of a workload's pod template, as a kubelet would run
 /// it: host namespaces, capabilities, the security context, the mounts (hostPath with its
-/// propagation, emptyDir as tmpfs, a [`Provided`] volume bound read-only from the test's file or
-/// directory) and the container's arguments after `image`.
+/// propagation, emptyDir as tmpfs, a [`Provided`] volume bound from the test's file or directory,
+/// read-only as the mount says), the environment (literal values, and the downward API's
+/// [`POD_NODE_NAME`] and [`POD_UID`]) and the container's arguments after `image`.
 ///
 /// Panics on a volume, profile or host namespace it does not translate, so such a manifest
 /// change cannot go untested.
@@ -342,6 +348,17 @@ pub fn podman_run_args(
             ]);
         }
     }
+    for env in list(&container["env"]) {
+        let name = text(&env["name"]).expect("an env name");
+        let field = text(&env["valueFrom"]["fieldRef"]["fieldPath"]);
+        let value = match (text(&env["value"]), field) {
+            (Some(value), None) => value,
+            (None, Some("spec.nodeName")) => POD_NODE_NAME,
+            (None, Some("metadata.uid")) => POD_UID,
+            _ => panic!("podman_run_args does not translate env {name}: {env}"),
+        };
+        args.extend(["--env".to_owned(), format!("{name}={value}")]);
+    }
     let volumes = list(&spec["volumes"]);
     for mount in list(&container["volumeMounts"]) {
         let volume_name = text(&mount["name"]).expect("a volumeMount name");
@@ -352,9 +369,10 @@ pub fn podman_run_args(
             .find(|v| v["name"] == volume_name)
             .unwrap_or_else(|| panic!("volumeMount {volume_name} names no volume"));
         if let Some(given) = provided.iter().find(|p| p.volume == volume_name) {
+            let mode = if read_only { "ro" } else { "rw" };
             args.extend([
                 "--volume".to_owned(),
-                format!("{}:{path}:ro", given.host_path.display()),
+                format!("{}:{path}:{mode}", given.host_path.display()),
             ]);
         } else if let Some(host_path) = volume.get("hostPath") {
             let propagation = match text(&mount["mountPropagation"]).unwrap_or("None") {

@@ -171,10 +171,8 @@ fn the_daemonset_runs_the_image_cargo_xtask_image_tags() {
 // ---- The control plane's Deployment --------------------------------------------------------
 
 /// What ward-control does with the API under --kubernetes, and nothing more: read what it
-/// watches, write Events and a Policy's status.
+/// watches, post Events on what it refuses.
 const CONTROL_PLANE_GRANTS: &[&str] = &[
-    "/events: create",
-    "/events: patch",
     "/namespaces: get",
     "/namespaces: list",
     "/namespaces: watch",
@@ -186,11 +184,6 @@ const CONTROL_PLANE_GRANTS: &[&str] = &[
     "networking.k8s.io/networkpolicies: get",
     "networking.k8s.io/networkpolicies: list",
     "networking.k8s.io/networkpolicies: watch",
-    "ward.dev/policies/status: patch",
-    "ward.dev/policies/status: update",
-    "ward.dev/policies: get",
-    "ward.dev/policies: list",
-    "ward.dev/policies: watch",
 ];
 
 #[test]
@@ -468,16 +461,25 @@ fn podman_flags_for_this_machine() -> Vec<String> {
 }
 
 /// The DaemonSet's ConfigMap `ward.yaml`, pointed at the test's cgroups, pin directory and
-/// workloads; what it leaves alone stays as shipped.
+/// workloads; what it leaves alone stays as shipped. There is no control plane here: the
+/// workloads are listed and the policy is read from `policies/` beside the configuration
+/// (tests/tests/kubernetes_cluster.rs runs `workloads: fromControlPlane` against ward-control).
 fn shipped_config(documents: &[Value], cgroups: &TestCgroups, pin_dir: &Path) -> String {
     let config_map = kubernetes::find(documents, "ConfigMap", "ward-config");
     let text = config_map["data"]["ward.yaml"].as_str().expect("ward.yaml");
     let mut config: Value = serde_saphyr::from_str(text).expect("the ConfigMap's ward.yaml");
     config["cgroupRoot"] = cgroups.root().to_string_lossy().as_ref().into();
     config["pinDir"] = pin_dir.to_string_lossy().as_ref().into();
+    assert_eq!(config["workloads"], "fromControlPlane", "as shipped");
     config["workloads"] = serde_json::json!([
         {"name": "client", "labels": {"app": "client"}, "cgroups": ["client"]}
     ]);
+    config
+        .as_object_mut()
+        .expect("a mapping")
+        .remove("controlPlane")
+        .expect("shipped with a control plane");
+    config["policies"] = serde_json::json!(["policies/"]);
     // JSON is YAML.
     serde_json::to_string_pretty(&config).expect("JSON")
 }
@@ -535,9 +537,15 @@ fn the_image_runs_as_the_daemonset_runs_it_and_enforces_a_workloads_policy() {
     // shipped, puts it in the DaemonSet's /run/ward volume.
     let pin_dir = Path::new("/sys/fs/bpf").join(&name).join("ward");
     let dir = TestDir::new(&name);
-    let policies = dir.0.join("policies");
-    std::fs::create_dir_all(&policies).expect("test directory");
-    let config = dir.0.join("ward.yaml");
+    // The ConfigMap's directory, the CA's (unused without a control plane) and the node's
+    // state directory.
+    let (config_dir, ca_dir, state_dir) =
+        (dir.0.join("config"), dir.0.join("ca"), dir.0.join("state"));
+    let policies = config_dir.join("policies");
+    for d in [&policies, &ca_dir, &state_dir] {
+        std::fs::create_dir_all(d).expect("test directory");
+    }
+    let config = config_dir.join("ward.yaml");
     std::fs::write(&config, shipped_config(&documents, &cgroups, &pin_dir)).expect("config");
     std::fs::write(
         policies.join("client.yaml"),
@@ -552,11 +560,15 @@ fn the_image_runs_as_the_daemonset_runs_it_and_enforces_a_workloads_policy() {
         &[
             Provided {
                 volume: "config",
-                host_path: &config,
+                host_path: &config_dir,
             },
             Provided {
-                volume: "policies",
-                host_path: &policies,
+                volume: "control-ca",
+                host_path: &ca_dir,
+            },
+            Provided {
+                volume: "state",
+                host_path: &state_dir,
             },
         ],
     );

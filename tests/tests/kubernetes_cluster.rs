@@ -386,6 +386,16 @@ fn a_network_policy_that_does_not_compile_is_refused_and_changes_nothing() {
         Outcome::Ok,
         "the previous version stays in force",
     );
+    // Its owners see why, on the object: a Warning Event naming the field.
+    let events = api.events();
+    let event = events
+        .iter()
+        .find(|e| e["regarding"]["name"] == "client-egress")
+        .unwrap_or_else(|| panic!("an Event on the NetworkPolicy; events: {events:#?}"));
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["regarding"]["kind"], "NetworkPolicy");
+    let note = event["note"].as_str().unwrap_or_default();
+    assert!(note.contains("ports") && note.contains("70000"), "{note}");
 }
 
 #[test]
