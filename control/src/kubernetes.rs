@@ -120,6 +120,15 @@ impl<K: Resource> Objects<K> {
     fn apply(&mut self, what: &str, event: Result<watcher::Event<K>, watcher::Error>) -> bool {
         let event = match event {
             Ok(event) => event,
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                // The watch's resourceVersion is older than the API server keeps: the watcher
+                // lists again, and the objects in force stay until that list is complete.
+                tracing::info!(
+                    kind = what,
+                    "Kubernetes watch expired (410 Gone); listing again"
+                );
+                return false;
+            }
             Err(e) => {
                 let text = e.to_string();
                 if self.failing.as_ref() != Some(&text) {

@@ -300,6 +300,27 @@ fn pods_labels_namespaces_and_network_policies_from_the_api_are_enforced_by_thei
         &api.requests()[before..]
     );
 
+    // The API server answers errors and drops the watches: the watches retry, each failing kind
+    // is logged once, and nothing changes meanwhile.
+    let mark = cluster.plane.logs().len();
+    api.fail_next(6, 500);
+    api.cut_watches();
+    stays(
+        &peer,
+        other.addr,
+        &client,
+        Outcome::Eperm,
+        "other stays refused while the API answers errors",
+    );
+    let failures = cluster.plane.logs()[mark..]
+        .matches("Kubernetes watch failed")
+        .count();
+    assert!(
+        (1..=3).contains(&failures),
+        "each failing watch is logged once, not {failures} times; log:\n{}",
+        cluster.plane.logs()
+    );
+
     // The NetworkPolicy is deleted: the client is isolated no more.
     api.delete(
         "networking.k8s.io/v1",
