@@ -1,12 +1,14 @@
-//! Reads a Kubernetes cluster (`ward-control --kubernetes`): one watch each for Namespaces, Pods
-//! and `networking.k8s.io/v1` NetworkPolicies for the whole cluster, with kube-rs's watcher
-//! (which resumes from the last resourceVersion and lists again after `410 Gone`).
+//! Reads a Kubernetes cluster (`ward-control --kubernetes`): one watch each for Namespaces, Pods,
+//! `networking.k8s.io/v1` NetworkPolicies and ward's own Policies ([`crate::crd`]) for the whole
+//! cluster, with kube-rs's watcher (which resumes from the last resourceVersion and lists again
+//! after `410 Gone`).
 //!
 //! What the cluster says becomes the hub's state: every scheduled pod with addresses is a
 //! workload of its node (identity `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`,
 //! its labels, its namespace's labels, its container ports), served to that node's agent as
-//! WORKLOAD resources and to all as identities and the IP cache; every NetworkPolicy is a POLICY
-//! resource next to the policy directory's.
+//! WORKLOAD resources and to all as identities and the IP cache; every NetworkPolicy and Policy
+//! is a POLICY resource next to the policy directory's. A cluster without ward's CRD has no
+//! Policies, which is no failure.
 //!
 //! Nothing is published before all three kinds are listed once, and a watch that fails keeps what
 //! it had: an API server that answers errors or drops watches never empties what agents enforce.
@@ -20,10 +22,11 @@ use std::{
 
 use futures_util::{stream::BoxStream, StreamExt as _};
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod},
+    core::v1::{Namespace, ObjectReference, Pod},
     networking::v1::NetworkPolicy,
 };
 use kube::{
+    core::DynamicObject,
     runtime::{
         events::{Event, EventType, Recorder, Reporter},
         watcher, WatchStreamExt as _,
@@ -32,7 +35,10 @@ use kube::{
 };
 use ward_proto::{NamedPort, Workload};
 
-use crate::{hub::Hub, policy_set::ClusterDocument};
+use crate::{crd, hub::Hub, policy_set::ClusterDocument};
+
+/// The source prefix of NetworkPolicy documents (`networkpolicies/<namespace>/<name>`).
+const NETWORK_POLICIES: &str = "networkpolicies";
 
 /// Quiet time after a change before the state is published, so a burst (a Deployment's pods, a
 /// relist) is one update.
@@ -116,6 +122,24 @@ impl<K: Resource> Objects<K> {
         }
     }
 
+    /// The resource does not exist in the cluster (a CRD not installed, or deleted): no
+    /// objects, which is a complete listing. Logged once. Returns whether the objects changed.
+    fn absent(&mut self, what: &str) -> bool {
+        const ABSENT: &str = "absent";
+        if self.failing.as_deref() != Some(ABSENT) {
+            tracing::info!(
+                kind = what,
+                "the cluster does not serve this resource (its CRD is not installed): none"
+            );
+            self.failing = Some(ABSENT.into());
+        }
+        self.listed = true;
+        self.relisting = None;
+        let changed = !self.live.is_empty();
+        self.live.clear();
+        changed
+    }
+
     /// Applies one watch event; returns whether the objects in force changed.
     fn apply(&mut self, what: &str, event: Result<watcher::Event<K>, watcher::Error>) -> bool {
         let event = match event {
@@ -174,6 +198,7 @@ enum Change {
     Namespace(WatchEvent<Namespace>),
     Pod(WatchEvent<Pod>),
     NetworkPolicy(WatchEvent<NetworkPolicy>),
+    Policy(WatchEvent<DynamicObject>),
 }
 
 fn watch<K>(client: &Client, wrap: fn(WatchEvent<K>) -> Change) -> BoxStream<'static, Change>
@@ -191,16 +216,29 @@ where
         .boxed()
 }
 
+/// ward's Policies: the custom resource's watch.
+fn watch_policies(client: &Client) -> BoxStream<'static, Change> {
+    let api = Api::<DynamicObject>::all_with(client.clone(), &crd::api_resource());
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .map(|event| Change::Policy(Box::new(event)))
+        .boxed()
+}
+
 /// What the cluster holds, as the watches last reported it.
 struct Cluster {
     namespaces: Objects<Namespace>,
     pods: Objects<Pod>,
     network_policies: Objects<NetworkPolicy>,
+    policies: Objects<DynamicObject>,
 }
 
 impl Cluster {
     fn listed(&self) -> bool {
-        self.namespaces.listed && self.pods.listed && self.network_policies.listed
+        self.namespaces.listed
+            && self.pods.listed
+            && self.network_policies.listed
+            && self.policies.listed
     }
 
     /// Each node's pods as workloads.
@@ -221,16 +259,40 @@ impl Cluster {
         nodes
     }
 
-    /// Every NetworkPolicy as a policy document.
+    /// Every NetworkPolicy and Policy as a policy document.
     fn documents(&self) -> Vec<ClusterDocument> {
-        self.network_policies
+        let network_policies =
+            self.network_policies
+                .live
+                .iter()
+                .map(|(key, policy)| ClusterDocument {
+                    source: format!("{NETWORK_POLICIES}/{key}"),
+                    yaml: network_policy_document(policy),
+                });
+        let policies = self
+            .policies
             .live
             .iter()
             .map(|(key, policy)| ClusterDocument {
-                source: format!("networkpolicies/{key}"),
-                yaml: network_policy_document(policy),
-            })
-            .collect()
+                source: format!("{}/{key}", crd::PLURAL),
+                yaml: crd::document(policy),
+            });
+        network_policies.chain(policies).collect()
+    }
+
+    /// The object a document's source names, as an Event's `regarding`.
+    fn reference(&self, source: &str) -> Option<ObjectReference> {
+        let (plural, key) = source.split_once('/')?;
+        match plural {
+            NETWORK_POLICIES => Some(self.network_policies.live.get(key)?.object_ref(&())),
+            crd::PLURAL => Some(
+                self.policies
+                    .live
+                    .get(key)?
+                    .object_ref(&crd::api_resource()),
+            ),
+            _ => None,
+        }
     }
 }
 
@@ -327,11 +389,13 @@ pub async fn follow(
         watch::<Namespace>(&client, Change::Namespace),
         watch::<Pod>(&client, Change::Pod),
         watch::<NetworkPolicy>(&client, Change::NetworkPolicy),
+        watch_policies(&client),
     ]);
     let mut cluster = Cluster {
         namespaces: Objects::new(),
         pods: Objects::new(),
         network_policies: Objects::new(),
+        policies: Objects::new(),
     };
     let publish_policies = Arc::new(publish_policies);
     let (mut workloads_dirty, mut policies_dirty) = (false, false);
@@ -372,6 +436,12 @@ pub async fn follow(
             Change::NetworkPolicy(e) => {
                 policies_dirty |= cluster.network_policies.apply("NetworkPolicy", *e)
             }
+            Change::Policy(e) => {
+                policies_dirty |= match *e {
+                    Err(e) if crd::not_installed(&e) => cluster.policies.absent("Policy"),
+                    e => cluster.policies.apply("Policy", e),
+                }
+            }
         }
         if cluster.listed() && published_documents.is_none() {
             // The first complete listing publishes both, even an empty cluster.
@@ -394,11 +464,10 @@ struct Refusal {
     note: String,
 }
 
-/// Tells the object's owners why it was refused: a Warning Event on the NetworkPolicy, which
+/// Tells the object's owners why it was refused: a Warning Event on the object, which
 /// `kubectl describe` shows. A failure to post it is logged, nothing more.
 async fn report_refusal(recorder: &Recorder, cluster: &Cluster, refusal: Refusal) {
-    let key = refusal.source.trim_start_matches("networkpolicies/");
-    let Some(object) = cluster.network_policies.live.get(key) else {
+    let Some(reference) = cluster.reference(&refusal.source) else {
         return;
     };
     // An Event's note holds at most 1 kB.
@@ -410,7 +479,7 @@ async fn report_refusal(recorder: &Recorder, cluster: &Cluster, refusal: Refusal
         action: "Enforce".into(),
         secondary: None,
     };
-    if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
+    if let Err(e) = recorder.publish(&event, &reference).await {
         tracing::warn!(object = refusal.source, error = %e, "posting the refusal as an Event failed");
     }
 }

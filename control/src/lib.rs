@@ -6,6 +6,7 @@
 //! watcher, the workload registry ([`registry`]), the versioned resource sets ([`resources`],
 //! [`hub`]), the per-agent streams ([`session`]) and TLS ([`tls`]).
 pub mod ca;
+pub mod crd;
 pub mod hub;
 pub mod kubernetes;
 pub mod limits;

@@ -76,6 +76,9 @@ enum Command {
         #[arg(long)]
         node: Option<String>,
     },
+    /// Prints the CustomResourceDefinition of ward's Policy (deploy/kubernetes/crd.yaml), which
+    /// --kubernetes reads next to NetworkPolicies.
+    Crd,
     /// Prints the CA certificate (PEM) agents trust (`controlPlane.caFile`); the control plane
     /// creates it at its first start.
     CaCert {
@@ -158,6 +161,10 @@ async fn main() -> anyhow::Result<()> {
             return new_token(&token_file, node.as_deref())
         }
         Some(Command::Revoke { state_dir, serials }) => return revoke(&state_dir, &serials),
+        Some(Command::Crd) => {
+            print!("{}", ward_control::crd::manifest());
+            return Ok(());
+        }
         Some(Command::CaCert { state_dir }) => {
             let file = state_dir.join(ward_control::state_dir::CA_CERT_FILE);
             let pem = std::fs::read_to_string(&file).with_context(|| {

@@ -36,6 +36,10 @@ pub use diagnostics::*;
 pub use load::*;
 pub use model::{is_port_name, PolicySet, NAMESPACE_NAME_LABEL};
 pub use port::{icmp_type_of, PortArg};
+/// A ward Policy's `spec` as written, for its JSON schema (ward-control's
+/// CustomResourceDefinition is generated from it).
+#[cfg(feature = "schema")]
+pub use ward::SpecDoc as PolicySpec;
 
 /// What the policy compiler needs to know about one workload of the node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -99,6 +103,7 @@ impl NamedPort {
 }
 
 /// `mode` of a policy.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -108,6 +113,7 @@ pub enum Mode {
 }
 
 /// What a rule does when it matches.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RuleAction {

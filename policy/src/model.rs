@@ -278,6 +278,7 @@ impl LabelSelector {
     }
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 pub enum Operator {
     In,
@@ -287,6 +288,7 @@ pub enum Operator {
 }
 
 /// One entry of `matchExpressions`, as written in both languages.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExpressionDoc {

@@ -40,9 +40,10 @@ struct MetadataDoc {
     _annotations: BTreeMap<String, String>,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SpecDoc {
+pub struct SpecDoc {
     mode: Option<Mode>,
     selector: Option<SelectorDoc>,
     ingress: Option<Vec<RuleDoc>>,
@@ -50,6 +51,7 @@ struct SpecDoc {
 }
 
 /// A workload selector; as a peer it may instead hold a CIDR.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct SelectorDoc {
@@ -59,6 +61,7 @@ struct SelectorDoc {
     namespace: Option<String>,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct PeerDoc {
@@ -70,6 +73,7 @@ struct PeerDoc {
     except: Option<Vec<String>>,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RuleDoc {
@@ -81,6 +85,7 @@ struct RuleDoc {
     mtls: Option<Mtls>,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct PortDoc {
@@ -94,6 +99,7 @@ struct PortDoc {
 /// The protocols a `ports` entry of a ward policy may name.
 const PROTOCOLS: &[&str] = &["TCP", "UDP", "SCTP", "ICMP", "ICMPv6"];
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Mtls {

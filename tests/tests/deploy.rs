@@ -36,6 +36,10 @@ fn control_plane_file() -> PathBuf {
     repository().join("deploy/kubernetes/control-plane.yaml")
 }
 
+fn crd_file() -> PathBuf {
+    repository().join("deploy/kubernetes/crd.yaml")
+}
+
 fn unit_file(name: &str) -> PathBuf {
     repository().join("deploy/systemd").join(name)
 }
@@ -184,7 +188,31 @@ const CONTROL_PLANE_GRANTS: &[&str] = &[
     "networking.k8s.io/networkpolicies: get",
     "networking.k8s.io/networkpolicies: list",
     "networking.k8s.io/networkpolicies: watch",
+    "ward.dev/policies: get",
+    "ward.dev/policies: list",
+    "ward.dev/policies: watch",
 ];
+
+#[test]
+fn the_policy_crd_is_what_ward_control_generates_from_the_policy_types() {
+    let mut command = Command::new(ward_tests::control_bin());
+    command.arg("crd");
+    let finished = run("ward-control crd", command, timeout());
+    assert_success("ward-control crd", &finished);
+    let shipped = std::fs::read_to_string(crd_file()).expect("crd.yaml");
+    if std::env::var_os("WARD_UPDATE_DOCS").is_some() && shipped != finished.stdout {
+        std::fs::write(crd_file(), &finished.stdout).expect("write crd.yaml");
+        return;
+    }
+    assert!(
+        shipped == finished.stdout,
+        "deploy/kubernetes/crd.yaml is not what `ward-control crd` prints; regenerate it \
+         (WARD_UPDATE_DOCS=1 runs this test to write it)"
+    );
+    let crd = &kubernetes::documents(&crd_file())[0];
+    assert_eq!(crd["spec"]["scope"], "Cluster");
+    assert_eq!(crd["metadata"]["name"], "policies.ward.dev");
+}
 
 #[test]
 fn the_control_plane_obeys_the_api_server_rules_the_schema_leaves_out() {

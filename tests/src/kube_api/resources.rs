@@ -35,7 +35,8 @@ const RESOURCES: &[Resource] = &[
         api_version: "ward.dev/v1",
         plural: "policies",
         kind: "Policy",
-        namespaced: true,
+        // ward's CRD is cluster-scoped.
+        namespaced: false,
     },
     Resource {
         api_version: "v1",
@@ -159,8 +160,8 @@ mod tests {
             ("Namespace", None, s("a"), None)
         );
         assert_eq!(
-            target("/apis/ward.dev/v1/namespaces/a/policies/p/status"),
-            ("Policy", s("a"), s("p"), s("status"))
+            target("/apis/ward.dev/v1/policies/p/status"),
+            ("Policy", None, s("p"), s("status"))
         );
         assert_eq!(
             target("/apis/networking.k8s.io/v1/networkpolicies"),

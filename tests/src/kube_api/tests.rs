@@ -385,14 +385,14 @@ fn failures_missing_paths_events_and_status_writes() {
     assert_eq!(created.code, 201);
     assert_eq!(api.events(), [event]);
 
-    let policy = json!({"apiVersion": "ward.dev/v1", "kind": "Policy", "metadata": {"name": "x", "namespace": "a"},
+    let policy = json!({"apiVersion": "ward.dev/v1", "kind": "Policy", "metadata": {"name": "x"},
                         "status": {"observed": 1}});
     api.apply(policy);
     let patch = json!({"status": {"accepted": false}});
     let patched = request(
         &api,
         "PATCH",
-        "/apis/ward.dev/v1/namespaces/a/policies/x/status",
+        "/apis/ward.dev/v1/policies/x/status",
         Some(&patch),
     );
     assert_eq!(patched.code, 200);
@@ -402,14 +402,14 @@ fn failures_missing_paths_events_and_status_writes() {
     );
     assert_eq!(api.status_writes(), [patch]);
     let stored = api
-        .get("ward.dev/v1", "Policy", Some("a"), "x")
+        .get("ward.dev/v1", "Policy", None, "x")
         .expect("stored");
     assert_eq!(stored["metadata"]["resourceVersion"], "2");
     assert_eq!(
         request(
             &api,
             "PATCH",
-            "/apis/ward.dev/v1/namespaces/a/policies/y/status",
+            "/apis/ward.dev/v1/policies/y/status",
             Some(&json!({}))
         )
         .code,
