@@ -401,9 +401,7 @@ fn failures_missing_paths_events_and_status_writes() {
         json!({"observed": 1, "accepted": false})
     );
     assert_eq!(api.status_writes(), [patch]);
-    let stored = api
-        .get("ward.dev/v1", "Policy", None, "x")
-        .expect("stored");
+    let stored = api.get("ward.dev/v1", "Policy", None, "x").expect("stored");
     assert_eq!(stored["metadata"]["resourceVersion"], "2");
     assert_eq!(
         request(
