@@ -39,9 +39,12 @@ impl Sets {
 
 struct State {
     sets: Sets,
-    /// Set once the control plane reads a cluster ([`Hub::set_cluster_workloads`]): the
-    /// cluster, not the agents' reports, says which workloads run where, and each node has a
-    /// WORKLOAD set of its own (created when first needed, empty until the node has pods).
+    /// The control plane reads a cluster ([`Hub::follow_cluster`]): the cluster, not the agents'
+    /// reports, says which workloads run where, and nodes do not expire.
+    follows_cluster: bool,
+    /// Set once the cluster is first listed ([`Hub::set_cluster_workloads`]): each node's
+    /// WORKLOAD set (created when first needed, empty until the node has pods). Until then
+    /// agents keep the pods they hold.
     cluster: Option<BTreeMap<String, ResourceSet>>,
     /// Each node's host-network pods (WORKLOAD resources by pod UID): no identity of their own,
     /// so not in the registry.
@@ -128,6 +131,7 @@ impl Hub {
         Hub {
             state: Mutex::new(State {
                 sets,
+                follows_cluster: false,
                 cluster: None,
                 host_pods: BTreeMap::new(),
                 epoch,
@@ -258,7 +262,7 @@ impl Hub {
         workloads: Vec<Workload>,
     ) -> Result<Vec<Refusal>, ReportError> {
         let mut state = self.lock();
-        if state.cluster.is_some() {
+        if state.follows_cluster {
             state.registry.touch(node, Instant::now());
             return Ok(Vec::new());
         }
@@ -270,10 +274,16 @@ impl Hub {
         Ok(refusals)
     }
 
+    /// From now on the cluster says which workloads run where: agents' reports are not
+    /// registered and nodes do not expire (a node's pods leave when the cluster deletes them).
+    /// Until the cluster is listed, the registry read at start is served.
+    pub fn follow_cluster(&self) {
+        self.lock().follows_cluster = true;
+    }
+
     /// Makes `nodes` (node → its pods, as the cluster schedules them) every node's workloads,
-    /// and each node's WORKLOAD set. Host-network pods are in the WORKLOAD sets only. From the
-    /// first call on, agents' reports are not registered and nodes do not expire (a node's pods
-    /// leave when the cluster deletes them). Returns the workloads refused, by node.
+    /// and each node's WORKLOAD set. Host-network pods are in the WORKLOAD sets only. Returns the
+    /// workloads refused, by node.
     pub fn set_cluster_workloads(
         &self,
         nodes: BTreeMap<String, Vec<Workload>>,
@@ -294,6 +304,7 @@ impl Hub {
             pods.insert(node, own);
         }
         let mut state = self.lock();
+        state.follows_cluster = true;
         let (mut changed, refusals) = state.registry.replace_nodes(pods)?;
         let epoch = state.epoch;
         state.host_pods = host_pods;
@@ -361,7 +372,7 @@ impl Hub {
             .cloned()
             .collect();
         let mut state = self.lock();
-        if state.cluster.is_some() {
+        if state.follows_cluster {
             return Vec::new();
         }
         let gone = state.registry.expire(Instant::now(), lease, &connected);
@@ -584,6 +595,34 @@ mod tests {
             ("a", "10.0.0.10:4430")
         );
         assert!(hub.registry_json().contains("10.0.0.10:4430"));
+    }
+
+    #[test]
+    fn following_a_cluster_that_is_not_listed_yet_keeps_the_registry_as_read() {
+        let hub = hub();
+        let workload = Workload {
+            name: "shop/web".into(),
+            spiffe_id: "spiffe://example.org/ns/shop/sa/web".into(),
+            addresses: vec!["10.0.0.1".into()],
+            pod_uid: "u1".into(),
+            ..Workload::default()
+        };
+        hub.report("a", vec![workload]).expect("as read at start");
+        hub.follow_cluster();
+        hub.report("a", Vec::new()).expect("report");
+        assert_eq!(
+            hub.len(ResourceType::Ipcache),
+            1,
+            "a report changes nothing"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(hub.expire_nodes(Duration::from_millis(1)).is_empty());
+        assert!(
+            !hub.deltas("a", &BTreeMap::new())
+                .iter()
+                .any(|(k, _)| *k == ResourceType::Workload),
+            "no WORKLOAD set before the first listing: agents keep the pods they hold"
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! it had: an API server that answers errors or drops watches never empties what agents enforce.
 //! A relist replaces a kind's objects at once when it completes.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -401,6 +401,7 @@ pub async fn follow(
     let (mut workloads_dirty, mut policies_dirty) = (false, false);
     let mut published_documents: Option<Vec<ClusterDocument>> = None;
     let mut checked = Checked::default();
+    let mut refused_pods = BTreeSet::new();
     let recorder = Recorder::new(client.clone(), reporter());
     loop {
         let change = if workloads_dirty || policies_dirty {
@@ -409,7 +410,8 @@ pub async fn follow(
                 Err(_) => {
                     if cluster.listed() {
                         if workloads_dirty {
-                            publish_workloads(&hub, cluster.workloads(&trust_domain));
+                            let nodes = cluster.workloads(&trust_domain);
+                            publish_workloads(&hub, nodes, &mut refused_pods);
                         }
                         let (documents, refused) = checked.accepted(cluster.documents());
                         for refusal in refused {
@@ -557,18 +559,30 @@ impl Checked {
     }
 }
 
-fn publish_workloads(hub: &Hub, nodes: BTreeMap<String, Vec<Workload>>) {
+/// Publishes the cluster's workloads; a pod refused is logged when it is first refused (for that
+/// reason), not at every publication. `refused` holds what was logged.
+fn publish_workloads(
+    hub: &Hub,
+    nodes: BTreeMap<String, Vec<Workload>>,
+    refused: &mut BTreeSet<(String, String)>,
+) {
     let pods: usize = nodes.values().map(Vec::len).sum();
     match hub.set_cluster_workloads(nodes) {
         Ok(refusals) => {
+            let mut now = BTreeSet::new();
             for (node, refusal) in &refusals {
-                tracing::warn!(
-                    node,
-                    pod = refusal.workload,
-                    reason = refusal.reason,
-                    "pod not enforced as a workload"
-                );
+                let key = (refusal.workload.clone(), refusal.reason.clone());
+                if !refused.contains(&key) {
+                    tracing::warn!(
+                        node,
+                        pod = refusal.workload,
+                        reason = refusal.reason,
+                        "pod not enforced as a workload"
+                    );
+                }
+                now.insert(key);
             }
+            *refused = now;
             tracing::info!(pods, refused = refusals.len(), "cluster workloads updated");
         }
         Err(e) => tracing::error!(error = %e, "cluster workloads refused; the previous ones stay"),

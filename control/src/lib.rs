@@ -360,6 +360,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     ));
     if let Some(k) = &opts.kubernetes {
         let client = kubernetes::client(k.kubeconfig.as_deref()).await?;
+        hub.follow_cluster();
         let (dir, policy_hub) = (opts.policy_dir.clone(), hub.clone());
         let publish = move |documents| {
             policy_hub.set_cluster_documents(documents);
