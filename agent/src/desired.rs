@@ -53,7 +53,7 @@ impl Desired {
             Vec::new()
         };
         host_pods.extend(config.own_pod_uid.clone());
-        let mut workloads = identity::workload_infos(&config)?;
+        let mut workloads = identity::workload_infos(&config);
         let mut peers = Vec::new();
         let set = match (&config.control_plane, remote) {
             (None, _) => policy::load(&config.policies)?,
@@ -115,13 +115,13 @@ impl Desired {
     }
 }
 
-/// Gives this node's workloads the control plane's numbers for their SPIFFE IDs (the same as the
-/// local ones unless two IDs collided) and returns every other identity as a peer, with the
+/// Gives this node's workloads the control plane's numbers for their identities (the same as
+/// the local ones unless two keys collided) and returns every other identity as a peer, with the
 /// addresses the IP cache gives it.
 fn remote_identities(state: &RemoteState, workloads: &mut [WorkloadInfo]) -> Vec<WorkloadInfo> {
     let mut local: std::collections::HashMap<String, Vec<usize>> = Default::default();
     for (i, w) in workloads.iter().enumerate() {
-        local.entry(w.spiffe_id.clone()).or_default().push(i);
+        local.entry(w.key()).or_default().push(i);
     }
     let mut addresses: std::collections::HashMap<u32, Vec<IpAddr>> = Default::default();
     for (address, identity) in &state.ipcache {
@@ -129,7 +129,7 @@ fn remote_identities(state: &RemoteState, workloads: &mut [WorkloadInfo]) -> Vec
     }
     let mut peers = Vec::new();
     for remote in &state.identities {
-        if let Some(indices) = local.get(&remote.spiffe_id) {
+        if let Some(indices) = local.get(&remote.key()) {
             for &i in indices {
                 workloads[i].identity = remote.identity;
             }
@@ -368,8 +368,13 @@ mod tests {
             &mut Default::default(),
         )
         .expect("compiles");
-        // The next update relabels the pod; it is built from this build's configuration.
+        // The next update relabels the pod (and so names its identity with the new labels); it
+        // is built from this build's configuration.
         state.workloads[0]
+            .labels
+            .insert("app".into(), "client-v2".into());
+        state.identities[0].namespace = Some("shop".into());
+        state.identities[0]
             .labels
             .insert("app".into(), "client-v2".into());
         let desired = Desired::build(

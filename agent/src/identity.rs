@@ -1,47 +1,20 @@
 //! Workload identities: which cgroup belongs to which workload, and the stable numeric id the
-//! kernel maps use for each SPIFFE ID.
-use std::{collections::BTreeMap, path::Path};
+//! kernel maps use for each identity (a SPIFFE ID with its namespace and labels).
+use std::path::Path;
 
 use crate::{
     config::Config,
     policy::{identity::allocate_all, WorkloadInfo},
 };
 
-#[derive(Debug, thiserror::Error)]
-pub enum IdentityError {
-    #[error(
-        "workloads {a:?} and {b:?} share SPIFFE ID {spiffe_id} but not their labels and namespace"
-    )]
-    Conflict {
-        a: String,
-        b: String,
-        spiffe_id: String,
-    },
-}
-
-/// The configured workloads with their identities, in configuration order.
-pub fn workload_infos(config: &Config) -> Result<Vec<WorkloadInfo>, IdentityError> {
-    let ids = allocate_all(config.workloads.iter().map(|w| w.spiffe_id.clone()));
-    let mut first_of: BTreeMap<&str, usize> = BTreeMap::new();
-    for (i, w) in config.workloads.iter().enumerate() {
-        if let Some(&j) = first_of.get(w.spiffe_id.as_str()) {
-            let other = &config.workloads[j];
-            if other.labels != w.labels || other.namespace != w.namespace {
-                return Err(IdentityError::Conflict {
-                    a: other.name.clone(),
-                    b: w.name.clone(),
-                    spiffe_id: w.spiffe_id.clone(),
-                });
-            }
-        } else {
-            first_of.insert(&w.spiffe_id, i);
-        }
-    }
-    Ok(config
+/// The configured workloads with their identities, in configuration order. Workloads that share
+/// a SPIFFE ID but not their namespace or labels get one number each.
+pub fn workload_infos(config: &Config) -> Vec<WorkloadInfo> {
+    let infos: Vec<WorkloadInfo> = config
         .workloads
         .iter()
         .map(|w| WorkloadInfo {
-            identity: ids[&w.spiffe_id],
+            identity: 0,
             name: w.name.clone(),
             spiffe_id: w.spiffe_id.clone(),
             namespace: w.namespace.clone(),
@@ -55,7 +28,15 @@ pub fn workload_infos(config: &Config) -> Result<Vec<WorkloadInfo>, IdentityErro
             addresses: w.addresses.clone(),
             ports: w.ports.clone(),
         })
-        .collect())
+        .collect();
+    let ids = allocate_all(infos.iter().map(WorkloadInfo::key));
+    infos
+        .into_iter()
+        .map(|w| WorkloadInfo {
+            identity: ids[&w.key()],
+            ..w
+        })
+        .collect()
 }
 
 /// Which workload a cgroup (path relative to the cgroup root) belongs to: the first workload that
@@ -118,7 +99,7 @@ mod tests {
         let c = config(
             "trustDomain: x\nnamespaces: {shop: {labels: {team: a}}}\nworkloads:\n  - {name: api, namespace: shop, ports: [{name: http, port: 8080}]}\n  - {name: db, namespace: store}\n  - {name: host}\n",
         );
-        let infos = workload_infos(&c).expect("no conflict");
+        let infos = workload_infos(&c);
         let seen: Vec<_> = infos
             .iter()
             .map(|w| {
@@ -159,13 +140,12 @@ mod tests {
     }
 
     #[test]
-    fn shared_spiffe_id_with_other_labels_is_refused() {
+    fn a_shared_spiffe_id_with_other_labels_is_another_identity() {
         let c = config(
-            "trustDomain: x\nworkloads:\n  - {name: a, spiffeId: 'spiffe://x/s', labels: {app: a}}\n  - {name: b, spiffeId: 'spiffe://x/s', labels: {app: b}}\n",
+            "trustDomain: x\nworkloads:\n  - {name: a, spiffeId: 'spiffe://x/s', labels: {app: a}}\n  - {name: b, spiffeId: 'spiffe://x/s', labels: {app: b}}\n  - {name: c, spiffeId: 'spiffe://x/s', labels: {app: a}}\n",
         );
-        assert!(matches!(
-            workload_infos(&c),
-            Err(IdentityError::Conflict { .. })
-        ));
+        let ids: Vec<u32> = workload_infos(&c).iter().map(|w| w.identity).collect();
+        assert_ne!(ids[0], ids[1], "other labels");
+        assert_eq!(ids[0], ids[2], "the same labels");
     }
 }

@@ -32,11 +32,12 @@ use crate::{
 #[derive(Default)]
 struct View {
     compiled: Arc<Compiled>,
-    /// Every workload the agent knows (this node's and the peers'), by SPIFFE ID and number.
-    by_spiffe_id: HashMap<SpiffeId, u32>,
+    /// Every identity the agent knows (this node's and the peers'), by SPIFFE ID (one ID may
+    /// have several: its workloads' label sets differ) and by number.
+    by_spiffe_id: HashMap<SpiffeId, Vec<u32>>,
     by_identity: HashMap<u32, SpiffeId>,
-    /// This node's workloads by address.
-    local: HashMap<IpAddr, SpiffeId>,
+    /// This node's workloads by address: SPIFFE ID and identity.
+    local: HashMap<IpAddr, (SpiffeId, u32)>,
     /// Address → the tunnel of the node that owns it.
     tunnels: HashMap<IpAddr, SocketAddr>,
 }
@@ -151,8 +152,9 @@ impl Tunnel {
         };
         for w in peers.iter().chain(workloads) {
             if let Ok(id) = SpiffeId::parse(&w.spiffe_id) {
-                view.by_spiffe_id.insert(id.clone(), w.identity);
-                view.by_identity.insert(w.identity, id);
+                if view.by_identity.insert(w.identity, id.clone()).is_none() {
+                    view.by_spiffe_id.entry(id).or_default().push(w.identity);
+                }
             }
         }
         let mut local_ids = Vec::new();
@@ -166,7 +168,8 @@ impl Tunnel {
                 continue;
             };
             for a in &w.addresses {
-                view.local.insert(a.to_canonical(), id.clone());
+                view.local
+                    .insert(a.to_canonical(), (id.clone(), w.identity));
                 view.tunnels
                     .insert(a.to_canonical(), self.settings.advertise);
             }
@@ -296,7 +299,9 @@ impl Glue {
                 (r.policy.clone(), r.rule.clone())
             });
         let dst = destination_id
-            .or_else(|| destination.and_then(|d| view.local.get(&d.ip().to_canonical())))
+            .or_else(|| {
+                destination.and_then(|d| view.local.get(&d.ip().to_canonical()).map(|(id, _)| id))
+            })
             .map_or_else(|| "-".into(), ToString::to_string);
         FlowRecord {
             time: crate::events::timestamp(),
@@ -321,22 +326,40 @@ impl Glue {
 impl Authorizer for Glue {
     fn local_workload(&self, destination: SocketAddr) -> Option<SpiffeId> {
         let view = self.view.read().expect("tunnel view lock poisoned");
-        view.local.get(&destination.ip().to_canonical()).cloned()
+        view.local
+            .get(&destination.ip().to_canonical())
+            .map(|(id, _)| id.clone())
     }
 
     fn authorize(
         &self,
         peer: &SpiffeId,
+        claimed: Option<u32>,
         workload: &SpiffeId,
         destination: SocketAddr,
-    ) -> Result<(), Denied> {
+    ) -> Result<u32, Denied> {
         let view = self.view.read().expect("tunnel view lock poisoned");
         let denied = |reason: String| Err(Denied { reason });
-        let Some(&local) = view.by_spiffe_id.get(workload) else {
-            return denied(format!("{workload} is not a workload of this node"));
+        let local = match view.local.get(&destination.ip().to_canonical()) {
+            Some((id, local)) if id == workload => *local,
+            _ => return denied(format!("{workload} is not a workload of this node")),
         };
-        let Some(&remote) = view.by_spiffe_id.get(peer) else {
-            return denied(format!("{peer} is no workload the control plane knows"));
+        let identities = view.by_spiffe_id.get(peer).map_or(&[][..], Vec::as_slice);
+        let remote = match (claimed, identities) {
+            (_, []) => return denied(format!("{peer} is no workload the control plane knows")),
+            (Some(claimed), _) if identities.contains(&claimed) => claimed,
+            (Some(claimed), _) => {
+                return denied(format!(
+                    "the source agent names identity {claimed}, which is not one of {peer}'s"
+                ))
+            }
+            (None, [only]) => *only,
+            (None, _) => {
+                return denied(format!(
+                    "{peer} has {} identities and the source agent named none",
+                    identities.len()
+                ))
+            }
         };
         let d = view.compiled.decide(
             local,
@@ -360,7 +383,7 @@ impl Authorizer for Glue {
                 ),
             });
         }
-        Ok(())
+        Ok(remote)
     }
 
     fn record(&self, event: &InboundEvent) {
@@ -376,18 +399,8 @@ impl Authorizer for Glue {
         }
     }
 
-    fn connect(&self, peer: &SpiffeId, destination: SocketAddr) -> DeliveryFuture {
-        let identity = self
-            .view
-            .read()
-            .expect("tunnel view lock poisoned")
-            .by_spiffe_id
-            .get(peer)
-            .copied();
+    fn connect(&self, identity: u32, destination: SocketAddr) -> DeliveryFuture {
         let prepared = (|| {
-            let identity = identity.ok_or_else(|| {
-                std::io::Error::other(format!("{peer} is no workload the control plane knows"))
-            })?;
             let socket = match destination {
                 SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
                 SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
@@ -442,6 +455,7 @@ impl OriginalDestinations for Glue {
             (Some(destination_id), Some(peer_agent)) => {
                 return Ok(OutboundRequest {
                     source,
+                    source_identity: original.local_identity,
                     destination,
                     destination_id: destination_id.clone(),
                     peer_agent,

@@ -4,8 +4,8 @@
 //! after `410 Gone`).
 //!
 //! What the cluster says becomes the hub's state: every scheduled pod with addresses is a
-//! workload of its node (identity `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`,
-//! its labels, its namespace's labels, its container ports), served to that node's agent as
+//! workload of its node (SPIFFE ID `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`
+//! and its labels, which together are its identity; its namespace's labels, its container ports), served to that node's agent as
 //! WORKLOAD resources and to all as identities and the IP cache; every NetworkPolicy and Policy
 //! is a POLICY resource next to the policy directory's. A cluster without ward's CRD has no
 //! Policies, which is no failure.
@@ -45,8 +45,10 @@ const NETWORK_POLICIES: &str = "networkpolicies";
 const SETTLE: Duration = Duration::from_millis(20);
 
 /// Labels that controllers put on pods and that differ between the pods of one workload (one per
-/// ReplicaSet, revision or index): left out of the identity so that the pods of a service account
-/// share one, as they must (identities are per SPIFFE ID). Policies cannot select by them.
+/// ReplicaSet, revision or index): left out of the identity so that the pods of one Deployment,
+/// StatefulSet or Job share one (an identity is a SPIFFE ID with its namespace and labels: with
+/// these, each rollout or each pod would be an identity of its own, and every agent's policy
+/// would change with it). Policies cannot select by them.
 pub const VOLATILE_LABELS: [&str; 7] = [
     "pod-template-hash",
     "controller-revision-hash",

@@ -1,10 +1,11 @@
 //! The workload registry: what every node reported (workload, SPIFFE ID, labels, addresses), the
-//! numeric identity allocated to each SPIFFE ID, and the IDENTITY and IPCACHE resources derived
-//! from them.
+//! numeric identity allocated to each identity key (a SPIFFE ID with its namespace and labels,
+//! [`ward_policy::identity::key`]), and the IDENTITY and IPCACHE resources derived from them.
 //!
-//! Identities are allocated with the agent's scheme ([`ward_policy::identity::allocate`]), so an
-//! ID gets the same number in local mode and under the control plane unless two IDs collide. Unlike the agent, the control plane remembers every
-//! allocation, so a number never moves once given, whichever IDs appear later.
+//! Identities are allocated with the agent's scheme ([`ward_policy::identity::allocate`]), so a
+//! key gets the same number in local mode and under the control plane unless two keys collide.
+//! Unlike the agent, the control plane remembers every allocation, so a number never moves once
+//! given, whichever keys appear later.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
@@ -56,6 +57,13 @@ pub struct WorkloadRecord {
     pub ports: Vec<ward_policy::NamedPort>,
 }
 
+impl WorkloadRecord {
+    /// Its identity's key ([`identity::key`]).
+    pub fn key(&self) -> String {
+        identity::key(&self.spiffe_id, self.namespace.as_deref(), &self.labels)
+    }
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RegistryFile {
@@ -64,12 +72,6 @@ struct RegistryFile {
     /// Absent from files written before nodes announced tunnel addresses.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     tunnels: BTreeMap<String, String>,
-}
-
-#[derive(Default)]
-struct Others<'a> {
-    identities: HashMap<&'a str, (&'a str, &'a WorkloadRecord)>,
-    addresses: HashMap<IpAddr, &'a str>,
 }
 
 #[derive(Debug, Default)]
@@ -180,34 +182,34 @@ impl Registry {
         gone
     }
 
-    /// The numeric identity of `spiffe_id`, allocating one on first sight.
-    pub fn allocate(&mut self, spiffe_id: &str) -> u32 {
-        if let Some(id) = self.identities.get(spiffe_id) {
+    /// The numeric identity of identity key `key`, allocating one on first sight.
+    pub fn allocate(&mut self, key: &str) -> u32 {
+        if let Some(id) = self.identities.get(key) {
             return *id;
         }
-        let id = identity::allocate(spiffe_id, |id| self.taken.contains(&id));
+        let id = identity::allocate(key, |id| self.taken.contains(&id));
         self.taken.insert(id);
-        self.identities.insert(spiffe_id.into(), id);
+        self.identities.insert(key.into(), id);
         id
     }
 
-    /// Who else holds each SPIFFE ID (its first registration, which fixes the labels and
-    /// namespace every other workload with that ID must have) and each address, built once per
-    /// report so a report costs time linear in the registry, not quadratic.
-    fn others(&self, node: &str) -> Others<'_> {
-        let mut others = Others::default();
+    /// The number allocated to `w`'s identity (every registered workload has one).
+    fn identity_of(&self, w: &WorkloadRecord) -> u32 {
+        self.identities[&w.key()]
+    }
+
+    /// Which other node holds each address, built once per report so a report costs time
+    /// linear in the registry, not quadratic.
+    fn others(&self, node: &str) -> HashMap<IpAddr, &str> {
+        let mut addresses = HashMap::new();
         for (n, workloads) in self.nodes.iter().filter(|(n, _)| n.as_str() != node) {
             for w in workloads {
-                others
-                    .identities
-                    .entry(w.spiffe_id.as_str())
-                    .or_insert((n.as_str(), w));
                 for address in &w.addresses {
-                    others.addresses.entry(*address).or_insert(n.as_str());
+                    addresses.entry(*address).or_insert(n.as_str());
                 }
             }
         }
-        others
+        addresses
     }
 
     /// Replaces what `node` reported before with `workloads`. Workloads that are malformed or
@@ -277,32 +279,12 @@ impl Registry {
                 continue;
             }
             let labels: BTreeMap<String, String> = w.labels.into_iter().collect();
-            let same_identity =
-                |other: &WorkloadRecord| other.labels == labels && other.namespace == w.namespace;
             let mut ports = Vec::with_capacity(w.ports.len());
             for p in &w.ports {
                 let protocol = (!p.protocol.is_empty()).then_some(p.protocol.as_str());
                 match ward_policy::NamedPort::parse(p.name.clone(), p.port.into(), protocol) {
                     Ok(port) => ports.push(port),
                     Err((field, reason)) => refuse(format!("ports {:?}{field}: {reason}", p.name)),
-                }
-            }
-            if let Some(other) = accepted.iter().find(|a| a.spiffe_id == w.spiffe_id) {
-                if !same_identity(other) {
-                    refuse(format!(
-                        "shares SPIFFE ID {} with workload {:?} but not its labels and namespace",
-                        w.spiffe_id, other.name
-                    ));
-                    continue;
-                }
-            }
-            if let Some((other_node, other)) = others.identities.get(w.spiffe_id.as_str()) {
-                if !same_identity(other) {
-                    refuse(format!(
-                        "SPIFFE ID {} is registered by node {other_node:?} with other labels or namespace",
-                        w.spiffe_id
-                    ));
-                    continue;
                 }
             }
             let mut addresses = Vec::with_capacity(w.addresses.len());
@@ -314,7 +296,7 @@ impl Registry {
                     ));
                     continue;
                 };
-                if let Some(owner) = others.addresses.get(&address) {
+                if let Some(owner) = others.get(&address) {
                     refuse(format!(
                         "address {address} belongs to a workload of node {owner:?}"
                     ));
@@ -340,7 +322,7 @@ impl Registry {
         drop(others);
         accepted.sort_by(|a, b| a.name.cmp(&b.name));
         for w in &accepted {
-            self.allocate(&w.spiffe_id);
+            self.allocate(&w.key());
         }
         let changed = self.nodes.get(node) != Some(&accepted);
         if accepted.is_empty() {
@@ -416,7 +398,7 @@ impl Registry {
     /// from their configuration); workloads read from the cluster carry both.
     pub fn workload_infos(&self) -> BTreeMap<String, Vec<ward_policy::WorkloadInfo>> {
         let info = |w: &WorkloadRecord| ward_policy::WorkloadInfo {
-            identity: self.identities[&w.spiffe_id],
+            identity: self.identity_of(w),
             name: w.name.clone(),
             spiffe_id: w.spiffe_id.clone(),
             namespace: w.namespace.clone(),
@@ -431,15 +413,16 @@ impl Registry {
             .collect()
     }
 
-    /// One IDENTITY resource per SPIFFE ID some node reports.
+    /// One IDENTITY resource per identity some node reports, named by its key.
     pub fn identity_resources(&self) -> BTreeMap<String, Resource> {
         let mut out = BTreeMap::new();
         for w in self.nodes.values().flatten() {
-            out.entry(w.spiffe_id.clone()).or_insert_with(|| Resource {
-                name: w.spiffe_id.clone(),
+            let key = w.key();
+            out.entry(key.clone()).or_insert_with(|| Resource {
+                name: key,
                 body: Some(Body::Identity(Identity {
                     spiffe_id: w.spiffe_id.clone(),
-                    identity: self.identities[&w.spiffe_id],
+                    identity: self.identity_of(w),
                     labels: w.labels.clone().into_iter().collect(),
                     namespace: w.namespace.clone(),
                     namespace_labels: w.namespace_labels.clone().into_iter().collect(),
@@ -461,7 +444,7 @@ impl Registry {
                         name: name.clone(),
                         body: Some(Body::Ipcache(IpCacheEntry {
                             address: name,
-                            identity: self.identities[&w.spiffe_id],
+                            identity: self.identity_of(w),
                             node: node.clone(),
                             tunnel: self.tunnels.get(node).cloned().unwrap_or_default(),
                         })),
@@ -548,7 +531,12 @@ mod tests {
         let infos = r.workload_infos();
         assert_eq!(infos["a"][0].namespace_labels["team"], "a");
         assert_eq!(infos["a"][0].ports[0].name, "http");
-        let Some(Body::Identity(i)) = &r.identity_resources()[&w.spiffe_id].body else {
+        let key = identity::key(
+            &w.spiffe_id,
+            w.namespace.as_deref(),
+            &w.labels.clone().into_iter().collect(),
+        );
+        let Some(Body::Identity(i)) = &r.identity_resources()[&key].body else {
             panic!("an identity")
         };
         assert_eq!(i.namespace_labels["team"], "a");
@@ -608,12 +596,12 @@ mod tests {
     }
 
     #[test]
-    fn a_node_cannot_take_another_nodes_address_or_relabel_its_identity() {
+    fn a_node_cannot_take_another_nodes_address_and_other_labels_are_another_identity() {
         let mut r = Registry::new("example.org");
         r.report("a", vec![workload("web", "web", &["10.0.0.1"])])
             .expect("report");
-        let mut relabelled = workload("evil", "web", &["10.0.0.9"]);
-        relabelled.labels.insert("role".into(), "admin".into());
+        let mut relabelled = workload("web-canary", "web", &["10.0.0.9"]);
+        relabelled.labels.insert("track".into(), "canary".into());
         let (_, refusals) = r
             .report(
                 "b",
@@ -623,11 +611,22 @@ mod tests {
                 ],
             )
             .expect("report");
-        assert_eq!(refusals.len(), 2, "{refusals:?}");
+        assert_eq!(refusals.len(), 1, "{refusals:?}");
         assert!(refusals[0]
             .reason
             .contains("belongs to a workload of node \"a\""));
-        assert!(refusals[1].reason.contains("registered by node \"a\""));
+        // One SPIFFE ID, two label sets: two identities, each with its own labels and number.
+        let identities: Vec<Identity> = r
+            .identity_resources()
+            .into_values()
+            .filter_map(|r| match r.body {
+                Some(Body::Identity(i)) if i.spiffe_id.ends_with("/sa/web") => Some(i),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(identities.len(), 2, "{identities:?}");
+        assert_ne!(identities[0].identity, identities[1].identity);
+        assert_ne!(identities[0].labels, identities[1].labels);
         let cache = r.ipcache_resources();
         let Some(Body::Ipcache(entry)) = &cache["10.0.0.1"].body else {
             panic!("an IP cache entry")
@@ -637,7 +636,11 @@ mod tests {
             cache.contains_key("10.0.0.3"),
             "the thief's own address is kept"
         );
-        assert!(!cache.contains_key("10.0.0.9"));
+        let number = |address: &str| match &cache[address].body {
+            Some(Body::Ipcache(entry)) => entry.identity,
+            _ => panic!("an IP cache entry"),
+        };
+        assert_ne!(number("10.0.0.9"), number("10.0.0.1"), "the canary's own");
     }
 
     #[test]

@@ -1,11 +1,15 @@
-//! Numeric identities: the ranges the kernel's maps use, and how a SPIFFE ID gets its number.
+//! Numeric identities: the ranges the kernel's maps use, and how a workload gets its number.
 //!
 //! Identities below [`FIRST_WORKLOAD`] are reserved (`agent_common::IDENTITY_ANY`, `_HOST`,
 //! `_WORLD`); workloads get numbers in `FIRST_WORKLOAD..=LAST_WORKLOAD`, and the CIDRs of policy
-//! rules from [`FIRST_CIDR`] up. A workload's number is a hash of its SPIFFE ID, so the same ID
-//! gets the same number on every start and every node without coordination; a collision moves
-//! the later ID to the next free number. The agent (local mode) and the control plane both
-//! allocate with [`allocate`].
+//! rules from [`FIRST_CIDR`] up.
+//!
+//! An identity is what a policy can tell apart: a SPIFFE ID with a namespace and a set of labels
+//! ([`key`]). Workloads that share all three share a number; the pods of one Kubernetes service
+//! account with different labels get one number each (and one certificate, the SPIFFE ID's).
+//! A number is a hash of its key, so the same key gets the same number on every start and every
+//! node without coordination; a collision moves the later key to the next free number. The
+//! agent (local mode) and the control plane both allocate with [`allocate`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::RangeInclusive;
@@ -24,9 +28,40 @@ pub fn is_workload(identity: u32) -> bool {
     WORKLOADS.contains(&identity)
 }
 
-/// The number `spiffe_id` gets when nothing else holds it: FNV-1a of its bytes into the range.
-pub fn preferred(spiffe_id: &str) -> u32 {
-    let hash = spiffe_id.bytes().fold(0x811c_9dc5u32, |h, b| {
+/// The identity key of a workload: its SPIFFE ID alone when it has no namespace and no labels;
+/// otherwise the SPIFFE ID, the namespace and each `label=value` in label order, separated by
+/// spaces (which no SPIFFE ID holds), with `%`, ` ` and `=` inside a namespace, label or value
+/// percent-encoded. So the key is readable and two different workloads never share one.
+pub fn key(spiffe_id: &str, namespace: Option<&str>, labels: &BTreeMap<String, String>) -> String {
+    fn escaped(text: &str, out: &mut String) {
+        for c in text.chars() {
+            match c {
+                '%' => out.push_str("%25"),
+                ' ' => out.push_str("%20"),
+                '=' => out.push_str("%3D"),
+                c => out.push(c),
+            }
+        }
+    }
+    let mut out = spiffe_id.to_string();
+    if let Some(namespace) = namespace {
+        // The one part without a bare `=`.
+        out.push(' ');
+        escaped(namespace, &mut out);
+    }
+    for (label, value) in labels {
+        out.push(' ');
+        escaped(label, &mut out);
+        out.push('=');
+        escaped(value, &mut out);
+    }
+    out
+}
+
+/// The number `key` ([`key`]) gets when nothing else holds it: FNV-1a of its bytes into the
+/// range.
+pub fn preferred(key: &str) -> u32 {
+    let hash = key.bytes().fold(0x811c_9dc5u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     });
     FIRST_WORKLOAD + hash % span()
@@ -36,13 +71,13 @@ fn span() -> u32 {
     LAST_WORKLOAD - FIRST_WORKLOAD + 1
 }
 
-/// The number of a new SPIFFE ID: its [`preferred`] number, or the next one upwards (wrapping
-/// around the range) that `taken` does not hold.
+/// The number of a new key: its [`preferred`] number, or the next one upwards (wrapping around
+/// the range) that `taken` does not hold.
 ///
 /// # Panics
 /// When every number of the range is taken (16 million workload identities).
-pub fn allocate(spiffe_id: &str, taken: impl Fn(u32) -> bool) -> u32 {
-    let mut identity = preferred(spiffe_id);
+pub fn allocate(key: &str, taken: impl Fn(u32) -> bool) -> u32 {
+    let mut identity = preferred(key);
     for _ in 0..span() {
         if !taken(identity) {
             return identity;
@@ -56,10 +91,10 @@ pub fn allocate(spiffe_id: &str, taken: impl Fn(u32) -> bool) -> u32 {
     panic!("every workload identity is taken")
 }
 
-/// Numbers for a set of SPIFFE IDs allocated together, collisions resolved in SPIFFE ID order,
-/// so the result does not depend on the order the IDs come in.
-pub fn allocate_all(spiffe_ids: impl IntoIterator<Item = String>) -> BTreeMap<String, u32> {
-    let ids: BTreeSet<String> = spiffe_ids.into_iter().collect();
+/// Numbers for a set of keys allocated together, collisions resolved in key order, so the
+/// result does not depend on the order the keys come in.
+pub fn allocate_all(keys: impl IntoIterator<Item = String>) -> BTreeMap<String, u32> {
+    let ids: BTreeSet<String> = keys.into_iter().collect();
     let mut taken = BTreeSet::new();
     let mut out = BTreeMap::new();
     for id in ids {
@@ -73,6 +108,33 @@ pub fn allocate_all(spiffe_ids: impl IntoIterator<Item = String>) -> BTreeMap<St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_tells_namespaces_and_label_sets_apart_and_reads_as_written() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let id = "spiffe://x/ns/shop/sa/default";
+        assert_eq!(key(id, None, &BTreeMap::new()), id);
+        assert_eq!(
+            key(id, Some("shop"), &labels(&[("tier", "fe"), ("app", "web")])),
+            "spiffe://x/ns/shop/sa/default shop app=web tier=fe"
+        );
+        // Texts that would read alike unescaped stay apart.
+        let keys = [
+            key(id, Some("a=b"), &BTreeMap::new()),
+            key(id, None, &labels(&[("a", "b")])),
+            key(id, None, &labels(&[("a", "b c=d")])),
+            key(id, None, &labels(&[("a", "b"), ("c", "d")])),
+            key(id, Some("a"), &labels(&[("b", "")])),
+            key(id, None, &labels(&[("a b", "")])),
+        ];
+        let distinct: BTreeSet<&String> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len(), "{keys:?}");
+    }
 
     #[test]
     fn the_ranges_follow_the_reserved_identities() {

@@ -58,6 +58,13 @@ pub struct WorkloadInfo {
     pub ports: Vec<NamedPort>,
 }
 
+impl WorkloadInfo {
+    /// The key its identity number is allocated for ([`identity::key`]).
+    pub fn key(&self) -> String {
+        identity::key(&self.spiffe_id, self.namespace.as_deref(), &self.labels)
+    }
+}
+
 /// A port a workload names, as a Kubernetes container port does.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NamedPort {

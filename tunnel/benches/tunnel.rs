@@ -119,6 +119,7 @@ fn agent(args: &[String]) {
                         );
                         let request = OutboundRequest {
                             source: id(CLIENT),
+                            source_identity: 0,
                             destination,
                             destination_id: id(SERVER),
                             peer_agent,
@@ -144,9 +145,15 @@ impl Authorizer for LocalWorkloads {
         self.0.contains(&destination).then(|| id(SERVER))
     }
 
-    fn authorize(&self, peer: &SpiffeId, _: &SpiffeId, _: SocketAddr) -> Result<(), Denied> {
+    fn authorize(
+        &self,
+        peer: &SpiffeId,
+        _: Option<u32>,
+        _: &SpiffeId,
+        _: SocketAddr,
+    ) -> Result<u32, Denied> {
         if peer.as_str() == CLIENT {
-            Ok(())
+            Ok(0)
         } else {
             Err(Denied {
                 reason: format!("{peer} is not allowed"),

@@ -43,21 +43,24 @@ pub trait Authorizer: Send + Sync + 'static {
     fn local_workload(&self, destination: SocketAddr) -> Option<SpiffeId>;
 
     /// Whether the peer workload `peer` (verified by its certificate) may reach `workload` at
-    /// `destination`, by `workload`'s ingress policy.
+    /// `destination`, by `workload`'s ingress policy. `claimed` is the numeric identity the
+    /// source agent named ([`protocol::SOURCE_IDENTITY_HEADER`]), to be accepted only if it is
+    /// one of `peer`'s. Returns the identity the peer is known by, for [`Authorizer::connect`].
     fn authorize(
         &self,
         peer: &SpiffeId,
+        claimed: Option<u32>,
         workload: &SpiffeId,
         destination: SocketAddr,
-    ) -> Result<(), Denied>;
+    ) -> Result<u32, Denied>;
 
     /// Every verdict, for flow events and counters; every refusal is also logged.
     fn record(&self, _event: &InboundEvent) {}
 
-    /// Opens the connection to `destination` for an authorized stream of `peer`. The agent
-    /// overrides it to tell its kernel's ingress check which verified workload this connection
-    /// carries, for this connection only.
-    fn connect(&self, _peer: &SpiffeId, destination: SocketAddr) -> DeliveryFuture {
+    /// Opens the connection to `destination` for an authorized stream of the peer `authorize`
+    /// named `peer_identity`. The agent overrides it to tell its kernel's ingress check which
+    /// verified workload this connection carries, for this connection only.
+    fn connect(&self, _peer_identity: u32, destination: SocketAddr) -> DeliveryFuture {
         Box::pin(TcpStream::connect(destination))
     }
 }
@@ -443,13 +446,13 @@ impl Inbound {
             let _ = respond.send_response(response, true);
             self.refuse(session.peer_addr, Some(&session.peer), destination, refusal);
         };
-        let (destination, workload) = match self.authorize(session, &request) {
+        let (destination, workload, peer_identity) = match self.authorize(session, &request) {
             Ok(allowed) => allowed,
             Err(refusal) => return refuse(refusal, &mut respond),
         };
         let connect = tokio::time::timeout(
             self.config.connect_timeout,
-            self.authorizer.connect(&session.peer, destination),
+            self.authorizer.connect(peer_identity, destination),
         )
         .await;
         let mut tcp = match connect {
@@ -509,9 +512,11 @@ impl Inbound {
         &self,
         session: &Session,
         request: &Request<RecvStream>,
-    ) -> Result<(SocketAddr, SpiffeId), Refusal> {
+    ) -> Result<(SocketAddr, SpiffeId, u32), Refusal> {
         let destination =
             protocol::destination_of(request).map_err(|reason| Refusal::BadRequest { reason })?;
+        let claimed = protocol::source_identity_of(request)
+            .map_err(|reason| Refusal::BadRequest { reason })?;
         // A certificate revoked or expired since the handshake ends what the session may open.
         self.trust
             .check_peer(&session.peer_chain)
@@ -529,11 +534,12 @@ impl Inbound {
                 session: session.local.clone(),
             });
         }
-        self.authorizer
-            .authorize(&session.peer, &workload, destination)
+        let peer_identity = self
+            .authorizer
+            .authorize(&session.peer, claimed, &workload, destination)
             .map_err(|denied| Refusal::Denied {
                 reason: denied.reason,
             })?;
-        Ok((destination, workload))
+        Ok((destination, workload, peer_identity))
     }
 }

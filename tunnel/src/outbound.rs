@@ -37,6 +37,8 @@ use crate::{
 pub struct OutboundRequest {
     /// The workload that connected (from its socket's cgroup).
     pub source: SpiffeId,
+    /// Its numeric identity, which the destination agent checks against `source`'s certificate.
+    pub source_identity: u32,
     /// Where the workload connected to, before the connect hook redirected it.
     pub destination: SocketAddr,
     /// The destination workload's identity (from the IP cache); its certificate is expected.
@@ -256,7 +258,10 @@ impl Outbound {
         let mut retried = false;
         let (response, send) = loop {
             let (mut send_request, closed) = self.ready_session(request).await?;
-            match send_request.send_request(protocol::connect_request(request.destination), false) {
+            match send_request.send_request(
+                protocol::connect_request(request.destination, request.source_identity),
+                false,
+            ) {
                 Ok(opened) => break opened,
                 // The peer closed the session (GOAWAY) since it was found ready; nothing of the
                 // workload's was sent yet, so a new session can take the connection.

@@ -8,13 +8,36 @@ use http::{Method, Request, StatusCode};
 /// The response header that carries a refusal's reason, for the source agent's verdict event.
 pub const REASON_HEADER: &str = "ward-reason";
 
-/// The CONNECT request for the original destination `destination`.
-pub fn connect_request(destination: SocketAddr) -> Request<()> {
+/// The request header that names the source workload's numeric identity. The certificate proves
+/// the SPIFFE ID; one SPIFFE ID may have several identities (the pods of one service account
+/// with different labels), and the source agent, which holds that ID's key and whose kernel
+/// tagged the connection, says which one connects. The destination agent accepts only an
+/// identity of the certificate's SPIFFE ID.
+pub const SOURCE_IDENTITY_HEADER: &str = "ward-source-identity";
+
+/// The CONNECT request for the original destination `destination`, from the workload of
+/// identity `source_identity`.
+pub fn connect_request(destination: SocketAddr, source_identity: u32) -> Request<()> {
     Request::builder()
         .method(Method::CONNECT)
         .uri(destination.to_string())
+        .header(SOURCE_IDENTITY_HEADER, source_identity)
         .body(())
         .expect("an address is a valid CONNECT authority")
+}
+
+/// The source identity a CONNECT request names: `None` when it names none (an agent from before
+/// the header), an error when the header is not a number.
+pub fn source_identity_of<B>(request: &Request<B>) -> Result<Option<u32>, String> {
+    let Some(value) = request.headers().get(SOURCE_IDENTITY_HEADER) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .map(Some)
+        .ok_or_else(|| format!("{SOURCE_IDENTITY_HEADER} {value:?} is not a number"))
 }
 
 /// The original destination a CONNECT request names.

@@ -212,7 +212,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
 /// The configuration's policy paths and workloads.
 fn workloads(config: &std::path::Path) -> anyhow::Result<(Vec<PathBuf>, Vec<WorkloadInfo>)> {
     let config = crate::config::Config::load(config)?;
-    let workloads = crate::identity::workload_infos(&config)?;
+    let workloads = crate::identity::workload_infos(&config);
     Ok((config.policies, workloads))
 }
 

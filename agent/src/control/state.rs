@@ -24,6 +24,13 @@ pub struct RemoteIdentity {
     pub namespace_labels: BTreeMap<String, String>,
 }
 
+impl RemoteIdentity {
+    /// The key the control plane allocated its number for, which names its IDENTITY resource.
+    pub fn key(&self) -> String {
+        crate::policy::identity::key(&self.spiffe_id, self.namespace.as_deref(), &self.labels)
+    }
+}
+
 /// One of this node's pods as the control plane reads it from the cluster (`workloads:
 /// fromControlPlane`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,7 +62,7 @@ pub struct RemoteWorkload {
 pub struct RemoteState {
     /// (policy name, YAML of one document), sorted by name.
     pub policies: Vec<(String, String)>,
-    /// Every identity any node reported (this node's own included), sorted by SPIFFE ID.
+    /// Every identity any node reported (this node's own included), sorted by key.
     pub identities: Vec<RemoteIdentity>,
     /// Address → identity for every workload address any node reported, sorted by address.
     pub ipcache: Vec<(IpAddr, u32)>,
@@ -112,7 +119,7 @@ impl Held {
             identities: state
                 .identities
                 .iter()
-                .map(|i| (i.spiffe_id.clone(), i.clone()))
+                .map(|i| (i.key(), i.clone()))
                 .collect(),
             ipcache: state.ipcache.iter().copied().collect(),
             tunnels: state.tunnels.iter().copied().collect(),
@@ -241,9 +248,6 @@ impl Held {
                 self.policies.insert(name, p.yaml);
             }
             (ResourceType::Identity, Some(Body::Identity(i))) => {
-                if i.spiffe_id != name {
-                    return invalid(format!("names SPIFFE ID {:?}", i.spiffe_id));
-                }
                 if !crate::policy::identity::is_workload(i.identity) {
                     return invalid(format!(
                         "identity {} is outside the workload range",
@@ -257,6 +261,12 @@ impl Held {
                     namespace: i.namespace,
                     namespace_labels: i.namespace_labels.into_iter().collect(),
                 };
+                if identity.key() != name {
+                    return invalid(format!(
+                        "is not the key of SPIFFE ID {:?} with its namespace and labels",
+                        identity.spiffe_id
+                    ));
+                }
                 self.identities.insert(name, identity);
             }
             (ResourceType::Ipcache, Some(Body::Ipcache(entry))) => {

@@ -45,11 +45,12 @@ impl Authorizer for TestAuthorizer {
     fn authorize(
         &self,
         peer: &SpiffeId,
+        _claimed: Option<u32>,
         workload: &SpiffeId,
         _destination: SocketAddr,
-    ) -> Result<(), Denied> {
+    ) -> Result<u32, Denied> {
         if self.allowed_peers.lock().expect("lock").contains(peer) {
-            Ok(())
+            Ok(0)
         } else {
             Err(Denied {
                 reason: format!("no ingress rule of {workload} allows {peer}"),
@@ -183,6 +184,7 @@ impl Harness {
     pub fn request(&self) -> OutboundRequest {
         OutboundRequest {
             source: id(CLIENT),
+            source_identity: 0,
             destination: self.echo_addr,
             destination_id: id(SERVER),
             peer_agent: self.inbound_addr,
