@@ -1,8 +1,20 @@
 //! Several "nodes" under one real control plane: each node is a network namespace with its own
 //! `ward` agent, cgroup subtree and pin directory; `ward-control` runs in a namespace of its own
-//! holding the bridge that joins them. Addresses are `10.232.<n>.0/24`, inside the test's
-//! namespaces only: the bridge is `.1` (where the control plane listens), node `i` (from 0) is
-//! host `10 * (i + 1)` and its extra addresses follow it.
+//! (the hub) holding the bridge that joins them. Every address lives inside the test's
+//! namespaces only; `<n>` is the cluster's number.
+//!
+//! - Nodes: `10.232.<n>.0/24` on the bridge. The bridge is `.1` (where the control plane
+//!   listens), node `i` (from 0) is host `10 * (i + 1)` and its extra addresses
+//!   ([`Node::add_address`], for workloads sharing the node's namespace) follow it.
+//! - Pods with a network namespace of their own ([`Cluster::pod_network`]), as on a real
+//!   cluster: node `i`'s pods take the addresses of `10.233.<n>.<16 * (i + 1)>/28` after its
+//!   network address, in order (node A's first pod is `10.233.<n>.17`, node B's
+//!   `10.233.<n>.33`; at most 14 a node). Joined as Calico joins them: each pod has its address
+//!   as a /32 on its `eth0` and a default route via the link-local gateway `169.254.1.1`, which
+//!   the node's side of the veth answers ARP for by proxy; the node routes the /32 to that
+//!   veth and forwards (and, from its first pod on, has a default route to the hub, which proxy
+//!   ARP needs to answer for the gateway). The hub and the other nodes route the node's /28 via
+//!   the node's address, so pods on different nodes reach each other across the bridge.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -21,10 +33,14 @@ pub const TUNNEL_PORT: u16 = 15008;
 pub const APPLIED: &str = "control plane state applied";
 const NODE_NAMES: [&str; 4] = ["node-a", "node-b", "node-c", "node-d"];
 
-/// One node: its agent (while running), cgroups and namespace, dropped in that order.
+/// One node: its agent (while running), cgroups, pods' namespaces and namespace, dropped in that
+/// order.
 pub struct Node {
     ward: Option<Ward>,
     pub cgroups: TestCgroups,
+    /// The network namespaces of its pods ([`Cluster::pod_network`]), the `n`th joined by
+    /// veth `pod<n>`.
+    pods: Vec<Netns>,
     pub netns: Netns,
     pub name: String,
     subnet: u8,
@@ -39,6 +55,16 @@ impl Node {
     /// The node's own address (on its veth).
     pub fn address(&self) -> IpAddr {
         IpAddr::from([10, 232, self.subnet, self.host])
+    }
+
+    /// The node's pod range, `10.233.<n>.<16 * (i + 1)>/28`.
+    fn pod_range(&self) -> String {
+        format!("10.233.{}.{}/28", self.subnet, self.pod_base())
+    }
+
+    /// The range's first address (its network address, no pod's).
+    fn pod_base(&self) -> u8 {
+        16 * (self.host / 10)
     }
 
     /// Adds another address to the node's veth (for a workload of its own) and returns it.
@@ -298,6 +324,7 @@ impl Cluster {
         self.nodes.push(Node {
             ward: None,
             cgroups: TestCgroups::new(&format!("{name}-{}", self.subnet)),
+            pods: Vec::new(),
             netns,
             name: name.to_owned(),
             subnet: self.subnet,
@@ -307,6 +334,88 @@ impl Cluster {
             state_dir,
             config_extra,
         });
+    }
+
+    /// A network namespace for a new pod on node `index`, joined to the node as Calico joins
+    /// one: veth `eth0` in the pod holds the pod's address as a /32 and routes everything via
+    /// the link-local gateway 169.254.1.1, which the node's side (`pod<n>`) answers ARP for by
+    /// proxy; the node routes the address to that veth. The node's first pod makes it forward
+    /// and gives the hub and the other nodes a route to its pod range. Returns the namespace's
+    /// name (for [`Placement::in_netns`]: `node.workload(cgroup).in_netns(&name)` is a process
+    /// of the pod) and the pod's address. The namespace is the node's: it goes with it.
+    pub fn pod_network(&mut self, index: usize) -> (String, IpAddr) {
+        let node = &self.nodes[index];
+        if node.pods.is_empty() {
+            node.netns.sysctl("net.ipv4.ip_forward", "1");
+            // Proxy ARP answers only for an address routed through another interface: the
+            // node's default route (to the hub, whose namespace leads nowhere else) is that
+            // route for the gateway.
+            let hub = format!("10.232.{}.1", self.subnet);
+            node.netns
+                .ip(&["route", "add", "default", "via", &hub, "dev", "veth0"]);
+            let (range, via) = (node.pod_range(), node.address().to_string());
+            let others = self.nodes.iter().filter(|n| n.name != node.name);
+            for netns in std::iter::once(&self.hub).chain(others.map(|n| &n.netns)) {
+                netns.ip(&["route", "add", &range, "via", &via]);
+            }
+        }
+
+        let node = &mut self.nodes[index];
+        let n = node.pods.len();
+        assert!(n < 14, "at most 14 pods a node");
+        let address = IpAddr::from([10, 233, self.subnet, node.pod_base() + 1 + n as u8]);
+        let pod = Netns::new(&format!("{}-{}-pod{n}", node.name, self.subnet));
+        let port = format!("pod{n}");
+        pod.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            node.netns.name(),
+        ]);
+        pod.ip(&["addr", "add", &format!("{address}/32"), "dev", "eth0"]);
+        pod.ip(&["link", "set", "eth0", "up"]);
+        pod.ip(&[
+            "route",
+            "add",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ]);
+        pod.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ]);
+        node.netns
+            .sysctl(&format!("net.ipv4.conf.{port}.proxy_arp"), "1");
+        // Answer at once, not after up to 0.8 s.
+        node.netns
+            .sysctl(&format!("net.ipv4.neigh.{port}.proxy_delay"), "0");
+        node.netns.ip(&["link", "set", &port, "up"]);
+        node.netns.ip(&[
+            "route",
+            "add",
+            &format!("{address}/32"),
+            "dev",
+            &port,
+            "scope",
+            "link",
+        ]);
+        let name = pod.name().to_owned();
+        node.pods.push(pod);
+        (name, address)
     }
 
     pub fn node(&self, index: usize) -> &Node {

@@ -1,6 +1,7 @@
 //! Network namespaces as "nodes", joined by veth pairs, for traffic that must leave loopback.
 
 use std::net::IpAddr;
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -50,6 +51,14 @@ impl Netns {
         let mut full = vec!["-n", self.name.as_str()];
         full.extend_from_slice(args);
         ip(&full);
+    }
+
+    /// Sets sysctl `key` (such as `net.ipv4.ip_forward`) of this namespace to `value`.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        // /proc/sys/net shows the namespace of the thread that opens it.
+        self.run_inside(|| std::fs::write(&path, value))
+            .unwrap_or_else(|e| panic!("{}: write {value} to {}: {e}", self.name, path.display()));
     }
 }
 

@@ -2,13 +2,15 @@
 //! NetworkPolicies and ward's Policies from the API, and real agents with
 //! `workloads: fromControlPlane` enforce their node's pods, found by UID among cgroups laid out
 //! as kubelet lays them out (cgroupfs driver on one node, systemd driver on the other), each node
-//! in a network namespace of its own.
+//! in a network namespace of its own and pods in network namespaces of their own, routed between
+//! the nodes as a CNI plugin routes them (see `ward_tests::cluster`).
 //!
 //! The API server is a STAND-IN (`ward_tests::kube_api`): no package provides a Kubernetes API
 //! server on these machines. It speaks the API's list/watch protocol (resourceVersion, watch
 //! events, bookmarks, `410 Gone`) over HTTP, from objects the test puts in.
 
 mod support;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -82,9 +84,10 @@ fn ward_policy(to: &str) -> Value {
 }
 
 /// Two nodes under `ward-control --kubernetes` and the stand-in API server, which holds
-/// namespace `shop` (team a) and its pods: `web` (on node A's own address) and `other` (an
-/// address of its own) on node A, under the cgroupfs driver, each with a listener; `client` on
-/// node B, under the systemd driver. The agents are not started.
+/// namespace `shop` (team a) and its pods: `web` (in node A's namespace, on node A's own
+/// address) and `other` (in a pod network namespace of its own) on node A, under the cgroupfs
+/// driver, each with a listener; `client` on node B (in a pod network namespace of its own),
+/// under the systemd driver. The agents are not started.
 struct Shop {
     peer: Peer,
     cluster: Cluster,
@@ -92,13 +95,15 @@ struct Shop {
     web: Listener,
     other: Listener,
     client: Placement,
+    client_ip: IpAddr,
 }
 
 impl Shop {
     fn new(tag: &str) -> Self {
         let peer = peer!();
         let (mut cluster, api) = Cluster::kubernetes(tag, 2);
-        let other_ip = cluster.node_mut(A).add_address();
+        let (other_netns, other_ip) = cluster.pod_network(A);
+        let (client_netns, client_ip) = cluster.pod_network(B);
         let web_ip = cluster.node(A).address();
         let node_a = cluster.node(A);
         let web = peer.listen(
@@ -109,12 +114,17 @@ impl Shop {
         let other = peer.listen(
             Protocol::Tcp,
             &format!("{other_ip}:0"),
-            &node_a.workload(&format!("kubepods/besteffort/pod{OTHER_UID}/ctr-other")),
+            &node_a
+                .workload(&format!("kubepods/besteffort/pod{OTHER_UID}/ctr-other"))
+                .in_netns(&other_netns),
         );
-        let client = cluster.node(B).workload(&format!(
-            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-1.scope",
-            CLIENT_UID.replace('-', "_")
-        ));
+        let client = cluster
+            .node(B)
+            .workload(&format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-1.scope",
+                CLIENT_UID.replace('-', "_")
+            ))
+            .in_netns(&client_netns);
         let shop = Shop {
             peer,
             cluster,
@@ -122,6 +132,7 @@ impl Shop {
             web,
             other,
             client,
+            client_ip,
         };
         shop.api.apply(namespace("shop", "a"));
         let a = shop.node(A);
@@ -139,8 +150,13 @@ impl Shop {
 
     /// The client pod, labelled `app: <app>`.
     fn client_pod(&self, app: &str) -> Value {
-        let ip = self.cluster.node(B).address().to_string();
-        pod("client", CLIENT_UID, &self.node(B), app, &ip)
+        pod(
+            "client",
+            CLIENT_UID,
+            &self.node(B),
+            app,
+            &self.client_ip.to_string(),
+        )
     }
 
     /// Starts both agents with `workloads: fromControlPlane` and `config`, node B's with `args`
