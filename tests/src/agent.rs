@@ -30,6 +30,8 @@ pub struct Workload {
     pub addresses: Vec<String>,
     /// Named ports: (name, protocol, port).
     pub ports: Vec<(String, Protocol, u16)>,
+    /// The workload whose SPIFFE ID it has (its own name's when `None`).
+    pub spiffe_of: Option<String>,
 }
 
 impl Workload {
@@ -42,7 +44,15 @@ impl Workload {
             cgroups: vec![name.to_owned()],
             addresses: Vec::new(),
             ports: Vec::new(),
+            spiffe_of: None,
         }
+    }
+
+    /// Gives it the SPIFFE ID of workload `other` (as the pods of one service account share
+    /// one), keeping its own labels.
+    pub fn spiffe_id_of(mut self, other: &str) -> Self {
+        self.spiffe_of = Some(other.to_owned());
+        self
     }
 
     pub fn label(mut self, key: &str, value: &str) -> Self {
@@ -69,7 +79,7 @@ impl Workload {
 
     /// The SPIFFE ID ward derives for it (`spiffe://<trustDomain>/workload/<name>`).
     pub fn spiffe_id(&self) -> String {
-        spiffe_id(&self.name)
+        spiffe_id(self.spiffe_of.as_deref().unwrap_or(&self.name))
     }
 }
 
@@ -165,6 +175,10 @@ fn config_text(
         ));
         if let Some(namespace) = &workload.namespace {
             text.push_str(&format!("    namespace: {}\n", quote(namespace)));
+        }
+        if workload.spiffe_of.is_some() {
+            let id = workload.spiffe_id();
+            text.push_str(&format!("    spiffeId: {}\n", quote(&id)));
         }
         if !workload.addresses.is_empty() {
             text.push_str(&format!("    addresses: [{}]\n", list(&workload.addresses)));

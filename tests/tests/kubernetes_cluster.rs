@@ -30,8 +30,9 @@ fn namespace(name: &str, team: &str) -> Value {
     })
 }
 
-/// A pod of namespace `shop` with service account `name`, label `app`, address `ip` (none yet
-/// when empty).
+/// A pod of namespace `shop`, label `app`, address `ip` (none yet when empty). Every pod runs
+/// as the namespace's `default` service account, as most pods of a cluster do: one SPIFFE ID,
+/// told apart by their labels.
 fn pod(name: &str, uid: &str, node: &str, app: &str, ip: &str) -> Value {
     let mut pod = json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -41,7 +42,7 @@ fn pod(name: &str, uid: &str, node: &str, app: &str, ip: &str) -> Value {
             "labels": {"app": app, "pod-template-hash": format!("{name}-1")},
         },
         "spec": {
-            "nodeName": node, "serviceAccountName": name,
+            "nodeName": node, "serviceAccountName": "default",
             "containers": [{"name": "main", "image": "example", "ports": [{"name": "http", "containerPort": 8080}]}],
         },
         "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
@@ -160,7 +161,7 @@ impl Shop {
     }
 
     /// Starts both agents with `workloads: fromControlPlane` and `config`, node B's with `args`
-    /// too, and waits until both know the three pods (three service accounts, three addresses)
+    /// too, and waits until both know the three pods (three label sets, three addresses)
     /// and `identities` more.
     fn start(&mut self, config: &str, args_b: &[&str], identities: u64) {
         self.cluster.start_from_cluster(A, config, &[]);

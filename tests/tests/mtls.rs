@@ -48,6 +48,11 @@ struct Setup {
 
 impl Setup {
     fn new(tag: &str, plane_args: &[&str]) -> Self {
+        Setup::with_intruder(tag, plane_args, Workload::new("intruder"))
+    }
+
+    /// [`Setup::new`] with `intruder` as node A's second workload.
+    fn with_intruder(tag: &str, plane_args: &[&str], intruder: Workload) -> Self {
         let peer = peer!();
         let mut cluster = Cluster::new(tag, 2, &[], plane_args);
         cluster.node_mut(A).enable_tunnel();
@@ -60,15 +65,19 @@ impl Setup {
         cluster
             .node_mut(B)
             .start(&[Workload::new("db").address(&db_address)]);
+        let intruder_id = intruder.spiffe_id();
         cluster.node_mut(A).start(&[
             Workload::new("client").address(&client_address.to_string()),
-            Workload::new("intruder"),
+            intruder,
         ]);
         for node in cluster.nodes() {
             node.wait_known(0, 3, 2);
         }
-        for (node, workload) in [(A, "client"), (A, "intruder"), (B, "db")] {
-            let id = ward_tests::spiffe_id(workload);
+        for (node, id) in [
+            (A, ward_tests::spiffe_id("client")),
+            (A, intruder_id),
+            (B, ward_tests::spiffe_id("db")),
+        ] {
             let ward = cluster.node(node).ward();
             wait_until(&format!("{id}'s certificate"), event_timeout() * 4, || {
                 ward.lines()
@@ -250,6 +259,56 @@ fn an_identity_the_policy_does_not_allow_is_refused_by_the_receiving_agent() {
             })
         },
     );
+}
+
+#[test]
+fn a_workload_with_an_allowed_spiffe_id_but_other_labels_is_refused_by_the_receiving_agent() {
+    // `intruder` shares `client`'s SPIFFE ID (and so its certificate), as the pods of one
+    // service account do, but not its labels: it is another identity, which db's policy does
+    // not admit. Its agent names that identity in the tunnel request; the receiving agent checks
+    // it is one of the certificate's and decides on it.
+    let setup = Setup::with_intruder(
+        "mtls-labels",
+        &[],
+        Workload::new("intruder").spiffe_id_of("client"),
+    );
+    let port = 7303;
+    setup.apply("db.yaml", &db_requires_mtls(&[port]));
+    setup.apply("intruder.yaml", &intruder_uses_the_tunnel());
+    let listener = setup.nc_listener(port);
+    let b = setup.cluster.node(B).ward();
+    let script = format!(
+        "printf '%s\\n' '{MARKER}' | nc -N -w 5 {} {port}",
+        setup.cluster.node(B).address()
+    );
+    let _ = tool(&setup.placement(A, "intruder"), "sh", &["-c", &script]);
+    wait_until("node B's refusal by policy", event_timeout(), || {
+        b.lines().iter().any(|l| {
+            l.contains("inbound tunnel refused")
+                && l.contains("denies")
+                && l.contains(&ward_tests::spiffe_id("client"))
+        })
+    });
+    assert!(
+        !listener
+            .lines()
+            .snapshot()
+            .iter()
+            .any(|l| l.contains(MARKER)),
+        "the intruder's bytes reached db"
+    );
+    // The client, with the same certificate and its own labels, is admitted.
+    drop(listener);
+    let listener = setup.nc_listener(port);
+    let sent = tool(&setup.placement(A, "client"), "sh", &["-c", &script]);
+    assert!(sent.status.success(), "nc through the tunnel: {sent:?}");
+    wait_until("the client's marker at db", event_timeout(), || {
+        listener
+            .lines()
+            .snapshot()
+            .iter()
+            .any(|l| l.contains(MARKER))
+    });
 }
 
 #[test]
