@@ -290,18 +290,7 @@ impl Cluster {
         let name = NODE_NAMES[index];
         let netns = Netns::new(&format!("{name}-{}", self.subnet));
         let port = format!("p{index}");
-        netns.ip(&[
-            "link",
-            "add",
-            "veth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            self.hub.name(),
-        ]);
+        netns.veth("veth0", &port, self.hub.name());
         self.hub.ip(&["link", "set", &port, "master", "br0"]);
         self.hub.ip(&["link", "set", &port, "up"]);
         let host = 10 * (index as u8 + 1);
@@ -366,18 +355,7 @@ impl Cluster {
         let address = IpAddr::from([10, 233, self.subnet, node.pod_base() + 1 + n as u8]);
         let pod = Netns::new(&format!("{}-{}-pod{n}", node.name, self.subnet));
         let port = format!("pod{n}");
-        pod.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            node.netns.name(),
-        ]);
+        pod.veth("eth0", &port, node.netns.name());
         pod.ip(&["addr", "add", &format!("{address}/32"), "dev", "eth0"]);
         pod.ip(&["link", "set", "eth0", "up"]);
         pod.ip(&[

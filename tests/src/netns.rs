@@ -53,6 +53,13 @@ impl Netns {
         ip(&full);
     }
 
+    /// Creates a veth pair: `name` in this namespace, `peer_name` in namespace `peer` (by name).
+    pub fn veth(&self, name: &str, peer_name: &str, peer: &str) {
+        self.ip(&[
+            "link", "add", name, "type", "veth", "peer", "name", peer_name, "netns", peer,
+        ]);
+    }
+
     /// Sets sysctl `key` (such as `net.ipv4.ip_forward`) of this namespace to `value`.
     pub fn sysctl(&self, key: &str, value: &str) {
         let path = Path::new("/proc/sys").join(key.replace('.', "/"));
@@ -110,18 +117,7 @@ impl TwoNodes {
         let subnet = NEXT_SUBNET.fetch_add(1, Ordering::Relaxed).max(1);
         let client = Netns::new(&format!("{tag}-c"));
         let server = Netns::new(&format!("{tag}-s"));
-        client.ip(&[
-            "link",
-            "add",
-            "veth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "veth1",
-            "netns",
-            &server.name,
-        ]);
+        client.veth("veth0", "veth1", &server.name);
         let nodes = TwoNodes {
             client,
             server,
@@ -204,18 +200,7 @@ impl Lan {
     pub fn add_host(&mut self, tag: &str, addresses: &[&str]) -> String {
         let host = Netns::new(tag);
         let port = format!("h{}", self.hosts.len());
-        host.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            self.switch.name(),
-        ]);
+        host.veth("eth0", &port, self.switch.name());
         self.switch
             .ip(&["link", "set", &port, "master", "br0", "up"]);
         for address in addresses {

@@ -729,18 +729,7 @@ fn under_default_deny_ping_is_refused_but_neighbour_and_path_mtu_discovery_work(
     let client = OwnNetns::new("pmtu-c", &workload);
     let router = Netns::new("pmtu-r");
     let server = Netns::new("pmtu-s");
-    router.ip(&[
-        "link",
-        "add",
-        "r0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "c0",
-        "netns",
-        &client.name,
-    ]);
+    router.veth("r0", "c0", &client.name);
     router.ip(&[
         "link",
         "add",

@@ -127,6 +127,15 @@ fn refused_a_certificate(ward: &ward_tests::Ward) -> bool {
     })
 }
 
+/// Whether `listener` (an [`Setup::nc_listener`]) printed [`MARKER`].
+fn received_marker(listener: &Background) -> bool {
+    listener
+        .lines()
+        .snapshot()
+        .iter()
+        .any(|l| l.contains(MARKER))
+}
+
 fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
@@ -165,11 +174,7 @@ fn a_client_reaches_a_workload_on_another_node_only_through_the_tunnel() {
     let sent = tool(&client, "sh", &["-c", &script]);
     assert!(sent.status.success(), "nc through the tunnel: {sent:?}");
     wait_until("the marker at db", event_timeout(), || {
-        listener
-            .lines()
-            .snapshot()
-            .iter()
-            .any(|l| l.contains(MARKER))
+        received_marker(&listener)
     });
     let frames = capture.finish();
     assert!(
@@ -290,11 +295,7 @@ fn a_workload_with_an_allowed_spiffe_id_but_other_labels_is_refused_by_the_recei
         })
     });
     assert!(
-        !listener
-            .lines()
-            .snapshot()
-            .iter()
-            .any(|l| l.contains(MARKER)),
+        !received_marker(&listener),
         "the intruder's bytes reached db"
     );
     // The client, with the same certificate and its own labels, is admitted.
@@ -303,11 +304,7 @@ fn a_workload_with_an_allowed_spiffe_id_but_other_labels_is_refused_by_the_recei
     let sent = tool(&setup.placement(A, "client"), "sh", &["-c", &script]);
     assert!(sent.status.success(), "nc through the tunnel: {sent:?}");
     wait_until("the client's marker at db", event_timeout(), || {
-        listener
-            .lines()
-            .snapshot()
-            .iter()
-            .any(|l| l.contains(MARKER))
+        received_marker(&listener)
     });
 }
 
