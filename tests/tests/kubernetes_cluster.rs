@@ -195,13 +195,13 @@ impl Shop {
                     agents.join("\n")
                 );
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
     /// [`Shop::until_from`] the client.
-    fn until(&self, to: &Listener, expected: Outcome, what: &str) {
-        self.until_from(&self.client, to, expected, what);
+    fn until(&self, to: &Listener, expected: Outcome, what: &str) -> Duration {
+        self.until_from(&self.client, to, expected, what)
     }
 
     /// Asserts the client's outcome to `to` now and for 2 s: nothing the cluster did changes it.
@@ -252,7 +252,7 @@ fn pods_labels_namespaces_and_network_policies_from_the_api_are_enforced_by_thei
 
     // The client's labels change: the policy selects it no more.
     shop.api.apply(shop.client_pod("client-v2"));
-    shop.until(&shop.other, Outcome::Ok, "client relabelled: not isolated");
+    let relabelled = shop.until(&shop.other, Outcome::Ok, "client relabelled: not isolated");
     shop.api.apply(shop.client_pod("client"));
     shop.until(
         &shop.other,
@@ -262,7 +262,14 @@ fn pods_labels_namespaces_and_network_policies_from_the_api_are_enforced_by_thei
 
     // The NetworkPolicy changes, then selects by namespace labels.
     shop.api.apply(client_egress(to_app("other")));
-    shop.until(&shop.other, Outcome::Ok, "policy now allows other");
+    let changed = shop.until(&shop.other, Outcome::Ok, "policy now allows other");
+    // What the API's change to its enforcement takes (the loop tries every 10 ms, so up to that
+    // much more): ward-control's 20 ms settle, the stream, the agent's compile and write.
+    eprintln!(
+        "API change -> kernel: pod relabelled {:.0} ms, NetworkPolicy changed {:.0} ms",
+        relabelled.as_secs_f64() * 1e3,
+        changed.as_secs_f64() * 1e3
+    );
     shop.until(&shop.web, Outcome::Eperm, "policy no longer allows web");
     let team_a = json!({"namespaceSelector": {"matchLabels": {"team": "a"}}});
     shop.api.apply(client_egress(team_a));
