@@ -20,6 +20,7 @@ pub mod state_dir;
 #[cfg(any(test, feature = "testing"))]
 pub mod test_helpers;
 pub mod tls;
+pub mod token_review;
 pub mod tokens;
 
 use std::{
@@ -65,6 +66,9 @@ pub struct Options {
 pub struct KubernetesOptions {
     /// `None`: in-cluster, else `KUBECONFIG` or `~/.kube/config`.
     pub kubeconfig: Option<PathBuf>,
+    /// `<namespace>/<name>`: agents may join with this service account's tokens
+    /// ([`token_review`]).
+    pub agent_service_account: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -358,8 +362,13 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         hub.clone(),
         load_revocations,
     ));
+    let mut reviewer = None;
     if let Some(k) = &opts.kubernetes {
         let client = kubernetes::client(k.kubeconfig.as_deref()).await?;
+        reviewer = k
+            .agent_service_account
+            .as_deref()
+            .map(|account| Arc::new(token_review::TokenReviewer::new(client.clone(), account)));
         hub.follow_cluster();
         let (dir, policy_hub) = (opts.policy_dir.clone(), hub.clone());
         let publish = move |documents| {
@@ -398,11 +407,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     tokio::spawn(serving.clone().keep_fresh(ca.clone()));
     let config = tls::server_config(&ca, serving)?;
 
-    let service = ward_proto::control_server::ControlServer::new(ControlService::new(
-        hub.clone(),
-        ca.clone(),
-        tokens,
-    ))
+    let service = ward_proto::control_server::ControlServer::new(
+        ControlService::new(hub.clone(), ca.clone(), tokens).with_token_review(reviewer),
+    )
     .max_decoding_message_size(limits::MAX_AGENT_MESSAGE_BYTES)
     .max_encoding_message_size(limits::MAX_SERVER_MESSAGE_BYTES);
     tracing::info!(

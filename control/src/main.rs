@@ -61,6 +61,11 @@ struct ServeArgs {
     /// The kubeconfig of the cluster --kubernetes reads.
     #[arg(long, requires = "kubernetes")]
     kubeconfig: Option<PathBuf>,
+    /// With --kubernetes, agents may join with a token of this service account
+    /// (`<namespace>/<name>`) projected for audience "ward-control" and bound to their node,
+    /// which the API server reviews, instead of a join token. Empty: join tokens only.
+    #[arg(long, requires = "kubernetes", default_value = "ward-system/ward")]
+    agent_service_account: String,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -192,6 +197,8 @@ async fn main() -> anyhow::Result<()> {
         node_lease: args.node_lease,
         kubernetes: args.kubernetes.then_some(ward_control::KubernetesOptions {
             kubeconfig: args.kubeconfig,
+            agent_service_account: Some(args.agent_service_account)
+                .filter(|account| !account.is_empty()),
         }),
     };
     let shutdown = async {

@@ -14,6 +14,7 @@ use crate::{
     hub::Hub,
     limits::{self, TokenBucket},
     session::Session,
+    token_review::{self, ReviewError, TokenReviewer},
     tokens::{JoinTokens, TokenError},
 };
 
@@ -21,6 +22,8 @@ pub struct ControlService {
     hub: Arc<Hub>,
     ca: Arc<Ca>,
     tokens: Arc<JoinTokens>,
+    /// Reviews agents' service account tokens (`--kubernetes`); without it only join tokens join.
+    reviewer: Option<Arc<TokenReviewer>>,
     joins: Mutex<TokenBucket>,
     /// One bucket per node for `SignWorkload`; the nodes are those holding a certificate.
     workload_signs: Mutex<HashMap<String, TokenBucket>>,
@@ -31,7 +34,11 @@ enum JoinError {
     #[error(transparent)]
     Token(#[from] TokenError),
     #[error(transparent)]
+    Review(#[from] ReviewError),
+    #[error(transparent)]
     Ca(#[from] CaError),
+    #[error("join task failed")]
+    Task,
 }
 
 impl From<JoinError> for Status {
@@ -41,10 +48,15 @@ impl From<JoinError> for Status {
                 Status::internal("the control plane cannot read its token file or state")
             }
             JoinError::Token(_) => Status::permission_denied(e.to_string()),
+            JoinError::Review(ReviewError::Api(_)) => {
+                Status::unavailable("the control plane cannot reach the Kubernetes API")
+            }
+            JoinError::Review(_) => Status::permission_denied(e.to_string()),
             JoinError::Ca(CaError::Csr(_) | CaError::NodeName { .. }) => {
                 Status::invalid_argument(e.to_string())
             }
             JoinError::Ca(_) => Status::internal("signing failed"),
+            JoinError::Task => Status::internal("join task failed"),
         }
     }
 }
@@ -61,12 +73,47 @@ impl ControlService {
             hub,
             ca,
             tokens,
+            reviewer: None,
             joins: Mutex::new(TokenBucket::new(
                 limits::JOIN_BURST,
                 limits::JOINS_PER_SECOND,
             )),
             workload_signs: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Admits agents' service account tokens too, reviewed by `reviewer`.
+    pub fn with_token_review(mut self, reviewer: Option<Arc<TokenReviewer>>) -> Self {
+        self.reviewer = reviewer;
+        self
+    }
+
+    /// Signs `node`'s certificate if `token` admits it: a service account token the cluster
+    /// vouches for (with `--kubernetes`), or a join token, which is spent.
+    async fn admit(
+        &self,
+        token: String,
+        node: String,
+        csr_pem: String,
+    ) -> Result<String, JoinError> {
+        let ca = self.ca.clone();
+        if let Some(reviewer) = &self.reviewer {
+            if token_review::is_service_account_token(&token) {
+                reviewer.review(&token, &node).await?;
+                return tokio::task::spawn_blocking(move || ca.sign_node(&node, &csr_pem))
+                    .await
+                    .map_err(|_| JoinError::Task)?
+                    .map_err(JoinError::from);
+            }
+        }
+        let tokens = self.tokens.clone();
+        tokio::task::spawn_blocking(move || {
+            tokens.redeem(&token, &node, || -> Result<String, JoinError> {
+                Ok(ca.sign_node(&node, &csr_pem)?)
+            })
+        })
+        .await
+        .map_err(|_| JoinError::Task)?
     }
 
     /// Takes a token from `node`'s `SignWorkload` bucket.
@@ -123,16 +170,7 @@ impl Control for ControlService {
             csr_pem,
         } = request.into_inner();
         let node_shown = limits::truncate(&node, 253).to_owned();
-        let ca = self.ca.clone();
-        let tokens = self.tokens.clone();
-        let issued = tokio::task::spawn_blocking(move || {
-            tokens.redeem(&token, &node, || -> Result<String, JoinError> {
-                Ok(ca.sign_node(&node, &csr_pem)?)
-            })
-        })
-        .await
-        .map_err(|_| Status::internal("join task failed"))?;
-        match issued {
+        match self.admit(token, node, csr_pem).await {
             Ok(cert_pem) => {
                 tracing::info!(
                     node = node_shown,

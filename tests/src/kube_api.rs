@@ -18,9 +18,14 @@
 //! - POST of Events (`v1` and `events.k8s.io/v1`) and PATCH/PUT of an Event, recorded for
 //!   [`KubeApi::events`]; PATCH/PUT of `.../status`, merged into the object (a `MODIFIED`
 //!   change) and recorded for [`KubeApi::status_writes`];
+//! - POST of a `TokenReview` (`/apis/authentication.k8s.io/v1/tokenreviews`), answered from the
+//!   tokens the test issued with [`KubeApi::issue_token`]: authenticated, with the token's
+//!   service account and node, when the token is known and was issued for one of the review's
+//!   audiences; not authenticated otherwise (as the API server answers an unknown, expired or
+//!   other audience's token);
 //! - a `Status` body with 404 for anything else.
 //!
-//! What it does not: authentication, authorization, admission, validation against a schema,
+//! What it does not: authentication of its own clients, authorization, admission, validation against a schema,
 //! create/update/delete through HTTP (the test changes objects with [`KubeApi::apply`] and
 //! [`KubeApi::delete`]), paging (`limit` is accepted and everything is answered, with no
 //! `continue`), `resourceVersionMatch` (accepted and ignored), set-based selectors, a watch's
@@ -60,9 +65,19 @@ struct Shared {
     pulse: tokio::sync::watch::Sender<()>,
 }
 
+/// A service account token the stand-in vouches for: whose, for which audience, bound to which
+/// node.
+#[derive(Clone)]
+struct IssuedToken {
+    username: String,
+    audience: String,
+    node: String,
+}
+
 #[derive(Default)]
 struct State {
     store: Store,
+    tokens: std::collections::BTreeMap<String, IssuedToken>,
     requests: Vec<String>,
     events: Vec<Value>,
     status_writes: Vec<Value>,
@@ -225,6 +240,28 @@ impl KubeApi {
             remaining: n,
             code: status,
         };
+    }
+
+    /// A token of service account `<namespace>/<name>` `account` for `audience`, bound to a pod
+    /// on `node`, as kubelet projects one (a JWT-shaped string; its content is the stand-in's
+    /// own): a `TokenReview` of it answers that service account with the node in
+    /// `authentication.kubernetes.io/node-name`.
+    pub fn issue_token(&self, account: &str, audience: &str, node: &str) -> String {
+        let (namespace, name) = account.split_once('/').expect("<namespace>/<name>");
+        let mut state = self.server.shared.lock();
+        let token = format!(
+            "eyJhbGciOiJSUzI1NiJ9.c3RhbmQtaW4tdG9rZW4tMDAw{}.c2lnbmF0dXJl",
+            state.tokens.len()
+        );
+        state.tokens.insert(
+            token.clone(),
+            IssuedToken {
+                username: format!("system:serviceaccount:{namespace}:{name}"),
+                audience: audience.to_owned(),
+                node: node.to_owned(),
+            },
+        );
+        token
     }
 
     /// Every request so far as `METHOD path?query`, in order.

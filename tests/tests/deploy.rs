@@ -183,6 +183,7 @@ const CONTROL_PLANE_GRANTS: &[&str] = &[
     "/pods: get",
     "/pods: list",
     "/pods: watch",
+    "authentication.k8s.io/tokenreviews: create",
     "events.k8s.io/events: create",
     "events.k8s.io/events: patch",
     "networking.k8s.io/networkpolicies: get",
@@ -565,12 +566,16 @@ fn the_image_runs_as_the_daemonset_runs_it_and_enforces_a_workloads_policy() {
     // shipped, puts it in the DaemonSet's /run/ward volume.
     let pin_dir = Path::new("/sys/fs/bpf").join(&name).join("ward");
     let dir = TestDir::new(&name);
-    // The ConfigMap's directory, the CA's (unused without a control plane) and the node's
-    // state directory.
-    let (config_dir, ca_dir, state_dir) =
-        (dir.0.join("config"), dir.0.join("ca"), dir.0.join("state"));
+    // The ConfigMap's directory, the CA's and the projected token's (unused without a control
+    // plane) and the node's state directory.
+    let (config_dir, ca_dir, token_dir, state_dir) = (
+        dir.0.join("config"),
+        dir.0.join("ca"),
+        dir.0.join("token"),
+        dir.0.join("state"),
+    );
     let policies = config_dir.join("policies");
-    for d in [&policies, &ca_dir, &state_dir] {
+    for d in [&policies, &ca_dir, &token_dir, &state_dir] {
         std::fs::create_dir_all(d).expect("test directory");
     }
     let config = config_dir.join("ward.yaml");
@@ -593,6 +598,10 @@ fn the_image_runs_as_the_daemonset_runs_it_and_enforces_a_workloads_policy() {
             Provided {
                 volume: "control-ca",
                 host_path: &ca_dir,
+            },
+            Provided {
+                volume: "control-token",
+                host_path: &token_dir,
             },
             Provided {
                 volume: "state",

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::*;
+use ward_control::token_review::AUDIENCE;
 use ward_tests::{kube_api::KubeApi, peer, Cluster, Listener, Outcome, Peer, Placement, Protocol};
 
 const A: usize = 0;
@@ -22,6 +23,9 @@ const B: usize = 1;
 const WEB_UID: &str = "3f1c2a4e-0000-4000-8000-00000000a001";
 const OTHER_UID: &str = "3f1c2a4e-0000-4000-8000-00000000a002";
 const CLIENT_UID: &str = "3f1c2a4e-0000-4000-8000-00000000b001";
+/// The agents' service account, as deploy/kubernetes/daemonset.yaml names it (ward-control's
+/// default `--agent-service-account`).
+const AGENTS: &str = "ward-system/ward";
 
 fn namespace(name: &str, team: &str) -> Value {
     json!({
@@ -103,6 +107,11 @@ impl Shop {
     fn new(tag: &str) -> Self {
         let peer = peer!();
         let (mut cluster, api) = Cluster::kubernetes(tag, 2);
+        // Node B's agent joins with its pod's service account token, as the DaemonSet's agents
+        // do; node A's with a one-time join token.
+        let node_b = cluster.node(B);
+        let token = api.issue_token(AGENTS, AUDIENCE, &node_b.name);
+        std::fs::write(node_b.token_file(), token).expect("write node B's token");
         let (other_netns, other_ip) = cluster.pod_network(A);
         let (client_netns, client_ip) = cluster.pod_network(B);
         let web_ip = cluster.node(A).address();
@@ -336,6 +345,54 @@ fn pods_labels_namespaces_and_network_policies_from_the_api_are_enforced_by_thei
         "client-egress",
     );
     shop.until(&shop.other, Outcome::Ok, "no policy selects the client");
+}
+
+#[test]
+fn an_agent_joins_with_its_pods_service_account_token_only_as_its_own_node() {
+    let mut shop = Shop::new("k8s-join");
+    let (a, b) = (shop.node(A), shop.node(B));
+    let token_file = shop.cluster.node(A).token_file().to_owned();
+    let refusals = [
+        (
+            shop.api.issue_token(AGENTS, AUDIENCE, &b),
+            "the token's pod runs on node \"node-b\"",
+        ),
+        (
+            shop.api
+                .issue_token(AGENTS, "https://kubernetes.default.svc", &a),
+            "does not accept the service account token",
+        ),
+        (
+            shop.api.issue_token("shop/default", AUDIENCE, &a),
+            "not the agents' service account",
+        ),
+    ];
+    for (i, (token, reason)) in refusals.into_iter().enumerate() {
+        std::fs::write(&token_file, token).expect("write node A's token");
+        if i == 0 {
+            shop.cluster.start_from_cluster(A, "", &[]);
+        }
+        let refused = shop
+            .cluster
+            .plane
+            .wait_for_log(reason, Duration::from_secs(30));
+        assert!(
+            refused,
+            "ward-control refuses node A's join: {reason}\n{}",
+            shop.cluster.plane.logs()
+        );
+    }
+    std::fs::write(&token_file, shop.api.issue_token(AGENTS, AUDIENCE, &a))
+        .expect("write node A's token");
+    shop.cluster.node(A).wait_known(0, 3, 3);
+    let reviews = shop.api.requests();
+    assert!(
+        reviews
+            .iter()
+            .any(|r| r == "POST /apis/authentication.k8s.io/v1/tokenreviews?"
+                || r == "POST /apis/authentication.k8s.io/v1/tokenreviews"),
+        "ward-control asked the API server: {reviews:?}"
+    );
 }
 
 #[test]

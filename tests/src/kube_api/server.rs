@@ -71,12 +71,19 @@ async fn respond(
         ));
     }
     let query = query::parse(uri.query().unwrap_or(""));
-    let Some(target) = resources::parse(uri.path()) else {
-        return Ok(not_found(uri.path()));
-    };
+    let path = uri.path().to_owned();
     let body = match request.into_body().collect().await {
         Ok(body) => body.to_bytes(),
         Err(e) => return Ok(bad_request(&format!("reading the request body: {e}"))),
+    };
+    if method == Method::POST && path == TOKEN_REVIEWS {
+        return Ok(match parse_object(&body) {
+            Ok(review) => review_token(&shared, review),
+            Err(message) => bad_request(&message),
+        });
+    }
+    let Some(target) = resources::parse(&path) else {
+        return Ok(not_found(&path));
     };
     Ok(route(&shared, method, &target, &query, &body))
 }
@@ -128,6 +135,34 @@ fn route(
         },
         _ => not_found(&format!("{method} of {} here", resource.kind)),
     }
+}
+
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+/// A `TokenReview`'s answer: its spec with a status from the tokens the test issued.
+fn review_token(shared: &Shared, mut review: Value) -> Response<Body> {
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let audiences: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let issued = shared.lock().tokens.get(token).cloned();
+    review["status"] = match issued {
+        Some(t) if audiences.is_empty() || audiences.contains(&t.audience) => json!({
+            "authenticated": true,
+            "audiences": [t.audience],
+            "user": {
+                "username": t.username,
+                "extra": {"authentication.kubernetes.io/node-name": [t.node]},
+            },
+        }),
+        _ => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    json_response(201, &review)
 }
 
 fn list(shared: &Shared, target: &Target, selectors: &Selectors) -> Response<Body> {
