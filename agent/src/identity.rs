@@ -29,11 +29,13 @@ pub fn workload_infos(config: &Config) -> Vec<WorkloadInfo> {
             ports: w.ports.clone(),
         })
         .collect();
-    let ids = allocate_all(infos.iter().map(WorkloadInfo::key));
+    let keys: Vec<String> = infos.iter().map(WorkloadInfo::key).collect();
+    let ids = allocate_all(keys.iter().cloned());
     infos
         .into_iter()
-        .map(|w| WorkloadInfo {
-            identity: ids[&w.key()],
+        .zip(&keys)
+        .map(|(w, key)| WorkloadInfo {
+            identity: ids[key],
             ..w
         })
         .collect()

@@ -5,10 +5,10 @@
 //!
 //! What the cluster says becomes the hub's state: every scheduled pod with addresses is a
 //! workload of its node (SPIFFE ID `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`
-//! and its labels, which together are its identity; its namespace's labels, its container ports), served to that node's agent as
-//! WORKLOAD resources and to all as identities and the IP cache; every NetworkPolicy and Policy
-//! is a POLICY resource next to the policy directory's. A cluster without ward's CRD has no
-//! Policies, which is no failure.
+//! and its labels, which together are its identity; its namespace's labels, its container
+//! ports), served to that node's agent as WORKLOAD resources and to all as identities and the IP
+//! cache; every NetworkPolicy and Policy is a POLICY resource next to the policy directory's. A
+//! cluster without ward's CRD has no Policies, which is no failure.
 //!
 //! Nothing is published before all three kinds are listed once, and a watch that fails keeps what
 //! it had: an API server that answers errors or drops watches never empties what agents enforce.

@@ -438,13 +438,14 @@ impl Registry {
         let mut out = BTreeMap::new();
         for (node, workloads) in &self.nodes {
             for w in workloads {
+                let identity = self.identity_of(w);
                 for address in &w.addresses {
                     let name = address.to_string();
                     out.entry(name.clone()).or_insert_with(|| Resource {
                         name: name.clone(),
                         body: Some(Body::Ipcache(IpCacheEntry {
                             address: name,
-                            identity: self.identity_of(w),
+                            identity,
                             node: node.clone(),
                             tunnel: self.tunnels.get(node).cloned().unwrap_or_default(),
                         })),

@@ -25,9 +25,9 @@
 //!   other audience's token);
 //! - a `Status` body with 404 for anything else.
 //!
-//! What it does not: authentication of its own clients, authorization, admission, validation against a schema,
-//! create/update/delete through HTTP (the test changes objects with [`KubeApi::apply`] and
-//! [`KubeApi::delete`]), paging (`limit` is accepted and everything is answered, with no
+//! What it does not: authentication of its own clients, authorization, admission, validation
+//! against a schema, create/update/delete through HTTP (the test changes objects with
+//! [`KubeApi::apply`] and [`KubeApi::delete`]), paging (`limit` is accepted and everything is answered, with no
 //! `continue`), `resourceVersionMatch` (accepted and ignored), set-based selectors, a watch's
 //! `DELETED` for an object that stops matching its selector, HTTP/2 and TLS.
 
