@@ -10,9 +10,9 @@
 /// programs over in place (see `docs/operations.md`). The `abi-next` feature builds the next layout
 /// (a larger [`StateValue`]) so upgrade tests run against a real layout change.
 #[cfg(not(feature = "abi-next"))]
-pub const ABI_VERSION: u32 = 1;
-#[cfg(feature = "abi-next")]
 pub const ABI_VERSION: u32 = 2;
+#[cfg(feature = "abi-next")]
+pub const ABI_VERSION: u32 = 3;
 
 /// Numeric workload identity. The values below 256 are reserved; `ward_policy::identity` holds
 /// the ranges of the allocated ones (workloads, then CIDRs).
@@ -70,7 +70,16 @@ pub const MAX_EVENT_LIMITS: u32 = 65_536;
 pub const MAX_FLOW_COUNTS: u32 = 8_192;
 pub const MAX_OWNERS: u32 = 65_536;
 pub const MAX_REDIRECTS: u32 = 65_536;
+/// Local identities whose workload certificate the agent holds (the tunnel's redirect needs one).
+pub const MAX_CERTIFIED: u32 = 65_536;
 pub const EVENTS_RING_BYTES: u32 = 1 << 22;
+/// Frontends (cluster IP, port, protocol) and backends in the service maps, for two generations.
+pub const MAX_SERVICE_FRONTENDS: u32 = 2 * 32_768;
+pub const MAX_SERVICE_BACKENDS_TOTAL: u32 = 2 * 131_072;
+/// The most backends one frontend has.
+pub const MAX_SERVICE_BACKENDS: u32 = 4_096;
+/// Sockets translated to a backend, whose replies and `getpeername()` show the cluster IP.
+pub const MAX_SERVICE_SOCKETS: u32 = 65_536;
 
 /// Per-flow event budget: at most this many verdict events per flow key and window.
 pub const EVENT_BURST: u32 = 8;
@@ -99,10 +108,14 @@ pub mod map_names {
             pub const REDIRECTS: &str = concat!("ward_redir_v", $v);
             pub const TUNNEL: &str = concat!("ward_tunnel_v", $v);
             pub const SETTINGS: &str = concat!("ward_setting_v", $v);
+            pub const SERVICES: &str = concat!("ward_svc_v", $v);
+            pub const BACKENDS: &str = concat!("ward_backend_v", $v);
+            pub const SERVICE_SOCKETS: &str = concat!("ward_svcsock_v", $v);
+            pub const CERTIFIED: &str = concat!("ward_certd_v", $v);
         };
     }
     /// Every map, for checks over all of them.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 22] = [
         CGROUPS,
         POLICY,
         IPCACHE,
@@ -121,15 +134,18 @@ pub mod map_names {
         REDIRECTS,
         TUNNEL,
         SETTINGS,
+        SERVICES,
+        BACKENDS,
+        SERVICE_SOCKETS,
+        CERTIFIED,
     ];
-    /// Pins of maps that earlier versions of this ABI named otherwise (`ward_counters_v1` was
-    /// 16 bytes, so the kernel kept it as `ward_counters_v`) or no longer have (`ward_accept_v1`
-    /// tagged accepted sockets that nothing read): removed once the agent has attached.
-    pub const RETIRED: [&str; 2] = ["ward_counters_v1", "ward_accept_v1"];
+    /// Pins of maps that earlier versions of this ABI named otherwise or no longer have: removed
+    /// once the agent has attached (pins of other ABI versions are removed in any case).
+    pub const RETIRED: [&str; 0] = [];
     #[cfg(not(feature = "abi-next"))]
-    names!("1");
-    #[cfg(feature = "abi-next")]
     names!("2");
+    #[cfg(feature = "abi-next")]
+    names!("3");
 }
 
 /// Kernel program names (the ELF symbols), one per attach point.
@@ -143,9 +159,26 @@ pub mod program_names {
     pub const POST_BIND4: &str = "ward_postbind4";
     pub const POST_BIND6: &str = "ward_postbind6";
     pub const EGRESS: &str = "ward_egress";
-    /// In attach order: a socket's owner is recorded before sockops can ask for it.
-    pub const ALL: [&str; 9] = [
-        POST_BIND4, POST_BIND6, CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, INGRESS, EGRESS, SOCKOPS,
+    pub const RECVMSG4: &str = "ward_recvmsg4";
+    pub const RECVMSG6: &str = "ward_recvmsg6";
+    pub const GETPEERNAME4: &str = "ward_getpeer4";
+    pub const GETPEERNAME6: &str = "ward_getpeer6";
+    /// In attach order: a socket's owner is recorded before sockops can ask for it, and a reply's
+    /// source is translated back before a socket can be translated to a backend.
+    pub const ALL: [&str; 13] = [
+        POST_BIND4,
+        POST_BIND6,
+        RECVMSG4,
+        RECVMSG6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+        CONNECT4,
+        CONNECT6,
+        SENDMSG4,
+        SENDMSG6,
+        INGRESS,
+        EGRESS,
+        SOCKOPS,
     ];
 }
 
@@ -252,21 +285,30 @@ pub struct IpcacheValue {
     pub identity: IdentityId,
 }
 
-/// Index 0 of the state array: which generation of the policy and IP cache is in force.
+/// Index 0 of the state array: which generation of the policy, IP cache and Services is in force,
+/// written in one piece at a switch.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StateValue {
     pub generation: u32,
     pub abi_version: u32,
+    /// [`STATE_FLAG_SERVICES`] when the generation in force has Services: without it no call is
+    /// looked up in the service maps.
+    pub flags: u32,
+    pub _pad: u32,
     #[cfg(feature = "abi-next")]
     pub reserved: [u32; 2],
 }
 
+pub const STATE_FLAG_SERVICES: u32 = 1;
+
 impl StateValue {
-    pub const fn new(generation: u32) -> Self {
+    pub const fn new(generation: u32, flags: u32) -> Self {
         StateValue {
             generation,
             abi_version: ABI_VERSION,
+            flags,
+            _pad: 0,
             #[cfg(feature = "abi-next")]
             reserved: [0; 2],
         }
@@ -370,6 +412,16 @@ pub struct OriginalDst {
     pub rule: u32,
 }
 
+/// Where the agent finds a redirected connection's [`OriginalDst`]: its 4-tuple (the workload's
+/// end local) in the network namespace it was made in. Workloads in their own network namespaces
+/// (pods) all connect to the same loopback address and port, so the 4-tuple alone is not unique.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RedirectKey {
+    pub flow: FlowKey,
+    pub netns: u64,
+}
+
 /// A local listener: (netns cookie, port, protocol) → identity of the listening workload.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -449,6 +501,65 @@ pub struct FlowCountKey {
     pub protocol: u8,
     pub direction: u8,
     pub verdict: u8,
+    /// On egress to a Service's cluster IP: that address and port (the remote is the backend it
+    /// was translated to); zero otherwise.
+    pub service_addr: [u8; 16],
+    pub service_port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Key of the service map: a Service's cluster IP (IPv4 mapped) with one of its ports, in one
+/// generation (the services switch with the policy and the IP cache, see [`StateValue`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub protocol: u8,
+    pub generation: u8,
+}
+
+/// Value of the service map: the frontend's backends are slots `0..count` of the backend map.
+/// `count == 0`: the Service has no ready backend, and a connection to it is refused at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub count: u32,
+    pub flags: u32,
+}
+
+/// `sessionAffinity: ClientIP`: the backend is chosen by the client's network namespace (a pod,
+/// hence its address) rather than by the socket.
+pub const SERVICE_FLAG_CLIENT_AFFINITY: u32 = 1;
+
+/// Key of the backend map: a frontend and a slot below its count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    pub service: ServiceKey,
+    pub slot: u32,
+}
+
+/// An address (IPv4 mapped) and port (host order): a backend in the backend map, the frontend a
+/// socket asked for in the service-socket map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceAddr {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Key of the service-socket map: a socket translated to a backend, and that backend. Its value
+/// is the frontend ([`ServiceAddr`]) that `recvmsg()` and `getpeername()` give back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceSocketKey {
+    pub cookie: u64,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: [u8; 6],
 }
 
 /// Whether a verdict is counted in the flow counts rather than sent as an event: the kernel sends
@@ -489,6 +600,11 @@ pub struct VerdictEvent {
     /// Why a packet was refused without a rule ([`reasons`]); `NONE` for policy verdicts.
     pub reason: u8,
     pub _pad: [u8; 3],
+    /// On egress to a Service's cluster IP: that address and port (the remote is the backend it
+    /// was translated to, or zero when the Service has none); zero otherwise.
+    pub service_addr: [u8; 16],
+    pub service_port: u16,
+    pub _pad2: [u8; 6],
 }
 
 /// Why the kernel refused a packet of an isolated workload that no rule decides: the fail-closed
@@ -507,6 +623,11 @@ pub mod reasons {
     pub const UNMAPPED_CGROUP: u8 = 5;
     /// An ICMP error whose embedded packet belongs to no flow policy allows.
     pub const ICMP_ERROR: u8 = 6;
+    /// A connection to a Service's cluster IP and port that has no ready backend.
+    pub const NO_BACKEND: u8 = 7;
+    /// A connection that must go through the mTLS tunnel from a workload whose certificate the
+    /// agent does not hold (yet): refused rather than carried without one.
+    pub const NO_CERTIFICATE: u8 = 8;
 }
 
 /// Indices into the per-CPU counter array.
@@ -543,21 +664,27 @@ const _: () = {
     assert!(size_of::<IpcacheKey>() == 20);
     assert!(size_of::<IpcacheLpmData>() == 17);
     assert!(size_of::<IpcacheValue>() == 4);
-    assert!(size_of::<StateValue>() == if cfg!(feature = "abi-next") { 16 } else { 8 });
+    assert!(size_of::<StateValue>() == if cfg!(feature = "abi-next") { 24 } else { 16 });
     assert!(size_of::<SocketValue>() == 16);
     assert!(size_of::<FlowKey>() == 40);
     assert!(offset_of!(FlowKey, local_port) == 32);
     assert!(size_of::<ConnectingValue>() == 16);
     assert!(size_of::<TunnelConfig>() == 24);
     assert!(size_of::<OriginalDst>() == 32);
+    assert!(size_of::<RedirectKey>() == 48);
     assert!(size_of::<ListenerKey>() == 16);
     assert!(size_of::<ListenerValue>() == 8);
     assert!(size_of::<OwnerValue>() == 8);
     assert!(size_of::<UdpFlowValue>() == 16);
     assert!(size_of::<EventLimitKey>() == 32);
     assert!(size_of::<EventLimitValue>() == 16);
-    assert!(size_of::<FlowCountKey>() == 52);
-    assert!(size_of::<VerdictEvent>() == 80);
+    assert!(size_of::<FlowCountKey>() == 72);
+    assert!(size_of::<VerdictEvent>() == 104);
+    assert!(size_of::<ServiceKey>() == 20);
+    assert!(size_of::<ServiceValue>() == 8);
+    assert!(size_of::<BackendKey>() == 24);
+    assert!(size_of::<ServiceAddr>() == 20);
+    assert!(size_of::<ServiceSocketKey>() == 32);
     assert!(offset_of!(VerdictEvent, reason) == 76);
     assert!(size_of::<Settings>() == 16);
     assert!(offset_of!(VerdictEvent, local_addr) == 40);
@@ -581,6 +708,7 @@ mod pod {
     unsafe impl aya::Pod for ConnectingValue {}
     unsafe impl aya::Pod for TunnelConfig {}
     unsafe impl aya::Pod for OriginalDst {}
+    unsafe impl aya::Pod for RedirectKey {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for ListenerValue {}
     unsafe impl aya::Pod for OwnerValue {}
@@ -590,4 +718,9 @@ mod pod {
     unsafe impl aya::Pod for FlowCountKey {}
     unsafe impl aya::Pod for VerdictEvent {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for ServiceAddr {}
+    unsafe impl aya::Pod for ServiceSocketKey {}
 }

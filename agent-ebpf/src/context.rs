@@ -8,8 +8,8 @@ use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id,
-        bpf_skb_cgroup_id,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval, bpf_sk_fullsock,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     programs::{SkBuffContext, SockAddrContext, SockContext},
     EbpfContext,
@@ -167,6 +167,41 @@ pub fn call_destination_v6(ctx: &SockAddrContext) -> [u32; 4] {
 pub fn call_source_port(ctx: &SockAddrContext) -> u16 {
     let sk = field!(ctx.sock_addr, __bindgen_anon_1.sk);
     field!(sk, src_port) as u16
+}
+
+/// The address and port (host order) a `connect()`/`sendmsg()` goes to, or a `recvmsg()`/
+/// `getpeername()` reports, as the kernel keys addresses (IPv4 mapped).
+#[inline(always)]
+pub fn call_address(ctx: &SockAddrContext, family: u8) -> ([u8; 16], u16) {
+    let addr = if family == 4 {
+        agent_common::map_v4(call_destination_v4(ctx).to_ne_bytes())
+    } else {
+        crate::v6_bytes(call_destination_v6(ctx))
+    };
+    (addr, u16::from_be(call_protocol_and_port(ctx).1 as u16))
+}
+
+/// Sets the address and port (host order) of a `connect()`/`sendmsg()`, or what a `recvmsg()`/
+/// `getpeername()` reports. `addr` as [`call_address`] gives it.
+#[inline(always)]
+pub fn set_call_address(ctx: &SockAddrContext, family: u8, addr: &[u8; 16], port: u16) {
+    let word = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    redirect_call(
+        ctx,
+        family,
+        word(12),
+        [word(0), word(4), word(8), word(12)],
+        port,
+    );
+}
+
+/// Makes the refused call fail with `errno` rather than `EPERM` (the program then returns 0).
+#[inline(always)]
+pub fn set_errno(errno: i32) {
+    // SAFETY: no preconditions; the kernel allows it in connect and sendmsg hooks.
+    unsafe {
+        bpf_set_retval(-errno);
+    }
 }
 
 /// Points a `connect()` at another destination (address in network order as the kernel keeps

@@ -1,6 +1,6 @@
 //! ward's kernel programs: one thin entry point per attach point over the modules that hold
-//! the logic, by attach class: `sock_addr` (connect, sendmsg), `skb` (ingress, egress backstop),
-//! `sock` (bind), `sockops`.
+//! the logic, by attach class: `sock_addr` (connect, sendmsg), `service` (cluster IPs: connect,
+//! sendmsg, recvmsg, getpeername), `skb` (ingress, egress backstop), `sock` (bind), `sockops`.
 //!
 //! Fail modes: a socket whose cgroup belongs to no workload (itself or an ancestor), or a
 //! workload that no policy selects in a direction, is never touched (unless
@@ -17,6 +17,7 @@ mod ipcache;
 mod maps;
 mod packet;
 mod policy;
+mod service;
 mod skb;
 mod sock;
 mod sock_addr;
@@ -26,8 +27,6 @@ use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
-
-use crate::sock_addr::{v4_destination, v6_destination};
 
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
@@ -48,22 +47,42 @@ fn v6_bytes(words: [u32; 4]) -> [u8; 16] {
 
 #[cgroup_sock_addr(connect4)]
 pub fn ward_connect4(ctx: SockAddrContext) -> i32 {
-    sock_addr::egress(&ctx, 4, v4_destination(&ctx))
+    sock_addr::egress(&ctx, 4)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn ward_connect6(ctx: SockAddrContext) -> i32 {
-    sock_addr::egress(&ctx, 6, v6_destination(&ctx))
+    sock_addr::egress(&ctx, 6)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn ward_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock_addr::egress(&ctx, 4, v4_destination(&ctx))
+    sock_addr::egress(&ctx, 4)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn ward_sendmsg6(ctx: SockAddrContext) -> i32 {
-    sock_addr::egress(&ctx, 6, v6_destination(&ctx))
+    sock_addr::egress(&ctx, 6)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn ward_recvmsg4(ctx: SockAddrContext) -> i32 {
+    service::show_frontend(&ctx, 4)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn ward_recvmsg6(ctx: SockAddrContext) -> i32 {
+    service::show_frontend(&ctx, 6)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn ward_getpeer4(ctx: SockAddrContext) -> i32 {
+    service::show_frontend(&ctx, 4)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn ward_getpeer6(ctx: SockAddrContext) -> i32 {
+    service::show_frontend(&ctx, 6)
 }
 
 #[cgroup_skb(ingress)]

@@ -1,9 +1,10 @@
 //! Every map of ward's kernel side. All are pinned by name so a restarted agent adopts them and the
 //! kernel keeps enforcing while no agent runs.
 use agent_common::{
-    CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue, FlowCountKey, FlowKey,
-    IpcacheKey, IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, OriginalDst, OwnerValue,
-    PolicyKey, PolicyValue, Settings, SocketValue, StateValue, TunnelConfig, UdpFlowValue, *,
+    BackendKey, CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue, FlowCountKey,
+    FlowKey, IpcacheKey, IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, OriginalDst,
+    OwnerValue, PolicyKey, PolicyValue, RedirectKey, ServiceAddr, ServiceKey, ServiceSocketKey,
+    ServiceValue, Settings, SocketValue, StateValue, TunnelConfig, UdpFlowValue, *,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -35,111 +36,139 @@ macro_rules! versioned_map {
 }
 
 versioned_map!(
-    "ward_cgroup_v1",
     "ward_cgroup_v2",
+    "ward_cgroup_v3",
     pub static CGROUPS: HashMap<u64, CgroupValue> = HashMap::pinned(MAX_CGROUPS, BPF_F_NO_PREALLOC);
 );
 
 versioned_map!(
-    "ward_policy_v1",
     "ward_policy_v2",
+    "ward_policy_v3",
     pub static POLICY: HashMap<PolicyKey, PolicyValue> =
         HashMap::pinned(MAX_POLICY_MAP, BPF_F_NO_PREALLOC);
 );
 
 versioned_map!(
-    "ward_ipcache_v1",
     "ward_ipcache_v2",
+    "ward_ipcache_v3",
     pub static IPCACHE: HashMap<IpcacheKey, IpcacheValue> =
         HashMap::pinned(MAX_IPCACHE, BPF_F_NO_PREALLOC);
 );
 
 versioned_map!(
-    "ward_iplpm_v1",
     "ward_iplpm_v2",
+    "ward_iplpm_v3",
     pub static IPCACHE_LPM: LpmTrie<IpcacheLpmData, IpcacheValue> =
         LpmTrie::pinned(MAX_IPCACHE_PREFIXES, 0);
 );
 
 versioned_map!(
-    "ward_state_v1",
+    "ward_svc_v2",
+    "ward_svc_v3",
+    pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+        HashMap::pinned(MAX_SERVICE_FRONTENDS, BPF_F_NO_PREALLOC);
+);
+
+versioned_map!(
+    "ward_backend_v2",
+    "ward_backend_v3",
+    pub static BACKENDS: HashMap<BackendKey, ServiceAddr> =
+        HashMap::pinned(MAX_SERVICE_BACKENDS_TOTAL, BPF_F_NO_PREALLOC);
+);
+
+versioned_map!(
+    "ward_svcsock_v2",
+    "ward_svcsock_v3",
+    pub static SERVICE_SOCKETS: LruHashMap<ServiceSocketKey, ServiceAddr> =
+        LruHashMap::pinned(MAX_SERVICE_SOCKETS, 0);
+);
+
+versioned_map!(
     "ward_state_v2",
+    "ward_state_v3",
     pub static STATE: Array<StateValue> = Array::pinned(1, 0);
 );
 
 versioned_map!(
-    "ward_socks_v1",
     "ward_socks_v2",
+    "ward_socks_v3",
     pub static SOCKETS: LruHashMap<u64, SocketValue> = LruHashMap::pinned(MAX_SOCKETS, 0);
 );
 
 versioned_map!(
-    "ward_conn_v1",
     "ward_conn_v2",
+    "ward_conn_v3",
     pub static CONNECTING: LruHashMap<FlowKey, ConnectingValue> =
         LruHashMap::pinned(MAX_CONNECTING, 0);
 );
 
 versioned_map!(
-    "ward_listen_v1",
     "ward_listen_v2",
+    "ward_listen_v3",
     pub static LISTENERS: LruHashMap<ListenerKey, ListenerValue> =
         LruHashMap::pinned(MAX_LISTENERS, 0);
 );
 
 versioned_map!(
-    "ward_owner_v1",
     "ward_owner_v2",
+    "ward_owner_v3",
     pub static OWNERS: LruHashMap<u64, OwnerValue> = LruHashMap::pinned(MAX_OWNERS, 0);
 );
 
 versioned_map!(
-    "ward_origdst_v1",
     "ward_origdst_v2",
+    "ward_origdst_v3",
     pub static ORIGINAL_DST: LruHashMap<u64, OriginalDst> = LruHashMap::pinned(MAX_REDIRECTS, 0);
 );
 
 versioned_map!(
-    "ward_redir_v1",
     "ward_redir_v2",
-    pub static REDIRECTS: LruHashMap<FlowKey, OriginalDst> = LruHashMap::pinned(MAX_REDIRECTS, 0);
+    "ward_redir_v3",
+    pub static REDIRECTS: LruHashMap<RedirectKey, OriginalDst> =
+        LruHashMap::pinned(MAX_REDIRECTS, 0);
 );
 
 versioned_map!(
-    "ward_tunnel_v1",
+    "ward_certd_v2",
+    "ward_certd_v3",
+    pub static CERTIFIED: HashMap<u32, u32> = HashMap::pinned(MAX_CERTIFIED, BPF_F_NO_PREALLOC);
+);
+
+versioned_map!(
     "ward_tunnel_v2",
+    "ward_tunnel_v3",
     pub static TUNNEL: Array<TunnelConfig> = Array::pinned(1, 0);
 );
 
 versioned_map!(
-    "ward_udpflow_v1",
     "ward_udpflow_v2",
+    "ward_udpflow_v3",
     pub static UDP_FLOWS: LruHashMap<FlowKey, UdpFlowValue> = LruHashMap::pinned(MAX_UDP_FLOWS, 0);
 );
 
 versioned_map!(
-    "ward_evlimit_v1",
     "ward_evlimit_v2",
+    "ward_evlimit_v3",
     pub static EVENT_LIMITS: LruHashMap<EventLimitKey, EventLimitValue> =
         LruHashMap::pinned(MAX_EVENT_LIMITS, 0);
 );
 
 versioned_map!(
-    "ward_events_v1",
     "ward_events_v2",
+    "ward_events_v3",
     pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 );
 
 versioned_map!(
-    "ward_flowcnt_v1",
     "ward_flowcnt_v2",
+    "ward_flowcnt_v3",
     pub static FLOW_COUNTS: LruPerCpuHashMap<FlowCountKey, u64> =
         LruPerCpuHashMap::pinned(MAX_FLOW_COUNTS, 0);
 );
 
 versioned_map!(
-    "ward_counter_v1",
     "ward_counter_v2",
+    "ward_counter_v3",
     pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
 );
 
@@ -160,10 +189,26 @@ pub fn generation() -> u32 {
     }
 }
 
+/// Whether the generation in force has Services: otherwise no call needs a service-map lookup.
+#[inline(always)]
+pub fn has_services() -> bool {
+    match STATE.get(0) {
+        Some(s) => s.flags & STATE_FLAG_SERVICES != 0,
+        None => false,
+    }
+}
+
 /// Where connections that must go through the mTLS tunnel are redirected, if a tunnel runs.
 #[inline(always)]
 pub fn tunnel() -> Option<TunnelConfig> {
     TUNNEL.get(0).copied().filter(|t| t.enabled != 0)
+}
+
+/// Whether the agent holds the workload certificate of local identity `identity`.
+#[inline(always)]
+pub fn certified(identity: u32) -> bool {
+    // SAFETY: only tested for presence.
+    unsafe { CERTIFIED.get(identity) }.is_some()
 }
 
 /// Identity of a local cgroup, if it belongs to a workload.
@@ -181,8 +226,8 @@ pub fn socket_owner(cookie: u64) -> Option<u32> {
 }
 
 versioned_map!(
-    "ward_setting_v1",
     "ward_setting_v2",
+    "ward_setting_v3",
     pub static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 );
 

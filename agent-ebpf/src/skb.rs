@@ -70,6 +70,9 @@ fn report(ctx: &SkBuffContext, p: &Packet, local: u32, remote: u32, what: u64) {
             protocol: f.protocol,
             direction,
             verdict,
+            service_addr: [0; 16],
+            service_port: 0,
+            _pad: [0; 2],
         });
         return;
     }

@@ -1,14 +1,21 @@
-//! Egress decisions at `connect()` and `sendmsg()`: TCP, connected and unconnected UDP, SCTP. A
-//! refusal makes the call fail with EPERM at once. ICMP sockets are decided per packet by the
-//! `cgroup_skb/egress` backstop; any other protocol is refused for an isolated workload here.
+//! Egress decisions at `connect()` and `sendmsg()`: TCP, connected and unconnected UDP, SCTP, after
+//! a Service's cluster IP is translated to a backend ([`service`]). A refusal makes the call fail
+//! with EPERM at once (ECONNREFUSED for a Service without backends). ICMP sockets are decided per
+//! packet by the `cgroup_skb/egress` backstop; any other protocol is refused for an isolated
+//! workload here.
 use agent_common::*;
 use aya_ebpf::programs::SockAddrContext;
 
 use crate::{
     context, events, flows, ipcache,
     maps::{self, count, ORIGINAL_DST, SOCKETS},
-    policy, v6_bytes, ALLOW, REFUSE,
+    policy,
+    service::{self, Destination},
+    ALLOW, REFUSE,
 };
+
+/// The call's errno when a Service has no ready backend.
+const ECONNREFUSED: i32 = 111;
 
 /// The workload of the calling task, by its cgroup or the nearest mapped ancestor.
 #[inline(always)]
@@ -21,30 +28,52 @@ pub fn current_workload() -> (u64, Option<u32>) {
 /// Egress decision for connect() and sendmsg(): the local identity from the calling task's
 /// cgroup, the remote from the destination.
 #[inline(always)]
-pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
-    let (protocol, user_port) = context::call_protocol_and_port(ctx);
+pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
+    let (protocol, _) = context::call_protocol_and_port(ctx);
     if protocol == PROTO_ICMP || protocol == PROTO_ICMPV6 {
         // Each message is decided by its type, per packet.
         return ALLOW;
     }
+    let (remote_addr, remote_port) = context::call_address(ctx, family);
     let (cgroup_id, local) = current_workload();
-    let remote_port = u16::from_be(user_port as u16);
     let cookie = context::socket_cookie(ctx);
-    let call = Call {
+    let gen = (maps::generation() & 1) as u8;
+    let mut call = Call {
         cgroup_id,
         cookie,
         family,
         protocol,
         remote_addr,
         remote_port,
+        service: ServiceAddr::default(),
     };
+    // A Service's cluster IP: policy below judges the backend the call now goes to.
+    let translated = if maps::has_services() {
+        service::translate(ctx, &mut call, gen)
+    } else {
+        Destination::Direct
+    };
+    match translated {
+        Destination::Direct => {}
+        Destination::Translated => {
+            context::set_call_address(ctx, family, &call.remote_addr, call.remote_port)
+        }
+        Destination::NoBackend => {
+            // Refused at once, as kube-proxy's reject does, whoever calls.
+            context::set_errno(ECONNREFUSED);
+            return match local {
+                Some(local) => refuse_undecided(&call, local, reasons::NO_BACKEND),
+                None => REFUSE,
+            };
+        }
+    }
+    let (remote_addr, remote_port) = (call.remote_addr, call.remote_port);
     let Some(local) = local else {
         if !maps::unmapped_refused(cgroup_id) {
             return ALLOW;
         }
         return refuse_undecided(&call, 0, reasons::UNMAPPED_CGROUP);
     };
-    let gen = (maps::generation() & 1) as u8;
     if protocol != PROTO_TCP && protocol != PROTO_UDP && protocol != PROTO_SCTP {
         // UDP-Lite and the like: no rule can name them.
         if !policy::isolated(local, DIRECTION_EGRESS, gen) {
@@ -102,8 +131,9 @@ pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
             (verdict, rule, report_it) = (VERDICT_REDIRECT, demand, true);
         }
     }
-    if verdict == VERDICT_REDIRECT
-        && !redirect(
+    let mut reason = reasons::NONE;
+    if verdict == VERDICT_REDIRECT {
+        if let Some(why) = redirect(
             ctx,
             family,
             remote_addr,
@@ -112,9 +142,9 @@ pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
             local,
             remote,
             rule,
-        )
-    {
-        verdict = VERDICT_NO_TUNNEL;
+        ) {
+            (verdict, reason) = (VERDICT_NO_TUNNEL, why);
+        }
     }
     let refused = verdict == VERDICT_DENY || verdict == VERDICT_NO_TUNNEL;
     // A workload no policy isolates is tagged all the same: sockops learns a connecting socket's
@@ -134,7 +164,7 @@ pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
         return ALLOW;
     }
     count(counters::verdict(DIRECTION_EGRESS, verdict));
-    report(&call, local, remote, verdict, rule, reasons::NONE);
+    report(&call, local, remote, verdict, rule, reason);
     if refused {
         REFUSE
     } else {
@@ -143,13 +173,15 @@ pub fn egress(ctx: &SockAddrContext, family: u8, remote_addr: [u8; 16]) -> i32 {
 }
 
 /// The call being decided, as its verdict record names it.
-struct Call {
-    cgroup_id: u64,
-    cookie: u64,
-    family: u8,
-    protocol: u8,
-    remote_addr: [u8; 16],
-    remote_port: u16,
+pub struct Call {
+    pub cgroup_id: u64,
+    pub cookie: u64,
+    pub family: u8,
+    pub protocol: u8,
+    pub remote_addr: [u8; 16],
+    pub remote_port: u16,
+    /// The Service's cluster IP and port the call was translated from (zero when none).
+    pub service: ServiceAddr,
 }
 
 #[inline(always)]
@@ -167,6 +199,9 @@ fn report(call: &Call, local: u32, remote: u32, verdict: u8, rule: u32, reason: 
             protocol: call.protocol,
             direction: DIRECTION_EGRESS,
             verdict,
+            service_addr: call.service.addr,
+            service_port: call.service.port,
+            _pad: [0; 2],
         });
         return;
     }
@@ -185,6 +220,8 @@ fn report(call: &Call, local: u32, remote: u32, verdict: u8, rule: u32, reason: 
         ev.cookie = call.cookie;
         ev.family = call.family;
         ev.reason = reason;
+        ev.service_addr = call.service.addr;
+        ev.service_port = call.service.port;
     });
 }
 
@@ -197,7 +234,9 @@ fn refuse_undecided(call: &Call, local: u32, reason: u8) -> i32 {
 }
 
 /// Points a connect() at the agent's outbound tunnel listener and records where it was going,
-/// for sockops to file under the connection's 4-tuple. False when no tunnel runs on this node.
+/// for sockops to file under the connection's 4-tuple. `Some(reason)` when it cannot: no tunnel
+/// runs on this node ([`reasons::NONE`]), or the agent holds no certificate for the workload yet
+/// ([`reasons::NO_CERTIFICATE`]): refused now, never carried without one.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn redirect(
@@ -209,10 +248,13 @@ fn redirect(
     local: u32,
     remote: u32,
     rule: u32,
-) -> bool {
+) -> Option<u8> {
     let Some(t) = maps::tunnel() else {
-        return false;
+        return Some(reasons::NONE);
     };
+    if !maps::certified(local) {
+        return Some(reasons::NO_CERTIFICATE);
+    }
     let original = OriginalDst {
         addr,
         port,
@@ -223,18 +265,8 @@ fn redirect(
         rule,
     };
     if ORIGINAL_DST.insert(cookie, original, 0).is_err() {
-        return false;
+        return Some(reasons::NONE);
     }
     context::redirect_call(ctx, family, t.ip4, t.ip6, t.port);
-    true
-}
-
-#[inline(always)]
-pub fn v4_destination(ctx: &SockAddrContext) -> [u8; 16] {
-    map_v4(context::call_destination_v4(ctx).to_ne_bytes())
-}
-
-#[inline(always)]
-pub fn v6_destination(ctx: &SockAddrContext) -> [u8; 16] {
-    v6_bytes(context::call_destination_v6(ctx))
+    None
 }

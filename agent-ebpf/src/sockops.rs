@@ -139,7 +139,11 @@ pub fn sockops(ctx: SockOpsContext) -> u32 {
                 if tag.verdict == VERDICT_REDIRECT {
                     // SAFETY: copied out at once.
                     if let Some(original) = unsafe { ORIGINAL_DST.get(cookie) }.copied() {
-                        let _ = REDIRECTS.insert(tuple, original, 0);
+                        let key = RedirectKey {
+                            flow: tuple,
+                            netns: context::netns_cookie(&ctx),
+                        };
+                        let _ = REDIRECTS.insert(key, original, 0);
                         let _ = ORIGINAL_DST.remove(cookie);
                     }
                 }

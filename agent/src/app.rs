@@ -96,6 +96,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 &config.trust_domain,
                 &config.pin_dir,
                 hub.clone(),
+                enforcer.names(),
             )
             .await?,
         ),

@@ -53,6 +53,33 @@ struct RawConfig {
     control_plane: Option<crate::control::ControlPlaneConfig>,
     tunnel: Option<RawTunnel>,
     unmapped_cgroups: Option<String>,
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+/// `services:`: virtual addresses translated to backends at `connect()`, as Kubernetes Services
+/// are (local mode; a control plane that reads a cluster sends the cluster's).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawService {
+    name: String,
+    namespace: Option<String>,
+    #[serde(rename = "clusterIPs")]
+    cluster_ips: Vec<String>,
+    session_affinity: Option<String>,
+    #[serde(default)]
+    ports: Vec<RawServicePort>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServicePort {
+    #[serde(default)]
+    name: String,
+    port: i64,
+    protocol: Option<String>,
+    #[serde(default)]
+    backends: Vec<String>,
 }
 
 /// `unmappedCgroups:`: what the kernel does with traffic of a cgroup below the cgroup root that
@@ -245,6 +272,8 @@ pub struct Config {
     pub tunnel: Option<TunnelSettings>,
     /// Traffic of cgroups below the root that no workload maps; default allow.
     pub unmapped_cgroups: UnmappedCgroups,
+    /// Services of the configuration (local mode).
+    pub services: Vec<crate::policy::service::Service>,
 }
 
 impl Config {
@@ -480,6 +509,24 @@ impl Config {
                 Some(cp)
             }
         };
+        if control_plane.is_some() && !raw.services.is_empty() {
+            return Err(field(
+                "services".into(),
+                "must be empty with controlPlane: Services come from the control plane".into(),
+            ));
+        }
+        let mut services: Vec<crate::policy::service::Service> = Vec::new();
+        for (i, raw) in raw.services.into_iter().enumerate() {
+            let service =
+                service(raw).map_err(|(sub, r)| field(format!("services[{i}]{sub}"), r))?;
+            if services.iter().any(|s| s.key() == service.key()) {
+                return Err(field(
+                    format!("services[{i}].name"),
+                    format!("Service {} is defined twice", service.key()),
+                ));
+            }
+            services.push(service);
+        }
         let tunnel = match raw.tunnel {
             None => None,
             Some(_) if control_plane.is_none() => {
@@ -507,7 +554,77 @@ impl Config {
             workloads,
             workloads_from_control_plane,
             own_pod_uid: None,
+            services,
         })
+    }
+}
+
+/// A Service of the configuration, or the field below it that is wrong and why.
+fn service(raw: RawService) -> Result<crate::policy::service::Service, (String, String)> {
+    use crate::policy::service::{protocol_number, Backend, Service, ServicePort};
+    let cluster_ips = raw
+        .cluster_ips
+        .iter()
+        .enumerate()
+        .map(|(i, a)| parse_addr(a).map_err(|r| (format!(".clusterIPs[{i}]"), r)))
+        .collect::<Result<_, _>>()?;
+    let client_ip_affinity = match raw.session_affinity.as_deref() {
+        None | Some("None") => false,
+        Some("ClientIP") => true,
+        Some(other) => {
+            return Err((
+                ".sessionAffinity".into(),
+                format!("{other:?}: expected \"None\" or \"ClientIP\""),
+            ))
+        }
+    };
+    let mut ports = Vec::with_capacity(raw.ports.len());
+    for (i, p) in raw.ports.into_iter().enumerate() {
+        let at = |sub: &str| format!(".ports[{i}]{sub}");
+        let port = u16::try_from(p.port).ok().filter(|p| *p != 0).ok_or((
+            at(".port"),
+            format!("{} is not a port from 1 to 65535", p.port),
+        ))?;
+        let protocol = protocol_number(p.protocol.as_deref().unwrap_or("TCP")).ok_or((
+            at(".protocol"),
+            format!(
+                "{:?} is not TCP, UDP or SCTP",
+                p.protocol.unwrap_or_default()
+            ),
+        ))?;
+        let mut backends = Vec::with_capacity(p.backends.len());
+        for (j, text) in p.backends.iter().enumerate() {
+            let address = text.parse::<std::net::SocketAddr>().map_err(|_| {
+                (
+                    at(&format!(".backends[{j}]")),
+                    format!("{text:?} is not address:port ([address]:port for IPv6)"),
+                )
+            })?;
+            backends.push(Backend {
+                address: address.ip(),
+                port: address.port(),
+                pod: None,
+            });
+        }
+        backends.sort();
+        backends.dedup();
+        ports.push(ServicePort {
+            name: p.name,
+            port,
+            protocol,
+            backends,
+        });
+    }
+    let service = Service {
+        namespace: raw.namespace.unwrap_or_else(|| "default".into()),
+        name: raw.name,
+        cluster_ips,
+        ports,
+        client_ip_affinity,
+    };
+    match service.invalid() {
+        Some(reason) => Err((String::new(), reason)),
+        None => Ok(service),
     }
 }
 
@@ -665,6 +782,80 @@ mod tests {
         assert!(
             e.contains("`unmappedCgroups`") && e.contains("\"allow\" or \"deny\""),
             "names the field and the allowed values: {e}"
+        );
+    }
+
+    #[test]
+    fn services_parse_and_every_bad_field_is_named() {
+        let c = parse(
+            "trustDomain: example.org\nservices:\n  - name: db\n    clusterIPs: [10.96.0.20, 'fd00:96::20']\n    sessionAffinity: ClientIP\n    ports: [{name: sql, port: 5432, backends: ['10.0.0.6:15432', '10.0.0.5:15432', '[fd00::5]:15432']}]\n",
+        )
+        .expect("valid config");
+        let db = &c.services[0];
+        assert_eq!(db.key(), "default/db");
+        assert!(db.client_ip_affinity);
+        let backends: Vec<String> = db.ports[0]
+            .backends
+            .iter()
+            .map(|b| std::net::SocketAddr::new(b.address, b.port).to_string())
+            .collect();
+        assert_eq!(
+            backends,
+            ["10.0.0.5:15432", "10.0.0.6:15432", "[fd00::5]:15432"],
+            "sorted"
+        );
+        for (text, field, reason) in [
+            (
+                "clusterIPs: [10.96.0.999]",
+                "services[0].clusterIPs[0]",
+                "not an IP",
+            ),
+            (
+                "clusterIPs: [10.96.0.1], ports: [{port: 0}]",
+                "services[0].ports[0].port",
+                "not a port",
+            ),
+            (
+                "clusterIPs: [10.96.0.1], ports: [{port: 53, protocol: ICMP}]",
+                "services[0].ports[0].protocol",
+                "not TCP",
+            ),
+            (
+                "clusterIPs: [10.96.0.1], ports: [{port: 53, backends: [10.0.0.1]}]",
+                "services[0].ports[0].backends[0]",
+                "address:port",
+            ),
+            (
+                "clusterIPs: [10.96.0.1, 10.96.0.2]",
+                "services[0]",
+                "one address per family",
+            ),
+            (
+                "clusterIPs: [10.96.0.1], sessionAffinity: sticky",
+                "services[0].sessionAffinity",
+                "ClientIP",
+            ),
+        ] {
+            let text = format!("trustDomain: example.org\nservices:\n  - {{name: db, {text}}}\n");
+            match parse(&text) {
+                Err(ConfigError::Field {
+                    field: f,
+                    reason: r,
+                    ..
+                }) => {
+                    assert_eq!(f, field, "{text}");
+                    assert!(r.contains(reason), "{text}: {r}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let cp =
+            "controlPlane: {address: '10.0.0.1:7443', nodeName: n, caFile: ca.pem, stateDir: /s}\n";
+        let both = format!(
+            "trustDomain: example.org\n{cp}services: [{{name: db, clusterIPs: [10.96.0.1]}}]\n"
+        );
+        assert!(
+            matches!(parse(&both), Err(ConfigError::Field { field, .. }) if field == "services")
         );
     }
 

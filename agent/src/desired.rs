@@ -1,7 +1,12 @@
 //! The desired state: what one configuration and its policy files, or, in control-plane mode,
 //! the configuration and the control plane's state, say the kernel should enforce. Building it
 //! compiles the policy; nothing here touches the kernel.
-use std::{collections::BTreeMap, net::IpAddr, path::Path, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use agent_common::IDENTITY_HOST;
 use anyhow::Context as _;
@@ -11,8 +16,10 @@ use crate::{
     config::{Config, HostAddresses, RunFlags, WorkloadConfig},
     control::{RemoteState, ReportedWorkload},
     events::Names,
-    identity, kernel,
+    identity,
+    kernel::{self, services::ServiceTable},
     policy::{self, Compiled, RuleIds, WorkloadInfo},
+    tunnel::Placement,
 };
 
 /// Reads the configuration file, with the command line's control-plane flags over the file's.
@@ -32,6 +39,8 @@ pub struct Desired {
     pub peers: Vec<WorkloadInfo>,
     pub compiled: Arc<Compiled>,
     pub addresses: Arc<BTreeMap<[u8; 16], u32>>,
+    /// The cluster's Services (control-plane mode with a control plane that reads a cluster).
+    pub services: Arc<ServiceTable>,
     /// UIDs of this node's host-network pods (`workloads: fromControlPlane`) and of the agent's
     /// own pod: their cgroups are the host's.
     pub host_pods: Vec<String>,
@@ -84,20 +93,57 @@ impl Desired {
                 tracing::warn!(policy = %rule.policy, rule = %rule.rule, "mtls: required, but this agent runs no tunnel (tunnel: in the configuration, with controlPlane:); connections that need it are refused");
             }
         }
+        let services = match (&config.control_plane, remote) {
+            (Some(_), Some(state)) => ServiceTable::new(&state.services),
+            (Some(_), None) => ServiceTable::default(),
+            (None, _) => ServiceTable::new(&config.services),
+        };
         Ok(Desired {
             config,
             workloads,
             peers,
             compiled: Arc::new(compiled),
             addresses: Arc::new(addresses),
+            services: Arc::new(services),
             host_pods,
         })
+    }
+
+    /// What the kernel's generation maps are to hold.
+    pub fn target(&self) -> kernel::Target<'_> {
+        kernel::Target {
+            compiled: &self.compiled,
+            addresses: &self.addresses,
+            services: &self.services,
+        }
     }
 
     /// Names for verdict lines: this node's workloads, other nodes' by SPIFFE ID.
     pub fn names(&self) -> Names {
         let all: Vec<WorkloadInfo> = self.peers.iter().chain(&self.workloads).cloned().collect();
-        Names::new(&self.compiled, &all)
+        Names::new(&self.compiled, &all, &self.services.names)
+    }
+
+    /// Each local workload with the cgroup directories of `tree` (below `root`) it runs in.
+    pub fn placements(&self, tree: &CgroupTree, root: &Path) -> Vec<Placement> {
+        let mut cgroups: BTreeMap<usize, Vec<PathBuf>> = BTreeMap::new();
+        for path in tree.values() {
+            if let Some(i) = identity::workload_of_cgroup(&self.config, path) {
+                cgroups.entry(i).or_default().push(root.join(path));
+            }
+        }
+        cgroups
+            .into_iter()
+            .filter_map(|(i, cgroups)| {
+                let w = &self.workloads[i];
+                Some(Placement {
+                    workload: w.name.clone(),
+                    spiffe_id: ward_tunnel::SpiffeId::parse(&w.spiffe_id).ok()?,
+                    addresses: w.addresses.clone(),
+                    cgroups,
+                })
+            })
+            .collect()
     }
 
     /// cgroup id → identity for the cgroups of this node's workloads, and the host's identity
@@ -186,8 +232,12 @@ fn add_cluster_workloads(config: &mut Config, remote: Option<&RemoteState>) -> V
     host_pods
 }
 
-/// What this node reports to the control plane.
-pub fn reported(workloads: &[WorkloadInfo]) -> Vec<ReportedWorkload> {
+/// What this node reports to the control plane; `in_pod` names the workloads with tunnel
+/// listeners of their own, and their port.
+pub fn reported(
+    workloads: &[WorkloadInfo],
+    in_pod: &BTreeMap<String, u16>,
+) -> Vec<ReportedWorkload> {
     workloads
         .iter()
         .map(|w| ReportedWorkload {
@@ -196,6 +246,7 @@ pub fn reported(workloads: &[WorkloadInfo]) -> Vec<ReportedWorkload> {
             namespace: w.namespace.clone(),
             labels: w.labels.clone(),
             addresses: w.addresses.clone(),
+            tunnel_port: in_pod.get(&w.name).copied().unwrap_or(0),
         })
         .collect()
 }

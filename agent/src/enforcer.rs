@@ -95,6 +95,8 @@ pub struct Enforcer {
     last_error: Option<String>,
     /// The mTLS tunnel, when configured.
     tunnel: Option<Tunnel>,
+    /// The cgroup tree as last scanned.
+    tree: CgroupTree,
 }
 
 impl Enforcer {
@@ -151,7 +153,7 @@ impl Enforcer {
             );
         }
         let mut dp = Datapath::load(&config.pin_dir)?;
-        let stats = dp.apply(&desired.compiled, &desired.addresses)?;
+        let stats = dp.apply(desired.target())?;
         let metrics = Arc::new(Metrics::new(Some(dp.take_counters()?)));
         let mut enforcer = Enforcer {
             config_file,
@@ -169,6 +171,7 @@ impl Enforcer {
             last_apply: stats,
             last_error: None,
             tunnel: None,
+            tree: CgroupTree::new(),
             dp,
         };
         enforcer.record_apply(stats);
@@ -211,7 +214,10 @@ impl Enforcer {
 
     /// This node's workloads as the control-plane client reports them, kept current.
     pub fn reports(&mut self) -> watch::Receiver<Vec<ReportedWorkload>> {
-        let (reports_tx, reports_rx) = watch::channel(reported(&self.desired.workloads));
+        let (reports_tx, reports_rx) = watch::channel(reported(
+            &self.desired.workloads,
+            &self.tunnel.as_ref().map(Tunnel::in_pod).unwrap_or_default(),
+        ));
         self.reports = Some(reports_tx);
         reports_rx
     }
@@ -224,6 +230,7 @@ impl Enforcer {
             entries = stats.entries,
             addresses = stats.addresses,
             prefixes = stats.prefixes,
+            frontends = stats.frontends,
             cgroups = self.cgroups.len(),
             "ready: enforcing"
         );
@@ -249,6 +256,8 @@ impl Enforcer {
         self.cgroups = desired;
         self.metrics
             .set_map(map_names::CGROUPS, self.cgroups.len(), MAX_CGROUPS);
+        self.tree = tree.clone();
+        self.place_workloads();
         Ok(())
     }
 
@@ -309,15 +318,34 @@ impl Enforcer {
         if self.install(next, reason, started.elapsed())?.is_ok() {
             self.refresh_tunnel();
         }
+        self.send_reports();
+        Ok(())
+    }
+
+    /// Tells the control-plane client this node's workloads, if they changed.
+    fn send_reports(&self) {
         if let Some(reports) = &self.reports {
-            let workloads = reported(&self.desired.workloads);
+            let in_pod = self.tunnel.as_ref().map(Tunnel::in_pod).unwrap_or_default();
+            let workloads = reported(&self.desired.workloads, &in_pod);
             reports.send_if_modified(|current| {
                 let changed = *current != workloads;
                 *current = workloads;
                 changed
             });
         }
-        Ok(())
+    }
+
+    /// Gives the tunnel where each local workload's processes run now: workloads in network
+    /// namespaces of their own get tunnel listeners inside them. The control plane is told when
+    /// that changes, so peers reach those workloads at their own addresses.
+    fn place_workloads(&mut self) {
+        let Some(tunnel) = &mut self.tunnel else {
+            return;
+        };
+        let placements = self.desired.placements(&self.tree, &self.cgroup_root);
+        if tunnel.place(&placements) {
+            self.send_reports();
+        }
     }
 
     /// Applies a state from the control plane, all of it or nothing, with the configuration in
@@ -379,7 +407,7 @@ impl Enforcer {
         reason: &str,
         compiled_in: std::time::Duration,
     ) -> anyhow::Result<Result<(), String>> {
-        match self.dp.apply(&next.compiled, &next.addresses) {
+        match self.dp.apply(next.target()) {
             Err(e) => {
                 let error = e.to_string();
                 self.reject(reason, error.clone(), "policy rejected by the kernel");
@@ -399,6 +427,7 @@ impl Enforcer {
                     written = stats.written,
                     removed = stats.removed,
                     entries = stats.entries,
+                    frontends = stats.frontends,
                     switched = stats.switched,
                     compile_ms = compiled_in.as_secs_f64() * 1e3,
                     enforced_ms = stats.enforced_after.as_secs_f64() * 1e3,
@@ -481,12 +510,7 @@ impl Enforcer {
                         .join(", ")
                 ),
             },
-            maps: self.dp.maps(
-                self.last_apply.entries,
-                self.last_apply.addresses,
-                self.last_apply.prefixes,
-                self.cgroups.len(),
-            ),
+            maps: self.dp.maps(&self.last_apply, self.cgroups.len()),
         }
     }
 
@@ -522,9 +546,14 @@ impl Enforcer {
         self.sync_cgroups(&cgroups::scan(&self.cgroup_root)?)?;
         let mut files = watch_files(&self.desired.config).context("watching policy files")?;
         let mut watching = true;
+        // A pod's processes join its cgroups after the cgroups appear, with no event to tell:
+        // where workloads run is looked at again at this pace (only with a tunnel).
+        let mut placement = tokio::time::interval(PLACEMENT_INTERVAL);
+        placement.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let catch_up = self.dp.catch_up_due();
             tokio::select! {
+                _ = placement.tick(), if self.tunnel.is_some() => self.place_workloads(),
                 // The generation that went out of force, once no program reads it.
                 () = sleep_until(catch_up), if catch_up.is_some() => self.dp.catch_up(),
                 command = commands.recv() => match command {
@@ -558,6 +587,10 @@ impl Enforcer {
         }
     }
 }
+
+/// How often the tunnel looks again at where workloads' processes run (their network
+/// namespaces).
+const PLACEMENT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Sleeps until `at`; forever when `None` (the caller's `select!` branch is disabled then).
 async fn sleep_until(at: Option<std::time::Instant>) {

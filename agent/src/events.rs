@@ -28,12 +28,18 @@ pub struct Names {
     rules: BTreeMap<u32, RuleInfo>,
     /// identity → (display name, workload name if it is one)
     identities: BTreeMap<u32, (String, Option<String>)>,
+    /// A Service's cluster IP (mapped) and port → `<namespace>/<name>`.
+    services: BTreeMap<([u8; 16], u16), String>,
 }
 
 pub type SharedNames = Arc<RwLock<Names>>;
 
 impl Names {
-    pub fn new(compiled: &Compiled, workloads: &[WorkloadInfo]) -> Self {
+    pub fn new(
+        compiled: &Compiled,
+        workloads: &[WorkloadInfo],
+        services: &BTreeMap<([u8; 16], u16), String>,
+    ) -> Self {
         let mut identities = BTreeMap::new();
         for (net, id) in &compiled.prefixes {
             identities.insert(*id, (net.to_string(), None));
@@ -44,15 +50,34 @@ impl Names {
         Names {
             rules: compiled.rules.clone(),
             identities,
+            services: services.clone(),
         }
     }
 
-    fn identity(&self, id: u32) -> (String, String) {
+    /// The display name of identity `id` (a SPIFFE ID, a prefix, `world`, `host`) and its
+    /// workload's name: a local workload's own, a peer's SPIFFE ID; empty for no workload.
+    pub fn identity(&self, id: u32) -> (String, String) {
         match (id, self.identities.get(&id)) {
             (_, Some((name, workload))) => (name.clone(), workload.clone().unwrap_or_default()),
             (IDENTITY_WORLD, None) => ("world".into(), String::new()),
             (IDENTITY_HOST, None) => ("host".into(), String::new()),
             (id, None) => (format!("identity:{id}"), String::new()),
+        }
+    }
+
+    /// The Service a translated call went to (`<namespace>/<name>`, or its cluster IP and port
+    /// when no longer known); empty when the call went to no Service.
+    fn service(&self, addr: [u8; 16], port: u16, family: u8) -> String {
+        if addr == [0; 16] {
+            return String::new();
+        }
+        match self.services.get(&(addr, port)) {
+            Some(name) => name.clone(),
+            None => match address(addr, family) {
+                Some(IpAddr::V6(a)) => format!("[{a}]:{port}"),
+                Some(a) => format!("{a}:{port}"),
+                None => String::new(),
+            },
         }
     }
 }
@@ -109,10 +134,13 @@ fn record(names: &Names, ev: &VerdictEvent, count: u64) -> FlowRecord {
         dst_port: policy::icmp_type_of(ev.protocol, dst_port).map_or(dst_port, u16::from),
         protocol: protocol_name(ev.protocol),
         reason: match (ev.verdict, ev.reason) {
-            (VERDICT_NO_TUNNEL, _) if egress => "mtls required: this node runs no tunnel".into(),
-            (VERDICT_NO_TUNNEL, _) => "mtls required: plaintext refused".into(),
+            (VERDICT_NO_TUNNEL, reasons::NONE) if egress => {
+                "mtls required: this node runs no tunnel".into()
+            }
+            (VERDICT_NO_TUNNEL, reasons::NONE) => "mtls required: plaintext refused".into(),
             (_, reason) => reason_text(reason).into(),
         },
+        service: names.service(ev.service_addr, ev.service_port, ev.family),
         count,
     }
 }
@@ -131,6 +159,8 @@ fn counted_event(key: &FlowCountKey) -> VerdictEvent {
         protocol: key.protocol,
         direction: key.direction,
         verdict: key.verdict,
+        service_addr: key.service_addr,
+        service_port: key.service_port,
         ..Default::default()
     }
 }
@@ -155,6 +185,8 @@ fn reason_text(reason: u8) -> &'static str {
         reasons::FRAGMENT => "fail closed: fragment without a transport header",
         reasons::UNMAPPED_CGROUP => "fail closed: cgroup not mapped to a workload yet",
         reasons::ICMP_ERROR => "fail closed: ICMP error about no allowed flow",
+        reasons::NO_BACKEND => "the Service has no ready backend",
+        reasons::NO_CERTIFICATE => "mtls: the agent holds no certificate for this workload yet",
         _ => "fail closed",
     }
 }
@@ -184,6 +216,7 @@ pub fn log(r: &FlowRecord) {
         dst_port = r.dst_port,
         protocol = %r.protocol,
         reason = %r.reason,
+        service = %r.service,
         count = r.count,
         "verdict"
     );

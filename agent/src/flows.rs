@@ -26,6 +26,10 @@ pub struct FlowRecord {
     /// Why, when the verdict alone does not say (a tunnel refusal).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// The Service (`<namespace>/<name>`) whose cluster IP the source connected to; `dst` is the
+    /// backend it was translated to.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service: String,
     /// How many connections (or datagram flows) the record stands for: allowed flows are counted
     /// in the kernel and reported once per reading; an event is one.
     #[serde(default = "one")]
@@ -41,6 +45,8 @@ fn one() -> u64 {
 pub struct FlowFilter {
     /// Workload name, SPIFFE ID or address of the source.
     pub from: Option<String>,
+    /// Workload name, SPIFFE ID or address of the destination, or the Service (`<namespace>/
+    /// <name>`) a translated connection went to.
     pub to: Option<String>,
     pub verdict: Option<String>,
 }
@@ -51,8 +57,10 @@ impl FlowFilter {
             want.as_deref()
                 .is_none_or(|w| w == id || w == workload || w == addr)
         };
+        // A Service names the destination as well as its backend does.
         side(&self.from, &r.src, &r.src_workload, &r.src_addr)
-            && side(&self.to, &r.dst, &r.dst_workload, &r.dst_addr)
+            && (side(&self.to, &r.dst, &r.dst_workload, &r.dst_addr)
+                || self.to.as_deref() == Some(r.service.as_str()))
             && self.verdict.as_deref().is_none_or(|v| v == r.verdict)
     }
 }
@@ -136,6 +144,7 @@ mod tests {
             dst_port: 80,
             protocol: "tcp".into(),
             reason: String::new(),
+            service: String::new(),
             count: 1,
         }
     }
@@ -153,6 +162,16 @@ mod tests {
         assert!(f(Some("spiffe://x/a"), Some("b"), None).matches(&r));
         assert!(!f(Some("b"), None, None).matches(&r));
         assert!(!f(None, None, Some("allow")).matches(&r));
+        let via = FlowRecord {
+            service: "shop/db".into(),
+            ..record("allow")
+        };
+        assert!(
+            f(None, Some("shop/db"), None).matches(&via),
+            "by its Service"
+        );
+        assert!(f(None, Some("b"), None).matches(&via), "and by its backend");
+        assert!(!f(None, Some("shop/db"), None).matches(&r));
     }
 
     #[test]

@@ -204,7 +204,7 @@ mod tests {
                 policy: "p".into(),
             })
             .inc();
-        m.set_map("ward_policy_v1", 3, 10);
+        m.set_map("ward_policy_v2", 3, 10);
         let text = m.render();
         assert!(
             text.contains(
@@ -213,7 +213,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains(r#"ward_map_entries{map="ward_policy_v1"} 3"#),
+            text.contains(r#"ward_map_entries{map="ward_policy_v2"} 3"#),
             "{text}"
         );
     }

@@ -269,6 +269,11 @@ impl Ca {
             return Err(CaError::Csr("workload keys must be ECDSA P-256".into()));
         }
         let mut params = CertificateParams::default();
+        // The SPIFFE ID is the URI SAN and the only name: no DNS name a client could match
+        // instead. The subject names the trust domain (rcgen's default would be a placeholder).
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, self.trust_domain.as_str());
+        params.distinguished_name = dn;
         params.subject_alt_names = vec![SanType::URI(
             spiffe_id
                 .try_into()
@@ -482,7 +487,26 @@ mod tests {
         let trust =
             ward_tunnel::TrustStore::new("example.org", &[ca.cert_der().clone()]).expect("trust");
         let der = pem_to_der(&pem).expect("der");
-        assert_eq!(trust.check_peer(&[der]).expect("accepted").as_str(), id);
+        assert_eq!(
+            trust
+                .check_peer(std::slice::from_ref(&der))
+                .expect("accepted")
+                .as_str(),
+            id
+        );
+        // A proper subject, and the SPIFFE ID as the only name.
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).expect("parses");
+        assert_eq!(parsed.subject().to_string(), "O=example.org");
+        let names: Vec<String> = parsed
+            .subject_alternative_name()
+            .expect("SAN parses")
+            .expect("has SANs")
+            .value
+            .general_names
+            .iter()
+            .map(|n| format!("{n:?}"))
+            .collect();
+        assert_eq!(names, vec![format!("URI({id:?})")]);
     }
 
     #[test]

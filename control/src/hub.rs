@@ -1,4 +1,4 @@
-//! The state every stream serves from: the four resource sets, the workload registry, and which
+//! The state every stream serves from: the resource sets the same for every agent, the workload registry, and which
 //! stream currently speaks for which node.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -23,6 +23,8 @@ struct Sets {
     identity: ResourceSet,
     ipcache: ResourceSet,
     trust_bundle: ResourceSet,
+    /// The cluster's Services ([`Hub::set_services`]); not served until first set.
+    services: ResourceSet,
 }
 
 impl Sets {
@@ -32,6 +34,7 @@ impl Sets {
             ResourceType::Identity => Some(&self.identity),
             ResourceType::Ipcache => Some(&self.ipcache),
             ResourceType::TrustBundle => Some(&self.trust_bundle),
+            ResourceType::Service => Some(&self.services),
             ResourceType::Workload | ResourceType::Unspecified => None,
         }
     }
@@ -49,6 +52,9 @@ struct State {
     /// Each node's host-network pods (WORKLOAD resources by pod UID): no identity of their own,
     /// so not in the registry.
     host_pods: BTreeMap<String, BTreeMap<String, Resource>>,
+    /// What each node's agent last reported of its workloads' own tunnel listeners (workload
+    /// name → port), applied to the workloads the cluster places there.
+    tunnel_ports: BTreeMap<String, BTreeMap<String, u16>>,
     epoch: u64,
     /// The policies the POLICY set serves.
     policies: Arc<ward_policy::PolicySet>,
@@ -122,6 +128,7 @@ impl Hub {
             identity: ResourceSet::new(ResourceType::Identity, epoch),
             ipcache: ResourceSet::new(ResourceType::Ipcache, epoch),
             trust_bundle: ResourceSet::new(ResourceType::TrustBundle, epoch),
+            services: ResourceSet::new(ResourceType::Service, epoch),
         };
         sets.identity.replace_all(registry.identity_resources());
         sets.ipcache.replace_all(registry.ipcache_resources());
@@ -134,6 +141,7 @@ impl Hub {
                 follows_cluster: false,
                 cluster: None,
                 host_pods: BTreeMap::new(),
+                tunnel_ports: BTreeMap::new(),
                 epoch,
                 policies: Arc::default(),
                 registry,
@@ -173,6 +181,20 @@ impl Hub {
             return None;
         }
         let version = state.sets.policy.version();
+        drop(state);
+        Self::bump(&self.changed);
+        version
+    }
+
+    /// Serves `services` (SERVICE resources by name, checked by the caller: see
+    /// [`crate::service_resources`]) to every agent from now on. Returns the new version if it
+    /// changed.
+    pub fn set_services(&self, services: BTreeMap<String, Resource>) -> Option<Version> {
+        let mut state = self.lock();
+        if !state.sets.services.replace_all(services) {
+            return None;
+        }
+        let version = state.sets.services.version();
         drop(state);
         Self::bump(&self.changed);
         version
@@ -264,6 +286,19 @@ impl Hub {
         let mut state = self.lock();
         if state.follows_cluster {
             state.registry.touch(node, Instant::now());
+            // Only the agent knows which pods it has opened tunnel listeners in.
+            let ports: BTreeMap<String, u16> = workloads
+                .iter()
+                .filter_map(|w| Some((w.name.clone(), u16::try_from(w.tunnel_port).ok()?)))
+                .filter(|(_, port)| *port != 0)
+                .collect();
+            if state.tunnel_ports.get(node) != Some(&ports) {
+                let changed = state.registry.set_tunnel_ports(node, &ports);
+                state.tunnel_ports.insert(node.into(), ports);
+                if changed {
+                    self.registry_changed_locked(state);
+                }
+            }
             return Ok(Vec::new());
         }
         let (changed, refusals) = state.registry.report(node, workloads)?;
@@ -304,6 +339,14 @@ impl Hub {
             pods.insert(node, own);
         }
         let mut state = self.lock();
+        for (node, workloads) in &mut pods {
+            let ports = state.tunnel_ports.get(node);
+            for w in workloads {
+                w.tunnel_port = ports
+                    .and_then(|p| p.get(&w.name))
+                    .map_or(0, |port| u32::from(*port));
+            }
+        }
         state.follows_cluster = true;
         let (mut changed, refusals) = state.registry.replace_nodes(pods)?;
         let epoch = state.epoch;
@@ -679,6 +722,80 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         assert!(hub.expire_nodes(Duration::from_millis(1)).is_empty());
         assert!(hub.node_reported("a", "spiffe://example.org/ns/shop/sa/web"));
+    }
+
+    fn service(name: &str, backend: &str) -> (String, Resource) {
+        let key = format!("shop/{name}");
+        let resource = Resource {
+            name: key.clone(),
+            body: Some(Body::Service(ward_proto::Service {
+                namespace: "shop".into(),
+                name: name.into(),
+                cluster_ips: vec!["10.96.0.10".into()],
+                ports: vec![ward_proto::ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    protocol: "TCP".into(),
+                    backends: vec![ward_proto::ServiceBackend {
+                        address: backend.into(),
+                        port: 8080,
+                        pod: String::new(),
+                    }],
+                }],
+                client_ip_affinity: false,
+            })),
+        };
+        (key, resource)
+    }
+
+    #[test]
+    fn services_are_the_same_for_every_agent_and_only_changes_are_sent() {
+        let hub = hub();
+        let has_services = |node: &str| {
+            hub.deltas(node, &BTreeMap::new())
+                .iter()
+                .any(|(k, _)| *k == ResourceType::Service)
+        };
+        assert!(
+            !has_services("a"),
+            "no SERVICE set until the Services are read"
+        );
+        let mut changes = hub.subscribe();
+        changes.mark_unchanged();
+        let first = hub
+            .set_services(BTreeMap::from([
+                service("web", "10.1.0.5"),
+                service("db", "10.1.0.6"),
+            ]))
+            .expect("the first set is a change");
+        assert!(changes.has_changed().expect("hub alive"));
+        for node in ["a", "b"] {
+            let deltas = hub.deltas(node, &BTreeMap::new());
+            let (_, delta) = deltas
+                .iter()
+                .find(|(k, _)| *k == ResourceType::Service)
+                .expect("every agent gets the Services");
+            assert!(delta.replace);
+            let names: Vec<&str> = delta.resources.iter().map(|r| r.name.as_str()).collect();
+            assert_eq!(names, ["shop/db", "shop/web"]);
+        }
+        hub.set_services(BTreeMap::from([service("web", "10.1.0.7")]))
+            .expect("a change");
+        let held = BTreeMap::from([(ResourceType::Service, Some(first.to_string()))]);
+        let deltas = hub.deltas("a", &held);
+        let (_, delta) = deltas
+            .iter()
+            .find(|(k, _)| *k == ResourceType::Service)
+            .expect("behind");
+        assert!(!delta.replace);
+        assert_eq!(delta.resources.len(), 1, "only web changed");
+        assert_eq!(delta.removed, ["shop/db"]);
+        assert_eq!(
+            hub.set_services(BTreeMap::from([service("web", "10.1.0.7")])),
+            None,
+            "the same again"
+        );
+        assert_eq!(hub.len(ResourceType::Service), 1);
     }
 
     #[test]

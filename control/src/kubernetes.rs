@@ -1,16 +1,20 @@
 //! Reads a Kubernetes cluster (`ward-control --kubernetes`): one watch each for Namespaces, Pods,
-//! `networking.k8s.io/v1` NetworkPolicies and ward's own Policies ([`crate::crd`]) for the whole
-//! cluster, with kube-rs's watcher (which resumes from the last resourceVersion and lists again
-//! after `410 Gone`).
+//! `networking.k8s.io/v1` NetworkPolicies, ward's own Policies ([`crate::crd`]), Services and
+//! `discovery.k8s.io/v1` EndpointSlices for the whole cluster, with kube-rs's watcher (which
+//! resumes from the last resourceVersion and lists again after `410 Gone`).
 //!
 //! What the cluster says becomes the hub's state: every scheduled pod with addresses is a
 //! workload of its node (SPIFFE ID `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`
 //! and its labels, which together are its identity; its namespace's labels, its container
 //! ports), served to that node's agent as WORKLOAD resources and to all as identities and the IP
 //! cache; every NetworkPolicy and Policy is a POLICY resource next to the policy directory's. A
-//! cluster without ward's CRD has no Policies, which is no failure.
+//! cluster without ward's CRD has no Policies, which is no failure. Every Service with a cluster IP
+//! is a SERVICE resource served to all, its backends from its EndpointSlices
+//! ([`crate::service_resources`]).
 //!
-//! Nothing is published before all three kinds are listed once, and a watch that fails keeps what
+//! Workloads and policies are not published before Namespaces, Pods, NetworkPolicies and Policies
+//! are listed once, nor Services before Services and EndpointSlices are (a control plane whose
+//! role may not read Services still serves workloads and policies). A watch that fails keeps what
 //! it had: an API server that answers errors or drops watches never empties what agents enforce.
 //! A relist replaces a kind's objects at once when it completes.
 use std::{
@@ -22,11 +26,12 @@ use std::{
 
 use futures_util::{stream::BoxStream, StreamExt as _};
 use k8s_openapi::api::{
-    core::v1::{Namespace, ObjectReference, Pod},
+    core::v1::{Namespace, ObjectReference, Pod, Service},
+    discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
 use kube::{
-    core::DynamicObject,
+    core::{ApiResource, DynamicObject},
     runtime::{
         events::{Event, EventType, Recorder, Reporter},
         watcher, WatchStreamExt as _,
@@ -35,7 +40,12 @@ use kube::{
 };
 use ward_proto::{NamedPort, Workload};
 
-use crate::{crd, hub::Hub, policy_set::ClusterDocument};
+use crate::{
+    crd,
+    hub::Hub,
+    policy_set::ClusterDocument,
+    service_resources::{self, Problem},
+};
 
 /// The source prefix of NetworkPolicy documents (`networkpolicies/<namespace>/<name>`).
 const NETWORK_POLICIES: &str = "networkpolicies";
@@ -201,6 +211,8 @@ enum Change {
     Pod(WatchEvent<Pod>),
     NetworkPolicy(WatchEvent<NetworkPolicy>),
     Policy(WatchEvent<DynamicObject>),
+    Service(WatchEvent<DynamicObject>),
+    EndpointSlice(WatchEvent<DynamicObject>),
 }
 
 fn watch<K>(client: &Client, wrap: fn(WatchEvent<K>) -> Change) -> BoxStream<'static, Change>
@@ -218,12 +230,18 @@ where
         .boxed()
 }
 
-/// ward's Policies: the custom resource's watch.
-fn watch_policies(client: &Client) -> BoxStream<'static, Change> {
-    let api = Api::<DynamicObject>::all_with(client.clone(), &crd::api_resource());
+/// A watch of objects kept untyped: ward's Policies (a custom resource), and kinds read one
+/// object at a time so that one object kube cannot read fails alone
+/// ([`service_resources::typed`]).
+fn watch_untyped(
+    client: &Client,
+    resource: &ApiResource,
+    wrap: fn(WatchEvent<DynamicObject>) -> Change,
+) -> BoxStream<'static, Change> {
+    let api = Api::<DynamicObject>::all_with(client.clone(), resource);
     watcher(api, watcher::Config::default())
         .default_backoff()
-        .map(|event| Change::Policy(Box::new(event)))
+        .map(move |event| wrap(Box::new(event)))
         .boxed()
 }
 
@@ -233,9 +251,43 @@ struct Cluster {
     pods: Objects<Pod>,
     network_policies: Objects<NetworkPolicy>,
     policies: Objects<DynamicObject>,
+    services: Objects<DynamicObject>,
+    endpoint_slices: Objects<DynamicObject>,
+    /// `services` and `endpoint_slices` read as their types.
+    typed_services: Typed<Service>,
+    typed_slices: Typed<EndpointSlice>,
 }
 
 impl Cluster {
+    fn new() -> Self {
+        Cluster {
+            namespaces: Objects::new(),
+            pods: Objects::new(),
+            network_policies: Objects::new(),
+            policies: Objects::new(),
+            services: Objects::new(),
+            endpoint_slices: Objects::new(),
+            typed_services: Typed::default(),
+            typed_slices: Typed::default(),
+        }
+    }
+
+    fn services_listed(&self) -> bool {
+        self.services.listed && self.endpoint_slices.listed
+    }
+
+    /// Every Service with a cluster IP as a SERVICE resource, and what was left out.
+    fn services(&mut self) -> service_resources::Built {
+        self.typed_services.refresh("Service", &self.services.live);
+        self.typed_slices
+            .refresh("EndpointSlice", &self.endpoint_slices.live);
+        let mut built =
+            service_resources::build(self.typed_services.read(), self.typed_slices.read());
+        built.problems.extend(self.typed_services.unreadable());
+        built.problems.extend(self.typed_slices.unreadable());
+        built
+    }
+
     fn listed(&self) -> bool {
         self.namespaces.listed
             && self.pods.listed
@@ -295,6 +347,52 @@ impl Cluster {
             ),
             _ => None,
         }
+    }
+}
+
+/// Untyped objects read as `K` ([`service_resources::typed`]), each once per resourceVersion:
+/// a publication reads again only the objects that changed, not the whole cluster.
+struct Typed<K> {
+    /// By key: the resourceVersion read, and what it read as.
+    by_key: BTreeMap<String, (Option<String>, Result<K, Problem>)>,
+}
+
+impl<K> Default for Typed<K> {
+    fn default() -> Self {
+        Typed {
+            by_key: BTreeMap::new(),
+        }
+    }
+}
+
+impl<K: serde::de::DeserializeOwned> Typed<K> {
+    /// Follows `live`: reads what is new or changed, forgets what is gone.
+    fn refresh(&mut self, kind: &'static str, live: &BTreeMap<String, DynamicObject>) {
+        self.by_key.retain(|key, _| live.contains_key(key));
+        for (key, object) in live {
+            let version = &object.metadata.resource_version;
+            let current = self
+                .by_key
+                .get(key)
+                .is_some_and(|(read, _)| read.is_some() && read == version);
+            if !current {
+                let typed = service_resources::typed(kind, key, object);
+                self.by_key.insert(key.clone(), (version.clone(), typed));
+            }
+        }
+    }
+
+    fn read(&self) -> impl Iterator<Item = &K> {
+        self.by_key
+            .values()
+            .filter_map(|(_, typed)| typed.as_ref().ok())
+    }
+
+    /// A problem for each object that cannot be read as `K`.
+    fn unreadable(&self) -> impl Iterator<Item = Problem> + '_ {
+        self.by_key
+            .values()
+            .filter_map(|(_, typed)| typed.as_ref().err().cloned())
     }
 }
 
@@ -359,6 +457,8 @@ fn pod_workload(
         pod_uid: pod.uid().unwrap_or_default(),
         ports,
         host_network,
+        // The pod's agent reports it (in its own report), not the API.
+        tunnel_port: 0,
     };
     Some((node, workload))
 }
@@ -391,26 +491,37 @@ pub async fn follow(
         watch::<Namespace>(&client, Change::Namespace),
         watch::<Pod>(&client, Change::Pod),
         watch::<NetworkPolicy>(&client, Change::NetworkPolicy),
-        watch_policies(&client),
+        watch_untyped(&client, &crd::api_resource(), Change::Policy),
+        watch_untyped(
+            &client,
+            &ApiResource::erase::<Service>(&()),
+            Change::Service,
+        ),
+        watch_untyped(
+            &client,
+            &ApiResource::erase::<EndpointSlice>(&()),
+            Change::EndpointSlice,
+        ),
     ]);
-    let mut cluster = Cluster {
-        namespaces: Objects::new(),
-        pods: Objects::new(),
-        network_policies: Objects::new(),
-        policies: Objects::new(),
-    };
+    let mut cluster = Cluster::new();
     let publish_policies = Arc::new(publish_policies);
     let (mut workloads_dirty, mut policies_dirty) = (false, false);
+    let (mut services_dirty, mut services_published) = (false, false);
+    let mut service_problems = BTreeSet::new();
     let mut published_documents: Option<Vec<ClusterDocument>> = None;
     let mut checked = Checked::default();
     let mut refused_pods = BTreeSet::new();
     let recorder = Recorder::new(client.clone(), reporter());
     loop {
-        let change = if workloads_dirty || policies_dirty {
+        let change = if workloads_dirty || policies_dirty || services_dirty {
             match tokio::time::timeout(SETTLE, changes.next()).await {
                 Ok(change) => change,
                 Err(_) => {
-                    if cluster.listed() {
+                    if services_dirty && cluster.services_listed() {
+                        publish_services(&hub, cluster.services(), &mut service_problems);
+                        (services_dirty, services_published) = (false, true);
+                    }
+                    if (workloads_dirty || policies_dirty) && cluster.listed() {
                         if workloads_dirty {
                             let nodes = cluster.workloads(&trust_domain);
                             publish_workloads(&hub, nodes, &mut refused_pods);
@@ -446,6 +557,14 @@ pub async fn follow(
                     e => cluster.policies.apply("Policy", e),
                 }
             }
+            Change::Service(e) => services_dirty |= cluster.services.apply("Service", *e),
+            Change::EndpointSlice(e) => {
+                services_dirty |= cluster.endpoint_slices.apply("EndpointSlice", *e)
+            }
+        }
+        if cluster.services_listed() && !services_published {
+            // The first complete listing publishes, even no Services.
+            services_dirty = true;
         }
         if cluster.listed() && published_documents.is_none() {
             // The first complete listing publishes both, even an empty cluster.
@@ -558,6 +677,24 @@ impl Checked {
             })
             .collect();
         (accepted, refused)
+    }
+}
+
+/// Publishes the cluster's Services; what was left out is logged when first seen, not at every
+/// publication. `logged` holds what was logged.
+fn publish_services(hub: &Hub, built: service_resources::Built, logged: &mut BTreeSet<Problem>) {
+    for problem in built.problems.difference(logged) {
+        tracing::warn!(
+            kind = problem.kind,
+            object = problem.object,
+            "SERVICE resources: {}",
+            problem.what
+        );
+    }
+    *logged = built.problems;
+    let services = built.resources.len();
+    if let Some(version) = hub.set_services(built.resources) {
+        tracing::info!(services, %version, left_out = logged.len(), "cluster services updated");
     }
 }
 

@@ -1,10 +1,13 @@
-//! ward's control plane: serves policy, identities, the IP cache and the trust bundle to agents
-//! over one mTLS gRPC stream each, and signs node certificates.
+//! ward's control plane: serves policy, identities, the IP cache, the trust bundle and (from a
+//! Kubernetes cluster) workloads and Services to agents over one mTLS gRPC stream each, and signs
+//! node certificates.
 //!
 //! [`run`] wires the parts: the CA and join tokens ([`ca`], [`tokens`]), the policy set read from
 //! the policy directory and compiled before it is served ([`policy_set`]) and the directory's
 //! watcher, the workload registry ([`registry`]), the versioned resource sets ([`resources`],
-//! [`hub`]), the per-agent streams ([`session`]) and TLS ([`tls`]).
+//! [`hub`]), the per-agent streams ([`session`]) and TLS ([`tls`]); with `--kubernetes`, the
+//! cluster's watches ([`kubernetes`]) and the SERVICE resources built from them
+//! ([`service_resources`]).
 pub mod ca;
 pub mod crd;
 pub mod hub;
@@ -15,6 +18,7 @@ pub mod registry;
 pub mod resources;
 pub mod revocation;
 pub mod service;
+pub mod service_resources;
 pub mod session;
 pub mod state_dir;
 #[cfg(any(test, feature = "testing"))]
@@ -58,7 +62,7 @@ pub struct Options {
     pub server_names: Vec<String>,
     /// A node without a stream for this long is removed with its workloads.
     pub node_lease: Duration,
-    /// Read workloads and NetworkPolicies from a Kubernetes cluster.
+    /// Read workloads, NetworkPolicies and Services from a Kubernetes cluster.
     pub kubernetes: Option<KubernetesOptions>,
 }
 
@@ -363,6 +367,11 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         load_revocations,
     ));
     let mut reviewer = None;
+    if opts.kubernetes.is_none() {
+        // No cluster, no Services: an empty set, so an agent that held some from an earlier
+        // control plane drops them. With a cluster the set waits for the first listing.
+        hub.set_services(Default::default());
+    }
     if let Some(k) = &opts.kubernetes {
         let client = kubernetes::client(k.kubeconfig.as_deref()).await?;
         reviewer = k

@@ -53,8 +53,8 @@ struct ServeArgs {
     /// "ward-control", which agents verify by default.
     #[arg(long = "server-name")]
     server_names: Vec<String>,
-    /// Read workloads (pods) and NetworkPolicies from a Kubernetes cluster: in a pod, its
-    /// service account's; elsewhere --kubeconfig, KUBECONFIG or ~/.kube/config. Agents with
+    /// Read workloads (pods), NetworkPolicies and Services from a Kubernetes cluster: in a pod,
+    /// its service account's; elsewhere --kubeconfig, KUBECONFIG or ~/.kube/config. Agents with
     /// `workloads: fromControlPlane` enforce their node's pods.
     #[arg(long)]
     kubernetes: bool,

@@ -8,7 +8,7 @@
 //! given, whichever keys appear later.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -55,6 +55,14 @@ pub struct WorkloadRecord {
     /// Named container ports (workloads read from the cluster).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<ward_policy::NamedPort>,
+    /// The port of the workload's own tunnel listener at its addresses (a pod's network
+    /// namespace); 0 when the node's tunnel serves it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tunnel_port: u16,
+}
+
+fn is_zero(port: &u16) -> bool {
+    *port == 0
 }
 
 impl WorkloadRecord {
@@ -287,6 +295,10 @@ impl Registry {
                     Err((field, reason)) => refuse(format!("ports {:?}{field}: {reason}", p.name)),
                 }
             }
+            let Ok(tunnel_port) = u16::try_from(w.tunnel_port) else {
+                refuse(format!("tunnel port {} is not a port", w.tunnel_port));
+                continue;
+            };
             let mut addresses = Vec::with_capacity(w.addresses.len());
             for text in &w.addresses {
                 let Ok(address) = text.parse::<IpAddr>() else {
@@ -317,6 +329,7 @@ impl Registry {
                 namespace_labels: w.namespace_labels.into_iter().collect(),
                 pod_uid: w.pod_uid,
                 ports,
+                tunnel_port,
             });
         }
         drop(others);
@@ -383,6 +396,7 @@ impl Registry {
                         })
                         .collect(),
                     host_network: false,
+                    tunnel_port: 0,
                 };
                 let resource = Resource {
                     name: w.pod_uid.clone(),
@@ -432,6 +446,24 @@ impl Registry {
         out
     }
 
+    /// Sets the ports of the tunnel listeners `node`'s agent runs in its workloads' own network
+    /// namespaces (`ports`, by workload name; absent is none) on the workloads registered for
+    /// that node. Returns whether anything changed.
+    pub fn set_tunnel_ports(&mut self, node: &str, ports: &BTreeMap<String, u16>) -> bool {
+        let Some(workloads) = self.nodes.get_mut(node) else {
+            return false;
+        };
+        let mut changed = false;
+        for w in workloads {
+            let port = ports.get(&w.name).copied().unwrap_or(0);
+            if w.tunnel_port != port {
+                w.tunnel_port = port;
+                changed = true;
+            }
+        }
+        changed
+    }
+
     /// One IPCACHE resource per reported workload address, naming the node that reported it and
     /// that node's tunnel address.
     pub fn ipcache_resources(&self) -> BTreeMap<String, Resource> {
@@ -447,7 +479,10 @@ impl Registry {
                             address: name,
                             identity,
                             node: node.clone(),
-                            tunnel: self.tunnels.get(node).cloned().unwrap_or_default(),
+                            tunnel: match w.tunnel_port {
+                                0 => self.tunnels.get(node).cloned().unwrap_or_default(),
+                                port => SocketAddr::new(*address, port).to_string(),
+                            },
                         })),
                     });
                 }

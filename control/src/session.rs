@@ -574,6 +574,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn services_reach_the_agent_and_then_only_their_changes() {
+        let hub = hub_with_policy();
+        let service = |backend: &str| {
+            let resource = Resource {
+                name: "shop/web".into(),
+                body: Some(Body::Service(ward_proto::Service {
+                    namespace: "shop".into(),
+                    name: "web".into(),
+                    cluster_ips: vec!["10.96.0.10".into()],
+                    ports: vec![ward_proto::ServicePort {
+                        name: String::new(),
+                        port: 80,
+                        protocol: "TCP".into(),
+                        backends: vec![ward_proto::ServiceBackend {
+                            address: backend.into(),
+                            port: 8080,
+                            pod: "shop/web-0".into(),
+                        }],
+                    }],
+                    client_ip_affinity: false,
+                })),
+            };
+            std::collections::BTreeMap::from([("shop/web".to_string(), resource)])
+        };
+        hub.set_services(service("10.1.0.5"));
+        let mut agent = Agent::start(&hub, "n1", limits::CHUNK_BYTES);
+        agent.send(hello("n1", &[])).await;
+        let batch = agent.batch().await;
+        let all = updates(&batch);
+        let services: Vec<&&Update> = all
+            .iter()
+            .filter(|u| u.r#type == ResourceType::Service as i32)
+            .collect();
+        assert_eq!(services.len(), 1, "{all:?}");
+        assert_eq!(services[0].resources[0].name, "shop/web");
+        for u in &all {
+            agent.send(ack(u)).await;
+        }
+        hub.set_services(service("10.1.0.6"));
+        let next = agent.batch().await;
+        let next = updates(&next);
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].r#type, ResourceType::Service as i32);
+        assert!(!next[0].replace, "a difference");
+        let Some(Body::Service(web)) = &next[0].resources[0].body else {
+            panic!("a Service: {:?}", next[0])
+        };
+        assert_eq!(web.ports[0].backends[0].address, "10.1.0.6");
+    }
+
+    #[tokio::test]
     async fn reconnecting_agent_with_current_versions_gets_nothing() {
         let hub = hub_with_policy();
         // No WORKLOAD type: this control plane reads no cluster.

@@ -47,6 +47,7 @@ fn workload(name: &str, app: &str, address: &str) -> ReportedWorkload {
         namespace: Some("demo".into()),
         labels: BTreeMap::from([("app".to_string(), app.to_string())]),
         addresses: vec![address.parse().expect("address")],
+        tunnel_port: 0,
     }
 }
 
@@ -242,7 +243,10 @@ async fn agent_joins_reports_and_receives_a_policy_change_at_once() {
         state.ipcache,
         [("10.0.0.1".parse::<IpAddr>().expect("ip"), web.identity)]
     );
-    assert_eq!(state.versions.len(), 4, "{:?}", state.versions);
+    // Policy, identities, IP cache, trust bundle, and no Services: this control plane reads no
+    // cluster (and no WORKLOAD set, for the same reason).
+    assert_eq!(state.versions.len(), 5, "{:?}", state.versions);
+    assert!(state.versions.contains_key("service") && state.services.is_empty());
 
     let written = Instant::now();
     plane.write_policy("db.yaml", DB);
@@ -320,7 +324,7 @@ async fn reconnecting_with_versions_receives_only_the_difference() {
     .expect("stream");
     let all = first.batch().await.expect("first batch");
     assert!(all.iter().all(|u| u.replace), "a new agent gets whole sets");
-    assert_eq!(all.len(), 4);
+    assert_eq!(all.len(), 5, "four sets and an empty SERVICE set");
     first.ack_all(&all, &mut versions).await;
     drop(first);
 

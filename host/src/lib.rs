@@ -1,8 +1,9 @@
 //! What ward needs from the host, in one place for the agent, the control plane, the tests and
 //! xtask: the mount table ([`mountinfo`]), file watching ([`watch`], feature `watch`), atomic
-//! file writes ([`atomic`]) and child processes ([`process`]).
+//! file writes ([`atomic`]), child processes ([`process`]) and network namespaces ([`netns`]).
 pub mod atomic;
 pub mod mountinfo;
+pub mod netns;
 pub mod process;
 #[cfg(feature = "watch")]
 pub mod watch;

@@ -14,6 +14,7 @@ mod k8s;
 pub mod load;
 pub mod model;
 mod port;
+pub mod service;
 pub mod trace;
 mod ward;
 pub mod yaml;

@@ -10,11 +10,12 @@ pub use v1::*;
 
 impl ResourceType {
     /// Every type the control plane serves, in the order the agent applies them.
-    pub const ALL: [ResourceType; 5] = [
+    pub const ALL: [ResourceType; 6] = [
         ResourceType::TrustBundle,
         ResourceType::Identity,
         ResourceType::Ipcache,
         ResourceType::Workload,
+        ResourceType::Service,
         ResourceType::Policy,
     ];
 
@@ -27,6 +28,7 @@ impl ResourceType {
             ResourceType::Ipcache => "ipcache",
             ResourceType::TrustBundle => "trust_bundle",
             ResourceType::Workload => "workload",
+            ResourceType::Service => "service",
         }
     }
 

@@ -3,19 +3,23 @@
 //! namespaces, in one run. The client workload on node A connects to `db` on node B; in the plain
 //! phase db's policy admits it without mTLS (the kernel's L4 check only), in the tunnel phase the
 //! same rule says `mtls: required`, so every connection goes through A's connect hook, A's agent,
-//! TLS 1.3 between the agents, and B's agent.
+//! TLS 1.3 between the agents, and B's agent. It runs twice: with both workloads in their nodes'
+//! network namespaces, then with each in a pod of its own (a network namespace joined to its
+//! node, where the agents open the tunnel's listeners); the second run also measures node A's
+//! agent with `--pods` more pods each holding its listeners.
 //!
 //! This binary is three programs: the orchestrator (no arguments but options), `serve` (the echo
 //! and sink servers, in db's cgroup on node B) and `load` (the load generator, in the client's
 //! cgroup on node A, printing its figures as one JSON line).
 //!
 //! Options: `--seconds S` (per timed phase, default 3), `--connections N` (concurrent tunneled
-//! connections for the agents' RSS and CPU, default 1000), `--mib M` (throughput, default 256).
+//! connections for the agents' RSS and CPU, default 1000), `--mib M` (throughput, default 256),
+//! `--pods N` (idle pods with listeners for the memory figure, default 100).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use ward_tests::{Background, Cluster, Placement, Workload};
+use ward_tests::{cluster::v6, Background, Cluster, Netns, Placement, Workload};
 use ward_tunnel::load::*;
 
 const A: usize = 0;
@@ -28,6 +32,7 @@ struct Options {
     seconds: f64,
     connections: usize,
     mib: usize,
+    pods: usize,
 }
 
 fn main() {
@@ -48,6 +53,7 @@ fn options(args: &[String]) -> Options {
         seconds: 3.0,
         connections: 1000,
         mib: 256,
+        pods: 100,
     };
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
@@ -58,6 +64,7 @@ fn options(args: &[String]) -> Options {
                 options.connections = value().parse().expect("--connections: a count")
             }
             "--mib" => options.mib = value().parse().expect("--mib: a count"),
+            "--pods" => options.pods = value().parse().expect("--pods: a count"),
             other => panic!("unknown option {other:?}"),
         }
     }
@@ -140,19 +147,23 @@ fn db_policy(mtls: bool) -> String {
     )
 }
 
-fn run_load(cluster: &Cluster, options: &Options, connections: usize) -> serde_json::Value {
+/// The load generator in `client` against `db`'s servers, with both agents' pids.
+fn run_load(
+    cluster: &Cluster,
+    options: &Options,
+    connections: usize,
+    (client, db): (&Placement, IpAddr),
+) -> serde_json::Value {
     let exe = std::env::current_exe().expect("this executable");
-    let b = cluster.node(B).address();
     let mut args = vec![
         "load".to_string(),
-        SocketAddr::new(b, ECHO_PORT).to_string(),
-        SocketAddr::new(b, SINK_PORT).to_string(),
+        SocketAddr::new(db, ECHO_PORT).to_string(),
+        SocketAddr::new(db, SINK_PORT).to_string(),
         options.seconds.to_string(),
         options.mib.to_string(),
         connections.to_string(),
     ];
     args.extend([A, B].map(|n| cluster.node(n).ward().pid().to_string()));
-    let client: Placement = cluster.node(A).workload("client");
     let output = client
         .command(&exe, &args)
         .output()
@@ -168,24 +179,26 @@ fn run_load(cluster: &Cluster, options: &Options, connections: usize) -> serde_j
     serde_json::from_str(text.lines().last().unwrap_or_default()).expect("one JSON line of figures")
 }
 
-fn orchestrate(options: Options) {
-    let mut cluster = Cluster::new("bench-mtls", 2, &[], &[]);
-    cluster.node_mut(A).enable_tunnel();
-    cluster.node_mut(B).enable_tunnel();
-    // Each workload has its node's own address, the source address its connections leave with.
-    let client_address = cluster.node(A).address();
-    cluster.node(A).workload("client");
-    let db = cluster.node(B).workload("db");
-    let b = cluster.node(B).address();
-    cluster
-        .node_mut(B)
-        .start(&[Workload::new("db").address(&b.to_string())]);
-    cluster
-        .node_mut(A)
-        .start(&[Workload::new("client").address(&client_address.to_string())]);
-    for node in cluster.nodes() {
-        node.wait_known(0, 2, 2);
+/// Waits until `ward`'s log has a line with all of `needles`.
+fn wait_log(ward: &ward_tests::Ward, what: &str, needles: &[&str]) {
+    let started = Instant::now();
+    while !ward
+        .lines()
+        .iter()
+        .any(|l| needles.iter().all(|n| l.contains(n)))
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "no {what}");
+        std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Starts db's servers, then measures plain TCP (db's rule without mTLS) and the tunnel (with
+/// it) from `client` to `db` at `db_address`.
+fn measure(
+    cluster: &Cluster,
+    options: &Options,
+    (client, db, db_address): (&Placement, &Placement, IpAddr),
+) -> (serde_json::Value, serde_json::Value, Background) {
     let exe = std::env::current_exe().expect("this executable");
     let servers = Background::spawn(
         "servers",
@@ -193,8 +206,8 @@ fn orchestrate(options: Options) {
             &exe,
             &[
                 "serve",
-                &format!("0.0.0.0:{ECHO_PORT}"),
-                &format!("0.0.0.0:{SINK_PORT}"),
+                &format!("[::]:{ECHO_PORT}"),
+                &format!("[::]:{SINK_PORT}"),
             ],
         ),
         false,
@@ -202,34 +215,156 @@ fn orchestrate(options: Options) {
     servers.wait_for_line(0, Duration::from_secs(10), "the servers", |l| {
         l == "serving"
     });
-
     let apply = |mtls: bool| {
         let version = cluster.apply_policy("db.yaml", &db_policy(mtls));
         cluster.wait_everywhere(&[A, B], &version);
     };
     apply(false);
-    let plain = run_load(&cluster, &options, 0);
+    let plain = run_load(cluster, options, 0, (client, db_address));
     apply(true);
     // The client's certificate is installed before the first tunneled connection.
+    wait_log(
+        cluster.node(A).ward(),
+        "client certificate",
+        &["workload certificate installed"],
+    );
+    let tunnel = run_load(cluster, options, options.connections, (client, db_address));
+    (plain, tunnel, servers)
+}
+
+fn orchestrate(options: Options) {
+    let host = {
+        let mut cluster = Cluster::new("bench-mtls", 2, &[], &[]);
+        cluster.node_mut(A).enable_tunnel();
+        cluster.node_mut(B).enable_tunnel();
+        // Each workload has its node's own address, the source address its connections leave
+        // with.
+        let (a, b) = (cluster.node(A).address(), cluster.node(B).address());
+        let client = cluster.node(A).workload("client");
+        let db = cluster.node(B).workload("db");
+        cluster
+            .node_mut(B)
+            .start(&[Workload::new("db").address(&b.to_string())]);
+        cluster
+            .node_mut(A)
+            .start(&[Workload::new("client").address(&a.to_string())]);
+        for node in cluster.nodes() {
+            node.wait_known(0, 2, 2);
+        }
+        let (plain, tunnel, _servers) = measure(&cluster, &options, (&client, &db, b));
+        (plain, tunnel)
+    };
+    let (pods, idle) = in_pods(&options);
+    report(&options, &host, &pods, &idle);
+}
+
+/// The same two measurements with `client` and `db` in pods of their own; then node A's agent's
+/// RSS before and after `options.pods` more pods appear and get their listeners.
+fn in_pods(options: &Options) -> ((serde_json::Value, serde_json::Value), (f64, f64)) {
+    let mut cluster = Cluster::new("bench-mtls-pods", 2, &[], &[]);
+    cluster.node_mut(A).enable_tunnel();
+    cluster.node_mut(B).enable_tunnel();
+    let (client_ns, a) = cluster.pod_network(A);
+    let (db_ns, b) = cluster.pod_network(B);
+    let client = cluster.node(A).workload("client").in_netns(&client_ns);
+    let db = cluster.node(B).workload("db").in_netns(&db_ns);
+    let workload = |name: &str, address: IpAddr| {
+        Workload::new(name)
+            .address(&address.to_string())
+            .address(&v6(address).to_string())
+    };
+    // The idle pods: a namespace each, with an address on its loopback (not every kernel has
+    // dummy interfaces; the node does not route to them: only their listeners are measured).
+    let idle: Vec<(Netns, IpAddr, Placement)> = (0..options.pods)
+        .map(|i| {
+            let netns = Netns::new(&format!("bench-idle{i}"));
+            let address = IpAddr::from([10, 234, (i / 250) as u8, (i % 250 + 1) as u8]);
+            netns.ip(&["addr", "add", &format!("{address}/32"), "dev", "lo"]);
+            let placement = cluster
+                .node(A)
+                .workload(&format!("idle{i}"))
+                .in_netns(netns.name());
+            (netns, address, placement)
+        })
+        .collect();
+    cluster.node_mut(B).start(&[workload("db", b)]);
+    let mut a_workloads = vec![workload("client", a)];
+    a_workloads.extend(idle.iter().enumerate().map(|(i, (_, address, _))| {
+        Workload::new(&format!("idle{i}")).address(&address.to_string())
+    }));
+    cluster.node_mut(A).start(&a_workloads);
+    // The pods' sandboxes: the agents find the namespaces from them.
+    let sandbox =
+        |at: &Placement| Background::spawn("sandbox", at.command("sleep", &["3600"]), false);
+    let _sandboxes = [sandbox(&client), sandbox(&db)];
+    let listeners = "tunnel listeners opened in the workload's network namespace";
+    wait_log(
+        cluster.node(A).ward(),
+        "client's listeners",
+        &[listeners, "\"client\""],
+    );
+    wait_log(
+        cluster.node(B).ward(),
+        "db's listeners",
+        &[listeners, "\"db\""],
+    );
+    let pods = options.pods as u64;
+    for node in cluster.nodes() {
+        node.wait_known(0, 2 + pods, 4 + pods);
+    }
+    let (plain, tunnel, _servers) = measure(&cluster, options, (&client, &db, b));
+
+    let rss = |node: usize| rss_kib(cluster.node(node).ward().pid() as u32) as f64 / 1024.0;
+    let before = rss(A);
+    let _idle_sandboxes: Vec<Background> = idle.iter().map(|(_, _, at)| sandbox(at)).collect();
     let started = Instant::now();
-    while !cluster
+    while cluster
         .node(A)
         .ward()
         .lines()
         .iter()
-        .any(|l| l.contains("workload certificate installed"))
+        .filter(|l| l.contains(listeners) && l.contains("idle"))
+        .count()
+        < options.pods
     {
         assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no client certificate"
+            started.elapsed() < Duration::from_secs(60),
+            "not every idle pod got its listeners"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let tunnel = run_load(&cluster, &options, options.connections);
-    report(&options, &plain, &tunnel);
+    std::thread::sleep(Duration::from_secs(1));
+    ((plain, tunnel), (before, rss(A)))
 }
 
-fn report(options: &Options, plain: &serde_json::Value, tunnel: &serde_json::Value) {
+type Pair = (serde_json::Value, serde_json::Value);
+
+fn report(options: &Options, host: &Pair, pods: &Pair, (before, after): &(f64, f64)) {
+    println!(
+        "ward mTLS bench: 2 nodes (network namespaces on a bridge), real agents and control plane; \
+         client on node A, echo and sink servers in db on node B; {} s per timed phase",
+        options.seconds
+    );
+    println!();
+    println!("Workloads in their nodes' network namespaces:");
+    table(options, &host.0, &host.1);
+    println!();
+    println!("Workloads in pods of their own (the agents' listeners inside the pods):");
+    table(options, &pods.0, &pods.1);
+    println!();
+    println!(
+        "node A's agent RSS: {before:.1} MiB with the client pod's listeners (and {0} more \
+         workloads' certificates), {after:.1} MiB once those {0} pods run and hold listeners: \
+         {1:.1} KiB a pod",
+        options.pods,
+        (after - before) * 1024.0 / options.pods.max(1) as f64,
+    );
+    println!(
+        "RSS is the agents' whole resident memory (maps, policy, tunnel), not the tunnel's alone."
+    );
+}
+
+fn table(options: &Options, plain: &serde_json::Value, tunnel: &serde_json::Value) {
     let f = |v: &serde_json::Value, key: &str| v[key].as_f64().unwrap_or(f64::NAN);
     let list = |v: &serde_json::Value, key: &str| -> Vec<f64> {
         v[key]
@@ -237,12 +372,6 @@ fn report(options: &Options, plain: &serde_json::Value, tunnel: &serde_json::Val
             .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
             .unwrap_or_default()
     };
-    println!(
-        "ward mTLS bench: 2 nodes (network namespaces on a bridge), real agents and control plane; \
-         client on node A, echo and sink servers in db on node B; {} s per timed phase",
-        options.seconds
-    );
-    println!();
     println!(
         "| {:<50} | {:>14} | {:>14} | {:>12} |",
         "measure", "plain TCP", "tunnel", "difference"
@@ -320,8 +449,4 @@ fn report(options: &Options, plain: &serde_json::Value, tunnel: &serde_json::Val
             ),
         );
     }
-    println!();
-    println!(
-        "RSS is the agents' whole resident memory (maps, policy, tunnel), not the tunnel's alone."
-    );
 }

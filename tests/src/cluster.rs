@@ -3,6 +3,9 @@
 //! (the hub) holding the bridge that joins them. Every address lives inside the test's
 //! namespaces only; `<n>` is the cluster's number.
 //!
+//! - Every address has an IPv6 twin ([`v6`]): `10.232.<n>.<h>` is also `fd00:232:<n>::<h>`
+//!   (the bridge is a /64), a pod's `10.233.<n>.<p>` also `fd00:233:<n>::<p>`, routed alike; a
+//!   pod's IPv6 default route is the link-local `fe80::1` on the node's side of its veth.
 //! - Nodes: `10.232.<n>.0/24` on the bridge. The bridge is `.1` (where the control plane
 //!   listens), node `i` (from 0) is host `10 * (i + 1)` and its extra addresses
 //!   ([`Node::add_address`], for workloads sharing the node's namespace) follow it.
@@ -16,7 +19,7 @@
 //!   ARP needs to answer for the gateway). The hub and the other nodes route the node's /28 via
 //!   the node's address, so pods on different nodes reach each other across the bridge.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
@@ -32,6 +35,23 @@ pub const TUNNEL_PORT: u16 = 15008;
 /// The log line ward writes once a control-plane state is in the kernel.
 pub const APPLIED: &str = "control plane state applied";
 const NODE_NAMES: [&str; 4] = ["node-a", "node-b", "node-c", "node-d"];
+
+/// The IPv6 twin of a test cluster's IPv4 address: `10.232.<n>.<h>` → `fd00:232:<n>::<h>`,
+/// `10.233.<n>.<p>` → `fd00:233:<n>:<p / 16>::<p>` (a /64 per node's pods), each number
+/// written as the same digits in hex.
+pub fn v6(address: IpAddr) -> Ipv6Addr {
+    let IpAddr::V4(a) = address else {
+        panic!("{address} is no IPv4 address of a test cluster")
+    };
+    let [_, range, subnet, host] = a.octets();
+    let hex = |n: u8| u16::from_str_radix(&n.to_string(), 16).expect("decimal digits");
+    let pods = if range == 233 {
+        u16::from(host / 16)
+    } else {
+        0
+    };
+    Ipv6Addr::new(0xfd00, hex(range), hex(subnet), pods, 0, 0, 0, hex(host))
+}
 
 /// One node: its agent (while running), cgroups, pods' namespaces and namespace, dropped in that
 /// order.
@@ -60,6 +80,15 @@ impl Node {
     /// The node's pod range, `10.233.<n>.<16 * (i + 1)>/28`.
     fn pod_range(&self) -> String {
         format!("10.233.{}.{}/28", self.subnet, self.pod_base())
+    }
+
+    /// The IPv6 twin of the pod range ([`v6`]): a /64.
+    fn pod_range6(&self) -> String {
+        let base = v6(IpAddr::from([10, 233, self.subnet, self.pod_base()]));
+        format!(
+            "{}/64",
+            Ipv6Addr::from(u128::from(base) & !u128::from(u64::MAX))
+        )
     }
 
     /// The range's first address (its network address, no pod's).
@@ -264,6 +293,14 @@ impl Cluster {
             "dev",
             "br0",
         ]);
+        hub.ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", v6(IpAddr::from([10, 232, subnet, 1]))),
+            "dev",
+            "br0",
+            "nodad",
+        ]);
         hub.ip(&["link", "set", "br0", "up"]);
 
         let mut opts = ControlPlaneOptions::new(crate::control_bin(), dir.join("plane"));
@@ -296,6 +333,15 @@ impl Cluster {
         let host = 10 * (index as u8 + 1);
         let address = format!("10.232.{}.{host}/24", self.subnet);
         netns.ip(&["addr", "add", &address, "dev", "veth0"]);
+        let address6 = v6(IpAddr::from([10, 232, self.subnet, host]));
+        netns.ip(&[
+            "addr",
+            "add",
+            &format!("{address6}/64"),
+            "dev",
+            "veth0",
+            "nodad",
+        ]);
         netns.ip(&["link", "set", "veth0", "up"]);
 
         let token_file = self.dir.join(format!("{name}.token"));
@@ -342,10 +388,13 @@ impl Cluster {
             let hub = format!("10.232.{}.1", self.subnet);
             node.netns
                 .ip(&["route", "add", "default", "via", &hub, "dev", "veth0"]);
+            node.netns.sysctl("net.ipv6.conf.all.forwarding", "1");
             let (range, via) = (node.pod_range(), node.address().to_string());
+            let (range6, via6) = (node.pod_range6(), v6(node.address()).to_string());
             let others = self.nodes.iter().filter(|n| n.name != node.name);
             for netns in std::iter::once(&self.hub).chain(others.map(|n| &n.netns)) {
                 netns.ip(&["route", "add", &range, "via", &via]);
+                netns.ip(&["-6", "route", "add", &range6, "via", &via6]);
             }
         }
 
@@ -357,7 +406,19 @@ impl Cluster {
         let port = format!("pod{n}");
         pod.veth("eth0", &port, node.netns.name());
         pod.ip(&["addr", "add", &format!("{address}/32"), "dev", "eth0"]);
+        let address6 = v6(address);
+        pod.ip(&[
+            "addr",
+            "add",
+            &format!("{address6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         pod.ip(&["link", "set", "eth0", "up"]);
+        pod.ip(&[
+            "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ]);
         pod.ip(&[
             "route",
             "add",
@@ -381,6 +442,8 @@ impl Cluster {
         // Answer at once, not after up to 0.8 s.
         node.netns
             .sysctl(&format!("net.ipv4.neigh.{port}.proxy_delay"), "0");
+        node.netns
+            .ip(&["addr", "add", "fe80::1/64", "dev", &port, "nodad"]);
         node.netns.ip(&["link", "set", &port, "up"]);
         node.netns.ip(&[
             "route",
@@ -390,6 +453,14 @@ impl Cluster {
             &port,
             "scope",
             "link",
+        ]);
+        node.netns.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{address6}/128"),
+            "dev",
+            &port,
         ]);
         let name = pod.name().to_owned();
         node.pods.push(pod);

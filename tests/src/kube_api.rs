@@ -3,9 +3,11 @@
 //! ward-control's Kubernetes client (kube-rs) runs against it unchanged.
 //!
 //! What it implements, as the API server does:
-//! - list and watch of Namespaces (`/api/v1/namespaces`), Pods (`/api/v1/pods`), NetworkPolicies
-//!   (`/apis/networking.k8s.io/v1/networkpolicies`) and ward Policies (`/apis/ward.dev/v1/policies`),
-//!   cluster-wide and, for the namespaced ones, under `/namespaces/<ns>/`; GET of one object;
+//! - list and watch of Namespaces (`/api/v1/namespaces`), Pods (`/api/v1/pods`), Services
+//!   (`/api/v1/services`), EndpointSlices (`/apis/discovery.k8s.io/v1/endpointslices`),
+//!   NetworkPolicies (`/apis/networking.k8s.io/v1/networkpolicies`) and ward Policies
+//!   (`/apis/ward.dev/v1/policies`), cluster-wide and, for the namespaced ones, under
+//!   `/namespaces/<ns>/`; GET of one object;
 //! - one resourceVersion counter (etcd's revision) bumped by every change and stamped on the
 //!   object; `metadata.uid` and `metadata.creationTimestamp` filled in when absent;
 //! - LIST answers every object at the current revision, without `kind`/`apiVersion` on the items;

@@ -1,6 +1,7 @@
 //! kube-rs's watcher, the client ward-control watches the Kubernetes API with, against the
 //! stand-in API server: the stand-in speaks the protocol the way kube expects it, through the
-//! recoveries a real API server puts a client through (a restart, a compaction). Needs no root.
+//! recoveries a real API server puts a client through (a restart, a compaction), and with the
+//! Services and EndpointSlices ward-control builds SERVICE resources from. Needs no root.
 
 use std::pin::pin;
 use std::time::Duration;
@@ -191,4 +192,112 @@ async fn kube_watcher_lists_watches_resumes_and_relists_against_the_stand_in() {
     expect(&api, &mut stream, &["Apply last"]).await;
     let failed = request_index(&api, retried + 1, LIST, "resourceVersion=8");
     request_index(&api, failed + 1, LIST, "resourceVersion=8");
+}
+
+/// What the watcher yields, as `Init`, `InitApply <name>`, `InitDone`, `Apply <name>` or
+/// `Delete <name>`, for any kind.
+async fn next_of<K: kube::Resource>(
+    stream: &mut (impl Stream<Item = watcher::Result<Event<K>>> + Unpin),
+) -> String {
+    let item = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("the watcher yielded something within 10 s")
+        .expect("a watcher never ends");
+    match item {
+        Ok(Event::Init) => "Init".into(),
+        Ok(Event::InitApply(o)) => format!("InitApply {}", o.name_any()),
+        Ok(Event::InitDone) => "InitDone".into(),
+        Ok(Event::Apply(o)) => format!("Apply {}", o.name_any()),
+        Ok(Event::Delete(o)) => format!("Delete {}", o.name_any()),
+        Err(e) => panic!("the watcher failed: {e}"),
+    }
+}
+
+fn service(name: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "apps"},
+        "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]},
+    })
+}
+
+fn endpoint_slice(name: &str, service: &str, ready: bool) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "apps",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.1.0.5"], "conditions": {"ready": ready},
+                       "targetRef": {"kind": "Pod", "name": "web-0", "namespace": "apps"}}],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    })
+}
+
+#[tokio::test]
+async fn kube_lists_and_watches_services_and_endpoint_slices_against_the_stand_in() {
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+    let api = KubeApi::start();
+    api.apply(service("web"));
+    api.apply(endpoint_slice("web-abc", "web", true));
+    api.apply(endpoint_slice("db-abc", "db", true));
+    let client = client_of(&api).await;
+
+    let services: Api<Service> = Api::all(client.clone());
+    let mut services = pin!(watcher::watcher(services, watcher::Config::default()));
+    let slices: Api<EndpointSlice> = Api::all(client.clone());
+    let mut slices = pin!(watcher::watcher(slices, watcher::Config::default()));
+    for want in ["Init", "InitApply web", "InitDone"] {
+        assert_eq!(next_of(&mut services).await, want);
+    }
+    for want in ["Init", "InitApply db-abc", "InitApply web-abc", "InitDone"] {
+        assert_eq!(next_of(&mut slices).await, want);
+    }
+
+    // The endpoint turns not ready, the slice goes, the Service goes.
+    api.apply(endpoint_slice("web-abc", "web", false));
+    assert_eq!(next_of(&mut slices).await, "Apply web-abc");
+    api.delete(
+        "discovery.k8s.io/v1",
+        "EndpointSlice",
+        Some("apps"),
+        "web-abc",
+    );
+    assert_eq!(next_of(&mut slices).await, "Delete web-abc");
+    api.delete("v1", "Service", Some("apps"), "web");
+    assert_eq!(next_of(&mut services).await, "Delete web");
+    let requests = api.requests();
+    for path in [
+        "GET /api/v1/services?",
+        "GET /apis/discovery.k8s.io/v1/endpointslices?",
+    ] {
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.starts_with(path) && r.contains("watch=true")),
+            "{path}…watch=true: {requests:#?}"
+        );
+    }
+
+    // What kube reads of them, and a list by the label that ties a slice to its Service.
+    api.apply(endpoint_slice("web-def", "web", true));
+    let in_apps: Api<EndpointSlice> = Api::namespaced(client, "apps");
+    let listed = in_apps
+        .list(&kube::api::ListParams::default().labels("kubernetes.io/service-name=web"))
+        .await
+        .expect("a list of EndpointSlices");
+    assert_eq!(listed.items.len(), 1);
+    let slice = &listed.items[0];
+    assert_eq!(slice.name_any(), "web-def");
+    let endpoint = &slice.endpoints.as_ref().expect("endpoints")[0];
+    assert_eq!(endpoint.addresses, ["10.1.0.5"]);
+    assert_eq!(
+        endpoint.conditions.as_ref().and_then(|c| c.ready),
+        Some(true)
+    );
+    assert_eq!(
+        slice.ports.as_ref().expect("ports")[0].port,
+        Some(8080),
+        "the port the endpoints serve on"
+    );
 }

@@ -10,7 +10,7 @@
 //! events, bookmarks, `410 Gone`) over HTTP, from objects the test puts in.
 
 mod support;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -332,8 +332,8 @@ fn pods_labels_namespaces_and_network_policies_from_the_api_are_enforced_by_thei
     let log = shop.cluster.plane.logs();
     let failures = log[mark..].matches("Kubernetes watch failed").count();
     assert!(
-        // At most once for each of the four watches.
-        (1..=4).contains(&failures),
+        // At most once for each of the six watches.
+        (1..=6).contains(&failures),
         "each failing watch is logged once, not {failures} times; log:\n{log}"
     );
 
@@ -515,4 +515,395 @@ fn with_unmapped_cgroups_denied_a_pod_talks_only_once_its_node_maps_it_and_host_
         "pod cgroup created -> first allowed connection: {:.1} ms ({refused} refused before)",
         created.elapsed().as_secs_f64() * 1e3
     );
+}
+
+/// A Service of namespace `shop`: `ips` its cluster IPs, `ports` (name, port, protocol).
+fn service(name: &str, ips: &[&str], ports: &[(&str, u16, &str)]) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, p, proto)| json!({"name": n, "port": p, "targetPort": n, "protocol": proto}))
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"clusterIP": ips[0], "clusterIPs": ips, "ports": ports, "type": "ClusterIP"},
+    })
+}
+
+/// The EndpointSlice `<service>-<family>` of Service `service`: `endpoints` (pod name, address,
+/// ready), `ports` (name, port, protocol).
+fn endpoint_slice(
+    service: &str,
+    family: &str,
+    endpoints: &[(&str, IpAddr, bool)],
+    ports: &[(&str, u16, &str)],
+) -> Value {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(pod, address, ready)| {
+            json!({
+                "addresses": [address.to_string()],
+                "conditions": {"ready": ready},
+                "targetRef": {"kind": "Pod", "namespace": "shop", "name": pod},
+            })
+        })
+        .collect();
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, p, proto)| json!({"name": n, "port": p, "protocol": proto}))
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{service}-{}", family.to_lowercase()), "namespace": "shop",
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": family,
+        "endpoints": endpoints,
+        "ports": ports,
+    })
+}
+
+/// A pod of `shop` with addresses `ips` (the first is `podIP`).
+fn pod_with_ips(name: &str, uid: &str, node: &str, app: &str, ips: &[IpAddr]) -> Value {
+    let mut pod = pod(name, uid, node, app, &ips[0].to_string());
+    pod["status"]["podIPs"] = ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
+    pod
+}
+
+/// Tries `f` every 50 ms until it gives `Some`, for at most 20 s.
+fn eventually<T>(shop: &Shop, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let start = Instant::now();
+    loop {
+        match f() {
+            Ok(value) => return value,
+            Err(last) if start.elapsed() > ward_tests::scaled(Duration::from_secs(20)) => {
+                let agents: Vec<String> = shop
+                    .cluster
+                    .nodes()
+                    .iter()
+                    .filter(|n| n.is_running())
+                    .map(|n| format!("{}:\n{}", n.name, n.ward().log().tail(30)))
+                    .collect();
+                panic!(
+                    "{what}: not after 20 s; last: {last}\nward-control:\n{}\n{}",
+                    shop.cluster.plane.logs(),
+                    agents.join("\n")
+                );
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// `getent hosts <name>` from `at` with `resolver` as the only name server (a resolv.conf
+/// bind-mounted in a mount namespace of the command's own): glibc's resolver, which connects a
+/// UDP socket to the name server and takes only replies from that address.
+fn getent(
+    at: &Placement,
+    dir: &std::path::Path,
+    resolver: &str,
+    name: &str,
+) -> Result<String, String> {
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        format!("nameserver {resolver}\noptions timeout:1 attempts:1\n"),
+    )
+    .expect("write resolv.conf");
+    let script = format!(
+        "mount --bind {} /etc/resolv.conf && exec getent hosts {name}",
+        resolv.display()
+    );
+    let finished = ward_tests::run(
+        &format!("getent hosts {name}"),
+        at.command("unshare", &["-m", "sh", "-c", &script]),
+        Duration::from_secs(10),
+    );
+    if finished.status.success() {
+        Ok(finished.stdout.trim().to_owned())
+    } else {
+        Err(format!(
+            "{}: {}{}",
+            finished.status, finished.stdout, finished.stderr
+        ))
+    }
+}
+
+#[test]
+fn a_client_pod_reaches_a_services_ready_backends_by_cluster_ip_and_policy_judges_each_backend() {
+    use ward_tests::cluster::v6;
+    const DB0_UID: &str = "3f1c2a4e-0000-4000-8000-00000000c001";
+    const DB1_UID: &str = "3f1c2a4e-0000-4000-8000-00000000c002";
+    const DNS_UID: &str = "3f1c2a4e-0000-4000-8000-00000000c003";
+    let mut shop = Shop::new("k8s-svc");
+    let (a, b) = (shop.node(A), shop.node(B));
+    // Backends in pod namespaces of their own: db-0 on node A, db-1 on node B (the client's),
+    // each serving HTTP and echoing UDP on IPv4 and IPv6; the resolver, dnsmasq, on node A.
+    let mut db = Vec::new();
+    for (name, uid, node) in [("db-0", DB0_UID, A), ("db-1", DB1_UID, B)] {
+        let (netns, ip) = shop.cluster.pod_network(node);
+        let ips = [ip, IpAddr::V6(v6(ip))];
+        let cgroup = if node == A {
+            format!("kubepods/besteffort/pod{uid}/ctr-db")
+        } else {
+            format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-db.scope",
+                uid.replace('-', "_")
+            )
+        };
+        let at = shop.cluster.node(node).workload(&cgroup).in_netns(&netns);
+        let listeners: Vec<Listener> = ips
+            .iter()
+            .flat_map(|ip| {
+                [
+                    shop.peer
+                        .listen_http(&SocketAddr::new(*ip, 8080).to_string(), &at),
+                    shop.peer
+                        .listen(Protocol::Udp, &SocketAddr::new(*ip, 5353).to_string(), &at),
+                ]
+            })
+            .collect();
+        let node_name = shop.node(node);
+        shop.api
+            .apply(pod_with_ips(name, uid, &node_name, "db", &ips));
+        db.push((name, ips, listeners));
+    }
+    let (dns_netns, dns_ip) = shop.cluster.pod_network(A);
+    let dns_at = shop
+        .cluster
+        .node(A)
+        .workload(&format!("kubepods/besteffort/pod{DNS_UID}/ctr-dns"))
+        .in_netns(&dns_netns);
+    let mut dnsmasq = ward_tests::Background::spawn(
+        "dnsmasq",
+        dns_at.command(
+            "dnsmasq",
+            &[
+                "--keep-in-foreground".to_string(),
+                "--log-facility=-".into(),
+                "--conf-file=/dev/null".into(),
+                "--no-resolv".into(),
+                "--no-hosts".into(),
+                "--user=root".into(),
+                "--pid-file=".into(),
+                "--bind-interfaces".into(),
+                format!("--listen-address={dns_ip}"),
+                "--host-record=db.shop.test,10.96.0.20".into(),
+            ],
+        ),
+        false,
+    );
+    shop.api
+        .apply(pod("dns", DNS_UID, &a, "dns", &dns_ip.to_string()));
+    let _ = &b;
+
+    // The client may reach the db and dns pods only, and nothing may reach it (default deny
+    // ingress: the resolver's answers come in as replies to its own datagrams).
+    let mut policy = client_egress(to_app("db"));
+    policy["spec"]["policyTypes"] = json!(["Egress", "Ingress"]);
+    policy["spec"]["egress"] = json!([{"to": [to_app("db"), to_app("dns")]}]);
+    shop.api.apply(policy);
+    let db_ports = [("http", 80, "TCP"), ("echo", 7, "UDP")];
+    let backend_ports = [("http", 8080, "TCP"), ("echo", 5353, "UDP")];
+    shop.api
+        .apply(service("db", &["10.96.0.20", "fd00:96::20"], &db_ports));
+    let slices = |ready1: bool| {
+        [("IPv4", 0), ("IPv6", 1)].map(|(family, i)| {
+            endpoint_slice(
+                "db",
+                family,
+                &[("db-0", db[0].1[i], true), ("db-1", db[1].1[i], ready1)],
+                &backend_ports,
+            )
+        })
+    };
+    for slice in slices(true) {
+        shop.api.apply(slice);
+    }
+    // web: a backend the client may not reach, in node A's own namespace.
+    shop.api
+        .apply(service("web", &["10.96.0.30"], &[("http", 80, "TCP")]));
+    let web_ip = shop.cluster.node(A).address();
+    shop.api.apply(endpoint_slice(
+        "web",
+        "IPv4",
+        &[("web", web_ip, true)],
+        &[("http", shop.web.port(), "TCP")],
+    ));
+    shop.api.apply(service(
+        "dns",
+        &["10.96.0.10"],
+        &[("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")],
+    ));
+    shop.api.apply(endpoint_slice(
+        "dns",
+        "IPv4",
+        &[("dns", dns_ip, true)],
+        &[("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")],
+    ));
+    // empty: no ready backend at all.
+    shop.api
+        .apply(service("empty", &["10.96.0.40"], &[("http", 80, "TCP")]));
+    shop.cluster.start_from_cluster(A, "", &[]);
+    shop.cluster.start_from_cluster(B, "", &[]);
+
+    // curl through the cluster IP, IPv4 and IPv6: the socket's peer is the cluster IP.
+    let client = shop.client.clone();
+    for url in ["http://10.96.0.20/", "http://[fd00:96::20]/"] {
+        let peer = eventually(&shop, &format!("curl {url} from the client"), || {
+            curl_peer(&client, url)
+        });
+        let host = url.trim_start_matches("http://").trim_end_matches('/');
+        assert_eq!(
+            peer,
+            host.trim_matches(['[', ']']),
+            "getpeername() shows the cluster IP"
+        );
+    }
+    // Every connection reaches a backend, and both backends get some.
+    let many = shop.peer.connect(
+        Protocol::Tcp,
+        "10.96.0.20:80".parse().unwrap(),
+        &client,
+        &["--count", "40"],
+    );
+    assert_eq!(many.count(&Outcome::Ok), 40, "{many:?}");
+    let before: Vec<usize> = db.iter().map(|(_, _, l)| l[0].received()).collect();
+    assert!(
+        before.iter().all(|n| *n > 0),
+        "both db pods served: {before:?}"
+    );
+
+    // UDP, connected and unconnected, IPv4 and IPv6: the reply comes from the cluster IP.
+    for target in ["10.96.0.20:7", "[fd00:96::20]:7"] {
+        for connected in [true, false] {
+            let mut options = vec!["--timeout-ms", "2000"];
+            if connected {
+                options.push("--connected");
+            }
+            let (outcome, _) = attempt(
+                &shop.peer,
+                Protocol::Udp,
+                target.parse().unwrap(),
+                &client,
+                &options,
+            );
+            assert_eq!(outcome, Outcome::Ok, "udp {target} connected={connected}");
+        }
+    }
+
+    // glibc's resolver through the resolver's cluster IP, to dnsmasq in its pod.
+    let dir = shop
+        .cluster
+        .node(B)
+        .state_dir()
+        .parent()
+        .unwrap()
+        .to_owned();
+    let answer = eventually(&shop, "getent hosts db.shop.test", || {
+        getent(&client, &dir, "10.96.0.10", "db.shop.test")
+    });
+    assert!(answer.starts_with("10.96.0.20"), "{answer}");
+
+    // A Service whose backend the client may not reach: refused at once, and the verdict names
+    // the Service and the backend.
+    let (outcome, elapsed) = attempt(
+        &shop.peer,
+        Protocol::Tcp,
+        "10.96.0.30:80".parse().unwrap(),
+        &client,
+        &[],
+    );
+    assert_eq!(outcome, Outcome::Eperm, "web's backend is not allowed");
+    assert!(elapsed < Duration::from_secs(2), "at once, not {elapsed:?}");
+    let node_b = shop.cluster.node(B).ward();
+    let named = node_b.log().wait_for(0, Duration::from_secs(10), |l| {
+        l.contains("\"verdict\":\"deny\"")
+            && l.contains("\"service\":\"shop/web\"")
+            && l.contains(&format!("\"dst_addr\":\"{web_ip}\""))
+    });
+    assert!(
+        named.is_some(),
+        "the deny names the Service and the backend:\n{}",
+        node_b.log().tail(30)
+    );
+    // No ready backend: refused at once.
+    let (outcome, elapsed) = attempt(
+        &shop.peer,
+        Protocol::Tcp,
+        "10.96.0.40:80".parse().unwrap(),
+        &client,
+        &[],
+    );
+    assert_eq!(outcome, Outcome::Refused, "a Service without backends");
+    assert!(elapsed < Duration::from_secs(2), "at once, not {elapsed:?}");
+
+    // A workload in node A's own namespace (web, not isolated) uses the Service too.
+    let web_at = shop
+        .cluster
+        .node(A)
+        .workload(&format!("kubepods/burstable/pod{WEB_UID}/ctr-web"));
+    eventually(&shop, "curl db from web", || {
+        curl_peer(&web_at, "http://10.96.0.20/")
+    });
+
+    // db-1 leaves the EndpointSlices: no new connection reaches it.
+    for slice in slices(false) {
+        shop.api.apply(slice);
+    }
+    eventually(&shop, "db-1 gets no new connections", || {
+        let before = db[1].2[0].received();
+        let run = shop.peer.connect(
+            Protocol::Tcp,
+            "10.96.0.20:80".parse().unwrap(),
+            &client,
+            &["--count", "20"],
+        );
+        let after = db[1].2[0].received();
+        if run.count(&Outcome::Ok) == 20 && after == before {
+            Ok(())
+        } else {
+            Err(format!("{run:?}; db-1 received {} more", after - before))
+        }
+    });
+
+    // `ward policy trace` on node B answers for each backend of a Service, from the state the
+    // agent applied: db-0 is still a backend (allowed), web's backend is not allowed.
+    let config = shop.cluster.node(B).ward().config_file().to_owned();
+    let trace = |to: &str, expect: &str| {
+        let mut command = std::process::Command::new(ward_tests::ward_bin());
+        command
+            .args(["policy", "trace", "--config"])
+            .arg(&config)
+            .args([
+                "--from",
+                "shop/client",
+                "--to",
+                to,
+                "--port",
+                "80/tcp",
+                "--expect",
+                expect,
+            ]);
+        let finished = ward_tests::run(&format!("trace to {to}"), command, Duration::from_secs(30));
+        assert!(
+            finished.status.success(),
+            "trace to {to} must say {expect}: {}{}",
+            finished.stdout,
+            finished.stderr
+        );
+        finished.stdout
+    };
+    let db_trace = trace("shop/db", "allow");
+    assert!(
+        db_trace.contains(&format!("{}:8080 (pod shop/db-0)", db[0].1[0])),
+        "{db_trace}"
+    );
+    assert!(
+        !db_trace.contains("(pod shop/db-1)"),
+        "db-1 left: {db_trace}"
+    );
+    trace("shop/web", "deny");
+    dnsmasq.stop(libc::SIGTERM, Duration::from_secs(2));
 }

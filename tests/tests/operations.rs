@@ -132,7 +132,7 @@ fn upgrade_to_a_changed_map_layout_never_gives_a_wrong_verdict() {
         .filter(|n| n.starts_with("ward_"))
         .collect();
     assert!(
-        !pins.is_empty() && pins.iter().all(|n| n.ends_with("_v2")),
+        !pins.is_empty() && pins.iter().all(|n| n.ends_with("_v3")),
         "old maps left pinned: {pins:?}"
     );
     ward.assert_logged("migrated socket state");

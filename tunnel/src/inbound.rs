@@ -102,16 +102,17 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// The status of the refusal response on the CONNECT stream.
+    /// The status of the refusal response on the CONNECT stream, as HBONE peers (Istio's
+    /// ztunnel) answer: 400 for a request this listener does not serve, 401 when authorization
+    /// fails, 503 when the destination cannot be reached.
     pub fn status(&self) -> StatusCode {
         match self {
-            Refusal::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            Refusal::NotLocal { .. } | Refusal::WrongWorkload { .. } => {
-                StatusCode::MISDIRECTED_REQUEST
-            }
-            Refusal::Denied { .. } | Refusal::PeerCertificate { .. } => StatusCode::FORBIDDEN,
-            Refusal::ConnectFailed { .. } => StatusCode::BAD_GATEWAY,
-            Refusal::Handshake { .. }
+            Refusal::BadRequest { .. }
+            | Refusal::NotLocal { .. }
+            | Refusal::WrongWorkload { .. } => StatusCode::BAD_REQUEST,
+            Refusal::Denied { .. } | Refusal::PeerCertificate { .. } => StatusCode::UNAUTHORIZED,
+            Refusal::ConnectFailed { .. }
+            | Refusal::Handshake { .. }
             | Refusal::Http2Handshake { .. }
             | Refusal::HandshakeTimeout { .. }
             | Refusal::TooManyHandshakes { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -184,6 +185,7 @@ pub struct Inbound {
     authorizer: Arc<dyn Authorizer>,
     config: InboundConfig,
     pending_handshakes: Arc<Semaphore>,
+    presenting: Presenting,
 }
 
 /// A verified session: who the peer is, and which local workload's certificate it asked for.
@@ -226,14 +228,38 @@ impl Session {
     }
 }
 
+/// Whose certificate an inbound listener presents, and so which local workload its sessions
+/// are for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Presenting {
+    /// The node's shared listener: the workload the client names by SNI
+    /// ([`crate::server_name_for`]). Workloads in the node's network namespace share its
+    /// address, so only the name tells them apart.
+    ByServerName,
+    /// A listener in one workload's own network namespace, at its address (standard HBONE):
+    /// that workload's certificate, whatever server name the client sends, if any.
+    Workload(SpiffeId),
+}
+
 impl Inbound {
+    /// The node's shared listener ([`Presenting::ByServerName`]).
     pub fn new(
         svids: Arc<SvidStore>,
         trust: Arc<TrustStore>,
         authorizer: Arc<dyn Authorizer>,
         config: InboundConfig,
     ) -> Result<Arc<Inbound>, tokio_rustls::rustls::Error> {
-        let server_config = tls::server_config(svids.clone(), trust.clone())?;
+        Inbound::presenting(svids, trust, authorizer, config, Presenting::ByServerName)
+    }
+
+    pub fn presenting(
+        svids: Arc<SvidStore>,
+        trust: Arc<TrustStore>,
+        authorizer: Arc<dyn Authorizer>,
+        config: InboundConfig,
+        presenting: Presenting,
+    ) -> Result<Arc<Inbound>, tokio_rustls::rustls::Error> {
+        let server_config = tls::server_config(svids.clone(), trust.clone(), presenting.clone())?;
         Ok(Arc::new(Inbound {
             acceptor: TlsAcceptor::from(server_config),
             trust,
@@ -241,6 +267,7 @@ impl Inbound {
             authorizer,
             pending_handshakes: Arc::new(Semaphore::new(config.max_pending_handshakes)),
             config,
+            presenting,
         }))
     }
 
@@ -389,17 +416,20 @@ impl Inbound {
                 },
             )
         })?;
-        let local = conn
-            .server_name()
-            .and_then(|name| self.svids.identity_for_server_name(name))
-            .ok_or_else(|| {
-                (
-                    Some(peer.clone()),
-                    Refusal::Handshake {
-                        reason: "the session names no local workload (SNI)".into(),
-                    },
-                )
-            })?;
+        let local = match &self.presenting {
+            Presenting::Workload(id) => Some(id.clone()),
+            Presenting::ByServerName => conn
+                .server_name()
+                .and_then(|name| self.svids.identity_for_server_name(name)),
+        };
+        let local = local.ok_or_else(|| {
+            (
+                Some(peer.clone()),
+                Refusal::Handshake {
+                    reason: "the session names no local workload (SNI)".into(),
+                },
+            )
+        })?;
         let connection = h2::server::Builder::new()
             .max_concurrent_streams(self.config.max_streams_per_session)
             .initial_window_size(self.config.stream_window)

@@ -26,7 +26,8 @@ pub mod trust;
 
 pub use identity::{IdentityError, Serial, SpiffeId};
 pub use inbound::{
-    Authorizer, DeliveryFuture, Denied, Inbound, InboundConfig, InboundEvent, Refusal, Verdict,
+    Authorizer, DeliveryFuture, Denied, Inbound, InboundConfig, InboundEvent, Presenting, Refusal,
+    Verdict,
 };
 pub use outbound::{
     OriginalDestinations, Outbound, OutboundConfig, OutboundRequest, OutboundStats, TunnelError,

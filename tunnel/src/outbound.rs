@@ -404,6 +404,8 @@ impl Outbound {
                 reason: e.to_string(),
             })?;
         let _ = tcp.set_nodelay(true);
+        // The name tells a node's shared listener which workload's certificate to present; a
+        // workload's own listener (standard HBONE) presents its own and ignores the name.
         let server_name = ServerName::try_from(server_name_for(&request.destination_id))
             .expect("a hex label under .svid.ward is a DNS name");
         let handshake = async {

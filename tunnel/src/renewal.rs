@@ -9,7 +9,7 @@ use crate::{
 };
 
 /// The first retry after a failed signing; the delay doubles up to [`MAX_RETRY`].
-pub const FIRST_RETRY: Duration = Duration::from_secs(1);
+pub const FIRST_RETRY: Duration = Duration::from_millis(100);
 pub const MAX_RETRY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]

@@ -123,9 +123,19 @@ struct Certificates {
 
 /// The certificates of this node's workloads. Cheap to read on every handshake; replaced whole
 /// per identity.
-#[derive(Default)]
 pub struct SvidStore {
     certificates: RwLock<Certificates>,
+    /// Bumped at every insert and removal, for those who act on which certificates are held.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for SvidStore {
+    fn default() -> Self {
+        SvidStore {
+            certificates: RwLock::default(),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl std::fmt::Debug for SvidStore {
@@ -154,7 +164,9 @@ impl SvidStore {
             .by_server_name
             .insert(server_name_for(&id), id.clone());
         let previous = certs.by_id.insert(id.clone(), Arc::new(svid));
+        drop(certs);
         tracing::info!(spiffe_id = %id, rotated = previous.is_some(), "workload certificate installed");
+        self.changes.send_modify(|n| *n += 1);
         previous
     }
 
@@ -162,7 +174,15 @@ impl SvidStore {
     pub fn remove(&self, id: &SpiffeId) -> Option<Arc<Svid>> {
         let mut certs = self.certificates.write().expect("SVID store lock poisoned");
         certs.by_server_name.remove(&server_name_for(id));
-        certs.by_id.remove(id)
+        let removed = certs.by_id.remove(id);
+        drop(certs);
+        self.changes.send_modify(|n| *n += 1);
+        removed
+    }
+
+    /// Changes whenever a certificate is installed or removed.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     pub fn get(&self, id: &SpiffeId) -> Option<Arc<Svid>> {

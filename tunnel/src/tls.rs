@@ -3,12 +3,18 @@
 use std::sync::Arc;
 
 use tokio_rustls::rustls::{
-    self, client::ResolvesClientCert, crypto::CryptoProvider, sign::CertifiedKey, version::TLS13,
+    self,
+    client::ResolvesClientCert,
+    crypto::CryptoProvider,
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+    version::TLS13,
     ClientConfig, ServerConfig, SignatureScheme,
 };
 
 use crate::{
     identity::SpiffeId,
+    inbound::Presenting,
     svid::{Svid, SvidStore},
     trust::{SpiffeClientVerifier, SpiffeServerVerifier, TrustStore},
 };
@@ -20,17 +26,22 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The inbound listener's configuration: presents the certificate of the workload named by SNI
-/// (read from `svids` at each handshake, so a rotation takes effect at once) and requires a
-/// client certificate that `trust` accepts.
+/// The inbound listener's configuration: presents the certificate `presenting` names (read
+/// from `svids` at each handshake, so a rotation takes effect at once) and requires a client
+/// certificate that `trust` accepts.
 pub fn server_config(
     svids: Arc<SvidStore>,
     trust: Arc<TrustStore>,
+    presenting: Presenting,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let resolver: Arc<dyn ResolvesServerCert> = match presenting {
+        Presenting::ByServerName => svids,
+        Presenting::Workload(id) => Arc::new(PresentWorkload { svids, id }),
+    };
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&TLS13])?
         .with_client_cert_verifier(SpiffeClientVerifier::new(trust))
-        .with_cert_resolver(svids);
+        .with_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN.to_vec()];
     // Stateless tickets: a repeat peer resumes without a full handshake and without this side
     // keeping per-session state. A resumed session's certificate is checked again (expiry,
@@ -66,5 +77,18 @@ impl ResolvesClientCert for PresentSvid {
 
     fn has_certs(&self) -> bool {
         true
+    }
+}
+
+/// A workload's own listener presents its certificate, whatever the client names.
+#[derive(Debug)]
+struct PresentWorkload {
+    svids: Arc<SvidStore>,
+    id: SpiffeId,
+}
+
+impl ResolvesServerCert for PresentWorkload {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.svids.get(&self.id).map(|svid| svid.certified_key())
     }
 }

@@ -122,8 +122,8 @@ async fn certificate_revoked_after_the_handshake_opens_no_new_stream() {
     assert_reset(second).await;
     let err = carried.await.expect("task").expect_err("refused");
     assert!(
-        matches!(&err, TunnelError::Refused { status: 403, reason, .. } if reason.contains("revoked")),
-        "expected a 403 naming the revocation, got {err}"
+        matches!(&err, TunnelError::Refused { status: 401, reason, .. } if reason.contains("revoked")),
+        "expected a 401 naming the revocation, got {err}"
     );
     h.authorizer
         .refusal(
@@ -140,8 +140,8 @@ async fn valid_certificate_whose_identity_policy_does_not_allow_is_refused() {
     let other = "spiffe://example.org/ns/a/sa/not-allowed";
     let err = attack_with(&h, h.ca.issue(other, LIFETIME).svid(), other).await;
     assert!(
-        matches!(&err, TunnelError::Refused { status: 403, reason, .. } if reason.contains("not-allowed")),
-        "the source agent's error must carry the 403 and the reason, got {err}"
+        matches!(&err, TunnelError::Refused { status: 401, reason, .. } if reason.contains("not-allowed")),
+        "the source agent's error must carry the 401 and the reason, got {err}"
     );
     let refusal = h
         .authorizer
@@ -243,8 +243,8 @@ async fn destination_that_is_not_a_local_workload_is_refused() {
     assert_reset(tcp).await;
     let err = carried.await.expect("task").expect_err("refused");
     assert!(
-        matches!(&err, TunnelError::Refused { status: 421, .. }),
-        "expected 421, got {err}"
+        matches!(&err, TunnelError::Refused { status: 400, .. }),
+        "expected 400, got {err}"
     );
     h.authorizer
         .refusal(
@@ -271,8 +271,8 @@ async fn destination_of_another_workload_than_the_session_names_is_refused() {
     assert_reset(tcp).await;
     let err = carried.await.expect("task").expect_err("refused");
     assert!(
-        matches!(&err, TunnelError::Refused { status: 421, .. }),
-        "expected 421, got {err}"
+        matches!(&err, TunnelError::Refused { status: 400, .. }),
+        "expected 400, got {err}"
     );
     h.authorizer
         .refusal("another workload's address", |r| {

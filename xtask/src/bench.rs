@@ -9,6 +9,7 @@ use std::{
     fmt::Write as _,
     fs,
     io::{BufRead as _, BufReader},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
@@ -225,7 +226,7 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
         "results (median of {} rounds of {seconds} s)",
         args.rounds
     ));
-    print!("{}", table(&rows));
+    print!("{}", table(&rows, "size"));
     println!(
         "isolated: the client's egress and the server's ingress. conns/s and p50/p99: TCP \
          connect() (handshake) on a new socket; UDP: a new socket binds, connects, sends one \
@@ -293,14 +294,15 @@ impl Drop for NftTable {
     }
 }
 
-struct Measurement {
-    conns_per_sec: f64,
-    p50_us: f64,
-    p99_us: f64,
+#[derive(Clone)]
+pub struct Measurement {
+    pub conns_per_sec: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
     /// Connects that waited for a SYN retransmit: the run was disturbed.
-    slow: u64,
+    pub slow: u64,
     /// Connects made, warm-up included.
-    total_conns: u64,
+    pub total_conns: u64,
 }
 
 /// One agent's measurement: the connection rate with it in force, and what it cost.
@@ -356,12 +358,13 @@ fn measure_agent(
     })
 }
 
-struct Row {
-    transport: Transport,
-    size: usize,
-    variant: &'static str,
-    entries: Option<usize>,
-    m: Measurement,
+#[derive(Clone)]
+pub struct Row {
+    pub transport: Transport,
+    pub size: usize,
+    pub variant: &'static str,
+    pub entries: Option<usize>,
+    pub m: Measurement,
 }
 
 /// Starts the server (after the variant is in force, so ward sees it start listening), checks
@@ -387,7 +390,6 @@ fn measure(
     probe::start_listener(&mut children, &mut server_cmd, "the benchmark server")?;
 
     let client = cgroups.path("client");
-    let udp: &[&str] = if transport.is_udp() { &["--udp"] } else { &[] };
     // Each side's isolation on its own: the client's egress refuses the denied port, and the
     // server's ingress refuses it to a process that is no workload (whose egress nothing limits).
     for (from, isolation) in [
@@ -416,10 +418,35 @@ fn measure(
     }
 
     print!("{variant:<9} {transport} measuring {seconds} s ... ");
-    let mut cmd = sys::xtask_in_cgroup(&client)?;
-    cmd.args(["bench-client", &server, "--seconds", &seconds.to_string()])
-        .args(udp)
-        .stdout(Stdio::piped());
+    run_client(
+        sys::xtask_in_cgroup(&client)?,
+        transport.server(SERVER_PORT),
+        transport,
+        seconds,
+        variant,
+    )
+}
+
+/// Runs the `bench-client` loop against `target` with `cmd` (xtask placed where the client
+/// belongs: its cgroup, perhaps a network namespace) and returns what it measured.
+pub fn run_client(
+    mut cmd: Command,
+    target: SocketAddr,
+    transport: Transport,
+    seconds: f64,
+    variant: &str,
+) -> Result<Measurement> {
+    let mut children = Children::default();
+    cmd.args([
+        "bench-client",
+        &target.to_string(),
+        "--seconds",
+        &seconds.to_string(),
+    ])
+    .stdout(Stdio::piped());
+    if transport.is_udp() {
+        cmd.arg("--udp");
+    }
     let child = children.spawn(&mut cmd)?;
     let limit = Duration::from_secs_f64(seconds + 30.0);
     if sys::wait_timeout(child, limit)?.is_none() {
@@ -428,7 +455,7 @@ fn measure(
     let mut report = String::new();
     BufReader::new(child.stdout.take().expect("stdout is piped")).read_line(&mut report)?;
     let m = parse_report(&report)
-        .with_context(|| format!("{variant}, {transport} to {server}: client said {report:?}"))?;
+        .with_context(|| format!("{variant}, {transport} to {target}: client said {report:?}"))?;
     println!(
         "{:.0} conns/s, p50 {:.1} µs, p99 {:.1} µs",
         m.conns_per_sec, m.p50_us, m.p99_us
@@ -443,12 +470,12 @@ fn measure(
 }
 
 /// Turns on the kernel's run-time accounting of BPF programs; restores the setting on drop.
-struct BpfStats(String);
+pub struct BpfStats(String);
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 impl BpfStats {
-    fn enable() -> Result<Self> {
+    pub fn enable() -> Result<Self> {
         let previous =
             fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
         fs::write(BPF_STATS, "1").with_context(|| format!("writing {BPF_STATS}"))?;
@@ -463,7 +490,7 @@ impl Drop for BpfStats {
 }
 
 /// (program type, run time in ns, runs) of each program a process holds, from its fdinfo.
-fn prog_stats(pid: u32) -> BTreeMap<u32, (String, u64, u64)> {
+pub fn prog_stats(pid: u32) -> BTreeMap<u32, (String, u64, u64)> {
     let mut progs = BTreeMap::new();
     for entry in fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .into_iter()
@@ -495,7 +522,7 @@ fn prog_stats(pid: u32) -> BTreeMap<u32, (String, u64, u64)> {
 }
 
 /// `sock_ops 11.5 x 198 ns + ... = 5.5 µs`: what each program type costs a connection.
-fn per_connection(
+pub fn per_connection(
     before: &BTreeMap<u32, (String, u64, u64)>,
     after: &BTreeMap<u32, (String, u64, u64)>,
     conns: u64,
@@ -522,7 +549,7 @@ fn per_connection(
 }
 
 /// Medians of the rates and latencies; the slow connects of all rounds.
-fn median(runs: &[Measurement]) -> Measurement {
+pub fn median(runs: &[Measurement]) -> Measurement {
     let mid = |f: fn(&Measurement) -> f64| {
         let mut v: Vec<f64> = runs.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
@@ -557,13 +584,26 @@ fn parse_report(line: &str) -> Result<Measurement> {
     })
 }
 
-fn table(rows: &[Row]) -> String {
+/// The results as a table; `size` names the size column. A row whose variant starts with
+/// "no programs" is the baseline of the rows after it: their Δ columns compare with it.
+pub fn table(rows: &[Row], size: &str) -> String {
+    let width = rows
+        .iter()
+        .map(|r| r.variant.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(13);
+    // Without a row that counts entries, the column is left out.
+    let entries_width = if rows.iter().any(|r| r.entries.is_some()) {
+        9
+    } else {
+        0
+    };
     let mut out = format!(
-        "{:<9} {:>7}  {:<13} {:>8} {:>10} {:>9} {:>9} {:>11} {:>9} {:>6}\n",
+        "{:<9} {size:>7}  {:<width$}{:>entries_width$} {:>10} {:>9} {:>9} {:>11} {:>9} {:>6}\n",
         "transport",
-        "size",
         "variant",
-        "entries",
+        if entries_width > 0 { "entries" } else { "" },
         "conns/s",
         "p50 µs",
         "p99 µs",
@@ -573,7 +613,7 @@ fn table(rows: &[Row]) -> String {
     );
     let mut base: Option<&Measurement> = None;
     for row in rows {
-        if row.variant == "no programs" {
+        if row.variant.starts_with("no programs") {
             base = Some(&row.m);
         }
         let delta = |v: f64, b: f64| format!("{:+.1}%", (v / b - 1.0) * 100.0);
@@ -584,10 +624,14 @@ fn table(rows: &[Row]) -> String {
             ),
             _ => ("-".into(), "-".into()),
         };
-        let entries = row.entries.map_or("-".into(), |n| n.to_string());
+        let entries = match row.entries {
+            _ if entries_width == 0 => String::new(),
+            Some(n) => n.to_string(),
+            None => "-".into(),
+        };
         let _ = writeln!(
             out,
-            "{:<9} {:>7}  {:<13} {entries:>8} {:>10.0} {:>9.1} {:>9.1} {d_rate:>11} {d_p50:>9} {:>6}",
+            "{:<9} {:>7}  {:<width$}{entries:>entries_width$} {:>10.0} {:>9.1} {:>9.1} {d_rate:>11} {d_p50:>9} {:>6}",
             row.transport.to_string(),
             row.size,
             row.variant, row.m.conns_per_sec, row.m.p50_us, row.m.p99_us, row.m.slow

@@ -7,6 +7,7 @@ mod agent_log;
 mod bench;
 mod bench_control;
 mod bench_policy;
+mod bench_service;
 mod demo;
 mod image;
 mod loopback;
@@ -97,6 +98,10 @@ enum BenchCommand {
     /// Control plane: policy propagation to every node's kernel (p50/p99) for 10 and 10,000
     /// rules, a full resync of 100,000 rules, memory at 10,000 identities.
     Control(bench_control::ControlArgs),
+    /// Services: connections per second and connect latency to a cluster IP translated by ward,
+    /// against a pod IP directly (no programs, ward) and kube-proxy-style nftables DNAT, at 10
+    /// and 1,000 backends (TCP4, UDP4; in a network namespace of its own).
+    Service(bench_service::ServiceArgs),
 }
 
 fn main() -> ExitCode {
@@ -123,6 +128,9 @@ fn main() -> ExitCode {
         Command::Bench {
             bench: BenchCommand::Control(args),
         } => bench_control::run(&args),
+        Command::Bench {
+            bench: BenchCommand::Service(args),
+        } => bench_service::run(&args),
         Command::VmTest(args) => vm::run(&args),
         Command::Image(args) => image::run(&args),
         Command::Serve(args) => probe::serve(&args),

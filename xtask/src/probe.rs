@@ -67,6 +67,12 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
         }
         for socket in &datagram_sockets {
             scope.spawn(move || {
+                if socket
+                    .local_addr()
+                    .is_ok_and(|a| a.ip() == Ipv4Addr::UNSPECIFIED)
+                {
+                    echo_from_destination(socket);
+                }
                 let mut buf = [0u8; 2048];
                 // A sender gone before the echo (ECONNREFUSED on a later call) is not an error.
                 loop {
@@ -78,6 +84,90 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
         }
     });
     Ok(())
+}
+
+/// Echoes every datagram on an IPv4 socket bound to 0.0.0.0 from the address it was sent to
+/// (IP_PKTINFO), as a server on each address would: a reply from another local address is not
+/// the one a connected client (or conntrack's DNAT) waits for. Returns only when IP_PKTINFO
+/// cannot be set.
+fn echo_from_destination(socket: &UdpSocket) {
+    use std::{mem::size_of, ptr};
+    let fd = socket.as_raw_fd();
+    let on: libc::c_int = 1;
+    // SAFETY: the fd is open for the socket's lifetime; the option value is a valid c_int.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return;
+    }
+    let mut buf = [0u8; 2048];
+    // u64s: cmsg headers need their alignment.
+    let mut control = [0u64; 16];
+    loop {
+        // SAFETY: every pointer in `msg` points at a local buffer of the length given, alive for
+        // the calls; CMSG_* walk only the control buffer the kernel filled (or the one written
+        // here, sized by CMSG_SPACE).
+        unsafe {
+            let mut from: libc::sockaddr_storage = std::mem::zeroed();
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_name = (&mut from as *mut libc::sockaddr_storage).cast();
+            msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = size_of::<[u64; 16]>() as _;
+            let len = libc::recvmsg(fd, &mut msg, 0);
+            if len < 0 {
+                continue;
+            }
+            let mut to = None;
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_PKTINFO {
+                    let info: libc::in_pktinfo = ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                    to = Some(info.ipi_addr);
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+            (*msg.msg_iov).iov_len = len as usize;
+            msg.msg_flags = 0;
+            match to {
+                Some(addr) => {
+                    control = [0; 16];
+                    let space = libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32);
+                    msg.msg_control = control.as_mut_ptr().cast();
+                    msg.msg_controllen = space as _;
+                    let cmsg = libc::CMSG_FIRSTHDR(&msg);
+                    (*cmsg).cmsg_level = libc::IPPROTO_IP;
+                    (*cmsg).cmsg_type = libc::IP_PKTINFO;
+                    (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
+                    let info = libc::in_pktinfo {
+                        ipi_ifindex: 0,
+                        ipi_spec_dst: addr,
+                        ipi_addr: libc::in_addr { s_addr: 0 },
+                    };
+                    ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
+                }
+                None => {
+                    msg.msg_control = ptr::null_mut();
+                    msg.msg_controllen = 0;
+                }
+            }
+            // A sender gone before the echo is not an error.
+            let _ = libc::sendmsg(fd, &msg, 0);
+        }
+    }
 }
 
 /// Runs `cmd` (a `serve` command) among `children` and waits for its `listening` line.
@@ -102,7 +192,17 @@ pub fn connect_from(
     udp: bool,
     timeout: Duration,
 ) -> Result<(i32, String)> {
-    let mut cmd = sys::xtask_in_cgroup(cgroup)?;
+    connect_with(sys::xtask_in_cgroup(cgroup)?, addr, udp, timeout)
+}
+
+/// [`connect_from`] with `cmd`, xtask placed where the attempt is to come from (a cgroup, a
+/// network namespace).
+pub fn connect_with(
+    mut cmd: Command,
+    addr: SocketAddr,
+    udp: bool,
+    timeout: Duration,
+) -> Result<(i32, String)> {
     cmd.args(["connect", &addr.to_string(), "--timeout-ms"])
         .arg(timeout.as_millis().to_string());
     if udp {

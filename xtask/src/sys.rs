@@ -257,6 +257,25 @@ pub fn xtask_in_cgroup(cgroup: &Path) -> Result<Command> {
     ))
 }
 
+/// Makes `cmd` join the network namespace `/run/netns/<name>` (`ip netns add`) before it
+/// executes, so every socket it creates is that namespace's.
+pub fn enter_netns(cmd: &mut Command, name: &str) -> Result<()> {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+    let path = Path::new("/run/netns").join(name);
+    let netns = fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: the closure runs between fork and exec and makes one async-signal-safe system
+    // call on a descriptor opened before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// Child processes that are killed and reaped when this is dropped.
 #[derive(Default)]
 pub struct Children(Vec<Child>);

@@ -81,13 +81,31 @@ const QUICK_FILTER: &[&str] = &[
 
 /// Tests whose subject is not the kernel, left out of the guests (they run on the host's kernel
 /// with the rest of `cargo xtask test`): the agent's threading under a large apply, which
-/// measures CPU per thread (TCG's emulation of the tunnel's TLS swamps it)...
-const HOST_ONLY: &[&str] = &["a_tunneled_stream_does_not_wait_for_a_large_policy_apply"];
+/// measures CPU per thread (TCG's emulation of the tunnel's TLS swamps it), and the tunnel's
+/// user-space decisions (authorization, revocation, rotation, TLS with openssl), whose kernel
+/// side (redirect, delivery mark, plaintext refusal) the first mtls test covers in the guests...
+const HOST_ONLY: &[&str] = &[
+    "a_tunneled_stream_does_not_wait_for_a_large_policy_apply",
+    "an_identity_the_policy_does_not_allow_is_refused_by_the_receiving_agent",
+    "a_workload_with_an_allowed_spiffe_id_but_other_labels_is_refused_by_the_receiving_agent",
+    "a_revoked_certificate_is_refused_and_an_agent_replaces_its_own_at_once",
+    "certificate_rotation_does_not_break_a_long_lived_connection",
+    "openssl_s_client_with_a_workload_certificate_completes_a_handshake_with_the_inbound_port",
+];
 /// ...and the test files of the control plane's distribution between nodes, whose kernel side
 /// the single-node files cover, of deployment (the image, the manifests, the systemd units), and
-/// of the stand-in Kubernetes API server against kube-rs (no kernel in it at all), and of
-/// ward-control reading a cluster (whose kernel side is the control-plane mode's).
-const HOST_ONLY_FILES: &[&str] = &["multinode", "deploy", "kube_api", "kubernetes_cluster"];
+/// of the stand-in Kubernetes API server against kube-rs (no kernel in it at all), of
+/// ward-control reading a cluster (whose kernel side is the control-plane mode's), and of the
+/// tunnel's listeners inside pods (the agent's; the redirect they serve, keyed by the namespace's
+/// cookie, and the certificate gate are the first mtls test's in the guests).
+const HOST_ONLY_FILES: &[&str] = &[
+    "multinode",
+    "deploy",
+    "kube_api",
+    "kubernetes_cluster",
+    "kubernetes_services",
+    "mtls_pods",
+];
 
 /// A guest's libtest arguments: the filter, and `--skip` for each of [`HOST_ONLY`].
 fn guest_filter(filter: &[String]) -> Vec<String> {
@@ -655,14 +673,17 @@ mod tests {
     fn the_multinode_file_runs_on_the_host_only() {
         assert!(!runs_in_guests(Path::new("/t/multinode-0123abcd")));
         assert!(!runs_in_guests(Path::new("/t/kube_api-0123abcd")));
+        assert!(!runs_in_guests(Path::new("/t/mtls_pods-0123abcd")));
+        assert!(runs_in_guests(Path::new("/t/mtls-0123abcd")));
         assert!(runs_in_guests(Path::new("/t/enforcement-0123abcd")));
     }
 
     #[test]
     fn guests_skip_the_host_only_tests_after_the_filter() {
         let args = guest_filter(&["mtls".to_owned()]);
+        assert_eq!(args.len(), 1 + 2 * HOST_ONLY.len());
         assert_eq!(
-            args,
+            args[..3],
             [
                 "mtls",
                 "--skip",

@@ -93,7 +93,7 @@ enum Command {
         /// Source workload name, SPIFFE ID or address.
         #[arg(long)]
         from: Option<String>,
-        /// Destination workload name, SPIFFE ID or address.
+        /// Destination workload name, SPIFFE ID or address, or a Service (`<namespace>/<name>`).
         #[arg(long)]
         to: Option<String>,
         /// allow, deny or audit.
@@ -143,8 +143,14 @@ fn flow_line(r: &FlowRecord) -> String {
     } else {
         String::new()
     };
+    // A connection to a Service's cluster IP names it; the destination is the backend.
+    let service = if r.service.is_empty() {
+        String::new()
+    } else {
+        format!(" service={}", r.service)
+    };
     format!(
-        "{:<7} {:<7} {} -> {} {}:{}/{}  policy={} rule={}{count}",
+        "{:<7} {:<7} {} -> {} {}:{}/{}  policy={} rule={}{count}{service}",
         r.verdict,
         r.direction,
         name(&r.src_workload, &r.src),

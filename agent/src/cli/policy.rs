@@ -156,34 +156,60 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             format,
             expect,
         } => {
-            let (config_paths, workloads) = workloads(&config)?;
-            let set = load_set(if paths.is_empty() {
-                &config_paths
-            } else {
-                &paths
-            })?;
+            let context = TraceContext::load(&config, &paths)?;
+            let workloads = &context.workloads;
             let resolve =
-                |text: &str| Endpoint::resolve(text, &workloads).map_err(anyhow::Error::msg);
-            let (from, to) = (resolve(&from)?, resolve(&to)?);
-            if let (Endpoint::Address(_), Endpoint::Address(_)) = (from, to) {
-                bail!("neither {from} nor {to} is a workload of the configuration: no policy of this node applies");
-            }
-            let traced = trace(&set, &workloads, from, to, port.protocol, port.port)?;
-            let view = TraceView {
-                set: &set,
-                workloads: &workloads,
-                compiled: &traced.compiled,
+                |text: &str| Endpoint::resolve(text, workloads).map_err(anyhow::Error::msg);
+            let from = resolve(&from)?;
+            // A Service (`<namespace>/<name>`): each of its backends on the port, as the kernel
+            // translates a connection to its cluster IP.
+            let targets = match resolve(&to) {
+                Ok(to) => vec![(None, to, port)],
+                Err(e) => context.backends(&to, port, workloads).ok_or(e)??,
             };
-            let (verdict, _) = combine(&traced.legs);
-            match format {
-                Format::Human => print!("{}", view.human(from, to, port, &traced.legs)),
-                Format::Json => println!("{:#}", view.json(from, to, port, &traced.legs)),
+            let mut verdicts = Vec::new();
+            let mut json_out = Vec::new();
+            for (via, to, port) in targets {
+                if let (Endpoint::Address(_), Endpoint::Address(_)) = (from, to) {
+                    bail!("neither {from} nor {to} is a workload of the configuration: no policy of this node applies");
+                }
+                let traced = trace(&context.set, workloads, from, to, port.protocol, port.port)?;
+                let view = TraceView {
+                    set: &context.set,
+                    workloads,
+                    compiled: &traced.compiled,
+                };
+                verdicts.push(combine(&traced.legs).0);
+                match format {
+                    Format::Human => {
+                        if let Some(via) = &via {
+                            println!("{via}:");
+                        }
+                        print!("{}", view.human(from, to, port, &traced.legs));
+                    }
+                    Format::Json => {
+                        let mut one = view.json(from, to, port, &traced.legs);
+                        if let Some(via) = via {
+                            one["service"] = json!(via);
+                        }
+                        json_out.push(one);
+                    }
+                }
             }
-            let expected = expect.is_none_or(|e| match e {
-                Expect::Allow => verdict == VERDICT_ALLOW || verdict == VERDICT_REDIRECT,
-                Expect::Deny => verdict == VERDICT_DENY,
-                Expect::Audit => verdict == VERDICT_AUDIT,
-                Expect::Redirect => verdict == VERDICT_REDIRECT,
+            if format == Format::Json {
+                match json_out.as_slice() {
+                    [one] if verdicts.len() == 1 && !to.contains('/') => println!("{one:#}"),
+                    _ => println!("{:#}", serde_json::Value::Array(json_out)),
+                }
+            }
+            // With a Service, every backend must give the expected verdict.
+            let expected = expect.is_none_or(|e| {
+                verdicts.iter().all(|&verdict| match e {
+                    Expect::Allow => verdict == VERDICT_ALLOW || verdict == VERDICT_REDIRECT,
+                    Expect::Deny => verdict == VERDICT_DENY,
+                    Expect::Audit => verdict == VERDICT_AUDIT,
+                    Expect::Redirect => verdict == VERDICT_REDIRECT,
+                })
             });
             Ok(if expected {
                 ExitCode::SUCCESS
@@ -206,6 +232,153 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// What `ward policy trace` judges by: the policies, every workload it knows, and the Services.
+struct TraceContext {
+    set: PolicySet,
+    workloads: Vec<WorkloadInfo>,
+    services: Vec<crate::policy::service::Service>,
+}
+
+impl TraceContext {
+    /// From the configuration (its workloads and Services) and `paths` (default: the
+    /// configuration's policies). An agent with a control plane adds what it last applied from
+    /// it: the cluster's pods (this node's and, as workloads with their own policy, every other
+    /// node's), the Services, and the control plane's policies unless `paths` are given.
+    fn load(config_path: &std::path::Path, paths: &[PathBuf]) -> anyhow::Result<Self> {
+        let config = crate::config::Config::load(config_path)?;
+        let remote = config
+            .control_plane
+            .as_ref()
+            .and_then(crate::control::load_last_applied);
+        let Some(state) = remote else {
+            let set = load_set(if paths.is_empty() {
+                &config.policies
+            } else {
+                paths
+            })?;
+            let workloads = crate::identity::workload_infos(&config);
+            return Ok(TraceContext {
+                set,
+                workloads,
+                services: config.services,
+            });
+        };
+        let set = if paths.is_empty() {
+            crate::policy::parse_documents_cached(
+                &mut Default::default(),
+                state.policies.iter().map(|(n, y)| (n.as_str(), y.as_str())),
+            )?
+        } else {
+            load_set(paths)?
+        };
+        let desired = crate::desired::Desired::build(
+            config,
+            Some(&state),
+            &mut crate::policy::RuleIds::new(),
+            &mut Default::default(),
+        )?;
+        let mut workloads = desired.workloads;
+        workloads.extend(desired.peers);
+        // A backend on another node whose identity this node's pods share has no entry of its
+        // own above (its identity is a local workload's): it gets one, named by its pod, with the
+        // identity the IP cache gives it, as the kernel sees it.
+        let mut named = Vec::new();
+        for backend in state
+            .services
+            .iter()
+            .flat_map(|s| &s.ports)
+            .flat_map(|p| &p.backends)
+        {
+            let owned = workloads.iter().chain(&named).any(|w: &WorkloadInfo| {
+                w.addresses
+                    .iter()
+                    .any(|a| a.to_canonical() == backend.address.to_canonical())
+            });
+            let identity = state.ipcache.iter().find(|(a, _)| *a == backend.address);
+            let template =
+                identity.and_then(|(_, id)| workloads.iter().find(|w| w.identity == *id));
+            if let (false, Some(template)) = (owned, template) {
+                named.push(WorkloadInfo {
+                    name: backend
+                        .pod
+                        .clone()
+                        .unwrap_or_else(|| backend.address.to_string()),
+                    addresses: vec![backend.address],
+                    ..template.clone()
+                });
+            }
+        }
+        workloads.extend(named);
+        Ok(TraceContext {
+            set,
+            workloads,
+            services: state.services,
+        })
+    }
+
+    /// The backends of Service `name` (`<namespace>/<name>`) on `port`, each named by the
+    /// Service, cluster IP and backend; `None` when no Service has that name.
+    #[allow(clippy::type_complexity)]
+    fn backends<'w>(
+        &self,
+        name: &str,
+        port: PortArg,
+        workloads: &'w [WorkloadInfo],
+    ) -> Option<anyhow::Result<Vec<(Option<String>, Endpoint<'w>, PortArg)>>> {
+        let service = self.services.iter().find(|s| s.key() == name)?;
+        let mut targets = Vec::new();
+        for (ip, p, backends) in service.frontends() {
+            if p.port != port.port || p.protocol != port.protocol {
+                continue;
+            }
+            let frontend = std::net::SocketAddr::new(ip, p.port);
+            if backends.is_empty() {
+                println!(
+                    "Service {name} {frontend}/{}: no ready backend: refused",
+                    protocol_name(p.protocol)
+                );
+            }
+            for b in backends {
+                let to = Endpoint::resolve(&b.address.to_string(), workloads)
+                    .expect("an address always resolves");
+                let backend = std::net::SocketAddr::new(b.address, b.port);
+                let pod = b
+                    .pod
+                    .as_deref()
+                    .map(|p| format!(" (pod {p})"))
+                    .unwrap_or_default();
+                let via = format!("Service {name} {frontend} -> backend {backend}{pod}");
+                let port = PortArg {
+                    protocol: p.protocol,
+                    port: b.port,
+                };
+                targets.push((Some(via), to, port));
+            }
+        }
+        if targets.is_empty()
+            && !service
+                .ports
+                .iter()
+                .any(|p| p.port == port.port && p.protocol == port.protocol)
+        {
+            return Some(Err(anyhow::anyhow!(
+                "Service {name} has no port {port}; its ports: {}",
+                service
+                    .ports
+                    .iter()
+                    .map(|p| PortArg {
+                        protocol: p.protocol,
+                        port: p.port
+                    }
+                    .to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Some(Ok(targets))
     }
 }
 
@@ -628,6 +801,8 @@ mod tests {
         ] {
             config += &workload(name, namespace, app, address);
         }
+        // The postgres Service: port 80 of its cluster IP is postgres's 5432.
+        config += "services:\n  - {name: postgres, namespace: shop, clusterIPs: [10.96.0.50], ports: [{port: 80, backends: ['10.200.0.4:5432']}]}\n";
         std::fs::create_dir_all(dir).expect("create temp dir");
         let file = dir.join("ward.yaml");
         std::fs::write(&file, config).expect("write config");
@@ -720,6 +895,26 @@ mod tests {
             ExitCode::SUCCESS,
             "NetworkPolicy admits api"
         );
+        // A Service: each backend, at the port the Service's port maps to.
+        assert_eq!(
+            trace("api", "shop/postgres", "80/tcp", Expect::Allow),
+            ExitCode::SUCCESS,
+            "api reaches postgres through its Service"
+        );
+        assert_eq!(
+            trace("frontend", "shop/postgres", "80/tcp", Expect::Deny),
+            ExitCode::SUCCESS,
+            "frontend may not, through the Service either"
+        );
+        let no_port = run(trace_command(
+            &config,
+            "api",
+            "shop/postgres",
+            "5432/tcp",
+            Expect::Allow,
+        ));
+        let error = format!("{:#}", no_port.expect_err("the Service has no port 5432"));
+        assert!(error.contains("has no port tcp/5432"), "{error}");
         assert_eq!(
             trace(
                 "10.66.1.1",

@@ -148,6 +148,11 @@ async fn renew(cfg: &ControlPlaneConfig, channel: Channel) -> Result<NodeCert, C
 
 /// Signs this node's workload certificates through the control plane's `SignWorkload`, over a
 /// channel authenticated by the node certificate the stream keeps fresh.
+/// How long a workload certificate's signing waits for the node to join, and how often it
+/// looks.
+const JOIN_WAIT: Duration = Duration::from_secs(30);
+const JOIN_POLL: Duration = Duration::from_millis(20);
+
 pub struct WorkloadSigner {
     cfg: ControlPlaneConfig,
 }
@@ -158,9 +163,22 @@ impl WorkloadSigner {
     }
 
     async fn sign_pem(&self, spiffe_id: String, csr_pem: String) -> Result<String, ControlError> {
-        let cert = NodeCert::load(&self.cfg.state_dir)
-            .filter(|c| !c.is_expired())
-            .ok_or_else(|| ControlError::Protocol("the node has not joined yet".into()))?;
+        // Right after the agent starts the node may not have joined yet: wait for it rather than
+        // fail and retry a second later, so the first certificate comes as soon as it can.
+        let deadline = tokio::time::Instant::now() + JOIN_WAIT;
+        let cert = loop {
+            match NodeCert::load(&self.cfg.state_dir).filter(|c| !c.is_expired()) {
+                Some(cert) => break cert,
+                None if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(JOIN_POLL).await;
+                }
+                None => {
+                    return Err(ControlError::Protocol(format!(
+                        "the node has not joined within {JOIN_WAIT:?}"
+                    )))
+                }
+            }
+        };
         let channel = endpoint(&self.cfg, Some(&cert))?.connect().await?;
         let mut request = tonic::Request::new(SignWorkloadRequest { spiffe_id, csr_pem });
         request.set_timeout(CALL_TIMEOUT);
@@ -193,6 +211,7 @@ fn to_proto(node: &str, workloads: &[ReportedWorkload]) -> AgentMessage {
                     namespace: w.namespace.clone(),
                     labels: w.labels.clone().into_iter().collect(),
                     addresses: w.addresses.iter().map(ToString::to_string).collect(),
+                    tunnel_port: w.tunnel_port.into(),
                     ..Workload::default()
                 })
                 .collect(),

@@ -59,6 +59,9 @@ pub struct ReportedWorkload {
     pub namespace: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub addresses: Vec<IpAddr>,
+    /// The port of its own tunnel listener at its addresses (it runs in a pod's network
+    /// namespace); 0 when the node's tunnel serves it.
+    pub tunnel_port: u16,
 }
 
 /// A new complete state from the control plane. The agent compiles and applies all of it or

@@ -7,6 +7,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use ward_policy::service::Service;
 use ward_proto::{resource::Body, ResourceType, Update};
 
 /// One identity the control plane allocated.
@@ -78,7 +79,12 @@ pub struct RemoteState {
     /// This node's pods (WORKLOAD resources: a control plane that reads a cluster), by pod UID.
     #[serde(default)]
     pub workloads: Vec<RemoteWorkload>,
-    /// Resource type (`policy`, `identity`, `ipcache`, `trust_bundle`, `workload`) → version held.
+    /// The cluster's Services (SERVICE resources: a control plane that reads a cluster), sorted by
+    /// `<namespace>/<name>`.
+    #[serde(default)]
+    pub services: Vec<Service>,
+    /// Resource type (`policy`, `identity`, `ipcache`, `trust_bundle`, `workload`, `service`) →
+    /// version held.
     pub versions: BTreeMap<String, String>,
 }
 
@@ -93,6 +99,8 @@ pub struct Held {
     trust_bundle: BTreeMap<String, (String, Vec<String>)>,
     /// By pod UID.
     workloads: BTreeMap<String, RemoteWorkload>,
+    /// By `<namespace>/<name>`.
+    services: BTreeMap<String, Service>,
     versions: BTreeMap<ResourceType, String>,
 }
 
@@ -136,6 +144,11 @@ impl Held {
                 .iter()
                 .map(|w| (w.pod_uid.clone(), w.clone()))
                 .collect(),
+            services: state
+                .services
+                .iter()
+                .map(|s| (s.key(), s.clone()))
+                .collect(),
             versions: state
                 .versions
                 .iter()
@@ -165,6 +178,7 @@ impl Held {
                 .flat_map(|(_, revoked)| revoked.iter().cloned())
                 .collect(),
             workloads: self.workloads.values().cloned().collect(),
+            services: self.services.values().cloned().collect(),
             versions: self
                 .versions
                 .iter()
@@ -189,6 +203,7 @@ impl Held {
             && self.tunnels == other.tunnels
             && self.trust_bundle == other.trust_bundle
             && self.workloads == other.workloads
+            && self.services == other.services
     }
 
     fn clear(&mut self, kind: ResourceType) {
@@ -201,6 +216,7 @@ impl Held {
             }
             ResourceType::TrustBundle => self.trust_bundle.clear(),
             ResourceType::Workload => self.workloads.clear(),
+            ResourceType::Service => self.services.clear(),
             ResourceType::Unspecified => {}
         }
     }
@@ -225,6 +241,9 @@ impl Held {
             }
             ResourceType::Workload => {
                 self.workloads.remove(name);
+            }
+            ResourceType::Service => {
+                self.services.remove(name);
             }
             ResourceType::Unspecified => {}
         }
@@ -337,6 +356,16 @@ impl Held {
                 };
                 self.workloads.insert(name, workload);
             }
+            (ResourceType::Service, Some(Body::Service(s))) => {
+                let service = match service_of(s) {
+                    Ok(service) => service,
+                    Err(reason) => return invalid(reason),
+                };
+                if service.key() != name {
+                    return invalid(format!("names Service {:?}", service.key()));
+                }
+                self.services.insert(name, service);
+            }
             _ => return invalid("body does not match the resource type".into()),
         }
         Ok(())
@@ -392,6 +421,56 @@ impl Held {
             next.versions.insert(kind, update.version.clone());
         }
         Ok(next)
+    }
+}
+
+/// A SERVICE resource's body as the agent keeps it, or what is wrong with it.
+fn service_of(s: ward_proto::Service) -> Result<Service, String> {
+    let address = |text: &str| {
+        text.parse::<IpAddr>()
+            .map_err(|_| format!("{text:?} is not an address"))
+    };
+    let port = |what: &str, port: u32| {
+        u16::try_from(port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or(format!("{what} {port} is not a port from 1 to 65535"))
+    };
+    let mut ports = Vec::with_capacity(s.ports.len());
+    for p in s.ports {
+        let protocol = ward_policy::service::protocol_number(&p.protocol).ok_or(format!(
+            "port {:?}: protocol {:?} is not TCP, UDP or SCTP",
+            p.name, p.protocol
+        ))?;
+        let mut backends = Vec::with_capacity(p.backends.len());
+        for b in p.backends {
+            backends.push(ward_policy::service::Backend {
+                address: address(&b.address)?,
+                port: port("backend port", b.port)?,
+                pod: (!b.pod.is_empty()).then_some(b.pod),
+            });
+        }
+        ports.push(ward_policy::service::ServicePort {
+            port: port("port", p.port)?,
+            name: p.name,
+            protocol,
+            backends,
+        });
+    }
+    let service = Service {
+        namespace: s.namespace,
+        name: s.name,
+        cluster_ips: s
+            .cluster_ips
+            .iter()
+            .map(|ip| address(ip))
+            .collect::<Result<_, _>>()?,
+        ports,
+        client_ip_affinity: s.client_ip_affinity,
+    };
+    match service.invalid() {
+        Some(reason) => Err(reason),
+        None => Ok(service),
     }
 }
 

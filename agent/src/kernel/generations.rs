@@ -1,5 +1,5 @@
-//! The datapath's writer: the policy and IP cache maps hold two generations (the low bit of the
-//! generation number in every key), one in force and one standby, and this module owns both.
+//! The datapath's writer: the policy, IP cache and service maps hold two generations (the low bit
+//! of the generation number in every key), one in force and one standby, and this module owns both.
 //! An apply writes into the standby bit only what differs from what that bit holds and switches
 //! the kernel to it with one write to the state map; the bit that went out of force is brought up
 //! to date the same way once programs still reading it have finished ([`GENERATION_SETTLE`]
@@ -16,14 +16,15 @@ use std::{
 };
 
 use agent_common::{
-    map_names, IpcacheKey, IpcacheLpmData, IpcacheValue, PolicyKey, PolicyValue, StateValue,
+    map_names, BackendKey, IpcacheKey, IpcacheLpmData, IpcacheValue, PolicyKey, PolicyValue,
+    ServiceAddr, ServiceKey, ServiceValue, StateValue,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData},
     Ebpf, Pod,
 };
 
-use super::{ignore_missing, map_err, mapped, take, KernelError};
+use super::{ignore_missing, map_err, mapped, services::ServiceTable, take, KernelError};
 use crate::policy::Compiled;
 
 /// Time for programs that read the previous generation to finish before its entries change.
@@ -38,8 +39,11 @@ pub struct ApplyStats {
     pub entries: usize,
     pub addresses: usize,
     pub prefixes: usize,
-    /// Entries (policy, IP cache and prefixes together) written to the generation that went into
-    /// force: the changes only, or everything when that bit's content was not known.
+    /// Service frontends (cluster IP, port, protocol) and their backends.
+    pub frontends: usize,
+    pub backends: usize,
+    /// Entries (policy, IP cache, prefixes and services together) written to the generation that
+    /// went into force: the changes only, or everything when that bit's content was not known.
     pub written: usize,
     /// Entries removed from that generation before it went into force.
     pub removed: usize,
@@ -53,21 +57,28 @@ pub struct ApplyStats {
     pub switched: bool,
 }
 
-/// The content of one generation: a compiled policy and the IP cache, shared with the caller
-/// rather than copied.
+/// The content of one generation: a compiled policy, the IP cache and the Services, shared with
+/// the caller rather than copied.
 struct Content {
     compiled: Arc<Compiled>,
     addresses: Arc<BTreeMap<[u8; 16], u32>>,
+    services: Arc<ServiceTable>,
     /// `compiled.prefixes` as the trie keys them (mapped address, length in bits), so that two
     /// spellings of one prefix are one entry here as in the kernel.
     prefixes: BTreeMap<([u8; 16], u32), u32>,
 }
 
 impl Content {
-    fn new(compiled: &Arc<Compiled>, addresses: &Arc<BTreeMap<[u8; 16], u32>>) -> Self {
+    fn new(target: &Target<'_>) -> Self {
+        let Target {
+            compiled,
+            addresses,
+            services,
+        } = target;
         Content {
-            compiled: compiled.clone(),
-            addresses: addresses.clone(),
+            compiled: (*compiled).clone(),
+            addresses: (*addresses).clone(),
+            services: (*services).clone(),
             prefixes: compiled
                 .prefixes
                 .iter()
@@ -89,6 +100,16 @@ struct GenerationMaps {
     policy: HashMap<MapData, PolicyKey, PolicyValue>,
     ipcache: HashMap<MapData, IpcacheKey, IpcacheValue>,
     lpm: LpmTrie<MapData, IpcacheLpmData, IpcacheValue>,
+    frontends: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, BackendKey, ServiceAddr>,
+}
+
+/// What an apply installs: the policy, the IP cache and the Services.
+#[derive(Clone, Copy)]
+pub struct Target<'a> {
+    pub compiled: &'a Arc<Compiled>,
+    pub addresses: &'a Arc<BTreeMap<[u8; 16], u32>>,
+    pub services: &'a Arc<ServiceTable>,
 }
 
 /// The maps an apply writes, the generation in force and what each generation bit holds.
@@ -115,6 +136,8 @@ impl Generations {
                 policy: take(ebpf, map_names::POLICY)?,
                 ipcache: take(ebpf, map_names::IPCACHE)?,
                 lpm: take(ebpf, map_names::IPCACHE_LPM)?,
+                frontends: take(ebpf, map_names::SERVICES)?,
+                backends: take(ebpf, map_names::BACKENDS)?,
             },
             state,
             generation: current.generation,
@@ -123,22 +146,18 @@ impl Generations {
         })
     }
 
-    /// Installs a compiled policy and the IP cache as the next generation, then switches the
-    /// kernel to it with one write. A connection sees either the old or the new generation in
-    /// full, never a mix; on error the generation in force stays, untouched.
+    /// Installs a compiled policy, the IP cache and the Services as the next generation, then
+    /// switches the kernel to it with one write. A connection sees either the old or the new
+    /// generation in full, never a mix; on error the generation in force stays, untouched.
     ///
     /// The standby bit gets only the changes from what it holds (everything, when that is not
     /// known). The previous bit is left for [`Generations::catch_up`], which this calls first
     /// when an earlier switch still needs it (waiting out what remains of that settle). When the
     /// content equals what the bit in force holds, nothing is written and nothing switches.
-    pub(super) fn apply(
-        &mut self,
-        compiled: &Arc<Compiled>,
-        addresses: &Arc<BTreeMap<[u8; 16], u32>>,
-    ) -> Result<ApplyStats, KernelError> {
+    pub(super) fn apply(&mut self, target: Target<'_>) -> Result<ApplyStats, KernelError> {
         self.catch_up();
         let started = Instant::now();
-        let target = Arc::new(Content::new(compiled, addresses));
+        let target = Arc::new(Content::new(&target));
         let current = bit(self.generation);
         let next = self.generation.wrapping_add(1);
         let standby = bit(next);
@@ -162,8 +181,7 @@ impl Generations {
                 }
             }
             let stats = self.stats(
-                compiled,
-                addresses,
+                &target,
                 started,
                 started.elapsed(),
                 Writes::default(),
@@ -173,12 +191,12 @@ impl Generations {
         }
         let writes = self.write(standby, standby_held.is_some(), &changes, &target)?;
         self.state
-            .set(0, StateValue::new(next), 0)
+            .set(0, StateValue::new(next, state_flags(&target)), 0)
             .map_err(map_err(map_names::STATE))?;
         let enforced_after = started.elapsed();
         self.generation = next;
         self.behind = Some((current, Instant::now() + GENERATION_SETTLE));
-        Ok(self.stats(compiled, addresses, started, enforced_after, writes, true))
+        Ok(self.stats(&target, started, enforced_after, writes, true))
     }
 
     /// When the bit that went out of force at the last switch can be written: `None` when it is
@@ -220,8 +238,7 @@ impl Generations {
 
     fn stats(
         &self,
-        compiled: &Compiled,
-        addresses: &BTreeMap<[u8; 16], u32>,
+        content: &Content,
         started: Instant,
         enforced_after: Duration,
         writes: Writes,
@@ -230,9 +247,11 @@ impl Generations {
         ApplyStats {
             at: Instant::now(),
             generation: self.generation,
-            entries: compiled.entries.len(),
-            addresses: addresses.len(),
-            prefixes: compiled.prefixes.len(),
+            entries: content.compiled.entries.len(),
+            addresses: content.addresses.len(),
+            prefixes: content.compiled.prefixes.len(),
+            frontends: content.services.frontends.len(),
+            backends: content.services.backends.len(),
             written: writes.written,
             removed: writes.removed,
             enforced_after,
@@ -270,11 +289,17 @@ struct GenerationChanges<'a> {
     entries: diff::Changes<'a, PolicyKey, PolicyValue>,
     addresses: diff::Changes<'a, [u8; 16], u32>,
     prefixes: diff::Changes<'a, ([u8; 16], u32), u32>,
+    frontends: diff::Changes<'a, ServiceKey, ServiceValue>,
+    backends: diff::Changes<'a, BackendKey, ServiceAddr>,
 }
 
 impl<'a> GenerationChanges<'a> {
     fn is_empty(&self) -> bool {
-        self.entries.is_empty() && self.addresses.is_empty() && self.prefixes.is_empty()
+        self.entries.is_empty()
+            && self.addresses.is_empty()
+            && self.prefixes.is_empty()
+            && self.frontends.is_empty()
+            && self.backends.is_empty()
     }
 
     /// From `from` (`None`: an empty generation) to `to`.
@@ -282,14 +307,26 @@ impl<'a> GenerationChanges<'a> {
         static NO_ENTRIES: BTreeMap<PolicyKey, PolicyValue> = BTreeMap::new();
         static NO_ADDRESSES: BTreeMap<[u8; 16], u32> = BTreeMap::new();
         static NO_PREFIXES: BTreeMap<([u8; 16], u32), u32> = BTreeMap::new();
-        let (entries, addresses, prefixes) = match from {
-            Some(from) => (&from.compiled.entries, &*from.addresses, &from.prefixes),
-            None => (&NO_ENTRIES, &NO_ADDRESSES, &NO_PREFIXES),
+        static NO_SERVICES: ServiceTable = ServiceTable {
+            frontends: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            names: BTreeMap::new(),
+        };
+        let (entries, addresses, prefixes, services) = match from {
+            Some(from) => (
+                &from.compiled.entries,
+                &*from.addresses,
+                &from.prefixes,
+                &*from.services,
+            ),
+            None => (&NO_ENTRIES, &NO_ADDRESSES, &NO_PREFIXES, &NO_SERVICES),
         };
         GenerationChanges {
             entries: diff::between(entries, &to.compiled.entries),
             addresses: diff::between(addresses, &to.addresses),
             prefixes: diff::between(prefixes, &to.prefixes),
+            frontends: diff::between(&services.frontends, &to.services.frontends),
+            backends: diff::between(&services.backends, &to.services.backends),
         }
     }
 }
@@ -306,6 +343,8 @@ impl GenerationMaps {
             entries,
             addresses,
             prefixes,
+            frontends,
+            backends,
         } = changes;
         for key in &entries.removed {
             ignore_missing(self.policy.remove(&policy_key(bit, key)))
@@ -318,6 +357,14 @@ impl GenerationMaps {
         for prefix in &prefixes.removed {
             ignore_missing(self.lpm.remove(&lpm_key(bit, prefix)))
                 .map_err(map_err(map_names::IPCACHE_LPM))?;
+        }
+        for key in &frontends.removed {
+            ignore_missing(self.frontends.remove(&service_key(bit, key)))
+                .map_err(map_err(map_names::SERVICES))?;
+        }
+        for key in &backends.removed {
+            ignore_missing(self.backends.remove(&backend_key(bit, key)))
+                .map_err(map_err(map_names::BACKENDS))?;
         }
         for (key, value) in &entries.written {
             self.policy
@@ -334,9 +381,27 @@ impl GenerationMaps {
                 .insert(&lpm_key(bit, prefix), ipcache_value(identity), 0)
                 .map_err(map_err(map_names::IPCACHE_LPM))?;
         }
+        for (key, value) in &backends.written {
+            self.backends
+                .insert(backend_key(bit, key), **value, 0)
+                .map_err(map_err(map_names::BACKENDS))?;
+        }
+        for (key, value) in &frontends.written {
+            self.frontends
+                .insert(service_key(bit, key), **value, 0)
+                .map_err(map_err(map_names::SERVICES))?;
+        }
         Ok(Writes {
-            written: entries.written.len() + addresses.written.len() + prefixes.written.len(),
-            removed: entries.removed.len() + addresses.removed.len() + prefixes.removed.len(),
+            written: entries.written.len()
+                + addresses.written.len()
+                + prefixes.written.len()
+                + frontends.written.len()
+                + backends.written.len(),
+            removed: entries.removed.len()
+                + addresses.removed.len()
+                + prefixes.removed.len()
+                + frontends.removed.len()
+                + backends.removed.len(),
         })
     }
 
@@ -355,7 +420,22 @@ impl GenerationMaps {
         for key in &stale {
             ignore_missing(self.lpm.remove(key)).map_err(map_err(map_names::IPCACHE_LPM))?;
         }
-        Ok(policy + ipcache + stale.len())
+        let frontends = remove_where(&mut self.frontends, map_names::SERVICES, |k| {
+            k.generation == bit
+        })?;
+        let backends = remove_where(&mut self.backends, map_names::BACKENDS, |k| {
+            k.service.generation == bit
+        })?;
+        Ok(policy + ipcache + stale.len() + frontends + backends)
+    }
+}
+
+/// The flags of the state map for a generation holding `content`.
+fn state_flags(content: &Content) -> u32 {
+    if content.services.frontends.is_empty() {
+        0
+    } else {
+        agent_common::STATE_FLAG_SERVICES
     }
 }
 
@@ -389,6 +469,20 @@ fn lpm_key(bit: u8, &(addr, len): &([u8; 16], u32)) -> Key<IpcacheLpmData> {
             addr,
         },
     )
+}
+
+fn service_key(bit: u8, key: &ServiceKey) -> ServiceKey {
+    ServiceKey {
+        generation: bit,
+        ..*key
+    }
+}
+
+fn backend_key(bit: u8, key: &BackendKey) -> BackendKey {
+    BackendKey {
+        service: service_key(bit, &key.service),
+        slot: key.slot,
+    }
 }
 
 fn ipcache_value(identity: &u32) -> IpcacheValue {

@@ -3,26 +3,26 @@
 pub mod features;
 mod generations;
 mod link;
+pub mod services;
 pub mod tunnel;
 
-pub use generations::ApplyStats;
 use generations::Generations;
+pub use generations::{ApplyStats, Target};
 
 use std::{
-    collections::BTreeMap,
     fs::File,
     os::fd::AsFd,
     path::{Path, PathBuf},
-    sync::Arc,
     time::Instant,
 };
 
 use agent_common::{
     map_names, program_names, CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue,
     FlowCountKey, FlowKey, IpcacheKey, IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue,
-    OriginalDst, OwnerValue, PolicyKey, PolicyValue, Settings, SocketValue, StateValue,
-    TunnelConfig, UdpFlowValue, MAX_CGROUPS, MAX_CONNECTING, MAX_IPCACHE, MAX_IPCACHE_PREFIXES,
-    MAX_LISTENERS, MAX_OWNERS, MAX_POLICY_ENTRIES, MAX_SOCKETS, MAX_UDP_FLOWS,
+    OriginalDst, OwnerValue, PolicyKey, PolicyValue, RedirectKey, ServiceAddr, ServiceSocketKey,
+    Settings, SocketValue, StateValue, TunnelConfig, UdpFlowValue, MAX_CGROUPS, MAX_CONNECTING,
+    MAX_IPCACHE, MAX_IPCACHE_PREFIXES, MAX_LISTENERS, MAX_OWNERS, MAX_POLICY_ENTRIES,
+    MAX_SERVICE_BACKENDS_TOTAL, MAX_SERVICE_FRONTENDS, MAX_SOCKETS, MAX_UDP_FLOWS,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -35,14 +35,17 @@ use aya::{
 
 use crate::{
     paths,
-    policy::Compiled,
     status::{MapStatus, ProgramStatus},
 };
 
 /// Each program and the attach point its link holds.
-const ATTACH_POINTS: [(&str, &str); 9] = [
+const ATTACH_POINTS: [(&str, &str); 13] = [
     (program_names::POST_BIND4, "cgroup/post_bind4"),
     (program_names::POST_BIND6, "cgroup/post_bind6"),
+    (program_names::RECVMSG4, "cgroup/recvmsg4"),
+    (program_names::RECVMSG6, "cgroup/recvmsg6"),
+    (program_names::GETPEERNAME4, "cgroup/getpeername4"),
+    (program_names::GETPEERNAME6, "cgroup/getpeername6"),
     (program_names::CONNECT4, "cgroup/connect4"),
     (program_names::CONNECT6, "cgroup/connect6"),
     (program_names::SENDMSG4, "cgroup/sendmsg4"),
@@ -287,15 +290,20 @@ impl Datapath {
     }
 
     /// Copies the socket state the kernel learned while an agent of an older ABI ran (listeners,
-    /// connecting sockets and bound ones) into this ABI's maps, so the new programs know them from
-    /// their first run. Maps whose layout changed would need a conversion here.
+    /// connecting sockets, bound ones, and sockets translated to a Service's backend) into this
+    /// ABI's maps, so the new programs know them from their first run. Maps whose layout changed
+    /// would need a conversion here.
     fn migrate_sockets(&mut self, old_suffix: &str) -> Result<(), KernelError> {
         let copied = self.copy_from_older::<u64, SocketValue>(map_names::SOCKETS, old_suffix)?
             + self
                 .copy_from_older::<FlowKey, ConnectingValue>(map_names::CONNECTING, old_suffix)?
             + self
                 .copy_from_older::<ListenerKey, ListenerValue>(map_names::LISTENERS, old_suffix)?
-            + self.copy_from_older::<u64, OwnerValue>(map_names::OWNERS, old_suffix)?;
+            + self.copy_from_older::<u64, OwnerValue>(map_names::OWNERS, old_suffix)?
+            + self.copy_from_older::<ServiceSocketKey, ServiceAddr>(
+                map_names::SERVICE_SOCKETS,
+                old_suffix,
+            )?;
         tracing::info!(
             from = old_suffix,
             to = map_names::VERSION_SUFFIX,
@@ -362,13 +370,7 @@ impl Datapath {
     }
 
     /// Fill levels of every map (entries the agent writes are counted from what it wrote).
-    pub fn maps(
-        &self,
-        policy_entries: usize,
-        addresses: usize,
-        prefixes: usize,
-        cgroups: usize,
-    ) -> Vec<MapStatus> {
+    pub fn maps(&self, applied: &ApplyStats, cgroups: usize) -> Vec<MapStatus> {
         let count = |name: &'static str| -> usize {
             let Some(map) = self.ebpf.map(name) else {
                 return 0;
@@ -393,9 +395,23 @@ impl Datapath {
             counted.unwrap_or(0)
         };
         [
-            (map_names::POLICY, policy_entries, MAX_POLICY_ENTRIES),
-            (map_names::IPCACHE, addresses, MAX_IPCACHE / 2),
-            (map_names::IPCACHE_LPM, prefixes, MAX_IPCACHE_PREFIXES / 2),
+            (map_names::POLICY, applied.entries, MAX_POLICY_ENTRIES),
+            (map_names::IPCACHE, applied.addresses, MAX_IPCACHE / 2),
+            (
+                map_names::IPCACHE_LPM,
+                applied.prefixes,
+                MAX_IPCACHE_PREFIXES / 2,
+            ),
+            (
+                map_names::SERVICES,
+                applied.frontends,
+                MAX_SERVICE_FRONTENDS / 2,
+            ),
+            (
+                map_names::BACKENDS,
+                applied.backends,
+                MAX_SERVICE_BACKENDS_TOTAL / 2,
+            ),
             (map_names::CGROUPS, cgroups, MAX_CGROUPS),
             (map_names::SOCKETS, count(map_names::SOCKETS), MAX_SOCKETS),
             (
@@ -491,16 +507,13 @@ impl Datapath {
         take(&mut self.ebpf, map_names::COUNTERS)
     }
 
-    /// Installs a compiled policy and the IP cache as the next generation and switches the kernel
-    /// to it; see [`Generations::apply`]. Both are kept (shared, not copied) until the next apply,
-    /// which writes only what differs from them. The generation that went out of force is brought
-    /// up to date by [`Datapath::catch_up`], when [`Datapath::catch_up_due`] says.
-    pub fn apply(
-        &mut self,
-        compiled: &Arc<Compiled>,
-        addresses: &Arc<BTreeMap<[u8; 16], u32>>,
-    ) -> Result<ApplyStats, KernelError> {
-        self.generations.apply(compiled, addresses)
+    /// Installs a compiled policy, the IP cache and the Services as the next generation and
+    /// switches the kernel to it; see [`Generations::apply`]. They are kept (shared, not copied)
+    /// until the next apply, which writes only what differs from them. The generation that went
+    /// out of force is brought up to date by [`Datapath::catch_up`], when
+    /// [`Datapath::catch_up_due`] says.
+    pub fn apply(&mut self, target: Target<'_>) -> Result<ApplyStats, KernelError> {
+        self.generations.apply(target)
     }
 
     /// When the generation that went out of force at the last apply can be brought up to date.
@@ -515,7 +528,7 @@ impl Datapath {
 }
 
 /// Key and value sizes of every map this build pins, as the kernel reports them.
-fn layouts() -> [(&'static str, usize, usize); 18] {
+fn layouts() -> [(&'static str, usize, usize); 19] {
     [
         (
             map_names::CGROUPS,
@@ -578,9 +591,10 @@ fn layouts() -> [(&'static str, usize, usize); 18] {
         ),
         (
             map_names::REDIRECTS,
-            size_of::<FlowKey>(),
+            size_of::<RedirectKey>(),
             size_of::<OriginalDst>(),
         ),
+        (map_names::CERTIFIED, size_of::<u32>(), size_of::<u32>()),
         (
             map_names::TUNNEL,
             size_of::<u32>(),

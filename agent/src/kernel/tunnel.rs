@@ -6,8 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
 use agent_common::{
-    map_names, ConnectingValue, FlowKey, OriginalDst, TunnelConfig, CONNECTING_FLAG_TUNNEL,
-    PROTO_TCP,
+    map_names, ConnectingValue, FlowKey, OriginalDst, RedirectKey, TunnelConfig,
+    CONNECTING_FLAG_TUNNEL, PROTO_TCP,
 };
 use aya::maps::{Array, HashMap, Map, MapData};
 
@@ -15,8 +15,9 @@ use super::{map_err, mapped, KernelError};
 
 pub struct TunnelMaps {
     config: Array<MapData, TunnelConfig>,
-    redirects: HashMap<MapData, FlowKey, OriginalDst>,
+    redirects: HashMap<MapData, RedirectKey, OriginalDst>,
     connecting: HashMap<MapData, FlowKey, ConnectingValue>,
+    certified: HashMap<MapData, u32, u32>,
 }
 
 fn open(pin_dir: &Path, name: &'static str) -> Result<MapData, KernelError> {
@@ -44,6 +45,8 @@ impl TunnelMaps {
                 .map_err(map_err(map_names::REDIRECTS))?,
             connecting: HashMap::try_from(Map::LruHashMap(open(pin_dir, map_names::CONNECTING)?))
                 .map_err(map_err(map_names::CONNECTING))?,
+            certified: HashMap::try_from(Map::HashMap(open(pin_dir, map_names::CERTIFIED)?))
+                .map_err(map_err(map_names::CERTIFIED))?,
         })
     }
 
@@ -66,16 +69,39 @@ impl TunnelMaps {
     }
 
     /// Where the connection the outbound listener accepted from `workload` (its end) at
-    /// `listener` was going, removed from the map.
+    /// `listener` in the network namespace of cookie `netns` was going, removed from the map.
     pub fn take_redirect(
         &mut self,
         workload: SocketAddr,
         listener: SocketAddr,
+        netns: u64,
     ) -> Option<OriginalDst> {
-        let key = flow_key(workload, listener);
+        let key = RedirectKey {
+            flow: flow_key(workload, listener),
+            netns,
+        };
         let original = self.redirects.get(&key, 0).ok()?;
         let _ = self.redirects.remove(&key);
         Some(original)
+    }
+
+    /// The local identities whose certificate the agent holds, as the kernel has them.
+    pub fn certified(&self) -> Vec<u32> {
+        self.certified.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Lets the connect hook redirect the connections of local identity `identity` (its
+    /// certificate is held), or (`false`) refuses them.
+    pub fn set_certified(&mut self, identity: u32, held: bool) -> Result<(), KernelError> {
+        let result = if held {
+            self.certified.insert(identity, 1, 0)
+        } else {
+            match self.certified.remove(&identity) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                r => r,
+            }
+        };
+        result.map_err(map_err(map_names::CERTIFIED))
     }
 
     /// Lets the connection from `from` to the local workload at `to` past the ingress check as

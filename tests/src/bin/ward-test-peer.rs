@@ -339,13 +339,16 @@ fn unspecified_for(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-fn await_reply(socket: &UdpSocket, options: &ConnectOptions) -> String {
+/// The reply to a datagram sent to `to`: `ok`, or `wrong-source <addr>` when it came from
+/// another address (as a client that checks, such as glibc's resolver, would drop it).
+fn await_reply(socket: &UdpSocket, to: SocketAddr, options: &ConnectOptions) -> String {
     if let Err(e) = socket.set_read_timeout(Some(options.timeout)) {
         return describe(&e);
     }
     let mut buffer = [0u8; 512];
-    match socket.recv(&mut buffer) {
-        Ok(_) => "ok".into(),
+    match socket.recv_from(&mut buffer) {
+        Ok((_, from)) if from == to => "ok".into(),
+        Ok((_, from)) => format!("wrong-source {from}"),
         Err(e) => describe(&e),
     }
 }
@@ -356,7 +359,7 @@ fn attempt_udp_unconnected(addr: SocketAddr, options: &ConnectOptions) -> String
         Err(e) => return describe(&e),
     };
     match socket.send_to(options.message.as_bytes(), addr) {
-        Ok(_) => await_reply(&socket, options),
+        Ok(_) => await_reply(&socket, addr, options),
         Err(e) => describe(&e),
     }
 }
@@ -370,7 +373,7 @@ fn attempt_udp_connected(addr: SocketAddr, options: &ConnectOptions) -> String {
         return describe(&e);
     }
     match socket.send(options.message.as_bytes()) {
-        Ok(_) => await_reply(&socket, options),
+        Ok(_) => await_reply(&socket, addr, options),
         Err(e) => describe(&e),
     }
 }

@@ -26,6 +26,18 @@ const RESOURCES: &[Resource] = &[
         namespaced: true,
     },
     Resource {
+        api_version: "v1",
+        plural: "services",
+        kind: "Service",
+        namespaced: true,
+    },
+    Resource {
+        api_version: "discovery.k8s.io/v1",
+        plural: "endpointslices",
+        kind: "EndpointSlice",
+        namespaced: true,
+    },
+    Resource {
         api_version: "networking.k8s.io/v1",
         plural: "networkpolicies",
         kind: "NetworkPolicy",
@@ -167,6 +179,14 @@ mod tests {
             target("/apis/networking.k8s.io/v1/networkpolicies"),
             ("NetworkPolicy", None, None, None)
         );
+        assert_eq!(
+            target("/api/v1/namespaces/a/services/s"),
+            ("Service", s("a"), s("s"), None)
+        );
+        assert_eq!(
+            target("/apis/discovery.k8s.io/v1/endpointslices"),
+            ("EndpointSlice", None, None, None)
+        );
         let event = parse("/apis/events.k8s.io/v1/namespaces/a/events").expect("events");
         assert_eq!(event.resource.api_version, "events.k8s.io/v1");
     }
@@ -174,7 +194,7 @@ mod tests {
     #[test]
     fn paths_outside_the_table_name_nothing() {
         for path in [
-            "/api/v1/services",
+            "/api/v1/endpoints",
             "/api/v1/pods/p",
             "/api/v1/namespaces/a/pods/p/status/x",
             "/apis/ward.dev/v2/policies",

@@ -371,7 +371,7 @@ fn failures_missing_paths_events_and_status_writes() {
         assert_eq!(failed.json()["reason"], "ServiceUnavailable");
     }
     assert_eq!(request(&api, "GET", "/api/v1/pods", None).code, 200);
-    let missing = request(&api, "GET", "/api/v1/services", None);
+    let missing = request(&api, "GET", "/api/v1/endpoints", None);
     assert_eq!(missing.code, 404);
     assert_eq!(missing.json()["kind"], "Status");
 

@@ -115,6 +115,31 @@ pub fn assert_refused_at_once(
     );
 }
 
+/// curl from `at` to `url`: the address its socket reports as the peer (`getpeername()`, which a
+/// Service's translation keeps at the cluster IP), or why it failed.
+pub fn curl_peer(at: &Placement, url: &str) -> Result<String, String> {
+    let args = [
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{remote_ip}",
+        "--max-time",
+        "3",
+        url,
+    ];
+    let finished = tool(at, "curl", &args);
+    if finished.status.success() {
+        Ok(finished.stdout.trim().to_owned())
+    } else {
+        Err(format!(
+            "curl {url}: {}: {}",
+            finished.status,
+            finished.stderr.trim()
+        ))
+    }
+}
+
 /// A command line tool run in `at`, to completion.
 pub fn tool(at: &Placement, program: &str, args: &[&str]) -> Finished {
     run(program, at.command(program, args), Duration::from_secs(30))
@@ -233,4 +258,121 @@ pub fn tally(outcomes: &[Outcome]) -> String {
         }
     }
     format!("{kinds:?}")
+}
+
+/// A workload certificate made with openssl and signed with the control plane's CA key: what
+/// a peer holding a valid certificate (or a stolen one) presents.
+pub struct OpensslCert {
+    pub dir: PathBuf,
+    pub serial: String,
+}
+
+impl OpensslCert {
+    pub fn new(plane: &ward_control::test_helpers::ControlPlane, workload: &str) -> OpensslCert {
+        let dir = std::env::temp_dir().join(ward_tests::unique_name("mtls-openssl"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let state = plane.state_dir();
+        std::fs::write(
+            dir.join("ext.cnf"),
+            format!(
+                "subjectAltName=URI:{}\nextendedKeyUsage=clientAuth\n",
+                ward_tests::spiffe_id(workload)
+            ),
+        )
+        .expect("ext");
+        let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+        let (key, csr, cert, ext) = (
+            path("key.pem"),
+            path("csr.pem"),
+            path("cert.pem"),
+            path("ext.cnf"),
+        );
+        let (ca, ca_key) = (
+            state.join("ca.pem").to_string_lossy().into_owned(),
+            state.join("ca-key.pem").to_string_lossy().into_owned(),
+        );
+        let steps: [Vec<&str>; 3] = [
+            vec![
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                "/O=ward-test",
+            ],
+            vec![
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &ext,
+                "-out",
+                &cert,
+            ],
+            vec!["x509", "-noout", "-serial", "-in", &cert],
+        ];
+        let mut serial = String::new();
+        for args in steps {
+            let made = tool(&Placement::host(), "openssl", &args);
+            assert!(made.status.success(), "openssl {args:?}: {made:?}");
+            if let Some(s) = made.stdout.trim().strip_prefix("serial=") {
+                serial = s.to_owned();
+            }
+        }
+        OpensslCert { dir, serial }
+    }
+
+    pub fn cert(&self) -> PathBuf {
+        self.dir.join("cert.pem")
+    }
+
+    pub fn key(&self) -> PathBuf {
+        self.dir.join("key.pem")
+    }
+}
+
+impl Drop for OpensslCert {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What a capture of the link between two nodes shows when a connection to `port` went through
+/// the tunnel: `marker` (sent on it) never in plaintext, traffic on the tunnel port made only of
+/// TLS records, nothing to `port` itself.
+pub fn assert_only_tls_between_nodes(frames: &[Vec<u8>], marker: &str, port: u16) {
+    use ward_tests::{capture, cluster::TUNNEL_PORT};
+    assert!(
+        !capture::contains(frames, marker.as_bytes()),
+        "the marker crossed the link in plaintext"
+    );
+    let tunnel = capture::tcp_payloads(frames, TUNNEL_PORT);
+    assert!(
+        !tunnel.is_empty(),
+        "no tunnel traffic among {} captured frames",
+        frames.len()
+    );
+    assert!(
+        tunnel.iter().all(|p| matches!(p[0], 0x14..=0x17)),
+        "every payload on the tunnel port is a TLS record"
+    );
+    assert!(
+        capture::tcp_payloads(frames, port).is_empty(),
+        "nothing went to db's port directly"
+    );
 }

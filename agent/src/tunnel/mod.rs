@@ -3,9 +3,13 @@
 //! control plane, and answers the tunnel's questions from the agent's state: where a redirected
 //! connection was going (the connect hook's map), which local workload an address is, and
 //! whether a verified peer may reach it (the compiled ingress policy). Every refusal becomes a
-//! flow record naming the reason.
+//! flow record naming the reason, local workloads by name and remote ones by SPIFFE ID, as the
+//! kernel's verdict records name them. Workloads in network namespaces of their own (pods) get
+//! listeners inside them ([`pods`]).
+mod pods;
+
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     path::Path,
     sync::{Arc, Mutex, RwLock},
@@ -14,15 +18,19 @@ use std::{
 use agent_common::{DIRECTION_EGRESS, DIRECTION_INGRESS, PROTO_TCP, VERDICT_DENY};
 use anyhow::Context as _;
 use tokio::{net::TcpListener, task::JoinHandle};
+use ward_host::netns::{Netns, NetnsId};
 use ward_tunnel::{
     Authorizer, Copied, DeliveryFuture, Denied, Inbound, InboundConfig, InboundEvent,
-    OriginalDestinations, Outbound, OutboundConfig, OutboundRequest, Serial, SpiffeId, SvidStore,
-    TrustStore, TunnelError, Verdict,
+    OriginalDestinations, Outbound, OutboundConfig, OutboundRequest, Presenting, Serial, SpiffeId,
+    SvidStore, TrustStore, TunnelError, Verdict,
 };
+
+pub use pods::Placement;
 
 use crate::{
     config::TunnelSettings,
     control::{ControlPlaneConfig, RemoteState, WorkloadSigner},
+    events::SharedNames,
     flows::{FlowHub, FlowRecord},
     kernel::tunnel::{original_destination, TunnelMaps},
     policy::{self, Compiled, WorkloadInfo},
@@ -38,6 +46,8 @@ struct View {
     by_identity: HashMap<u32, SpiffeId>,
     /// This node's workloads by address: SPIFFE ID and identity.
     local: HashMap<IpAddr, (SpiffeId, u32)>,
+    /// Every identity of this node's workloads (with or without an address), by SPIFFE ID.
+    local_identities: Vec<(SpiffeId, u32)>,
     /// Address → the tunnel of the node that owns it.
     tunnels: HashMap<IpAddr, SocketAddr>,
 }
@@ -57,6 +67,12 @@ pub struct Tunnel {
     /// The runtime the tunnel serves on, where renewals run too: [`Tunnel::update`] is called
     /// from the enforcer's thread.
     runtime: tokio::runtime::Handle,
+    glue: Arc<Glue>,
+    /// The agent's own network namespace; workloads elsewhere get listeners of their own.
+    host_netns: NetnsId,
+    pods: pods::Pods,
+    /// Why opening a pod's listeners last failed, by namespace (logged once).
+    failed: BTreeMap<NetnsId, String>,
 }
 
 /// The answers the tunnel asks of the agent, shared by its tasks.
@@ -64,6 +80,14 @@ struct Glue {
     view: Arc<RwLock<View>>,
     maps: Arc<Mutex<TunnelMaps>>,
     flows: Arc<FlowHub>,
+    /// How verdict records name identities (local workloads by name, peers by SPIFFE ID).
+    names: SharedNames,
+    /// The network namespace of each address of a workload in a pod of its own: deliveries to
+    /// it are made from inside.
+    pod_netns: RwLock<HashMap<IpAddr, Arc<Netns>>>,
+    /// The local identities the connect hook may redirect (their certificate is held), as the
+    /// kernel has them.
+    certified: Mutex<BTreeSet<u32>>,
 }
 
 impl Tunnel {
@@ -74,6 +98,7 @@ impl Tunnel {
         trust_domain: &str,
         pin_dir: &Path,
         flows: Arc<FlowHub>,
+        names: SharedNames,
     ) -> anyhow::Result<Tunnel> {
         // Until the control plane sends its trust bundle, its CA file is the bundle: the same CA
         // signs node and workload certificates.
@@ -102,10 +127,24 @@ impl Tunnel {
                 None
             }
         };
+        let maps = TunnelMaps::open(pin_dir)?;
         let glue = Arc::new(Glue {
             view: view.clone(),
-            maps: Arc::new(Mutex::new(TunnelMaps::open(pin_dir)?)),
+            certified: Mutex::new(maps.certified().into_iter().collect()),
+            maps: Arc::new(Mutex::new(maps)),
             flows,
+            names,
+            pod_netns: RwLock::default(),
+        });
+        // The connect hook redirects a workload only once its certificate is here.
+        let mut changes = svids.changes();
+        tokio::spawn({
+            let (glue, svids) = (glue.clone(), svids.clone());
+            async move {
+                while changes.changed().await.is_ok() {
+                    glue.sync_certified(&svids);
+                }
+            }
         });
         let inbound = Inbound::new(
             svids.clone(),
@@ -134,6 +173,12 @@ impl Tunnel {
             renewals: BTreeMap::new(),
             bundle: (ca_pem, Vec::new()),
             runtime: tokio::runtime::Handle::current(),
+            glue,
+            host_netns: Netns::current()
+                .context("reading the agent's network namespace")?
+                .id(),
+            pods: pods::Pods::new(),
+            failed: BTreeMap::new(),
         })
     }
 
@@ -173,6 +218,7 @@ impl Tunnel {
                 view.tunnels
                     .insert(a.to_canonical(), self.settings.advertise);
             }
+            view.local_identities.push((id.clone(), w.identity));
             local_ids.push(id);
         }
         if let Some(remote) = remote {
@@ -184,6 +230,7 @@ impl Tunnel {
             self.update_trust(remote);
         }
         *self.view.write().expect("tunnel view lock poisoned") = view;
+        self.glue.sync_certified(&self.svids);
         self.renewals.retain(|id, task| {
             let keep = local_ids.contains(id);
             if !keep {
@@ -201,6 +248,110 @@ impl Tunnel {
                     .spawn(ward_tunnel::renewal::keep_fresh(svids, signer, id))
             });
         }
+    }
+
+    /// Opens and closes the listeners inside workloads' own network namespaces to match where
+    /// their processes run now (`placements`: every local workload with its cgroups). Returns
+    /// whether the set of workloads with listeners of their own changed (the control plane is
+    /// told: peers reach those at their own addresses).
+    pub fn place(&mut self, placements: &[Placement]) -> bool {
+        let before = self.in_pod();
+        let mut seen = BTreeSet::new();
+        for placement in placements {
+            let (found, netns) = pods::find(&placement.cgroups, self.host_netns);
+            let (pods::Found::Pod(id), Some(netns)) = (found, netns) else {
+                continue;
+            };
+            seen.insert(id);
+            if self.pods.get(&id).is_some_and(|pod| pod.serves(placement)) {
+                continue;
+            }
+            self.pods.remove(&id);
+            match self.open_in_pod(placement, netns) {
+                Ok(pod) => {
+                    tracing::info!(workload = placement.workload, addresses = ?placement.addresses, outbound_port = self.settings.outbound_port, inbound_port = self.settings.listen.port(), "tunnel listeners opened in the workload's network namespace");
+                    self.pods.insert(id, pod);
+                }
+                // Tried again at the next pass (an address the pod does not have yet, say);
+                // logged as a warning once per namespace and reason, not at every pass.
+                Err(e) => {
+                    let error = format!("{e:#}");
+                    if self.failed.get(&id) == Some(&error) {
+                        tracing::debug!(
+                            workload = placement.workload,
+                            error,
+                            "opening the tunnel's listeners in the workload's network namespace"
+                        );
+                    } else {
+                        tracing::warn!(workload = placement.workload, error, "opening the tunnel's listeners in the workload's network namespace; trying again every pass");
+                        self.failed.insert(id, error);
+                    }
+                }
+            }
+        }
+        self.failed
+            .retain(|id, _| seen.contains(id) && !self.pods.contains_key(id));
+        self.pods.retain(|id, pod| {
+            let keep = seen.contains(id);
+            if !keep {
+                tracing::info!(
+                    workload = pod.workload,
+                    "tunnel listeners in the workload's network namespace closed"
+                );
+            }
+            keep
+        });
+        *self
+            .glue
+            .pod_netns
+            .write()
+            .expect("tunnel namespaces lock poisoned") = self
+            .pods
+            .values()
+            .flat_map(|pod| {
+                pod.addresses
+                    .iter()
+                    .map(|a| (a.to_canonical(), pod.netns.clone()))
+            })
+            .collect();
+        self.in_pod() != before
+    }
+
+    /// The workloads with listeners of their own, with the port of their inbound listener.
+    pub fn in_pod(&self) -> BTreeMap<String, u16> {
+        let port = self.settings.listen.port();
+        self.pods
+            .values()
+            .map(|pod| (pod.workload.clone(), port))
+            .collect()
+    }
+
+    fn open_in_pod(&self, placement: &Placement, netns: Netns) -> anyhow::Result<pods::InPod> {
+        let (outbound, inbound) = pods::bind(
+            &netns,
+            self.settings.outbound_port,
+            self.settings.listen.port(),
+            &placement.addresses,
+        )?;
+        let _entered = self.runtime.enter();
+        let listener = TcpListener::from_std;
+        let mut tasks = Vec::new();
+        for l in outbound {
+            let serve = self.outbound.clone().serve(listener(l)?, self.glue.clone());
+            tasks.push(self.runtime.spawn(serve));
+        }
+        let inbound_side = Inbound::presenting(
+            self.svids.clone(),
+            self.trust.clone(),
+            self.glue.clone(),
+            InboundConfig::default(),
+            Presenting::Workload(placement.spiffe_id.clone()),
+        )
+        .context("tunnel inbound")?;
+        for l in inbound {
+            tasks.push(self.runtime.spawn(inbound_side.clone().serve(listener(l)?)));
+        }
+        Ok(pods::InPod::new(placement, Arc::new(netns), tasks))
     }
 
     fn update_trust(&mut self, remote: &RemoteState) {
@@ -274,50 +425,123 @@ fn source_towards(destination: SocketAddr) -> std::io::Result<IpAddr> {
     Ok(probe.local_addr()?.ip())
 }
 
+/// One end of a refused tunneled connection, as far as it is known.
+#[derive(Clone, Copy, Default)]
+struct End<'a> {
+    identity: Option<u32>,
+    spiffe_id: Option<&'a SpiffeId>,
+    address: Option<SocketAddr>,
+}
+
 impl Glue {
     fn publish(&self, record: FlowRecord) {
         crate::events::log(&record);
         self.flows.publish(record);
     }
 
-    /// A flow record for a tunnel refusal. The destination workload is looked up by address
-    /// when not given.
+    /// Brings the kernel's list of local identities with a certificate in line with `svids`:
+    /// the connect hook redirects only those.
+    fn sync_certified(&self, svids: &SvidStore) {
+        let held: BTreeSet<u32> = {
+            let view = self.view.read().expect("tunnel view lock poisoned");
+            let held = svids.identities();
+            view.local_identities
+                .iter()
+                .filter(|(id, _)| held.contains(id))
+                .map(|(_, identity)| *identity)
+                .collect()
+        };
+        let mut certified = self.certified.lock().expect("certified lock poisoned");
+        let mut maps = self.maps.lock().expect("tunnel maps lock poisoned");
+        for (identity, set) in held
+            .difference(&certified)
+            .map(|i| (*i, true))
+            .chain(certified.difference(&held).map(|i| (*i, false)))
+            .collect::<Vec<_>>()
+        {
+            match maps.set_certified(identity, set) {
+                Ok(()) if set => {
+                    certified.insert(identity);
+                    tracing::debug!(
+                        identity,
+                        "certificate held: the connect hook redirects this identity"
+                    );
+                }
+                Ok(()) => {
+                    certified.remove(&identity);
+                }
+                Err(e) => {
+                    tracing::error!(identity, error = %e, "updating the kernel's list of certified identities")
+                }
+            }
+        }
+    }
+
+    /// How verdict records name an end: by identity when known (a local workload by its name, a
+    /// peer by its SPIFFE ID), else by the SPIFFE ID its certificate proves, else by the local
+    /// workload at its address.
+    fn name(&self, end: End) -> (String, String) {
+        let identity = end.identity.or_else(|| {
+            let address = end.address?.ip().to_canonical();
+            let view = self.view.read().expect("tunnel view lock poisoned");
+            view.local.get(&address).map(|(_, identity)| *identity)
+        });
+        if let Some(identity) = identity {
+            let (name, workload) = self
+                .names
+                .read()
+                .expect("names lock poisoned")
+                .identity(identity);
+            if !workload.is_empty() {
+                return (name, workload);
+            }
+        }
+        match end.spiffe_id {
+            Some(id) => (id.to_string(), id.to_string()),
+            None => ("-".into(), "-".into()),
+        }
+    }
+
+    /// A flow record for a tunnel refusal.
     fn refusal(
         &self,
         direction: u8,
-        source: Option<&SpiffeId>,
-        (destination, destination_id): (Option<SocketAddr>, Option<&SpiffeId>),
+        source: End,
+        destination: End,
         rule: u32,
         reason: String,
     ) -> FlowRecord {
-        let view = self.view.read().expect("tunnel view lock poisoned");
-        let (policy, rule) = view
-            .compiled
-            .rules
-            .get(&rule)
-            .map_or(("-".into(), "-".into()), |r| {
-                (r.policy.clone(), r.rule.clone())
-            });
-        let dst = destination_id
-            .or_else(|| {
-                destination.and_then(|d| view.local.get(&d.ip().to_canonical()).map(|(id, _)| id))
-            })
-            .map_or_else(|| "-".into(), ToString::to_string);
+        let (policy, rule) = {
+            let view = self.view.read().expect("tunnel view lock poisoned");
+            view.compiled
+                .rules
+                .get(&rule)
+                .map_or(("-".into(), "-".into()), |r| {
+                    (r.policy.clone(), r.rule.clone())
+                })
+        };
+        let (src, src_workload) = self.name(source);
+        let (dst, dst_workload) = self.name(destination);
+        let show = |end: End| {
+            end.address
+                .map_or_else(|| "-".into(), |a| a.ip().to_string())
+        };
         FlowRecord {
             time: crate::events::timestamp(),
             verdict: policy::verdict_name(VERDICT_DENY).into(),
             direction: policy::direction_name(direction).into(),
             policy,
             rule,
-            src: source.map_or_else(|| "-".into(), ToString::to_string),
-            src_workload: "-".into(),
+            src,
+            src_workload,
             dst,
-            dst_workload: "-".into(),
-            src_addr: "-".into(),
-            dst_addr: destination.map_or_else(|| "-".into(), |d| d.ip().to_string()),
-            dst_port: destination.map_or(0, |d| d.port()),
+            dst_workload,
+            src_addr: show(source),
+            dst_addr: show(destination),
+            dst_port: destination.address.map_or(0, |d| d.port()),
             protocol: "tcp".into(),
             reason: format!("mtls: {reason}"),
+            service: String::new(),
             count: 1,
         }
     }
@@ -388,24 +612,39 @@ impl Authorizer for Glue {
 
     fn record(&self, event: &InboundEvent) {
         if let Verdict::Refused(refusal) = &event.verdict {
-            let record = self.refusal(
-                DIRECTION_INGRESS,
-                event.peer.as_ref(),
-                (event.destination, None),
-                0,
-                refusal.to_string(),
-            );
+            let peer = End {
+                spiffe_id: event.peer.as_ref(),
+                address: Some(event.peer_addr),
+                ..End::default()
+            };
+            let local = End {
+                address: event.destination,
+                ..End::default()
+            };
+            let record = self.refusal(DIRECTION_INGRESS, peer, local, 0, refusal.to_string());
             self.publish(record);
         }
     }
 
     fn connect(&self, identity: u32, destination: SocketAddr) -> DeliveryFuture {
+        let pod = self
+            .pod_netns
+            .read()
+            .expect("tunnel namespaces lock poisoned")
+            .get(&destination.ip().to_canonical())
+            .cloned();
         let prepared = (|| {
-            let socket = match destination {
-                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            let new_socket = || match destination {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
             };
-            socket.bind(SocketAddr::new(source_towards(destination)?, 0))?;
+            // A workload in a pod of its own is reached from inside its namespace, from its own
+            // address; one in the node's namespace from the node's address towards it.
+            let (socket, source) = match &pod {
+                Some(netns) => (netns.run(new_socket)?, destination.ip()),
+                None => (new_socket()?, source_towards(destination)?),
+            };
+            socket.bind(SocketAddr::new(source, 0))?;
             let from = socket.local_addr()?;
             self.maps
                 .lock()
@@ -434,11 +673,13 @@ impl OriginalDestinations for Glue {
         local_peer: SocketAddr,
     ) -> Result<OutboundRequest, String> {
         let listener = local.local_addr().map_err(|e| e.to_string())?;
+        // The listener's namespace: the agent's, or the pod's whose loopback it listens on.
+        let netns = ward_host::netns::socket_netns_cookie(local).map_err(|e| e.to_string())?;
         let original = self
             .maps
             .lock()
             .expect("tunnel maps lock poisoned")
-            .take_redirect(local_peer, listener)
+            .take_redirect(local_peer, listener, netns)
             .ok_or("the connect hook recorded no original destination")?;
         let destination = original_destination(&original);
         let (source, destination_id, peer_agent) = {
@@ -467,8 +708,17 @@ impl OriginalDestinations for Glue {
         };
         let record = self.refusal(
             DIRECTION_EGRESS,
-            Some(&source),
-            (Some(destination), destination_id.as_ref()),
+            End {
+                identity: Some(original.local_identity),
+                spiffe_id: Some(&source),
+                // Its end of the redirected connection is on loopback: not worth showing.
+                address: None,
+            },
+            End {
+                identity: Some(original.remote_identity),
+                spiffe_id: destination_id.as_ref(),
+                address: Some(destination),
+            },
             original.rule,
             refusal.clone(),
         );
@@ -480,8 +730,16 @@ impl OriginalDestinations for Glue {
         if let Err(e) = result {
             let record = self.refusal(
                 DIRECTION_EGRESS,
-                Some(&request.source),
-                (Some(request.destination), Some(&request.destination_id)),
+                End {
+                    identity: Some(request.source_identity),
+                    spiffe_id: Some(&request.source),
+                    address: None,
+                },
+                End {
+                    identity: None,
+                    spiffe_id: Some(&request.destination_id),
+                    address: Some(request.destination),
+                },
                 request.rule,
                 e.to_string(),
             );
