@@ -8,8 +8,10 @@ export WARD_BIN WARD_BIN_ABI_NEXT WARD_CONTROL_BIN WARD_TEST_PEER WARD_TEST_TIME
 status=0
 for exe in $TEST_EXES; do
     echo "vm-test: running ${exe##*/}"
+    started=$(date +%s)
     "$exe" --test-threads="$TEST_THREADS" "$@" </dev/null
     rc=$?
+    echo "vm-test: ${exe##*/} took $(( $(date +%s) - started )) s"
     if [ "$rc" -ne 0 ]; then
         echo "vm-test: ${exe##*/} exited with $rc"
         status=1
