@@ -36,13 +36,8 @@ fn preflight() -> anyhow::Result<()> {
         bail!("ward run loads kernel programs and needs root (CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON); run it as root, e.g. with sudo");
     }
     // The tunnel holds two sockets per carried connection: use what the hard limit allows.
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!(soft, hard, error = %e, "cannot raise the open file limit");
-            }
-        }
+    if let Err(e) = ward_host::rlimit::raise_open_files() {
+        tracing::warn!(error = %e, "cannot raise the open file limit");
     }
     Ok(())
 }

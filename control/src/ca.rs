@@ -4,7 +4,8 @@ use std::{net::IpAddr, time::Duration};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData as _,
+    SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -103,6 +104,9 @@ impl Ca {
         trust_domain: &str,
         node_cert_lifetime: Duration,
     ) -> Result<Ca, CaError> {
+        // Exclusive: two control planes starting at once on one empty directory would each
+        // write a key and a certificate, and could leave one's key beside the other's certificate.
+        let _lock = state.lock()?;
         match state.read(&state.trust_domain())? {
             Some(found) if found.trim() != trust_domain => {
                 return Err(CaError::TrustDomain {
@@ -175,6 +179,17 @@ impl Ca {
         };
         let cert_der = pem_to_der(&cert_pem)
             .ok_or_else(|| load(&state.ca_cert(), "not a PEM certificate".into()))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der)
+            .map_err(|e| load(&state.ca_cert(), format!("not an X.509 certificate: {e}")))?;
+        if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
+            return Err(load(
+                &state.ca_key(),
+                format!(
+                    "does not match the CA certificate {} (its public key is another's); every certificate signed with it would fail verification. Restore the pair from one backup",
+                    state.ca_cert().display()
+                ),
+            ));
+        }
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
             .map_err(|e| load(&state.ca_cert(), e.to_string()))?;
         Ok(Ca {

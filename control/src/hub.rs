@@ -94,6 +94,8 @@ pub struct Hub {
     registry_changed: watch::Sender<u64>,
     sessions: Mutex<HashMap<String, (u64, watch::Sender<bool>)>>,
     next_session: AtomicU64,
+    /// Set once at shutdown ([`Hub::close`]): every stream ends.
+    closing: watch::Sender<bool>,
 }
 
 /// Ends a stream when a newer stream of the same node registers.
@@ -153,7 +155,21 @@ impl Hub {
             registry_changed: watch::Sender::new(0),
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
+            closing: watch::Sender::new(false),
         }
+    }
+
+    /// Ends every agent stream (now and any opened later) with `UNAVAILABLE`: the control plane
+    /// is shutting down, and agents move on to reconnect.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Completes once [`Hub::close`] was called.
+    pub async fn closed(&self) {
+        let mut closing = self.closing.subscribe();
+        // The sender lives as long as the hub, which outlives this borrow.
+        let _ = closing.wait_for(|closing| *closing).await;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

@@ -13,6 +13,7 @@ pub mod crd;
 pub mod hub;
 pub mod kubernetes;
 pub mod limits;
+pub mod listener;
 pub mod policy_set;
 pub mod registry;
 pub mod resources;
@@ -47,6 +48,8 @@ pub const DEFAULT_NODE_CERT_LIFETIME: Duration = Duration::from_secs(3600);
 pub const DEFAULT_WORKLOAD_CERT_LIFETIME: Duration = Duration::from_secs(3600);
 pub const DEFAULT_NODE_LEASE: Duration = Duration::from_secs(3600);
 const SERVING_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long a shutdown waits for connections to close once every agent stream has been ended.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -395,12 +398,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     tokio::spawn(recheck_policies(hub.clone()));
     tokio::spawn(expire_nodes(hub.clone(), opts.node_lease));
 
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .map_err(|source| ControlError::Listen {
-            addr: opts.listen,
-            source,
-        })?;
+    let listener = listener::bind(opts.listen).map_err(|source| ControlError::Listen {
+        addr: opts.listen,
+        source,
+    })?;
     let bound = listener
         .local_addr()
         .map_err(|source| ControlError::Listen {
@@ -437,13 +438,35 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         "control plane ready"
     );
     println!("listening on {bound}");
-    let served = tonic::transport::Server::builder()
+    // At shutdown every agent stream ends (agents reconnect elsewhere or later); connections
+    // that still do not close are left behind after SHUTDOWN_GRACE.
+    let (stopping, stopped) = tokio::sync::oneshot::channel();
+    let closing_hub = hub.clone();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: ending agent streams");
+        closing_hub.close();
+        let _ = stopping.send(());
+    };
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(Some(16))
         .concurrency_limit_per_connection(32)
-        .serve_with_incoming_shutdown(service, tls::incoming(listener, config), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(service, listener::incoming(listener, config), signal);
+    let served = tokio::select! {
+        served = server => served,
+        () = async {
+            if stopped.await.is_ok() {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::warn!(grace_s = SHUTDOWN_GRACE.as_secs(), "connections still open at the end of the shutdown grace; closing them");
+            Ok(())
+        }
+    };
     watcher.abort();
     revocation_watcher.abort();
     // The last registry change may still be queued for writing.

@@ -9,10 +9,6 @@ pub const MAX_SERVER_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 pub const CHUNK_BYTES: usize = 1024 * 1024;
 /// An agent must say Hello this soon after opening the stream.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// A TLS handshake must finish this soon after the connection is accepted.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; more connections wait in the accept queue.
-pub const MAX_PENDING_HANDSHAKES: usize = 256;
 /// Messages per second an agent may send on its stream, sustained, and in a burst. An agent
 /// that sends more (a NACK storm, a report loop) has its stream closed.
 pub const AGENT_MESSAGES_PER_SECOND: f64 = 20.0;

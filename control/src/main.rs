@@ -201,6 +201,14 @@ async fn main() -> anyhow::Result<()> {
                 .filter(|account| !account.is_empty()),
         }),
     };
+    // Every agent holds a connection; agents and joins beyond 1,024 must not fail for descriptors.
+    match ward_host::rlimit::raise_open_files() {
+        Ok((before, after)) if before != after => {
+            tracing::info!(before, after, "raised the open file limit")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing a SIGTERM handler");

@@ -218,6 +218,9 @@ impl Session {
                 _ = replaced.changed() => {
                     return Err(Status::aborted("replaced by a newer stream from the same node"));
                 }
+                () = hub.closed() => {
+                    return Err(Status::unavailable("control plane shutting down"));
+                }
                 () = &mut expired => {
                     return Err(Status::unauthenticated("client certificate expired; renew it and reconnect"));
                 }

@@ -51,6 +51,25 @@ impl StateDir {
         })
     }
 
+    /// An exclusive lock on the directory (`flock` on its `.lock` file), held until the file is
+    /// dropped; waits for another process holding it.
+    pub fn lock(&self) -> Result<std::fs::File, StateDirError> {
+        let file = self.dir.join(".lock");
+        let write = |source| StateDirError::Write {
+            file: file.clone(),
+            source,
+        };
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&file)
+            .map_err(write)?;
+        lock.lock().map_err(write)?;
+        Ok(lock)
+    }
+
     pub fn path(&self) -> &Path {
         &self.dir
     }

@@ -24,6 +24,8 @@ pub struct ControlPlaneOptions {
     /// A network namespace (`ip netns` name) to run in, entered with `nsenter --net` (which
     /// execs, so the process is the control plane itself).
     pub netns: Option<String>,
+    /// The state directory, when not `root/state` (two control planes sharing one).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl ControlPlaneOptions {
@@ -36,6 +38,7 @@ impl ControlPlaneOptions {
             node_cert_lifetime: "1h".into(),
             extra_args: Vec::new(),
             netns: None,
+            state_dir: None,
         }
     }
 }
@@ -53,7 +56,10 @@ impl ControlPlane {
     }
 
     pub fn state_dir(&self) -> PathBuf {
-        self.opts.root.join("state")
+        self.opts
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| self.opts.root.join("state"))
     }
 
     pub fn token_file(&self) -> PathBuf {
@@ -156,6 +162,24 @@ impl ControlPlane {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+
+    /// The process's id.
+    pub fn pid(&self) -> u32 {
+        self.process
+            .as_ref()
+            .expect("ward-control is running")
+            .pid()
+    }
+
+    /// Sends SIGTERM and waits up to `within` for the process to exit, then kills it. The exit
+    /// status says which happened.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        const SIGTERM: i32 = 15;
+        let mut process = self.process.take().expect("ward-control is running");
+        process
+            .stop(SIGTERM, within)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn is_running(&mut self) -> bool {

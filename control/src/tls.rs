@@ -1,29 +1,20 @@
 //! TLS for the control channel: the serving certificate (re-issued at half its lifetime without a
-//! restart), client certificates verified against the control plane's CA, and an accept loop
-//! that logs every refused handshake and bounds how many are in progress.
+//! restart) and client certificates verified against the control plane's CA. Which connections
+//! get to a handshake is the listener's ([`crate::listener`]).
 use std::{
-    net::SocketAddr,
     sync::{Arc, RwLock},
     time::Duration,
 };
 
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::{mpsc, Semaphore},
-};
-use tokio_rustls::{
-    rustls::{
-        self,
-        crypto::CryptoProvider,
-        server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
-        sign::CertifiedKey,
-        RootCertStore, ServerConfig,
-    },
-    server::TlsStream,
-    TlsAcceptor,
+use tokio_rustls::rustls::{
+    self,
+    crypto::CryptoProvider,
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    sign::CertifiedKey,
+    RootCertStore, ServerConfig,
 };
 
-use crate::{ca::Ca, limits};
+use crate::ca::Ca;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -111,60 +102,4 @@ pub fn server_config(ca: &Ca, serving: Arc<ServingCert>) -> Result<Arc<ServerCon
         .with_cert_resolver(serving);
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// Accepts connections and completes their handshakes, passing on the ones that succeed.
-pub fn incoming(
-    listener: TcpListener,
-    config: Arc<ServerConfig>,
-) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        let acceptor = TlsAcceptor::from(config);
-        let permits = Arc::new(Semaphore::new(limits::MAX_PENDING_HANDSHAKES));
-        loop {
-            let permit = permits
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore never closed");
-            let (stream, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Running out of file descriptors must not end the server.
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
-                match tokio::time::timeout(limits::HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                {
-                    Err(_) => log_refused(peer, "no TLS handshake within 10 s"),
-                    Ok(Err(e)) => log_refused(peer, &e.to_string()),
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                }
-            });
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
-}
-
-fn log_refused(peer: SocketAddr, error: &str) {
-    let lower = error.to_lowercase();
-    let hint = if lower.contains("unknownissuer") || lower.contains("badsignature") {
-        "the client certificate is not signed by this control plane's CA"
-    } else if lower.contains("expired") {
-        "the client certificate has expired; the node must join again"
-    } else if lower.contains("not valid yet") || lower.contains("notvalidyet") {
-        "the client certificate is not valid yet (clock skew?)"
-    } else {
-        "TLS handshake failed"
-    };
-    tracing::warn!(%peer, error, "connection refused: {hint}");
 }

@@ -986,3 +986,247 @@ async fn an_agent_refuses_a_control_plane_its_ca_file_does_not_name() {
         impostor.logs()
     );
 }
+
+// ---- the server tried from outside ------------------------------------------------------
+
+/// A TCP connection to `plane` from `source` (a loopback address of the test's choosing, so a
+/// flood can come from an address other than the agents').
+async fn connect_from(plane: &ControlPlane, source: IpAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::new(source, 0))
+        .expect("binding the source address");
+    socket.connect(plane.address).await.expect("connect")
+}
+
+/// Whether the server closed `stream` within `within` (end of stream or reset on read).
+async fn closed_by_server<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    within: Duration,
+) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(within, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the process's descriptors")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_the_agents_streams_and_the_process_exits_within_the_grace() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut plane = start_plane(tmp.path(), "1h");
+    let (cert, key) = joined(&plane, "node-a").await;
+    let mut stream = RawStream::open(
+        channel(&plane, Some((&cert, &key))).await,
+        "node-a",
+        &BTreeMap::new(),
+    )
+    .await
+    .expect("stream");
+    let updates = stream.batch().await.expect("first batch");
+    let mut versions = BTreeMap::new();
+    stream.ack_all(&updates, &mut versions).await;
+    // An agent's client too, and a connection that never speaks.
+    let mut agent = Agent::start(agent_config(&plane, tmp.path(), "node-b"), vec![]);
+    agent
+        .until("node-b's first state", |s| !s.policies.is_empty())
+        .await;
+    let _silent = connect_from(&plane, "127.0.0.1".parse().expect("address")).await;
+
+    let started = Instant::now();
+    let (status, plane) = tokio::task::spawn_blocking(move || {
+        let status = plane.terminate(Duration::from_secs(20));
+        (status, plane)
+    })
+    .await
+    .expect("terminating");
+    let took = started.elapsed();
+    assert!(
+        status.success(),
+        "ward-control did not exit by itself within 20 s of SIGTERM ({status}):\n{}",
+        plane.logs()
+    );
+    assert!(
+        took < ward_control::SHUTDOWN_GRACE + Duration::from_secs(3),
+        "ward-control took {took:?} to exit after SIGTERM:\n{}",
+        plane.logs()
+    );
+    let ended = stream.ended().await;
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("shutting down"), "{ended:?}");
+    eprintln!("ward-control exited {took:?} after SIGTERM with two agent streams open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_from_another_address_never_keep_an_agent_out() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), "1h");
+    let flooder: IpAddr = "127.0.0.2".parse().expect("address");
+    let mut flood = Vec::new();
+    for _ in 0..500 {
+        flood.push(connect_from(&plane, flooder).await);
+    }
+    // The flood holds its connections open; an agent joins and streams at once.
+    let started = Instant::now();
+    let (cert, key) = join(&plane, "node-a", &plane.new_token(None))
+        .await
+        .expect("a join during the flood");
+    let mut stream = RawStream::open(
+        channel(&plane, Some((&cert, &key))).await,
+        "node-a",
+        &BTreeMap::new(),
+    )
+    .await
+    .expect("a stream during the flood");
+    stream.batch().await.expect("first batch during the flood");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "join and first batch took {took:?} under the flood"
+    );
+    // The flood's connections beyond the address's share are closed at once, the rest once their
+    // handshake deadline passes.
+    let mut closed_at_once = 0;
+    for conn in &mut flood {
+        if closed_by_server(conn, Duration::from_millis(10)).await {
+            closed_at_once += 1;
+        }
+    }
+    assert!(
+        closed_at_once >= 500 - ward_control::listener::MAX_UNVERIFIED_PER_ADDRESS,
+        "only {closed_at_once} of 500 idle connections were closed at once"
+    );
+    let deadline = ward_control::listener::HANDSHAKE_TIMEOUT + Duration::from_secs(3);
+    for conn in &mut flood {
+        assert!(
+            closed_by_server(conn, deadline).await,
+            "an idle connection outlived the handshake deadline"
+        );
+    }
+    eprintln!("join and first batch under a 500-connection flood: {took:?}; {closed_at_once} closed at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections_that_never_speak_http2_are_closed_and_the_file_limit_is_raised() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), "1h");
+    let pid = plane.pid();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("open file limit")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        open_files[3], open_files[4],
+        "soft limit below the hard one: {limits}"
+    );
+
+    let ca = std::fs::read(plane.ca_file()).expect("CA file");
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&ca).expect("CA PEM");
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots.add(pem.contents.into()).expect("CA certificate");
+    let config =
+        tokio_rustls::rustls::ClientConfig::builder_with_provider(ward_control::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let before = open_descriptors(pid);
+    // 200 TLS connections from 20 addresses, each a completed handshake and then silence.
+    let mut silent = Vec::new();
+    for i in 0..200u8 {
+        let source: IpAddr = format!("127.0.1.{}", 1 + i / 10).parse().expect("address");
+        let tcp = connect_from(&plane, source).await;
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("ward-control")
+            .expect("server name");
+        silent.push(connector.connect(name, tcp).await.expect("TLS handshake"));
+    }
+    let during = open_descriptors(pid);
+    assert!(
+        during >= before + 150,
+        "the connections were not held: {before} then {during}"
+    );
+    let deadline = ward_control::listener::HANDSHAKE_TIMEOUT + Duration::from_secs(3);
+    for conn in &mut silent {
+        assert!(
+            closed_by_server(conn, deadline).await,
+            "a TLS connection without the HTTP/2 preface outlived the deadline"
+        );
+    }
+    let after = open_descriptors(pid);
+    assert!(
+        after <= before + 2,
+        "descriptors still held: {before} before, {during} during, {after} after"
+    );
+    // And the server still serves.
+    joined(&plane, "node-a").await;
+}
+
+#[test]
+fn two_control_planes_starting_at_once_on_an_empty_directory_share_one_ca() {
+    for trial in 0..5 {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let state = tmp.path().join("shared-state");
+        let planes: Vec<ControlPlane> = std::thread::scope(|scope| {
+            let handles: Vec<_> = ["one", "two"]
+                .map(|name| {
+                    let (root, state) = (tmp.path().join(name), state.clone());
+                    scope.spawn(move || {
+                        common::start_plane(&root, |opts| opts.state_dir = Some(state))
+                    })
+                })
+                .into_iter()
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a control plane starts"))
+                .collect()
+        });
+        // Each serves with a certificate its CA key signed, verified against the one CA file.
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        for (i, plane) in planes.iter().enumerate() {
+            runtime
+                .block_on(join(plane, &format!("node-{i}"), &plane.new_token(None)))
+                .unwrap_or_else(|e| panic!("trial {trial}: joining control plane {i}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn a_ca_key_that_does_not_match_its_certificate_is_refused_at_start() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut plane = start_plane(tmp.path(), "1h");
+    plane.kill();
+    let other = rcgen::KeyPair::generate().expect("key");
+    std::fs::write(plane.state_dir().join("ca-key.pem"), other.serialize_pem()).expect("key");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ward-control"))
+        .arg("--policy-dir")
+        .arg(plane.policy_dir())
+        .arg("--state-dir")
+        .arg(plane.state_dir())
+        .args(["--listen", "127.0.0.1:0", "--trust-domain", "example.org"])
+        .output()
+        .expect("running ward-control");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "started with a mismatched CA key: {stderr}"
+    );
+    assert!(
+        stderr.contains("ca-key.pem") && stderr.contains("does not match the CA certificate"),
+        "{stderr}"
+    );
+}
