@@ -55,6 +55,9 @@ struct State {
     /// What each node's agent last reported of its workloads' own tunnel listeners (workload
     /// name → port), applied to the workloads the cluster places there.
     tunnel_ports: BTreeMap<String, BTreeMap<String, u16>>,
+    /// Nodes revoked (`ward-control revoke --node`): no stream, renewal, workload certificate or
+    /// join for them.
+    revoked_nodes: BTreeSet<String>,
     epoch: u64,
     /// The policies the POLICY set serves.
     policies: Arc<ward_policy::PolicySet>,
@@ -144,6 +147,7 @@ impl Hub {
                 cluster: None,
                 host_pods: BTreeMap::new(),
                 tunnel_ports: BTreeMap::new(),
+                revoked_nodes: BTreeSet::new(),
                 epoch,
                 policies: Arc::default(),
                 registry,
@@ -247,6 +251,35 @@ impl Hub {
             total,
             version,
         })
+    }
+
+    /// Revokes `nodes` from now on (and only them): their streams end, and their workloads leave
+    /// the registry (unless the cluster says where workloads run). Returns the nodes newly revoked.
+    pub fn set_revoked_nodes(&self, nodes: BTreeSet<String>) -> Vec<String> {
+        let mut state = self.lock();
+        if state.revoked_nodes == nodes {
+            return Vec::new();
+        }
+        let added: Vec<String> = nodes.difference(&state.revoked_nodes).cloned().collect();
+        state.revoked_nodes = nodes;
+        let mut removed = false;
+        if !state.follows_cluster {
+            for node in &added {
+                removed |= state.registry.remove_node(node);
+            }
+        }
+        if removed {
+            self.registry_changed_locked(state);
+        } else {
+            drop(state);
+        }
+        // Wakes every stream, so a revoked node's ends now.
+        Self::bump(&self.changed);
+        added
+    }
+
+    pub fn node_revoked(&self, node: &str) -> bool {
+        self.lock().revoked_nodes.contains(node)
     }
 
     /// The serials the trust bundle lists as revoked.

@@ -243,23 +243,37 @@ fn watch_revocations(file: &Path) -> Result<Watcher, ControlError> {
 /// list in force stays.
 fn load_revocations(file: &Path, hub: &Hub, reason: &str) {
     match revocation::read(file) {
-        Ok(serials) => match hub.set_revoked(serials) {
-            Some(change) => tracing::info!(
-                reason,
-                added = change.added,
-                removed = change.removed,
-                revoked = change.total,
-                version = %change.version.map(|v| v.to_string()).unwrap_or_default(),
-                "revocation list updated"
-            ),
-            None => tracing::debug!(reason, "revocation list unchanged"),
-        },
+        Ok(revocations) => {
+            apply_revocations(hub, revocations, reason);
+        }
         Err(e) => tracing::error!(
             reason,
             error = %e,
             revoked = hub.revoked().len(),
             "revocation file refused whole; the previous revocation list stays in force"
         ),
+    }
+}
+
+/// Puts `revocations` in force and logs what changed.
+fn apply_revocations(hub: &Hub, revocations: revocation::Revocations, reason: &str) {
+    match hub.set_revoked(revocations.serials) {
+        Some(change) => tracing::info!(
+            reason,
+            added = change.added,
+            removed = change.removed,
+            revoked = change.total,
+            version = %change.version.map(|v| v.to_string()).unwrap_or_default(),
+            "revocation list updated"
+        ),
+        None => tracing::debug!(reason, "revocation list unchanged"),
+    }
+    for node in hub.set_revoked_nodes(revocations.nodes) {
+        tracing::warn!(
+            reason,
+            node,
+            "node revoked: its stream ends, its renewals, workload certificates and joins are refused, and its workloads leave the IP cache"
+        );
     }
 }
 
@@ -356,10 +370,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     // Watch before reading, so a revocation written in between is not missed. A malformed file
     // fails the start: serving no revocations would silently readmit revoked certificates.
     let revocation_changes = watch_revocations(&state.revoked())?;
-    let revoked = revocation::read(&state.revoked())?;
-    if let Some(change) = hub.set_revoked(revoked) {
-        tracing::info!(revoked = change.total, "revocation list read");
-    }
+    apply_revocations(&hub, revocation::read(&state.revoked())?, "start");
     // Only the revocation file is followed: the state directory holds other files, written
     // often, whose changes are not the watcher's to report.
     let revocation_watcher = tokio::spawn(follow(

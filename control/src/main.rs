@@ -94,11 +94,18 @@ enum Command {
     /// Revokes workload certificates by serial number (hexadecimal, with or without ':', as
     /// `openssl x509 -serial` or the control plane's "workload certificate signed" log prints
     /// it). A running control plane sends the new list to every agent within about a second.
+    ///
+    /// With `--node <name>`, revokes a node: its stream ends, its certificate no longer renews or
+    /// gets workload certificates, it cannot join again while the revocation stands, and its
+    /// workloads leave every agent's IP cache.
     Revoke {
-        /// The control plane's state directory; the serials are appended to its `revoked` file.
+        /// The control plane's state directory; the entries are appended to its `revoked` file.
         #[arg(long)]
         state_dir: PathBuf,
-        #[arg(required = true, value_name = "SERIAL")]
+        /// A node to revoke (repeatable).
+        #[arg(long = "node", value_name = "NAME")]
+        nodes: Vec<String>,
+        #[arg(value_name = "SERIAL", required_unless_present = "nodes")]
         serials: Vec<String>,
     },
 }
@@ -140,7 +147,7 @@ fn new_token(file: &std::path::Path, node: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn revoke(state_dir: &std::path::Path, serials: &[String]) -> anyhow::Result<()> {
+fn revoke(state_dir: &std::path::Path, serials: &[String], nodes: &[String]) -> anyhow::Result<()> {
     if !state_dir.is_dir() {
         anyhow::bail!(
             "{}: not a directory; give the control plane's --state-dir",
@@ -148,12 +155,17 @@ fn revoke(state_dir: &std::path::Path, serials: &[String]) -> anyhow::Result<()>
         );
     }
     let file = state_dir.join(ward_control::state_dir::REVOKED_FILE);
-    let done = ward_control::revocation::append(&file, serials)?;
-    for serial in &done.added {
-        println!("revoked {serial}");
+    let entries: Vec<String> = serials
+        .iter()
+        .cloned()
+        .chain(nodes.iter().map(|node| format!("node {node}")))
+        .collect();
+    let done = ward_control::revocation::append(&file, &entries)?;
+    for entry in &done.added {
+        println!("revoked {entry}");
     }
-    for serial in &done.already {
-        println!("already revoked {serial}");
+    for entry in &done.already {
+        println!("already revoked {entry}");
     }
     Ok(())
 }
@@ -165,7 +177,11 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::NewToken { token_file, node }) => {
             return new_token(&token_file, node.as_deref())
         }
-        Some(Command::Revoke { state_dir, serials }) => return revoke(&state_dir, &serials),
+        Some(Command::Revoke {
+            state_dir,
+            serials,
+            nodes,
+        }) => return revoke(&state_dir, &serials, &nodes),
         Some(Command::Crd) => {
             print!("{}", ward_control::crd::manifest());
             return Ok(());

@@ -183,11 +183,17 @@ impl Registry {
             .cloned()
             .collect();
         for node in &gone {
-            self.nodes.remove(node);
-            self.tunnels.remove(node);
-            self.last_seen.remove(node);
+            self.remove_node(node);
         }
         gone
+    }
+
+    /// Forgets `node`'s workloads and tunnel; its identities stay allocated. Whether it was known.
+    pub fn remove_node(&mut self, node: &str) -> bool {
+        let workloads = self.nodes.remove(node).is_some();
+        let tunnel = self.tunnels.remove(node).is_some();
+        self.last_seen.remove(node);
+        workloads || tunnel
     }
 
     /// The numeric identity of identity key `key`, allocating one on first sight.

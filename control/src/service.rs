@@ -61,6 +61,10 @@ impl From<JoinError> for Status {
     }
 }
 
+/// Why a revoked node's calls fail.
+pub const REVOKED_NODE: &str =
+    "this node is revoked (ward-control revoke --node); remove its line from the revocation file, then join again";
+
 fn remote<T>(request: &Request<T>) -> String {
     request
         .remote_addr()
@@ -147,10 +151,19 @@ impl ControlService {
                 "a client certificate signed by this control plane's CA is required; join first",
             )
             })?;
-        self.ca.node_of(&certs[0]).map_err(|e| {
+        let peer = self.ca.node_of(&certs[0]).map_err(|e| {
             tracing::warn!(peer = remote(request), error = %e, "call refused");
             Status::permission_denied(e.to_string())
-        })
+        })?;
+        if self.hub.node_revoked(&peer.node) {
+            tracing::warn!(
+                peer = remote(request),
+                node = peer.node,
+                "call refused: the node is revoked"
+            );
+            return Err(Status::permission_denied(REVOKED_NODE));
+        }
+        Ok(peer)
     }
 }
 
@@ -170,6 +183,10 @@ impl Control for ControlService {
             csr_pem,
         } = request.into_inner();
         let node_shown = limits::truncate(&node, 253).to_owned();
+        if self.hub.node_revoked(&node) {
+            tracing::warn!(node = node_shown, peer, "join refused: the node is revoked");
+            return Err(Status::permission_denied(REVOKED_NODE));
+        }
         match self.admit(token, node, csr_pem).await {
             Ok(cert_pem) => {
                 tracing::info!(

@@ -200,6 +200,9 @@ impl Session {
         let expired = tokio::time::sleep(expiry);
         tokio::pin!(expired);
         loop {
+            if hub.node_revoked(&node) {
+                return Err(Status::permission_denied(crate::service::REVOKED_NODE));
+            }
             if self.in_flight.is_none() {
                 changes.mark_unchanged();
                 self.send_next().await?;
@@ -210,7 +213,9 @@ impl Session {
                     Some(Err(status)) => return Err(status),
                     Some(Ok(message)) => self.handle(message)?,
                 },
-                changed = changes.changed(), if self.in_flight.is_none() => {
+                // Also while an update is in flight: what is pending is sent after its answer
+                // anyway, and a change may be the node's revocation.
+                changed = changes.changed() => {
                     if changed.is_err() {
                         return Err(Status::unavailable("control plane shutting down"));
                     }

@@ -16,8 +16,8 @@ use tonic::transport::Channel;
 use ward_control::test_helpers::ControlPlane;
 use ward_proto::{
     agent_message::Kind, control_client::ControlClient, resource::Body, Ack, AgentMessage, Hello,
-    JoinRequest, Report, ResourceType, ServerMessage, SignWorkloadRequest, TypeVersion, Update,
-    Workload,
+    JoinRequest, RenewRequest, Report, ResourceType, ServerMessage, SignWorkloadRequest,
+    TypeVersion, Update, Workload,
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_ward-control");
@@ -220,6 +220,15 @@ fn revoke(state_dir: &Path, serials: &[&str]) -> std::process::Output {
         .expect("running ward-control revoke")
 }
 
+fn revoke_nodes(state_dir: &Path, nodes: &[&str]) -> std::process::Output {
+    let mut command = Command::new(BINARY);
+    command.arg("revoke").arg("--state-dir").arg(state_dir);
+    for node in nodes {
+        command.args(["--node", node]);
+    }
+    command.output().expect("running ward-control revoke")
+}
+
 // ---- tests ------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,6 +391,100 @@ async fn a_revocation_reaches_a_connected_stream_in_the_trust_bundle() {
     std::fs::write(&file, "ff\n").expect("write");
     let update = stream.batch().await;
     assert_eq!(revoked_serials(&update), Some(vec!["ff".to_string()]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_node_loses_its_stream_renewals_certificates_and_addresses_and_cannot_rejoin() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), &[]);
+    let a = Node::join(&plane, "node-a").await;
+    let b = Node::join(&plane, "node-b").await;
+    let mut a_stream = a.stream(&plane, "").await.expect("stream");
+    a_stream.batch().await;
+    a_stream
+        .report("node-a", vec![workload("web", "10.0.0.1")])
+        .await;
+    let mut b_stream = b.stream(&plane, "").await.expect("stream");
+    let first = b_stream.batch().await;
+    assert!(ipcache(&first).contains_key("10.0.0.1"), "{first:?}");
+
+    let started = Instant::now();
+    let out = revoke_nodes(&plane.state_dir(), &["node-a"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "revoked node node-a\n"
+    );
+    // Its stream ends; its workloads leave the other nodes' IP caches.
+    let ended = a_stream.ended().await;
+    assert_eq!(ended.code(), tonic::Code::PermissionDenied, "{ended:?}");
+    assert!(ended.message().contains("revoked"), "{ended:?}");
+    let update = b_stream.batch().await;
+    assert_eq!(ipcache(&update).get("10.0.0.1"), Some(&None), "{update:?}");
+    eprintln!("a node revocation took effect in {:?}", started.elapsed());
+
+    // Its certificate opens no stream, renews nothing and gets no workload certificate.
+    let refused = a.stream(&plane, "").await.err().expect("stream refused");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let (_, csr_pem) = csr();
+    let renewed = ControlClient::new(a.channel(&plane).await)
+        .renew(RenewRequest {
+            csr_pem: csr_pem.clone(),
+        })
+        .await;
+    assert_eq!(
+        renewed.expect_err("renewal refused").code(),
+        tonic::Code::PermissionDenied
+    );
+    let signed = ControlClient::new(a.channel(&plane).await)
+        .sign_workload(SignWorkloadRequest {
+            spiffe_id: "spiffe://example.org/ns/demo/sa/web".into(),
+            csr_pem: csr_pem.clone(),
+        })
+        .await;
+    assert_eq!(
+        signed.expect_err("signing refused").code(),
+        tonic::Code::PermissionDenied
+    );
+    // A fresh token does not bring it back while the revocation stands.
+    let rejoin = |token: String| {
+        let csr_pem = csr_pem.clone();
+        let plane = &plane;
+        async move {
+            ControlClient::new(channel(plane, None).await)
+                .join(JoinRequest {
+                    token,
+                    node: "node-a".into(),
+                    csr_pem,
+                })
+                .await
+        }
+    };
+    let refused = rejoin(plane.new_token(None))
+        .await
+        .expect_err("join refused");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    // The other node is untouched.
+    assert!(
+        b_stream
+            .batch_within(Duration::from_millis(300))
+            .await
+            .is_none_or(|b| b.is_ok()),
+        "node-b's stream ended"
+    );
+    // Once the line is removed, a new token joins it again.
+    std::fs::write(plane.state_dir().join("revoked"), "").expect("write");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match rejoin(plane.new_token(None)).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("node-a cannot join again after its revocation was lifted: {e:?}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
