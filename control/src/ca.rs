@@ -32,6 +32,8 @@ pub enum CaError {
     TrustDomain { found: String, wanted: String },
     #[error("certificate signing request refused: {0}")]
     Csr(String),
+    #[error("node {node:?} reached the maximum age of its certificates since its join (--node-cert-max-age, {max_age_s} s): it must join again")]
+    NodeMaxAge { node: String, max_age_s: u64 },
     #[error("node name {name:?} refused: {reason}")]
     NodeName { name: String, reason: String },
     #[error("signing failed: {0}")]
@@ -48,6 +50,8 @@ pub struct Ca {
     cert_pem: String,
     cert_der: CertificateDer<'static>,
     node_cert_lifetime: Duration,
+    /// How long after its join a node's certificates may reach, however often renewed.
+    node_cert_max_age: Duration,
     workload_cert_lifetime: Duration,
 }
 
@@ -198,8 +202,16 @@ impl Ca {
             cert_pem,
             cert_der,
             node_cert_lifetime,
+            node_cert_max_age: crate::DEFAULT_NODE_CERT_MAX_AGE,
             workload_cert_lifetime: crate::DEFAULT_WORKLOAD_CERT_LIFETIME,
         })
+    }
+
+    /// Sets how long after its join a node's certificate may be valid, renewals included.
+    #[must_use]
+    pub fn with_node_cert_max_age(mut self, max_age: Duration) -> Ca {
+        self.node_cert_max_age = max_age;
+        self
     }
 
     /// Sets the lifetime of the workload certificates [`Ca::sign_workload`] issues.
@@ -233,9 +245,35 @@ impl Ca {
         format!("spiffe://{}/node/{node}", self.trust_domain)
     }
 
-    /// Signs a client certificate for `node` with the public key of `csr_pem`. Everything but the
-    /// key is the CA's decision: what the request asks for is ignored.
+    /// Signs a client certificate for `node`, joining now, with the public key of `csr_pem`.
+    /// Everything but the key is the CA's decision: what the request asks for is ignored.
     pub fn sign_node(&self, node: &str, csr_pem: &str) -> Result<String, CaError> {
+        let joined = now();
+        self.node_cert(node, csr_pem, joined - BACKDATE, joined)
+    }
+
+    /// Renews `peer`'s certificate with the public key of `csr_pem`. The renewed certificate keeps
+    /// the start of validity of the one it replaces (the node's join), and ends at most the
+    /// maximum age after the join: renewal alone never keeps a node in past it.
+    pub fn renew_node(&self, peer: &PeerNode, csr_pem: &str) -> Result<String, CaError> {
+        let not_before = OffsetDateTime::from(peer.not_before);
+        let joined = not_before + BACKDATE;
+        if now() >= joined + self.node_cert_max_age {
+            return Err(CaError::NodeMaxAge {
+                node: peer.node.clone(),
+                max_age_s: self.node_cert_max_age.as_secs(),
+            });
+        }
+        self.node_cert(&peer.node, csr_pem, not_before, joined)
+    }
+
+    fn node_cert(
+        &self,
+        node: &str,
+        csr_pem: &str,
+        not_before: OffsetDateTime,
+        joined: OffsetDateTime,
+    ) -> Result<String, CaError> {
         check_node_name(node)?;
         let csr = parse_csr(csr_pem)?;
         let mut params = CertificateParams::default();
@@ -251,8 +289,8 @@ impl Ca {
             )?)];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.not_before = now() - BACKDATE;
-        params.not_after = now() + self.node_cert_lifetime;
+        params.not_before = not_before;
+        params.not_after = (now() + self.node_cert_lifetime).min(joined + self.node_cert_max_age);
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
@@ -363,6 +401,8 @@ impl Ca {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerNode {
     pub node: String,
+    /// For a node certificate this CA issued: the node's join, less [`BACKDATE`].
+    pub not_before: std::time::SystemTime,
     pub not_after: std::time::SystemTime,
 }
 
@@ -384,12 +424,14 @@ pub fn peer_node(leaf: &[u8], trust_domain: &str) -> Result<PeerNode, CaError> {
         })
         .ok_or_else(|| CaError::PeerCert(format!("no URI SAN {prefix}<node>")))?;
     check_node_name(node)?;
-    let seconds = cert.validity().not_after.timestamp();
-    let not_after =
-        std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).unwrap_or_default());
+    let time = |t: x509_parser::time::ASN1Time| {
+        std::time::UNIX_EPOCH
+            + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or_default())
+    };
     Ok(PeerNode {
         node: node.into(),
-        not_after,
+        not_before: time(cert.validity().not_before),
+        not_after: time(cert.validity().not_after),
     })
 }
 
@@ -424,6 +466,53 @@ mod tests {
     fn ca(dir: &std::path::Path, td: &str) -> Ca {
         let state = StateDir::open(dir).expect("state dir");
         Ca::load_or_create(&state, td, Duration::from_secs(3600)).expect("CA")
+    }
+
+    #[test]
+    fn renewal_keeps_the_join_and_never_reaches_past_the_maximum_age() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let hour = Duration::from_secs(3600);
+        let ca = ca(tmp.path(), "example.org").with_node_cert_max_age(2 * hour);
+        let (_, csr) = csr();
+        let peer_of = |pem: &str| {
+            ca.node_of(&pem_to_der(pem).expect("PEM certificate"))
+                .expect("node")
+        };
+        let joined = peer_of(&ca.sign_node("node-a", &csr).expect("signed"));
+        let renewed = peer_of(&ca.renew_node(&joined, &csr).expect("renewed"));
+        assert_eq!(renewed.not_before, joined.not_before, "the join is kept");
+        // Joined 90 minutes ago: the renewal ends at the maximum age, 30 minutes from now.
+        let earlier = PeerNode {
+            not_before: joined.not_before - 90 * Duration::from_secs(60),
+            ..joined.clone()
+        };
+        let renewed = peer_of(&ca.renew_node(&earlier, &csr).expect("renewed"));
+        let left = renewed
+            .not_after
+            .duration_since(std::time::SystemTime::now())
+            .expect("still valid");
+        assert!(
+            left <= Duration::from_secs(30 * 60) && left > Duration::from_secs(29 * 60),
+            "{left:?}"
+        );
+        // Past the maximum age: refused, the node must join again.
+        let old = PeerNode {
+            not_before: joined.not_before - 2 * hour,
+            ..joined
+        };
+        let err = ca.renew_node(&old, &csr).expect_err("too old");
+        assert!(matches!(err, CaError::NodeMaxAge { .. }), "{err}");
+        assert!(err.to_string().contains("join again"), "{err}");
+        // A maximum age below the lifetime bounds the first certificate too.
+        let short = ca.with_node_cert_max_age(Duration::from_secs(600));
+        let first = short
+            .node_of(&pem_to_der(&short.sign_node("node-b", &csr).expect("signed")).expect("der"))
+            .expect("node");
+        let left = first
+            .not_after
+            .duration_since(std::time::SystemTime::now())
+            .expect("valid");
+        assert!(left <= Duration::from_secs(600), "{left:?}");
     }
 
     #[test]

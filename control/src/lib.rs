@@ -47,6 +47,7 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_NODE_CERT_LIFETIME: Duration = Duration::from_secs(3600);
 pub const DEFAULT_WORKLOAD_CERT_LIFETIME: Duration = Duration::from_secs(3600);
 pub const DEFAULT_NODE_LEASE: Duration = Duration::from_secs(3600);
+pub const DEFAULT_NODE_CERT_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 const SERVING_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a shutdown waits for connections to close once every agent stream has been ended.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -59,6 +60,8 @@ pub struct Options {
     pub token_file: Option<PathBuf>,
     pub trust_domain: String,
     pub node_cert_lifetime: Duration,
+    /// How long after its join a node's certificates may reach, renewals included.
+    pub node_cert_max_age: Duration,
     /// Lifetime of the workload certificates `SignWorkload` issues.
     pub workload_cert_lifetime: Duration,
     /// Extra DNS names or addresses for the serving certificate.
@@ -345,7 +348,8 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let state = StateDir::open(&opts.state_dir)?;
     let ca = Arc::new(
         Ca::load_or_create(&state, &opts.trust_domain, opts.node_cert_lifetime)?
-            .with_workload_cert_lifetime(opts.workload_cert_lifetime),
+            .with_workload_cert_lifetime(opts.workload_cert_lifetime)
+            .with_node_cert_max_age(opts.node_cert_max_age),
     );
     let registry = match state.read(&state.registry())? {
         Some(text) => Registry::from_json(&opts.trust_domain, &text).map_err(|source| {
@@ -440,6 +444,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         state_dir = %opts.state_dir.display(),
         token_file = ?opts.token_file,
         node_cert_lifetime_s = opts.node_cert_lifetime.as_secs(),
+        node_cert_max_age_s = opts.node_cert_max_age.as_secs(),
         workload_cert_lifetime_s = opts.workload_cert_lifetime.as_secs(),
         revoked = hub.revoked().len(),
         node_lease_s = opts.node_lease.as_secs_f64(),

@@ -40,6 +40,11 @@ struct ServeArgs {
     /// Lifetime of node certificates (e.g. 1h, 30m); agents renew at half of it.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     node_cert_lifetime: std::time::Duration,
+    /// How long after a node's join its certificates may reach, however often renewed (e.g. 30d,
+    /// 12h); past it the node must join again (a service account token does so by itself, a join
+    /// token must be a new one).
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    node_cert_max_age: std::time::Duration,
     /// Lifetime of workload certificates (e.g. 1h, 10m); agents renew at half of it. A revoked
     /// certificate is refused by agents at once; this bounds how long a leaked key is useful
     /// when nobody revokes it.
@@ -208,6 +213,7 @@ async fn main() -> anyhow::Result<()> {
         token_file: args.token_file,
         trust_domain: args.trust_domain,
         node_cert_lifetime: args.node_cert_lifetime,
+        node_cert_max_age: args.node_cert_max_age,
         workload_cert_lifetime: args.workload_cert_lifetime,
         server_names: args.server_names,
         node_lease: args.node_lease,

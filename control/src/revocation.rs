@@ -209,7 +209,10 @@ mod tests {
     fn append_creates_the_file_private_and_never_lists_a_serial_twice() {
         let tmp = tempfile::tempdir().expect("temp dir");
         let file = tmp.path().join("revoked");
-        assert_eq!(read(&file).expect("missing is empty"), Revocations::default());
+        assert_eq!(
+            read(&file).expect("missing is empty"),
+            Revocations::default()
+        );
         let first = append(&file, &["4A:0B".into(), "cd".into()]).expect("append");
         assert_eq!(first.added, ["4a:0b", "cd"]);
         assert!(first.already.is_empty());

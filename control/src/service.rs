@@ -213,9 +213,9 @@ impl Control for ControlService {
     ) -> Result<Response<RenewResponse>, Status> {
         let peer = self.peer(&request)?;
         let ca = self.ca.clone();
-        let node = peer.node.clone();
         let csr = request.into_inner().csr_pem;
-        let signed = tokio::task::spawn_blocking(move || ca.sign_node(&node, &csr))
+        let renewing = peer.clone();
+        let signed = tokio::task::spawn_blocking(move || ca.renew_node(&renewing, &csr))
             .await
             .map_err(|_| Status::internal("renew task failed"))?;
         match signed {
@@ -225,6 +225,10 @@ impl Control for ControlService {
                     cert_pem,
                     ca_pem: self.ca.cert_pem().into(),
                 }))
+            }
+            Err(e @ CaError::NodeMaxAge { .. }) => {
+                tracing::warn!(node = peer.node, error = %e, "renewal refused");
+                Err(Status::permission_denied(e.to_string()))
             }
             Err(e) => {
                 tracing::warn!(node = peer.node, error = %e, "renewal refused");

@@ -438,6 +438,7 @@ mod tests {
     fn peer(node: &str) -> PeerNode {
         PeerNode {
             node: node.into(),
+            not_before: SystemTime::now(),
             not_after: SystemTime::now() + Duration::from_secs(3600),
         }
     }

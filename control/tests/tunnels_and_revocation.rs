@@ -488,6 +488,38 @@ async fn a_revoked_node_loses_its_stream_renewals_certificates_and_addresses_and
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewing_a_node_certificate_never_reaches_past_its_maximum_age() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), &["--node-cert-max-age", "20m"]);
+    let validity = |pem: &str| {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("PEM");
+        let cert = pem.parse_x509().expect("certificate");
+        (
+            cert.validity().not_before.timestamp(),
+            cert.validity().not_after.timestamp(),
+        )
+    };
+    let a = Node::join(&plane, "node-a").await;
+    let (joined, first_end) = validity(&a.cert);
+    assert!(
+        first_end - joined <= 20 * 60 + 300,
+        "the first certificate is bounded by the maximum age (1 h lifetime): {joined}..{first_end}"
+    );
+    let (_, csr_pem) = csr();
+    let renewed = ControlClient::new(a.channel(&plane).await)
+        .renew(RenewRequest { csr_pem })
+        .await
+        .expect("renewed")
+        .into_inner();
+    let (start, end) = validity(&renewed.cert_pem);
+    assert_eq!(start, joined, "the renewal keeps the join");
+    assert!(
+        end <= first_end + 1,
+        "renewal extended the certificate: {first_end} then {end}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workload_certificates_follow_their_lifetime_flag_and_their_serial_is_logged() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let plane = start_plane(tmp.path(), &["--workload-cert-lifetime", "10m"]);
