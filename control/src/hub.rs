@@ -99,6 +99,8 @@ pub struct Hub {
     next_session: AtomicU64,
     /// Set once at shutdown ([`Hub::close`]): every stream ends.
     closing: watch::Sender<bool>,
+    /// The policy history, when kept ([`Hub::keep_history`]).
+    history: Mutex<Option<crate::history::Writer>>,
 }
 
 /// Ends a stream when a newer stream of the same node registers.
@@ -160,7 +162,22 @@ impl Hub {
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             closing: watch::Sender::new(false),
+            history: Mutex::new(None),
         }
+    }
+
+    /// Records every policy set served from now on with `writer`.
+    pub fn keep_history(&self, writer: crate::history::Writer) {
+        *self.history.lock().expect("history lock poisoned") = Some(writer);
+    }
+
+    /// Runs `f` on the history writer, if a history is kept.
+    pub fn with_history<R>(&self, f: impl FnOnce(&mut crate::history::Writer) -> R) -> Option<R> {
+        self.history
+            .lock()
+            .expect("history lock poisoned")
+            .as_mut()
+            .map(f)
     }
 
     /// Ends every agent stream (now and any opened later) with `UNAVAILABLE`: the control plane

@@ -10,6 +10,7 @@
 //! ([`service_resources`]).
 pub mod ca;
 pub mod crd;
+pub mod history;
 pub mod hub;
 pub mod kubernetes;
 pub mod limits;
@@ -89,6 +90,8 @@ pub enum ControlError {
     Ca(#[from] ca::CaError),
     #[error(transparent)]
     Tokens(#[from] tokens::TokenError),
+    #[error("policy history: {0}")]
+    History(#[from] history::HistoryError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("{file}: not a registry this control plane wrote: {source}")]
@@ -160,14 +163,27 @@ fn load_policies(dir: &Path, hub: &Hub, reason: &str) {
                 tracing::warn!(reason, %warning, "policy warning");
             }
             let count = read.resources.len();
+            let sources = read.sources.clone();
+            let (previous, _) = hub.policies_and_workloads();
             match hub.set_policies(read) {
-                Some(version) => tracing::info!(
-                    reason,
-                    policies = count,
-                    %version,
-                    read_ms = started.elapsed().as_secs_f64() * 1e3,
-                    "policy set updated"
-                ),
+                Some(version) => {
+                    tracing::info!(
+                        reason,
+                        policies = count,
+                        %version,
+                        read_ms = started.elapsed().as_secs_f64() * 1e3,
+                        "policy set updated"
+                    );
+                    record_history(
+                        hub,
+                        reason,
+                        version.to_string(),
+                        count,
+                        &sources,
+                        dir,
+                        &previous,
+                    );
+                }
                 None => tracing::debug!(reason, "policy directory unchanged"),
             }
             if hub.registry_generation() != generation {
@@ -255,6 +271,51 @@ fn load_revocations(file: &Path, hub: &Hub, reason: &str) {
             revoked = hub.revoked().len(),
             "revocation file refused whole; the previous revocation list stays in force"
         ),
+    }
+}
+
+/// Adds the set just served to the policy history, and logs the change with its access diff's
+/// counts (one event a version; `ward-control show` prints the diff).
+fn record_history(
+    hub: &Hub,
+    reason: &str,
+    served: String,
+    policies: usize,
+    sources: &[(String, String)],
+    dir: &Path,
+    previous: &ward_policy::PolicySet,
+) {
+    let (new, by_node) = hub.policies_and_workloads();
+    let workloads: Vec<ward_policy::WorkloadInfo> = by_node.into_values().flatten().collect();
+    let recorded = hub.with_history(|writer| {
+        writer.record(&history::Served {
+            reason,
+            served,
+            policies,
+            sources,
+            dir,
+            previous,
+            new: &new,
+            workloads: &workloads,
+        })
+    });
+    match recorded {
+        None | Some(Ok(None)) => {}
+        Some(Ok(Some(record))) => tracing::info!(
+            reason,
+            history_version = record.version,
+            served = record.served,
+            policies,
+            gained = record.diff.as_ref().map(|d| d.gained),
+            lost = record.diff.as_ref().map(|d| d.lost),
+            changed = record.diff.as_ref().map(|d| d.changed),
+            git_commit = record.git_commit.as_deref().unwrap_or("-"),
+            sources = record.sources.len(),
+            "policy changed"
+        ),
+        Some(Err(e)) => {
+            tracing::error!(reason, error = %e, "the policy history could not be written")
+        }
     }
 }
 
@@ -362,6 +423,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     };
     let tokens = Arc::new(JoinTokens::new(opts.token_file.as_deref(), &state)?);
     let hub = Arc::new(Hub::new(registry, ca.cert_pem(), random_u64()));
+    hub.keep_history(history::Writer::open(
+        state.path().join(history::HISTORY_FILE),
+    )?);
     let policy_watcher = watch_policy_dir(&opts.policy_dir)?;
     load_policies(&opts.policy_dir, &hub, "start");
     let watcher = tokio::spawn(follow(

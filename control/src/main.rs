@@ -96,6 +96,27 @@ enum Command {
         #[arg(long)]
         state_dir: PathBuf,
     },
+    /// Lists every policy set the control plane served: version, time, reason, the number of
+    /// policies, the access gained and lost, the git commit.
+    History {
+        /// The control plane's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Print the records as JSON (one array).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prints one version of the policy history: its sources with their SHA-256 and its access
+    /// diff from the version before, as `ward policy diff` prints it.
+    Show {
+        /// The control plane's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Print the record as JSON.
+        #[arg(long)]
+        json: bool,
+        version: u64,
+    },
     /// Revokes workload certificates by serial number (hexadecimal, with or without ':', as
     /// `openssl x509 -serial` or the control plane's "workload certificate signed" log prints
     /// it). A running control plane sends the new list to every agent within about a second.
@@ -152,6 +173,18 @@ fn new_token(file: &std::path::Path, node: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn history_of(state_dir: &std::path::Path) -> anyhow::Result<Vec<ward_control::history::Record>> {
+    if !state_dir.is_dir() {
+        anyhow::bail!(
+            "{}: not a directory; give the control plane's --state-dir",
+            state_dir.display()
+        );
+    }
+    Ok(ward_control::history::read(
+        &state_dir.join(ward_control::history::HISTORY_FILE),
+    )?)
+}
+
 fn revoke(state_dir: &std::path::Path, serials: &[String], nodes: &[String]) -> anyhow::Result<()> {
     if !state_dir.is_dir() {
         anyhow::bail!(
@@ -187,6 +220,34 @@ async fn main() -> anyhow::Result<()> {
             serials,
             nodes,
         }) => return revoke(&state_dir, &serials, &nodes),
+        Some(Command::History { state_dir, json }) => {
+            let records = history_of(&state_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&records)?);
+            } else {
+                print!("{}", ward_control::history::table(&records));
+            }
+            return Ok(());
+        }
+        Some(Command::Show {
+            state_dir,
+            json,
+            version,
+        }) => {
+            let records = history_of(&state_dir)?;
+            let Some(record) = records.iter().find(|r| r.version == version) else {
+                anyhow::bail!(
+                    "no version {version} in the policy history ({} versions)",
+                    records.len()
+                );
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(record)?);
+            } else {
+                print!("{}", ward_control::history::show(record));
+            }
+            return Ok(());
+        }
         Some(Command::Crd) => {
             print!("{}", ward_control::crd::manifest());
             return Ok(());

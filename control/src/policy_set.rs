@@ -26,6 +26,8 @@ pub struct ReadSet {
     pub set: PolicySet,
     /// By policy name (ward: `metadata.name`; NetworkPolicy: `namespace/name`).
     pub resources: BTreeMap<String, Resource>,
+    /// Every file and cluster object read, with the SHA-256 of its text (hex), in reading order.
+    pub sources: Vec<(String, String)>,
 }
 
 fn file_error(file: &Path, document: Option<usize>, reason: String) -> PolicyError {
@@ -55,6 +57,7 @@ pub fn read(dir: &Path, cluster: &[ClusterDocument]) -> Result<ReadSet, Vec<Poli
     let files = ward_policy::load::policy_files(&mut report, &[dir.to_owned()]);
     let mut documents: HashMap<(PathBuf, usize), String> = HashMap::new();
     let mut total = 0u64;
+    let mut sources = Vec::new();
     for file in files {
         let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
         total += size;
@@ -77,9 +80,11 @@ pub fn read(dir: &Path, cluster: &[ClusterDocument]) -> Result<ReadSet, Vec<Poli
                 continue;
             }
         };
+        sources.push((file.display().to_string(), sha256_hex(&text)));
         add_text(&mut report, &mut documents, &file, &text);
     }
     for document in cluster {
+        sources.push((document.source.clone(), sha256_hex(&document.yaml)));
         add_text(
             &mut report,
             &mut documents,
@@ -113,7 +118,16 @@ pub fn read(dir: &Path, cluster: &[ClusterDocument]) -> Result<ReadSet, Vec<Poli
     Ok(ReadSet {
         set: report.set,
         resources,
+        sources,
     })
+}
+
+fn sha256_hex(text: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Checks one document read from the cluster on its own, as `ward policy check` checks a file.

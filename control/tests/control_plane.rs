@@ -1230,3 +1230,122 @@ fn a_ca_key_that_does_not_match_its_certificate_is_refused_at_start() {
         "{stderr}"
     );
 }
+
+// ---- the policy history -----------------------------------------------------------------
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=ops", "-c", "user.email=ops@example.org"])
+        .args(args)
+        .output()
+        .expect("running git");
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn control(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ward-control"))
+        .args(args)
+        .output()
+        .expect("running ward-control");
+    assert!(out.status.success(), "ward-control {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_policy_change_becomes_a_version_with_its_sources_commit_and_access_diff() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    // The policy directory is a git checkout, as DevOps teams keep it.
+    std::fs::create_dir_all(tmp.path().join("policy")).expect("policy dir");
+    std::fs::write(tmp.path().join("policy/web.yaml"), WEB).expect("policy");
+    git(tmp.path(), &["init", "-q"]);
+    git(tmp.path(), &["add", "policy"]);
+    git(tmp.path(), &["commit", "-q", "-m", "web: no ingress"]);
+    let mut plane = start_plane(tmp.path(), "1h");
+    let state = plane.state_dir();
+    let state_arg = state.to_str().expect("path");
+    let mut agent = Agent::start(
+        agent_config(&plane, tmp.path(), "node-a"),
+        vec![
+            workload("web", "web", "10.0.0.1"),
+            workload("client", "client", "10.0.0.2"),
+        ],
+    );
+    agent
+        .until("both workloads", |s| s.ipcache.len() >= 2)
+        .await;
+
+    let allow = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  name: web\nspec:\n  selector: {labels: {app: web}}\n  ingress:\n    - from: [{labels: {app: client}}]\n      ports: [{port: 80}]\n";
+    plane.write_policy("web.yaml", allow);
+    git(
+        tmp.path(),
+        &["commit", "-q", "-am", "web: admit the client on 80"],
+    );
+    let commit = git(tmp.path(), &["rev-parse", "HEAD"]);
+    assert!(
+        plane.wait_for_log("history_version=2", WAIT),
+        "{}",
+        plane.logs()
+    );
+    let history = control(&["history", "--state-dir", state_arg]);
+    assert_eq!(
+        history.lines().count(),
+        3,
+        "a heading and two versions:\n{history}"
+    );
+    let shown = control(&["show", "--state-dir", state_arg, "2"]);
+    assert!(
+        shown.contains("+ client -> web tcp/80: deny -> allow"),
+        "{shown}"
+    );
+    assert!(shown.contains(&format!("git commit {commit}")), "{shown}");
+    let record: serde_json::Value =
+        serde_json::from_str(&control(&["show", "--state-dir", state_arg, "--json", "2"]))
+            .expect("JSON");
+    assert_eq!(record["reason"], "file change");
+    assert_eq!(record["diff"]["gained"], 1);
+    assert_eq!(record["diff"]["lost"], 0);
+    let digest: String = ring_sha256(allow);
+    assert!(
+        record["sources"]
+            .as_array()
+            .expect("sources")
+            .iter()
+            .any(|s| s["sha256"] == digest.as_str()
+                && s["source"]
+                    .as_str()
+                    .is_some_and(|p| p.ends_with("web.yaml"))),
+        "{record:#}"
+    );
+    let first = control(&["show", "--state-dir", state_arg, "1"]);
+    assert!(
+        first.contains("not known (the first set after a start)"),
+        "{first}"
+    );
+
+    // A restart reading the same files adds no version.
+    // (The start reads the policy directory before it listens.)
+    plane.restart();
+    let history = control(&["history", "--state-dir", state_arg]);
+    assert_eq!(history.lines().count(), 3, "{history}");
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_ward-control"))
+        .args(["show", "--state-dir", state_arg, "9"])
+        .output()
+        .expect("running ward-control");
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("no version 9"),
+        "{missing:?}"
+    );
+}
+
+fn ring_sha256(text: &str) -> String {
+    use std::fmt::Write as _;
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    digest.as_ref().iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}

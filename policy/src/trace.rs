@@ -11,9 +11,13 @@ use agent_common::{
     VERDICT_DENY, VERDICT_REDIRECT,
 };
 use ipnet::IpNet;
+use serde_json::json;
 
 use super::compile::{compile_observed, isolation_key, lookup_keys, Contribution};
-use super::{CompileError, Compiled, Decision, PolicySet, RuleIds, WorkloadInfo};
+use super::port::icmp_type_of;
+use super::{
+    protocol_name, verdict_name, CompileError, Compiled, Decision, PolicySet, RuleIds, WorkloadInfo,
+};
 
 /// One end of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -399,6 +403,97 @@ fn free_address(net: IpNet, taken: &[IpNet]) -> Option<IpAddr> {
     halves
         .into_iter()
         .find_map(|half| free_address(half, &inside))
+}
+
+/// A change's port ranges, as ICMP types for ICMP and ICMPv6.
+fn change_ranges(change: &Change) -> Vec<(u16, u16)> {
+    let icmp = |port| icmp_type_of(change.protocol, port).map(u16::from);
+    change
+        .ports
+        .iter()
+        .map(|&(first, last)| (icmp(first).unwrap_or(first), icmp(last).unwrap_or(last)))
+        .collect()
+}
+
+fn ports_text(change: &Change) -> String {
+    let protocol = protocol_name(change.protocol);
+    let ranges = change_ranges(change)
+        .into_iter()
+        .map(|(first, last)| match first == last {
+            true => first.to_string(),
+            false => format!("{first}-{last}"),
+        });
+    let ranges = ranges.collect::<Vec<_>>().join(",");
+    if matches!(change.protocol, PROTO_ICMP | PROTO_ICMPV6) {
+        return match (ranges.is_empty(), change.other_ports) {
+            (true, _) => format!("{protocol}/every type"),
+            (false, true) => format!("{protocol} type {ranges} and every other type"),
+            (false, false) => format!("{protocol} type {ranges}"),
+        };
+    }
+    match (ranges.is_empty(), change.other_ports) {
+        (true, _) => format!("{protocol}/every port"),
+        (false, true) => format!("{protocol}/{ranges} and every other port"),
+        (false, false) => format!("{protocol}/{ranges}"),
+    }
+}
+
+/// `ward policy diff`'s text: a line a change (`+` gains access, `-` loses it, `~` other), then
+/// the counts.
+pub fn diff_human(changes: &[Change]) -> String {
+    let mut out = String::new();
+    for c in changes {
+        let sign = if c.gains() {
+            '+'
+        } else if c.loses() {
+            '-'
+        } else {
+            '~'
+        };
+        let (before, after) = (verdict_name(c.before), verdict_name(c.after));
+        out += &format!(
+            "{sign} {} -> {} {}: {before} -> {after}\n",
+            c.from,
+            c.to,
+            ports_text(c)
+        );
+    }
+    let (gained, lost) = (
+        changes.iter().filter(|c| c.gains()).count(),
+        changes.iter().filter(|c| c.loses()).count(),
+    );
+    out + &format!(
+        "{} changes: {gained} gain access, {lost} lose access\n",
+        changes.len()
+    )
+}
+
+/// `ward policy diff --format json`'s document.
+pub fn diff_json(changes: &[Change]) -> serde_json::Value {
+    let changes: Vec<_> = changes
+        .iter()
+        .map(|c| {
+            let ranges: Vec<_> = change_ranges(c)
+                .into_iter()
+                .map(|(first, last)| json!([first, last]))
+                .collect();
+            let mut change = json!({
+                "from": c.from,
+                "to": c.to,
+                "protocol": protocol_name(c.protocol),
+                "ports": [],
+                "otherPorts": c.other_ports,
+                "before": verdict_name(c.before),
+                "after": verdict_name(c.after),
+                "access": if c.gains() { "gained" } else if c.loses() { "lost" } else { "changed" },
+            });
+            // ICMP and ICMPv6 changes name message types rather than ports.
+            let icmp = matches!(c.protocol, PROTO_ICMP | PROTO_ICMPV6);
+            change[if icmp { "icmpTypes" } else { "ports" }] = ranges.into();
+            change
+        })
+        .collect();
+    json!({ "changes": changes })
 }
 
 #[cfg(test)]

@@ -40,6 +40,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The deploy tests: `systemd-analyze verify` of the units, kubernetes-validate in a venv.
     "systemd",
     "python3-venv",
+    // The policy history test keeps its policy directory in a git checkout.
+    "git",
 ];
 
 /// The Kubernetes OpenAPI validator the deploy tests check the manifests with, pinned.

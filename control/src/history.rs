@@ -1,0 +1,367 @@
+//! The history of the policy sets the control plane served: `<state-dir>/policy-history.jsonl`,
+//! one JSON record a line, appended (and synced) each time a different set is accepted. A record
+//! says when, why (start, file change, cluster change), from what (each file's and cluster
+//! object's SHA-256, the git commit when the policy directory is in a git checkout) and what
+//! changed in access (`ward policy diff` of the previous set and the new one, for the workloads
+//! registered then). `ward-control history` and `ward-control show` print it.
+use std::{
+    io::{BufRead as _, Write as _},
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use ward_policy::{trace::Change, PolicySet, WorkloadInfo};
+
+/// The history file's name in the state directory.
+pub const HISTORY_FILE: &str = "policy-history.jsonl";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// 1, 2, 3 … in the order the sets were served.
+    pub version: u64,
+    /// Seconds since the Unix epoch, and the same in UTC for people.
+    pub unix_time: i64,
+    pub time: String,
+    /// Why the set was read: `start`, `file change`, `cluster change`.
+    pub reason: String,
+    /// The POLICY resource set version agents receive (and report as enforced).
+    pub served: String,
+    pub policies: usize,
+    pub sources: Vec<SourceDigest>,
+    /// The commit checked out in the policy directory's git repository, if it is in one.
+    pub git_commit: Option<String>,
+    /// The access diff from the previous version; `None` for the first set after a start, whose
+    /// predecessor is not known.
+    pub diff: Option<Diff>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceDigest {
+    /// A file's path, or a cluster object's `<kind>/<namespace>/<name>`.
+    pub source: String,
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Diff {
+    pub gained: usize,
+    pub lost: usize,
+    pub changed: usize,
+    /// As `ward policy diff` prints it.
+    pub text: String,
+    /// As `ward policy diff --format json` prints it.
+    pub json: serde_json::Value,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("{file}: {source}")]
+    Io {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}: not a history record: {reason}")]
+    Record {
+        file: PathBuf,
+        line: usize,
+        reason: String,
+    },
+}
+
+/// Appends a record for each new set served; remembers what the last one held.
+#[derive(Debug)]
+pub struct Writer {
+    file: PathBuf,
+    last: Option<(u64, Vec<SourceDigest>)>,
+    /// Whether a set was recorded (or found already recorded) since this process started: only
+    /// then is the previous set in memory to diff against.
+    since_start: bool,
+}
+
+/// What [`Writer::record`] is told of a set just served.
+pub struct Served<'a> {
+    pub reason: &'a str,
+    pub served: String,
+    pub policies: usize,
+    pub sources: &'a [(String, String)],
+    pub dir: &'a Path,
+    pub previous: &'a PolicySet,
+    pub new: &'a PolicySet,
+    pub workloads: &'a [WorkloadInfo],
+}
+
+impl Writer {
+    /// Reads `file` to continue its numbering.
+    pub fn open(file: PathBuf) -> Result<Writer, HistoryError> {
+        let last = read(&file)?.pop().map(|r| (r.version, r.sources));
+        Ok(Writer {
+            file,
+            last,
+            since_start: false,
+        })
+    }
+
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// Records `served` unless its sources are those of the last record (a set read again, as
+    /// at a restart, is no new version). Returns the record written.
+    pub fn record(&mut self, served: &Served<'_>) -> Result<Option<Record>, HistoryError> {
+        let sources: Vec<SourceDigest> = served
+            .sources
+            .iter()
+            .map(|(source, sha256)| SourceDigest {
+                source: source.clone(),
+                sha256: sha256.clone(),
+            })
+            .collect();
+        let first_since_start = !std::mem::replace(&mut self.since_start, true);
+        if self.last.as_ref().is_some_and(|(_, last)| *last == sources) {
+            return Ok(None);
+        }
+        let diff = if first_since_start {
+            None
+        } else {
+            Some(
+                diff(served.previous, served.new, served.workloads).unwrap_or_else(|e| Diff {
+                    gained: 0,
+                    lost: 0,
+                    changed: 0,
+                    text: format!("the diff could not be computed: {e}\n"),
+                    json: serde_json::json!({ "error": e }),
+                }),
+            )
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let record = Record {
+            version: self.last.as_ref().map_or(1, |(v, _)| v + 1),
+            unix_time: now.unix_timestamp(),
+            time: now.to_string(),
+            reason: served.reason.to_owned(),
+            served: served.served.clone(),
+            policies: served.policies,
+            sources,
+            git_commit: git_commit(served.dir),
+            diff,
+        };
+        append(&self.file, &record)?;
+        self.last = Some((record.version, record.sources.clone()));
+        Ok(Some(record))
+    }
+}
+
+/// The access diff between two sets for `workloads`, or why it could not be computed.
+pub fn diff(old: &PolicySet, new: &PolicySet, workloads: &[WorkloadInfo]) -> Result<Diff, String> {
+    let changes: Vec<Change> =
+        ward_policy::trace::diff(old, new, workloads).map_err(|e| e.to_string())?;
+    Ok(Diff {
+        gained: changes.iter().filter(|c| c.gains()).count(),
+        lost: changes.iter().filter(|c| c.loses()).count(),
+        changed: changes.len(),
+        text: ward_policy::trace::diff_human(&changes),
+        json: ward_policy::trace::diff_json(&changes),
+    })
+}
+
+/// Every record of `file`, oldest first; a missing file has none. A malformed line is an error
+/// naming it: the history is evidence, and a reader must not skip what it cannot read.
+pub fn read(file: &Path) -> Result<Vec<Record>, HistoryError> {
+    let io = |source| HistoryError::Io {
+        file: file.to_owned(),
+        source,
+    };
+    let f = match std::fs::File::open(file) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(e)),
+    };
+    let mut records = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(io)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        records.push(
+            serde_json::from_str(&line).map_err(|e| HistoryError::Record {
+                file: file.to_owned(),
+                line: i + 1,
+                reason: e.to_string(),
+            })?,
+        );
+    }
+    Ok(records)
+}
+
+/// Appends `record` as one line and syncs it.
+pub fn append(file: &Path, record: &Record) -> Result<(), HistoryError> {
+    let io = |source| HistoryError::Io {
+        file: file.to_owned(),
+        source,
+    };
+    let mut line = serde_json::to_string(record).expect("a record serializes");
+    line.push('\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(file)
+        .map_err(io)?;
+    f.write_all(line.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+/// The commit checked out in the git repository `dir` is in (`HEAD`, followed through a
+/// branch's loose or packed ref), read from the repository's files: nodes need no git.
+pub fn git_commit(dir: &Path) -> Option<String> {
+    let dir = dir.canonicalize().ok()?;
+    let git_dir = dir.ancestors().find_map(|d| {
+        let dot_git = d.join(".git");
+        if dot_git.is_dir() {
+            return Some(dot_git);
+        }
+        // A worktree or submodule: `.git` is a file naming the directory.
+        let text = std::fs::read_to_string(&dot_git).ok()?;
+        let named = text.strip_prefix("gitdir:")?.trim();
+        Some(d.join(named))
+    })?;
+    let head = std::fs::read_to_string(git_dir.join("HEAD")).ok()?;
+    let head = head.trim();
+    let Some(reference) = head.strip_prefix("ref:").map(str::trim) else {
+        return is_commit(head).then(|| head.to_owned());
+    };
+    // A worktree's refs live in the common directory.
+    let common = std::fs::read_to_string(git_dir.join("commondir"))
+        .map(|c| git_dir.join(c.trim()))
+        .unwrap_or_else(|_| git_dir.clone());
+    for base in [&git_dir, &common] {
+        if let Ok(text) = std::fs::read_to_string(base.join(reference)) {
+            let commit = text.trim();
+            if is_commit(commit) {
+                return Some(commit.to_owned());
+            }
+        }
+    }
+    let packed = std::fs::read_to_string(common.join("packed-refs")).ok()?;
+    packed.lines().find_map(|line| {
+        let (commit, name) = line.split_once(' ')?;
+        (name.trim() == reference && is_commit(commit)).then(|| commit.to_owned())
+    })
+}
+
+fn is_commit(text: &str) -> bool {
+    matches!(text.len(), 40 | 64) && text.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// `ward-control history`'s table.
+pub fn table(records: &[Record]) -> String {
+    let mut out = format!(
+        "{:>7}  {:<26}  {:<14}  {:>8}  {:>6}  {:>6}  {}\n",
+        "version", "time (UTC)", "reason", "policies", "gained", "lost", "git commit"
+    );
+    for r in records {
+        let (gained, lost) = r.diff.as_ref().map_or(("-".into(), "-".into()), |d| {
+            (d.gained.to_string(), d.lost.to_string())
+        });
+        out += &format!(
+            "{:>7}  {:<26}  {:<14}  {:>8}  {:>6}  {:>6}  {}\n",
+            r.version,
+            r.time,
+            r.reason,
+            r.policies,
+            gained,
+            lost,
+            r.git_commit
+                .as_deref()
+                .map_or("-", |c| &c[..12.min(c.len())])
+        );
+    }
+    out
+}
+
+/// `ward-control show`'s text for one record.
+pub fn show(record: &Record) -> String {
+    let mut out = format!(
+        "version {}\ntime {} (unix {})\nreason {}\nserved {}\npolicies {}\ngit commit {}\nsources:\n",
+        record.version,
+        record.time,
+        record.unix_time,
+        record.reason,
+        record.served,
+        record.policies,
+        record.git_commit.as_deref().unwrap_or("-"),
+    );
+    for s in &record.sources {
+        out += &format!("  {}  {}\n", s.sha256, s.source);
+    }
+    match &record.diff {
+        Some(diff) => {
+            out += &format!(
+                "access diff from version {}:\n{}",
+                record.version - 1,
+                diff.text
+            )
+        }
+        None => out += "access diff: not known (the first set after a start)\n",
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn git_commit_follows_head_through_loose_and_packed_refs() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let git = tmp.path().join(".git");
+        std::fs::create_dir_all(git.join("refs/heads")).expect("refs");
+        let policy = tmp.path().join("policy");
+        std::fs::create_dir_all(&policy).expect("policy dir");
+        let a = "a".repeat(40);
+        let b = "b".repeat(40);
+        std::fs::write(git.join("HEAD"), "ref: refs/heads/main\n").expect("HEAD");
+        std::fs::write(
+            git.join("packed-refs"),
+            format!("# pack-refs\n{b} refs/heads/main\n"),
+        )
+        .expect("packed");
+        assert_eq!(git_commit(&policy), Some(b.clone()), "packed");
+        std::fs::write(git.join("refs/heads/main"), format!("{a}\n")).expect("loose");
+        assert_eq!(git_commit(&policy), Some(a.clone()), "a loose ref wins");
+        std::fs::write(git.join("HEAD"), format!("{b}\n")).expect("detached");
+        assert_eq!(git_commit(&policy), Some(b), "detached HEAD");
+        let elsewhere = tempfile::tempdir().expect("temp dir");
+        assert_eq!(git_commit(elsewhere.path()), None);
+    }
+
+    #[test]
+    fn records_round_trip_and_a_malformed_line_is_named() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let file = tmp.path().join(HISTORY_FILE);
+        assert!(read(&file).expect("missing").is_empty());
+        let record = Record {
+            version: 1,
+            unix_time: 0,
+            time: "1970-01-01 0:00:00.0 +00:00:00".into(),
+            reason: "start".into(),
+            served: "v1".into(),
+            policies: 1,
+            sources: vec![SourceDigest {
+                source: "web.yaml".into(),
+                sha256: "00".into(),
+            }],
+            git_commit: None,
+            diff: None,
+        };
+        append(&file, &record).expect("append");
+        assert_eq!(read(&file).expect("read"), [record]);
+        std::fs::write(&file, "{not json\n").expect("write");
+        let err = read(&file).expect_err("malformed");
+        assert!(
+            err.to_string().contains(":1: not a history record"),
+            "{err}"
+        );
+    }
+}
