@@ -77,6 +77,8 @@ pub struct Writer {
     /// Whether a set was recorded (or found already recorded) since this process started: only
     /// then is the previous set in memory to diff against.
     since_start: bool,
+    /// Where each new record is also sent.
+    webhook: Option<crate::webhook::Webhook>,
 }
 
 /// What [`Writer::record`] is told of a set just served.
@@ -99,7 +101,15 @@ impl Writer {
             file,
             last,
             since_start: false,
+            webhook: None,
         })
+    }
+
+    /// Sends every new record to `webhook` too.
+    #[must_use]
+    pub fn with_webhook(mut self, webhook: Option<crate::webhook::Webhook>) -> Writer {
+        self.webhook = webhook;
+        self
     }
 
     pub fn file(&self) -> &Path {
@@ -148,6 +158,9 @@ impl Writer {
         };
         append(&self.file, &record)?;
         self.last = Some((record.version, record.sources.clone()));
+        if let Some(webhook) = &self.webhook {
+            webhook.send(&record);
+        }
         Ok(Some(record))
     }
 }

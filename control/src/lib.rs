@@ -28,6 +28,7 @@ pub mod test_helpers;
 pub mod tls;
 pub mod token_review;
 pub mod tokens;
+pub mod webhook;
 
 use std::{
     future::Future,
@@ -63,6 +64,8 @@ pub struct Options {
     pub node_cert_lifetime: Duration,
     /// How long after its join a node's certificates may reach, renewals included.
     pub node_cert_max_age: Duration,
+    /// Where each new policy history record is POSTed.
+    pub history_webhook: Option<String>,
     /// Lifetime of the workload certificates `SignWorkload` issues.
     pub workload_cert_lifetime: Duration,
     /// Extra DNS names or addresses for the serving certificate.
@@ -92,6 +95,8 @@ pub enum ControlError {
     Tokens(#[from] tokens::TokenError),
     #[error("policy history: {0}")]
     History(#[from] history::HistoryError),
+    #[error(transparent)]
+    Webhook(#[from] webhook::WebhookError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("{file}: not a registry this control plane wrote: {source}")]
@@ -423,9 +428,14 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     };
     let tokens = Arc::new(JoinTokens::new(opts.token_file.as_deref(), &state)?);
     let hub = Arc::new(Hub::new(registry, ca.cert_pem(), random_u64()));
-    hub.keep_history(history::Writer::open(
-        state.path().join(history::HISTORY_FILE),
-    )?);
+    let webhook = opts
+        .history_webhook
+        .as_deref()
+        .map(webhook::Webhook::start)
+        .transpose()?;
+    hub.keep_history(
+        history::Writer::open(state.path().join(history::HISTORY_FILE))?.with_webhook(webhook),
+    );
     let policy_watcher = watch_policy_dir(&opts.policy_dir)?;
     load_policies(&opts.policy_dir, &hub, "start");
     let watcher = tokio::spawn(follow(

@@ -71,6 +71,10 @@ struct ServeArgs {
     /// which the API server reviews, instead of a join token. Empty: join tokens only.
     #[arg(long, requires = "kubernetes", default_value = "ward-system/ward")]
     agent_service_account: String,
+    /// POST each new policy history version (JSON, as `ward-control show --json` prints it) to
+    /// this http:// or https:// URL, for alerting; bounded, it never holds a policy push.
+    #[arg(long, value_name = "URL")]
+    history_webhook: Option<String>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -275,6 +279,7 @@ async fn main() -> anyhow::Result<()> {
         trust_domain: args.trust_domain,
         node_cert_lifetime: args.node_cert_lifetime,
         node_cert_max_age: args.node_cert_max_age,
+        history_webhook: args.history_webhook,
         workload_cert_lifetime: args.workload_cert_lifetime,
         server_names: args.server_names,
         node_lease: args.node_lease,

@@ -1349,3 +1349,127 @@ fn ring_sha256(text: &str) -> String {
         s
     })
 }
+
+/// A webhook endpoint of the test's own: each request's body, as it arrives; with `answer` false
+/// it reads requests and never answers (a hanging endpoint).
+async fn webhook_endpoint(answer: bool) -> (String, mpsc::Receiver<String>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listener");
+    let url = format!("http://{}/hook", listener.local_addr().expect("address"));
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut data = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Ok(n) = conn.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    data.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&data).into_owned();
+                    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                        continue;
+                    };
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if body.len() < length {
+                        continue;
+                    }
+                    let _ = tx.send(body[..length].to_owned()).await;
+                    data.clear();
+                    if answer {
+                        let _ = conn
+                            .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    (url, rx)
+}
+
+fn admit_client_on(port: u16) -> String {
+    format!("apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  name: web\nspec:\n  selector: {{labels: {{app: web}}}}\n  ingress:\n    - from: [{{labels: {{app: client}}}}]\n      ports: [{{port: {port}}}]\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_policy_version_is_posted_to_the_webhook_and_a_hanging_one_never_holds_a_push() {
+    for answer in [true, false] {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let (url, mut posted) = webhook_endpoint(answer).await;
+        let plane = common::start_plane(tmp.path(), |opts| {
+            opts.extra_args = vec!["--history-webhook".into(), url.clone()];
+        });
+        let mut agent = Agent::start(
+            agent_config(&plane, tmp.path(), "node-a"),
+            vec![
+                workload("web", "web", "10.0.0.1"),
+                workload("client", "client", "10.0.0.2"),
+            ],
+        );
+        agent
+            .until("both workloads", |s| s.ipcache.len() >= 2)
+            .await;
+        // The set read at start is the first version.
+        let body = tokio::time::timeout(WAIT, posted.recv())
+            .await
+            .expect("the start's POST within the wait")
+            .expect("endpoint alive");
+        assert!(body.contains(r#""reason":"start""#), "{body}");
+        for port in [80, 81] {
+            let started = Instant::now();
+            plane.write_policy("web.yaml", &admit_client_on(port));
+            let needle = format!("port: {port}");
+            agent
+                .until("the new policy", |s| {
+                    s.policies.iter().any(|(_, yaml)| yaml.contains(&needle))
+                })
+                .await;
+            let pushed = started.elapsed();
+            assert!(
+                pushed < Duration::from_secs(2),
+                "with a webhook that answers={answer}, the push took {pushed:?}"
+            );
+            if !answer {
+                // The endpoint still holds the start's POST: this record waits in the queue.
+                continue;
+            }
+            let body = tokio::time::timeout(WAIT, posted.recv())
+                .await
+                .expect("a POST within the wait")
+                .expect("endpoint alive");
+            let record: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+            assert_eq!(record["reason"], "file change", "{record:#}");
+            assert!(
+                record["diff"]["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains(&format!("tcp/{port}"))),
+                "{record:#}"
+            );
+        }
+        if !answer {
+            assert!(
+                plane.wait_for_log("history webhook: POST failed", Duration::from_secs(10)),
+                "{}",
+                plane.logs()
+            );
+        }
+    }
+}
