@@ -79,6 +79,8 @@ pub struct Writer {
     since_start: bool,
     /// Where each new record is also sent.
     webhook: Option<crate::webhook::Webhook>,
+    /// The history version of each POLICY version served since the start.
+    served: std::collections::BTreeMap<String, u64>,
 }
 
 /// What [`Writer::record`] is told of a set just served.
@@ -102,7 +104,13 @@ impl Writer {
             last,
             since_start: false,
             webhook: None,
+            served: std::collections::BTreeMap::new(),
         })
+    }
+
+    /// The history version of the POLICY version `served`, if served since the start.
+    pub fn version_of(&self, served: &str) -> Option<u64> {
+        self.served.get(served).copied()
     }
 
     /// Sends every new record to `webhook` too.
@@ -128,8 +136,11 @@ impl Writer {
             })
             .collect();
         let first_since_start = !std::mem::replace(&mut self.since_start, true);
-        if self.last.as_ref().is_some_and(|(_, last)| *last == sources) {
-            return Ok(None);
+        if let Some((version, last)) = &self.last {
+            if *last == sources {
+                self.served.insert(served.served.clone(), *version);
+                return Ok(None);
+            }
         }
         let diff = if first_since_start {
             None
@@ -158,6 +169,7 @@ impl Writer {
         };
         append(&self.file, &record)?;
         self.last = Some((record.version, record.sources.clone()));
+        self.served.insert(record.served.clone(), record.version);
         if let Some(webhook) = &self.webhook {
             webhook.send(&record);
         }

@@ -101,6 +101,17 @@ pub struct Hub {
     closing: watch::Sender<bool>,
     /// The policy history, when kept ([`Hub::keep_history`]).
     history: Mutex<Option<crate::history::Writer>>,
+    /// The POLICY version each node's agent said it enforces (its Hello, then each ACK), since
+    /// this process started; bumps `status_changed`.
+    enforced: Mutex<BTreeMap<String, Option<String>>>,
+    status_changed: watch::Sender<u64>,
+}
+
+/// A node seen since the start: whether it has a stream, and the POLICY version it enforces.
+pub struct Enforcing {
+    pub node: String,
+    pub connected: bool,
+    pub policy: Option<String>,
 }
 
 /// Ends a stream when a newer stream of the same node registers.
@@ -123,6 +134,7 @@ impl Drop for SessionGuard<'_> {
         drop(sessions);
         // The lease runs from the end of the node's last stream.
         self.hub.lock().registry.touch(&self.node, Instant::now());
+        Hub::bump(&self.hub.status_changed);
     }
 }
 
@@ -163,7 +175,48 @@ impl Hub {
             next_session: AtomicU64::new(1),
             closing: watch::Sender::new(false),
             history: Mutex::new(None),
+            enforced: Mutex::new(BTreeMap::new()),
+            status_changed: watch::Sender::new(0),
         }
+    }
+
+    /// Records that `node`'s agent enforces POLICY `version` (`None`: nothing it said).
+    pub fn note_enforced(&self, node: &str, version: Option<String>) {
+        self.enforced
+            .lock()
+            .expect("enforced lock poisoned")
+            .insert(node.to_owned(), version);
+        Self::bump(&self.status_changed);
+    }
+
+    /// Wakes on a change of what nodes enforce, of their streams, or of what is served.
+    pub fn subscribe_status(&self) -> (watch::Receiver<u64>, watch::Receiver<u64>) {
+        (self.status_changed.subscribe(), self.changed.subscribe())
+    }
+
+    /// The POLICY version served, and for each node seen since the start: whether it has a
+    /// stream and the POLICY version it enforces.
+    pub fn node_status(&self) -> (Option<String>, Vec<Enforcing>) {
+        let served = self.version(ResourceType::Policy).map(|v| v.to_string());
+        let connected: BTreeSet<String> = self
+            .sessions
+            .lock()
+            .expect("sessions lock poisoned")
+            .keys()
+            .cloned()
+            .collect();
+        let nodes = self
+            .enforced
+            .lock()
+            .expect("enforced lock poisoned")
+            .iter()
+            .map(|(node, version)| Enforcing {
+                node: node.clone(),
+                connected: connected.contains(node),
+                policy: version.clone(),
+            })
+            .collect();
+        (served, nodes)
     }
 
     /// Records every policy set served from now on with `writer`.

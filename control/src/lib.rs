@@ -15,6 +15,7 @@ pub mod hub;
 pub mod kubernetes;
 pub mod limits;
 pub mod listener;
+pub mod node_status;
 pub mod policy_set;
 pub mod registry;
 pub mod resources;
@@ -484,6 +485,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         ));
     }
     tokio::spawn(persist_registry(hub.clone(), state.clone()));
+    tokio::spawn(node_status::persist(hub.clone(), state.clone()));
     tokio::spawn(recheck_policies(hub.clone()));
     tokio::spawn(expire_nodes(hub.clone(), opts.node_lease));
 

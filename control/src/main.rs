@@ -100,6 +100,16 @@ enum Command {
         #[arg(long)]
         state_dir: PathBuf,
     },
+    /// Lists the nodes and the policy version each enforces, as the running control plane last
+    /// wrote it, and names the nodes that lag behind what it serves.
+    Status {
+        /// The control plane's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Lists every policy set the control plane served: version, time, reason, the number of
     /// policies, the access gained and lost, the git commit.
     History {
@@ -224,6 +234,15 @@ async fn main() -> anyhow::Result<()> {
             serials,
             nodes,
         }) => return revoke(&state_dir, &serials, &nodes),
+        Some(Command::Status { state_dir, json }) => {
+            let status = ward_control::node_status::read(&state_dir).map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", ward_control::node_status::table(&status));
+            }
+            return Ok(());
+        }
         Some(Command::History { state_dir, json }) => {
             let records = history_of(&state_dir)?;
             if json {

@@ -183,6 +183,10 @@ impl Session {
         );
         let hub = self.hub.clone();
         let guard = hub.register_session(&node);
+        hub.note_enforced(
+            &node,
+            self.acked.get(&ResourceType::Policy).cloned().flatten(),
+        );
         if hub.set_tunnel(&node, &hello.tunnel_address) {
             tracing::info!(
                 node,
@@ -295,6 +299,9 @@ impl Session {
                     return Ok(());
                 };
                 tracing::debug!(node, kind = kind.short_name(), version = ack.version, "ACK");
+                if kind == ResourceType::Policy {
+                    self.hub.note_enforced(&node, Some(ack.version.clone()));
+                }
                 self.acked.insert(kind, Some(ack.version));
                 self.nacked.remove(&kind);
                 self.finish(flight);

@@ -112,7 +112,12 @@ where
 mod tests {
     #[test]
     fn a_url_that_is_not_http_is_refused_naming_it() {
-        for url in ["ftp://alerts.example/hook", "alerts.example/hook", "http://", "not a url"] {
+        for url in [
+            "ftp://alerts.example/hook",
+            "alerts.example/hook",
+            "http://",
+            "not a url",
+        ] {
             let err = super::Webhook::start(url).expect_err(url);
             assert!(err.to_string().contains(url), "{err}");
         }

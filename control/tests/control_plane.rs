@@ -1473,3 +1473,59 @@ async fn each_policy_version_is_posted_to_the_webhook_and_a_hanging_one_never_ho
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lists_the_version_each_node_enforces_and_the_nodes_that_lag() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let plane = start_plane(tmp.path(), "1h");
+    let state = plane.state_dir();
+    let state_arg = state.to_str().expect("path").to_owned();
+    let status = |state_arg: &str| -> serde_json::Value {
+        serde_json::from_str(&control(&["status", "--state-dir", state_arg, "--json"]))
+            .expect("status JSON")
+    };
+    let until = |what: &str, done: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let s = status(&state_arg);
+            if done(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{what}: {s:#}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let node = |s: &serde_json::Value, name: &str| {
+        s["nodes"]
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|n| n["node"] == name).cloned())
+            .unwrap_or_default()
+    };
+    let mut a = Agent::start(agent_config(&plane, tmp.path(), "node-a"), vec![]);
+    let mut b = Agent::start(agent_config(&plane, tmp.path(), "node-b"), vec![]);
+    a.until("node-a's policy", |s| !s.policies.is_empty()).await;
+    b.until("node-b's policy", |s| !s.policies.is_empty()).await;
+    let s = until("both nodes enforce version 1", &|s| {
+        ["node-a", "node-b"]
+            .iter()
+            .all(|n| node(s, n)["enforces_history_version"] == 1 && node(s, n)["lagging"] == false)
+    });
+    assert_eq!(s["served_history_version"], 1, "{s:#}");
+
+    // node-b goes away; the policy changes: node-a follows, node-b lags.
+    drop(b);
+    plane.write_policy("web.yaml", &admit_client_on(80));
+    a.until("node-a's new policy", |s| {
+        s.policies.iter().any(|(_, yaml)| yaml.contains("port: 80"))
+    })
+    .await;
+    let s = until("node-b lags", &|s| {
+        node(s, "node-a")["enforces_history_version"] == 2
+            && node(s, "node-b")["lagging"] == true
+            && node(s, "node-b")["connected"] == false
+    });
+    assert_eq!(s["served_history_version"], 2, "{s:#}");
+    assert_eq!(node(&s, "node-b")["enforces_history_version"], 1, "{s:#}");
+    let text = control(&["status", "--state-dir", &state_arg]);
+    assert!(text.contains("lagging: node-b\n"), "{text}");
+}
