@@ -5,8 +5,7 @@
 //! changed in access (`ward policy diff` of the previous set and the new one, for the workloads
 //! registered then). `ward-control history` and `ward-control show` print it.
 use std::{
-    io::{BufRead as _, Write as _},
-    os::unix::fs::OpenOptionsExt as _,
+    io::BufRead as _,
     path::{Path, PathBuf},
 };
 
@@ -227,14 +226,7 @@ pub fn append(file: &Path, record: &Record) -> Result<(), HistoryError> {
     };
     let mut line = serde_json::to_string(record).expect("a record serializes");
     line.push('\n');
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(file)
-        .map_err(io)?;
-    f.write_all(line.as_bytes()).map_err(io)?;
-    f.sync_all().map_err(io)
+    ward_host::atomic::append(file, line.as_bytes(), 0o600).map_err(io)
 }
 
 /// The commit checked out in the git repository `dir` is in (`HEAD`, followed through a

@@ -198,13 +198,7 @@ impl Hub {
     /// stream and the POLICY version it enforces.
     pub fn node_status(&self) -> (Option<String>, Vec<Enforcing>) {
         let served = self.version(ResourceType::Policy).map(|v| v.to_string());
-        let connected: BTreeSet<String> = self
-            .sessions
-            .lock()
-            .expect("sessions lock poisoned")
-            .keys()
-            .cloned()
-            .collect();
+        let connected = self.connected_nodes();
         let nodes = self
             .enforced
             .lock()
@@ -526,13 +520,7 @@ impl Hub {
     /// Removes the workloads of nodes without a stream for `lease` or longer; see
     /// [`Registry::expire`]. Returns the nodes removed.
     pub fn expire_nodes(&self, lease: Duration) -> Vec<String> {
-        let connected: BTreeSet<String> = self
-            .sessions
-            .lock()
-            .expect("sessions lock poisoned")
-            .keys()
-            .cloned()
-            .collect();
+        let connected = self.connected_nodes();
         let mut state = self.lock();
         if state.follows_cluster {
             return Vec::new();
@@ -604,6 +592,16 @@ impl Hub {
             id,
             replaced: rx,
         }
+    }
+
+    /// The nodes with a stream now.
+    fn connected_nodes(&self) -> BTreeSet<String> {
+        self.sessions
+            .lock()
+            .expect("sessions lock poisoned")
+            .keys()
+            .cloned()
+            .collect()
     }
 
     pub fn sessions(&self) -> usize {

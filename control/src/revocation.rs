@@ -9,8 +9,6 @@
 //! revocation list in force stays as it was.
 use std::{
     collections::BTreeSet,
-    io::Write as _,
-    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
 
@@ -145,14 +143,7 @@ pub fn append(file: &Path, entries: &[String]) -> Result<Appended, RevocationErr
     if text.is_empty() {
         return Ok(out);
     }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(file)
-        .map_err(io)?;
-    f.write_all(text.as_bytes()).map_err(io)?;
-    f.sync_all().map_err(io)?;
+    ward_host::atomic::append(file, text.as_bytes(), 0o600).map_err(io)?;
     Ok(out)
 }
 

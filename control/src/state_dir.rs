@@ -1,7 +1,6 @@
 //! The control plane's state directory: every file it keeps, their permissions, and writes that a
 //! crash cannot leave half done.
 use std::{
-    io::Write as _,
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
@@ -130,18 +129,12 @@ impl StateDir {
 
     /// Appends one line and syncs it before returning, so a token recorded as used stays used.
     pub fn append_line(&self, file: &Path, line: &str) -> Result<(), StateDirError> {
-        let write = |source| StateDirError::Write {
-            file: file.to_owned(),
-            source,
-        };
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(file)
-            .map_err(write)?;
-        f.write_all(format!("{line}\n").as_bytes()).map_err(write)?;
-        f.sync_all().map_err(write)
+        ward_host::atomic::append(file, format!("{line}\n").as_bytes(), 0o600).map_err(|source| {
+            StateDirError::Write {
+                file: file.to_owned(),
+                source,
+            }
+        })
     }
 }
 

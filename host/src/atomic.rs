@@ -1,4 +1,5 @@
-//! Replacing a file so that a reader or a crash sees the old contents or the new, never a mix.
+//! Replacing a file so that a reader or a crash sees the old contents or the new, never a mix;
+//! appending to one so that what is appended survives a crash once the call returns.
 use std::{
     fs::{File, OpenOptions, Permissions},
     io::Write as _,
@@ -6,6 +7,19 @@ use std::{
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
 };
+
+/// Appends `contents` to `file` (created with `mode` if missing) and syncs it before returning.
+/// One `write` of the whole: lines appended by one call are never interleaved with another
+/// process's appends.
+pub fn append(file: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(mode)
+        .open(file)?;
+    f.write_all(contents)?;
+    f.sync_all()
+}
 
 /// Writes `contents` to a hidden temporary file in `file`'s directory, syncs it, gives it `mode`
 /// (exactly, whatever the umask), renames it over `file` and syncs the directory, so the rename
