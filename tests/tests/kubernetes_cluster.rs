@@ -231,14 +231,22 @@ impl Shop {
             "ward-control names the object it refused; log:\n{}",
             plane.logs()
         );
-        let events = self.api.events();
-        let event = events
-            .iter()
-            .find(|e| e["regarding"]["kind"] == kind)
-            .unwrap_or_else(|| panic!("an Event on the {kind}; events: {events:#?}"));
+        // The Event is posted after the line is logged.
+        let deadline = Instant::now() + ward_tests::scaled(Duration::from_secs(10));
+        let event = loop {
+            let events = self.api.events();
+            if let Some(event) = events.iter().find(|e| e["regarding"]["kind"] == kind) {
+                break event.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "an Event on the {kind}; events: {events:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
         assert_eq!(event["type"], "Warning");
         assert_eq!(event["regarding"]["name"], "client-egress");
-        event.clone()
+        event
     }
 }
 
