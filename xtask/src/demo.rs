@@ -2,7 +2,13 @@
 //! client, intruder) in cgroups of their own; ward enforces examples/demo/policy.yaml, and the
 //! demo makes connections and shows, for each, what the client saw and what ward logged.
 
-use std::{fs, net::SocketAddr, process::Command, thread, time::Duration};
+use std::{
+    fs,
+    net::SocketAddr,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -17,6 +23,9 @@ const WEB: &str = "127.0.0.1:8080";
 const WEB_ADMIN: &str = "127.0.0.1:8081";
 const HOST_SERVICE: &str = "127.0.0.1:9090";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a connection's verdict lines may take to be logged (allowed flows: up to the agent's
+/// one-second reading of the kernel's counts).
+const VERDICT_WAIT: Duration = Duration::from_millis(2500);
 
 struct Connection {
     from: &'static str,
@@ -135,14 +144,27 @@ pub fn run() -> Result<()> {
         let (code, said) =
             probe::connect_from(&cgroups.path(conn.from), addr, false, CONNECT_TIMEOUT)?;
         println!("    {}: {said}", conn.from);
-        // Verdict events reach the log through a ring buffer and the agent's event task.
+        // Refusals and audits reach the log at once, through a ring buffer and the agent's event
+        // task; allowed flows come from the kernel's per-CPU counts, which the agent reads every
+        // second: wait for the lines this connection should give, up to VERDICT_WAIT.
+        let started = Instant::now();
         thread::sleep(Duration::from_millis(300));
-        let logged: Vec<String> = ward
-            .log_since(offset)
-            .lines()
-            .filter(|l| l.contains("verdict="))
-            .map(str::to_owned)
-            .collect();
+        let logged: Vec<String> = loop {
+            let logged: Vec<String> = ward
+                .log_since(offset)
+                .lines()
+                .filter(|l| l.contains("verdict="))
+                .map(str::to_owned)
+                .collect();
+            let complete = conn
+                .verdicts
+                .iter()
+                .all(|(verdict, policy)| logged.iter().any(|l| names(l, verdict, policy)));
+            if complete || started.elapsed() >= VERDICT_WAIT {
+                break logged;
+            }
+            thread::sleep(Duration::from_millis(50));
+        };
         // A retransmitted SYN is decided (and logged) again: say so once, with a count.
         let mut briefs: Vec<(String, usize)> = Vec::new();
         for line in &logged {
