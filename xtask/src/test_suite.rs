@@ -117,6 +117,15 @@ pub fn run(test_threads: Option<usize>, vms: bool, filter: &[String]) -> Result<
     } else {
         steps.skip("privileged tests", "ward or ward-control did not build");
     }
+    // The README's first command: the built-in example, whose every connection must behave and
+    // be logged as its policy says.
+    if !built {
+        steps.skip("demo", "ward did not build");
+    } else if !filter.is_empty() {
+        steps.skip("demo", "a test filter was given");
+    } else {
+        steps.run("demo", Command::new(std::env::current_exe()?).arg("demo"));
+    }
     if !vms {
         steps.skip("kernel matrix", "--skip-vms");
     } else if built && built_next {
