@@ -52,6 +52,16 @@ pub const DEFAULT_WORKLOAD_CERT_LIFETIME: Duration = Duration::from_secs(3600);
 pub const DEFAULT_NODE_LEASE: Duration = Duration::from_secs(3600);
 pub const DEFAULT_NODE_CERT_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 const SERVING_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+/// SHA-256 of `text`, in lowercase hexadecimal: how used join tokens are kept and policy sources
+/// are recorded.
+pub fn sha256_hex(text: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// How long a shutdown waits for connections to close once every agent stream has been ended.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 

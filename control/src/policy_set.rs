@@ -80,11 +80,11 @@ pub fn read(dir: &Path, cluster: &[ClusterDocument]) -> Result<ReadSet, Vec<Poli
                 continue;
             }
         };
-        sources.push((file.display().to_string(), sha256_hex(&text)));
+        sources.push((file.display().to_string(), crate::sha256_hex(&text)));
         add_text(&mut report, &mut documents, &file, &text);
     }
     for document in cluster {
-        sources.push((document.source.clone(), sha256_hex(&document.yaml)));
+        sources.push((document.source.clone(), crate::sha256_hex(&document.yaml)));
         add_text(
             &mut report,
             &mut documents,
@@ -120,14 +120,6 @@ pub fn read(dir: &Path, cluster: &[ClusterDocument]) -> Result<ReadSet, Vec<Poli
         resources,
         sources,
     })
-}
-
-fn sha256_hex(text: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Checks one document read from the cluster on its own, as `ward policy check` checks a file.

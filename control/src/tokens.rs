@@ -39,14 +39,6 @@ pub struct JoinTokens {
     used: Mutex<HashSet<String>>,
 }
 
-fn digest_hex(token: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// A random token suitable for the token file.
 pub fn generate() -> String {
     let mut bytes = [0u8; 24];
@@ -85,7 +77,7 @@ impl JoinTokens {
             file: file.clone(),
             source,
         })?;
-        let wanted = digest_hex(token.trim());
+        let wanted = crate::sha256_hex(token.trim());
         let mut used = self.used.lock().expect("token lock poisoned");
         let mut bound = None;
         let mut listed = false;
@@ -104,7 +96,7 @@ impl JoinTokens {
             }
             // Compare digests rather than tokens, so the comparison's time says nothing about
             // how much of a guess was right.
-            if digest_hex(candidate) == wanted {
+            if crate::sha256_hex(candidate) == wanted {
                 listed = true;
                 bound = fields.next().map(str::to_owned);
                 break;

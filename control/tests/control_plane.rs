@@ -1307,7 +1307,7 @@ async fn every_policy_change_becomes_a_version_with_its_sources_commit_and_acces
     assert_eq!(record["reason"], "file change");
     assert_eq!(record["diff"]["gained"], 1);
     assert_eq!(record["diff"]["lost"], 0);
-    let digest: String = ring_sha256(allow);
+    let digest = ward_control::sha256_hex(allow);
     assert!(
         record["sources"]
             .as_array()
@@ -1339,15 +1339,6 @@ async fn every_policy_change_becomes_a_version_with_its_sources_commit_and_acces
         String::from_utf8_lossy(&missing.stderr).contains("no version 9"),
         "{missing:?}"
     );
-}
-
-fn ring_sha256(text: &str) -> String {
-    use std::fmt::Write as _;
-    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-    digest.as_ref().iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 /// A webhook endpoint of the test's own: each request's body, as it arrives; with `answer` false
