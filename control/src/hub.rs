@@ -105,6 +105,8 @@ pub struct Hub {
     /// this process started; bumps `status_changed`.
     enforced: Mutex<BTreeMap<String, Option<String>>>,
     status_changed: watch::Sender<u64>,
+    /// The store shared with other replicas, when there are any ([`Hub::share`]).
+    store: std::sync::OnceLock<crate::etcd_store::EtcdStore>,
 }
 
 /// A node seen since the start: whether it has a stream, and the POLICY version it enforces.
@@ -177,7 +179,90 @@ impl Hub {
             history: Mutex::new(None),
             enforced: Mutex::new(BTreeMap::new()),
             status_changed: watch::Sender::new(0),
+            store: std::sync::OnceLock::new(),
         }
+    }
+
+    /// From now on identity numbers come from `store`, shared with other replicas, and nodes
+    /// expire by the store's leases ([`crate::replication`]).
+    pub fn share(&self, store: crate::etcd_store::EtcdStore) {
+        self.lock().registry.share_allocation();
+        let _ = self.store.set(store);
+    }
+
+    /// The store shared with other replicas, if any.
+    pub fn store(&self) -> Option<&crate::etcd_store::EtcdStore> {
+        self.store.get()
+    }
+
+    /// Gets from the shared store (if any) the numbers of `workloads`' identities that have
+    /// none yet, so that [`Hub::report`] or [`Hub::set_cluster_workloads`] can register them.
+    pub async fn allocate_shared<'a>(
+        &self,
+        workloads: impl IntoIterator<Item = &'a Workload>,
+    ) -> Result<(), crate::etcd_store::StoreError> {
+        let Some(store) = self.store.get() else {
+            return Ok(());
+        };
+        let (missing, mut taken) = {
+            let state = self.lock();
+            (
+                state.registry.missing_identities(workloads),
+                state.registry.taken(),
+            )
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let numbers = store.allocate(&missing, &mut taken).await?;
+        self.adopt_identities(numbers);
+        Ok(())
+    }
+
+    /// Adopts numbers the shared store holds; one that contradicts what is known is logged and
+    /// left out.
+    pub fn adopt_identities(&self, numbers: BTreeMap<String, u32>) {
+        let mut state = self.lock();
+        let mut changed = false;
+        for (key, number) in numbers {
+            match state.registry.adopt_identity(&key, number) {
+                Ok(new) => changed |= new,
+                Err(reason) => {
+                    tracing::error!(%reason, "identity in the shared store refused")
+                }
+            }
+        }
+        if changed {
+            self.registry_changed_locked(state);
+        }
+    }
+
+    /// Applies a node record another replica stored (`None`: deleted); returns the workloads
+    /// left out.
+    pub fn apply_node_record(
+        &self,
+        node: &str,
+        record: Option<crate::etcd_store::NodeRecord>,
+    ) -> Vec<Refusal> {
+        let mut state = self.lock();
+        if state.follows_cluster {
+            return Vec::new();
+        }
+        let (changed, refusals) = state.registry.set_node_record(node, record);
+        if changed {
+            self.registry_changed_locked(state);
+        }
+        refusals
+    }
+
+    /// What `node` reported, as the shared store keeps it.
+    pub fn node_record(&self, node: &str) -> crate::etcd_store::NodeRecord {
+        self.lock().registry.node_record(node)
+    }
+
+    /// Whether the cluster, not the agents, says which workloads run where.
+    pub fn follows_cluster(&self) -> bool {
+        self.lock().follows_cluster
     }
 
     /// Records that `node`'s agent enforces POLICY `version` (`None`: nothing it said).
@@ -522,7 +607,9 @@ impl Hub {
     pub fn expire_nodes(&self, lease: Duration) -> Vec<String> {
         let connected = self.connected_nodes();
         let mut state = self.lock();
-        if state.follows_cluster {
+        // With a shared store, a node's record expires by its lease there (see
+        // [`crate::replication`]): another replica may hold its stream.
+        if state.follows_cluster || self.store.get().is_some() {
             return Vec::new();
         }
         let gone = state.registry.expire(Instant::now(), lease, &connected);
@@ -595,7 +682,7 @@ impl Hub {
     }
 
     /// The nodes with a stream now.
-    fn connected_nodes(&self) -> BTreeSet<String> {
+    pub fn connected_nodes(&self) -> BTreeSet<String> {
         self.sessions
             .lock()
             .expect("sessions lock poisoned")

@@ -524,7 +524,7 @@ pub async fn follow(
                     if (workloads_dirty || policies_dirty) && cluster.listed() {
                         if workloads_dirty {
                             let nodes = cluster.workloads(&trust_domain);
-                            publish_workloads(&hub, nodes, &mut refused_pods);
+                            publish_workloads(&hub, nodes, &mut refused_pods).await;
                         }
                         let (documents, refused) = checked.accepted(cluster.documents());
                         for refusal in refused {
@@ -700,11 +700,16 @@ fn publish_services(hub: &Hub, built: service_resources::Built, logged: &mut BTr
 
 /// Publishes the cluster's workloads; a pod refused is logged when it is first refused (for that
 /// reason), not at every publication. `refused` holds what was logged.
-fn publish_workloads(
+async fn publish_workloads(
     hub: &Hub,
     nodes: BTreeMap<String, Vec<Workload>>,
     refused: &mut BTreeSet<(String, String)>,
 ) {
+    // With replicas, the numbers come from the store they share; a pod whose identity has none
+    // (the store is unreachable) is refused below, and published with the next change.
+    if let Err(e) = hub.allocate_shared(nodes.values().flatten()).await {
+        tracing::error!(error = %e, "no identities from the shared store for the cluster's pods");
+    }
     let pods: usize = nodes.values().map(Vec::len).sum();
     match hub.set_cluster_workloads(nodes) {
         Ok(refusals) => {

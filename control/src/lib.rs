@@ -10,6 +10,7 @@
 //! ([`service_resources`]).
 pub mod ca;
 pub mod crd;
+pub mod etcd_store;
 pub mod history;
 pub mod hub;
 pub mod kubernetes;
@@ -18,6 +19,7 @@ pub mod listener;
 pub mod node_status;
 pub mod policy_set;
 pub mod registry;
+pub mod replication;
 pub mod resources;
 pub mod revocation;
 pub mod service;
@@ -85,6 +87,8 @@ pub struct Options {
     pub node_lease: Duration,
     /// Read workloads, NetworkPolicies and Services from a Kubernetes cluster.
     pub kubernetes: Option<KubernetesOptions>,
+    /// Share identities, nodes and spent join tokens with other replicas through etcd.
+    pub etcd: Option<etcd_store::EtcdOptions>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -130,6 +134,10 @@ pub enum ControlError {
     Serve(#[from] tonic::transport::Error),
     #[error(transparent)]
     Kubernetes(#[from] kubernetes::KubernetesError),
+    #[error("the shared store: {0}")]
+    Store(#[from] etcd_store::StoreError),
+    #[error("{0}: no CA here; with --etcd-endpoints every replica serves the same CA, which is not created at start: create it once with `ward-control init-ca --state-dir DIR --trust-domain TD` and give every replica the same ca.pem, ca-key.pem and trust-domain files")]
+    NoSharedCa(PathBuf),
 }
 
 fn random_u64() -> u64 {
@@ -423,22 +431,37 @@ async fn persist_registry(hub: Arc<Hub>, state: StateDir) {
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<(), ControlError> {
     check_trust_domain(&opts.trust_domain)?;
     let state = StateDir::open(&opts.state_dir)?;
+    if opts.etcd.is_some() && !state.ca_key().exists() {
+        return Err(ControlError::NoSharedCa(state.ca_key()));
+    }
     let ca = Arc::new(
         Ca::load_or_create(&state, &opts.trust_domain, opts.node_cert_lifetime)?
             .with_workload_cert_lifetime(opts.workload_cert_lifetime)
             .with_node_cert_max_age(opts.node_cert_max_age),
     );
-    let registry = match state.read(&state.registry())? {
-        Some(text) => Registry::from_json(&opts.trust_domain, &text).map_err(|source| {
-            ControlError::Registry {
-                file: state.registry(),
-                source,
-            }
-        })?,
-        None => Registry::new(&opts.trust_domain),
+    let store = match &opts.etcd {
+        Some(etcd) => Some(etcd_store::EtcdStore::connect(etcd, &opts.trust_domain).await?),
+        None => None,
     };
-    let tokens = Arc::new(JoinTokens::new(opts.token_file.as_deref(), &state)?);
+    // With a shared store, the registry is the store's (read by `replication::start`).
+    let registry =
+        match state.read(&state.registry())? {
+            Some(text) if store.is_none() => Registry::from_json(&opts.trust_domain, &text)
+                .map_err(|source| ControlError::Registry {
+                    file: state.registry(),
+                    source,
+                })?,
+            _ => Registry::new(&opts.trust_domain),
+        };
+    let mut tokens = JoinTokens::new(opts.token_file.as_deref(), &state)?;
+    if let Some(store) = &store {
+        tokens = tokens.shared(store.clone(), tokio::runtime::Handle::current());
+    }
+    let tokens = Arc::new(tokens);
     let hub = Arc::new(Hub::new(registry, ca.cert_pem(), random_u64()));
+    if let Some(store) = store {
+        replication::start(hub.clone(), store, opts.node_lease).await?;
+    }
     let webhook = opts
         .history_webhook
         .as_deref()
@@ -494,7 +517,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
             publish,
         ));
     }
-    tokio::spawn(persist_registry(hub.clone(), state.clone()));
+    let shared = hub.store().is_some();
+    if !shared {
+        tokio::spawn(persist_registry(hub.clone(), state.clone()));
+    }
     tokio::spawn(node_status::persist(hub.clone(), state.clone()));
     tokio::spawn(recheck_policies(hub.clone()));
     tokio::spawn(expire_nodes(hub.clone(), opts.node_lease));
@@ -533,6 +559,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         node_cert_max_age_s = opts.node_cert_max_age.as_secs(),
         workload_cert_lifetime_s = opts.workload_cert_lifetime.as_secs(),
         revoked = hub.revoked().len(),
+        store = if shared { "etcd" } else { "state directory" },
         node_lease_s = opts.node_lease.as_secs_f64(),
         server_names = ?names,
         identities = hub.len(ward_proto::ResourceType::Identity),
@@ -571,8 +598,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     };
     watcher.abort();
     revocation_watcher.abort();
-    // The last registry change may still be queued for writing.
-    let _ = state.write_atomic(&state.registry(), hub.registry_json().as_bytes(), 0o600);
+    if !shared {
+        // The last registry change may still be queued for writing.
+        let _ = state.write_atomic(&state.registry(), hub.registry_json().as_bytes(), 0o600);
+    }
     served?;
     Ok(())
 }

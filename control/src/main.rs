@@ -75,6 +75,20 @@ struct ServeArgs {
     /// this http:// or https:// URL, for alerting; bounded, it never holds a policy push.
     #[arg(long, value_name = "URL")]
     history_webhook: Option<String>,
+    /// Share identity numbers, nodes and spent join tokens with other replicas through these
+    /// etcd members (`http://host:port` or `https://host:port`, comma-separated). Every replica
+    /// needs the same CA files in its --state-dir (see `init-ca`).
+    #[arg(long, value_delimiter = ',', value_name = "URL")]
+    etcd_endpoints: Vec<String>,
+    /// The CA of the etcd members' serving certificates (https endpoints).
+    #[arg(long, requires = "etcd_endpoints", value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// This replica's client certificate for etcd (with --etcd-key).
+    #[arg(long, requires_all = ["etcd_endpoints", "etcd_key"], value_name = "FILE")]
+    etcd_cert: Option<PathBuf>,
+    /// This replica's client key for etcd.
+    #[arg(long, requires = "etcd_cert", value_name = "FILE")]
+    etcd_key: Option<PathBuf>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -93,6 +107,16 @@ enum Command {
     /// Prints the CustomResourceDefinition of ward's Policy (deploy/kubernetes/crd.yaml), which
     /// --kubernetes reads next to NetworkPolicies.
     Crd,
+    /// Creates the CA in a state directory (if it has none) without serving: the files every
+    /// replica of a control plane on etcd reads (ca.pem, ca-key.pem, trust-domain).
+    InitCa {
+        /// Where to create it (0700).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// SPIFFE trust domain of node and workload identities.
+        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
     /// Prints the CA certificate (PEM) agents trust (`controlPlane.caFile`); the control plane
     /// creates it at its first start.
     CaCert {
@@ -275,6 +299,19 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", ward_control::crd::manifest());
             return Ok(());
         }
+        Some(Command::InitCa {
+            state_dir,
+            trust_domain,
+        }) => {
+            let state = ward_control::state_dir::StateDir::open(&state_dir)?;
+            ward_control::ca::Ca::load_or_create(
+                &state,
+                &trust_domain,
+                ward_control::DEFAULT_NODE_CERT_LIFETIME,
+            )?;
+            println!("{}", state.ca_cert().display());
+            return Ok(());
+        }
         Some(Command::CaCert { state_dir }) => {
             let file = state_dir.join(ward_control::state_dir::CA_CERT_FILE);
             let pem = std::fs::read_to_string(&file).with_context(|| {
@@ -306,6 +343,12 @@ async fn main() -> anyhow::Result<()> {
             kubeconfig: args.kubeconfig,
             agent_service_account: Some(args.agent_service_account)
                 .filter(|account| !account.is_empty()),
+        }),
+        etcd: (!args.etcd_endpoints.is_empty()).then_some(ward_control::etcd_store::EtcdOptions {
+            endpoints: args.etcd_endpoints,
+            ca_file: args.etcd_ca,
+            cert_file: args.etcd_cert,
+            key_file: args.etcd_key,
         }),
     };
     // Every agent holds a connection; agents and joins beyond 1,024 must not fail for descriptors.

@@ -95,6 +95,9 @@ pub struct Registry {
     /// registry file counts as seen when this control plane started, so a restart of the control
     /// plane gives every node a full lease to come back.
     last_seen: HashMap<String, Instant>,
+    /// Numbers come from the store replicas share ([`crate::etcd_store`]), adopted before a
+    /// report is registered: a key without one is refused, never numbered here.
+    shared: bool,
 }
 
 fn text_ok(s: &str) -> bool {
@@ -205,6 +208,109 @@ impl Registry {
         self.taken.insert(id);
         self.identities.insert(key.into(), id);
         id
+    }
+
+    /// From now on numbers come from the shared store ([`Registry::adopt_identity`]).
+    pub fn share_allocation(&mut self) {
+        self.shared = true;
+    }
+
+    /// The identity keys of `workloads` that have no number yet (malformed workloads
+    /// included: the report refuses them afterwards).
+    pub fn missing_identities<'a>(
+        &self,
+        workloads: impl IntoIterator<Item = &'a Workload>,
+    ) -> Vec<String> {
+        let keys: BTreeSet<String> = workloads
+            .into_iter()
+            .map(|w| {
+                let labels: BTreeMap<String, String> = w
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                identity::key(&w.spiffe_id, w.namespace.as_deref(), &labels)
+            })
+            .filter(|key| !self.identities.contains_key(key))
+            .collect();
+        keys.into_iter().collect()
+    }
+
+    /// The numbers in use.
+    pub fn taken(&self) -> BTreeSet<u32> {
+        self.taken.clone()
+    }
+
+    /// Records that the shared store gave `number` to `key`. Whether it is new; an error when
+    /// it contradicts what is known (the store is then wrong, and nothing is changed).
+    pub fn adopt_identity(&mut self, key: &str, number: u32) -> Result<bool, String> {
+        match self.identities.get(key) {
+            Some(known) if *known == number => return Ok(false),
+            Some(known) => {
+                return Err(format!(
+                    "identity {key:?} is {known} here, {number} in the store"
+                ))
+            }
+            None => {}
+        }
+        if self.taken.contains(&number) {
+            return Err(format!(
+                "number {number} of identity {key:?} is another identity's here"
+            ));
+        }
+        self.taken.insert(number);
+        self.identities.insert(key.into(), number);
+        Ok(true)
+    }
+
+    /// What `node` reported and its tunnel address, as the shared store keeps them.
+    pub fn node_record(&self, node: &str) -> crate::etcd_store::NodeRecord {
+        crate::etcd_store::NodeRecord {
+            workloads: self.nodes.get(node).cloned().unwrap_or_default(),
+            tunnel: self.tunnels.get(node).cloned().unwrap_or_default(),
+        }
+    }
+
+    /// Replaces `node`'s workloads and tunnel with what another replica stored (`None`: the
+    /// store deleted it). Workloads whose identity has no number here, or whose addresses
+    /// another node holds, are left out and returned. Returns whether anything changed.
+    pub fn set_node_record(
+        &mut self,
+        node: &str,
+        record: Option<crate::etcd_store::NodeRecord>,
+    ) -> (bool, Vec<Refusal>) {
+        let Some(record) = record else {
+            return (self.remove_node(node), Vec::new());
+        };
+        let others = self.others(node);
+        let mut refusals = Vec::new();
+        let mut workloads = Vec::with_capacity(record.workloads.len());
+        for w in record.workloads {
+            if !self.identities.contains_key(&w.key()) {
+                refusals.push(Refusal {
+                    workload: w.name.chars().take(80).collect(),
+                    reason: "its identity has no number in the store".into(),
+                });
+            } else if let Some(owner) = w.addresses.iter().find_map(|a| others.get(a)) {
+                refusals.push(Refusal {
+                    workload: w.name.chars().take(80).collect(),
+                    reason: format!("an address belongs to a workload of node {owner:?}"),
+                });
+            } else {
+                workloads.push(w);
+            }
+        }
+        drop(others);
+        let mut changed = if workloads.is_empty() {
+            self.nodes.remove(node).is_some()
+        } else {
+            self.nodes.get(node) != Some(&workloads) && {
+                self.nodes.insert(node.into(), workloads);
+                true
+            }
+        };
+        changed |= self.set_tunnel(node, &record.tunnel);
+        (changed, refusals)
     }
 
     /// The number allocated to `w`'s identity (every registered workload has one).
@@ -340,8 +446,21 @@ impl Registry {
         }
         drop(others);
         accepted.sort_by(|a, b| a.name.cmp(&b.name));
-        for w in &accepted {
-            self.allocate(&w.key());
+        if self.shared {
+            accepted.retain(|w| {
+                let numbered = self.identities.contains_key(&w.key());
+                if !numbered {
+                    refusals.push(Refusal {
+                        workload: w.name.chars().take(80).collect(),
+                        reason: "the shared store has allocated no identity for it yet".into(),
+                    });
+                }
+                numbered
+            });
+        } else {
+            for w in &accepted {
+                self.allocate(&w.key());
+            }
         }
         let changed = self.nodes.get(node) != Some(&accepted);
         if accepted.is_empty() {
@@ -819,5 +938,51 @@ mod tests {
             r.report("a", too_many),
             Err(ReportError::TooManyWorkloads { .. })
         ));
+    }
+
+    #[test]
+    fn a_shared_registry_numbers_only_what_the_store_gave_and_refuses_contradictions() {
+        let mut r = Registry::new("x");
+        r.share_allocation();
+        let report = vec![Workload {
+            name: "a".into(),
+            spiffe_id: "spiffe://x/a".into(),
+            addresses: vec!["10.0.0.1".into()],
+            ..Workload::default()
+        }];
+        let missing = r.missing_identities(&report);
+        assert_eq!(missing, ["spiffe://x/a"]);
+        let (_, refusals) = r.report("n", report.clone()).expect("report");
+        assert_eq!(refusals.len(), 1, "no number from the store yet");
+        assert!(r.nodes().next().is_none());
+
+        assert_eq!(r.adopt_identity("spiffe://x/a", 4242), Ok(true));
+        assert_eq!(r.adopt_identity("spiffe://x/a", 4242), Ok(false));
+        assert!(
+            r.adopt_identity("spiffe://x/a", 4243).is_err(),
+            "one key, two numbers"
+        );
+        assert!(
+            r.adopt_identity("spiffe://x/b", 4242).is_err(),
+            "one number, two keys"
+        );
+        let (changed, refusals) = r.report("n", report).expect("report");
+        assert!(changed && refusals.is_empty());
+        assert_eq!(r.identity_resources().len(), 1);
+
+        // Another replica's record of another node: its address is kept off if this node has it.
+        let mut record = r.node_record("n");
+        record.workloads[0].name = "other".into();
+        let (changed, refusals) = r.set_node_record("m", Some(record.clone()));
+        assert!(!changed && refusals.len() == 1, "{refusals:?}");
+        record.workloads[0].addresses = vec!["10.0.0.2".parse().expect("address")];
+        let (changed, refusals) = r.set_node_record("m", Some(record));
+        assert!(changed && refusals.is_empty());
+        assert_eq!(r.ipcache_resources().len(), 2);
+        let (changed, _) = r.set_node_record("m", None);
+        assert!(
+            changed && r.nodes().all(|(n, _)| n != "m"),
+            "deleted by the store"
+        );
     }
 }

@@ -215,7 +215,7 @@ impl Session {
                 message = inbound.next() => match message {
                     None => return Ok(()),
                     Some(Err(status)) => return Err(status),
-                    Some(Ok(message)) => self.handle(message)?,
+                    Some(Ok(message)) => self.handle(message).await?,
                 },
                 // Also while an update is in flight: what is pending is sent after its answer
                 // anyway, and a change may be the node's revocation.
@@ -274,7 +274,7 @@ impl Session {
         Ok(())
     }
 
-    fn handle(&mut self, message: AgentMessage) -> Result<(), Status> {
+    async fn handle(&mut self, message: AgentMessage) -> Result<(), Status> {
         let node = self.peer.node.clone();
         if !self.bucket.try_take() {
             tracing::warn!(
@@ -360,6 +360,12 @@ impl Session {
                     )));
                 }
                 let count = report.workloads.len();
+                if let Err(e) = self.hub.allocate_shared(&report.workloads).await {
+                    tracing::warn!(node, error = %e, "closing the stream: no identities from the shared store");
+                    return Err(Status::unavailable(format!(
+                        "the control plane's shared store: {e}"
+                    )));
+                }
                 match self.hub.report(&node, report.workloads) {
                     Err(e) => {
                         tracing::warn!(node, error = %e, "closing the stream: report refused");

@@ -221,3 +221,90 @@ impl Drop for ControlPlane {
         self.kill();
     }
 }
+
+/// A real etcd member (Debian's etcd-server, which `cargo xtask setup` installs) on loopback
+/// ports of its own, with its data in the test's directory; killed when dropped.
+pub struct Etcd {
+    process: Option<Process>,
+    /// `http://127.0.0.1:<port>`, what `--etcd-endpoints` takes.
+    pub endpoint: String,
+    client_port: u16,
+    peer_port: u16,
+    dir: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+impl Etcd {
+    pub fn start(dir: &Path) -> Etcd {
+        let (client_port, peer_port) = (free_port(), free_port());
+        let mut etcd = Etcd {
+            process: None,
+            endpoint: format!("http://127.0.0.1:{client_port}"),
+            client_port,
+            peer_port,
+            dir: dir.to_owned(),
+        };
+        etcd.spawn();
+        etcd
+    }
+
+    fn spawn(&mut self) {
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut command = Command::new("etcd");
+        command
+            .arg("--name")
+            .arg("ward-test")
+            .arg("--data-dir")
+            .arg(self.dir.join("etcd-data"))
+            .arg("--listen-client-urls")
+            .arg(&self.endpoint)
+            .arg("--advertise-client-urls")
+            .arg(&self.endpoint)
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(format!("ward-test={peer}"));
+        let capture = Capture::log_file(self.dir.join("etcd.log")).appending();
+        let process = Process::spawn(
+            "etcd (apt-get install etcd-server, or cargo xtask setup)",
+            command,
+            capture,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "etcd did not listen on {} within 20 s",
+                self.endpoint
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.process = Some(process);
+    }
+
+    /// Kills the member (SIGKILL).
+    pub fn kill(&mut self) {
+        self.process = None;
+    }
+
+    /// Starts it again with the same data and ports.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

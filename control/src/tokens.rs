@@ -30,6 +30,8 @@ pub enum TokenError {
     },
     #[error(transparent)]
     State(#[from] StateDirError),
+    #[error("the shared store: {0}")]
+    Store(#[from] crate::etcd_store::StoreError),
 }
 
 pub struct JoinTokens {
@@ -37,6 +39,9 @@ pub struct JoinTokens {
     state: StateDir,
     /// SHA-256 (hex) of the used tokens; the lock also makes check-and-record one step.
     used: Mutex<HashSet<String>>,
+    /// With replicas, a token is spent in the store they share (which every replica checks),
+    /// not in this replica's state directory.
+    shared: Option<(crate::etcd_store::EtcdStore, tokio::runtime::Handle)>,
 }
 
 /// A random token suitable for the token file.
@@ -60,7 +65,19 @@ impl JoinTokens {
             file: file.map(Path::to_owned),
             state: state.clone(),
             used: Mutex::new(used),
+            shared: None,
         })
+    }
+
+    /// Spends tokens in `store` from now on; `redeem` blocks on it through `runtime`, so it must
+    /// run outside the runtime's own threads (as the join service's blocking task does).
+    pub fn shared(
+        mut self,
+        store: crate::etcd_store::EtcdStore,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        self.shared = Some((store, runtime));
+        self
     }
 
     /// Consumes `token` for `node` if it is listed, unused and not bound to another node; `issue`
@@ -110,6 +127,25 @@ impl JoinTokens {
         }
         if let Some(bound) = bound.filter(|b| b != node) {
             return Err(TokenError::WrongNode { bound }.into());
+        }
+        if let Some((store, runtime)) = &self.shared {
+            if runtime
+                .block_on(store.token_spent(&wanted))
+                .map_err(TokenError::from)?
+            {
+                return Err(TokenError::Used.into());
+            }
+            let issued = issue()?;
+            // Two replicas may have issued at once: only the one that spends the token first
+            // hands its certificate out.
+            if !runtime
+                .block_on(store.spend_token(&wanted, node))
+                .map_err(TokenError::from)?
+            {
+                return Err(TokenError::Used.into());
+            }
+            used.insert(wanted);
+            return Ok(issued);
         }
         let issued = issue()?;
         self.state

@@ -3,7 +3,7 @@
 //! agent's client would never do.
 
 mod common;
-use common::{channel, csr, join, joined, tls, WAIT, WEB};
+use common::{agent_config, channel, csr, join, joined, tls, workload, Agent, WAIT, WEB};
 
 use std::{
     collections::BTreeMap,
@@ -12,9 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tonic::transport::Channel;
-use ward_agent::control::{ControlPlaneConfig, RemoteState, RemoteUpdate, ReportedWorkload};
+use ward_agent::control::RemoteState;
 use ward_control::test_helpers::{ControlPlane, ControlPlaneOptions};
 use ward_proto::{
     agent_message::Kind, control_client::ControlClient, resource::Body, Ack, AgentMessage, Hello,
@@ -25,96 +25,6 @@ const DB: &str = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  name: db\n
 
 fn start_plane(tmp: &Path, lifetime: &str) -> ControlPlane {
     common::start_plane(tmp, |opts| opts.node_cert_lifetime = lifetime.into())
-}
-
-fn agent_config(plane: &ControlPlane, dir: &Path, node: &str) -> ControlPlaneConfig {
-    let token_file = dir.join(format!("{node}.token"));
-    std::fs::write(&token_file, plane.new_token(Some(node))).expect("token file");
-    ControlPlaneConfig {
-        address: plane.address.to_string(),
-        node_name: node.into(),
-        join_token_file: Some(token_file),
-        ca_file: plane.ca_file(),
-        state_dir: dir.join(format!("{node}-state")),
-        server_name: ward_agent::control::DEFAULT_SERVER_NAME.into(),
-    }
-}
-
-fn workload(name: &str, app: &str, address: &str) -> ReportedWorkload {
-    ReportedWorkload {
-        name: name.into(),
-        spiffe_id: format!("spiffe://example.org/ns/demo/sa/{app}"),
-        namespace: Some("demo".into()),
-        labels: BTreeMap::from([("app".to_string(), app.to_string())]),
-        addresses: vec![address.parse().expect("address")],
-        tunnel_port: 0,
-    }
-}
-
-/// The agent's control-plane client running as the agent runs it.
-struct Agent {
-    updates: mpsc::Receiver<RemoteUpdate>,
-    reports: watch::Sender<Vec<ReportedWorkload>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Agent {
-    fn start(cfg: ControlPlaneConfig, workloads: Vec<ReportedWorkload>) -> Agent {
-        let (reports, reports_rx) = watch::channel(workloads);
-        let (tx, updates) = mpsc::channel(1);
-        let task = tokio::spawn(async move {
-            ward_agent::control::run(cfg, None, reports_rx, tx)
-                .await
-                .expect("valid configuration");
-        });
-        Agent {
-            updates,
-            reports,
-            task,
-        }
-    }
-
-    async fn next(&mut self, within: Duration) -> RemoteUpdate {
-        tokio::time::timeout(within, self.updates.recv())
-            .await
-            .unwrap_or_else(|_| panic!("no update within {within:?}"))
-            .expect("client running")
-    }
-
-    /// Applies (ACKs) updates until one satisfies `done`; returns that state.
-    async fn until(&mut self, what: &str, done: impl Fn(&RemoteState) -> bool) -> RemoteState {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let update = tokio::time::timeout(left, self.updates.recv())
-                .await
-                .unwrap_or_else(|_| panic!("never reached: {what}"))
-                .expect("client running");
-            let state = update.state.clone();
-            update
-                .ack
-                .send(Ok(()))
-                .expect("client waits for the answer");
-            if done(&state) {
-                return state;
-            }
-        }
-    }
-
-    async fn quiet(&mut self, for_: Duration) {
-        if let Ok(Some(update)) = tokio::time::timeout(for_, self.updates.recv()).await {
-            panic!(
-                "expected no update, got versions {:?}",
-                update.state.versions
-            );
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 fn policy_names(state: &RemoteState) -> Vec<&str> {

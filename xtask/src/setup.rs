@@ -42,6 +42,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-venv",
     // The policy history test keeps its policy directory in a git checkout.
     "git",
+    // The control plane's replicas share etcd: the tests run real members, and the etcd
+    // client's protocol files are compiled with protoc.
+    "etcd-server",
+    "protobuf-compiler",
 ];
 
 /// The Kubernetes OpenAPI validator the deploy tests check the manifests with, pinned.

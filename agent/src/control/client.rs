@@ -62,8 +62,39 @@ impl Backoff {
     }
 }
 
+/// Connects to the first replica that answers, trying them in turn from the `first`-th;
+/// returns the channel and the index of the replica it reached.
+async fn connect(
+    cfg: &ControlPlaneConfig,
+    identity: Option<&NodeCert>,
+    first: usize,
+) -> Result<(Channel, usize), ControlError> {
+    let addresses = cfg.addresses();
+    let mut failed = None;
+    for step in 0..addresses.len() {
+        let index = (first + step) % addresses.len();
+        match endpoint(cfg, addresses[index], identity)?.connect().await {
+            Ok(channel) => return Ok((channel, index)),
+            Err(e) => {
+                if addresses.len() > 1 {
+                    tracing::warn!(address = addresses[index], error = %e, "control plane replica unreachable; trying the next");
+                }
+                failed = Some(e);
+            }
+        }
+    }
+    Err(failed.map_or_else(
+        || ControlError::Field {
+            field: "address".into(),
+            reason: "no address".into(),
+        },
+        ControlError::from,
+    ))
+}
+
 fn endpoint(
     cfg: &ControlPlaneConfig,
+    address: &str,
     identity: Option<&NodeCert>,
 ) -> Result<Endpoint, ControlError> {
     let ca = std::fs::read_to_string(&cfg.ca_file).map_err(|source| ControlError::Read {
@@ -76,10 +107,10 @@ fn endpoint(
     if let Some(cert) = identity {
         tls = tls.identity(Identity::from_pem(&cert.cert_pem, &cert.key_pem));
     }
-    let uri = if cfg.address.contains("://") {
-        cfg.address.clone()
+    let uri = if address.contains("://") {
+        address.to_owned()
     } else {
-        format!("https://{}", cfg.address)
+        format!("https://{address}")
     };
     Ok(Endpoint::from_shared(uri)
         .map_err(|e| ControlError::Field {
@@ -112,7 +143,7 @@ async fn join(cfg: &ControlPlaneConfig) -> Result<NodeCert, ControlError> {
         .trim()
         .to_owned();
     let (key_pem, csr_pem) = certs::new_request()?;
-    let channel = endpoint(cfg, None)?.connect().await?;
+    let (channel, _) = connect(cfg, None, 0).await?;
     let mut request = tonic::Request::new(JoinRequest {
         token,
         node: cfg.node_name.clone(),
@@ -179,7 +210,7 @@ impl WorkloadSigner {
                 }
             }
         };
-        let channel = endpoint(&self.cfg, Some(&cert))?.connect().await?;
+        let (channel, _) = connect(&self.cfg, Some(&cert), 0).await?;
         let mut request = tonic::Request::new(SignWorkloadRequest { spiffe_id, csr_pem });
         request.set_timeout(CALL_TIMEOUT);
         let response = client(channel).sign_workload(request).await?.into_inner();
@@ -237,6 +268,8 @@ pub struct Client {
     reports: watch::Receiver<Vec<ReportedWorkload>>,
     updates: mpsc::Sender<RemoteUpdate>,
     renew_backoff: Backoff,
+    /// The replica (index in [`ControlPlaneConfig::addresses`]) tried first.
+    replica: usize,
 }
 
 impl Client {
@@ -258,6 +291,7 @@ impl Client {
             reports,
             updates,
             renew_backoff: Backoff::default(),
+            replica: 0,
         }
     }
 
@@ -274,8 +308,15 @@ impl Client {
                 }
                 Err(e) => {
                     let delay = backoff.next_delay();
+                    let failed = self
+                        .cfg
+                        .addresses()
+                        .get(self.replica)
+                        .map(|a| a.to_string());
+                    // The next attempt starts at the next replica: this one may be gone.
+                    self.replica = (self.replica + 1) % self.cfg.addresses().len().max(1);
                     tracing::warn!(
-                        address = self.cfg.address,
+                        address = failed.unwrap_or_default(),
                         error = %e,
                         retry_in_ms = delay.as_millis() as u64,
                         "control plane stream failed; enforcing the last applied policy meanwhile"
@@ -304,7 +345,8 @@ impl Client {
                 cert
             }
         };
-        let channel = endpoint(&self.cfg, Some(&cert))?.connect().await?;
+        let (channel, replica) = connect(&self.cfg, Some(&cert), self.replica).await?;
+        self.replica = replica;
         let (tx, rx) = mpsc::channel::<AgentMessage>(16);
         let hello = AgentMessage {
             kind: Some(Kind::Hello(Hello {
@@ -333,7 +375,7 @@ impl Client {
             .await?
             .into_inner();
         tracing::info!(
-            address = self.cfg.address,
+            address = self.cfg.addresses()[replica],
             node = self.cfg.node_name,
             "connected to the control plane"
         );

@@ -27,7 +27,9 @@ pub const DEFAULT_SERVER_NAME: &str = "ward-control";
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ControlPlaneConfig {
-    /// `host:port` of `ward-control` (or `https://host:port`).
+    /// `host:port` of `ward-control` (or `https://host:port`); several replicas comma-separated
+    /// (`cp-a:7443,cp-b:7443`), tried in turn: when the stream to one ends, the agent moves on
+    /// to the next, resuming with the versions it holds.
     pub address: String,
     /// This node's name; its certificate, reports and logs carry it. May be left out when
     /// `ward run --node-name` (or `WARD_NODE_NAME`, from Kubernetes' downward API) gives it.
@@ -101,6 +103,15 @@ pub enum ControlError {
 }
 
 impl ControlPlaneConfig {
+    /// The replicas' addresses, in the order they are tried.
+    pub fn addresses(&self) -> Vec<&str> {
+        self.address
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .collect()
+    }
+
     /// Checks every field; the error names the field, the value and the reason.
     pub fn validate(&self) -> Result<(), ControlError> {
         let field = |field: &str, reason: String| {
@@ -109,15 +120,17 @@ impl ControlPlaneConfig {
                 reason,
             })
         };
-        let address = self.address.trim_start_matches("https://");
-        if address.is_empty() || !address.contains(':') || address.contains('/') {
+        if self.addresses().is_empty() {
             return field("address", format!("{:?} is not host:port", self.address));
         }
-        if self.address.contains("://") && !self.address.starts_with("https://") {
-            return field(
-                "address",
-                format!("{:?}: only https:// is spoken", self.address),
-            );
+        for given in self.addresses() {
+            let address = given.trim_start_matches("https://");
+            if address.is_empty() || !address.contains(':') || address.contains('/') {
+                return field("address", format!("{given:?} is not host:port"));
+            }
+            if given.contains("://") && !given.starts_with("https://") {
+                return field("address", format!("{given:?}: only https:// is spoken"));
+            }
         }
         // Empty: given on the command line (checked once the flags are applied).
         let name = &self.node_name;

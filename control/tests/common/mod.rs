@@ -1,6 +1,13 @@
 //! What both control-plane test files need to speak to the real binary as a bare client.
 #![allow(dead_code, reason = "each test file uses what it needs")]
-use std::{path::Path, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{mpsc, watch};
+use ward_agent::control::{ControlPlaneConfig, RemoteState, RemoteUpdate, ReportedWorkload};
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use ward_control::test_helpers::{ControlPlane, ControlPlaneOptions};
@@ -72,4 +79,94 @@ pub async fn joined(plane: &ControlPlane, node: &str) -> (String, String) {
     join(plane, node, &plane.new_token(None))
         .await
         .expect("join")
+}
+
+pub fn agent_config(plane: &ControlPlane, dir: &Path, node: &str) -> ControlPlaneConfig {
+    let token_file = dir.join(format!("{node}.token"));
+    std::fs::write(&token_file, plane.new_token(Some(node))).expect("token file");
+    ControlPlaneConfig {
+        address: plane.address.to_string(),
+        node_name: node.into(),
+        join_token_file: Some(token_file),
+        ca_file: plane.ca_file(),
+        state_dir: dir.join(format!("{node}-state")),
+        server_name: ward_agent::control::DEFAULT_SERVER_NAME.into(),
+    }
+}
+
+pub fn workload(name: &str, app: &str, address: &str) -> ReportedWorkload {
+    ReportedWorkload {
+        name: name.into(),
+        spiffe_id: format!("spiffe://example.org/ns/demo/sa/{app}"),
+        namespace: Some("demo".into()),
+        labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+        addresses: vec![address.parse().expect("address")],
+        tunnel_port: 0,
+    }
+}
+
+/// The agent's control-plane client running as the agent runs it.
+pub struct Agent {
+    pub updates: mpsc::Receiver<RemoteUpdate>,
+    pub reports: watch::Sender<Vec<ReportedWorkload>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Agent {
+    pub fn start(cfg: ControlPlaneConfig, workloads: Vec<ReportedWorkload>) -> Agent {
+        let (reports, reports_rx) = watch::channel(workloads);
+        let (tx, updates) = mpsc::channel(1);
+        let task = tokio::spawn(async move {
+            ward_agent::control::run(cfg, None, reports_rx, tx)
+                .await
+                .expect("valid configuration");
+        });
+        Agent {
+            updates,
+            reports,
+            task,
+        }
+    }
+
+    pub async fn next(&mut self, within: Duration) -> RemoteUpdate {
+        tokio::time::timeout(within, self.updates.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no update within {within:?}"))
+            .expect("client running")
+    }
+
+    /// Applies (ACKs) updates until one satisfies `done`; returns that state.
+    pub async fn until(&mut self, what: &str, done: impl Fn(&RemoteState) -> bool) -> RemoteState {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let update = tokio::time::timeout(left, self.updates.recv())
+                .await
+                .unwrap_or_else(|_| panic!("never reached: {what}"))
+                .expect("client running");
+            let state = update.state.clone();
+            update
+                .ack
+                .send(Ok(()))
+                .expect("client waits for the answer");
+            if done(&state) {
+                return state;
+            }
+        }
+    }
+
+    pub async fn quiet(&mut self, for_: Duration) {
+        if let Ok(Some(update)) = tokio::time::timeout(for_, self.updates.recv()).await {
+            panic!(
+                "expected no update, got versions {:?}",
+                update.state.versions
+            );
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

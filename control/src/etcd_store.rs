@@ -1,0 +1,404 @@
+//! The store several ward-control replicas share: etcd, through its v3 API.
+//!
+//! Everything lives under `/ward/<trust-domain>/`:
+//! - `identities/<identity key>` → the number allocated to it, and `numbers/<number>` → the key.
+//!   Both are created in one transaction that requires both absent, so two replicas can never
+//!   give one key two numbers or one number two keys.
+//! - `nodes/<node>` → what the node reported (JSON, [`NodeRecord`]), attached to a lease the
+//!   replica holding the node's stream keeps alive: when the node is gone for longer than its
+//!   lease, etcd deletes the record and every replica's IP cache loses its workloads.
+//! - `tokens/<sha256 of a join token>` → the node that spent it, created only if absent.
+//!
+//! The CA's key is not in the store: every replica reads the same CA files (a mounted secret).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    time::Duration,
+};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::registry::WorkloadRecord;
+
+/// How long one store call may take before the replica treats the store as unreachable.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("etcd {endpoints}: {source}")]
+    Connect {
+        endpoints: String,
+        source: etcd_client::Error,
+    },
+    #[error("etcd: {0}")]
+    Call(#[from] etcd_client::Error),
+    #[error("etcd: no answer within {}s", CALL_TIMEOUT.as_secs())]
+    Timeout,
+    #[error("{file}: {source}")]
+    TlsFile {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("etcd: every workload identity number is taken")]
+    Exhausted,
+}
+
+/// How a replica reaches etcd.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdOptions {
+    /// `http://host:port` or `https://host:port`, one per member.
+    pub endpoints: Vec<String>,
+    /// The CA that signed the members' serving certificates (for https endpoints).
+    pub ca_file: Option<PathBuf>,
+    /// The replica's client certificate and key, for members that require one.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// One node's record in the store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRecord {
+    #[serde(default)]
+    pub workloads: Vec<WorkloadRecord>,
+    /// The tunnel address the node announced; empty when it runs none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tunnel: String,
+}
+
+/// A change another replica (or this one) made, as the watch reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Identity {
+        key: String,
+        number: u32,
+    },
+    /// `None`: the record was deleted (its lease expired, or the node was revoked).
+    Node {
+        node: String,
+        record: Option<NodeRecord>,
+    },
+}
+
+/// What the store holds, read at once at a revision; the malformed entries are left out and
+/// named in `malformed`.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub identities: BTreeMap<String, u32>,
+    pub nodes: BTreeMap<String, NodeRecord>,
+    pub malformed: Vec<String>,
+    pub revision: i64,
+}
+
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+}
+
+async fn timed<T>(
+    call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(StoreError::Timeout),
+    }
+}
+
+fn read_file(file: &PathBuf) -> Result<String, StoreError> {
+    std::fs::read_to_string(file).map_err(|source| StoreError::TlsFile {
+        file: file.clone(),
+        source,
+    })
+}
+
+impl EtcdStore {
+    /// Connects to the members in `opts`; the store of trust domain `trust_domain`.
+    pub async fn connect(opts: &EtcdOptions, trust_domain: &str) -> Result<Self, StoreError> {
+        let mut connect = ConnectOptions::new()
+            .with_connect_timeout(CALL_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        if opts.ca_file.is_some() || opts.cert_file.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &opts.ca_file {
+                tls = tls.ca_certificate(Certificate::from_pem(read_file(ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&opts.cert_file, &opts.key_file) {
+                tls = tls.identity(Identity::from_pem(read_file(cert)?, read_file(key)?));
+            }
+            connect = connect.with_tls(tls);
+        }
+        let endpoints = opts.endpoints.join(",");
+        let client = tokio::time::timeout(
+            CALL_TIMEOUT,
+            Client::connect(opts.endpoints.clone(), Some(connect)),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout)?
+        .map_err(|source| StoreError::Connect {
+            endpoints: endpoints.clone(),
+            source,
+        })?;
+        let store = EtcdStore {
+            client,
+            prefix: format!("/ward/{trust_domain}/"),
+        };
+        // Fail the start, not the first report, when no member answers.
+        store
+            .client
+            .clone()
+            .status()
+            .await
+            .map_err(|source| StoreError::Connect { endpoints, source })?;
+        Ok(store)
+    }
+
+    fn key(&self, kind: &str, name: &str) -> String {
+        format!("{}{kind}/{name}", self.prefix)
+    }
+
+    /// Everything the store holds, at one revision.
+    pub async fn load(&self) -> Result<Snapshot, StoreError> {
+        let response = timed(
+            self.client
+                .clone()
+                .get(self.prefix.clone(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        let mut snapshot = Snapshot {
+            revision: response.header().map_or(0, |h| h.revision()),
+            ..Snapshot::default()
+        };
+        for kv in response.kvs() {
+            match self.parse(kv.key(), Some(kv.value())) {
+                Ok(Some(Change::Identity { key, number })) => {
+                    snapshot.identities.insert(key, number);
+                }
+                Ok(Some(Change::Node {
+                    node,
+                    record: Some(record),
+                })) => {
+                    snapshot.nodes.insert(node, record);
+                }
+                Ok(_) => {}
+                Err(reason) => snapshot.malformed.push(reason),
+            }
+        }
+        Ok(snapshot)
+    }
+
+    /// What a stored entry means: `Ok(None)` for entries that are not a change to apply (the
+    /// number index, spent tokens), `Err` naming a malformed one.
+    fn parse(&self, key: &[u8], value: Option<&[u8]>) -> Result<Option<Change>, String> {
+        let key = String::from_utf8_lossy(key);
+        let Some(rest) = key.strip_prefix(&self.prefix) else {
+            return Ok(None);
+        };
+        let Some((kind, name)) = rest.split_once('/') else {
+            return Ok(None);
+        };
+        let text = value.map(String::from_utf8_lossy);
+        match kind {
+            "identities" => {
+                let Some(text) = text else {
+                    return Err(format!(
+                        "{key}: an identity was deleted; numbers never move"
+                    ));
+                };
+                let number = text
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| ward_policy::identity::is_workload(*n))
+                    .ok_or_else(|| format!("{key}: {text:?} is not a workload identity number"))?;
+                Ok(Some(Change::Identity {
+                    key: name.to_owned(),
+                    number,
+                }))
+            }
+            "nodes" => {
+                let record = match text {
+                    None => None,
+                    Some(text) => Some(
+                        serde_json::from_str::<NodeRecord>(&text)
+                            .map_err(|e| format!("{key}: not a node record: {e}"))?,
+                    ),
+                };
+                Ok(Some(Change::Node {
+                    node: name.to_owned(),
+                    record,
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The number of each identity key in `keys`, allocating the ones the store does not hold
+    /// yet. `taken` are numbers known to be in use; others found taken are added to it.
+    pub async fn allocate(
+        &self,
+        keys: &[String],
+        taken: &mut BTreeSet<u32>,
+    ) -> Result<BTreeMap<String, u32>, StoreError> {
+        let mut out = BTreeMap::new();
+        for key in keys {
+            let by_key = self.key("identities", key);
+            loop {
+                if taken.len() >= ward_policy::identity::WORKLOADS.size_hint().0 {
+                    return Err(StoreError::Exhausted);
+                }
+                let number = ward_policy::identity::allocate(key, |n| taken.contains(&n));
+                let by_number = self.key("numbers", &number.to_string());
+                let txn = Txn::new()
+                    .when([
+                        Compare::create_revision(by_key.clone(), CompareOp::Equal, 0),
+                        Compare::create_revision(by_number.clone(), CompareOp::Equal, 0),
+                    ])
+                    .and_then([
+                        TxnOp::put(by_key.clone(), number.to_string(), None),
+                        TxnOp::put(by_number.clone(), key.clone(), None),
+                    ])
+                    .or_else([TxnOp::get(by_key.clone(), None)]);
+                let response = timed(self.client.clone().txn(txn)).await?;
+                if response.succeeded() {
+                    taken.insert(number);
+                    out.insert(key.clone(), number);
+                    break;
+                }
+                let existing = response.op_responses().into_iter().find_map(|op| match op {
+                    TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+                    _ => None,
+                });
+                match existing {
+                    // Another replica allocated this key first: its number is the number.
+                    Some(value) => {
+                        let Ok(Some(Change::Identity { number, .. })) =
+                            self.parse(by_key.as_bytes(), Some(&value))
+                        else {
+                            return Err(StoreError::Call(etcd_client::Error::InvalidArgs(
+                                format!("{by_key}: not a workload identity number"),
+                            )));
+                        };
+                        taken.insert(number);
+                        out.insert(key.clone(), number);
+                        break;
+                    }
+                    // The number is another key's: try the next free one.
+                    None => {
+                        taken.insert(number);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A lease of `ttl` (at least one second) for a node's record.
+    pub async fn grant(&self, ttl: Duration) -> Result<i64, StoreError> {
+        let seconds = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        Ok(timed(self.client.clone().lease_grant(seconds, None))
+            .await?
+            .id())
+    }
+
+    /// Keeps `lease` alive until the returned task is aborted or the store stops answering
+    /// (then the lease runs out on its own).
+    pub fn keep_alive(&self, lease: i64, ttl: Duration) -> tokio::task::JoinHandle<()> {
+        let mut client = self.client.clone();
+        let period = (ttl / 3).clamp(Duration::from_millis(500), Duration::from_secs(60));
+        tokio::spawn(async move {
+            let Ok((mut keeper, mut answers)) = client.lease_keep_alive(lease).await else {
+                return;
+            };
+            loop {
+                if keeper.keep_alive().await.is_err() {
+                    return;
+                }
+                match tokio::time::timeout(CALL_TIMEOUT, answers.message()).await {
+                    Ok(Ok(Some(answer))) if answer.ttl() > 0 => {}
+                    _ => return,
+                }
+                tokio::time::sleep(period).await;
+            }
+        })
+    }
+
+    /// Writes `node`'s record, attached to `lease`.
+    pub async fn put_node(
+        &self,
+        node: &str,
+        record: &NodeRecord,
+        lease: i64,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_string(record).expect("a node record serializes");
+        timed(self.client.clone().put(
+            self.key("nodes", node),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        ))
+        .await?;
+        Ok(())
+    }
+
+    pub async fn delete_node(&self, node: &str) -> Result<(), StoreError> {
+        timed(self.client.clone().delete(self.key("nodes", node), None)).await?;
+        Ok(())
+    }
+
+    /// Whether join token digest `digest` was spent, by any replica.
+    pub async fn token_spent(&self, digest: &str) -> Result<bool, StoreError> {
+        let response = timed(self.client.clone().get(self.key("tokens", digest), None)).await?;
+        Ok(!response.kvs().is_empty())
+    }
+
+    /// Spends join token digest `digest` for `node`; false when a replica spent it first.
+    pub async fn spend_token(&self, digest: &str, node: &str) -> Result<bool, StoreError> {
+        let key = self.key("tokens", digest);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, node, None)]);
+        Ok(timed(self.client.clone().txn(txn)).await?.succeeded())
+    }
+
+    /// Watches every change after `revision`.
+    pub async fn watch(&self, revision: i64) -> Result<WatchStream, StoreError> {
+        timed(
+            self.client.clone().watch(
+                self.prefix.clone(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1),
+                ),
+            ),
+        )
+        .await
+    }
+
+    /// The changes of one watch answer (malformed entries as `Err`), and whether the watch was
+    /// canceled (compacted past `revision`: read everything again).
+    pub fn changes(
+        &self,
+        answer: &etcd_client::WatchResponse,
+    ) -> (Vec<Result<Change, String>>, bool) {
+        let mut out = Vec::new();
+        for event in answer.events() {
+            let Some(kv) = event.kv() else { continue };
+            let value = match event.event_type() {
+                EventType::Put => Some(kv.value()),
+                EventType::Delete => None,
+            };
+            match self.parse(kv.key(), value) {
+                Ok(Some(change)) => out.push(Ok(change)),
+                Ok(None) => {}
+                Err(reason) => out.push(Err(reason)),
+            }
+        }
+        (out, answer.canceled())
+    }
+}

@@ -1,0 +1,236 @@
+//! What a replica shares with the others through the store ([`crate::etcd_store`]): it starts
+//! from what the store holds, applies every change the others make, and writes the records of
+//! the nodes whose streams it holds, each attached to a lease it keeps alive while the node's
+//! stream lasts. A node gone from every replica for longer than its lease is deleted by etcd,
+//! and every replica's IP cache loses its workloads.
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use crate::{
+    etcd_store::{Change, EtcdStore, NodeRecord, StoreError},
+    hub::Hub,
+};
+
+/// How long a replica waits before it tries a broken watch again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Reads what the store holds into `hub`, makes `hub` allocate through the store, and follows
+/// the store from then on. Fails when the store cannot be read, so a replica never starts on a
+/// partial view.
+pub async fn start(hub: Arc<Hub>, store: EtcdStore, lease: Duration) -> Result<(), StoreError> {
+    hub.share(store.clone());
+    let revision = load(&hub, &store).await?;
+    let written = Written::default();
+    tokio::spawn(follow(
+        hub.clone(),
+        store.clone(),
+        revision,
+        written.clone(),
+    ));
+    tokio::spawn(write_nodes(hub, store, lease, written));
+    Ok(())
+}
+
+/// The record this replica last wrote of each node whose stream it holds.
+type Written = Arc<Mutex<BTreeMap<String, NodeRecord>>>;
+
+/// Applies everything the store holds; returns its revision.
+async fn load(hub: &Hub, store: &EtcdStore) -> Result<i64, StoreError> {
+    let snapshot = store.load().await?;
+    for reason in &snapshot.malformed {
+        tracing::error!(%reason, "malformed record in the shared store left out");
+    }
+    let (identities, nodes) = (snapshot.identities.len(), snapshot.nodes.len());
+    hub.adopt_identities(snapshot.identities);
+    for (node, record) in snapshot.nodes {
+        apply_node(hub, &node, Some(record));
+    }
+    tracing::info!(
+        identities,
+        nodes,
+        revision = snapshot.revision,
+        "read the shared store"
+    );
+    Ok(snapshot.revision)
+}
+
+fn apply_node(hub: &Hub, node: &str, record: Option<NodeRecord>) {
+    let deleted = record.is_none();
+    for refusal in hub.apply_node_record(node, record) {
+        tracing::warn!(
+            node,
+            workload = refusal.workload,
+            reason = refusal.reason,
+            "workload of another replica's node left out"
+        );
+    }
+    if deleted {
+        tracing::info!(
+            node,
+            "node record deleted from the shared store (lease expired or node revoked); its workloads leave the IP cache"
+        );
+    }
+}
+
+/// Applies the store's changes after `revision`, watching again after a break and reading
+/// everything again when the store has compacted past what was seen. This replica is the
+/// authority on the nodes whose streams it holds: a change to one of their records that is not
+/// what it wrote (its lease ran out while the store was unreachable, say) is written again.
+async fn follow(hub: Arc<Hub>, store: EtcdStore, mut revision: i64, written: Written) {
+    loop {
+        let mut watch = match store.watch(revision).await {
+            Ok(watch) => watch,
+            Err(e) => {
+                tracing::warn!(error = %e, "watching the shared store; retrying");
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+        };
+        loop {
+            let answer = match watch.message().await {
+                Ok(Some(answer)) => answer,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the shared store's watch broke; watching again");
+                    break;
+                }
+            };
+            if let Some(header) = answer.header() {
+                revision = revision.max(header.revision());
+            }
+            let (changes, canceled) = store.changes(&answer);
+            for change in changes {
+                match change {
+                    Ok(Change::Identity { key, number }) => {
+                        hub.adopt_identities(BTreeMap::from([(key, number)]))
+                    }
+                    Ok(Change::Node { node, record }) => {
+                        if hub.connected_nodes().contains(&node) {
+                            let mut written = written.lock().expect("written lock poisoned");
+                            if written.get(&node) != record.as_ref() {
+                                written.remove(&node);
+                                hub.recheck_registry();
+                            }
+                        } else {
+                            apply_node(&hub, &node, record)
+                        }
+                    }
+                    Err(reason) => {
+                        tracing::error!(%reason, "malformed record in the shared store left out")
+                    }
+                }
+            }
+            if canceled {
+                tracing::warn!(
+                    compacted = answer.compact_revision(),
+                    "the shared store compacted past this replica's view; reading it again"
+                );
+                loop {
+                    match load(&hub, &store).await {
+                        Ok(now) => {
+                            revision = now;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading the shared store; retrying");
+                            tokio::time::sleep(RETRY).await;
+                        }
+                    }
+                }
+                break;
+            }
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// A lease this replica keeps alive for a node whose stream it holds.
+struct Held {
+    lease: i64,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+/// Writes the record of each node whose stream this replica holds when it changes, attached to
+/// the node's lease; stops keeping a lease alive when the node's stream ends (the record then
+/// lives `lease` longer, unless the node comes back to some replica); deletes a revoked node's.
+async fn write_nodes(hub: Arc<Hub>, store: EtcdStore, lease: Duration, written: Written) {
+    let mut registry = hub.subscribe_registry();
+    let (mut status, _) = hub.subscribe_status();
+    let mut held: BTreeMap<String, Held> = BTreeMap::new();
+    let mut retry = false;
+    loop {
+        tokio::select! {
+            changed = registry.changed() => if changed.is_err() { return },
+            changed = status.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(RETRY), if retry => {}
+        }
+        retry = false;
+        if hub.follows_cluster() {
+            // The cluster says where workloads run; every replica reads it.
+            continue;
+        }
+        let connected = hub.connected_nodes();
+        held.retain(|node, h| {
+            let keep = connected.contains(node);
+            if !keep {
+                h.keeper.abort();
+            }
+            keep
+        });
+        let revoked: Vec<String> = written
+            .lock()
+            .expect("written lock poisoned")
+            .keys()
+            .filter(|node| hub.node_revoked(node))
+            .cloned()
+            .collect();
+        for node in revoked {
+            match store.delete_node(&node).await {
+                Ok(()) => {
+                    written.lock().expect("written lock poisoned").remove(&node);
+                }
+                Err(e) => {
+                    retry = true;
+                    tracing::error!(node, error = %e, "deleting a revoked node's record");
+                }
+            }
+        }
+        for node in connected {
+            let record = hub.node_record(&node);
+            let same = written.lock().expect("written lock poisoned").get(&node) == Some(&record);
+            if same && held.contains_key(&node) {
+                continue;
+            }
+            let lease_id = match held.get(&node) {
+                Some(h) => h.lease,
+                None => match store.grant(lease).await {
+                    Ok(id) => {
+                        let keeper = store.keep_alive(id, lease);
+                        held.insert(node.clone(), Held { lease: id, keeper });
+                        id
+                    }
+                    Err(e) => {
+                        retry = true;
+                        tracing::error!(node, error = %e, "leasing the node's record in the shared store");
+                        continue;
+                    }
+                },
+            };
+            match store.put_node(&node, &record, lease_id).await {
+                Ok(()) => {
+                    written
+                        .lock()
+                        .expect("written lock poisoned")
+                        .insert(node, record);
+                }
+                Err(e) => {
+                    retry = true;
+                    tracing::error!(node, error = %e, "writing the node's record to the shared store");
+                }
+            }
+        }
+    }
+}
