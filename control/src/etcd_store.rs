@@ -8,6 +8,9 @@
 //!   replica holding the node's stream keeps alive: when the node is gone for longer than its
 //!   lease, etcd deletes the record and every replica's IP cache loses its workloads.
 //! - `tokens/<sha256 of a join token>` → the node that spent it, created only if absent.
+//! - `revoked/<entry>`: a revoked workload certificate serial, or `node <name>`
+//!   (`ward-control revoke --etcd-endpoints`); every replica serves them with its own revocation
+//!   file's.
 //!
 //! The CA's key is not in the store: every replica reads the same CA files (a mounted secret).
 use std::{
@@ -82,6 +85,11 @@ pub enum Change {
         node: String,
         record: Option<NodeRecord>,
     },
+    /// A revocation entry ([`crate::revocation::canonical_entry`]) added or (`false`) removed.
+    Revoked {
+        entry: String,
+        present: bool,
+    },
 }
 
 /// What the store holds, read at once at a revision; the malformed entries are left out and
@@ -90,6 +98,8 @@ pub enum Change {
 pub struct Snapshot {
     pub identities: BTreeMap<String, u32>,
     pub nodes: BTreeMap<String, NodeRecord>,
+    /// Revocation entries, canonical.
+    pub revoked: BTreeSet<String>,
     pub malformed: Vec<String>,
     pub revision: i64,
 }
@@ -185,6 +195,9 @@ impl EtcdStore {
                 })) => {
                     snapshot.nodes.insert(node, record);
                 }
+                Ok(Some(Change::Revoked { entry, .. })) => {
+                    snapshot.revoked.insert(entry);
+                }
                 Ok(_) => {}
                 Err(reason) => snapshot.malformed.push(reason),
             }
@@ -234,8 +247,30 @@ impl EtcdStore {
                     record,
                 }))
             }
+            "revoked" => {
+                let entry = crate::revocation::canonical_entry(name)
+                    .map_err(|reason| format!("{key}: not a revocation: {reason}"))?;
+                Ok(Some(Change::Revoked {
+                    entry,
+                    present: value.is_some(),
+                }))
+            }
             _ => Ok(None),
         }
+    }
+
+    /// Revokes `entries` (canonical, as [`crate::revocation::canonical_entry`] gives them) for
+    /// every replica; returns whether each was new.
+    pub async fn revoke(&self, entries: &[String]) -> Result<Vec<bool>, StoreError> {
+        let mut added = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let key = self.key("revoked", entry);
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key, "", None)]);
+            added.push(timed(self.client.clone().txn(txn)).await?.succeeded());
+        }
+        Ok(added)
     }
 
     /// The number of each identity key in `keys`, allocating the ones the store does not hold
@@ -363,6 +398,20 @@ impl EtcdStore {
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, node, None)]);
         Ok(timed(self.client.clone().txn(txn)).await?.succeeded())
+    }
+
+    /// Whether the store answers a linearizable read within `within` (a member cut off from the
+    /// others' quorum does not).
+    pub async fn probe(&self, within: Duration) -> Result<(), StoreError> {
+        let mut client = self.client.clone();
+        let read = client.get(
+            self.key("probe", "read"),
+            Some(GetOptions::new().with_keys_only()),
+        );
+        match tokio::time::timeout(within, read).await {
+            Ok(result) => result.map(drop).map_err(StoreError::from),
+            Err(_) => Err(StoreError::Timeout),
+        }
     }
 
     /// Watches every change after `revision`.

@@ -107,6 +107,11 @@ pub struct Hub {
     status_changed: watch::Sender<u64>,
     /// The store shared with other replicas, when there are any ([`Hub::share`]).
     store: std::sync::OnceLock<crate::etcd_store::EtcdStore>,
+    /// Set while this replica cannot reach the shared store: it serves no stream then, rather
+    /// than stale or conflicting state ([`crate::replication`]).
+    cut_off: watch::Sender<bool>,
+    /// What each source revokes (the revocation file, the shared store); the union is served.
+    revocation_sources: Mutex<BTreeMap<&'static str, crate::revocation::Revocations>>,
 }
 
 /// A node seen since the start: whether it has a stream, and the POLICY version it enforces.
@@ -180,7 +185,65 @@ impl Hub {
             enforced: Mutex::new(BTreeMap::new()),
             status_changed: watch::Sender::new(0),
             store: std::sync::OnceLock::new(),
+            cut_off: watch::Sender::new(false),
+            revocation_sources: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// What `source` revokes now.
+    pub fn revocations_of(&self, source: &'static str) -> crate::revocation::Revocations {
+        self.revocation_sources
+            .lock()
+            .expect("revocation sources lock poisoned")
+            .get(source)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Records what `source` revokes now; returns what every source revokes together.
+    pub fn revocations_from(
+        &self,
+        source: &'static str,
+        revocations: crate::revocation::Revocations,
+    ) -> crate::revocation::Revocations {
+        let mut sources = self
+            .revocation_sources
+            .lock()
+            .expect("revocation sources lock poisoned");
+        sources.insert(source, revocations);
+        let mut all = crate::revocation::Revocations::default();
+        for r in sources.values() {
+            all.serials.extend(r.serials.iter().cloned());
+            all.nodes.extend(r.nodes.iter().cloned());
+        }
+        all
+    }
+
+    /// Whether this replica is cut off from the shared store.
+    pub fn is_cut_off(&self) -> bool {
+        *self.cut_off.borrow()
+    }
+
+    /// Marks this replica cut off from the shared store (every stream ends, and new ones are
+    /// refused, until it is reachable again) or not.
+    pub fn set_cut_off(&self, cut_off: bool) {
+        self.cut_off.send_replace(cut_off);
+    }
+
+    /// Completes once this replica is cut off from the shared store.
+    pub async fn cut_off(&self) {
+        let mut cut_off = self.cut_off.subscribe();
+        // The sender lives as long as the hub, which outlives this borrow.
+        let _ = cut_off.wait_for(|cut_off| *cut_off).await;
+    }
+
+    /// The nodes whose workloads are registered.
+    pub fn registered_nodes(&self) -> BTreeSet<String> {
+        self.lock()
+            .registry
+            .nodes()
+            .map(|(node, _)| node.to_owned())
+            .collect()
     }
 
     /// From now on identity numbers come from `store`, shared with other replicas, and nodes

@@ -287,7 +287,7 @@ fn watch_revocations(file: &Path) -> Result<Watcher, ControlError> {
 fn load_revocations(file: &Path, hub: &Hub, reason: &str) {
     match revocation::read(file) {
         Ok(revocations) => {
-            apply_revocations(hub, revocations, reason);
+            apply_revocations(hub, REVOCATION_FILE, revocations, reason);
         }
         Err(e) => tracing::error!(
             reason,
@@ -343,8 +343,18 @@ fn record_history(
     }
 }
 
-/// Puts `revocations` in force and logs what changed.
-fn apply_revocations(hub: &Hub, revocations: revocation::Revocations, reason: &str) {
+/// The revocations of the state directory's file, as [`apply_revocations`] names their source.
+const REVOCATION_FILE: &str = "file";
+
+/// Puts in force what `source` revokes now, with what the other sources revoke, and logs what
+/// changed.
+pub(crate) fn apply_revocations(
+    hub: &Hub,
+    source: &'static str,
+    revocations: revocation::Revocations,
+    reason: &str,
+) {
+    let revocations = hub.revocations_from(source, revocations);
     match hub.set_revoked(revocations.serials) {
         Some(change) => tracing::info!(
             reason,
@@ -482,7 +492,12 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     // Watch before reading, so a revocation written in between is not missed. A malformed file
     // fails the start: serving no revocations would silently readmit revoked certificates.
     let revocation_changes = watch_revocations(&state.revoked())?;
-    apply_revocations(&hub, revocation::read(&state.revoked())?, "start");
+    apply_revocations(
+        &hub,
+        REVOCATION_FILE,
+        revocation::read(&state.revoked())?,
+        "start",
+    );
     // Only the revocation file is followed: the state directory holds other files, written
     // often, whose changes are not the watcher's to report.
     let revocation_watcher = tokio::spawn(follow(

@@ -75,9 +75,19 @@ struct ServeArgs {
     /// this http:// or https:// URL, for alerting; bounded, it never holds a policy push.
     #[arg(long, value_name = "URL")]
     history_webhook: Option<String>,
-    /// Share identity numbers, nodes and spent join tokens with other replicas through these
-    /// etcd members (`http://host:port` or `https://host:port`, comma-separated). Every replica
-    /// needs the same CA files in its --state-dir (see `init-ca`).
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+/// Where the replicas' shared store is.
+#[derive(clap::Args)]
+struct EtcdArgs {
+    /// Share identity numbers, nodes, spent join tokens and revocations with other replicas
+    /// through these etcd members (`http://host:port` or `https://host:port`, comma-separated).
+    /// Every replica needs the same CA files in its --state-dir (see `init-ca`).
     #[arg(long, value_delimiter = ',', value_name = "URL")]
     etcd_endpoints: Vec<String>,
     /// The CA of the etcd members' serving certificates (https endpoints).
@@ -89,9 +99,17 @@ struct ServeArgs {
     /// This replica's client key for etcd.
     #[arg(long, requires = "etcd_cert", value_name = "FILE")]
     etcd_key: Option<PathBuf>,
-    /// Log format.
-    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
+}
+
+impl EtcdArgs {
+    fn options(self) -> Option<ward_control::etcd_store::EtcdOptions> {
+        (!self.etcd_endpoints.is_empty()).then_some(ward_control::etcd_store::EtcdOptions {
+            endpoints: self.etcd_endpoints,
+            ca_file: self.etcd_ca,
+            cert_file: self.etcd_cert,
+            key_file: self.etcd_key,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -162,10 +180,18 @@ enum Command {
     /// With `--node <name>`, revokes a node: its stream ends, its certificate no longer renews or
     /// gets workload certificates, it cannot join again while the revocation stands, and its
     /// workloads leave every agent's IP cache.
+    ///
+    /// With `--etcd-endpoints`, the revocation is written to the replicas' shared store, and
+    /// every replica serves it.
     Revoke {
         /// The control plane's state directory; the entries are appended to its `revoked` file.
-        #[arg(long)]
-        state_dir: PathBuf,
+        #[arg(long, required_unless_present = "etcd_endpoints")]
+        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// The trust domain of the replicas (with --etcd-endpoints).
+        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
         /// A node to revoke (repeatable).
         #[arg(long = "node", value_name = "NAME")]
         nodes: Vec<String>,
@@ -223,7 +249,31 @@ fn history_of(state_dir: &std::path::Path) -> anyhow::Result<Vec<ward_control::h
     )?)
 }
 
-fn revoke(state_dir: &std::path::Path, serials: &[String], nodes: &[String]) -> anyhow::Result<()> {
+/// Writes revocation `entries` to the replicas' shared store.
+async fn revoke_shared(
+    etcd: &ward_control::etcd_store::EtcdOptions,
+    trust_domain: &str,
+    entries: &[String],
+) -> anyhow::Result<()> {
+    let mut canonical = Vec::with_capacity(entries.len());
+    for entry in entries {
+        canonical.push(
+            ward_control::revocation::canonical_entry(entry)
+                .map_err(|reason| anyhow::anyhow!("{entry:?}: {reason}"))?,
+        );
+    }
+    let store = ward_control::etcd_store::EtcdStore::connect(etcd, trust_domain).await?;
+    for (entry, new) in canonical.iter().zip(store.revoke(&canonical).await?) {
+        if new {
+            println!("revoked {entry}");
+        } else {
+            println!("already revoked {entry}");
+        }
+    }
+    Ok(())
+}
+
+fn revoke(state_dir: &std::path::Path, entries: &[String]) -> anyhow::Result<()> {
     if !state_dir.is_dir() {
         anyhow::bail!(
             "{}: not a directory; give the control plane's --state-dir",
@@ -231,12 +281,7 @@ fn revoke(state_dir: &std::path::Path, serials: &[String], nodes: &[String]) -> 
         );
     }
     let file = state_dir.join(ward_control::state_dir::REVOKED_FILE);
-    let entries: Vec<String> = serials
-        .iter()
-        .cloned()
-        .chain(nodes.iter().map(|node| format!("node {node}")))
-        .collect();
-    let done = ward_control::revocation::append(&file, &entries)?;
+    let done = ward_control::revocation::append(&file, entries)?;
     for entry in &done.added {
         println!("revoked {entry}");
     }
@@ -255,9 +300,22 @@ async fn main() -> anyhow::Result<()> {
         }
         Some(Command::Revoke {
             state_dir,
+            etcd,
+            trust_domain,
             serials,
             nodes,
-        }) => return revoke(&state_dir, &serials, &nodes),
+        }) => {
+            let entries: Vec<String> = serials
+                .iter()
+                .cloned()
+                .chain(nodes.iter().map(|node| format!("node {node}")))
+                .collect();
+            return match (etcd.options(), state_dir) {
+                (Some(etcd), _) => revoke_shared(&etcd, &trust_domain, &entries).await,
+                (None, Some(state_dir)) => revoke(&state_dir, &entries),
+                (None, None) => unreachable!("clap requires --state-dir without --etcd-endpoints"),
+            };
+        }
         Some(Command::Status { state_dir, json }) => {
             let status = ward_control::node_status::read(&state_dir).map_err(anyhow::Error::msg)?;
             if json {
@@ -344,12 +402,7 @@ async fn main() -> anyhow::Result<()> {
             agent_service_account: Some(args.agent_service_account)
                 .filter(|account| !account.is_empty()),
         }),
-        etcd: (!args.etcd_endpoints.is_empty()).then_some(ward_control::etcd_store::EtcdOptions {
-            endpoints: args.etcd_endpoints,
-            ca_file: args.etcd_ca,
-            cert_file: args.etcd_cert,
-            key_file: args.etcd_key,
-        }),
+        etcd: args.etcd.options(),
     };
     // Every agent holds a connection; agents and joins beyond 1,024 must not fail for descriptors.
     match ward_host::rlimit::raise_open_files() {

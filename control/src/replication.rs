@@ -4,7 +4,7 @@
 //! stream lasts. A node gone from every replica for longer than its lease is deleted by etcd,
 //! and every replica's IP cache loses its workloads.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -16,6 +16,10 @@ use crate::{
 
 /// How long a replica waits before it tries a broken watch again.
 const RETRY: Duration = Duration::from_secs(1);
+/// How often a replica checks that the store answers, and how long each check may take.
+const PROBE: Duration = Duration::from_secs(1);
+/// A replica whose store has not answered for this long stops serving.
+pub const CUT_OFF_AFTER: Duration = Duration::from_secs(3);
 
 /// Reads what the store holds into `hub`, makes `hub` allocate through the store, and follows
 /// the store from then on. Fails when the store cannot be read, so a replica never starts on a
@@ -24,27 +28,72 @@ pub async fn start(hub: Arc<Hub>, store: EtcdStore, lease: Duration) -> Result<(
     hub.share(store.clone());
     let revision = load(&hub, &store).await?;
     let written = Written::default();
+    let rewatch = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(follow(
         hub.clone(),
         store.clone(),
         revision,
         written.clone(),
+        rewatch.clone(),
     ));
-    tokio::spawn(write_nodes(hub, store, lease, written));
+    tokio::spawn(write_nodes(hub.clone(), store.clone(), lease, written));
+    tokio::spawn(probe(hub, store, rewatch));
     Ok(())
+}
+
+/// Stops serving while the store does not answer (for [`CUT_OFF_AFTER`]), so agents move to a
+/// replica that can reach it; once it answers again, reads it whole, watches it afresh, and
+/// serves again.
+async fn probe(hub: Arc<Hub>, store: EtcdStore, rewatch: Arc<tokio::sync::Notify>) {
+    let mut answered = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(PROBE).await;
+        match store.probe(PROBE).await {
+            Ok(()) => {
+                answered = tokio::time::Instant::now();
+                if hub.is_cut_off() {
+                    if let Err(e) = load(&hub, &store).await {
+                        tracing::warn!(error = %e, "reading the shared store again");
+                        continue;
+                    }
+                    rewatch.notify_one();
+                    hub.set_cut_off(false);
+                    tracing::warn!("the shared store answers again; serving agents again");
+                }
+            }
+            Err(e) => {
+                if !hub.is_cut_off() && answered.elapsed() >= CUT_OFF_AFTER {
+                    hub.set_cut_off(true);
+                    tracing::error!(
+                        error = %e,
+                        silent_s = answered.elapsed().as_secs_f64(),
+                        "cut off from the shared store: ending every agent stream and serving none until it answers (agents move to another replica)"
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// The record this replica last wrote of each node whose stream it holds.
 type Written = Arc<Mutex<BTreeMap<String, NodeRecord>>>;
 
-/// Applies everything the store holds; returns its revision.
+/// Applies everything the store holds (a node it no longer holds is removed, unless its stream
+/// is here); returns its revision.
 async fn load(hub: &Hub, store: &EtcdStore) -> Result<i64, StoreError> {
     let snapshot = store.load().await?;
+    let connected = hub.connected_nodes();
+    for node in hub.registered_nodes() {
+        if !snapshot.nodes.contains_key(&node) && !connected.contains(&node) {
+            apply_node(hub, &node, None);
+        }
+    }
     for reason in &snapshot.malformed {
         tracing::error!(%reason, "malformed record in the shared store left out");
     }
     let (identities, nodes) = (snapshot.identities.len(), snapshot.nodes.len());
     hub.adopt_identities(snapshot.identities);
+    apply_revoked(hub, snapshot.revoked, "shared store read");
     for (node, record) in snapshot.nodes {
         apply_node(hub, &node, Some(record));
     }
@@ -55,6 +104,21 @@ async fn load(hub: &Hub, store: &EtcdStore) -> Result<i64, StoreError> {
         "read the shared store"
     );
     Ok(snapshot.revision)
+}
+
+/// The source name of the store's revocations ([`crate::apply_revocations`]).
+const REVOKED_IN_STORE: &str = "shared store";
+
+/// Puts in force the store's revocation entries (canonical), with the revocation file's.
+fn apply_revoked(hub: &Hub, entries: BTreeSet<String>, reason: &str) {
+    let mut revocations = crate::revocation::Revocations::default();
+    for entry in entries {
+        match entry.strip_prefix("node ") {
+            Some(node) => revocations.nodes.insert(node.to_owned()),
+            None => revocations.serials.insert(entry),
+        };
+    }
+    crate::apply_revocations(hub, REVOKED_IN_STORE, revocations, reason);
 }
 
 fn apply_node(hub: &Hub, node: &str, record: Option<NodeRecord>) {
@@ -79,7 +143,13 @@ fn apply_node(hub: &Hub, node: &str, record: Option<NodeRecord>) {
 /// everything again when the store has compacted past what was seen. This replica is the
 /// authority on the nodes whose streams it holds: a change to one of their records that is not
 /// what it wrote (its lease ran out while the store was unreachable, say) is written again.
-async fn follow(hub: Arc<Hub>, store: EtcdStore, mut revision: i64, written: Written) {
+async fn follow(
+    hub: Arc<Hub>,
+    store: EtcdStore,
+    mut revision: i64,
+    written: Written,
+    rewatch: Arc<tokio::sync::Notify>,
+) {
     loop {
         let mut watch = match store.watch(revision).await {
             Ok(watch) => watch,
@@ -90,7 +160,13 @@ async fn follow(hub: Arc<Hub>, store: EtcdStore, mut revision: i64, written: Wri
             }
         };
         loop {
-            let answer = match watch.message().await {
+            let message = tokio::select! {
+                message = watch.message() => message,
+                // The store was unreachable and has been read whole again: this watch may be
+                // on a connection that died meanwhile.
+                () = rewatch.notified() => break,
+            };
+            let answer = match message {
                 Ok(Some(answer)) => answer,
                 Ok(None) => break,
                 Err(e) => {
@@ -117,6 +193,24 @@ async fn follow(hub: Arc<Hub>, store: EtcdStore, mut revision: i64, written: Wri
                         } else {
                             apply_node(&hub, &node, record)
                         }
+                    }
+                    Ok(Change::Revoked { entry, present }) => {
+                        let mut revoked = hub.revocations_of(REVOKED_IN_STORE);
+                        let (set, name) = match entry.strip_prefix("node ") {
+                            Some(node) => (&mut revoked.nodes, node.to_owned()),
+                            None => (&mut revoked.serials, entry),
+                        };
+                        if present {
+                            set.insert(name);
+                        } else {
+                            set.remove(&name);
+                        }
+                        crate::apply_revocations(
+                            &hub,
+                            REVOKED_IN_STORE,
+                            revoked,
+                            "shared store change",
+                        );
                     }
                     Err(reason) => {
                         tracing::error!(%reason, "malformed record in the shared store left out")

@@ -74,6 +74,10 @@ pub fn chunk(
     messages
 }
 
+/// Why a replica cut off from the shared store ends or refuses a stream.
+const CUT_OFF: &str =
+    "this control plane replica cannot reach its shared store; another replica serves";
+
 pub struct Session {
     hub: Arc<Hub>,
     peer: PeerNode,
@@ -167,6 +171,9 @@ impl Session {
             )));
         }
         check_tunnel_address(&hello.tunnel_address)?;
+        if self.hub.is_cut_off() {
+            return Err(Status::unavailable(CUT_OFF));
+        }
         for held in hello.versions.iter().take(ResourceType::ALL.len()) {
             let kind = kind_of(held.r#type)?;
             let version = (held.version.len() <= limits::MAX_VERSION_LEN
@@ -229,6 +236,9 @@ impl Session {
                 }
                 () = hub.closed() => {
                     return Err(Status::unavailable("control plane shutting down"));
+                }
+                () = hub.cut_off() => {
+                    return Err(Status::unavailable(CUT_OFF));
                 }
                 () = &mut expired => {
                     return Err(Status::unauthenticated("client certificate expired; renew it and reconnect"));

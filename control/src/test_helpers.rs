@@ -222,15 +222,20 @@ impl Drop for ControlPlane {
     }
 }
 
-/// A real etcd member (Debian's etcd-server, which `cargo xtask setup` installs) on loopback
-/// ports of its own, with its data in the test's directory; killed when dropped.
+/// Real etcd members (Debian's etcd-server, which `cargo xtask setup` installs) forming one
+/// cluster on loopback ports of their own, with their data in the test's directory; killed when
+/// dropped.
 pub struct Etcd {
-    process: Option<Process>,
-    /// `http://127.0.0.1:<port>`, what `--etcd-endpoints` takes.
+    members: Vec<Member>,
+    /// `http://127.0.0.1:<port>,...`, what `--etcd-endpoints` takes.
     pub endpoint: String,
+}
+
+struct Member {
+    process: Option<Process>,
+    name: String,
     client_port: u16,
     peer_port: u16,
-    dir: PathBuf,
 }
 
 fn free_port() -> u16 {
@@ -241,70 +246,163 @@ fn free_port() -> u16 {
 }
 
 impl Etcd {
+    /// One member.
     pub fn start(dir: &Path) -> Etcd {
-        let (client_port, peer_port) = (free_port(), free_port());
-        let mut etcd = Etcd {
-            process: None,
-            endpoint: format!("http://127.0.0.1:{client_port}"),
-            client_port,
-            peer_port,
-            dir: dir.to_owned(),
-        };
-        etcd.spawn();
+        Etcd::cluster(dir, 1)
+    }
+
+    /// `size` members in one cluster.
+    pub fn cluster(dir: &Path, size: usize) -> Etcd {
+        let members: Vec<Member> = (0..size)
+            .map(|i| Member {
+                process: None,
+                name: format!("member-{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+            })
+            .collect();
+        let endpoint = members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let initial = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut etcd = Etcd { members, endpoint };
+        // Members of a new cluster wait for each other: start them all, then wait for each.
+        let processes: Vec<Process> = (0..size).map(|i| etcd.spawn(dir, i, &initial)).collect();
+        for (i, process) in processes.into_iter().enumerate() {
+            etcd.wait(i);
+            etcd.members[i].process = Some(process);
+        }
         etcd
     }
 
-    fn spawn(&mut self) {
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+    /// The client URL of member `i`.
+    pub fn member(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    fn spawn(&self, dir: &Path, i: usize, initial: &str) -> Process {
+        let m = &self.members[i];
+        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let mut command = Command::new("etcd");
         command
             .arg("--name")
-            .arg("ward-test")
+            .arg(&m.name)
             .arg("--data-dir")
-            .arg(self.dir.join("etcd-data"))
+            .arg(dir.join(format!("etcd-{}", m.name)))
             .arg("--listen-client-urls")
-            .arg(&self.endpoint)
+            .arg(&client)
             .arg("--advertise-client-urls")
-            .arg(&self.endpoint)
+            .arg(&client)
             .arg("--listen-peer-urls")
             .arg(&peer)
             .arg("--initial-advertise-peer-urls")
             .arg(&peer)
             .arg("--initial-cluster")
-            .arg(format!("ward-test={peer}"));
-        let capture = Capture::log_file(self.dir.join("etcd.log")).appending();
-        let process = Process::spawn(
+            .arg(initial);
+        let capture = Capture::log_file(dir.join(format!("etcd-{}.log", m.name))).appending();
+        Process::spawn(
             "etcd (apt-get install etcd-server, or cargo xtask setup)",
             command,
             capture,
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn wait(&self, i: usize) {
+        let port = self.members[i].client_port;
         let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
                 start.elapsed() < Duration::from_secs(20),
-                "etcd did not listen on {} within 20 s",
-                self.endpoint
+                "etcd member {i} did not listen on port {port} within 20 s"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        self.process = Some(process);
     }
 
-    /// Kills the member (SIGKILL).
-    pub fn kill(&mut self) {
-        self.process = None;
-    }
-
-    /// Starts it again with the same data and ports.
-    pub fn restart(&mut self) {
-        self.kill();
-        self.spawn();
+    /// Kills member `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        self.members[i].process = None;
     }
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        self.kill();
+        for m in &mut self.members {
+            m.process = None;
+        }
+    }
+}
+
+/// A TCP relay on a loopback port to `target` that a test can cut, as a network partition
+/// would: once cut, its connections are closed and new ones are accepted but never answered.
+pub struct Partition {
+    /// `127.0.0.1:<port>` to connect to instead of `target`.
+    pub address: SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Partition {
+    pub fn relay(target: SocketAddr) -> Partition {
+        use std::sync::{atomic::Ordering, Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        let address = listener.local_addr().expect("its address");
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let (cut_flag, open_list) = (cut.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                if cut_flag.load(Ordering::SeqCst) {
+                    // Held, never answered: the caller waits for its own timeout.
+                    open_list.lock().expect("relay lock").push(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let mut list = open_list.lock().expect("relay lock");
+                for stream in [&client, &server] {
+                    if let Ok(clone) = stream.try_clone() {
+                        list.push(clone);
+                    }
+                }
+                drop(list);
+                for (mut from, mut to) in [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Partition { address, cut, open }
+    }
+
+    /// Cuts the relay: every connection through it is closed, new ones hang.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for stream in self.open.lock().expect("relay lock").drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Relays again (the connections held while cut stay unanswered).
+    pub fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }

@@ -13,11 +13,21 @@ use std::{
 };
 
 use ward_agent::control::{RemoteState, ReportedWorkload};
-use ward_control::test_helpers::{ControlPlane, Etcd};
+use ward_control::test_helpers::{ControlPlane, Etcd, Partition};
 
 /// Two replicas on `etcd`, each with its own directories and the same CA files (as a mounted
 /// secret gives them), created once with `ward-control init-ca`.
 fn replicas(tmp: &Path, etcd: &Etcd, lease: &str) -> (ControlPlane, ControlPlane) {
+    replicas_on(tmp, &etcd.endpoint, &etcd.endpoint, lease)
+}
+
+/// Two replicas, `a` reaching etcd at `a_etcd` and `b` at `b_etcd`.
+fn replicas_on(
+    tmp: &Path,
+    a_etcd: &str,
+    b_etcd: &str,
+    lease: &str,
+) -> (ControlPlane, ControlPlane) {
     let ca = tmp.join("ca");
     let made = Command::new(env!("CARGO_BIN_EXE_ward-control"))
         .args(["init-ca", "--trust-domain", "example.org", "--state-dir"])
@@ -25,7 +35,7 @@ fn replicas(tmp: &Path, etcd: &Etcd, lease: &str) -> (ControlPlane, ControlPlane
         .output()
         .expect("running ward-control init-ca");
     assert!(made.status.success(), "init-ca: {made:?}");
-    let start = |name: &str| {
+    let start = |name: &str, etcd: &str| {
         let root = tmp.join(name);
         std::fs::create_dir_all(root.join("state")).expect("state dir");
         for file in ["ca.pem", "ca-key.pem", "trust-domain"] {
@@ -34,13 +44,13 @@ fn replicas(tmp: &Path, etcd: &Etcd, lease: &str) -> (ControlPlane, ControlPlane
         common::start_plane(&root, |opts| {
             opts.extra_args = vec![
                 "--etcd-endpoints".into(),
-                etcd.endpoint.clone(),
+                etcd.to_owned(),
                 "--node-lease".into(),
                 lease.into(),
             ]
         })
     };
-    (start("a"), start("b"))
+    (start("a", a_etcd), start("b", b_etcd))
 }
 
 fn identities(state: &RemoteState) -> BTreeMap<String, u32> {
@@ -164,4 +174,127 @@ async fn an_agent_resumes_on_another_replica_unchanged_and_a_silent_node_is_evic
     assert!(has(&evicted, "10.0.0.1"), "node-a stays");
     let web = |s: &RemoteState| identities(s)["spiffe://example.org/ns/demo/sa/web"];
     assert_eq!(web(&before), web(&evicted), "web keeps its number");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_lost_changes_nothing_and_a_replica_cut_off_from_etcd_stops_serving() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut etcd = Etcd::cluster(tmp.path(), 3);
+    // Replica a reaches member 0 through a relay the test cuts, as a network partition between
+    // it and etcd would (the members and both replicas are real; only the cut is the test's).
+    let relay = Partition::relay(
+        etcd.member(0)
+            .trim_start_matches("http://")
+            .parse()
+            .expect("member address"),
+    );
+    let (a, b) = replicas_on(
+        tmp.path(),
+        &format!("http://{}", relay.address),
+        &etcd.endpoint,
+        "1h",
+    );
+    let mut cfg = agent_config(&a, tmp.path(), "node-a");
+    cfg.address = format!("{},{}", a.address, b.address);
+    let mut on_a = Agent::start(cfg, vec![workload("web", "web", "10.0.0.1")]);
+    let mut on_b = Agent::start(
+        agent_config(&b, tmp.path(), "node-b"),
+        vec![workload("db", "db", "10.0.0.2")],
+    );
+    on_b.ack_everything();
+    on_a.until("node-b through replica a", |s| has(s, "10.0.0.2"))
+        .await;
+
+    // One member of three lost: a quorum remains, and a change still reaches node-a.
+    etcd.kill(2);
+    on_b.reports
+        .send(vec![
+            workload("db", "db", "10.0.0.2"),
+            workload("cache", "cache", "10.0.0.3"),
+        ])
+        .expect("client running");
+    let what = format!("node-b's new workload with a member down; b:\n{}", b.logs());
+    on_a.until(&what, |s| {
+        has(s, "10.0.0.3")
+    })
+    .await;
+
+    // Replica a cut off from etcd: it ends node-a's stream rather than serve what it cannot
+    // check, and node-a resumes on replica b.
+    relay.cut();
+    assert!(
+        a.wait_for_log("cut off from the shared store", Duration::from_secs(15)),
+        "{}",
+        a.logs()
+    );
+    assert!(
+        b.wait_for_log("agent connected node=\"node-a\"", common::WAIT),
+        "node-a never moved to replica b:\n{}",
+        b.logs()
+    );
+    on_b.reports
+        .send(vec![workload("db", "db", "10.0.0.2")])
+        .expect("client running");
+    on_a.until("node-b's change through replica b", |s| {
+        !has(s, "10.0.0.3") && has(s, "10.0.0.1")
+    })
+    .await;
+
+    relay.heal();
+    assert!(
+        a.wait_for_log("serving agents again", Duration::from_secs(20)),
+        "{}",
+        a.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_in_etcd_reaches_every_replica_and_a_malformed_record_is_left_out() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start(tmp.path());
+    let (a, b) = replicas(tmp.path(), &etcd, "1h");
+    let mut on_a = Agent::start(
+        agent_config(&a, tmp.path(), "node-a"),
+        vec![workload("web", "web", "10.0.0.1")],
+    );
+    let _on_b = Agent::start(
+        agent_config(&b, tmp.path(), "node-b"),
+        vec![workload("db", "db", "10.0.0.2")],
+    );
+    on_a.until("node-b through replica a", |s| has(s, "10.0.0.2"))
+        .await;
+
+    // A record no replica would write: refused and logged by both, the rest still served.
+    let mut client = etcd_client::Client::connect([etcd.endpoint.as_str()], None)
+        .await
+        .expect("etcd client");
+    client
+        .put("/ward/example.org/nodes/node-z", "{not json", None)
+        .await
+        .expect("put");
+    assert!(a.wait_for_log("malformed record in the shared store", common::WAIT));
+
+    let revoked = Command::new(env!("CARGO_BIN_EXE_ward-control"))
+        .args([
+            "revoke",
+            "--trust-domain",
+            "example.org",
+            "--node",
+            "node-b",
+        ])
+        .args(["--etcd-endpoints", &etcd.endpoint])
+        .output()
+        .expect("running ward-control revoke");
+    assert!(revoked.status.success(), "{revoked:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&revoked.stdout).trim(),
+        "revoked node node-b"
+    );
+    // Replica b ends node-b's stream; both replicas drop its workloads.
+    assert!(b.wait_for_log("node revoked", common::WAIT), "{}", b.logs());
+    assert!(a.wait_for_log("node revoked", common::WAIT), "{}", a.logs());
+    let state = on_a
+        .until("node-b's workloads gone", |s| !has(s, "10.0.0.2"))
+        .await;
+    assert!(has(&state, "10.0.0.1"));
 }

@@ -155,6 +155,18 @@ impl Agent {
         }
     }
 
+    /// From now on applies (ACKs) every update in the background, as an agent the test does
+    /// not watch would.
+    pub fn ack_everything(&mut self) {
+        let (_, idle) = mpsc::channel(1);
+        let mut updates = std::mem::replace(&mut self.updates, idle);
+        tokio::spawn(async move {
+            while let Some(update) = updates.recv().await {
+                let _ = update.ack.send(Ok(()));
+            }
+        });
+    }
+
     pub async fn quiet(&mut self, for_: Duration) {
         if let Ok(Some(update)) = tokio::time::timeout(for_, self.updates.recv()).await {
             panic!(
