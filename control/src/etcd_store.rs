@@ -8,6 +8,9 @@
 //!   replica holding the node's stream keeps alive: when the node is gone for longer than its
 //!   lease, etcd deletes the record and every replica's IP cache loses its workloads.
 //! - `tokens/<sha256 of a join token>` → the node that spent it, created only if absent.
+//! - `history/v/<version>` → a policy history record (JSON, [`crate::history::Record`]), and
+//!   `history/last` → the last version and its sources: one numbering for every replica, each
+//!   policy set recorded once whichever replicas served it.
 //! - `revoked/<entry>`: a revoked workload certificate serial, or `node <name>`
 //!   (`ward-control revoke --etcd-endpoints`); every replica serves them with its own revocation
 //!   file's.
@@ -26,6 +29,10 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 
 use crate::registry::WorkloadRecord;
+
+/// Identity keys allocated in one transaction (two comparisons and two writes each: within
+/// etcd's default limit of 128 operations of each kind).
+pub const ALLOCATION_BATCH: usize = 32;
 
 /// How long one store call may take before the replica treats the store as unreachable.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -108,6 +115,14 @@ pub struct Snapshot {
 pub struct EtcdStore {
     client: Client,
     prefix: String,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
 }
 
 async fn timed<T>(
@@ -259,6 +274,92 @@ impl EtcdStore {
         }
     }
 
+    /// Appends `record` to the shared policy history with the next version, unless the last
+    /// record has the same sources (another replica recorded this set): then `record` takes that
+    /// record's version and `false` is returned.
+    pub async fn record_history(
+        &self,
+        record: &mut crate::history::Record,
+    ) -> Result<bool, StoreError> {
+        #[derive(Serialize, Deserialize)]
+        struct Last {
+            version: u64,
+            sources: Vec<crate::history::SourceDigest>,
+        }
+        let last_key = self.key("history", "last");
+        loop {
+            let got = timed(self.client.clone().get(last_key.clone(), None)).await?;
+            let (last, revision) = match got.kvs().first() {
+                Some(kv) => (
+                    serde_json::from_slice::<Last>(kv.value()).map_err(|e| {
+                        StoreError::Call(etcd_client::Error::InvalidArgs(format!(
+                            "{last_key}: not a history head: {e}"
+                        )))
+                    })?,
+                    kv.mod_revision(),
+                ),
+                None => (
+                    Last {
+                        version: 0,
+                        sources: Vec::new(),
+                    },
+                    0,
+                ),
+            };
+            if last.version > 0 && last.sources == record.sources {
+                record.version = last.version;
+                return Ok(false);
+            }
+            record.version = last.version + 1;
+            let head = Last {
+                version: record.version,
+                sources: record.sources.clone(),
+            };
+            let condition = if revision == 0 {
+                Compare::create_revision(last_key.clone(), CompareOp::Equal, 0)
+            } else {
+                Compare::mod_revision(last_key.clone(), CompareOp::Equal, revision)
+            };
+            let txn = Txn::new().when([condition]).and_then([
+                TxnOp::put(
+                    self.key("history", &format!("v/{:020}", record.version)),
+                    serde_json::to_string(record).expect("a record serializes"),
+                    None,
+                ),
+                TxnOp::put(
+                    last_key.clone(),
+                    serde_json::to_string(&head).expect("a head serializes"),
+                    None,
+                ),
+            ]);
+            if timed(self.client.clone().txn(txn)).await?.succeeded() {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// The shared policy history, oldest first. A malformed record is an error naming it.
+    pub async fn history(&self) -> Result<Vec<crate::history::Record>, StoreError> {
+        let prefix = self.key("history", "v/");
+        let got = timed(
+            self.client
+                .clone()
+                .get(prefix, Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        got.kvs()
+            .iter()
+            .map(|kv| {
+                serde_json::from_slice(kv.value()).map_err(|e| {
+                    StoreError::Call(etcd_client::Error::InvalidArgs(format!(
+                        "{}: not a history record: {e}",
+                        String::from_utf8_lossy(kv.key())
+                    )))
+                })
+            })
+            .collect()
+    }
+
     /// Revokes `entries` (canonical, as [`crate::revocation::canonical_entry`] gives them) for
     /// every replica; returns whether each was new.
     pub async fn revoke(&self, entries: &[String]) -> Result<Vec<bool>, StoreError> {
@@ -275,62 +376,107 @@ impl EtcdStore {
 
     /// The number of each identity key in `keys`, allocating the ones the store does not hold
     /// yet. `taken` are numbers known to be in use; others found taken are added to it.
+    ///
+    /// Keys go in batches of [`ALLOCATION_BATCH`], each one transaction that requires every key
+    /// and number of the batch absent; a batch that meets one already there (another replica
+    /// allocated it) is done again key by key.
     pub async fn allocate(
         &self,
         keys: &[String],
         taken: &mut BTreeSet<u32>,
     ) -> Result<BTreeMap<String, u32>, StoreError> {
         let mut out = BTreeMap::new();
-        for key in keys {
-            let by_key = self.key("identities", key);
-            loop {
-                if taken.len() >= ward_policy::identity::WORKLOADS.size_hint().0 {
-                    return Err(StoreError::Exhausted);
-                }
+        for batch in keys.chunks(ALLOCATION_BATCH) {
+            if taken.len() + batch.len() >= ward_policy::identity::WORKLOADS.size_hint().0 {
+                return Err(StoreError::Exhausted);
+            }
+            let mut proposed = Vec::with_capacity(batch.len());
+            for key in batch {
                 let number = ward_policy::identity::allocate(key, |n| taken.contains(&n));
-                let by_number = self.key("numbers", &number.to_string());
-                let txn = Txn::new()
-                    .when([
-                        Compare::create_revision(by_key.clone(), CompareOp::Equal, 0),
-                        Compare::create_revision(by_number.clone(), CompareOp::Equal, 0),
-                    ])
-                    .and_then([
-                        TxnOp::put(by_key.clone(), number.to_string(), None),
-                        TxnOp::put(by_number.clone(), key.clone(), None),
-                    ])
-                    .or_else([TxnOp::get(by_key.clone(), None)]);
-                let response = timed(self.client.clone().txn(txn)).await?;
-                if response.succeeded() {
-                    taken.insert(number);
-                    out.insert(key.clone(), number);
-                    break;
-                }
-                let existing = response.op_responses().into_iter().find_map(|op| match op {
-                    TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
-                    _ => None,
-                });
-                match existing {
-                    // Another replica allocated this key first: its number is the number.
-                    Some(value) => {
-                        let Ok(Some(Change::Identity { number, .. })) =
-                            self.parse(by_key.as_bytes(), Some(&value))
-                        else {
-                            return Err(StoreError::Call(etcd_client::Error::InvalidArgs(
-                                format!("{by_key}: not a workload identity number"),
-                            )));
-                        };
-                        taken.insert(number);
-                        out.insert(key.clone(), number);
-                        break;
-                    }
-                    // The number is another key's: try the next free one.
-                    None => {
-                        taken.insert(number);
-                    }
-                }
+                taken.insert(number);
+                proposed.push((key, number));
+            }
+            let (mut when, mut then) = (Vec::new(), Vec::new());
+            for (key, number) in &proposed {
+                let (by_key, by_number) = (
+                    self.key("identities", key),
+                    self.key("numbers", &number.to_string()),
+                );
+                when.push(Compare::create_revision(
+                    by_key.clone(),
+                    CompareOp::Equal,
+                    0,
+                ));
+                when.push(Compare::create_revision(
+                    by_number.clone(),
+                    CompareOp::Equal,
+                    0,
+                ));
+                then.push(TxnOp::put(by_key, number.to_string(), None));
+                then.push(TxnOp::put(by_number, key.as_str(), None));
+            }
+            if timed(
+                self.client
+                    .clone()
+                    .txn(Txn::new().when(when).and_then(then)),
+            )
+            .await?
+            .succeeded()
+            {
+                out.extend(proposed.into_iter().map(|(k, n)| (k.clone(), n)));
+                continue;
+            }
+            for (key, number) in proposed {
+                taken.remove(&number);
+                out.insert(key.clone(), self.allocate_one(key, taken).await?);
             }
         }
         Ok(out)
+    }
+
+    /// The number of `key`: the one the store holds, or the first free one it takes.
+    async fn allocate_one(&self, key: &str, taken: &mut BTreeSet<u32>) -> Result<u32, StoreError> {
+        let by_key = self.key("identities", key);
+        loop {
+            if taken.len() >= ward_policy::identity::WORKLOADS.size_hint().0 {
+                return Err(StoreError::Exhausted);
+            }
+            let number = ward_policy::identity::allocate(key, |n| taken.contains(&n));
+            let by_number = self.key("numbers", &number.to_string());
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(by_key.clone(), CompareOp::Equal, 0),
+                    Compare::create_revision(by_number.clone(), CompareOp::Equal, 0),
+                ])
+                .and_then([
+                    TxnOp::put(by_key.clone(), number.to_string(), None),
+                    TxnOp::put(by_number, key, None),
+                ])
+                .or_else([TxnOp::get(by_key.clone(), None)]);
+            let response = timed(self.client.clone().txn(txn)).await?;
+            // The number is taken now, by this key or another.
+            taken.insert(number);
+            if response.succeeded() {
+                return Ok(number);
+            }
+            let existing = response.op_responses().into_iter().find_map(|op| match op {
+                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+                _ => None,
+            });
+            if let Some(value) = existing {
+                // Another replica allocated this key first: its number is the number.
+                return match self.parse(by_key.as_bytes(), Some(&value)) {
+                    Ok(Some(Change::Identity { number, .. })) => {
+                        taken.insert(number);
+                        Ok(number)
+                    }
+                    _ => Err(StoreError::Call(etcd_client::Error::InvalidArgs(format!(
+                        "{by_key}: not a workload identity number"
+                    )))),
+                };
+            }
+            // Else the number is another key's: try the next free one.
+        }
     }
 
     /// A lease of `ttl` (at least one second) for a node's record.

@@ -5,12 +5,15 @@
 //! changed in access (`ward policy diff` of the previous set and the new one, for the workloads
 //! registered then). `ward-control history` and `ward-control show` print it.
 use std::{
+    collections::BTreeMap,
     io::BufRead as _,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
-use ward_policy::{trace::Change, PolicySet, WorkloadInfo};
+use ward_policy::{PolicySet, WorkloadInfo};
 
 /// The history file's name in the state directory.
 pub const HISTORY_FILE: &str = "policy-history.jsonl";
@@ -51,7 +54,16 @@ pub struct Diff {
     pub text: String,
     /// As `ward policy diff --format json` prints it.
     pub json: serde_json::Value,
+    /// Why the diff was not computed (too many workloads, or a set that does not compile for
+    /// them); the counts are then zero and mean nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
 }
+
+/// Above this many registered workloads the control plane records no access diff: it compares
+/// every pair of endpoints, and at 10,000 workloads that takes minutes. `ward policy diff` on
+/// the two versions' files computes it offline.
+pub const MAX_DIFF_WORKLOADS: usize = 500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
@@ -79,7 +91,10 @@ pub struct Writer {
     /// Where each new record is also sent.
     webhook: Option<crate::webhook::Webhook>,
     /// The history version of each POLICY version served since the start.
-    served: std::collections::BTreeMap<String, u64>,
+    served: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// With replicas, the history is the shared store's (one numbering for all), not the file:
+    /// records are queued for [`append_shared`], which appends them in order.
+    shared: Option<tokio::sync::mpsc::UnboundedSender<Record>>,
 }
 
 /// What [`Writer::record`] is told of a set just served.
@@ -89,9 +104,9 @@ pub struct Served<'a> {
     pub policies: usize,
     pub sources: &'a [(String, String)],
     pub dir: &'a Path,
-    pub previous: &'a PolicySet,
-    pub new: &'a PolicySet,
-    pub workloads: &'a [WorkloadInfo],
+    /// The access diff from the set served before, computed by the caller ([`diff`]) when
+    /// [`Writer::wants_diff`] said so: not under the hub's lock.
+    pub diff: Option<Diff>,
 }
 
 impl Writer {
@@ -103,13 +118,33 @@ impl Writer {
             last,
             since_start: false,
             webhook: None,
-            served: std::collections::BTreeMap::new(),
+            served: Arc::default(),
+            shared: None,
         })
+    }
+
+    /// Records in `store`'s shared history instead of the file, from a task of its own (started
+    /// here, in the runtime), which also sends the webhook.
+    #[must_use]
+    pub fn shared(mut self, store: crate::etcd_store::EtcdStore) -> Writer {
+        let (queue, records) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(append_shared(
+            store,
+            records,
+            self.served.clone(),
+            self.webhook.take(),
+        ));
+        self.shared = Some(queue);
+        self
     }
 
     /// The history version of the POLICY version `served`, if served since the start.
     pub fn version_of(&self, served: &str) -> Option<u64> {
-        self.served.get(served).copied()
+        self.served
+            .lock()
+            .expect("served lock poisoned")
+            .get(served)
+            .copied()
     }
 
     /// Sends every new record to `webhook` too.
@@ -121,6 +156,12 @@ impl Writer {
 
     pub fn file(&self) -> &Path {
         &self.file
+    }
+
+    /// Whether the next record carries an access diff (not the first set since the start,
+    /// whose predecessor is not known).
+    pub fn wants_diff(&self) -> bool {
+        self.since_start
     }
 
     /// Records `served` unless its sources are those of the last record (a set read again, as
@@ -135,24 +176,19 @@ impl Writer {
             })
             .collect();
         let first_since_start = !std::mem::replace(&mut self.since_start, true);
-        if let Some((version, last)) = &self.last {
+        if let Some((version, last)) = self.last.as_ref().filter(|_| self.shared.is_none()) {
             if *last == sources {
-                self.served.insert(served.served.clone(), *version);
+                self.served
+                    .lock()
+                    .expect("served lock poisoned")
+                    .insert(served.served.clone(), *version);
                 return Ok(None);
             }
         }
         let diff = if first_since_start {
             None
         } else {
-            Some(
-                diff(served.previous, served.new, served.workloads).unwrap_or_else(|e| Diff {
-                    gained: 0,
-                    lost: 0,
-                    changed: 0,
-                    text: format!("the diff could not be computed: {e}\n"),
-                    json: serde_json::json!({ "error": e }),
-                }),
-            )
+            served.diff.clone()
         };
         let now = time::OffsetDateTime::now_utc();
         let record = Record {
@@ -166,9 +202,17 @@ impl Writer {
             git_commit: git_commit(served.dir),
             diff,
         };
+        if let Some(queue) = &self.shared {
+            // Numbered by the store; logged and sent once appended.
+            let _ = queue.send(record);
+            return Ok(None);
+        }
         append(&self.file, &record)?;
         self.last = Some((record.version, record.sources.clone()));
-        self.served.insert(record.served.clone(), record.version);
+        self.served
+            .lock()
+            .expect("served lock poisoned")
+            .insert(record.served.clone(), record.version);
         if let Some(webhook) = &self.webhook {
             webhook.send(&record);
         }
@@ -176,17 +220,83 @@ impl Writer {
     }
 }
 
-/// The access diff between two sets for `workloads`, or why it could not be computed.
-pub fn diff(old: &PolicySet, new: &PolicySet, workloads: &[WorkloadInfo]) -> Result<Diff, String> {
-    let changes: Vec<Change> =
-        ward_policy::trace::diff(old, new, workloads).map_err(|e| e.to_string())?;
-    Ok(Diff {
-        gained: changes.iter().filter(|c| c.gains()).count(),
-        lost: changes.iter().filter(|c| c.loses()).count(),
-        changed: changes.len(),
-        text: ward_policy::trace::diff_human(&changes),
-        json: ward_policy::trace::diff_json(&changes),
-    })
+/// Appends the records queued by a shared [`Writer`] to the store's history, in order, each
+/// until it is written (a replica that cannot reach the store keeps them until it can); logs
+/// and sends each one that is a new version.
+async fn append_shared(
+    store: crate::etcd_store::EtcdStore,
+    mut records: tokio::sync::mpsc::UnboundedReceiver<Record>,
+    served: Arc<Mutex<BTreeMap<String, u64>>>,
+    webhook: Option<crate::webhook::Webhook>,
+) {
+    while let Some(mut record) = records.recv().await {
+        let appended = loop {
+            match store.record_history(&mut record).await {
+                Ok(appended) => break appended,
+                Err(e) => {
+                    tracing::error!(error = %e, served = record.served, "the shared policy history could not be written; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        served
+            .lock()
+            .expect("served lock poisoned")
+            .insert(record.served.clone(), record.version);
+        if appended {
+            log_recorded(&record);
+            if let Some(webhook) = &webhook {
+                webhook.send(&record);
+            }
+        }
+    }
+}
+
+/// The structured event of a new history version, with its access diff's counts
+/// (`ward-control show` prints the diff).
+pub fn log_recorded(record: &Record) {
+    let counted = record.diff.as_ref().filter(|d| d.skipped.is_none());
+    tracing::info!(
+        reason = record.reason,
+        history_version = record.version,
+        served = record.served,
+        policies = record.policies,
+        gained = counted.map(|d| d.gained),
+        lost = counted.map(|d| d.lost),
+        changed = counted.map(|d| d.changed),
+        git_commit = record.git_commit.as_deref().unwrap_or("-"),
+        sources = record.sources.len(),
+        "policy changed"
+    );
+}
+
+/// The access diff between two sets for `workloads`, or (in `skipped`) why it was not computed.
+pub fn diff(old: &PolicySet, new: &PolicySet, workloads: &[WorkloadInfo]) -> Diff {
+    let skipped = |reason: String| Diff {
+        gained: 0,
+        lost: 0,
+        changed: 0,
+        text: format!("the diff was not computed: {reason}\n"),
+        json: serde_json::json!({ "skipped": reason }),
+        skipped: Some(reason),
+    };
+    if workloads.len() > MAX_DIFF_WORKLOADS {
+        return skipped(format!(
+            "{} workloads are registered, more than {MAX_DIFF_WORKLOADS}; run `ward policy diff` on the two versions' sources",
+            workloads.len()
+        ));
+    }
+    match ward_policy::trace::diff(old, new, workloads) {
+        Ok(changes) => Diff {
+            gained: changes.iter().filter(|c| c.gains()).count(),
+            lost: changes.iter().filter(|c| c.loses()).count(),
+            changed: changes.len(),
+            text: ward_policy::trace::diff_human(&changes),
+            json: ward_policy::trace::diff_json(&changes),
+            skipped: None,
+        },
+        Err(e) => skipped(e.to_string()),
+    }
 }
 
 /// Every record of `file`, oldest first; a missing file has none. A malformed line is an error
@@ -278,7 +388,8 @@ pub fn table(records: &[Record]) -> String {
         "version", "time (UTC)", "reason", "policies", "gained", "lost", "git commit"
     );
     for r in records {
-        let (gained, lost) = r.diff.as_ref().map_or(("-".into(), "-".into()), |d| {
+        let counted = r.diff.as_ref().filter(|d| d.skipped.is_none());
+        let (gained, lost) = counted.map_or(("-".into(), "-".into()), |d| {
             (d.gained.to_string(), d.lost.to_string())
         });
         out += &format!(
@@ -380,5 +491,28 @@ mod tests {
             err.to_string().contains(":1: not a history record"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn no_diff_is_computed_past_the_workload_bound_and_the_record_says_why() {
+        let workloads: Vec<WorkloadInfo> = (0..=MAX_DIFF_WORKLOADS as u32)
+            .map(|i| WorkloadInfo {
+                identity: 256 + i,
+                name: format!("w{i}"),
+                spiffe_id: format!("spiffe://x/w{i}"),
+                ..WorkloadInfo::default()
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let d = diff(&PolicySet::default(), &PolicySet::default(), &workloads);
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let reason = d.skipped.expect("skipped");
+        assert!(reason.contains("ward policy diff"), "{reason}");
+        let d = diff(
+            &PolicySet::default(),
+            &PolicySet::default(),
+            &workloads[..2],
+        );
+        assert_eq!((d.skipped, d.changed), (None, 0));
     }
 }

@@ -311,6 +311,11 @@ fn record_history(
 ) {
     let (new, by_node) = hub.policies_and_workloads();
     let workloads: Vec<ward_policy::WorkloadInfo> = by_node.into_values().flatten().collect();
+    // Computed before the history's lock is taken: other tasks read the history meanwhile.
+    let diff = hub
+        .with_history(|writer| writer.wants_diff())
+        .unwrap_or(false)
+        .then(|| history::diff(previous, &new, &workloads));
     let recorded = hub.with_history(|writer| {
         writer.record(&history::Served {
             reason,
@@ -318,25 +323,12 @@ fn record_history(
             policies,
             sources,
             dir,
-            previous,
-            new: &new,
-            workloads: &workloads,
+            diff,
         })
     });
     match recorded {
         None | Some(Ok(None)) => {}
-        Some(Ok(Some(record))) => tracing::info!(
-            reason,
-            history_version = record.version,
-            served = record.served,
-            policies,
-            gained = record.diff.as_ref().map(|d| d.gained),
-            lost = record.diff.as_ref().map(|d| d.lost),
-            changed = record.diff.as_ref().map(|d| d.changed),
-            git_commit = record.git_commit.as_deref().unwrap_or("-"),
-            sources = record.sources.len(),
-            "policy changed"
-        ),
+        Some(Ok(Some(record))) => history::log_recorded(&record),
         Some(Err(e)) => {
             tracing::error!(reason, error = %e, "the policy history could not be written")
         }
@@ -477,9 +469,12 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         .as_deref()
         .map(webhook::Webhook::start)
         .transpose()?;
-    hub.keep_history(
-        history::Writer::open(state.path().join(history::HISTORY_FILE))?.with_webhook(webhook),
-    );
+    let mut writer =
+        history::Writer::open(state.path().join(history::HISTORY_FILE))?.with_webhook(webhook);
+    if let Some(store) = hub.store() {
+        writer = writer.shared(store.clone());
+    }
+    hub.keep_history(writer);
     let policy_watcher = watch_policy_dir(&opts.policy_dir)?;
     load_policies(&opts.policy_dir, &hub, "start");
     let watcher = tokio::spawn(follow(

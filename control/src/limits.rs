@@ -74,6 +74,10 @@ pub fn truncate(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+/// How long a stream waits after the Hello for the agent's first report before sending the
+/// first update anyway.
+pub const FIRST_REPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[cfg(test)]
 mod tests {
     use super::*;

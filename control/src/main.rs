@@ -112,6 +112,19 @@ impl EtcdArgs {
     }
 }
 
+/// Where the policy history is: a state directory's file, or the replicas' shared store.
+#[derive(clap::Args)]
+struct HistoryFrom {
+    /// The control plane's state directory.
+    #[arg(long, required_unless_present = "etcd_endpoints")]
+    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// The trust domain of the replicas (with --etcd-endpoints).
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Appends a new random join token to a token file and prints it.
@@ -155,9 +168,8 @@ enum Command {
     /// Lists every policy set the control plane served: version, time, reason, the number of
     /// policies, the access gained and lost, the git commit.
     History {
-        /// The control plane's state directory.
-        #[arg(long)]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        from: HistoryFrom,
         /// Print the records as JSON (one array).
         #[arg(long)]
         json: bool,
@@ -165,9 +177,8 @@ enum Command {
     /// Prints one version of the policy history: its sources with their SHA-256 and its access
     /// diff from the version before, as `ward policy diff` prints it.
     Show {
-        /// The control plane's state directory.
-        #[arg(long)]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        from: HistoryFrom,
         /// Print the record as JSON.
         #[arg(long)]
         json: bool,
@@ -237,7 +248,14 @@ fn new_token(file: &std::path::Path, node: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn history_of(state_dir: &std::path::Path) -> anyhow::Result<Vec<ward_control::history::Record>> {
+async fn history_of(from: HistoryFrom) -> anyhow::Result<Vec<ward_control::history::Record>> {
+    if let Some(etcd) = from.etcd.options() {
+        let store = ward_control::etcd_store::EtcdStore::connect(&etcd, &from.trust_domain).await?;
+        return Ok(store.history().await?);
+    }
+    let state_dir = from
+        .state_dir
+        .context("--state-dir or --etcd-endpoints is required")?;
     if !state_dir.is_dir() {
         anyhow::bail!(
             "{}: not a directory; give the control plane's --state-dir",
@@ -325,8 +343,8 @@ async fn main() -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        Some(Command::History { state_dir, json }) => {
-            let records = history_of(&state_dir)?;
+        Some(Command::History { from, json }) => {
+            let records = history_of(from).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&records)?);
             } else {
@@ -335,11 +353,11 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Some(Command::Show {
-            state_dir,
+            from,
             json,
             version,
         }) => {
-            let records = history_of(&state_dir)?;
+            let records = history_of(from).await?;
             let Some(record) = records.iter().find(|r| r.version == version) else {
                 anyhow::bail!(
                     "no version {version} in the policy history ({} versions)",

@@ -80,7 +80,9 @@ pub fn read(dir: &Path, cluster: &[ClusterDocument]) -> Result<ReadSet, Vec<Poli
                 continue;
             }
         };
-        sources.push((file.display().to_string(), crate::sha256_hex(&text)));
+        // Relative to the directory, so replicas that mount it elsewhere name it alike.
+        let name = file.strip_prefix(dir).unwrap_or(&file);
+        sources.push((name.display().to_string(), crate::sha256_hex(&text)));
         add_text(&mut report, &mut documents, &file, &text);
     }
     for document in cluster {

@@ -201,6 +201,15 @@ impl Session {
                 "tunnel address changed; the node's IP cache entries follow"
             );
         }
+        // The agent reports its workloads right after its Hello: registering them before the
+        // first update means an agent that moved from another replica (or a restarted control
+        // plane) is never sent a state without its own workloads.
+        match tokio::time::timeout(limits::FIRST_REPORT_WAIT, inbound.next()).await {
+            Err(_) => {}
+            Ok(None) => return Ok(()),
+            Ok(Some(Err(status))) => return Err(status),
+            Ok(Some(Ok(message))) => self.handle(message).await?,
+        }
         let mut replaced = guard.replaced.clone();
         let mut changes = self.hub.subscribe();
         let expiry = self

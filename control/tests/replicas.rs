@@ -99,6 +99,28 @@ async fn replicas_share_identities_nodes_and_join_tokens() {
     );
     assert_eq!(identities(&seen_a).len(), 2);
 
+    // One policy history for both replicas: the set both serve at start is one version, and a
+    // change both read is the next one, recorded once.
+    let db = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  name: db\nspec:\n  selector: {labels: {app: db}}\n  ingress: []\n";
+    a.write_policy("db.yaml", db);
+    b.write_policy("db.yaml", db);
+    on_a.until("db policy", |s| s.policies.len() == 2).await;
+    on_b.until("db policy", |s| s.policies.len() == 2).await;
+    let history = Command::new(env!("CARGO_BIN_EXE_ward-control"))
+        .args(["history", "--json", "--trust-domain", "example.org"])
+        .args(["--etcd-endpoints", &etcd.endpoint])
+        .output()
+        .expect("running ward-control history");
+    assert!(history.status.success(), "{history:?}");
+    let records: Vec<serde_json::Value> =
+        serde_json::from_slice(&history.stdout).expect("history JSON");
+    let versions: Vec<u64> = records
+        .iter()
+        .map(|r| r["version"].as_u64().expect("version"))
+        .collect();
+    assert_eq!(versions, [1, 2], "{records:#?}");
+    assert_eq!(records[1]["sources"][0]["source"], "db.yaml");
+
     // A join token is spent for every replica at once.
     let token = a.new_token(None);
     std::fs::write(b.token_file(), format!("{token}\n")).expect("token file of b");
@@ -214,10 +236,7 @@ async fn a_member_lost_changes_nothing_and_a_replica_cut_off_from_etcd_stops_ser
         ])
         .expect("client running");
     let what = format!("node-b's new workload with a member down; b:\n{}", b.logs());
-    on_a.until(&what, |s| {
-        has(s, "10.0.0.3")
-    })
-    .await;
+    on_a.until(&what, |s| has(s, "10.0.0.3")).await;
 
     // Replica a cut off from etcd: it ends node-a's stream rather than serve what it cannot
     // check, and node-a resumes on replica b.

@@ -270,7 +270,17 @@ pub struct Client {
     renew_backoff: Backoff,
     /// The replica (index in [`ControlPlaneConfig::addresses`]) tried first.
     replica: usize,
+    /// When the current stream was established, if it was.
+    connected_at: Option<tokio::time::Instant>,
+    /// Moves to another replica left before backing off: a stream that ends is retried at once
+    /// on the next replica, once per other replica, until a stream lasts.
+    moves_left: usize,
 }
+
+/// A stream that lasted this long was healthy: its end resets the backoff.
+const STABLE: Duration = Duration::from_secs(5);
+/// The pause before trying the next replica after a stream ended.
+const MOVE_DELAY: Duration = Duration::from_millis(50);
 
 impl Client {
     pub fn new(
@@ -283,6 +293,7 @@ impl Client {
             .map(|s| Held::from_state(&s))
             .unwrap_or_default();
         let cert = NodeCert::load(&cfg.state_dir);
+        let moves_left = cfg.addresses().len().saturating_sub(1);
         Client {
             cfg,
             tunnel_address,
@@ -292,6 +303,8 @@ impl Client {
             updates,
             renew_backoff: Backoff::default(),
             replica: 0,
+            connected_at: None,
+            moves_left,
         }
     }
 
@@ -307,7 +320,18 @@ impl Client {
                     continue;
                 }
                 Err(e) => {
-                    let delay = backoff.next_delay();
+                    let replicas = self.cfg.addresses().len();
+                    let lasted = self.connected_at.take().map(|t| t.elapsed());
+                    if lasted.is_some_and(|d| d >= STABLE) {
+                        backoff.reset();
+                        self.moves_left = replicas.saturating_sub(1);
+                    }
+                    let delay = if lasted.is_some() && self.moves_left > 0 {
+                        self.moves_left -= 1;
+                        MOVE_DELAY
+                    } else {
+                        backoff.next_delay()
+                    };
                     let failed = self
                         .cfg
                         .addresses()
@@ -381,12 +405,14 @@ impl Client {
         );
         let mut pending: Vec<ServerMessage> = Vec::new();
         let mut pending_bytes = 0usize;
-        let mut connected_since = Some(tokio::time::Instant::now());
+        self.connected_at = Some(tokio::time::Instant::now());
+        let mut connected_since = self.connected_at;
         loop {
             // A stream that stayed up a while earns a fresh backoff, so one that fails at once
             // after connecting (a refused certificate, a NACK loop) still backs off.
-            if connected_since.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
+            if connected_since.is_some_and(|t| t.elapsed() > STABLE) {
                 backoff.reset();
+                self.moves_left = self.cfg.addresses().len().saturating_sub(1);
                 connected_since = None;
             }
             let renew_in = self
