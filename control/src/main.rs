@@ -85,9 +85,9 @@ struct ServeArgs {
 /// Where the replicas' shared store is.
 #[derive(clap::Args)]
 struct EtcdArgs {
-    /// Share identity numbers, nodes, spent join tokens and revocations with other replicas
-    /// through these etcd members (`http://host:port` or `https://host:port`, comma-separated).
-    /// Every replica needs the same CA files in its --state-dir (see `init-ca`).
+    /// The etcd members (`http://host:port` or `https://host:port`, comma-separated) through
+    /// which replicas share identity numbers, nodes, spent join tokens, revocations and the
+    /// policy history. Every replica needs the same CA files in its --state-dir (see `init-ca`).
     #[arg(long, value_delimiter = ',', value_name = "URL")]
     etcd_endpoints: Vec<String>,
     /// The CA of the etcd members' serving certificates (https endpoints).
@@ -112,9 +112,9 @@ impl EtcdArgs {
     }
 }
 
-/// Where the policy history is: a state directory's file, or the replicas' shared store.
+/// Where the control plane's state is: a state directory, or the replicas' shared store.
 #[derive(clap::Args)]
-struct HistoryFrom {
+struct StateFrom {
     /// The control plane's state directory.
     #[arg(long, required_unless_present = "etcd_endpoints")]
     state_dir: Option<PathBuf>,
@@ -169,7 +169,7 @@ enum Command {
     /// policies, the access gained and lost, the git commit.
     History {
         #[command(flatten)]
-        from: HistoryFrom,
+        from: StateFrom,
         /// Print the records as JSON (one array).
         #[arg(long)]
         json: bool,
@@ -178,7 +178,7 @@ enum Command {
     /// diff from the version before, as `ward policy diff` prints it.
     Show {
         #[command(flatten)]
-        from: HistoryFrom,
+        from: StateFrom,
         /// Print the record as JSON.
         #[arg(long)]
         json: bool,
@@ -193,16 +193,11 @@ enum Command {
     /// workloads leave every agent's IP cache.
     ///
     /// With `--etcd-endpoints`, the revocation is written to the replicas' shared store, and
-    /// every replica serves it.
+    /// every replica serves it; without it, the entries are appended to the `revoked` file of
+    /// --state-dir.
     Revoke {
-        /// The control plane's state directory; the entries are appended to its `revoked` file.
-        #[arg(long, required_unless_present = "etcd_endpoints")]
-        state_dir: Option<PathBuf>,
         #[command(flatten)]
-        etcd: EtcdArgs,
-        /// The trust domain of the replicas (with --etcd-endpoints).
-        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
-        trust_domain: String,
+        from: StateFrom,
         /// A node to revoke (repeatable).
         #[arg(long = "node", value_name = "NAME")]
         nodes: Vec<String>,
@@ -248,7 +243,7 @@ fn new_token(file: &std::path::Path, node: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn history_of(from: HistoryFrom) -> anyhow::Result<Vec<ward_control::history::Record>> {
+async fn history_of(from: StateFrom) -> anyhow::Result<Vec<ward_control::history::Record>> {
     if let Some(etcd) = from.etcd.options() {
         let store = ward_control::etcd_store::EtcdStore::connect(&etcd, &from.trust_domain).await?;
         return Ok(store.history().await?);
@@ -317,9 +312,7 @@ async fn main() -> anyhow::Result<()> {
             return new_token(&token_file, node.as_deref())
         }
         Some(Command::Revoke {
-            state_dir,
-            etcd,
-            trust_domain,
+            from,
             serials,
             nodes,
         }) => {
@@ -328,8 +321,8 @@ async fn main() -> anyhow::Result<()> {
                 .cloned()
                 .chain(nodes.iter().map(|node| format!("node {node}")))
                 .collect();
-            return match (etcd.options(), state_dir) {
-                (Some(etcd), _) => revoke_shared(&etcd, &trust_domain, &entries).await,
+            return match (from.etcd.options(), from.state_dir) {
+                (Some(etcd), _) => revoke_shared(&etcd, &from.trust_domain, &entries).await,
                 (None, Some(state_dir)) => revoke(&state_dir, &entries),
                 (None, None) => unreachable!("clap requires --state-dir without --etcd-endpoints"),
             };

@@ -178,11 +178,23 @@ async fn follow(
                 revision = revision.max(header.revision());
             }
             let (changes, canceled) = store.changes(&answer);
+            // The identities of one answer (a transaction allocates many) are adopted at once,
+            // before the records that may use them: the served sets are derived once an answer.
+            let (identities, changes): (Vec<_>, Vec<_>) = changes
+                .into_iter()
+                .partition(|c| matches!(c, Ok(Change::Identity { .. })));
+            hub.adopt_identities(
+                identities
+                    .into_iter()
+                    .filter_map(|c| match c {
+                        Ok(Change::Identity { key, number }) => Some((key, number)),
+                        _ => None,
+                    })
+                    .collect(),
+            );
             for change in changes {
                 match change {
-                    Ok(Change::Identity { key, number }) => {
-                        hub.adopt_identities(BTreeMap::from([(key, number)]))
-                    }
+                    Ok(Change::Identity { .. }) => {}
                     Ok(Change::Node { node, record }) => {
                         if hub.connected_nodes().contains(&node) {
                             let mut written = written.lock().expect("written lock poisoned");
