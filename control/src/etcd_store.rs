@@ -55,6 +55,42 @@ pub enum StoreError {
     },
     #[error("etcd: every workload identity number is taken")]
     Exhausted,
+    #[error("etcd: the record of node {node} takes {bytes} bytes compressed, more than {MAX_RECORD_BYTES} (etcd refuses requests above --max-request-bytes, 1.5 MiB by default)")]
+    TooLarge { node: String, bytes: usize },
+}
+
+/// The largest node record written (compressed), below etcd's default request limit.
+pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
+/// The largest node record read back (uncompressed): a record that inflates past it is refused.
+const MAX_RECORD_JSON_BYTES: u64 = 64 * 1024 * 1024;
+
+/// A node record as stored: gzipped JSON (a node's workloads repeat the same fields, so 10,000
+/// of them fit well within etcd's request limit).
+fn encode_record(record: &NodeRecord) -> Vec<u8> {
+    use std::io::Write as _;
+    let json = serde_json::to_vec(record).expect("a node record serializes");
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder
+        .write_all(&json)
+        .and_then(|()| encoder.finish())
+        .expect("compressing into memory")
+}
+
+/// A stored node record: gzipped JSON, or plain JSON (as an operator may write it by hand).
+fn decode_record(bytes: &[u8]) -> Result<NodeRecord, String> {
+    use std::io::Read as _;
+    if !bytes.starts_with(&[0x1f, 0x8b]) {
+        return serde_json::from_slice(bytes).map_err(|e| e.to_string());
+    }
+    let mut json = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .take(MAX_RECORD_JSON_BYTES + 1)
+        .read_to_end(&mut json)
+        .map_err(|e| format!("not gzip: {e}"))?;
+    if json.len() as u64 > MAX_RECORD_JSON_BYTES {
+        return Err(format!("inflates past {MAX_RECORD_JSON_BYTES} bytes"));
+    }
+    serde_json::from_slice(&json).map_err(|e| e.to_string())
 }
 
 /// How a replica reaches etcd.
@@ -250,10 +286,10 @@ impl EtcdStore {
                 }))
             }
             "nodes" => {
-                let record = match text {
+                let record = match value {
                     None => None,
-                    Some(text) => Some(
-                        serde_json::from_str::<NodeRecord>(&text)
+                    Some(bytes) => Some(
+                        decode_record(bytes)
                             .map_err(|e| format!("{key}: not a node record: {e}"))?,
                     ),
                 };
@@ -516,7 +552,13 @@ impl EtcdStore {
         record: &NodeRecord,
         lease: i64,
     ) -> Result<(), StoreError> {
-        let value = serde_json::to_string(record).expect("a node record serializes");
+        let value = encode_record(record);
+        if value.len() > MAX_RECORD_BYTES {
+            return Err(StoreError::TooLarge {
+                node: node.to_owned(),
+                bytes: value.len(),
+            });
+        }
         timed(self.client.clone().put(
             self.key("nodes", node),
             value,
@@ -595,5 +637,44 @@ impl EtcdStore {
             }
         }
         (out, answer.canceled())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_records_round_trip_compressed_and_10000_workloads_fit() {
+        let workloads: Vec<WorkloadRecord> = (0..10_000)
+            .map(|i| WorkloadRecord {
+                name: format!("workload-{i}"),
+                spiffe_id: format!("spiffe://cluster.local/ns/shop/sa/app-{i}"),
+                namespace: Some("shop".into()),
+                labels: BTreeMap::from([("app".to_string(), format!("app-{i}"))]),
+                addresses: vec![std::net::IpAddr::from([
+                    10,
+                    1,
+                    (i / 250) as u8,
+                    (i % 250) as u8,
+                ])],
+                ..WorkloadRecord::default()
+            })
+            .collect();
+        let record = NodeRecord {
+            workloads,
+            tunnel: "10.0.0.1:15008".into(),
+        };
+        let stored = encode_record(&record);
+        assert!(stored.len() < MAX_RECORD_BYTES, "{} bytes", stored.len());
+        eprintln!("10,000 workloads: {} bytes compressed", stored.len());
+        assert_eq!(decode_record(&stored), Ok(record));
+        assert!(decode_record(b"{not json").is_err());
+        assert!(decode_record(&[0x1f, 0x8b, 0, 1]).is_err());
+        assert_eq!(
+            decode_record(br#"{"workloads": []}"#),
+            Ok(NodeRecord::default()),
+            "plain JSON, as written by hand"
+        );
     }
 }

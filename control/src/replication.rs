@@ -333,7 +333,15 @@ async fn write_nodes(hub: Arc<Hub>, store: EtcdStore, lease: Duration, written: 
                         .insert(node, record);
                 }
                 Err(e) => {
-                    retry = true;
+                    // A record too large stays so until the node reports again: not retried.
+                    if matches!(e, StoreError::TooLarge { .. }) {
+                        written
+                            .lock()
+                            .expect("written lock poisoned")
+                            .insert(node.clone(), record);
+                    } else {
+                        retry = true;
+                    }
                     tracing::error!(node, error = %e, "writing the node's record to the shared store");
                 }
             }
