@@ -184,6 +184,7 @@ mod tests {
         let document = crate::policy_set::ClusterDocument {
             source: "policies/web".into(),
             yaml: document(&object),
+            writer: None,
         };
         crate::policy_set::check_document(&document).expect("ward reads it");
     }

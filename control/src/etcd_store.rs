@@ -161,12 +161,42 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
-async fn timed<T>(
-    call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(CALL_TIMEOUT, call).await {
-        Ok(result) => Ok(result?),
-        Err(_) => Err(StoreError::Timeout),
+/// Runs one store call (`call` makes it) within [`CALL_TIMEOUT`], again after a transport
+/// failure (a member that went away: the client's channel then picks another), up to
+/// [`CALL_ATTEMPTS`] times. Every call ward makes is safe to make twice: a transaction that took
+/// effect the first time fails its comparisons the second, and its caller reads what is there.
+async fn timed<T, F, Fut>(call: F) -> Result<T, StoreError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut attempt = 1;
+    loop {
+        let failed = match tokio::time::timeout(CALL_TIMEOUT, call()).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) if attempt < CALL_ATTEMPTS && transient(&e) => e,
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(StoreError::Timeout),
+        };
+        tracing::debug!(error = %failed, attempt, "store call failed; trying again");
+        tokio::time::sleep(RETRY_PAUSE).await;
+        attempt += 1;
+    }
+}
+
+/// How many times a store call is tried when its transport fails.
+const CALL_ATTEMPTS: u32 = 3;
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Whether `e` is the transport's (a member gone, a connection reset), not etcd's answer.
+fn transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        ),
+        _ => false,
     }
 }
 
@@ -223,14 +253,46 @@ impl EtcdStore {
         format!("{}{kind}/{name}", self.prefix)
     }
 
+    async fn get(
+        &self,
+        key: String,
+        options: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, StoreError> {
+        timed(|| {
+            let (mut client, key, options) = (self.client.clone(), key.clone(), options.clone());
+            async move { client.get(key, options).await }
+        })
+        .await
+    }
+
+    async fn put(
+        &self,
+        key: String,
+        value: Vec<u8>,
+        options: Option<PutOptions>,
+    ) -> Result<(), StoreError> {
+        timed(|| {
+            let (mut client, key, value) = (self.client.clone(), key.clone(), value.clone());
+            let options = options.clone();
+            async move { client.put(key, value, options).await }
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
+        timed(|| {
+            let (mut client, txn) = (self.client.clone(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+        .await
+    }
+
     /// Everything the store holds, at one revision.
     pub async fn load(&self) -> Result<Snapshot, StoreError> {
-        let response = timed(
-            self.client
-                .clone()
-                .get(self.prefix.clone(), Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
+        let response = self
+            .get(self.prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await?;
         let mut snapshot = Snapshot {
             revision: response.header().map_or(0, |h| h.revision()),
             ..Snapshot::default()
@@ -324,7 +386,7 @@ impl EtcdStore {
         }
         let last_key = self.key("history", "last");
         loop {
-            let got = timed(self.client.clone().get(last_key.clone(), None)).await?;
+            let got = self.get(last_key.clone(), None).await?;
             let (last, revision) = match got.kvs().first() {
                 Some(kv) => (
                     serde_json::from_slice::<Last>(kv.value()).map_err(|e| {
@@ -342,7 +404,7 @@ impl EtcdStore {
                     0,
                 ),
             };
-            if last.version > 0 && last.sources == record.sources {
+            if last.version > 0 && crate::history::same_sources(&last.sources, &record.sources) {
                 record.version = last.version;
                 return Ok(false);
             }
@@ -368,7 +430,7 @@ impl EtcdStore {
                     None,
                 ),
             ]);
-            if timed(self.client.clone().txn(txn)).await?.succeeded() {
+            if self.txn(txn).await?.succeeded() {
                 return Ok(true);
             }
         }
@@ -377,12 +439,9 @@ impl EtcdStore {
     /// The shared policy history, oldest first. A malformed record is an error naming it.
     pub async fn history(&self) -> Result<Vec<crate::history::Record>, StoreError> {
         let prefix = self.key("history", "v/");
-        let got = timed(
-            self.client
-                .clone()
-                .get(prefix, Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
+        let got = self
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
         got.kvs()
             .iter()
             .map(|kv| {
@@ -405,7 +464,7 @@ impl EtcdStore {
             let txn = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(key, "", None)]);
-            added.push(timed(self.client.clone().txn(txn)).await?.succeeded());
+            added.push(self.txn(txn).await?.succeeded());
         }
         Ok(added)
     }
@@ -451,13 +510,10 @@ impl EtcdStore {
                 then.push(TxnOp::put(by_key, number.to_string(), None));
                 then.push(TxnOp::put(by_number, key.as_str(), None));
             }
-            if timed(
-                self.client
-                    .clone()
-                    .txn(Txn::new().when(when).and_then(then)),
-            )
-            .await?
-            .succeeded()
+            if self
+                .txn(Txn::new().when(when).and_then(then))
+                .await?
+                .succeeded()
             {
                 out.extend(proposed.into_iter().map(|(k, n)| (k.clone(), n)));
                 continue;
@@ -489,7 +545,7 @@ impl EtcdStore {
                     TxnOp::put(by_number, key, None),
                 ])
                 .or_else([TxnOp::get(by_key.clone(), None)]);
-            let response = timed(self.client.clone().txn(txn)).await?;
+            let response = self.txn(txn).await?;
             // The number is taken now, by this key or another.
             taken.insert(number);
             if response.succeeded() {
@@ -518,9 +574,12 @@ impl EtcdStore {
     /// A lease of `ttl` (at least one second) for a node's record.
     pub async fn grant(&self, ttl: Duration) -> Result<i64, StoreError> {
         let seconds = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        Ok(timed(self.client.clone().lease_grant(seconds, None))
-            .await?
-            .id())
+        let grant = timed(|| {
+            let mut client = self.client.clone();
+            async move { client.lease_grant(seconds, None).await }
+        })
+        .await?;
+        Ok(grant.id())
     }
 
     /// Keeps `lease` alive until the returned task is aborted or the store stops answering
@@ -559,23 +618,27 @@ impl EtcdStore {
                 bytes: value.len(),
             });
         }
-        timed(self.client.clone().put(
+        self.put(
             self.key("nodes", node),
             value,
             Some(PutOptions::new().with_lease(lease)),
-        ))
-        .await?;
-        Ok(())
+        )
+        .await
     }
 
     pub async fn delete_node(&self, node: &str) -> Result<(), StoreError> {
-        timed(self.client.clone().delete(self.key("nodes", node), None)).await?;
-        Ok(())
+        let key = self.key("nodes", node);
+        timed(|| {
+            let (mut client, key) = (self.client.clone(), key.clone());
+            async move { client.delete(key, None).await }
+        })
+        .await
+        .map(drop)
     }
 
     /// Whether join token digest `digest` was spent, by any replica.
     pub async fn token_spent(&self, digest: &str) -> Result<bool, StoreError> {
-        let response = timed(self.client.clone().get(self.key("tokens", digest), None)).await?;
+        let response = self.get(self.key("tokens", digest), None).await?;
         Ok(!response.kvs().is_empty())
     }
 
@@ -585,35 +648,33 @@ impl EtcdStore {
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, node, None)]);
-        Ok(timed(self.client.clone().txn(txn)).await?.succeeded())
+        Ok(self.txn(txn).await?.succeeded())
     }
 
     /// Whether the store answers a linearizable read within `within` (a member cut off from the
     /// others' quorum does not).
     pub async fn probe(&self, within: Duration) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
-        let read = client.get(
+        // Through the retries of any call: a member that went away is not the store cut off.
+        let read = self.get(
             self.key("probe", "read"),
             Some(GetOptions::new().with_keys_only()),
         );
         match tokio::time::timeout(within, read).await {
-            Ok(result) => result.map(drop).map_err(StoreError::from),
+            Ok(result) => result.map(drop),
             Err(_) => Err(StoreError::Timeout),
         }
     }
 
     /// Watches every change after `revision`.
     pub async fn watch(&self, revision: i64) -> Result<WatchStream, StoreError> {
-        timed(
-            self.client.clone().watch(
-                self.prefix.clone(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(revision + 1),
-                ),
-            ),
-        )
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        timed(|| {
+            let (mut client, options) = (self.client.clone(), options.clone());
+            let prefix = self.prefix.clone();
+            async move { client.watch(prefix, Some(options)).await }
+        })
         .await
     }
 

@@ -43,6 +43,19 @@ pub struct SourceDigest {
     /// A file's path, or a cluster object's `<kind>/<namespace>/<name>`.
     pub source: String,
     pub sha256: String,
+    /// A cluster object's last writer: the manager of its most recent managed-fields entry
+    /// (`kubectl-client-side-apply`, `argocd-controller`, ...), as the API server records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
+}
+
+/// Whether two sets of sources hold the same texts (their last writers aside: an object applied
+/// again unchanged by another client is no new version).
+pub fn same_sources(a: &[SourceDigest], b: &[SourceDigest]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(a, b)| a.source == b.source && a.sha256 == b.sha256)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,7 +115,7 @@ pub struct Served<'a> {
     pub reason: &'a str,
     pub served: String,
     pub policies: usize,
-    pub sources: &'a [(String, String)],
+    pub sources: &'a [SourceDigest],
     pub dir: &'a Path,
     /// The access diff from the set served before, computed by the caller ([`diff`]) when
     /// [`Writer::wants_diff`] said so: not under the hub's lock.
@@ -167,17 +180,10 @@ impl Writer {
     /// Records `served` unless its sources are those of the last record (a set read again, as
     /// at a restart, is no new version). Returns the record written.
     pub fn record(&mut self, served: &Served<'_>) -> Result<Option<Record>, HistoryError> {
-        let sources: Vec<SourceDigest> = served
-            .sources
-            .iter()
-            .map(|(source, sha256)| SourceDigest {
-                source: source.clone(),
-                sha256: sha256.clone(),
-            })
-            .collect();
+        let sources = served.sources.to_vec();
         let first_since_start = !std::mem::replace(&mut self.since_start, true);
         if let Some((version, last)) = self.last.as_ref().filter(|_| self.shared.is_none()) {
-            if *last == sources {
+            if same_sources(last, &sources) {
                 self.served
                     .lock()
                     .expect("served lock poisoned")
@@ -421,7 +427,11 @@ pub fn show(record: &Record) -> String {
         record.git_commit.as_deref().unwrap_or("-"),
     );
     for s in &record.sources {
-        out += &format!("  {}  {}\n", s.sha256, s.source);
+        out += &format!("  {}  {}", s.sha256, s.source);
+        if let Some(writer) = &s.writer {
+            out += &format!("  (last written by {writer})");
+        }
+        out.push('\n');
     }
     match &record.diff {
         Some(diff) => {
@@ -479,6 +489,7 @@ mod tests {
             sources: vec![SourceDigest {
                 source: "web.yaml".into(),
                 sha256: "00".into(),
+                writer: None,
             }],
             git_commit: None,
             diff: None,

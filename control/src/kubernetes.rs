@@ -322,6 +322,7 @@ impl Cluster {
                 .map(|(key, policy)| ClusterDocument {
                     source: format!("{NETWORK_POLICIES}/{key}"),
                     yaml: network_policy_document(policy),
+                    writer: last_writer(policy),
                 });
         let policies = self
             .policies
@@ -330,6 +331,7 @@ impl Cluster {
             .map(|(key, policy)| ClusterDocument {
                 source: format!("{}/{key}", crd::PLURAL),
                 yaml: crd::document(policy),
+                writer: last_writer(policy),
             });
         network_policies.chain(policies).collect()
     }
@@ -611,8 +613,8 @@ async fn report_refusal(recorder: &Recorder, cluster: &Cluster, refusal: Refusal
 /// not compile changes nothing: a new one is left out, a changed one keeps its previous version.
 #[derive(Default)]
 struct Checked {
-    /// By source: the last version that passed.
-    accepted: BTreeMap<String, String>,
+    /// By source: the last version that passed, with its writer.
+    accepted: BTreeMap<String, ClusterDocument>,
     /// By source: the version refused, logged once.
     refused: BTreeMap<String, String>,
 }
@@ -624,21 +626,23 @@ impl Checked {
         documents: Vec<ClusterDocument>,
     ) -> (Vec<ClusterDocument>, Vec<Refusal>) {
         let mut refused = Vec::new();
-        let current: BTreeMap<String, String> =
-            documents.into_iter().map(|d| (d.source, d.yaml)).collect();
+        let current: BTreeMap<String, ClusterDocument> = documents
+            .into_iter()
+            .map(|d| (d.source.clone(), d))
+            .collect();
         self.accepted
             .retain(|source, _| current.contains_key(source));
         self.refused
             .retain(|source, _| current.contains_key(source));
-        for (source, yaml) in current {
-            if self.accepted.get(&source) == Some(&yaml) {
+        for (source, document) in current {
+            // Only the text decides: an object applied again unchanged keeps its version.
+            if self.accepted.get(&source).map(|d| &d.yaml) == Some(&document.yaml) {
                 continue;
             }
-            let document = ClusterDocument { source, yaml };
             match crate::policy_set::check_document(&document) {
                 Ok(()) => {
-                    self.refused.remove(&document.source);
-                    self.accepted.insert(document.source, document.yaml);
+                    self.refused.remove(&source);
+                    self.accepted.insert(source, document);
                 }
                 Err(errors) => {
                     if self.refused.get(&document.source) != Some(&document.yaml) {
@@ -668,16 +672,17 @@ impl Checked {
                 }
             }
         }
-        let accepted = self
-            .accepted
-            .iter()
-            .map(|(source, yaml)| ClusterDocument {
-                source: source.clone(),
-                yaml: yaml.clone(),
-            })
-            .collect();
-        (accepted, refused)
+        (self.accepted.values().cloned().collect(), refused)
     }
+}
+
+/// An object's last writer: the manager of its most recent managed-fields entry.
+fn last_writer(object: &impl kube::ResourceExt) -> Option<String> {
+    object
+        .managed_fields()
+        .iter()
+        .max_by(|a, b| a.time.cmp(&b.time))
+        .and_then(|entry| entry.manager.clone())
 }
 
 /// Publishes the cluster's Services; what was left out is logged when first seen, not at every
@@ -804,11 +809,13 @@ mod tests {
         let good = ClusterDocument {
             source: "networkpolicies/shop/a".into(),
             yaml: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a, namespace: shop}\nspec: {podSelector: {}}\n".into(),
+            writer: Some("kubectl".into()),
         };
         let bad = |source: &str| {
             ClusterDocument {
             source: source.into(),
             yaml: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a, namespace: shop}\nspec: {podSelector: {}, bogus: 1}\n".into(),
+            writer: None,
         }
         };
         let mut checked = Checked::default();
@@ -845,7 +852,9 @@ mod tests {
         let document = ClusterDocument {
             source: "networkpolicies/shop/p".into(),
             yaml: text,
+            writer: last_writer(&policy),
         };
+        assert_eq!(document.writer.as_deref(), Some("kubectl"));
         crate::policy_set::check_document(&document).expect("ward reads it");
     }
 }

@@ -305,7 +305,7 @@ fn record_history(
     reason: &str,
     served: String,
     policies: usize,
-    sources: &[(String, String)],
+    sources: &[history::SourceDigest],
     dir: &Path,
     previous: &ward_policy::PolicySet,
 ) {

@@ -27,7 +27,7 @@ pub struct ReadSet {
     /// By policy name (ward: `metadata.name`; NetworkPolicy: `namespace/name`).
     pub resources: BTreeMap<String, Resource>,
     /// Every file and cluster object read, with the SHA-256 of its text (hex), in reading order.
-    pub sources: Vec<(String, String)>,
+    pub sources: Vec<crate::history::SourceDigest>,
 }
 
 fn file_error(file: &Path, document: Option<usize>, reason: String) -> PolicyError {
@@ -48,6 +48,8 @@ pub struct ClusterDocument {
     /// Where it is: `networkpolicies/<namespace>/<name>`; diagnostics name it as they name files.
     pub source: String,
     pub yaml: String,
+    /// Its last writer ([`crate::history::SourceDigest::writer`]), if the API server says.
+    pub writer: Option<String>,
 }
 
 /// Reads the directory, and the documents read from the cluster, into policies and POLICY
@@ -82,11 +84,19 @@ pub fn read(dir: &Path, cluster: &[ClusterDocument]) -> Result<ReadSet, Vec<Poli
         };
         // Relative to the directory, so replicas that mount it elsewhere name it alike.
         let name = file.strip_prefix(dir).unwrap_or(&file);
-        sources.push((name.display().to_string(), crate::sha256_hex(&text)));
+        sources.push(crate::history::SourceDigest {
+            source: name.display().to_string(),
+            sha256: crate::sha256_hex(&text),
+            writer: None,
+        });
         add_text(&mut report, &mut documents, &file, &text);
     }
     for document in cluster {
-        sources.push((document.source.clone(), crate::sha256_hex(&document.yaml)));
+        sources.push(crate::history::SourceDigest {
+            source: document.source.clone(),
+            sha256: crate::sha256_hex(&document.yaml),
+            writer: document.writer.clone(),
+        });
         add_text(
             &mut report,
             &mut documents,

@@ -229,6 +229,64 @@ pub struct Etcd {
     members: Vec<Member>,
     /// `http://127.0.0.1:<port>,...`, what `--etcd-endpoints` takes.
     pub endpoint: String,
+    /// With TLS: the members' certificate and key, and the CA that signed them.
+    tls: Option<EtcdTls>,
+}
+
+/// The files of an etcd that speaks TLS and requires client certificates, all signed by one CA
+/// the test made: what a replica's `--etcd-ca`, `--etcd-cert` and `--etcd-key` take, and the
+/// members' own.
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+impl EtcdTls {
+    fn create(dir: &Path) -> EtcdTls {
+        use rcgen::{
+            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        };
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key).expect("CA certificate").pem();
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("CA issuer");
+        let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::new(names).expect("params");
+            params.extended_key_usages = vec![usage];
+            let cert = params.signed_by(&key, &issuer).expect("certificate");
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client_cert, client_key) = leaf(
+            vec!["ward-control".into()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        let tls = EtcdTls {
+            ca: dir.join("etcd-ca.pem"),
+            client_cert: dir.join("etcd-client.pem"),
+            client_key: dir.join("etcd-client-key.pem"),
+            server_cert: dir.join("etcd-server.pem"),
+            server_key: dir.join("etcd-server-key.pem"),
+        };
+        for (file, text) in [
+            (&tls.ca, &ca_pem),
+            (&tls.client_cert, &client_cert),
+            (&tls.client_key, &client_key),
+            (&tls.server_cert, &server_cert),
+            (&tls.server_key, &server_key),
+        ] {
+            write_replacing(file, text, 0o600);
+        }
+        tls
+    }
 }
 
 struct Member {
@@ -251,8 +309,22 @@ impl Etcd {
         Etcd::cluster(dir, 1)
     }
 
+    /// One member that speaks TLS to its clients and requires their certificates.
+    pub fn start_tls(dir: &Path) -> Etcd {
+        Etcd::members(dir, 1, Some(EtcdTls::create(dir)))
+    }
+
+    /// The files a replica needs to reach a member started by [`Etcd::start_tls`].
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
+    }
+
     /// `size` members in one cluster.
     pub fn cluster(dir: &Path, size: usize) -> Etcd {
+        Etcd::members(dir, size, None)
+    }
+
+    fn members(dir: &Path, size: usize, tls: Option<EtcdTls>) -> Etcd {
         let members: Vec<Member> = (0..size)
             .map(|i| Member {
                 process: None,
@@ -261,9 +333,10 @@ impl Etcd {
                 peer_port: free_port(),
             })
             .collect();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let endpoint = members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .map(|m| format!("{scheme}://127.0.0.1:{}", m.client_port))
             .collect::<Vec<_>>()
             .join(",");
         let initial = members
@@ -271,7 +344,11 @@ impl Etcd {
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
-        let mut etcd = Etcd { members, endpoint };
+        let mut etcd = Etcd {
+            members,
+            endpoint,
+            tls,
+        };
         // Members of a new cluster wait for each other: start them all, then wait for each.
         let processes: Vec<Process> = (0..size).map(|i| etcd.spawn(dir, i, &initial)).collect();
         for (i, process) in processes.into_iter().enumerate() {
@@ -283,12 +360,13 @@ impl Etcd {
 
     /// The client URL of member `i`.
     pub fn member(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.members[i].client_port)
     }
 
     fn spawn(&self, dir: &Path, i: usize, initial: &str) -> Process {
         let m = &self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let client = self.member(i);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let mut command = Command::new("etcd");
         command
@@ -306,6 +384,16 @@ impl Etcd {
             .arg(&peer)
             .arg("--initial-cluster")
             .arg(initial);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--cert-file")
+                .arg(&tls.server_cert)
+                .arg("--key-file")
+                .arg(&tls.server_key);
+        }
         let capture = Capture::log_file(dir.join(format!("etcd-{}.log", m.name))).appending();
         Process::spawn(
             "etcd (apt-get install etcd-server, or cargo xtask setup)",

@@ -28,6 +28,17 @@ fn replicas_on(
     b_etcd: &str,
     lease: &str,
 ) -> (ControlPlane, ControlPlane) {
+    replicas_with(tmp, a_etcd, b_etcd, lease, |_| {})
+}
+
+/// [`replicas_on`], with `more` adding to both replicas' arguments.
+fn replicas_with(
+    tmp: &Path,
+    a_etcd: &str,
+    b_etcd: &str,
+    lease: &str,
+    more: impl Fn(&mut Vec<String>),
+) -> (ControlPlane, ControlPlane) {
     let ca = tmp.join("ca");
     let made = Command::new(env!("CARGO_BIN_EXE_ward-control"))
         .args(["init-ca", "--trust-domain", "example.org", "--state-dir"])
@@ -47,7 +58,8 @@ fn replicas_on(
                 etcd.to_owned(),
                 "--node-lease".into(),
                 lease.into(),
-            ]
+            ];
+            more(&mut opts.extra_args);
         })
     };
     (start("a", a_etcd), start("b", b_etcd))
@@ -316,4 +328,44 @@ async fn a_revocation_in_etcd_reaches_every_replica_and_a_malformed_record_is_le
         .until("node-b's workloads gone", |s| !has(s, "10.0.0.2"))
         .await;
     assert!(has(&state, "10.0.0.1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_reach_an_etcd_that_requires_client_certificates() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let etcd = Etcd::start_tls(tmp.path());
+    let tls = etcd.tls().expect("TLS files");
+    let (a, _b) = replicas_with(tmp.path(), &etcd.endpoint, &etcd.endpoint, "1h", |args| {
+        for (flag, file) in [
+            ("--etcd-ca", &tls.ca),
+            ("--etcd-cert", &tls.client_cert),
+            ("--etcd-key", &tls.client_key),
+        ] {
+            args.push(flag.into());
+            args.push(file.display().to_string());
+        }
+    });
+    let mut on_a = Agent::start(
+        agent_config(&a, tmp.path(), "node-a"),
+        vec![workload("web", "web", "10.0.0.1")],
+    );
+    on_a.until("web registered through etcd over TLS", |s| {
+        has(s, "10.0.0.1")
+    })
+    .await;
+
+    // Without a client certificate etcd refuses the replica, which does not start.
+    let refused = Command::new(env!("CARGO_BIN_EXE_ward-control"))
+        .args(["--policy-dir"])
+        .arg(tmp.path().join("a/policy"))
+        .args(["--state-dir"])
+        .arg(tmp.path().join("a/state"))
+        .args(["--listen", "127.0.0.1:0", "--trust-domain", "example.org"])
+        .args(["--etcd-endpoints", &etcd.endpoint, "--etcd-ca"])
+        .arg(&tls.ca)
+        .output()
+        .expect("running ward-control");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("etcd"), "{stderr}");
 }
