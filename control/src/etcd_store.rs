@@ -164,7 +164,8 @@ impl std::fmt::Debug for EtcdStore {
 /// Runs one store call (`call` makes it) within [`CALL_TIMEOUT`], again after a transport
 /// failure (a member that went away: the client's channel then picks another), up to
 /// [`CALL_ATTEMPTS`] times. Every call ward makes is safe to make twice: a transaction that took
-/// effect the first time fails its comparisons the second, and its caller reads what is there.
+/// effect the first time fails its comparisons the second, and its caller reads what is there
+/// (a spent token and the history's head carry a claim of the attempt that wrote them).
 async fn timed<T, F, Fut>(call: F) -> Result<T, StoreError>
 where
     F: Fn() -> Fut,
@@ -383,7 +384,11 @@ impl EtcdStore {
         struct Last {
             version: u64,
             sources: Vec<crate::history::SourceDigest>,
+            /// Which append wrote it: a retry whose first try took effect finds its own.
+            #[serde(default)]
+            claim: String,
         }
+        let claim = format!("{:016x}", crate::random_u64());
         let last_key = self.key("history", "last");
         loop {
             let got = self.get(last_key.clone(), None).await?;
@@ -400,10 +405,15 @@ impl EtcdStore {
                     Last {
                         version: 0,
                         sources: Vec::new(),
+                        claim: String::new(),
                     },
                     0,
                 ),
             };
+            if last.claim == claim {
+                record.version = last.version;
+                return Ok(true);
+            }
             if last.version > 0 && crate::history::same_sources(&last.sources, &record.sources) {
                 record.version = last.version;
                 return Ok(false);
@@ -412,6 +422,7 @@ impl EtcdStore {
             let head = Last {
                 version: record.version,
                 sources: record.sources.clone(),
+                claim: claim.clone(),
             };
             let condition = if revision == 0 {
                 Compare::create_revision(last_key.clone(), CompareOp::Equal, 0)
@@ -643,12 +654,24 @@ impl EtcdStore {
     }
 
     /// Spends join token digest `digest` for `node`; false when a replica spent it first.
+    ///
+    /// The spend names this attempt (`<node> <random>`), so a retry whose first try took effect
+    /// but lost its answer finds its own spend there, and no other join's.
     pub async fn spend_token(&self, digest: &str, node: &str) -> Result<bool, StoreError> {
         let key = self.key("tokens", digest);
+        let claim = format!("{node} {:016x}", crate::random_u64());
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, node, None)]);
-        Ok(self.txn(txn).await?.succeeded())
+            .and_then([TxnOp::put(key.clone(), claim.as_str(), None)])
+            .or_else([TxnOp::get(key, None)]);
+        let response = self.txn(txn).await?;
+        if response.succeeded() {
+            return Ok(true);
+        }
+        Ok(response.op_responses().into_iter().any(|op| {
+            matches!(op, TxnOpResponse::Get(get)
+                if get.kvs().first().is_some_and(|kv| kv.value() == claim.as_bytes()))
+        }))
     }
 
     /// Whether the store answers a linearizable read within `within` (a member cut off from the
