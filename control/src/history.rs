@@ -526,4 +526,35 @@ mod tests {
         );
         assert_eq!((d.skipped, d.changed), (None, 0));
     }
+
+    #[test]
+    fn an_unchanged_text_from_another_writer_is_no_new_version() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let mut writer = Writer::open(tmp.path().join(HISTORY_FILE)).expect("open");
+        let source = |sha256: &str, writer: &str| SourceDigest {
+            source: "networkpolicies/shop/db".into(),
+            sha256: sha256.into(),
+            writer: Some(writer.into()),
+        };
+        let mut record = |sources: &[SourceDigest]| {
+            writer
+                .record(&Served {
+                    reason: "cluster change",
+                    served: format!("v-{}", sources[0].sha256),
+                    policies: 1,
+                    sources,
+                    dir: tmp.path(),
+                    diff: None,
+                })
+                .expect("recorded")
+        };
+        let first = record(&[source("00", "kubectl-client-side-apply")]).expect("a version");
+        assert_eq!(
+            first.sources[0].writer.as_deref(),
+            Some("kubectl-client-side-apply")
+        );
+        assert!(record(&[source("00", "argocd-controller")]).is_none());
+        let changed = record(&[source("01", "argocd-controller")]).expect("a version");
+        assert_eq!(changed.version, 2);
+    }
 }
