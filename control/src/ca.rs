@@ -1,6 +1,6 @@
 //! The control plane's certificate authority: created once in the state directory, it signs the
 //! control plane's own serving certificate and the nodes' client certificates.
-use std::{net::IpAddr, time::Duration};
+use std::{net::IpAddr, path::Path, time::Duration};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 
-use crate::state_dir::{StateDir, StateDirError};
+use crate::state_dir::{StateDir, StateDirError, CA_CERT_FILE, CA_KEY_FILE, TRUST_DOMAIN_FILE};
 
 /// The DNS name every serving certificate carries, whatever address agents dial; agents verify
 /// it (`serverName` in their configuration) so that only this CA's control plane is trusted.
@@ -181,21 +181,84 @@ impl Ca {
                 ))
             }
         };
-        let cert_der = pem_to_der(&cert_pem)
-            .ok_or_else(|| load(&state.ca_cert(), "not a PEM certificate".into()))?;
+        Ca::from_pem(
+            trust_domain,
+            cert_pem,
+            key,
+            (&state.ca_cert(), &state.ca_key()),
+            node_cert_lifetime,
+        )
+    }
+
+    /// Loads a CA made elsewhere (`ward-control init-ca`) from `dir`, such as a Secret every
+    /// replica mounts: read only, never created or written there.
+    pub fn load(
+        dir: &Path,
+        trust_domain: &str,
+        node_cert_lifetime: Duration,
+    ) -> Result<Ca, CaError> {
+        let (cert_file, key_file) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
+        let read = |file: &Path| {
+            std::fs::read_to_string(file).map_err(|e| CaError::Load {
+                file: file.display().to_string(),
+                reason: if e.kind() == std::io::ErrorKind::NotFound {
+                    "missing: create the CA once with `ward-control init-ca` and give every replica its files".into()
+                } else {
+                    e.to_string()
+                },
+            })
+        };
+        match std::fs::read_to_string(dir.join(TRUST_DOMAIN_FILE)) {
+            Ok(found) if found.trim() != trust_domain => {
+                return Err(CaError::TrustDomain {
+                    found: found.trim().into(),
+                    wanted: trust_domain.into(),
+                })
+            }
+            // Optional here: the CA certificate names its trust domain anyway.
+            _ => {}
+        }
+        let cert_pem = read(&cert_file)?;
+        let key = KeyPair::from_pem(&read(&key_file)?).map_err(|e| CaError::Load {
+            file: key_file.display().to_string(),
+            reason: format!("not a private key: {e}"),
+        })?;
+        Ca::from_pem(
+            trust_domain,
+            cert_pem,
+            key,
+            (&cert_file, &key_file),
+            node_cert_lifetime,
+        )
+    }
+
+    /// The CA of `cert_pem` and its `key` (read from `files`), refused unless they match.
+    fn from_pem(
+        trust_domain: &str,
+        cert_pem: String,
+        key: KeyPair,
+        (cert_file, key_file): (&Path, &Path),
+        node_cert_lifetime: Duration,
+    ) -> Result<Ca, CaError> {
+        let load = |file: &Path, reason: String| CaError::Load {
+            file: file.display().to_string(),
+            reason,
+        };
+        let cert_der =
+            pem_to_der(&cert_pem).ok_or_else(|| load(cert_file, "not a PEM certificate".into()))?;
         let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der)
-            .map_err(|e| load(&state.ca_cert(), format!("not an X.509 certificate: {e}")))?;
+            .map_err(|e| load(cert_file, format!("not an X.509 certificate: {e}")))?;
         if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
             return Err(load(
-                &state.ca_key(),
+                key_file,
                 format!(
                     "does not match the CA certificate {} (its public key is another's); every certificate signed with it would fail verification. Restore the pair from one backup",
-                    state.ca_cert().display()
+                    cert_file.display()
                 ),
             ));
         }
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
-            .map_err(|e| load(&state.ca_cert(), e.to_string()))?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| load(cert_file, e.to_string()))?;
         Ok(Ca {
             trust_domain: trust_domain.into(),
             issuer,
@@ -545,6 +608,33 @@ mod tests {
             .err()
             .expect("another trust domain must be refused");
         assert!(err.to_string().contains("example.org"), "{err}");
+    }
+
+    #[test]
+    fn a_ca_dir_is_read_never_written_and_a_key_of_another_ca_is_refused() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let (made, other) = (tmp.path().join("made"), tmp.path().join("other"));
+        let original = ca(&made, "example.org").cert_pem().to_owned();
+        ca(&other, "example.org");
+        let hour = Duration::from_secs(3600);
+        let loaded = Ca::load(&made, "example.org", hour).expect("the CA init-ca made");
+        assert_eq!(loaded.cert_pem(), original);
+        let err = Ca::load(&made, "other.org", hour)
+            .err()
+            .expect("trust domain");
+        assert!(err.to_string().contains("example.org"), "{err}");
+        // A directory with no CA: named, and nothing is created in it.
+        let empty = tmp.path().join("empty");
+        std::fs::create_dir(&empty).expect("dir");
+        let err = Ca::load(&empty, "example.org", hour).err().expect("no CA");
+        assert!(err.to_string().contains("init-ca"), "{err}");
+        assert_eq!(std::fs::read_dir(&empty).expect("dir").count(), 0);
+        // Another CA's key beside this certificate (a Secret made from two runs).
+        std::fs::copy(other.join(CA_KEY_FILE), made.join(CA_KEY_FILE)).expect("copy");
+        let err = Ca::load(&made, "example.org", hour)
+            .err()
+            .expect("mismatch");
+        assert!(err.to_string().contains("does not match"), "{err}");
     }
 
     #[test]

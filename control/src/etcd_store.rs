@@ -180,6 +180,7 @@ where
             Err(_) => return Err(StoreError::Timeout),
         };
         tracing::debug!(error = %failed, attempt, "store call failed; trying again");
+        crate::metrics::counters().store_retries.inc();
         tokio::time::sleep(RETRY_PAUSE).await;
         attempt += 1;
     }

@@ -261,6 +261,7 @@ async fn append_shared(
 /// The structured event of a new history version, with its access diff's counts
 /// (`ward-control show` prints the diff).
 pub fn log_recorded(record: &Record) {
+    crate::metrics::counters().policy_changes.inc();
     let counted = record.diff.as_ref().filter(|d| d.skipped.is_none());
     tracing::info!(
         reason = record.reason,

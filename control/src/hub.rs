@@ -382,6 +382,11 @@ impl Hub {
     }
 
     /// Completes once [`Hub::close`] was called.
+    /// Whether [`Hub::close`] was called (the process is shutting down).
+    pub fn is_closing(&self) -> bool {
+        *self.closing.borrow()
+    }
+
     pub async fn closed(&self) {
         let mut closing = self.closing.subscribe();
         // The sender lives as long as the hub, which outlives this borrow.

@@ -16,6 +16,7 @@ pub mod hub;
 pub mod kubernetes;
 pub mod limits;
 pub mod listener;
+pub mod metrics;
 pub mod node_status;
 pub mod policy_set;
 pub mod registry;
@@ -72,6 +73,10 @@ pub struct Options {
     pub policy_dir: PathBuf,
     pub listen: SocketAddr,
     pub state_dir: PathBuf,
+    /// Where the CA's files are when not in `state_dir` (read only).
+    pub ca_dir: Option<PathBuf>,
+    /// Where /metrics, /healthz and /readyz are served.
+    pub metrics_listen: Option<SocketAddr>,
     pub token_file: Option<PathBuf>,
     pub trust_domain: String,
     pub node_cert_lifetime: Duration,
@@ -136,7 +141,7 @@ pub enum ControlError {
     Kubernetes(#[from] kubernetes::KubernetesError),
     #[error("the shared store: {0}")]
     Store(#[from] etcd_store::StoreError),
-    #[error("{0}: no CA here; with --etcd-endpoints every replica serves the same CA, which is not created at start: create it once with `ward-control init-ca --state-dir DIR --trust-domain TD` and give every replica the same ca.pem, ca-key.pem and trust-domain files")]
+    #[error("{0}: no CA here; with --etcd-endpoints every replica serves the same CA, which is not created at start: create it once with `ward-control init-ca --state-dir DIR --trust-domain TD` and give every replica the same ca.pem, ca-key.pem and trust-domain files (in --state-dir, or mounted at --ca-dir)")]
     NoSharedCa(PathBuf),
 }
 
@@ -220,6 +225,7 @@ fn load_policies(dir: &Path, hub: &Hub, reason: &str) {
             for e in &errors {
                 tracing::error!(reason, error = %e, "policy refused");
             }
+            metrics::counters().policy_refusals.inc();
             tracing::error!(
                 reason,
                 errors = errors.len(),
@@ -433,12 +439,15 @@ async fn persist_registry(hub: Arc<Hub>, state: StateDir) {
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<(), ControlError> {
     check_trust_domain(&opts.trust_domain)?;
     let state = StateDir::open(&opts.state_dir)?;
-    if opts.etcd.is_some() && !state.ca_key().exists() {
-        return Err(ControlError::NoSharedCa(state.ca_key()));
-    }
+    let ca = match &opts.ca_dir {
+        Some(dir) => Ca::load(dir, &opts.trust_domain, opts.node_cert_lifetime)?,
+        None if opts.etcd.is_some() && !state.ca_key().exists() => {
+            return Err(ControlError::NoSharedCa(state.ca_key()))
+        }
+        None => Ca::load_or_create(&state, &opts.trust_domain, opts.node_cert_lifetime)?,
+    };
     let ca = Arc::new(
-        Ca::load_or_create(&state, &opts.trust_domain, opts.node_cert_lifetime)?
-            .with_workload_cert_lifetime(opts.workload_cert_lifetime)
+        ca.with_workload_cert_lifetime(opts.workload_cert_lifetime)
             .with_node_cert_max_age(opts.node_cert_max_age),
     );
     let store = match &opts.etcd {
@@ -535,6 +544,17 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     tokio::spawn(recheck_policies(hub.clone()));
     tokio::spawn(expire_nodes(hub.clone(), opts.node_lease));
 
+    if let Some(addr) = opts.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ControlError::Listen { addr, source })?;
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(listener, hub).await {
+                tracing::error!(error = %e, "the metrics endpoint stopped");
+            }
+        });
+    }
     let listener = listener::bind(opts.listen).map_err(|source| ControlError::Listen {
         addr: opts.listen,
         source,

@@ -30,6 +30,15 @@ struct ServeArgs {
     /// Where the CA, used join tokens and the workload registry are kept (created 0700).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Where the CA's files are (ca.pem, ca-key.pem, optionally trust-domain) when they are not
+    /// in --state-dir: a directory every replica mounts, such as a Kubernetes Secret made from
+    /// `init-ca`'s files. Read only; the CA is never created there.
+    #[arg(long, value_name = "DIR")]
+    ca_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at /metrics, liveness at /healthz and readiness at /readyz
+    /// (ready: serving, not cut off from etcd) over plain HTTP on this address.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// One-time join tokens, one a line, optionally followed by the node name it is bound to.
     /// Re-read at every join. Without it, nodes cannot join.
     #[arg(long)]
@@ -87,7 +96,8 @@ struct ServeArgs {
 struct EtcdArgs {
     /// The etcd members (`http://host:port` or `https://host:port`, comma-separated) through
     /// which replicas share identity numbers, nodes, spent join tokens, revocations and the
-    /// policy history. Every replica needs the same CA files in its --state-dir (see `init-ca`).
+    /// policy history. Every replica needs the same CA files, in its --state-dir or --ca-dir (see
+    /// `init-ca`).
     #[arg(long, value_delimiter = ',', value_name = "URL")]
     etcd_endpoints: Vec<String>,
     /// The CA of the etcd members' serving certificates (https endpoints).
@@ -400,6 +410,8 @@ async fn main() -> anyhow::Result<()> {
         policy_dir: args.policy_dir.context("--policy-dir is required")?,
         listen: args.listen,
         state_dir: args.state_dir.context("--state-dir is required")?,
+        ca_dir: args.ca_dir,
+        metrics_listen: args.metrics_listen,
         token_file: args.token_file,
         trust_domain: args.trust_domain,
         node_cert_lifetime: args.node_cert_lifetime,

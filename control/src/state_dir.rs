@@ -30,6 +30,10 @@ pub enum StateDirError {
 pub const REVOKED_FILE: &str = "revoked";
 /// The CA certificate agents trust (`ward-control ca-cert` prints it).
 pub const CA_CERT_FILE: &str = "ca.pem";
+/// The CA's private key.
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+/// The trust domain the CA and this state belong to.
+pub const TRUST_DOMAIN_FILE: &str = "trust-domain";
 
 #[derive(Clone, Debug)]
 pub struct StateDir {
@@ -78,7 +82,7 @@ impl StateDir {
     }
 
     pub fn ca_key(&self) -> PathBuf {
-        self.dir.join("ca-key.pem")
+        self.dir.join(CA_KEY_FILE)
     }
 
     /// SHA-256 of every join token already used, one hex digest a line.
@@ -98,7 +102,7 @@ impl StateDir {
 
     /// Which trust domain this state belongs to.
     pub fn trust_domain(&self) -> PathBuf {
-        self.dir.join("trust-domain")
+        self.dir.join(TRUST_DOMAIN_FILE)
     }
 
     /// `None` when the file does not exist.

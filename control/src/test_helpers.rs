@@ -66,9 +66,53 @@ impl ControlPlane {
         self.opts.root.join("tokens")
     }
 
-    /// The CA certificate agents trust (`caFile`).
+    /// The CA certificate agents trust (`caFile`): in `--ca-dir` when given.
     pub fn ca_file(&self) -> PathBuf {
-        self.state_dir().join("ca.pem")
+        self.arg("--ca-dir")
+            .map_or_else(|| self.state_dir(), PathBuf::from)
+            .join("ca.pem")
+    }
+
+    /// Where `--metrics-listen` serves /metrics, /healthz and /readyz, when given.
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.arg("--metrics-listen")
+            .map(|a| a.parse().expect("a --metrics-listen address"))
+    }
+
+    /// The value of `flag` among the extra arguments.
+    fn arg(&self, flag: &str) -> Option<&str> {
+        let args = &self.opts.extra_args;
+        let at = args.iter().position(|a| a == flag)?;
+        args.get(at + 1).map(String::as_str)
+    }
+
+    /// `GET path` from the metrics endpoint: the status code and the body.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read as _, Write as _};
+        let addr = self
+            .metrics_address()
+            .expect("started with --metrics-listen");
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("a read timeout");
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .expect("sending the request");
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .expect("reading the answer");
+        let status = answer
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+        (status, body.to_owned())
     }
 
     pub fn log_file(&self) -> PathBuf {

@@ -63,6 +63,7 @@ impl Webhook {
     /// Queues `record` for sending; never waits.
     pub fn send(&self, record: &Record) {
         if let Err(e) = self.tx.try_send(record.clone()) {
+            crate::metrics::counters().webhook_failures.inc();
             tracing::warn!(
                 history_version = record.version,
                 error = %e,
@@ -106,6 +107,7 @@ where
             tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
         }
     }
+    crate::metrics::counters().webhook_failures.inc();
 }
 
 #[cfg(test)]

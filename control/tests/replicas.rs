@@ -46,19 +46,33 @@ fn replicas_with(
         .output()
         .expect("running ward-control init-ca");
     assert!(made.status.success(), "init-ca: {made:?}");
+    // Both ways of sharing the CA: replica a reads it where it was made (as from a mounted
+    // Secret, `--ca-dir`), b has copies in its state directory.
     let start = |name: &str, etcd: &str| {
         let root = tmp.join(name);
         std::fs::create_dir_all(root.join("state")).expect("state dir");
-        for file in ["ca.pem", "ca-key.pem", "trust-domain"] {
-            std::fs::copy(ca.join(file), root.join("state").join(file)).expect("copying the CA");
+        let mut ca_args = Vec::new();
+        if name == "a" {
+            ca_args = vec!["--ca-dir".into(), ca.display().to_string()];
+        } else {
+            for file in ["ca.pem", "ca-key.pem", "trust-domain"] {
+                std::fs::copy(ca.join(file), root.join("state").join(file))
+                    .expect("copying the CA");
+            }
         }
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
         common::start_plane(&root, |opts| {
             opts.extra_args = vec![
                 "--etcd-endpoints".into(),
                 etcd.to_owned(),
                 "--node-lease".into(),
                 lease.into(),
+                "--metrics-listen".into(),
+                metrics.to_string(),
             ];
+            opts.extra_args.extend(ca_args);
             more(&mut opts.extra_args);
         })
     };
@@ -251,13 +265,18 @@ async fn a_member_lost_changes_nothing_and_a_replica_cut_off_from_etcd_stops_ser
     on_a.until(&what, |s| has(s, "10.0.0.3")).await;
 
     // Replica a cut off from etcd: it ends node-a's stream rather than serve what it cannot
-    // check, and node-a resumes on replica b.
+    // check, stops being ready (a Service stops sending agents to it), and node-a resumes on
+    // replica b.
+    assert_eq!(a.get("/readyz").0, 200, "replica a ready before the cut");
     relay.cut();
     assert!(
         a.wait_for_log("cut off from the shared store", Duration::from_secs(15)),
         "{}",
         a.logs()
     );
+    assert_eq!(a.get("/readyz"), (503, "cut off from the store\n".into()));
+    assert_eq!(a.get("/healthz").0, 200, "alive while cut off");
+    assert!(a.get("/metrics").1.contains("ward_control_store_cut_off 1"));
     assert!(
         b.wait_for_log("agent connected node=\"node-a\"", common::WAIT),
         "node-a never moved to replica b:\n{}",
@@ -277,6 +296,14 @@ async fn a_member_lost_changes_nothing_and_a_replica_cut_off_from_etcd_stops_ser
         "{}",
         a.logs()
     );
+    assert_eq!(a.get("/readyz").0, 200, "replica a ready again");
+    let metrics = b.get("/metrics").1;
+    for line in ["ward_control_nodes 2", "ward_control_store_cut_off 0"] {
+        assert!(
+            metrics.contains(line),
+            "{line} not in b's metrics:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,11 @@ fn control_plane_file() -> PathBuf {
     repository().join("deploy/kubernetes/control-plane.yaml")
 }
 
+/// The control plane as three replicas on etcd; replaces control-plane.yaml's Deployment.
+fn control_plane_etcd_file() -> PathBuf {
+    repository().join("deploy/kubernetes/control-plane-etcd.yaml")
+}
+
 fn crd_file() -> PathBuf {
     repository().join("deploy/kubernetes/crd.yaml")
 }
@@ -223,11 +228,51 @@ fn the_policy_crd_is_what_ward_control_generates_from_the_policy_types() {
 fn the_control_plane_obeys_the_api_server_rules_the_schema_leaves_out() {
     let documents = kubernetes::documents(&control_plane_file());
     let deployment = kubernetes::find(&documents, "Deployment", "ward-control");
-    let violations = kubernetes::api_server_violations(deployment);
-    assert!(
-        violations.is_empty(),
-        "the API server would refuse the Deployment:\n{}",
-        violations.join("\n")
+    let replicas = kubernetes::documents(&control_plane_etcd_file());
+    let etcd_deployment = kubernetes::find(&replicas, "Deployment", "ward-control");
+    for (file, deployment) in [
+        ("control-plane.yaml", deployment),
+        ("control-plane-etcd.yaml", etcd_deployment),
+    ] {
+        let violations = kubernetes::api_server_violations(deployment);
+        assert!(
+            violations.is_empty(),
+            "the API server would refuse {file}'s Deployment:\n{}",
+            violations.join("\n")
+        );
+    }
+    // The replicas on etcd replace the single one: same pods for the Service, the same
+    // service account; each file its flags reads is in a volume it mounts.
+    assert_eq!(
+        etcd_deployment["spec"]["template"]["metadata"]["labels"],
+        deployment["spec"]["template"]["metadata"]["labels"]
+    );
+    assert_eq!(
+        kubernetes::pod_spec(etcd_deployment)["serviceAccountName"],
+        kubernetes::pod_spec(deployment)["serviceAccountName"]
+    );
+    let container = kubernetes::container(etcd_deployment, "ward-control");
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("an argument"))
+        .collect();
+    let mounts = container["volumeMounts"].as_array().expect("volumeMounts");
+    for flag in ["--ca-dir", "--etcd-ca", "--etcd-cert", "--etcd-key"] {
+        let at = args.iter().position(|a| *a == flag).expect(flag);
+        let path = args[at + 1];
+        assert!(
+            mounts
+                .iter()
+                .any(|m| path.starts_with(m["mountPath"].as_str().expect("mountPath"))),
+            "{flag} {path} is in no volume the container mounts"
+        );
+    }
+    let budget = kubernetes::find(&replicas, "PodDisruptionBudget", "ward-control");
+    assert_eq!(
+        budget["spec"]["selector"]["matchLabels"],
+        etcd_deployment["spec"]["selector"]["matchLabels"]
     );
     // The Service reaches the Deployment's pods, on a port the container names.
     let service = kubernetes::find(&documents, "Service", "ward-control");
@@ -319,7 +364,7 @@ fn the_api_server_rules_catch_what_the_kubelet_refuses_of_the_control_plane() {
     deployment["spec"]["strategy"]["rollingUpdate"] = serde_json::json!({"maxSurge": 1});
     let spec = &mut deployment["spec"]["template"]["spec"];
     spec["securityContext"]["runAsUser"] = 0.into();
-    spec["containers"][0]["readinessProbe"]["tcpSocket"]["port"] = "http".into();
+    spec["containers"][0]["livenessProbe"]["tcpSocket"]["port"] = "http".into();
     let violations = kubernetes::api_server_violations(&deployment).join("\n");
     for expected in [
         "selector tier=\"control\" does not match",
@@ -336,19 +381,21 @@ fn the_api_server_rules_catch_what_the_kubelet_refuses_of_the_control_plane() {
 
 #[test]
 fn the_control_plane_runs_ward_control_from_the_image_cargo_xtask_image_tags() {
-    let documents = kubernetes::documents(&control_plane_file());
-    let deployment = kubernetes::find(&documents, "Deployment", "ward-control");
-    let container = kubernetes::container(deployment, "ward-control");
-    assert_eq!(
-        container["image"].as_str(),
-        Some(format!("ghcr.io/ward-dev/ward:{}", env!("CARGO_PKG_VERSION")).as_str()),
-        "the Deployment's image is not the one `cargo xtask image` tags (xtask/src/image.rs)"
-    );
-    // The image's entrypoint is ward and it sets no PATH: the binary by its path in the image.
-    assert_eq!(
-        container["command"],
-        serde_json::json!(["/usr/local/bin/ward-control"])
-    );
+    for file in [control_plane_file(), control_plane_etcd_file()] {
+        let documents = kubernetes::documents(&file);
+        let deployment = kubernetes::find(&documents, "Deployment", "ward-control");
+        let container = kubernetes::container(deployment, "ward-control");
+        assert_eq!(
+            container["image"].as_str(),
+            Some(format!("ghcr.io/ward-dev/ward:{}", env!("CARGO_PKG_VERSION")).as_str()),
+            "the Deployment's image is not the one `cargo xtask image` tags (xtask/src/image.rs)"
+        );
+        // The image's entrypoint is ward and it sets no PATH: the binary by its path in the image.
+        assert_eq!(
+            container["command"],
+            serde_json::json!(["/usr/local/bin/ward-control"])
+        );
+    }
 }
 
 // ---- The image -----------------------------------------------------------------------------
