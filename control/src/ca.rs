@@ -499,6 +499,14 @@ pub fn peer_node(leaf: &[u8], trust_domain: &str) -> Result<PeerNode, CaError> {
 }
 
 /// A PKCS#10 request, its signature verified. Only its public key is ever used.
+/// Names the key of a CSR (the SHA-256 of its public key, hexadecimal): what a join token is
+/// spent for, so that the same join retried with the same key is recognized.
+pub fn csr_key(csr_pem: &str) -> Result<String, CaError> {
+    Ok(crate::sha256_hex(
+        parse_csr(csr_pem)?.public_key.subject_public_key_info(),
+    ))
+}
+
 fn parse_csr(csr_pem: &str) -> Result<CertificateSigningRequestParams, CaError> {
     if csr_pem.len() > 16 * 1024 {
         return Err(CaError::Csr("larger than 16 KiB".into()));

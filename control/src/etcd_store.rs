@@ -114,6 +114,10 @@ pub struct NodeRecord {
     /// The tunnel address the node announced; empty when it runs none.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tunnel: String,
+    /// The policy history version the node's agent last acknowledged to the replica holding
+    /// its stream, so that every replica's status lists every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforces: Option<u64>,
 }
 
 /// A change another replica (or this one) made, as the watch reports it.
@@ -648,22 +652,24 @@ impl EtcdStore {
         .map(drop)
     }
 
-    /// Whether join token digest `digest` was spent, by any replica.
-    pub async fn token_spent(&self, digest: &str) -> Result<bool, StoreError> {
+    /// What join token digest `digest` was spent for (`<node> <key>`), by any replica; `None`
+    /// while unspent.
+    pub async fn token_spent_for(&self, digest: &str) -> Result<Option<String>, StoreError> {
         let response = self.get(self.key("tokens", digest), None).await?;
-        Ok(!response.kvs().is_empty())
+        Ok(response
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 
-    /// Spends join token digest `digest` for `node`; false when a replica spent it first.
-    ///
-    /// The spend names this attempt (`<node> <random>`), so a retry whose first try took effect
-    /// but lost its answer finds its own spend there, and no other join's.
-    pub async fn spend_token(&self, digest: &str, node: &str) -> Result<bool, StoreError> {
+    /// Spends join token digest `digest` for `claim` (`<node> <key>`); false when it was spent
+    /// for another. A retry whose first try took effect but lost its answer, and the same join
+    /// retried on another replica, find their own claim there.
+    pub async fn spend_token(&self, digest: &str, claim: &str) -> Result<bool, StoreError> {
         let key = self.key("tokens", digest);
-        let claim = format!("{node} {:016x}", crate::random_u64());
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), claim.as_str(), None)])
+            .and_then([TxnOp::put(key.clone(), claim, None)])
             .or_else([TxnOp::get(key, None)]);
         let response = self.txn(txn).await?;
         if response.succeeded() {
@@ -749,6 +755,7 @@ mod tests {
         let record = NodeRecord {
             workloads,
             tunnel: "10.0.0.1:15008".into(),
+            enforces: Some(7),
         };
         let stored = encode_record(&record);
         assert!(stored.len() < MAX_RECORD_BYTES, "{} bytes", stored.len());

@@ -104,6 +104,8 @@ pub struct Hub {
     /// The POLICY version each node's agent said it enforces (its Hello, then each ACK), since
     /// this process started; bumps `status_changed`.
     enforced: Mutex<BTreeMap<String, Option<String>>>,
+    /// What the nodes of the shared store's records enforce (history versions), by node.
+    enforced_elsewhere: Mutex<BTreeMap<String, Option<u64>>>,
     status_changed: watch::Sender<u64>,
     /// The store shared with other replicas, when there are any ([`Hub::share`]).
     store: std::sync::OnceLock<crate::etcd_store::EtcdStore>,
@@ -118,7 +120,13 @@ pub struct Hub {
 pub struct Enforcing {
     pub node: String,
     pub connected: bool,
+    /// The POLICY version its agent acknowledged to this replica.
     pub policy: Option<String>,
+    /// The node is known from the shared store, not from a stream to this replica: another
+    /// replica holds its stream, or held it less than a node lease ago.
+    pub elsewhere: bool,
+    /// The history version its agent acknowledged to that replica.
+    pub history_version: Option<u64>,
 }
 
 /// Ends a stream when a newer stream of the same node registers.
@@ -183,6 +191,7 @@ impl Hub {
             closing: watch::Sender::new(false),
             history: Mutex::new(None),
             enforced: Mutex::new(BTreeMap::new()),
+            enforced_elsewhere: Mutex::new(BTreeMap::new()),
             status_changed: watch::Sender::new(0),
             store: std::sync::OnceLock::new(),
             cut_off: watch::Sender::new(false),
@@ -307,6 +316,20 @@ impl Hub {
         node: &str,
         record: Option<crate::etcd_store::NodeRecord>,
     ) -> Vec<Refusal> {
+        let enforces = record.as_ref().map(|r| r.enforces);
+        let moved = {
+            let mut elsewhere = self
+                .enforced_elsewhere
+                .lock()
+                .expect("enforced lock poisoned");
+            match enforces {
+                Some(enforces) => elsewhere.insert(node.to_owned(), enforces) != Some(enforces),
+                None => elsewhere.remove(node).is_some(),
+            }
+        };
+        if moved {
+            Self::bump(&self.status_changed);
+        }
         let mut state = self.lock();
         if state.follows_cluster {
             return Vec::new();
@@ -318,9 +341,31 @@ impl Hub {
         refusals
     }
 
-    /// What `node` reported, as the shared store keeps it.
+    /// What `node` reported, and the history version it enforces, as the shared store keeps
+    /// them.
     pub fn node_record(&self, node: &str) -> crate::etcd_store::NodeRecord {
-        self.lock().registry.node_record(node)
+        let mut record = self.lock().registry.node_record(node);
+        record.enforces = self.enforced_history_version(node).flatten();
+        record
+    }
+
+    /// Whether `node` acknowledged a POLICY version whose history number is not known yet (the
+    /// shared history appends it a moment later).
+    pub fn enforces_unnumbered(&self, node: &str) -> bool {
+        matches!(self.enforced_history_version(node), Some(None))
+    }
+
+    /// The history number of the POLICY version `node` acknowledged to this replica: `None`
+    /// when it acknowledged none (or no history is kept), `Some(None)` while it is not numbered.
+    fn enforced_history_version(&self, node: &str) -> Option<Option<u64>> {
+        let policy = self
+            .enforced
+            .lock()
+            .expect("enforced lock poisoned")
+            .get(node)
+            .cloned()
+            .flatten()?;
+        self.with_history(|w| w.version_of(&policy))
     }
 
     /// Whether the cluster, not the agents, says which workloads run where.
@@ -347,18 +392,41 @@ impl Hub {
     pub fn node_status(&self) -> (Option<String>, Vec<Enforcing>) {
         let served = self.version(ResourceType::Policy).map(|v| v.to_string());
         let connected = self.connected_nodes();
-        let nodes = self
+        let mut nodes: BTreeMap<String, Enforcing> = self
             .enforced
             .lock()
             .expect("enforced lock poisoned")
             .iter()
-            .map(|(node, version)| Enforcing {
-                node: node.clone(),
-                connected: connected.contains(node),
-                policy: version.clone(),
+            .map(|(node, version)| {
+                let status = Enforcing {
+                    node: node.clone(),
+                    connected: connected.contains(node),
+                    policy: version.clone(),
+                    elsewhere: false,
+                    history_version: None,
+                };
+                (node.clone(), status)
             })
             .collect();
-        (served, nodes)
+        // A node whose stream another replica holds: what that replica stored.
+        let elsewhere = self
+            .enforced_elsewhere
+            .lock()
+            .expect("enforced lock poisoned")
+            .clone();
+        for (node, version) in elsewhere {
+            if !connected.contains(&node) {
+                let status = Enforcing {
+                    node: node.clone(),
+                    connected: false,
+                    policy: None,
+                    elsewhere: true,
+                    history_version: version,
+                };
+                nodes.insert(node, status);
+            }
+        }
+        (served, nodes.into_values().collect())
     }
 
     /// Records every policy set served from now on with `writer`.

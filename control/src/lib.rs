@@ -57,8 +57,8 @@ pub const DEFAULT_NODE_CERT_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 36
 const SERVING_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 /// SHA-256 of `text`, in lowercase hexadecimal: how used join tokens are kept and policy sources
 /// are recorded.
-pub fn sha256_hex(text: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+pub fn sha256_hex(data: impl AsRef<[u8]>) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data.as_ref())
         .as_ref()
         .iter()
         .map(|b| format!("{b:02x}"))

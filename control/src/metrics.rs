@@ -75,11 +75,16 @@ pub fn render(hub: &Hub) -> String {
         "The policy history version served (0: none recorded)",
         status.served_history_version.unwrap_or(0) as i64,
     );
-    gauge(&mut registry, "nodes", "Nodes registered", count(&|_| true));
+    gauge(
+        &mut registry,
+        "nodes",
+        "Nodes seen: connected to this replica, or known from the shared store",
+        count(&|_| true),
+    );
     gauge(
         &mut registry,
         "nodes_connected",
-        "Nodes whose agent has a stream to a replica",
+        "Nodes whose agent has a stream to this replica",
         count(&|n| n.connected),
     );
     gauge(

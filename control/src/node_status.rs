@@ -25,8 +25,12 @@ pub struct Status {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub node: String,
-    /// Whether its agent has a stream now.
+    /// Whether its agent has a stream to this replica now.
     pub connected: bool,
+    /// Known from the shared store, whose record says what it enforces: another replica holds
+    /// its stream, or held it less than a node lease ago.
+    #[serde(default)]
+    pub elsewhere: bool,
     /// The POLICY version its agent last said it enforces (`None`: it holds none of this
     /// control plane's), and its number in the policy history when known.
     pub enforces: Option<String>,
@@ -43,16 +47,21 @@ pub fn of(hub: &Hub) -> Status {
             .as_deref()
             .and_then(|v| hub.with_history(|w| w.version_of(v)).flatten())
     };
+    let served_version = history(&served);
     Status {
         time: time::OffsetDateTime::now_utc().to_string(),
-        served_history_version: history(&served),
+        served_history_version: served_version,
         nodes: nodes
             .into_iter()
             .map(|n| NodeStatus {
-                lagging: n.policy != served,
-                enforces_history_version: history(&n.policy),
+                lagging: match n.elsewhere {
+                    true => n.history_version != served_version,
+                    false => n.policy != served,
+                },
+                enforces_history_version: n.history_version.or_else(|| history(&n.policy)),
                 node: n.node,
                 connected: n.connected,
+                elsewhere: n.elsewhere,
                 enforces: n.policy,
             })
             .collect(),
@@ -110,7 +119,11 @@ pub fn table(status: &Status) -> String {
         out += &format!(
             "{:<24} {:<9} {:>8}  {}\n",
             n.node,
-            if n.connected { "yes" } else { "no" },
+            match (n.connected, n.elsewhere) {
+                (true, _) => "yes",
+                (false, true) => "elsewhere",
+                (false, false) => "no",
+            },
             number(n.enforces_history_version),
             if n.lagging { "yes" } else { "no" }
         );

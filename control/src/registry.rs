@@ -268,6 +268,7 @@ impl Registry {
         crate::etcd_store::NodeRecord {
             workloads: self.nodes.get(node).cloned().unwrap_or_default(),
             tunnel: self.tunnels.get(node).cloned().unwrap_or_default(),
+            enforces: None,
         }
     }
 

@@ -305,6 +305,8 @@ async fn write_nodes(hub: Arc<Hub>, store: EtcdStore, lease: Duration, written: 
             }
         }
         for node in connected {
+            // An acknowledged version whose history number is not appended yet: look again.
+            retry |= hub.enforces_unnumbered(&node);
             let record = hub.node_record(&node);
             let same = written.lock().expect("written lock poisoned").get(&node) == Some(&record);
             if same && held.contains_key(&node) {

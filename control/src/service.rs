@@ -111,8 +111,9 @@ impl ControlService {
             }
         }
         let tokens = self.tokens.clone();
+        let key = crate::ca::csr_key(&csr_pem)?;
         tokio::task::spawn_blocking(move || {
-            tokens.redeem(&token, &node, || -> Result<String, JoinError> {
+            tokens.redeem(&token, &node, &key, || -> Result<String, JoinError> {
                 Ok(ca.sign_node(&node, &csr_pem)?)
             })
         })

@@ -1,6 +1,8 @@
-//! A real `ward-control` process for tests: started on a loopback port with its own policy
-//! directory, state directory and token file, killed when dropped. Used by this crate's
-//! integration tests and by the privileged multi-node tests (which pass the binary's path).
+//! A real `ward-control` process for tests: started on a loopback port (or in a network
+//! namespace) with its own policy directory, state directory and token file, killed when
+//! dropped. Used by this crate's integration tests and by the privileged multi-node tests (which
+//! pass the binary's path). Also real etcd members, and the network namespaces the replica tests
+//! place members and replicas in.
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -151,17 +153,7 @@ impl ControlPlane {
     }
 
     fn spawn(&mut self) {
-        let mut command = match &self.opts.netns {
-            None => Command::new(&self.opts.binary),
-            Some(netns) => {
-                let mut command = Command::new("nsenter");
-                command
-                    .arg(format!("--net=/run/netns/{netns}"))
-                    .arg("--")
-                    .arg(&self.opts.binary);
-                command
-            }
-        };
+        let mut command = in_netns(self.opts.netns.as_deref(), &self.opts.binary);
         command
             .arg("--policy-dir")
             .arg(self.policy_dir())
@@ -267,11 +259,11 @@ impl Drop for ControlPlane {
 }
 
 /// Real etcd members (Debian's etcd-server, which `cargo xtask setup` installs) forming one
-/// cluster on loopback ports of their own, with their data in the test's directory; killed when
-/// dropped.
+/// cluster, each on a host of a [`Network`], with their data in the test's directory; killed
+/// when dropped.
 pub struct Etcd {
     members: Vec<Member>,
-    /// `http://127.0.0.1:<port>,...`, what `--etcd-endpoints` takes.
+    /// `http://<member>:2379,...`, what `--etcd-endpoints` takes.
     pub endpoint: String,
     /// With TLS: the members' certificate and key, and the CA that signed them.
     tls: Option<EtcdTls>,
@@ -289,7 +281,8 @@ pub struct EtcdTls {
 }
 
 impl EtcdTls {
-    fn create(dir: &Path) -> EtcdTls {
+    /// Certificates for members at `addresses`.
+    fn create(dir: &Path, addresses: &[String]) -> EtcdTls {
         use rcgen::{
             BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
         };
@@ -305,10 +298,8 @@ impl EtcdTls {
             let cert = params.signed_by(&key, &issuer).expect("certificate");
             (cert.pem(), key.serialize_pem())
         };
-        let (server_cert, server_key) = leaf(
-            vec!["127.0.0.1".into(), "localhost".into()],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        );
+        let (server_cert, server_key) =
+            leaf(addresses.to_vec(), ExtendedKeyUsagePurpose::ServerAuth);
         let (client_cert, client_key) = leaf(
             vec!["ward-control".into()],
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -336,56 +327,42 @@ impl EtcdTls {
 struct Member {
     process: Option<Process>,
     name: String,
-    client_port: u16,
-    peer_port: u16,
+    /// Its host's address on the [`Network`].
+    ip: std::net::IpAddr,
+    /// Its host's network namespace.
+    netns: String,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
+/// The ports every member listens on, at its host's address.
+const CLIENT_PORT: u16 = 2379;
+const PEER_PORT: u16 = 2380;
 
 impl Etcd {
-    /// One member.
-    pub fn start(dir: &Path) -> Etcd {
-        Etcd::cluster(dir, 1)
-    }
-
-    /// One member that speaks TLS to its clients and requires their certificates.
-    pub fn start_tls(dir: &Path) -> Etcd {
-        Etcd::members(dir, 1, Some(EtcdTls::create(dir)))
-    }
-
-    /// The files a replica needs to reach a member started by [`Etcd::start_tls`].
-    pub fn tls(&self) -> Option<&EtcdTls> {
-        self.tls.as_ref()
-    }
-
-    /// `size` members in one cluster.
-    pub fn cluster(dir: &Path, size: usize) -> Etcd {
-        Etcd::members(dir, size, None)
-    }
-
-    fn members(dir: &Path, size: usize, tls: Option<EtcdTls>) -> Etcd {
-        let members: Vec<Member> = (0..size)
-            .map(|i| Member {
+    /// One member on each of `hosts` of `network` (each in its host's namespace, on ports
+    /// 2379 and 2380 of the host's address), speaking TLS and requiring client certificates
+    /// when `tls`.
+    pub fn on(dir: &Path, network: &Network, hosts: &[usize], tls: bool) -> Etcd {
+        let members: Vec<Member> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| Member {
                 process: None,
                 name: format!("member-{i}"),
-                client_port: free_port(),
-                peer_port: free_port(),
+                ip: network.address(*host),
+                netns: network.host(*host).to_owned(),
             })
             .collect();
+        let addresses: Vec<String> = members.iter().map(|m| m.ip.to_string()).collect();
+        let tls = tls.then(|| EtcdTls::create(dir, &addresses));
         let scheme = if tls.is_some() { "https" } else { "http" };
         let endpoint = members
             .iter()
-            .map(|m| format!("{scheme}://127.0.0.1:{}", m.client_port))
+            .map(|m| format!("{scheme}://{}:{CLIENT_PORT}", m.ip))
             .collect::<Vec<_>>()
             .join(",");
         let initial = members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}=http://{}:{PEER_PORT}", m.name, m.ip))
             .collect::<Vec<_>>()
             .join(",");
         let mut etcd = Etcd {
@@ -394,7 +371,9 @@ impl Etcd {
             tls,
         };
         // Members of a new cluster wait for each other: start them all, then wait for each.
-        let processes: Vec<Process> = (0..size).map(|i| etcd.spawn(dir, i, &initial)).collect();
+        let processes: Vec<Process> = (0..hosts.len())
+            .map(|i| etcd.spawn(dir, i, &initial))
+            .collect();
         for (i, process) in processes.into_iter().enumerate() {
             etcd.wait(i);
             etcd.members[i].process = Some(process);
@@ -402,17 +381,27 @@ impl Etcd {
         etcd
     }
 
+    /// The files a replica needs to reach members that speak TLS.
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
+    }
+
+    /// How many members there are.
+    pub fn member_count(&self) -> usize {
+        self.members.len()
+    }
+
     /// The client URL of member `i`.
     pub fn member(&self, i: usize) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.members[i].client_port)
+        format!("{scheme}://{}:{CLIENT_PORT}", self.members[i].ip)
     }
 
     fn spawn(&self, dir: &Path, i: usize, initial: &str) -> Process {
         let m = &self.members[i];
         let client = self.member(i);
-        let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let mut command = Command::new("etcd");
+        let peer = format!("http://{}:{PEER_PORT}", m.ip);
+        let mut command = in_netns(Some(&m.netns), Path::new("etcd"));
         command
             .arg("--name")
             .arg(&m.name)
@@ -448,12 +437,12 @@ impl Etcd {
     }
 
     fn wait(&self, i: usize) {
-        let port = self.members[i].client_port;
+        let address = SocketAddr::new(self.members[i].ip, CLIENT_PORT);
         let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1)).is_err() {
             assert!(
                 start.elapsed() < Duration::from_secs(20),
-                "etcd member {i} did not listen on port {port} within 20 s"
+                "etcd member {i} did not listen on {address} within 20 s"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -473,68 +462,173 @@ impl Drop for Etcd {
     }
 }
 
-/// A TCP relay on a loopback port to `target` that a test can cut, as a network partition
-/// would: once cut, its connections are closed and new ones are accepted but never answered.
-pub struct Partition {
-    /// `127.0.0.1:<port>` to connect to instead of `target`.
-    pub address: SocketAddr,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
-}
-
-impl Partition {
-    pub fn relay(target: SocketAddr) -> Partition {
-        use std::sync::{atomic::Ordering, Arc, Mutex};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
-        let address = listener.local_addr().expect("its address");
-        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let open: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
-        let (cut_flag, open_list) = (cut.clone(), open.clone());
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { return };
-                if cut_flag.load(Ordering::SeqCst) {
-                    // Held, never answered: the caller waits for its own timeout.
-                    open_list.lock().expect("relay lock").push(client);
-                    continue;
-                }
-                let Ok(server) = std::net::TcpStream::connect(target) else {
-                    continue;
-                };
-                let mut list = open_list.lock().expect("relay lock");
-                for stream in [&client, &server] {
-                    if let Ok(clone) = stream.try_clone() {
-                        list.push(clone);
-                    }
-                }
-                drop(list);
-                for (mut from, mut to) in [
-                    (client.try_clone(), server.try_clone()),
-                    (server.try_clone(), client.try_clone()),
-                ]
-                .into_iter()
-                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
-                {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Partition { address, cut, open }
-    }
-
-    /// Cuts the relay: every connection through it is closed, new ones hang.
-    pub fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-        for stream in self.open.lock().expect("relay lock").drain(..) {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
+/// `program`, run in network namespace `netns` (an `ip netns` name) when given, entered with
+/// `nsenter --net` (which execs, so the process is the program itself).
+fn in_netns(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        None => Command::new(program),
+        Some(netns) => {
+            let mut command = Command::new("nsenter");
+            command
+                .arg(format!("--net=/run/netns/{netns}"))
+                .arg("--")
+                .arg(program);
+            command
         }
     }
+}
 
-    /// Relays again (the connections held while cut stay unanswered).
-    pub fn heal(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+/// Hosts in network namespaces of their own, joined by one bridge (in a namespace of its own),
+/// which the test's own namespace reaches too: host `i` is `10.231.<n>.<i + 1>`, the test
+/// `10.231.<n>.254`. A link between two hosts can be cut ([`Network::cut`]) as a partition
+/// would: packets dropped, nothing answered. Everything is deleted when dropped. Needs root.
+pub struct Network {
+    subnet: u8,
+    bridge: String,
+    hosts: Vec<String>,
+}
+
+impl Network {
+    pub fn new(hosts: usize) -> Network {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        static NEXT: AtomicU8 = AtomicU8::new(0);
+        assert!(hosts < 250, "at most 249 hosts");
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        assert!(
+            status
+                .lines()
+                .any(|l| l.split_whitespace().take(3).eq(["Uid:", "0", "0"])),
+            "network namespaces need root (the replica tests run as root in `cargo xtask test`)"
+        );
+        let subnet = NEXT.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("{}-{subnet}", std::process::id());
+        let network = Network {
+            subnet,
+            bridge: format!("wnet-{tag}"),
+            hosts: (0..hosts).map(|i| format!("wnet-{tag}-{i}")).collect(),
+        };
+        for ns in std::iter::once(&network.bridge).chain(&network.hosts) {
+            // A leftover of a killed run with the same pid: ours to replace.
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        let bridge = network.bridge.clone();
+        ip(&["-n", &bridge, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &bridge, "link", "set", "br0", "up"]);
+        let prefix = network.prefix();
+        let attach = |inside: Option<&str>, link: &str, port: String, address: String| {
+            // `link` in `inside` (the test's namespace when none), its peer `port` on the bridge.
+            let mut add = vec!["link", "add", link, "type", "veth", "peer", "name", &port];
+            add.extend(["netns", &bridge]);
+            match inside {
+                Some(ns) => ip(&[&["-n", ns][..], &add[..]].concat()),
+                None => ip(&add),
+            }
+            ip(&["-n", &bridge, "link", "set", &port, "master", "br0", "up"]);
+            let on = |args: &[&str]| match inside {
+                Some(ns) => ip(&[&["-n", ns][..], args].concat()),
+                None => ip(args),
+            };
+            on(&["addr", "add", &format!("{address}/24"), "dev", link]);
+            on(&["link", "set", link, "up"]);
+        };
+        for (i, ns) in network.hosts.clone().iter().enumerate() {
+            attach(
+                Some(ns),
+                "eth0",
+                format!("p{i}"),
+                format!("{prefix}.{}", i + 1),
+            );
+        }
+        // The test's own end, named after the network so that parallel tests do not clash.
+        let own = format!("wn{tag}");
+        attach(None, &own, "ptest".into(), format!("{prefix}.254"));
+        network
     }
+
+    fn prefix(&self) -> String {
+        format!("10.231.{}", self.subnet)
+    }
+
+    /// Host `i`'s namespace (an `ip netns` name).
+    pub fn host(&self, i: usize) -> &str {
+        &self.hosts[i]
+    }
+
+    /// Host `i`'s address.
+    pub fn address(&self, i: usize) -> std::net::IpAddr {
+        format!("{}.{}", self.prefix(), i + 1)
+            .parse()
+            .expect("an IPv4 address")
+    }
+
+    /// Drops every packet between host `i` and `peers`, both ways, in host `i`'s namespace
+    /// (nftables): connections hang as across a partition, nothing is refused.
+    pub fn cut(&self, i: usize, peers: &[usize]) {
+        let set = peers
+            .iter()
+            .map(|p| self.address(*p).to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rules = format!(
+            "table inet partition {{\n\
+             chain output {{ type filter hook output priority 0; ip daddr {{ {set} }} drop; }}\n\
+             chain input {{ type filter hook input priority 0; ip saddr {{ {set} }} drop; }}\n\
+             }}\n"
+        );
+        let mut nft = in_netns(Some(self.host(i)), Path::new("nft"));
+        nft.args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = nft.spawn().expect("running nft (apt-get install nftables)");
+        std::io::Write::write_all(
+            &mut child.stdin.take().expect("nft's stdin"),
+            rules.as_bytes(),
+        )
+        .expect("writing the rules");
+        let out = child.wait_with_output().expect("nft");
+        assert!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Lets host `i`'s packets through again.
+    pub fn heal(&self, i: usize) {
+        let out = in_netns(Some(self.host(i)), Path::new("nft"))
+            .args(["delete", "table", "inet", "partition"])
+            .output()
+            .expect("nft");
+        assert!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes the veth ends in it, and so their peers.
+        for ns in self.hosts.iter().chain(std::iter::once(&self.bridge)) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// `ip <args>`, which must succeed.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("running ip (apt-get install iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

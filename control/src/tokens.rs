@@ -82,11 +82,15 @@ impl JoinTokens {
 
     /// Consumes `token` for `node` if it is listed, unused and not bound to another node; `issue`
     /// runs in between (holding the lock) so that a token is spent only when a certificate was
-    /// actually issued, and two concurrent joins cannot both spend it.
+    /// actually issued, and two concurrent joins cannot both spend it. `key` names the key the
+    /// certificate is for ([`crate::ca::csr_key`]): in a shared store the token is spent for
+    /// `node` and `key`, and the same join retried with the same key on any replica (its first
+    /// answer lost, or its replica gone before answering) is issued again.
     pub fn redeem<T, E: From<TokenError>>(
         &self,
         token: &str,
         node: &str,
+        key: &str,
         issue: impl FnOnce() -> Result<T, E>,
     ) -> Result<T, E> {
         let file = self.file.as_ref().ok_or(TokenError::Disabled)?;
@@ -119,7 +123,8 @@ impl JoinTokens {
                 break;
             }
         }
-        if used.contains(&wanted) {
+        // With a shared store, the store says whether, and for whom, it was spent.
+        if self.shared.is_none() && used.contains(&wanted) {
             return Err(TokenError::Used.into());
         }
         if !listed || token.trim().len() < MIN_TOKEN_LEN {
@@ -129,17 +134,18 @@ impl JoinTokens {
             return Err(TokenError::WrongNode { bound }.into());
         }
         if let Some((store, runtime)) = &self.shared {
-            if runtime
-                .block_on(store.token_spent(&wanted))
-                .map_err(TokenError::from)?
-            {
+            let claim = format!("{node} {key}");
+            let spent_for = runtime
+                .block_on(store.token_spent_for(&wanted))
+                .map_err(TokenError::from)?;
+            if spent_for.is_some_and(|spent| spent != claim) {
                 return Err(TokenError::Used.into());
             }
             let issued = issue()?;
             // Two replicas may have issued at once: only the one that spends the token first
-            // hands its certificate out.
+            // hands its certificate out (or both, when both answer the same join).
             if !runtime
-                .block_on(store.spend_token(&wanted, node))
+                .block_on(store.spend_token(&wanted, &claim))
                 .map_err(TokenError::from)?
             {
                 return Err(TokenError::Used.into());
@@ -184,19 +190,20 @@ mod tests {
 
     const T1: &str = "0123456789abcdef0123";
     const T2: &str = "fedcba9876543210fedc";
+    const KEY: &str = "the key of the CSR";
 
     #[test]
     fn a_token_works_once_even_across_restarts() {
         let f = fixture(&format!("# tokens\n{T1}\n{T2} node-b\n"));
         let tokens = JoinTokens::new(Some(&f.file), &f.state).expect("tokens");
-        tokens.redeem(T1, "node-a", ok).expect("first use");
+        tokens.redeem(T1, "node-a", KEY, ok).expect("first use");
         assert!(matches!(
-            tokens.redeem(T1, "node-a", ok),
+            tokens.redeem(T1, "node-a", KEY, ok),
             Err(TokenError::Used)
         ));
         let restarted = JoinTokens::new(Some(&f.file), &f.state).expect("tokens");
         assert!(matches!(
-            restarted.redeem(T1, "node-c", ok),
+            restarted.redeem(T1, "node-c", KEY, ok),
             Err(TokenError::Used)
         ));
     }
@@ -206,9 +213,9 @@ mod tests {
         let f = fixture(&format!("{T1}\n"));
         let tokens = JoinTokens::new(Some(&f.file), &f.state).expect("tokens");
         let failed: Result<(), TokenError> =
-            tokens.redeem(T1, "node-a", || Err(TokenError::Unknown));
+            tokens.redeem(T1, "node-a", KEY, || Err(TokenError::Unknown));
         assert!(failed.is_err());
-        tokens.redeem(T1, "node-a", ok).expect("still usable");
+        tokens.redeem(T1, "node-a", KEY, ok).expect("still usable");
     }
 
     #[test]
@@ -216,19 +223,19 @@ mod tests {
         let f = fixture(&format!("short\n{T2} node-b\n"));
         let tokens = JoinTokens::new(Some(&f.file), &f.state).expect("tokens");
         assert!(matches!(
-            tokens.redeem("short", "n", ok),
+            tokens.redeem("short", "n", KEY, ok),
             Err(TokenError::Unknown)
         ));
         assert!(matches!(
-            tokens.redeem("nope-nope-nope-nope", "n", ok),
+            tokens.redeem("nope-nope-nope-nope", "n", KEY, ok),
             Err(TokenError::Unknown)
         ));
         assert!(matches!(
-            tokens.redeem(T2, "node-a", ok),
+            tokens.redeem(T2, "node-a", KEY, ok),
             Err(TokenError::WrongNode { .. })
         ));
         tokens
-            .redeem(T2, "node-b", ok)
+            .redeem(T2, "node-b", KEY, ok)
             .expect("the bound node may use it");
     }
 
@@ -236,9 +243,9 @@ mod tests {
     fn tokens_added_later_are_accepted_without_restart() {
         let f = fixture("");
         let tokens = JoinTokens::new(Some(&f.file), &f.state).expect("tokens");
-        assert!(tokens.redeem(T1, "n", ok).is_err());
+        assert!(tokens.redeem(T1, "n", KEY, ok).is_err());
         std::fs::write(&f.file, format!("{T1}\n")).expect("add a token");
-        tokens.redeem(T1, "n", ok).expect("newly listed token");
+        tokens.redeem(T1, "n", KEY, ok).expect("newly listed token");
     }
 
     #[test]
@@ -246,7 +253,7 @@ mod tests {
         let f = fixture("");
         let tokens = JoinTokens::new(None, &f.state).expect("tokens");
         assert!(matches!(
-            tokens.redeem(T1, "n", ok),
+            tokens.redeem(T1, "n", KEY, ok),
             Err(TokenError::Disabled)
         ));
         assert_eq!(generate().len(), 48);

@@ -2,43 +2,44 @@
 //! test on loopback ports), spoken to by the agent's own control-plane client.
 
 mod common;
-use common::{agent_config, join, workload, Agent};
+use common::{agent_config, join, join_with, workload, Agent};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::Path,
     process::Command,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use ward_agent::control::{RemoteState, ReportedWorkload};
-use ward_control::test_helpers::{ControlPlane, Etcd, Partition};
+use ward_control::test_helpers::{ControlPlane, Etcd, Network};
 
-/// Two replicas on `etcd`, each with its own directories and the same CA files (as a mounted
-/// secret gives them), created once with `ward-control init-ca`.
-fn replicas(tmp: &Path, etcd: &Etcd, lease: &str) -> (ControlPlane, ControlPlane) {
-    replicas_on(tmp, &etcd.endpoint, &etcd.endpoint, lease)
+/// etcd members and two replicas, each on a host of its own (a network namespace) on one
+/// bridge: members on hosts `0..members`, replica a on the next host and b on the one after.
+/// The test's agents reach the replicas across the bridge.
+struct Setup {
+    etcd: Etcd,
+    a: ControlPlane,
+    b: ControlPlane,
+    /// Dropped last: the processes in its namespaces go first.
+    network: Network,
 }
 
-/// Two replicas, `a` reaching etcd at `a_etcd` and `b` at `b_etcd`.
-fn replicas_on(
-    tmp: &Path,
-    a_etcd: &str,
-    b_etcd: &str,
-    lease: &str,
-) -> (ControlPlane, ControlPlane) {
-    replicas_with(tmp, a_etcd, b_etcd, lease, |_| {})
+impl Setup {
+    /// Replica a's host.
+    fn a_host(&self) -> usize {
+        self.etcd.member_count()
+    }
 }
 
-/// [`replicas_on`], with `more` adding to both replicas' arguments.
-fn replicas_with(
-    tmp: &Path,
-    a_etcd: &str,
-    b_etcd: &str,
-    lease: &str,
-    more: impl Fn(&mut Vec<String>),
-) -> (ControlPlane, ControlPlane) {
+/// [`Setup`] with `members` etcd members (speaking TLS with client certificates when `tls`)
+/// and node leases of `lease`. The replicas have their own directories and the same CA files,
+/// created once with `ward-control init-ca`.
+fn setup(tmp: &Path, members: usize, tls: bool, lease: &str) -> Setup {
+    let network = Network::new(members + 2);
+    let hosts: Vec<usize> = (0..members).collect();
+    let etcd = Etcd::on(tmp, &network, &hosts, tls);
     let ca = tmp.join("ca");
     let made = Command::new(env!("CARGO_BIN_EXE_ward-control"))
         .args(["init-ca", "--trust-domain", "example.org", "--state-dir"])
@@ -48,35 +49,48 @@ fn replicas_with(
     assert!(made.status.success(), "init-ca: {made:?}");
     // Both ways of sharing the CA: replica a reads it where it was made (as from a mounted
     // Secret, `--ca-dir`), b has copies in its state directory.
-    let start = |name: &str, etcd: &str| {
+    let start = |name: &str, host: usize| {
         let root = tmp.join(name);
         std::fs::create_dir_all(root.join("state")).expect("state dir");
-        let mut ca_args = Vec::new();
+        let address = network.address(host);
+        let mut args: Vec<String> = vec![
+            "--etcd-endpoints".into(),
+            etcd.endpoint.clone(),
+            "--node-lease".into(),
+            lease.into(),
+            "--metrics-listen".into(),
+            format!("{address}:9965"),
+        ];
         if name == "a" {
-            ca_args = vec!["--ca-dir".into(), ca.display().to_string()];
+            args.extend(["--ca-dir".into(), ca.display().to_string()]);
         } else {
             for file in ["ca.pem", "ca-key.pem", "trust-domain"] {
                 std::fs::copy(ca.join(file), root.join("state").join(file))
                     .expect("copying the CA");
             }
         }
-        let metrics = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port");
+        if let Some(tls) = etcd.tls() {
+            for (flag, file) in [
+                ("--etcd-ca", &tls.ca),
+                ("--etcd-cert", &tls.client_cert),
+                ("--etcd-key", &tls.client_key),
+            ] {
+                args.extend([flag.into(), file.display().to_string()]);
+            }
+        }
         common::start_plane(&root, |opts| {
-            opts.extra_args = vec![
-                "--etcd-endpoints".into(),
-                etcd.to_owned(),
-                "--node-lease".into(),
-                lease.into(),
-                "--metrics-listen".into(),
-                metrics.to_string(),
-            ];
-            opts.extra_args.extend(ca_args);
-            more(&mut opts.extra_args);
+            opts.listen = std::net::SocketAddr::new(address, 7443);
+            opts.netns = Some(network.host(host).to_owned());
+            opts.extra_args = args;
         })
     };
-    (start("a", a_etcd), start("b", b_etcd))
+    let (a, b) = (start("a", members), start("b", members + 1));
+    Setup {
+        etcd,
+        a,
+        b,
+        network,
+    }
 }
 
 fn identities(state: &RemoteState) -> BTreeMap<String, u32> {
@@ -95,14 +109,13 @@ fn has(state: &RemoteState, address: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_identities_nodes_and_join_tokens() {
     let tmp = tempfile::tempdir().expect("temp dir");
-    let etcd = Etcd::start(tmp.path());
-    let (a, b) = replicas(tmp.path(), &etcd, "1h");
+    let Setup { etcd, a, b, .. } = &setup(tmp.path(), 1, false, "1h");
     let mut on_a = Agent::start(
-        agent_config(&a, tmp.path(), "node-a"),
+        agent_config(a, tmp.path(), "node-a"),
         vec![workload("web", "web", "10.0.0.1")],
     );
     let mut on_b = Agent::start(
-        agent_config(&b, tmp.path(), "node-b"),
+        agent_config(b, tmp.path(), "node-b"),
         vec![
             workload("db", "db", "10.0.0.2"),
             workload("web-2", "web", "10.0.0.3"),
@@ -147,21 +160,68 @@ async fn replicas_share_identities_nodes_and_join_tokens() {
     assert_eq!(versions, [1, 2], "{records:#?}");
     assert_eq!(records[1]["sources"][0]["source"], "db.yaml");
 
-    // A join token is spent for every replica at once.
+    // Each replica's status lists every node: its own, and the other replica's from the store,
+    // with the version each enforces; neither lags.
+    on_a.ack_everything();
+    on_b.ack_everything();
+    let deadline = Instant::now() + common::WAIT;
+    let status = loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_ward-control"))
+            .args(["status", "--json", "--state-dir"])
+            .arg(a.state_dir())
+            .output()
+            .expect("running ward-control status");
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
+        let settled = nodes.len() == 2
+            && nodes
+                .iter()
+                .all(|n| n["enforces_history_version"] == 2 && n["lagging"] == false);
+        if settled {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "status of replica a: {status:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let node_b = &status["nodes"][1];
+    assert_eq!(node_b["node"], "node-b", "{status:#}");
+    assert_eq!(node_b["elsewhere"], true, "{status:#}");
+    assert_eq!(status["nodes"][0]["elsewhere"], false, "{status:#}");
+    let metrics = a.get("/metrics").1;
+    for line in ["ward_control_nodes 2", "ward_control_nodes_lagging 0"] {
+        assert!(
+            metrics.contains(line),
+            "{line} not in a's metrics:\n{metrics}"
+        );
+    }
+
+    // A join token is spent for every replica at once, for one node and one key: the same join
+    // retried on the other replica (its answer lost with its replica) is answered again,
+    // another key or node is refused.
     let token = a.new_token(None);
     std::fs::write(b.token_file(), format!("{token}\n")).expect("token file of b");
-    join(&a, "node-x", &token).await.expect("first use");
-    let refused = join(&b, "node-y", &token)
+    let request = common::csr();
+    join_with(a, "node-x", &token, request.clone())
         .await
-        .expect_err("a token spent on replica a");
-    assert!(refused.message().contains("already used"), "{refused:?}");
+        .expect("first use");
+    join_with(b, "node-x", &token, request)
+        .await
+        .expect("the same join, retried on replica b");
+    for (node, what) in [("node-x", "another key"), ("node-y", "another node")] {
+        let refused = join(b, node, &token)
+            .await
+            .expect_err("a token spent on replica a");
+        assert!(
+            refused.message().contains("already used"),
+            "{what}: {refused:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_allocating_1000_identities_at_once_give_each_one_number() {
     let tmp = tempfile::tempdir().expect("temp dir");
-    let etcd = Etcd::start(tmp.path());
-    let (a, b) = replicas(tmp.path(), &etcd, "1h");
+    let Setup { a, b, .. } = &setup(tmp.path(), 1, false, "1h");
     // The same 1,000 identities reported at once through both replicas, from other addresses.
     let workloads = |net: u8| -> Vec<ReportedWorkload> {
         (0..1000u32)
@@ -174,8 +234,8 @@ async fn two_replicas_allocating_1000_identities_at_once_give_each_one_number() 
             })
             .collect()
     };
-    let mut on_a = Agent::start(agent_config(&a, tmp.path(), "node-a"), workloads(1));
-    let mut on_b = Agent::start(agent_config(&b, tmp.path(), "node-b"), workloads(2));
+    let mut on_a = Agent::start(agent_config(a, tmp.path(), "node-a"), workloads(1));
+    let mut on_b = Agent::start(agent_config(b, tmp.path(), "node-b"), workloads(2));
     let full = |s: &RemoteState| s.ipcache.len() == 2000 && s.identities.len() == 1000;
     let seen_a = on_a.until("2,000 addresses on replica a", full).await;
     let seen_b = on_b.until("2,000 addresses on replica b", full).await;
@@ -189,15 +249,79 @@ async fn two_replicas_allocating_1000_identities_at_once_give_each_one_number() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_while_nodes_report_through_it_loses_no_workload_and_renumbers_nothing() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let Setup { a, b, .. } = &mut setup(tmp.path(), 1, false, "1h");
+    let workloads = |net: u8| -> Vec<ReportedWorkload> {
+        (0..500u32)
+            .map(|i| {
+                workload(
+                    &format!("w{i}"),
+                    &format!("app-{i}"),
+                    &format!("10.{net}.{}.{}", i / 250, i % 250 + 1),
+                )
+            })
+            .collect()
+    };
+    // Two nodes on replica a, each reporting 500 workloads of the same 500 identities.
+    let both = format!("{},{}", a.address, b.address);
+    let on_replica_a = |node: &str, net: u8| {
+        let mut cfg = agent_config(a, tmp.path(), node);
+        cfg.address = both.clone();
+        Agent::start(cfg, workloads(net))
+    };
+    let (mut on_a, mut on_c) = (on_replica_a("node-a", 1), on_replica_a("node-c", 3));
+    let mut on_b = Agent::start(agent_config(b, tmp.path(), "node-b"), workloads(2));
+    // A node not joined yet when replica a goes joins through b with the same token.
+    let tokens_of_a = std::fs::read_to_string(a.token_file()).expect("a's tokens");
+    let mut tokens_of_b = std::fs::read_to_string(b.token_file()).expect("b's tokens");
+    tokens_of_b.push_str(&tokens_of_a);
+    std::fs::write(b.token_file(), tokens_of_b).expect("b's tokens");
+    // Killed (SIGKILL) as soon as it has answered its first node, with the other's report
+    // still being numbered and stored.
+    let first = on_a.until("a first update from replica a", |_| true).await;
+    a.kill();
+    // Every node applies its updates as they come (as agents do, each on its own).
+    let full = |s: &RemoteState| s.ipcache.len() == 1500 && s.identities.len() == 500;
+    let (seen_a, seen_b, seen_c) = tokio::join!(
+        async {
+            // Everything before the kill: replica b sends it no update (the same content
+            // under new version numbers).
+            match full(&first) {
+                true => first.clone(),
+                false => {
+                    on_a.until("node-a: 1,500 addresses after the move", full)
+                        .await
+                }
+            }
+        },
+        on_b.until("node-b: 1,500 addresses through replica b", full),
+        on_c.until("node-c: 1,500 addresses after the move", full),
+    );
+    let expected = identities(&seen_b);
+    assert_eq!(
+        identities(&seen_a),
+        expected,
+        "node-a: one number per identity"
+    );
+    assert_eq!(
+        identities(&seen_c),
+        expected,
+        "node-c: one number per identity"
+    );
+    let numbers: BTreeSet<u32> = expected.values().copied().collect();
+    assert_eq!(numbers.len(), 500, "no number is given to two identities");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_resumes_on_another_replica_unchanged_and_a_silent_node_is_evicted() {
     let tmp = tempfile::tempdir().expect("temp dir");
-    let etcd = Etcd::start(tmp.path());
-    let (mut a, b) = replicas(tmp.path(), &etcd, "3s");
-    let mut cfg = agent_config(&a, tmp.path(), "node-a");
+    let Setup { a, b, .. } = &mut setup(tmp.path(), 1, false, "3s");
+    let mut cfg = agent_config(a, tmp.path(), "node-a");
     cfg.address = format!("{},{}", a.address, b.address);
     let mut on_a = Agent::start(cfg, vec![workload("web", "web", "10.0.0.1")]);
     let on_b = Agent::start(
-        agent_config(&b, tmp.path(), "node-b"),
+        agent_config(b, tmp.path(), "node-b"),
         vec![workload("db", "db", "10.0.0.2")],
     );
     let before = on_a
@@ -227,26 +351,20 @@ async fn an_agent_resumes_on_another_replica_unchanged_and_a_silent_node_is_evic
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_lost_changes_nothing_and_a_replica_cut_off_from_etcd_stops_serving() {
     let tmp = tempfile::tempdir().expect("temp dir");
-    let mut etcd = Etcd::cluster(tmp.path(), 3);
-    // Replica a reaches member 0 through a relay the test cuts, as a network partition between
-    // it and etcd would (the members and both replicas are real; only the cut is the test's).
-    let relay = Partition::relay(
-        etcd.member(0)
-            .trim_start_matches("http://")
-            .parse()
-            .expect("member address"),
-    );
-    let (a, b) = replicas_on(
-        tmp.path(),
-        &format!("http://{}", relay.address),
-        &etcd.endpoint,
-        "1h",
-    );
-    let mut cfg = agent_config(&a, tmp.path(), "node-a");
+    // Three members and two replicas, each in a network namespace of its own.
+    let mut setup = setup(tmp.path(), 3, false, "1h");
+    let a_host = setup.a_host();
+    let Setup {
+        etcd,
+        a,
+        b,
+        network,
+    } = &mut setup;
+    let mut cfg = agent_config(a, tmp.path(), "node-a");
     cfg.address = format!("{},{}", a.address, b.address);
     let mut on_a = Agent::start(cfg, vec![workload("web", "web", "10.0.0.1")]);
     let mut on_b = Agent::start(
-        agent_config(&b, tmp.path(), "node-b"),
+        agent_config(b, tmp.path(), "node-b"),
         vec![workload("db", "db", "10.0.0.2")],
     );
     on_b.ack_everything();
@@ -268,7 +386,8 @@ async fn a_member_lost_changes_nothing_and_a_replica_cut_off_from_etcd_stops_ser
     // check, stops being ready (a Service stops sending agents to it), and node-a resumes on
     // replica b.
     assert_eq!(a.get("/readyz").0, 200, "replica a ready before the cut");
-    relay.cut();
+    // A partition: every packet between replica a and the members is dropped.
+    network.cut(a_host, &[0, 1, 2]);
     assert!(
         a.wait_for_log("cut off from the shared store", Duration::from_secs(15)),
         "{}",
@@ -290,7 +409,7 @@ async fn a_member_lost_changes_nothing_and_a_replica_cut_off_from_etcd_stops_ser
     })
     .await;
 
-    relay.heal();
+    network.heal(a_host);
     assert!(
         a.wait_for_log("serving agents again", Duration::from_secs(20)),
         "{}",
@@ -309,14 +428,13 @@ async fn a_member_lost_changes_nothing_and_a_replica_cut_off_from_etcd_stops_ser
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_in_etcd_reaches_every_replica_and_a_malformed_record_is_left_out() {
     let tmp = tempfile::tempdir().expect("temp dir");
-    let etcd = Etcd::start(tmp.path());
-    let (a, b) = replicas(tmp.path(), &etcd, "1h");
+    let Setup { etcd, a, b, .. } = &setup(tmp.path(), 1, false, "1h");
     let mut on_a = Agent::start(
-        agent_config(&a, tmp.path(), "node-a"),
+        agent_config(a, tmp.path(), "node-a"),
         vec![workload("web", "web", "10.0.0.1")],
     );
     let _on_b = Agent::start(
-        agent_config(&b, tmp.path(), "node-b"),
+        agent_config(b, tmp.path(), "node-b"),
         vec![workload("db", "db", "10.0.0.2")],
     );
     on_a.until("node-b through replica a", |s| has(s, "10.0.0.2"))
@@ -360,20 +478,10 @@ async fn a_revocation_in_etcd_reaches_every_replica_and_a_malformed_record_is_le
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_reach_an_etcd_that_requires_client_certificates() {
     let tmp = tempfile::tempdir().expect("temp dir");
-    let etcd = Etcd::start_tls(tmp.path());
+    let Setup { etcd, a, .. } = &setup(tmp.path(), 1, true, "1h");
     let tls = etcd.tls().expect("TLS files");
-    let (a, _b) = replicas_with(tmp.path(), &etcd.endpoint, &etcd.endpoint, "1h", |args| {
-        for (flag, file) in [
-            ("--etcd-ca", &tls.ca),
-            ("--etcd-cert", &tls.client_cert),
-            ("--etcd-key", &tls.client_key),
-        ] {
-            args.push(flag.into());
-            args.push(file.display().to_string());
-        }
-    });
     let mut on_a = Agent::start(
-        agent_config(&a, tmp.path(), "node-a"),
+        agent_config(a, tmp.path(), "node-a"),
         vec![workload("web", "web", "10.0.0.1")],
     );
     on_a.until("web registered through etcd over TLS", |s| {

@@ -1,5 +1,6 @@
-//! The node's key and certificate: a new key for every request, the CSR sent with it, the files
-//! in the control-plane state directory, and when to renew.
+//! The node's key and certificate: a new key for every request (a join keeps its key until it
+//! succeeds), the CSR sent with it, the files in the control-plane state directory, and when to
+//! renew.
 use std::{
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
@@ -7,6 +8,10 @@ use std::{
 
 pub const KEY_FILE: &str = "node-key.pem";
 pub const CERT_FILE: &str = "node-cert.pem";
+/// The key a join is asked for, kept until the join succeeds: a join retried (on any replica)
+/// after its answer was lost presents the same key, which the control plane recognizes as the
+/// one the token was spent for.
+pub const JOIN_KEY_FILE: &str = "join-key.pem";
 
 /// Renewal never comes sooner than this after the certificate was obtained, so a very short
 /// lifetime cannot turn into a renewal loop.
@@ -52,6 +57,33 @@ pub fn new_request() -> Result<(String, String), CertError> {
         .serialize_request(&key)?
         .pem()?;
     Ok((key.serialize_pem(), csr))
+}
+
+/// The key and CSR of a join: the key kept in `state_dir` from an earlier attempt that did not
+/// complete, or a new one, kept there until [`finish_join`].
+pub fn join_request(state_dir: &Path) -> Result<(String, String), CertError> {
+    let file = state_dir.join(JOIN_KEY_FILE);
+    let kept = std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|pem| rcgen::KeyPair::from_pem(&pem).ok());
+    let key = match kept {
+        Some(key) => key,
+        None => {
+            let key = rcgen::KeyPair::generate()?;
+            ward_host::atomic::write(&file, key.serialize_pem().as_bytes(), 0o600)
+                .map_err(|source| CertError::Io { file, source })?;
+            key
+        }
+    };
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
+        .serialize_request(&key)?
+        .pem()?;
+    Ok((key.serialize_pem(), csr))
+}
+
+/// Forgets the join key once its certificate is saved.
+pub fn finish_join(state_dir: &Path) {
+    let _ = std::fs::remove_file(state_dir.join(JOIN_KEY_FILE));
 }
 
 fn not_after(cert_pem: &str) -> Result<SystemTime, CertError> {
@@ -123,6 +155,23 @@ mod tests {
         params.not_after = time::OffsetDateTime::now_utc() + lifetime;
         let cert = params.self_signed(&key).expect("cert");
         (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn a_join_retried_presents_the_same_key_until_it_succeeds() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = super::super::tests::temp_dir("join");
+        let (key, _) = join_request(&dir).expect("first attempt");
+        let (again, _) = join_request(&dir).expect("a retry");
+        assert_eq!(key, again, "the same key");
+        let mode = std::fs::metadata(dir.join(JOIN_KEY_FILE))
+            .expect("kept")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        finish_join(&dir);
+        let (next, _) = join_request(&dir).expect("a later join");
+        assert_ne!(next, key, "a new key once the join is done");
     }
 
     #[test]

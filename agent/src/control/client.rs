@@ -142,7 +142,7 @@ async fn join(cfg: &ControlPlaneConfig) -> Result<NodeCert, ControlError> {
         })?
         .trim()
         .to_owned();
-    let (key_pem, csr_pem) = certs::new_request()?;
+    let (key_pem, csr_pem) = certs::join_request(&cfg.state_dir)?;
     let (channel, _) = connect(cfg, None, 0).await?;
     let mut request = tonic::Request::new(JoinRequest {
         token,
@@ -162,6 +162,7 @@ async fn join(cfg: &ControlPlaneConfig) -> Result<NodeCert, ControlError> {
         .into_inner();
     let cert = NodeCert::new(response.cert_pem, key_pem)?;
     cert.save(&cfg.state_dir)?;
+    certs::finish_join(&cfg.state_dir);
     tracing::info!(node = cfg.node_name, not_after = ?cert.not_after, "joined the control plane");
     Ok(cert)
 }

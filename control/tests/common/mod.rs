@@ -63,7 +63,16 @@ pub async fn join(
     node: &str,
     token: &str,
 ) -> Result<(String, String), tonic::Status> {
-    let (key, csr_pem) = csr();
+    join_with(plane, node, token, csr()).await
+}
+
+/// [`join`] with the key and CSR `request`.
+pub async fn join_with(
+    plane: &ControlPlane,
+    node: &str,
+    token: &str,
+    (key, csr_pem): (String, String),
+) -> Result<(String, String), tonic::Status> {
     let response = ControlClient::new(channel(plane, None).await)
         .join(JoinRequest {
             token: token.into(),
