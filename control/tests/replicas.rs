@@ -101,6 +101,19 @@ fn identities(state: &RemoteState) -> BTreeMap<String, u32> {
         .collect()
 }
 
+/// `count` workloads of `count` identities (`app-<i>`), at addresses in `10.<net>.0.0/16`.
+fn workloads(count: u32, net: u8) -> Vec<ReportedWorkload> {
+    (0..count)
+        .map(|i| {
+            workload(
+                &format!("w{i}"),
+                &format!("app-{i}"),
+                &format!("10.{net}.{}.{}", i / 250, i % 250 + 1),
+            )
+        })
+        .collect()
+}
+
 fn has(state: &RemoteState, address: &str) -> bool {
     let address: IpAddr = address.parse().expect("address");
     state.ipcache.iter().any(|(a, _)| *a == address)
@@ -223,19 +236,8 @@ async fn two_replicas_allocating_1000_identities_at_once_give_each_one_number() 
     let tmp = tempfile::tempdir().expect("temp dir");
     let Setup { a, b, .. } = &setup(tmp.path(), 1, false, "1h");
     // The same 1,000 identities reported at once through both replicas, from other addresses.
-    let workloads = |net: u8| -> Vec<ReportedWorkload> {
-        (0..1000u32)
-            .map(|i| {
-                workload(
-                    &format!("w{i}"),
-                    &format!("app-{i}"),
-                    &format!("10.{net}.{}.{}", i / 250, i % 250 + 1),
-                )
-            })
-            .collect()
-    };
-    let mut on_a = Agent::start(agent_config(a, tmp.path(), "node-a"), workloads(1));
-    let mut on_b = Agent::start(agent_config(b, tmp.path(), "node-b"), workloads(2));
+    let mut on_a = Agent::start(agent_config(a, tmp.path(), "node-a"), workloads(1000, 1));
+    let mut on_b = Agent::start(agent_config(b, tmp.path(), "node-b"), workloads(1000, 2));
     let full = |s: &RemoteState| s.ipcache.len() == 2000 && s.identities.len() == 1000;
     let seen_a = on_a.until("2,000 addresses on replica a", full).await;
     let seen_b = on_b.until("2,000 addresses on replica b", full).await;
@@ -252,26 +254,15 @@ async fn two_replicas_allocating_1000_identities_at_once_give_each_one_number() 
 async fn a_replica_killed_while_nodes_report_through_it_loses_no_workload_and_renumbers_nothing() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let Setup { a, b, .. } = &mut setup(tmp.path(), 1, false, "1h");
-    let workloads = |net: u8| -> Vec<ReportedWorkload> {
-        (0..500u32)
-            .map(|i| {
-                workload(
-                    &format!("w{i}"),
-                    &format!("app-{i}"),
-                    &format!("10.{net}.{}.{}", i / 250, i % 250 + 1),
-                )
-            })
-            .collect()
-    };
     // Two nodes on replica a, each reporting 500 workloads of the same 500 identities.
     let both = format!("{},{}", a.address, b.address);
     let on_replica_a = |node: &str, net: u8| {
         let mut cfg = agent_config(a, tmp.path(), node);
         cfg.address = both.clone();
-        Agent::start(cfg, workloads(net))
+        Agent::start(cfg, workloads(500, net))
     };
     let (mut on_a, mut on_c) = (on_replica_a("node-a", 1), on_replica_a("node-c", 3));
-    let mut on_b = Agent::start(agent_config(b, tmp.path(), "node-b"), workloads(2));
+    let mut on_b = Agent::start(agent_config(b, tmp.path(), "node-b"), workloads(500, 2));
     // A node not joined yet when replica a goes joins through b with the same token.
     let tokens_of_a = std::fs::read_to_string(a.token_file()).expect("a's tokens");
     let mut tokens_of_b = std::fs::read_to_string(b.token_file()).expect("b's tokens");
