@@ -207,6 +207,16 @@ async fn replicas_share_identities_nodes_and_join_tokens() {
             "{line} not in a's metrics:\n{metrics}"
         );
     }
+    // Each of the two versions counted once, by the replica that recorded it.
+    let changes = |plane: &ControlPlane| -> u64 {
+        let metrics = plane.get("/metrics").1;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("ward_control_policy_changes_total "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no policy changes counter:\n{metrics}"))
+    };
+    assert_eq!(changes(a) + changes(b), 2, "policy changes counted");
 
     // A join token is spent for every replica at once, for one node and one key: the same join
     // retried on the other replica (its answer lost with its replica) is answered again,

@@ -313,14 +313,17 @@ impl Client {
     pub async fn run(mut self) {
         let mut backoff = Backoff::default();
         loop {
-            let outcome = self.connect_and_stream(&mut backoff).await;
+            let outcome = self.connect_and_stream().await;
             match outcome {
                 Ok(End::AgentGone) => return,
                 Ok(End::Renewed) => {
+                    self.connected_at = None;
                     backoff.reset();
                     continue;
                 }
                 Err(e) => {
+                    // A stream that stayed up a while earns a fresh backoff, so one that fails at
+                    // once after connecting (a refused certificate, a NACK loop) still backs off.
                     let replicas = self.cfg.addresses().len();
                     let lasted = self.connected_at.take().map(|t| t.elapsed());
                     if lasted.is_some_and(|d| d >= STABLE) {
@@ -355,7 +358,7 @@ impl Client {
         }
     }
 
-    async fn connect_and_stream(&mut self, backoff: &mut Backoff) -> Result<End, ControlError> {
+    async fn connect_and_stream(&mut self) -> Result<End, ControlError> {
         let cert = match self.cert.clone().filter(|c| !c.is_expired()) {
             Some(cert) => cert,
             None => {
@@ -406,16 +409,9 @@ impl Client {
         );
         let mut pending: Vec<ServerMessage> = Vec::new();
         let mut pending_bytes = 0usize;
+        // How long the stream lasts decides, when it ends, between a fresh backoff and more.
         self.connected_at = Some(tokio::time::Instant::now());
-        let mut connected_since = self.connected_at;
         loop {
-            // A stream that stayed up a while earns a fresh backoff, so one that fails at once
-            // after connecting (a refused certificate, a NACK loop) still backs off.
-            if connected_since.is_some_and(|t| t.elapsed() > STABLE) {
-                backoff.reset();
-                self.moves_left = self.cfg.addresses().len().saturating_sub(1);
-                connected_since = None;
-            }
             let renew_in = self
                 .cert
                 .as_ref()
