@@ -24,6 +24,17 @@ pub const IDENTITY_HOST: IdentityId = 1;
 /// An address ward knows nothing about.
 pub const IDENTITY_WORLD: IdentityId = 2;
 
+/// Identities of DNS-name selectors (`fqdn`, `fqdnPattern` peers): one per distinct selector of a
+/// policy set, named in policy keys like any peer. An address is never one; the connect hook
+/// decides an address a workload learned from a name ([`LearnedValue`]) as each selector the name
+/// matched.
+pub const FIRST_FQDN_SELECTOR: IdentityId = 0xF000_0000;
+pub const LAST_FQDN_SELECTOR: IdentityId = 0xF0FF_FFFF;
+/// Identities that name a DNS name in verdict records: `FIRST_FQDN_NAME + id` of the name in the
+/// DNS-name map. Never in a policy key.
+pub const FIRST_FQDN_NAME: IdentityId = 0xF100_0000;
+pub const LAST_FQDN_NAME: IdentityId = 0xF1FF_FFFF;
+
 /// In a policy key: the entry that says a local identity is selected (isolated) in a direction.
 /// Its value names the default-deny rules of the selecting policies.
 pub const REMOTE_ISOLATION: IdentityId = u32::MAX;
@@ -80,6 +91,12 @@ pub const MAX_SERVICE_BACKENDS_TOTAL: u32 = 2 * 131_072;
 pub const MAX_SERVICE_BACKENDS: u32 = 4_096;
 /// Sockets translated to a backend, whose replies and `getpeername()` show the cluster IP.
 pub const MAX_SERVICE_SOCKETS: u32 = 65_536;
+/// (workload, address) pairs learned from DNS answers, for two generations.
+pub const MAX_LEARNED: u32 = 2 * 65_536;
+/// Names learned addresses came from.
+pub const MAX_DNS_NAMES: u32 = 65_536;
+/// Sockets whose DNS goes to the proxy.
+pub const MAX_DNS_SOCKETS: u32 = 16_384;
 
 /// Per-flow event budget: at most this many verdict events per flow key and window.
 pub const EVENT_BURST: u32 = 8;
@@ -112,10 +129,14 @@ pub mod map_names {
             pub const BACKENDS: &str = concat!("ward_backend_v", $v);
             pub const SERVICE_SOCKETS: &str = concat!("ward_svcsock_v", $v);
             pub const CERTIFIED: &str = concat!("ward_certd_v", $v);
+            pub const LEARNED: &str = concat!("ward_dnsaddr_v", $v);
+            pub const DNS_NAMES: &str = concat!("ward_dnsname_v", $v);
+            pub const DNS_PROXY: &str = concat!("ward_dnsprx_v", $v);
+            pub const DNS_SOCKETS: &str = concat!("ward_dnssock_v", $v);
         };
     }
     /// Every map, for checks over all of them.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 26] = [
         CGROUPS,
         POLICY,
         IPCACHE,
@@ -138,6 +159,10 @@ pub mod map_names {
         BACKENDS,
         SERVICE_SOCKETS,
         CERTIFIED,
+        LEARNED,
+        DNS_NAMES,
+        DNS_PROXY,
+        DNS_SOCKETS,
     ];
     /// Pins of maps that earlier versions of this ABI named otherwise or no longer have: removed
     /// once the agent has attached (pins of other ABI versions are removed in any case).
@@ -260,6 +285,85 @@ pub struct PolicyValue {
 }
 
 pub const POLICY_FLAG_MTLS: u32 = 1;
+/// On an egress isolation entry (`remote_identity == REMOTE_ISOLATION`): the local workload's
+/// egress rules name DNS names, so its DNS goes through the agent's proxy and the addresses it
+/// learned there count ([`LearnedKey`]).
+pub const POLICY_FLAG_FQDN: u32 = 2;
+
+/// The most name selectors one learned address is decided as (a name matched by more selectors of
+/// one workload's policy keeps the first ones, in selector order).
+pub const MAX_LEARNED_SELECTORS: usize = 4;
+
+/// Key of the learned-address map: an address (IPv4 mapped) a workload's DNS answer gave, in one
+/// generation (the selector identities follow the policy generation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LearnedKey {
+    pub generation: u8,
+    pub _pad: [u8; 3],
+    pub local_identity: IdentityId,
+    pub addr: [u8; 16],
+}
+
+/// Value of the learned-address map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnedValue {
+    /// `CLOCK_BOOTTIME` (the kernel's `bpf_ktime_get_boot_ns`) after which the address no longer
+    /// counts: the answer's TTL within the agent's bounds.
+    pub expires_ns: u64,
+    /// The name it was learned from, as verdict records name it ([`FIRST_FQDN_NAME`] + id).
+    pub name: IdentityId,
+    /// The name selectors it is decided as, 0 past the last.
+    pub selectors: [IdentityId; MAX_LEARNED_SELECTORS],
+    pub _pad: u32,
+}
+
+/// The longest DNS name in presentation form, without the final dot.
+pub const MAX_DNS_NAME: usize = 253;
+
+/// Value of the DNS-name map (key: the name's id): the names learned addresses came from, pinned
+/// with them so a restarted agent can name and re-decide what the kernel holds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsName {
+    pub len: u16,
+    pub name: [u8; MAX_DNS_NAME + 1],
+    pub _pad: u8,
+}
+
+impl Default for DnsName {
+    fn default() -> Self {
+        DnsName {
+            len: 0,
+            name: [0; MAX_DNS_NAME + 1],
+            _pad: 0,
+        }
+    }
+}
+
+/// Index 0 of the DNS proxy map: where the connect and sendmsg hooks send the DNS (port 53) of
+/// workloads whose egress rules name DNS names: the agent's proxy, on loopback `port` in the
+/// caller's own network namespace. Without `enabled`, or when no socket listens there (no agent
+/// runs), the call goes to the resolver it names, as policy decides it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsProxyConfig {
+    /// Host byte order.
+    pub port: u16,
+    pub enabled: u8,
+    pub _pad: [u8; 5],
+}
+
+/// A socket whose DNS the connect or sendmsg hook sent to the proxy, keyed by socket cookie:
+/// where it was going, and its network namespace. The egress packet program files it under the
+/// packet's 4-tuple ([`RedirectKey`]), where the proxy finds it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsSocket {
+    pub netns: u64,
+    pub original: OriginalDst,
+}
 
 /// Key of the exact IP cache: an IPv6 address, or an IPv4 address mapped (`::ffff:a.b.c.d`).
 #[repr(C)]
@@ -685,6 +789,11 @@ const _: () = {
     assert!(size_of::<BackendKey>() == 24);
     assert!(size_of::<ServiceAddr>() == 20);
     assert!(size_of::<ServiceSocketKey>() == 32);
+    assert!(size_of::<LearnedKey>() == 24);
+    assert!(size_of::<LearnedValue>() == 32);
+    assert!(size_of::<DnsName>() == 256);
+    assert!(size_of::<DnsProxyConfig>() == 8);
+    assert!(size_of::<DnsSocket>() == 40);
     assert!(offset_of!(VerdictEvent, reason) == 76);
     assert!(size_of::<Settings>() == 16);
     assert!(offset_of!(VerdictEvent, local_addr) == 40);
@@ -723,4 +832,9 @@ mod pod {
     unsafe impl aya::Pod for BackendKey {}
     unsafe impl aya::Pod for ServiceAddr {}
     unsafe impl aya::Pod for ServiceSocketKey {}
+    unsafe impl aya::Pod for LearnedKey {}
+    unsafe impl aya::Pod for LearnedValue {}
+    unsafe impl aya::Pod for DnsName {}
+    unsafe impl aya::Pod for DnsProxyConfig {}
+    unsafe impl aya::Pod for DnsSocket {}
 }
