@@ -329,7 +329,6 @@ pub const MAX_DNS_NAME: usize = 253;
 pub struct DnsName {
     pub len: u16,
     pub name: [u8; MAX_DNS_NAME + 1],
-    pub _pad: u8,
 }
 
 impl Default for DnsName {
@@ -337,7 +336,6 @@ impl Default for DnsName {
         DnsName {
             len: 0,
             name: [0; MAX_DNS_NAME + 1],
-            _pad: 0,
         }
     }
 }
