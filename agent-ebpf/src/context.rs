@@ -5,10 +5,11 @@
 //! Every field is read with one volatile load at its own offset: the verifier rejects a load
 //! through a context pointer the compiler has moved or widened.
 use aya_ebpf::{
-    bindings::{bpf_sock, bpf_sock_addr},
+    bindings::{bpf_sock, bpf_sock_addr, bpf_sock_tuple, BPF_F_CURRENT_NETNS},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval, bpf_sk_fullsock,
+        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_ktime_get_ns, bpf_set_retval,
+        bpf_sk_fullsock, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
         bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     programs::{SkBuffContext, SockAddrContext, SockContext},
@@ -43,6 +44,54 @@ pub fn netns_cookie<C: EbpfContext>(ctx: &C) -> u64 {
 pub fn now_ns() -> u64 {
     // SAFETY: no preconditions.
     unsafe { bpf_ktime_get_ns() }
+}
+
+/// `CLOCK_BOOTTIME`, which counts suspended time as user space's clock of the same name does.
+#[inline(always)]
+pub fn boot_ns() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_boot_ns() }
+}
+
+/// Whether a socket of `protocol` (TCP or UDP) listens on loopback `port` (IPv4 `127.0.0.1`, or
+/// `::1`) in the network namespace of the calling socket.
+#[inline(always)]
+pub fn loopback_listener(ctx: &SockAddrContext, protocol: u8, v4: bool, port: u16) -> bool {
+    // SAFETY: a zeroed tuple is a valid value of this plain C union.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if v4 {
+        // SAFETY: writing a union field of plain integers.
+        unsafe {
+            tuple.__bindgen_anon_1.ipv4.saddr = u32::from_ne_bytes([127, 0, 0, 1]);
+            tuple.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes([127, 0, 0, 1]);
+            tuple.__bindgen_anon_1.ipv4.dport = port.to_be();
+            core::mem::size_of_val(&tuple.__bindgen_anon_1.ipv4)
+        }
+    } else {
+        let one = u32::from_ne_bytes([0, 0, 0, 1]);
+        // SAFETY: as above.
+        unsafe {
+            tuple.__bindgen_anon_1.ipv6.saddr[3] = one;
+            tuple.__bindgen_anon_1.ipv6.daddr[3] = one;
+            tuple.__bindgen_anon_1.ipv6.dport = port.to_be();
+            core::mem::size_of_val(&tuple.__bindgen_anon_1.ipv6)
+        }
+    };
+    let netns = BPF_F_CURRENT_NETNS as i64 as u64;
+    // SAFETY: the tuple is on this frame with its exact size; a socket found is released below.
+    let sk = unsafe {
+        if protocol == agent_common::PROTO_TCP {
+            bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size as u32, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size as u32, netns, 0)
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a socket the lookup returned, released once.
+    unsafe { bpf_sk_release(sk as *mut _) };
+    true
 }
 
 /// The calling task's cgroup, and its ancestor at `level` (0 past its depth): programs that run

@@ -11,6 +11,7 @@
 #![no_main]
 
 mod context;
+mod dns;
 mod events;
 mod flows;
 mod ipcache;

@@ -135,6 +135,31 @@ versioned_map!(
 );
 
 versioned_map!(
+    "ward_dnsaddr_v2",
+    "ward_dnsaddr_v3",
+    pub static LEARNED: HashMap<LearnedKey, LearnedValue> =
+        HashMap::pinned(MAX_LEARNED, BPF_F_NO_PREALLOC);
+);
+
+versioned_map!(
+    "ward_dnsname_v2",
+    "ward_dnsname_v3",
+    pub static DNS_NAMES: HashMap<u32, DnsName> = HashMap::pinned(MAX_DNS_NAMES, BPF_F_NO_PREALLOC);
+);
+
+versioned_map!(
+    "ward_dnsprx_v2",
+    "ward_dnsprx_v3",
+    pub static DNS_PROXY: Array<DnsProxyConfig> = Array::pinned(1, 0);
+);
+
+versioned_map!(
+    "ward_dnssock_v2",
+    "ward_dnssock_v3",
+    pub static DNS_SOCKETS: LruHashMap<u64, DnsSocket> = LruHashMap::pinned(MAX_DNS_SOCKETS, 0);
+);
+
+versioned_map!(
     "ward_tunnel_v2",
     "ward_tunnel_v3",
     pub static TUNNEL: Array<TunnelConfig> = Array::pinned(1, 0);

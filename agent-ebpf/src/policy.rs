@@ -9,6 +9,33 @@ pub struct Decision {
     pub rule: u32,
     /// False when no policy selects the local workload in this direction: it is left alone.
     pub isolated: bool,
+    /// Isolated, and no rule matched the remote: the verdict is the isolation's default.
+    pub from_default: bool,
+    /// Isolated, and the local workload's egress rules name DNS names ([`POLICY_FLAG_FQDN`]).
+    pub fqdn: bool,
+}
+
+/// Bits of [`decide_packed`]'s answer.
+const PACKED_ISOLATED: u64 = 1 << 8;
+const PACKED_FROM_DEFAULT: u64 = 1 << 9;
+const PACKED_FQDN: u64 = 1 << 10;
+
+/// [`decide`]'s answer from [`decide_packed`]'s.
+#[inline(always)]
+pub fn unpack(packed: u64) -> Decision {
+    Decision {
+        verdict: packed as u8,
+        isolated: packed & PACKED_ISOLATED != 0,
+        from_default: packed & PACKED_FROM_DEFAULT != 0,
+        fqdn: packed & PACKED_FQDN != 0,
+        rule: (packed >> 32) as u32,
+    }
+}
+
+/// [`decide`]'s flow argument, packed: a BPF call takes at most five arguments.
+#[inline(always)]
+pub fn pack_flow(direction: u8, protocol: u8, port: u16) -> u32 {
+    u32::from(direction) | (u32::from(protocol) << 8) | (u32::from(port) << 16)
 }
 
 /// The key whose entry says a policy selects `local` in `direction` (and names its default-deny
@@ -80,20 +107,13 @@ pub fn decide(
     port: u16,
     gen: u8,
 ) -> Decision {
-    let what = u32::from(direction) | (u32::from(protocol) << 8) | (u32::from(port) << 16);
-    let packed = decide_packed(local, remote, what, gen);
-    Decision {
-        verdict: packed as u8,
-        isolated: (packed >> 8) & 1 != 0,
-        rule: (packed >> 32) as u32,
-    }
+    unpack(decide_packed(local, remote, pack_flow(direction, protocol, port), gen))
 }
 
-/// [`decide`]'s lookups, with the flow packed (a BPF call takes at most five arguments) and the
-/// decision packed into one register: rule in the high half, `isolated` in bit 8, the verdict
-/// below.
+/// [`decide`]'s lookups, with the flow packed ([`pack_flow`]) and the decision packed into one
+/// register: rule in the high half, the flags of [`unpack`] in bits 8 to 10, the verdict below.
 #[inline(never)]
-fn decide_packed(local: u32, remote: u32, what: u32, gen: u8) -> u64 {
+pub fn decide_packed(local: u32, remote: u32, what: u32, gen: u8) -> u64 {
     let (direction, protocol, port) = (what as u8, (what >> 8) as u8, (what >> 16) as u16);
     let mut key = isolation_key(local, direction, gen);
     let Some(iso) = lookup(&key) else {
@@ -107,6 +127,14 @@ fn decide_packed(local: u32, remote: u32, what: u32, gen: u8) -> u64 {
                 merge(&mut v, &e);
             }
         }
+    }
+    let mut flags = PACKED_ISOLATED;
+    if iso.flags & POLICY_FLAG_FQDN != 0 {
+        flags |= PACKED_FQDN;
+    }
+    if v.deny_rule == 0 && v.allow_rule == 0 && v.audit_deny_rule == 0 && v.audit_allow_rule == 0
+    {
+        flags |= PACKED_FROM_DEFAULT;
     }
     let (verdict, rule) = if v.deny_rule != 0 {
         (VERDICT_DENY, v.deny_rule)
@@ -126,7 +154,7 @@ fn decide_packed(local: u32, remote: u32, what: u32, gen: u8) -> u64 {
     } else {
         (VERDICT_ALLOW, v.audit_allow_rule)
     };
-    (u64::from(rule) << 32) | (1 << 8) | u64::from(verdict)
+    (u64::from(rule) << 32) | flags | u64::from(verdict)
 }
 
 /// The rule of a destination's ingress policy that requires `local`'s connections to `remote` at

@@ -84,8 +84,9 @@ pub fn translate(ctx: &SockAddrContext, call: &mut Call, gen: u8) -> Destination
 /// last one is gone, a socket still talking to a former backend sees the backend).
 #[inline(always)]
 pub fn show_frontend(ctx: &SockAddrContext, family: u8) -> i32 {
-    // `accept()` runs this hook too: a node without Services pays one array load.
-    if !maps::has_services() {
+    // `accept()` runs this hook too: a node without Services or a DNS proxy pays two array
+    // loads.
+    if !maps::has_services() && crate::dns::proxy_port().is_none() {
         return 1;
     }
     let (addr, port) = context::call_address(ctx, family);

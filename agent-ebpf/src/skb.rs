@@ -10,7 +10,7 @@ use aya_ebpf::programs::SkBuffContext;
 
 use crate::{
     context::{self, full_socket},
-    events, flows, ipcache,
+    dns, events, flows, ipcache,
     maps::{self, count, CONNECTING, UDP_FLOWS},
     packet::{self, Packet, TCP_FLAG_ACK, TCP_FLAG_SYN},
     policy, v6_bytes, ALLOW, REFUSE,
@@ -463,6 +463,9 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     if (kind == SOCK_STREAM && protocol == u32::from(PROTO_TCP))
         || (kind == SOCK_DGRAM && protocol == u32::from(PROTO_UDP))
     {
+        if let Some(port) = dns::proxy_port() {
+            dns::file_redirect(ctx, port);
+        }
         return ALLOW;
     }
     let parsed = packet::parse(ctx);

@@ -7,7 +7,7 @@ use agent_common::*;
 use aya_ebpf::programs::SockAddrContext;
 
 use crate::{
-    context, events, flows, ipcache,
+    context, dns, events, flows, ipcache,
     maps::{self, count, ORIGINAL_DST, SOCKETS},
     policy,
     service::{self, Destination},
@@ -83,7 +83,17 @@ pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
     }
     let netns = context::netns_cookie(ctx);
     let remote = ipcache::destination_identity(&remote_addr, remote_port, protocol, netns, gen);
-    let d = policy::decide(local, remote, DIRECTION_EGRESS, protocol, remote_port, gen);
+    let mut d = policy::decide(local, remote, DIRECTION_EGRESS, protocol, remote_port, gen);
+    // The remote a verdict record names: the DNS name when an address learned from it decided.
+    let mut named = remote;
+    if d.fqdn && d.from_default {
+        let what = policy::pack_flow(DIRECTION_EGRESS, protocol, remote_port);
+        let mut name = 0;
+        let packed = dns::decide_learned(local, &remote_addr, what, gen, &mut name);
+        if packed != 0 {
+            (d, named) = (policy::unpack(packed), name);
+        }
+    }
     let src_port = if protocol == PROTO_UDP {
         context::call_source_port(ctx)
     } else {
@@ -104,12 +114,27 @@ pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
         // The answer to a datagram the workload's ingress admitted (or a flow it started).
         return ALLOW;
     }
+    // DNS of a workload whose rules name DNS names goes to the proxy, which learns the answers.
+    let (mut sent_addr, mut sent_port) = (remote_addr, remote_port);
+    if d.fqdn
+        && remote_port == dns::DNS_PORT
+        && (protocol == PROTO_TCP || protocol == PROTO_UDP)
+        && (d.verdict == VERDICT_ALLOW || d.verdict == VERDICT_AUDIT)
+    {
+        if let Some(port) = dns::proxy_port() {
+            let who = (u64::from(local) << 32) | u64::from(remote);
+            if dns::redirect(ctx, &call, port, who, d.rule) {
+                (sent_addr, sent_port) = (dns::proxy_addr(dns::proxy_is_v4(&call)), port);
+                context::set_call_address(ctx, family, &sent_addr, sent_port);
+            }
+        }
+    }
     // Only a datagram that leaves names its sender (and lets its replies in).
     if protocol == PROTO_UDP && !(d.isolated && d.verdict == VERDICT_DENY) && src_port != 0 {
         flows::record(
             protocol,
-            &remote_addr,
-            flows::ports(src_port, remote_port),
+            &sent_addr,
+            flows::ports(src_port, sent_port),
             local,
             0,
         );
@@ -164,7 +189,7 @@ pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
         return ALLOW;
     }
     count(counters::verdict(DIRECTION_EGRESS, verdict));
-    report(&call, local, remote, verdict, rule, reason);
+    report(&call, local, named, verdict, rule, reason);
     if refused {
         REFUSE
     } else {

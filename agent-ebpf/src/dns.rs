@@ -1,0 +1,168 @@
+//! DNS-aware egress in the kernel: the addresses a workload learned from DNS answers, and the
+//! redirect of its DNS to the agent's proxy, which learns them.
+//!
+//! A workload whose egress rules name DNS names (its isolation entry has [`POLICY_FLAG_FQDN`])
+//! sends its DNS (TCP and UDP, port 53, to a resolver its policy allows) to the proxy on loopback
+//! in its own network namespace, when a proxy listens there; with no proxy (no agent running) the
+//! call goes to the resolver it named, and only addresses learned before count. The proxy finds
+//! where a query was going by the packet's 4-tuple and namespace ([`file_redirect`]).
+use agent_common::*;
+use aya_ebpf::programs::{SkBuffContext, SockAddrContext};
+
+use crate::{
+    context::{self, full_socket},
+    maps::{DNS_PROXY, DNS_SOCKETS, LEARNED, REDIRECTS, SERVICE_SOCKETS},
+    packet, policy,
+    sock_addr::Call,
+};
+
+pub const DNS_PORT: u16 = 53;
+const SOCK_STREAM: u32 = 1;
+
+/// The proxy's port, when the agent runs one.
+#[inline(always)]
+pub fn proxy_port() -> Option<u16> {
+    DNS_PROXY
+        .get(0)
+        .filter(|c| c.enabled != 0)
+        .map(|c| c.port)
+}
+
+/// The decision of an egress call to `addr` that no rule decided by its identity: as each name
+/// selector of the name `local` learned the address from (unexpired), the first that a rule
+/// decides. `what` and the answer are packed as [`policy::decide`]'s; 0 when the address was not
+/// learned or no rule of its selectors decides it. `name` receives the name's identity. Its own
+/// BPF function: the learned value stays off the connect hook's frame.
+#[inline(never)]
+pub fn decide_learned(local: u32, addr: &[u8; 16], what: u32, gen: u8, name: &mut u32) -> u64 {
+    let key = LearnedKey {
+        generation: gen,
+        _pad: [0; 3],
+        local_identity: local,
+        addr: *addr,
+    };
+    // SAFETY: copied out at once.
+    let Some(learned) = (unsafe { LEARNED.get(key) }).copied() else {
+        return 0;
+    };
+    if learned.expires_ns <= context::boot_ns() {
+        return 0;
+    }
+    for selector in learned.selectors {
+        if selector == 0 {
+            break;
+        }
+        let packed = policy::decide_packed(local, selector, what, gen);
+        if !policy::unpack(packed).from_default {
+            *name = learned.name;
+            return packed;
+        }
+    }
+    0
+}
+
+/// Prepares sending a DNS call (TCP or UDP to port 53, already allowed) to the proxy listening on
+/// loopback `port` in the caller's network namespace (the caller then rewrites the call's address
+/// to [`proxy_addr`]: there, the family is a constant, and the verifier sees which fields of the
+/// context the hook writes), and records where it was going: for the proxy
+/// (until the packet program files it under the 4-tuple) and for `recvmsg()`/`getpeername()`,
+/// which show the resolver again (glibc takes answers only from the server it asked). `who` packs
+/// the local identity (high half) and the resolver's. Returns false, and records nothing, when no
+/// proxy listens there: the call goes where it was going.
+#[inline(never)]
+pub fn redirect(ctx: &SockAddrContext, call: &Call, port: u16, who: u64, rule: u32) -> bool {
+    let v4 = proxy_is_v4(call);
+    if !context::loopback_listener(ctx, call.protocol, v4, port) {
+        return false;
+    }
+    let proxy = proxy_addr(v4);
+    let record = DnsSocket {
+        netns: context::netns_cookie(ctx),
+        original: OriginalDst {
+            addr: call.remote_addr,
+            port: call.remote_port,
+            family: call.family,
+            _pad: 0,
+            local_identity: (who >> 32) as u32,
+            remote_identity: who as u32,
+            rule,
+        },
+    };
+    if DNS_SOCKETS.insert(call.cookie, record, 0).is_err() {
+        return false;
+    }
+    let shown = ServiceSocketKey {
+        cookie: call.cookie,
+        addr: proxy,
+        port,
+        _pad: [0; 6],
+    };
+    let original = ServiceAddr {
+        addr: call.remote_addr,
+        port: call.remote_port,
+        _pad: [0; 2],
+    };
+    let _ = SERVICE_SOCKETS.insert(shown, original, 0);
+    true
+}
+
+/// Whether the call reaches the IPv4 proxy: an IPv4 call, or a v4-mapped destination on an IPv6
+/// socket (which then connects to the proxy's address mapped).
+#[inline(always)]
+pub fn proxy_is_v4(call: &Call) -> bool {
+    call.family == 4 || is_v4_mapped(&call.remote_addr)
+}
+
+/// The proxy's loopback address, as the kernel keys addresses.
+#[inline(always)]
+pub fn proxy_addr(v4: bool) -> [u8; 16] {
+    if v4 {
+        map_v4([127, 0, 0, 1])
+    } else {
+        let mut one = [0; 16];
+        one[15] = 1;
+        one
+    }
+}
+
+#[inline(always)]
+fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff
+}
+
+/// The egress packet program's part: a TCP or UDP packet of a socket the hooks sent to the proxy
+/// at `port` files where it was going under the packet's 4-tuple and the socket's namespace (a
+/// TCP connection once, at its first packet; a UDP socket at every datagram, as it may ask again
+/// from another port or of another resolver). Only packets of sockets connected to the proxy's
+/// port, or of unconnected UDP sockets, are looked at.
+#[inline(never)]
+pub fn file_redirect(ctx: &SkBuffContext, port: u16) {
+    let Some(sk) = full_socket(ctx) else {
+        return;
+    };
+    let (kind, _) = sk.kind_and_protocol();
+    let (_, dst_port, _, _) = sk.peer();
+    let dst_port = u16::from_be(dst_port);
+    if dst_port != port && !(kind != SOCK_STREAM && dst_port == 0) {
+        return;
+    }
+    let cookie = context::socket_cookie(ctx);
+    // SAFETY: copied out at once.
+    let Some(record) = (unsafe { DNS_SOCKETS.get(cookie) }).copied() else {
+        return;
+    };
+    let Ok(p) = packet::parse(ctx) else {
+        return;
+    };
+    if p.flow.remote_port != port {
+        return;
+    }
+    let key = RedirectKey {
+        flow: p.flow,
+        netns: record.netns,
+    };
+    let _ = REDIRECTS.insert(key, record.original, 0);
+    if kind == SOCK_STREAM {
+        let _ = DNS_SOCKETS.remove(cookie);
+    }
+}
