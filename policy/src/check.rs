@@ -105,7 +105,8 @@ pub fn lint(
     Ok(warnings)
 }
 
-/// The peer of an allow rule on every port that is anyone: no `from`/`to`, or a `/0` CIDR.
+/// The peer of an allow rule on every port that is anyone: no `from`/`to`, a `/0` CIDR, or the
+/// DNS-name pattern `*`.
 fn open_peer(rule: &Rule) -> Option<String> {
     if rule.action != RuleAction::Allow || rule.ports.is_some() {
         return None;
@@ -115,6 +116,9 @@ fn open_peer(rule: &Rule) -> Option<String> {
     };
     peers.iter().find_map(|peer| match peer {
         Peer::Cidr { net, .. } if net.prefix_len() == 0 => Some(net.to_string()),
+        Peer::Fqdn(selector) if selector.matches_every_name() => {
+            Some(format!("every DNS name ({selector})"))
+        }
         _ => None,
     })
 }

@@ -4,13 +4,17 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use agent_common::{
-    icmp_type_port, PolicyKey, PolicyValue, DIRECTION_INGRESS, DIRECTION_MTLS, IDENTITY_ANY,
-    IDENTITY_WORLD, MAX_POLICY_ENTRIES, POLICY_FLAG_MTLS, PORT_ANY, PROTO_ANY, REMOTE_ISOLATION,
-    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VERDICT_REDIRECT,
+    icmp_type_port, PolicyKey, PolicyValue, DIRECTION_EGRESS, DIRECTION_INGRESS, DIRECTION_MTLS,
+    IDENTITY_ANY, IDENTITY_WORLD, MAX_LEARNED_SELECTORS, MAX_POLICY_ENTRIES, POLICY_FLAG_FQDN,
+    POLICY_FLAG_MTLS, PORT_ANY, PROTO_ANY, REMOTE_ISOLATION, VERDICT_ALLOW, VERDICT_AUDIT,
+    VERDICT_DENY, VERDICT_REDIRECT,
 };
 use ipnet::IpNet;
 
-use super::identity::{self, FIRST_CIDR, FIRST_WORKLOAD, LAST_WORKLOAD};
+use super::fqdn::{self, FqdnSelector};
+use super::identity::{
+    self, FIRST_CIDR, FIRST_FQDN_SELECTOR, FIRST_WORKLOAD, LAST_FQDN_SELECTOR, LAST_WORKLOAD,
+};
 use super::model::{Peer, Policy, PolicySet, PortMatch, Rule};
 use super::ward::DEFAULT_DENY;
 use super::{Decision, Mode, RuleAction, RuleInfo, WorkloadInfo};
@@ -25,6 +29,8 @@ pub enum CompileError {
     },
     #[error("workload {name}: identity {identity:#x} is outside the workload range {FIRST_WORKLOAD:#x}..={LAST_WORKLOAD:#x}")]
     WorkloadIdentity { name: String, identity: u32 },
+    #[error("DNS-name selector {selector}: every identity of the range {FIRST_FQDN_SELECTOR:#x}..={LAST_FQDN_SELECTOR:#x} was handed out")]
+    FqdnSelectorIdentity { selector: String },
 }
 
 impl CompileError {
@@ -32,20 +38,25 @@ impl CompileError {
     pub fn policy(&self) -> Option<&str> {
         match self {
             CompileError::TooManyEntries { policy, .. } => Some(policy),
-            CompileError::WorkloadIdentity { .. } => None,
+            CompileError::WorkloadIdentity { .. } | CompileError::FqdnSelectorIdentity { .. } => {
+                None
+            }
         }
     }
 }
 
-/// Hands out rule ids and CIDR identities, and gives the same rule (policy, direction, rule
-/// name) and the same prefix the same id in every compilation, so a recompile changes only
-/// the entries whose meaning changed. Ids are never reused within one allocator.
+/// Hands out rule ids, CIDR identities and DNS-name selector identities, and gives the same rule
+/// (policy, direction, rule name), the same prefix and the same selector the same id in every
+/// compilation, so a recompile changes only the entries whose meaning changed. Ids are never
+/// reused within one allocator.
 #[derive(Clone, Debug)]
 pub struct RuleIds {
     rules: HashMap<(String, u8, String), u32>,
     next_rule: u32,
     cidrs: BTreeMap<IpNet, u32>,
     next_cidr: u32,
+    fqdn_selectors: BTreeMap<FqdnSelector, u32>,
+    next_fqdn_selector: u32,
 }
 
 impl Default for RuleIds {
@@ -55,6 +66,8 @@ impl Default for RuleIds {
             next_rule: agent_common::rule_ids::FIRST,
             cidrs: BTreeMap::new(),
             next_cidr: FIRST_CIDR,
+            fqdn_selectors: BTreeMap::new(),
+            next_fqdn_selector: FIRST_FQDN_SELECTOR,
         }
     }
 }
@@ -82,6 +95,20 @@ impl RuleIds {
             *next - 1
         })
     }
+
+    fn fqdn_selector(&mut self, selector: &FqdnSelector) -> Result<u32, CompileError> {
+        if let Some(id) = self.fqdn_selectors.get(selector) {
+            return Ok(*id);
+        }
+        let id = self.next_fqdn_selector;
+        if id > LAST_FQDN_SELECTOR {
+            let selector = selector.to_string();
+            return Err(CompileError::FqdnSelectorIdentity { selector });
+        }
+        self.next_fqdn_selector += 1;
+        self.fqdn_selectors.insert(selector.clone(), id);
+        Ok(id)
+    }
 }
 
 /// The policy map's content for one policy set and set of workloads.
@@ -95,6 +122,8 @@ pub struct Compiled {
     pub prefixes: BTreeMap<IpNet, u32>,
     /// Every rule of the set, including those that produced no entry.
     pub rules: BTreeMap<u32, RuleInfo>,
+    /// The identity of every DNS-name selector of the set.
+    pub fqdn: BTreeMap<FqdnSelector, u32>,
 }
 
 /// One rule's contribution to one map entry, before merging.
@@ -103,8 +132,13 @@ pub struct Contribution {
     pub key: PolicyKey,
     pub slot: Slot,
     pub rule: u32,
+    /// [`ALLOW_FLAGS`] go with the rule into the allow slot; the others (the isolation entry's
+    /// `POLICY_FLAG_FQDN`) are the entry's, whichever rule holds a slot.
     pub flags: u32,
 }
+
+/// The flags of [`PolicyValue`] that describe the rule in its allow slot.
+pub const ALLOW_FLAGS: u32 = POLICY_FLAG_MTLS;
 
 /// A field of [`PolicyValue`] that holds a rule id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -234,6 +268,10 @@ fn compile_inner(
     for net in set.prefixes() {
         compiled.prefixes.insert(net, rule_ids.cidr(net));
     }
+    for selector in set.fqdn_selectors() {
+        let id = rule_ids.fqdn_selector(selector)?;
+        compiled.fqdn.insert(selector.clone(), id);
+    }
     let mapped_v4 = IpNet::V6("::ffff:0:0/96".parse().expect("valid prefix"));
     let any_v4 = IpNet::V4(ipnet::Ipv4Net::default());
     if compiled.prefixes.keys().any(|p| p.contains(&mapped_v4))
@@ -263,12 +301,19 @@ fn compile_inner(
                 info(DEFAULT_DENY, RuleAction::DefaultDeny, false),
             );
             let slot = Slot::of(policy.mode, RuleAction::Deny);
+            // The connect hook sends this workload's DNS to the proxy and counts the addresses
+            // it learned there.
+            let flags = if rules.iter().any(Rule::names_fqdn) {
+                POLICY_FLAG_FQDN
+            } else {
+                0
+            };
             for &local in &locals {
                 let contribution = Contribution {
                     key: isolation_key(local, direction),
                     slot,
                     rule: default_deny,
-                    flags: 0,
+                    flags,
                 };
                 compiled.merge(&contribution, observe, policy, DEFAULT_DENY)?;
             }
@@ -407,9 +452,10 @@ impl Compiled {
         if *field == 0 || contribution.rule < *field {
             *field = contribution.rule;
             if contribution.slot == Slot::Allow {
-                value.flags = contribution.flags;
+                value.flags = (value.flags & !ALLOW_FLAGS) | (contribution.flags & ALLOW_FLAGS);
             }
         }
+        value.flags |= contribution.flags & !ALLOW_FLAGS;
         if self.entries.len() > MAX_POLICY_ENTRIES as usize {
             let (policy, rule) = (policy.name.clone(), rule.to_owned());
             return Err(CompileError::TooManyEntries {
@@ -421,7 +467,8 @@ impl Compiled {
         Ok(())
     }
 
-    /// The remote identities a rule names: workloads by selector or address, and CIDR prefixes.
+    /// The remote identities a rule names: workloads by selector or address, CIDR prefixes, and
+    /// DNS-name selectors.
     fn remotes(
         &self,
         rule: &Rule,
@@ -440,12 +487,16 @@ impl Compiled {
                     .filter(|w| peer.selects(w))
                     .map(|w| w.identity),
             );
-            if let Peer::Cidr { .. } = peer {
-                let prefixes = self
-                    .prefixes
-                    .iter()
-                    .filter(|(net, id)| **id != IDENTITY_WORLD && peer.covers_prefix(net));
-                remotes.extend(prefixes.map(|(_, id)| *id));
+            match peer {
+                Peer::Cidr { .. } => {
+                    let prefixes = self
+                        .prefixes
+                        .iter()
+                        .filter(|(net, id)| **id != IDENTITY_WORLD && peer.covers_prefix(net));
+                    remotes.extend(prefixes.map(|(_, id)| *id));
+                }
+                Peer::Fqdn(selector) => remotes.extend(self.fqdn.get(selector)),
+                Peer::Workloads(_) => {}
             }
         }
         remotes
@@ -563,16 +614,21 @@ impl Compiled {
         port: u16,
     ) -> Decision {
         let (isolation, v) = self.lookup(local, remote, direction, protocol, port);
+        let from_default = Slot::ALL.iter().all(|slot| slot.get(&v) == 0);
         let decision = |verdict, rule| Decision {
             verdict,
             rule,
             isolated: true,
+            from_default,
+            selector: None,
         };
         let Some(iso) = isolation else {
             return Decision {
                 verdict: VERDICT_ALLOW,
                 rule: 0,
                 isolated: false,
+                from_default: false,
+                selector: None,
             };
         };
         if v.deny_rule != 0 {
@@ -590,6 +646,85 @@ impl Compiled {
         } else {
             decision(VERDICT_ALLOW, v.audit_allow_rule)
         }
+    }
+
+    /// Whether the kernel goes on to decide a learned address as its DNS-name selectors after
+    /// `decision` (of `local` in `direction`): `local`'s isolation entry there says it uses DNS
+    /// names, and no rule decided the address by its own identity.
+    pub fn decides_by_name(&self, local: u32, direction: u8, decision: &Decision) -> bool {
+        decision.from_default
+            && self
+                .entries
+                .get(&isolation_key(local, direction))
+                .is_some_and(|iso| iso.flags & POLICY_FLAG_FQDN != 0)
+    }
+
+    /// [`Compiled::decide`] for an address `local` learned from a DNS name decided as the
+    /// selector identities `selectors` ([`Compiled::fqdn_identities`]), as the connect hook does:
+    /// when [`Compiled::decides_by_name`], as each of the first [`MAX_LEARNED_SELECTORS`]
+    /// selectors in order (0 ends them), the first that a rule decides
+    /// ([`Decision::selector`] names it); otherwise, or when none does, as the address itself.
+    pub fn decide_learned(
+        &self,
+        local: u32,
+        remote: u32,
+        selectors: &[u32],
+        direction: u8,
+        protocol: u8,
+        port: u16,
+    ) -> Decision {
+        let decision = self.decide(local, remote, direction, protocol, port);
+        if !self.decides_by_name(local, direction, &decision) {
+            return decision;
+        }
+        let learned = selectors.iter().take(MAX_LEARNED_SELECTORS);
+        learned
+            .take_while(|s| **s != 0)
+            .map(|&s| Decision {
+                selector: Some(s),
+                ..self.decide(local, s, direction, protocol, port)
+            })
+            .find(|d| !d.from_default)
+            .unwrap_or(decision)
+    }
+
+    /// The identities of the DNS-name selectors that match any of `names` (as a DNS answer gives
+    /// them; normalized here) and that `local`'s egress policy names, ascending: what an address
+    /// `local` learned from those names is decided as.
+    pub fn fqdn_identities(&self, local: u32, names: &[&str]) -> Vec<u32> {
+        let names: Vec<String> = names.iter().map(|n| fqdn::normalize(n)).collect();
+        let mut identities: Vec<u32> = self
+            .fqdn
+            .iter()
+            .filter(|(selector, _)| names.iter().any(|n| selector.matches(n)))
+            .map(|(_, id)| *id)
+            .filter(|id| self.names_in_egress(local, *id))
+            .collect();
+        identities.sort_unstable();
+        identities.dedup();
+        identities
+    }
+
+    /// Whether an egress entry of `local` names `remote`.
+    fn names_in_egress(&self, local: u32, remote: u32) -> bool {
+        let first = policy_key(local, remote, 0, 0, 0);
+        let past = policy_key(local, remote.saturating_add(1), 0, 0, 0);
+        self.entries
+            .range(first..past)
+            .any(|(key, _)| key.direction == DIRECTION_EGRESS)
+    }
+
+    /// Whether `local`'s egress rules name DNS names: its DNS goes through the agent's proxy.
+    pub fn uses_fqdn(&self, local: u32) -> bool {
+        self.entries
+            .get(&isolation_key(local, DIRECTION_EGRESS))
+            .is_some_and(|iso| iso.flags & POLICY_FLAG_FQDN != 0)
+    }
+
+    /// The DNS-name selector of an identity.
+    pub fn fqdn_selector(&self, identity: u32) -> Option<&FqdnSelector> {
+        let found = self.fqdn.iter().find(|(_, id)| **id == identity);
+        found.map(|(selector, _)| selector)
     }
 
     /// The identity the kernel gives a remote address: a workload's own address first, then the

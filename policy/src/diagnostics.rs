@@ -63,7 +63,8 @@ impl std::error::Error for PolicyErrors {}
 /// What a warning is about; its `code` names the check in JSON and SARIF output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum WarningKind {
-    /// An allow rule open to any peer, or to `0.0.0.0/0` / `::/0`, on every port.
+    /// An allow rule open to any peer, or to `0.0.0.0/0` / `::/0` / every DNS name, on every
+    /// port.
     OpenRule,
     /// A policy that selects no workload of the configuration.
     SelectsNothing,

@@ -1,8 +1,9 @@
 //! Numeric identities: the ranges the kernel's maps use, and how a workload gets its number.
 //!
 //! Identities below [`FIRST_WORKLOAD`] are reserved (`agent_common::IDENTITY_ANY`, `_HOST`,
-//! `_WORLD`); workloads get numbers in `FIRST_WORKLOAD..=LAST_WORKLOAD`, and the CIDRs of policy
-//! rules from [`FIRST_CIDR`] up.
+//! `_WORLD`); workloads get numbers in `FIRST_WORKLOAD..=LAST_WORKLOAD`, the CIDRs of policy
+//! rules from [`FIRST_CIDR`] up, and their DNS-name selectors ([`crate::FqdnSelector`]) numbers
+//! in [`FQDN_SELECTORS`].
 //!
 //! An identity is what a policy can tell apart: a SPIFFE ID with a namespace and a set of labels
 //! ([`key`]). Workloads that share all three share a number; the pods of one Kubernetes service
@@ -22,6 +23,12 @@ pub const LAST_WORKLOAD: u32 = 0x00FF_FFFF;
 pub const FIRST_CIDR: u32 = LAST_WORKLOAD + 1;
 /// Every workload identity.
 pub const WORKLOADS: RangeInclusive<u32> = FIRST_WORKLOAD..=LAST_WORKLOAD;
+/// The first identity of a DNS-name selector, far above the CIDRs.
+pub const FIRST_FQDN_SELECTOR: u32 = agent_common::FIRST_FQDN_SELECTOR;
+/// The last identity of a DNS-name selector.
+pub const LAST_FQDN_SELECTOR: u32 = agent_common::LAST_FQDN_SELECTOR;
+/// Every identity of a DNS-name selector.
+pub const FQDN_SELECTORS: RangeInclusive<u32> = FIRST_FQDN_SELECTOR..=LAST_FQDN_SELECTOR;
 
 /// Whether `identity` is in the workload range.
 pub fn is_workload(identity: u32) -> bool {
@@ -138,12 +145,14 @@ mod tests {
 
     #[test]
     fn the_ranges_follow_the_reserved_identities() {
-        use agent_common::{IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD};
+        use agent_common::{IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, REMOTE_ISOLATION};
         assert!([IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD]
             .iter()
             .all(|r| *r < FIRST_WORKLOAD));
         assert_eq!((FIRST_WORKLOAD, FIRST_CIDR), (256, 0x0100_0000));
         assert!(!is_workload(FIRST_CIDR) && !is_workload(FIRST_WORKLOAD - 1));
+        assert!(FIRST_CIDR < FIRST_FQDN_SELECTOR && !FQDN_SELECTORS.contains(&REMOTE_ISOLATION));
+        assert!(!FQDN_SELECTORS.contains(&agent_common::FIRST_FQDN_NAME));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod check;
 pub mod compile;
 pub mod diagnostics;
+pub mod fqdn;
 pub mod identity;
 mod k8s;
 pub mod load;
@@ -33,6 +34,7 @@ use std::net::IpAddr;
 pub use compile::{compile, compile_with_peers, CompileError, Compiled, RuleIds};
 // A glob, so that names the binary does not use yet (PolicyErrors) stay part of the API.
 pub use diagnostics::*;
+pub use fqdn::FqdnSelector;
 // A glob, so that `parse` (used by tests and fuzz/ only) stays part of the API.
 pub use load::*;
 pub use model::{is_port_name, PolicySet, NAMESPACE_NAME_LABEL};
@@ -146,7 +148,7 @@ pub struct RuleInfo {
     pub direction: u8,
 }
 
-/// The kernel's answer to one query; see [`Compiled::decide`].
+/// The kernel's answer to one query; see [`Compiled::decide`] and [`Compiled::decide_learned`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
     /// One of `agent_common::VERDICT_*`.
@@ -154,6 +156,12 @@ pub struct Decision {
     /// The deciding rule; 0 when the local workload is not isolated in that direction.
     pub rule: u32,
     pub isolated: bool,
+    /// The isolation alone decided: no entry for the remote (or any remote) at the port names a
+    /// rule, so the verdict is the default-deny (enforce or audit). Only such a decision goes on
+    /// to the DNS-name selectors of a learned address.
+    pub from_default: bool,
+    /// The DNS-name selector identity a learned address was decided as, when one decided.
+    pub selector: Option<u32>,
 }
 
 impl std::fmt::Display for Mode {

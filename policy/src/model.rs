@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::diagnostics::{FieldPath, Findings};
+use super::fqdn::FqdnSelector;
 use super::{Mode, RuleAction, WorkloadInfo};
 
 /// The label every Kubernetes namespace carries with its own name; the only namespace label ward
@@ -69,21 +70,33 @@ impl PolicySet {
         self.policies.iter().map(|p| p.name.as_str())
     }
 
-    /// Every distinct CIDR and except prefix, in order.
-    pub fn prefixes(&self) -> std::collections::BTreeSet<IpNet> {
-        let peers = self
-            .policies
+    /// The peers of every rule, in load order.
+    fn peers(&self) -> impl Iterator<Item = &Peer> {
+        self.policies
             .iter()
             .flat_map(|p| p.rules())
-            .flat_map(|(_, r)| r.peers.iter().flatten());
+            .flat_map(|(_, r)| r.peers.iter().flatten())
+    }
+
+    /// Every distinct CIDR and except prefix, in order.
+    pub fn prefixes(&self) -> std::collections::BTreeSet<IpNet> {
         let mut prefixes = std::collections::BTreeSet::new();
-        for peer in peers {
+        for peer in self.peers() {
             if let Peer::Cidr { net, except } = peer {
                 prefixes.insert(*net);
                 prefixes.extend(except.iter().copied());
             }
         }
         prefixes
+    }
+
+    /// Every distinct DNS-name selector, in order.
+    pub fn fqdn_selectors(&self) -> std::collections::BTreeSet<&FqdnSelector> {
+        let selectors = self.peers().filter_map(|peer| match peer {
+            Peer::Fqdn(selector) => Some(selector),
+            _ => None,
+        });
+        selectors.collect()
     }
 }
 
@@ -147,10 +160,23 @@ pub struct Rule {
     pub mtls: bool,
 }
 
+impl Rule {
+    /// Whether a peer of the rule is a DNS name.
+    pub fn names_fqdn(&self) -> bool {
+        self.peers
+            .iter()
+            .flatten()
+            .any(|peer| matches!(peer, Peer::Fqdn(_)))
+    }
+}
+
 #[derive(Clone, Debug)]
 pub enum Peer {
     Workloads(WorkloadSelector),
     Cidr { net: IpNet, except: Vec<IpNet> },
+    /// Addresses the local workload learned from DNS names: never a workload by its labels or
+    /// addresses, and never an address by itself.
+    Fqdn(FqdnSelector),
 }
 
 impl Peer {
@@ -160,7 +186,7 @@ impl Peer {
             Peer::Cidr { net, except } => {
                 net.contains(prefix) && !except.iter().any(|e| e.contains(prefix))
             }
-            Peer::Workloads(_) => false,
+            Peer::Workloads(_) | Peer::Fqdn(_) => false,
         }
     }
 
@@ -170,7 +196,7 @@ impl Peer {
             Peer::Cidr { net, except } => {
                 net.contains(&addr) && !except.iter().any(|e| e.contains(&addr))
             }
-            Peer::Workloads(_) => false,
+            Peer::Workloads(_) | Peer::Fqdn(_) => false,
         }
     }
 
@@ -180,6 +206,7 @@ impl Peer {
         match self {
             Peer::Workloads(selector) => selector.matches(workload),
             Peer::Cidr { .. } => workload.addresses.iter().any(|a| self.covers_address(*a)),
+            Peer::Fqdn(_) => false,
         }
     }
 }

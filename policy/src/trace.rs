@@ -6,14 +6,15 @@ use std::fmt;
 use std::net::IpAddr;
 
 use agent_common::{
-    icmp_type_port, DIRECTION_EGRESS, DIRECTION_INGRESS, PORT_ANY, PROTO_ANY, PROTO_ICMP,
-    PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REMOTE_ISOLATION, VERDICT_ALLOW, VERDICT_AUDIT,
-    VERDICT_DENY, VERDICT_REDIRECT,
+    icmp_type_port, DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_WORLD, MAX_LEARNED_SELECTORS,
+    PORT_ANY, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    REMOTE_ISOLATION, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, VERDICT_REDIRECT,
 };
 use ipnet::IpNet;
 use serde_json::json;
 
 use super::compile::{compile_observed, isolation_key, lookup_keys, Contribution};
+use super::fqdn::FqdnSelector;
 use super::port::icmp_type_of;
 use super::{
     protocol_name, verdict_name, CompileError, Compiled, Decision, PolicySet, RuleIds, WorkloadInfo,
@@ -25,6 +26,9 @@ pub enum Endpoint<'a> {
     Workload(&'a WorkloadInfo),
     /// An address that is no workload's.
     Address(IpAddr),
+    /// Any address ward knows nothing about: no workload's, and outside every CIDR of the
+    /// policies (the world identity); what a DNS name may resolve to.
+    World,
 }
 
 impl<'a> Endpoint<'a> {
@@ -50,7 +54,12 @@ impl<'a> Endpoint<'a> {
         match self {
             Endpoint::Workload(w) => w.identity,
             Endpoint::Address(addr) => compiled.remote_identity(*addr, workloads),
+            Endpoint::World => IDENTITY_WORLD,
         }
+    }
+
+    fn is_workload(&self) -> bool {
+        matches!(self, Endpoint::Workload(_))
     }
 }
 
@@ -59,6 +68,7 @@ impl fmt::Display for Endpoint<'_> {
         match self {
             Endpoint::Workload(w) => f.write_str(&w.name),
             Endpoint::Address(addr) => write!(f, "{addr}"),
+            Endpoint::World => f.write_str("any address"),
         }
     }
 }
@@ -71,17 +81,26 @@ pub struct Leg {
     pub local: String,
     pub local_identity: u32,
     pub remote_identity: u32,
+    /// Egress to an address learned from a DNS name: the name.
+    pub learned_from: Option<String>,
+    /// The DNS-name selectors (identities) the name is decided as, as the kernel holds them for
+    /// the address (at most [`MAX_LEARNED_SELECTORS`]).
+    pub selectors: Vec<u32>,
+    /// Whether the kernel went on to the selectors: no rule decided the address by its identity.
+    pub by_name: bool,
     pub decision: Decision,
     /// Every rule contribution the kernel's lookups for this leg read.
     pub matches: Vec<Contribution>,
 }
 
 /// The legs of a connection, in the order the packet meets them: only workloads have policy.
+/// With `learned_from`, the source learned the destination's address from that DNS name.
 fn legs(
     compiled: &Compiled,
     workloads: &[WorkloadInfo],
     from: Endpoint<'_>,
     to: Endpoint<'_>,
+    learned_from: Option<&str>,
     protocol: u8,
     port: u16,
 ) -> Vec<Leg> {
@@ -90,13 +109,30 @@ fn legs(
         .into_iter()
         .filter_map(|(direction, local, remote)| match local {
             Endpoint::Workload(w) => Some((direction, w, remote)),
-            Endpoint::Address(_) => None,
+            Endpoint::Address(_) | Endpoint::World => None,
         });
     local_sides
         .map(|(direction, local, remote)| {
             let remote_identity = remote.identity(compiled, workloads);
+            let learned_from = learned_from.filter(|_| direction == DIRECTION_EGRESS);
+            let mut selectors = learned_from.map_or_else(Vec::new, |name| {
+                compiled.fqdn_identities(local.identity, &[name])
+            });
+            selectors.truncate(MAX_LEARNED_SELECTORS);
             let mut decision =
                 compiled.decide(local.identity, remote_identity, direction, protocol, port);
+            let by_name = learned_from.is_some()
+                && compiled.decides_by_name(local.identity, direction, &decision);
+            if by_name {
+                decision = compiled.decide_learned(
+                    local.identity,
+                    remote_identity,
+                    &selectors,
+                    direction,
+                    protocol,
+                    port,
+                );
+            }
             // As the connect hook: the destination's ingress rule may require the tunnel.
             if direction == DIRECTION_EGRESS
                 && protocol == agent_common::PROTO_TCP
@@ -110,6 +146,8 @@ fn legs(
                             verdict: VERDICT_REDIRECT,
                             rule,
                             isolated: true,
+                            from_default: false,
+                            selector: None,
                         };
                     }
                 }
@@ -119,6 +157,9 @@ fn legs(
                 local: local.name.clone(),
                 local_identity: local.identity,
                 remote_identity,
+                learned_from: learned_from.map(str::to_owned),
+                selectors,
+                by_name,
                 decision,
                 matches: Vec::new(),
             }
@@ -165,26 +206,47 @@ pub fn trace(
     protocol: u8,
     port: u16,
 ) -> Result<Trace, CompileError> {
+    traced(set, workloads, from, to, None, protocol, port)
+}
+
+/// [`trace`] of a connection from `from` to an address it learned from the DNS name `name`
+/// (`to`: that address, or [`Endpoint::World`] for any address no rule names otherwise), decided
+/// as the connect hook decides learned addresses ([`Compiled::decide_learned`]).
+pub fn trace_learned(
+    set: &PolicySet,
+    workloads: &[WorkloadInfo],
+    from: Endpoint<'_>,
+    to: Endpoint<'_>,
+    name: &str,
+    protocol: u8,
+    port: u16,
+) -> Result<Trace, CompileError> {
+    let name = super::fqdn::normalize(name);
+    traced(set, workloads, from, to, Some(&name), protocol, port)
+}
+
+fn traced(
+    set: &PolicySet,
+    workloads: &[WorkloadInfo],
+    from: Endpoint<'_>,
+    to: Endpoint<'_>,
+    learned_from: Option<&str>,
+    protocol: u8,
+    port: u16,
+) -> Result<Trace, CompileError> {
     let mut rule_ids = RuleIds::new();
     let compiled = super::compile(set, workloads, &mut rule_ids)?;
-    let mut legs = legs(&compiled, workloads, from, to, protocol, port);
+    let mut legs = legs(&compiled, workloads, from, to, learned_from, protocol, port);
     // Which keys a leg reads is known only now; a second compilation with the same ids shows
     // which rules put something there.
     let mut wanted: BTreeMap<_, usize> = BTreeMap::new();
     for (i, leg) in legs.iter().enumerate() {
-        let keys = lookup_keys(
-            leg.local_identity,
-            leg.remote_identity,
-            leg.direction,
-            protocol,
-            port,
-        );
-        for key in keys
-            .into_iter()
-            .chain([isolation_key(leg.local_identity, leg.direction)])
-        {
-            wanted.insert(key, i);
+        let by_name = leg.selectors.iter().filter(|_| leg.by_name);
+        for remote in [leg.remote_identity].iter().chain(by_name) {
+            let keys = lookup_keys(leg.local_identity, *remote, leg.direction, protocol, port);
+            wanted.extend(keys.into_iter().map(|key| (key, i)));
         }
+        wanted.insert(isolation_key(leg.local_identity, leg.direction), i);
     }
     compile_observed(set, workloads, &mut rule_ids, &mut |c| {
         if let Some(&i) = wanted.get(&c.key) {
@@ -224,8 +286,9 @@ impl Change {
     }
 }
 
-/// Every connection between the workloads, and between them and the address ranges the
-/// policies name, whose verdict differs between `old` and `new`.
+/// Every connection between the workloads, between them and the address ranges the policies
+/// name, and from them to the DNS names the policies name, whose verdict differs between `old`
+/// and `new`.
 pub fn diff(
     old: &PolicySet,
     new: &PolicySet,
@@ -234,24 +297,35 @@ pub fn diff(
     let mut rule_ids = RuleIds::new();
     let old = super::compile(old, workloads, &mut rule_ids)?;
     let new = super::compile(new, workloads, &mut rule_ids)?;
-    let mut endpoints: Vec<(String, Endpoint<'_>)> = workloads
+    // Each with the DNS name its address was learned from: names are destinations only.
+    let mut endpoints: Vec<(String, Endpoint<'_>, Option<String>)> = workloads
         .iter()
-        .map(|w| (w.name.clone(), Endpoint::Workload(w)))
+        .map(|w| (w.name.clone(), Endpoint::Workload(w), None))
         .collect();
-    endpoints.extend(external_endpoints(&old, &new, workloads));
+    endpoints.extend(
+        external_endpoints(&old, &new, workloads)
+            .into_iter()
+            .map(|(name, endpoint)| (name, endpoint, None)),
+    );
+    endpoints.extend(
+        learned_endpoints(&old, &new)
+            .into_iter()
+            .map(|(name, learned_from)| (name, Endpoint::World, Some(learned_from))),
+    );
     let named_ports = named_ports(&old, &new);
     let mut changes = Vec::new();
-    for (from_name, from) in &endpoints {
-        for (to_name, to) in &endpoints {
+    for (from_name, from, from_learned) in &endpoints {
+        for (to_name, to, learned_from) in &endpoints {
             if from_name == to_name
-                || matches!((from, to), (Endpoint::Address(_), Endpoint::Address(_)))
+                || from_learned.is_some()
+                || !(from.is_workload() || to.is_workload())
             {
                 continue;
             }
             for protocol in protocols(from, to) {
                 let named = |e: &Endpoint<'_>, direction| match e {
                     Endpoint::Workload(w) => named_ports.get(&(w.identity, direction, protocol)),
-                    Endpoint::Address(_) => None,
+                    Endpoint::Address(_) | Endpoint::World => None,
                 };
                 let mut ports: BTreeSet<u16> = named(from, DIRECTION_EGRESS)
                     .into_iter()
@@ -268,7 +342,9 @@ pub fn diff(
                     (1..=u16::MAX).find(|p| !ports.contains(p))
                 };
                 let verdict = |compiled: &Compiled, port: u16| {
-                    combine(&legs(compiled, workloads, *from, *to, protocol, port)).0
+                    let learned_from = learned_from.as_deref();
+                    let legs = legs(compiled, workloads, *from, *to, learned_from, protocol, port);
+                    combine(&legs).0
                 };
                 let probes = ports
                     .iter()
@@ -326,7 +402,7 @@ pub fn diff(
 fn protocols(from: &Endpoint<'_>, to: &Endpoint<'_>) -> Vec<u8> {
     let family = |e: &Endpoint<'_>| match e {
         Endpoint::Address(addr) => Some(addr.is_ipv4()),
-        Endpoint::Workload(_) => None,
+        Endpoint::Workload(_) | Endpoint::World => None,
     };
     let ipv4 = family(from).or(family(to));
     let mut protocols = vec![PROTO_TCP, PROTO_UDP, PROTO_SCTP];
@@ -351,6 +427,32 @@ fn named_ports(old: &Compiled, new: &Compiled) -> BTreeMap<(u32, u8, u8), BTreeS
         }
     }
     ports
+}
+
+/// One name for each DNS-name selector of either set, labelled as written: the name of an
+/// `fqdn`, and for an `fqdnPattern` a name it matches that no `fqdn` of either set is.
+fn learned_endpoints(old: &Compiled, new: &Compiled) -> Vec<(String, String)> {
+    let selectors: BTreeSet<&FqdnSelector> = old.fqdn.keys().chain(new.fqdn.keys()).collect();
+    let exact: BTreeSet<&str> = selectors
+        .iter()
+        .filter(|s| matches!(s, FqdnSelector::Name(_)))
+        .map(|s| s.text())
+        .collect();
+    let sample = |pattern: &str| {
+        // One more fill than there are names: one of them is no name's.
+        let fills = (0..=exact.len()).map(|i| format!("x{i}"));
+        let mut samples = fills.map(|fill| pattern.replace('*', &fill));
+        samples
+            .find(|name| !exact.contains(name.as_str()))
+            .expect("a fill that no name takes")
+    };
+    selectors
+        .into_iter()
+        .map(|selector| match selector {
+            FqdnSelector::Name(name) => (name.clone(), name.clone()),
+            FqdnSelector::Pattern(pattern) => (pattern.clone(), sample(pattern)),
+        })
+        .collect()
 }
 
 /// One address for each range the policies tell apart: the part of every prefix that no more

@@ -6,6 +6,7 @@ use agent_common::PROTO_TCP;
 use serde::Deserialize;
 
 use super::diagnostics::{FieldPath, Findings};
+use super::fqdn::FqdnSelector;
 use super::model::{
     check_name, cidr_peer, icmp_type, is_icmp, label_selector, parse_protocol, port_range,
     rule_peers, ExpressionDoc, NamespaceMatch, Origin, Peer, Policy, PortMatch, Rule, SpiffeMatch,
@@ -50,7 +51,7 @@ pub struct SpecDoc {
     egress: Option<Vec<RuleDoc>>,
 }
 
-/// A workload selector; as a peer it may instead hold a CIDR.
+/// A workload selector; as a peer it may instead hold a CIDR or a DNS name.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -71,6 +72,11 @@ struct PeerDoc {
     namespace: Option<String>,
     cidr: Option<String>,
     except: Option<Vec<String>>,
+    /// Egress allow rules only: addresses the workload learned from this DNS name.
+    fqdn: Option<String>,
+    /// Egress allow rules only: addresses the workload learned from a name of this shape, where
+    /// `*` stands for one or more characters within one label (`*` alone: any name).
+    fqdn_pattern: Option<String>,
 }
 
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -204,6 +210,7 @@ fn rule(
             format!("another {direction} rule of this policy is named `{name}`"),
         );
     }
+    let action = doc.action.unwrap_or(RuleAction::Allow);
     let (peers, peer_field) = rule_peers(direction, doc.from, doc.to, &path, findings);
     let peers_path = path.key(peer_field);
     if peers.as_ref().is_some_and(Vec::is_empty) {
@@ -215,7 +222,7 @@ fn rule(
     let peers = peers.map(|docs| {
         let peers = docs.into_iter().enumerate();
         peers
-            .filter_map(|(i, d)| peer(d, &peers_path.index(i), findings))
+            .filter_map(|(i, d)| peer(d, direction, action, &peers_path.index(i), findings))
             .collect()
     });
     let ports = doc.ports.map(|docs| {
@@ -224,7 +231,6 @@ fn rule(
             .filter_map(|(i, d)| port(d, &path.key("ports").index(i), findings))
             .collect()
     });
-    let action = doc.action.unwrap_or(RuleAction::Allow);
     let mtls = doc.mtls == Some(Mtls::Required);
     if mtls && action == RuleAction::Deny {
         findings.error(
@@ -232,7 +238,7 @@ fn rule(
             "mtls: required applies to allow rules only",
         );
     }
-    Rule {
+    let rule = Rule {
         name,
         field: path,
         line: None,
@@ -240,10 +246,24 @@ fn rule(
         peers,
         ports,
         mtls,
+    };
+    if mtls && rule.names_fqdn() {
+        findings.error(
+            &rule.field.key("mtls"),
+            "mtls: required does not apply to DNS-name peers (fqdn, fqdnPattern): the tunnel \
+             carries connections between workloads",
+        );
     }
+    rule
 }
 
-fn peer(doc: PeerDoc, path: &FieldPath, findings: &mut Findings) -> Option<Peer> {
+fn peer(
+    doc: PeerDoc,
+    direction: &str,
+    action: RuleAction,
+    path: &FieldPath,
+    findings: &mut Findings,
+) -> Option<Peer> {
     let selector = SelectorDoc {
         labels: doc.labels,
         match_expressions: doc.match_expressions,
@@ -254,6 +274,13 @@ fn peer(doc: PeerDoc, path: &FieldPath, findings: &mut Findings) -> Option<Peer>
         || selector.match_expressions.is_some()
         || selector.spiffe_id.is_some()
         || selector.namespace.is_some();
+    if doc.fqdn.is_some() || doc.fqdn_pattern.is_some() {
+        if has_selector || doc.cidr.is_some() || doc.except.is_some() {
+            findings.error(path, "a peer is either a DNS name (fqdn, fqdnPattern) or a cidr or a workload selector (labels, matchExpressions, spiffeId, namespace), not both");
+            return None;
+        }
+        return dns_name_peer(doc.fqdn, doc.fqdn_pattern, direction, action, path, findings);
+    }
     match doc.cidr {
         Some(_) if has_selector => {
             findings.error(path, "a peer is either a cidr or a workload selector (labels, matchExpressions, spiffeId, namespace), not both");
@@ -273,12 +300,51 @@ fn peer(doc: PeerDoc, path: &FieldPath, findings: &mut Findings) -> Option<Peer>
         None if !has_selector => {
             findings.error(
                 path,
-                "an empty peer: give labels, matchExpressions, spiffeId, namespace or cidr",
+                "an empty peer: give labels, matchExpressions, spiffeId, namespace, cidr, fqdn or fqdnPattern",
             );
             None
         }
         None => Some(Peer::Workloads(workload_selector(selector, path, findings))),
     }
+}
+
+/// An `fqdn` or `fqdnPattern` peer: of an egress allow rule only.
+fn dns_name_peer(
+    fqdn: Option<String>,
+    fqdn_pattern: Option<String>,
+    direction: &str,
+    action: RuleAction,
+    path: &FieldPath,
+    findings: &mut Findings,
+) -> Option<Peer> {
+    let (field, parsed) = match (fqdn, fqdn_pattern) {
+        (Some(_), Some(_)) => {
+            findings.error(path, "a peer is either an fqdn or an fqdnPattern, not both");
+            return None;
+        }
+        (Some(name), None) => ("fqdn", FqdnSelector::parse_name(&name)),
+        (None, Some(pattern)) => ("fqdnPattern", FqdnSelector::parse_pattern(&pattern)),
+        (None, None) => return None,
+    };
+    let path = path.key(field);
+    if direction == "ingress" {
+        findings.error(
+            &path,
+            format!("{field} names egress peers only: a connection's source is an address, not a name"),
+        );
+        return None;
+    }
+    if action != RuleAction::Allow {
+        findings.error(
+            &path,
+            format!("{field} belongs in allow rules only: an address learned from a name is allowed by it, never denied"),
+        );
+        return None;
+    }
+    parsed
+        .map_err(|reason| findings.error(&path, reason))
+        .ok()
+        .map(Peer::Fqdn)
 }
 
 fn port(doc: PortDoc, path: &FieldPath, findings: &mut Findings) -> Option<PortMatch> {

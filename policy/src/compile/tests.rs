@@ -475,6 +475,8 @@ fn unselected_workloads_and_directions_are_untouched() {
         verdict: VERDICT_ALLOW,
         rule: 0,
         isolated: false,
+        from_default: false,
+        selector: None,
     };
     assert_eq!(
         compiled.decide(DB, WEB, IN, TCP, 80),
@@ -488,8 +490,8 @@ fn unselected_workloads_and_directions_are_untouched() {
     );
     let isolated = compiled.decide(WEB, DB, IN, TCP, 80);
     assert!(
-        isolated.isolated && isolated.verdict == VERDICT_DENY,
-        "ingress: [] isolates: {isolated:?}"
+        isolated.isolated && isolated.verdict == VERDICT_DENY && isolated.from_default,
+        "ingress: [] isolates, and only the isolation decides: {isolated:?}"
     );
 }
 
