@@ -16,6 +16,7 @@ use tokio::{
 
 use crate::{
     admin, control,
+    dns::DnsProxy,
     enforcer::{Command, Enforcer, Inputs},
     events,
     flows::FlowHub,
@@ -97,8 +98,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         ),
         _ => None,
     };
+    let dns = DnsProxy::start(&config.dns, &config.pin_dir, enforcer.metrics()).await?;
     let (mut enforcer, verdicts) = off_runtime(move || {
-        let verdicts = enforcer.attach(tunnel)?;
+        let verdicts = enforcer.attach(tunnel, dns)?;
         Ok((enforcer, verdicts))
     })
     .await?;

@@ -52,6 +52,7 @@ struct RawConfig {
     workloads: RawWorkloads,
     control_plane: Option<crate::control::ControlPlaneConfig>,
     tunnel: Option<RawTunnel>,
+    dns: Option<RawDns>,
     unmapped_cgroups: Option<String>,
     #[serde(default)]
     services: Vec<RawService>,
@@ -111,6 +112,80 @@ struct RawTunnel {
     listen: Option<String>,
     advertise: Option<String>,
     outbound_port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawDns {
+    proxy_port: Option<u16>,
+    min_ttl_seconds: Option<u32>,
+    max_ttl_seconds: Option<u32>,
+    max_learned: Option<usize>,
+    #[serde(default)]
+    only_policy_names: bool,
+}
+
+/// `dns:`: the DNS proxy that learns the addresses of the names egress rules allow (`fqdn`,
+/// `fqdnPattern`). It always runs; only workloads whose rules name DNS names are sent to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// Loopback port of the proxy (UDP and TCP, `127.0.0.1` and `::1`) in the agent's network
+    /// namespace and in each workload's own.
+    pub proxy_port: u16,
+    /// A learned address counts at least this long, whatever the answer's TTL (clients cache
+    /// answers past a short TTL), and at most `max_ttl`.
+    pub min_ttl: std::time::Duration,
+    pub max_ttl: std::time::Duration,
+    /// The most (workload, address) pairs held; past it the one expiring first is evicted.
+    pub max_learned: usize,
+    /// A workload gets answers only for the names its egress rules name (`REFUSED` otherwise).
+    pub only_policy_names: bool,
+}
+
+pub const DEFAULT_DNS_PROXY_PORT: u16 = 15053;
+pub const DEFAULT_DNS_MIN_TTL_SECONDS: u32 = 60;
+pub const DEFAULT_DNS_MAX_TTL_SECONDS: u32 = 86_400;
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            proxy_port: DEFAULT_DNS_PROXY_PORT,
+            min_ttl: std::time::Duration::from_secs(DEFAULT_DNS_MIN_TTL_SECONDS.into()),
+            max_ttl: std::time::Duration::from_secs(DEFAULT_DNS_MAX_TTL_SECONDS.into()),
+            max_learned: (agent_common::MAX_LEARNED / 2) as usize,
+            only_policy_names: false,
+        }
+    }
+}
+
+fn dns_settings(raw: RawDns) -> Result<DnsSettings, (&'static str, String)> {
+    let defaults = DnsSettings::default();
+    let proxy_port = raw.proxy_port.unwrap_or(defaults.proxy_port);
+    if proxy_port == 0 || proxy_port == 53 {
+        return Err(("proxyPort", format!("{proxy_port} cannot be the proxy's port")));
+    }
+    let min = raw.min_ttl_seconds.unwrap_or(DEFAULT_DNS_MIN_TTL_SECONDS);
+    let max = raw.max_ttl_seconds.unwrap_or(DEFAULT_DNS_MAX_TTL_SECONDS.max(min));
+    if min == 0 {
+        return Err(("minTtlSeconds", "must be at least 1".into()));
+    }
+    if max < min {
+        return Err(("maxTtlSeconds", format!("{max} is below minTtlSeconds {min}")));
+    }
+    let max_learned = raw.max_learned.unwrap_or(defaults.max_learned);
+    if max_learned == 0 || max_learned > defaults.max_learned {
+        return Err((
+            "maxLearned",
+            format!("must be between 1 and {}", defaults.max_learned),
+        ));
+    }
+    Ok(DnsSettings {
+        proxy_port,
+        min_ttl: std::time::Duration::from_secs(min.into()),
+        max_ttl: std::time::Duration::from_secs(max.into()),
+        max_learned,
+        only_policy_names: raw.only_policy_names,
+    })
 }
 
 /// `tunnel:`: the mTLS tunnel that carries connections whose rule says `mtls: required`.
@@ -270,6 +345,8 @@ pub struct Config {
     pub control_plane: Option<crate::control::ControlPlaneConfig>,
     /// The mTLS tunnel (control-plane mode only: workload certificates come from there).
     pub tunnel: Option<TunnelSettings>,
+    /// The DNS proxy of DNS-aware egress.
+    pub dns: DnsSettings,
     /// Traffic of cgroups below the root that no workload maps; default allow.
     pub unmapped_cgroups: UnmappedCgroups,
     /// Services of the configuration (local mode).
@@ -537,9 +614,14 @@ impl Config {
             }
             Some(t) => Some(tunnel_settings(t).map_err(|(f, r)| field(format!("tunnel.{f}"), r))?),
         };
+        let dns = match raw.dns {
+            None => DnsSettings::default(),
+            Some(d) => dns_settings(d).map_err(|(f, r)| field(format!("dns.{f}"), r))?,
+        };
         Ok(Config {
             control_plane,
             tunnel,
+            dns,
             unmapped_cgroups,
             file: file.to_owned(),
             trust_domain: raw.trust_domain,
@@ -951,6 +1033,18 @@ mod tests {
     }
 
     #[test]
+    fn dns_section_defaults_and_bounds() {
+        let c = parse("trustDomain: example.org\n").expect("valid");
+        assert_eq!(c.dns, DnsSettings::default());
+        let c = parse("trustDomain: example.org\ndns: {proxyPort: 5353, minTtlSeconds: 2, maxTtlSeconds: 10, maxLearned: 100, onlyPolicyNames: true}\n").expect("valid");
+        assert_eq!(c.dns.proxy_port, 5353);
+        assert_eq!(c.dns.min_ttl, std::time::Duration::from_secs(2));
+        assert_eq!(c.dns.max_ttl, std::time::Duration::from_secs(10));
+        assert_eq!(c.dns.max_learned, 100);
+        assert!(c.dns.only_policy_names);
+    }
+
+    #[test]
     fn tunnel_section_defaults_to_its_ports_and_dials_the_listen_address() {
         let c = parse(
             "trustDomain: example.org\ncontrolPlane: {address: 'a:1', nodeName: a, caFile: ca.pem, stateDir: /s}\ntunnel: {listen: '10.0.0.1:15008'}\n",
@@ -1020,6 +1114,12 @@ mod tests {
             ("trustDomain: example.org\ncontrolPlane: {address: 'a:1', nodeName: a, caFile: ca.pem, stateDir: /s}\ntunnel: {}\n", "tunnel.advertise"),
             ("trustDomain: example.org\ncontrolPlane: {address: 'a:1', nodeName: a, caFile: ca.pem, stateDir: /s}\ntunnel: {listen: 'node-a:15008'}\n", "tunnel.listen"),
             ("trustDomain: example.org\ncontrolPlane: {address: 'a:1', nodeName: a, caFile: ca.pem, stateDir: /s}\ntunnel: {listen: '10.0.0.1:15008', outboundPort: 0}\n", "tunnel.outboundPort"),
+            ("trustDomain: example.org\ndns: {proxyPort: 53}\n", "dns.proxyPort"),
+            ("trustDomain: example.org\ndns: {minTtlSeconds: 0}\n", "dns.minTtlSeconds"),
+            ("trustDomain: example.org\ndns: {minTtlSeconds: 60, maxTtlSeconds: 30}\n", "dns.maxTtlSeconds"),
+            ("trustDomain: example.org\ndns: {maxLearned: 0}\n", "dns.maxLearned"),
+            ("trustDomain: example.org\ndns: {maxLearned: 1000000}\n", "dns.maxLearned"),
+            ("trustDomain: example.org\ndns: {upstream: 1.1.1.1}\n", "dns"),
         ];
         for (text, field) in cases {
             let msg = parse(text).expect_err(text).to_string();

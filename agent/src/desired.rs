@@ -19,7 +19,7 @@ use crate::{
     identity,
     kernel::{self, services::ServiceTable},
     policy::{self, Compiled, RuleIds, WorkloadInfo},
-    tunnel::Placement,
+    placement::Placement,
 };
 
 /// Reads the configuration file, with the command line's control-plane flags over the file's.

@@ -29,6 +29,7 @@ use crate::{
     config::{Config, RunFlags},
     control::{self, RemoteState, RemoteUpdate, ReportedWorkload},
     desired::{load_config, reported, Desired},
+    dns::DnsProxy,
     events::SharedNames,
     kernel::{self, ApplyStats, Attachment, Datapath, VerdictMaps},
     metrics::Metrics,
@@ -95,6 +96,8 @@ pub struct Enforcer {
     last_error: Option<String>,
     /// The mTLS tunnel, when configured.
     tunnel: Option<Tunnel>,
+    /// The DNS proxy of DNS-aware egress.
+    dns: Option<DnsProxy>,
     /// The cgroup tree as last scanned.
     tree: CgroupTree,
 }
@@ -171,6 +174,7 @@ impl Enforcer {
             last_apply: stats,
             last_error: None,
             tunnel: None,
+            dns: None,
             tree: CgroupTree::new(),
             dp,
         };
@@ -178,9 +182,12 @@ impl Enforcer {
         Ok(enforcer)
     }
 
-    /// The rest of start-up: gives the connect hook the tunnel (or none), completes the maps and
-    /// attaches the programs. Returns the verdict events' ring. Blocking.
-    pub fn attach(&mut self, tunnel: Option<Tunnel>) -> anyhow::Result<VerdictMaps> {
+    /// The rest of start-up: gives the connect hook the tunnel (or none), has the DNS proxy's
+    /// learned addresses follow the policy generations, completes the maps and attaches the
+    /// programs. Returns the verdict events' ring. Blocking.
+    pub fn attach(&mut self, tunnel: Option<Tunnel>, dns: DnsProxy) -> anyhow::Result<VerdictMaps> {
+        self.dp.follow_generations(dns.learned());
+        self.dns = Some(dns);
         // The connect hook knows where the tunnel listens before it is attached.
         match tunnel {
             Some(tunnel) => {
@@ -339,11 +346,14 @@ impl Enforcer {
     /// namespaces of their own get tunnel listeners inside them. The control plane is told when
     /// that changes, so peers reach those workloads at their own addresses.
     fn place_workloads(&mut self) {
-        let Some(tunnel) = &mut self.tunnel else {
+        if self.tunnel.is_none() && self.dns.is_none() {
             return;
-        };
+        }
         let placements = self.desired.placements(&self.tree, &self.cgroup_root);
-        if tunnel.place(&placements) {
+        if let Some(dns) = &mut self.dns {
+            dns.place(&placements);
+        }
+        if self.tunnel.as_mut().is_some_and(|t| t.place(&placements)) {
             self.send_reports();
         }
     }
@@ -547,13 +557,13 @@ impl Enforcer {
         let mut files = watch_files(&self.desired.config).context("watching policy files")?;
         let mut watching = true;
         // A pod's processes join its cgroups after the cgroups appear, with no event to tell:
-        // where workloads run is looked at again at this pace (only with a tunnel).
+        // where workloads run is looked at again at this pace (for the tunnel and the DNS proxy).
         let mut placement = tokio::time::interval(PLACEMENT_INTERVAL);
         placement.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let catch_up = self.dp.catch_up_due();
             tokio::select! {
-                _ = placement.tick(), if self.tunnel.is_some() => self.place_workloads(),
+                _ = placement.tick(), if self.tunnel.is_some() || self.dns.is_some() => self.place_workloads(),
                 // The generation that went out of force, once no program reads it.
                 () = sleep_until(catch_up), if catch_up.is_some() => self.dp.catch_up(),
                 command = commands.recv() => match command {

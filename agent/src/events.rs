@@ -61,7 +61,10 @@ impl Names {
             (_, Some((name, workload))) => (name.clone(), workload.clone().unwrap_or_default()),
             (IDENTITY_WORLD, None) => ("world".into(), String::new()),
             (IDENTITY_HOST, None) => ("host".into(), String::new()),
-            (id, None) => (format!("identity:{id}"), String::new()),
+            (id, None) => match crate::dns::name_of(id) {
+                Some(name) => (format!("dns:{name}"), String::new()),
+                None => (format!("identity:{id}"), String::new()),
+            },
         }
     }
 

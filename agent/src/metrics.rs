@@ -51,7 +51,17 @@ pub struct Metrics {
     pub policy_apply_seconds: Histogram,
     pub policy_apply_failures: Counter,
     pub policy_generation: Gauge,
+    /// DNS queries the proxy answered, by result (`forwarded`, `refused`, `failed`, `malformed`).
+    pub dns_queries: Family<DnsQueryLabels, Counter>,
+    pub dns_learned: Gauge,
+    pub dns_names: Gauge,
+    pub dns_learned_evictions: Counter,
     kernel: Option<Mutex<KernelCounters>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsQueryLabels {
+    pub result: &'static str,
 }
 
 impl Metrics {
@@ -67,6 +77,10 @@ impl Metrics {
             policy_apply_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             policy_apply_failures: Counter::default(),
             policy_generation: Gauge::default(),
+            dns_queries: Family::default(),
+            dns_learned: Gauge::default(),
+            dns_names: Gauge::default(),
+            dns_learned_evictions: Counter::default(),
             kernel: kernel_counters.map(|map| {
                 Mutex::new(KernelCounters {
                     map,
@@ -119,6 +133,26 @@ impl Metrics {
             "policy_generation",
             "Policy generation in force",
             m.policy_generation.clone(),
+        );
+        registry.register(
+            "dns_queries",
+            "DNS queries the DNS proxy handled, by result",
+            m.dns_queries.clone(),
+        );
+        registry.register(
+            "dns_learned_addresses",
+            "(workload, address) pairs learned from DNS answers and held",
+            m.dns_learned.clone(),
+        );
+        registry.register(
+            "dns_learned_names",
+            "DNS names the held learned addresses came from",
+            m.dns_names.clone(),
+        );
+        registry.register(
+            "dns_learned_evictions",
+            "Learned addresses evicted because dns.maxLearned was reached",
+            m.dns_learned_evictions.clone(),
         );
         Metrics { registry, ..m }
     }

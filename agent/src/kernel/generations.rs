@@ -104,6 +104,13 @@ struct GenerationMaps {
     backends: HashMap<MapData, BackendKey, ServiceAddr>,
 }
 
+/// Told which policy each generation bit holds, so maps kept beside the generations (the
+/// addresses learned from DNS, whose entries name policy identities) follow them: before a bit
+/// goes into force, and when the bit that went out of force is caught up.
+pub trait GenerationFollower: Send + Sync {
+    fn follow(&self, bit: u8, compiled: &Arc<Compiled>);
+}
+
 /// What an apply installs: the policy, the IP cache and the Services.
 #[derive(Clone, Copy)]
 pub struct Target<'a> {
@@ -123,6 +130,7 @@ pub(super) struct Generations {
     /// After a switch, until [`Generations::catch_up`]: the bit that went out of force, and
     /// when no program can still be reading it.
     behind: Option<(u8, Instant)>,
+    followers: Vec<Arc<dyn GenerationFollower>>,
 }
 
 impl Generations {
@@ -143,7 +151,18 @@ impl Generations {
             generation: current.generation,
             holds: [None, None],
             behind: None,
+            followers: Vec::new(),
         })
+    }
+
+    /// Adds a follower, told at once of each bit whose content is known.
+    pub(super) fn follow(&mut self, follower: Arc<dyn GenerationFollower>) {
+        for bit in [bit(self.generation.wrapping_add(1)), bit(self.generation)] {
+            if let Some(held) = &self.holds[usize::from(bit)] {
+                follower.follow(bit, &held.compiled);
+            }
+        }
+        self.followers.push(follower);
     }
 
     /// Installs a compiled policy, the IP cache and the Services as the next generation, then
@@ -277,6 +296,9 @@ impl Generations {
         };
         let writes = self.maps.write_changes(bit, changes)?;
         self.holds[usize::from(bit)] = Some(target.clone());
+        for follower in &self.followers {
+            follower.follow(bit, &target.compiled);
+        }
         Ok(Writes {
             written: writes.written,
             removed: cleared + writes.removed,

@@ -1,5 +1,6 @@
 //! The kernel datapath: loads ward's programs, adopts or creates their pinned maps and links, and
 //! writes identities and compiled policy into the maps without ever opening a hole.
+pub mod dns;
 pub mod features;
 mod generations;
 mod link;
@@ -7,17 +8,19 @@ pub mod services;
 pub mod tunnel;
 
 use generations::Generations;
-pub use generations::{ApplyStats, Target};
+pub use generations::{ApplyStats, GenerationFollower, Target};
 
 use std::{
     fs::File,
     os::fd::AsFd,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Instant,
 };
 
 use agent_common::{
-    map_names, program_names, CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue,
+    map_names, program_names, CgroupValue, ConnectingValue, DnsName, DnsProxyConfig, DnsSocket,
+    EventLimitKey, EventLimitValue, LearnedKey, LearnedValue,
     FlowCountKey, FlowKey, IpcacheKey, IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue,
     OriginalDst, OwnerValue, PolicyKey, PolicyValue, RedirectKey, ServiceAddr, ServiceSocketKey,
     Settings, SocketValue, StateValue, TunnelConfig, UdpFlowValue, MAX_CGROUPS, MAX_CONNECTING,
@@ -525,10 +528,15 @@ impl Datapath {
     pub fn catch_up(&mut self) {
         self.generations.catch_up();
     }
+
+    /// Has `follower` told of every generation bit's policy from now on (at once of those known).
+    pub fn follow_generations(&mut self, follower: Arc<dyn GenerationFollower>) {
+        self.generations.follow(follower);
+    }
 }
 
 /// Key and value sizes of every map this build pins, as the kernel reports them.
-fn layouts() -> [(&'static str, usize, usize); 19] {
+fn layouts() -> [(&'static str, usize, usize); 23] {
     [
         (
             map_names::CGROUPS,
@@ -601,6 +609,22 @@ fn layouts() -> [(&'static str, usize, usize); 19] {
             size_of::<TunnelConfig>(),
         ),
         (map_names::SETTINGS, size_of::<u32>(), size_of::<Settings>()),
+        (
+            map_names::LEARNED,
+            size_of::<LearnedKey>(),
+            size_of::<LearnedValue>(),
+        ),
+        (map_names::DNS_NAMES, size_of::<u32>(), size_of::<DnsName>()),
+        (
+            map_names::DNS_PROXY,
+            size_of::<u32>(),
+            size_of::<DnsProxyConfig>(),
+        ),
+        (
+            map_names::DNS_SOCKETS,
+            size_of::<u64>(),
+            size_of::<DnsSocket>(),
+        ),
     ]
 }
 
@@ -662,6 +686,19 @@ fn remove_if_present(path: &Path) -> std::io::Result<()> {
     match r {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
+    }
+}
+
+/// The 4-tuple of a connection or datagram as the kernel's maps key it (the connecting or
+/// sending end local).
+pub fn flow_key(from: std::net::SocketAddr, to: std::net::SocketAddr, protocol: u8) -> FlowKey {
+    FlowKey {
+        local_addr: mapped(from.ip()),
+        remote_addr: mapped(to.ip()),
+        local_port: from.port(),
+        remote_port: to.port(),
+        protocol,
+        _pad: [0; 3],
     }
 }
 

@@ -11,7 +11,7 @@ use agent_common::{
 };
 use aya::maps::{Array, HashMap, Map, MapData};
 
-use super::{map_err, mapped, KernelError};
+use super::{flow_key, map_err, KernelError};
 
 pub struct TunnelMaps {
     config: Array<MapData, TunnelConfig>,
@@ -22,18 +22,6 @@ pub struct TunnelMaps {
 
 fn open(pin_dir: &Path, name: &'static str) -> Result<MapData, KernelError> {
     MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))
-}
-
-/// The 4-tuple of a TCP connection as the kernel's maps key it (the connecting end local).
-pub fn flow_key(from: SocketAddr, to: SocketAddr) -> FlowKey {
-    FlowKey {
-        local_addr: mapped(from.ip()),
-        remote_addr: mapped(to.ip()),
-        local_port: from.port(),
-        remote_port: to.port(),
-        protocol: PROTO_TCP,
-        _pad: [0; 3],
-    }
 }
 
 impl TunnelMaps {
@@ -77,7 +65,7 @@ impl TunnelMaps {
         netns: u64,
     ) -> Option<OriginalDst> {
         let key = RedirectKey {
-            flow: flow_key(workload, listener),
+            flow: flow_key(workload, listener, PROTO_TCP),
             netns,
         };
         let original = self.redirects.get(&key, 0).ok()?;
@@ -118,12 +106,12 @@ impl TunnelMaps {
             cookie: 0,
         };
         self.connecting
-            .insert(flow_key(from, to), value, 0)
+            .insert(flow_key(from, to, PROTO_TCP), value, 0)
             .map_err(map_err(map_names::CONNECTING))
     }
 
     pub fn unmark_delivery(&mut self, from: SocketAddr, to: SocketAddr) {
-        let _ = self.connecting.remove(&flow_key(from, to));
+        let _ = self.connecting.remove(&flow_key(from, to, PROTO_TCP));
     }
 }
 

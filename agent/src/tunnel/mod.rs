@@ -25,10 +25,10 @@ use ward_tunnel::{
     SvidStore, TrustStore, TunnelError, Verdict,
 };
 
-pub use pods::Placement;
 
 use crate::{
     config::TunnelSettings,
+    placement::{self, Placement},
     control::{ControlPlaneConfig, RemoteState, WorkloadSigner},
     events::SharedNames,
     flows::{FlowHub, FlowRecord},
@@ -258,8 +258,8 @@ impl Tunnel {
         let before = self.in_pod();
         let mut seen = BTreeSet::new();
         for placement in placements {
-            let (found, netns) = pods::find(&placement.cgroups, self.host_netns);
-            let (pods::Found::Pod(id), Some(netns)) = (found, netns) else {
+            let (found, netns) = placement::find(&placement.cgroups, self.host_netns);
+            let (placement::Found::Pod(id), Some(netns)) = (found, netns) else {
                 continue;
             };
             seen.insert(id);

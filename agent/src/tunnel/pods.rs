@@ -9,21 +9,14 @@ use std::{
     collections::BTreeMap,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::PathBuf,
     sync::Arc,
 };
 
 use tokio::task::JoinHandle;
-use ward_host::netns::{self, Netns, NetnsId};
+use ward_host::netns::{Netns, NetnsId};
 use ward_tunnel::SpiffeId;
 
-/// A local workload and the cgroup directories (absolute) its processes run in.
-pub struct Placement {
-    pub workload: String,
-    pub spiffe_id: SpiffeId,
-    pub addresses: Vec<IpAddr>,
-    pub cgroups: Vec<PathBuf>,
-}
+use crate::placement::Placement;
 
 /// One workload's own namespace, with the tasks that serve its listeners.
 pub struct InPod {
@@ -42,36 +35,6 @@ impl Drop for InPod {
             task.abort();
         }
     }
-}
-
-/// Where a workload's processes run, as the last look found it.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Found {
-    /// In the agent's own namespace: the node's listeners serve it.
-    Host,
-    /// In a namespace of its own.
-    Pod(NetnsId),
-    /// No process yet: looked for again at the next pass.
-    Nothing,
-}
-
-/// The namespace of the first process found in `cgroups` (the cgroup directories of one
-/// workload; a pod's processes live in its containers' cgroups below the pod's).
-pub fn find(cgroups: &[PathBuf], host: NetnsId) -> (Found, Option<Netns>) {
-    for dir in cgroups {
-        let Some(pid) = netns::first_process(dir) else {
-            continue;
-        };
-        // A process that exited between the two reads: try the next cgroup.
-        let Ok(ns) = Netns::of_process(pid) else {
-            continue;
-        };
-        if ns.id() == host {
-            return (Found::Host, None);
-        }
-        return (Found::Pod(ns.id()), Some(ns));
-    }
-    (Found::Nothing, None)
 }
 
 /// Binds the listeners of one pod inside its namespace: the outbound listener on loopback

@@ -1,0 +1,527 @@
+//! The DNS proxy of DNS-aware egress (`fqdn` and `fqdnPattern` peers). The kernel's connect and
+//! sendmsg hooks send the DNS (UDP and TCP, port 53) of workloads whose egress rules name DNS
+//! names here, to a loopback port in the workload's own network namespace (a pod's, or the
+//! agent's). The proxy forwards each query, unchanged, to the resolver the workload asked (from
+//! inside that namespace, so a pod's resolver is the one it sees), reads the answer, installs the
+//! answered addresses for that workload ([`learned`]) and only then returns the answer, unchanged.
+//!
+//! What it refuses: a query the kernel did not send (it cannot know where it was going), with
+//! `dns.onlyPolicyNames` a name the workload's policy does not name (`REFUSED`), and a query it
+//! cannot read (`FORMERR`). An answer that is not the answer to the query (another id or
+//! question) is ignored; one that cannot be read, or none within 2 s, is `SERVFAIL` with nothing
+//! learned. A flood is bounded: at most 1,024 queries in flight, the rest dropped.
+//!
+//! With no agent running nothing listens on the proxy's port, and the hooks send DNS to the
+//! resolver the workload named: it is answered, and only the addresses learned before count.
+mod learned;
+mod message;
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use agent_common::{OriginalDst, PROTO_TCP, PROTO_UDP};
+use anyhow::Context as _;
+use hickory_proto::op::ResponseCode;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::{Semaphore, TryAcquireError},
+    task::JoinHandle,
+};
+use ward_host::netns::{self, Netns, NetnsId};
+
+pub use learned::{name_of, Learned};
+use learned::Learnt;
+
+use crate::{
+    config::DnsSettings,
+    kernel::{dns::DnsMaps, tunnel::original_destination},
+    metrics::{DnsQueryLabels, Metrics},
+    placement::{self, Placement},
+};
+
+/// How long the resolver has to answer.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// Queries in flight at most; more are dropped (a client asks again).
+const MAX_IN_FLIGHT: usize = 1024;
+/// The largest DNS message (TCP's length prefix; a UDP datagram's payload).
+const MAX_MESSAGE: usize = 65_535;
+
+/// What the proxy's tasks share.
+struct Shared {
+    learned: Arc<Learned>,
+    maps: Mutex<DnsMaps>,
+    only_policy_names: bool,
+    metrics: Arc<Metrics>,
+    in_flight: Arc<Semaphore>,
+}
+
+/// The network namespace a listener serves: the agent's own (`None`), or a pod's, where the
+/// proxy's sockets to resolvers are made too. `cookie` is what the kernel files queries under.
+#[derive(Clone)]
+struct Place {
+    netns: Option<Arc<Netns>>,
+    cookie: u64,
+}
+
+/// The listeners' tasks of one namespace; they stop when this is dropped.
+struct Serving(Vec<JoinHandle<()>>);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+pub struct DnsProxy {
+    port: u16,
+    shared: Arc<Shared>,
+    runtime: tokio::runtime::Handle,
+    host_netns: NetnsId,
+    _host: Serving,
+    pods: BTreeMap<NetnsId, Serving>,
+    /// Why opening a pod's listeners last failed (logged once per reason).
+    failed: BTreeMap<NetnsId, String>,
+}
+
+impl DnsProxy {
+    /// Adopts the learned addresses pinned by an earlier agent, binds the proxy in the agent's
+    /// namespace and points the hooks at it.
+    pub async fn start(
+        settings: &DnsSettings,
+        pin_dir: &Path,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<DnsProxy> {
+        let learned = Learned::open(pin_dir, settings, metrics.clone())?;
+        let mut maps = DnsMaps::open(pin_dir)?;
+        let shared = Arc::new(Shared {
+            learned,
+            maps: Mutex::new(DnsMaps::open(pin_dir)?),
+            only_policy_names: settings.only_policy_names,
+            metrics,
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        });
+        let runtime = tokio::runtime::Handle::current();
+        let host_netns = Netns::current().context("the agent's network namespace")?;
+        let (udp, tcp) = bind(settings.proxy_port)
+            .with_context(|| format!("dns.proxyPort: binding port {}", settings.proxy_port))?;
+        let place = Place {
+            netns: None,
+            cookie: listener_cookie(&udp, &tcp)?,
+        };
+        let host = serve(&runtime, udp, tcp, place, &shared)?;
+        let learned = shared.learned.clone();
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                learned.expire();
+            }
+        });
+        maps.set_proxy(Some(settings.proxy_port))?;
+        tracing::info!(port = settings.proxy_port, "DNS proxy listening");
+        Ok(DnsProxy {
+            port: settings.proxy_port,
+            shared,
+            runtime,
+            host_netns: host_netns.id(),
+            _host: host,
+            pods: BTreeMap::new(),
+            failed: BTreeMap::new(),
+        })
+    }
+
+    /// The learned addresses, which follow the policy generations.
+    pub fn learned(&self) -> Arc<Learned> {
+        self.shared.learned.clone()
+    }
+
+    /// Opens and closes the proxy's listeners inside workloads' own network namespaces to match
+    /// where their processes run now.
+    pub fn place(&mut self, placements: &[Placement]) {
+        let mut seen = std::collections::BTreeSet::new();
+        for placement in placements {
+            let (found, ns) = placement::find(&placement.cgroups, self.host_netns);
+            let (placement::Found::Pod(id), Some(ns)) = (found, ns) else {
+                continue;
+            };
+            seen.insert(id);
+            if self.pods.contains_key(&id) {
+                continue;
+            }
+            let ns = Arc::new(ns);
+            let opened = ns
+                .run(|| bind(self.port))
+                .and_then(|(udp, tcp)| {
+                    let place = Place {
+                        netns: Some(ns.clone()),
+                        cookie: listener_cookie(&udp, &tcp)?,
+                    };
+                    serve(&self.runtime, udp, tcp, place, &self.shared)
+                });
+            match opened {
+                Ok(serving) => {
+                    tracing::info!(
+                        workload = placement.workload,
+                        port = self.port,
+                        "DNS proxy listening in the workload's network namespace"
+                    );
+                    self.failed.remove(&id);
+                    self.pods.insert(id, serving);
+                }
+                Err(e) => {
+                    let error = e.to_string();
+                    if self.failed.get(&id) != Some(&error) {
+                        tracing::warn!(workload = placement.workload, error, "opening the DNS proxy in the workload's network namespace; its DNS goes to its resolver unlearned until it opens (tried every pass)");
+                        self.failed.insert(id, error);
+                    }
+                }
+            }
+        }
+        self.pods.retain(|id, _| seen.contains(id));
+        self.failed.retain(|id, _| seen.contains(id));
+    }
+}
+
+/// The proxy's sockets on loopback `port` in the calling thread's namespace: UDP and TCP, on
+/// `127.0.0.1` and (where the namespace has it) `::1`.
+fn bind(port: u16) -> io::Result<(Vec<std::net::UdpSocket>, Vec<std::net::TcpListener>)> {
+    let named = |address: SocketAddr, e: io::Error| {
+        io::Error::new(e.kind(), format!("binding {address}: {e}"))
+    };
+    let mut udp = Vec::new();
+    let mut tcp = Vec::new();
+    for ip in [Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()] {
+        let address = SocketAddr::new(ip, port);
+        let (u, t) = match (
+            std::net::UdpSocket::bind(address),
+            std::net::TcpListener::bind(address),
+        ) {
+            (Ok(u), Ok(t)) => (u, t),
+            // No ::1 in this namespace: IPv6 DNS has nowhere to go but its resolver.
+            (Err(_), _) | (_, Err(_)) if ip.is_ipv6() => continue,
+            (Err(e), _) | (_, Err(e)) => return Err(named(address, e)),
+        };
+        u.set_nonblocking(true)?;
+        t.set_nonblocking(true)?;
+        udp.push(u);
+        tcp.push(t);
+    }
+    Ok((udp, tcp))
+}
+
+fn listener_cookie(udp: &[std::net::UdpSocket], _tcp: &[std::net::TcpListener]) -> io::Result<u64> {
+    netns::socket_netns_cookie(&udp[0])
+}
+
+/// Starts serving the sockets of one namespace.
+fn serve(
+    runtime: &tokio::runtime::Handle,
+    udp: Vec<std::net::UdpSocket>,
+    tcp: Vec<std::net::TcpListener>,
+    place: Place,
+    shared: &Arc<Shared>,
+) -> io::Result<Serving> {
+    let _entered = runtime.enter();
+    let mut tasks = Vec::new();
+    for socket in udp {
+        let socket = Arc::new(UdpSocket::from_std(socket)?);
+        tasks.push(runtime.spawn(serve_udp(socket, place.clone(), shared.clone())));
+    }
+    for listener in tcp {
+        let listener = TcpListener::from_std(listener)?;
+        tasks.push(runtime.spawn(serve_tcp(listener, place.clone(), shared.clone())));
+    }
+    Ok(Serving(tasks))
+}
+
+fn count(shared: &Shared, result: &'static str) {
+    shared
+        .metrics
+        .dns_queries
+        .get_or_create(&DnsQueryLabels { result })
+        .inc();
+}
+
+async fn serve_udp(socket: Arc<UdpSocket>, place: Place, shared: Arc<Shared>) {
+    let Ok(local) = socket.local_addr() else {
+        return;
+    };
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let (n, peer) = match socket.recv_from(&mut buf).await {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::debug!(error = %e, "DNS proxy: receiving");
+                continue;
+            }
+        };
+        let Ok(permit) = shared.in_flight_permit() else {
+            count(&shared, "dropped");
+            continue;
+        };
+        let query = buf[..n].to_vec();
+        let (socket, place, shared) = (socket.clone(), place.clone(), shared.clone());
+        tokio::spawn(async move {
+            let original = shared.redirect(peer, local, PROTO_UDP, place.cookie);
+            let mut upstream = Upstream::Udp;
+            if let Some(answer) = answer(&query, original, &place, &shared, &mut upstream).await {
+                let _ = socket.send_to(&answer, peer).await;
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_tcp(listener: TcpListener, place: Place, shared: Arc<Shared>) {
+    let Ok(local) = listener.local_addr() else {
+        return;
+    };
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        // Taken at once: the kernel files a connection once.
+        let original = shared.redirect(peer, local, PROTO_TCP, place.cookie);
+        let (place, shared) = (place.clone(), shared.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_connection(stream, original, &place, &shared).await {
+                tracing::debug!(error = %e, "DNS proxy: a TCP client");
+            }
+        });
+    }
+}
+
+/// One client's TCP connection: length-prefixed queries, answered in order.
+async fn serve_connection(
+    mut stream: TcpStream,
+    original: Option<OriginalDst>,
+    place: &Place,
+    shared: &Arc<Shared>,
+) -> io::Result<()> {
+    let mut upstream = Upstream::Tcp(None);
+    loop {
+        let Some(query) = read_framed(&mut stream).await? else {
+            return Ok(());
+        };
+        let Ok(permit) = shared.in_flight_permit() else {
+            count(shared, "dropped");
+            return Ok(());
+        };
+        let answer = answer(&query, original, place, shared, &mut upstream).await;
+        drop(permit);
+        match answer {
+            Some(answer) => write_framed(&mut stream, &answer).await?,
+            None => return Ok(()),
+        }
+    }
+}
+
+async fn read_framed(stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 2];
+    match tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut len)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Ok(Err(e)) => return Err(e),
+        // An idle client is let go, as resolvers do.
+        Err(_) => return Ok(None),
+    }
+    let mut message = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    tokio::time::timeout(UPSTREAM_TIMEOUT, stream.read_exact(&mut message))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "a message cut short"))??;
+    Ok(Some(message))
+}
+
+async fn write_framed(stream: &mut TcpStream, message: &[u8]) -> io::Result<()> {
+    let len = u16::try_from(message.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "message over 65,535 bytes"))?;
+    let mut framed = Vec::with_capacity(message.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(message);
+    stream.write_all(&framed).await
+}
+
+impl Shared {
+    /// A place among the queries in flight, if one is free.
+    fn in_flight_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, TryAcquireError> {
+        self.in_flight.clone().try_acquire_owned()
+    }
+
+    fn redirect(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+        protocol: u8,
+        netns: u64,
+    ) -> Option<OriginalDst> {
+        self.maps
+            .lock()
+            .expect("dns maps lock poisoned")
+            .redirect(peer, local, protocol, netns)
+    }
+}
+
+/// The proxy's connection to the resolver for one client: a UDP socket per query, or one TCP
+/// connection per client connection, opened at its first query.
+enum Upstream {
+    Udp,
+    Tcp(Option<(SocketAddr, TcpStream)>),
+}
+
+/// The answer to one query from a workload (`None`: nothing to send). `original` is where the
+/// kernel says it was going.
+async fn answer(
+    bytes: &[u8],
+    original: Option<OriginalDst>,
+    place: &Place,
+    shared: &Shared,
+    upstream: &mut Upstream,
+) -> Option<Vec<u8>> {
+    let query = match message::parse_query(bytes) {
+        Ok(query) => query,
+        Err(why) => {
+            count(shared, "malformed");
+            tracing::debug!(reason = why, "DNS proxy: a query it cannot read");
+            return message::format_error(bytes);
+        }
+    };
+    let Some(original) = original else {
+        count(shared, "refused");
+        tracing::debug!(name = query.name, "DNS proxy: a query the kernel did not send here is refused");
+        return Some(message::error_answer(&query, ResponseCode::Refused));
+    };
+    let workload = original.local_identity;
+    if shared.only_policy_names && !shared.learned.in_policy(workload, &[query.name.as_str()]) {
+        count(shared, "refused");
+        tracing::debug!(
+            name = query.name,
+            workload_identity = workload,
+            "DNS proxy: a name the workload's policy does not name is refused (dns.onlyPolicyNames)"
+        );
+        return Some(message::error_answer(&query, ResponseCode::Refused));
+    }
+    let resolver = original_destination(&original);
+    let forwarded = tokio::time::timeout(
+        UPSTREAM_TIMEOUT,
+        forward(bytes, &query, resolver, place, upstream),
+    )
+    .await
+    .unwrap_or_else(|_| Err(format!("no answer from {resolver} within {UPSTREAM_TIMEOUT:?}")));
+    let (raw, answer) = match forwarded {
+        Ok(forwarded) => forwarded,
+        Err(why) => {
+            count(shared, "failed");
+            tracing::debug!(name = query.name, %resolver, reason = why, "DNS proxy: the resolver gave no usable answer");
+            if let Upstream::Tcp(connection) = upstream {
+                *connection = None;
+            }
+            return Some(message::error_answer(&query, ResponseCode::ServFail));
+        }
+    };
+    if !answer.addresses.is_empty() && message::asks_addresses(&query) {
+        match shared.learned.learn(workload, &answer.chain, &answer.addresses) {
+            Ok(Learnt::Addresses { count, ttl }) => tracing::debug!(
+                name = query.name,
+                chain = ?answer.chain,
+                workload_identity = workload,
+                addresses = count,
+                ttl_s = ttl.as_secs(),
+                "DNS proxy: learned"
+            ),
+            Ok(Learnt::NotInPolicy) => {}
+            Err(e) => {
+                // Never an answer whose addresses the kernel does not hold.
+                count(shared, "failed");
+                tracing::warn!(name = query.name, error = %e, "DNS proxy: installing the answer's addresses failed; SERVFAIL");
+                return Some(message::error_answer(&query, ResponseCode::ServFail));
+            }
+        }
+    }
+    count(shared, "forwarded");
+    Some(raw)
+}
+
+/// Sends the query as it came to `resolver` and waits for its answer (others are ignored).
+async fn forward(
+    bytes: &[u8],
+    query: &message::Query,
+    resolver: SocketAddr,
+    place: &Place,
+    upstream: &mut Upstream,
+) -> Result<(Vec<u8>, message::Answer), String> {
+    match upstream {
+        Upstream::Udp => {
+            let socket = udp_socket(place, resolver).map_err(|e| format!("socket: {e}"))?;
+            socket
+                .connect(resolver)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            socket.send(bytes).await.map_err(|e| format!("send: {e}"))?;
+            let mut buf = vec![0u8; MAX_MESSAGE];
+            loop {
+                let n = socket.recv(&mut buf).await.map_err(|e| format!("receive: {e}"))?;
+                if let Some(answer) = message::parse_answer(query, &buf[..n])? {
+                    return Ok((buf[..n].to_vec(), answer));
+                }
+            }
+        }
+        Upstream::Tcp(connection) => {
+            if connection.as_ref().is_none_or(|(to, _)| *to != resolver) {
+                let stream = tcp_connect(place, resolver)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+                *connection = Some((resolver, stream));
+            }
+            let (_, stream) = connection.as_mut().expect("just set");
+            write_framed(stream, bytes).await.map_err(|e| format!("send: {e}"))?;
+            loop {
+                let message = read_framed(stream)
+                    .await
+                    .map_err(|e| format!("receive: {e}"))?
+                    .ok_or("the resolver closed the connection")?;
+                if let Some(answer) = message::parse_answer(query, &message)? {
+                    return Ok((message, answer));
+                }
+            }
+        }
+    }
+}
+
+/// Runs `make` in the place's namespace (a pod's), or here.
+fn in_place<T: Send>(place: &Place, make: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    match &place.netns {
+        Some(ns) => ns.run(make),
+        None => make(),
+    }
+}
+
+fn udp_socket(place: &Place, resolver: SocketAddr) -> io::Result<UdpSocket> {
+    let any: SocketAddr = if resolver.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = in_place(place, || std::net::UdpSocket::bind(any))?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
+
+async fn tcp_connect(place: &Place, resolver: SocketAddr) -> io::Result<TcpStream> {
+    let domain = socket2::Domain::for_address(resolver);
+    let socket = in_place(place, || {
+        socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
+    })?;
+    socket.set_nonblocking(true)?;
+    tokio::net::TcpSocket::from_std_stream(socket.into())
+        .connect(resolver)
+        .await
+}

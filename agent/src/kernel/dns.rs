@@ -1,0 +1,115 @@
+//! The kernel's side of DNS-aware egress, as the agent's DNS proxy sees it: where the hooks send
+//! DNS (`ward_dnsprx`), where a redirected query was going (`ward_redir`), the addresses learned
+//! from answers (`ward_dnsaddr`) and the names they came from (`ward_dnsname`). Opened from the
+//! pins, so the proxy's tasks hold their own handles; the learned addresses and names stay pinned
+//! across agent restarts.
+use std::{net::SocketAddr, path::Path};
+
+use agent_common::{
+    map_names, DnsName, DnsProxyConfig, LearnedKey, LearnedValue, OriginalDst, RedirectKey,
+    MAX_DNS_NAME,
+};
+use aya::maps::{Array, HashMap, Map, MapData};
+
+use super::{flow_key, ignore_missing, map_err, KernelError};
+
+pub struct DnsMaps {
+    config: Array<MapData, DnsProxyConfig>,
+    redirects: HashMap<MapData, RedirectKey, OriginalDst>,
+    learned: HashMap<MapData, LearnedKey, LearnedValue>,
+    names: HashMap<MapData, u32, DnsName>,
+}
+
+fn open(pin_dir: &Path, name: &'static str) -> Result<MapData, KernelError> {
+    MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))
+}
+
+impl DnsMaps {
+    pub fn open(pin_dir: &Path) -> Result<DnsMaps, KernelError> {
+        Ok(DnsMaps {
+            config: Array::try_from(Map::Array(open(pin_dir, map_names::DNS_PROXY)?))
+                .map_err(map_err(map_names::DNS_PROXY))?,
+            redirects: HashMap::try_from(Map::LruHashMap(open(pin_dir, map_names::REDIRECTS)?))
+                .map_err(map_err(map_names::REDIRECTS))?,
+            learned: HashMap::try_from(Map::HashMap(open(pin_dir, map_names::LEARNED)?))
+                .map_err(map_err(map_names::LEARNED))?,
+            names: HashMap::try_from(Map::HashMap(open(pin_dir, map_names::DNS_NAMES)?))
+                .map_err(map_err(map_names::DNS_NAMES))?,
+        })
+    }
+
+    /// Points the hooks at the proxy on loopback `port`, or (with `None`) sends DNS where it goes.
+    pub fn set_proxy(&mut self, port: Option<u16>) -> Result<(), KernelError> {
+        let config = DnsProxyConfig {
+            port: port.unwrap_or(0),
+            enabled: u8::from(port.is_some()),
+            _pad: [0; 5],
+        };
+        self.config
+            .set(0, config, 0)
+            .map_err(map_err(map_names::DNS_PROXY))
+    }
+
+    /// Where the query from `workload` to the proxy at `proxy` (`protocol`, in the namespace of
+    /// cookie `netns`) was going. A TCP connection's record is taken; a UDP socket's stays (it
+    /// asks again from the same port), until the map's least recently used entries make room.
+    pub fn redirect(
+        &mut self,
+        workload: SocketAddr,
+        proxy: SocketAddr,
+        protocol: u8,
+        netns: u64,
+    ) -> Option<OriginalDst> {
+        let key = RedirectKey {
+            flow: flow_key(workload, proxy, protocol),
+            netns,
+        };
+        let original = self.redirects.get(&key, 0).ok()?;
+        if protocol == agent_common::PROTO_TCP {
+            let _ = self.redirects.remove(&key);
+        }
+        Some(original)
+    }
+
+    pub fn set_learned(&mut self, key: LearnedKey, value: LearnedValue) -> Result<(), KernelError> {
+        self.learned
+            .insert(key, value, 0)
+            .map_err(map_err(map_names::LEARNED))
+    }
+
+    pub fn remove_learned(&mut self, key: &LearnedKey) -> Result<(), KernelError> {
+        ignore_missing(self.learned.remove(key)).map_err(map_err(map_names::LEARNED))
+    }
+
+    /// Every learned entry the kernel holds (both generation bits).
+    pub fn learned(&self) -> Vec<(LearnedKey, LearnedValue)> {
+        self.learned.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn set_name(&mut self, id: u32, name: &str) -> Result<(), KernelError> {
+        let mut value = DnsName::default();
+        let bytes = name.as_bytes();
+        let len = bytes.len().min(MAX_DNS_NAME);
+        value.name[..len].copy_from_slice(&bytes[..len]);
+        value.len = len as u16;
+        self.names
+            .insert(id, value, 0)
+            .map_err(map_err(map_names::DNS_NAMES))
+    }
+
+    pub fn remove_name(&mut self, id: u32) -> Result<(), KernelError> {
+        ignore_missing(self.names.remove(&id)).map_err(map_err(map_names::DNS_NAMES))
+    }
+
+    /// Every name the kernel holds, by id (a name that is not UTF-8 is left out).
+    pub fn names(&self) -> Vec<(u32, String)> {
+        self.names
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(id, n)| {
+                let len = usize::from(n.len).min(MAX_DNS_NAME);
+                Some((id, String::from_utf8(n.name[..len].to_vec()).ok()?))
+            })
+            .collect()
+    }
+}
