@@ -374,6 +374,29 @@ mod tests {
     }
 
     #[test]
+    fn every_dns_name_on_every_port_is_an_open_rule_and_names_can_be_shadowed() {
+        let ws = [workload(300, "web", &[("app", "web")], &["10.0.0.2"])];
+        let yaml = policy("names", "  selector: {}\n  egress:\n    - name: anything\n      to: [{fqdnPattern: '*'}]\n    - name: one\n      to: [{fqdn: api.example}]\n    - name: tls-anywhere\n      to: [{fqdnPattern: '*'}]\n      ports: [{port: 443}]\n    - name: no-smtp\n      action: deny\n      ports: [{port: 25}]\n    - name: mail\n      to: [{fqdnPattern: 'smtp.*.example'}]\n      ports: [{port: 25}]");
+        assert_eq!(
+            warnings(&yaml, Some(&ws), &[]),
+            [
+                ("names:spec.egress[0]".to_owned(), WarningKind::OpenRule),
+                ("names:spec.egress[4]".to_owned(), WarningKind::Shadowed),
+            ]
+        );
+        let set = parse(Path::new("p.yaml"), &yaml).unwrap_or_else(|e| panic!("{e}"));
+        let options = LintOptions {
+            workloads: None,
+            production_paths: &[],
+        };
+        let found = lint(&set, &options).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            found[0].message,
+            "allows every DNS name (fqdnPattern:*) on every port (egress)"
+        );
+    }
+
+    #[test]
     fn report_formats_carry_every_location() {
         let location = Location {
             file: "./p/a.yaml".into(),

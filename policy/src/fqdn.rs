@@ -223,10 +223,25 @@ mod tests {
     #[test]
     fn invalid_names_are_refused_with_the_reason() {
         let long_label = "a".repeat(64);
-        let long_name = ["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(62)].join(".");
+        let long_name = [
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(62),
+        ]
+        .join(".");
         assert_eq!(long_name.len(), 254);
-        let fits = ["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(61)].join(".");
-        assert!(FqdnSelector::parse_name(&fits).is_ok(), "253 characters fit");
+        let fits = [
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61),
+        ]
+        .join(".");
+        assert!(
+            FqdnSelector::parse_name(&fits).is_ok(),
+            "253 characters fit"
+        );
         assert!(
             FqdnSelector::parse_name(&format!("{fits}.")).is_ok(),
             "the final dot does not count"
@@ -237,7 +252,11 @@ mod tests {
             (long_name.as_str(), false, "254 characters long"),
             ("a..example", false, "an empty label"),
             (".example", false, "an empty label"),
-            (&format!("{long_label}.example"), false, "64 characters long"),
+            (
+                &format!("{long_label}.example"),
+                false,
+                "64 characters long",
+            ),
             ("a b.example", false, "` ` is not allowed"),
             ("a/b.example", true, "`/` is not allowed"),
             ("*.example", false, "`*` belongs in an fqdnPattern"),

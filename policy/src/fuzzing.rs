@@ -1,5 +1,6 @@
 //! What the `policy_parse` fuzz target (`fuzz/`) does with each input: parse it as policy
-//! documents, compile what loads for a few workloads, and ask the compiled map a few questions.
+//! documents, compile what loads for a few workloads, and ask the compiled map a few questions,
+//! of addresses learned from a few DNS names too.
 //! Any text in, no panic out. The unit tests replay the committed corpus through the same
 //! function, so CI checks every corpus input without cargo-fuzz.
 
@@ -62,6 +63,7 @@ pub fn parse_compile_decide(data: &[u8]) {
             .chain([IDENTITY_ANY, IDENTITY_WORLD]),
     );
     for local in &workloads {
+        let selectors = compiled.fqdn_identities(local.identity, &["api.example.com", "x.example"]);
         for &remote in &remotes {
             for direction in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
                 for (protocol, port) in [
@@ -82,6 +84,23 @@ pub fn parse_compile_decide(data: &[u8]) {
                         !decision.isolated || decision.rule != 0,
                         "every verdict on an isolated workload names its rule"
                     );
+                    let learned = compiled.decide_learned(
+                        local.identity,
+                        remote,
+                        &selectors,
+                        direction,
+                        protocol,
+                        port,
+                    );
+                    match learned.selector {
+                        None => assert_eq!(learned, decision, "no selector decided: the address did"),
+                        Some(selector) => assert!(
+                            decision.from_default
+                                && !learned.from_default
+                                && selectors.contains(&selector),
+                            "a learned name decides only what no rule decided, as one of its selectors"
+                        ),
+                    }
                 }
             }
         }

@@ -173,7 +173,10 @@ impl Rule {
 #[derive(Clone, Debug)]
 pub enum Peer {
     Workloads(WorkloadSelector),
-    Cidr { net: IpNet, except: Vec<IpNet> },
+    Cidr {
+        net: IpNet,
+        except: Vec<IpNet>,
+    },
     /// Addresses the local workload learned from DNS names: never a workload by its labels or
     /// addresses, and never an address by itself.
     Fqdn(FqdnSelector),

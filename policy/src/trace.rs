@@ -58,7 +58,7 @@ impl<'a> Endpoint<'a> {
         }
     }
 
-    fn is_workload(&self) -> bool {
+    pub fn is_workload(&self) -> bool {
         matches!(self, Endpoint::Workload(_))
     }
 }
@@ -343,7 +343,15 @@ pub fn diff(
                 };
                 let verdict = |compiled: &Compiled, port: u16| {
                     let learned_from = learned_from.as_deref();
-                    let legs = legs(compiled, workloads, *from, *to, learned_from, protocol, port);
+                    let legs = legs(
+                        compiled,
+                        workloads,
+                        *from,
+                        *to,
+                        learned_from,
+                        protocol,
+                        port,
+                    );
                     combine(&legs).0
                 };
                 let probes = ports

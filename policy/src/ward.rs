@@ -279,7 +279,14 @@ fn peer(
             findings.error(path, "a peer is either a DNS name (fqdn, fqdnPattern) or a cidr or a workload selector (labels, matchExpressions, spiffeId, namespace), not both");
             return None;
         }
-        return dns_name_peer(doc.fqdn, doc.fqdn_pattern, direction, action, path, findings);
+        return dns_name_peer(
+            doc.fqdn,
+            doc.fqdn_pattern,
+            direction,
+            action,
+            path,
+            findings,
+        );
     }
     match doc.cidr {
         Some(_) if has_selector => {
@@ -330,7 +337,9 @@ fn dns_name_peer(
     if direction == "ingress" {
         findings.error(
             &path,
-            format!("{field} names egress peers only: a connection's source is an address, not a name"),
+            format!(
+                "{field} names egress peers only: a connection's source is an address, not a name"
+            ),
         );
         return None;
     }
@@ -475,6 +484,19 @@ mod tests {
             ("  selector: {}\n  ingress:\n    - name: default-deny # <-", "spec.ingress[0].name", "implicit rule"),
             ("  selector: {}\n  ingress:\n    - name: has space # <-", "spec.ingress[0].name", "not a valid name"),
             ("  selector: {}\n  ingress:\n    - ports:\n        - port: http # <-", "spec.ingress[0].ports[0].port", "invalid type"),
+            ("  selector: {}\n  egress:\n    - to:\n        - fqdn: '' # <-", "spec.egress[0].to[0].fqdn", "an empty DNS name"),
+            ("  selector: {}\n  egress:\n    - to:\n        - fqdn: api..example # <-", "spec.egress[0].to[0].fqdn", "an empty label"),
+            ("  selector: {}\n  egress:\n    - to:\n        - fqdn: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.example # <-", "spec.egress[0].to[0].fqdn", "a label has at most 63"),
+            ("  selector: {}\n  egress:\n    - to:\n        - fqdn: api.example/v1 # <-", "spec.egress[0].to[0].fqdn", "`/` is not allowed"),
+            ("  selector: {}\n  egress:\n    - to:\n        - fqdn: '*.example' # <-", "spec.egress[0].to[0].fqdn", "belongs in an fqdnPattern"),
+            ("  selector: {}\n  egress:\n    - to:\n        - fqdnPattern: '*.exa?mple' # <-", "spec.egress[0].to[0].fqdnPattern", "`?` is not allowed"),
+            ("  selector: {}\n  ingress:\n    - from:\n        - fqdn: api.example # <-", "spec.ingress[0].from[0].fqdn", "egress peers only"),
+            ("  selector: {}\n  egress:\n    - to:\n        - fqdn: api.example # <-\n          cidr: 10.0.0.0/8", "spec.egress[0].to[0]", "not both"),
+            ("  selector: {}\n  egress:\n    - to:\n        - fqdnPattern: '*.example' # <-\n          labels: {app: a}", "spec.egress[0].to[0]", "not both"),
+            ("  selector: {}\n  egress:\n    - to:\n        - fqdn: api.example # <-\n          fqdnPattern: '*.example'", "spec.egress[0].to[0]", "an fqdn or an fqdnPattern"),
+            ("  selector: {}\n  egress:\n    - action: deny\n      to:\n        - fqdn: api.example # <-", "spec.egress[0].to[0].fqdn", "allow rules only"),
+            ("  mode: audit\n  selector: {}\n  egress:\n    - action: deny\n      to:\n        - fqdnPattern: '*.example' # <-", "spec.egress[0].to[0].fqdnPattern", "allow rules only"),
+            ("  selector: {}\n  egress:\n    - to:\n        - fqdn: api.example\n      mtls: required # <-", "spec.egress[0].mtls", "DNS-name peers"),
         ];
         for (spec, field, reason) in cases {
             // A valid document first, so the failing one is the second.
@@ -543,6 +565,42 @@ mod tests {
                 .contains("duplicate policy name `p`; first defined at bad.yaml:1"),
             "{}",
             errors[3]
+        );
+    }
+
+    #[test]
+    fn dns_name_peers_parse_normalized_beside_other_peers() {
+        use crate::model::Peer;
+        use crate::FqdnSelector;
+
+        let text = format!(
+            "{HEAD}  mode: audit\n  selector: {{}}\n  egress:\n    - to:\n        - fqdn: API.Payments.Example.\n        - fqdnPattern: '*.Example.com'\n        - cidr: 10.0.0.0/8\n      ports: [{{port: 443}}]\n"
+        );
+        let set = parse(Path::new("p.yaml"), &text).unwrap_or_else(|e| panic!("{e}"));
+        let rule = &set.policies[0].egress.as_ref().expect("egress")[0];
+        let selectors: Vec<String> = rule
+            .peers
+            .iter()
+            .flatten()
+            .filter_map(|peer| match peer {
+                Peer::Fqdn(selector) => Some(selector.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            selectors,
+            ["fqdn:api.payments.example", "fqdnPattern:*.example.com"]
+        );
+        assert!(rule.names_fqdn() && rule.peers.as_ref().is_some_and(|p| p.len() == 3));
+        assert_eq!(
+            set.fqdn_selectors()
+                .into_iter()
+                .cloned()
+                .collect::<Vec<_>>(),
+            [
+                FqdnSelector::Name("api.payments.example".into()),
+                FqdnSelector::Pattern("*.example.com".into())
+            ]
         );
     }
 

@@ -624,6 +624,299 @@ fn workload_identity_outside_its_range_is_refused() {
     );
 }
 
+/// Client's egress: api.payments.example and `*.example.com` on 443, a partner range on 443 and
+/// 80, and a deny of 203.0.113.0/24; db names other.example.
+fn dns_policies() -> String {
+    policy(
+        "client-out",
+        "  selector: {labels: {app: client}}\n  egress:\n    - name: payments\n      to: [{fqdn: api.payments.example}, {fqdnPattern: '*.example.com'}]\n      ports: [{port: 443}]\n    - name: partners\n      to: [{cidr: 198.51.100.0/24}]\n      ports: [{port: 443}, {port: 80}]\n    - name: no-testnet\n      action: deny\n      to: [{cidr: 203.0.113.0/24}]",
+    ) + &policy(
+        "db-out",
+        "  mode: audit\n  selector: {labels: {app: db}}\n  egress:\n    - name: other\n      to: [{fqdn: other.example}, {fqdn: api.payments.example}]",
+    )
+}
+
+fn fqdn_id(compiled: &Compiled, selector: &str) -> u32 {
+    let found = compiled
+        .fqdn
+        .iter()
+        .find(|(s, _)| s.to_string() == selector);
+    found
+        .map(|(_, id)| *id)
+        .unwrap_or_else(|| panic!("no selector {selector} in {:?}", compiled.fqdn))
+}
+
+#[test]
+fn dns_names_compile_to_selector_identities_and_flag_the_egress_isolation() {
+    let compiled = compiled(&dns_policies());
+    let (api, pattern, other) = (
+        fqdn_id(&compiled, "fqdn:api.payments.example"),
+        fqdn_id(&compiled, "fqdnPattern:*.example.com"),
+        fqdn_id(&compiled, "fqdn:other.example"),
+    );
+    assert_eq!(compiled.fqdn.len(), 3, "one identity a distinct selector");
+    assert!(
+        compiled
+            .fqdn
+            .values()
+            .all(|id| crate::identity::FQDN_SELECTORS.contains(id)),
+        "{:?}",
+        compiled.fqdn
+    );
+    let payments = rule_id(&compiled, "client-out", "payments");
+    for selector in [api, pattern] {
+        let entry = compiled.entries[&super::policy_key(CLIENT, selector, OUT, TCP, 443)];
+        assert_eq!(
+            entry,
+            PolicyValue {
+                allow_rule: payments,
+                ..Default::default()
+            }
+        );
+    }
+    let audited = compiled.entries[&super::policy_key(DB, other, OUT, PROTO_ANY, PORT_ANY)];
+    assert_eq!(
+        (audited.allow_rule, audited.audit_allow_rule),
+        (0, rule_id(&compiled, "db-out", "other")),
+        "an audit policy's allow"
+    );
+    let isolation = |local| compiled.entries[&super::isolation_key(local, OUT)];
+    assert_eq!(
+        isolation(CLIENT),
+        PolicyValue {
+            deny_rule: rule_id(&compiled, "client-out", "default-deny"),
+            flags: POLICY_FLAG_FQDN,
+            ..Default::default()
+        }
+    );
+    assert_eq!(
+        isolation(DB).flags,
+        POLICY_FLAG_FQDN,
+        "audit mode names names too"
+    );
+    assert!(compiled.uses_fqdn(CLIENT) && compiled.uses_fqdn(DB));
+    assert!(
+        !compiled.uses_fqdn(WEB),
+        "web's egress is not even isolated"
+    );
+}
+
+#[test]
+fn the_fqdn_flag_survives_merging_with_policies_without_names() {
+    let plain = policy(
+        "a-plain",
+        "  selector: {labels: {app: client}}\n  egress:\n    - to: [{labels: {app: web}}]",
+    );
+    let named = policy(
+        "b-named",
+        "  selector: {labels: {app: client}}\n  egress:\n    - to: [{fqdn: api.payments.example}]",
+    );
+    for yaml in [plain.clone() + &named, named.clone() + &plain] {
+        let compiled = compiled(&yaml);
+        let isolation = compiled.entries[&super::isolation_key(CLIENT, OUT)];
+        assert_eq!(
+            (isolation.deny_rule, isolation.flags),
+            (
+                rule_id(&compiled, "a-plain", "default-deny").min(rule_id(
+                    &compiled,
+                    "b-named",
+                    "default-deny"
+                )),
+                POLICY_FLAG_FQDN
+            ),
+            "the lower default-deny holds the slot, the flag stays:\n{yaml}"
+        );
+    }
+    let without = compiled(&plain);
+    let with_names = compiled(&(plain.clone() + &named));
+    assert!(!without.uses_fqdn(CLIENT));
+    let mut flag_only = without.clone();
+    flag_only
+        .entries
+        .get_mut(&super::isolation_key(CLIENT, OUT))
+        .expect("isolation entry")
+        .flags = POLICY_FLAG_FQDN;
+    assert_ne!(
+        without, flag_only,
+        "the flag is part of a compile's equality"
+    );
+    assert_ne!(without, with_names);
+}
+
+#[test]
+fn selector_identities_are_stable_and_their_range_is_bounded() {
+    let mut ids = RuleIds::new();
+    let first = compile(&set(&dns_policies()), &workloads(), &mut ids).expect("compiles");
+    let renamed = dns_policies().replace("other.example", "new.example");
+    let second = compile(&set(&renamed), &workloads(), &mut ids).expect("compiles");
+    assert_eq!(
+        fqdn_id(&first, "fqdn:api.payments.example"),
+        fqdn_id(&second, "fqdn:api.payments.example"),
+        "the same selector keeps its identity"
+    );
+    assert!(
+        !first
+            .fqdn
+            .values()
+            .any(|id| *id == fqdn_id(&second, "fqdn:new.example")),
+        "a new selector gets a new identity"
+    );
+    let mut ids = RuleIds::new();
+    ids.next_fqdn_selector = crate::identity::LAST_FQDN_SELECTOR;
+    let result = compile(&set(&dns_policies()), &workloads(), &mut ids);
+    assert!(
+        matches!(result, Err(CompileError::FqdnSelectorIdentity { .. })),
+        "three selectors do not fit in the last identity: {result:?}"
+    );
+}
+
+#[test]
+fn fqdn_identities_are_the_matching_selectors_a_workloads_egress_names() {
+    let compiled = compiled(&dns_policies());
+    let (api, pattern, other) = (
+        fqdn_id(&compiled, "fqdn:api.payments.example"),
+        fqdn_id(&compiled, "fqdnPattern:*.example.com"),
+        fqdn_id(&compiled, "fqdn:other.example"),
+    );
+    assert_eq!(
+        compiled.fqdn_identities(CLIENT, &["API.payments.example."]),
+        [api],
+        "names are normalized"
+    );
+    assert_eq!(
+        compiled.fqdn_identities(CLIENT, &["www.example.com", "cdn.example.com"]),
+        [pattern],
+        "one identity, however many names match it"
+    );
+    let mut both = vec![api, pattern];
+    both.sort_unstable();
+    assert_eq!(
+        compiled.fqdn_identities(CLIENT, &["www.example.com", "api.payments.example"]),
+        both,
+        "ascending"
+    );
+    assert!(
+        compiled
+            .fqdn_identities(CLIENT, &["other.example", "a.b.example.com", "example.com"])
+            .is_empty(),
+        "db's name is not client's, and the pattern takes one label"
+    );
+    assert_eq!(compiled.fqdn_identities(DB, &["other.example"]), [other]);
+    assert!(compiled
+        .fqdn_identities(WEB, &["api.payments.example"])
+        .is_empty());
+    assert_eq!(
+        compiled.fqdn_selector(pattern).map(ToString::to_string),
+        Some("fqdnPattern:*.example.com".to_owned())
+    );
+}
+
+#[test]
+fn a_learned_address_is_decided_by_its_name_only_where_no_rule_decides_it() {
+    let compiled = compiled(&dns_policies());
+    let (api, pattern) = (
+        fqdn_id(&compiled, "fqdn:api.payments.example"),
+        fqdn_id(&compiled, "fqdnPattern:*.example.com"),
+    );
+    let rule = |name| rule_id(&compiled, "client-out", name);
+    let remote =
+        |addr: &str| compiled.remote_identity(addr.parse().expect("address"), &workloads());
+    let learned = |addr: &str, selectors: &[u32], port| {
+        compiled.decide_learned(CLIENT, remote(addr), selectors, OUT, TCP, port)
+    };
+
+    let by_name = learned("192.0.2.10", &[api], 443);
+    assert_eq!(
+        (
+            by_name.verdict,
+            by_name.rule,
+            by_name.selector,
+            by_name.from_default
+        ),
+        (VERDICT_ALLOW, rule("payments"), Some(api), false),
+        "allowed by its name on the rule's port"
+    );
+    let plain = compiled.decide(CLIENT, remote("192.0.2.10"), OUT, TCP, 443);
+    assert_eq!(
+        (plain.verdict, plain.rule, plain.from_default),
+        (VERDICT_DENY, rule("default-deny"), true),
+        "the same address not learned is refused by the isolation alone"
+    );
+    let other_port = learned("192.0.2.10", &[api, pattern], 80);
+    assert_eq!(
+        (other_port.verdict, other_port.rule, other_port.selector),
+        (VERDICT_DENY, rule("default-deny"), None),
+        "no rule of its selectors names port 80"
+    );
+    let denied = learned("203.0.113.5", &[api], 443);
+    assert_eq!(
+        (denied.verdict, denied.rule, denied.selector),
+        (VERDICT_DENY, rule("no-testnet"), None),
+        "an explicit deny of the address wins over its name"
+    );
+    let partner = learned("198.51.100.7", &[api], 443);
+    assert_eq!(
+        (partner.verdict, partner.rule, partner.selector),
+        (VERDICT_ALLOW, rule("partners"), None),
+        "a rule that names the address decides it without the name step"
+    );
+    assert_eq!(
+        learned("192.0.2.10", &[0, api], 443).selector,
+        None,
+        "0 ends the selectors"
+    );
+    assert_eq!(
+        compiled.decide_learned(CLIENT, remote("192.0.2.10"), &[api], IN, TCP, 443),
+        compiled.decide(CLIENT, remote("192.0.2.10"), IN, TCP, 443),
+        "learned names count for egress only"
+    );
+    let audited = compiled.decide_learned(DB, remote("192.0.2.10"), &[api], OUT, TCP, 443);
+    assert_eq!(
+        (audited.verdict, audited.rule, audited.selector),
+        (
+            VERDICT_ALLOW,
+            rule_id(&compiled, "db-out", "other"),
+            Some(api)
+        ),
+        "an audit policy's allow by name"
+    );
+    let audited = compiled.decide_learned(DB, remote("192.0.2.10"), &[], OUT, TCP, 443);
+    assert_eq!(audited.verdict, VERDICT_AUDIT, "not learned: audit");
+}
+
+#[test]
+fn only_the_first_learned_selectors_count() {
+    let names: Vec<String> = (1..=5).map(|i| format!("n{i}.example")).collect();
+    let peers = |names: &[String]| {
+        let peers: Vec<String> = names.iter().map(|n| format!("{{fqdn: {n}}}")).collect();
+        peers.join(", ")
+    };
+    let compiled = compiled(&policy(
+        "client-out",
+        &format!(
+            "  selector: {{labels: {{app: client}}}}\n  egress:\n    - name: others\n      to: [{}]\n      ports: [{{port: 81}}]\n    - name: fifth\n      to: [{}]\n      ports: [{{port: 80}}]",
+            peers(&names[..4]),
+            peers(&names[4..])
+        ),
+    ));
+    let ids: Vec<u32> = names
+        .iter()
+        .map(|n| fqdn_id(&compiled, &format!("fqdn:{n}")))
+        .collect();
+    assert_eq!(MAX_LEARNED_SELECTORS, 4);
+    let decide = |selectors: &[u32]| {
+        compiled
+            .decide_learned(CLIENT, IDENTITY_WORLD, selectors, OUT, TCP, 80)
+            .verdict
+    };
+    assert_eq!(decide(&ids[4..]), VERDICT_ALLOW);
+    assert_eq!(
+        decide(&ids),
+        VERDICT_DENY,
+        "the kernel holds four selectors an address"
+    );
+}
+
 /// The kernel merge must give the verdicts of the policy language's plain semantics; random
 /// policy sets check [`compile`] and [`Compiled::decide`] against a direct evaluation.
 #[test]

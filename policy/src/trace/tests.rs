@@ -191,6 +191,113 @@ fn trace_shows_the_redirect_a_destinations_mtls_rule_demands_of_its_source() {
     );
 }
 
+/// Client may reach api.payments.example and `*.example.com` on 443, and never 203.0.113.0/24.
+fn dns_egress() -> PolicySet {
+    set(&policy(
+        "client-out",
+        "  selector: {labels: {app: client}}\n  egress:\n    - name: payments\n      to: [{fqdn: api.payments.example}, {fqdnPattern: '*.example.com'}]\n      ports: [{port: 443}]\n    - name: no-testnet\n      action: deny\n      to: [{cidr: 203.0.113.0/24}]",
+    ))
+}
+
+#[test]
+fn trace_decides_an_address_learned_from_a_name_as_the_name() {
+    let (set, ws) = (dns_egress(), web_client_db());
+    let client = Endpoint::Workload(&ws[1]);
+    let address = |a: &str| Endpoint::Address(a.parse().expect("address"));
+    let learned = |to, name, port| {
+        trace_learned(&set, &ws, client, to, name, PROTO_TCP, port).expect("trace")
+    };
+    let traced = learned(address("192.0.2.10"), "API.Payments.Example.", 443);
+    let leg = &traced.legs[0];
+    let api = traced.compiled.fqdn[&crate::FqdnSelector::Name("api.payments.example".into())];
+    assert_eq!(
+        (
+            leg.learned_from.as_deref(),
+            leg.selectors.as_slice(),
+            leg.by_name
+        ),
+        (Some("api.payments.example"), [api].as_slice(), true)
+    );
+    assert_eq!(
+        (leg.decision.verdict, leg.decision.selector),
+        (VERDICT_ALLOW, Some(api)),
+        "allowed as fqdn:api.payments.example"
+    );
+    assert_eq!(traced.compiled.rules[&leg.decision.rule].rule, "payments");
+    let read: Vec<(u32, Slot)> = leg
+        .matches
+        .iter()
+        .map(|c| (c.key.remote_identity, c.slot))
+        .collect();
+    assert_eq!(
+        read,
+        [(api, Slot::Allow), (REMOTE_ISOLATION, Slot::Deny)],
+        "the selector's entry is among what the kernel reads"
+    );
+
+    let other_port = learned(address("192.0.2.10"), "api.payments.example", 80);
+    assert_eq!(
+        (
+            other_port.legs[0].decision.verdict,
+            other_port.legs[0].decision.selector
+        ),
+        (VERDICT_DENY, None)
+    );
+    let denied = learned(address("203.0.113.9"), "api.payments.example", 443);
+    let leg = &denied.legs[0];
+    assert_eq!(
+        (leg.decision.verdict, leg.by_name),
+        (VERDICT_DENY, false),
+        "the deny of the address decides before its name"
+    );
+    assert_eq!(denied.compiled.rules[&leg.decision.rule].rule, "no-testnet");
+
+    let any = learned(Endpoint::World, "www.example.com", 443);
+    assert_eq!(
+        (any.legs.len(), combine(&any.legs).0),
+        (1, VERDICT_ALLOW),
+        "any address of a name the pattern matches"
+    );
+    let unnamed = learned(Endpoint::World, "a.b.example.com", 443);
+    assert!(
+        unnamed.legs[0].selectors.is_empty(),
+        "two labels for one `*`"
+    );
+    assert_eq!(combine(&unnamed.legs).0, VERDICT_DENY);
+
+    let plain = trace(&set, &ws, client, address("192.0.2.10"), PROTO_TCP, 443).expect("trace");
+    assert_eq!(
+        (
+            plain.legs[0].learned_from.as_deref(),
+            combine(&plain.legs).0
+        ),
+        (None, VERDICT_DENY),
+        "without the name, only the isolation decides"
+    );
+    let to_web = learned(Endpoint::Workload(&ws[0]), "www.example.com", 443);
+    assert_eq!(
+        (to_web.legs.len(), to_web.legs[1].learned_from.as_deref()),
+        (2, None),
+        "a name resolving to a workload: its ingress still decides, by address"
+    );
+}
+
+#[test]
+fn diff_shows_a_changed_dns_name() {
+    let old = dns_egress();
+    let new = set(&policy(
+        "client-out",
+        "  selector: {labels: {app: client}}\n  egress:\n    - name: payments\n      to: [{fqdn: api2.payments.example}, {fqdnPattern: '*.example.com'}]\n      ports: [{port: 443}, {port: 8443}]\n    - name: no-testnet\n      action: deny\n      to: [{cidr: 203.0.113.0/24}]",
+    ));
+    let changes = diff(&old, &new, &web_client_db()).expect("diff");
+    assert_eq!(
+        diff_human(&changes),
+        "- client -> api.payments.example tcp/443: allow -> deny\n+ client -> api2.payments.example tcp/443,8443: deny -> allow\n+ client -> *.example.com tcp/8443: deny -> allow\n3 changes: 2 gain access, 1 lose access\n",
+        "{changes:#?}"
+    );
+    assert!(diff(&old, &old, &web_client_db()).expect("diff").is_empty());
+}
+
 #[test]
 fn endpoints_resolve_by_name_spiffe_id_and_address() {
     let ws = web_client_db();
