@@ -15,9 +15,11 @@ use serde_json::json;
 use ward_policy::check::{compile_error, find_rule, lint, CheckReport, LintOptions};
 use ward_policy::compile::{Contribution, Slot};
 use ward_policy::load::Report;
-use ward_policy::trace::{combine, diff, diff_human, diff_json, trace, Endpoint, Leg};
+use ward_policy::trace::{
+    combine, diff, diff_human, diff_json, trace, trace_learned, Endpoint, Leg,
+};
 use ward_policy::{
-    direction_name, load, protocol_name, verdict_name, Compiled, Location, PolicySet,
+    direction_name, load, protocol_name, verdict_name, Compiled, FqdnSelector, Location, PolicySet,
     PolicyWarning, PortArg, WarningKind, WorkloadInfo,
 };
 
@@ -50,9 +52,15 @@ pub enum PolicyCommand {
         /// Source: a workload name, a workload's SPIFFE ID, or an IP address.
         #[arg(long)]
         from: String,
-        /// Destination: a workload name, a workload's SPIFFE ID, or an IP address.
-        #[arg(long)]
-        to: String,
+        /// Destination: a workload name, a workload's SPIFFE ID, an IP address, or a Service
+        /// (`<namespace>/<name>`).
+        #[arg(long, required_unless_present = "to_name")]
+        to: Option<String>,
+        /// The source learned the destination's address from this DNS name (through the agent's
+        /// DNS proxy): decide it as the kernel decides learned addresses. Without --to: any
+        /// address of the name that no rule names otherwise.
+        #[arg(long, value_name = "NAME")]
+        to_name: Option<String>,
         /// `<port>/<tcp|udp|sctp>`, e.g. 8080/tcp (the protocol defaults to tcp), or
         /// `<type>/<icmp|icmpv6>` for an ICMP message type, e.g. 8/icmp (echo request).
         #[arg(long)]
@@ -150,6 +158,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
         PolicyCommand::Trace {
             from,
             to,
+            to_name,
             port,
             config,
             paths,
@@ -161,19 +170,36 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             let resolve =
                 |text: &str| Endpoint::resolve(text, workloads).map_err(anyhow::Error::msg);
             let from = resolve(&from)?;
-            // A Service (`<namespace>/<name>`): each of its backends on the port, as the kernel
-            // translates a connection to its cluster IP.
-            let targets = match resolve(&to) {
-                Ok(to) => vec![(None, to, port)],
-                Err(e) => context.backends(&to, port, workloads).ok_or(e)??,
+            let to_name = to_name
+                .map(|name| FqdnSelector::parse_name(&name).map(|s| s.text().to_owned()))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--to-name: {e}"))?;
+            if to_name.is_some() && !from.is_workload() {
+                bail!("--to-name: {from} is no workload of the configuration; only a workload's connections are decided by the names it looked up");
+            }
+            let targets = match (&to, &to_name) {
+                (None, _) => vec![(None, Endpoint::World, port)],
+                (Some(to), Some(_)) => vec![(None, resolve(to)?, port)],
+                // A Service (`<namespace>/<name>`): each of its backends on the port, as the
+                // kernel translates a connection to its cluster IP.
+                (Some(to), None) => match resolve(to) {
+                    Ok(to) => vec![(None, to, port)],
+                    Err(e) => context.backends(to, port, workloads).ok_or(e)??,
+                },
             };
             let mut verdicts = Vec::new();
             let mut json_out = Vec::new();
             for (via, to, port) in targets {
-                if let (Endpoint::Address(_), Endpoint::Address(_)) = (from, to) {
+                if !from.is_workload() && !to.is_workload() {
                     bail!("neither {from} nor {to} is a workload of the configuration: no policy of this node applies");
                 }
-                let traced = trace(&context.set, workloads, from, to, port.protocol, port.port)?;
+                let (set, protocol) = (&context.set, port.protocol);
+                let traced = match &to_name {
+                    Some(name) => {
+                        trace_learned(set, workloads, from, to, name, protocol, port.port)?
+                    }
+                    None => trace(set, workloads, from, to, protocol, port.port)?,
+                };
                 let view = TraceView {
                     set: &context.set,
                     workloads,
@@ -197,8 +223,9 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                 }
             }
             if format == Format::Json {
+                let service = to.as_deref().is_some_and(|to| to.contains('/'));
                 match json_out.as_slice() {
-                    [one] if verdicts.len() == 1 && !to.contains('/') => println!("{one:#}"),
+                    [one] if verdicts.len() == 1 && !service => println!("{one:#}"),
                     _ => println!("{:#}", serde_json::Value::Array(json_out)),
                 }
             }
@@ -464,10 +491,12 @@ impl TraceView<'_> {
                 .iter()
                 .find(|w| w.identity == id)
                 .map(|w| w.name.clone())
-                .unwrap_or_else(|| {
+                .or_else(|| {
                     let prefix = self.compiled.prefixes.iter().find(|(_, i)| **i == id);
-                    prefix.map_or_else(|| format!("identity {id}"), |(net, _)| net.to_string())
-                }),
+                    prefix.map(|(net, _)| net.to_string())
+                })
+                .or_else(|| self.compiled.fqdn_selector(id).map(ToString::to_string))
+                .unwrap_or_else(|| format!("identity {id}")),
         }
     }
 
@@ -530,13 +559,17 @@ impl TraceView<'_> {
     fn human(&self, from: Endpoint<'_>, to: Endpoint<'_>, port: PortArg, legs: &[Leg]) -> String {
         let (verdict, deciding) = combine(legs);
         let mut out = format!(
-            "{from} -> {to} {port}: {}\n",
+            "{from} -> {} {port}: {}\n",
+            Self::destination(to, legs),
             verdict_name(verdict).to_uppercase()
         );
         out += &match deciding {
             Some(leg) => format!(
-                "  decided by {} ({} of {}) at {}\n",
+                "  decided by {}{} ({} of {}) at {}\n",
                 self.rule(leg.decision.rule),
+                self.decided_as(leg)
+                    .map(|s| format!(" as {s}"))
+                    .unwrap_or_default(),
                 direction_name(leg.direction),
                 leg.local,
                 self.source(leg.decision.rule)
@@ -563,6 +596,9 @@ impl TraceView<'_> {
                 verdict_name(leg.decision.verdict),
                 self.rule(leg.decision.rule)
             );
+            if let Some(learned) = self.learned(leg) {
+                out += &format!("    {learned}\n");
+            }
             for c in &leg.matches {
                 let (rule, slot, key, source) = (
                     self.rule(c.rule),
@@ -576,6 +612,47 @@ impl TraceView<'_> {
         out
     }
 
+    /// The destination as a trace names it: with the DNS name its address was learned from.
+    fn destination(to: Endpoint<'_>, legs: &[Leg]) -> String {
+        match (legs.iter().find_map(|l| l.learned_from.as_deref()), to) {
+            (Some(name), Endpoint::World) => format!("any address learned from {name}"),
+            (Some(name), to) => format!("{to} (learned from {name})"),
+            (None, to) => to.to_string(),
+        }
+    }
+
+    /// The DNS-name selector a leg's learned address was decided as, if one decided.
+    fn decided_as(&self, leg: &Leg) -> Option<String> {
+        leg.decision.selector.map(|s| self.identity(s))
+    }
+
+    /// How a leg's learned address was decided: as which selector of its name, or why not.
+    fn learned(&self, leg: &Leg) -> Option<String> {
+        let name = leg.learned_from.as_deref()?;
+        if !self.compiled.uses_fqdn(leg.local_identity) {
+            let local = &leg.local;
+            return Some(format!(
+                "learned from {name}: the egress rules of {local} name no DNS names"
+            ));
+        }
+        if leg.selectors.is_empty() {
+            return Some(format!(
+                "learned from {name}, which no rule of {} names",
+                leg.local
+            ));
+        }
+        let selectors: Vec<String> = leg.selectors.iter().map(|s| self.identity(*s)).collect();
+        let how = match (leg.by_name, self.decided_as(leg)) {
+            (true, Some(selector)) => format!("decided as {selector}"),
+            (true, None) => "no rule decides it at this port".to_owned(),
+            (false, _) => "a rule decides the address itself, before its name".to_owned(),
+        };
+        Some(format!(
+            "learned from {name}, as {}: {how}",
+            selectors.join(", ")
+        ))
+    }
+
     fn json(
         &self,
         from: Endpoint<'_>,
@@ -584,6 +661,10 @@ impl TraceView<'_> {
         legs: &[Leg],
     ) -> serde_json::Value {
         let (verdict, deciding) = combine(legs);
+        let (to_text, learned_from) = (
+            Self::destination(to, legs),
+            legs.iter().find_map(|l| l.learned_from.clone()),
+        );
         let rule = |id: u32| {
             let info = self.compiled.rules.get(&id);
             json!({ "id": id, "policy": info.map(|i| &i.policy), "rule": info.map(|i| &i.rule), "source": self.source(id) })
@@ -602,22 +683,28 @@ impl TraceView<'_> {
                     "localIdentity": leg.local_identity,
                     "remoteIdentity": leg.remote_identity,
                     "remote": self.identity(leg.remote_identity),
+                    "learnedFrom": leg.learned_from,
+                    "selectors": leg.selectors.iter().map(|s| json!({ "identity": s, "selector": self.identity(*s) })).collect::<Vec<_>>(),
+                    "byName": leg.by_name,
                     "isolated": leg.decision.isolated,
                     "verdict": verdict_name(leg.decision.verdict),
                     "rule": leg.decision.isolated.then(|| rule(leg.decision.rule)),
+                    "decidedAs": self.decided_as(leg),
                     "matches": matches,
                 })
             })
             .collect();
         json!({
             "from": from.to_string(),
-            "to": to.to_string(),
+            "to": to_text,
+            "toName": learned_from,
             "protocol": protocol_name(port.protocol),
             "port": if port.icmp_type().is_some() { None } else { Some(port.port) },
             "icmpType": port.icmp_type(),
             "verdict": verdict_name(verdict),
             "replies": (verdict != VERDICT_DENY && has_replies(port)).then_some("pass"),
             "decidedBy": deciding.map(|leg| rule(leg.decision.rule)),
+            "decidedAs": deciding.and_then(|leg| self.decided_as(leg)),
             "legs": legs,
         })
     }
@@ -730,7 +817,8 @@ mod tests {
     ) -> PolicyCommand {
         PolicyCommand::Trace {
             from: from.into(),
-            to: to.into(),
+            to: Some(to.into()),
+            to_name: None,
             port: port.parse().expect("port"),
             config: config.to_owned(),
             paths: Vec::new(),
@@ -855,6 +943,170 @@ mod tests {
         };
         assert_eq!(status(diff), ExitCode::SUCCESS, "diff reports and succeeds");
         std::fs::remove_dir_all(&dir).expect("remove temp dir");
+    }
+
+    #[test]
+    fn trace_to_a_dns_name_runs_from_the_command_line() {
+        use clap::Parser;
+
+        let dir = std::env::temp_dir().join(format!("ward-policy-cli-dns-{}", std::process::id()));
+        let config = example_config(&dir);
+        let policies = dir.join("dns.yaml");
+        std::fs::write(&policies, ward_policy::testing::policy("frontend-out", "  selector: {labels: {app: frontend}}\n  egress:\n    - name: payments\n      to: [{fqdn: api.payments.example}]\n      ports: [{port: 443}]")).expect("write");
+        let to_name = |from: &str, to: Option<&str>, name: &str, expect| PolicyCommand::Trace {
+            from: from.into(),
+            to: to.map(str::to_owned),
+            to_name: Some(name.into()),
+            port: "443/tcp".parse().expect("port"),
+            config: config.clone(),
+            paths: vec![policies.clone()],
+            format: Format::Human,
+            expect: Some(expect),
+        };
+        assert_eq!(
+            status(to_name(
+                "frontend",
+                None,
+                "API.payments.example.",
+                Expect::Allow
+            )),
+            ExitCode::SUCCESS,
+            "any address of the name"
+        );
+        assert_eq!(
+            status(to_name(
+                "frontend",
+                Some("192.0.2.1"),
+                "api.payments.example",
+                Expect::Allow
+            )),
+            ExitCode::SUCCESS,
+            "this address of the name"
+        );
+        assert_eq!(
+            status(to_name(
+                "frontend",
+                Some("192.0.2.1"),
+                "www.payments.example",
+                Expect::Deny
+            )),
+            ExitCode::SUCCESS,
+            "another name"
+        );
+        let refused = |command| format!("{:#}", run(command).expect_err("refused"));
+        let error = refused(to_name("frontend", None, "a..example", Expect::Allow));
+        assert!(
+            error.contains("--to-name: `a..example` has an empty label"),
+            "{error}"
+        );
+        let error = refused(to_name(
+            "192.0.2.9",
+            None,
+            "api.payments.example",
+            Expect::Allow,
+        ));
+        assert!(error.contains("no workload"), "{error}");
+        std::fs::remove_dir_all(&dir).expect("remove temp dir");
+
+        let parse = |args: &str| crate::cli::Cli::try_parse_from(args.split_whitespace());
+        assert!(
+            parse("ward policy trace --config w.yaml --from a --to-name x.example --port 443")
+                .is_ok()
+        );
+        assert!(
+            parse("ward policy trace --config w.yaml --from a --port 443").is_err(),
+            "--to or --to-name"
+        );
+    }
+
+    #[test]
+    fn trace_to_a_dns_name_names_the_selector_that_decides() {
+        use ward_policy::testing::{policy, set, web_client_db};
+
+        let set = set(&(policy(
+            "client-out",
+            "  selector: {labels: {app: client}}\n  egress:\n    - name: payments\n      to: [{fqdn: api.payments.example}, {fqdnPattern: '*.example.com'}]\n      ports: [{port: 443}]\n    - name: partners\n      to: [{cidr: 198.51.100.0/24}]",
+        ) + &policy(
+            "web-out",
+            "  selector: {labels: {app: web}}\n  egress:\n    - to: [{labels: {app: db}}]",
+        )));
+        let workloads = web_client_db();
+        let (web, client) = (
+            Endpoint::Workload(&workloads[0]),
+            Endpoint::Workload(&workloads[1]),
+        );
+        let shown_from = |from, to, name, port| {
+            let traced =
+                trace_learned(&set, &workloads, from, to, name, PROTO_TCP, port).expect("trace");
+            let view = TraceView {
+                set: &set,
+                workloads: &workloads,
+                compiled: &traced.compiled,
+            };
+            let port = PortArg {
+                protocol: PROTO_TCP,
+                port,
+            };
+            let json = view.json(from, to, port, &traced.legs);
+            (view.human(from, to, port, &traced.legs), json)
+        };
+        let shown = |to, name, port| shown_from(client, to, name, port);
+        let (human, json) = shown(Endpoint::World, "api.payments.example", 443);
+        assert!(
+            human.starts_with("client -> any address learned from api.payments.example tcp/443: ALLOW\n  decided by client-out/payments as fqdn:api.payments.example (egress of client) at test.yaml:"),
+            "{human}"
+        );
+        assert!(
+            human.contains("\n    learned from api.payments.example, as fqdn:api.payments.example: decided as fqdn:api.payments.example\n"),
+            "{human}"
+        );
+        assert!(
+            human.contains("peer fqdn:api.payments.example, tcp/443"),
+            "the selector's entry, named by its selector: {human}"
+        );
+        assert_eq!(
+            (&json["to"], &json["toName"], &json["decidedAs"]),
+            (
+                &json!("any address learned from api.payments.example"),
+                &json!("api.payments.example"),
+                &json!("fqdn:api.payments.example")
+            ),
+            "{json:#}"
+        );
+        let address = Endpoint::Address("192.0.2.1".parse().expect("address"));
+        let (human, json) = shown(address, "www.example.com", 80);
+        assert!(
+            human.starts_with("client -> 192.0.2.1 (learned from www.example.com) tcp/80: DENY\n"),
+            "{human}"
+        );
+        assert!(
+            human.contains("learned from www.example.com, as fqdnPattern:*.example.com: no rule decides it at this port"),
+            "{human}"
+        );
+        assert_eq!(
+            json["legs"][0]["selectors"][0]["selector"],
+            json!("fqdnPattern:*.example.com")
+        );
+        let (human, _) = shown(address, "example.org", 443);
+        assert!(
+            human.contains("learned from example.org, which no rule of client names"),
+            "{human}"
+        );
+        let partner = Endpoint::Address("198.51.100.7".parse().expect("address"));
+        let (human, _) = shown(partner, "api.payments.example", 443);
+        assert!(
+            human.contains(
+                "as fqdn:api.payments.example: a rule decides the address itself, before its name"
+            ) && human.contains("decided by client-out/partners (egress"),
+            "{human}"
+        );
+        let (human, _) = shown_from(web, Endpoint::World, "api.payments.example", 443);
+        assert!(
+            human.contains(
+                "learned from api.payments.example: the egress rules of web name no DNS names"
+            ),
+            "{human}"
+        );
     }
 
     #[test]
