@@ -80,7 +80,13 @@ struct Inner {
     /// When an eviction was last logged, and how many since.
     evictions_logged: Option<Instant>,
     evicted_unlogged: u64,
+    /// Names let go, still shown in verdict records for a while: the allowed flows of the last
+    /// second are named after the kernel's counts are read.
+    retired: std::collections::VecDeque<(Instant, u32)>,
 }
+
+/// How long a name let go still names verdict records.
+const NAME_GRACE: Duration = Duration::from_secs(10);
 
 pub struct Learned {
     inner: Mutex<Inner>,
@@ -118,6 +124,7 @@ impl Learned {
             next_id: 0,
             evictions_logged: None,
             evicted_unlogged: 0,
+            retired: std::collections::VecDeque::new(),
             maps,
         };
         let names: BTreeMap<u32, String> = inner.maps.names().into_iter().collect();
@@ -270,6 +277,19 @@ impl Learned {
                 tracing::warn!(error = %e, "removing an expired learned DNS address");
             }
         }
+        while let Some((at, id)) = inner.retired.front().copied() {
+            if at.elapsed() < NAME_GRACE {
+                break;
+            }
+            inner.retired.pop_front();
+            // Unless the name came back meanwhile.
+            if !inner.names.contains_key(&id) {
+                NAMES
+                    .write()
+                    .expect("names lock poisoned")
+                    .remove(&(FIRST_FQDN_NAME + id));
+            }
+        }
         drop(inner);
         self.count();
         due.len()
@@ -346,14 +366,15 @@ impl Inner {
         for bit in 0..2 {
             self.write(bit, pair, entry)?;
         }
+        // The new name is held before the old one is let go: they may be the same.
+        if let Some(name) = self.names.get_mut(&entry.name) {
+            name.refs += 1;
+        }
         if let Some(old) = self.unindex(pair) {
             self.release(old.name);
         }
         self.entries.insert(pair, entry);
         self.by_expiry.insert((entry.expires_ns, pair));
-        if let Some(name) = self.names.get_mut(&entry.name) {
-            name.refs += 1;
-        }
         Ok(())
     }
 
@@ -408,10 +429,7 @@ impl Inner {
         if name.refs == 0 {
             let name = self.names.remove(&id).expect("present");
             self.ids.remove(&name.chain[0]);
-            NAMES
-                .write()
-                .expect("names lock poisoned")
-                .remove(&(FIRST_FQDN_NAME + id));
+            self.retired.push_back((Instant::now(), id));
             let _ = self.maps.remove_name(id);
         }
     }
