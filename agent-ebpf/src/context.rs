@@ -162,6 +162,12 @@ impl FullSocket {
         (field!(self.0, type_), field!(self.0, protocol))
     }
 
+    /// The port it is connected to (host order; 0 when it is not).
+    #[inline(always)]
+    pub fn dst_port(self) -> u16 {
+        u16::from_be(field!(self.0, dst_port) as u16)
+    }
+
     /// The family and the address and port (network order) it is connected to.
     #[inline(always)]
     pub fn peer(self) -> (u32, u16, u32, [u32; 4]) {

@@ -10,7 +10,7 @@ use agent_common::*;
 use aya_ebpf::programs::{SkBuffContext, SockAddrContext};
 
 use crate::{
-    context::{self, full_socket},
+    context,
     maps::{DNS_PROXY, DNS_SOCKETS, LEARNED, REDIRECTS, SERVICE_SOCKETS},
     packet, policy,
     sock_addr::Call,
@@ -130,22 +130,20 @@ fn is_v4_mapped(addr: &[u8; 16]) -> bool {
     addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff
 }
 
+/// Whether the egress packet program files a packet of a socket of `kind` connected to `dst_port`
+/// (0: unconnected) for the proxy at `port`: a socket connected to the proxy's port, or an
+/// unconnected UDP socket (whose datagram may go there).
+#[inline(always)]
+pub fn may_go_to_proxy(kind: u32, dst_port: u16, port: u16) -> bool {
+    dst_port == port || (kind != SOCK_STREAM && dst_port == 0)
+}
+
 /// The egress packet program's part: a TCP or UDP packet of a socket the hooks sent to the proxy
 /// at `port` files where it was going under the packet's 4-tuple and the socket's namespace (a
 /// TCP connection once, at its first packet; a UDP socket at every datagram, as it may ask again
-/// from another port or of another resolver). Only packets of sockets connected to the proxy's
-/// port, or of unconnected UDP sockets, are looked at.
+/// from another port or of another resolver). Called only where [`may_go_to_proxy`].
 #[inline(never)]
-pub fn file_redirect(ctx: &SkBuffContext, port: u16) {
-    let Some(sk) = full_socket(ctx) else {
-        return;
-    };
-    let (kind, _) = sk.kind_and_protocol();
-    let (_, dst_port, _, _) = sk.peer();
-    let dst_port = u16::from_be(dst_port);
-    if dst_port != port && !(kind != SOCK_STREAM && dst_port == 0) {
-        return;
-    }
+pub fn file_redirect(ctx: &SkBuffContext, kind: u32, port: u16) {
     let cookie = context::socket_cookie(ctx);
     // SAFETY: copied out at once.
     let Some(record) = (unsafe { DNS_SOCKETS.get(cookie) }).copied() else {

@@ -463,8 +463,11 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     if (kind == SOCK_STREAM && protocol == u32::from(PROTO_TCP))
         || (kind == SOCK_DGRAM && protocol == u32::from(PROTO_UDP))
     {
+        // While policy names DNS names: DNS the hooks sent to the proxy is filed for it.
         if let Some(port) = dns::proxy_port() {
-            dns::file_redirect(ctx, port);
+            if dns::may_go_to_proxy(kind, sk.dst_port(), port) {
+                dns::file_redirect(ctx, kind, port);
+            }
         }
         return ALLOW;
     }

@@ -80,6 +80,10 @@ struct Inner {
     /// When an eviction was last logged, and how many since.
     evictions_logged: Option<Instant>,
     evicted_unlogged: u64,
+    /// The proxy's port, and whether the hooks were last told to send DNS there: only while a
+    /// generation's policy names DNS names (otherwise no packet pays for it).
+    proxy_port: u16,
+    proxy_on: Option<bool>,
     /// Names let go, still shown in verdict records for a while: the allowed flows of the last
     /// second are named after the kernel's counts are read.
     retired: std::collections::VecDeque<(Instant, u32)>,
@@ -125,6 +129,8 @@ impl Learned {
             evictions_logged: None,
             evicted_unlogged: 0,
             retired: std::collections::VecDeque::new(),
+            proxy_port: settings.proxy_port,
+            proxy_on: None,
             maps,
         };
         let names: BTreeMap<u32, String> = inner.maps.names().into_iter().collect();
@@ -315,6 +321,14 @@ impl GenerationFollower for Learned {
             return;
         }
         inner.policy[slot] = Some(compiled.clone());
+        let wanted = inner.policy.iter().flatten().any(|c| !c.fqdn.is_empty());
+        if inner.proxy_on != Some(wanted) {
+            let port = wanted.then_some(inner.proxy_port);
+            match inner.maps.set_proxy(port) {
+                Ok(()) => inner.proxy_on = Some(wanted),
+                Err(e) => tracing::warn!(error = %e, "pointing the hooks at the DNS proxy"),
+            }
+        }
         let pairs: Vec<(Pair, Entry)> = inner.entries.iter().map(|(p, e)| (*p, *e)).collect();
         for (pair, entry) in pairs {
             if let Err(e) = inner.write(bit & 1, pair, entry) {

@@ -93,15 +93,15 @@ pub struct DnsProxy {
 }
 
 impl DnsProxy {
-    /// Adopts the learned addresses pinned by an earlier agent, binds the proxy in the agent's
-    /// namespace and points the hooks at it.
+    /// Adopts the learned addresses pinned by an earlier agent and binds the proxy in the agent's
+    /// namespace. The hooks are pointed at it once a policy generation names DNS names
+    /// ([`Learned`] follows the generations).
     pub async fn start(
         settings: &DnsSettings,
         pin_dir: &Path,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<DnsProxy> {
         let learned = Learned::open(pin_dir, settings, metrics.clone())?;
-        let mut maps = DnsMaps::open(pin_dir)?;
         let shared = Arc::new(Shared {
             learned,
             maps: Mutex::new(DnsMaps::open(pin_dir)?),
@@ -126,7 +126,6 @@ impl DnsProxy {
                 learned.expire();
             }
         });
-        maps.set_proxy(Some(settings.proxy_port))?;
         tracing::info!(port = settings.proxy_port, "DNS proxy listening");
         Ok(DnsProxy {
             port: settings.proxy_port,
