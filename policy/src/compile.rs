@@ -652,11 +652,14 @@ impl Compiled {
     /// `decision` (of `local` in `direction`): `local`'s isolation entry there says it uses DNS
     /// names, and no rule decided the address by its own identity.
     pub fn decides_by_name(&self, local: u32, direction: u8, decision: &Decision) -> bool {
-        decision.from_default
-            && self
-                .entries
-                .get(&isolation_key(local, direction))
-                .is_some_and(|iso| iso.flags & POLICY_FLAG_FQDN != 0)
+        decision.from_default && self.fqdn_flag(local, direction)
+    }
+
+    /// Whether `local`'s isolation entry in `direction` carries [`POLICY_FLAG_FQDN`].
+    fn fqdn_flag(&self, local: u32, direction: u8) -> bool {
+        self.entries
+            .get(&isolation_key(local, direction))
+            .is_some_and(|iso| iso.flags & POLICY_FLAG_FQDN != 0)
     }
 
     /// [`Compiled::decide`] for an address `local` learned from a DNS name decided as the
@@ -689,8 +692,8 @@ impl Compiled {
     }
 
     /// The identities of the DNS-name selectors that match any of `names` (as a DNS answer gives
-    /// them; normalized here) and that `local`'s egress policy names, ascending: what an address
-    /// `local` learned from those names is decided as.
+    /// them; normalized here) and that `local`'s egress policy names, ascending (one identity a
+    /// selector): what an address `local` learned from those names is decided as.
     pub fn fqdn_identities(&self, local: u32, names: &[&str]) -> Vec<u32> {
         let names: Vec<String> = names.iter().map(|n| fqdn::normalize(n)).collect();
         let mut identities: Vec<u32> = self
@@ -701,7 +704,6 @@ impl Compiled {
             .filter(|id| self.names_in_egress(local, *id))
             .collect();
         identities.sort_unstable();
-        identities.dedup();
         identities
     }
 
@@ -716,9 +718,7 @@ impl Compiled {
 
     /// Whether `local`'s egress rules name DNS names: its DNS goes through the agent's proxy.
     pub fn uses_fqdn(&self, local: u32) -> bool {
-        self.entries
-            .get(&isolation_key(local, DIRECTION_EGRESS))
-            .is_some_and(|iso| iso.flags & POLICY_FLAG_FQDN != 0)
+        self.fqdn_flag(local, DIRECTION_EGRESS)
     }
 
     /// The DNS-name selector of an identity.

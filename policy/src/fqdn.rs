@@ -76,7 +76,7 @@ impl FqdnSelector {
 
 /// Whether one label of a name matches one label of a pattern, each `*` standing for one or more
 /// name characters. Pattern labels hold only name characters and `*`, so a label with any other
-/// character matches none. Linear in both lengths, whatever the number of `*`.
+/// character matches none. In time of the product of the two lengths, whatever the number of `*`.
 fn label_matches(pattern: &[u8], label: &[u8]) -> bool {
     if !label.iter().all(|b| is_name_char(char::from(*b))) {
         return false;
