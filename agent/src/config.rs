@@ -1042,6 +1042,8 @@ mod tests {
         assert_eq!(c.dns.max_ttl, std::time::Duration::from_secs(10));
         assert_eq!(c.dns.max_learned, 100);
         assert!(c.dns.only_policy_names);
+        let unknown = parse("trustDomain: example.org\ndns: {upstream: 1.1.1.1}\n").expect_err("unknown field");
+        assert!(unknown.to_string().contains("dns: unknown field `upstream`"), "{unknown}");
     }
 
     #[test]
@@ -1119,7 +1121,6 @@ mod tests {
             ("trustDomain: example.org\ndns: {minTtlSeconds: 60, maxTtlSeconds: 30}\n", "dns.maxTtlSeconds"),
             ("trustDomain: example.org\ndns: {maxLearned: 0}\n", "dns.maxLearned"),
             ("trustDomain: example.org\ndns: {maxLearned: 1000000}\n", "dns.maxLearned"),
-            ("trustDomain: example.org\ndns: {upstream: 1.1.1.1}\n", "dns"),
         ];
         for (text, field) in cases {
             let msg = parse(text).expect_err(text).to_string();
