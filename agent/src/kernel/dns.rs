@@ -11,7 +11,7 @@ use agent_common::{
 };
 use aya::maps::{Array, HashMap, Map, MapData};
 
-use super::{flow_key, ignore_missing, map_err, KernelError};
+use super::{flow_key, ignore_missing, map_err, pinned, KernelError};
 
 pub struct DnsMaps {
     config: Array<MapData, DnsProxyConfig>,
@@ -20,21 +20,13 @@ pub struct DnsMaps {
     names: HashMap<MapData, u32, DnsName>,
 }
 
-fn open(pin_dir: &Path, name: &'static str) -> Result<MapData, KernelError> {
-    MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))
-}
-
 impl DnsMaps {
     pub fn open(pin_dir: &Path) -> Result<DnsMaps, KernelError> {
         Ok(DnsMaps {
-            config: Array::try_from(Map::Array(open(pin_dir, map_names::DNS_PROXY)?))
-                .map_err(map_err(map_names::DNS_PROXY))?,
-            redirects: HashMap::try_from(Map::LruHashMap(open(pin_dir, map_names::REDIRECTS)?))
-                .map_err(map_err(map_names::REDIRECTS))?,
-            learned: HashMap::try_from(Map::HashMap(open(pin_dir, map_names::LEARNED)?))
-                .map_err(map_err(map_names::LEARNED))?,
-            names: HashMap::try_from(Map::HashMap(open(pin_dir, map_names::DNS_NAMES)?))
-                .map_err(map_err(map_names::DNS_NAMES))?,
+            config: pinned(pin_dir, map_names::DNS_PROXY, Map::Array)?,
+            redirects: pinned(pin_dir, map_names::REDIRECTS, Map::LruHashMap)?,
+            learned: pinned(pin_dir, map_names::LEARNED, Map::HashMap)?,
+            names: pinned(pin_dir, map_names::DNS_NAMES, Map::HashMap)?,
         })
     }
 

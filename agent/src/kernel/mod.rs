@@ -120,6 +120,17 @@ fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> KernelErro
     move |source| KernelError::Map { name, source }
 }
 
+/// Pinned map `name` in `pin_dir`, opened as the typed map `T` of its kind (`kind`: `Map::HashMap`,
+/// `Map::LruHashMap`, ...), for the parts of the agent that hold their own handles.
+fn pinned<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    pin_dir: &Path,
+    name: &'static str,
+    kind: fn(MapData) -> Map,
+) -> Result<T, KernelError> {
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+    T::try_from(kind(data)).map_err(map_err(name))
+}
+
 /// A removal of a key the map does not hold succeeds: the key is gone either way. (aya reports
 /// it as the syscall's `ENOENT`.)
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {

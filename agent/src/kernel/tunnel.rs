@@ -11,7 +11,7 @@ use agent_common::{
 };
 use aya::maps::{Array, HashMap, Map, MapData};
 
-use super::{flow_key, map_err, KernelError};
+use super::{flow_key, map_err, pinned, KernelError};
 
 pub struct TunnelMaps {
     config: Array<MapData, TunnelConfig>,
@@ -20,21 +20,13 @@ pub struct TunnelMaps {
     certified: HashMap<MapData, u32, u32>,
 }
 
-fn open(pin_dir: &Path, name: &'static str) -> Result<MapData, KernelError> {
-    MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))
-}
-
 impl TunnelMaps {
     pub fn open(pin_dir: &Path) -> Result<TunnelMaps, KernelError> {
         Ok(TunnelMaps {
-            config: Array::try_from(Map::Array(open(pin_dir, map_names::TUNNEL)?))
-                .map_err(map_err(map_names::TUNNEL))?,
-            redirects: HashMap::try_from(Map::LruHashMap(open(pin_dir, map_names::REDIRECTS)?))
-                .map_err(map_err(map_names::REDIRECTS))?,
-            connecting: HashMap::try_from(Map::LruHashMap(open(pin_dir, map_names::CONNECTING)?))
-                .map_err(map_err(map_names::CONNECTING))?,
-            certified: HashMap::try_from(Map::HashMap(open(pin_dir, map_names::CERTIFIED)?))
-                .map_err(map_err(map_names::CERTIFIED))?,
+            config: pinned(pin_dir, map_names::TUNNEL, Map::Array)?,
+            redirects: pinned(pin_dir, map_names::REDIRECTS, Map::LruHashMap)?,
+            connecting: pinned(pin_dir, map_names::CONNECTING, Map::LruHashMap)?,
+            certified: pinned(pin_dir, map_names::CERTIFIED, Map::HashMap)?,
         })
     }
 
