@@ -28,37 +28,33 @@ pub fn proxy_port() -> Option<u16> {
         .map(|c| c.port)
 }
 
-/// The decision of an egress call to `addr` that no rule decided by its identity: as each name
-/// selector of the name `local` learned the address from (unexpired), the first that a rule
-/// decides. `what` and the answer are packed as [`policy::decide`]'s; 0 when the address was not
-/// learned or no rule of its selectors decides it. `name` receives the name's identity. Its own
-/// BPF function: the learned value stays off the connect hook's frame.
+/// The decision of an egress call to `addr` that no enforcing rule settled by its identity
+/// (`who`: the local identity in the high half, the remote's below), when the local workload
+/// learned the address from a DNS name (unexpired): the rules of the address and of the name's
+/// selectors merge as one peer's. `what` and the answer are packed as
+/// [`policy::decide_packed`]'s; 0 when the address was not learned. `name` receives the name's
+/// identity. Its own BPF function: the learned value stays off the connect hook's frame.
 #[inline(never)]
-pub fn decide_learned(local: u32, addr: &[u8; 16], what: u32, gen: u8, name: &mut u32) -> u64 {
+pub fn decide_learned(who: u64, addr: &[u8; 16], what: u32, gen: u8, name: &mut u32) -> u64 {
+    let (local, remote) = ((who >> 32) as u32, who as u32);
     let key = LearnedKey {
         generation: gen,
         _pad: [0; 3],
         local_identity: local,
         addr: *addr,
     };
-    // SAFETY: copied out at once.
-    let Some(learned) = (unsafe { LEARNED.get(key) }).copied() else {
+    // The value is read in place, not copied: the connect hook's frames share 512 bytes.
+    let Some(learned) = LEARNED.get_ptr(key) else {
         return 0;
     };
-    if learned.expires_ns <= context::boot_ns() {
+    // SAFETY: a map value pointer, valid for this program run.
+    let (expires_ns, learned_name) = unsafe { ((*learned).expires_ns, (*learned).name) };
+    if expires_ns <= context::boot_ns() {
         return 0;
     }
-    for selector in learned.selectors {
-        if selector == 0 {
-            break;
-        }
-        let packed = policy::decide_packed(local, selector, what, gen);
-        if !policy::unpack(packed).from_default {
-            *name = learned.name;
-            return packed;
-        }
-    }
-    0
+    *name = learned_name;
+    // SAFETY: as above.
+    policy::decide_as(local, remote, unsafe { &(*learned).selectors }, what, gen)
 }
 
 /// Prepares sending a DNS call (TCP or UDP to port 53, already allowed) to the proxy listening on

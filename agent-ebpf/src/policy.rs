@@ -9,15 +9,16 @@ pub struct Decision {
     pub rule: u32,
     /// False when no policy selects the local workload in this direction: it is left alone.
     pub isolated: bool,
-    /// Isolated, and no rule matched the remote: the verdict is the isolation's default.
-    pub from_default: bool,
+    /// Isolated, and an enforcing rule (allow or deny) matched the remote: no DNS name the address
+    /// was learned from can change the verdict.
+    pub settled: bool,
     /// Isolated, and the local workload's egress rules name DNS names ([`POLICY_FLAG_FQDN`]).
     pub fqdn: bool,
 }
 
 /// Bits of [`decide_packed`]'s answer.
 const PACKED_ISOLATED: u64 = 1 << 8;
-const PACKED_FROM_DEFAULT: u64 = 1 << 9;
+const PACKED_SETTLED: u64 = 1 << 9;
 const PACKED_FQDN: u64 = 1 << 10;
 
 /// [`decide`]'s answer from [`decide_packed`]'s.
@@ -26,7 +27,7 @@ pub fn unpack(packed: u64) -> Decision {
     Decision {
         verdict: packed as u8,
         isolated: packed & PACKED_ISOLATED != 0,
-        from_default: packed & PACKED_FROM_DEFAULT != 0,
+        settled: packed & PACKED_SETTLED != 0,
         fqdn: packed & PACKED_FQDN != 0,
         rule: (packed >> 32) as u32,
     }
@@ -114,6 +115,19 @@ pub fn decide(
 /// register: rule in the high half, the flags of [`unpack`] in bits 8 to 10, the verdict below.
 #[inline(never)]
 pub fn decide_packed(local: u32, remote: u32, what: u32, gen: u8) -> u64 {
+    decide_as(local, remote, &[0; MAX_LEARNED_SELECTORS], what, gen)
+}
+
+/// [`decide_packed`] for a remote that is also the DNS-name selectors `names` (0 ends them):
+/// the entries of all merge as one peer's.
+#[inline(never)]
+pub fn decide_as(
+    local: u32,
+    remote: u32,
+    names: &[u32; MAX_LEARNED_SELECTORS],
+    what: u32,
+    gen: u8,
+) -> u64 {
     let (direction, protocol, port) = (what as u8, (what >> 8) as u8, (what >> 16) as u16);
     let mut key = isolation_key(local, direction, gen);
     let Some(iso) = lookup(&key) else {
@@ -128,13 +142,23 @@ pub fn decide_packed(local: u32, remote: u32, what: u32, gen: u8) -> u64 {
             }
         }
     }
+    for &name in names {
+        if name == 0 {
+            break;
+        }
+        key.remote_identity = name;
+        for at in port_keys(port, protocol) {
+            if let Some(e) = lookup_at(&mut key, at) {
+                merge(&mut v, &e);
+            }
+        }
+    }
     let mut flags = PACKED_ISOLATED;
     if iso.flags & POLICY_FLAG_FQDN != 0 {
         flags |= PACKED_FQDN;
     }
-    if v.deny_rule == 0 && v.allow_rule == 0 && v.audit_deny_rule == 0 && v.audit_allow_rule == 0
-    {
-        flags |= PACKED_FROM_DEFAULT;
+    if v.deny_rule != 0 || v.allow_rule != 0 {
+        flags |= PACKED_SETTLED;
     }
     let (verdict, rule) = if v.deny_rule != 0 {
         (VERDICT_DENY, v.deny_rule)

@@ -86,12 +86,15 @@ pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
     let mut d = policy::decide(local, remote, DIRECTION_EGRESS, protocol, remote_port, gen);
     // The remote a verdict record names: the DNS name when an address learned from it decided.
     let mut named = remote;
-    if d.fqdn && d.from_default {
+    if d.fqdn && !d.settled {
         let what = policy::pack_flow(DIRECTION_EGRESS, protocol, remote_port);
+        let who = (u64::from(local) << 32) | u64::from(remote);
         let mut name = 0;
-        let packed = dns::decide_learned(local, &remote_addr, what, gen, &mut name);
-        if packed != 0 {
-            (d, named) = (policy::unpack(packed), name);
+        let packed = dns::decide_learned(who, &remote_addr, what, gen, &mut name);
+        let learned = policy::unpack(packed);
+        // The name is what the record names when it changed the verdict.
+        if packed != 0 && (learned.verdict, learned.rule) != (d.verdict, d.rule) {
+            (d, named) = (learned, name);
         }
     }
     let src_port = if protocol == PROTO_UDP {

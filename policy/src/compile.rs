@@ -217,6 +217,42 @@ pub fn lookup_keys(
     std::array::from_fn(key)
 }
 
+/// The kernel's verdict from the isolation entry (`None`: not isolated) and the merged value of
+/// the lookups.
+fn verdict_of(isolation: Option<PolicyValue>, v: &PolicyValue) -> Decision {
+    let Some(iso) = isolation else {
+        return Decision {
+            verdict: VERDICT_ALLOW,
+            rule: 0,
+            isolated: false,
+            settled: false,
+            selector: None,
+        };
+    };
+    let decision = |verdict, rule| Decision {
+        verdict,
+        rule,
+        isolated: true,
+        settled: v.deny_rule != 0 || v.allow_rule != 0,
+        selector: None,
+    };
+    if v.deny_rule != 0 {
+        decision(VERDICT_DENY, v.deny_rule)
+    } else if iso.deny_rule != 0 && v.allow_rule == 0 {
+        decision(VERDICT_DENY, iso.deny_rule)
+    } else if v.audit_deny_rule != 0 {
+        decision(VERDICT_AUDIT, v.audit_deny_rule)
+    } else if iso.audit_deny_rule != 0 && v.allow_rule == 0 && v.audit_allow_rule == 0 {
+        decision(VERDICT_AUDIT, iso.audit_deny_rule)
+    } else if v.allow_rule != 0 && v.flags & POLICY_FLAG_MTLS != 0 {
+        decision(VERDICT_REDIRECT, v.allow_rule)
+    } else if v.allow_rule != 0 {
+        decision(VERDICT_ALLOW, v.allow_rule)
+    } else {
+        decision(VERDICT_ALLOW, v.audit_allow_rule)
+    }
+}
+
 /// Compiles `set` for `workloads`. Fails without partial output if the map would overflow.
 pub fn compile(
     set: &PolicySet,
@@ -586,9 +622,16 @@ impl Compiled {
         port: u16,
     ) -> (Option<PolicyValue>, PolicyValue) {
         let isolation = self.entries.get(&isolation_key(local, direction)).copied();
+        let keys = lookup_keys(local, remote, direction, protocol, port);
+        (isolation, self.merged(keys.iter()))
+    }
+
+    /// The values of `keys` merged as the kernel merges them: the first key naming a rule in a
+    /// slot gives that slot (and the allow slot its flags).
+    fn merged<'k>(&self, keys: impl Iterator<Item = &'k PolicyKey>) -> PolicyValue {
         let mut merged = PolicyValue::default();
-        for key in lookup_keys(local, remote, direction, protocol, port) {
-            let Some(value) = self.entries.get(&key) else {
+        for key in keys {
+            let Some(value) = self.entries.get(key) else {
                 continue;
             };
             for slot in Slot::ALL {
@@ -601,7 +644,7 @@ impl Compiled {
                 }
             }
         }
-        (isolation, merged)
+        merged
     }
 
     /// The verdict the kernel reaches for a query, field by field as it merges the map.
@@ -614,45 +657,14 @@ impl Compiled {
         port: u16,
     ) -> Decision {
         let (isolation, v) = self.lookup(local, remote, direction, protocol, port);
-        let from_default = Slot::ALL.iter().all(|slot| slot.get(&v) == 0);
-        let decision = |verdict, rule| Decision {
-            verdict,
-            rule,
-            isolated: true,
-            from_default,
-            selector: None,
-        };
-        let Some(iso) = isolation else {
-            return Decision {
-                verdict: VERDICT_ALLOW,
-                rule: 0,
-                isolated: false,
-                from_default: false,
-                selector: None,
-            };
-        };
-        if v.deny_rule != 0 {
-            decision(VERDICT_DENY, v.deny_rule)
-        } else if iso.deny_rule != 0 && v.allow_rule == 0 {
-            decision(VERDICT_DENY, iso.deny_rule)
-        } else if v.audit_deny_rule != 0 {
-            decision(VERDICT_AUDIT, v.audit_deny_rule)
-        } else if iso.audit_deny_rule != 0 && v.allow_rule == 0 && v.audit_allow_rule == 0 {
-            decision(VERDICT_AUDIT, iso.audit_deny_rule)
-        } else if v.allow_rule != 0 && v.flags & POLICY_FLAG_MTLS != 0 {
-            decision(VERDICT_REDIRECT, v.allow_rule)
-        } else if v.allow_rule != 0 {
-            decision(VERDICT_ALLOW, v.allow_rule)
-        } else {
-            decision(VERDICT_ALLOW, v.audit_allow_rule)
-        }
+        verdict_of(isolation, &v)
     }
 
-    /// Whether the kernel goes on to decide a learned address as its DNS-name selectors after
-    /// `decision` (of `local` in `direction`): `local`'s isolation entry there says it uses DNS
-    /// names, and no rule decided the address by its own identity.
+    /// Whether the kernel goes on to decide a learned address together with its DNS-name
+    /// selectors after `decision` (of `local` in `direction`): `local`'s isolation entry there
+    /// says it uses DNS names, and no enforcing rule settled the address by its own identity.
     pub fn decides_by_name(&self, local: u32, direction: u8, decision: &Decision) -> bool {
-        decision.from_default && self.fqdn_flag(local, direction)
+        decision.isolated && !decision.settled && self.fqdn_flag(local, direction)
     }
 
     /// Whether `local`'s isolation entry in `direction` carries [`POLICY_FLAG_FQDN`].
@@ -662,11 +674,12 @@ impl Compiled {
             .is_some_and(|iso| iso.flags & POLICY_FLAG_FQDN != 0)
     }
 
-    /// [`Compiled::decide`] for an address `local` learned from a DNS name decided as the
+    /// [`Compiled::decide`] for an address `local` learned from a DNS name that matched the
     /// selector identities `selectors` ([`Compiled::fqdn_identities`]), as the connect hook does:
-    /// when [`Compiled::decides_by_name`], as each of the first [`MAX_LEARNED_SELECTORS`]
-    /// selectors in order (0 ends them), the first that a rule decides
-    /// ([`Decision::selector`] names it); otherwise, or when none does, as the address itself.
+    /// when [`Compiled::decides_by_name`], the rules of the address and of the first
+    /// [`MAX_LEARNED_SELECTORS`] selectors (0 ends them) merge as one peer's, so a rule of the
+    /// address (an audit rule, a deny) and a rule of the name both count. [`Decision::selector`]
+    /// names the selector whose rule decided, when the name changed the verdict.
     pub fn decide_learned(
         &self,
         local: u32,
@@ -680,15 +693,30 @@ impl Compiled {
         if !self.decides_by_name(local, direction, &decision) {
             return decision;
         }
-        let learned = selectors.iter().take(MAX_LEARNED_SELECTORS);
-        learned
+        let selectors: Vec<u32> = selectors
+            .iter()
+            .take(MAX_LEARNED_SELECTORS)
             .take_while(|s| **s != 0)
-            .map(|&s| Decision {
-                selector: Some(s),
-                ..self.decide(local, s, direction, protocol, port)
-            })
-            .find(|d| !d.from_default)
-            .unwrap_or(decision)
+            .copied()
+            .collect();
+        let own = lookup_keys(local, remote, direction, protocol, port);
+        let named: Vec<PolicyKey> = selectors
+            .iter()
+            .flat_map(|s| lookup_keys(local, *s, direction, protocol, port)[..3].to_vec())
+            .collect();
+        let isolation = self.entries.get(&isolation_key(local, direction)).copied();
+        let learned = verdict_of(isolation, &self.merged(own.iter().chain(&named)));
+        if (learned.verdict, learned.rule) == (decision.verdict, decision.rule) {
+            return decision;
+        }
+        let selector = selectors.iter().copied().find(|s| {
+            let v = self.merged(lookup_keys(local, *s, direction, protocol, port)[..3].iter());
+            Slot::ALL.iter().any(|slot| slot.get(&v) == learned.rule)
+        });
+        Decision {
+            selector,
+            ..learned
+        }
     }
 
     /// The identities of the DNS-name selectors that match any of `names` (as a DNS answer gives

@@ -95,10 +95,8 @@ pub fn parse_compile_decide(data: &[u8]) {
                     match learned.selector {
                         None => assert_eq!(learned, decision, "no selector decided: the address did"),
                         Some(selector) => assert!(
-                            decision.from_default
-                                && !learned.from_default
-                                && selectors.contains(&selector),
-                            "a learned name decides only what no rule decided, as one of its selectors"
+                            !decision.settled && selectors.contains(&selector),
+                            "a learned name changes only what no enforcing rule settled, by one of its selectors"
                         ),
                     }
                 }

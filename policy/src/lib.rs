@@ -156,10 +156,10 @@ pub struct Decision {
     /// The deciding rule; 0 when the local workload is not isolated in that direction.
     pub rule: u32,
     pub isolated: bool,
-    /// The isolation alone decided: no entry for the remote (or any remote) at the port names a
-    /// rule, so the verdict is the default-deny (enforce or audit). Only such a decision goes on
-    /// to the DNS-name selectors of a learned address.
-    pub from_default: bool,
+    /// An enforcing rule (allow or deny) for the remote (or any remote) at the port matched: no
+    /// DNS name the address was learned from can change the verdict. Only a decision not settled
+    /// goes on to the DNS-name selectors of a learned address.
+    pub settled: bool,
     /// The DNS-name selector identity a learned address was decided as, when one decided.
     pub selector: Option<u32>,
 }

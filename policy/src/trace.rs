@@ -146,7 +146,7 @@ fn legs(
                             verdict: VERDICT_REDIRECT,
                             rule,
                             isolated: true,
-                            from_default: false,
+                            settled: true,
                             selector: None,
                         };
                     }

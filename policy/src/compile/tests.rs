@@ -475,7 +475,7 @@ fn unselected_workloads_and_directions_are_untouched() {
         verdict: VERDICT_ALLOW,
         rule: 0,
         isolated: false,
-        from_default: false,
+        settled: false,
         selector: None,
     };
     assert_eq!(
@@ -490,7 +490,7 @@ fn unselected_workloads_and_directions_are_untouched() {
     );
     let isolated = compiled.decide(WEB, DB, IN, TCP, 80);
     assert!(
-        isolated.isolated && isolated.verdict == VERDICT_DENY && isolated.from_default,
+        isolated.isolated && isolated.verdict == VERDICT_DENY && !isolated.settled,
         "ingress: [] isolates, and only the isolation decides: {isolated:?}"
     );
 }
@@ -831,15 +831,15 @@ fn a_learned_address_is_decided_by_its_name_only_where_no_rule_decides_it() {
             by_name.verdict,
             by_name.rule,
             by_name.selector,
-            by_name.from_default
+            by_name.settled
         ),
-        (VERDICT_ALLOW, rule("payments"), Some(api), false),
+        (VERDICT_ALLOW, rule("payments"), Some(api), true),
         "allowed by its name on the rule's port"
     );
     let plain = compiled.decide(CLIENT, remote("192.0.2.10"), OUT, TCP, 443);
     assert_eq!(
-        (plain.verdict, plain.rule, plain.from_default),
-        (VERDICT_DENY, rule("default-deny"), true),
+        (plain.verdict, plain.rule, plain.settled),
+        (VERDICT_DENY, rule("default-deny"), false),
         "the same address not learned is refused by the isolation alone"
     );
     let other_port = learned("192.0.2.10", &[api, pattern], 80);
@@ -882,6 +882,35 @@ fn a_learned_address_is_decided_by_its_name_only_where_no_rule_decides_it() {
     );
     let audited = compiled.decide_learned(DB, remote("192.0.2.10"), &[], OUT, TCP, 443);
     assert_eq!(audited.verdict, VERDICT_AUDIT, "not learned: audit");
+}
+
+#[test]
+fn an_audit_rule_of_the_address_never_hides_an_allow_by_name() {
+    // Enforced: the name on 443. Audited: any peer on 443, and the world on 8443.
+    let compiled = compiled(&(policy(
+        "client-out",
+        "  selector: {labels: {app: client}}\n  egress:\n    - name: payments\n      to: [{fqdn: api.payments.example}]\n      ports: [{port: 443}]",
+    ) + &policy(
+        "client-audit",
+        "  mode: audit\n  selector: {labels: {app: client}}\n  egress:\n    - name: anyone\n      ports: [{port: 443}]\n    - name: world\n      to: [{cidr: 0.0.0.0/0}]\n      ports: [{port: 8443}]",
+    )));
+    let api = fqdn_id(&compiled, "fqdn:api.payments.example");
+    let remote = compiled.remote_identity("192.0.2.10".parse().expect("address"), &workloads());
+    let decided = compiled.decide_learned(CLIENT, remote, &[api], OUT, TCP, 443);
+    assert_eq!(
+        (decided.verdict, decided.rule, decided.selector),
+        (VERDICT_ALLOW, rule_id(&compiled, "client-out", "payments"), Some(api)),
+        "the audit policy's match of the address leaves the name's allow in force"
+    );
+    let not_learned = compiled.decide(CLIENT, remote, OUT, TCP, 443);
+    assert_eq!(not_learned.verdict, VERDICT_DENY, "{not_learned:?}");
+    assert!(!not_learned.settled, "an audit rule settles nothing");
+    let elsewhere = compiled.decide_learned(CLIENT, remote, &[api], OUT, TCP, 8443);
+    assert_eq!(
+        (elsewhere.verdict, elsewhere.selector),
+        (VERDICT_DENY, None),
+        "the name's rule names 443 only"
+    );
 }
 
 #[test]
