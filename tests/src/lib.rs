@@ -9,12 +9,14 @@ pub mod agent;
 pub mod capture;
 pub mod cgroups;
 pub mod cluster;
+pub mod dns;
 pub mod kube_api;
 pub mod kubernetes;
 pub mod netns;
 pub mod peer;
 pub mod prerequisites;
 pub mod process;
+pub mod scripted_resolver;
 pub mod systemd;
 pub mod verdicts;
 
@@ -25,7 +27,9 @@ pub use cluster::{Cluster, Node};
 pub use kube_api::KubeApi;
 pub use netns::{Lan, Netns, TwoNodes};
 pub use peer::{outcomes_of, Attempts, Listener, Outcome, Peer, Protocol};
-pub use prerequisites::{control_bin, require_privileges, require_root, unique_name, ward_bin};
+pub use prerequisites::{
+    control_bin, require_privileges, require_programs, require_root, unique_name, ward_bin,
+};
 pub use process::{run, Background, Finished, Placement};
 pub use verdicts::{find_verdict, parse_verdicts, Verdict, VerdictQuery};
 

@@ -24,6 +24,20 @@ pub fn require_root() {
     );
 }
 
+/// Fails the test unless each of `programs` is on `PATH`; each comes with the Debian package
+/// `cargo xtask setup` installs it from, named in the message.
+pub fn require_programs(programs: &[(&str, &str)]) {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for (program, package) in programs {
+        let found = std::env::split_paths(&path).any(|dir| dir.join(program).is_file());
+        assert!(
+            found,
+            "PRIVILEGED TEST NOT RUN: {program} is not installed (Debian package {package}); run \
+             `cargo xtask setup`"
+        );
+    }
+}
+
 /// The `ward` binary under test: `$WARD_BIN`, else `target/debug/ward` of this workspace.
 pub fn ward_bin() -> PathBuf {
     workspace_bin("ward", "WARD_BIN", "ward-agent")

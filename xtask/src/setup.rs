@@ -23,6 +23,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3",
     "iputils-ping",
     "dnsmasq-base",
+    // The DNS-aware egress tests: dig, over UDP and TCP, with the status of each answer.
+    "bind9-dnsutils",
     "qemu-system-x86",
     "busybox-static",
     "kmod",
