@@ -126,7 +126,8 @@ struct RawDns {
 }
 
 /// `dns:`: the DNS proxy that learns the addresses of the names egress rules allow (`fqdn`,
-/// `fqdnPattern`). It always runs; only workloads whose rules name DNS names are sent to it.
+/// `fqdnPattern`). It listens while a policy names DNS names; only the DNS of workloads whose rules
+/// name DNS names is sent to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DnsSettings {
     /// Loopback port of the proxy (UDP and TCP, `127.0.0.1` and `::1`) in the agent's network

@@ -200,6 +200,12 @@ impl Learned {
         Ok(Arc::new(learned))
     }
 
+    /// Whether a policy generation names DNS names: the proxy is needed.
+    pub fn names_in_policy(&self) -> bool {
+        let inner = self.inner.lock().expect("learned lock poisoned");
+        inner.policy.iter().flatten().any(|c| !c.fqdn.is_empty())
+    }
+
     /// Whether the policy of `local` (in either generation bit) names any of `names`.
     pub fn in_policy(&self, local: u32, names: &[&str]) -> bool {
         let inner = self.inner.lock().expect("learned lock poisoned");

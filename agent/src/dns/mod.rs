@@ -86,16 +86,18 @@ pub struct DnsProxy {
     shared: Arc<Shared>,
     runtime: tokio::runtime::Handle,
     host_netns: NetnsId,
-    _host: Serving,
+    /// The listeners in the agent's own namespace.
+    host: Option<Serving>,
     pods: BTreeMap<NetnsId, Serving>,
-    /// Why opening a pod's listeners last failed (logged once per reason).
+    /// Why opening a pod's listeners, or the agent's, last failed (logged once per reason).
     failed: BTreeMap<NetnsId, String>,
+    host_failed: Option<String>,
 }
 
 impl DnsProxy {
-    /// Adopts the learned addresses pinned by an earlier agent and binds the proxy in the agent's
-    /// namespace. The hooks are pointed at it once a policy generation names DNS names
-    /// ([`Learned`] follows the generations).
+    /// Adopts the learned addresses pinned by an earlier agent. The proxy listens, and the hooks
+    /// send DNS to it, only while a policy generation names DNS names ([`Learned`] follows the
+    /// generations, [`DnsProxy::place`] opens and closes the listeners).
     pub async fn start(
         settings: &DnsSettings,
         pin_dir: &Path,
@@ -111,13 +113,6 @@ impl DnsProxy {
         });
         let runtime = tokio::runtime::Handle::current();
         let host_netns = Netns::current().context("the agent's network namespace")?;
-        let (udp, tcp) = bind(settings.proxy_port)
-            .with_context(|| format!("dns.proxyPort: binding port {}", settings.proxy_port))?;
-        let place = Place {
-            netns: None,
-            cookie: listener_cookie(&udp, &tcp)?,
-        };
-        let host = serve(&runtime, udp, tcp, place, &shared)?;
         let learned = shared.learned.clone();
         runtime.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -126,15 +121,15 @@ impl DnsProxy {
                 learned.expire();
             }
         });
-        tracing::info!(port = settings.proxy_port, "DNS proxy listening");
         Ok(DnsProxy {
             port: settings.proxy_port,
             shared,
             runtime,
             host_netns: host_netns.id(),
-            _host: host,
+            host: None,
             pods: BTreeMap::new(),
             failed: BTreeMap::new(),
+            host_failed: None,
         })
     }
 
@@ -143,9 +138,43 @@ impl DnsProxy {
         self.shared.learned.clone()
     }
 
-    /// Opens and closes the proxy's listeners inside workloads' own network namespaces to match
-    /// where their processes run now.
+    /// Opens the proxy's listeners in the agent's namespace and inside workloads' own network
+    /// namespaces, to match where their processes run now, while policy names DNS names; closes
+    /// them all when it no longer does. A listener that cannot be opened (its port taken) is
+    /// tried again at every pass: meanwhile the hooks find no proxy of ward's there, and DNS goes
+    /// to the resolver asked, unlearned.
     pub fn place(&mut self, placements: &[Placement]) {
+        if !self.shared.learned.names_in_policy() {
+            if self.host.take().is_some() {
+                tracing::info!("DNS proxy closed: no policy names DNS names");
+            }
+            self.pods.clear();
+            self.failed.clear();
+            return;
+        }
+        if self.host.is_none() {
+            let opened = bind(self.port).and_then(|(udp, tcp)| {
+                let place = Place {
+                    netns: None,
+                    cookie: listener_cookie(&udp)?,
+                };
+                serve(&self.runtime, udp, tcp, place, &self.shared)
+            });
+            match opened {
+                Ok(serving) => {
+                    tracing::info!(port = self.port, "DNS proxy listening");
+                    self.host = Some(serving);
+                    self.host_failed = None;
+                }
+                Err(e) => {
+                    let error = format!("dns.proxyPort {}: {e}", self.port);
+                    if self.host_failed.as_ref() != Some(&error) {
+                        tracing::error!(error, "opening the DNS proxy; DNS of workloads whose policy names DNS names goes to their resolvers unlearned until it opens (tried every pass)");
+                        self.host_failed = Some(error);
+                    }
+                }
+            }
+        }
         let mut seen = std::collections::BTreeSet::new();
         for placement in placements {
             let (found, ns) = placement::find(&placement.cgroups, self.host_netns);
@@ -162,7 +191,7 @@ impl DnsProxy {
                 .and_then(|(udp, tcp)| {
                     let place = Place {
                         netns: Some(ns.clone()),
-                        cookie: listener_cookie(&udp, &tcp)?,
+                        cookie: listener_cookie(&udp)?,
                     };
                     serve(&self.runtime, udp, tcp, place, &self.shared)
                 });
@@ -217,7 +246,8 @@ fn bind(port: u16) -> io::Result<(Vec<std::net::UdpSocket>, Vec<std::net::TcpLis
     Ok((udp, tcp))
 }
 
-fn listener_cookie(udp: &[std::net::UdpSocket], _tcp: &[std::net::TcpListener]) -> io::Result<u64> {
+/// The namespace cookie of the listeners (all made in one namespace), as the kernel files queries.
+fn listener_cookie(udp: &[std::net::UdpSocket]) -> io::Result<u64> {
     netns::socket_netns_cookie(&udp[0])
 }
 
