@@ -382,7 +382,8 @@ pub fn dig(at: &Placement, server: IpAddr, args: &[&str]) -> Dig {
     ))
 }
 
-/// dnsmasq serving `options` (such as `--host-record=...`) on `listen`, in `netns`; stopped when
+/// dnsmasq serving `options` (such as `--host-record=...`) on `listen`, in network namespace
+/// `netns` (by name); stopped when
 /// dropped. Names under `test.example` it does not know are NXDOMAIN, never forwarded.
 pub struct Dnsmasq {
     process: Background,
@@ -393,7 +394,7 @@ impl Dnsmasq {
     /// Starts it and waits until it answers on each of `listen`, asked from `probe_from`
     /// (outside every workload).
     pub fn start(
-        netns: &Netns,
+        netns: &str,
         listen: &[IpAddr],
         options: &[String],
         probe_from: &Placement,
@@ -405,7 +406,6 @@ impl Dnsmasq {
             "--no-hosts",
             "--conf-file=/dev/null",
             "--bind-interfaces",
-            "--except-interface=lo",
             "--local=/test.example/",
             "--log-facility=-",
             "--log-queries",
@@ -415,13 +415,15 @@ impl Dnsmasq {
         .map(|a| (*a).to_owned())
         .collect();
         args.push(format!("--pid-file={}", pid_file.display()));
+        // Loopback only for a resolver meant to be there (as systemd-resolved's 127.0.0.53).
+        if !listen.iter().any(IpAddr::is_loopback) {
+            args.push("--except-interface=lo".to_owned());
+        }
         args.extend(listen.iter().map(|a| format!("--listen-address={a}")));
         args.extend(options.iter().cloned());
         let process = Background::spawn(
             "dnsmasq",
-            Placement::host()
-                .in_netns(netns.name())
-                .command("dnsmasq", &args),
+            Placement::host().in_netns(netns).command("dnsmasq", &args),
             true,
         );
         let dnsmasq = Dnsmasq { process, pid_file };

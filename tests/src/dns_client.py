@@ -8,6 +8,11 @@
       `sent=S answered=A noerror=N refused=R servfail=F other=O timeouts=T wrong_source=W`
       (wrong_source: answers from another address than SERVER, which glibc would drop).
 
+  dns_client.py tcp-flood SERVER FORMAT COUNT TIMEOUT_S
+      Opens COUNT TCP connections to SERVER port 53, asks A of FORMAT % n on the nth, and waits
+      TIMEOUT_S seconds for the answers; prints the summary line of `flood` with `closed=`
+      (connections closed without an answer) and `failed_connect=`.
+
   dns_client.py malformed SERVER udp|tcp
       Sends each malformed query of CASES to SERVER port 53 and prints per case
       `<case> rcode=<n> id=<id> from=<address>`, `<case> none` (no answer within 1.5 s) or
@@ -15,6 +20,7 @@
 """
 
 import select
+import selectors
 import socket
 import struct
 import sys
@@ -94,6 +100,56 @@ def flood(server, fmt, first, count, window, timeout, pace):
     )
 
 
+def tcp_flood(server, fmt, count, timeout):
+    """COUNT TCP connections at once, one query on each; the answers awaited together."""
+    poller = selectors.DefaultSelector()
+    pending = 0
+    failed_connect = 0
+    for n in range(count):
+        sock = socket.socket(family(server), socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect((server, 53))
+            payload = query(n & 0xFFFF, fmt % n)
+            sock.sendall(struct.pack(">H", len(payload)) + payload)
+        except OSError:
+            failed_connect += 1
+            sock.close()
+            continue
+        sock.setblocking(False)
+        poller.register(sock, selectors.EVENT_READ, bytearray())
+        pending += 1
+    counts = {"answered": 0, "noerror": 0, "refused": 0, "servfail": 0, "other": 0}
+    closed = 0
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for key, _ in poller.select(0.05):
+            sock, data = key.fileobj, key.data
+            try:
+                chunk = sock.recv(65535)
+            except BlockingIOError:
+                continue
+            except ConnectionResetError:
+                chunk = b""
+            if chunk:
+                data += chunk
+                if len(data) < 2 or len(data) < 2 + struct.unpack(">H", data[:2])[0]:
+                    continue
+                counts["answered"] += 1
+                rcode = data[5] & 0x0F
+                counts[{0: "noerror", 5: "refused", 2: "servfail"}.get(rcode, "other")] += 1
+            else:
+                closed += 1
+            poller.unregister(sock)
+            sock.close()
+            pending -= 1
+    print(
+        f"sent={count - failed_connect} answered={counts['answered']} noerror={counts['noerror']} "
+        f"refused={counts['refused']} servfail={counts['servfail']} other={counts['other']} "
+        f"timeouts={pending} closed={closed} failed_connect={failed_connect} wrong_source=0"
+    )
+
+
 def read_exact(sock, n):
     data = b""
     while len(data) < n:
@@ -142,6 +198,8 @@ def main():
         timeout = float(sys.argv[7])
         pace = int(sys.argv[8]) if len(sys.argv) > 8 else 0
         flood(server, fmt, first, count, window, timeout, pace)
+    elif mode == "tcp-flood":
+        tcp_flood(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
     elif mode == "malformed":
         malformed(sys.argv[2], sys.argv[3])
     else:

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use support::*;
 
 use ward_tests::dns::{
-    dig, dns_client, flood_summary, many_v4, metric, rss_kib, DnsLab, Dnsmasq, Pod, ADOPTED,
+    self, dig, dns_client, flood_summary, many_v4, metric, rss_kib, DnsLab, Dnsmasq, Pod, ADOPTED,
     PROXY_PORT,
 };
 use ward_tests::scripted_resolver::{
@@ -117,23 +117,26 @@ impl Setup {
         self.lab.resolving(at, resolv, "curl", &full)
     }
 
-    /// One TCP connection from `at` to `address` port 8080.
-    fn connect(&self, at: &Placement, address: IpAddr) -> Outcome {
-        let to = SocketAddr::new(address, PORT);
+    /// One TCP connection from `at` to `to`.
+    fn connect(&self, at: &Placement, to: SocketAddr) -> Outcome {
         self.peer
             .connect(Protocol::Tcp, to, at, &["--timeout-ms", "2000"])
             .only()
             .clone()
     }
 
-    /// Panics with the agent's log unless a connection from `who` to `address` comes to `want`.
+    /// Panics with the agent's log unless a connection from `who` to `address` port 8080 comes
+    /// to `want`.
     fn expect(&self, who: &str, address: IpAddr, want: Outcome, ward: &Ward, when: &str) {
-        let at = self.placement(who);
-        let got = self.connect(at, address);
+        self.expect_at(who, SocketAddr::new(address, PORT), want, ward, when);
+    }
+
+    fn expect_at(&self, who: &str, to: SocketAddr, want: Outcome, ward: &Ward, when: &str) {
+        let got = self.connect(self.placement(who), to);
         assert_eq!(
             got,
             want,
-            "{who} to {address}:{PORT} {when}; ward log:\n{}",
+            "{who} to {to} {when}; ward log:\n{}",
             ward.log().tail(60)
         );
     }
@@ -147,7 +150,8 @@ impl Setup {
     }
 }
 
-/// The policy of every test's clients: DNS to `resolvers` (port 53, UDP and TCP), then `rules`.
+/// The policy of every test's clients: DNS to `resolvers` (port 53, UDP and TCP; to any peer when
+/// there are none), then `rules`.
 fn client_policy(resolvers: &[IpAddr], rules: &str) -> String {
     let to: Vec<String> = resolvers
         .iter()
@@ -156,9 +160,13 @@ fn client_policy(resolvers: &[IpAddr], rules: &str) -> String {
             format!("{{cidr: \"{r}/{bits}\"}}")
         })
         .collect();
+    let to = if to.is_empty() {
+        String::new()
+    } else {
+        format!("      to: [{}]\n", to.join(", "))
+    };
     let dns = format!(
-        "    - name: dns\n      to: [{}]\n      ports: [{{port: 53, protocol: UDP}}, {{port: 53, protocol: TCP}}]\n",
-        to.join(", ")
+        "    - name: dns\n{to}      ports: [{{port: 53, protocol: UDP}}, {{port: 53, protocol: TCP}}]\n"
     );
     client_egress(POLICY, &(dns + rules))
 }
@@ -259,7 +267,7 @@ fn a_name_in_the_policy_is_reachable_at_the_addresses_it_resolved_to_only() {
     let mut s = Setup::new("dns-basic", &[2, 3]);
     let (resolver, api, other) = (s.lab.v4(1), s.lab.v4(2), s.lab.v4(3));
     let _dnsmasq = Dnsmasq::start(
-        s.lab.peer(),
+        s.lab.peer().name(),
         &[resolver],
         &[
             host_record("api.test.example", &[api], 30),
@@ -304,6 +312,21 @@ fn a_name_in_the_policy_is_reachable_at_the_addresses_it_resolved_to_only() {
             curl.status.success() && curl.stdout == "hello\n",
             "{who}: curl to the allowed name: {curl:?}"
         );
+        // The rule's ports apply to the learned address as to any peer.
+        s.expect_at(
+            who,
+            SocketAddr::new(api, 9090),
+            Outcome::Eperm,
+            &ward,
+            "(a port the rule does not name)",
+        );
+        // An IPv6 socket to the IPv4-mapped address reaches the same address.
+        let mapped = |a: IpAddr| match a {
+            IpAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), PORT),
+            IpAddr::V6(_) => unreachable!("an IPv4 address"),
+        };
+        s.expect_at(who, mapped(api), Outcome::Ok, &ward, "(IPv4-mapped)");
+        s.expect_at(who, mapped(other), Outcome::Eperm, &ward, "(IPv4-mapped)");
 
         // A name the policy does not name is answered, and nothing is learned from it.
         assert_eq!(
@@ -393,7 +416,7 @@ fn a_learned_address_is_refused_once_its_bounded_ttl_is_over() {
     let mut s = Setup::new("dns-ttl", &[2, 3]);
     let (resolver, short, long) = (s.lab.v4(1), s.lab.v4(2), s.lab.v4(3));
     let _dnsmasq = Dnsmasq::start(
-        s.lab.peer(),
+        s.lab.peer().name(),
         &[resolver],
         &[
             host_record("short.test.example", &[short], 1),
@@ -495,7 +518,7 @@ fn a_learned_address_is_refused_once_its_bounded_ttl_is_over() {
 
 #[test]
 fn a_cname_chain_and_a_pattern_admit_the_names_they_match_and_no_others() {
-    let mut s = Setup::new("dns-cname", &[2, 3, 4, 5, 6, 7]);
+    let mut s = Setup::new("dns-cname", &[2, 3, 4, 5, 6, 7, 8]);
     let resolver = s.lab.v4(1);
     let (api, other, one_wild, bare_wild, deep_wild, edge) = (
         s.lab.v4(2),
@@ -505,8 +528,9 @@ fn a_cname_chain_and_a_pattern_admit_the_names_they_match_and_no_others() {
         s.lab.v4(6),
         s.lab.v4(7),
     );
+    let blocked = s.lab.v4(8);
     let _dnsmasq = Dnsmasq::start(
-        s.lab.peer(),
+        s.lab.peer().name(),
         &[resolver],
         &[
             host_record("api.test.example", &[api], 30),
@@ -520,12 +544,17 @@ fn a_cname_chain_and_a_pattern_admit_the_names_they_match_and_no_others() {
             "--cname=alias.test.example,api.test.example".into(),
             "--cname=www.test.example,edge.test.example".into(),
             "--cname=sneaky.test.example,other.test.example".into(),
+            host_record("blocked.wild.test.example", &[blocked], 30),
         ],
         &s.lab.outside(),
     );
     let rules = name_rule("api", &[fqdn("api.test.example")])
         + &name_rule("www", &[fqdn("www.test.example")])
-        + &name_rule("wild", &[pattern("*.wild.test.example")]);
+        + &name_rule("wild", &[pattern("*.wild.test.example")])
+        + &format!(
+            "    - name: block-address\n      action: deny\n      to: [{{cidr: {blocked}/32}}]\n      \
+             ports: [{{port: {PORT}}}]\n"
+        );
     let ward = s.start(
         &client_policy(&[resolver], &rules),
         "{minTtlSeconds: 30}",
@@ -611,6 +640,18 @@ fn a_cname_chain_and_a_pattern_admit_the_names_they_match_and_no_others() {
         let curl = s.curl(at, &resolv, &["http://one.wild.test.example:8080/"]);
         assert!(curl.status.success(), "{who}: {curl:?}");
         s.expect(who, bare_wild, Outcome::Eperm, &ward, "(the parent, still)");
+        // A deny rule of the address itself wins over the name it was learned from.
+        assert_eq!(
+            s.getent(at, &resolv, "ahostsv4", "blocked.wild.test.example"),
+            [blocked]
+        );
+        s.expect(
+            who,
+            blocked,
+            Outcome::Eperm,
+            &ward,
+            "(a name the pattern admits, an address a deny rule names)",
+        );
     }
     for (who, _) in s.clients() {
         let src = source(who);
@@ -643,23 +684,279 @@ fn a_cname_chain_and_a_pattern_admit_the_names_they_match_and_no_others() {
             },
             one_wild,
         );
+        wait_for_verdict_to(
+            &ward,
+            &VerdictQuery {
+                verdict: Some("deny"),
+                rule: Some("block-address"),
+                src: Some(&src),
+                ..Default::default()
+            },
+            blocked,
+        );
+    }
+}
+
+#[test]
+fn policy_reloads_keep_the_learned_addresses_of_the_names_they_still_name() {
+    let mut s = Setup::new("dns-reload", &[2, 3]);
+    let (resolver, api, web) = (s.lab.v4(1), s.lab.v4(2), s.lab.v4(3));
+    let _dnsmasq = Dnsmasq::start(
+        s.lab.peer().name(),
+        &[resolver],
+        &[
+            host_record("api.test.example", &[api], 300),
+            host_record("web.test.example", &[web], 300),
+        ],
+        &s.lab.outside(),
+    );
+    let both = name_rule("api", &[fqdn("api.test.example")])
+        + &name_rule("web", &[fqdn("web.test.example")]);
+    let mut ward = s.start(
+        &client_policy(&[resolver], &both),
+        "{minTtlSeconds: 300}",
+        &[],
+    );
+    let resolv = s.resolv(resolver, "");
+    for (who, at) in s.clients() {
+        assert_eq!(
+            s.getent(at, &resolv, "ahostsv4", "api.test.example"),
+            [api],
+            "{who}"
+        );
+        assert_eq!(
+            s.getent(at, &resolv, "ahostsv4", "web.test.example"),
+            [web],
+            "{who}"
+        );
+        s.expect(who, api, Outcome::Ok, &ward, "after resolving it");
+        s.expect(who, web, Outcome::Ok, &ward, "after resolving it");
+    }
+
+    // Unrelated changes, applied twice so that both generation bits hold a new policy.
+    for n in 1..=2 {
+        let extra = allow_tcp(&format!("unrelated-{n}"), 9000 + n);
+        ward.replace_policy(&client_policy(&[resolver], &(both.clone() + &extra)));
+        for (who, _) in s.clients() {
+            s.expect(
+                who,
+                api,
+                Outcome::Ok,
+                &ward,
+                &format!("after reload {n}, not resolved again"),
+            );
+            s.expect(
+                who,
+                web,
+                Outcome::Ok,
+                &ward,
+                &format!("after reload {n}, not resolved again"),
+            );
+        }
+    }
+    // A policy that no longer names web.test.example: its address is refused, api's is not.
+    let api_only = client_policy(&[resolver], &name_rule("api", &[fqdn("api.test.example")]));
+    ward.replace_policy(&api_only);
+    for (who, _) in s.clients() {
+        s.expect(
+            who,
+            web,
+            Outcome::Eperm,
+            &ward,
+            "after a reload that no longer names it",
+        );
+        s.expect(
+            who,
+            api,
+            Outcome::Ok,
+            &ward,
+            "after a reload that still names it",
+        );
+    }
+    // The same name under a pattern and another rule name: learned again, decided by the new
+    // rule, named by it.
+    let by_pattern = client_policy(
+        &[resolver],
+        &name_rule("anything-under-test", &[pattern("*.test.example")]),
+    );
+    ward.replace_policy(&by_pattern);
+    for (who, at) in s.clients() {
+        s.expect(
+            who,
+            api,
+            Outcome::Ok,
+            &ward,
+            "after a reload that names it by a pattern",
+        );
+        assert_eq!(
+            s.getent(at, &resolv, "ahostsv4", "web.test.example"),
+            [web],
+            "{who}"
+        );
+        s.expect(
+            who,
+            web,
+            Outcome::Ok,
+            &ward,
+            "resolved again under the pattern",
+        );
+        let src = source(who);
+        wait_for_verdict_to(
+            &ward,
+            &VerdictQuery {
+                verdict: Some("allow"),
+                rule: Some("anything-under-test"),
+                src: Some(&src),
+                dst: Some("dns:api.test.example"),
+                ..Default::default()
+            },
+            api,
+        );
+    }
+}
+
+#[test]
+fn names_that_share_an_address_each_keep_their_rule() {
+    // Virtual hosting: two names, one address (as a CDN answers), each allowed on its own port.
+    let mut s = Setup::new("dns-shared", &[2]);
+    let (resolver, shared) = (s.lab.v4(1), s.lab.v4(2));
+    let _dnsmasq = Dnsmasq::start(
+        s.lab.peer().name(),
+        &[resolver],
+        &[
+            host_record("api.test.example", &[shared], 300),
+            host_record("db.test.example", &[shared], 300),
+        ],
+        &s.lab.outside(),
+    );
+    let rules = name_rule("api", &[fqdn("api.test.example")])
+        + "    - name: db\n      to: [{fqdn: db.test.example}]\n      ports: [{port: 5432}]\n";
+    let ward = s.start(
+        &client_policy(&[resolver], &rules),
+        "{minTtlSeconds: 300}",
+        &[],
+    );
+    let resolv = s.resolv(resolver, "");
+    let db_port = SocketAddr::new(shared, 5432);
+    for (who, at) in s.clients() {
+        assert_eq!(
+            s.getent(at, &resolv, "ahostsv4", "api.test.example"),
+            [shared],
+            "{who}"
+        );
+        s.expect(
+            who,
+            shared,
+            Outcome::Ok,
+            &ward,
+            "(api's port, after resolving api)",
+        );
+        s.expect_at(
+            who,
+            db_port,
+            Outcome::Eperm,
+            &ward,
+            "(db's port, db not resolved)",
+        );
+        assert_eq!(
+            s.getent(at, &resolv, "ahostsv4", "db.test.example"),
+            [shared],
+            "{who}"
+        );
+        // Nothing listens on 5432: allowed shows as refused by the peer, not EPERM.
+        s.expect_at(
+            who,
+            db_port,
+            Outcome::Refused,
+            &ward,
+            "(db's port, after resolving db)",
+        );
+        s.expect(
+            who,
+            shared,
+            Outcome::Ok,
+            &ward,
+            "(api's port: api still resolves to it, within its TTL, after db resolved to it too)",
+        );
+    }
+}
+
+#[test]
+fn a_resolver_on_loopback_is_proxied_like_any_other() {
+    // A node-local resolver (as systemd-resolved's 127.0.0.53) for the workload beside the
+    // agent, and one on the pod's own loopback (as a resolver sidecar) for the pod.
+    let mut s = Setup::new("dns-loopback", &[2]);
+    let api = s.lab.v4(2);
+    let local = ip("127.0.0.53");
+    let records = [host_record("api.test.example", &[api], 300)];
+    let _node_resolver = Dnsmasq::start(s.lab.node(), &[local], &records, &s.lab.outside());
+    let in_pod = Placement::host().in_netns(&s.pod.netns);
+    let _pod_resolver = Dnsmasq::start(&s.pod.netns, &[local], &records, &in_pod);
+    let rules = name_rule("api", &[fqdn("api.test.example")]);
+    // A loopback address is the host's, not a `cidr` peer: DNS is allowed to any resolver.
+    let ward = s.start(&client_policy(&[], &rules), "{minTtlSeconds: 300}", &[]);
+    let resolv = s.resolv(local, "");
+    for (who, at) in s.clients() {
+        s.expect(
+            who,
+            api,
+            Outcome::Eperm,
+            &ward,
+            "before it resolved the name",
+        );
+        let answer = dig(at, local, &["api.test.example"]);
+        assert_eq!(
+            answer.status.as_deref(),
+            Some("NOERROR"),
+            "{who}: {answer:?}; ward log:\n{}",
+            ward.log().tail(30)
+        );
+        assert_eq!(
+            s.getent(at, &resolv, "ahostsv4", "api.test.example"),
+            [api],
+            "{who}"
+        );
+        s.expect(
+            who,
+            api,
+            Outcome::Ok,
+            &ward,
+            "after resolving it through a loopback resolver",
+        );
+        let answer = dig(at, local, &["+tcp", "api.test.example"]);
+        assert_eq!(
+            answer.status.as_deref(),
+            Some("NOERROR"),
+            "{who}: {answer:?}"
+        );
     }
 }
 
 #[test]
 fn dns_over_tcp_is_learned_from_dig_and_from_glibc_with_use_vc() {
-    let mut s = Setup::new("dns-tcp", &[2, 3]);
+    let mut s = Setup::new("dns-tcp", &[2, 3, 4, 5]);
     let (resolver, by_dig, by_glibc) = (s.lab.v4(1), s.lab.v4(2), s.lab.v4(3));
+    let (first, second) = (s.lab.v4(4), s.lab.v4(5));
     let _dnsmasq = Dnsmasq::start(
-        s.lab.peer(),
+        s.lab.peer().name(),
         &[resolver],
         &[
             host_record("dig.test.example", &[by_dig], 30),
             host_record("vc.test.example", &[by_glibc], 30),
+            host_record("first.test.example", &[first], 30),
+            host_record("second.test.example", &[second], 30),
         ],
         &s.lab.outside(),
     );
-    let rules = name_rule("tcp", &[fqdn("dig.test.example"), fqdn("vc.test.example")]);
+    let rules = name_rule(
+        "tcp",
+        &[
+            fqdn("dig.test.example"),
+            fqdn("vc.test.example"),
+            fqdn("first.test.example"),
+            fqdn("second.test.example"),
+        ],
+    );
     let ward = s.start(
         &client_policy(&[resolver], &rules),
         "{minTtlSeconds: 30}",
@@ -714,6 +1011,33 @@ fn dns_over_tcp_is_learned_from_dig_and_from_glibc_with_use_vc() {
         );
         let curl = s.curl(at, &use_vc, &["http://vc.test.example:8080/"]);
         assert!(curl.status.success(), "{who}: curl with use-vc: {curl:?}");
+
+        // Two queries on one connection: both answers teach.
+        let both = dig(
+            at,
+            resolver,
+            &[
+                "+tcp",
+                "+keepopen",
+                "first.test.example",
+                "second.test.example",
+            ],
+        );
+        assert_eq!(both.addresses(), [first, second], "{who}: {both:?}");
+        s.expect(
+            who,
+            first,
+            Outcome::Ok,
+            &ward,
+            "(first query on a TCP connection)",
+        );
+        s.expect(
+            who,
+            second,
+            Outcome::Ok,
+            &ward,
+            "(second query on the same connection)",
+        );
     }
     let text = s.lab.metrics();
     assert!(
@@ -725,19 +1049,24 @@ fn dns_over_tcp_is_learned_from_dig_and_from_glibc_with_use_vc() {
 
 #[test]
 fn ipv6_resolver_and_aaaa_answers_admit_ipv6_connections() {
-    let mut s = Setup::new("dns-ipv6", &[2, 3]);
+    let mut s = Setup::new("dns-ipv6", &[2, 3, 4]);
     let resolver = s.lab.v6(1);
     let (dual4, dual6, other6) = (s.lab.v4(2), s.lab.v6(2), s.lab.v6(3));
+    let tcp6 = s.lab.v6(4);
     let _dnsmasq = Dnsmasq::start(
-        s.lab.peer(),
+        s.lab.peer().name(),
         &[resolver],
         &[
             host_record("dual.test.example", &[dual4, dual6], 30),
             host_record("six.test.example", &[other6], 30),
+            host_record("tcp.test.example", &[tcp6], 30),
         ],
         &s.lab.outside(),
     );
-    let rules = name_rule("dual", &[fqdn("dual.test.example")]);
+    let rules = name_rule(
+        "dual",
+        &[fqdn("dual.test.example"), fqdn("tcp.test.example")],
+    );
     // Only the IPv6 resolver is allowed.
     let ward = s.start(
         &client_policy(&[resolver], &rules),
@@ -815,6 +1144,23 @@ fn ipv6_resolver_and_aaaa_answers_admit_ipv6_connections() {
             Outcome::Eperm,
             &ward,
             "after resolving a name outside the policy",
+        );
+        // DNS over TCP to the IPv6 resolver.
+        s.expect(
+            who,
+            tcp6,
+            Outcome::Eperm,
+            &ward,
+            "before it resolved the name",
+        );
+        let answer = dig(at, resolver, &["+tcp", "AAAA", "tcp.test.example"]);
+        assert_eq!(answer.addresses(), [tcp6], "{who}: {answer:?}");
+        s.expect(
+            who,
+            tcp6,
+            Outcome::Ok,
+            &ward,
+            "after dig +tcp to the IPv6 resolver",
         );
         // The IPv4 address of the same resolver host is not allowed as a resolver.
         let refused = s.peer.connect(
@@ -906,19 +1252,22 @@ fn longest_failure(results: &[Attempt]) -> (Duration, usize) {
 
 #[test]
 fn a_restart_keeps_learned_names_and_never_admits_a_name_it_did_not_learn() {
-    let mut s = Setup::new("dns-restart", &[2, 3, 4]);
+    let mut s = Setup::new("dns-restart", &[2, 3, 4, 5]);
     let (resolver, api, late, never) = (s.lab.v4(1), s.lab.v4(2), s.lab.v4(3), s.lab.v4(4));
+    let kept = s.lab.v4(5);
     let _dnsmasq = Dnsmasq::start(
-        s.lab.peer(),
+        s.lab.peer().name(),
         &[resolver],
         &[
             host_record("api.test.example", &[api], 60),
             host_record("late.test.example", &[late], 60),
             host_record("never.test.example", &[never], 60),
+            host_record("kept.test.example", &[kept], 60),
         ],
         &s.lab.outside(),
     );
     let rules = name_rule("api", &[fqdn("api.test.example")])
+        + &name_rule("kept", &[fqdn("kept.test.example")])
         + &name_rule("late", &[fqdn("late.test.example")])
         + &name_rule("never", &[fqdn("never.test.example")]);
     let mut ward = s.start(
@@ -927,6 +1276,14 @@ fn a_restart_keeps_learned_names_and_never_admits_a_name_it_did_not_learn() {
         &["--keep-enforcing"],
     );
     let resolv = s.resolv(resolver, "");
+    // Resolved once, before the restarts, and never again.
+    for (who, at) in s.clients() {
+        assert_eq!(
+            s.getent(at, &resolv, "ahostsv4", "kept.test.example"),
+            [kept],
+            "{who}"
+        );
+    }
     let stop = StopFile::new("dns-restart");
     let stop_path = stop.0.to_string_lossy().into_owned();
     // Each client resolves api.test.example and connects to it, over and over.
@@ -1021,6 +1378,31 @@ fn a_restart_keeps_learned_names_and_never_admits_a_name_it_did_not_learn() {
                 Outcome::Eperm,
                 &ward,
                 &format!("resolved only while no agent ran ({how}), after the restart"),
+            );
+            // Adopted with its name: the restarted agent's verdict names it.
+            s.expect(
+                who,
+                kept,
+                Outcome::Ok,
+                &ward,
+                &format!("learned before the restart ({how}) and not since"),
+            );
+            let src = source(who);
+            let verdict = wait_for_verdict_to(
+                &ward,
+                &VerdictQuery {
+                    verdict: Some("allow"),
+                    rule: Some("kept"),
+                    src: Some(&src),
+                    ..Default::default()
+                },
+                kept,
+            );
+            assert_eq!(
+                verdict.dst.as_deref(),
+                Some("dns:kept.test.example"),
+                "{who}: the restarted agent names an adopted address by its name ({how}): {}",
+                verdict.line
             );
         }
         restarts.push((how, took, down_at));
@@ -1505,33 +1887,98 @@ fn bad_queries_resolvers_not_allowed_and_queries_the_kernel_did_not_send_are_ref
 }
 
 #[test]
+fn a_query_straight_to_the_proxy_from_a_port_a_workload_used_is_refused() {
+    // The kernel files where a workload's UDP query was going by the query's 4-tuple. Once the
+    // workload's socket is gone, another process sending from the same port straight to the
+    // proxy is no workload: REFUSED, and nothing learned for the workload.
+    let mut s = Setup::new("dns-stale", &[2, 3]);
+    let (resolver, asked, never_asked) = (s.lab.v4(1), s.lab.v4(2), s.lab.v4(3));
+    let _dnsmasq = Dnsmasq::start(
+        s.lab.peer().name(),
+        &[resolver],
+        &[
+            host_record("asked.test.example", &[asked], 300),
+            host_record("other-asked.test.example", &[never_asked], 300),
+        ],
+        &s.lab.outside(),
+    );
+    let rules = name_rule(
+        "names",
+        &[fqdn("asked.test.example"), fqdn("other-asked.test.example")],
+    );
+    let ward = s.start(
+        &client_policy(&[resolver], &rules),
+        "{minTtlSeconds: 300}",
+        &[],
+    );
+    let proxy_port = PROXY_PORT.to_string();
+    for (n, (who, at)) in s.clients().into_iter().enumerate() {
+        let bind = format!("0.0.0.0#{}", 41_000 + n);
+        let answer = dig(at, resolver, &["-b", &bind, "asked.test.example"]);
+        assert_eq!(answer.addresses(), [asked], "{who}: {answer:?}");
+        s.expect(
+            who,
+            asked,
+            Outcome::Ok,
+            &ward,
+            "(resolved through the proxy)",
+        );
+        // The same port, no workload, in the workload's namespace.
+        let outsider = match who {
+            HOST_CLIENT => s.lab.outside(),
+            _ => Placement::host().in_netns(&s.pod.netns),
+        };
+        let straight = dig(
+            &outsider,
+            ip("127.0.0.1"),
+            &["-b", &bind, "-p", &proxy_port, "other-asked.test.example"],
+        );
+        s.expect(
+            who,
+            never_asked,
+            Outcome::Eperm,
+            &ward,
+            "(asked by another process straight to the proxy, never by the workload)",
+        );
+        assert_eq!(
+            straight.status.as_deref(),
+            Some("REFUSED"),
+            "a query straight to the proxy from {bind}, a port {who} sent DNS from before: \
+             {straight:?}"
+        );
+    }
+}
+
+/// `<n>.flood.test.example` is 10.78.<n / 256>.<n % 256>; `slow-<n>.flood.test.example` is
+/// 10.79.200.1, answered after 1.5 s.
+fn flood_resolver(query: &Message, _: Transport) -> Vec<Reply> {
+    let name = scripted::asked_name(query);
+    let mut answer = scripted::answer_to(query);
+    let label = name.split('.').next().unwrap_or_default();
+    if scripted::asked_type(query) != RecordType::A {
+        return vec![Reply::Send(scripted::encode(&answer))];
+    }
+    if label.starts_with("slow-") {
+        answer.add_answer(scripted::a(&name, 60, v4(10, 79, 200, 1)));
+        return vec![
+            Reply::Wait(Duration::from_millis(1500)),
+            Reply::Send(scripted::encode(&answer)),
+        ];
+    }
+    match label.parse::<u32>() {
+        Ok(n) if n < 65_536 => {
+            answer.add_answer(scripted::a(&name, 60, many_v4(n)));
+        }
+        _ => answer.metadata.response_code = ResponseCode::NXDomain,
+    }
+    vec![Reply::Send(scripted::encode(&answer))]
+}
+
+#[test]
 fn ten_thousand_names_stay_within_max_learned_and_a_burst_is_bounded_in_flight() {
     let mut s = Setup::new("dns-flood", &[SCRIPTED_HOST]);
     let resolver = s.lab.v4(SCRIPTED_HOST);
-    // `<n>.flood.test.example` is 10.78.<n / 256>.<n % 256>; `slow-<n>.flood.test.example` is
-    // 10.79.200.1, answered after 1.5 s.
-    let _resolver = ScriptedResolver::start(s.lab.peer(), resolver, |query, _| {
-        let name = scripted::asked_name(query);
-        let mut answer = scripted::answer_to(query);
-        let label = name.split('.').next().unwrap_or_default();
-        if scripted::asked_type(query) != RecordType::A {
-            return vec![Reply::Send(scripted::encode(&answer))];
-        }
-        if label.starts_with("slow-") {
-            answer.add_answer(scripted::a(&name, 60, v4(10, 79, 200, 1)));
-            return vec![
-                Reply::Wait(Duration::from_millis(1500)),
-                Reply::Send(scripted::encode(&answer)),
-            ];
-        }
-        match label.parse::<u32>() {
-            Ok(n) if n < 65_536 => {
-                answer.add_answer(scripted::a(&name, 60, many_v4(n)));
-            }
-            _ => answer.metadata.response_code = ResponseCode::NXDomain,
-        }
-        vec![Reply::Send(scripted::encode(&answer))]
-    });
+    let _resolver = ScriptedResolver::start(s.lab.peer(), resolver, flood_resolver);
     let rules = name_rule("flood", &[pattern("*.flood.test.example")]);
     let ward = s.start(
         &client_policy(&[resolver], &rules),
@@ -1682,7 +2129,7 @@ fn only_policy_names_refuses_names_outside_the_policy() {
     let mut s = Setup::new("dns-only", &[2, 3]);
     let (resolver, api, other) = (s.lab.v4(1), s.lab.v4(2), s.lab.v4(3));
     let _dnsmasq = Dnsmasq::start(
-        s.lab.peer(),
+        s.lab.peer().name(),
         &[resolver],
         &[
             host_record("api.test.example", &[api], 30),
@@ -1740,5 +2187,234 @@ fn only_policy_names_refuses_names_outside_the_policy() {
         metric(&text, "ward_dns_queries_total{result=\"refused\"}") >= 2.0,
         "{}",
         dns_metrics(&text)
+    );
+}
+
+/// CPU time (user and system) process `pid` has used.
+fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    // After the command's parenthesis: state is field 3, utime 14 and stime 15.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// Counter `name` of the UDP line of /proc/net/snmp in network namespace `netns`.
+fn udp_counter(netns: &str, name: &str) -> u64 {
+    let at = Placement::host().in_netns(netns);
+    let snmp = ward_tests::run(
+        "cat /proc/net/snmp",
+        at.command("cat", &["/proc/net/snmp"]),
+        scaled(Duration::from_secs(5)),
+    );
+    let mut udp = snmp.stdout.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        panic!("no Udp lines in /proc/net/snmp: {snmp:?}");
+    };
+    let column = names
+        .split_whitespace()
+        .position(|n| n == name)
+        .unwrap_or_else(|| panic!("no UDP counter {name}: {names}"));
+    values
+        .split_whitespace()
+        .nth(column)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("UDP counter {name} in {values}"))
+}
+
+/// Under systemd the agent has the default soft limit of 1,024 open files (deploy/systemd sets no
+/// `LimitNOFILE`), fewer than 1,024 queries in flight need (a socket to the resolver each, two
+/// for TCP). A burst beyond it may fail queries, but every query is answered or counted, and the
+/// proxy's listeners in the pod stay open throughout.
+#[test]
+fn bursts_under_the_default_open_file_limit_lose_no_query_unaccounted() {
+    let mut s = Setup::new("dns-nofile", &[SCRIPTED_HOST]);
+    let resolver = s.lab.v4(SCRIPTED_HOST);
+    let _resolver = ScriptedResolver::start(s.lab.peer(), resolver, flood_resolver);
+    let rules = name_rule("flood", &[pattern("*.flood.test.example")]);
+    let mut ward = s.start(
+        &client_policy(&[resolver], &rules),
+        "{minTtlSeconds: 60}",
+        &[],
+    );
+    let pid = ward.pid().to_string();
+    let limited = ward_tests::run(
+        "prlimit",
+        Placement::host().command("prlimit", &["--pid", &pid, "--nofile=1024"]),
+        scaled(Duration::from_secs(5)),
+    );
+    assert!(limited.status.success(), "prlimit: {limited:?}");
+    let resolver_text = resolver.to_string();
+    let log_from = ward.log_len();
+
+    // UDP from the pod, paced as in the test above.
+    let kernel_drops_before = udp_counter(&s.pod.netns, "RcvbufErrors");
+    let dropped_before = metric(
+        &s.lab.metrics(),
+        "ward_dns_queries_total{result=\"dropped\"}",
+    );
+    let cpu_before = cpu_time(ward.pid());
+    let started = Instant::now();
+    let udp = dns_client(
+        &s.pod.placement,
+        &[
+            "flood",
+            &resolver_text,
+            "slow-%d.flood.test.example",
+            "0",
+            "1500",
+            "1500",
+            "4",
+            "2",
+        ],
+    );
+    let (udp_cpu, udp_took) = (cpu_time(ward.pid()) - cpu_before, started.elapsed());
+    let udp = flood_summary(&udp);
+    let text = s.lab.metrics();
+    let dropped = metric(&text, "ward_dns_queries_total{result=\"dropped\"}") - dropped_before;
+    let kernel_drops = udp_counter(&s.pod.netns, "RcvbufErrors") - kernel_drops_before;
+    eprintln!(
+        "UDP burst: {udp:?}; dropped by the proxy {dropped}, by the kernel (RcvbufErrors) \
+         {kernel_drops}; agent CPU {udp_cpu:?} in {udp_took:?}\n{}",
+        dns_metrics(&text)
+    );
+
+    // TCP from the workload beside the agent: a connection each.
+    let cpu_before = cpu_time(ward.pid());
+    let started = Instant::now();
+    let tcp = dns_client(
+        &s.host,
+        &[
+            "tcp-flood",
+            &resolver_text,
+            "slow-%d.flood.test.example",
+            "1100",
+            "5",
+        ],
+    );
+    let (tcp_cpu, tcp_took) = (cpu_time(ward.pid()) - cpu_before, started.elapsed());
+    let tcp = flood_summary(&tcp);
+    let text = s.lab.metrics();
+    eprintln!(
+        "TCP burst: {tcp:?}; agent CPU {tcp_cpu:?} in {tcp_took:?}\n{}",
+        dns_metrics(&text)
+    );
+    let idle_before = cpu_time(ward.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    eprintln!(
+        "agent CPU over the second after the bursts: {:?}",
+        cpu_time(ward.pid()) - idle_before
+    );
+
+    assert!(
+        !ward.has_exited(),
+        "the agent died; log:\n{}",
+        ward.log().tail(60)
+    );
+    let reopened: Vec<String> = ward.lines()[log_from..]
+        .iter()
+        .filter(|l| l.contains(dns::PROXY_IN_POD) || l.contains("opening the DNS proxy"))
+        .cloned()
+        .collect();
+    assert!(
+        reopened.is_empty(),
+        "the proxy's listeners in the pod were closed and opened again during the bursts (its \
+         DNS went to the resolver unlearned meanwhile):\n{}",
+        reopened.join("\n")
+    );
+    let unanswered = udp["sent"] - udp["answered"];
+    assert!(
+        unanswered as f64 <= dropped + kernel_drops as f64,
+        "{unanswered} UDP queries were never answered, {dropped} of them counted as dropped and \
+         {kernel_drops} lost to a full socket: {udp:?}\n{}",
+        dns_metrics(&text)
+    );
+    for (who, at) in s.clients() {
+        for transport in ["+notcp", "+tcp"] {
+            let answer = dig(at, resolver, &[transport, "4242.flood.test.example"]);
+            assert_eq!(
+                answer.status.as_deref(),
+                Some("NOERROR"),
+                "{who} {transport} after the bursts: {answer:?}"
+            );
+        }
+    }
+    ward_cli(&ward, &["status"]);
+}
+
+#[test]
+fn a_restart_with_a_lower_max_learned_holds_no_more_than_it() {
+    let mut s = Setup::new("dns-shrink", &[SCRIPTED_HOST]);
+    let resolver = s.lab.v4(SCRIPTED_HOST);
+    let _resolver = ScriptedResolver::start(s.lab.peer(), resolver, flood_resolver);
+    let rules = name_rule("flood", &[pattern("*.flood.test.example")]);
+    let mut ward = s.start(
+        &client_policy(&[resolver], &rules),
+        "{minTtlSeconds: 300, maxTtlSeconds: 300, maxLearned: 1000}",
+        &[],
+    );
+    let resolver_text = resolver.to_string();
+    let flood = dns_client(
+        &s.host,
+        &[
+            "flood",
+            &resolver_text,
+            "%d.flood.test.example",
+            "0",
+            "600",
+            "64",
+            "3",
+        ],
+    );
+    assert_eq!(flood_summary(&flood)["noerror"], 600, "{flood:?}");
+    let text = s.lab.metrics();
+    assert_eq!(
+        metric(&text, "ward_dns_learned_addresses"),
+        600.0,
+        "{}",
+        dns_metrics(&text)
+    );
+
+    ward.kill();
+    let config = std::fs::read_to_string(ward.config_file()).expect("the configuration");
+    let lowered = config.replace("maxLearned: 1000", "maxLearned: 100");
+    assert_ne!(config, lowered, "the configuration names maxLearned");
+    std::fs::write(ward.config_file(), lowered).expect("write the configuration");
+    ward.respawn(&ward_tests::ward_bin(), &[]);
+    ward.wait_for_log(
+        0,
+        event_timeout(),
+        "saying it adopted the learned addresses",
+        |l| l.contains(ADOPTED),
+    );
+    let text = s.lab.metrics();
+    eprintln!(
+        "after the restart with maxLearned 100:\n{}",
+        dns_metrics(&text)
+    );
+    // The latest learned are kept: the first ones expire first.
+    s.expect(
+        HOST_CLIENT,
+        IpAddr::V4(many_v4(599)),
+        Outcome::Ok,
+        &ward,
+        "(learned last, adopted)",
+    );
+    assert!(
+        metric(&text, "ward_dns_learned_addresses") <= 100.0,
+        "the restarted agent holds more learned addresses than its maxLearned of 100:\n{}",
+        dns_metrics(&text)
+    );
+    s.expect(
+        HOST_CLIENT,
+        IpAddr::V4(many_v4(0)),
+        Outcome::Eperm,
+        &ward,
+        "(learned first, past maxLearned after the restart)",
     );
 }
