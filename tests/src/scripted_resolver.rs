@@ -33,6 +33,8 @@ pub enum Reply {
     Send(Vec<u8>),
     /// Waits before the next step; other queries are served meanwhile.
     Wait(Duration),
+    /// Closes the TCP connection (as a server may after each answer); nothing over UDP.
+    Close,
 }
 
 type Handler = dyn Fn(&Message, Transport) -> Vec<Reply> + Send + Sync;
@@ -115,6 +117,7 @@ fn serve_udp(socket: &UdpSocket, handler: &Arc<Handler>, queries: &AtomicUsize, 
                         let _ = socket.send_to(&bytes, peer);
                     }
                     Reply::Wait(pause) => std::thread::sleep(pause),
+                    Reply::Close => {}
                 }
             }
         };
@@ -176,6 +179,7 @@ fn serve_connection(
                     }
                 }
                 Reply::Wait(pause) => std::thread::sleep(pause),
+                Reply::Close => return,
             }
         }
     }

@@ -1949,6 +1949,70 @@ fn a_query_straight_to_the_proxy_from_a_port_a_workload_used_is_refused() {
     }
 }
 
+#[test]
+fn a_resolver_that_closes_tcp_after_each_answer_still_answers_every_query() {
+    // A server may close a TCP connection after each answer (RFC 7766 6.2.1); a client asking
+    // again on its open connection to the proxy must still be answered.
+    let mut s = Setup::new("dns-tcpclose", &[SCRIPTED_HOST]);
+    let resolver = s.lab.v4(SCRIPTED_HOST);
+    let _resolver = ScriptedResolver::start(s.lab.peer(), resolver, |query, transport| {
+        let name = scripted::asked_name(query);
+        let mut answer = scripted::answer_to(query);
+        let n: u8 = name
+            .split('.')
+            .next()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(0);
+        if scripted::asked_type(query) == RecordType::A {
+            answer.add_answer(scripted::a(&name, 60, v4(10, 79, 9, n)));
+        }
+        let mut replies = vec![Reply::Send(scripted::encode(&answer))];
+        if transport == Transport::Tcp {
+            replies.push(Reply::Close);
+        }
+        replies
+    });
+    let rules = name_rule("close", &[pattern("*.close.test.example")]);
+    let ward = s.start(
+        &client_policy(&[resolver], &rules),
+        "{minTtlSeconds: 60}",
+        &[],
+    );
+    for (who, at) in s.clients() {
+        let answers = dig(
+            at,
+            resolver,
+            &[
+                "+tcp",
+                "+keepopen",
+                "1.close.test.example",
+                "2.close.test.example",
+                "3.close.test.example",
+            ],
+        );
+        let statuses: Vec<&str> = answers
+            .finished
+            .stdout
+            .lines()
+            .filter_map(|l| Some(l.split_once("status: ")?.1.split(',').next()?.trim()))
+            .collect();
+        assert_eq!(
+            statuses,
+            ["NOERROR", "NOERROR", "NOERROR"],
+            "{who}: three queries on one TCP connection to the proxy: {answers:?}"
+        );
+        for n in 1..=3 {
+            s.expect(
+                who,
+                IpAddr::V4(v4(10, 79, 9, n)),
+                Outcome::Ok,
+                &ward,
+                "(answered over TCP)",
+            );
+        }
+    }
+}
+
 /// `<n>.flood.test.example` is 10.78.<n / 256>.<n % 256>; `slow-<n>.flood.test.example` is
 /// 10.79.200.1, answered after 1.5 s.
 fn flood_resolver(query: &Message, _: Transport) -> Vec<Reply> {
