@@ -133,10 +133,11 @@ pub mod map_names {
             pub const DNS_NAMES: &str = concat!("ward_dnsname_v", $v);
             pub const DNS_PROXY: &str = concat!("ward_dnsprx_v", $v);
             pub const DNS_SOCKETS: &str = concat!("ward_dnssock_v", $v);
+            pub const DNS_FLOWS: &str = concat!("ward_dnsflow_v", $v);
         };
     }
     /// Every map, for checks over all of them.
-    pub const ALL: [&str; 26] = [
+    pub const ALL: [&str; 27] = [
         CGROUPS,
         POLICY,
         IPCACHE,
@@ -163,6 +164,7 @@ pub mod map_names {
         DNS_NAMES,
         DNS_PROXY,
         DNS_SOCKETS,
+        DNS_FLOWS,
     ];
     /// Pins of maps that earlier versions of this ABI named otherwise or no longer have: removed
     /// once the agent has attached (pins of other ABI versions are removed in any case).
@@ -312,12 +314,15 @@ pub struct LearnedValue {
     /// `CLOCK_BOOTTIME` (the kernel's `bpf_ktime_get_boot_ns`) after which the address no longer
     /// counts: the answer's TTL within the agent's bounds.
     pub expires_ns: u64,
-    /// The name it was learned from, as verdict records name it ([`FIRST_FQDN_NAME`] + id).
-    pub name: IdentityId,
     /// The name selectors it is decided as, 0 past the last.
     pub selectors: [IdentityId; MAX_LEARNED_SELECTORS],
-    pub _pad: u32,
+    /// The names it was learned from, most recent first, as verdict records name them
+    /// ([`FIRST_FQDN_NAME`] + id); 0 past the last.
+    pub names: [IdentityId; MAX_LEARNED_NAMES],
 }
+
+/// The most names one learned address keeps (the ones learned last).
+pub const MAX_LEARNED_NAMES: usize = 4;
 
 /// The longest DNS name in presentation form, without the final dot.
 pub const MAX_DNS_NAME: usize = 253;
@@ -355,12 +360,22 @@ pub struct DnsProxyConfig {
 
 /// A socket whose DNS the connect or sendmsg hook sent to the proxy, keyed by socket cookie:
 /// where it was going, and its network namespace. The egress packet program files it under the
-/// packet's 4-tuple ([`RedirectKey`]), where the proxy finds it.
+/// packet's 4-tuple ([`RedirectKey`]) as a [`DnsFlow`], where the proxy finds it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsSocket {
     pub netns: u64,
     pub original: OriginalDst,
+}
+
+/// A query on its way to the proxy, keyed by its 4-tuple and namespace ([`RedirectKey`]): where it
+/// was going, and when its packet left (`CLOCK_BOOTTIME`). The proxy takes only a fresh record, so
+/// a port a workload once used names nobody once its packets stop.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsFlow {
+    pub original: OriginalDst,
+    pub filed_ns: u64,
 }
 
 /// Key of the exact IP cache: an IPv6 address, or an IPv4 address mapped (`::ffff:a.b.c.d`).
@@ -788,10 +803,11 @@ const _: () = {
     assert!(size_of::<ServiceAddr>() == 20);
     assert!(size_of::<ServiceSocketKey>() == 32);
     assert!(size_of::<LearnedKey>() == 24);
-    assert!(size_of::<LearnedValue>() == 32);
+    assert!(size_of::<LearnedValue>() == 40);
     assert!(size_of::<DnsName>() == 256);
     assert!(size_of::<DnsProxyConfig>() == 8);
     assert!(size_of::<DnsSocket>() == 40);
+    assert!(size_of::<DnsFlow>() == 40);
     assert!(offset_of!(VerdictEvent, reason) == 76);
     assert!(size_of::<Settings>() == 16);
     assert!(offset_of!(VerdictEvent, local_addr) == 40);
@@ -835,4 +851,5 @@ mod pod {
     unsafe impl aya::Pod for DnsName {}
     unsafe impl aya::Pod for DnsProxyConfig {}
     unsafe impl aya::Pod for DnsSocket {}
+    unsafe impl aya::Pod for DnsFlow {}
 }

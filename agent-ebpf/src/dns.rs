@@ -5,13 +5,13 @@
 //! sends its DNS (TCP and UDP, port 53, to a resolver its policy allows) to the proxy on loopback
 //! in its own network namespace, when a proxy listens there; with no proxy (no agent running) the
 //! call goes to the resolver it named, and only addresses learned before count. The proxy finds
-//! where a query was going by the packet's 4-tuple and namespace ([`file_redirect`]).
+//! where a query was going by the packet's 4-tuple and namespace ([`file_redirect`], in `ward_dnsflow`).
 use agent_common::*;
 use aya_ebpf::programs::{SkBuffContext, SockAddrContext};
 
 use crate::{
     context,
-    maps::{DNS_PROXY, DNS_SOCKETS, LEARNED, REDIRECTS, SERVICE_SOCKETS},
+    maps::{DNS_FLOWS, DNS_PROXY, DNS_SOCKETS, LEARNED, SERVICE_SOCKETS},
     packet, policy,
     sock_addr::Call,
 };
@@ -48,7 +48,7 @@ pub fn decide_learned(who: u64, addr: &[u8; 16], what: u32, gen: u8, name: &mut 
         return 0;
     };
     // SAFETY: a map value pointer, valid for this program run.
-    let (expires_ns, learned_name) = unsafe { ((*learned).expires_ns, (*learned).name) };
+    let (expires_ns, learned_name) = unsafe { ((*learned).expires_ns, (*learned).names[0]) };
     if expires_ns <= context::boot_ns() {
         return 0;
     }
@@ -155,7 +155,11 @@ pub fn file_redirect(ctx: &SkBuffContext, kind: u32, port: u16) {
         flow: p.flow,
         netns: record.netns,
     };
-    let _ = REDIRECTS.insert(key, record.original, 0);
+    let flow = DnsFlow {
+        original: record.original,
+        filed_ns: context::boot_ns(),
+    };
+    let _ = DNS_FLOWS.insert(key, flow, 0);
     if kind == SOCK_STREAM {
         let _ = DNS_SOCKETS.remove(cookie);
     }

@@ -160,6 +160,12 @@ versioned_map!(
 );
 
 versioned_map!(
+    "ward_dnsflow_v2",
+    "ward_dnsflow_v3",
+    pub static DNS_FLOWS: LruHashMap<RedirectKey, DnsFlow> = LruHashMap::pinned(MAX_DNS_SOCKETS, 0);
+);
+
+versioned_map!(
     "ward_tunnel_v2",
     "ward_tunnel_v3",
     pub static TUNNEL: Array<TunnelConfig> = Array::pinned(1, 0);

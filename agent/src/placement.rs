@@ -23,18 +23,24 @@ pub enum Found {
     Pod(NetnsId),
     /// No process yet: looked for again at the next pass.
     Nothing,
+    /// Could not be told (out of descriptors, say): whatever serves it stays as it is.
+    Unknown,
 }
 
 /// The namespace of the first process found in `cgroups` (the cgroup directories of one
 /// workload; a pod's processes live in its containers' cgroups below the pod's).
 pub fn find(cgroups: &[PathBuf], host: NetnsId) -> (Found, Option<Netns>) {
     for dir in cgroups {
-        let Some(pid) = netns::first_process(dir) else {
-            continue;
+        let pid = match netns::first_process(dir) {
+            Ok(Some(pid)) => pid,
+            Ok(None) => continue,
+            Err(_) => return (Found::Unknown, None),
         };
-        // A process that exited between the two reads: try the next cgroup.
-        let Ok(ns) = Netns::of_process(pid) else {
-            continue;
+        let ns = match Netns::of_process(pid) {
+            Ok(ns) => ns,
+            // A process that exited between the two reads: try the next cgroup.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) || e.raw_os_error() == Some(libc::ESRCH) => continue,
+            Err(_) => return (Found::Unknown, None),
         };
         if ns.id() == host {
             return (Found::Host, None);

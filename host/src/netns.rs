@@ -70,10 +70,15 @@ impl Netns {
     }
 }
 
-/// The first process of cgroup `dir` (its own processes, not its descendants'), if it has one.
-pub fn first_process(dir: &Path) -> Option<u32> {
-    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
-    procs.lines().find_map(|l| l.trim().parse().ok())
+/// The first process of cgroup `dir` (its own processes, not its descendants'), if it has one
+/// (a cgroup that is gone has none); `Err` when it cannot be read (out of descriptors, say).
+pub fn first_process(dir: &Path) -> io::Result<Option<u32>> {
+    let procs = match std::fs::read_to_string(dir.join("cgroup.procs")) {
+        Ok(procs) => procs,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(procs.lines().find_map(|l| l.trim().parse().ok()))
 }
 
 /// The socket's network namespace cookie (`SO_NETNS_COOKIE`, Linux 5.14): what the kernel's
@@ -114,6 +119,6 @@ mod tests {
             socket_netns_cookie(&listener).expect("cookie"),
             socket_netns_cookie(&own).expect("cookie")
         );
-        assert_eq!(first_process(Path::new("/nonexistent")), None);
+        assert_eq!(first_process(Path::new("/nonexistent")).expect("gone"), None);
     }
 }

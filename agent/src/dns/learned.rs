@@ -15,7 +15,8 @@ use std::{
 };
 
 use agent_common::{
-    LearnedKey, LearnedValue, FIRST_FQDN_NAME, LAST_FQDN_NAME, MAX_LEARNED_SELECTORS,
+    LearnedKey, LearnedValue, FIRST_FQDN_NAME, LAST_FQDN_NAME, MAX_LEARNED_NAMES,
+    MAX_LEARNED_SELECTORS,
 };
 
 use crate::{
@@ -52,12 +53,17 @@ pub fn boot_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// A learned (workload, address) pair.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A learned (workload, address) pair: the names it was learned from (at most
+/// [`MAX_LEARNED_NAMES`], the most recent last), each with when it stops counting.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Entry {
-    /// The name identity.
-    name: u32,
-    expires_ns: u64,
+    names: Vec<(u32, u64)>,
+}
+
+impl Entry {
+    fn expires_ns(&self) -> u64 {
+        self.names.iter().map(|(_, e)| *e).max().unwrap_or(0)
+    }
 }
 
 /// A name held, with the chain its last answer went through (itself first).
@@ -73,7 +79,8 @@ struct Inner {
     /// The policy each generation bit holds.
     policy: [Option<Arc<Compiled>>; 2],
     entries: HashMap<Pair, Entry>,
-    by_expiry: BTreeSet<(u64, Pair)>,
+    /// Each (pair, name) by when it stops counting.
+    by_expiry: BTreeSet<(u64, Pair, u32)>,
     names: BTreeMap<u32, Name>,
     ids: HashMap<String, u32>,
     next_id: u32,
@@ -134,29 +141,36 @@ impl Learned {
             maps,
         };
         let names: BTreeMap<u32, String> = inner.maps.names().into_iter().collect();
+        // A bound lowered since (maxTtlSeconds) holds for what is adopted too.
+        let latest = now + settings.max_ttl.as_nanos() as u64;
         for (key, value) in inner.maps.learned() {
             let pair = (key.local_identity, key.addr);
-            let id = value.name.wrapping_sub(FIRST_FQDN_NAME);
-            if value.expires_ns <= now || !names.contains_key(&id) {
+            let expires = value.expires_ns.min(latest);
+            let known: Vec<u32> = value
+                .names
+                .iter()
+                .rev()
+                .filter(|n| **n != 0)
+                .map(|n| n.wrapping_sub(FIRST_FQDN_NAME))
+                .filter(|id| names.contains_key(id))
+                .collect();
+            if expires <= now || known.is_empty() {
                 let _ = inner.maps.remove_learned(&key);
                 continue;
             }
-            let entry = Entry {
-                name: id,
-                expires_ns: value.expires_ns,
-            };
-            match inner.entries.get(&pair) {
-                Some(held) if held.expires_ns >= entry.expires_ns => {}
-                _ => {
-                    inner.unindex(pair);
-                    inner.entries.insert(pair, entry);
-                    inner.by_expiry.insert((entry.expires_ns, pair));
+            let entry = inner.entries.entry(pair).or_default();
+            for id in known {
+                if !entry.names.iter().any(|(n, _)| *n == id) {
+                    entry.names.push((id, expires));
+                    inner.by_expiry.insert((expires, pair, id));
                 }
             }
         }
         let mut refs_of: HashMap<u32, usize> = HashMap::new();
         for entry in inner.entries.values() {
-            *refs_of.entry(entry.name).or_default() += 1;
+            for (id, _) in &entry.names {
+                *refs_of.entry(*id).or_default() += 1;
+            }
         }
         for (id, name) in names {
             let refs = refs_of.get(&id).copied().unwrap_or(0);
@@ -181,6 +195,13 @@ impl Learned {
                 .iter()
                 .map(|(id, n)| (FIRST_FQDN_NAME + id, n.chain[0].clone())),
         );
+        // A bound lowered since (maxLearned) holds for what is adopted too.
+        let mut evicted = 0;
+        while inner.entries.len() > settings.max_learned {
+            inner.evict_first()?;
+            evicted += 1;
+        }
+        metrics.dns_learned_evictions.inc_by(evicted);
         let adopted = inner.entries.len();
         if adopted > 0 {
             tracing::info!(
@@ -242,11 +263,7 @@ impl Learned {
             let ttl = Duration::from_secs((*ttl).into()).clamp(self.min_ttl, self.max_ttl);
             shortest = shortest.min(ttl);
             let pair = (local, kernel::mapped(*address));
-            let entry = Entry {
-                name: id,
-                expires_ns: now + ttl.as_nanos() as u64,
-            };
-            inner.set(pair, entry)?;
+            inner.add(pair, id, now + ttl.as_nanos() as u64)?;
         }
         while inner.entries.len() > self.max_entries {
             let evicted = inner.evict_first()?;
@@ -278,14 +295,14 @@ impl Learned {
     pub fn expire(&self) -> usize {
         let now = boot_ns();
         let mut inner = self.inner.lock().expect("learned lock poisoned");
-        let due: Vec<Pair> = inner
+        let due: Vec<(Pair, u32)> = inner
             .by_expiry
             .iter()
-            .take_while(|(expires, _)| *expires <= now)
-            .map(|(_, pair)| *pair)
+            .take_while(|(expires, _, _)| *expires <= now)
+            .map(|(_, pair, id)| (*pair, *id))
             .collect();
-        for pair in &due {
-            if let Err(e) = inner.remove(*pair) {
+        for (pair, id) in &due {
+            if let Err(e) = inner.remove_name(*pair, *id) {
                 tracing::warn!(error = %e, "removing an expired learned DNS address");
             }
         }
@@ -335,9 +352,9 @@ impl GenerationFollower for Learned {
                 Err(e) => tracing::warn!(error = %e, "pointing the hooks at the DNS proxy"),
             }
         }
-        let pairs: Vec<(Pair, Entry)> = inner.entries.iter().map(|(p, e)| (*p, *e)).collect();
-        for (pair, entry) in pairs {
-            if let Err(e) = inner.write(bit & 1, pair, entry) {
+        let pairs: Vec<Pair> = inner.entries.keys().copied().collect();
+        for pair in pairs {
+            if let Err(e) = inner.write(bit & 1, pair) {
                 tracing::warn!(error = %e, "writing a learned DNS address into the new policy generation");
             }
         }
@@ -377,68 +394,100 @@ impl Inner {
         Ok(id)
     }
 
-    /// Holds `entry` for `pair` (a later expiry of the same pair wins), in the kernel first.
-    fn set(&mut self, pair: Pair, entry: Entry) -> Result<(), KernelError> {
-        let entry = match self.entries.get(&pair) {
-            Some(held) if held.expires_ns > entry.expires_ns && held.name == entry.name => *held,
-            _ => entry,
-        };
+    /// Holds name `id` for `pair` until `expires_ns` (a new answer sets a new time), the most
+    /// recent of its names; past [`MAX_LEARNED_NAMES`] its oldest name goes. In the kernel too.
+    fn add(&mut self, pair: Pair, id: u32, expires_ns: u64) -> Result<(), KernelError> {
+        let entry = self.entries.entry(pair).or_default();
+        match entry.names.iter().position(|(n, _)| *n == id) {
+            Some(at) => {
+                let (_, old) = entry.names.remove(at);
+                self.by_expiry.remove(&(old, pair, id));
+            }
+            None => {
+                if let Some(name) = self.names.get_mut(&id) {
+                    name.refs += 1;
+                }
+            }
+        }
+        entry.names.push((id, expires_ns));
+        self.by_expiry.insert((expires_ns, pair, id));
+        let dropped = (entry.names.len() > MAX_LEARNED_NAMES).then(|| entry.names.remove(0));
+        if let Some((old_id, old_expires)) = dropped {
+            self.by_expiry.remove(&(old_expires, pair, old_id));
+            self.release(old_id);
+        }
         for bit in 0..2 {
-            self.write(bit, pair, entry)?;
+            self.write(bit, pair)?;
         }
-        // The new name is held before the old one is let go: they may be the same.
-        if let Some(name) = self.names.get_mut(&entry.name) {
-            name.refs += 1;
-        }
-        if let Some(old) = self.unindex(pair) {
-            self.release(old.name);
-        }
-        self.entries.insert(pair, entry);
-        self.by_expiry.insert((entry.expires_ns, pair));
         Ok(())
     }
 
-    /// The kernel entry of `pair` in `bit`, with that bit's selectors of the entry's name (none:
-    /// removed).
-    fn write(&mut self, bit: u8, pair: Pair, entry: Entry) -> Result<(), KernelError> {
+    /// The kernel entry of `pair` in `bit`: the selectors of all its names under that bit's
+    /// policy (none: removed), its latest expiry, its names most recent first.
+    fn write(&mut self, bit: u8, pair: Pair) -> Result<(), KernelError> {
         let key = LearnedKey {
             generation: bit,
             _pad: [0; 3],
             local_identity: pair.0,
             addr: pair.1,
         };
-        let selectors = match (&self.policy[usize::from(bit)], self.names.get(&entry.name)) {
-            (Some(compiled), Some(name)) => {
-                let names: Vec<&str> = name.chain.iter().map(String::as_str).collect();
+        let Some(entry) = self.entries.get(&pair) else {
+            return self.maps.remove_learned(&key);
+        };
+        let selectors = match &self.policy[usize::from(bit)] {
+            Some(compiled) => {
+                let names: Vec<&str> = entry
+                    .names
+                    .iter()
+                    .filter_map(|(id, _)| self.names.get(id))
+                    .flat_map(|n| n.chain.iter().map(String::as_str))
+                    .collect();
                 compiled.fqdn_identities(pair.0, &names)
             }
-            _ => Vec::new(),
+            None => Vec::new(),
         };
         if selectors.is_empty() {
             return self.maps.remove_learned(&key);
         }
         let mut value = LearnedValue {
-            expires_ns: entry.expires_ns,
-            name: FIRST_FQDN_NAME + entry.name,
+            expires_ns: entry.expires_ns(),
             ..Default::default()
         };
         for (slot, selector) in value.selectors.iter_mut().zip(&selectors) {
             *slot = *selector;
         }
+        for (slot, (id, _)) in value.names.iter_mut().zip(entry.names.iter().rev()) {
+            *slot = FIRST_FQDN_NAME + id;
+        }
         if selectors.len() > MAX_LEARNED_SELECTORS {
             tracing::debug!(
                 workload_identity = pair.0,
                 selectors = selectors.len(),
-                "a name matched more selectors than the kernel keeps; the first {MAX_LEARNED_SELECTORS} decide"
+                "an address's names matched more selectors than the kernel keeps; the first {MAX_LEARNED_SELECTORS} decide"
             );
         }
         self.maps.set_learned(key, value)
     }
 
-    fn unindex(&mut self, pair: Pair) -> Option<Entry> {
-        let old = self.entries.remove(&pair)?;
-        self.by_expiry.remove(&(old.expires_ns, pair));
-        Some(old)
+    /// Lets `pair` no longer count as learned from name `id` (its time is up).
+    fn remove_name(&mut self, pair: Pair, id: u32) -> Result<(), KernelError> {
+        let Some(entry) = self.entries.get_mut(&pair) else {
+            return Ok(());
+        };
+        let Some(at) = entry.names.iter().position(|(n, _)| *n == id) else {
+            return Ok(());
+        };
+        let (_, expires) = entry.names.remove(at);
+        let emptied = entry.names.is_empty();
+        self.by_expiry.remove(&(expires, pair, id));
+        self.release(id);
+        if emptied {
+            self.entries.remove(&pair);
+        }
+        for bit in 0..2 {
+            self.write(bit, pair)?;
+        }
+        Ok(())
     }
 
     fn release(&mut self, id: u32) {
@@ -454,6 +503,7 @@ impl Inner {
         }
     }
 
+    /// Forgets `pair` with all its names, in the kernel first.
     fn remove(&mut self, pair: Pair) -> Result<(), KernelError> {
         for bit in 0..2 {
             self.maps.remove_learned(&LearnedKey {
@@ -463,14 +513,17 @@ impl Inner {
                 addr: pair.1,
             })?;
         }
-        if let Some(old) = self.unindex(pair) {
-            self.release(old.name);
+        if let Some(entry) = self.entries.remove(&pair) {
+            for (id, expires) in entry.names {
+                self.by_expiry.remove(&(expires, pair, id));
+                self.release(id);
+            }
         }
         Ok(())
     }
 
     fn evict_first(&mut self) -> Result<Pair, KernelError> {
-        let (_, pair) = *self.by_expiry.first().expect("more entries than the limit");
+        let (_, pair, _) = *self.by_expiry.first().expect("more entries than the limit");
         self.remove(pair)?;
         Ok(pair)
     }

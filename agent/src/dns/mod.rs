@@ -36,7 +36,7 @@ use tokio::{
 };
 use ward_host::netns::{self, Netns, NetnsId};
 
-pub use learned::{name_of, Learned};
+pub use learned::{boot_ns, name_of, Learned};
 use learned::Learnt;
 
 use crate::{
@@ -50,6 +50,12 @@ use crate::{
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// Queries in flight at most; more are dropped (a client asks again).
 const MAX_IN_FLIGHT: usize = 1024;
+/// How old a query's record may be when the proxy reads it (as it takes the datagram from its
+/// socket): the packet left microseconds before, unless the proxy is swamped. Older, it names
+/// nobody: a process that sends from a port a workload used is not that workload.
+const FRESH_UDP: Duration = Duration::from_millis(250);
+/// A connection may wait in the accept queue longer.
+const FRESH_TCP: Duration = Duration::from_secs(5);
 /// The largest DNS message (TCP's length prefix; a UDP datagram's payload).
 const MAX_MESSAGE: usize = 65_535;
 
@@ -89,6 +95,8 @@ pub struct DnsProxy {
     /// The listeners in the agent's own namespace.
     host: Option<Serving>,
     pods: BTreeMap<NetnsId, Serving>,
+    /// The namespace each workload was last found in.
+    by_workload: BTreeMap<String, NetnsId>,
     /// Why opening a pod's listeners, or the agent's, last failed (logged once per reason).
     failed: BTreeMap<NetnsId, String>,
     host_failed: Option<String>,
@@ -128,6 +136,7 @@ impl DnsProxy {
             host_netns: host_netns.id(),
             host: None,
             pods: BTreeMap::new(),
+            by_workload: BTreeMap::new(),
             failed: BTreeMap::new(),
             host_failed: None,
         })
@@ -150,6 +159,7 @@ impl DnsProxy {
             }
             self.pods.clear();
             self.failed.clear();
+            self.by_workload.clear();
             return;
         }
         if self.host.is_none() {
@@ -178,9 +188,15 @@ impl DnsProxy {
         let mut seen = std::collections::BTreeSet::new();
         for placement in placements {
             let (found, ns) = placement::find(&placement.cgroups, self.host_netns);
+            if found == placement::Found::Unknown {
+                // Kept as they are until the workload can be looked at again.
+                seen.extend(self.by_workload.get(&placement.workload).copied());
+                continue;
+            }
             let (placement::Found::Pod(id), Some(ns)) = (found, ns) else {
                 continue;
             };
+            self.by_workload.insert(placement.workload.clone(), id);
             seen.insert(id);
             if self.pods.contains_key(&id) {
                 continue;
@@ -216,6 +232,7 @@ impl DnsProxy {
         }
         self.pods.retain(|id, _| seen.contains(id));
         self.failed.retain(|id, _| seen.contains(id));
+        self.by_workload.retain(|_, id| seen.contains(id));
     }
 }
 
@@ -290,9 +307,12 @@ async fn serve_udp(socket: Arc<UdpSocket>, place: Place, shared: Arc<Shared>) {
             Ok(got) => got,
             Err(e) => {
                 tracing::debug!(error = %e, "DNS proxy: receiving");
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
+        // Read at once: the record is fresh only now.
+        let original = shared.redirect(peer, local, PROTO_UDP, place.cookie);
         let Ok(permit) = shared.in_flight_permit() else {
             count(&shared, "dropped");
             continue;
@@ -300,7 +320,6 @@ async fn serve_udp(socket: Arc<UdpSocket>, place: Place, shared: Arc<Shared>) {
         let query = buf[..n].to_vec();
         let (socket, place, shared) = (socket.clone(), place.clone(), shared.clone());
         tokio::spawn(async move {
-            let original = shared.redirect(peer, local, PROTO_UDP, place.cookie);
             let mut upstream = Upstream::Udp;
             if let Some(answer) = answer(&query, original, &place, &shared, &mut upstream).await {
                 let _ = socket.send_to(&answer, peer).await;
@@ -315,8 +334,14 @@ async fn serve_tcp(listener: TcpListener, place: Place, shared: Arc<Shared>) {
         return;
     };
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors, say: waiting frees some, spinning would not.
+                tracing::debug!(error = %e, "DNS proxy: accepting");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         // Taken at once: the kernel files a connection once.
         let original = shared.redirect(peer, local, PROTO_TCP, place.cookie);
@@ -392,10 +417,15 @@ impl Shared {
         protocol: u8,
         netns: u64,
     ) -> Option<OriginalDst> {
+        let fresh = if protocol == PROTO_TCP {
+            FRESH_TCP
+        } else {
+            FRESH_UDP
+        };
         self.maps
             .lock()
             .expect("dns maps lock poisoned")
-            .redirect(peer, local, protocol, netns)
+            .redirect(peer, local, protocol, netns, fresh)
     }
 }
 
@@ -504,23 +534,40 @@ async fn forward(
             }
         }
         Upstream::Tcp(connection) => {
-            if connection.as_ref().is_none_or(|(to, _)| *to != resolver) {
-                let stream = tcp_connect(place, resolver)
-                    .await
-                    .map_err(|e| format!("connect: {e}"))?;
-                *connection = Some((resolver, stream));
-            }
-            let (_, stream) = connection.as_mut().expect("just set");
-            write_framed(stream, bytes).await.map_err(|e| format!("send: {e}"))?;
-            loop {
-                let message = read_framed(stream)
-                    .await
-                    .map_err(|e| format!("receive: {e}"))?
-                    .ok_or("the resolver closed the connection")?;
-                if let Some(answer) = message::parse_answer(query, &message)? {
-                    return Ok((message, answer));
+            // A connection kept from an earlier query may have been closed by the resolver
+            // (RFC 7766 lets it): then once more on a new one.
+            let kept = connection.as_ref().is_some_and(|(to, _)| *to == resolver);
+            if kept {
+                let (_, stream) = connection.as_mut().expect("kept");
+                if let Ok(answered) = exchange_tcp(stream, bytes, query).await {
+                    return Ok(answered);
                 }
             }
+            *connection = None;
+            let mut stream = tcp_connect(place, resolver)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let answered = exchange_tcp(&mut stream, bytes, query).await?;
+            *connection = Some((resolver, stream));
+            Ok(answered)
+        }
+    }
+}
+
+/// One query and its answer on a TCP connection to the resolver.
+async fn exchange_tcp(
+    stream: &mut TcpStream,
+    bytes: &[u8],
+    query: &message::Query,
+) -> Result<(Vec<u8>, message::Answer), String> {
+    write_framed(stream, bytes).await.map_err(|e| format!("send: {e}"))?;
+    loop {
+        let message = read_framed(stream)
+            .await
+            .map_err(|e| format!("receive: {e}"))?
+            .ok_or("the resolver closed the connection")?;
+        if let Some(answer) = message::parse_answer(query, &message)? {
+            return Ok((message, answer));
         }
     }
 }

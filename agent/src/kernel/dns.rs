@@ -3,11 +3,11 @@
 //! from answers (`ward_dnsaddr`) and the names they came from (`ward_dnsname`). Opened from the
 //! pins, so the proxy's tasks hold their own handles; the learned addresses and names stay pinned
 //! across agent restarts.
-use std::{net::SocketAddr, path::Path};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use agent_common::{
-    map_names, DnsName, DnsProxyConfig, LearnedKey, LearnedValue, OriginalDst, RedirectKey,
-    MAX_DNS_NAME,
+    map_names, DnsFlow, DnsName, DnsProxyConfig, LearnedKey, LearnedValue, OriginalDst,
+    RedirectKey, MAX_DNS_NAME,
 };
 use aya::maps::{Array, HashMap, Map, MapData};
 
@@ -15,7 +15,7 @@ use super::{flow_key, ignore_missing, map_err, pinned, KernelError};
 
 pub struct DnsMaps {
     config: Array<MapData, DnsProxyConfig>,
-    redirects: HashMap<MapData, RedirectKey, OriginalDst>,
+    flows: HashMap<MapData, RedirectKey, DnsFlow>,
     learned: HashMap<MapData, LearnedKey, LearnedValue>,
     names: HashMap<MapData, u32, DnsName>,
 }
@@ -24,7 +24,7 @@ impl DnsMaps {
     pub fn open(pin_dir: &Path) -> Result<DnsMaps, KernelError> {
         Ok(DnsMaps {
             config: pinned(pin_dir, map_names::DNS_PROXY, Map::Array)?,
-            redirects: pinned(pin_dir, map_names::REDIRECTS, Map::LruHashMap)?,
+            flows: pinned(pin_dir, map_names::DNS_FLOWS, Map::LruHashMap)?,
             learned: pinned(pin_dir, map_names::LEARNED, Map::HashMap)?,
             names: pinned(pin_dir, map_names::DNS_NAMES, Map::HashMap)?,
         })
@@ -43,24 +43,28 @@ impl DnsMaps {
     }
 
     /// Where the query from `workload` to the proxy at `proxy` (`protocol`, in the namespace of
-    /// cookie `netns`) was going. A TCP connection's record is taken; a UDP socket's stays (it
-    /// asks again from the same port), until the map's least recently used entries make room.
+    /// cookie `netns`) was going, if its packet left less than `fresh` ago: a record that old
+    /// names nobody (a process that later sends from the same port is not that workload). A TCP
+    /// connection's record is taken; a UDP socket's stays, as every datagram refreshes it (glibc
+    /// sends its A and AAAA queries from one socket at once).
     pub fn redirect(
         &mut self,
         workload: SocketAddr,
         proxy: SocketAddr,
         protocol: u8,
         netns: u64,
+        fresh: Duration,
     ) -> Option<OriginalDst> {
         let key = RedirectKey {
             flow: flow_key(workload, proxy, protocol),
             netns,
         };
-        let original = self.redirects.get(&key, 0).ok()?;
+        let flow = self.flows.get(&key, 0).ok()?;
         if protocol == agent_common::PROTO_TCP {
-            let _ = self.redirects.remove(&key);
+            let _ = self.flows.remove(&key);
         }
-        Some(original)
+        let age = crate::dns::boot_ns().saturating_sub(flow.filed_ns);
+        (u128::from(age) <= fresh.as_nanos()).then_some(flow.original)
     }
 
     pub fn set_learned(&mut self, key: LearnedKey, value: LearnedValue) -> Result<(), KernelError> {

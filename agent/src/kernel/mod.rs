@@ -19,7 +19,7 @@ use std::{
 };
 
 use agent_common::{
-    map_names, program_names, CgroupValue, ConnectingValue, DnsName, DnsProxyConfig, DnsSocket,
+    map_names, program_names, CgroupValue, ConnectingValue, DnsFlow, DnsName, DnsProxyConfig, DnsSocket,
     EventLimitKey, EventLimitValue, LearnedKey, LearnedValue,
     FlowCountKey, FlowKey, IpcacheKey, IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue,
     OriginalDst, OwnerValue, PolicyKey, PolicyValue, RedirectKey, ServiceAddr, ServiceSocketKey,
@@ -547,7 +547,7 @@ impl Datapath {
 }
 
 /// Key and value sizes of every map this build pins, as the kernel reports them.
-fn layouts() -> [(&'static str, usize, usize); 23] {
+fn layouts() -> [(&'static str, usize, usize); 24] {
     [
         (
             map_names::CGROUPS,
@@ -635,6 +635,11 @@ fn layouts() -> [(&'static str, usize, usize); 23] {
             map_names::DNS_SOCKETS,
             size_of::<u64>(),
             size_of::<DnsSocket>(),
+        ),
+        (
+            map_names::DNS_FLOWS,
+            size_of::<RedirectKey>(),
+            size_of::<DnsFlow>(),
         ),
     ]
 }

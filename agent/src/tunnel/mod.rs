@@ -259,6 +259,12 @@ impl Tunnel {
         let mut seen = BTreeSet::new();
         for placement in placements {
             let (found, netns) = placement::find(&placement.cgroups, self.host_netns);
+            if found == placement::Found::Unknown {
+                // Kept as they are until the workload can be looked at again.
+                let kept = self.pods.iter().filter(|(_, pod)| pod.workload == placement.workload);
+                seen.extend(kept.map(|(id, _)| *id));
+                continue;
+            }
             let (placement::Found::Pod(id), Some(netns)) = (found, netns) else {
                 continue;
             };
