@@ -584,8 +584,8 @@ fn parse_report(line: &str) -> Result<Measurement> {
     })
 }
 
-/// The results as a table; `size` names the size column. A row whose variant starts with
-/// "no programs" is the baseline of the rows after it: their Δ columns compare with it.
+/// The results as a table; `size` names the size column (none when empty). A row whose variant
+/// starts with "no programs" is the baseline of the rows after it: their Δ columns compare with it.
 pub fn table(rows: &[Row], size: &str) -> String {
     let width = rows
         .iter()
@@ -599,9 +599,17 @@ pub fn table(rows: &[Row], size: &str) -> String {
     } else {
         0
     };
+    let size_cell = |text: &str| {
+        if size.is_empty() {
+            String::new()
+        } else {
+            format!(" {text:>7}")
+        }
+    };
     let mut out = format!(
-        "{:<9} {size:>7}  {:<width$}{:>entries_width$} {:>10} {:>9} {:>9} {:>11} {:>9} {:>6}\n",
+        "{:<9}{}  {:<width$}{:>entries_width$} {:>10} {:>9} {:>9} {:>11} {:>9} {:>6}\n",
         "transport",
+        size_cell(size),
         "variant",
         if entries_width > 0 { "entries" } else { "" },
         "conns/s",
@@ -631,9 +639,9 @@ pub fn table(rows: &[Row], size: &str) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<9} {:>7}  {:<width$}{entries:>entries_width$} {:>10.0} {:>9.1} {:>9.1} {d_rate:>11} {d_p50:>9} {:>6}",
+            "{:<9}{}  {:<width$}{entries:>entries_width$} {:>10.0} {:>9.1} {:>9.1} {d_rate:>11} {d_p50:>9} {:>6}",
             row.transport.to_string(),
-            row.size,
+            size_cell(&row.size.to_string()),
             row.variant, row.m.conns_per_sec, row.m.p50_us, row.m.p99_us, row.m.slow
         );
     }
@@ -669,6 +677,30 @@ mod tests {
             per_connection(&stats(1000, 10), &stats(21_000, 110), 10),
             "cgroup_skb 10.0 x 200 ns + sock_ops 10.0 x 200 ns = 4.00 µs"
         );
+    }
+
+    #[test]
+    fn a_table_without_sizes_leaves_the_size_column_out() {
+        let row = |variant, rate| Row {
+            transport: Transport::Tcp4,
+            size: 0,
+            variant,
+            entries: None,
+            m: Measurement {
+                conns_per_sec: rate,
+                p50_us: 10.0,
+                p99_us: 20.0,
+                slow: 0,
+                total_conns: 1,
+            },
+        };
+        let rows = [row("no programs", 2000.0), row("ward", 1500.0)];
+        let table = table(&rows, "");
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("transport  variant "), "{table}");
+        assert!(lines[2].starts_with("tcp4       ward "), "{table}");
+        assert!(lines[2].contains("-25.0%"), "{table}");
+        assert!(super::table(&rows, "size").starts_with("transport    size  variant"));
     }
 
     #[test]

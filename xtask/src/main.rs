@@ -6,6 +6,7 @@
 mod agent_log;
 mod bench;
 mod bench_control;
+mod bench_dns;
 mod bench_policy;
 mod bench_service;
 mod demo;
@@ -102,6 +103,13 @@ enum BenchCommand {
     /// against a pod IP directly (no programs, ward) and kube-proxy-style nftables DNAT, at 10
     /// and 1,000 backends (TCP4, UDP4; in a network namespace of its own).
     Service(bench_service::ServiceArgs),
+    /// DNS-aware egress: DNS query latency (p50/p99) through ward's DNS proxy against straight
+    /// to the resolver (no programs, ward), and connections per second to an address learned
+    /// from a DNS answer against a CIDR-allowed one (in a network namespace of its own, with
+    /// dnsmasq as the resolver).
+    Dns(bench_dns::DnsArgs),
+    #[command(hide = true)]
+    DnsClient(bench_dns::ClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -131,6 +139,12 @@ fn main() -> ExitCode {
         Command::Bench {
             bench: BenchCommand::Service(args),
         } => bench_service::run(&args),
+        Command::Bench {
+            bench: BenchCommand::Dns(args),
+        } => bench_dns::run(&args),
+        Command::Bench {
+            bench: BenchCommand::DnsClient(args),
+        } => bench_dns::client(&args),
         Command::VmTest(args) => vm::run(&args),
         Command::Image(args) => image::run(&args),
         Command::Serve(args) => probe::serve(&args),

@@ -276,6 +276,40 @@ pub fn enter_netns(cmd: &mut Command, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A network namespace of a command's own (`/run/netns/<name>`), deleted on drop with its
+/// interfaces, addresses and sockets.
+pub struct Netns {
+    name: &'static str,
+}
+
+impl Netns {
+    /// Creates the namespace `name`, first deleting one an interrupted earlier run left, and
+    /// runs the `ip` commands of `batch` in it (one a line, `ip -batch`, kept in `batch_file`).
+    pub fn create(name: &'static str, batch: &str, batch_file: &Path) -> Result<Self> {
+        if Path::new("/run/netns").join(name).exists() {
+            println!("removing network namespace {name} left by an earlier run");
+            output(Command::new("ip").args(["netns", "del", name]))?;
+        }
+        run(Command::new("ip").args(["netns", "add", name]))?;
+        let netns = Self { name };
+        fs::write(batch_file, batch)
+            .with_context(|| format!("writing {}", batch_file.display()))?;
+        run(Command::new("ip")
+            .args(["-n", name, "-batch"])
+            .arg(batch_file))?;
+        Ok(netns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        match output(Command::new("ip").args(["netns", "del", self.name])) {
+            Ok(_) => println!("removed network namespace {}", self.name),
+            Err(e) => eprintln!("warning: {e:#}"),
+        }
+    }
+}
+
 /// Child processes that are killed and reaped when this is dropped.
 #[derive(Default)]
 pub struct Children(Vec<Child>);
