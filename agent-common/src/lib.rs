@@ -33,7 +33,9 @@ pub const LAST_FQDN_SELECTOR: IdentityId = 0xF0FF_FFFF;
 /// Identities that name a DNS name in verdict records: `FIRST_FQDN_NAME + id` of the name in the
 /// DNS-name map. Never in a policy key.
 pub const FIRST_FQDN_NAME: IdentityId = 0xF100_0000;
-pub const LAST_FQDN_NAME: IdentityId = 0xF1FF_FFFF;
+/// The largest name id (20 bits: the kernel carries it in a decision's spare bits).
+pub const MAX_FQDN_NAME_ID: u32 = 0x000F_FFFF;
+pub const LAST_FQDN_NAME: IdentityId = FIRST_FQDN_NAME + MAX_FQDN_NAME_ID;
 
 /// In a policy key: the entry that says a local identity is selected (isolated) in a direction.
 /// Its value names the default-deny rules of the selecting policies.

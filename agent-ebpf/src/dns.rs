@@ -10,7 +10,7 @@ use agent_common::*;
 use aya_ebpf::programs::{SkBuffContext, SockAddrContext};
 
 use crate::{
-    context,
+    context, flows,
     maps::{DNS_FLOWS, DNS_PROXY, DNS_SOCKETS, LEARNED, SERVICE_SOCKETS},
     packet, policy,
     sock_addr::Call,
@@ -22,20 +22,18 @@ const SOCK_STREAM: u32 = 1;
 /// The proxy's port, when the agent runs one.
 #[inline(always)]
 pub fn proxy_port() -> Option<u16> {
-    DNS_PROXY
-        .get(0)
-        .filter(|c| c.enabled != 0)
-        .map(|c| c.port)
+    DNS_PROXY.get(0).filter(|c| c.enabled != 0).map(|c| c.port)
 }
 
 /// The decision of an egress call to `addr` that no enforcing rule settled by its identity
 /// (`who`: the local identity in the high half, the remote's below), when the local workload
 /// learned the address from a DNS name (unexpired): the rules of the address and of the name's
 /// selectors merge as one peer's. `what` and the answer are packed as
-/// [`policy::decide_packed`]'s; 0 when the address was not learned. `name` receives the name's
-/// identity. Its own BPF function: the learned value stays off the connect hook's frame.
+/// [`policy::decide_packed`]'s, with the name's id in bits 12 to 31 ([`learned_name`]); 0 when
+/// the address was not learned. Its own BPF function: the learned value stays off the connect
+/// hook's frame.
 #[inline(never)]
-pub fn decide_learned(who: u64, addr: &[u8; 16], what: u32, gen: u8, name: &mut u32) -> u64 {
+pub fn decide_learned(who: u64, addr: &[u8; 16], what: u32, gen: u8) -> u64 {
     let (local, remote) = ((who >> 32) as u32, who as u32);
     let key = LearnedKey {
         generation: gen,
@@ -48,13 +46,24 @@ pub fn decide_learned(who: u64, addr: &[u8; 16], what: u32, gen: u8, name: &mut 
         return 0;
     };
     // SAFETY: a map value pointer, valid for this program run.
-    let (expires_ns, learned_name) = unsafe { ((*learned).expires_ns, (*learned).names[0]) };
+    let (expires_ns, name) = unsafe { ((*learned).expires_ns, (*learned).names[0]) };
     if expires_ns <= context::boot_ns() {
         return 0;
     }
-    *name = learned_name;
     // SAFETY: as above.
-    policy::decide_as(local, remote, unsafe { &(*learned).selectors }, what, gen)
+    let packed = policy::decide_as(local, remote, unsafe { &(*learned).selectors }, what, gen);
+    let id = u64::from(name.wrapping_sub(FIRST_FQDN_NAME) & LEARNED_NAME_MASK);
+    packed | (id << LEARNED_NAME_SHIFT)
+}
+
+/// Where [`decide_learned`] puts the name's id, below the rule.
+const LEARNED_NAME_SHIFT: u32 = 12;
+const LEARNED_NAME_MASK: u32 = MAX_FQDN_NAME_ID;
+
+/// The name identity [`decide_learned`]'s answer carries.
+#[inline(always)]
+pub fn learned_name(packed: u64) -> u32 {
+    FIRST_FQDN_NAME + ((packed >> LEARNED_NAME_SHIFT) as u32 & LEARNED_NAME_MASK)
 }
 
 /// Prepares sending a DNS call (TCP or UDP to port 53, already allowed) to the proxy listening on
@@ -65,13 +74,30 @@ pub fn decide_learned(who: u64, addr: &[u8; 16], what: u32, gen: u8, name: &mut 
 /// which show the resolver again (glibc takes answers only from the server it asked). `who` packs
 /// the local identity (high half) and the resolver's. Returns false, and records nothing, when no
 /// proxy listens there: the call goes where it was going.
+///
+/// Each step is a BPF function of its own, so that no two of their records share a frame: the
+/// connect hook's frames share 512 bytes, and 6.1's verifier counts them whole.
 #[inline(never)]
 pub fn redirect(ctx: &SockAddrContext, call: &Call, port: u16, who: u64, rule: u32) -> bool {
     let v4 = proxy_is_v4(call);
-    if !context::loopback_listener(ctx, call.protocol, v4, port) {
+    if !proxy_listens(ctx, call.protocol, v4, port) {
         return false;
     }
-    let proxy = proxy_addr(v4);
+    if !record_socket(ctx, call, who, rule) {
+        return false;
+    }
+    show_resolver(call, v4, port);
+    true
+}
+
+#[inline(never)]
+fn proxy_listens(ctx: &SockAddrContext, protocol: u8, v4: bool, port: u16) -> bool {
+    context::loopback_listener(ctx, protocol, v4, port)
+}
+
+/// Where the socket's DNS was going, for the packet program to file.
+#[inline(never)]
+fn record_socket(ctx: &SockAddrContext, call: &Call, who: u64, rule: u32) -> bool {
     let record = DnsSocket {
         netns: context::netns_cookie(ctx),
         original: OriginalDst {
@@ -84,12 +110,15 @@ pub fn redirect(ctx: &SockAddrContext, call: &Call, port: u16, who: u64, rule: u
             rule,
         },
     };
-    if DNS_SOCKETS.insert(call.cookie, record, 0).is_err() {
-        return false;
-    }
+    DNS_SOCKETS.insert(call.cookie, record, 0).is_ok()
+}
+
+/// The resolver, for `recvmsg()` and `getpeername()` to show in place of the proxy.
+#[inline(never)]
+fn show_resolver(call: &Call, v4: bool, port: u16) {
     let shown = ServiceSocketKey {
         cookie: call.cookie,
-        addr: proxy,
+        addr: proxy_addr(v4),
         port,
         _pad: [0; 6],
     };
@@ -99,7 +128,6 @@ pub fn redirect(ctx: &SockAddrContext, call: &Call, port: u16, who: u64, rule: u
         _pad: [0; 2],
     };
     let _ = SERVICE_SOCKETS.insert(shown, original, 0);
-    true
 }
 
 /// Whether the call reaches the IPv4 proxy: an IPv4 call, or a v4-mapped destination on an IPv6
@@ -119,6 +147,25 @@ pub fn proxy_addr(v4: bool) -> [u8; 16] {
         one[15] = 1;
         one
     }
+}
+
+/// The proxy's address as `bpf_sock_addr.user_ip4` holds it (network order).
+pub const PROXY_IP4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+/// ... and as `user_ip6` does: `::1`, or `::ffff:127.0.0.1` for an IPv6 socket's IPv4 call.
+pub const PROXY_IP6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+pub const PROXY_IP6_MAPPED: [u32; 4] = [
+    0,
+    0,
+    u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+    u32::from_ne_bytes([127, 0, 0, 1]),
+];
+
+/// Records that `local` sent a datagram from `src_port` to the proxy at `port` (where its
+/// answer comes from), as [`flows::record`] does for any datagram.
+#[inline(never)]
+pub fn record_sent(call: &Call, src_port: u16, port: u16, local: u32) {
+    let proxy = proxy_addr(proxy_is_v4(call));
+    flows::record(PROTO_UDP, &proxy, flows::ports(src_port, port), local, 0);
 }
 
 #[inline(always)]

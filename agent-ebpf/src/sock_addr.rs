@@ -89,12 +89,11 @@ pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
     if d.fqdn && !d.settled {
         let what = policy::pack_flow(DIRECTION_EGRESS, protocol, remote_port);
         let who = (u64::from(local) << 32) | u64::from(remote);
-        let mut name = 0;
-        let packed = dns::decide_learned(who, &remote_addr, what, gen, &mut name);
+        let packed = dns::decide_learned(who, &remote_addr, what, gen);
         let learned = policy::unpack(packed);
         // The name is what the record names when it changed the verdict.
         if packed != 0 && (learned.verdict, learned.rule) != (d.verdict, d.rule) {
-            (d, named) = (learned, name);
+            (d, named) = (learned, dns::learned_name(packed));
         }
     }
     let src_port = if protocol == PROTO_UDP {
@@ -118,7 +117,8 @@ pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
         return ALLOW;
     }
     // DNS of a workload whose rules name DNS names goes to the proxy, which learns the answers.
-    let (mut sent_addr, mut sent_port) = (remote_addr, remote_port);
+    // (Nothing of it stays on this frame: the connect hook's frames share 512 bytes.)
+    let mut proxy_port = 0;
     if d.fqdn
         && remote_port == dns::DNS_PORT
         && (protocol == PROTO_TCP || protocol == PROTO_UDP)
@@ -127,20 +127,35 @@ pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
         if let Some(port) = dns::proxy_port() {
             let who = (u64::from(local) << 32) | u64::from(remote);
             if dns::redirect(ctx, &call, port, who, d.rule) {
-                (sent_addr, sent_port) = (dns::proxy_addr(dns::proxy_is_v4(&call)), port);
-                context::set_call_address(ctx, family, &sent_addr, sent_port);
+                proxy_port = port;
+                // Constants in each branch: no address on this frame.
+                if dns::proxy_is_v4(&call) {
+                    context::redirect_call(
+                        ctx,
+                        family,
+                        dns::PROXY_IP4,
+                        dns::PROXY_IP6_MAPPED,
+                        port,
+                    );
+                } else {
+                    context::redirect_call(ctx, family, dns::PROXY_IP4, dns::PROXY_IP6, port);
+                }
             }
         }
     }
     // Only a datagram that leaves names its sender (and lets its replies in).
     if protocol == PROTO_UDP && !(d.isolated && d.verdict == VERDICT_DENY) && src_port != 0 {
-        flows::record(
-            protocol,
-            &sent_addr,
-            flows::ports(src_port, sent_port),
-            local,
-            0,
-        );
+        if proxy_port != 0 {
+            dns::record_sent(&call, src_port, proxy_port, local);
+        } else {
+            flows::record(
+                protocol,
+                &remote_addr,
+                flows::ports(src_port, remote_port),
+                local,
+                0,
+            );
+        }
     }
     let (mut verdict, mut rule, mut report_it) = if d.isolated {
         (d.verdict, d.rule, true)

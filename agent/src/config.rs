@@ -163,15 +163,23 @@ fn dns_settings(raw: RawDns) -> Result<DnsSettings, (&'static str, String)> {
     let defaults = DnsSettings::default();
     let proxy_port = raw.proxy_port.unwrap_or(defaults.proxy_port);
     if proxy_port == 0 || proxy_port == 53 {
-        return Err(("proxyPort", format!("{proxy_port} cannot be the proxy's port")));
+        return Err((
+            "proxyPort",
+            format!("{proxy_port} cannot be the proxy's port"),
+        ));
     }
     let min = raw.min_ttl_seconds.unwrap_or(DEFAULT_DNS_MIN_TTL_SECONDS);
-    let max = raw.max_ttl_seconds.unwrap_or(DEFAULT_DNS_MAX_TTL_SECONDS.max(min));
+    let max = raw
+        .max_ttl_seconds
+        .unwrap_or(DEFAULT_DNS_MAX_TTL_SECONDS.max(min));
     if min == 0 {
         return Err(("minTtlSeconds", "must be at least 1".into()));
     }
     if max < min {
-        return Err(("maxTtlSeconds", format!("{max} is below minTtlSeconds {min}")));
+        return Err((
+            "maxTtlSeconds",
+            format!("{max} is below minTtlSeconds {min}"),
+        ));
     }
     let max_learned = raw.max_learned.unwrap_or(defaults.max_learned);
     if max_learned == 0 || max_learned > defaults.max_learned {
@@ -1043,8 +1051,14 @@ mod tests {
         assert_eq!(c.dns.max_ttl, std::time::Duration::from_secs(10));
         assert_eq!(c.dns.max_learned, 100);
         assert!(c.dns.only_policy_names);
-        let unknown = parse("trustDomain: example.org\ndns: {upstream: 1.1.1.1}\n").expect_err("unknown field");
-        assert!(unknown.to_string().contains("dns: unknown field `upstream`"), "{unknown}");
+        let unknown = parse("trustDomain: example.org\ndns: {upstream: 1.1.1.1}\n")
+            .expect_err("unknown field");
+        assert!(
+            unknown
+                .to_string()
+                .contains("dns: unknown field `upstream`"),
+            "{unknown}"
+        );
     }
 
     #[test]

@@ -18,8 +18,8 @@ use crate::{
     events::Names,
     identity,
     kernel::{self, services::ServiceTable},
-    policy::{self, Compiled, RuleIds, WorkloadInfo},
     placement::Placement,
+    policy::{self, Compiled, RuleIds, WorkloadInfo},
 };
 
 /// Reads the configuration file, with the command line's control-plane flags over the file's.

@@ -39,7 +39,12 @@ pub fn find(cgroups: &[PathBuf], host: NetnsId) -> (Found, Option<Netns>) {
         let ns = match Netns::of_process(pid) {
             Ok(ns) => ns,
             // A process that exited between the two reads: try the next cgroup.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) || e.raw_os_error() == Some(libc::ESRCH) => continue,
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOENT)
+                    || e.raw_os_error() == Some(libc::ESRCH) =>
+            {
+                continue
+            }
             Err(_) => return (Found::Unknown, None),
         };
         if ns.id() == host {
@@ -49,4 +54,3 @@ pub fn find(cgroups: &[PathBuf], host: NetnsId) -> (Found, Option<Netns>) {
     }
     (Found::Nothing, None)
 }
-

@@ -119,6 +119,9 @@ mod tests {
             socket_netns_cookie(&listener).expect("cookie"),
             socket_netns_cookie(&own).expect("cookie")
         );
-        assert_eq!(first_process(Path::new("/nonexistent")).expect("gone"), None);
+        assert_eq!(
+            first_process(Path::new("/nonexistent")).expect("gone"),
+            None
+        );
     }
 }

@@ -91,6 +91,24 @@ const HOST_ONLY: &[&str] = &[
     "a_revoked_certificate_is_refused_and_an_agent_replaces_its_own_at_once",
     "certificate_rotation_does_not_break_a_long_lived_connection",
     "openssl_s_client_with_a_workload_certificate_completes_a_handshake_with_the_inbound_port",
+    // DNS-aware egress: the guests run the name admitted over UDP and TCP (the redirect, the
+    // proxy's lookup of the socket, the learned decision, recvmsg showing the resolver) on both
+    // kernels; what else the proxy does with answers, bounds and restarts is user space.
+    "a_learned_address_is_refused_once_its_bounded_ttl_is_over",
+    "a_cname_chain_and_a_pattern_admit_the_names_they_match_and_no_others",
+    "policy_reloads_keep_the_learned_addresses_of_the_names_they_still_name",
+    "names_that_share_an_address_each_keep_their_rule",
+    "a_resolver_on_loopback_is_proxied_like_any_other",
+    "ipv6_resolver_and_aaaa_answers_admit_ipv6_connections",
+    "a_restart_keeps_learned_names_and_never_admits_a_name_it_did_not_learn",
+    "a_restart_with_a_lower_max_learned_holds_no_more_than_it",
+    "answers_a_resolver_should_not_give_teach_nothing_they_should_not",
+    "bad_queries_resolvers_not_allowed_and_queries_the_kernel_did_not_send_are_refused",
+    "a_query_straight_to_the_proxy_from_a_port_a_workload_used_is_refused",
+    "a_resolver_that_closes_tcp_after_each_answer_still_answers_every_query",
+    "only_policy_names_refuses_names_outside_the_policy",
+    "bursts_under_the_default_open_file_limit_lose_no_query_unaccounted",
+    "ten_thousand_names_stay_within_max_learned_and_a_burst_is_bounded_in_flight",
 ];
 /// ...and the test files of the control plane's distribution between nodes, whose kernel side
 /// the single-node files cover, of deployment (the image, the manifests, the systemd units), and

@@ -372,7 +372,7 @@ impl Inner {
             return Ok(id);
         }
         // Ids are reused only once the whole range went round.
-        let span = LAST_FQDN_NAME - FIRST_FQDN_NAME;
+        let span = LAST_FQDN_NAME - FIRST_FQDN_NAME + 1;
         let mut id = self.next_id % span;
         while self.names.contains_key(&id) {
             id = (id + 1) % span;

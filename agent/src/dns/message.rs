@@ -47,7 +47,10 @@ pub fn parse_query(bytes: &[u8]) -> Result<Query, String> {
         return Err("a response sent as a query".into());
     }
     if message.metadata.op_code != OpCode::Query {
-        return Err(format!("opcode {:?} is not a query", message.metadata.op_code));
+        return Err(format!(
+            "opcode {:?} is not a query",
+            message.metadata.op_code
+        ));
     }
     let [question] = message.queries.as_slice() else {
         return Err(format!(
@@ -165,7 +168,11 @@ mod tests {
     }
 
     fn a(name: &str, ttl: u32, addr: [u8; 4]) -> Record {
-        Record::from_rdata(Name::from_str(name).unwrap(), ttl, RData::A(A(Ipv4Addr::from(addr))))
+        Record::from_rdata(
+            Name::from_str(name).unwrap(),
+            ttl,
+            RData::A(A(Ipv4Addr::from(addr))),
+        )
     }
 
     fn cname(name: &str, target: &str) -> Record {
@@ -185,7 +192,10 @@ mod tests {
         assert!(parse_query(&answer(7, "a.example.", RecordType::A, vec![]))
             .unwrap_err()
             .contains("response"));
-        assert_eq!(format_error(&[0x12, 0x34, 0xff]).map(|m| m[..2].to_vec()), Some(vec![0x12, 0x34]));
+        assert_eq!(
+            format_error(&[0x12, 0x34, 0xff]).map(|m| m[..2].to_vec()),
+            Some(vec![0x12, 0x34])
+        );
         assert_eq!(format_error(&[1]), None);
     }
 
@@ -223,10 +233,33 @@ mod tests {
             60,
             RData::AAAA(AAAA(Ipv6Addr::LOCALHOST)),
         );
-        assert_eq!(parse_answer(&q, &answer(8, "a.example.", RecordType::AAAA, vec![aaaa.clone()])).unwrap(), None);
-        assert_eq!(parse_answer(&q, &answer(7, "b.example.", RecordType::AAAA, vec![aaaa.clone()])).unwrap(), None);
-        assert_eq!(parse_answer(&q, &answer(7, "a.example.", RecordType::A, vec![aaaa.clone()])).unwrap(), None);
-        let got = parse_answer(&q, &answer(7, "A.EXAMPLE.", RecordType::AAAA, vec![aaaa])).unwrap().unwrap();
+        assert_eq!(
+            parse_answer(
+                &q,
+                &answer(8, "a.example.", RecordType::AAAA, vec![aaaa.clone()])
+            )
+            .unwrap(),
+            None
+        );
+        assert_eq!(
+            parse_answer(
+                &q,
+                &answer(7, "b.example.", RecordType::AAAA, vec![aaaa.clone()])
+            )
+            .unwrap(),
+            None
+        );
+        assert_eq!(
+            parse_answer(
+                &q,
+                &answer(7, "a.example.", RecordType::A, vec![aaaa.clone()])
+            )
+            .unwrap(),
+            None
+        );
+        let got = parse_answer(&q, &answer(7, "A.EXAMPLE.", RecordType::AAAA, vec![aaaa]))
+            .unwrap()
+            .unwrap();
         assert_eq!(got.addresses, [(IpAddr::V6(Ipv6Addr::LOCALHOST), 60)]);
         assert!(parse_answer(&q, &[0; 5]).is_err());
     }
@@ -234,14 +267,22 @@ mod tests {
     #[test]
     fn a_cname_loop_and_a_flood_of_records_are_bounded() {
         let q = parse_query(&query("a.example.", RecordType::A)).unwrap();
-        let mut records = vec![cname("a.example.", "b.example."), cname("b.example.", "a.example.")];
+        let mut records = vec![
+            cname("a.example.", "b.example."),
+            cname("b.example.", "a.example."),
+        ];
         records.extend((0..1000u32).map(|i| a("a.example.", 60, (0x0a00_0000 + i).to_be_bytes())));
-        let got = parse_answer(&q, &answer(7, "a.example.", RecordType::A, records)).unwrap().unwrap();
+        let got = parse_answer(&q, &answer(7, "a.example.", RecordType::A, records))
+            .unwrap()
+            .unwrap();
         assert_eq!(got.chain, ["a.example", "b.example"]);
         assert_eq!(got.addresses.len(), MAX_ADDRESSES);
         let refused = error_answer(&q, ResponseCode::Refused);
         let m = Message::from_vec(&refused).unwrap();
-        assert_eq!((m.metadata.id, m.metadata.response_code), (7, ResponseCode::Refused));
+        assert_eq!(
+            (m.metadata.id, m.metadata.response_code),
+            (7, ResponseCode::Refused)
+        );
         assert_eq!(parse_answer(&q, &refused).unwrap().unwrap().addresses, []);
     }
 }

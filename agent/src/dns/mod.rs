@@ -36,8 +36,8 @@ use tokio::{
 };
 use ward_host::netns::{self, Netns, NetnsId};
 
-pub use learned::{boot_ns, name_of, Learned};
 use learned::Learnt;
+pub use learned::{boot_ns, name_of, Learned};
 
 use crate::{
     config::DnsSettings,
@@ -202,15 +202,13 @@ impl DnsProxy {
                 continue;
             }
             let ns = Arc::new(ns);
-            let opened = ns
-                .run(|| bind(self.port))
-                .and_then(|(udp, tcp)| {
-                    let place = Place {
-                        netns: Some(ns.clone()),
-                        cookie: listener_cookie(&udp)?,
-                    };
-                    serve(&self.runtime, udp, tcp, place, &self.shared)
-                });
+            let opened = ns.run(|| bind(self.port)).and_then(|(udp, tcp)| {
+                let place = Place {
+                    netns: Some(ns.clone()),
+                    cookie: listener_cookie(&udp)?,
+                };
+                serve(&self.runtime, udp, tcp, place, &self.shared)
+            });
             match opened {
                 Ok(serving) => {
                     tracing::info!(
@@ -455,7 +453,10 @@ async fn answer(
     };
     let Some(original) = original else {
         count(shared, "refused");
-        tracing::debug!(name = query.name, "DNS proxy: a query the kernel did not send here is refused");
+        tracing::debug!(
+            name = query.name,
+            "DNS proxy: a query the kernel did not send here is refused"
+        );
         return Some(message::error_answer(&query, ResponseCode::Refused));
     };
     let workload = original.local_identity;
@@ -474,7 +475,11 @@ async fn answer(
         forward(bytes, &query, resolver, place, upstream),
     )
     .await
-    .unwrap_or_else(|_| Err(format!("no answer from {resolver} within {UPSTREAM_TIMEOUT:?}")));
+    .unwrap_or_else(|_| {
+        Err(format!(
+            "no answer from {resolver} within {UPSTREAM_TIMEOUT:?}"
+        ))
+    });
     let (raw, answer) = match forwarded {
         Ok(forwarded) => forwarded,
         Err(why) => {
@@ -487,7 +492,10 @@ async fn answer(
         }
     };
     if !answer.addresses.is_empty() && message::asks_addresses(&query) {
-        match shared.learned.learn(workload, &answer.chain, &answer.addresses) {
+        match shared
+            .learned
+            .learn(workload, &answer.chain, &answer.addresses)
+        {
             Ok(Learnt::Addresses { count, ttl }) => tracing::debug!(
                 name = query.name,
                 chain = ?answer.chain,
@@ -527,7 +535,10 @@ async fn forward(
             socket.send(bytes).await.map_err(|e| format!("send: {e}"))?;
             let mut buf = vec![0u8; MAX_MESSAGE];
             loop {
-                let n = socket.recv(&mut buf).await.map_err(|e| format!("receive: {e}"))?;
+                let n = socket
+                    .recv(&mut buf)
+                    .await
+                    .map_err(|e| format!("receive: {e}"))?;
                 if let Some(answer) = message::parse_answer(query, &buf[..n])? {
                     return Ok((buf[..n].to_vec(), answer));
                 }
@@ -560,7 +571,9 @@ async fn exchange_tcp(
     bytes: &[u8],
     query: &message::Query,
 ) -> Result<(Vec<u8>, message::Answer), String> {
-    write_framed(stream, bytes).await.map_err(|e| format!("send: {e}"))?;
+    write_framed(stream, bytes)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
     loop {
         let message = read_framed(stream)
             .await

@@ -19,12 +19,12 @@ use std::{
 };
 
 use agent_common::{
-    map_names, program_names, CgroupValue, ConnectingValue, DnsFlow, DnsName, DnsProxyConfig, DnsSocket,
-    EventLimitKey, EventLimitValue, LearnedKey, LearnedValue,
-    FlowCountKey, FlowKey, IpcacheKey, IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue,
-    OriginalDst, OwnerValue, PolicyKey, PolicyValue, RedirectKey, ServiceAddr, ServiceSocketKey,
-    Settings, SocketValue, StateValue, TunnelConfig, UdpFlowValue, MAX_CGROUPS, MAX_CONNECTING,
-    MAX_IPCACHE, MAX_IPCACHE_PREFIXES, MAX_LISTENERS, MAX_OWNERS, MAX_POLICY_ENTRIES,
+    map_names, program_names, CgroupValue, ConnectingValue, DnsFlow, DnsName, DnsProxyConfig,
+    DnsSocket, EventLimitKey, EventLimitValue, FlowCountKey, FlowKey, IpcacheKey, IpcacheLpmData,
+    IpcacheValue, LearnedKey, LearnedValue, ListenerKey, ListenerValue, OriginalDst, OwnerValue,
+    PolicyKey, PolicyValue, RedirectKey, ServiceAddr, ServiceSocketKey, Settings, SocketValue,
+    StateValue, TunnelConfig, UdpFlowValue, MAX_CGROUPS, MAX_CONNECTING, MAX_IPCACHE,
+    MAX_IPCACHE_PREFIXES, MAX_LISTENERS, MAX_OWNERS, MAX_POLICY_ENTRIES,
     MAX_SERVICE_BACKENDS_TOTAL, MAX_SERVICE_FRONTENDS, MAX_SOCKETS, MAX_UDP_FLOWS,
 };
 use aya::{

@@ -25,14 +25,13 @@ use ward_tunnel::{
     SvidStore, TrustStore, TunnelError, Verdict,
 };
 
-
 use crate::{
     config::TunnelSettings,
-    placement::{self, Placement},
     control::{ControlPlaneConfig, RemoteState, WorkloadSigner},
     events::SharedNames,
     flows::{FlowHub, FlowRecord},
     kernel::tunnel::{original_destination, TunnelMaps},
+    placement::{self, Placement},
     policy::{self, Compiled, WorkloadInfo},
 };
 
@@ -261,7 +260,10 @@ impl Tunnel {
             let (found, netns) = placement::find(&placement.cgroups, self.host_netns);
             if found == placement::Found::Unknown {
                 // Kept as they are until the workload can be looked at again.
-                let kept = self.pods.iter().filter(|(_, pod)| pod.workload == placement.workload);
+                let kept = self
+                    .pods
+                    .iter()
+                    .filter(|(_, pod)| pod.workload == placement.workload);
                 seen.extend(kept.map(|(id, _)| *id));
                 continue;
             }

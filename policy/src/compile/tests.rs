@@ -899,7 +899,11 @@ fn an_audit_rule_of_the_address_never_hides_an_allow_by_name() {
     let decided = compiled.decide_learned(CLIENT, remote, &[api], OUT, TCP, 443);
     assert_eq!(
         (decided.verdict, decided.rule, decided.selector),
-        (VERDICT_ALLOW, rule_id(&compiled, "client-out", "payments"), Some(api)),
+        (
+            VERDICT_ALLOW,
+            rule_id(&compiled, "client-out", "payments"),
+            Some(api)
+        ),
         "the audit policy's match of the address leaves the name's allow in force"
     );
     let not_learned = compiled.decide(CLIENT, remote, OUT, TCP, 443);
