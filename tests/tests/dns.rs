@@ -262,11 +262,11 @@ fn ip(text: &str) -> IpAddr {
     text.parse().expect("an address literal")
 }
 
-#[test]
-fn a_name_in_the_policy_is_reachable_at_the_addresses_it_resolved_to_only() {
-    let mut s = Setup::new("dns-basic", &[2, 3]);
+/// The resolver (lab host 1, dnsmasq) answering `api.test.example` with host 2 and
+/// `other.test.example` with host 3, for 30 s.
+fn api_and_other(s: &Setup) -> (IpAddr, IpAddr, IpAddr, Dnsmasq) {
     let (resolver, api, other) = (s.lab.v4(1), s.lab.v4(2), s.lab.v4(3));
-    let _dnsmasq = Dnsmasq::start(
+    let dnsmasq = Dnsmasq::start(
         s.lab.peer().name(),
         &[resolver],
         &[
@@ -275,6 +275,13 @@ fn a_name_in_the_policy_is_reachable_at_the_addresses_it_resolved_to_only() {
         ],
         &s.lab.outside(),
     );
+    (resolver, api, other, dnsmasq)
+}
+
+#[test]
+fn a_name_in_the_policy_is_reachable_at_the_addresses_it_resolved_to_only() {
+    let mut s = Setup::new("dns-basic", &[2, 3]);
+    let (resolver, api, other, _dnsmasq) = api_and_other(&s);
     let policy = client_policy(&[resolver], &name_rule("api", &[fqdn("api.test.example")]));
     let ward = s.start(&policy, "{minTtlSeconds: 2, maxTtlSeconds: 30}", &[]);
     let resolv = s.resolv(resolver, "");
@@ -2193,16 +2200,7 @@ fn ten_thousand_names_stay_within_max_learned_and_a_burst_is_bounded_in_flight()
 #[test]
 fn only_policy_names_refuses_names_outside_the_policy() {
     let mut s = Setup::new("dns-only", &[2, 3]);
-    let (resolver, api, other) = (s.lab.v4(1), s.lab.v4(2), s.lab.v4(3));
-    let _dnsmasq = Dnsmasq::start(
-        s.lab.peer().name(),
-        &[resolver],
-        &[
-            host_record("api.test.example", &[api], 30),
-            host_record("other.test.example", &[other], 30),
-        ],
-        &s.lab.outside(),
-    );
+    let (resolver, api, other, _dnsmasq) = api_and_other(&s);
     let policy = client_policy(&[resolver], &name_rule("api", &[fqdn("api.test.example")]));
     let ward = s.start(&policy, "{onlyPolicyNames: true, minTtlSeconds: 30}", &[]);
     let resolv = s.resolv(resolver, "");

@@ -564,17 +564,23 @@ pub fn median(runs: &[Measurement]) -> Measurement {
     }
 }
 
-fn parse_report(line: &str) -> Result<Measurement> {
+/// The numeric fields of a load generator's report line (`name=value ...`), or the error it
+/// reported (`error=...`, which failed `what`).
+pub fn report_fields<'a>(line: &'a str, what: &str) -> Result<impl Fn(&str) -> Result<f64> + 'a> {
     if let Some(error) = line.trim().strip_prefix("error=") {
-        bail!("a connect failed: {error}");
+        bail!("{what} failed: {error}");
     }
-    let field = |name: &str| -> Result<f64> {
+    Ok(move |name: &str| -> Result<f64> {
         line.split_whitespace()
             .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
             .with_context(|| format!("no {name}"))?
             .parse()
             .with_context(|| format!("bad {name}"))
-    };
+    })
+}
+
+fn parse_report(line: &str) -> Result<Measurement> {
+    let field = report_fields(line, "a connect")?;
     Ok(Measurement {
         conns_per_sec: field("conns")? / field("seconds")?,
         p50_us: field("p50_ns")? / 1000.0,

@@ -850,16 +850,7 @@ fn lookup_table(rows: &[DnsRow]) -> String {
 }
 
 fn parse_lookups(line: &str) -> Result<Lookups> {
-    if let Some(error) = line.trim().strip_prefix("error=") {
-        bail!("a query failed: {error}");
-    }
-    let field = |name: &str| -> Result<f64> {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-            .with_context(|| format!("no {name}"))?
-            .parse()
-            .with_context(|| format!("bad {name}"))
-    };
+    let field = bench::report_fields(line, "a query")?;
     Ok(Lookups {
         queries_per_sec: field("queries")? / field("seconds")?,
         p50_us: field("p50_ns")? / 1000.0,
