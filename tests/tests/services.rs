@@ -8,7 +8,10 @@
 //! IPs: a connection the kernel did not translate fails there, and nothing leaves the test's
 //! namespaces.
 mod support;
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use support::*;
 use ward_tests::{
@@ -180,11 +183,19 @@ fn a_cluster_ip_is_translated_to_a_backend_and_policy_judges_the_backend() {
         &["--count", "20"],
     );
     assert_eq!(sticky.count(&Outcome::Ok), 20, "{sticky:?}");
-    let gained: Vec<usize> = [0, 2]
-        .iter()
-        .zip(&before)
-        .map(|(i, b)| db_http[*i].received() - b)
-        .collect();
+    // The listeners' receipt lines are read as they print them: wait for all 20.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let gained = loop {
+        let gained: Vec<usize> = [0, 2]
+            .iter()
+            .zip(&before)
+            .map(|(i, b)| db_http[*i].received() - b)
+            .collect();
+        if gained.iter().sum::<usize>() >= 20 || Instant::now() > deadline {
+            break gained;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(
         gained.contains(&0) && gained.contains(&20),
         "one backend took all: {gained:?}"
