@@ -447,13 +447,8 @@ pub fn run_client(
     if transport.is_udp() {
         cmd.arg("--udp");
     }
-    let child = children.spawn(&mut cmd)?;
-    let limit = Duration::from_secs_f64(seconds + 30.0);
-    if sys::wait_timeout(child, limit)?.is_none() {
-        bail!("{variant}: the client did not finish within {limit:?} (a connect hung?)");
-    }
-    let mut report = String::new();
-    BufReader::new(child.stdout.take().expect("stdout is piped")).read_line(&mut report)?;
+    let report = report_line(&mut children, &mut cmd, seconds)
+        .with_context(|| format!("{variant}: the client (a connect hung?)"))?;
     let m = parse_report(&report)
         .with_context(|| format!("{variant}, {transport} to {target}: client said {report:?}"))?;
     println!(
@@ -562,6 +557,18 @@ pub fn median(runs: &[Measurement]) -> Measurement {
         slow: runs.iter().map(|m| m.slow).sum(),
         total_conns: runs.iter().map(|m| m.total_conns).sum(),
     }
+}
+
+/// Runs a load generator for about `seconds` (its stdout piped) and returns its report line.
+pub fn report_line(children: &mut Children, cmd: &mut Command, seconds: f64) -> Result<String> {
+    let child = children.spawn(cmd)?;
+    let limit = Duration::from_secs_f64(seconds + 30.0);
+    if sys::wait_timeout(child, limit)?.is_none() {
+        bail!("it did not finish within {limit:?}");
+    }
+    let mut report = String::new();
+    BufReader::new(child.stdout.take().expect("stdout is piped")).read_line(&mut report)?;
+    Ok(report)
 }
 
 /// The numeric fields of a load generator's report line (`name=value ...`), or the error it

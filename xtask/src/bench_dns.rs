@@ -15,7 +15,7 @@
 use std::{
     fmt::{self, Write as _},
     fs,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -562,13 +562,8 @@ fn measure_lookups(
     if let Some(cpu) = cpu {
         pin(&mut cmd, cpu);
     }
-    let child = children.spawn(&mut cmd)?;
-    let limit = Duration::from_secs_f64(seconds + 30.0);
-    if sys::wait_timeout(child, limit)?.is_none() {
-        bail!("{label}, {transport}: the DNS client did not finish within {limit:?}");
-    }
-    let mut report = String::new();
-    BufReader::new(child.stdout.take().expect("stdout is piped")).read_line(&mut report)?;
+    let report = bench::report_line(&mut children, &mut cmd, seconds)
+        .with_context(|| format!("{label}, {transport}: the DNS client"))?;
     let m = parse_lookups(&report)
         .with_context(|| format!("{label}, {transport}: the DNS client said {report:?}"))?;
     println!(
