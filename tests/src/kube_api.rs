@@ -15,7 +15,7 @@
 //!   `resourceVersion` (none or `0`: a synthetic `ADDED` per object first, and with
 //!   `sendInitialEvents=true` the `k8s.io/initial-events-end` bookmark), bookmarks on
 //!   [`KubeApi::bookmark`] when `allowWatchBookmarks=true`, an `ERROR` Status `410 Expired` for a
-//!   revision older than the last [`KubeApi::compact`], and ends at `timeoutSeconds`;
+//!   revision older than the last [`KubeApi::compact_and_cut_watches`], and ends at `timeoutSeconds`;
 //! - equality-based `labelSelector`/`fieldSelector` (set-based ones answer 400);
 //! - POST of Events (`v1` and `events.k8s.io/v1`) and PATCH/PUT of an Event, recorded for
 //!   [`KubeApi::events`]; PATCH/PUT of `.../status`, merged into the object (a `MODIFIED`
@@ -220,10 +220,15 @@ impl KubeApi {
         self.server.shared.pulse.send_replace(());
     }
 
-    /// Forgets the history of changes: a watch from an older revision than the current one gets
-    /// `410 Expired` (a watch from the current revision is still fine, as after etcd's compaction).
-    pub fn compact(&self) {
-        self.server.shared.lock().store.compact();
+    /// An API server restart after etcd compacted its history: every open watch ends, and a
+    /// watch from an older revision than the current one then gets `410 Expired` (a watch from
+    /// the current revision is still fine). Both at once, under one lock: an open watch never
+    /// sees the compaction (a real API server's watch cache keeps serving its open watches).
+    pub fn compact_and_cut_watches(&self) {
+        let mut state = self.server.shared.lock();
+        state.store.compact();
+        state.cuts += 1;
+        drop(state);
         self.server.shared.pulse.send_replace(());
     }
 

@@ -134,8 +134,7 @@ async fn kube_watcher_lists_watches_resumes_and_relists_against_the_stand_in() {
     // A compaction past the watcher's revision (5; the Namespace takes 6), then a restart: the
     // resumed watch gets 410 Expired and the watcher lists again.
     api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "apps"}}));
-    api.compact();
-    api.cut_watches();
+    api.compact_and_cut_watches();
     expect(
         &api,
         &mut stream,

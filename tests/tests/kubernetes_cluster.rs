@@ -299,8 +299,7 @@ fn pods_labels_namespaces_and_network_policies_from_the_api_are_enforced_by_thei
     shop.api.apply(client_egress(to_app("web")));
     shop.until(&shop.web, Outcome::Ok, "policy allows web again");
     let before = shop.api.requests().len();
-    shop.api.compact();
-    shop.api.cut_watches();
+    shop.api.compact_and_cut_watches();
     shop.stays(
         &shop.web,
         Outcome::Ok,

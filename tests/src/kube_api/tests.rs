@@ -244,7 +244,7 @@ fn a_watch_from_before_a_compaction_gets_410_expired() {
     let api = KubeApi::start();
     api.apply(pod("a", "p"));
     api.apply(pod("a", "q"));
-    api.compact();
+    api.compact_and_cut_watches();
     let mut watch = request(
         &api,
         "GET",
