@@ -284,7 +284,8 @@ pub struct PolicyValue {
     pub allow_rule: u32,
     pub audit_deny_rule: u32,
     pub audit_allow_rule: u32,
-    /// [`POLICY_FLAG_MTLS`] when `allow_rule` requires mutual TLS.
+    /// [`POLICY_FLAG_MTLS`] when `allow_rule` requires mutual TLS; on an isolation entry,
+    /// [`POLICY_FLAG_FQDN`] and the [`POLICY_FLAGS_ABSENT`].
     pub flags: u32,
 }
 
@@ -293,6 +294,29 @@ pub const POLICY_FLAG_MTLS: u32 = 1;
 /// egress rules name DNS names, so its DNS goes through the agent's proxy and the addresses it
 /// learned there count ([`LearnedKey`]).
 pub const POLICY_FLAG_FQDN: u32 = 2;
+/// On an isolation entry: no entry of its workload and direction names [`IDENTITY_ANY`] as the
+/// remote, so a decision skips those lookups. The `NO_*` flags say what is absent, never what is
+/// present: an entry without them (an older agent's) only makes the kernel look everything up.
+pub const POLICY_FLAG_NO_ANY_REMOTE: u32 = 4;
+/// On an isolation entry: no entry of its workload and direction is a protocol's any port
+/// (`PORT_ANY` with a protocol).
+pub const POLICY_FLAG_NO_ANY_PORT: u32 = 8;
+/// On an isolation entry: no entry of its workload and direction but the isolation entry itself
+/// is any protocol (`PROTO_ANY`).
+pub const POLICY_FLAG_NO_ANY_PROTOCOL: u32 = 16;
+/// The `NO_*` flags: which lookups of a decision find nothing (the policy compiler's last pass).
+pub const POLICY_FLAGS_ABSENT: u32 =
+    POLICY_FLAG_NO_ANY_REMOTE | POLICY_FLAG_NO_ANY_PORT | POLICY_FLAG_NO_ANY_PROTOCOL;
+
+/// Whether a decision skips a lookup under its isolation entry's `flags`: the lookup of the
+/// `n`th port key of a remote (0: the port, 1: the protocol's any port, 2: any protocol), of
+/// [`IDENTITY_ANY`] when `any_remote`. Only lookups that cannot find an entry are skipped.
+#[inline(always)]
+pub const fn lookup_skipped(flags: u32, any_remote: bool, n: usize) -> bool {
+    (any_remote && flags & POLICY_FLAG_NO_ANY_REMOTE != 0)
+        || (n == 1 && flags & POLICY_FLAG_NO_ANY_PORT != 0)
+        || (n == 2 && flags & POLICY_FLAG_NO_ANY_PROTOCOL != 0)
+}
 
 /// The most name selectors one learned address is decided as (a name matched by more selectors of
 /// one workload's policy keeps the first ones, in selector order).

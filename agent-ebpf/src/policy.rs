@@ -80,6 +80,33 @@ fn lookup_at(key: &mut PolicyKey, (port, protocol): (u16, u8)) -> Option<PolicyV
     lookup(key)
 }
 
+/// Merges into `v` the entries of `key`'s remote at each of [`port_keys`] not skipped under
+/// the isolation entry's flags `absent`. Unrolled, with no array on the frame: the connect hook's
+/// frames share 512 bytes.
+#[inline(always)]
+fn merge_ports(
+    key: &mut PolicyKey,
+    port: u16,
+    protocol: u8,
+    absent: u32,
+    any_remote: bool,
+    v: &mut PolicyValue,
+) {
+    if let Some(e) = lookup_at(key, (port, protocol)) {
+        merge(v, &e);
+    }
+    if !lookup_skipped(absent, any_remote, 1) {
+        if let Some(e) = lookup_at(key, (PORT_ANY, protocol)) {
+            merge(v, &e);
+        }
+    }
+    if !lookup_skipped(absent, any_remote, 2) {
+        if let Some(e) = lookup_at(key, (PORT_ANY, PROTO_ANY)) {
+            merge(v, &e);
+        }
+    }
+}
+
 #[inline(always)]
 fn merge(acc: &mut PolicyValue, v: &PolicyValue) {
     if acc.deny_rule == 0 {
@@ -140,25 +167,21 @@ pub fn decide_as(
     let Some(iso) = lookup(&key) else {
         return u64::from(VERDICT_ALLOW);
     };
+    // Lookups of shapes the workload's entries never have are skipped ([`lookup_skipped`]).
+    let absent = iso.flags;
     let mut v = PolicyValue::default();
-    for r in [remote, IDENTITY_ANY] {
-        key.remote_identity = r;
-        for at in port_keys(port, protocol) {
-            if let Some(e) = lookup_at(&mut key, at) {
-                merge(&mut v, &e);
-            }
-        }
+    key.remote_identity = remote;
+    merge_ports(&mut key, port, protocol, absent, false, &mut v);
+    if !lookup_skipped(absent, true, 0) {
+        key.remote_identity = IDENTITY_ANY;
+        merge_ports(&mut key, port, protocol, absent, true, &mut v);
     }
     for &name in names {
         if name == 0 {
             break;
         }
         key.remote_identity = name;
-        for at in port_keys(port, protocol) {
-            if let Some(e) = lookup_at(&mut key, at) {
-                merge(&mut v, &e);
-            }
-        }
+        merge_ports(&mut key, port, protocol, absent, false, &mut v);
     }
     let mut flags = PACKED_ISOLATED;
     if iso.flags & POLICY_FLAG_FQDN != 0 {

@@ -6,7 +6,8 @@ use std::net::IpAddr;
 use agent_common::{
     icmp_type_port, PolicyKey, PolicyValue, DIRECTION_EGRESS, DIRECTION_INGRESS, DIRECTION_MTLS,
     IDENTITY_ANY, IDENTITY_WORLD, MAX_LEARNED_SELECTORS, MAX_POLICY_ENTRIES, POLICY_FLAG_FQDN,
-    POLICY_FLAG_MTLS, PORT_ANY, PROTO_ANY, REMOTE_ISOLATION, VERDICT_ALLOW, VERDICT_AUDIT,
+    POLICY_FLAGS_ABSENT, POLICY_FLAG_MTLS, POLICY_FLAG_NO_ANY_PORT, POLICY_FLAG_NO_ANY_PROTOCOL,
+    POLICY_FLAG_NO_ANY_REMOTE, PORT_ANY, PROTO_ANY, REMOTE_ISOLATION, VERDICT_ALLOW, VERDICT_AUDIT,
     VERDICT_DENY, VERDICT_REDIRECT,
 };
 use ipnet::IpNet;
@@ -389,6 +390,7 @@ fn compile_inner(
     for policy in &set.policies {
         compiled.mtls_demands(policy, workloads, peers, rule_ids, observe)?;
     }
+    compiled.mark_absent_lookups();
     Ok(compiled)
 }
 
@@ -474,6 +476,43 @@ fn port_keys(rule: &Rule) -> BTreeSet<(u8, u16)> {
 }
 
 impl Compiled {
+    /// Marks each isolation entry with the [`POLICY_FLAGS_ABSENT`] of its workload and
+    /// direction: the shapes of key (any remote, a protocol's any port, any protocol) that none
+    /// of their entries has. The kernel skips the lookups of those shapes, which could only miss
+    /// ([`agent_common::lookup_skipped`]): a workload whose rules name peers and ports pays two
+    /// lookups per decision instead of seven. The flags are part of the isolation entry's value,
+    /// written with it in the same generation, so they always describe the entries beside them.
+    fn mark_absent_lookups(&mut self) {
+        let mut present: BTreeMap<(u32, u8), u32> = BTreeMap::new();
+        for key in self.entries.keys() {
+            if key.remote_identity == REMOTE_ISOLATION {
+                continue;
+            }
+            let mut shapes = 0;
+            if key.remote_identity == IDENTITY_ANY {
+                shapes |= POLICY_FLAG_NO_ANY_REMOTE;
+            }
+            if key.protocol == PROTO_ANY {
+                shapes |= POLICY_FLAG_NO_ANY_PROTOCOL;
+            } else if key.port == PORT_ANY {
+                shapes |= POLICY_FLAG_NO_ANY_PORT;
+            }
+            *present
+                .entry((key.local_identity, key.direction))
+                .or_default() |= shapes;
+        }
+        for (key, value) in &mut self.entries {
+            if key.remote_identity == REMOTE_ISOLATION {
+                let present = present
+                    .get(&(key.local_identity, key.direction))
+                    .copied()
+                    .unwrap_or(0);
+                value.flags =
+                    (value.flags & !POLICY_FLAGS_ABSENT) | (POLICY_FLAGS_ABSENT & !present);
+            }
+        }
+    }
+
     /// Merges one contribution; of two rules for the same field the lower id stays.
     fn merge(
         &mut self,

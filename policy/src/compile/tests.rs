@@ -65,6 +65,8 @@ fn small_policy_compiles_to_exact_entries() {
             super::isolation_key(WEB, IN),
             PolicyValue {
                 deny_rule: 1,
+                // Its only rule names a peer and a port: every other lookup could only miss.
+                flags: POLICY_FLAGS_ABSENT,
                 ..Default::default()
             },
         ),
@@ -685,12 +687,12 @@ fn dns_names_compile_to_selector_identities_and_flag_the_egress_isolation() {
         isolation(CLIENT),
         PolicyValue {
             deny_rule: rule_id(&compiled, "client-out", "default-deny"),
-            flags: POLICY_FLAG_FQDN,
+            flags: POLICY_FLAG_FQDN | (isolation(CLIENT).flags & POLICY_FLAGS_ABSENT),
             ..Default::default()
         }
     );
     assert_eq!(
-        isolation(DB).flags,
+        isolation(DB).flags & POLICY_FLAG_FQDN,
         POLICY_FLAG_FQDN,
         "audit mode names names too"
     );
@@ -715,7 +717,7 @@ fn the_fqdn_flag_survives_merging_with_policies_without_names() {
         let compiled = compiled(&yaml);
         let isolation = compiled.entries[&super::isolation_key(CLIENT, OUT)];
         assert_eq!(
-            (isolation.deny_rule, isolation.flags),
+            (isolation.deny_rule, isolation.flags & POLICY_FLAG_FQDN),
             (
                 rule_id(&compiled, "a-plain", "default-deny").min(rule_id(
                     &compiled,
@@ -735,7 +737,7 @@ fn the_fqdn_flag_survives_merging_with_policies_without_names() {
         .entries
         .get_mut(&super::isolation_key(CLIENT, OUT))
         .expect("isolation entry")
-        .flags = POLICY_FLAG_FQDN;
+        .flags |= POLICY_FLAG_FQDN;
     assert_ne!(
         without, flag_only,
         "the flag is part of a compile's equality"
@@ -1179,4 +1181,71 @@ fn random_policies(rng: &mut Rng) -> String {
         yaml += &policy(&format!("p{p}"), spec.trim_end());
     }
     yaml
+}
+
+/// The kernel skips the lookups of key shapes an isolation entry says its workload's entries
+/// never have: each skipped key must be absent, for every query, so the kernel's decision is the
+/// full lookup's (which [`Compiled::decide`] makes).
+#[test]
+fn the_lookups_a_decision_skips_could_only_miss() {
+    let shapes = [
+        // A peer and a port, a peer and a protocol, a peer with no ports, any peer on a port,
+        // anything, ICMP types, a CIDR, named ports, a DNS name, mTLS, audit mode.
+        "  selector: {labels: {app: web}}\n  ingress:\n    - from: [{labels: {app: client}}]\n      ports: [{port: 8080}]",
+        "  selector: {labels: {app: web}}\n  ingress:\n    - from: [{labels: {app: db}}]\n      ports: [{protocol: UDP}]",
+        "  selector: {labels: {app: client}}\n  egress:\n    - to: [{labels: {app: web}}]",
+        "  selector: {labels: {app: db}}\n  ingress:\n    - ports: [{port: 5432}]\n  egress:\n    - to: [{cidr: 10.0.0.0/8}]\n      ports: [{protocol: ICMP, icmpType: 8}]",
+        "  selector: {labels: {app: other}}\n  egress:\n    - name: anything\n  ingress:\n    - from: [{labels: {app: web}}]\n      ports: [{protocol: SCTP}]",
+        "  selector: {labels: {app: client}}\n  egress:\n    - to: [{fqdn: api.payments.example}]\n      ports: [{port: 443}]",
+        "  selector: {labels: {app: web}}\n  egress:\n    - to: [{labels: {app: db}}]\n      ports: [{port: 5432}]\n      mtls: required",
+        "  selector: {labels: {app: db}}\n  mode: audit\n  egress:\n    - action: deny\n      ports: [{protocol: TCP}]",
+    ];
+    let queries = [
+        (TCP, 8080),
+        (TCP, 443),
+        (TCP, 5432),
+        (UDP, 53),
+        (TCP, PORT_ANY),
+        (PROTO_ICMP, icmp_type_port(8)),
+        (PROTO_SCTP, 9),
+    ];
+    let identities = [WEB, CLIENT, DB, OTHER, IDENTITY_WORLD, IDENTITY_ANY, 0xF000_0000];
+    // Each shape alone, then all of them together.
+    let mut sets: Vec<String> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, body)| policy(&format!("p{i}"), body))
+        .collect();
+    sets.push(sets.concat());
+    let mut skipped = 0;
+    for yaml in &sets {
+        let compiled = compiled(yaml);
+        for (key, iso) in compiled
+            .entries
+            .iter()
+            .filter(|(k, _)| k.remote_identity == REMOTE_ISOLATION)
+        {
+            for remote in identities.iter().chain(compiled.fqdn.values()) {
+                for (protocol, port) in queries {
+                    let keys = super::lookup_keys(
+                        key.local_identity,
+                        *remote,
+                        key.direction,
+                        protocol,
+                        port,
+                    );
+                    for (i, looked_up) in keys.iter().enumerate() {
+                        if lookup_skipped(iso.flags, i >= 3, i % 3) {
+                            skipped += 1;
+                            assert!(
+                                !compiled.entries.contains_key(looked_up),
+                                "{looked_up:?} is skipped but present:\n{yaml}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(skipped > 0, "the policies leave lookups to skip");
 }
