@@ -1209,7 +1209,15 @@ fn the_lookups_a_decision_skips_could_only_miss() {
         (PROTO_ICMP, icmp_type_port(8)),
         (PROTO_SCTP, 9),
     ];
-    let identities = [WEB, CLIENT, DB, OTHER, IDENTITY_WORLD, IDENTITY_ANY, 0xF000_0000];
+    let identities = [
+        WEB,
+        CLIENT,
+        DB,
+        OTHER,
+        IDENTITY_WORLD,
+        IDENTITY_ANY,
+        0xF000_0000,
+    ];
     // Each shape alone, then all of them together.
     let mut sets: Vec<String> = shapes
         .iter()
