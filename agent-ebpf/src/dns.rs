@@ -51,7 +51,8 @@ pub fn decide_learned(who: u64, addr: &[u8; 16], what: u32, gen: u8) -> u64 {
         return 0;
     }
     // SAFETY: as above.
-    let packed = policy::decide_as(local, remote, unsafe { &(*learned).selectors }, what, gen);
+    let packed =
+        policy::decide_as::<false>(local, remote, unsafe { &(*learned).selectors }, what, gen);
     let id = u64::from(name.wrapping_sub(FIRST_FQDN_NAME) & LEARNED_NAME_MASK);
     packed | (id << LEARNED_NAME_SHIFT)
 }

@@ -147,15 +147,20 @@ pub fn decide(
 /// register: rule in the high half, the flags of [`unpack`] in bits 8 to 10, the verdict below.
 #[inline(never)]
 pub fn decide_packed(local: u32, remote: u32, what: u32, gen: u8) -> u64 {
-    decide_as(local, remote, &[0; MAX_LEARNED_SELECTORS], what, gen)
+    decide_as::<true>(local, remote, &[0; MAX_LEARNED_SELECTORS], what, gen)
 }
 
 /// [`decide_packed`] for a remote that is also the DNS-name selectors `names` (0 ends them):
 /// the entries of all merge as one peer's. Inlined into its two callers (each a BPF function of
 /// its own): one frame less in the connect hook's chain, which 6.1's verifier holds to 512
 /// bytes.
+///
+/// `SKIP`: skip the lookups the isolation entry says can only miss ([`lookup_skipped`]). The
+/// learned-address path looks everything up: there the skipping's branches took the connect
+/// hook's frames past the 512 bytes 6.1's verifier allows, and learned addresses are the rare
+/// case.
 #[inline(always)]
-pub fn decide_as(
+pub fn decide_as<const SKIP: bool>(
     local: u32,
     remote: u32,
     names: &[u32; MAX_LEARNED_SELECTORS],
@@ -168,7 +173,7 @@ pub fn decide_as(
         return u64::from(VERDICT_ALLOW);
     };
     // Lookups of shapes the workload's entries never have are skipped ([`lookup_skipped`]).
-    let absent = iso.flags;
+    let absent = if SKIP { iso.flags } else { 0 };
     let mut v = PolicyValue::default();
     key.remote_identity = remote;
     merge_ports(&mut key, port, protocol, absent, false, &mut v);
