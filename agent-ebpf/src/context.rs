@@ -9,12 +9,14 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
         bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_ktime_get_ns, bpf_set_retval,
-        bpf_sk_fullsock, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
-        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_sk_ancestor_cgroup_id, bpf_sk_cgroup_id, bpf_sk_fullsock, bpf_sk_lookup_tcp,
+        bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     programs::{SkBuffContext, SockAddrContext, SockContext},
     EbpfContext,
 };
+
+use crate::maps;
 
 /// One field of a structure the kernel passed in, read with a single load.
 macro_rules! field {
@@ -92,6 +94,69 @@ pub fn loopback_listener(ctx: &SockAddrContext, protocol: u8, v4: bool, port: u1
     // SAFETY: a socket the lookup returned, released once.
     unsafe { bpf_sk_release(sk as *mut _) };
     true
+}
+
+/// `TCP_SYN_SENT`, the state of a socket whose SYN is on its way.
+const TCP_SYN_SENT: u32 = 2;
+
+/// The workload of the socket on this host, in the receiving socket's network namespace, that
+/// sent the TCP SYN `flow` (`local` is the sender): the socket connecting from the flow's source
+/// to its destination, found by the kernel's own socket lookup, and named by its cgroup (or
+/// nearest mapped ancestor) as [`maps::workload`] names one. `None` when there is none: the sender
+/// is elsewhere, in another namespace, or of no workload. Only a socket in `SYN_SENT` counts: a
+/// listener bound to the flow's source port is not the sender, and a hand-made SYN cannot borrow
+/// its workload.
+#[inline(always)]
+pub fn syn_sender(ctx: &SkBuffContext, flow: &agent_common::FlowKey, v4: bool) -> Option<u32> {
+    // SAFETY: a zeroed tuple is a valid value of this plain C union.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    // The tuple of a packet the connecting socket would receive: from the destination to it.
+    let size = if v4 {
+        let addr = |a: &[u8; 16]| u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+        // SAFETY: writing a union field of plain integers.
+        unsafe {
+            let t = &mut tuple.__bindgen_anon_1.ipv4;
+            t.saddr = addr(&flow.remote_addr);
+            t.daddr = addr(&flow.local_addr);
+            t.sport = flow.remote_port.to_be();
+            t.dport = flow.local_port.to_be();
+            core::mem::size_of_val(t)
+        }
+    } else {
+        let words = |a: &[u8; 16]| {
+            let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+            [w(0), w(4), w(8), w(12)]
+        };
+        // SAFETY: as above.
+        unsafe {
+            let t = &mut tuple.__bindgen_anon_1.ipv6;
+            t.saddr = words(&flow.remote_addr);
+            t.daddr = words(&flow.local_addr);
+            t.sport = flow.remote_port.to_be();
+            t.dport = flow.local_port.to_be();
+            core::mem::size_of_val(t)
+        }
+    };
+    let netns = BPF_F_CURRENT_NETNS as i64 as u64;
+    // SAFETY: the tuple is on this frame with its exact size; a socket found is released below.
+    let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size as u32, netns, 0) };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a socket the lookup returned, valid until its release below.
+    let found = if unsafe { (*sk).state } == TCP_SYN_SENT {
+        // SAFETY: as above.
+        let cgroup = unsafe { bpf_sk_cgroup_id(sk as *mut _) };
+        // SAFETY: as above.
+        maps::workload(cgroup, |level| unsafe {
+            bpf_sk_ancestor_cgroup_id(sk as *mut _, level)
+        })
+    } else {
+        None
+    };
+    // SAFETY: released once.
+    unsafe { bpf_sk_release(sk as *mut _) };
+    found
 }
 
 /// The calling task's cgroup, and its ancestor at `level` (0 past its depth): programs that run

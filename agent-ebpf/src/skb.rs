@@ -299,10 +299,9 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
         }
         _ => {}
     }
-    // A peer on this host is named by its connecting socket, recorded before its SYN left; only
-    // peers with their own addresses are named by address.
-    // The agent's delivery of a tunneled connection is named by the workload its certificate
-    // proved, for the 4-tuple the agent recorded.
+    // A peer on this host is named by its connecting socket, found by the SYN's 4-tuple; only
+    // peers elsewhere are named by address. The agent's delivery of a tunneled connection is
+    // named by the workload its certificate proved, for the 4-tuple the agent recorded.
     let mut tunneled = false;
     let remote = if protocol == PROTO_TCP {
         // SAFETY: copied out at once.
@@ -311,7 +310,7 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
                 tunneled = c.flags & CONNECTING_FLAG_TUNNEL != 0;
                 c.identity
             }
-            None => ipcache::address_identity(&flow.local_addr, gen),
+            None => tcp_sender(ctx, p, gen),
         }
     } else {
         match ipcache::address_identity(&flow.local_addr, gen) {
@@ -371,6 +370,18 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
         remote,
         what(d.rule, DIRECTION_INGRESS, verdict, reasons::NONE),
     )
+}
+
+/// The identity of a TCP SYN's sender no record names: the workload of its connecting socket
+/// on this host ([`context::syn_sender`]), else its address's. Its own BPF function: the
+/// lookup's tuple stays off the ingress decision's frame.
+#[inline(never)]
+fn tcp_sender(ctx: &SkBuffContext, p: &Packet, gen: u8) -> u32 {
+    let flow = &p.flow;
+    match context::syn_sender(ctx, flow, p.family == 4) {
+        Some(identity) => identity,
+        None => ipcache::address_identity(&flow.local_addr, gen),
+    }
 }
 
 /// Whether the receiving socket is connected to the datagram's sender: the workload chose that

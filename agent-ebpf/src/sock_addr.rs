@@ -190,9 +190,9 @@ pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
         }
     }
     let refused = verdict == VERDICT_DENY || verdict == VERDICT_NO_TUNNEL;
-    // A workload no policy isolates is tagged all the same: sockops learns a connecting socket's
-    // workload from its tag.
-    if protocol == PROTO_TCP && !refused {
+    // A connection to the tunnel is tagged: sockops files where it was going under its 4-tuple.
+    // (Any other's receiver on this host finds its socket by the SYN's 4-tuple.)
+    if protocol == PROTO_TCP && verdict == VERDICT_REDIRECT {
         let tag = SocketValue {
             local_identity: local,
             remote_identity: remote,
