@@ -15,10 +15,10 @@ Each mode prints plain lines; outcomes are `ok`, `eperm`, `timeout`, `refused` o
       Headers: hbh, dst (PadN options), rt0 (routing type 0, segments left 0), frag (atomic
       fragment: offset 0, M=0), ah (authentication header), badlen (destination options whose
       length points far past the packet's end).
-  raw-send SRC DST KIND PORT MARK
+  raw-send SRC DST KIND PORT MARK [SPORT]
       One hand-made packet through a raw socket (IP_HDRINCL): KIND is tcp-syn (a SYN carrying
-      MARK as data), udp (MARK as payload) or proto253 (MARK as the payload of IP protocol 253).
-      Prints the outcome of sendto.
+      MARK as data), udp (MARK as payload) or proto253 (MARK as the payload of IP protocol 253),
+      from source port SPORT (default: one from the process id). Prints the outcome of sendto.
   watch
       Raw sockets for TCP, UDP, UDP-Lite and protocol 253, IPv4 and IPv6: prints `watching`, then
       `seen <family> <protocol> <mark>` for every packet that carries a `ward-mark-` token.
@@ -249,11 +249,12 @@ def ingress6(src_text, dst_text, wait, tcp_ports, udp_ports, layouts):
         say("udp %d %s %s" % (port, layout, "reply" if sport in udp_seen else "none"))
 
 
-def raw_send(src_text, dst_text, kind, port, mark):
+def raw_send(src_text, dst_text, kind, port, mark, sport=None):
     family = family_of(dst_text)
     src, dst = packed(src_text), packed(dst_text)
     data = mark.encode()
-    sport = 30000 + os.getpid() % 20000
+    if sport is None:
+        sport = 30000 + os.getpid() % 20000
     if kind == "tcp-syn":
         protocol, segment = NH_TCP, tcp_syn(src, dst, sport, port, data)
     elif kind == "udp":
@@ -432,8 +433,9 @@ def main(args):
         src, dst, wait, tcp, udp_ports, layouts = rest
         ingress6(src, dst, float(wait), ports(tcp), ports(udp_ports), layouts.split(","))
     elif mode == "raw-send":
-        src, dst, kind, port, mark = rest
-        raw_send(src, dst, kind, int(port), mark)
+        src, dst, kind, port, mark = rest[:5]
+        sport = int(rest[5]) if len(rest) > 5 else None
+        raw_send(src, dst, kind, int(port), mark, sport)
     elif mode == "watch":
         watch()
     elif mode == "udplite-send":

@@ -8,14 +8,14 @@
 //! Python only). Every address used lives in the test's own namespaces or on loopback.
 
 mod support;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use support::*;
 
 use ward_tests::{
-    peer, run, scaled, unique_name, Background, Finished, Listener, Netns, Outcome, Placement,
-    Protocol, TestCgroups, TwoNodes, VerdictQuery, Ward, Workload,
+    parse_verdicts, peer, run, scaled, unique_name, Background, Finished, Listener, Netns, Outcome,
+    Placement, Protocol, TestCgroups, TwoNodes, VerdictQuery, Ward, Workload,
 };
 
 const PYTHON: &str = "/usr/bin/python3";
@@ -421,6 +421,80 @@ fn seen_marks(watcher: &Background) -> Vec<String> {
         .filter_map(|line| line.strip_prefix("seen "))
         .map(str::to_owned)
         .collect()
+}
+
+/// A peer on this host is named by its connecting socket, which the ingress check finds by the
+/// SYN's 4-tuple. A SYN made by hand from the port a workload listens on must not borrow that
+/// workload: the lookup then finds the listener, which is not a SYN's sender. The friend's own
+/// connections pass; the forged SYNs (IPv4 and IPv6, from a process of no workload) are the
+/// host's, and denied.
+#[test]
+fn a_hand_made_syn_from_a_workloads_listening_port_does_not_borrow_its_workload() {
+    let peer = peer!();
+    let cgroups = TestCgroups::new("synfrom");
+    let server = Placement::cgroup(cgroups.create("server"));
+    let friend = Placement::cgroup(cgroups.create("friend"));
+    let listener = peer.listen(Protocol::Tcp, "[::]:0", &server);
+    let friends_listener = peer.listen(Protocol::Tcp, "[::]:0", &friend);
+    let spec = format!(
+        "  selector:\n    labels: {{app: server}}\n  ingress:\n    - name: from-friend\n      \
+         from: [{{labels: {{app: friend}}}}]\n      ports: [{{port: {}, protocol: TCP}}]\n",
+        listener.port()
+    );
+    let ward = Ward::start(
+        &cgroups,
+        &[Workload::new("server"), Workload::new("friend")],
+        &policy("server-ingress", &spec),
+    );
+    for address in ["127.0.0.1", "::1"] {
+        let to = SocketAddr::new(address.parse().expect("an address"), listener.port());
+        assert_allowed(&peer, Protocol::Tcp, to, &friend, &ward, &[]);
+    }
+    let (port, friends_port) = (
+        listener.port().to_string(),
+        friends_listener.port().to_string(),
+    );
+    for (address, family) in [("127.0.0.1", "v4"), ("::1", "v6")] {
+        let mark = format!("ward-mark-forged-{family}");
+        let sent = packets_outcome(
+            &Placement::host(),
+            &[
+                "raw-send",
+                address,
+                address,
+                "tcp-syn",
+                &port,
+                &mark,
+                &friends_port,
+            ],
+        );
+        assert_eq!(sent, Outcome::Ok, "the forged {family} SYN was sent");
+    }
+    // Each forged SYN is denied as the host's (its own record: the addresses differ).
+    let query = VerdictQuery {
+        verdict: Some("deny"),
+        direction: Some("ingress"),
+        src: Some("host"),
+        dst_port: Some(listener.port()),
+        ..Default::default()
+    };
+    let deadline = Instant::now() + event_timeout();
+    loop {
+        let denied: Vec<String> = parse_verdicts(&ward.lines())
+            .into_iter()
+            .filter(|v| query.matches(v))
+            .filter_map(|v| v.dst_addr)
+            .collect();
+        if denied.iter().any(|a| a.contains("127.0.0.1")) && denied.iter().any(|a| a == "::1") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both forged SYNs denied as the host's; denied at {denied:?}; log:\n{}",
+            ward_tail(&ward)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
