@@ -477,7 +477,8 @@ pub const UNMAPPED_DENY: u8 = 1;
 /// agent has not mapped yet (a container started inside a pod's cgroup).
 pub const MAX_CGROUP_DEPTH: u32 = 16;
 
-/// A local socket's verdict, keyed by socket cookie.
+/// The verdict of a local socket redirected to the tunnel, keyed by socket cookie: written at
+/// `connect()`, taken by sockops.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketValue {
@@ -502,8 +503,9 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// Identity of a local connecting socket, recorded by sockops before its SYN leaves, or by the
-/// agent for the connection its tunnel opens to a local workload ([`CONNECTING_FLAG_TUNNEL`]).
+/// Identity of a local connecting socket redirected to the tunnel, recorded by sockops before its
+/// SYN leaves, or by the agent for the connection its tunnel opens to a local workload
+/// ([`CONNECTING_FLAG_TUNNEL`]). Any other connection's sender is found by socket lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnectingValue {

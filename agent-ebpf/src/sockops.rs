@@ -1,5 +1,5 @@
-//! sockops: tags sockets with workload identity and files connecting sockets under their 4-tuple
-//! for the receiving side's ingress check.
+//! sockops: names listening sockets by workload for peers on this host that share an address,
+//! and files connections redirected to the mTLS tunnel under their 4-tuple.
 use agent_common::*;
 use aya_ebpf::{
     bindings::{
@@ -77,14 +77,16 @@ fn sockops_tuple(ops: &Ops) -> FlowKey {
     }
 }
 
-/// Names sockets by workload for the receiving side on this host, at the few callbacks where
-/// that takes a map write: a listener at `listen()` (by port, for peers that share an address), a
-/// connecting socket at `TCP_CONNECT_CB`, before its SYN leaves (by 4-tuple, for the receiver's
-/// ingress check). Each record the hooks made for this (the owner at `bind()`, the tag at
-/// `connect()`) is taken, not left for a close callback; only a connecting socket asks for state
-/// callbacks, until its connection is established or fails, to take its 4-tuple record back.
-/// Every other callback of every socket leaves at once (a connection's establishment too, unless
-/// its socket is one of those: the state-callback flag marks them).
+/// Acts at the few callbacks where ward needs a map write: a listener at `listen()` (by port, for
+/// peers that share an address), and a connection redirected to the tunnel at `TCP_CONNECT_CB`,
+/// before its SYN leaves (by 4-tuple: where it was going, for the agent, and its workload). Only
+/// those connections are tagged at `connect()`: any other's receiver on this host finds the
+/// connecting socket itself by the SYN's 4-tuple (`skb::tcp_sender`). Each record the hooks made
+/// for this (the owner at `bind()`, the tag at `connect()`) is taken, not left for a close
+/// callback; only a tagged socket asks for state callbacks, until its connection is established
+/// or fails, to take its 4-tuple record back. Every other callback of every socket leaves at once
+/// (a connection's establishment too, unless its socket is one of those: the state-callback flag
+/// marks them).
 pub fn sockops(ctx: SockOpsContext) -> u32 {
     // SAFETY: valid context.
     let op: u32 = field!(ctx.ops, op);
