@@ -13,7 +13,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::sys::{self, Children};
+use crate::{
+    stats,
+    sys::{self, Children},
+};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -348,12 +351,7 @@ pub fn bench_client(addr: SocketAddr, udp: bool, seconds: f64) -> Result<()> {
     }
     let elapsed = measuring_since.map_or(0.0, |s| s.elapsed().as_secs_f64());
     latencies.sort_unstable();
-    let pct = |p: usize| {
-        latencies
-            .get(latencies.len() * p / 100)
-            .copied()
-            .unwrap_or(0)
-    };
+    let pct = |p: usize| stats::percentile_of_sorted(&latencies, p);
     let slow = latencies
         .iter()
         .rev()

@@ -16,11 +16,17 @@ pub fn millis(values: &[f64]) -> Vec<Duration> {
 
 /// The `p`th percentile (nearest rank) of `values`.
 pub fn percentile(values: &[Duration], p: usize) -> Duration {
-    if values.is_empty() {
-        return Duration::ZERO;
-    }
     let mut sorted = values.to_vec();
     sorted.sort();
+    percentile_of_sorted(&sorted, p)
+}
+
+/// [`percentile`] of values already sorted (a load generator's latencies, sorted once for all
+/// its percentiles); the default value when there are none.
+pub fn percentile_of_sorted<T: Copy + Default>(sorted: &[T], p: usize) -> T {
+    if sorted.is_empty() {
+        return T::default();
+    }
     let rank = (p * sorted.len()).div_ceil(100).clamp(1, sorted.len());
     sorted[rank - 1]
 }
@@ -48,6 +54,8 @@ mod tests {
         assert_eq!(percentile(&few, 50), Duration::from_millis(2));
         assert_eq!(percentile(&few, 99), Duration::from_millis(3));
         assert_eq!(percentile(&[], 50), Duration::ZERO);
+        assert_eq!(percentile_of_sorted(&[10u64, 20, 30, 40], 50), 20);
+        assert_eq!(percentile_of_sorted::<u64>(&[], 99), 0);
     }
 
     #[test]
