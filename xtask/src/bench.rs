@@ -31,6 +31,35 @@ const OUTSIDER: &str = "outsider";
 /// The variant with no programs attached, in which every cgroup must reach the denied port.
 const BASELINE: &str = "baseline";
 
+/// What the load benchmarks (connect, service, dns) share: rounds, where their files go, and
+/// the kernel's BPF statistics.
+#[derive(clap::Args)]
+pub struct RoundArgs {
+    /// Rounds: the variants take turns in each round and the tables show medians, so a
+    /// neighbour's burst of CPU use does not decide a comparison.
+    #[arg(long, default_value = "3")]
+    pub rounds: usize,
+    /// Where to keep the generated configuration, policies, rulesets and logs.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Also report the time ward's kernel programs take per connection (or query). Turns on
+    /// kernel.bpf_stats_enabled during the run, which itself costs a little per program run.
+    #[arg(long)]
+    pub bpf_stats: bool,
+}
+
+impl RoundArgs {
+    /// `--work-dir`, or `target/<default>`, created.
+    pub fn work_dir(&self, default: &str) -> Result<PathBuf> {
+        let work = self
+            .work_dir
+            .clone()
+            .unwrap_or_else(|| sys::target_dir().join(default));
+        fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+        Ok(work)
+    }
+}
+
 #[derive(clap::Args)]
 pub struct ConnectArgs {
     /// Measuring time per variant, transport, size and round.
@@ -43,17 +72,8 @@ pub struct ConnectArgs {
     /// per exchange of one datagram and its echo).
     #[arg(long, value_delimiter = ',', default_value = "tcp4,tcp6,udp4")]
     transports: Vec<Transport>,
-    /// Rounds per transport and size: the variants take turns in each round and the table shows medians, so
-    /// a neighbour's burst of CPU use does not decide a comparison.
-    #[arg(long, default_value = "3")]
-    rounds: usize,
-    /// Where to keep the generated configuration, policies and logs.
-    #[arg(long)]
-    work_dir: Option<PathBuf>,
-    /// Also report the time ward's kernel programs take per connection. Turns on
-    /// kernel.bpf_stats_enabled during the run, which itself costs a little per program run.
-    #[arg(long)]
-    bpf_stats: bool,
+    #[command(flatten)]
+    run: RoundArgs,
     /// Another build of ward (e.g. the previous release) measured in the same rounds as the
     /// variant "ward (other)", so a change is compared before and after in one run.
     #[arg(long)]
@@ -128,18 +148,14 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
     if args.sizes.is_empty()
         || args.transports.is_empty()
         || args.seconds <= 0.0
-        || args.rounds == 0
+        || args.run.rounds == 0
     {
         bail!("need at least one size, one transport, one round and a positive --seconds");
     }
     let seconds = args.seconds;
     setup::run()?;
     let ward_bin = ward::binary()?;
-    let work = args
-        .work_dir
-        .clone()
-        .unwrap_or_else(|| sys::target_dir().join("ward-bench"));
-    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let work = args.run.work_dir("ward-bench")?;
 
     heading("workloads");
     let mount = sys::cgroup2_mount()?;
@@ -154,7 +170,7 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
     let mut rows = Vec::new();
     let mut memory = Vec::new();
     let mut kernel_time = Vec::new();
-    let _stats = args.bpf_stats.then(BpfStats::enable).transpose()?;
+    let _stats = args.run.bpf_stats.then(BpfStats::enable).transpose()?;
     for &size in &args.sizes {
         for &transport in &args.transports {
             heading(&format!("{transport}, policy size {size}"));
@@ -167,15 +183,15 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
             let (mut base, mut with_ward, mut with_nft) = (Vec::new(), Vec::new(), Vec::new());
             let mut with_other = Vec::new();
             let mut entries = None;
-            for round in 1..=args.rounds {
-                println!("round {round} of {}", args.rounds);
-                let last = round == args.rounds;
+            for round in 1..=args.run.rounds {
+                println!("round {round} of {}", args.run.rounds);
+                let last = round == args.run.rounds;
                 base.push(measure(&cgroups, transport, seconds, BASELINE)?);
 
                 let log = format!("ward-{transport}-{size}");
                 let run = measure_agent(&ward_bin, &work, &log, &cgroups, transport, seconds)?;
                 entries = run.entries;
-                if let Some(per_conn) = run.kernel_time(args.bpf_stats, "").filter(|_| last) {
+                if let Some(per_conn) = run.kernel_time(args.run.bpf_stats, "").filter(|_| last) {
                     kernel_time.push((transport, size, per_conn));
                 }
                 if last {
@@ -187,7 +203,8 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
                     let log = format!("ward-other-{transport}-{size}");
                     let run = measure_agent(other, &work, &log, &cgroups, transport, seconds)?;
                     let label = " (other build)";
-                    if let Some(per_conn) = run.kernel_time(args.bpf_stats, label).filter(|_| last)
+                    if let Some(per_conn) =
+                        run.kernel_time(args.run.bpf_stats, label).filter(|_| last)
                     {
                         kernel_time.push((transport, size, per_conn));
                     }
@@ -224,7 +241,7 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
 
     heading(&format!(
         "results (median of {} rounds of {seconds} s)",
-        args.rounds
+        args.run.rounds
     ));
     print!("{}", table(&rows, "size"));
     println!(

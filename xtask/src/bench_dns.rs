@@ -33,7 +33,7 @@ use hickory_proto::{
 use crate::{
     bench::{self, median, per_connection, prog_stats, BpfStats, Measurement, Row},
     loopback::{Transport, SERVER_PORT},
-    probe, setup,
+    probe, setup, stats,
     sys::{self, heading, CgroupTree, Children, Netns},
     ward::{self, Ward},
 };
@@ -68,16 +68,8 @@ pub struct DnsArgs {
     /// sends one A query and receives the answer), tcp (a new connection per query).
     #[arg(long, value_delimiter = ',', default_value = "udp,tcp")]
     transports: Vec<DnsTransport>,
-    /// Rounds: the variants take turns in each round and the tables show medians.
-    #[arg(long, default_value = "3")]
-    rounds: usize,
-    /// Where to keep the generated configuration, policy and logs.
-    #[arg(long)]
-    work_dir: Option<PathBuf>,
-    /// Also report the time ward's kernel programs take per query and per connection (turns on
-    /// kernel.bpf_stats_enabled during the run, which itself costs a little per program run).
-    #[arg(long)]
-    bpf_stats: bool,
+    #[command(flatten)]
+    run: bench::RoundArgs,
 }
 
 /// The DNS client run inside a workload's cgroup (`cargo xtask bench dns-client`, hidden).
@@ -197,7 +189,7 @@ pub fn run(args: &DnsArgs) -> Result<()> {
         "bench dns",
         "it creates a network namespace and cgroups, runs dnsmasq and loads eBPF programs",
     )?;
-    if args.transports.is_empty() || args.seconds <= 0.0 || args.rounds == 0 {
+    if args.transports.is_empty() || args.seconds <= 0.0 || args.run.rounds == 0 {
         bail!("need at least one transport, one round and a positive --seconds");
     }
     let seconds = args.seconds;
@@ -206,11 +198,7 @@ pub fn run(args: &DnsArgs) -> Result<()> {
         bail!("{DNSMASQ} is needed (`cargo xtask setup` installs dnsmasq-base)");
     }
     let ward_bin = ward::binary()?;
-    let work = args
-        .work_dir
-        .clone()
-        .unwrap_or_else(|| sys::target_dir().join("ward-bench-dns"));
-    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let work = args.run.work_dir("ward-bench-dns")?;
 
     heading("network namespace, resolver and workloads");
     let _netns = Netns::create(NETNS, &netns_batch(), &work.join("netns.batch"))?;
@@ -255,10 +243,10 @@ pub fn run(args: &DnsArgs) -> Result<()> {
         args.transports.iter().map(|_| Default::default()).collect();
     let mut conns: [Vec<Measurement>; 3] = Default::default();
     let mut kernel_time = Vec::new();
-    let _stats = args.bpf_stats.then(BpfStats::enable).transpose()?;
-    for round in 1..=args.rounds {
-        heading(&format!("round {round} of {}", args.rounds));
-        let last = round == args.rounds;
+    let _stats = args.run.bpf_stats.then(BpfStats::enable).transpose()?;
+    for round in 1..=args.run.rounds {
+        heading(&format!("round {round} of {}", args.run.rounds));
+        let last = round == args.run.rounds;
         for target in [LEARNED, CIDR_ALLOWED, UNLISTED] {
             expect_connect(
                 &cgroups,
@@ -295,7 +283,7 @@ pub fn run(args: &DnsArgs) -> Result<()> {
                     &m,
                     proxy_forwarded(metrics)?.saturating_sub(forwarded),
                 )?;
-                if args.bpf_stats && last {
+                if args.run.bpf_stats && last {
                     let per_query = per_connection(&before, &after, m.total);
                     println!("kernel programs per query: {per_query}");
                     kernel_time.push((format!("{transport} query, {}", lookup.label()), per_query));
@@ -313,7 +301,7 @@ pub fn run(args: &DnsArgs) -> Result<()> {
         for reach in [Reach::WardCidr, Reach::WardLearned] {
             let before = prog_stats(agent.pid());
             let m = measure_connects(&cgroups, reach, seconds)?;
-            if args.bpf_stats && last {
+            if args.run.bpf_stats && last {
                 let per_conn = per_connection(&before, &prog_stats(agent.pid()), m.total_conns);
                 println!("kernel programs per connection: {per_conn}");
                 kernel_time.push((format!("tcp4 connection, {}", reach.label()), per_conn));
@@ -330,7 +318,7 @@ pub fn run(args: &DnsArgs) -> Result<()> {
 
     heading(&format!(
         "results (median of {} rounds of {seconds} s)",
-        args.rounds
+        args.run.rounds
     ));
     let mut rows = Vec::new();
     for (&transport, runs) in args.transports.iter().zip(&lookups) {
@@ -911,12 +899,7 @@ pub fn client(args: &ClientArgs) -> Result<()> {
     }
     let elapsed = measuring_since.map_or(0.0, |s| s.elapsed().as_secs_f64());
     latencies.sort_unstable();
-    let pct = |p: usize| {
-        latencies
-            .get(latencies.len() * p / 100)
-            .copied()
-            .unwrap_or(0)
-    };
+    let pct = |p: usize| stats::percentile_of_sorted(&latencies, p);
     println!(
         "queries={} seconds={elapsed:.3} p50_ns={} p99_ns={} max_ns={} lost={lost} total={total}",
         latencies.len(),

@@ -13,7 +13,7 @@ use std::{
     fmt::Write as _,
     fs,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::Duration,
 };
@@ -51,16 +51,8 @@ pub struct ServiceArgs {
     /// its echo). IPv4 only.
     #[arg(long, value_delimiter = ',', default_value = "tcp4,udp4")]
     transports: Vec<Transport>,
-    /// Rounds: the variants take turns in each round and the tables show medians.
-    #[arg(long, default_value = "3")]
-    rounds: usize,
-    /// Where to keep the generated configurations, rulesets and logs.
-    #[arg(long)]
-    work_dir: Option<PathBuf>,
-    /// Also report the time ward's kernel programs take per connection (turns on
-    /// kernel.bpf_stats_enabled during the run, which itself costs a little per program run).
-    #[arg(long)]
-    bpf_stats: bool,
+    #[command(flatten)]
+    run: bench::RoundArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,7 +101,7 @@ pub fn run(args: &ServiceArgs) -> Result<()> {
     if args.backends.is_empty()
         || args.transports.is_empty()
         || args.seconds <= 0.0
-        || args.rounds == 0
+        || args.run.rounds == 0
     {
         bail!("need at least one backend count, one transport, one round and a positive --seconds");
     }
@@ -124,11 +116,7 @@ pub fn run(args: &ServiceArgs) -> Result<()> {
     sys::output(Command::new("nft").arg("--version"))
         .context("nft is needed (`cargo xtask setup` installs it)")?;
     let ward_bin = ward::binary()?;
-    let work = args
-        .work_dir
-        .clone()
-        .unwrap_or_else(|| sys::target_dir().join("ward-bench-service"));
-    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let work = args.run.work_dir("ward-bench-service")?;
 
     heading("network namespace and workloads");
     let most = args.backends.iter().copied().max().unwrap_or(1);
@@ -139,7 +127,7 @@ pub fn run(args: &ServiceArgs) -> Result<()> {
 
     let mut rows = Vec::new();
     let mut kernel_time = Vec::new();
-    let _stats = args.bpf_stats.then(BpfStats::enable).transpose()?;
+    let _stats = args.run.bpf_stats.then(BpfStats::enable).transpose()?;
     for &n in &args.backends {
         let config = work.join(format!("ward-{n}.yaml"));
         fs::write(&config, ward_config(n))?;
@@ -148,9 +136,9 @@ pub fn run(args: &ServiceArgs) -> Result<()> {
         for &transport in &args.transports {
             heading(&format!("{transport}, {n} backends"));
             let mut runs: [Vec<Measurement>; 4] = Default::default();
-            for round in 1..=args.rounds {
-                println!("round {round} of {}", args.rounds);
-                let last = round == args.rounds;
+            for round in 1..=args.run.rounds {
+                println!("round {round} of {}", args.run.rounds);
+                let last = round == args.run.rounds;
                 runs[0].push(measure(&cgroups, Variant::Baseline, transport, seconds)?);
 
                 let log = work.join(format!("ward-{transport}-{n}.log"));
@@ -159,7 +147,7 @@ pub fn run(args: &ServiceArgs) -> Result<()> {
                 for (i, variant) in [(1, Variant::WardPodIp), (2, Variant::WardClusterIp)] {
                     let before = prog_stats(agent.pid());
                     let m = measure(&cgroups, variant, transport, seconds)?;
-                    if args.bpf_stats && last {
+                    if args.run.bpf_stats && last {
                         let after = prog_stats(agent.pid());
                         let per_conn = per_connection(&before, &after, m.total_conns);
                         println!("kernel programs per connection: {per_conn}");
@@ -197,7 +185,7 @@ pub fn run(args: &ServiceArgs) -> Result<()> {
 
     heading(&format!(
         "results (median of {} rounds of {seconds} s)",
-        args.rounds
+        args.run.rounds
     ));
     for &n in &args.backends {
         let of_n: Vec<Row> = rows.iter().filter(|r| r.size == n).cloned().collect();
