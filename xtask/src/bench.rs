@@ -42,8 +42,10 @@ pub struct RoundArgs {
     /// Where to keep the generated configuration, policies, rulesets and logs.
     #[arg(long)]
     work_dir: Option<PathBuf>,
-    /// Also report the time ward's kernel programs take per connection (or query). Turns on
-    /// kernel.bpf_stats_enabled during the run, which itself costs a little per program run.
+    /// Also report the time ward's kernel programs take per connection (or query), from
+    /// kernel.bpf_stats_enabled, which itself costs a little per program run: bench connect
+    /// turns it on only for an extra measurement of each ward build after the rounds, so its
+    /// rates are measured without it; bench service and dns keep it on for the whole run.
     #[arg(long)]
     pub bpf_stats: bool,
 }
@@ -170,7 +172,6 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
     let mut rows = Vec::new();
     let mut memory = Vec::new();
     let mut kernel_time = Vec::new();
-    let _stats = args.run.bpf_stats.then(BpfStats::enable).transpose()?;
     for &size in &args.sizes {
         for &transport in &args.transports {
             heading(&format!("{transport}, policy size {size}"));
@@ -191,9 +192,6 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
                 let log = format!("ward-{transport}-{size}");
                 let run = measure_agent(&ward_bin, &work, &log, &cgroups, transport, seconds)?;
                 entries = run.entries;
-                if let Some(per_conn) = run.kernel_time(args.run.bpf_stats, "").filter(|_| last) {
-                    kernel_time.push((transport, size, per_conn));
-                }
                 if last {
                     memory.push((transport, size, run.memory));
                 }
@@ -202,12 +200,6 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
                 if let Some(other) = &args.compare_with {
                     let log = format!("ward-other-{transport}-{size}");
                     let run = measure_agent(other, &work, &log, &cgroups, transport, seconds)?;
-                    let label = " (other build)";
-                    if let Some(per_conn) =
-                        run.kernel_time(args.run.bpf_stats, label).filter(|_| last)
-                    {
-                        kernel_time.push((transport, size, per_conn));
-                    }
                     with_other.push(run.m);
                 }
 
@@ -215,6 +207,22 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
                 let m = measure(&cgroups, transport, seconds, "nftables");
                 nft.delete()?;
                 with_nft.push(m?);
+            }
+            if args.run.bpf_stats {
+                // Its own measurement: the statistics slow every program run a little, and the
+                // rates above are measured without them.
+                println!("kernel program statistics");
+                let _stats = BpfStats::enable()?;
+                let builds = std::iter::once((&ward_bin, "ward", "")).chain(
+                    args.compare_with
+                        .iter()
+                        .map(|other| (other, "ward-other", " (other build)")),
+                );
+                for (bin, name, label) in builds {
+                    let log = format!("{name}-stats-{transport}-{size}");
+                    let run = measure_agent(bin, &work, &log, &cgroups, transport, seconds)?;
+                    kernel_time.push((transport, size, run.kernel_time(label)));
+                }
             }
             match entries {
                 Some(n) => println!("ward wrote {n} policy entries"),
@@ -262,7 +270,7 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
         }
     }
     if !kernel_time.is_empty() {
-        println!("\nward's kernel programs per connection (runs x ns per run), last round:");
+        println!("\nward's kernel programs per connection (runs x ns per run), measured after the rounds with the statistics on:");
         for &transport in &args.transports {
             println!("  {transport}:");
             for (_, size, per_conn) in kernel_time.iter().filter(|k| k.0 == transport) {
@@ -332,14 +340,11 @@ struct AgentRun {
 }
 
 impl AgentRun {
-    /// Its kernel programs' time per connection, when `--bpf-stats` asked for it.
-    fn kernel_time(&self, wanted: bool, label: &str) -> Option<String> {
-        if !wanted {
-            return None;
-        }
+    /// Its kernel programs' time per connection, measured with the kernel's BPF statistics on.
+    fn kernel_time(&self, label: &str) -> String {
         let per_conn = per_connection(&self.before, &self.after, self.m.total_conns);
         println!("kernel programs per connection{label}: {per_conn}");
-        Some(format!("{per_conn}{label}"))
+        format!("{per_conn}{label}")
     }
 }
 
