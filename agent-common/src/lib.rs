@@ -74,14 +74,12 @@ pub const MAX_POLICY_MAP: u32 = 2 * MAX_POLICY_ENTRIES;
 pub const MAX_CGROUPS: u32 = 65_536;
 pub const MAX_IPCACHE: u32 = 2 * 65_536;
 pub const MAX_IPCACHE_PREFIXES: u32 = 2 * 16_384;
-pub const MAX_SOCKETS: u32 = 262_144;
 pub const MAX_CONNECTING: u32 = 65_536;
 pub const MAX_LISTENERS: u32 = 65_536;
 pub const MAX_UDP_FLOWS: u32 = 65_536;
 pub const MAX_EVENT_LIMITS: u32 = 65_536;
 /// Allowed flows counted per CPU between two reads by the agent (least recently used go first).
 pub const MAX_FLOW_COUNTS: u32 = 8_192;
-pub const MAX_OWNERS: u32 = 65_536;
 pub const MAX_REDIRECTS: u32 = 65_536;
 /// Local identities whose workload certificate the agent holds (the tunnel's redirect needs one).
 pub const MAX_CERTIFIED: u32 = 65_536;
@@ -97,8 +95,9 @@ pub const MAX_SERVICE_SOCKETS: u32 = 65_536;
 pub const MAX_LEARNED: u32 = 2 * 65_536;
 /// Names learned addresses came from.
 pub const MAX_DNS_NAMES: u32 = 65_536;
-/// Sockets whose DNS goes to the proxy.
-pub const MAX_DNS_SOCKETS: u32 = 16_384;
+/// Sockets sent to the agent (DNS to the proxy, connections to the tunnel) whose packets have
+/// not yet filed them.
+pub const MAX_REDIRECTED_SOCKETS: u32 = 65_536;
 
 /// Per-flow event budget: at most this many verdict events per flow key and window.
 pub const EVENT_BURST: u32 = 8;
@@ -114,16 +113,13 @@ pub mod map_names {
             pub const IPCACHE: &str = concat!("ward_ipcache_v", $v);
             pub const IPCACHE_LPM: &str = concat!("ward_iplpm_v", $v);
             pub const STATE: &str = concat!("ward_state_v", $v);
-            pub const SOCKETS: &str = concat!("ward_socks_v", $v);
             pub const CONNECTING: &str = concat!("ward_conn_v", $v);
             pub const LISTENERS: &str = concat!("ward_listen_v", $v);
-            pub const OWNERS: &str = concat!("ward_owner_v", $v);
             pub const UDP_FLOWS: &str = concat!("ward_udpflow_v", $v);
             pub const EVENT_LIMITS: &str = concat!("ward_evlimit_v", $v);
             pub const EVENTS: &str = concat!("ward_events_v", $v);
             pub const FLOW_COUNTS: &str = concat!("ward_flowcnt_v", $v);
             pub const COUNTERS: &str = concat!("ward_counter_v", $v);
-            pub const ORIGINAL_DST: &str = concat!("ward_origdst_v", $v);
             pub const REDIRECTS: &str = concat!("ward_redir_v", $v);
             pub const TUNNEL: &str = concat!("ward_tunnel_v", $v);
             pub const SETTINGS: &str = concat!("ward_setting_v", $v);
@@ -134,27 +130,40 @@ pub mod map_names {
             pub const LEARNED: &str = concat!("ward_dnsaddr_v", $v);
             pub const DNS_NAMES: &str = concat!("ward_dnsname_v", $v);
             pub const DNS_PROXY: &str = concat!("ward_dnsprx_v", $v);
-            pub const DNS_SOCKETS: &str = concat!("ward_dnssock_v", $v);
+            pub const REDIRECTED_SOCKETS: &str = concat!("ward_rdsock_v", $v);
             pub const DNS_FLOWS: &str = concat!("ward_dnsflow_v", $v);
+            /// Pins of maps that earlier agents of this ABI had and this one has not: removed
+            /// once the agent has attached (pins of other ABI versions are removed in any case).
+            /// Sockets were tagged by cookie (`socks`) and their binder recorded (`owner`) for
+            /// sockops, which is gone; the tunnel's and the DNS proxy's sockets now share one
+            /// record (`rdsock`, was `origdst` and `dnssock`).
+            pub const RETIRED: [&str; 4] = [
+                concat!("ward_socks_v", $v),
+                concat!("ward_owner_v", $v),
+                concat!("ward_origdst_v", $v),
+                concat!("ward_dnssock_v", $v),
+            ];
         };
     }
+    /// The workload each socket was bound by, kept with the socket itself (socket storage, freed
+    /// with it). Its name carries no ABI version: the kernel cannot list a socket storage map's
+    /// entries, so an agent of another ABI could not carry them over, and its layout (one
+    /// [`crate::SocketOwner`]) must never change.
+    pub const SOCKET_OWNERS: &str = "ward_sockowner";
     /// Every map, for checks over all of them.
-    pub const ALL: [&str; 27] = [
+    pub const ALL: [&str; 25] = [
         CGROUPS,
         POLICY,
         IPCACHE,
         IPCACHE_LPM,
         STATE,
-        SOCKETS,
         CONNECTING,
         LISTENERS,
-        OWNERS,
         UDP_FLOWS,
         EVENT_LIMITS,
         EVENTS,
         FLOW_COUNTS,
         COUNTERS,
-        ORIGINAL_DST,
         REDIRECTS,
         TUNNEL,
         SETTINGS,
@@ -165,12 +174,10 @@ pub mod map_names {
         LEARNED,
         DNS_NAMES,
         DNS_PROXY,
-        DNS_SOCKETS,
+        REDIRECTED_SOCKETS,
         DNS_FLOWS,
+        SOCKET_OWNERS,
     ];
-    /// Pins of maps that earlier versions of this ABI named otherwise or no longer have: removed
-    /// once the agent has attached (pins of other ABI versions are removed in any case).
-    pub const RETIRED: [&str; 0] = [];
     #[cfg(not(feature = "abi-next"))]
     names!("2");
     #[cfg(feature = "abi-next")]
@@ -184,7 +191,6 @@ pub mod program_names {
     pub const SENDMSG4: &str = "ward_sendmsg4";
     pub const SENDMSG6: &str = "ward_sendmsg6";
     pub const INGRESS: &str = "ward_ingress";
-    pub const SOCKOPS: &str = "ward_sockops";
     pub const POST_BIND4: &str = "ward_postbind4";
     pub const POST_BIND6: &str = "ward_postbind6";
     pub const EGRESS: &str = "ward_egress";
@@ -192,9 +198,9 @@ pub mod program_names {
     pub const RECVMSG6: &str = "ward_recvmsg6";
     pub const GETPEERNAME4: &str = "ward_getpeer4";
     pub const GETPEERNAME6: &str = "ward_getpeer6";
-    /// In attach order: a socket's owner is recorded before sockops can ask for it, and a reply's
-    /// source is translated back before a socket can be translated to a backend.
-    pub const ALL: [&str; 13] = [
+    /// In attach order: a reply's source is translated back before a socket can be translated to
+    /// a backend.
+    pub const ALL: [&str; 12] = [
         POST_BIND4,
         POST_BIND6,
         RECVMSG4,
@@ -207,8 +213,11 @@ pub mod program_names {
         SENDMSG6,
         INGRESS,
         EGRESS,
-        SOCKOPS,
     ];
+    /// Programs earlier agents attached and this one does not: their pinned links are removed
+    /// once this agent's programs are attached. `ward_sockops` named listeners and filed tunnel
+    /// connections; the bind, connect and egress packet programs do that now.
+    pub const RETIRED: [&str; 1] = ["ward_sockops"];
 }
 
 /// The kernel keeps 15 bytes of a program's or map's name (`BPF_OBJ_NAME_LEN` less its NUL): a
@@ -384,12 +393,13 @@ pub struct DnsProxyConfig {
     pub _pad: [u8; 5],
 }
 
-/// A socket whose DNS the connect or sendmsg hook sent to the proxy, keyed by socket cookie:
-/// where it was going, and its network namespace. The egress packet program files it under the
-/// packet's 4-tuple ([`RedirectKey`]) as a [`DnsFlow`], where the proxy finds it.
+/// A socket the connect or sendmsg hook sent to the agent (its DNS to the proxy, or a connection
+/// to the mTLS tunnel), keyed by socket cookie: where it was going, and its network namespace.
+/// The egress packet program files it under the packet's 4-tuple ([`RedirectKey`]), where the
+/// agent finds it: as a [`DnsFlow`] for the proxy, as an [`OriginalDst`] for the tunnel.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DnsSocket {
+pub struct RedirectedSocket {
     pub netns: u64,
     pub original: OriginalDst,
 }
@@ -477,19 +487,6 @@ pub const UNMAPPED_DENY: u8 = 1;
 /// agent has not mapped yet (a container started inside a pod's cgroup).
 pub const MAX_CGROUP_DEPTH: u32 = 16;
 
-/// The verdict of a local socket redirected to the tunnel, keyed by socket cookie: written at
-/// `connect()`, taken by sockops.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SocketValue {
-    pub local_identity: IdentityId,
-    pub remote_identity: IdentityId,
-    pub rule: u32,
-    pub verdict: u8,
-    pub direction: u8,
-    pub _pad: [u8; 2],
-}
-
 /// A TCP 4-tuple as the receiving side's ingress sees it; addresses mapped to IPv6, ports in
 /// host order. Local means the connecting socket.
 #[repr(C)]
@@ -503,9 +500,9 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// Identity of a local connecting socket redirected to the tunnel, recorded by sockops before its
-/// SYN leaves, or by the agent for the connection its tunnel opens to a local workload
-/// ([`CONNECTING_FLAG_TUNNEL`]). Any other connection's sender is found by socket lookup.
+/// Identity of the sender of a connection the agent's tunnel opens to a local workload
+/// ([`CONNECTING_FLAG_TUNNEL`]), recorded by the agent. Any other connection's sender on this
+/// host is found by socket lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnectingValue {
@@ -540,8 +537,9 @@ pub struct TunnelConfig {
 }
 
 /// A connection redirected to the tunnel: where the workload connected to, and the verdict.
-/// Keyed by socket cookie from the connect hook until sockops moves it to the connection's
-/// 4-tuple (as [`FlowKey`], the workload's end local), where the agent finds it on accept.
+/// Kept by socket cookie from the connect hook ([`RedirectedSocket`]) until the egress packet
+/// program files it under the connection's 4-tuple (as [`FlowKey`], the workload's end local)
+/// at its SYN, where the agent finds it on accept.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OriginalDst {
@@ -567,7 +565,9 @@ pub struct RedirectKey {
     pub netns: u64,
 }
 
-/// A local listener: (netns cookie, port, protocol) → identity of the listening workload.
+/// A local listener as earlier agents recorded it: (netns cookie, port, protocol) → identity of
+/// the listening workload. Read only for a socket bound before this agent's programs were
+/// attached (which has no [`SocketOwner`]); nothing writes it any more.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ListenerKey {
@@ -584,12 +584,13 @@ pub struct ListenerValue {
     pub _pad: u32,
 }
 
-/// The workload that bound a TCP socket, keyed by socket cookie: recorded at `bind()` in the
-/// binding task's context, read by sockops at `listen()`, which cannot ask for a task's cgroup on
-/// every kernel (6.1 has no `bpf_get_current_cgroup_id` in sock_ops).
+/// The workload that bound a TCP or UDP socket ([`IDENTITY_HOST`] for a process of no workload),
+/// recorded at `bind()` in the binding task's context and kept in the socket's own storage
+/// ([`map_names::SOCKET_OWNERS`]). A sender on this host that shares the socket's address finds
+/// it by socket lookup and reads this. Never changes layout (see that map).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OwnerValue {
+pub struct SocketOwner {
     pub identity: IdentityId,
     pub _pad: u32,
 }
@@ -793,6 +794,12 @@ pub mod rule_ids {
     pub const FIRST: u32 = 1;
 }
 
+/// Whether an address (as the maps hold one) is an IPv4 address, mapped to IPv6.
+#[inline(always)]
+pub fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff
+}
+
 /// Writes an IPv4 address (network order bytes) as an IPv4-mapped IPv6 address.
 pub const fn map_v4(octets: [u8; 4]) -> [u8; 16] {
     [
@@ -810,7 +817,6 @@ const _: () = {
     assert!(size_of::<IpcacheLpmData>() == 17);
     assert!(size_of::<IpcacheValue>() == 4);
     assert!(size_of::<StateValue>() == if cfg!(feature = "abi-next") { 24 } else { 16 });
-    assert!(size_of::<SocketValue>() == 16);
     assert!(size_of::<FlowKey>() == 40);
     assert!(offset_of!(FlowKey, local_port) == 32);
     assert!(size_of::<ConnectingValue>() == 16);
@@ -819,7 +825,7 @@ const _: () = {
     assert!(size_of::<RedirectKey>() == 48);
     assert!(size_of::<ListenerKey>() == 16);
     assert!(size_of::<ListenerValue>() == 8);
-    assert!(size_of::<OwnerValue>() == 8);
+    assert!(size_of::<SocketOwner>() == 8);
     assert!(size_of::<UdpFlowValue>() == 16);
     assert!(size_of::<EventLimitKey>() == 32);
     assert!(size_of::<EventLimitValue>() == 16);
@@ -834,7 +840,7 @@ const _: () = {
     assert!(size_of::<LearnedValue>() == 40);
     assert!(size_of::<DnsName>() == 256);
     assert!(size_of::<DnsProxyConfig>() == 8);
-    assert!(size_of::<DnsSocket>() == 40);
+    assert!(size_of::<RedirectedSocket>() == 40);
     assert!(size_of::<DnsFlow>() == 40);
     assert!(offset_of!(VerdictEvent, reason) == 76);
     assert!(size_of::<Settings>() == 16);
@@ -854,7 +860,6 @@ mod pod {
     unsafe impl aya::Pod for IpcacheLpmData {}
     unsafe impl aya::Pod for IpcacheValue {}
     unsafe impl aya::Pod for StateValue {}
-    unsafe impl aya::Pod for SocketValue {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for ConnectingValue {}
     unsafe impl aya::Pod for TunnelConfig {}
@@ -862,7 +867,7 @@ mod pod {
     unsafe impl aya::Pod for RedirectKey {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for ListenerValue {}
-    unsafe impl aya::Pod for OwnerValue {}
+    unsafe impl aya::Pod for SocketOwner {}
     unsafe impl aya::Pod for UdpFlowValue {}
     unsafe impl aya::Pod for EventLimitKey {}
     unsafe impl aya::Pod for EventLimitValue {}
@@ -878,6 +883,6 @@ mod pod {
     unsafe impl aya::Pod for LearnedValue {}
     unsafe impl aya::Pod for DnsName {}
     unsafe impl aya::Pod for DnsProxyConfig {}
-    unsafe impl aya::Pod for DnsSocket {}
+    unsafe impl aya::Pod for RedirectedSocket {}
     unsafe impl aya::Pod for DnsFlow {}
 }

@@ -4,13 +4,19 @@
 //!
 //! Every field is read with one volatile load at its own offset: the verifier rejects a load
 //! through a context pointer the compiler has moved or widened.
+use core::ptr::null_mut;
+
+use agent_common::SocketOwner;
 use aya_ebpf::{
-    bindings::{bpf_sock, bpf_sock_addr, bpf_sock_tuple, BPF_F_CURRENT_NETNS},
+    bindings::{
+        bpf_sock, bpf_sock_addr, bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_SK_STORAGE_GET_F_CREATE,
+    },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
         bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_ktime_get_ns, bpf_set_retval,
         bpf_sk_ancestor_cgroup_id, bpf_sk_cgroup_id, bpf_sk_fullsock, bpf_sk_lookup_tcp,
-        bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_sk_lookup_udp, bpf_sk_release, bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id,
+        bpf_skb_cgroup_id,
     },
     programs::{SkBuffContext, SockAddrContext, SockContext},
     EbpfContext,
@@ -26,7 +32,6 @@ macro_rules! field {
         unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ptr).$($field)+)) }
     };
 }
-pub(crate) use field;
 
 /// The socket cookie of the context's socket.
 #[inline(always)]
@@ -55,71 +60,27 @@ pub fn boot_ns() -> u64 {
     unsafe { bpf_ktime_get_boot_ns() }
 }
 
-/// Whether a socket of `protocol` (TCP or UDP) listens on loopback `port` (IPv4 `127.0.0.1`, or
-/// `::1`) in the network namespace of the calling socket.
+/// The tuple a socket lookup takes for a packet from `src:sport` to `dst:dport` (addresses
+/// mapped to IPv6, ports in host order), as IPv4 when `v4`, and its size.
 #[inline(always)]
-pub fn loopback_listener(ctx: &SockAddrContext, protocol: u8, v4: bool, port: u16) -> bool {
+fn lookup_tuple(
+    src: &[u8; 16],
+    sport: u16,
+    dst: &[u8; 16],
+    dport: u16,
+    v4: bool,
+) -> (bpf_sock_tuple, u32) {
     // SAFETY: a zeroed tuple is a valid value of this plain C union.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let size = if v4 {
-        // SAFETY: writing a union field of plain integers.
-        unsafe {
-            tuple.__bindgen_anon_1.ipv4.saddr = u32::from_ne_bytes([127, 0, 0, 1]);
-            tuple.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes([127, 0, 0, 1]);
-            tuple.__bindgen_anon_1.ipv4.dport = port.to_be();
-            core::mem::size_of_val(&tuple.__bindgen_anon_1.ipv4)
-        }
-    } else {
-        let one = u32::from_ne_bytes([0, 0, 0, 1]);
-        // SAFETY: as above.
-        unsafe {
-            tuple.__bindgen_anon_1.ipv6.saddr[3] = one;
-            tuple.__bindgen_anon_1.ipv6.daddr[3] = one;
-            tuple.__bindgen_anon_1.ipv6.dport = port.to_be();
-            core::mem::size_of_val(&tuple.__bindgen_anon_1.ipv6)
-        }
-    };
-    let netns = BPF_F_CURRENT_NETNS as i64 as u64;
-    // SAFETY: the tuple is on this frame with its exact size; a socket found is released below.
-    let sk = unsafe {
-        if protocol == agent_common::PROTO_TCP {
-            bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size as u32, netns, 0)
-        } else {
-            bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size as u32, netns, 0)
-        }
-    };
-    if sk.is_null() {
-        return false;
-    }
-    // SAFETY: a socket the lookup returned, released once.
-    unsafe { bpf_sk_release(sk as *mut _) };
-    true
-}
-
-/// `TCP_SYN_SENT`, the state of a socket whose SYN is on its way.
-const TCP_SYN_SENT: u32 = 2;
-
-/// The workload of the socket on this host, in the receiving socket's network namespace, that
-/// sent the TCP SYN `flow` (`local` is the sender): the socket connecting from the flow's source
-/// to its destination, found by the kernel's own socket lookup, and named by its cgroup (or
-/// nearest mapped ancestor) as [`maps::workload`] names one. `None` when there is none: the sender
-/// is elsewhere, in another namespace, or of no workload. Only a socket in `SYN_SENT` counts: a
-/// listener bound to the flow's source port is not the sender, and a hand-made SYN cannot borrow
-/// its workload.
-#[inline(always)]
-pub fn syn_sender(ctx: &SkBuffContext, flow: &agent_common::FlowKey, v4: bool) -> Option<u32> {
-    // SAFETY: a zeroed tuple is a valid value of this plain C union.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    // The tuple of a packet the connecting socket would receive: from the destination to it.
     let size = if v4 {
         let addr = |a: &[u8; 16]| u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
         // SAFETY: writing a union field of plain integers.
         unsafe {
             let t = &mut tuple.__bindgen_anon_1.ipv4;
-            t.saddr = addr(&flow.remote_addr);
-            t.daddr = addr(&flow.local_addr);
-            t.sport = flow.remote_port.to_be();
-            t.dport = flow.local_port.to_be();
+            t.saddr = addr(src);
+            t.daddr = addr(dst);
+            t.sport = sport.to_be();
+            t.dport = dport.to_be();
             core::mem::size_of_val(t)
         }
     } else {
@@ -130,16 +91,140 @@ pub fn syn_sender(ctx: &SkBuffContext, flow: &agent_common::FlowKey, v4: bool) -
         // SAFETY: as above.
         unsafe {
             let t = &mut tuple.__bindgen_anon_1.ipv6;
-            t.saddr = words(&flow.remote_addr);
-            t.daddr = words(&flow.local_addr);
-            t.sport = flow.remote_port.to_be();
-            t.dport = flow.local_port.to_be();
+            t.saddr = words(src);
+            t.daddr = words(dst);
+            t.sport = sport.to_be();
+            t.dport = dport.to_be();
             core::mem::size_of_val(t)
         }
     };
+    (tuple, size as u32)
+}
+
+/// Whether a socket of `protocol` (TCP or UDP) listens on loopback `port` (IPv4 `127.0.0.1`, or
+/// `::1`) in the network namespace of the calling socket.
+#[inline(always)]
+pub fn loopback_listener(ctx: &SockAddrContext, protocol: u8, v4: bool, port: u16) -> bool {
+    let loopback = if v4 {
+        agent_common::map_v4([127, 0, 0, 1])
+    } else {
+        let mut one = [0; 16];
+        one[15] = 1;
+        one
+    };
+    let (mut tuple, size) = lookup_tuple(&loopback, 0, &loopback, port, v4);
     let netns = BPF_F_CURRENT_NETNS as i64 as u64;
     // SAFETY: the tuple is on this frame with its exact size; a socket found is released below.
-    let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size as u32, netns, 0) };
+    let sk = unsafe {
+        if protocol == agent_common::PROTO_TCP {
+            bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, netns, 0)
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a socket the lookup returned, released once.
+    unsafe { bpf_sk_release(sk as *mut _) };
+    true
+}
+
+/// What a caller's socket lookup found at a destination on this host.
+pub enum Receiver {
+    /// No socket would receive there.
+    None,
+    /// A socket bound before ward's bind program was attached: it has no [`SocketOwner`].
+    Unrecorded,
+    /// The socket's [`SocketOwner`].
+    Owner(u32),
+}
+
+/// The socket of `protocol` (TCP or UDP) that would receive what the caller sends to `dst:dport`
+/// in its own network namespace (a listener, or a bound UDP socket: the kernel's own lookup),
+/// and the workload that bound it.
+#[inline(always)]
+pub fn receiver(ctx: &SockAddrContext, protocol: u8, dst: &[u8; 16], dport: u16) -> Receiver {
+    let v4 = agent_common::is_v4_mapped(dst);
+    let (mut tuple, size) = lookup_tuple(&[0; 16], 0, dst, dport, v4);
+    let netns = BPF_F_CURRENT_NETNS as i64 as u64;
+    // SAFETY: the tuple is on this frame with its exact size; a socket found is released below.
+    let sk = unsafe {
+        if protocol == agent_common::PROTO_TCP {
+            bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, netns, 0)
+        }
+    };
+    if sk.is_null() {
+        return Receiver::None;
+    }
+    // SAFETY: a socket the lookup returned, valid until its release below; no value is created.
+    let owner = unsafe { bpf_sk_storage_get(socket_owners(), sk as *mut _, null_mut(), 0) }
+        as *const SocketOwner;
+    let found = if owner.is_null() {
+        Receiver::Unrecorded
+    } else {
+        // SAFETY: a value of the socket storage map, valid while the socket is held.
+        Receiver::Owner(unsafe { (*owner).identity })
+    };
+    // SAFETY: released once.
+    unsafe { bpf_sk_release(sk as *mut _) };
+    found
+}
+
+/// Records in the bound socket's own storage the workload that bound it.
+#[inline(always)]
+pub fn record_socket_owner(ctx: &SockContext, identity: u32) {
+    let mut owner = SocketOwner {
+        identity,
+        _pad: 0,
+    };
+    // SAFETY: the context's socket; the value is copied into the storage this call creates.
+    let stored = unsafe {
+        bpf_sk_storage_get(
+            socket_owners(),
+            ctx.sock as *mut _,
+            (&mut owner as *mut SocketOwner).cast(),
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        )
+    } as *mut SocketOwner;
+    if !stored.is_null() {
+        // A socket binds once; this keeps a value an earlier call left (none should) right.
+        // SAFETY: a value of the socket storage map, valid during this program run.
+        unsafe { (*stored).identity = identity };
+    }
+}
+
+/// The socket storage map of socket owners, as a helper takes it.
+#[inline(always)]
+fn socket_owners() -> *mut core::ffi::c_void {
+    core::ptr::from_ref(&maps::SOCKET_OWNERS).cast_mut().cast()
+}
+
+/// `TCP_SYN_SENT`, the state of a socket whose SYN is on its way.
+pub const TCP_SYN_SENT: u32 = 2;
+
+/// The workload of the socket on this host, in the receiving socket's network namespace, that
+/// sent the TCP SYN `flow` (`local` is the sender): the socket connecting from the flow's source
+/// to its destination, found by the kernel's own socket lookup, and named by its cgroup (or
+/// nearest mapped ancestor) as [`maps::workload`] names one. `None` when there is none: the sender
+/// is elsewhere, in another namespace, or of no workload. Only a socket in `SYN_SENT` counts: a
+/// listener bound to the flow's source port is not the sender, and a hand-made SYN cannot borrow
+/// its workload.
+#[inline(always)]
+pub fn syn_sender(ctx: &SkBuffContext, flow: &agent_common::FlowKey, v4: bool) -> Option<u32> {
+    // The tuple of a packet the connecting socket would receive: from the destination to it.
+    let (mut tuple, size) = lookup_tuple(
+        &flow.remote_addr,
+        flow.remote_port,
+        &flow.local_addr,
+        flow.local_port,
+        v4,
+    );
+    let netns = BPF_F_CURRENT_NETNS as i64 as u64;
+    // SAFETY: the tuple is on this frame with its exact size; a socket found is released below.
+    let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, netns, 0) };
     if sk.is_null() {
         return None;
     }
@@ -227,6 +312,12 @@ impl FullSocket {
         (field!(self.0, type_), field!(self.0, protocol))
     }
 
+    /// Its TCP state (`TCP_SYN_SENT`, ...).
+    #[inline(always)]
+    pub fn state(self) -> u32 {
+        field!(self.0, state)
+    }
+
     /// The port it is connected to (host order; 0 when it is not).
     #[inline(always)]
     pub fn dst_port(self) -> u16 {
@@ -250,15 +341,10 @@ impl FullSocket {
     }
 }
 
-/// The IP protocol of a `bind()`, and the port bound (host order).
+/// The IP protocol of a `bind()`.
 #[inline(always)]
 pub fn bound_protocol(ctx: &SockContext) -> u32 {
     field!(ctx.sock, protocol)
-}
-
-#[inline(always)]
-pub fn bound_port(ctx: &SockContext) -> u32 {
-    field!(ctx.sock, src_port)
 }
 
 /// The IP protocol of a `connect()`/`sendmsg()`, and the destination port (network order).

@@ -11,8 +11,8 @@ use aya_ebpf::programs::{SkBuffContext, SockAddrContext};
 
 use crate::{
     context, flows,
-    maps::{DNS_FLOWS, DNS_PROXY, DNS_SOCKETS, LEARNED, SERVICE_SOCKETS},
-    packet, policy,
+    maps::{DNS_FLOWS, DNS_PROXY, LEARNED, REDIRECTED_SOCKETS, SERVICE_SOCKETS},
+    policy, redirect,
     sock_addr::Call,
 };
 
@@ -99,19 +99,16 @@ fn proxy_listens(ctx: &SockAddrContext, protocol: u8, v4: bool, port: u16) -> bo
 /// Where the socket's DNS was going, for the packet program to file.
 #[inline(never)]
 fn record_socket(ctx: &SockAddrContext, call: &Call, who: u64, rule: u32) -> bool {
-    let record = DnsSocket {
-        netns: context::netns_cookie(ctx),
-        original: OriginalDst {
-            addr: call.remote_addr,
-            port: call.remote_port,
-            family: call.family,
-            _pad: 0,
-            local_identity: (who >> 32) as u32,
-            remote_identity: who as u32,
-            rule,
-        },
+    let original = OriginalDst {
+        addr: call.remote_addr,
+        port: call.remote_port,
+        family: call.family,
+        _pad: 0,
+        local_identity: (who >> 32) as u32,
+        remote_identity: who as u32,
+        rule,
     };
-    DNS_SOCKETS.insert(call.cookie, record, 0).is_ok()
+    redirect::record(ctx, call.cookie, original)
 }
 
 /// The resolver, for `recvmsg()` and `getpeername()` to show in place of the proxy.
@@ -169,11 +166,6 @@ pub fn record_sent(call: &Call, src_port: u16, port: u16, local: u32) {
     flows::record(PROTO_UDP, &proxy, flows::ports(src_port, port), local, 0);
 }
 
-#[inline(always)]
-fn is_v4_mapped(addr: &[u8; 16]) -> bool {
-    addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff
-}
-
 /// Whether the egress packet program files a packet of a socket of `kind` connected to `dst_port`
 /// (0: unconnected) for the proxy at `port`: a socket connected to the proxy's port, or an
 /// unconnected UDP socket (whose datagram may go there).
@@ -188,20 +180,8 @@ pub fn may_go_to_proxy(kind: u32, dst_port: u16, port: u16) -> bool {
 /// from another port or of another resolver). Called only where [`may_go_to_proxy`].
 #[inline(never)]
 pub fn file_redirect(ctx: &SkBuffContext, kind: u32, port: u16) {
-    let cookie = context::socket_cookie(ctx);
-    // SAFETY: copied out at once.
-    let Some(record) = (unsafe { DNS_SOCKETS.get(cookie) }).copied() else {
+    let Some((cookie, record, key)) = redirect::pending(ctx, port) else {
         return;
-    };
-    let Ok(p) = packet::parse(ctx) else {
-        return;
-    };
-    if p.flow.remote_port != port {
-        return;
-    }
-    let key = RedirectKey {
-        flow: p.flow,
-        netns: record.netns,
     };
     let flow = DnsFlow {
         original: record.original,
@@ -209,6 +189,6 @@ pub fn file_redirect(ctx: &SkBuffContext, kind: u32, port: u16) {
     };
     let _ = DNS_FLOWS.insert(key, flow, 0);
     if kind == SOCK_STREAM {
-        let _ = DNS_SOCKETS.remove(cookie);
+        let _ = REDIRECTED_SOCKETS.remove(cookie);
     }
 }

@@ -1,6 +1,7 @@
 //! ward's kernel programs: one thin entry point per attach point over the modules that hold
 //! the logic, by attach class: `sock_addr` (connect, sendmsg), `service` (cluster IPs: connect,
-//! sendmsg, recvmsg, getpeername), `skb` (ingress, egress backstop), `sock` (bind), `sockops`.
+//! sendmsg, recvmsg, getpeername), `skb` (ingress, egress backstop), `sock` (bind),
+//! `redirect` (what the hooks send to the agent).
 //!
 //! Fail modes: a socket whose cgroup belongs to no workload (itself or an ancestor), or a
 //! workload that no policy selects in a direction, is never touched (unless
@@ -21,12 +22,12 @@ mod policy;
 mod service;
 mod skb;
 mod sock;
+mod redirect;
 mod sock_addr;
-mod sockops;
 
 use aya_ebpf::{
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
-    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 
 const ALLOW: i32 = 1;
@@ -104,11 +105,6 @@ pub fn ward_postbind4(ctx: SockContext) -> i32 {
 #[cgroup_sock(post_bind6)]
 pub fn ward_postbind6(ctx: SockContext) -> i32 {
     sock::record_owner(&ctx)
-}
-
-#[sock_ops]
-pub fn ward_sockops(ctx: SockOpsContext) -> u32 {
-    sockops::sockops(ctx)
 }
 
 #[cfg(not(test))]

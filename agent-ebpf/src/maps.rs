@@ -3,12 +3,13 @@
 use agent_common::{
     BackendKey, CgroupValue, ConnectingValue, EventLimitKey, EventLimitValue, FlowCountKey,
     FlowKey, IpcacheKey, IpcacheLpmData, IpcacheValue, ListenerKey, ListenerValue, OriginalDst,
-    OwnerValue, PolicyKey, PolicyValue, RedirectKey, ServiceAddr, ServiceKey, ServiceSocketKey,
-    ServiceValue, Settings, SocketValue, StateValue, TunnelConfig, UdpFlowValue, *,
+    PolicyKey, PolicyValue, RedirectKey, ServiceAddr, ServiceKey, ServiceSocketKey, ServiceValue,
+    Settings, SocketOwner, StateValue, TunnelConfig, UdpFlowValue, *,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 
@@ -90,12 +91,6 @@ versioned_map!(
 );
 
 versioned_map!(
-    "ward_socks_v2",
-    "ward_socks_v3",
-    pub static SOCKETS: LruHashMap<u64, SocketValue> = LruHashMap::pinned(MAX_SOCKETS, 0);
-);
-
-versioned_map!(
     "ward_conn_v2",
     "ward_conn_v3",
     pub static CONNECTING: LruHashMap<FlowKey, ConnectingValue> =
@@ -109,16 +104,13 @@ versioned_map!(
         LruHashMap::pinned(MAX_LISTENERS, 0);
 );
 
-versioned_map!(
-    "ward_owner_v2",
-    "ward_owner_v3",
-    pub static OWNERS: LruHashMap<u64, OwnerValue> = LruHashMap::pinned(MAX_OWNERS, 0);
-);
-
-versioned_map!(
-    "ward_origdst_v2",
-    "ward_origdst_v3",
-    pub static ORIGINAL_DST: LruHashMap<u64, OriginalDst> = LruHashMap::pinned(MAX_REDIRECTS, 0);
+/// [`map_names::SOCKET_OWNERS`]: one [`SocketOwner`] in each bound socket's own storage. A
+/// BTF map (socket storage has no other kind), pinned by the agent under its fixed name.
+#[btf_map(name = "ward_sockowner")]
+pub static SOCKET_OWNERS: SkStorage<SocketOwner> = SkStorage::new();
+const _: () = assert!(
+    same_name(map_names::SOCKET_OWNERS, "ward_sockowner"),
+    "the kernel name of SOCKET_OWNERS is not map_names::SOCKET_OWNERS"
 );
 
 versioned_map!(
@@ -154,15 +146,17 @@ versioned_map!(
 );
 
 versioned_map!(
-    "ward_dnssock_v2",
-    "ward_dnssock_v3",
-    pub static DNS_SOCKETS: LruHashMap<u64, DnsSocket> = LruHashMap::pinned(MAX_DNS_SOCKETS, 0);
+    "ward_rdsock_v2",
+    "ward_rdsock_v3",
+    pub static REDIRECTED_SOCKETS: LruHashMap<u64, RedirectedSocket> =
+        LruHashMap::pinned(MAX_REDIRECTED_SOCKETS, 0);
 );
 
 versioned_map!(
     "ward_dnsflow_v2",
     "ward_dnsflow_v3",
-    pub static DNS_FLOWS: LruHashMap<RedirectKey, DnsFlow> = LruHashMap::pinned(MAX_DNS_SOCKETS, 0);
+    pub static DNS_FLOWS: LruHashMap<RedirectKey, DnsFlow> =
+        LruHashMap::pinned(MAX_REDIRECTED_SOCKETS, 0);
 );
 
 versioned_map!(
@@ -247,13 +241,6 @@ pub fn certified(identity: u32) -> bool {
 pub fn cgroup_identity(cgroup_id: u64) -> Option<u32> {
     // SAFETY: the value is copied out before the program can be preempted.
     unsafe { CGROUPS.get(cgroup_id) }.map(|v| v.identity)
-}
-
-/// The workload that bound a TCP socket, recorded by `ward_postbind4`/`ward_postbind6`.
-#[inline(always)]
-pub fn socket_owner(cookie: u64) -> Option<u32> {
-    // SAFETY: the value is copied out at once.
-    unsafe { OWNERS.get(cookie) }.map(|v| v.identity)
 }
 
 versioned_map!(

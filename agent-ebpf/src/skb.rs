@@ -13,7 +13,7 @@ use crate::{
     dns, events, flows, ipcache,
     maps::{self, count, CONNECTING, UDP_FLOWS},
     packet::{self, Packet, TCP_FLAG_ACK, TCP_FLAG_SYN},
-    policy, v6_bytes, ALLOW, REFUSE,
+    policy, redirect, v6_bytes, ALLOW, REFUSE,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -478,6 +478,14 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
         if let Some(port) = dns::proxy_port() {
             if dns::may_go_to_proxy(kind, sk.dst_port(), port) {
                 dns::file_redirect(ctx, kind, port);
+            }
+        }
+        // While the tunnel runs: the SYN of a connection the connect hook sent to it.
+        if kind == SOCK_STREAM && sk.state() == context::TCP_SYN_SENT {
+            if let Some(t) = maps::tunnel() {
+                if sk.dst_port() == t.port {
+                    redirect::file_tunnel_connection(ctx, t.port);
+                }
             }
         }
         return ALLOW;

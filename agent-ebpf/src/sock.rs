@@ -1,25 +1,17 @@
-//! `bind()`: which workload owns a TCP socket, for sockops to read at `listen()`, and which
-//! workload a bound UDP port belongs to, for peers on this host that send to it.
+//! `bind()`: which workload bound a TCP or UDP socket, kept with the socket, for senders on this
+//! host that share its address (they find the socket by lookup, [`crate::ipcache`]).
 use agent_common::*;
 use aya_ebpf::programs::SockContext;
 
-use crate::{
-    context,
-    maps::{LISTENERS, OWNERS},
-    sock_addr::current_workload,
-    ALLOW,
-};
+use crate::{context, sock_addr::current_workload, ALLOW};
 
-/// Records which workload bound a TCP socket, in the binding task's context: sockops reads it at
-/// `listen()`, where not every kernel lets it ask for the task's cgroup. Never refuses a bind.
+/// Records in the socket's own storage which workload bound it ([`IDENTITY_HOST`] for a process
+/// of no workload, so that a port an earlier agent's record names is never read for it), in the
+/// binding task's context. Never refuses a bind.
 #[inline(always)]
 pub fn record_owner(ctx: &SockContext) -> i32 {
     let protocol = context::bound_protocol(ctx);
-    if protocol == u32::from(PROTO_UDP) {
-        record_udp_port(ctx);
-        return ALLOW;
-    }
-    if protocol != u32::from(PROTO_TCP) {
+    if protocol != u32::from(PROTO_TCP) && protocol != u32::from(PROTO_UDP) {
         return ALLOW;
     }
     #[cfg(feature = "verifier-reject")]
@@ -31,31 +23,7 @@ pub fn record_owner(ctx: &SockContext) -> i32 {
             return crate::REFUSE;
         }
     }
-    if let (_, Some(identity)) = current_workload() {
-        let cookie = context::socket_cookie(ctx);
-        let _ = OWNERS.insert(cookie, OwnerValue { identity, _pad: 0 }, 0);
-    }
+    let identity = current_workload().1.unwrap_or(IDENTITY_HOST);
+    context::record_socket_owner(ctx, identity);
     ALLOW
-}
-
-/// A bound UDP port names its workload to senders on this host, which share its address (the
-/// TCP counterpart is sockops' listener record). A port bound by no workload drops the record a
-/// workload's earlier socket left there.
-#[inline(always)]
-fn record_udp_port(ctx: &SockContext) {
-    let port = context::bound_port(ctx);
-    let key = ListenerKey {
-        netns: context::netns_cookie(ctx),
-        port: port as u16,
-        protocol: PROTO_UDP,
-        _pad: [0; 5],
-    };
-    match current_workload() {
-        (_, Some(identity)) => {
-            let _ = LISTENERS.insert(key, ListenerValue { identity, _pad: 0 }, 0);
-        }
-        (_, None) => {
-            let _ = LISTENERS.remove(key);
-        }
-    }
 }

@@ -8,8 +8,8 @@ use aya_ebpf::programs::SockAddrContext;
 
 use crate::{
     context, dns, events, flows, ipcache,
-    maps::{self, count, ORIGINAL_DST, SOCKETS},
-    policy,
+    maps::{self, count},
+    policy, redirect,
     service::{self, Destination},
     ALLOW, REFUSE,
 };
@@ -81,8 +81,7 @@ pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
         }
         return refuse_undecided(&call, local, reasons::PROTOCOL);
     }
-    let netns = context::netns_cookie(ctx);
-    let remote = ipcache::destination_identity(&remote_addr, remote_port, protocol, netns, gen);
+    let remote = ipcache::destination_identity(ctx, &remote_addr, remote_port, protocol, gen);
     let mut d = policy::decide(local, remote, DIRECTION_EGRESS, protocol, remote_port, gen);
     // The remote a verdict record names: the DNS name when an address learned from it decided.
     let mut named = remote;
@@ -176,7 +175,7 @@ pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
     }
     let mut reason = reasons::NONE;
     if verdict == VERDICT_REDIRECT {
-        if let Some(why) = redirect(
+        if let Some(why) = send_to_tunnel(
             ctx,
             family,
             remote_addr,
@@ -190,19 +189,6 @@ pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
         }
     }
     let refused = verdict == VERDICT_DENY || verdict == VERDICT_NO_TUNNEL;
-    // A connection to the tunnel is tagged: sockops files where it was going under its 4-tuple.
-    // (Any other's receiver on this host finds its socket by the SYN's 4-tuple.)
-    if protocol == PROTO_TCP && verdict == VERDICT_REDIRECT {
-        let tag = SocketValue {
-            local_identity: local,
-            remote_identity: remote,
-            rule,
-            verdict,
-            direction: DIRECTION_EGRESS,
-            _pad: [0; 2],
-        };
-        let _ = SOCKETS.insert(cookie, tag, 0);
-    }
     if !report_it {
         return ALLOW;
     }
@@ -282,7 +268,7 @@ fn refuse_undecided(call: &Call, local: u32, reason: u8) -> i32 {
 /// ([`reasons::NO_CERTIFICATE`]): refused now, never carried without one.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn redirect(
+fn send_to_tunnel(
     ctx: &SockAddrContext,
     family: u8,
     addr: [u8; 16],
@@ -307,7 +293,8 @@ fn redirect(
         remote_identity: remote,
         rule,
     };
-    if ORIGINAL_DST.insert(cookie, original, 0).is_err() {
+    // Filed under the connection's 4-tuple by its SYN ([`redirect::file_tunnel_connection`]).
+    if !redirect::record(ctx, cookie, original) {
         return Some(reasons::NONE);
     }
     context::redirect_call(ctx, family, t.ip4, t.ip6, t.port);

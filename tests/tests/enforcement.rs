@@ -948,7 +948,7 @@ fn allowed_connections_are_counted_in_the_kernel_and_reported_once_per_reading()
 /// no workload listens on that port, that process is the host, not the workload: a client allowed
 /// to the workload (and not to the host) is refused. The process runs in a cgroup below the root
 /// that no workload maps, as a node's own services do when the root is the whole hierarchy
-/// (sockops sees only sockets below the root).
+/// (the bind hook sees only sockets below the root).
 #[test]
 fn a_port_a_workload_listened_on_is_not_its_name_once_a_host_process_listens_there() {
     let peer = peer!();

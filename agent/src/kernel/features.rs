@@ -8,20 +8,20 @@ use aya::{
     sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
 };
 
-const PROGRAMS: [(ProgramType, &str); 4] = [
+const PROGRAMS: [(ProgramType, &str); 3] = [
     (ProgramType::CgroupSock, "program type cgroup_sock"),
     (ProgramType::CgroupSockAddr, "program type cgroup_sock_addr"),
     (ProgramType::CgroupSkb, "program type cgroup_skb"),
-    (ProgramType::SockOps, "program type sock_ops"),
 ];
 
-const MAPS: [(MapType, &str); 6] = [
+const MAPS: [(MapType, &str); 7] = [
     (MapType::Hash, "map type hash"),
     (MapType::LruHash, "map type lru_hash"),
     (MapType::LpmTrie, "map type lpm_trie"),
     (MapType::Array, "map type array"),
     (MapType::PerCpuArray, "map type percpu_array"),
     (MapType::RingBuf, "map type ringbuf"),
+    (MapType::SkStorage, "map type sk_storage"),
 ];
 
 /// `(program type, helper, "type: helper")` for every helper a program of that type calls.
@@ -37,15 +37,14 @@ macro_rules! helpers {
 
 /// Every helper ward's programs call (map lookups and updates aside, which every type has), by
 /// program type: a kernel that lacks one would otherwise refuse the program with a verifier log.
-/// (6.1's sock_ops, for one, cannot call `get_current_cgroup_id`; ward's does not.)
 const HELPERS: &[(ProgramType, BpfHelper, &str)] = helpers! {
-    CgroupSock "cgroup_sock": BPF_FUNC_get_current_cgroup_id, BPF_FUNC_get_socket_cookie;
+    CgroupSock "cgroup_sock": BPF_FUNC_get_current_cgroup_id, BPF_FUNC_sk_storage_get;
     CgroupSockAddr "cgroup_sock_addr": BPF_FUNC_get_current_cgroup_id, BPF_FUNC_get_socket_cookie,
-        BPF_FUNC_get_netns_cookie, BPF_FUNC_ringbuf_reserve, BPF_FUNC_ktime_get_ns;
+        BPF_FUNC_get_netns_cookie, BPF_FUNC_ringbuf_reserve, BPF_FUNC_ktime_get_ns,
+        BPF_FUNC_sk_lookup_tcp, BPF_FUNC_sk_lookup_udp, BPF_FUNC_sk_storage_get;
     CgroupSkb "cgroup_skb": BPF_FUNC_skb_cgroup_id, BPF_FUNC_skb_load_bytes,
-        BPF_FUNC_get_socket_cookie, BPF_FUNC_ringbuf_reserve, BPF_FUNC_ktime_get_ns;
-    SockOps "sock_ops": BPF_FUNC_get_socket_cookie, BPF_FUNC_get_netns_cookie,
-        BPF_FUNC_sock_ops_cb_flags_set;
+        BPF_FUNC_get_socket_cookie, BPF_FUNC_ringbuf_reserve, BPF_FUNC_ktime_get_ns,
+        BPF_FUNC_sk_lookup_tcp, BPF_FUNC_sk_cgroup_id;
 };
 
 /// The oldest kernel ward is tested on (`cargo xtask vm-test --kernel 6.1`).

@@ -20,12 +20,12 @@ use std::{
 
 use agent_common::{
     map_names, program_names, CgroupValue, ConnectingValue, DnsFlow, DnsName, DnsProxyConfig,
-    DnsSocket, EventLimitKey, EventLimitValue, FlowCountKey, FlowKey, IpcacheKey, IpcacheLpmData,
-    IpcacheValue, LearnedKey, LearnedValue, ListenerKey, ListenerValue, OriginalDst, OwnerValue,
-    PolicyKey, PolicyValue, RedirectKey, ServiceAddr, ServiceSocketKey, Settings, SocketValue,
-    StateValue, TunnelConfig, UdpFlowValue, MAX_CGROUPS, MAX_CONNECTING, MAX_IPCACHE,
-    MAX_IPCACHE_PREFIXES, MAX_LISTENERS, MAX_OWNERS, MAX_POLICY_ENTRIES,
-    MAX_SERVICE_BACKENDS_TOTAL, MAX_SERVICE_FRONTENDS, MAX_SOCKETS, MAX_UDP_FLOWS,
+    EventLimitKey, EventLimitValue, FlowCountKey, FlowKey, IpcacheKey, IpcacheLpmData,
+    IpcacheValue, LearnedKey, LearnedValue, ListenerKey, ListenerValue, OriginalDst, PolicyKey,
+    PolicyValue, RedirectKey, RedirectedSocket, ServiceAddr, ServiceSocketKey, Settings,
+    SocketOwner, StateValue, TunnelConfig, UdpFlowValue, MAX_CGROUPS, MAX_CONNECTING, MAX_IPCACHE,
+    MAX_IPCACHE_PREFIXES, MAX_LISTENERS, MAX_POLICY_ENTRIES, MAX_SERVICE_BACKENDS_TOTAL,
+    MAX_SERVICE_FRONTENDS, MAX_UDP_FLOWS,
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -42,7 +42,7 @@ use crate::{
 };
 
 /// Each program and the attach point its link holds.
-const ATTACH_POINTS: [(&str, &str); 13] = [
+const ATTACH_POINTS: [(&str, &str); 12] = [
     (program_names::POST_BIND4, "cgroup/post_bind4"),
     (program_names::POST_BIND6, "cgroup/post_bind6"),
     (program_names::RECVMSG4, "cgroup/recvmsg4"),
@@ -55,7 +55,6 @@ const ATTACH_POINTS: [(&str, &str); 13] = [
     (program_names::SENDMSG6, "cgroup/sendmsg6"),
     (program_names::INGRESS, "cgroup_skb/ingress"),
     (program_names::EGRESS, "cgroup_skb/egress"),
-    (program_names::SOCKOPS, "sockops"),
 ];
 
 /// The eBPF object built from `agent-ebpf` by build.rs.
@@ -195,8 +194,12 @@ impl Datapath {
         }
         paths::prepare_pin_dir(pin_dir)?;
         check_pinned_layouts(pin_dir)?;
+        // The socket owners' map is a BTF map, which carries no pinning of its own: pinned (and
+        // adopted) by name here.
+        let owners = pin_dir.join(map_names::SOCKET_OWNERS);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            .map_pin_path(map_names::SOCKET_OWNERS, owners.as_path())
             .load(OBJECT)
             .map_err(KernelError::Load)?;
         for name in program_names::ALL {
@@ -208,7 +211,6 @@ impl Datapath {
                 Program::CgroupSock(p) => p.load(),
                 Program::CgroupSockAddr(p) => p.load(),
                 Program::CgroupSkb(p) => p.load(),
-                Program::SockOps(p) => p.load(),
                 _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
             }
             .map_err(prog_err(name))?;
@@ -273,10 +275,6 @@ impl Datapath {
                     let id = p.attach(&cgroup, direction, mode).map_err(prog_err(name))?;
                     p.take_link(id).map_err(prog_err(name))?.try_into()
                 }
-                Program::SockOps(p) => {
-                    let id = p.attach(&cgroup, mode).map_err(prog_err(name))?;
-                    p.take_link(id).map_err(prog_err(name))?.try_into()
-                }
                 _ => unreachable!("Datapath::load checked the program types"),
             }
             .map_err(|e| KernelError::Link {
@@ -287,6 +285,11 @@ impl Datapath {
                 path: pin.clone(),
                 source,
             })?;
+        }
+        // Programs earlier agents attached and this one has not: detached with their links.
+        for name in program_names::RETIRED {
+            let pin = links.join(name);
+            remove_if_present(&pin).map_err(|source| KernelError::Link { path: pin, source })?;
         }
         // The programs now read only this ABI's maps; older and retired ones are unreferenced.
         remove_stale_pins(&self.pin_dir).map_err(|source| KernelError::Link {
@@ -308,12 +311,10 @@ impl Datapath {
     /// ABI's maps, so the new programs know them from their first run. Maps whose layout changed
     /// would need a conversion here.
     fn migrate_sockets(&mut self, old_suffix: &str) -> Result<(), KernelError> {
-        let copied = self.copy_from_older::<u64, SocketValue>(map_names::SOCKETS, old_suffix)?
-            + self
-                .copy_from_older::<FlowKey, ConnectingValue>(map_names::CONNECTING, old_suffix)?
+        let copied = self
+            .copy_from_older::<FlowKey, ConnectingValue>(map_names::CONNECTING, old_suffix)?
             + self
                 .copy_from_older::<ListenerKey, ListenerValue>(map_names::LISTENERS, old_suffix)?
-            + self.copy_from_older::<u64, OwnerValue>(map_names::OWNERS, old_suffix)?
             + self.copy_from_older::<ServiceSocketKey, ServiceAddr>(
                 map_names::SERVICE_SOCKETS,
                 old_suffix,
@@ -390,17 +391,11 @@ impl Datapath {
                 return 0;
             };
             let counted = match name {
-                map_names::SOCKETS => {
-                    HashMap::<_, u64, SocketValue>::try_from(map).map(|m| m.keys().count())
-                }
                 map_names::CONNECTING => {
                     HashMap::<_, FlowKey, ConnectingValue>::try_from(map).map(|m| m.keys().count())
                 }
                 map_names::LISTENERS => HashMap::<_, ListenerKey, ListenerValue>::try_from(map)
                     .map(|m| m.keys().count()),
-                map_names::OWNERS => {
-                    HashMap::<_, u64, OwnerValue>::try_from(map).map(|m| m.keys().count())
-                }
                 map_names::UDP_FLOWS => {
                     HashMap::<_, FlowKey, UdpFlowValue>::try_from(map).map(|m| m.keys().count())
                 }
@@ -427,7 +422,6 @@ impl Datapath {
                 MAX_SERVICE_BACKENDS_TOTAL / 2,
             ),
             (map_names::CGROUPS, cgroups, MAX_CGROUPS),
-            (map_names::SOCKETS, count(map_names::SOCKETS), MAX_SOCKETS),
             (
                 map_names::CONNECTING,
                 count(map_names::CONNECTING),
@@ -438,7 +432,6 @@ impl Datapath {
                 count(map_names::LISTENERS),
                 MAX_LISTENERS,
             ),
-            (map_names::OWNERS, count(map_names::OWNERS), MAX_OWNERS),
             (
                 map_names::UDP_FLOWS,
                 count(map_names::UDP_FLOWS),
@@ -457,7 +450,7 @@ impl Datapath {
     /// Removes the links (which detaches the programs) and the pinned maps.
     pub fn detach_and_unpin(self) -> std::io::Result<()> {
         let links = paths::links_dir(&self.pin_dir);
-        for name in program_names::ALL {
+        for name in program_names::ALL.iter().chain(&program_names::RETIRED) {
             remove_if_present(&links.join(name))?;
         }
         remove_if_present(&links)?;
@@ -547,7 +540,7 @@ impl Datapath {
 }
 
 /// Key and value sizes of every map this build pins, as the kernel reports them.
-fn layouts() -> [(&'static str, usize, usize); 24] {
+fn layouts() -> [(&'static str, usize, usize); 22] {
     [
         (
             map_names::CGROUPS,
@@ -571,11 +564,6 @@ fn layouts() -> [(&'static str, usize, usize); 24] {
         ),
         (map_names::STATE, size_of::<u32>(), size_of::<StateValue>()),
         (
-            map_names::SOCKETS,
-            size_of::<u64>(),
-            size_of::<SocketValue>(),
-        ),
-        (
             map_names::CONNECTING,
             size_of::<FlowKey>(),
             size_of::<ConnectingValue>(),
@@ -585,7 +573,6 @@ fn layouts() -> [(&'static str, usize, usize); 24] {
             size_of::<ListenerKey>(),
             size_of::<ListenerValue>(),
         ),
-        (map_names::OWNERS, size_of::<u64>(), size_of::<OwnerValue>()),
         (
             map_names::UDP_FLOWS,
             size_of::<FlowKey>(),
@@ -603,11 +590,6 @@ fn layouts() -> [(&'static str, usize, usize); 24] {
             size_of::<u64>(),
         ),
         (map_names::COUNTERS, size_of::<u32>(), size_of::<u64>()),
-        (
-            map_names::ORIGINAL_DST,
-            size_of::<u64>(),
-            size_of::<OriginalDst>(),
-        ),
         (
             map_names::REDIRECTS,
             size_of::<RedirectKey>(),
@@ -632,9 +614,14 @@ fn layouts() -> [(&'static str, usize, usize); 24] {
             size_of::<DnsProxyConfig>(),
         ),
         (
-            map_names::DNS_SOCKETS,
+            map_names::REDIRECTED_SOCKETS,
             size_of::<u64>(),
-            size_of::<DnsSocket>(),
+            size_of::<RedirectedSocket>(),
+        ),
+        (
+            map_names::SOCKET_OWNERS,
+            size_of::<i32>(),
+            size_of::<SocketOwner>(),
         ),
         (
             map_names::DNS_FLOWS,
@@ -684,7 +671,9 @@ fn remove_stale_pins(pin_dir: &Path) -> std::io::Result<()> {
         let entry = entry?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let stale = !name.ends_with(map_names::VERSION_SUFFIX)
+        // The socket owners' map carries no ABI version (see `map_names::SOCKET_OWNERS`).
+        let stale = (!name.ends_with(map_names::VERSION_SUFFIX)
+            && name != map_names::SOCKET_OWNERS)
             || map_names::RETIRED.contains(&name.as_ref());
         if name.starts_with("ward_") && stale {
             std::fs::remove_file(entry.path())?;
