@@ -176,10 +176,7 @@ pub fn receiver(ctx: &SockAddrContext, protocol: u8, dst: &[u8; 16], dport: u16)
 /// Records in the bound socket's own storage the workload that bound it.
 #[inline(always)]
 pub fn record_socket_owner(ctx: &SockContext, identity: u32) {
-    let mut owner = SocketOwner {
-        identity,
-        _pad: 0,
-    };
+    let mut owner = SocketOwner { identity, _pad: 0 };
     // SAFETY: the context's socket; the value is copied into the storage this call creates.
     let stored = unsafe {
         bpf_sk_storage_get(

@@ -19,10 +19,10 @@ mod ipcache;
 mod maps;
 mod packet;
 mod policy;
+mod redirect;
 mod service;
 mod skb;
 mod sock;
-mod redirect;
 mod sock_addr;
 
 use aya_ebpf::{

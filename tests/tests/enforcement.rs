@@ -999,6 +999,52 @@ fn a_port_a_workload_listened_on_is_not_its_name_once_a_host_process_listens_the
     );
 }
 
+/// Two workloads on the same port at two loopback addresses: each is named by its own socket,
+/// the one the kernel delivers to, not by the port. A client allowed to the one that bound last
+/// (`cache`, on 127.0.0.2) is still refused by the other (`web`, on 127.0.0.1), over TCP and
+/// UDP. (A record by port, the last one made, named both `cache`: the client reached `web`.)
+#[test]
+fn a_workload_on_the_same_port_at_another_address_does_not_lend_its_name() {
+    let peer = peer!();
+    let cgroups = TestCgroups::new("sameport");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let web = Placement::cgroup(cgroups.create("web"));
+    let cache = Placement::cgroup(cgroups.create("cache"));
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+            probe.local_addr().expect("bound").port()
+        };
+        let proto = match protocol {
+            Protocol::Tcp => "TCP",
+            _ => "UDP",
+        };
+        let spec = format!(
+            "  selector:\n    labels: {{app: client}}\n  egress:\n    - name: to-cache\n      \
+             to: [{{labels: {{app: cache}}}}]\n      ports: [{{port: {port}, protocol: {proto}}}]\n"
+        );
+        let ward = Ward::start(
+            &cgroups,
+            &[
+                Workload::new("client").label("app", "client"),
+                Workload::new("web").label("app", "web"),
+                Workload::new("cache").label("app", "cache"),
+            ],
+            &policy("client-egress", &spec),
+        );
+        let web_listener = peer.listen(protocol, &format!("127.0.0.1:{port}"), &web);
+        let cache_listener = peer.listen(protocol, &format!("127.0.0.2:{port}"), &cache);
+        assert_allowed(&peer, protocol, cache_listener.addr, &client, &ward, &[]);
+        assert_refused_at_once(&peer, protocol, web_listener.addr, &client, &ward, &[]);
+        assert_eq!(
+            web_listener.received(),
+            0,
+            "{proto}: web, which no rule allows, was reached through cache's name"
+        );
+        drop(ward);
+    }
+}
+
 #[test]
 fn verdict_lines_name_the_policy_rule_and_flow() {
     let peer = peer!();
