@@ -263,7 +263,7 @@ fn refuse_undecided(call: &Call, local: u32, reason: u8) -> i32 {
 }
 
 /// Points a connect() at the agent's outbound tunnel listener and records where it was going,
-/// for sockops to file under the connection's 4-tuple. `Some(reason)` when it cannot: no tunnel
+/// for its SYN to file under the connection's 4-tuple ([`redirect`]). `Some(reason)` when it cannot: no tunnel
 /// runs on this node ([`reasons::NONE`]), or the agent holds no certificate for the workload yet
 /// ([`reasons::NO_CERTIFICATE`]): refused now, never carried without one.
 #[inline(always)]
