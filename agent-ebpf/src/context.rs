@@ -142,11 +142,13 @@ pub enum Receiver {
 
 /// The socket of `protocol` (TCP or UDP) that would receive what the caller sends to `dst:dport`
 /// in its own network namespace (a listener, or a bound UDP socket: the kernel's own lookup),
-/// and the workload that bound it.
+/// and the workload that bound it. The caller is taken to send from its own port, and from
+/// `dst` itself, the address the kernel picks to reach an address of this host: so a UDP socket
+/// connected to the caller is found too.
 #[inline(always)]
 pub fn receiver(ctx: &SockAddrContext, protocol: u8, dst: &[u8; 16], dport: u16) -> Receiver {
     let v4 = agent_common::is_v4_mapped(dst);
-    let (mut tuple, size) = lookup_tuple(&[0; 16], 0, dst, dport, v4);
+    let (mut tuple, size) = lookup_tuple(dst, call_source_port(ctx), dst, dport, v4);
     let netns = BPF_F_CURRENT_NETNS as i64 as u64;
     // SAFETY: the tuple is on this frame with its exact size; a socket found is released below.
     let sk = unsafe {
