@@ -101,6 +101,29 @@ fn lookup_tuple(
     (tuple, size as u32)
 }
 
+/// The socket of `protocol` (TCP or UDP) the kernel's own lookup finds, in the calling socket's
+/// network namespace, for a packet from `src` to `dst` (address and port); null when none. The
+/// caller releases it.
+#[inline(always)]
+fn caller_lookup(
+    ctx: &SockAddrContext,
+    protocol: u8,
+    src: (&[u8; 16], u16),
+    dst: (&[u8; 16], u16),
+    v4: bool,
+) -> *mut bpf_sock {
+    let (mut tuple, size) = lookup_tuple(src.0, src.1, dst.0, dst.1, v4);
+    let netns = BPF_F_CURRENT_NETNS as i64 as u64;
+    // SAFETY: the tuple is on this frame with its exact size.
+    unsafe {
+        if protocol == agent_common::PROTO_TCP {
+            bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, netns, 0)
+        }
+    }
+}
+
 /// Whether a socket of `protocol` (TCP or UDP) listens on loopback `port` (IPv4 `127.0.0.1`, or
 /// `::1`) in the network namespace of the calling socket.
 #[inline(always)]
@@ -112,16 +135,7 @@ pub fn loopback_listener(ctx: &SockAddrContext, protocol: u8, v4: bool, port: u1
         one[15] = 1;
         one
     };
-    let (mut tuple, size) = lookup_tuple(&loopback, 0, &loopback, port, v4);
-    let netns = BPF_F_CURRENT_NETNS as i64 as u64;
-    // SAFETY: the tuple is on this frame with its exact size; a socket found is released below.
-    let sk = unsafe {
-        if protocol == agent_common::PROTO_TCP {
-            bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, netns, 0)
-        } else {
-            bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, netns, 0)
-        }
-    };
+    let sk = caller_lookup(ctx, protocol, (&loopback, 0), (&loopback, port), v4);
     if sk.is_null() {
         return false;
     }
@@ -148,16 +162,13 @@ pub enum Receiver {
 #[inline(always)]
 pub fn receiver(ctx: &SockAddrContext, protocol: u8, dst: &[u8; 16], dport: u16) -> Receiver {
     let v4 = agent_common::is_v4_mapped(dst);
-    let (mut tuple, size) = lookup_tuple(dst, call_source_port(ctx), dst, dport, v4);
-    let netns = BPF_F_CURRENT_NETNS as i64 as u64;
-    // SAFETY: the tuple is on this frame with its exact size; a socket found is released below.
-    let sk = unsafe {
-        if protocol == agent_common::PROTO_TCP {
-            bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, netns, 0)
-        } else {
-            bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, netns, 0)
-        }
-    };
+    let sk = caller_lookup(
+        ctx,
+        protocol,
+        (dst, call_source_port(ctx)),
+        (dst, dport),
+        v4,
+    );
     if sk.is_null() {
         return Receiver::None;
     }
