@@ -113,6 +113,9 @@ pub fn parse_quoted(ctx: &SkBuffContext, offset: u32) -> Result<Packet, u8> {
 /// stays small (it runs below the ICMP error check).
 #[inline(never)]
 fn parse_into(ctx: &SkBuffContext, offset: u32, quoted: bool, out: &mut Packet) -> u8 {
+    if offset == 0 && !quoted && parse_direct(ctx, out) {
+        return reasons::NONE;
+    }
     let Some(word) = load4(ctx, offset) else {
         return reasons::MALFORMED;
     };
@@ -184,6 +187,79 @@ fn parse_into(ctx: &SkBuffContext, offset: u32, quoted: bool, out: &mut Packet) 
         out.tcp_flags = (word >> 24) as u8;
     }
     reasons::NONE
+}
+
+/// The common packet, read straight from its linear data (no helper call): IPv4 without options
+/// and not a non-first fragment, or IPv6 whose next header is the transport, carrying TCP, UDP,
+/// UDP-Lite or SCTP, with the transport header's start (TCP: up to its window) in the linear data.
+/// Writes nothing and answers `false` for any other packet, which the full parser then reads, so
+/// both give the same result for every packet this one takes.
+#[inline(always)]
+fn parse_direct(ctx: &SkBuffContext, out: &mut Packet) -> bool {
+    let (start, end) = context::packet_bounds(ctx);
+    // The bounds checked before each read keep it inside the packet (and ask for no more of it
+    // than the full parser's reads do).
+    if start + 28 > end {
+        return false;
+    }
+    let first = context::packet_byte(start);
+    let (protocol, l4) = match first {
+        // Version 4, header of 20 bytes: options go to the full parser.
+        0x45 => {
+            // Fragment offset (13 bits after 3 flag bits): a non-first fragment has no ports.
+            if context::packet_byte(start + 6) & 0x1f != 0 || context::packet_byte(start + 7) != 0 {
+                return false;
+            }
+            (context::packet_byte(start + 9), 20)
+        }
+        _ if first >> 4 == 6 => {
+            if start + 40 > end {
+                return false;
+            }
+            (context::packet_byte(start + 6), 40)
+        }
+        _ => return false,
+    };
+    // Extension headers, ICMP and other protocols go to the full parser.
+    if !has_ports(protocol) {
+        return false;
+    }
+    let at = start + l4;
+    if at + 4 > end {
+        return false;
+    }
+    let mut tcp_flags = 0;
+    if protocol == PROTO_TCP {
+        // The full parser reads the word of data offset, flags and window.
+        if at + 16 > end {
+            return false;
+        }
+        tcp_flags = context::packet_byte(at + 13);
+    }
+    if l4 == 20 {
+        let byte = |i: usize| context::packet_byte(start + i);
+        out.flow.local_addr = map_v4([byte(12), byte(13), byte(14), byte(15)]);
+        out.flow.remote_addr = map_v4([byte(16), byte(17), byte(18), byte(19)]);
+        out.family = 4;
+    } else {
+        for i in 0..16 {
+            out.flow.local_addr[i] = context::packet_byte(start + 8 + i);
+            out.flow.remote_addr[i] = context::packet_byte(start + 24 + i);
+        }
+        out.family = 6;
+    }
+    let port = |i: usize| {
+        u16::from_be_bytes([
+            context::packet_byte(at + i),
+            context::packet_byte(at + i + 1),
+        ])
+    };
+    out.flow.local_port = port(0);
+    out.flow.remote_port = port(2);
+    out.flow.protocol = protocol;
+    out.l4 = l4 as u32;
+    out.tcp_flags = tcp_flags;
+    true
 }
 
 /// Four bytes of the packet at `offset`, big-endian. Every small read goes through this one BPF
