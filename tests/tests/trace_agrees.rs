@@ -113,14 +113,17 @@ fn trace_and_the_kernel_agree_on_generated_policies() {
         .iter()
         .map(|n| Placement::cgroup(cgroups.create(n)))
         .collect();
-    let free_port = || {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-        probe.local_addr().expect("bound").port()
-    };
-    // Two ports per destination; every generated rule picks among all of them.
-    let ports: Vec<(usize, u16)> = (1..NAMES.len())
-        .flat_map(|d| [(d, free_port()), (d, free_port())])
+    // Two ports per destination; every generated rule picks among all of them. The probes stay
+    // bound until every port is chosen: a port a dropped probe gave back may be handed out again.
+    let probes: Vec<std::net::TcpListener> = (0..2 * (NAMES.len() - 1))
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
         .collect();
+    let ports: Vec<(usize, u16)> = probes
+        .iter()
+        .enumerate()
+        .map(|(i, probe)| (1 + i / 2, probe.local_addr().expect("bound").port()))
+        .collect();
+    drop(probes);
     let all_ports: Vec<u16> = ports.iter().map(|(_, p)| *p).collect();
     let workloads: Vec<Workload> = NAMES
         .iter()
