@@ -595,7 +595,8 @@ pub struct SocketOwner {
     pub _pad: u32,
 }
 
-/// Cached UDP ingress verdict for a flow, so only its first packet pays for the policy lookup.
+/// Cached UDP ingress refusal of a flow, so its next datagrams are refused at once (an admission
+/// is recorded in the connecting map, with the workload's own flows).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UdpFlowValue {

@@ -37,9 +37,13 @@ pub fn record(protocol: u8, destination: &[u8; 16], ports: u32, identity: u32, f
     let key = sender_key(protocol, *destination, (ports >> 16) as u16, ports as u16);
     // SAFETY: copied out at once.
     let generation = u64::from(maps::generation());
-    if unsafe { CONNECTING.get(key) }
-        .is_some_and(|v| v.identity == identity && v.flags == flags && v.cookie == generation)
-    {
+    // An answer to a flow admitted under the policy in force keeps the admission: the flow stays
+    // the remote's, which the policy in force lets in (a write per answer saved).
+    if unsafe { CONNECTING.get(key) }.is_some_and(|v| {
+        v.identity == identity
+            && v.cookie == generation
+            && (v.flags == flags || (flags == 0 && v.flags == CONNECTING_FLAG_ADMITTED))
+    }) {
         return;
     }
     let value = ConnectingValue {
@@ -79,12 +83,26 @@ pub fn sender(protocol: u8, destination: &[u8; 16], ports: u32) -> u32 {
 /// Whether a packet from `flow`'s sender to `local` answers one `local` sent itself.
 #[inline(always)]
 pub fn is_reply(local: u32, flow: &FlowKey) -> bool {
+    receiving(local, flow) == 0
+}
+
+/// Whether `local` has a record of `flow` (a packet from its sender to `local`): the flow is one
+/// it started itself (this is a reply), or one its ingress admitted under the policy in force.
+#[inline(always)]
+pub fn is_known(local: u32, flow: &FlowKey) -> bool {
+    receiving(local, flow) >= 0
+}
+
+/// The flags of `local`'s record of the flow a packet from `flow`'s sender to `local` belongs to
+/// ([`recorded`]).
+#[inline(always)]
+fn receiving(local: u32, flow: &FlowKey) -> i64 {
     recorded(
         flow.protocol,
         &flow.local_addr,
         ports(flow.remote_port, flow.local_port),
         local,
-    ) == 0
+    )
 }
 
 /// The flags of `local`'s record of the flow it sends on from `src_port` to

@@ -279,18 +279,18 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
         PROTO_UDP => {
             // Replies belong to a flow the workload started, which its egress check decided: as
             // in Kubernetes, they are never refused by its ingress policy. A connected socket
-            // receives only from its peer; an unconnected one's sends were recorded.
-            if is_connected_peer(ctx, flow) || flows::is_reply(local, flow) {
+            // receives only from its peer; an unconnected one's sends were recorded. The flow's
+            // admission under the policy in force is recorded too (below): its next datagrams
+            // pass on it.
+            if is_connected_peer(ctx, flow) || flows::is_known(local, flow) {
                 return ALLOW;
             }
+            // A refusal under the policy in force is cached: the next datagrams of the flow are
+            // refused at once, without another verdict record.
             // SAFETY: copied out at once.
             if let Some(cached) = unsafe { UDP_FLOWS.get(flow) }.copied() {
-                if cached.generation == full_gen {
-                    return if cached.verdict == VERDICT_DENY {
-                        REFUSE
-                    } else {
-                        ALLOW
-                    };
+                if cached.generation == full_gen && cached.verdict == VERDICT_DENY {
+                    return REFUSE;
                 }
             }
         }
@@ -330,7 +330,8 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
         flow.remote_port,
         gen,
     );
-    if protocol == PROTO_UDP {
+    let admitted = !(d.isolated && d.verdict == VERDICT_DENY);
+    if protocol == PROTO_UDP && !admitted {
         let cached = UdpFlowValue {
             generation: full_gen,
             rule: d.rule,
@@ -339,19 +340,16 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
         };
         let _ = UDP_FLOWS.insert(flow, cached, 0);
     }
-    let admitted = !(d.isolated && d.verdict == VERDICT_DENY);
     if protocol != PROTO_TCP && admitted {
         // The workload may answer what it admitted, whatever its egress policy says.
-        let ports = flows::ports(flow.remote_port, flow.local_port);
-        if flows::recorded(protocol, &flow.local_addr, ports, local) < 0 {
-            flows::record(
-                protocol,
-                &flow.local_addr,
-                ports,
-                local,
-                CONNECTING_FLAG_ADMITTED,
-            );
-        }
+        // (A record of the flow `local` started would have let the packet in above as a reply.)
+        flows::record(
+            protocol,
+            &flow.local_addr,
+            flows::ports(flow.remote_port, flow.local_port),
+            local,
+            CONNECTING_FLAG_ADMITTED,
+        );
     }
     if !d.isolated {
         return ALLOW;

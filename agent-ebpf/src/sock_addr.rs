@@ -81,6 +81,17 @@ pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
         }
         return refuse_undecided(&call, local, reasons::PROTOCOL);
     }
+    if protocol == PROTO_UDP && !policy::isolated(local, DIRECTION_EGRESS, gen) {
+        // No egress rule to decide, no DNS name to learn: only the record of the datagram, which
+        // names its sender and lets its replies in.
+        record_datagram(
+            &remote_addr,
+            context::call_source_port(ctx),
+            remote_port,
+            local,
+        );
+        return ALLOW;
+    }
     let remote = ipcache::destination_identity(ctx, &remote_addr, remote_port, protocol, gen);
     let mut d = policy::decide(local, remote, DIRECTION_EGRESS, protocol, remote_port, gen);
     // The remote a verdict record names: the DNS name when an address learned from it decided.
@@ -147,13 +158,7 @@ pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
         if proxy_port != 0 {
             dns::record_sent(&call, src_port, proxy_port, local);
         } else {
-            flows::record(
-                protocol,
-                &remote_addr,
-                flows::ports(src_port, remote_port),
-                local,
-                0,
-            );
+            record_datagram(&remote_addr, src_port, remote_port, local);
         }
     }
     let (mut verdict, mut rule, mut report_it) = if d.isolated {
@@ -198,6 +203,21 @@ pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
         REFUSE
     } else {
         ALLOW
+    }
+}
+
+/// Records that `local` sends a datagram from `src_port` (0: not bound yet, nothing to record) to
+/// `remote_addr:remote_port` ([`flows::record`]).
+#[inline(always)]
+fn record_datagram(remote_addr: &[u8; 16], src_port: u16, remote_port: u16, local: u32) {
+    if src_port != 0 {
+        flows::record(
+            PROTO_UDP,
+            remote_addr,
+            flows::ports(src_port, remote_port),
+            local,
+            0,
+        );
     }
 }
 

@@ -1054,6 +1054,73 @@ fn a_connected_udp_socket_of_an_ingress_isolated_workload_gets_its_reply() {
     }
 }
 
+#[test]
+fn a_policy_change_revokes_an_admitted_datagram_flow_the_workload_answered() {
+    // The listener's ingress admits a datagram and it answers; after a policy change that admits
+    // nothing, the next datagram of the same flow (same socket, same ports) is refused: its
+    // answer did not turn the flow into one the workload started itself.
+    let peer = peer!();
+    let cgroups = TestCgroups::new("udprevoke");
+    let guarded = Placement::cgroup(cgroups.create("guarded"));
+    let listener4 = peer.listen(Protocol::Udp, "127.0.0.1:0", &guarded);
+    let listener6 = peer.listen(Protocol::Udp, "[::1]:0", &guarded);
+    let admitting = policy(
+        "guarded",
+        &format!(
+            "  selector:\n    labels: {{app: guarded}}\n  ingress:\n    - name: admit\n      \
+             ports: [{{port: {}, protocol: UDP}}, {{port: {}, protocol: UDP}}]\n",
+            listener4.port(),
+            listener6.port()
+        ),
+    );
+    let mut ward = Ward::start(&cgroups, &[Workload::new("guarded")], &admitting);
+
+    // This test's own sockets: a host process, which no policy limits.
+    let exchange = |listener: &Listener| {
+        let bind = if listener.addr.is_ipv4() {
+            "127.0.0.1:0"
+        } else {
+            "[::1]:0"
+        };
+        let socket = std::net::UdpSocket::bind(bind).expect("bind a UDP socket");
+        socket
+            .set_read_timeout(Some(scaled(Duration::from_millis(1500))))
+            .expect("set a read timeout");
+        socket.send_to(b"first", listener.addr).expect("send");
+        let mut answer = [0u8; 256];
+        let got = socket.recv_from(&mut answer);
+        assert!(
+            got.is_ok(),
+            "the admitted datagram to {} must be answered (harness check): {got:?}; ward log:\n{}",
+            listener.addr,
+            ward_tail(&ward)
+        );
+        listener.wait_received(1, scaled(Duration::from_secs(2)));
+        socket
+    };
+    let sockets = [exchange(&listener4), exchange(&listener6)];
+
+    ward.reload_applied(&policy(
+        "guarded",
+        "  selector:\n    labels: {app: guarded}\n  ingress: []\n",
+    ));
+    for (socket, listener) in sockets.iter().zip([&listener4, &listener6]) {
+        socket.send_to(b"second", listener.addr).expect("send");
+    }
+    std::thread::sleep(scaled(Duration::from_millis(700)));
+    for listener in [&listener4, &listener6] {
+        assert_eq!(
+            listener.received(),
+            1,
+            "after the policy stopped admitting it, the flow {} answered must be refused; \
+             listener output: {:?}; ward log:\n{}",
+            listener.addr,
+            lines_of(&listener.process),
+            ward_tail(&ward)
+        );
+    }
+}
+
 /// A file removed on drop.
 struct TempFile(PathBuf);
 
