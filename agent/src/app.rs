@@ -131,7 +131,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             }
         });
     }
-    enforcer.log_ready();
 
     let tunnel_address = config.tunnel.as_ref().map(|t| t.advertise);
     let updates = config.control_plane.clone().map(|cp_config| {

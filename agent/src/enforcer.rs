@@ -15,8 +15,9 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, RwLock},
+    time::SystemTime,
 };
 
 use agent_common::{map_names, MAX_CGROUPS, MAX_IPCACHE, MAX_IPCACHE_PREFIXES, MAX_POLICY_ENTRIES};
@@ -47,6 +48,28 @@ async fn next_update(updates: &mut Option<mpsc::Receiver<RemoteUpdate>>) -> Opti
     }
 }
 
+/// Whether the configuration file or a policy file (a policy path, or a policy file in a policy
+/// directory) was modified at or after `since`; a file that cannot be read counts as changed.
+fn modified_since(config: &Config, since: SystemTime) -> bool {
+    let newer = |path: &Path| {
+        std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .map_or(true, |modified| modified >= since)
+    };
+    newer(&config.file)
+        || config.policies.iter().any(|path| {
+            if !path.is_dir() {
+                return newer(path);
+            }
+            newer(path)
+                || std::fs::read_dir(path).map_or(true, |entries| {
+                    entries.flatten().any(|entry| {
+                        policy::load::is_policy_file(&entry.file_name()) && newer(&entry.path())
+                    })
+                })
+        })
+}
+
 /// Watches the configuration file and every policy path (a file, or a directory's policy files):
 /// writes, replacements, moves in and out, and a ConfigMap volume's `..data` swap.
 fn watch_files(config: &Config) -> Result<Watcher, WatchError> {
@@ -75,6 +98,9 @@ pub struct Inputs {
 /// The running agent's state, owned by the enforcer's loop.
 pub struct Enforcer {
     config_file: PathBuf,
+    /// When start-up began reading the configuration and policy: a file modified since, before
+    /// the watch began, is read again.
+    read_at: SystemTime,
     /// `--control-plane`, applied to every read of the configuration.
     run_flags: RunFlags,
     /// The control plane's state in force (control-plane mode), kept for reloads.
@@ -107,6 +133,7 @@ impl Enforcer {
     /// control-plane mode from the state last applied), loads the programs and writes the first
     /// generation. Blocking; nothing is attached yet.
     pub fn start(config_file: PathBuf, run_flags: RunFlags) -> anyhow::Result<Self> {
+        let read_at = SystemTime::now();
         let mut rule_ids = RuleIds::default();
         let mut documents = policy::DocumentCache::default();
         let config = load_config(&config_file, &run_flags)?;
@@ -160,6 +187,7 @@ impl Enforcer {
         let metrics = Arc::new(Metrics::new(Some(dp.take_counters()?)));
         let mut enforcer = Enforcer {
             config_file,
+            read_at,
             run_flags,
             remote,
             documents,
@@ -229,7 +257,7 @@ impl Enforcer {
         reports_rx
     }
 
-    pub fn log_ready(&self) {
+    fn log_ready(&self) {
         let stats = self.last_apply;
         tracing::info!(
             attachment = ?self.attachment,
@@ -556,6 +584,12 @@ impl Enforcer {
         self.sync_cgroups(&cgroups::scan(&self.cgroup_root)?)?;
         let mut files = watch_files(&self.desired.config).context("watching policy files")?;
         let mut watching = true;
+        // A change made before the watch began has no event: the files are read again if one
+        // changed since start-up read them. Only then is the agent ready.
+        if modified_since(&self.desired.config, self.read_at) {
+            self.reload("file change during start-up")?;
+        }
+        self.log_ready();
         // A pod's processes join its cgroups after the cgroups appear, with no event to tell:
         // where workloads run is looked at again at this pace (for the tunnel and the DNS proxy).
         let mut placement = tokio::time::interval(PLACEMENT_INTERVAL);

@@ -352,6 +352,34 @@ impl Ward {
             .1
     }
 
+    /// Starts this build again after [`Ward::kill`], replaces the policy file with `policy` as
+    /// soon as it says `starting` (it has read its policy and is loading its programs, before it
+    /// watches the files), and waits for its `ready` line; returns that line.
+    pub fn respawn_changing_policy(&mut self, policy: &str) -> String {
+        let command = ward_command(
+            &crate::ward_bin(),
+            &self.config_file,
+            self.netns.as_deref(),
+            &[],
+        );
+        self.process = Background::spawn("ward (respawned)", command, false);
+        self.process.wait_for_line(
+            0,
+            crate::scaled(READY_TIMEOUT),
+            "saying `starting` after a restart",
+            |line| contains_word(line, "starting"),
+        );
+        self.write_policy(policy);
+        self.process
+            .wait_for_line(
+                0,
+                crate::scaled(READY_TIMEOUT),
+                "saying `ready` after a restart",
+                |line| contains_word(line, "ready"),
+            )
+            .1
+    }
+
     pub fn lines(&self) -> Vec<String> {
         self.process.lines().snapshot()
     }

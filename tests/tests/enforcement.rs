@@ -899,6 +899,28 @@ fn a_restart_with_a_changed_policy_enforces_the_new_one_and_then_applies_by_diff
     assert_load_verdicts("across the restart", &allowed, &denied, &closed, &ward);
 }
 
+/// A policy file changed while the agent starts (after it read the policy, before it watches the
+/// files) is read again before it says `ready`: the change is not lost.
+#[test]
+fn a_policy_changed_while_the_agent_starts_is_enforced_once_it_is_ready() {
+    let peer = peer!();
+    let cgroups = TestCgroups::new("startchange");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let open = peer.listen(Protocol::Tcp, "127.0.0.1:0", &Placement::host());
+    let deny_all = policy(
+        "client-egress",
+        "  selector:\n    labels: {app: client}\n  egress: []\n",
+    );
+    let mut ward = Ward::start(&cgroups, &[Workload::new("client")], &deny_all);
+    assert_refused_at_once(&peer, Protocol::Tcp, open.addr, &client, &ward, &[]);
+    ward.kill();
+    ward.respawn_changing_policy(&client_egress(
+        "client-egress",
+        &allow_tcp("allow-open", open.port()),
+    ));
+    assert_allowed(&peer, Protocol::Tcp, open.addr, &client, &ward, &[]);
+}
+
 /// An allowed connection does not wake the agent: the kernel counts allowed flows, keyed without
 /// the client's ephemeral port, and the agent reports each flow once per reading (every second)
 /// with its count. An event per connection would give twenty lines (or the eight of a flow's event
