@@ -340,42 +340,33 @@ impl Ward {
     /// Starts `bin` (this build again, or an upgrade) on this ward's configuration and pinned
     /// state after [`Ward::kill`], and waits for its `ready` line; returns that line.
     pub fn respawn(&mut self, bin: &Path, extra: &[&str]) -> String {
-        let command = ward_command(bin, &self.config_file, self.netns.as_deref(), extra);
-        self.process = Background::spawn("ward (respawned)", command, false);
-        self.process
-            .wait_for_line(
-                0,
-                crate::scaled(READY_TIMEOUT),
-                "saying `ready` after a restart",
-                |line| contains_word(line, "ready"),
-            )
-            .1
+        self.spawn_again(bin, extra);
+        self.wait_for_restart("ready")
     }
 
-    /// Starts this build again after [`Ward::kill`], replaces the policy file with `policy` as
-    /// soon as it says `starting` (it has read its policy and is loading its programs, before it
-    /// watches the files), and waits for its `ready` line; returns that line.
+    /// [`Ward::respawn`] of this build, which replaces the policy file with `policy` as soon as
+    /// ward says `starting` (it has read its policy and is loading its programs, before it
+    /// watches the files).
     pub fn respawn_changing_policy(&mut self, policy: &str) -> String {
-        let command = ward_command(
-            &crate::ward_bin(),
-            &self.config_file,
-            self.netns.as_deref(),
-            &[],
-        );
-        self.process = Background::spawn("ward (respawned)", command, false);
-        self.process.wait_for_line(
-            0,
-            crate::scaled(READY_TIMEOUT),
-            "saying `starting` after a restart",
-            |line| contains_word(line, "starting"),
-        );
+        self.spawn_again(&crate::ward_bin(), &[]);
+        self.wait_for_restart("starting");
         self.write_policy(policy);
+        self.wait_for_restart("ready")
+    }
+
+    fn spawn_again(&mut self, bin: &Path, extra: &[&str]) {
+        let command = ward_command(bin, &self.config_file, self.netns.as_deref(), extra);
+        self.process = Background::spawn("ward (respawned)", command, false);
+    }
+
+    /// The first line of the restarted ward that has `word`.
+    fn wait_for_restart(&self, word: &str) -> String {
         self.process
             .wait_for_line(
                 0,
                 crate::scaled(READY_TIMEOUT),
-                "saying `ready` after a restart",
-                |line| contains_word(line, "ready"),
+                &format!("saying `{word}` after a restart"),
+                |line| contains_word(line, word),
             )
             .1
     }
