@@ -30,6 +30,8 @@ const CGROUP_ROOT: &str = "ward-bench";
 const OUTSIDER: &str = "outsider";
 /// The variant with no programs attached, in which every cgroup must reach the denied port.
 const BASELINE: &str = "baseline";
+/// ward running with a policy that isolates neither workload.
+const UNISOLATED: &str = "unisolated";
 
 /// What the load benchmarks (connect, service, dns) share: rounds, where their files go, and
 /// the kernel's BPF statistics.
@@ -80,6 +82,11 @@ pub struct ConnectArgs {
     /// variant "ward (other)", so a change is compared before and after in one run.
     #[arg(long)]
     compare_with: Option<PathBuf>,
+    /// Also measure ward with a policy that isolates neither workload, as the variant
+    /// "ward (open)": its programs attached and run, nothing decided. What ward costs before any
+    /// decision, beside what the isolated rows cost.
+    #[arg(long)]
+    unisolated: bool,
 }
 
 #[derive(clap::Args)]
@@ -167,7 +174,14 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
     let nft_client = nft_cgroup_path(&mount, &client_cgroup)?;
     let nft_server = nft_cgroup_path(&mount, &cgroups.path("server"))?;
     let nft = NftTable::new()?;
-    fs::write(work.join("ward.yaml"), loopback::ward_config(CGROUP_ROOT))?;
+    let config = work.join("ward.yaml");
+    fs::write(&config, loopback::ward_config(CGROUP_ROOT, "policy.yaml"))?;
+    let open_config = work.join("ward-open.yaml");
+    fs::write(
+        &open_config,
+        loopback::ward_config(CGROUP_ROOT, "policy-open.yaml"),
+    )?;
+    fs::write(work.join("policy-open.yaml"), loopback::UNISOLATED_POLICY)?;
 
     let mut rows = Vec::new();
     let mut memory = Vec::new();
@@ -182,7 +196,7 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
             fs::write(&nft_file, &nft_rules)?;
 
             let (mut base, mut with_ward, mut with_nft) = (Vec::new(), Vec::new(), Vec::new());
-            let mut with_other = Vec::new();
+            let (mut with_other, mut with_open) = (Vec::new(), Vec::new());
             let mut entries = None;
             for round in 1..=args.run.rounds {
                 println!("round {round} of {}", args.run.rounds);
@@ -190,7 +204,9 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
                 base.push(measure(&cgroups, transport, seconds, BASELINE)?);
 
                 let log = format!("ward-{transport}-{size}");
-                let run = measure_agent(&ward_bin, &work, &log, &cgroups, transport, seconds)?;
+                let run = measure_agent(
+                    &ward_bin, &config, &log, &cgroups, transport, seconds, "ward",
+                )?;
                 entries = run.entries;
                 if last {
                     memory.push((transport, size, run.memory));
@@ -199,8 +215,23 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
 
                 if let Some(other) = &args.compare_with {
                     let log = format!("ward-other-{transport}-{size}");
-                    let run = measure_agent(other, &work, &log, &cgroups, transport, seconds)?;
+                    let run =
+                        measure_agent(other, &config, &log, &cgroups, transport, seconds, "ward")?;
                     with_other.push(run.m);
+                }
+
+                if args.unisolated {
+                    let log = format!("ward-open-{transport}-{size}");
+                    let run = measure_agent(
+                        &ward_bin,
+                        &open_config,
+                        &log,
+                        &cgroups,
+                        transport,
+                        seconds,
+                        UNISOLATED,
+                    )?;
+                    with_open.push(run.m);
                 }
 
                 nft.load(&nft_file)?;
@@ -220,7 +251,8 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
                 );
                 for (bin, name, label) in builds {
                     let log = format!("{name}-stats-{transport}-{size}");
-                    let run = measure_agent(bin, &work, &log, &cgroups, transport, seconds)?;
+                    let run =
+                        measure_agent(bin, &config, &log, &cgroups, transport, seconds, "ward")?;
                     kernel_time.push((transport, size, run.kernel_time(label)));
                 }
             }
@@ -242,6 +274,9 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
             if !with_other.is_empty() {
                 row("ward (other)", entries, &with_other);
             }
+            if !with_open.is_empty() {
+                row("ward (open)", None, &with_open);
+            }
             row("nftables", Some(policy.entries()), &with_nft);
         }
     }
@@ -258,6 +293,9 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
          datagram and receives the echo.\nslow: connects that waited for a SYN retransmit \
          (>= 100 ms); Δ: against no programs at the same transport and size"
     );
+    if args.unisolated {
+        println!("ward (open): ward running with a policy that isolates neither workload");
+    }
     println!("\nward's memory once the policy was in force (after the measurement):");
     for (transport, size, kib) in memory {
         match kib {
@@ -348,24 +386,23 @@ impl AgentRun {
     }
 }
 
-/// Starts `bin` with the benchmark's configuration, measures with it in force, and stops it.
+/// Starts `bin` with the benchmark's configuration `config` (its log beside it, named after
+/// `log`), measures with it in force as `variant` ([`measure`]), and stops it.
 fn measure_agent(
     bin: &Path,
-    work: &Path,
+    config: &Path,
     log: &str,
     cgroups: &CgroupTree,
     transport: Transport,
     seconds: f64,
+    variant: &str,
 ) -> Result<AgentRun> {
-    let mut agent = Ward::start(
-        bin,
-        &work.join("ward.yaml"),
-        &work.join(format!("{log}.log")),
-    )?;
+    let log = config.with_file_name(format!("{log}.log"));
+    let mut agent = Ward::start(bin, config, &log)?;
     agent.wait_ready(Duration::from_secs(300))?;
     let entries = logged_entries(&agent.log_since(0));
     let before = prog_stats(agent.pid());
-    let m = measure(cgroups, transport, seconds, "ward")?;
+    let m = measure(cgroups, transport, seconds, variant)?;
     let after = prog_stats(agent.pid());
     let memory = sys::memory_kib(agent.pid());
     if let Some(status) = agent.stop()? {
@@ -425,13 +462,15 @@ fn measure(
             Duration::from_millis(500),
         )?;
         let enforcing = code != probe::CONNECTED;
-        if variant == BASELINE && enforcing {
-            bail!(
-                "{transport}: with no programs attached the {from} cgroup cannot reach {denied}: \
-                 {said}"
-            );
+        let open = match variant {
+            BASELINE => Some("no programs attached"),
+            UNISOLATED => Some("ward isolating neither workload"),
+            _ => None,
+        };
+        if let (Some(open), true) = (open, enforcing) {
+            bail!("{transport}: with {open} the {from} cgroup cannot reach {denied}: {said}");
         }
-        if variant != BASELINE && !enforcing {
+        if open.is_none() && !enforcing {
             bail!(
                 "{transport}: under {variant} the {from} cgroup reached {denied}: {isolation} is \
                  not in force"

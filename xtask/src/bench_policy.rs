@@ -81,7 +81,10 @@ pub fn run(args: &PolicyArgs) -> Result<()> {
     heading("workloads");
     let mount = sys::cgroup2_mount()?;
     let cgroups = CgroupTree::create(&mount, CGROUP_ROOT, &["client", "server"])?;
-    fs::write(work.join("ward.yaml"), loopback::ward_config(CGROUP_ROOT))?;
+    fs::write(
+        work.join("ward.yaml"),
+        loopback::ward_config(CGROUP_ROOT, "policy.yaml"),
+    )?;
     let mut rows = Vec::new();
     for &size in &args.sizes {
         rows.push(changes_at(&ward_bin, &work, &cgroups, size, args.changes)?);

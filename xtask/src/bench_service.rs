@@ -306,7 +306,7 @@ fn ward_config(n: usize) -> String {
     let backends = backends.join(", ");
     let denied = format!("\"{}:{DENIED_PORT}\"", backend(0));
     // `bench connect`'s configuration, the server workload last: its addresses follow.
-    let mut y = loopback::ward_config(CGROUP_ROOT);
+    let mut y = loopback::ward_config(CGROUP_ROOT, "policy.yaml");
     let _ = write!(
         y,
         "\x20   addresses: [{}]\n\

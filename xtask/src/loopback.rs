@@ -90,13 +90,13 @@ impl Transport {
 }
 
 /// The agent configuration with both workloads, their cgroups below `<cgroup mount>/<root>`,
-/// the pins in `/sys/fs/bpf/<root>` and the policy in `policy.yaml` beside it.
-pub fn ward_config(root: &str) -> String {
+/// the pins in `/sys/fs/bpf/<root>` and the policy in `policy_file` beside it.
+pub fn ward_config(root: &str, policy_file: &str) -> String {
     format!(
         "trustDomain: bench.example.org\n\
          cgroupRoot: {root}\n\
          pinDir: /sys/fs/bpf/{root}\n\
-         policies: [policy.yaml]\n\
+         policies: [{policy_file}]\n\
          hostAddresses: auto\n\
          workloads:\n\
          \x20 - name: bench-client\n\
@@ -107,6 +107,10 @@ pub fn ward_config(root: &str) -> String {
          \x20   cgroups: [server]\n"
     )
 }
+
+/// A policy that selects neither workload: ward's programs run, and decide nothing.
+pub const UNISOLATED_POLICY: &str = "apiVersion: ward.dev/v1\nkind: Policy\nmetadata:\n  \
+     name: bench-nobody\nspec:\n  selector:\n    labels: {app: bench-nobody}\n  egress: []\n";
 
 /// The client's egress and the server's ingress, both isolated: the client may reach the
 /// server's ports in `client_ports`, the server admits the client on `server_ports`, and filler
