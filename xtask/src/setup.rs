@@ -45,9 +45,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The policy history test keeps its policy directory in a git checkout.
     "git",
     // The control plane's replicas share etcd: the tests run real members, and the etcd
-    // client's protocol files are compiled with protoc.
+    // client's protocol files are compiled with protoc, which needs the well-known types
+    // (google/protobuf/*.proto): a recommendation of protobuf-compiler only, so named here.
     "etcd-server",
     "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 
 /// The Kubernetes OpenAPI validator the deploy tests check the manifests with, pinned.
