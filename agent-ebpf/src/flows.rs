@@ -38,7 +38,9 @@ pub fn record(protocol: u8, destination: &[u8; 16], ports: u32, identity: u32, f
     // SAFETY: copied out at once.
     let generation = u64::from(maps::generation());
     // An answer to a flow admitted under the policy in force keeps the admission: the flow stays
-    // the remote's, which the policy in force lets in (a write per answer saved).
+    // the remote's, which the policy in force lets in (a write per answer saved). A record that
+    // is already there saves the write too: ephemeral ports come round again while the records
+    // of their earlier flows are still kept.
     if unsafe { CONNECTING.get(key) }.is_some_and(|v| {
         v.identity == identity
             && v.cookie == generation
@@ -46,6 +48,23 @@ pub fn record(protocol: u8, destination: &[u8; 16], ports: u32, identity: u32, f
     }) {
         return;
     }
+    write(&key, identity, flags, generation);
+}
+
+/// Records that `identity`'s ingress admitted the flow whose answer goes to `destination` with
+/// `ports` ([`record`] with [`CONNECTING_FLAG_ADMITTED`]), for a caller that has just found no
+/// current admission of `identity` there ([`receiving`] was not [`CONNECTING_FLAG_ADMITTED`]):
+/// the write [`record`] would make, without reading the record again.
+#[inline(never)]
+pub fn admit(protocol: u8, destination: &[u8; 16], ports: u32, identity: u32) {
+    let key = sender_key(protocol, *destination, (ports >> 16) as u16, ports as u16);
+    let generation = u64::from(maps::generation());
+    write(&key, identity, CONNECTING_FLAG_ADMITTED, generation);
+}
+
+/// The write of [`record`] and [`admit`].
+#[inline(always)]
+fn write(key: &FlowKey, identity: u32, flags: u32, generation: u64) {
     let value = ConnectingValue {
         identity,
         flags,
@@ -80,23 +99,23 @@ pub fn sender(protocol: u8, destination: &[u8; 16], ports: u32) -> u32 {
     unsafe { CONNECTING.get(key) }.map_or(IDENTITY_HOST, |c| c.identity)
 }
 
-/// Whether a packet from `flow`'s sender to `local` answers one `local` sent itself.
+/// Whether [`receiving`]'s flags say the packet answers a flow `local` started itself.
 #[inline(always)]
-pub fn is_reply(local: u32, flow: &FlowKey) -> bool {
-    receiving(local, flow) == 0
+pub fn is_reply(flags: i64) -> bool {
+    flags == 0
 }
 
-/// Whether `local` has a record of `flow` (a packet from its sender to `local`): the flow is one
-/// it started itself (this is a reply), or one its ingress admitted under the policy in force.
+/// Whether [`receiving`]'s flags say `local` has a record of the packet's flow: one it started
+/// itself (the packet is a reply), or one its ingress admitted under the policy in force.
 #[inline(always)]
-pub fn is_known(local: u32, flow: &FlowKey) -> bool {
-    receiving(local, flow) >= 0
+pub fn is_known(flags: i64) -> bool {
+    flags >= 0
 }
 
 /// The flags of `local`'s record of the flow a packet from `flow`'s sender to `local` belongs to
 /// ([`recorded`]).
 #[inline(always)]
-fn receiving(local: u32, flow: &FlowKey) -> i64 {
+pub fn receiving(local: u32, flow: &FlowKey) -> i64 {
     recorded(
         flow.protocol,
         &flow.local_addr,

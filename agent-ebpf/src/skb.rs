@@ -275,6 +275,9 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
     let gen = (full_gen & 1) as u8;
     let flow = &p.flow;
     let protocol = flow.protocol;
+    // `local`'s record of the flow (TCP keeps none): read once, for the reply test here and the
+    // admission's record below.
+    let mut known = -1;
     match protocol {
         PROTO_UDP => {
             // Replies belong to a flow the workload started, which its egress check decided: as
@@ -282,7 +285,11 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
             // receives only from its peer; an unconnected one's sends were recorded. The flow's
             // admission under the policy in force is recorded too (below): its next datagrams
             // pass on it.
-            if is_connected_peer(ctx, flow) || flows::is_known(local, flow) {
+            if is_connected_peer(ctx, flow) {
+                return ALLOW;
+            }
+            known = flows::receiving(local, flow);
+            if flows::is_known(known) {
                 return ALLOW;
             }
             // A refusal under the policy in force is cached: the next datagrams of the flow are
@@ -294,18 +301,27 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
                 }
             }
         }
-        PROTO_SCTP if flows::is_reply(local, flow) => {
-            return ALLOW;
+        PROTO_SCTP => {
+            known = flows::receiving(local, flow);
+            if flows::is_reply(known) {
+                return ALLOW;
+            }
         }
         _ => {}
     }
     // A peer on this host is named by its connecting socket, found by the SYN's 4-tuple; only
     // peers elsewhere are named by address. The agent's delivery of a tunneled connection is
-    // named by the workload its certificate proved, for the 4-tuple the agent recorded.
+    // named by the workload its certificate proved, for the 4-tuple the agent recorded (only
+    // the running tunnel records them: without it, no lookup).
     let mut tunneled = false;
     let remote = if protocol == PROTO_TCP {
-        // SAFETY: copied out at once.
-        match unsafe { CONNECTING.get(flow) } {
+        let delivery = if maps::tunnel().is_some() {
+            // SAFETY: copied out at once.
+            unsafe { CONNECTING.get(flow) }.copied()
+        } else {
+            None
+        };
+        match delivery {
             Some(c) => {
                 tunneled = c.flags & CONNECTING_FLAG_TUNNEL != 0;
                 c.identity
@@ -340,15 +356,14 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
         };
         let _ = UDP_FLOWS.insert(flow, cached, 0);
     }
-    if protocol != PROTO_TCP && admitted {
+    if protocol != PROTO_TCP && admitted && known != i64::from(CONNECTING_FLAG_ADMITTED) {
         // The workload may answer what it admitted, whatever its egress policy says.
         // (A record of the flow `local` started would have let the packet in above as a reply.)
-        flows::record(
+        flows::admit(
             protocol,
             &flow.local_addr,
             flows::ports(flow.remote_port, flow.local_port),
             local,
-            CONNECTING_FLAG_ADMITTED,
         );
     }
     if !d.isolated {
