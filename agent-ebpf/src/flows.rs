@@ -35,12 +35,12 @@ pub fn ports(src_port: u16, dst_port: u16) -> u32 {
 #[inline(never)]
 pub fn record(protocol: u8, destination: &[u8; 16], ports: u32, identity: u32, flags: u32) {
     let key = sender_key(protocol, *destination, (ports >> 16) as u16, ports as u16);
-    // SAFETY: copied out at once.
     let generation = u64::from(maps::generation());
     // An answer to a flow admitted under the policy in force keeps the admission: the flow stays
     // the remote's, which the policy in force lets in (a write per answer saved). A record that
     // is already there saves the write too: ephemeral ports come round again while the records
     // of their earlier flows are still kept.
+    // SAFETY: copied out at once.
     if unsafe { CONNECTING.get(key) }.is_some_and(|v| {
         v.identity == identity
             && v.cookie == generation
