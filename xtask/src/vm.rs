@@ -189,7 +189,10 @@ pub fn run(args: &Args) -> Result<()> {
     let mut rows = Vec::new();
     if matches!(choice, KernelChoice::Host | KernelChoice::All) {
         heading("vm-test: host kernel");
-        rows.push(run_on_host(&staged, &filter, timeout)?);
+        // The host runs the whole suite, the deploy tests among them: they inspect and run the
+        // image `cargo xtask test` builds (unoptimised, as there).
+        let image = crate::image::build(true)?;
+        rows.push(run_on_host(&staged, &filter, &image, timeout)?);
     }
     let guest_staged = Staged {
         tests: staged
@@ -498,8 +501,9 @@ fn suite_script(
     script
 }
 
-/// The same suite on this machine's kernel, with as many test threads as it has CPUs.
-fn run_on_host(staged: &Staged, filter: &[String], timeout: Duration) -> Result<Row> {
+/// The same suite on this machine's kernel, with as many test threads as it has CPUs, and the
+/// image `image` for the tests that inspect and run it.
+fn run_on_host(staged: &Staged, filter: &[String], image: &Path, timeout: Duration) -> Result<Row> {
     let start = Instant::now();
     let work_dir = sys::target_dir().join("vm-test/host");
     let results = work_dir.join("results");
@@ -516,6 +520,11 @@ fn run_on_host(staged: &Staged, filter: &[String], timeout: Duration) -> Result<
         .arg(r#"exec sh "$0" 2>&1"#)
         .arg(&script)
         .current_dir(&results)
+        .env("WARD_IMAGE", image)
+        .env(
+            "WARD_KUBERNETES_VALIDATE",
+            crate::setup::validator_venv().join("bin/kubernetes-validate"),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
     println!("$ {}", sys::show(&cmd));
