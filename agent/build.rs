@@ -18,11 +18,13 @@ fn main() -> anyhow::Result<()> {
         .to_str()
         .ok_or_else(|| anyhow!("non-UTF-8 path {ebpf_dir:?}"))?;
     // The agent's `abi-next` feature builds the kernel programs with the next map layout too;
-    // `verifier-reject` with a program the verifier must refuse (the kernel matrix's self-test).
+    // `verifier-reject` with a program the verifier must refuse (the kernel matrix's self-test);
+    // `floor` with programs that return at once (bench connect's floor).
     let mut features = Vec::new();
     for (cargo_env, feature) in [
         ("CARGO_FEATURE_ABI_NEXT", "abi-next"),
         ("CARGO_FEATURE_VERIFIER_REJECT", "verifier-reject"),
+        ("CARGO_FEATURE_FLOOR", "floor"),
     ] {
         println!("cargo:rerun-if-env-changed={cargo_env}");
         if std::env::var_os(cargo_env).is_some() {

@@ -32,6 +32,8 @@ const OUTSIDER: &str = "outsider";
 const BASELINE: &str = "baseline";
 /// ward running with a policy that isolates neither workload.
 const UNISOLATED: &str = "unisolated";
+/// The variant of [`ConnectArgs::floor`].
+const FLOOR: &str = "floor";
 
 /// What the load benchmarks (connect, service, dns) share: rounds, where their files go, and
 /// the kernel's BPF statistics.
@@ -87,6 +89,11 @@ pub struct ConnectArgs {
     /// decision, beside what the isolated rows cost.
     #[arg(long)]
     unisolated: bool,
+    /// Also measure a build of ward whose kernel programs return at once (the agent's `floor`
+    /// feature), as the variant "ward (floor)", with the isolating policy: what attaching the
+    /// programs costs before any of their work, the least any build of them can cost.
+    #[arg(long)]
+    floor: bool,
 }
 
 #[derive(clap::Args)]
@@ -164,6 +171,11 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
     let seconds = args.seconds;
     setup::run()?;
     let ward_bin = ward::binary()?;
+    let floor_bin = if args.floor {
+        Some(floor_binary()?)
+    } else {
+        None
+    };
     let work = args.run.work_dir("ward-bench")?;
 
     heading("workloads");
@@ -196,7 +208,8 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
             fs::write(&nft_file, &nft_rules)?;
 
             let (mut base, mut with_ward, mut with_nft) = (Vec::new(), Vec::new(), Vec::new());
-            let (mut with_other, mut with_open) = (Vec::new(), Vec::new());
+            let (mut with_other, mut with_open, mut with_floor) =
+                (Vec::new(), Vec::new(), Vec::new());
             let mut entries = None;
             for round in 1..=args.run.rounds {
                 println!("round {round} of {}", args.run.rounds);
@@ -232,6 +245,13 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
                         UNISOLATED,
                     )?;
                     with_open.push(run.m);
+                }
+
+                if let Some(floor) = &floor_bin {
+                    let log = format!("ward-floor-{transport}-{size}");
+                    let run =
+                        measure_agent(floor, &config, &log, &cgroups, transport, seconds, FLOOR)?;
+                    with_floor.push(run.m);
                 }
 
                 nft.load(&nft_file)?;
@@ -277,6 +297,9 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
             if !with_open.is_empty() {
                 row("ward (open)", None, &with_open);
             }
+            if !with_floor.is_empty() {
+                row("ward (floor)", entries, &with_floor);
+            }
             row("nftables", Some(policy.entries()), &with_nft);
         }
     }
@@ -295,6 +318,12 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
     );
     if args.unisolated {
         println!("ward (open): ward running with a policy that isolates neither workload");
+    }
+    if args.floor {
+        println!(
+            "ward (floor): a build of ward whose kernel programs return at once, with the same \
+             policy: what attaching them costs"
+        );
     }
     println!("\nward's memory once the policy was in force (after the measurement):");
     for (transport, size, kib) in memory {
@@ -398,7 +427,13 @@ fn measure_agent(
     variant: &str,
 ) -> Result<AgentRun> {
     let log = config.with_file_name(format!("{log}.log"));
-    let mut agent = Ward::start(bin, config, &log)?;
+    // A floor build runs only when told (the agent's `FLOOR_BUILD_VAR`).
+    let env: &[(&str, &str)] = if variant == FLOOR {
+        &[("WARD_FLOOR_BUILD", "1")]
+    } else {
+        &[]
+    };
+    let mut agent = Ward::start_with_env(bin, config, &log, env)?;
     agent.wait_ready(Duration::from_secs(300))?;
     let entries = logged_entries(&agent.log_since(0));
     let before = prog_stats(agent.pid());
@@ -415,6 +450,15 @@ fn measure_agent(
         before,
         after,
     })
+}
+
+/// A release build of ward with the `floor` feature (kernel programs that return at once), in a
+/// target directory of its own so that it never stands in for the real build.
+fn floor_binary() -> Result<PathBuf> {
+    heading("build ward (floor)");
+    let dir = sys::target_dir().join("floor");
+    sys::run(sys::build_ward_with_feature("floor", &dir).arg("--release"))?;
+    Ok(dir.join("release/ward"))
 }
 
 #[derive(Clone)]
@@ -465,6 +509,7 @@ fn measure(
         let open = match variant {
             BASELINE => Some("no programs attached"),
             UNISOLATED => Some("ward isolating neither workload"),
+            FLOOR => Some("ward's programs returning at once"),
             _ => None,
         };
         if let (Some(open), true) = (open, enforcing) {

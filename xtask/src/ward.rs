@@ -21,11 +21,22 @@ pub struct Ward {
 
 impl Ward {
     pub fn start(bin: &Path, config: &Path, log: &Path) -> Result<Self> {
+        Self::start_with_env(bin, config, log, &[])
+    }
+
+    /// [`Ward::start`] with these variables set for it.
+    pub fn start_with_env(
+        bin: &Path,
+        config: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let mut cmd = Command::new(bin);
         cmd.args(["run", "--log-format", "text", "--config"])
             .arg(config)
             // Colour codes would split `key=value` pairs apart in the log file.
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied());
         println!("$ {} >{} 2>&1 &", sys::show(&cmd), log.display());
         let process = Process::spawn("ward", cmd, Capture::log_file(log))?;
         Ok(Self {

@@ -57,6 +57,9 @@ const ATTACH_POINTS: [(&str, &str); 12] = [
     (program_names::EGRESS, "cgroup_skb/egress"),
 ];
 
+/// The variable a `floor` build (kernel programs that return at once) needs set to 1 to run.
+pub const FLOOR_BUILD_VAR: &str = "WARD_FLOOR_BUILD";
+
 /// The eBPF object built from `agent-ebpf` by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
 
@@ -64,6 +67,8 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ag
 pub enum KernelError {
     #[error("this ward binary was built without its kernel programs (AYA_BUILD_SKIP was set); rebuild it with `cargo build`")]
     NoObject,
+    #[error("this ward binary was built with the `floor` feature: its kernel programs return at once and enforce nothing (it exists for `cargo xtask bench connect --floor`); it runs only with {FLOOR_BUILD_VAR}=1")]
+    FloorBuild,
     #[error("loading the kernel programs failed: {0}; is this a kernel with BPF, BTF and cgroup BPF (6.1 or later), and does ward run as root?")]
     Load(#[source] aya::EbpfError),
     #[error("the kernel refused program {name}: {}", summarize(error))]
@@ -191,6 +196,15 @@ impl Datapath {
     pub fn load(pin_dir: &Path) -> Result<Self, KernelError> {
         if OBJECT.is_empty() {
             return Err(KernelError::NoObject);
+        }
+        if cfg!(feature = "floor") {
+            if std::env::var_os(FLOOR_BUILD_VAR).is_none_or(|v| v != "1") {
+                return Err(KernelError::FloorBuild);
+            }
+            tracing::warn!(
+                "this build's kernel programs return at once: no policy is enforced (`floor` \
+                 feature, for bench connect)"
+            );
         }
         paths::prepare_pin_dir(pin_dir)?;
         check_pinned_layouts(pin_dir)?;
