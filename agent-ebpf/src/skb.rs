@@ -275,19 +275,27 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
     let gen = (full_gen & 1) as u8;
     let flow = &p.flow;
     let protocol = flow.protocol;
+    // Replies belong to a flow the workload started, which its egress check decided: as in
+    // Kubernetes, they are never refused by its ingress policy. A connected UDP socket receives
+    // only from its peer (no map read); an unconnected one's sends were recorded (below).
+    if protocol == PROTO_UDP && is_connected_peer(ctx, flow) {
+        return ALLOW;
+    }
+    // A workload no policy isolates on ingress has nothing decided here. What it admits matters
+    // only to its answers, and only while its egress is isolated (an admission lasts one policy
+    // generation): otherwise no record is read or written (TCP keeps none).
+    if !policy::isolated(local, DIRECTION_INGRESS, gen)
+        && (protocol == PROTO_TCP || !policy::isolated(local, DIRECTION_EGRESS, gen))
+    {
+        return ALLOW;
+    }
     // `local`'s record of the flow (TCP keeps none): read once, for the reply test here and the
     // admission's record below.
     let mut known = -1;
     match protocol {
         PROTO_UDP => {
-            // Replies belong to a flow the workload started, which its egress check decided: as
-            // in Kubernetes, they are never refused by its ingress policy. A connected socket
-            // receives only from its peer; an unconnected one's sends were recorded. The flow's
-            // admission under the policy in force is recorded too (below): its next datagrams
-            // pass on it.
-            if is_connected_peer(ctx, flow) {
-                return ALLOW;
-            }
+            // The flow's admission under the policy in force is recorded too (below): its next
+            // datagrams pass on it.
             known = flows::receiving(local, flow);
             if flows::is_known(known) {
                 return ALLOW;

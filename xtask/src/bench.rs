@@ -86,7 +86,8 @@ pub struct ConnectArgs {
     compare_with: Option<PathBuf>,
     /// Also measure ward with a policy that isolates neither workload, as the variant
     /// "ward (open)": its programs attached and run, nothing decided. What ward costs before any
-    /// decision, beside what the isolated rows cost.
+    /// decision, beside what the isolated rows cost (with `--bpf-stats`, its kernel time too;
+    /// with `--compare-with`, the other build's as "ward (other, open)").
     #[arg(long)]
     unisolated: bool,
     /// Also measure a build of ward whose kernel programs return at once (the agent's `floor`
@@ -208,8 +209,8 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
             fs::write(&nft_file, &nft_rules)?;
 
             let (mut base, mut with_ward, mut with_nft) = (Vec::new(), Vec::new(), Vec::new());
-            let (mut with_other, mut with_open, mut with_floor) =
-                (Vec::new(), Vec::new(), Vec::new());
+            let (mut with_other, mut with_open, mut with_other_open, mut with_floor) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let mut entries = None;
             for round in 1..=args.run.rounds {
                 println!("round {round} of {}", args.run.rounds);
@@ -234,17 +235,23 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
                 }
 
                 if args.unisolated {
-                    let log = format!("ward-open-{transport}-{size}");
-                    let run = measure_agent(
-                        &ward_bin,
-                        &open_config,
-                        &log,
-                        &cgroups,
-                        transport,
-                        seconds,
-                        UNISOLATED,
-                    )?;
-                    with_open.push(run.m);
+                    let mut builds = vec![("ward-open", &ward_bin, &mut with_open)];
+                    if let Some(other) = &args.compare_with {
+                        builds.push(("ward-other-open", other, &mut with_other_open));
+                    }
+                    for (name, bin, runs) in builds {
+                        let log = format!("{name}-{transport}-{size}");
+                        let run = measure_agent(
+                            bin,
+                            &open_config,
+                            &log,
+                            &cgroups,
+                            transport,
+                            seconds,
+                            UNISOLATED,
+                        )?;
+                        runs.push(run.m);
+                    }
                 }
 
                 if let Some(floor) = &floor_bin {
@@ -264,15 +271,23 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
                 // rates above are measured without them.
                 println!("kernel program statistics");
                 let _stats = BpfStats::enable()?;
-                let builds = std::iter::once((&ward_bin, "ward", "")).chain(
-                    args.compare_with
-                        .iter()
-                        .map(|other| (other, "ward-other", " (other build)")),
-                );
-                for (bin, name, label) in builds {
+                let builds = std::iter::once((&ward_bin, &config, "ward", "ward", ""))
+                    .chain(
+                        args.compare_with
+                            .iter()
+                            .map(|other| (other, &config, "ward-other", "ward", " (other build)")),
+                    )
+                    .chain(args.unisolated.then_some((
+                        &ward_bin,
+                        &open_config,
+                        "ward-open",
+                        UNISOLATED,
+                        " (open)",
+                    )));
+                for (bin, config, name, variant, label) in builds {
                     let log = format!("{name}-stats-{transport}-{size}");
                     let run =
-                        measure_agent(bin, &config, &log, &cgroups, transport, seconds, "ward")?;
+                        measure_agent(bin, config, &log, &cgroups, transport, seconds, variant)?;
                     kernel_time.push((transport, size, run.kernel_time(label)));
                 }
             }
@@ -296,6 +311,9 @@ pub fn run(args: &ConnectArgs) -> Result<()> {
             }
             if !with_open.is_empty() {
                 row("ward (open)", None, &with_open);
+            }
+            if !with_other_open.is_empty() {
+                row("ward (other, open)", None, &with_other_open);
             }
             if !with_floor.is_empty() {
                 row("ward (floor)", entries, &with_floor);
