@@ -200,6 +200,11 @@ pub fn validator_venv() -> std::path::PathBuf {
     sys::home().join(".local/share/ward/venv")
 }
 
+/// The kubernetes-validate the deploy tests run (`WARD_KUBERNETES_VALIDATE`).
+pub fn validator() -> std::path::PathBuf {
+    validator_venv().join("bin/kubernetes-validate")
+}
+
 fn kubernetes_validate() -> Result<()> {
     let venv = validator_venv();
     let pip = venv.join("bin/pip");

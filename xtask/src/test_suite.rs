@@ -100,10 +100,7 @@ pub fn run(test_threads: Option<usize>, vms: bool, filter: &[String]) -> Result<
             "privileged tests",
             sys::cargo()
                 .env("WARD_IMAGE", image::archive(true))
-                .env(
-                    "WARD_KUBERNETES_VALIDATE",
-                    setup::validator_venv().join("bin/kubernetes-validate"),
-                )
+                .env("WARD_KUBERNETES_VALIDATE", setup::validator())
                 .env("WARD_BIN", &ward)
                 .env(
                     "WARD_CONTROL_BIN",

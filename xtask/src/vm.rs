@@ -521,10 +521,7 @@ fn run_on_host(staged: &Staged, filter: &[String], image: &Path, timeout: Durati
         .arg(&script)
         .current_dir(&results)
         .env("WARD_IMAGE", image)
-        .env(
-            "WARD_KUBERNETES_VALIDATE",
-            crate::setup::validator_venv().join("bin/kubernetes-validate"),
-        )
+        .env("WARD_KUBERNETES_VALIDATE", crate::setup::validator())
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
     println!("$ {}", sys::show(&cmd));
