@@ -26,7 +26,7 @@ pub use cgroups::{cgroup2_mount, TestCgroups};
 pub use cluster::{Cluster, Node};
 pub use kube_api::KubeApi;
 pub use netns::{Lan, Netns, TwoNodes};
-pub use peer::{outcomes_of, Attempts, Listener, Outcome, Peer, Protocol};
+pub use peer::{outcomes_of, received_by, Attempts, Listener, Outcome, Peer, Protocol};
 pub use prerequisites::{
     control_bin, require_privileges, require_programs, require_root, unique_name, ward_bin,
 };

@@ -104,6 +104,20 @@ impl Listener {
     }
 }
 
+/// What each of `listeners` has received, once their receipts add up to `total` or after
+/// `timeout`. A connection counts as made once its handshake completes; a listener reports it
+/// when it accepts it, which may come later.
+pub fn received_by(listeners: &[&Listener], total: usize, timeout: Duration) -> Vec<usize> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let received: Vec<usize> = listeners.iter().map(|l| l.received()).collect();
+        if received.iter().sum::<usize>() >= total || std::time::Instant::now() >= deadline {
+            return received;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn is_receipt(line: &str) -> bool {
     line.starts_with("accepted ") || line.starts_with("datagram ")
 }

@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::*;
 use ward_control::token_review::AUDIENCE;
-use ward_tests::{kube_api::KubeApi, peer, Cluster, Listener, Outcome, Peer, Placement, Protocol};
+use ward_tests::{
+    kube_api::KubeApi, peer, received_by, scaled, Cluster, Listener, Outcome, Peer, Placement,
+    Protocol,
+};
 
 const A: usize = 0;
 const B: usize = 1;
@@ -769,6 +772,8 @@ fn a_client_pod_reaches_a_services_ready_backends_by_cluster_ip_and_policy_judge
         );
     }
     // Every connection reaches a backend, and both backends get some.
+    let backends: Vec<&Listener> = db.iter().map(|(_, _, l)| &l[0]).collect();
+    let before: usize = backends.iter().map(|l| l.received()).sum();
     let many = shop.peer.connect(
         Protocol::Tcp,
         "10.96.0.20:80".parse().unwrap(),
@@ -776,10 +781,10 @@ fn a_client_pod_reaches_a_services_ready_backends_by_cluster_ip_and_policy_judge
         &["--count", "40"],
     );
     assert_eq!(many.count(&Outcome::Ok), 40, "{many:?}");
-    let before: Vec<usize> = db.iter().map(|(_, _, l)| l[0].received()).collect();
+    let served = received_by(&backends, before + 40, scaled(Duration::from_secs(10)));
     assert!(
-        before.iter().all(|n| *n > 0),
-        "both db pods served: {before:?}"
+        served.iter().all(|n| *n > 0),
+        "both db pods served: {served:?}"
     );
 
     // UDP, connected and unconnected, IPv4 and IPv6: the reply comes from the cluster IP.

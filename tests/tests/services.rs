@@ -8,14 +8,12 @@
 //! IPs: a connection the kernel did not translate fails there, and nothing leaves the test's
 //! namespaces.
 mod support;
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, time::Duration};
 
 use support::*;
 use ward_tests::{
-    peer, Listener, Outcome, Placement, Protocol, TestCgroups, TwoNodes, Ward, Workload,
+    peer, received_by, scaled, Listener, Outcome, Placement, Protocol, TestCgroups, TwoNodes, Ward,
+    Workload,
 };
 
 fn service(
@@ -140,6 +138,8 @@ fn a_cluster_ip_is_translated_to_a_backend_and_policy_judges_the_backend() {
     );
     // Every connection reaches a backend of its family, and both backends get some.
     for (target, first) in [("10.96.0.20:80", 0), ("[fd00:96::20]:80", 1)] {
+        let backends = [&db_http[first], &db_http[first + 2]];
+        let before: usize = backends.iter().map(|b| b.received()).sum();
         let many = peer.connect(
             Protocol::Tcp,
             target.parse().unwrap(),
@@ -147,10 +147,7 @@ fn a_cluster_ip_is_translated_to_a_backend_and_policy_judges_the_backend() {
             &["--count", "40"],
         );
         assert_eq!(many.count(&Outcome::Ok), 40, "{target}: {many:?}");
-        let served: Vec<usize> = [first, first + 2]
-            .iter()
-            .map(|i| db_http[*i].received())
-            .collect();
+        let served = received_by(&backends, before + 40, scaled(Duration::from_secs(10)));
         assert!(
             served.iter().all(|n| *n > 0),
             "{target}: both backends served: {served:?}"
@@ -175,7 +172,8 @@ fn a_cluster_ip_is_translated_to_a_backend_and_policy_judges_the_backend() {
     assert!(db_udp.iter().all(|l| l.received() > 0));
 
     // Session affinity: every socket of the client reaches one backend.
-    let before: Vec<usize> = [0, 2].iter().map(|i| db_http[*i].received()).collect();
+    let backends = [&db_http[0], &db_http[2]];
+    let before: Vec<usize> = backends.iter().map(|b| b.received()).collect();
     let sticky = peer.connect(
         Protocol::Tcp,
         "10.96.0.21:80".parse().unwrap(),
@@ -183,19 +181,12 @@ fn a_cluster_ip_is_translated_to_a_backend_and_policy_judges_the_backend() {
         &["--count", "20"],
     );
     assert_eq!(sticky.count(&Outcome::Ok), 20, "{sticky:?}");
-    // The listeners' receipt lines are read as they print them: wait for all 20.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let gained = loop {
-        let gained: Vec<usize> = [0, 2]
-            .iter()
-            .zip(&before)
-            .map(|(i, b)| db_http[*i].received() - b)
-            .collect();
-        if gained.iter().sum::<usize>() >= 20 || Instant::now() > deadline {
-            break gained;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let served = received_by(
+        &backends,
+        before.iter().sum::<usize>() + 20,
+        scaled(Duration::from_secs(10)),
+    );
+    let gained: Vec<usize> = served.iter().zip(&before).map(|(s, b)| s - b).collect();
     assert!(
         gained.contains(&0) && gained.contains(&20),
         "one backend took all: {gained:?}"
