@@ -254,6 +254,45 @@ pub fn syn_sender(ctx: &SkBuffContext, flow: &agent_common::FlowKey, v4: bool) -
     found
 }
 
+/// The workload of the UDP socket on this host, in the receiving socket's network namespace, that
+/// sent the datagram `flow` (`local` is the sender): the socket the kernel's own lookup finds
+/// bound to the datagram's source, counted only when it is connected (the lookup finds a
+/// connected socket only when it is connected to the datagram's destination), and named by its
+/// cgroup (or nearest mapped ancestor) as [`syn_sender`] names a TCP sender. `None` otherwise:
+/// the sender is elsewhere, in another namespace, of no workload, unconnected (its `sendmsg`
+/// hook recorded it), or closed already. A hand-made datagram borrows no workload but one
+/// already connected to this very destination.
+#[inline(always)]
+pub fn datagram_sender(ctx: &SkBuffContext, flow: &agent_common::FlowKey, v4: bool) -> Option<u32> {
+    // The tuple of a datagram the sending socket would receive: from the destination to it.
+    let (mut tuple, size) = lookup_tuple(
+        &flow.remote_addr,
+        flow.remote_port,
+        &flow.local_addr,
+        flow.local_port,
+        v4,
+    );
+    let netns = BPF_F_CURRENT_NETNS as i64 as u64;
+    // SAFETY: the tuple is on this frame with its exact size; a socket found is released below.
+    let sk = unsafe { bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, netns, 0) };
+    if sk.is_null() {
+        return None;
+    }
+    let found = if FullSocket(sk).dst_port() != 0 {
+        // SAFETY: a socket the lookup returned, valid until its release below.
+        let cgroup = unsafe { bpf_sk_cgroup_id(sk as *mut _) };
+        // SAFETY: as above.
+        maps::workload(cgroup, |level| unsafe {
+            bpf_sk_ancestor_cgroup_id(sk as *mut _, level)
+        })
+    } else {
+        None
+    };
+    // SAFETY: released once.
+    unsafe { bpf_sk_release(sk as *mut _) };
+    found
+}
+
 /// The calling task's cgroup, and its ancestor at `level` (0 past its depth): programs that run
 /// in a task's context (connect, sendmsg, bind).
 #[inline(always)]

@@ -68,25 +68,25 @@ fn v6_bytes(words: [u32; 4]) -> [u8; 16] {
 #[cgroup_sock_addr(connect4)]
 pub fn ward_connect4(ctx: SockAddrContext) -> i32 {
     floor!();
-    sock_addr::egress(&ctx, 4)
+    sock_addr::egress(&ctx, 4, true)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn ward_connect6(ctx: SockAddrContext) -> i32 {
     floor!();
-    sock_addr::egress(&ctx, 6)
+    sock_addr::egress(&ctx, 6, true)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn ward_sendmsg4(ctx: SockAddrContext) -> i32 {
     floor!();
-    sock_addr::egress(&ctx, 4)
+    sock_addr::egress(&ctx, 4, false)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn ward_sendmsg6(ctx: SockAddrContext) -> i32 {
     floor!();
-    sock_addr::egress(&ctx, 6)
+    sock_addr::egress(&ctx, 6, false)
 }
 
 #[cgroup_sock_addr(recvmsg4)]

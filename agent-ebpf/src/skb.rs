@@ -338,6 +338,7 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
         }
     } else {
         match ipcache::address_identity(&flow.local_addr, gen) {
+            IDENTITY_HOST if protocol == PROTO_UDP => udp_sender(ctx, p),
             IDENTITY_HOST => flows::sender(
                 protocol,
                 &flow.remote_addr,
@@ -406,8 +407,8 @@ fn tcp_sender(ctx: &SkBuffContext, p: &Packet, gen: u8) -> u32 {
 }
 
 /// Whether the receiving socket is connected to the datagram's sender: the workload chose that
-/// peer at `connect()`, where its egress was decided, so this is the flow's reply (the case of
-/// a socket that was never bound, whose port the connect hook could not record).
+/// peer at `connect()`, where its egress was decided, so this is the flow's reply (no record of
+/// it is kept).
 #[inline(always)]
 fn is_connected_peer(ctx: &SkBuffContext, flow: &FlowKey) -> bool {
     let Some(sk) = full_socket(ctx) else {
@@ -423,6 +424,23 @@ fn is_connected_peer(ctx: &SkBuffContext, flow: &FlowKey) -> bool {
         v6_bytes(dst_ip6)
     };
     peer == flow.local_addr
+}
+
+/// The identity of a UDP datagram's sender on a shared address (the datagram's source names
+/// *host*): its connected socket on this host ([`context::datagram_sender`]), else the workload
+/// whose `sendmsg` hook recorded the flow, else *host*. Its own BPF function: the lookup's tuple
+/// stays off the ingress decision's frame.
+#[inline(never)]
+fn udp_sender(ctx: &SkBuffContext, p: &Packet) -> u32 {
+    let flow = &p.flow;
+    match context::datagram_sender(ctx, flow, p.family == 4) {
+        Some(identity) => identity,
+        None => flows::sender(
+            PROTO_UDP,
+            &flow.remote_addr,
+            flows::ports(flow.local_port, flow.remote_port),
+        ),
+    }
 }
 
 /// ICMP and ICMPv6 for an isolated workload, either direction: neighbour discovery always

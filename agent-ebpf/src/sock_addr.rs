@@ -25,10 +25,10 @@ pub fn current_workload() -> (u64, Option<u32>) {
     (cgroup_id, identity)
 }
 
-/// Egress decision for connect() and sendmsg(): the local identity from the calling task's
-/// cgroup, the remote from the destination.
+/// Egress decision for connect() (`connecting`) and sendmsg(): the local identity from the
+/// calling task's cgroup, the remote from the destination.
 #[inline(always)]
-pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
+pub fn egress(ctx: &SockAddrContext, family: u8, connecting: bool) -> i32 {
     let (protocol, _) = context::call_protocol_and_port(ctx);
     if protocol == PROTO_ICMP || protocol == PROTO_ICMPV6 {
         // Each message is decided by its type, per packet.
@@ -84,12 +84,14 @@ pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
     if protocol == PROTO_UDP && !policy::isolated(local, DIRECTION_EGRESS, gen) {
         // No egress rule to decide, no DNS name to learn: only the record of the datagram, which
         // names its sender and lets its replies in.
-        record_datagram(
-            &remote_addr,
-            context::call_source_port(ctx),
-            remote_port,
-            local,
-        );
+        if records_datagrams(connecting, &remote_addr) {
+            record_datagram(
+                &remote_addr,
+                context::call_source_port(ctx),
+                remote_port,
+                local,
+            );
+        }
         return ALLOW;
     }
     let remote = ipcache::destination_identity(ctx, &remote_addr, remote_port, protocol, gen);
@@ -157,7 +159,7 @@ pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
     if protocol == PROTO_UDP && !(d.isolated && d.verdict == VERDICT_DENY) && src_port != 0 {
         if proxy_port != 0 {
             dns::record_sent(&call, src_port, proxy_port, local);
-        } else {
+        } else if records_datagrams(connecting, &remote_addr) {
             record_datagram(&remote_addr, src_port, remote_port, local);
         }
     }
@@ -204,6 +206,16 @@ pub fn egress(ctx: &SockAddrContext, family: u8) -> i32 {
     } else {
         ALLOW
     }
+}
+
+/// Whether a UDP call's datagrams are recorded ([`record_datagram`]). A socket connected to a
+/// loopback address needs no record: its replies pass its ingress as its peer's (the receiving
+/// socket is connected to them), and its receiver, in the same network namespace, finds it by
+/// the kernel's socket lookup ([`crate::context::datagram_sender`]). A map write per socket saved.
+/// Its own BPF function: inlined into the connect hook, it crashed the BPF backend (LLVM 22).
+#[inline(never)]
+fn records_datagrams(connecting: bool, remote_addr: &[u8; 16]) -> bool {
+    !(connecting && ipcache::is_loopback(remote_addr))
 }
 
 /// Records that `local` sends a datagram from `src_port` (0: not bound yet, nothing to record) to

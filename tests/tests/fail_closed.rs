@@ -1055,6 +1055,61 @@ fn a_connected_udp_socket_of_an_ingress_isolated_workload_gets_its_reply() {
 }
 
 #[test]
+fn an_unbound_connected_udp_sender_is_named_by_its_workload_on_loopback() {
+    // glibc's resolver: socket(); connect(); send() with no bind(). The socket gets its port after
+    // the connect hook, so no record of the flow can name it: the receiver's ingress finds the
+    // connected socket itself. Before, such a sender was *host* to a receiver on loopback.
+    let peer = peer!();
+    let cgroups = TestCgroups::new("udpname");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let other = Placement::cgroup(cgroups.create("other"));
+    let resolver = Placement::cgroup(cgroups.create("resolver"));
+    let server4 = peer.listen(Protocol::Udp, "127.0.0.1:0", &resolver);
+    let server6 = peer.listen(Protocol::Udp, "[::1]:0", &resolver);
+    let ward = Ward::start(
+        &cgroups,
+        &[
+            Workload::new("client"),
+            Workload::new("other"),
+            Workload::new("resolver"),
+        ],
+        &policy(
+            "resolver-ingress",
+            "  selector:\n    labels: {app: resolver}\n  ingress:\n    - name: clients\n      \
+             from: [{labels: {app: client}}]\n",
+        ),
+    );
+    let timeout = scaled(Duration::from_millis(1500))
+        .as_secs_f64()
+        .to_string();
+    for server in [&server4, &server6] {
+        let (addr, port) = (server.addr.ip().to_string(), server.port().to_string());
+        let ask =
+            |from: &Placement| packets_outcome(from, &["udp-connected", &addr, &port, &timeout]);
+        assert_eq!(
+            ask(&client),
+            Outcome::Ok,
+            "client, which the rule names, must get the answer of {}; ward log:\n{}",
+            server.addr,
+            ward_tail(&ward)
+        );
+        server.wait_received(1, scaled(Duration::from_secs(5)));
+        assert_eq!(
+            ask(&other),
+            Outcome::Timeout,
+            "other, which no rule names, must not reach {}",
+            server.addr
+        );
+        assert_eq!(
+            server.received(),
+            1,
+            "{} received other's datagram",
+            server.addr
+        );
+    }
+}
+
+#[test]
 fn a_policy_change_revokes_an_admitted_datagram_flow_the_workload_answered() {
     // The listener's ingress admits a datagram and it answers; after a policy change that admits
     // nothing, the next datagram of the same flow (same socket, same ports) is refused: its
