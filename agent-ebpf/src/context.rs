@@ -217,54 +217,39 @@ pub const TCP_SYN_SENT: u32 = 2;
 
 /// The workload of the socket on this host, in the receiving socket's network namespace, that
 /// sent the TCP SYN `flow` (`local` is the sender): the socket connecting from the flow's source
-/// to its destination, found by the kernel's own socket lookup, and named by its cgroup (or
-/// nearest mapped ancestor) as [`maps::workload`] names one. `None` when there is none: the sender
-/// is elsewhere, in another namespace, or of no workload. Only a socket in `SYN_SENT` counts: a
-/// listener bound to the flow's source port is not the sender, and a hand-made SYN cannot borrow
-/// its workload.
+/// to its destination, found by the kernel's own socket lookup ([`flow_sender`]). Only a socket
+/// in `SYN_SENT` counts: a listener bound to the flow's source port is not the sender, and a
+/// hand-made SYN cannot borrow its workload.
 #[inline(always)]
 pub fn syn_sender(ctx: &SkBuffContext, flow: &agent_common::FlowKey, v4: bool) -> Option<u32> {
-    // The tuple of a packet the connecting socket would receive: from the destination to it.
-    let (mut tuple, size) = lookup_tuple(
-        &flow.remote_addr,
-        flow.remote_port,
-        &flow.local_addr,
-        flow.local_port,
-        v4,
-    );
-    let netns = BPF_F_CURRENT_NETNS as i64 as u64;
-    // SAFETY: the tuple is on this frame with its exact size; a socket found is released below.
-    let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, netns, 0) };
-    if sk.is_null() {
-        return None;
-    }
-    // SAFETY: a socket the lookup returned, valid until its release below.
-    let found = if unsafe { (*sk).state } == TCP_SYN_SENT {
-        // SAFETY: as above.
-        let cgroup = unsafe { bpf_sk_cgroup_id(sk as *mut _) };
-        // SAFETY: as above.
-        maps::workload(cgroup, |level| unsafe {
-            bpf_sk_ancestor_cgroup_id(sk as *mut _, level)
-        })
-    } else {
-        None
-    };
-    // SAFETY: released once.
-    unsafe { bpf_sk_release(sk as *mut _) };
-    found
+    flow_sender(ctx, flow, v4, false)
 }
 
 /// The workload of the UDP socket on this host, in the receiving socket's network namespace, that
-/// sent the datagram `flow` (`local` is the sender): the socket the kernel's own lookup finds
-/// bound to the datagram's source, counted only when it is connected (the lookup finds a
-/// connected socket only when it is connected to the datagram's destination), and named by its
-/// cgroup (or nearest mapped ancestor) as [`syn_sender`] names a TCP sender. `None` otherwise:
-/// the sender is elsewhere, in another namespace, of no workload, unconnected (its `sendmsg`
-/// hook recorded it), or closed already. A hand-made datagram borrows no workload but one
-/// already connected to this very destination.
+/// sent the datagram `flow` ([`flow_sender`]): the socket bound to the datagram's source, counted
+/// only when it is connected (the lookup matches a connected socket only to the datagram's
+/// destination). `None` also when the sender is unconnected (its `sendmsg` hook recorded it) or
+/// closed already. A hand-made datagram borrows no workload but one connected to this very
+/// destination.
 #[inline(always)]
 pub fn datagram_sender(ctx: &SkBuffContext, flow: &agent_common::FlowKey, v4: bool) -> Option<u32> {
-    // The tuple of a datagram the sending socket would receive: from the destination to it.
+    flow_sender(ctx, flow, v4, true)
+}
+
+/// The workload of the sending socket of `flow` (`local` is the sender) on this host: the socket
+/// the kernel's own lookup finds for a packet from the flow's destination to its source, in the
+/// receiving socket's network namespace, when it is the sender ([`syn_sender`],
+/// [`datagram_sender`]), named by its cgroup (or nearest mapped ancestor) as [`maps::workload`]
+/// names one. `None` when there is none: the sender is elsewhere, in another namespace, or of no
+/// workload.
+#[inline(always)]
+fn flow_sender(
+    ctx: &SkBuffContext,
+    flow: &agent_common::FlowKey,
+    v4: bool,
+    udp: bool,
+) -> Option<u32> {
+    // The tuple of a packet the sending socket would receive: from the destination to it.
     let (mut tuple, size) = lookup_tuple(
         &flow.remote_addr,
         flow.remote_port,
@@ -274,11 +259,22 @@ pub fn datagram_sender(ctx: &SkBuffContext, flow: &agent_common::FlowKey, v4: bo
     );
     let netns = BPF_F_CURRENT_NETNS as i64 as u64;
     // SAFETY: the tuple is on this frame with its exact size; a socket found is released below.
-    let sk = unsafe { bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, netns, 0) };
+    let sk = unsafe {
+        if udp {
+            bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, netns, 0)
+        } else {
+            bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, netns, 0)
+        }
+    };
     if sk.is_null() {
         return None;
     }
-    let found = if FullSocket(sk).dst_port() != 0 {
+    let sending = if udp {
+        FullSocket(sk).dst_port() != 0
+    } else {
+        FullSocket(sk).state() == TCP_SYN_SENT
+    };
+    let found = if sending {
         // SAFETY: a socket the lookup returned, valid until its release below.
         let cgroup = unsafe { bpf_sk_cgroup_id(sk as *mut _) };
         // SAFETY: as above.
