@@ -8,21 +8,9 @@ use crate::{
     maps::{IPCACHE, IPCACHE_LPM, LISTENERS},
 };
 
-/// Whether `addr` (IPv4 mapped) is a loopback address: `127.0.0.0/8` or `::1`. Byte by byte:
-/// a slice comparison becomes a `memcmp` the BPF backend cannot always lower.
 #[inline(always)]
 pub fn is_loopback(addr: &[u8; 16]) -> bool {
-    if is_v4_mapped(addr) {
-        return addr[12] == 127;
-    }
-    let mut i = 0;
-    while i < 15 {
-        if addr[i] != 0 {
-            return false;
-        }
-        i += 1;
-    }
-    addr[15] == 1
+    (is_v4_mapped(addr) && addr[12] == 127) || (addr[..15] == [0; 15] && addr[15] == 1)
 }
 
 /// Identity of an address, without looking at listeners. Its own BPF function: its two keys
