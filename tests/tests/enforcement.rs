@@ -427,6 +427,61 @@ fn audit_mode_lets_traffic_pass_and_logs_the_verdict() {
 }
 
 #[test]
+fn a_connected_udp_sender_on_a_host_address_is_named_in_another_namespace() {
+    // A workload on the host's network (its address names *host*) sends over a connected UDP
+    // socket to a workload in a network namespace of its own. No socket lookup in the
+    // receiver's namespace finds the sender: the record its `connect()` wrote names it there.
+    // (The client node's addresses stand in for the host's: `hostAddresses` declares them.)
+    let peer = peer!();
+    let nodes = TwoNodes::new("hostudp");
+    let cgroups = TestCgroups::new("hostudp");
+    let client = Placement::cgroup(cgroups.create("client")).in_netns(nodes.client.name());
+    let other = Placement::cgroup(cgroups.create("other")).in_netns(nodes.client.name());
+    let db_at = Placement::cgroup(cgroups.create("db")).in_netns(nodes.server.name());
+    let listeners: Vec<Listener> = [nodes.v4(1), nodes.v6(1)]
+        .iter()
+        .map(|ip| peer.listen(Protocol::Udp, &SocketAddr::new(*ip, 0).to_string(), &db_at))
+        .collect();
+    let mut db = Workload::new("db");
+    db.addresses = vec![nodes.v4(1).to_string(), nodes.v6(1).to_string()];
+    let ward = Ward::start_with_options(
+        &cgroups,
+        &[Workload::new("client"), Workload::new("other"), db],
+        &policy(
+            "db-ingress",
+            "  selector:\n    labels: {app: db}\n  ingress:\n    - name: clients\n      \
+             from: [{labels: {app: client}}]\n",
+        ),
+        &[],
+        &format!(
+            "hostAddresses: [\"{}\", \"{}\"]\n",
+            nodes.v4(100),
+            nodes.v6(100)
+        ),
+    );
+    let options = ["--connected", "--timeout-ms", "3000"];
+    for listener in &listeners {
+        assert_allowed(
+            &peer,
+            Protocol::Udp,
+            listener.addr,
+            &client,
+            &ward,
+            &options,
+        );
+        listener.wait_received(1, ward_tests::scaled(Duration::from_secs(5)));
+        let (outcome, _) = attempt(&peer, Protocol::Udp, listener.addr, &other, &options);
+        assert_eq!(outcome, Outcome::Timeout, "other reached {}", listener.addr);
+        assert_eq!(
+            listener.received(),
+            1,
+            "{} received other's datagram",
+            listener.addr
+        );
+    }
+}
+
+#[test]
 fn cidr_peers_with_except_between_network_namespaces() {
     let peer = peer!();
     let nodes = TwoNodes::new("cidr");
