@@ -289,62 +289,78 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
     {
         return ALLOW;
     }
-    // `local`'s record of the flow (TCP keeps none): read once, for the reply test here and the
-    // admission's record below.
+    // `local`'s record of the flow (TCP keeps none), when it was read: for the reply test here and
+    // the admission's record below.
     let mut known = -1;
-    match protocol {
-        PROTO_UDP => {
-            // The flow's admission under the policy in force is recorded too (below): its next
-            // datagrams pass on it.
-            known = flows::receiving(local, flow);
-            if flows::is_known(known) {
-                return ALLOW;
-            }
-            // A refusal under the policy in force is cached: the next datagrams of the flow are
-            // refused at once, without another verdict record.
-            // SAFETY: copied out at once.
-            if let Some(cached) = unsafe { UDP_FLOWS.get(flow) }.copied() {
-                if cached.generation == full_gen && cached.verdict == VERDICT_DENY {
-                    return REFUSE;
-                }
-            }
-        }
-        PROTO_SCTP => {
-            known = flows::receiving(local, flow);
-            if flows::is_reply(known) {
-                return ALLOW;
-            }
-        }
-        _ => {}
-    }
+    // A UDP sender named by its socket, connected to this receiver: its datagrams are never
+    // replies, and `local`'s record of the flow is not read before the admission's is written.
+    let mut connected_sender = false;
     // A peer on this host is named by its connecting socket, found by the SYN's 4-tuple; only
     // peers elsewhere are named by address. The agent's delivery of a tunneled connection is
     // named by the workload its certificate proved, for the 4-tuple the agent recorded (only
     // the running tunnel records them: without it, no lookup).
     let mut tunneled = false;
-    let remote = if protocol == PROTO_TCP {
-        let delivery = if maps::tunnel().is_some() {
-            // SAFETY: copied out at once.
-            unsafe { CONNECTING.get(flow) }.copied()
-        } else {
-            None
-        };
-        match delivery {
-            Some(c) => {
-                tunneled = c.flags & CONNECTING_FLAG_TUNNEL != 0;
-                c.identity
+    let remote = match protocol {
+        PROTO_TCP => {
+            let delivery = if maps::tunnel().is_some() {
+                // SAFETY: copied out at once.
+                unsafe { CONNECTING.get(flow) }.copied()
+            } else {
+                None
+            };
+            match delivery {
+                Some(c) => {
+                    tunneled = c.flags & CONNECTING_FLAG_TUNNEL != 0;
+                    c.identity
+                }
+                None => tcp_sender(ctx, p, gen),
             }
-            None => tcp_sender(ctx, p, gen),
         }
-    } else {
-        match ipcache::address_identity(&flow.local_addr, gen) {
-            IDENTITY_HOST if protocol == PROTO_UDP => udp_sender(ctx, p),
-            IDENTITY_HOST => flows::sender(
-                protocol,
-                &flow.remote_addr,
-                flows::ports(flow.local_port, flow.remote_port),
-            ),
-            by_address => by_address,
+        PROTO_UDP => match ipcache::address_identity(&flow.local_addr, gen) {
+            // A sender on an address workloads share is named anew for each datagram: by its
+            // socket, else by the record its `sendmsg` hook made. An admission never passes it:
+            // it is keyed by addresses and ports, and another workload may take the port a
+            // closed socket of the admitted one left.
+            IDENTITY_HOST => match connected_udp_sender(ctx, p) {
+                identity @ 0.. => {
+                    connected_sender = true;
+                    identity as u32
+                }
+                _ => {
+                    known = flows::receiving(local, flow);
+                    if flows::is_reply(known) {
+                        return ALLOW;
+                    }
+                    flows::sender(
+                        protocol,
+                        &flow.remote_addr,
+                        flows::ports(flow.local_port, flow.remote_port),
+                    )
+                }
+            },
+            // A sender with an address of its own: the flow's admission under the policy in
+            // force passes its next datagrams.
+            by_address => {
+                known = flows::receiving(local, flow);
+                if flows::is_known(known) {
+                    return ALLOW;
+                }
+                by_address
+            }
+        },
+        _ => {
+            known = flows::receiving(local, flow);
+            if flows::is_reply(known) {
+                return ALLOW;
+            }
+            match ipcache::address_identity(&flow.local_addr, gen) {
+                IDENTITY_HOST => flows::sender(
+                    protocol,
+                    &flow.remote_addr,
+                    flows::ports(flow.local_port, flow.remote_port),
+                ),
+                by_address => by_address,
+            }
         }
     };
     let d = policy::decide(
@@ -357,6 +373,14 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
     );
     let admitted = !(d.isolated && d.verdict == VERDICT_DENY);
     if protocol == PROTO_UDP && !admitted {
+        // A refusal under the policy in force is cached: the next datagrams of the flow are
+        // refused without another verdict record.
+        // SAFETY: copied out at once.
+        if let Some(cached) = unsafe { UDP_FLOWS.get(flow) }.copied() {
+            if cached.generation == full_gen && cached.verdict == VERDICT_DENY {
+                return REFUSE;
+            }
+        }
         let cached = UdpFlowValue {
             generation: full_gen,
             rule: d.rule,
@@ -366,14 +390,22 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
         let _ = UDP_FLOWS.insert(flow, cached, 0);
     }
     if protocol != PROTO_TCP && admitted && known != i64::from(CONNECTING_FLAG_ADMITTED) {
-        // The workload may answer what it admitted, whatever its egress policy says.
-        // (A record of the flow `local` started would have let the packet in above as a reply.)
-        flows::admit(
-            protocol,
-            &flow.local_addr,
-            flows::ports(flow.remote_port, flow.local_port),
-            local,
-        );
+        // The workload may answer what it admitted, whatever its egress policy says, and its
+        // answers do not make the flow its own. (A record of the flow `local` started would have
+        // let the packet in above as a reply.)
+        let answer_ports = flows::ports(flow.remote_port, flow.local_port);
+        if connected_sender {
+            // Not read above: written only when not there yet.
+            flows::record(
+                protocol,
+                &flow.local_addr,
+                answer_ports,
+                local,
+                CONNECTING_FLAG_ADMITTED,
+            );
+        } else {
+            flows::admit(protocol, &flow.local_addr, answer_ports, local);
+        }
     }
     if !d.isolated {
         return ALLOW;
@@ -426,21 +458,12 @@ fn is_connected_peer(ctx: &SkBuffContext, flow: &FlowKey) -> bool {
     peer == flow.local_addr
 }
 
-/// The identity of a UDP datagram's sender on a shared address (the datagram's source names
-/// *host*): its connected socket on this host ([`context::datagram_sender`]), else the workload
-/// whose `sendmsg` hook recorded the flow, else *host*. Its own BPF function: the lookup's tuple
-/// stays off the ingress decision's frame.
+/// The workload of a UDP datagram's connected sending socket on this host
+/// ([`context::datagram_sender`]), -1 when there is none. Its own BPF function: the lookup's
+/// tuple stays off the ingress decision's frame.
 #[inline(never)]
-fn udp_sender(ctx: &SkBuffContext, p: &Packet) -> u32 {
-    let flow = &p.flow;
-    match context::datagram_sender(ctx, flow, p.family == 4) {
-        Some(identity) => identity,
-        None => flows::sender(
-            PROTO_UDP,
-            &flow.remote_addr,
-            flows::ports(flow.local_port, flow.remote_port),
-        ),
-    }
+fn connected_udp_sender(ctx: &SkBuffContext, p: &Packet) -> i64 {
+    context::datagram_sender(ctx, &p.flow, p.family == 4).map_or(-1, i64::from)
 }
 
 /// ICMP and ICMPv6 for an isolated workload, either direction: neighbour discovery always

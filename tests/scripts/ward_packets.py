@@ -29,8 +29,11 @@ Each mode prints plain lines; outcomes are `ok`, `eperm`, `timeout`, `refused` o
   sockopt tcp|udp DST PORT dstopts|hopopts TIMEOUT_S
       An ordinary socket with the sticky IPV6_DSTOPTS or IPV6_HOPOPTS option (the kernel adds
       the header to every packet): TCP connects, UDP sends and waits for a reply.
-  udp-connected DST PORT TIMEOUT_S
-      socket(); connect(); send() with no bind(), then waits for a reply.
+  udp-connected DST PORT TIMEOUT_S [SPORT]
+      socket(); connect(); send() with no bind() (with SPORT: bound to that port first), then
+      waits for a reply.
+  udp-sendto DST PORT TIMEOUT_S SPORT
+      An unconnected socket bound to SPORT: sendto(), then waits for a reply.
   sink ADDR PORT
       TCP: prints `listening <port>`; for each connection reads to the end and answers with the
       byte count.
@@ -340,14 +343,28 @@ def sockopt(protocol, dst_text, port, option, timeout):
     reported(attempt)
 
 
-def udp_connected(dst_text, port, timeout):
+def udp_connected(dst_text, port, timeout, sport=None):
     sock = socket.socket(family_of(dst_text), socket.SOCK_DGRAM)
     sock.settimeout(timeout)
+    if sport is not None:
+        sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", sport))
 
     def attempt():
         sock.connect((dst_text, port))
         sock.send(b"connected, never bound")
         sock.recv(512)
+
+    reported(attempt)
+
+
+def udp_sendto(dst_text, port, timeout, sport):
+    sock = socket.socket(family_of(dst_text), socket.SOCK_DGRAM)
+    sock.settimeout(timeout)
+    sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", sport))
+
+    def attempt():
+        sock.sendto(b"unconnected, bound", (dst_text, port))
+        sock.recvfrom(512)
 
     reported(attempt)
 
@@ -447,7 +464,10 @@ def main(args):
         protocol, dst, port, option, timeout = rest
         sockopt(protocol, dst, int(port), option, float(timeout))
     elif mode == "udp-connected":
-        udp_connected(rest[0], int(rest[1]), float(rest[2]))
+        sport = int(rest[3]) if len(rest) > 3 else None
+        udp_connected(rest[0], int(rest[1]), float(rest[2]), sport)
+    elif mode == "udp-sendto":
+        udp_sendto(rest[0], int(rest[1]), float(rest[2]), int(rest[3]))
     elif mode == "sink":
         sink(rest[0], int(rest[1]))
     elif mode == "bulk":

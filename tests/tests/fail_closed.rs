@@ -1110,6 +1110,78 @@ fn an_unbound_connected_udp_sender_is_named_by_its_workload_on_loopback() {
 }
 
 #[test]
+fn an_admitted_datagram_flow_on_a_shared_address_is_not_passed_to_another_workload() {
+    // An isolated receiver's ingress admits a flow from `client` on loopback, an address every
+    // workload here shares. `client` closes its socket, and `other`, which no rule names, binds
+    // the same port and sends to the same receiver: same 4-tuple, so the same flow by its
+    // addresses. The admission was `client`'s: `other`'s datagram must not reach the listener.
+    // Both ways a sender names itself: a connected socket (found by lookup) and an unconnected
+    // one (named by its `sendto()`'s record).
+    let peer = peer!();
+    let cgroups = TestCgroups::new("udpreuse");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let other = Placement::cgroup(cgroups.create("other"));
+    let resolver = Placement::cgroup(cgroups.create("resolver"));
+    let server4 = peer.listen(Protocol::Udp, "127.0.0.1:0", &resolver);
+    let server6 = peer.listen(Protocol::Udp, "[::1]:0", &resolver);
+    let ward = Ward::start(
+        &cgroups,
+        &[
+            Workload::new("client"),
+            Workload::new("other"),
+            Workload::new("resolver"),
+        ],
+        &policy(
+            "resolver-ingress",
+            "  selector:\n    labels: {app: resolver}\n  ingress:\n    - name: clients\n      \
+             from: [{labels: {app: client}}]\n",
+        ),
+    );
+    let timeout = scaled(Duration::from_millis(1500))
+        .as_secs_f64()
+        .to_string();
+    // Each listener's count of datagrams once client's has arrived: one per way so far.
+    for (server, how, received) in [
+        (&server4, "udp-connected", 1),
+        (&server6, "udp-connected", 1),
+        (&server4, "udp-sendto", 2),
+        (&server6, "udp-sendto", 2),
+    ] {
+        let (addr, port) = (server.addr.ip().to_string(), server.port().to_string());
+        // A port free now, for both senders in turn.
+        let any = if server.addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let sport = std::net::UdpSocket::bind(any)
+            .and_then(|s| s.local_addr())
+            .expect("a free UDP port")
+            .port()
+            .to_string();
+        let ask = |from: &Placement| packets_outcome(from, &[how, &addr, &port, &timeout, &sport]);
+        assert_eq!(
+            ask(&client),
+            Outcome::Ok,
+            "{how}: client, which the rule names, must get the answer of {} from port {sport}; \
+             ward log:\n{}",
+            server.addr,
+            ward_tail(&ward)
+        );
+        server.wait_received(received, scaled(Duration::from_secs(5)));
+        assert_eq!(
+            ask(&other),
+            Outcome::Timeout,
+            "{how}: other, which no rule names, must not reach {} from the port client was \
+             admitted from ({sport})",
+            server.addr
+        );
+        assert_eq!(
+            server.received(),
+            received,
+            "{how}: {} received other's datagram from client's admitted port {sport}",
+            server.addr
+        );
+    }
+}
+
+#[test]
 fn a_policy_change_revokes_an_admitted_datagram_flow_the_workload_answered() {
     // The listener's ingress admits a datagram and it answers; after a policy change that admits
     // nothing, the next datagram of the same flow (same socket, same ports) is refused: its
