@@ -144,6 +144,67 @@ pub fn loopback_listener(ctx: &SockAddrContext, protocol: u8, v4: bool, port: u1
     true
 }
 
+/// Whether a datagram the caller's `sendmsg()` sends from its port to loopback `dport` (IPv4
+/// `127.0.0.1`, or `::1` with `v4` false) goes to a UDP socket connected to that very port: the
+/// socket the kernel's own lookup finds for it is connected (a connected socket is matched only
+/// to its peer). The source is taken to be the destination address, as the kernel picks it for
+/// these two; a call that names another source (`IP_PKTINFO`), or a socket bound to another
+/// address, is never taken to. A `sendmsg` hook's only (it reads the call's source). Its own BPF
+/// function: the lookup's tuple stays off the hook's frame.
+#[inline(never)]
+pub fn sends_to_connected_loopback(ctx: &SockAddrContext, v4: bool, dport: u16) -> bool {
+    let sk = field!(ctx.sock_addr, __bindgen_anon_1.sk);
+    let sport = field!(sk, src_port) as u16;
+    let loopback = if v4 {
+        let named = field!(ctx.sock_addr, msg_src_ip4);
+        let bound = field!(sk, src_ip4);
+        let one = u32::from_be_bytes([127, 0, 0, 1]).to_be();
+        if (named != 0 && named != one) || (bound != 0 && bound != one) {
+            return false;
+        }
+        agent_common::map_v4([127, 0, 0, 1])
+    } else {
+        let one = 1u32.to_be();
+        let named = [
+            field!(ctx.sock_addr, msg_src_ip6[0]),
+            field!(ctx.sock_addr, msg_src_ip6[1]),
+            field!(ctx.sock_addr, msg_src_ip6[2]),
+            field!(ctx.sock_addr, msg_src_ip6[3]),
+        ];
+        let bound = [
+            field!(sk, src_ip6[0]),
+            field!(sk, src_ip6[1]),
+            field!(sk, src_ip6[2]),
+            field!(sk, src_ip6[3]),
+        ];
+        // Neither `::` nor `::1`.
+        let elsewhere = |a: [u32; 4]| (a[0] | a[1] | a[2]) != 0 || (a[3] != 0 && a[3] != one);
+        if elsewhere(named) || elsewhere(bound) {
+            return false;
+        }
+        let mut one = [0; 16];
+        one[15] = 1;
+        one
+    };
+    if sport == 0 {
+        return false;
+    }
+    let found = caller_lookup(
+        ctx,
+        agent_common::PROTO_UDP,
+        (&loopback, sport),
+        (&loopback, dport),
+        v4,
+    );
+    if found.is_null() {
+        return false;
+    }
+    let connected = FullSocket(found).dst_port() != 0;
+    // SAFETY: a socket the lookup returned, released once.
+    unsafe { bpf_sk_release(found as *mut _) };
+    connected
+}
+
 /// What a caller's socket lookup found at a destination on this host.
 pub enum Receiver {
     /// No socket would receive there.

@@ -293,7 +293,8 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
     // the admission's record below.
     let mut known = -1;
     // A UDP sender named by its socket, connected to this receiver: its datagrams are never
-    // replies, and `local`'s record of the flow is not read before the admission's is written.
+    // replies, and its flow is admitted only for `local`'s answers while `local`'s egress is
+    // isolated (else they need no record: their receiver is connected to them, `sendmsg`).
     let mut connected_sender = false;
     // A peer on this host is named by its connecting socket, found by the SYN's 4-tuple; only
     // peers elsewhere are named by address. The agent's delivery of a tunneled connection is
@@ -395,14 +396,16 @@ fn ingress_ports(ctx: &SkBuffContext, p: &Packet, local: u32, full_gen: u32) -> 
         // let the packet in above as a reply.)
         let answer_ports = flows::ports(flow.remote_port, flow.local_port);
         if connected_sender {
-            // Not read above: written only when not there yet.
-            flows::record(
-                protocol,
-                &flow.local_addr,
-                answer_ports,
-                local,
-                CONNECTING_FLAG_ADMITTED,
-            );
+            if policy::isolated(local, DIRECTION_EGRESS, gen) {
+                // Not read above: written only when not there yet.
+                flows::record(
+                    protocol,
+                    &flow.local_addr,
+                    answer_ports,
+                    local,
+                    CONNECTING_FLAG_ADMITTED,
+                );
+            }
         } else {
             flows::admit(protocol, &flow.local_addr, answer_ports, local);
         }

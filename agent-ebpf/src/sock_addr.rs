@@ -83,8 +83,12 @@ pub fn egress(ctx: &SockAddrContext, family: u8, connecting: bool) -> i32 {
     }
     if protocol == PROTO_UDP && !policy::isolated(local, DIRECTION_EGRESS, gen) {
         // No egress rule to decide, no DNS name to learn: only the record of the datagram, which
-        // names its sender and lets its replies in.
-        if records_datagrams(connecting, &remote_addr) {
+        // names its sender and lets its replies in. An answer to a socket connected to this one
+        // needs none: its receiver takes it as its peer's, and finds this socket's own
+        // datagrams by lookup.
+        if records_datagrams(connecting, &remote_addr)
+            && (connecting || !sends_to_connected_loopback(ctx, family, &remote_addr, remote_port))
+        {
             record_datagram(
                 &remote_addr,
                 context::call_source_port(ctx),
@@ -216,6 +220,26 @@ pub fn egress(ctx: &SockAddrContext, family: u8, connecting: bool) -> i32 {
 #[inline(never)]
 fn records_datagrams(connecting: bool, remote_addr: &[u8; 16]) -> bool {
     !(connecting && ipcache::is_loopback(remote_addr))
+}
+
+/// Whether a `sendmsg()` to `remote_addr:remote_port` goes to a UDP socket on loopback connected
+/// to the caller's port ([`context::sends_to_connected_loopback`]).
+#[inline(always)]
+fn sends_to_connected_loopback(
+    ctx: &SockAddrContext,
+    family: u8,
+    remote_addr: &[u8; 16],
+    remote_port: u16,
+) -> bool {
+    let v4 = family == 4;
+    let loopback = if v4 {
+        map_v4([127, 0, 0, 1])
+    } else {
+        let mut one = [0; 16];
+        one[15] = 1;
+        one
+    };
+    *remote_addr == loopback && context::sends_to_connected_loopback(ctx, v4, remote_port)
 }
 
 /// Records that `local` sends a datagram from `src_port` (0: not bound yet, nothing to record) to
