@@ -32,8 +32,15 @@ Each mode prints plain lines; outcomes are `ok`, `eperm`, `timeout`, `refused` o
   udp-connected DST PORT TIMEOUT_S [SPORT]
       socket(); connect(); send() with no bind() (with SPORT: bound to that port first), then
       waits for a reply.
-  udp-sendto DST PORT TIMEOUT_S SPORT
-      An unconnected socket bound to SPORT: sendto(), then waits for a reply.
+  udp-sendto DST PORT TIMEOUT_S SPORT [SRC]
+      An unconnected socket bound to SPORT (on SRC, default any address): sendto(), then waits
+      for a reply.
+  udp-listen ADDR PORT
+      A UDP socket with SO_REUSEADDR: prints `listening <port>`, then `datagram <payload>` for
+      each datagram received.
+  udp-decoy ADDR PORT PEER PEER_PORT
+      A UDP socket with SO_REUSEADDR bound to ADDR:PORT and connected to PEER:PEER_PORT: prints
+      `connected`, then waits.
   sink ADDR PORT
       TCP: prints `listening <port>`; for each connection reads to the end and answers with the
       byte count.
@@ -357,16 +364,38 @@ def udp_connected(dst_text, port, timeout, sport=None):
     reported(attempt)
 
 
-def udp_sendto(dst_text, port, timeout, sport):
+def udp_sendto(dst_text, port, timeout, sport, src=None):
     sock = socket.socket(family_of(dst_text), socket.SOCK_DGRAM)
     sock.settimeout(timeout)
-    sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", sport))
+    if src is None:
+        src = "::" if sock.family == socket.AF_INET6 else "0.0.0.0"
+    sock.bind((src, sport))
 
     def attempt():
         sock.sendto(b"unconnected, bound", (dst_text, port))
         sock.recvfrom(512)
 
     reported(attempt)
+
+
+def udp_listen(address, port):
+    sock = socket.socket(family_of(address), socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    say("listening %d" % sock.getsockname()[1])
+    while True:
+        data = sock.recv(2048)
+        say("datagram %s" % data.decode(errors="replace"))
+
+
+def udp_decoy(address, port, peer, peer_port):
+    sock = socket.socket(family_of(address), socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    sock.connect((peer, peer_port))
+    say("connected")
+    while True:
+        time.sleep(60)
 
 
 def sink(address, port):
@@ -467,7 +496,12 @@ def main(args):
         sport = int(rest[3]) if len(rest) > 3 else None
         udp_connected(rest[0], int(rest[1]), float(rest[2]), sport)
     elif mode == "udp-sendto":
-        udp_sendto(rest[0], int(rest[1]), float(rest[2]), int(rest[3]))
+        src = rest[4] if len(rest) > 4 else None
+        udp_sendto(rest[0], int(rest[1]), float(rest[2]), int(rest[3]), src)
+    elif mode == "udp-listen":
+        udp_listen(rest[0], int(rest[1]))
+    elif mode == "udp-decoy":
+        udp_decoy(rest[0], int(rest[1]), rest[2], int(rest[3]))
     elif mode == "sink":
         sink(rest[0], int(rest[1]))
     elif mode == "bulk":

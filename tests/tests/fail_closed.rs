@@ -1149,7 +1149,11 @@ fn an_admitted_datagram_flow_on_a_shared_address_is_not_passed_to_another_worklo
     ] {
         let (addr, port) = (server.addr.ip().to_string(), server.port().to_string());
         // A port free now, for both senders in turn.
-        let any = if server.addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let any = if server.addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
         let sport = std::net::UdpSocket::bind(any)
             .and_then(|s| s.local_addr())
             .expect("a free UDP port")
@@ -1179,6 +1183,70 @@ fn an_admitted_datagram_flow_on_a_shared_address_is_not_passed_to_another_worklo
             server.addr
         );
     }
+}
+
+#[test]
+fn a_datagram_to_loopback_from_another_source_than_a_decoy_connection_names_its_sender() {
+    // A datagram to a UDP socket on loopback that is connected to the sender's port writes no
+    // record of its flow: its receiver takes it as its peer's. The sender's hook finds that
+    // socket by lookup, taking 127.0.0.1 as the source. Here a decoy socket on 127.0.0.1 is
+    // connected to the sender's port, but the sender's socket is bound to 127.0.0.2: its datagram
+    // goes to the isolated receiver on the wildcard address instead, which names the sender by
+    // that record only. Had the hook skipped it, the sender would be *host* there, and refused.
+    // (IPv6 has one loopback address, so this is IPv4 only.)
+    let cgroups = TestCgroups::new("udpdecoy");
+    let client = Placement::cgroup(cgroups.create("client"));
+    let other = Placement::cgroup(cgroups.create("other"));
+    let resolver = Placement::cgroup(cgroups.create("resolver"));
+    let _ward = Ward::start(
+        &cgroups,
+        &[
+            Workload::new("client"),
+            Workload::new("other"),
+            Workload::new("resolver"),
+        ],
+        &policy(
+            "resolver-ingress",
+            "  selector:\n    labels: {app: resolver}\n  ingress:\n    - name: clients\n      \
+             from: [{labels: {app: client}}]\n",
+        ),
+    );
+    let (receiver, port) =
+        packets_background(&resolver, &["udp-listen", "0.0.0.0", "0"], "listening");
+    let sport = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port")
+        .port()
+        .to_string();
+    let (_decoy, _) = packets_background(
+        &other,
+        &["udp-decoy", "127.0.0.1", &port, "127.0.0.1", &sport],
+        "connected",
+    );
+    let timeout = scaled(Duration::from_millis(300)).as_secs_f64().to_string();
+    // No answer comes (the listener only prints what it receives).
+    packets_outcome(
+        &client,
+        &[
+            "udp-sendto",
+            "127.0.0.1",
+            &port,
+            &timeout,
+            &sport,
+            "127.0.0.2",
+        ],
+    );
+    let deadline = Instant::now() + scaled(Duration::from_secs(5));
+    let arrived = |l: &String| l == "datagram unconnected, bound";
+    while !lines_of(&receiver).iter().any(arrived) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        lines_of(&receiver).iter().any(arrived),
+        "client's datagram from 127.0.0.2:{sport} did not reach the receiver that admits \
+         client; it printed {:?}",
+        lines_of(&receiver)
+    );
 }
 
 #[test]
