@@ -1054,31 +1054,58 @@ fn a_connected_udp_socket_of_an_ingress_isolated_workload_gets_its_reply() {
     }
 }
 
+/// Three workloads on this host's addresses, for the tests of UDP senders on a shared address:
+/// `client`, `other`, and `resolver`, whose ingress admits only `client`.
+struct ResolverOnLoopback {
+    cgroups: TestCgroups,
+    client: Placement,
+    other: Placement,
+    resolver: Placement,
+}
+
+impl ResolverOnLoopback {
+    fn new(name: &str) -> Self {
+        let cgroups = TestCgroups::new(name);
+        let client = Placement::cgroup(cgroups.create("client"));
+        let other = Placement::cgroup(cgroups.create("other"));
+        let resolver = Placement::cgroup(cgroups.create("resolver"));
+        Self {
+            cgroups,
+            client,
+            other,
+            resolver,
+        }
+    }
+
+    /// ward with the resolver's policy in force.
+    fn start(&self) -> Ward {
+        Ward::start(
+            &self.cgroups,
+            &[
+                Workload::new("client"),
+                Workload::new("other"),
+                Workload::new("resolver"),
+            ],
+            &policy(
+                "resolver-ingress",
+                "  selector:\n    labels: {app: resolver}\n  ingress:\n    - name: clients\n      \
+                 from: [{labels: {app: client}}]\n",
+            ),
+        )
+    }
+}
+
 #[test]
 fn an_unbound_connected_udp_sender_is_named_by_its_workload_on_loopback() {
     // glibc's resolver: socket(); connect(); send() with no bind(). The socket gets its port after
     // the connect hook, so no record of the flow can name it: the receiver's ingress finds the
     // connected socket itself. Before, such a sender was *host* to a receiver on loopback.
     let peer = peer!();
-    let cgroups = TestCgroups::new("udpname");
-    let client = Placement::cgroup(cgroups.create("client"));
-    let other = Placement::cgroup(cgroups.create("other"));
-    let resolver = Placement::cgroup(cgroups.create("resolver"));
-    let server4 = peer.listen(Protocol::Udp, "127.0.0.1:0", &resolver);
-    let server6 = peer.listen(Protocol::Udp, "[::1]:0", &resolver);
-    let ward = Ward::start(
-        &cgroups,
-        &[
-            Workload::new("client"),
-            Workload::new("other"),
-            Workload::new("resolver"),
-        ],
-        &policy(
-            "resolver-ingress",
-            "  selector:\n    labels: {app: resolver}\n  ingress:\n    - name: clients\n      \
-             from: [{labels: {app: client}}]\n",
-        ),
-    );
+    let workloads = ResolverOnLoopback::new("udpname");
+    let (client, other, resolver) = (&workloads.client, &workloads.other, &workloads.resolver);
+    let server4 = peer.listen(Protocol::Udp, "127.0.0.1:0", resolver);
+    let server6 = peer.listen(Protocol::Udp, "[::1]:0", resolver);
+    let ward = workloads.start();
     let timeout = scaled(Duration::from_millis(1500))
         .as_secs_f64()
         .to_string();
@@ -1087,7 +1114,7 @@ fn an_unbound_connected_udp_sender_is_named_by_its_workload_on_loopback() {
         let ask =
             |from: &Placement| packets_outcome(from, &["udp-connected", &addr, &port, &timeout]);
         assert_eq!(
-            ask(&client),
+            ask(client),
             Outcome::Ok,
             "client, which the rule names, must get the answer of {}; ward log:\n{}",
             server.addr,
@@ -1095,7 +1122,7 @@ fn an_unbound_connected_udp_sender_is_named_by_its_workload_on_loopback() {
         );
         server.wait_received(1, scaled(Duration::from_secs(5)));
         assert_eq!(
-            ask(&other),
+            ask(other),
             Outcome::Timeout,
             "other, which no rule names, must not reach {}",
             server.addr
@@ -1118,25 +1145,11 @@ fn an_admitted_datagram_flow_on_a_shared_address_is_not_passed_to_another_worklo
     // Both ways a sender names itself: a connected socket (found by lookup) and an unconnected
     // one (named by its `sendto()`'s record).
     let peer = peer!();
-    let cgroups = TestCgroups::new("udpreuse");
-    let client = Placement::cgroup(cgroups.create("client"));
-    let other = Placement::cgroup(cgroups.create("other"));
-    let resolver = Placement::cgroup(cgroups.create("resolver"));
-    let server4 = peer.listen(Protocol::Udp, "127.0.0.1:0", &resolver);
-    let server6 = peer.listen(Protocol::Udp, "[::1]:0", &resolver);
-    let ward = Ward::start(
-        &cgroups,
-        &[
-            Workload::new("client"),
-            Workload::new("other"),
-            Workload::new("resolver"),
-        ],
-        &policy(
-            "resolver-ingress",
-            "  selector:\n    labels: {app: resolver}\n  ingress:\n    - name: clients\n      \
-             from: [{labels: {app: client}}]\n",
-        ),
-    );
+    let workloads = ResolverOnLoopback::new("udpreuse");
+    let (client, other, resolver) = (&workloads.client, &workloads.other, &workloads.resolver);
+    let server4 = peer.listen(Protocol::Udp, "127.0.0.1:0", resolver);
+    let server6 = peer.listen(Protocol::Udp, "[::1]:0", resolver);
+    let ward = workloads.start();
     let timeout = scaled(Duration::from_millis(1500))
         .as_secs_f64()
         .to_string();
@@ -1161,7 +1174,7 @@ fn an_admitted_datagram_flow_on_a_shared_address_is_not_passed_to_another_worklo
             .to_string();
         let ask = |from: &Placement| packets_outcome(from, &[how, &addr, &port, &timeout, &sport]);
         assert_eq!(
-            ask(&client),
+            ask(client),
             Outcome::Ok,
             "{how}: client, which the rule names, must get the answer of {} from port {sport}; \
              ward log:\n{}",
@@ -1170,7 +1183,7 @@ fn an_admitted_datagram_flow_on_a_shared_address_is_not_passed_to_another_worklo
         );
         server.wait_received(received, scaled(Duration::from_secs(5)));
         assert_eq!(
-            ask(&other),
+            ask(other),
             Outcome::Timeout,
             "{how}: other, which no rule names, must not reach {} from the port client was \
              admitted from ({sport})",
@@ -1194,32 +1207,18 @@ fn a_datagram_to_loopback_from_another_source_than_a_decoy_connection_names_its_
     // goes to the isolated receiver on the wildcard address instead, which names the sender by
     // that record only. Had the hook skipped it, the sender would be *host* there, and refused.
     // (IPv6 has one loopback address, so this is IPv4 only.)
-    let cgroups = TestCgroups::new("udpdecoy");
-    let client = Placement::cgroup(cgroups.create("client"));
-    let other = Placement::cgroup(cgroups.create("other"));
-    let resolver = Placement::cgroup(cgroups.create("resolver"));
-    let _ward = Ward::start(
-        &cgroups,
-        &[
-            Workload::new("client"),
-            Workload::new("other"),
-            Workload::new("resolver"),
-        ],
-        &policy(
-            "resolver-ingress",
-            "  selector:\n    labels: {app: resolver}\n  ingress:\n    - name: clients\n      \
-             from: [{labels: {app: client}}]\n",
-        ),
-    );
+    let workloads = ResolverOnLoopback::new("udpdecoy");
+    let (client, other, resolver) = (&workloads.client, &workloads.other, &workloads.resolver);
+    let _ward = workloads.start();
     let (receiver, port) =
-        packets_background(&resolver, &["udp-listen", "0.0.0.0", "0"], "listening");
+        packets_background(resolver, &["udp-listen", "0.0.0.0", "0"], "listening");
     let sport = std::net::UdpSocket::bind("0.0.0.0:0")
         .and_then(|s| s.local_addr())
         .expect("a free UDP port")
         .port()
         .to_string();
     let (_decoy, _) = packets_background(
-        &other,
+        other,
         &["udp-decoy", "127.0.0.1", &port, "127.0.0.1", &sport],
         "connected",
     );
