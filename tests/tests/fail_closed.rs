@@ -1225,7 +1225,7 @@ fn a_datagram_to_loopback_from_another_source_than_a_decoy_connection_names_its_
     let timeout = scaled(Duration::from_millis(300)).as_secs_f64().to_string();
     // No answer comes (the listener only prints what it receives).
     packets_outcome(
-        &client,
+        client,
         &[
             "udp-sendto",
             "127.0.0.1",
