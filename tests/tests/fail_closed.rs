@@ -948,8 +948,10 @@ fn an_egress_isolated_workload_answers_a_datagram_its_ingress_admitted() {
     let peer = peer!();
     let cgroups = TestCgroups::new("udpanswer");
     // `quiet`: isolated for egress only. `guarded`: isolated both ways, a rule admits its ports.
+    // `client`: a workload no policy selects, which asks over a connected socket.
     let quiet = Placement::cgroup(cgroups.create("quiet"));
     let guarded = Placement::cgroup(cgroups.create("guarded"));
+    let client = Placement::cgroup(cgroups.create("client"));
     let quiet4 = peer.listen(Protocol::Udp, "127.0.0.1:0", &quiet);
     let quiet6 = peer.listen(Protocol::Udp, "[::1]:0", &quiet);
     let guarded4 = peer.listen(Protocol::Udp, "127.0.0.1:0", &guarded);
@@ -970,29 +972,39 @@ fn an_egress_isolated_workload_answers_a_datagram_its_ingress_admitted() {
     );
     let ward = Ward::start(
         &cgroups,
-        &[Workload::new("quiet"), Workload::new("guarded")],
+        &[
+            Workload::new("quiet"),
+            Workload::new("guarded"),
+            Workload::new("client"),
+        ],
         &format!("{quiet_policy}---\n{guarded_policy}"),
     );
 
-    let sender = Placement::host();
-    let options = ["--timeout-ms", "1500", "--send", "question"];
-    for listener in [&quiet4, &quiet6, &guarded4, &guarded6] {
-        let (outcome, _) = attempt(&peer, Protocol::Udp, listener.addr, &sender, &options);
-        assert_eq!(
-            listener.received(),
-            1,
-            "the datagram to {} must be admitted (harness check): {:?}",
-            listener.addr,
-            lines_of(&listener.process)
-        );
-        assert_eq!(
-            outcome,
-            Outcome::Ok,
-            "the egress-isolated workload behind {} must be able to answer the datagram its \
-             ingress admitted (sendto back to the sender); ward log:\n{}",
-            listener.addr,
-            ward_tail(&ward)
-        );
+    // A host process on an unconnected socket (named by its record), then a workload on a
+    // connected one (named by its socket: its admission is written for the answer alone).
+    let host = Placement::host();
+    let unconnected = ["--timeout-ms", "1500", "--send", "question"];
+    let connected = ["--timeout-ms", "1500", "--send", "question", "--connected"];
+    for (sender, options, received) in [(&host, &unconnected[..], 1), (&client, &connected[..], 2)]
+    {
+        for listener in [&quiet4, &quiet6, &guarded4, &guarded6] {
+            let (outcome, _) = attempt(&peer, Protocol::Udp, listener.addr, sender, options);
+            assert_eq!(
+                listener.received(),
+                received,
+                "the datagram to {} must be admitted (harness check): {:?}",
+                listener.addr,
+                lines_of(&listener.process)
+            );
+            assert_eq!(
+                outcome,
+                Outcome::Ok,
+                "the egress-isolated workload behind {} must be able to answer the datagram its \
+                 ingress admitted (sendto back to the sender, {options:?}); ward log:\n{}",
+                listener.addr,
+                ward_tail(&ward)
+            );
+        }
     }
     // Egress isolation is still in force for anything it starts itself.
     let (own, _) = attempt(
