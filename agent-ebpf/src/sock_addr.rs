@@ -83,9 +83,9 @@ pub fn egress(ctx: &SockAddrContext, family: u8, connecting: bool) -> i32 {
     }
     if protocol == PROTO_UDP && !policy::isolated(local, DIRECTION_EGRESS, gen) {
         // No egress rule to decide, no DNS name to learn: only the record of the datagram, which
-        // names its sender and lets its replies in. An answer to a socket connected to this one
-        // needs none: its receiver takes it as its peer's, and finds this socket's own
-        // datagrams by lookup.
+        // names its sender and lets its replies in. A datagram to a socket connected to this one
+        // needs none: that socket takes it as its peer's, and its own datagrams here are named
+        // by the socket lookup at this socket's ingress.
         if records_datagrams(connecting, &remote_addr)
             && (connecting || !sends_to_connected_loopback(ctx, family, &remote_addr, remote_port))
         {
